@@ -1,0 +1,230 @@
+//! Wires the subsystems into a running gateway and shuts it down cleanly.
+//!
+//! Start-up validates everything that can be validated (policy, certificates, credential,
+//! recording directory) before binding the listener, binds the listener before attaching
+//! the kernel redirect (so a redirected connect always finds it), and shutdown runs in the
+//! reverse order: stop accepting, let in-flight requests finish, then flush recordings.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    config::{Config, InterceptionMode},
+    drain::{self, DrainOutcome, DrainTrigger},
+    ebpf::{EbpfError, Interceptor},
+    policy::{Policy, PolicyError},
+    proxy::{GatewayToken, Proxy, ProxyError, ProxySettings},
+    recorder::{Recorder, RecorderConfig, RecorderError, RecorderStats},
+    tls::{self, CertificateAuthority, TlsError},
+};
+
+/// Validity of the minted serving certificate.
+const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often the gateway token file is checked for changes.
+const TOKEN_REFRESH: Duration = Duration::from_secs(5);
+
+/// Errors building or running the app; each names the subsystem at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The policy does not load.
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// The gateway credential does not load.
+    #[error("credential: {0}")]
+    Credential(#[from] ProxyError),
+    /// The recorder cannot start or failed.
+    #[error("recording: {0}")]
+    Recorder(#[from] RecorderError),
+    /// The kernel redirect cannot be attached.
+    #[error("eBPF interception: {0}")]
+    Ebpf(#[from] EbpfError),
+    /// The listener cannot be bound.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A configuration value is unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A running gateway.
+pub struct App {
+    local_addr: SocketAddr,
+    interceptor: Option<Arc<Interceptor>>,
+    proxy: Arc<Proxy>,
+    proxy_drain: DrainTrigger,
+    proxy_task: JoinHandle<()>,
+    recorder: Recorder,
+    recorder_drain: DrainTrigger,
+    recording_dir: PathBuf,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+/// Loads the policy files in order; their rules are evaluated in that order.
+pub fn load_policy(files: &[PathBuf]) -> Result<Policy, PolicyError> {
+    let policies = files.iter().map(|f| Policy::from_file(f)).collect::<Result<Vec<_>, _>>()?;
+    Ok(if policies.is_empty() { Policy::allow_all() } else { Policy::concat(policies)? })
+}
+
+/// Builds and starts the gateway described by `cfg`.
+pub async fn build(cfg: Config) -> Result<App, AppError> {
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting chaperone");
+    let policy = load_policy(&cfg.policy.files)?;
+    let ca = CertificateAuthority::from_files(&cfg.tls.ca_cert_file, &cfg.tls.ca_key_file)?;
+    let (chain, key) = ca.issue_server_cert(&cfg.tls.server_names, &cfg.serving_ips(), SERVING_CERT_VALIDITY)?;
+    let server_tls = tls::server_config(chain, key)?;
+    let upstream_tls = tls::client_config(tls::root_store_from_file(&cfg.upstream.ca_file)?)?;
+    let upstream_server_name = cfg
+        .upstream
+        .tls_server_name
+        .as_ref()
+        .map(|n| {
+            rustls_pki_types::ServerName::try_from(n.clone())
+                .map_err(|e| AppError::Config(format!("upstream.tlsServerName {n:?}: {e}")))
+        })
+        .transpose()?;
+    let upstream_url: http::Uri = cfg
+        .upstream
+        .url
+        .as_str()
+        .parse()
+        .map_err(|e| AppError::Config(format!("upstream.url {}: {e}", cfg.upstream.url)))?;
+    let token = GatewayToken::load(&cfg.upstream.token_file)?;
+    let node = cfg.node_name();
+
+    let (recorder_drain, recorder_watch) = drain::channel();
+    let (recorder, recorder_handle) = Recorder::start(
+        RecorderConfig {
+            dir: cfg.recording.dir.clone(),
+            node: node.clone(),
+            max_rows_per_file: cfg.recording.max_rows_per_file,
+            max_file_age: cfg.recording.max_file_age,
+            ..RecorderConfig::default()
+        },
+        recorder_watch,
+    )?;
+
+    let listener = TcpListener::bind(cfg.listen.address)
+        .await
+        .map_err(|source| AppError::Bind { addr: cfg.listen.address, source })?;
+    let local_addr = listener.local_addr().map_err(|source| AppError::Bind { addr: cfg.listen.address, source })?;
+
+    let interceptor = match cfg.interception.mode {
+        InterceptionMode::Ebpf => Some(Arc::new(Interceptor::attach(&cfg.interception.targets, local_addr)?)),
+        InterceptionMode::None => None,
+    };
+
+    let proxy = Proxy::new(ProxySettings {
+        policy,
+        upstream_url,
+        upstream_tls,
+        upstream_server_name,
+        connect_timeout: cfg.upstream.connect_timeout,
+        token: token.clone(),
+        recorder: recorder_handle,
+        interceptor: interceptor.clone(),
+        node,
+        cluster: cfg.cluster.clone(),
+    });
+    let (proxy_drain, proxy_watch) = drain::channel();
+    tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    let proxy_task = tokio::spawn(proxy.clone().serve(listener, server_tls, proxy_watch));
+    tracing::info!(%local_addr, upstream = %cfg.upstream.url, "chaperone is ready");
+    Ok(App {
+        local_addr,
+        interceptor,
+        proxy,
+        proxy_drain,
+        proxy_task,
+        recorder,
+        recorder_drain,
+        recording_dir: cfg.recording.dir,
+        grace: cfg.shutdown_grace,
+    })
+}
+
+impl App {
+    /// The address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The kernel redirect, when attached.
+    pub fn interceptor(&self) -> Option<&Arc<Interceptor>> {
+        self.interceptor.as_ref()
+    }
+
+    /// Root of the Parquet dataset.
+    pub fn recording_dir(&self) -> &std::path::Path {
+        &self.recording_dir
+    }
+
+    /// Replaces the policy in force; new requests see it at once.
+    pub fn set_policy(&self, policy: Policy) {
+        self.proxy.policy.store(Arc::new(policy));
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down cleanly.
+    pub async fn wait_termination(self) -> Result<RecorderStats, AppError> {
+        wait_for_signal().await;
+        tracing::info!(grace = ?self.grace, "shutting down");
+        self.shutdown().await
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by the grace period),
+    /// detaches the redirect, then flushes every recorded row to Parquet.
+    pub async fn shutdown(self) -> Result<RecorderStats, AppError> {
+        let Self { proxy_drain, proxy_task, proxy, recorder, recorder_drain, interceptor, grace, .. } = self;
+        if proxy_drain.drain(grace).await == DrainOutcome::TimedOut {
+            tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+        }
+        proxy_task.abort();
+        let _ = proxy_task.await;
+        // The recorder stops once every handle (held by the proxy and by rows still on their
+        // way) is gone; the drain signal is only the last resort if one is stuck.
+        drop(proxy);
+        drop(interceptor);
+        let join = recorder.join();
+        tokio::pin!(join);
+        let stats = tokio::select! {
+            stats = &mut join => stats,
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!("recorder still has writers after the grace period; flushing now");
+                let _ = recorder_drain.drain(grace).await;
+                join.await
+            }
+        }?;
+        tracing::info!(rows = stats.rows, files = stats.files.len(), "recordings flushed");
+        Ok(stats)
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

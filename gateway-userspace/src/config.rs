@@ -1,0 +1,377 @@
+//! The daemon's configuration: one YAML file, validated completely before any port is bound.
+//!
+//! Unknown keys are errors that name the key's path (`upstream.tokenFiel: unknown field`),
+//! durations are written as `5s`, `250ms` or `1m 30s`, and every file the config names is
+//! checked for readability at load time so the daemon fails at start-up, not on the first
+//! request.
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use jiff::SignedDuration;
+use serde::{Deserialize, Serialize};
+
+/// Errors loading the configuration; each names the file and the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML did not parse or did not fit the schema.
+    #[error("{file}: {location}{path}: {message}")]
+    Parse {
+        /// The config file.
+        file: String,
+        /// `line:column: ` where known.
+        location: String,
+        /// Path of the offending key, e.g. `upstream.tokenFile`.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is well-formed YAML but not acceptable.
+    #[error("{file}: {path}: {message}")]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// Path of the offending key.
+        path: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// This node's name (recorded with every row); defaults to the host name.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The cluster's name, recorded with every row.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Where the proxy listens.
+    pub listen: ListenConfig,
+    /// Which connections the kernel redirects to the proxy.
+    #[serde(default)]
+    pub interception: InterceptionConfig,
+    /// The real API server.
+    pub upstream: UpstreamConfig,
+    /// The certificate the proxy serves to agents.
+    pub tls: ServingTlsConfig,
+    /// Policy files.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Where and how requests are recorded.
+    pub recording: RecordingConfig,
+    /// How long in-flight requests get to finish on SIGTERM before the process exits.
+    #[serde(default = "default_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+/// Proxy listener settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenConfig {
+    /// A node address reachable from pod network namespaces (never 127.0.0.1 when eBPF
+    /// interception is on: a pod's loopback is its own), e.g. `10.0.0.5:15443`.
+    pub address: SocketAddr,
+}
+
+/// How connections reach the proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InterceptionMode {
+    /// cgroup/connect4 + sock_ops redirect (production).
+    #[default]
+    Ebpf,
+    /// No kernel redirect: clients connect to the listener directly (tests without root,
+    /// or a workstation). Requests are then not attributed to a cgroup.
+    None,
+}
+
+/// Kernel redirect settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InterceptionConfig {
+    /// `ebpf` (default) or `none`.
+    #[serde(default)]
+    pub mode: InterceptionMode,
+    /// API server addresses whose connections are redirected: the `kubernetes` Service
+    /// ClusterIP:port and the endpoint addresses.
+    #[serde(default)]
+    pub targets: Vec<SocketAddrV4>,
+}
+
+/// The upstream API server and the gateway's credential for it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `https://host:port` of the real API server.
+    pub url: url::Url,
+    /// PEM bundle the upstream's certificate is verified against (the cluster CA).
+    pub ca_file: PathBuf,
+    /// File holding the gateway's bearer token (re-read when it changes).
+    pub token_file: PathBuf,
+    /// Overrides the name verified in the upstream certificate (default: the URL host).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Connect timeout; an unreachable upstream answers 503 after this.
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+/// The serving certificate, minted from the cluster CA for the API server's names.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingTlsConfig {
+    /// CA certificate (PEM) that agent pods already trust.
+    pub ca_cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub ca_key_file: PathBuf,
+    /// DNS names for the serving certificate.
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// IP addresses for the serving certificate; the interception targets' addresses are
+    /// always added (clients that dial an IP verify it against IP SANs only).
+    #[serde(default)]
+    pub server_ips: Vec<IpAddr>,
+}
+
+/// Policy sources.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Policy files, evaluated in order (their rules are concatenated). None: allow all.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+}
+
+/// Recording settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RecordingConfig {
+    /// Root directory of the Parquet dataset.
+    pub dir: PathBuf,
+    /// Rotate after this many rows.
+    #[serde(default = "default_max_rows")]
+    pub max_rows_per_file: usize,
+    /// Rotate after this long, so analysts see recent requests.
+    #[serde(default = "default_max_file_age", with = "duration")]
+    pub max_file_age: Duration,
+}
+
+fn default_cluster() -> String {
+    "default".to_owned()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_rows() -> usize {
+    100_000
+}
+fn default_max_file_age() -> Duration {
+    Duration::from_secs(60)
+}
+/// The names in-cluster clients use for the API server.
+pub fn default_server_names() -> Vec<String> {
+    ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// Durations as `5s`, `250ms`, `1m 30s` or ISO 8601, never negative.
+mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let signed = SignedDuration::deserialize(d)?;
+        Duration::try_from(signed)
+            .map_err(|_| serde::de::Error::custom(format!("duration {signed:#} must not be negative")))
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let signed = SignedDuration::try_from(*d).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&format!("{signed:#}"))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let location = inner
+                .location()
+                .map(|l| format!("{}:{}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            let message = inner.to_string();
+            // serde_norway appends " at line N column M"; the location is already in front.
+            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+            ConfigError::Parse { file: file.to_owned(), location, path, message }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |path, message: String| ConfigError::Invalid { file: file.to_owned(), path, message };
+        if self.upstream.url.scheme() != "https" {
+            return Err(invalid("upstream.url", format!("must be https://, got {}", self.upstream.url)));
+        }
+        if self.upstream.url.host().is_none() {
+            return Err(invalid("upstream.url", "has no host".to_owned()));
+        }
+        if self.interception.mode == InterceptionMode::Ebpf {
+            if self.interception.targets.is_empty() {
+                return Err(invalid(
+                    "interception.targets",
+                    "must list at least one API server address when mode is ebpf".to_owned(),
+                ));
+            }
+            if self.listen.address.ip().is_loopback() || !self.listen.address.is_ipv4() {
+                return Err(invalid(
+                    "listen.address",
+                    format!(
+                        "{} is not reachable from pod network namespaces; use an IPv4 node address",
+                        self.listen.address
+                    ),
+                ));
+            }
+        }
+        if self.recording.max_rows_per_file == 0 {
+            return Err(invalid("recording.maxRowsPerFile", "must be at least 1".to_owned()));
+        }
+        for (path, file_path) in [
+            ("upstream.caFile", &self.upstream.ca_file),
+            ("upstream.tokenFile", &self.upstream.token_file),
+            ("tls.caCertFile", &self.tls.ca_cert_file),
+            ("tls.caKeyFile", &self.tls.ca_key_file),
+        ] {
+            if let Err(e) = std::fs::metadata(file_path) {
+                return Err(invalid(path, format!("{}: {e}", file_path.display())));
+            }
+        }
+        for (i, policy) in self.policy.files.iter().enumerate() {
+            if let Err(e) = std::fs::metadata(policy) {
+                return Err(ConfigError::Invalid {
+                    file: file.to_owned(),
+                    path: "policy.files",
+                    message: format!("[{i}] {}: {e}", policy.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's name: the configured one, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unknown".to_owned())
+        })
+    }
+
+    /// IP SANs for the serving certificate: configured ones plus the interception targets.
+    pub fn serving_ips(&self) -> Vec<IpAddr> {
+        let mut ips = self.tls.server_ips.clone();
+        for target in &self.interception.targets {
+            let ip = IpAddr::V4(*target.ip());
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        ips
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.crt", "ca.key", "token"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let d = dir.path().display();
+        let yaml = format!(
+            "listen:\n  address: 169.254.10.1:15443\n\
+             interception:\n  targets: [\"169.254.10.100:443\"]\n\
+             upstream:\n  url: https://127.0.0.1:6443\n  caFile: {d}/ca.crt\n  tokenFile: {d}/token\n  connectTimeout: 250ms\n\
+             tls:\n  caCertFile: {d}/ca.crt\n  caKeyFile: {d}/ca.key\n\
+             recording:\n  dir: {d}/rec\n  maxFileAge: 1m 30s\n"
+        );
+        (dir, yaml)
+    }
+
+    #[test]
+    fn parses_a_complete_config_with_defaults() {
+        let (_dir, yaml) = fixture();
+        let c = Config::from_yaml(&yaml, "config.yaml").unwrap();
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.recording.max_file_age, Duration::from_secs(90));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.interception.mode, InterceptionMode::Ebpf);
+        assert_eq!(c.serving_ips(), vec!["169.254.10.100".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.tls.server_names.len(), 4);
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let (_dir, yaml) = fixture();
+        let cases: &[(&str, &str, &str)] = &[
+            ("  tokenFile:", "  tokenFiel:", "upstream.tokenFiel"),
+            ("  connectTimeout: 250ms", "  connectTimeout: soon", "upstream.connectTimeout"),
+            ("  maxFileAge: 1m 30s", "  maxFileAge: -5s", "recording.maxFileAge"),
+            ("url: https://", "url: http://", "upstream.url: must be https://"),
+            ("address: 169.254.10.1:15443", "address: 127.0.0.1:15443", "listen.address"),
+            ("  dir:", "  dri:", "recording.dri"),
+        ];
+        for (from, to, expected) in cases {
+            let bad = yaml.replacen(from, to, 1);
+            assert_ne!(bad, yaml, "fixture does not contain {from:?}");
+            let err = Config::from_yaml(&bad, "config.yaml").unwrap_err().to_string();
+            assert!(err.starts_with("config.yaml:"), "{err}");
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn missing_files_are_reported_at_load() {
+        let (dir, yaml) = fixture();
+        std::fs::remove_file(dir.path().join("token")).unwrap();
+        let err = Config::from_yaml(&yaml, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("upstream.tokenFile") && err.contains("No such file"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_rejected_not_panicked_on() {
+        for garbage in ["", "[]", "{{{", "listen: 5", "\u{0}"] {
+            assert!(Config::from_yaml(garbage, "g.yaml").is_err(), "{garbage:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Chaperone: an eBPF-assisted, transparent gateway between AI agents running in Kubernetes
+//! pods and the Kubernetes API server.
+//!
+//! Modules are named after subsystems, in data-flow order: the kernel redirect (`ebpf`),
+//! TLS termination (`tls`), the L7 proxy (`proxy`), request understanding (`request`), the
+//! policy decision (`policy`), recording (`recorder`). `app` wires them together; `config`,
+//! `drain` and `cli` are the daemon's plumbing.
+
+pub mod config;
+pub mod drain;
+pub mod ebpf;
+pub mod policy;
+pub mod recorder;
+pub mod request;
+pub mod status;
+pub mod tls;
+
+#[cfg(feature = "testing")]
+pub mod test_helpers;

@@ -1,0 +1,507 @@
+//! Records every request through the gateway as one row of the `requests` table, written
+//! as zstd-compressed, hive-partitioned Parquet that DuckDB, pyarrow and Spark read as is:
+//! `<dir>/table=requests/date=YYYY-MM-DD/node=<node>/part-<uuidv7>.parquet`.
+//!
+//! Producers hold a cheap [`RecorderHandle`] and await [`RecorderHandle::record`], which
+//! waits for queue space rather than dropping a row. An async coordinator task batches
+//! rows per date partition and decides rotation (row count, file age, date); a dedicated
+//! OS thread (`writer`) encodes and writes, so compression never blocks the runtime.
+//! Files are written under a hidden `.inprogress` name and renamed once complete and
+//! synced. On drain, or once every handle is dropped, queued rows are written and all
+//! files are closed before [`Recorder::join`] returns. The schema is documented in
+//! docs/recording-schema.md.
+
+pub mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use jiff::civil::Date;
+use jiff::tz::Offset;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::drain::DrainWatcher;
+
+pub use schema::{ObjectRef, RequestRecord, WorkloadRecord, requests_schema, to_record_batch};
+use writer::{Command, FileWriter};
+
+/// Default [`RecorderConfig::max_rows_per_file`].
+pub const DEFAULT_MAX_ROWS_PER_FILE: usize = 100_000;
+/// Default [`RecorderConfig::max_file_age`]: short, so analysts see recent requests soon.
+pub const DEFAULT_MAX_FILE_AGE: Duration = Duration::from_secs(60);
+/// Default [`RecorderConfig::queue_capacity`].
+pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
+/// Default [`RecorderConfig::row_group_rows`]: one row group per full file.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 100_000;
+
+/// Rows handed to the writer thread at once: large enough for efficient columnar
+/// encoding, small enough to keep memory bounded (a few MiB per batch).
+const BATCH_ROWS: usize = 4096;
+/// Batches queued for the writer thread while it encodes another one.
+const WRITER_QUEUE_BATCHES: usize = 2;
+/// Longest node name accepted (a Kubernetes node name is a DNS subdomain).
+const MAX_NODE_NAME_LEN: usize = 253;
+
+/// Where and how the recorder writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecorderConfig {
+    /// Root of the recording; the table lives in `<dir>/table=requests/`.
+    pub dir: PathBuf,
+    /// This node's name, used as the `node=` partition value.
+    pub node: String,
+    /// A file is closed once it holds this many rows.
+    pub max_rows_per_file: usize,
+    /// A file is closed this long after its first row, so data becomes visible soon.
+    pub max_file_age: Duration,
+    /// Rows that may wait for the writer before `record` starts waiting.
+    pub queue_capacity: usize,
+    /// Maximum rows per Parquet row group.
+    pub row_group_rows: usize,
+}
+
+impl RecorderConfig {
+    /// A configuration with the default limits.
+    pub fn new(dir: impl Into<PathBuf>, node: impl Into<String>) -> RecorderConfig {
+        RecorderConfig {
+            dir: dir.into(),
+            node: node.into(),
+            max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
+            max_file_age: DEFAULT_MAX_FILE_AGE,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+        }
+    }
+
+    fn validate(&self) -> Result<(), RecorderError> {
+        let invalid = |field: &'static str, reason: &str| {
+            Err(RecorderError::InvalidConfig {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        let node_ok = !self.node.is_empty()
+            && self.node.len() <= MAX_NODE_NAME_LEN
+            && self
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !node_ok {
+            return Err(RecorderError::InvalidConfig {
+                field: "node",
+                reason: format!(
+                    "{:?} is not a usable partition value: use 1-{MAX_NODE_NAME_LEN} characters from [A-Za-z0-9._-]",
+                    self.node
+                ),
+            });
+        }
+        if self.dir.as_os_str().is_empty() {
+            return invalid("dir", "must not be empty");
+        }
+        if self.max_rows_per_file == 0 {
+            return invalid("max_rows_per_file", "must be at least 1");
+        }
+        if self.max_file_age.is_zero() {
+            return invalid("max_file_age", "must be greater than zero");
+        }
+        if self.queue_capacity == 0 {
+            return invalid("queue_capacity", "must be at least 1");
+        }
+        if self.row_group_rows == 0 {
+            return invalid("row_group_rows", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong while recording; cloneable so every producer can be told.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecorderError {
+    /// A configuration value is unusable.
+    #[error("recorder config: {field}: {reason}")]
+    InvalidConfig {
+        /// The offending field.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// The recording directory cannot be created.
+    #[error("recording directory {}: cannot create: {source}", path.display())]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: Arc<std::io::Error>,
+    },
+    /// The recording directory exists but files cannot be created in it.
+    #[error("recording directory {} is not writable: {source}", path.display())]
+    NotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: Arc<std::io::Error>,
+    },
+    /// A file system operation on a recording file failed (disk full, permissions, ...).
+    #[error("recording: {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: Arc<std::io::Error>,
+    },
+    /// Rows could not be converted to Arrow.
+    #[error("recording: encode rows for {}: {source}", path.display())]
+    Encode {
+        /// The file the rows were meant for.
+        path: PathBuf,
+        /// The cause.
+        source: Arc<arrow_schema::ArrowError>,
+    },
+    /// The Parquet writer failed (often an I/O error underneath).
+    #[error("recording: write {}: {source}", path.display())]
+    Parquet {
+        /// The file being written.
+        path: PathBuf,
+        /// The cause.
+        source: Arc<parquet::errors::ParquetError>,
+    },
+    /// The recorder was drained or shut down; the row was not recorded.
+    #[error("recorder has stopped (drained or shut down); row not recorded")]
+    Stopped,
+    /// `Recorder::start` was called outside a tokio runtime.
+    #[error("recorder: Recorder::start must be called from within a tokio runtime")]
+    NoRuntime,
+    /// The writer thread could not be started.
+    #[error("recorder: cannot start writer thread: {0}")]
+    SpawnThread(Arc<std::io::Error>),
+    /// A background task ended without reporting (it panicked or was cancelled).
+    #[error("recorder: {0} ended without reporting a result")]
+    TaskLost(&'static str),
+}
+
+/// What the recorder wrote before it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecorderStats {
+    /// Rows in published files.
+    pub rows: u64,
+    /// Published files, in the order they were closed.
+    pub files: Vec<PathBuf>,
+}
+
+/// State shared by producers and the writer: the first failure, once there is one.
+#[derive(Debug, Default)]
+struct Shared {
+    failure: OnceLock<RecorderError>,
+}
+
+impl Shared {
+    fn fail(&self, error: RecorderError) {
+        let _ = self.failure.set(error);
+    }
+
+    /// The error a producer gets when the channel is closed.
+    fn closed_error(&self) -> RecorderError {
+        self.failure
+            .get()
+            .cloned()
+            .unwrap_or(RecorderError::Stopped)
+    }
+}
+
+type FlushReply = oneshot::Sender<Result<Vec<PathBuf>, RecorderError>>;
+
+enum Message {
+    Row(Box<RequestRecord>),
+    Flush(FlushReply),
+}
+
+/// Owns the recorder's background work; [`Recorder::join`] waits for it to finish.
+#[derive(Debug)]
+pub struct Recorder {
+    task: JoinHandle<Result<RecorderStats, RecorderError>>,
+}
+
+/// Cheap, cloneable producer side of the recorder.
+#[derive(Clone)]
+pub struct RecorderHandle {
+    queue: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RecorderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecorderHandle")
+            .field(
+                "queued",
+                &(self.queue.max_capacity() - self.queue.capacity()),
+            )
+            .field("failure", &self.shared.failure.get())
+            .finish()
+    }
+}
+
+impl Recorder {
+    /// Validates the config, creates and write-tests the directory, and starts the writer.
+    pub fn start(
+        cfg: RecorderConfig,
+        drain: DrainWatcher,
+    ) -> Result<(Recorder, RecorderHandle), RecorderError> {
+        cfg.validate()?;
+        let props = writer::writer_properties(cfg.row_group_rows)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| RecorderError::NoRuntime)?;
+        let table_dir = cfg.dir.join(format!("table={}", schema::TABLE_NAME));
+        fs::create_dir_all(&table_dir).map_err(|e| RecorderError::Directory {
+            path: table_dir.clone(),
+            source: Arc::new(e),
+        })?;
+        probe_writable(&table_dir)?;
+        tracing::info!(
+            dir = %cfg.dir.display(),
+            node = %cfg.node,
+            max_rows_per_file = cfg.max_rows_per_file,
+            max_file_age_s = cfg.max_file_age.as_secs_f64(),
+            queue_capacity = cfg.queue_capacity,
+            row_group_rows = cfg.row_group_rows,
+            "recorder starting"
+        );
+
+        let shared = Arc::new(Shared::default());
+        let (command_tx, command_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
+        let (done_tx, done_rx) = oneshot::channel();
+        let file_writer = FileWriter::new(table_dir, cfg.node.clone(), props);
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("recorder-writer".into())
+            .spawn(move || {
+                let _ = done_tx.send(file_writer.run(command_rx, &thread_shared));
+            })
+            .map_err(|e| RecorderError::SpawnThread(Arc::new(e)))?;
+
+        let (queue, rows) = mpsc::channel(cfg.queue_capacity);
+        let coordinator = Coordinator {
+            batch_rows: BATCH_ROWS
+                .min(cfg.row_group_rows)
+                .min(cfg.max_rows_per_file),
+            cfg,
+            open: BTreeMap::new(),
+            commands: command_tx,
+        };
+        let task = runtime.spawn(coordinator.run(rows, drain, done_rx));
+        Ok((Recorder { task }, RecorderHandle { queue, shared }))
+    }
+
+    /// Waits until the recorder has stopped (drain signalled, or every handle dropped) and
+    /// every row is in a published file; returns what was written or the first failure.
+    pub async fn join(self) -> Result<RecorderStats, RecorderError> {
+        self.task
+            .await
+            .unwrap_or(Err(RecorderError::TaskLost("recorder coordinator task")))
+    }
+}
+
+impl RecorderHandle {
+    /// Queues one row, waiting for space; fails once the recorder has stopped or failed.
+    pub async fn record(&self, row: RequestRecord) -> Result<(), RecorderError> {
+        if let Some(error) = self.shared.failure.get() {
+            return Err(error.clone());
+        }
+        // Boxed so a queued row costs one pointer in the channel's blocks.
+        self.queue
+            .send(Message::Row(Box::new(row)))
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Closes the open files now (after every row recorded before this call) and returns
+    /// every file published since start.
+    pub async fn flush(&self) -> Result<Vec<PathBuf>, RecorderError> {
+        let (reply, done) = oneshot::channel();
+        self.queue
+            .send(Message::Flush(reply))
+            .await
+            .map_err(|_| self.shared.closed_error())?;
+        done.await
+            .unwrap_or_else(|_| Err(self.shared.closed_error()))
+    }
+}
+
+/// Fails start-up with one clear sentence rather than at the first request.
+fn probe_writable(dir: &std::path::Path) -> Result<(), RecorderError> {
+    let probe = dir.join(format!(".write-probe-{}", uuid::Uuid::now_v7()));
+    let not_writable = |e| RecorderError::NotWritable {
+        path: dir.to_path_buf(),
+        source: Arc::new(e),
+    };
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(not_writable)?;
+    fs::remove_file(&probe).map_err(not_writable)
+}
+
+/// Rows buffered for one date partition's open file.
+struct Pending {
+    rows: Vec<RequestRecord>,
+    rows_in_file: usize,
+    opened_at: Instant,
+}
+
+/// The async half: batches rows per date and decides when files rotate.
+struct Coordinator {
+    cfg: RecorderConfig,
+    batch_rows: usize,
+    open: BTreeMap<Date, Pending>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// The writer thread has stopped (it failed); its result says why.
+struct WriterGone;
+
+impl Coordinator {
+    async fn run(
+        mut self,
+        mut rows: mpsc::Receiver<Message>,
+        drain: DrainWatcher,
+        done: oneshot::Receiver<Result<RecorderStats, RecorderError>>,
+    ) -> Result<RecorderStats, RecorderError> {
+        let mut draining = false;
+        loop {
+            let deadline = self
+                .open
+                .values()
+                .map(|p| p.opened_at + self.cfg.max_file_age)
+                .min();
+            // Biased so a drain or a due rotation is not starved by a busy queue.
+            let step = tokio::select! {
+                biased;
+                () = drain.signaled(), if !draining => {
+                    // Refuse new rows but keep draining the ones already queued.
+                    draining = true;
+                    rows.close();
+                    Ok(())
+                }
+                () = sleep_until_opt(deadline), if deadline.is_some() => self.rotate_expired().await,
+                message = rows.recv() => match message {
+                    Some(Message::Row(row)) => self.push(*row).await,
+                    Some(Message::Flush(reply)) => self.flush(reply).await,
+                    None => break,
+                },
+            };
+            if step.is_err() {
+                rows.close();
+                break;
+            }
+        }
+        // Hand over what is still buffered; the writer closes every file once the command
+        // channel closes. Failures surface through its result below.
+        let pending = std::mem::take(&mut self.open);
+        for (date, pending) in pending {
+            if self
+                .send(Command::Write {
+                    date,
+                    rows: pending.rows,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(self.commands);
+        let result = done
+            .await
+            .unwrap_or(Err(RecorderError::TaskLost("recorder writer thread")));
+        match &result {
+            Ok(stats) => tracing::info!(
+                rows = stats.rows,
+                files = stats.files.len(),
+                "recorder stopped"
+            ),
+            Err(error) => tracing::error!(%error, "recorder stopped after a failure"),
+        }
+        drop(drain);
+        result
+    }
+
+    async fn send(&self, command: Command) -> Result<(), WriterGone> {
+        self.commands.send(command).await.map_err(|_| WriterGone)
+    }
+
+    async fn push(&mut self, row: RequestRecord) -> Result<(), WriterGone> {
+        let date = Offset::UTC.to_datetime(row.request_time).date();
+        let batch_rows = self.batch_rows;
+        let pending = self.open.entry(date).or_insert_with(|| Pending {
+            rows: Vec::with_capacity(batch_rows),
+            rows_in_file: 0,
+            opened_at: Instant::now(),
+        });
+        pending.rows.push(row);
+        pending.rows_in_file += 1;
+        if pending.rows_in_file >= self.cfg.max_rows_per_file {
+            if let Some(pending) = self.open.remove(&date) {
+                self.send(Command::Write {
+                    date,
+                    rows: pending.rows,
+                })
+                .await?;
+                self.send(Command::Close { date }).await?;
+            }
+        } else if pending.rows.len() >= batch_rows {
+            let rows = std::mem::replace(&mut pending.rows, Vec::with_capacity(batch_rows));
+            self.send(Command::Write { date, rows }).await?;
+        }
+        Ok(())
+    }
+
+    async fn rotate_expired(&mut self) -> Result<(), WriterGone> {
+        let now = Instant::now();
+        let expired: Vec<Date> = self
+            .open
+            .iter()
+            .filter(|(_, p)| p.opened_at + self.cfg.max_file_age <= now)
+            .map(|(date, _)| *date)
+            .collect();
+        for date in expired {
+            if let Some(pending) = self.open.remove(&date) {
+                self.send(Command::Write {
+                    date,
+                    rows: pending.rows,
+                })
+                .await?;
+                self.send(Command::Close { date }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, reply: FlushReply) -> Result<(), WriterGone> {
+        let pending = std::mem::take(&mut self.open);
+        for (date, pending) in pending {
+            self.send(Command::Write {
+                date,
+                rows: pending.rows,
+            })
+            .await?;
+        }
+        self.send(Command::Flush { reply }).await
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

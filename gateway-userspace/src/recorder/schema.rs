@@ -1,0 +1,371 @@
+//! The `requests` table: the row type the proxy fills and its Arrow/Parquet schema.
+//!
+//! Column names and types are a public contract with analysts (docs/recording-schema.md):
+//! add columns at the end, never rename or retype one. Integers are signed because Spark
+//! cannot read unsigned 64-bit Parquet columns.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow_array::builder::{
+    Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch, StructArray};
+use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+
+/// Name of the table, used as the `table=` partition of the layout.
+pub const TABLE_NAME: &str = "requests";
+
+/// One API request as seen by the gateway: one row of the `requests` table.
+///
+/// Deliberately carries no HTTP headers and no bodies, so a credential (Authorization,
+/// cookies, client certificates) can never end up in a recording through this type; the
+/// few header values kept (user agent, kubectl command/session) are named fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// When the request head arrived.
+    pub request_time: jiff::Timestamp,
+    /// When the response head was sent; `None` if no response was sent.
+    pub response_time: Option<jiff::Timestamp>,
+    /// Microseconds from request head to response head (or to the failure).
+    pub latency_us: i64,
+    /// UUIDv7 of this request, also returned to the client in the `Audit-Id` header.
+    pub audit_id: String,
+    /// Kubernetes node the gateway runs on.
+    pub node: String,
+    /// Cluster name from the gateway configuration.
+    pub cluster: String,
+    /// The pod/process that made the request.
+    pub workload: WorkloadRecord,
+    /// Client `ip:port` as seen by the proxy.
+    pub source_addr: String,
+    /// The `ip:port` the pod dialled, from the kernel redirect.
+    pub original_dst: Option<String>,
+    /// `User-Agent` header.
+    pub user_agent: Option<String>,
+    /// `Kubectl-Command` header.
+    pub kubectl_command: Option<String>,
+    /// `Kubectl-Session` header.
+    pub kubectl_session: Option<String>,
+    /// Kubernetes verb (get, list, watch, create, ...).
+    pub verb: String,
+    /// Request path and query as sent by the client.
+    pub request_uri: String,
+    /// The object the request is about.
+    pub object_ref: ObjectRef,
+    /// Policy outcome: "allow", "deny" or "error".
+    pub decision: String,
+    /// Name of the policy rule that decided, if any.
+    pub policy_rule: Option<String>,
+    /// Human-readable reason for the decision.
+    pub reason: Option<String>,
+    /// HTTP status code returned to the client (0 if none was sent).
+    pub response_code: i32,
+    /// Request body bytes received from the client.
+    pub request_bytes: i64,
+    /// Response body bytes sent to the client.
+    pub response_bytes: i64,
+    /// Gateway-side failure, e.g. "upstream unreachable".
+    pub error: Option<String>,
+}
+
+/// Identity of the process behind a request (the `workload` struct column).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadRecord {
+    /// cgroup v2 id (inode of the cgroup directory).
+    pub cgroup_id: i64,
+    /// Network namespace cookie.
+    pub netns_cookie: i64,
+    /// Process id in the host pid namespace (0 if unknown).
+    pub pid: i64,
+    /// Process command name.
+    pub command: Option<String>,
+    /// Pod namespace.
+    pub namespace: Option<String>,
+    /// Pod name.
+    pub pod: Option<String>,
+    /// Pod UID.
+    pub pod_uid: Option<String>,
+    /// Pod service account.
+    pub service_account: Option<String>,
+    /// Container name.
+    pub container: Option<String>,
+}
+
+/// The object a request targets (the `object_ref` struct column); "" when not applicable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectRef {
+    /// API group, "" for the core group.
+    pub api_group: String,
+    /// API version, e.g. "v1".
+    pub api_version: String,
+    /// Resource, e.g. "pods".
+    pub resource: String,
+    /// Subresource, e.g. "exec".
+    pub subresource: String,
+    /// Namespace, "" for cluster-scoped objects and cluster-wide lists.
+    pub namespace: String,
+    /// Object name, "" for collections.
+    pub name: String,
+}
+
+fn utf8(name: &str, nullable: bool) -> Field {
+    Field::new(name, DataType::Utf8, nullable)
+}
+
+fn timestamp(name: &str, nullable: bool) -> Field {
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        nullable,
+    )
+}
+
+fn workload_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("cgroup_id", DataType::Int64, false),
+        Field::new("netns_cookie", DataType::Int64, false),
+        Field::new("pid", DataType::Int64, false),
+        utf8("command", true),
+        utf8("namespace", true),
+        utf8("pod", true),
+        utf8("pod_uid", true),
+        utf8("service_account", true),
+        utf8("container", true),
+    ])
+}
+
+fn object_ref_fields() -> Fields {
+    Fields::from(vec![
+        utf8("api_group", false),
+        utf8("api_version", false),
+        utf8("resource", false),
+        utf8("subresource", false),
+        utf8("namespace", false),
+        utf8("name", false),
+    ])
+}
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        timestamp("request_time", false),
+        timestamp("response_time", true),
+        Field::new("latency_us", DataType::Int64, false),
+        utf8("audit_id", false),
+        utf8("node", false),
+        utf8("cluster", false),
+        Field::new("workload", DataType::Struct(workload_fields()), false),
+        utf8("source_addr", false),
+        utf8("original_dst", true),
+        utf8("user_agent", true),
+        utf8("kubectl_command", true),
+        utf8("kubectl_session", true),
+        utf8("verb", false),
+        utf8("request_uri", false),
+        Field::new("object_ref", DataType::Struct(object_ref_fields()), false),
+        utf8("decision", false),
+        utf8("policy_rule", true),
+        utf8("reason", true),
+        Field::new("response_code", DataType::Int32, false),
+        Field::new("request_bytes", DataType::Int64, false),
+        Field::new("response_bytes", DataType::Int64, false),
+        utf8("error", true),
+    ]))
+});
+
+/// The Arrow schema of the `requests` table.
+pub fn requests_schema() -> SchemaRef {
+    Arc::clone(&SCHEMA)
+}
+
+fn strings<'a>(
+    rows: &'a [RequestRecord],
+    get: impl Fn(&'a RequestRecord) -> Option<&'a str>,
+) -> ArrayRef {
+    // Sizing the value buffer from the data avoids regrowing it on large batches.
+    let bytes = rows.iter().map(|r| get(r).map_or(0, str::len)).sum();
+    let mut builder = StringBuilder::with_capacity(rows.len(), bytes);
+    for row in rows {
+        builder.append_option(get(row));
+    }
+    Arc::new(builder.finish())
+}
+
+fn int64(rows: &[RequestRecord], get: impl Fn(&RequestRecord) -> i64) -> ArrayRef {
+    let mut builder = Int64Builder::with_capacity(rows.len());
+    for row in rows {
+        builder.append_value(get(row));
+    }
+    Arc::new(builder.finish())
+}
+
+fn times(
+    rows: &[RequestRecord],
+    get: impl Fn(&RequestRecord) -> Option<jiff::Timestamp>,
+) -> ArrayRef {
+    let mut builder = TimestampMicrosecondBuilder::with_capacity(rows.len()).with_timezone("UTC");
+    for row in rows {
+        builder.append_option(get(row).map(jiff::Timestamp::as_microsecond));
+    }
+    Arc::new(builder.finish())
+}
+
+/// Encodes rows into one Arrow batch with [`requests_schema`], preserving their order.
+pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError> {
+    let workload = StructArray::try_new(
+        workload_fields(),
+        vec![
+            int64(rows, |r| r.workload.cgroup_id),
+            int64(rows, |r| r.workload.netns_cookie),
+            int64(rows, |r| r.workload.pid),
+            strings(rows, |r| r.workload.command.as_deref()),
+            strings(rows, |r| r.workload.namespace.as_deref()),
+            strings(rows, |r| r.workload.pod.as_deref()),
+            strings(rows, |r| r.workload.pod_uid.as_deref()),
+            strings(rows, |r| r.workload.service_account.as_deref()),
+            strings(rows, |r| r.workload.container.as_deref()),
+        ],
+        None,
+    )?;
+    let object_ref = StructArray::try_new(
+        object_ref_fields(),
+        vec![
+            strings(rows, |r| Some(&r.object_ref.api_group)),
+            strings(rows, |r| Some(&r.object_ref.api_version)),
+            strings(rows, |r| Some(&r.object_ref.resource)),
+            strings(rows, |r| Some(&r.object_ref.subresource)),
+            strings(rows, |r| Some(&r.object_ref.namespace)),
+            strings(rows, |r| Some(&r.object_ref.name)),
+        ],
+        None,
+    )?;
+    let mut response_code = Int32Builder::with_capacity(rows.len());
+    for row in rows {
+        response_code.append_value(row.response_code);
+    }
+    RecordBatch::try_new(
+        requests_schema(),
+        vec![
+            times(rows, |r| Some(r.request_time)),
+            times(rows, |r| r.response_time),
+            int64(rows, |r| r.latency_us),
+            strings(rows, |r| Some(&r.audit_id)),
+            strings(rows, |r| Some(&r.node)),
+            strings(rows, |r| Some(&r.cluster)),
+            Arc::new(workload),
+            strings(rows, |r| Some(&r.source_addr)),
+            strings(rows, |r| r.original_dst.as_deref()),
+            strings(rows, |r| r.user_agent.as_deref()),
+            strings(rows, |r| r.kubectl_command.as_deref()),
+            strings(rows, |r| r.kubectl_session.as_deref()),
+            strings(rows, |r| Some(&r.verb)),
+            strings(rows, |r| Some(&r.request_uri)),
+            Arc::new(object_ref),
+            strings(rows, |r| Some(&r.decision)),
+            strings(rows, |r| r.policy_rule.as_deref()),
+            strings(rows, |r| r.reason.as_deref()),
+            Arc::new(response_code.finish()),
+            int64(rows, |r| r.request_bytes),
+            int64(rows, |r| r.response_bytes),
+            strings(rows, |r| r.error.as_deref()),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The public contract, spelled out independently of the code that builds it.
+    #[test]
+    fn schema_matches_the_documented_contract() {
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        let expected: &[(&str, DataType, bool)] = &[
+            ("request_time", ts.clone(), false),
+            ("response_time", ts, true),
+            ("latency_us", DataType::Int64, false),
+            ("audit_id", DataType::Utf8, false),
+            ("node", DataType::Utf8, false),
+            ("cluster", DataType::Utf8, false),
+            ("workload", DataType::Struct(workload_fields()), false),
+            ("source_addr", DataType::Utf8, false),
+            ("original_dst", DataType::Utf8, true),
+            ("user_agent", DataType::Utf8, true),
+            ("kubectl_command", DataType::Utf8, true),
+            ("kubectl_session", DataType::Utf8, true),
+            ("verb", DataType::Utf8, false),
+            ("request_uri", DataType::Utf8, false),
+            ("object_ref", DataType::Struct(object_ref_fields()), false),
+            ("decision", DataType::Utf8, false),
+            ("policy_rule", DataType::Utf8, true),
+            ("reason", DataType::Utf8, true),
+            ("response_code", DataType::Int32, false),
+            ("request_bytes", DataType::Int64, false),
+            ("response_bytes", DataType::Int64, false),
+            ("error", DataType::Utf8, true),
+        ];
+        let schema = requests_schema();
+        let actual: Vec<_> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().as_str(), f.data_type().clone(), f.is_nullable()))
+            .collect();
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(n, t, null)| (*n, t.clone(), *null))
+            .collect();
+        assert_eq!(
+            actual, expected,
+            "requests schema changed; update docs/recording-schema.md"
+        );
+
+        let struct_children = |name: &str| -> Vec<(String, DataType, bool)> {
+            match schema.field_with_name(name).map(|f| f.data_type().clone()) {
+                Ok(DataType::Struct(fields)) => fields
+                    .iter()
+                    .map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable()))
+                    .collect(),
+                other => panic!("{name} is not a struct column: {other:?}"),
+            }
+        };
+        let owned = |v: &[(&str, DataType, bool)]| -> Vec<(String, DataType, bool)> {
+            v.iter()
+                .map(|(n, t, null)| (n.to_string(), t.clone(), *null))
+                .collect()
+        };
+        assert_eq!(
+            struct_children("workload"),
+            owned(&[
+                ("cgroup_id", DataType::Int64, false),
+                ("netns_cookie", DataType::Int64, false),
+                ("pid", DataType::Int64, false),
+                ("command", DataType::Utf8, true),
+                ("namespace", DataType::Utf8, true),
+                ("pod", DataType::Utf8, true),
+                ("pod_uid", DataType::Utf8, true),
+                ("service_account", DataType::Utf8, true),
+                ("container", DataType::Utf8, true),
+            ])
+        );
+        assert_eq!(
+            struct_children("object_ref"),
+            owned(&[
+                ("api_group", DataType::Utf8, false),
+                ("api_version", DataType::Utf8, false),
+                ("resource", DataType::Utf8, false),
+                ("subresource", DataType::Utf8, false),
+                ("namespace", DataType::Utf8, false),
+                ("name", DataType::Utf8, false),
+            ])
+        );
+    }
+
+    #[test]
+    fn empty_and_default_rows_encode() {
+        for rows in [vec![], vec![RequestRecord::default(); 3]] {
+            let batch =
+                to_record_batch(&rows).unwrap_or_else(|e| panic!("{} rows: {e}", rows.len()));
+            assert_eq!(batch.num_rows(), rows.len());
+            assert_eq!(batch.num_columns(), requests_schema().fields().len());
+        }
+    }
+}

@@ -1,0 +1,822 @@
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType};
+use arrow_array::{Array, RecordBatch, StructArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+
+use super::*;
+use crate::drain;
+
+fn ts(text: &str) -> jiff::Timestamp {
+    text.parse()
+        .unwrap_or_else(|e| panic!("bad timestamp {text}: {e}"))
+}
+
+/// A row with every optional field set.
+fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
+    RequestRecord {
+        request_time,
+        response_time: Some(request_time + jiff::SignedDuration::from_micros(1500 + i)),
+        latency_us: 1500 + i,
+        audit_id: format!("0190a6b2-7c1d-7e3f-8a9b-{i:012}"),
+        node: "node-a".into(),
+        cluster: "prod-eu".into(),
+        workload: WorkloadRecord {
+            cgroup_id: 4_000_000_000 + i,
+            netns_cookie: i64::MAX - i,
+            pid: 4242 + i,
+            command: Some("kubectl".into()),
+            namespace: Some("agents".into()),
+            pod: Some(format!("agent-{i}")),
+            pod_uid: Some("6f1c7e0a-3b52-4a57-9a8e-2f9d0c1b2a3e".into()),
+            service_account: Some("agent-sa".into()),
+            container: Some("main".into()),
+        },
+        source_addr: "10.244.1.7:51234".into(),
+        original_dst: Some("10.96.0.1:443".into()),
+        user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef".into()),
+        kubectl_command: Some("kubectl get".into()),
+        kubectl_session: Some("c0ffee-session".into()),
+        verb: "get".into(),
+        request_uri: format!("/api/v1/namespaces/agents/pods/agent-{i}"),
+        object_ref: ObjectRef {
+            api_group: "apps".into(),
+            api_version: "v1".into(),
+            resource: "deployments".into(),
+            subresource: "scale".into(),
+            namespace: "agents".into(),
+            name: format!("web-{i}"),
+        },
+        decision: "allow".into(),
+        policy_rule: Some("read-only".into()),
+        reason: Some("matched rule read-only".into()),
+        response_code: 200,
+        request_bytes: 0,
+        response_bytes: 12_345 + i,
+        error: None,
+    }
+}
+
+/// A row with every optional field unset (a request that failed before any response).
+fn sparse_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
+    RequestRecord {
+        request_time,
+        response_time: None,
+        latency_us: -1,
+        audit_id: format!("sparse-{i}"),
+        node: "node-a".into(),
+        cluster: String::new(),
+        workload: WorkloadRecord {
+            cgroup_id: -5,
+            netns_cookie: 0,
+            pid: 0,
+            ..Default::default()
+        },
+        source_addr: "[::1]:40000".into(),
+        verb: "list".into(),
+        request_uri: "/api/v1/pods?limit=500".into(),
+        decision: "error".into(),
+        response_code: i32::MIN,
+        request_bytes: i64::MIN,
+        response_bytes: 0,
+        error: Some("upstream unreachable: connection refused".into()),
+        ..Default::default()
+    }
+}
+
+fn config(dir: &Path) -> RecorderConfig {
+    RecorderConfig {
+        queue_capacity: 4,
+        ..RecorderConfig::new(dir, "node-a")
+    }
+}
+
+fn start(cfg: RecorderConfig) -> (Recorder, RecorderHandle, drain::DrainTrigger) {
+    let (trigger, watcher) = drain::channel();
+    let (recorder, handle) =
+        Recorder::start(cfg, watcher).unwrap_or_else(|e| panic!("recorder should start: {e}"));
+    (recorder, handle, trigger)
+}
+
+async fn record_all(handle: &RecorderHandle, rows: &[RequestRecord]) {
+    for row in rows {
+        handle
+            .record(row.clone())
+            .await
+            .unwrap_or_else(|e| panic!("record {}: {e}", row.audit_id));
+    }
+}
+
+fn opt_str(array: &dyn Array, i: usize) -> Option<String> {
+    let strings = array.as_string::<i32>();
+    strings.is_valid(i).then(|| strings.value(i).to_string())
+}
+
+fn req_str(array: &dyn Array, i: usize) -> String {
+    opt_str(array, i).unwrap_or_else(|| panic!("non-nullable string is null at row {i}"))
+}
+
+fn time(array: &dyn Array, i: usize) -> Option<jiff::Timestamp> {
+    let times = array.as_primitive::<TimestampMicrosecondType>();
+    times.is_valid(i).then(|| {
+        jiff::Timestamp::from_microsecond(times.value(i))
+            .unwrap_or_else(|e| panic!("time out of range: {e}"))
+    })
+}
+
+fn int64(array: &dyn Array, i: usize) -> i64 {
+    let ints = array.as_primitive::<Int64Type>();
+    assert!(ints.is_valid(i), "non-nullable int64 is null at row {i}");
+    ints.value(i)
+}
+
+fn child<'a>(array: &'a StructArray, name: &str) -> &'a dyn Array {
+    array
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("struct has no child {name}"))
+        .as_ref()
+}
+
+/// Decodes a batch column by column name, independently of `to_record_batch`.
+fn decode(batch: &RecordBatch) -> Vec<RequestRecord> {
+    let col = |name: &str| -> &dyn Array {
+        batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+            .as_ref()
+    };
+    let workload = col("workload").as_struct();
+    let object_ref = col("object_ref").as_struct();
+    (0..batch.num_rows())
+        .map(|i| RequestRecord {
+            request_time: time(col("request_time"), i)
+                .unwrap_or_else(|| panic!("request_time null at {i}")),
+            response_time: time(col("response_time"), i),
+            latency_us: int64(col("latency_us"), i),
+            audit_id: req_str(col("audit_id"), i),
+            node: req_str(col("node"), i),
+            cluster: req_str(col("cluster"), i),
+            workload: WorkloadRecord {
+                cgroup_id: int64(child(workload, "cgroup_id"), i),
+                netns_cookie: int64(child(workload, "netns_cookie"), i),
+                pid: int64(child(workload, "pid"), i),
+                command: opt_str(child(workload, "command"), i),
+                namespace: opt_str(child(workload, "namespace"), i),
+                pod: opt_str(child(workload, "pod"), i),
+                pod_uid: opt_str(child(workload, "pod_uid"), i),
+                service_account: opt_str(child(workload, "service_account"), i),
+                container: opt_str(child(workload, "container"), i),
+            },
+            source_addr: req_str(col("source_addr"), i),
+            original_dst: opt_str(col("original_dst"), i),
+            user_agent: opt_str(col("user_agent"), i),
+            kubectl_command: opt_str(col("kubectl_command"), i),
+            kubectl_session: opt_str(col("kubectl_session"), i),
+            verb: req_str(col("verb"), i),
+            request_uri: req_str(col("request_uri"), i),
+            object_ref: ObjectRef {
+                api_group: req_str(child(object_ref, "api_group"), i),
+                api_version: req_str(child(object_ref, "api_version"), i),
+                resource: req_str(child(object_ref, "resource"), i),
+                subresource: req_str(child(object_ref, "subresource"), i),
+                namespace: req_str(child(object_ref, "namespace"), i),
+                name: req_str(child(object_ref, "name"), i),
+            },
+            decision: req_str(col("decision"), i),
+            policy_rule: opt_str(col("policy_rule"), i),
+            reason: opt_str(col("reason"), i),
+            response_code: {
+                let codes = col("response_code").as_primitive::<Int32Type>();
+                assert!(codes.is_valid(i), "response_code null at {i}");
+                codes.value(i)
+            },
+            request_bytes: int64(col("request_bytes"), i),
+            response_bytes: int64(col("response_bytes"), i),
+            error: opt_str(col("error"), i),
+        })
+        .collect()
+}
+
+fn open_reader(path: &Path) -> ParquetRecordBatchReaderBuilder<File> {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn read_rows(path: &Path) -> Vec<RequestRecord> {
+    let reader = open_reader(path)
+        .build()
+        .unwrap_or_else(|e| panic!("reader {}: {e}", path.display()));
+    reader
+        .flat_map(|batch| {
+            decode(&batch.unwrap_or_else(|e| panic!("batch in {}: {e}", path.display())))
+        })
+        .collect()
+}
+
+/// Every file under `dir`, hidden ones included, sorted.
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&d).unwrap_or_else(|e| panic!("read_dir {}: {e}", d.display()))
+        {
+            let path = entry.unwrap_or_else(|e| panic!("dir entry: {e}")).path();
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                out.push(path)
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn is_visible_parquet(path: &Path) -> bool {
+    let name = file_name(path);
+    !name.starts_with('.') && name.ends_with(".parquet")
+}
+
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_field_round_trips_including_nulls_and_structs() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let t0 = ts("2025-03-04T10:00:00.123456Z");
+    let rows = vec![
+        full_row(1, t0),
+        sparse_row(2, t0 + Duration::from_micros(1)),
+        RequestRecord {
+            user_agent: None,
+            policy_rule: None,
+            workload: WorkloadRecord {
+                pod: None,
+                ..full_row(3, t0).workload
+            },
+            ..full_row(3, t0 + Duration::from_millis(5))
+        },
+    ];
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    record_all(&handle, &rows).await;
+    let files = handle
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    assert_eq!(files.len(), 1, "one file expected: {files:?}");
+    assert_eq!(read_rows(&files[0]), rows);
+
+    let builder = open_reader(&files[0]);
+    assert_eq!(
+        builder.schema().fields(),
+        requests_schema().fields(),
+        "a reader must see the declared Arrow schema (timestamps with UTC, structs)"
+    );
+    let metadata = builder.metadata();
+    for row_group in metadata.row_groups() {
+        for column in row_group.columns() {
+            assert!(
+                matches!(column.compression(), Compression::ZSTD(_)),
+                "column {} is {:?}, want zstd",
+                column.column_path(),
+                column.compression()
+            );
+        }
+    }
+
+    drop(handle);
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    assert_eq!(stats, RecorderStats { rows: 3, files });
+}
+
+#[tokio::test]
+async fn rotates_by_row_count_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let cfg = RecorderConfig {
+        max_rows_per_file: 10,
+        row_group_rows: 4,
+        queue_capacity: 1,
+        ..config(dir.path())
+    };
+    let t0 = ts("2025-03-04T10:00:00Z");
+    let rows: Vec<_> = (0..25)
+        .map(|i| full_row(i, t0 + Duration::from_millis(i as u64)))
+        .collect();
+    let (recorder, handle, _trigger) = start(cfg);
+    record_all(&handle, &rows).await;
+    drop(handle);
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+
+    let per_file: Vec<usize> = stats.files.iter().map(|f| read_rows(f).len()).collect();
+    assert_eq!(per_file, vec![10, 10, 5], "files: {:?}", stats.files);
+    let row_groups: Vec<usize> = stats
+        .files
+        .iter()
+        .map(|f| open_reader(f).metadata().num_row_groups())
+        .collect();
+    assert_eq!(row_groups, vec![3, 3, 2], "row groups of at most 4 rows");
+    let read_back: Vec<_> = stats.files.iter().flat_map(|f| read_rows(f)).collect();
+    assert_eq!(read_back, rows, "no row lost, duplicated or reordered");
+    assert_eq!(stats.rows, 25);
+    let mut names = stats.files.clone();
+    names.sort();
+    assert_eq!(names, stats.files, "uuidv7 file names sort in write order");
+}
+
+#[tokio::test]
+async fn hive_layout_partitions_by_request_date_and_node() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let cases = [
+        ("2025-03-04T23:59:59.999999Z", "2025-03-04"),
+        ("2025-03-05T00:00:00Z", "2025-03-05"),
+        // A long request recorded after midnight still lands in its own day.
+        ("2025-03-04T23:00:00Z", "2025-03-04"),
+        ("2025-03-05T12:00:00Z", "2025-03-05"),
+    ];
+    let rows: Vec<_> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (t, _))| full_row(i as i64, ts(t)))
+        .collect();
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    record_all(&handle, &rows).await;
+    let files = handle
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    assert_eq!(files.len(), 2, "one file per date: {files:?}");
+
+    for file in &files {
+        let relative = file
+            .strip_prefix(dir.path())
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let parts: Vec<String> = relative
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(parts.len(), 4, "table/date/node/file: {parts:?}");
+        assert_eq!(parts[0], "table=requests");
+        assert_eq!(parts[2], "node=node-a");
+        let id = parts[3]
+            .strip_prefix("part-")
+            .and_then(|rest| rest.strip_suffix(".parquet"))
+            .unwrap_or_else(|| panic!("file name {} is not part-<uuid>.parquet", parts[3]));
+        let id = uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert_eq!(id.get_version_num(), 7, "{id} is not a uuid v7");
+        let date = parts[1]
+            .strip_prefix("date=")
+            .unwrap_or_else(|| panic!("{} is not date=", parts[1]));
+        let in_file = read_rows(file);
+        let expected: Vec<_> = rows
+            .iter()
+            .zip(cases)
+            .filter(|(_, (_, day))| *day == date)
+            .map(|(row, _)| row.clone())
+            .collect();
+        let mut expected_sorted = expected.clone();
+        expected_sorted.sort_by_key(|r| r.request_time);
+        assert_eq!(
+            in_file, expected_sorted,
+            "rows in {date}, sorted by request_time"
+        );
+    }
+    drop(handle);
+    recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+}
+
+#[tokio::test]
+async fn files_in_progress_are_hidden_until_closed() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    // Batches of 2 rows reach the writer at once, so a file is open on disk mid-test.
+    let cfg = RecorderConfig {
+        row_group_rows: 2,
+        ..config(dir.path())
+    };
+    let (recorder, handle, _trigger) = start(cfg);
+    let t0 = ts("2025-03-04T10:00:00Z");
+    let rows: Vec<_> = (0..5)
+        .map(|i| full_row(i, t0 + Duration::from_secs(i as u64)))
+        .collect();
+    record_all(&handle, &rows).await;
+
+    let in_progress = |dir: &Path| {
+        all_files(dir)
+            .into_iter()
+            .filter(|f| file_name(f).ends_with(".parquet.inprogress"))
+            .count()
+    };
+    wait_for("an in-progress file", || in_progress(dir.path()) == 1).await;
+    for file in all_files(dir.path()) {
+        let name = file_name(&file);
+        assert!(
+            name.starts_with('.'),
+            "{name} is visible before the file is closed"
+        );
+        assert!(
+            !is_visible_parquet(&file),
+            "{name} would be picked up by *.parquet globs"
+        );
+    }
+
+    let files = handle
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    assert_eq!(in_progress(dir.path()), 0, "temporary file left behind");
+    assert_eq!(
+        all_files(dir.path()),
+        files,
+        "only the published file remains"
+    );
+    assert_eq!(read_rows(&files[0]), rows);
+    drop(handle);
+    recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+}
+
+#[tokio::test]
+async fn drain_writes_queued_rows_and_refuses_new_ones() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (recorder, handle, trigger) = start(config(dir.path()));
+    let t0 = ts("2025-03-04T10:00:00Z");
+    let rows: Vec<_> = (0..100)
+        .map(|i| full_row(i, t0 + Duration::from_millis(i as u64)))
+        .collect();
+    record_all(&handle, &rows).await;
+
+    // The handle is still held: the drain alone must stop the recorder and release it.
+    let outcome = trigger.drain(Duration::from_secs(10)).await;
+    assert_eq!(
+        outcome,
+        drain::DrainOutcome::Complete,
+        "recorder held the drain"
+    );
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    assert_eq!(stats.rows, 100);
+    let read_back: Vec<_> = stats.files.iter().flat_map(|f| read_rows(f)).collect();
+    assert_eq!(read_back, rows);
+
+    match handle.record(full_row(1000, t0)).await {
+        Err(RecorderError::Stopped) => {}
+        other => panic!("record after drain should fail with Stopped, got {other:?}"),
+    }
+    assert!(
+        matches!(handle.flush().await, Err(RecorderError::Stopped)),
+        "flush after drain should fail"
+    );
+}
+
+#[tokio::test]
+async fn dropping_every_handle_flushes_and_stops() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    let clone = handle.clone();
+    let t0 = ts("2025-03-04T10:00:00Z");
+    record_all(&handle, &[full_row(1, t0)]).await;
+    record_all(&clone, &[sparse_row(2, t0 + Duration::from_secs(1))]).await;
+    drop(handle);
+    drop(clone);
+    let stats = tokio::time::timeout(Duration::from_secs(10), recorder.join())
+        .await
+        .unwrap_or_else(|_| panic!("recorder did not stop after its handles were dropped"))
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    assert_eq!(stats.files.len(), 1);
+    assert_eq!(
+        read_rows(&stats.files[0]),
+        vec![full_row(1, t0), sparse_row(2, t0 + Duration::from_secs(1))]
+    );
+}
+
+#[tokio::test]
+async fn old_files_are_rotated_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let cfg = RecorderConfig {
+        max_file_age: Duration::from_millis(100),
+        ..config(dir.path())
+    };
+    let (recorder, handle, _trigger) = start(cfg);
+    let t0 = ts("2025-03-04T10:00:00Z");
+    record_all(&handle, &[full_row(1, t0)]).await;
+    wait_for("an age-rotated file", || {
+        all_files(dir.path()).iter().any(|f| is_visible_parquet(f))
+    })
+    .await;
+    let published: Vec<_> = all_files(dir.path())
+        .into_iter()
+        .filter(|f| is_visible_parquet(f))
+        .collect();
+    assert_eq!(read_rows(&published[0]), vec![full_row(1, t0)]);
+    drop(handle);
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    assert_eq!(stats.files, published);
+}
+
+#[tokio::test]
+async fn flush_with_nothing_recorded_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    assert_eq!(
+        handle
+            .flush()
+            .await
+            .unwrap_or_else(|e| panic!("flush: {e}")),
+        Vec::<PathBuf>::new()
+    );
+    drop(handle);
+    assert_eq!(
+        recorder
+            .join()
+            .await
+            .unwrap_or_else(|e| panic!("join: {e}")),
+        RecorderStats::default()
+    );
+    assert_eq!(
+        all_files(dir.path()),
+        Vec::<PathBuf>::new(),
+        "no stray files (e.g. the write probe)"
+    );
+}
+
+#[tokio::test]
+async fn bad_config_and_unusable_directory_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let regular_file = dir.path().join("not-a-dir");
+    std::fs::write(&regular_file, b"x").unwrap_or_else(|e| panic!("write: {e}"));
+    let base = config(dir.path());
+    let cases: Vec<(&str, RecorderConfig, &str)> = vec![
+        (
+            "empty node",
+            RecorderConfig {
+                node: String::new(),
+                ..base.clone()
+            },
+            "recorder config: node",
+        ),
+        (
+            "slash in node",
+            RecorderConfig {
+                node: "a/../b".into(),
+                ..base.clone()
+            },
+            "recorder config: node",
+        ),
+        (
+            "equals in node",
+            RecorderConfig {
+                node: "a=b".into(),
+                ..base.clone()
+            },
+            "recorder config: node",
+        ),
+        (
+            "zero rows",
+            RecorderConfig {
+                max_rows_per_file: 0,
+                ..base.clone()
+            },
+            "max_rows_per_file",
+        ),
+        (
+            "zero age",
+            RecorderConfig {
+                max_file_age: Duration::ZERO,
+                ..base.clone()
+            },
+            "max_file_age",
+        ),
+        (
+            "zero queue",
+            RecorderConfig {
+                queue_capacity: 0,
+                ..base.clone()
+            },
+            "queue_capacity",
+        ),
+        (
+            "zero row group",
+            RecorderConfig {
+                row_group_rows: 0,
+                ..base.clone()
+            },
+            "row_group_rows",
+        ),
+        (
+            "empty dir",
+            RecorderConfig {
+                dir: PathBuf::new(),
+                ..base.clone()
+            },
+            "recorder config: dir",
+        ),
+        (
+            "dir under a regular file",
+            RecorderConfig {
+                dir: regular_file.join("rec"),
+                ..base.clone()
+            },
+            "not-a-dir/rec/table=requests: cannot create: Not a directory",
+        ),
+    ];
+    for (name, cfg, want) in cases {
+        let (_trigger, watcher) = drain::channel();
+        match Recorder::start(cfg, watcher) {
+            Ok(_) => panic!("{name}: start should fail"),
+            Err(e) => assert!(
+                e.to_string().contains(want),
+                "{name}: error {e:?} should contain {want:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn start_outside_a_runtime_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (_trigger, watcher) = drain::channel();
+    assert!(matches!(
+        Recorder::start(config(dir.path()), watcher),
+        Err(RecorderError::NoRuntime)
+    ));
+}
+
+#[tokio::test]
+async fn write_failure_is_reported_to_every_caller_with_path_and_cause() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    // Break the table directory after start-up: the date partition can no longer be created.
+    let table = dir.path().join("table=requests");
+    std::fs::remove_dir(&table).unwrap_or_else(|e| panic!("remove {}: {e}", table.display()));
+    std::fs::write(&table, b"not a directory").unwrap_or_else(|e| panic!("write: {e}"));
+
+    handle
+        .record(full_row(1, ts("2025-03-04T10:00:00Z")))
+        .await
+        .unwrap_or_else(|e| panic!("queued: {e}"));
+    let expected = "recording: create directory";
+    let flush_error = match handle.flush().await {
+        Ok(files) => panic!("flush should fail, wrote {files:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        flush_error.contains(expected)
+            && flush_error.contains("table=requests/date=2025-03-04")
+            && flush_error.contains("Not a directory"),
+        "flush error names the path and cause: {flush_error}"
+    );
+    match handle.record(full_row(2, ts("2025-03-04T10:00:01Z"))).await {
+        Err(e) => assert_eq!(
+            e.to_string(),
+            flush_error,
+            "later records get the same error"
+        ),
+        Ok(()) => panic!("record after a failure should fail"),
+    }
+    match recorder.join().await {
+        Err(e) => assert_eq!(e.to_string(), flush_error),
+        Ok(stats) => panic!("join should report the failure, got {stats:?}"),
+    }
+}
+
+/// What analysts will do: DuckDB and pyarrow over the directory, no configuration.
+#[tokio::test]
+async fn duckdb_and_pyarrow_read_the_directory_as_is() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import duckdb, pyarrow"])
+        .output();
+    let missing = match &probe {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        Err(e) => Some(format!("python3: {e}")),
+    };
+    if let Some(reason) = missing {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have python3 with duckdb and pyarrow: {reason}"
+        );
+        println!(
+            "SKIP duckdb_and_pyarrow_read_the_directory_as_is: {reason} (pip install duckdb pyarrow)"
+        );
+        return;
+    }
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let rows = vec![
+        full_row(1, ts("2025-03-04T23:59:59.999999Z")),
+        sparse_row(2, ts("2025-03-05T00:00:00.000001Z")),
+        full_row(3, ts("2025-03-05T08:30:00Z")),
+    ];
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    record_all(&handle, &rows).await;
+    drop(handle);
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    assert_eq!(stats.files.len(), 2);
+
+    let script = r#"
+import json, sys, duckdb, pyarrow.dataset as ds
+root = sys.argv[1]
+con = duckdb.connect()
+rows = con.execute("""
+    SELECT CAST(date AS VARCHAR), node, audit_id, epoch_us(request_time), epoch_us(response_time),
+           latency_us, workload.cgroup_id, workload.pod, workload.command, object_ref.resource,
+           object_ref.name, user_agent, decision, response_code, request_bytes, error,
+           typeof(request_time), typeof(workload.netns_cookie), typeof(response_code)
+    FROM read_parquet(? || '/table=requests/**/*.parquet', hive_partitioning = true)
+    ORDER BY request_time
+""", [root]).fetchall()
+table = ds.dataset(root + "/table=requests", format="parquet", partitioning="hive").to_table()
+print(json.dumps({"duckdb": rows, "pyarrow_rows": table.num_rows,
+                  "pyarrow_columns": table.column_names}, default=str))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir.path())
+        .output()
+        .unwrap_or_else(|e| panic!("run python3: {e}"));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let micros = |r: &RequestRecord| r.request_time.as_microsecond();
+    let expected = serde_json::json!({
+        "duckdb": [
+            ["2025-03-04", "node-a", rows[0].audit_id, micros(&rows[0]), micros(&rows[0]) + 1501, 1501,
+             4_000_000_001_i64, "agent-1", "kubectl", "deployments", "web-1",
+             "kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef", "allow", 200, 0, null,
+             "TIMESTAMP WITH TIME ZONE", "BIGINT", "INTEGER"],
+            ["2025-03-05", "node-a", "sparse-2", micros(&rows[1]), null, -1,
+             -5, null, null, "", "", null, "error", i32::MIN, i64::MIN,
+             "upstream unreachable: connection refused",
+             "TIMESTAMP WITH TIME ZONE", "BIGINT", "INTEGER"],
+            ["2025-03-05", "node-a", rows[2].audit_id, micros(&rows[2]), micros(&rows[2]) + 1503, 1503,
+             4_000_000_003_i64, "agent-3", "kubectl", "deployments", "web-3",
+             "kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef", "allow", 200, 0, null,
+             "TIMESTAMP WITH TIME ZONE", "BIGINT", "INTEGER"],
+        ],
+        "pyarrow_rows": 3,
+    });
+    assert_eq!(
+        got["duckdb"], expected["duckdb"],
+        "DuckDB view of the recording"
+    );
+    assert_eq!(
+        got["pyarrow_rows"], expected["pyarrow_rows"],
+        "pyarrow.dataset row count"
+    );
+    let columns = got["pyarrow_columns"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no columns: {got}"));
+    for name in requests_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .chain(["date"])
+    {
+        assert!(
+            columns.iter().any(|c| c == name),
+            "pyarrow is missing column {name}: {columns:?}"
+        );
+    }
+}

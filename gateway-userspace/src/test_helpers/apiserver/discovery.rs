@@ -1,0 +1,372 @@
+//! The resources the test server serves, and the discovery documents describing them.
+//!
+//! Shapes follow `shared/k8s-wire-reference.md` section 3: aggregated v2 discovery only when
+//! the Accept header asks for it with the exact `g`/`v`/`as` parameters (and then the
+//! response Content-Type carries them, which is how client-go picks its parser), legacy
+//! `APIVersions`/`APIGroupList`/`APIResourceList` otherwise, with every field that the Go
+//! types mark as required present.
+
+use serde_json::{Value, json};
+
+/// Verbs of an ordinary namespaced or cluster-scoped resource.
+const ALL_VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+/// Namespaces have no `deletecollection` in the real API server.
+const NAMESPACE_VERBS: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
+/// Verbs of the `status` subresource.
+const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
+
+/// One served resource (a REST collection) and how it is described in discovery.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ResourceDef {
+    /// API group (`""` for the core group).
+    pub group: &'static str,
+    /// API version within the group.
+    pub version: &'static str,
+    /// Plural resource name, as in URLs.
+    pub plural: &'static str,
+    /// Singular name.
+    pub singular: &'static str,
+    /// Kind of the objects.
+    pub kind: &'static str,
+    /// Whether objects live in a namespace.
+    pub namespaced: bool,
+    /// kubectl short names.
+    pub short_names: &'static [&'static str],
+    /// Categories (`all` makes `kubectl get all` include the resource).
+    pub categories: &'static [&'static str],
+    /// Supported verbs.
+    pub verbs: &'static [&'static str],
+    /// Whether a `status` subresource exists; then writes to the main resource keep the
+    /// stored status and writes to `/status` change only the status, as in the real server.
+    pub has_status: bool,
+}
+
+impl ResourceDef {
+    /// `v1` or `apps/v1`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) }
+    }
+
+    /// Whether the resource supports `verb`.
+    pub fn supports(&self, verb: &str) -> bool {
+        self.verbs.contains(&verb)
+    }
+
+    /// The kind of its lists (`PodList`).
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+}
+
+/// Every resource the test server serves. Subresources other than `status` (exec, log,
+/// portforward, scale) are not served here.
+pub(crate) static RESOURCES: &[ResourceDef] = &[
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+        categories: &[],
+        verbs: NAMESPACE_VERBS,
+        has_status: true,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        has_status: true,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        singular: "secret",
+        kind: "Secret",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        has_status: false,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        singular: "configmap",
+        kind: "ConfigMap",
+        namespaced: true,
+        short_names: &["cm"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        has_status: false,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        kind: "ServiceAccount",
+        namespaced: true,
+        short_names: &["sa"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        has_status: false,
+    },
+    ResourceDef {
+        group: "apps",
+        version: "v1",
+        plural: "deployments",
+        singular: "deployment",
+        kind: "Deployment",
+        namespaced: true,
+        short_names: &["deploy"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        has_status: true,
+    },
+];
+
+/// The resource served at `group`/`version`/`plural`, if any.
+pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
+    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The resource whose objects have this `apiVersion` and `kind`.
+pub(crate) fn find_kind(api_version: &str, kind: &str) -> Option<&'static ResourceDef> {
+    RESOURCES.iter().find(|r| r.api_version() == api_version && r.kind == kind)
+}
+
+/// Whether `group`/`version` is served at all (then unknown resources in it are 404s with
+/// a Status, and the bare path is its APIResourceList).
+pub(crate) fn serves_group_version(group: &str, version: &str) -> bool {
+    RESOURCES.iter().any(|r| r.group == group && r.version == version)
+}
+
+/// Named groups (not the core group), in the order they are listed.
+fn named_groups() -> Vec<&'static str> {
+    let mut groups: Vec<&'static str> = Vec::new();
+    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+        if !groups.contains(&r.group) {
+            groups.push(r.group);
+        }
+    }
+    groups
+}
+
+/// Which aggregated discovery version the Accept header asks for (`v2` or `v2beta1`),
+/// taking the first acceptable entry; `None` means legacy discovery.
+pub(crate) fn aggregated_version(accept: &str) -> Option<&'static str> {
+    for media in super::parse_accept(accept) {
+        if media.essence != "application/json"
+            || media.param("g") != Some("apidiscovery.k8s.io")
+            || media.param("as") != Some("APIGroupDiscoveryList")
+        {
+            continue;
+        }
+        match media.param("v") {
+            Some("v2") => return Some("v2"),
+            Some("v2beta1") => return Some("v2beta1"),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The exact Content-Type of an aggregated discovery response.
+pub(crate) fn aggregated_content_type(version: &str) -> String {
+    format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList")
+}
+
+/// `GET /api` in legacy form.
+pub(crate) fn legacy_api_versions(server_address: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}],
+    })
+}
+
+fn legacy_group(group: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
+    json!({"name": group, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+/// `GET /apis` in legacy form.
+pub(crate) fn legacy_group_list() -> Value {
+    let groups: Vec<Value> = named_groups().into_iter().map(legacy_group).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// `GET /apis/<group>`: the APIGroup document, if the group is served.
+pub(crate) fn legacy_group_doc(group: &str) -> Option<Value> {
+    if !named_groups().contains(&group) {
+        return None;
+    }
+    let mut doc = legacy_group(group);
+    if let Some(obj) = doc.as_object_mut() {
+        obj.insert("kind".into(), "APIGroup".into());
+        obj.insert("apiVersion".into(), "v1".into());
+    }
+    Some(doc)
+}
+
+/// `GET /api/v1` or `GET /apis/<g>/<v>`: the APIResourceList, if the group version is served.
+pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if !serves_group_version(group, version) {
+        return None;
+    }
+    let mut resources = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
+        let mut entry = json!({
+            "name": r.plural,
+            "singularName": r.singular,
+            "namespaced": r.namespaced,
+            "kind": r.kind,
+            "verbs": r.verbs,
+        });
+        if !r.short_names.is_empty() {
+            entry["shortNames"] = json!(r.short_names);
+        }
+        if !r.categories.is_empty() {
+            entry["categories"] = json!(r.categories);
+        }
+        resources.push(entry);
+        if r.has_status {
+            resources.push(json!({
+                "name": format!("{}/status", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": STATUS_VERBS,
+            }));
+        }
+    }
+    let gv = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+}
+
+fn aggregated_resource(r: &ResourceDef) -> Value {
+    let mut entry = json!({
+        "resource": r.plural,
+        "singularResource": r.singular,
+        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+        "verbs": r.verbs,
+    });
+    if !r.short_names.is_empty() {
+        entry["shortNames"] = json!(r.short_names);
+    }
+    if !r.categories.is_empty() {
+        entry["categories"] = json!(r.categories);
+    }
+    if r.has_status {
+        entry["subresources"] = json!([{
+            "subresource": "status",
+            "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+            "verbs": STATUS_VERBS,
+        }]);
+    }
+    entry
+}
+
+fn aggregated_group(group: &str) -> Value {
+    let resources: Vec<Value> =
+        RESOURCES.iter().filter(|r| r.group == group).map(aggregated_resource).collect();
+    // ObjectMeta.name is omitempty in Go, so the core group's entry has empty metadata.
+    let metadata = if group.is_empty() { json!({}) } else { json!({"name": group}) };
+    json!({
+        "metadata": metadata,
+        "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}],
+    })
+}
+
+/// Aggregated discovery for `/api` (`core == true`) or `/apis`.
+pub(crate) fn aggregated(core: bool, version: &str) -> Value {
+    let items: Vec<Value> =
+        if core { vec![aggregated_group("")] } else { named_groups().into_iter().map(aggregated_group).collect() };
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+        "metadata": {},
+        "items": items,
+    })
+}
+
+/// `GET /version`: all nine fields, a semver `gitVersion` (kubectl refuses anything else).
+pub(crate) fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "32",
+        "gitVersion": "v1.32.0",
+        "gitCommit": "70d3cc986aa8221cd1dfb1121852688902d3bf53",
+        "gitTreeState": "clean",
+        "buildDate": "2024-12-11T17:59:15Z",
+        "goVersion": "go1.23.3",
+        "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregated_only_for_exact_parameters() {
+        let kubectl = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        let cases = [
+            (kubectl, Some("v2")),
+            ("application/json;as=APIGroupDiscoveryList;v=v2beta1;g=apidiscovery.k8s.io", Some("v2beta1")),
+            ("application/json", None),
+            ("application/json;g=apidiscovery.k8s.io;v=v3;as=APIGroupDiscoveryList", None),
+            ("application/json;g=other;v=v2;as=APIGroupDiscoveryList", None),
+            ("", None),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(aggregated_version(accept), want, "Accept: {accept}");
+        }
+    }
+
+    #[test]
+    fn every_resource_has_the_required_fields() {
+        for (group, version) in [("", "v1"), ("apps", "v1")] {
+            let list = resource_list(group, version).expect("served group version");
+            for r in list["resources"].as_array().expect("resources array") {
+                for field in ["name", "singularName", "namespaced", "kind", "verbs"] {
+                    assert!(r.get(field).is_some_and(|v| !v.is_null()), "{field} missing in {r}");
+                }
+            }
+        }
+        let core = resource_list("", "v1").expect("core");
+        let pods = core["resources"].as_array().and_then(|rs| rs.iter().find(|r| r["name"] == "pods")).cloned();
+        assert_eq!(pods.as_ref().map(|p| p["shortNames"].clone()), Some(json!(["po"])));
+        assert_eq!(pods.map(|p| p["categories"].clone()), Some(json!(["all"])));
+        assert!(resource_list("batch", "v1").is_none());
+    }
+
+    #[test]
+    fn aggregated_resources_carry_response_kind_and_scope() {
+        let doc = aggregated(true, "v2");
+        assert_eq!(doc["kind"], "APIGroupDiscoveryList");
+        assert_eq!(doc["apiVersion"], "apidiscovery.k8s.io/v2");
+        let resources = doc["items"][0]["versions"][0]["resources"].as_array().cloned().unwrap_or_default();
+        assert!(!resources.is_empty());
+        for r in &resources {
+            assert!(r["responseKind"]["kind"].as_str().is_some_and(|k| !k.is_empty()), "{r}");
+        }
+        let ns = resources.iter().find(|r| r["resource"] == "namespaces").expect("namespaces");
+        assert_eq!(ns["scope"], "Cluster");
+        assert_eq!(ns["shortNames"], json!(["ns"]));
+        let apps = aggregated(false, "v2");
+        assert_eq!(apps["items"][0]["metadata"]["name"], "apps");
+    }
+}

@@ -1,0 +1,4 @@
+//! Test-only helpers: the Kubernetes API test server and the sandbox pod.
+
+pub mod apiserver;
+pub mod sandbox;

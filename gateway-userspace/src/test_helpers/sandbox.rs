@@ -1,0 +1,211 @@
+//! A sandbox "pod" made of the same kernel objects a real pod is: its own cgroup v2
+//! directory, its own network namespace, and a veth pair to the node.
+//!
+//! Addresses come from a link-local /24 the sandbox picks and owns (169.254.X.0/24): the
+//! node side is `.1`, the pod side `.2`, and `.100` is a *virtual API server address*
+//! that nothing answers for. The pod namespace has no default route, so a connection that
+//! the eBPF redirect missed fails locally instead of leaving the machine.
+//!
+//! Everything is removed on drop, and [`cleanup_stale`] removes what an earlier, killed run
+//! left behind (names carry the creating process id).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Name prefix of every network namespace a sandbox creates.
+const NETNS_PREFIX: &str = "chp-";
+/// cgroup directory (below the cgroup2 root) holding all sandbox cgroups.
+const CGROUP_PARENT: &str = "chaperone-sandbox";
+
+/// Errors creating a sandbox; each names the command or file that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A command could not be run or failed.
+    #[error("`{command}` failed: {message}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its stderr or the spawn error.
+        message: String,
+    },
+    /// A cgroup file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No free 169.254.X.0/24 subnet.
+    #[error("no free 169.254.X.0/24 subnet for a sandbox")]
+    NoSubnet,
+    /// Could not find the cgroup2 mount.
+    #[error(transparent)]
+    Cgroup(#[from] crate::ebpf::EbpfError),
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, SandboxError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| SandboxError::Command { command: command.clone(), message: e.to_string() })?;
+    if !out.status.success() {
+        return Err(SandboxError::Command {
+            command,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A sandbox pod. Dropping it kills its processes and removes its cgroup, namespace and veth.
+#[derive(Debug)]
+pub struct SandboxPod {
+    netns: String,
+    host_veth: String,
+    cgroup: PathBuf,
+    subnet: u8,
+}
+
+impl SandboxPod {
+    /// Creates the cgroup, network namespace and veth pair. Needs root.
+    pub fn create() -> Result<Self, SandboxError> {
+        let token = uuid::Uuid::now_v7().as_u128() as u32 & 0x00ff_ffff;
+        let pid = std::process::id();
+        let netns = format!("{NETNS_PREFIX}{pid}-{token:06x}");
+        let host_veth = format!("chp{token:06x}h");
+        let pod_veth = format!("chp{token:06x}p");
+        let root = crate::ebpf::cgroup2_mount()?;
+        let cgroup = root.join(CGROUP_PARENT).join(format!("{pid}-{token:06x}"));
+
+        // Partially built sandboxes are torn down by Drop from here on.
+        let mut pod = Self { netns, host_veth, cgroup, subnet: 0 };
+        std::fs::create_dir_all(&pod.cgroup)
+            .map_err(|source| SandboxError::Io { path: pod.cgroup.clone(), source })?;
+        run("ip", &["netns", "add", &pod.netns])?;
+        run("ip", &["link", "add", &pod.host_veth, "type", "veth", "peer", "name", &pod_veth])?;
+        run("ip", &["link", "set", &pod_veth, "netns", &pod.netns])?;
+        pod.subnet = pick_subnet()?;
+        let host_cidr = format!("{}/24", pod.host_ip());
+        let pod_cidr = format!("{}/24", pod.pod_ip());
+        run("ip", &["addr", "add", &host_cidr, "dev", &pod.host_veth])?;
+        run("ip", &["link", "set", &pod.host_veth, "up"])?;
+        let ns = pod.netns.clone();
+        run("ip", &["-n", &ns, "addr", "add", &pod_cidr, "dev", &pod_veth])?;
+        run("ip", &["-n", &ns, "link", "set", &pod_veth, "up"])?;
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(pod)
+    }
+
+    /// The node-side address (where the gateway listens for this pod).
+    pub fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(169, 254, self.subnet, 1)
+    }
+
+    /// The pod's own address.
+    pub fn pod_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(169, 254, self.subnet, 2)
+    }
+
+    /// A virtual API server address inside the sandbox's subnet that nothing answers for.
+    pub fn virtual_api_server(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(169, 254, self.subnet, 100), 443)
+    }
+
+    /// The network namespace's name (`ip netns`), usable as `/run/netns/<name>`.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The pod's cgroup directory.
+    pub fn cgroup_path(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// The pod's cgroup id, as `bpf_get_current_cgroup_id()` reports it.
+    pub fn cgroup_id(&self) -> Result<u64, SandboxError> {
+        std::fs::metadata(&self.cgroup)
+            .map(|m| m.ino())
+            .map_err(|source| SandboxError::Io { path: self.cgroup.clone(), source })
+    }
+
+    /// A command that runs `program` inside the pod: the shell moves itself into the pod's
+    /// cgroup first (so the kernel attributes every socket to it), then enters the network
+    /// namespace and execs the program.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#)
+            .arg("sandbox")
+            .arg(&self.cgroup)
+            .arg(&self.netns)
+            .arg(program);
+        cmd
+    }
+}
+
+impl Drop for SandboxPod {
+    fn drop(&mut self) {
+        teardown(&self.cgroup, &self.netns, &self.host_veth);
+    }
+}
+
+fn teardown(cgroup: &Path, netns: &str, host_veth: &str) {
+    // cgroup.kill (Linux 5.14) kills every process in the cgroup at once.
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    for _ in 0..50 {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    // Deleting the namespace removes the pod end of the veth, which removes the pair.
+    let _ = run("ip", &["netns", "del", netns]);
+    let _ = run("ip", &["link", "del", host_veth]);
+}
+
+fn pick_subnet() -> Result<u8, SandboxError> {
+    let used = run("ip", &["-4", "-o", "addr", "show"])?;
+    let start = (uuid::Uuid::now_v7().as_u128() as u8) % 200;
+    (0..200u8)
+        .map(|i| 20 + (start.wrapping_add(i) % 200))
+        .find(|x| !used.contains(&format!(" 169.254.{x}.")))
+        .ok_or(SandboxError::NoSubnet)
+}
+
+/// Removes sandboxes left behind by processes that no longer exist.
+pub fn cleanup_stale() {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    if let Ok(list) = run("ip", &["netns", "list"]) {
+        for line in list.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let Some(rest) = name.strip_prefix(NETNS_PREFIX) else { continue };
+            let Some((pid, token)) = rest.split_once('-') else { continue };
+            if !alive(pid) {
+                let cgroup = crate::ebpf::cgroup2_mount()
+                    .map(|r| r.join(CGROUP_PARENT).join(format!("{pid}-{token}")))
+                    .unwrap_or_default();
+                teardown(&cgroup, name, &format!("chp{token}h"));
+            }
+        }
+    }
+    if let Ok(root) = crate::ebpf::cgroup2_mount()
+        && let Ok(entries) = std::fs::read_dir(root.join(CGROUP_PARENT))
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((pid, _)) = name.split_once('-')
+                && !alive(pid)
+            {
+                let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The whole data path on one machine: the Kubernetes API test server as the "real" API
+//! server, a sandbox pod, and the gateway with its eBPF redirect, wired exactly as on a
+//! node. The demo and the end-to-end tests both stand on it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    app::{self, App, AppError},
+    config::{
+        Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
+        ServingTlsConfig, UpstreamConfig, default_server_names,
+    },
+    recorder::RecorderStats,
+    test_helpers::{
+        apiserver::{ApiServerConfig, TestApiServer},
+        sandbox::{SandboxError, SandboxPod, cleanup_stale},
+    },
+    tls::{CertificateAuthority, TlsError},
+};
+
+/// Port the gateway listens on, on the node side of the sandbox's veth.
+pub const PROXY_PORT: u16 = 15443;
+
+/// Errors assembling the stack.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// Writing a file in the work directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The cluster CA could not be created.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The sandbox pod could not be created.
+    #[error("sandbox pod: {0}")]
+    Sandbox(#[from] SandboxError),
+    /// The API test server did not start.
+    #[error("API test server: {0}")]
+    ApiServer(String),
+    /// The gateway did not start.
+    #[error("gateway: {0}")]
+    App(#[from] AppError),
+    /// The generated config was rejected.
+    #[error("gateway config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// Policy YAML; `None` allows everything.
+    pub policy_yaml: Option<String>,
+    /// Where recordings go; `None`: inside the stack's temporary directory.
+    pub recordings_dir: Option<PathBuf>,
+    /// Objects to seed into the API test server (JSON, with kind/apiVersion/metadata).
+    pub seed: Vec<serde_json::Value>,
+}
+
+/// A running stack. Call [`Stack::stop`] to flush recordings; dropping it still removes the
+/// sandbox pod and stops the servers.
+pub struct Stack {
+    /// The stand-in for kube-apiserver.
+    pub apiserver: TestApiServer,
+    /// The gateway.
+    pub app: App,
+    /// The sandbox pod (dropped last: its cgroup and namespace go with it).
+    pub pod: SandboxPod,
+    /// The credential the gateway injects upstream.
+    pub gateway_token: String,
+    /// The token the pod presents (never valid upstream).
+    pub pod_token: String,
+    dir: tempfile::TempDir,
+    recordings: PathBuf,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack").field("dir", &self.dir.path()).finish_non_exhaustive()
+    }
+}
+
+fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), StackError> {
+    std::fs::write(path, contents).map_err(|source| StackError::Io { path: path.to_owned(), source })
+}
+
+impl Stack {
+    /// Creates the CA, API test server, sandbox pod, config and gateway. Needs root.
+    pub async fn start(opts: StackOptions) -> Result<Self, StackError> {
+        cleanup_stale();
+        let dir = tempfile::Builder::new()
+            .prefix("chaperone-stack-")
+            .tempdir()
+            .map_err(|source| StackError::Io { path: std::env::temp_dir(), source })?;
+        let root = dir.path();
+        let (ca, ca_key) = CertificateAuthority::generate("chaperone-demo-cluster-ca")?;
+        let ca_file = root.join("cluster-ca.crt");
+        let ca_key_file = root.join("cluster-ca.key");
+        write(&ca_file, ca.cert_pem())?;
+        write(&ca_key_file, &ca_key)?;
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let gateway_token = format!("gateway-{suffix}");
+        let pod_token = format!("pod-{suffix}");
+        let token_file = root.join("gateway-token");
+        write(&token_file, &gateway_token)?;
+
+        let apiserver = TestApiServer::start(ApiServerConfig {
+            ca: Some(Arc::new(ca)),
+            tokens: vec![gateway_token.clone()],
+            ..ApiServerConfig::default()
+        })
+        .await
+        .map_err(|e| StackError::ApiServer(e.to_string()))?;
+        for object in opts.seed {
+            apiserver.seed(object).map_err(|e| StackError::ApiServer(e.to_string()))?;
+        }
+
+        let pod = SandboxPod::create()?;
+        let policy_files = match &opts.policy_yaml {
+            Some(yaml) => {
+                let path = root.join("policy.yaml");
+                write(&path, yaml)?;
+                vec![path]
+            }
+            None => Vec::new(),
+        };
+        let recordings = opts.recordings_dir.clone().unwrap_or_else(|| root.join("recordings"));
+        let upstream_url = apiserver
+            .url()
+            .parse()
+            .map_err(|e| StackError::ApiServer(format!("bad URL {}: {e}", apiserver.url())))?;
+        let config = Config {
+            node: Some("sandbox-node".to_owned()),
+            cluster: "sandbox".to_owned(),
+            listen: ListenConfig { address: (pod.host_ip(), PROXY_PORT).into() },
+            interception: InterceptionConfig {
+                mode: InterceptionMode::Ebpf,
+                targets: vec![pod.virtual_api_server()],
+            },
+            upstream: UpstreamConfig {
+                url: upstream_url,
+                ca_file: ca_file.clone(),
+                token_file,
+                tls_server_name: None,
+                connect_timeout: Duration::from_secs(2),
+            },
+            tls: ServingTlsConfig {
+                ca_cert_file: ca_file.clone(),
+                ca_key_file,
+                server_names: default_server_names(),
+                server_ips: Vec::new(),
+            },
+            policy: PolicyConfig { files: policy_files },
+            recording: RecordingConfig {
+                dir: recordings.clone(),
+                max_rows_per_file: 100_000,
+                max_file_age: Duration::from_secs(60),
+            },
+            shutdown_grace: Duration::from_secs(5),
+        };
+        // Round-trip through YAML so the demo's config is exactly what a user would write.
+        let yaml = serde_norway::to_string(&config)
+            .map_err(|e| StackError::ApiServer(format!("serialising config: {e}")))?;
+        let config_file = root.join("chaperone.yaml");
+        write(&config_file, &yaml)?;
+        let config = Config::load(&config_file)?;
+        let app = app::build(config).await?;
+
+        // What an in-cluster agent sees: the API server's virtual address, the cluster CA
+        // it already trusts, and its own (useless upstream) token.
+        let server = pod.virtual_api_server();
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: in-cluster\n  cluster:\n    server: https://{server}\n    certificate-authority: {ca}\n\
+             users:\n- name: pod\n  user:\n    token: {pod_token}\ncontexts:\n- name: pod\n  context:\n    cluster: in-cluster\n    user: pod\n    namespace: default\n\
+             current-context: pod\n",
+            ca = ca_file.display()
+        );
+        write(&root.join("kubeconfig"), kubeconfig)?;
+        Ok(Self { apiserver, app, pod, gateway_token, pod_token, dir, recordings })
+    }
+
+    /// The stack's working directory (config, certificates, kubeconfig).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Root of the recordings dataset.
+    pub fn recordings(&self) -> &Path {
+        &self.recordings
+    }
+
+    /// The kubeconfig the pod uses.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// Runs real `kubectl` inside the sandbox pod (fresh discovery cache each call), with a
+    /// 60 s limit.
+    pub async fn kubectl(&self, args: &[&str]) -> std::io::Result<Output> {
+        let cache = tempfile::tempdir_in(self.dir.path())?;
+        let mut cmd = tokio::process::Command::from(self.pod.command("kubectl"));
+        cmd.args(args)
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
+            Ok(out) => out,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("kubectl {args:?} took over 60 s"))),
+        }
+    }
+
+    /// Shuts the gateway down (flushing recordings), then the API server; the sandbox pod
+    /// and the work directory go when the returned values are dropped.
+    pub async fn stop(self) -> Result<(RecorderStats, TestApiServer, SandboxPod, tempfile::TempDir), StackError> {
+        let Self { apiserver, app, pod, dir, .. } = self;
+        let stats = app.shutdown().await?;
+        Ok((stats, apiserver, pod, dir))
+    }
+}

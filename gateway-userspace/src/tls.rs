@@ -1,0 +1,239 @@
+//! TLS on both sides of the proxy.
+//!
+//! Towards the agent, the gateway serves a certificate the pod already trusts: it is minted
+//! here (rcgen) from the cluster CA the admin provides, for the API server's names and
+//! addresses (the pod's client verifies an IP host against IP SANs only, and sends no SNI
+//! for it). Towards the real API server, the gateway verifies the upstream against the same
+//! cluster CA bundle.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+
+/// ALPN protocols offered to agents, HTTP/2 first as the API server does.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for HTTP/1.1 (upgrade requests such as exec always use it).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Errors setting up TLS; each names the file or the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A PEM document held no certificate.
+    #[error("{what}: no PEM certificate found")]
+    NoCertificate {
+        /// Which input.
+        what: String,
+    },
+    /// A PEM document was not a certificate or key we understand.
+    #[error("{what}: {message}")]
+    Pem {
+        /// Which input.
+        what: String,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// rcgen could not create or sign a certificate.
+    #[error("minting certificate: {0}")]
+    Mint(#[from] rcgen::Error),
+    /// rustls rejected the certificate/key combination.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto provider used everywhere (ring: small, no C toolchain beyond cc).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate authority that can mint serving certificates.
+pub struct CertificateAuthority {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the signing key.
+        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Loads a CA from PEM files (certificate, and its PKCS#8/PKCS#1/SEC1 private key).
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        Self::from_pem(&cert_pem, &key_pem, &cert.display().to_string(), &key.display().to_string())
+    }
+
+    /// Loads a CA from PEM text; `cert_name`/`key_name` are used in error messages.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_name: &str,
+        key_name: &str,
+    ) -> Result<Self, TlsError> {
+        let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .ok_or_else(|| TlsError::NoCertificate { what: cert_name.to_owned() })?
+            .map_err(|e| TlsError::Pem { what: cert_name.to_owned(), message: e.to_string() })?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| TlsError::Pem { what: key_name.to_owned(), message: e.to_string() })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
+            .map_err(|e| TlsError::Pem { what: cert_name.to_owned(), message: e.to_string() })?;
+        Ok(Self { cert_pem: cert_pem.to_owned(), cert_der, issuer })
+    }
+
+    /// Generates a fresh self-signed CA (for tests, the demo, and the test API server).
+    pub fn generate(common_name: &str) -> Result<(Self, String), TlsError> {
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let cert_der = cert.der().clone();
+        Ok((Self { cert_pem, cert_der, issuer: Issuer::new(params, key) }, key_pem))
+    }
+
+    /// The CA certificate in PEM form (what clients put in their trust bundle).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate in DER form.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Mints a serving certificate (chain: leaf, CA) and its key for the given DNS names and
+    /// IP addresses, valid for `validity` from now.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: std::time::Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            dns_names.first().cloned().unwrap_or_else(|| "chaperone".to_owned()),
+        );
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(name.clone().try_into()?));
+        }
+        params.subject_alt_names.extend(ips.iter().copied().map(SanType::IpAddress));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now
+            + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path)
+        .map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+}
+
+/// Parses every certificate in a PEM bundle into a root store.
+pub fn root_store_from_pem(pem: &str, what: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| TlsError::Pem { what: what.to_owned(), message: e.to_string() })?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Pem { what: what.to_owned(), message: e.to_string() })?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate { what: what.to_owned() });
+    }
+    Ok(roots)
+}
+
+/// Loads a root store from a PEM bundle file.
+pub fn root_store_from_file(path: &Path) -> Result<RootCertStore, TlsError> {
+    root_store_from_pem(&read(path)?, &path.display().to_string())
+}
+
+/// Server config offering HTTP/2 and HTTP/1.1 by ALPN; clients offering no ALPN at all
+/// (client-go's SPDY dialer) get HTTP/1.1.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client config for the upstream API server, verifying it against `roots`. ALPN is left
+/// empty: the HTTP connector sets it to the protocols it enables.
+pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_cert_chains_to_the_ca_and_round_trips_through_pem() {
+        let (ca, key_pem) = CertificateAuthority::generate("test-ca").unwrap();
+        let reloaded = CertificateAuthority::from_pem(ca.cert_pem(), &key_pem, "ca.crt", "ca.key").unwrap();
+        let (chain, key) = reloaded
+            .issue_server_cert(
+                &["kubernetes.default.svc".to_owned()],
+                &["127.0.0.1".parse().unwrap()],
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(&chain[1], ca.cert_der());
+        server_config(chain, key).unwrap();
+        root_store_from_pem(ca.cert_pem(), "ca.crt").unwrap();
+    }
+
+    #[test]
+    fn garbage_pem_is_rejected_with_the_file_name() {
+        let err = root_store_from_pem("not a certificate", "cluster-ca.crt").unwrap_err();
+        assert!(err.to_string().contains("cluster-ca.crt"), "{err}");
+        let (ca, _) = CertificateAuthority::generate("x").unwrap();
+        let err = CertificateAuthority::from_pem(ca.cert_pem(), "junk", "ca.crt", "ca.key").unwrap_err();
+        assert!(err.to_string().contains("ca.key"), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! Shared helpers for Chaperone's workspace-level tests.
+//!
+//! Privileged tests create real cgroups, network namespaces and eBPF programs. Locally
+//! without root they skip with a printed reason; with `CI` set they must run, so a CI
+//! machine that cannot run them fails instead of passing vacuously.
+
+/// Whether a privileged test can run here. Prints why not, and panics under CI.
+pub fn privileged(test: &str) -> bool {
+    let root = nix_is_root();
+    if root {
+        return true;
+    }
+    let reason = "needs root (eBPF, cgroups, network namespaces)";
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {reason}, and CI is set: privileged tests must run in CI");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self/status "Uid:" line: real, effective, saved, fs.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
