@@ -74,16 +74,15 @@ impl std::fmt::Debug for App {
     }
 }
 
-/// Loads the policy files in order; their rules are evaluated in that order.
-pub fn load_policy(files: &[PathBuf]) -> Result<Policy, PolicyError> {
-    let policies = files.iter().map(|f| Policy::from_file(f)).collect::<Result<Vec<_>, _>>()?;
-    Ok(if policies.is_empty() { Policy::allow_all() } else { Policy::concat(policies)? })
+/// Loads the configured policy file, or allows everything when none is configured.
+pub fn load_policy(file: Option<&std::path::Path>) -> Result<Policy, PolicyError> {
+    file.map_or_else(|| Ok(Policy::allow_all()), Policy::from_file)
 }
 
 /// Builds and starts the gateway described by `cfg`.
 pub async fn build(cfg: Config) -> Result<App, AppError> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting chaperone");
-    let policy = load_policy(&cfg.policy.files)?;
+    let policy = load_policy(cfg.policy.file.as_deref())?;
     let ca = CertificateAuthority::from_files(&cfg.tls.ca_cert_file, &cfg.tls.ca_key_file)?;
     let (chain, key) = ca.issue_server_cert(&cfg.tls.server_names, &cfg.serving_ips(), SERVING_CERT_VALIDITY)?;
     let server_tls = tls::server_config(chain, key)?;
@@ -109,11 +108,9 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (recorder_drain, recorder_watch) = drain::channel();
     let (recorder, recorder_handle) = Recorder::start(
         RecorderConfig {
-            dir: cfg.recording.dir.clone(),
-            node: node.clone(),
             max_rows_per_file: cfg.recording.max_rows_per_file,
             max_file_age: cfg.recording.max_file_age,
-            ..RecorderConfig::default()
+            ..RecorderConfig::new(cfg.recording.dir.clone(), node.clone())
         },
         recorder_watch,
     )?;

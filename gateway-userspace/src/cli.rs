@@ -39,6 +39,9 @@ pub enum Command {
         /// The configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Overrides `listen.address` (the DaemonSet passes `$(NODE_IP):15443`).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Check configuration or policy files without starting anything.
     Check {
@@ -62,8 +65,12 @@ pub enum Command {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
-            let cfg = Config::load(&config)?;
+        Command::Run { config, listen } => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(listen) = listen {
+                cfg.listen.address = listen;
+                cfg.revalidate(&config.display().to_string())?;
+            }
             let stats = app::build(cfg).await?.wait_termination().await?;
             tracing::info!(rows = stats.rows, "stopped");
             Ok(())
@@ -73,7 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(config) = config {
                 let cfg = Config::load(&config)?;
                 println!("{}: ok", config.display());
-                files.extend(cfg.policy.files);
+                files.extend(cfg.policy.file);
             }
             for file in &files {
                 let policy = crate::policy::Policy::from_file(file)

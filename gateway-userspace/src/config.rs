@@ -151,9 +151,9 @@ pub struct ServingTlsConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyConfig {
-    /// Policy files, evaluated in order (their rules are concatenated). None: allow all.
+    /// The policy file (docs/policy-reference.md). None: allow everything.
     #[serde(default)]
-    pub files: Vec<PathBuf>,
+    pub file: Option<PathBuf>,
 }
 
 /// Recording settings.
@@ -250,7 +250,10 @@ impl Config {
                     "must list at least one API server address when mode is ebpf".to_owned(),
                 ));
             }
-            if self.listen.address.ip().is_loopback() || !self.listen.address.is_ipv4() {
+            if self.listen.address.ip().is_loopback()
+                || self.listen.address.ip().is_unspecified()
+                || !self.listen.address.is_ipv4()
+            {
                 return Err(invalid(
                     "listen.address",
                     format!(
@@ -273,16 +276,17 @@ impl Config {
                 return Err(invalid(path, format!("{}: {e}", file_path.display())));
             }
         }
-        for (i, policy) in self.policy.files.iter().enumerate() {
-            if let Err(e) = std::fs::metadata(policy) {
-                return Err(ConfigError::Invalid {
-                    file: file.to_owned(),
-                    path: "policy.files",
-                    message: format!("[{i}] {}: {e}", policy.display()),
-                });
-            }
+        if let Some(policy) = &self.policy.file
+            && let Err(e) = std::fs::metadata(policy)
+        {
+            return Err(invalid("policy.file", format!("{}: {e}", policy.display())));
         }
         Ok(())
+    }
+
+    /// Validates the config again after command-line overrides were applied.
+    pub fn revalidate(&self, file: &str) -> Result<(), ConfigError> {
+        self.validate(file)
     }
 
     /// This node's name: the configured one, else the host name.

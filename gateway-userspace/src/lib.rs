@@ -6,10 +6,13 @@
 //! policy decision (`policy`), recording (`recorder`). `app` wires them together; `config`,
 //! `drain` and `cli` are the daemon's plumbing.
 
+pub mod app;
+pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
 pub mod policy;
+pub mod proxy;
 pub mod recorder;
 pub mod request;
 pub mod status;

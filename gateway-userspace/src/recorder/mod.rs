@@ -11,6 +11,7 @@
 //! files are closed before [`Recorder::join`] returns. The schema is documented in
 //! docs/recording-schema.md.
 
+mod reader;
 pub mod schema;
 mod writer;
 
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::drain::DrainWatcher;
 
+pub use reader::{ReadError, list_files, read_dir, read_file};
 pub use schema::{ObjectRef, RequestRecord, WorkloadRecord, requests_schema, to_record_batch};
 use writer::{Command, FileWriter};
 

@@ -124,13 +124,13 @@ impl Stack {
         }
 
         let pod = SandboxPod::create()?;
-        let policy_files = match &opts.policy_yaml {
+        let policy_file = match &opts.policy_yaml {
             Some(yaml) => {
                 let path = root.join("policy.yaml");
                 write(&path, yaml)?;
-                vec![path]
+                Some(path)
             }
-            None => Vec::new(),
+            None => None,
         };
         let recordings = opts.recordings_dir.clone().unwrap_or_else(|| root.join("recordings"));
         let upstream_url = apiserver
@@ -158,7 +158,7 @@ impl Stack {
                 server_names: default_server_names(),
                 server_ips: Vec::new(),
             },
-            policy: PolicyConfig { files: policy_files },
+            policy: PolicyConfig { file: policy_file },
             recording: RecordingConfig {
                 dir: recordings.clone(),
                 max_rows_per_file: 100_000,
@@ -219,11 +219,27 @@ impl Stack {
         }
     }
 
-    /// Shuts the gateway down (flushing recordings), then the API server; the sandbox pod
-    /// and the work directory go when the returned values are dropped.
-    pub async fn stop(self) -> Result<(RecorderStats, TestApiServer, SandboxPod, tempfile::TempDir), StackError> {
-        let Self { apiserver, app, pod, dir, .. } = self;
+    /// Shuts the gateway down (flushing recordings) and hands back what tests inspect
+    /// afterwards; the sandbox pod and work directory go when that is dropped.
+    pub async fn stop(self) -> Result<Stopped, StackError> {
+        let Self { apiserver, app, pod, gateway_token, pod_token, dir, recordings } = self;
         let stats = app.shutdown().await?;
-        Ok((stats, apiserver, pod, dir))
+        Ok(Stopped { stats, apiserver, gateway_token, pod_token, recordings, _pod: pod, _dir: dir })
     }
+}
+
+/// A stopped stack: the gateway has flushed its recordings.
+pub struct Stopped {
+    /// What the recorder wrote.
+    pub stats: RecorderStats,
+    /// The API test server (still answering, so tests can read what it received).
+    pub apiserver: TestApiServer,
+    /// The credential the gateway injected.
+    pub gateway_token: String,
+    /// The token the pod presented.
+    pub pod_token: String,
+    /// Root of the recordings dataset.
+    pub recordings: PathBuf,
+    _pod: SandboxPod,
+    _dir: tempfile::TempDir,
 }

@@ -9,9 +9,20 @@
 use serde_json::{Value, json};
 
 /// Verbs of an ordinary namespaced or cluster-scoped resource.
-const ALL_VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const ALL_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 /// Namespaces have no `deletecollection` in the real API server.
-const NAMESPACE_VERBS: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
+const NAMESPACE_VERBS: &[&str] = &[
+    "create", "delete", "get", "list", "patch", "update", "watch",
+];
 /// Verbs of the `status` subresource.
 const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
 
@@ -44,7 +55,11 @@ pub(crate) struct ResourceDef {
 impl ResourceDef {
     /// `v1` or `apps/v1`.
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) }
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
 
     /// Whether the resource supports `verb`.
@@ -137,18 +152,24 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
 
 /// The resource served at `group`/`version`/`plural`, if any.
 pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
-    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 /// The resource whose objects have this `apiVersion` and `kind`.
 pub(crate) fn find_kind(api_version: &str, kind: &str) -> Option<&'static ResourceDef> {
-    RESOURCES.iter().find(|r| r.api_version() == api_version && r.kind == kind)
+    RESOURCES
+        .iter()
+        .find(|r| r.api_version() == api_version && r.kind == kind)
 }
 
 /// Whether `group`/`version` is served at all (then unknown resources in it are 404s with
 /// a Status, and the bare path is its APIResourceList).
 pub(crate) fn serves_group_version(group: &str, version: &str) -> bool {
-    RESOURCES.iter().any(|r| r.group == group && r.version == version)
+    RESOURCES
+        .iter()
+        .any(|r| r.group == group && r.version == version)
 }
 
 /// Named groups (not the core group), in the order they are listed.
@@ -225,7 +246,10 @@ pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
         return None;
     }
     let mut resources = Vec::new();
-    for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
         let mut entry = json!({
             "name": r.plural,
             "singularName": r.singular,
@@ -250,8 +274,14 @@ pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
             }));
         }
     }
-    let gv = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    let gv = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 fn aggregated_resource(r: &ResourceDef) -> Value {
@@ -279,10 +309,17 @@ fn aggregated_resource(r: &ResourceDef) -> Value {
 }
 
 fn aggregated_group(group: &str) -> Value {
-    let resources: Vec<Value> =
-        RESOURCES.iter().filter(|r| r.group == group).map(aggregated_resource).collect();
+    let resources: Vec<Value> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group)
+        .map(aggregated_resource)
+        .collect();
     // ObjectMeta.name is omitempty in Go, so the core group's entry has empty metadata.
-    let metadata = if group.is_empty() { json!({}) } else { json!({"name": group}) };
+    let metadata = if group.is_empty() {
+        json!({})
+    } else {
+        json!({"name": group})
+    };
     json!({
         "metadata": metadata,
         "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}],
@@ -291,14 +328,86 @@ fn aggregated_group(group: &str) -> Value {
 
 /// Aggregated discovery for `/api` (`core == true`) or `/apis`.
 pub(crate) fn aggregated(core: bool, version: &str) -> Value {
-    let items: Vec<Value> =
-        if core { vec![aggregated_group("")] } else { named_groups().into_iter().map(aggregated_group).collect() };
+    let items: Vec<Value> = if core {
+        vec![aggregated_group("")]
+    } else {
+        named_groups().into_iter().map(aggregated_group).collect()
+    };
     json!({
         "kind": "APIGroupDiscoveryList",
         "apiVersion": format!("apidiscovery.k8s.io/{version}"),
         "metadata": {},
         "items": items,
     })
+}
+
+/// The fixed `hash` in OpenAPI v3 URLs (the real server uses the document's digest; the
+/// documents here never change).
+const OPENAPI_HASH: &str = "0C1A2B3C4D5E6F708192A3B4C5D6E7F8";
+
+/// `GET /openapi/v3`: the index of per-group-version documents.
+pub(crate) fn openapi_v3_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut gvs: Vec<(&str, &str)> = Vec::new();
+    for r in RESOURCES {
+        if !gvs.contains(&(r.group, r.version)) {
+            gvs.push((r.group, r.version));
+        }
+    }
+    for (group, version) in gvs {
+        let key = if group.is_empty() {
+            format!("api/{version}")
+        } else {
+            format!("apis/{group}/{version}")
+        };
+        let url = format!("/openapi/v3/{key}?hash={OPENAPI_HASH}");
+        paths.insert(key, json!({"serverRelativeURL": url}));
+    }
+    json!({"paths": paths})
+}
+
+/// `GET /openapi/v3/<api/v1 | apis/g/v>`: a deliberately small OpenAPI 3 document. It
+/// lists each resource's PATCH operation with its `x-kubernetes-group-version-kind` and
+/// the `fieldValidation` parameter, which is what kubectl's query-parameter verifier looks
+/// for before leaving validation to the server (`kubectl create -f`/`apply` without
+/// `--validate=false`). It has no schemas, so `kubectl explain` finds nothing.
+pub(crate) fn openapi_v3_doc(group: &str, version: &str) -> Option<Value> {
+    if !serves_group_version(group, version) {
+        return None;
+    }
+    let prefix = if group.is_empty() {
+        format!("/api/{version}")
+    } else {
+        format!("/apis/{group}/{version}")
+    };
+    let param = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let path = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", r.plural)
+        };
+        paths.insert(
+            path,
+            json!({"patch": {
+                "operationId": format!("patch{}", r.kind),
+                "parameters": [param("dryRun"), param("fieldManager"), param("fieldValidation"), param("force")],
+                "responses": {"200": {"description": "OK"}, "201": {"description": "Created"}},
+                "x-kubernetes-action": "patch",
+                "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+            }}),
+        );
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": "v1.32.0"},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
 }
 
 /// `GET /version`: all nine fields, a semver `gitVersion` (kubectl refuses anything else).
@@ -325,10 +434,19 @@ mod tests {
         let kubectl = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
         let cases = [
             (kubectl, Some("v2")),
-            ("application/json;as=APIGroupDiscoveryList;v=v2beta1;g=apidiscovery.k8s.io", Some("v2beta1")),
+            (
+                "application/json;as=APIGroupDiscoveryList;v=v2beta1;g=apidiscovery.k8s.io",
+                Some("v2beta1"),
+            ),
             ("application/json", None),
-            ("application/json;g=apidiscovery.k8s.io;v=v3;as=APIGroupDiscoveryList", None),
-            ("application/json;g=other;v=v2;as=APIGroupDiscoveryList", None),
+            (
+                "application/json;g=apidiscovery.k8s.io;v=v3;as=APIGroupDiscoveryList",
+                None,
+            ),
+            (
+                "application/json;g=other;v=v2;as=APIGroupDiscoveryList",
+                None,
+            ),
             ("", None),
         ];
         for (accept, want) in cases {
@@ -342,13 +460,22 @@ mod tests {
             let list = resource_list(group, version).expect("served group version");
             for r in list["resources"].as_array().expect("resources array") {
                 for field in ["name", "singularName", "namespaced", "kind", "verbs"] {
-                    assert!(r.get(field).is_some_and(|v| !v.is_null()), "{field} missing in {r}");
+                    assert!(
+                        r.get(field).is_some_and(|v| !v.is_null()),
+                        "{field} missing in {r}"
+                    );
                 }
             }
         }
         let core = resource_list("", "v1").expect("core");
-        let pods = core["resources"].as_array().and_then(|rs| rs.iter().find(|r| r["name"] == "pods")).cloned();
-        assert_eq!(pods.as_ref().map(|p| p["shortNames"].clone()), Some(json!(["po"])));
+        let pods = core["resources"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["name"] == "pods"))
+            .cloned();
+        assert_eq!(
+            pods.as_ref().map(|p| p["shortNames"].clone()),
+            Some(json!(["po"]))
+        );
         assert_eq!(pods.map(|p| p["categories"].clone()), Some(json!(["all"])));
         assert!(resource_list("batch", "v1").is_none());
     }
@@ -358,12 +485,23 @@ mod tests {
         let doc = aggregated(true, "v2");
         assert_eq!(doc["kind"], "APIGroupDiscoveryList");
         assert_eq!(doc["apiVersion"], "apidiscovery.k8s.io/v2");
-        let resources = doc["items"][0]["versions"][0]["resources"].as_array().cloned().unwrap_or_default();
+        let resources = doc["items"][0]["versions"][0]["resources"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(!resources.is_empty());
         for r in &resources {
-            assert!(r["responseKind"]["kind"].as_str().is_some_and(|k| !k.is_empty()), "{r}");
+            assert!(
+                r["responseKind"]["kind"]
+                    .as_str()
+                    .is_some_and(|k| !k.is_empty()),
+                "{r}"
+            );
         }
-        let ns = resources.iter().find(|r| r["resource"] == "namespaces").expect("namespaces");
+        let ns = resources
+            .iter()
+            .find(|r| r["resource"] == "namespaces")
+            .expect("namespaces");
         assert_eq!(ns["scope"], "Cluster");
         assert_eq!(ns["shortNames"], json!(["ns"]));
         let apps = aggregated(false, "v2");

@@ -1,0 +1,173 @@
+//! Reads a recordings dataset back into rows: for `chaperone demo`, tests and tools.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use arrow_array::{
+    Array, RecordBatch, StructArray,
+    cast::AsArray as _,
+    types::{Int32Type, Int64Type, TimestampMicrosecondType},
+};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::schema::{ObjectRef, RequestRecord, TABLE_NAME, WorkloadRecord};
+
+/// Errors reading recordings back; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A directory or file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not a `requests` Parquet file this version understands.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Every finished `requests` Parquet file under `dir`, sorted by path (in-progress files,
+/// which start with a dot, are skipped).
+pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, ReadError> {
+    let mut files = Vec::new();
+    let root = dir.join(format!("table={TABLE_NAME}"));
+    if !root.exists() {
+        return Ok(files);
+    }
+    let mut stack = vec![root];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| ReadError::Io { path: d.clone(), source })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| ReadError::Io { path: d.clone(), source })?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !name.starts_with('.') && name.ends_with(".parquet") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every row under `dir`, ordered by request time.
+pub fn read_dir(dir: &Path) -> Result<Vec<RequestRecord>, ReadError> {
+    let mut rows = Vec::new();
+    for file in list_files(dir)? {
+        rows.extend(read_file(&file)?);
+    }
+    rows.sort_by_key(|r| r.request_time);
+    Ok(rows)
+}
+
+/// Reads one Parquet file of the `requests` table.
+pub fn read_file(path: &Path) -> Result<Vec<RequestRecord>, ReadError> {
+    let format = |message: String| ReadError::Format { path: path.to_owned(), message };
+    let file = File::open(path).map_err(|source| ReadError::Io { path: path.to_owned(), source })?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| format(e.to_string()))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| format(e.to_string()))?;
+        decode_batch(&batch, &mut rows).map_err(format)?;
+    }
+    Ok(rows)
+}
+
+struct Columns<'a> {
+    batch: &'a RecordBatch,
+}
+
+impl<'a> Columns<'a> {
+    fn get(&self, name: &str) -> Result<&'a dyn Array, String> {
+        self.batch.column_by_name(name).map(|c| c.as_ref()).ok_or_else(|| format!("no column {name:?}"))
+    }
+}
+
+fn string_at(array: &dyn Array, i: usize) -> Result<Option<String>, String> {
+    let strings = array.as_string_opt::<i32>().ok_or("expected a string column")?;
+    Ok(strings.is_valid(i).then(|| strings.value(i).to_owned()))
+}
+
+fn int64_at(array: &dyn Array, i: usize) -> Result<i64, String> {
+    Ok(array.as_primitive_opt::<Int64Type>().ok_or("expected an int64 column")?.value(i))
+}
+
+fn time_at(array: &dyn Array, i: usize) -> Result<Option<jiff::Timestamp>, String> {
+    let times = array.as_primitive_opt::<TimestampMicrosecondType>().ok_or("expected a timestamp column")?;
+    if !times.is_valid(i) {
+        return Ok(None);
+    }
+    jiff::Timestamp::from_microsecond(times.value(i)).map(Some).map_err(|e| e.to_string())
+}
+
+fn field<'a>(s: &'a StructArray, name: &str) -> Result<&'a dyn Array, String> {
+    s.column_by_name(name).map(|c| c.as_ref()).ok_or_else(|| format!("no struct field {name:?}"))
+}
+
+fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<(), String> {
+    let c = Columns { batch };
+    let workload = c.get("workload")?.as_struct_opt().ok_or("workload is not a struct")?;
+    let object_ref = c.get("object_ref")?.as_struct_opt().ok_or("object_ref is not a struct")?;
+    let s = |name: &str, i| -> Result<Option<String>, String> { string_at(c.get(name)?, i) };
+    let req = |name: &str, i| -> Result<String, String> { Ok(s(name, i)?.unwrap_or_default()) };
+    let ws = |name: &str, i| -> Result<Option<String>, String> { string_at(field(workload, name)?, i) };
+    let os = |name: &str, i| -> Result<String, String> { Ok(string_at(field(object_ref, name)?, i)?.unwrap_or_default()) };
+    let code = c.get("response_code")?.as_primitive_opt::<Int32Type>().ok_or("response_code is not int32")?;
+    for i in 0..batch.num_rows() {
+        rows.push(RequestRecord {
+            request_time: time_at(c.get("request_time")?, i)?.ok_or("request_time is null")?,
+            response_time: time_at(c.get("response_time")?, i)?,
+            latency_us: int64_at(c.get("latency_us")?, i)?,
+            audit_id: req("audit_id", i)?,
+            node: req("node", i)?,
+            cluster: req("cluster", i)?,
+            workload: WorkloadRecord {
+                cgroup_id: int64_at(field(workload, "cgroup_id")?, i)?,
+                netns_cookie: int64_at(field(workload, "netns_cookie")?, i)?,
+                pid: int64_at(field(workload, "pid")?, i)?,
+                command: ws("command", i)?,
+                namespace: ws("namespace", i)?,
+                pod: ws("pod", i)?,
+                pod_uid: ws("pod_uid", i)?,
+                service_account: ws("service_account", i)?,
+                container: ws("container", i)?,
+            },
+            source_addr: req("source_addr", i)?,
+            original_dst: s("original_dst", i)?,
+            user_agent: s("user_agent", i)?,
+            kubectl_command: s("kubectl_command", i)?,
+            kubectl_session: s("kubectl_session", i)?,
+            verb: req("verb", i)?,
+            request_uri: req("request_uri", i)?,
+            object_ref: ObjectRef {
+                api_group: os("api_group", i)?,
+                api_version: os("api_version", i)?,
+                resource: os("resource", i)?,
+                subresource: os("subresource", i)?,
+                namespace: os("namespace", i)?,
+                name: os("name", i)?,
+            },
+            decision: req("decision", i)?,
+            policy_rule: s("policy_rule", i)?,
+            reason: s("reason", i)?,
+            response_code: code.value(i),
+            request_bytes: int64_at(c.get("request_bytes")?, i)?,
+            response_bytes: int64_at(c.get("response_bytes")?, i)?,
+            error: s("error", i)?,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! `chaperone demo`: the whole data path on one machine, narrated.
+//!
+//! A sandbox pod (own cgroup, network namespace and veth, no default route) runs the real
+//! `kubectl` with an in-cluster-style kubeconfig pointing at a virtual API server address.
+//! The eBPF redirect sends its connections to the gateway, which attributes them to the
+//! pod's cgroup, allows `kubectl get pods`, denies `kubectl delete namespace` by policy,
+//! forwards allowed requests to the Kubernetes API test server (labelled as such) with the
+//! gateway's own credential, and records every request to Parquet.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+
+use crate::{
+    recorder,
+    test_helpers::stack::{Stack, StackOptions},
+};
+
+/// The demo's policy: what an admin might start with.
+pub const DEMO_POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: Policy
+default: allow
+rules:
+  - name: protect-namespaces
+    action: deny
+    message: agents may not delete namespaces
+    verbs: [delete, deletecollection]
+    apiGroups: [""]
+    resources: [namespaces]
+  - name: no-secret-reads
+    action: deny
+    message: agents may not read secrets
+    verbs: [get, list, watch]
+    apiGroups: [""]
+    resources: [secrets]
+"#;
+
+/// Objects the API test server starts with, so `kubectl get pods` shows something.
+pub fn demo_objects() -> Vec<serde_json::Value> {
+    let pod = |name: &str, ip: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"nodeName": "sandbox-node", "containers": [{"name": "web", "image": "nginx:1.27"}]},
+            "status": {"phase": "Running", "podIP": ip,
+                       "containerStatuses": [{"name": "web", "ready": true, "restartCount": 0,
+                                              "image": "nginx:1.27", "imageID": "", "started": true,
+                                              "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
+        })
+    };
+    vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "production"}}),
+        pod("web-0", "10.244.0.10"),
+        pod("web-1", "10.244.0.11"),
+    ]
+}
+
+/// Runs the demo; Ctrl-C tears everything down.
+pub async fn run(recordings: Option<PathBuf>) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo creates cgroups, network namespaces and eBPF programs: run it as root");
+    }
+    let recordings = match recordings {
+        Some(dir) => dir,
+        None => std::env::temp_dir().join(format!("chaperone-demo-{}", uuid::Uuid::now_v7().simple())),
+    };
+    tokio::select! {
+        result = narrate(recordings) => result,
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the stack removed the pod, its namespace, veth, cgroup and programs.
+            bail!("interrupted; everything the demo created has been removed")
+        }
+    }
+}
+
+async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
+    println!("Chaperone demo\n");
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(DEMO_POLICY.to_owned()),
+        recordings_dir: Some(recordings.clone()),
+        seed: demo_objects(),
+    })
+    .await
+    .context("starting the demo stack")?;
+    let pod = &stack.pod;
+    println!("  upstream:   Kubernetes API test server (a stand-in for kube-apiserver) at {}", stack.apiserver.url());
+    println!(
+        "  agent pod:  cgroup {} (id {}), network namespace {}, address {}",
+        pod.cgroup_path().display(),
+        pod.cgroup_id()?,
+        pod.netns(),
+        pod.pod_ip()
+    );
+    println!(
+        "  redirect:   eBPF sends the pod's connections to https://{} to the gateway at {}",
+        pod.virtual_api_server(),
+        stack.app.local_addr()
+    );
+    println!("  policy:     deny namespace deletion and secret reads; allow the rest\n");
+
+    for args in [&["get", "pods"][..], &["get", "secrets"], &["delete", "namespace", "production"]] {
+        println!("agent-pod$ kubectl {}", args.join(" "));
+        let out = stack.kubectl(args).await.with_context(|| format!("running kubectl {args:?}"))?;
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+        print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
+        println!("  (exit code {})\n", out.status.code().unwrap_or(-1));
+    }
+
+    let stopped = stack.stop().await.context("stopping the gateway")?;
+    let seen = stopped.apiserver.requests();
+    let with_gateway = seen
+        .iter()
+        .filter(|r| r.authorization.as_deref() == Some(format!("Bearer {}", stopped.gateway_token).as_str()))
+        .count();
+    let with_pod = seen
+        .iter()
+        .filter(|r| r.authorization.as_deref().is_some_and(|a| a.contains(&stopped.pod_token)))
+        .count();
+    println!(
+        "The API server received {} requests: {with_gateway} with the gateway's credential, {with_pod} with the pod's token.",
+        seen.len()
+    );
+    println!("\nRecordings: {}", recordings.display());
+    for file in &stopped.stats.files {
+        println!("  {}", file.strip_prefix(&recordings).unwrap_or(file).display());
+    }
+    println!();
+    print!("{}", summary(&recordings)?);
+    println!(
+        "\nQuery them, e.g.:\n  duckdb -c \"SELECT workload.command, verb, object_ref.resource, decision, response_code \
+         FROM read_parquet('{}/table=requests/**/*.parquet', hive_partitioning=true) ORDER BY request_time\"",
+        recordings.display()
+    );
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// A readable table of every recorded request under `dir`.
+pub fn summary(dir: &Path) -> anyhow::Result<String> {
+    let rows = recorder::read_dir(dir).with_context(|| format!("reading recordings in {}", dir.display()))?;
+    let mut table = vec![
+        ["TIME", "COMMAND", "CGROUP", "VERB", "RESOURCE/PATH", "NAMESPACE", "NAME", "DECISION", "CODE", "RULE"]
+            .map(str::to_owned),
+    ];
+    for r in rows {
+        let target = if r.object_ref.resource.is_empty() {
+            r.request_uri.split('?').next().unwrap_or_default().to_owned()
+        } else if r.object_ref.subresource.is_empty() {
+            r.object_ref.resource.clone()
+        } else {
+            format!("{}/{}", r.object_ref.resource, r.object_ref.subresource)
+        };
+        table.push([
+            r.request_time.strftime("%H:%M:%S").to_string(),
+            r.workload.command.unwrap_or_else(|| "-".to_owned()),
+            r.workload.cgroup_id.to_string(),
+            r.verb,
+            target,
+            r.object_ref.namespace,
+            r.object_ref.name,
+            r.decision,
+            r.response_code.to_string(),
+            r.policy_rule.unwrap_or_default(),
+        ]);
+    }
+    let mut widths = [0usize; 10];
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in &table {
+        let line: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}
