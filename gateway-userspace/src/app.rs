@@ -22,7 +22,7 @@ use crate::{
 /// Validity of the minted serving certificate.
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How often the gateway token file is checked for changes.
-const TOKEN_REFRESH: Duration = Duration::from_secs(5);
+const TOKEN_REFRESH: Duration = Duration::from_secs(1);
 
 /// Errors building or running the app; each names the subsystem at fault.
 #[derive(Debug, thiserror::Error)]
