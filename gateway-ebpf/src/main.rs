@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use gateway_common::{
-    COUNTERS_LEN, CONNECTIONS_MAX, ConnKey, Counter, Origin, RedirectConfig, SOCKETS_MAX,
+    CONNECTIONS_MAX, COUNTERS_LEN, ConnKey, Counter, Origin, RedirectConfig, SOCKETS_MAX,
     TARGETS_MAX, Target4,
 };
 
@@ -38,8 +38,7 @@ static TARGETS: HashMap<Target4, u8> = HashMap::with_max_entries(TARGETS_MAX, 0)
 static SOCKETS: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(SOCKETS_MAX, 0);
 
 #[map(name = "CONNECTIONS")]
-static CONNECTIONS: LruHashMap<ConnKey, Origin> =
-    LruHashMap::with_max_entries(CONNECTIONS_MAX, 0);
+static CONNECTIONS: LruHashMap<ConnKey, Origin> = LruHashMap::with_max_entries(CONNECTIONS_MAX, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -76,7 +75,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
     // user_port holds the port in network byte order in its low 16 bits.
     let orig_port = u16::from_be(sa.user_port as u16);
-    let target = Target4 { addr: sa.user_ip4, port: orig_port, pad: 0 };
+    let target = Target4 {
+        addr: sa.user_ip4,
+        port: orig_port,
+        pad: 0,
+    };
     // SAFETY: read-only lookup; a racing update can at worst give a stale answer.
     if unsafe { TARGETS.get(&target) }.is_none() {
         return Ok(PROCEED);

@@ -1,9 +1,11 @@
 //! Policy decision and request parsing costs (design target: a decision at 1,000 rules in
 //! at most 2 microseconds).
 //!
-//! Policies mix rule shapes an admin writes: per-namespace resource rules over a dozen
-//! resources, subresource and `*/exec` rules, `resourceNames`, API-group rules, namespace
-//! wildcards, `*` catch-alls scoped to a namespace, and non-resource URLs. The probe that
+//! Policies mix rule shapes an admin writes: resource rules over a dozen resources (a third
+//! cluster-wide by object name, the rest per namespace), subresource and `*/exec` rules,
+//! `resourceNames`, API groups, `*` catch-alls (per namespace, and cluster-wide by name),
+//! and non-resource URLs. Cluster-wide rules are candidates for every request in every
+//! namespace, so they are the ones a decision has to step through. The probe that
 //! matches is decided by the second-to-last rule; the other probe matches nothing, so every
 //! candidate is examined before the default applies.
 
@@ -47,8 +49,15 @@ fn policy_text(n: usize) -> String {
         let _ = write!(y, "  - name: rule-{i}\n    action: {action}\n");
         let verbs = VERB_SETS[i % VERB_SETS.len()];
         match i % 20 {
-            // A catch-all scoped to one namespace: a candidate for every resource request.
-            7 | 17 => {
+            // Cluster-wide catch-all for a few object names: a candidate for every request.
+            17 => {
+                let _ = writeln!(
+                    y,
+                    "    verbs: {verbs}\n    resources: [\"*\"]\n    resourceNames: [obj-{i}, other-{i}]"
+                );
+            }
+            // A catch-all scoped to one namespace.
+            7 => {
                 let _ = writeln!(
                     y,
                     "    verbs: {verbs}\n    resources: [\"*\"]\n    namespaces: [team-{i}]"
@@ -71,10 +80,16 @@ fn policy_text(n: usize) -> String {
                 let (group, resource) = RESOURCES[i % RESOURCES.len()];
                 let _ = writeln!(
                     y,
-                    "    verbs: {verbs}\n    apiGroups: [\"{group}\"]\n    resources: [{resource}]\n    namespaces: [team-{i}]"
+                    "    verbs: {verbs}\n    apiGroups: [\"{group}\"]\n    resources: [{resource}]"
                 );
-                if i % 4 == 1 {
+                // A third of these are cluster-wide (by object name), the rest per namespace.
+                if i % 3 == 0 {
                     let _ = writeln!(y, "    resourceNames: [obj-{i}, other-{i}]");
+                } else {
+                    let _ = writeln!(y, "    namespaces: [team-{i}]");
+                    if i % 4 == 1 {
+                        let _ = writeln!(y, "    resourceNames: [obj-{i}, other-{i}]");
+                    }
                 }
             }
         }

@@ -70,7 +70,9 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("App")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +86,11 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting chaperone");
     let policy = load_policy(cfg.policy.file.as_deref())?;
     let ca = CertificateAuthority::from_files(&cfg.tls.ca_cert_file, &cfg.tls.ca_key_file)?;
-    let (chain, key) = ca.issue_server_cert(&cfg.tls.server_names, &cfg.serving_ips(), SERVING_CERT_VALIDITY)?;
+    let (chain, key) = ca.issue_server_cert(
+        &cfg.tls.server_names,
+        &cfg.serving_ips(),
+        SERVING_CERT_VALIDITY,
+    )?;
     let server_tls = tls::server_config(chain, key)?;
     let upstream_tls = tls::client_config(tls::root_store_from_file(&cfg.upstream.ca_file)?)?;
     let upstream_server_name = cfg
@@ -117,11 +123,20 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
 
     let listener = TcpListener::bind(cfg.listen.address)
         .await
-        .map_err(|source| AppError::Bind { addr: cfg.listen.address, source })?;
-    let local_addr = listener.local_addr().map_err(|source| AppError::Bind { addr: cfg.listen.address, source })?;
+        .map_err(|source| AppError::Bind {
+            addr: cfg.listen.address,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: cfg.listen.address,
+        source,
+    })?;
 
     let interceptor = match cfg.interception.mode {
-        InterceptionMode::Ebpf => Some(Arc::new(Interceptor::attach(&cfg.interception.targets, local_addr)?)),
+        InterceptionMode::Ebpf => Some(Arc::new(Interceptor::attach(
+            &cfg.interception.targets,
+            local_addr,
+        )?)),
         InterceptionMode::None => None,
     };
 
@@ -185,9 +200,21 @@ impl App {
     /// Stops accepting, lets in-flight requests finish (bounded by the grace period),
     /// detaches the redirect, then flushes every recorded row to Parquet.
     pub async fn shutdown(self) -> Result<RecorderStats, AppError> {
-        let Self { proxy_drain, proxy_task, proxy, recorder, recorder_drain, interceptor, grace, .. } = self;
+        let Self {
+            proxy_drain,
+            proxy_task,
+            proxy,
+            recorder,
+            recorder_drain,
+            interceptor,
+            grace,
+            ..
+        } = self;
         if proxy_drain.drain(grace).await == DrainOutcome::TimedOut {
-            tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+            tracing::warn!(
+                ?grace,
+                "in-flight requests did not finish within the grace period"
+            );
         }
         proxy_task.abort();
         let _ = proxy_task.await;
@@ -205,7 +232,11 @@ impl App {
                 join.await
             }
         }?;
-        tracing::info!(rows = stats.rows, files = stats.files.len(), "recordings flushed");
+        tracing::info!(
+            rows = stats.rows,
+            files = stats.files.len(),
+            "recordings flushed"
+        );
         Ok(stats)
     }
 }

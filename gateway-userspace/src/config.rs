@@ -187,9 +187,14 @@ fn default_max_file_age() -> Duration {
 }
 /// The names in-cluster clients use for the API server.
 pub fn default_server_names() -> Vec<String> {
-    ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
-        .map(str::to_owned)
-        .to_vec()
+    [
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Durations as `5s`, `250ms`, `1m 30s` or ISO 8601, never negative.
@@ -198,8 +203,9 @@ mod duration {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let signed = SignedDuration::deserialize(d)?;
-        Duration::try_from(signed)
-            .map_err(|_| serde::de::Error::custom(format!("duration {signed:#} must not be negative")))
+        Duration::try_from(signed).map_err(|_| {
+            serde::de::Error::custom(format!("duration {signed:#} must not be negative"))
+        })
     }
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -211,8 +217,10 @@ mod duration {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_yaml(&text, &path.display().to_string())
     }
 
@@ -228,17 +236,33 @@ impl Config {
                 .unwrap_or_default();
             let message = inner.to_string();
             // serde_norway appends " at line N column M"; the location is already in front.
-            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-            ConfigError::Parse { file: file.to_owned(), location, path, message }
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
+            ConfigError::Parse {
+                file: file.to_owned(),
+                location,
+                path,
+                message,
+            }
         })?;
         config.validate(file)?;
         Ok(config)
     }
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let invalid = |path, message: String| ConfigError::Invalid { file: file.to_owned(), path, message };
+        let invalid = |path, message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            path,
+            message,
+        };
         if self.upstream.url.scheme() != "https" {
-            return Err(invalid("upstream.url", format!("must be https://, got {}", self.upstream.url)));
+            return Err(invalid(
+                "upstream.url",
+                format!("must be https://, got {}", self.upstream.url),
+            ));
         }
         if self.upstream.url.host().is_none() {
             return Err(invalid("upstream.url", "has no host".to_owned()));
@@ -264,7 +288,10 @@ impl Config {
             }
         }
         if self.recording.max_rows_per_file == 0 {
-            return Err(invalid("recording.maxRowsPerFile", "must be at least 1".to_owned()));
+            return Err(invalid(
+                "recording.maxRowsPerFile",
+                "must be at least 1".to_owned(),
+            ));
         }
         for (path, file_path) in [
             ("upstream.caFile", &self.upstream.ca_file),
@@ -340,7 +367,10 @@ mod tests {
         assert_eq!(c.recording.max_file_age, Duration::from_secs(90));
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.interception.mode, InterceptionMode::Ebpf);
-        assert_eq!(c.serving_ips(), vec!["169.254.10.100".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.serving_ips(),
+            vec!["169.254.10.100".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(c.tls.server_names.len(), 4);
     }
 
@@ -349,16 +379,34 @@ mod tests {
         let (_dir, yaml) = fixture();
         let cases: &[(&str, &str, &str)] = &[
             ("  tokenFile:", "  tokenFiel:", "upstream.tokenFiel"),
-            ("  connectTimeout: 250ms", "  connectTimeout: soon", "upstream.connectTimeout"),
-            ("  maxFileAge: 1m 30s", "  maxFileAge: -5s", "recording.maxFileAge"),
-            ("url: https://", "url: http://", "upstream.url: must be https://"),
-            ("address: 169.254.10.1:15443", "address: 127.0.0.1:15443", "listen.address"),
+            (
+                "  connectTimeout: 250ms",
+                "  connectTimeout: soon",
+                "upstream.connectTimeout",
+            ),
+            (
+                "  maxFileAge: 1m 30s",
+                "  maxFileAge: -5s",
+                "recording.maxFileAge",
+            ),
+            (
+                "url: https://",
+                "url: http://",
+                "upstream.url: must be https://",
+            ),
+            (
+                "address: 169.254.10.1:15443",
+                "address: 127.0.0.1:15443",
+                "listen.address",
+            ),
             ("  dir:", "  dri:", "recording.dri"),
         ];
         for (from, to, expected) in cases {
             let bad = yaml.replacen(from, to, 1);
             assert_ne!(bad, yaml, "fixture does not contain {from:?}");
-            let err = Config::from_yaml(&bad, "config.yaml").unwrap_err().to_string();
+            let err = Config::from_yaml(&bad, "config.yaml")
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("config.yaml:"), "{err}");
             assert!(err.contains(expected), "expected {expected:?} in {err:?}");
         }
@@ -369,13 +417,19 @@ mod tests {
         let (dir, yaml) = fixture();
         std::fs::remove_file(dir.path().join("token")).unwrap();
         let err = Config::from_yaml(&yaml, "c.yaml").unwrap_err().to_string();
-        assert!(err.contains("upstream.tokenFile") && err.contains("No such file"), "{err}");
+        assert!(
+            err.contains("upstream.tokenFile") && err.contains("No such file"),
+            "{err}"
+        );
     }
 
     #[test]
     fn garbage_is_rejected_not_panicked_on() {
         for garbage in ["", "[]", "{{{", "listen: 5", "\u{0}"] {
-            assert!(Config::from_yaml(garbage, "g.yaml").is_err(), "{garbage:?} was accepted");
+            assert!(
+                Config::from_yaml(garbage, "g.yaml").is_err(),
+                "{garbage:?} was accepted"
+            );
         }
     }
 }

@@ -14,8 +14,14 @@ pub fn channel() -> (DrainTrigger, DrainWatcher) {
     let (signal_tx, signal_rx) = watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel(1);
     (
-        DrainTrigger { signal: signal_tx, done: done_rx },
-        DrainWatcher { signal: signal_rx, _done: done_tx },
+        DrainTrigger {
+            signal: signal_tx,
+            done: done_rx,
+        },
+        DrainWatcher {
+            signal: signal_rx,
+            _done: done_tx,
+        },
     )
 }
 
@@ -82,7 +88,10 @@ mod tests {
             drop(watcher);
             "cleaned up"
         });
-        assert_eq!(trigger.drain(Duration::from_secs(5)).await, DrainOutcome::Complete);
+        assert_eq!(
+            trigger.drain(Duration::from_secs(5)).await,
+            DrainOutcome::Complete
+        );
         assert_eq!(task.await.unwrap(), "cleaned up");
     }
 
@@ -91,7 +100,10 @@ mod tests {
         let (trigger, watcher) = channel();
         let held = watcher.clone();
         drop(watcher);
-        assert_eq!(trigger.drain(Duration::from_millis(50)).await, DrainOutcome::TimedOut);
+        assert_eq!(
+            trigger.drain(Duration::from_millis(50)).await,
+            DrainOutcome::TimedOut
+        );
         assert!(held.is_draining());
     }
 }

@@ -29,7 +29,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     /// No cgroup2 hierarchy is mounted.
-    #[error("no cgroup2 file system is mounted (looked in /proc/self/mountinfo); Chaperone needs cgroup v2")]
+    #[error(
+        "no cgroup2 file system is mounted (looked in /proc/self/mountinfo); Chaperone needs cgroup v2"
+    )]
     NoCgroup2,
     /// Reading a system file failed.
     #[error("read {path}: {source}")]
@@ -40,7 +42,9 @@ pub enum EbpfError {
         source: std::io::Error,
     },
     /// The process lacks the privileges to load eBPF programs.
-    #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run chaperone as root or in a privileged DaemonSet pod")]
+    #[error(
+        "loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run chaperone as root or in a privileged DaemonSet pod"
+    )]
     NotPrivileged,
     /// The proxy listener is not an IPv4 address.
     #[error("the proxy listener {0} must be an IPv4 address for the connect4 redirect")]
@@ -123,12 +127,18 @@ pub struct Interceptor {
 
 impl std::fmt::Debug for Interceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interceptor").field("cgroup_root", &self.cgroup_root).finish_non_exhaustive()
+        f.debug_struct("Interceptor")
+            .field("cgroup_root", &self.cgroup_root)
+            .finish_non_exhaustive()
     }
 }
 
 fn to_target(addr: SocketAddrV4) -> Target4 {
-    Target4 { addr: u32::from_ne_bytes(addr.ip().octets()), port: addr.port(), pad: 0 }
+    Target4 {
+        addr: u32::from_ne_bytes(addr.ip().octets()),
+        port: addr.port(),
+        pad: 0,
+    }
 }
 
 impl Interceptor {
@@ -145,19 +155,25 @@ impl Interceptor {
         }
         let cgroup_root = cgroup2_mount()?;
         let host_netns_cookie = host_netns_cookie()?;
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| kernel("load eBPF object")(chain(&e)))?;
+        let mut ebpf =
+            Ebpf::load(EBPF_OBJECT).map_err(|e| kernel("load eBPF object")(chain(&e)))?;
 
         {
-            let map = ebpf.map_mut(names::TARGETS_MAP).ok_or_else(|| kernel("find TARGETS map")(String::new()))?;
+            let map = ebpf
+                .map_mut(names::TARGETS_MAP)
+                .ok_or_else(|| kernel("find TARGETS map")(String::new()))?;
             let mut map: HashMap<_, Target4, u8> =
                 HashMap::try_from(map).map_err(|e| kernel("open TARGETS map")(chain(&e)))?;
             for target in targets {
-                map.insert(to_target(*target), 1, 0)
-                    .map_err(|e| kernel("insert redirect target")(format!("{target}: {}", chain(&e))))?;
+                map.insert(to_target(*target), 1, 0).map_err(|e| {
+                    kernel("insert redirect target")(format!("{target}: {}", chain(&e)))
+                })?;
             }
         }
         {
-            let map = ebpf.map_mut(names::CONFIG_MAP).ok_or_else(|| kernel("find CONFIG map")(String::new()))?;
+            let map = ebpf
+                .map_mut(names::CONFIG_MAP)
+                .ok_or_else(|| kernel("find CONFIG map")(String::new()))?;
             let mut map: Array<_, RedirectConfig> =
                 Array::try_from(map).map_err(|e| kernel("open CONFIG map")(chain(&e)))?;
             let config = RedirectConfig {
@@ -166,18 +182,24 @@ impl Interceptor {
                 enabled: 1,
                 host_netns_cookie,
             };
-            map.set(0, config, 0).map_err(|e| kernel("write redirect config")(chain(&e)))?;
+            map.set(0, config, 0)
+                .map_err(|e| kernel("write redirect config")(chain(&e)))?;
         }
 
-        let cgroup = File::open(&cgroup_root)
-            .map_err(|source| EbpfError::Io { path: cgroup_root.clone(), source })?;
+        let cgroup = File::open(&cgroup_root).map_err(|source| EbpfError::Io {
+            path: cgroup_root.clone(),
+            source,
+        })?;
         {
             let prog: &mut SockOps = ebpf
                 .program_mut(names::SOCKOPS_PROG)
                 .ok_or_else(|| kernel("find sock_ops program")(String::new()))?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| kernel("sock_ops program type")(chain(&e)))?;
-            prog.load().map_err(|e| kernel("load sock_ops program")(verifier(e)))?;
+                .map_err(|e: aya::programs::ProgramError| {
+                    kernel("sock_ops program type")(chain(&e))
+                })?;
+            prog.load()
+                .map_err(|e| kernel("load sock_ops program")(verifier(e)))?;
             // sock_ops goes first so the 4-tuple is recorded for every redirected connect.
             // On kernels >= 5.7 aya attaches through a bpf_link, which the kernel always treats
             // as multi-attach and for which it requires the flags to be 0 (`Single`), so other
@@ -190,8 +212,11 @@ impl Interceptor {
                 .program_mut(names::CONNECT4_PROG)
                 .ok_or_else(|| kernel("find connect4 program")(String::new()))?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| kernel("connect4 program type")(chain(&e)))?;
-            prog.load().map_err(|e| kernel("load connect4 program")(verifier(e)))?;
+                .map_err(|e: aya::programs::ProgramError| {
+                    kernel("connect4 program type")(chain(&e))
+                })?;
+            prog.load()
+                .map_err(|e| kernel("load connect4 program")(verifier(e)))?;
             prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| kernel("attach connect4 program")(chain(&e)))?;
         }
@@ -199,14 +224,20 @@ impl Interceptor {
         let connections = ebpf
             .take_map(names::CONNECTIONS_MAP)
             .ok_or_else(|| kernel("find CONNECTIONS map")(String::new()))?;
-        let connections =
-            HashMap::try_from(connections).map_err(|e| kernel("open CONNECTIONS map")(chain(&e)))?;
-        let counters =
-            ebpf.take_map(names::COUNTERS_MAP).ok_or_else(|| kernel("find COUNTERS map")(String::new()))?;
+        let connections = HashMap::try_from(connections)
+            .map_err(|e| kernel("open CONNECTIONS map")(chain(&e)))?;
+        let counters = ebpf
+            .take_map(names::COUNTERS_MAP)
+            .ok_or_else(|| kernel("find COUNTERS map")(String::new()))?;
         let counters =
             PerCpuArray::try_from(counters).map_err(|e| kernel("open COUNTERS map")(chain(&e)))?;
         tracing::info!(cgroup_root = %cgroup_root.display(), %proxy, targets = ?targets, "eBPF redirect attached");
-        Ok(Self { _ebpf: ebpf, connections: Mutex::new(connections), counters, cgroup_root })
+        Ok(Self {
+            _ebpf: ebpf,
+            connections: Mutex::new(connections),
+            counters,
+            cgroup_root,
+        })
     }
 
     /// The cgroup2 directory the programs are attached to.
@@ -226,7 +257,10 @@ impl Interceptor {
             client_port: peer.port(),
             proxy_port: local.port(),
         };
-        let mut map = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let origin = map.get(&key, 0).ok()?;
         // The entry has served its purpose; removing it keeps the LRU map for live connects.
         let _ = map.remove(&key);
@@ -236,7 +270,10 @@ impl Interceptor {
     /// Sums the per-CPU connect-path counters.
     pub fn counters(&self) -> RedirectCounters {
         let read = |c: Counter| -> u64 {
-            self.counters.get(&(c as u32), 0).map(|values| values.iter().sum()).unwrap_or(0)
+            self.counters
+                .get(&(c as u32), 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
         };
         RedirectCounters {
             redirected: read(Counter::Redirected),
@@ -258,8 +295,10 @@ fn verifier(e: aya::programs::ProgramError) -> String {
 /// Kubernetes nodes, `/sys/fs/cgroup/unified` on hybrid hosts).
 pub fn cgroup2_mount() -> Result<PathBuf, EbpfError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| EbpfError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| EbpfError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     parse_cgroup2_mount(&text).ok_or(EbpfError::NoCgroup2)
 }
 
@@ -278,7 +317,12 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     let bytes = field.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -295,11 +339,19 @@ pub fn host_netns_cookie() -> Result<u64, EbpfError> {
     netns_cookie_of_current()
 }
 
-#[expect(unsafe_code, reason = "SO_NETNS_COOKIE has no safe wrapper in nix or std")]
+#[expect(
+    unsafe_code,
+    reason = "SO_NETNS_COOKIE has no safe wrapper in nix or std"
+)]
 fn netns_cookie_of_current() -> Result<u64, EbpfError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    let sock = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| kernel("socket() for SO_NETNS_COOKIE")(chain(&e)))?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| kernel("socket() for SO_NETNS_COOKIE")(chain(&e)))?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` is a valid, writable u64 and `len` holds its size, as the
@@ -329,13 +381,23 @@ mod tests {
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
         let hybrid = "25 1 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified =
+            "30 1 0:26 / /sys/fs/cgroup rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         let none = "22 1 0:5 / /proc rw - proc proc rw\n";
         assert_eq!(parse_cgroup2_mount(none), None);
         let escaped = "30 1 0:26 / /mnt/my\\040cgroup rw - cgroup2 none rw\n";
-        assert_eq!(parse_cgroup2_mount(escaped), Some(PathBuf::from("/mnt/my cgroup")));
+        assert_eq!(
+            parse_cgroup2_mount(escaped),
+            Some(PathBuf::from("/mnt/my cgroup"))
+        );
     }
 
     #[test]
@@ -356,6 +418,9 @@ mod tests {
         assert_eq!(decoded.original_dst, "169.254.77.100:443".parse().unwrap());
         assert_eq!(decoded.command, "kubectl");
         assert_eq!(decoded.cgroup_id, 42);
-        assert_eq!(to_target("169.254.77.100:443".parse().unwrap()).addr, origin.orig_addr);
+        assert_eq!(
+            to_target("169.254.77.100:443".parse().unwrap()).addr,
+            origin.orig_addr
+        );
     }
 }

@@ -59,6 +59,7 @@
 use std::{
     collections::HashMap,
     fmt,
+    hash::{BuildHasherDefault, Hasher},
     io::Read as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -492,20 +493,116 @@ struct Rule {
     names: IdSet,
 }
 
-/// Rules (by index, ascending) whose resource entries start with one resource part.
+/// FxHash (rustc's hasher): a multiply-rotate per word, several times faster than SipHash
+/// on short keys. Flooding is not a concern here: every table is filled from the policy,
+/// and a request only looks keys up, so it cannot build long collision chains.
+#[derive(Debug, Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// A candidate rule: its index and verb bits, so most non-matching rules are skipped
+/// without touching the rule itself.
+type Entry = (u32, u32);
+
+/// Candidate rules for one resource key, ascending, split by namespace: a request visits
+/// only the rules of its own namespace and those that apply in any namespace.
+#[derive(Debug, Default)]
+struct Candidates {
+    any_namespace: Vec<Entry>,
+    by_namespace: FastMap<u32, Vec<Entry>>,
+}
+
+impl Candidates {
+    fn push(&mut self, entry: Entry, namespaces: &NamespaceSet) {
+        match namespaces {
+            NamespaceSet::Of(ids) => {
+                for id in ids {
+                    push_once(self.by_namespace.entry(*id).or_default(), entry);
+                }
+            }
+            NamespaceSet::Any | NamespaceSet::AnyNamespaced => {
+                push_once(&mut self.any_namespace, entry);
+            }
+        }
+    }
+
+    /// Appends this key's non-empty lists for namespace id `ns` to `lists[*len..]`.
+    fn collect<'a>(&'a self, ns: Option<u32>, lists: &mut [&'a [Entry]; 10], len: &mut usize) {
+        let own = ns
+            .and_then(|id| self.by_namespace.get(&id))
+            .map_or(&[][..], |v| v);
+        for list in [&self.any_namespace[..], own] {
+            if !list.is_empty() && *len < lists.len() {
+                lists[*len] = list;
+                *len += 1;
+            }
+        }
+    }
+}
+
+/// Rules are compiled in order, so appending keeps lists ascending; a rule that lists the
+/// same entry twice is kept once.
+fn push_once(list: &mut Vec<Entry>, entry: Entry) {
+    if list.last().is_none_or(|last| last.0 != entry.0) {
+        list.push(entry);
+    }
+}
+
+/// Candidate rules whose resource entries start with one resource part.
 #[derive(Debug, Default)]
 struct ResourceIndex {
     /// `res`: no subresource.
-    plain: Vec<u32>,
+    plain: Candidates,
     /// `res/sub`.
-    subs: HashMap<Box<str>, Vec<u32>>,
+    subs: FastMap<Box<str>, Candidates>,
     /// `res/*`.
-    any_sub: Vec<u32>,
+    any_sub: Candidates,
 }
 
 #[derive(Debug, Default)]
 struct Interner {
-    ids: HashMap<Box<str>, u32>,
+    ids: FastMap<Box<str>, u32>,
 }
 
 impl Interner {
@@ -525,13 +622,13 @@ struct Compiled {
     default: Action,
     rules: Vec<Rule>,
     /// Resource rules keyed by the resource part of their entries.
-    by_resource: HashMap<Box<str>, ResourceIndex>,
+    by_resource: FastMap<Box<str>, ResourceIndex>,
     /// Entries `*/sub` and `*/*`.
     star: ResourceIndex,
     /// Entries `*`.
-    any_resource: Vec<u32>,
+    any_resource: Candidates,
     /// Non-resource rules by exact URL.
-    url_exact: HashMap<Box<str>, Vec<u32>>,
+    url_exact: FastMap<Box<str>, Vec<u32>>,
     /// Non-resource rules by URL prefix (`""` for `*`), in rule order.
     url_prefix: Vec<(Box<str>, u32)>,
     groups: Interner,
@@ -549,35 +646,35 @@ impl Compiled {
     }
 
     fn first_resource_match(&self, req: &RequestInfo) -> Option<&Rule> {
-        const EMPTY: &[u32] = &[];
+        // Namespaces are never empty in a policy, so a cluster-scoped request gets `None`.
+        let ns = self.namespaces.get(&req.namespace);
+        let mut lists: [&[Entry]; 10] = [&[]; 10];
+        let mut len = 0;
         let by_res = self.by_resource.get(req.resource.as_str());
-        let lists: [&[u32]; 5] = if req.subresource.is_empty() {
-            [
-                by_res.map_or(EMPTY, |r| &r.plain),
-                &self.any_resource,
-                EMPTY,
-                EMPTY,
-                EMPTY,
-            ]
+        if req.subresource.is_empty() {
+            if let Some(r) = by_res {
+                r.plain.collect(ns, &mut lists, &mut len);
+            }
         } else {
             let sub = req.subresource.as_str();
-            [
-                by_res.and_then(|r| r.subs.get(sub)).map_or(EMPTY, |v| v),
-                by_res.map_or(EMPTY, |r| &r.any_sub),
-                self.star.subs.get(sub).map_or(EMPTY, |v| v),
-                &self.star.any_sub,
-                &self.any_resource,
-            ]
-        };
+            if let Some(r) = by_res {
+                if let Some(c) = r.subs.get(sub) {
+                    c.collect(ns, &mut lists, &mut len);
+                }
+                r.any_sub.collect(ns, &mut lists, &mut len);
+            }
+            if let Some(c) = self.star.subs.get(sub) {
+                c.collect(ns, &mut lists, &mut len);
+            }
+            self.star.any_sub.collect(ns, &mut lists, &mut len);
+        }
+        self.any_resource.collect(ns, &mut lists, &mut len);
+
         let verb = verb_bit(&req.verb);
-        // Interned ids are looked up at most once, and only if a candidate needs them.
+        // Group and name ids are looked up at most once, and only if a candidate needs them.
         let mut group = None;
-        let mut namespace = None;
         let mut name = None;
         let matches = |rule: &Rule| {
-            if rule.verbs & verb == 0 {
-                return false;
-            }
             if let IdSet::Of(_) = rule.groups
                 && !rule
                     .groups
@@ -588,10 +685,7 @@ impl Compiled {
             let ns_ok = match &rule.namespaces {
                 NamespaceSet::Any => true,
                 NamespaceSet::AnyNamespaced => !req.namespace.is_empty(),
-                NamespaceSet::Of(ids) => {
-                    let id = *namespace.get_or_insert_with(|| self.namespaces.get(&req.namespace));
-                    !req.namespace.is_empty() && id.is_some_and(|id| ids.contains(&id))
-                }
+                NamespaceSet::Of(ids) => ns.is_some_and(|id| ids.contains(&id)),
             };
             if !ns_ok {
                 return false;
@@ -606,7 +700,7 @@ impl Compiled {
                 }
             }
         };
-        first_in_merged(lists, &self.rules, matches)
+        first_in_merged(&mut lists[..len], verb, &self.rules, matches)
     }
 
     fn first_url_match(&self, req: &RequestInfo) -> Option<&Rule> {
@@ -648,22 +742,34 @@ impl Compiled {
     }
 }
 
-/// Walks the union of up to five ascending rule-index lists in ascending order (so the
-/// first match in policy order wins) and returns the first rule `matches` accepts.
+/// Walks the union of ascending candidate lists in ascending order (so the first match in
+/// policy order wins) and returns the first rule with the verb that `matches` accepts.
 fn first_in_merged<'r>(
-    mut lists: [&[u32]; 5],
+    lists: &mut [&[Entry]],
+    verb: u32,
     rules: &'r [Rule],
     mut matches: impl FnMut(&Rule) -> bool,
 ) -> Option<&'r Rule> {
+    if let [only] = lists {
+        return only
+            .iter()
+            .filter(|(_, verbs)| verbs & verb != 0)
+            .filter_map(|(index, _)| rules.get(*index as usize))
+            .find(|rule| matches(rule));
+    }
     loop {
-        let next = lists.iter().filter_map(|l| l.first()).min().copied()?;
-        for list in &mut lists {
-            if list.first() == Some(&next) {
+        let (next, verbs) = lists.iter().filter_map(|l| l.first()).min().copied()?;
+        for list in lists.iter_mut() {
+            if list.first().is_some_and(|head| head.0 == next) {
                 *list = &list[1..];
             }
         }
-        let rule = rules.get(next as usize)?;
-        if matches(rule) {
+        if verbs & verb == 0 {
+            continue;
+        }
+        if let Some(rule) = rules.get(next as usize)
+            && matches(rule)
+        {
             return Some(rule);
         }
     }
@@ -886,8 +992,9 @@ fn compile_resource_rule(
                 .map_err(|m| invalid(at(&[Seg::Key("resources"), Seg::Index(j)]), m))?,
         );
     }
+    let entry = (index, verbs);
     for (resource, sub) in parsed {
-        let list = match (resource, sub) {
+        let candidates = match (resource, sub) {
             ("*", None) => &mut out.any_resource,
             ("*", Some("*")) => &mut out.star.any_sub,
             ("*", Some(sub)) => out.star.subs.entry(sub.into()).or_default(),
@@ -901,11 +1008,7 @@ fn compile_resource_rule(
                 .entry(sub.into())
                 .or_default(),
         };
-        // Rules are compiled in order, so pushing keeps every list ascending; a rule that
-        // lists the same entry twice is indexed once.
-        if list.last() != Some(&index) {
-            list.push(index);
-        }
+        candidates.push(entry, &namespaces);
     }
 
     Ok(Rule {

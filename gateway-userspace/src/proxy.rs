@@ -85,14 +85,22 @@ impl GatewayToken {
     /// Reads the token file once.
     pub fn load(path: &std::path::Path) -> Result<Arc<Self>, ProxyError> {
         let header = Self::read(path)?;
-        Ok(Arc::new(Self { path: path.to_owned(), header: ArcSwap::from_pointee(header) }))
+        Ok(Arc::new(Self {
+            path: path.to_owned(),
+            header: ArcSwap::from_pointee(header),
+        }))
     }
 
     fn read(path: &std::path::Path) -> Result<HeaderValue, ProxyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProxyError::Token { path: path.display().to_string(), source })?;
-        let mut value = HeaderValue::try_from(format!("Bearer {}", text.trim()))
-            .map_err(|_| ProxyError::TokenInvalid { path: path.display().to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProxyError::Token {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut value = HeaderValue::try_from(format!("Bearer {}", text.trim())).map_err(|_| {
+            ProxyError::TokenInvalid {
+                path: path.display().to_string(),
+            }
+        })?;
         // Keeps the credential out of HPACK tables and Debug output.
         value.set_sensitive(true);
         Ok(value)
@@ -139,7 +147,9 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("upstream", &self.upstream_base).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("upstream", &self.upstream_base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -183,9 +193,13 @@ impl Proxy {
         http.enforce_http(false);
         http.set_connect_timeout(Some(s.connect_timeout));
         http.set_nodelay(true);
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(s.upstream_tls).https_only();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(s.upstream_tls)
+            .https_only();
         let builder = match s.upstream_server_name {
-            Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+            Some(name) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
             None => builder,
         };
         let connector = builder.enable_http1().enable_http2().wrap_connector(http);
@@ -230,30 +244,37 @@ impl Proxy {
             };
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().unwrap_or(peer);
-            let origin = self.interceptor.as_ref().and_then(|i| i.origin(peer, local));
+            let origin = self
+                .interceptor
+                .as_ref()
+                .and_then(|i| i.origin(peer, local));
             let conn_info = Arc::new(ConnectionInfo { peer, origin });
             let proxy = self.clone();
             let acceptor = acceptor.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+                let tls =
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let proxy = proxy.clone();
                     let conn_info = conn_info.clone();
                     async move { Ok::<_, Infallible>(proxy.handle(req, &conn_info).await) }
                 });
                 let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
                 builder.http2().timer(TokioTimer::new());
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -269,7 +290,11 @@ impl Proxy {
     }
 
     /// Handles one request end to end. Never fails: every problem becomes a `Status`.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnectionInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnectionInfo,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_time = jiff::Timestamp::now();
         let audit_id = uuid::Uuid::now_v7().to_string();
@@ -296,7 +321,11 @@ impl Proxy {
             name: info.name.clone(),
         };
 
-        if let Some(h) = req.headers().keys().find(|k| k.as_str().starts_with("impersonate-")) {
+        if let Some(h) = req
+            .headers()
+            .keys()
+            .find(|k| k.as_str().starts_with("impersonate-"))
+        {
             let why = format!("the gateway does not pass client impersonation headers ({h})");
             let status = forbidden_status(&info, &why);
             record.decision = "deny".to_owned();
@@ -327,7 +356,12 @@ impl Proxy {
         request_time: jiff::Timestamp,
         audit_id: &str,
     ) -> RequestRecord {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let workload = match &conn.origin {
             Some(o) => WorkloadRecord {
                 cgroup_id: o.cgroup_id as i64,
@@ -352,7 +386,11 @@ impl Proxy {
             kubectl_command: header("kubectl-command"),
             kubectl_session: header("kubectl-session"),
             verb: req.method().as_str().to_ascii_lowercase(),
-            request_uri: req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+            request_uri: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
             object_ref: ObjectRef::default(),
             decision: String::new(),
             policy_rule: None,
@@ -376,7 +414,12 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         insert_audit_id(&mut parts.headers, audit_id);
         let body = body.map_err(|never| match never {}).boxed();
-        let guard = RecordGuard::new(self.recorder.clone(), record, started, Arc::new(AtomicU64::new(0)));
+        let guard = RecordGuard::new(
+            self.recorder.clone(),
+            record,
+            started,
+            Arc::new(AtomicU64::new(0)),
+        );
         Response::from_parts(parts, Metered::new(body, guard).boxed())
     }
 
@@ -389,17 +432,23 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let counted = CountingBody { inner: body.map_err(BoxError::from).boxed(), count: request_bytes.clone() };
+        let counted = CountingBody {
+            inner: body.map_err(BoxError::from).boxed(),
+            count: request_bytes.clone(),
+        };
         parts.uri = match upstream_uri(&self.upstream_base, &parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
                 record.decision = "error".to_owned();
-                let status = Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
+                let status =
+                    Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
                 return self.local_response(status, record, started, &audit_id);
             }
         };
         sanitize_request_headers(&mut parts.headers);
-        parts.headers.insert(header::AUTHORIZATION, self.token.header());
+        parts
+            .headers
+            .insert(header::AUTHORIZATION, self.token.header());
         // The upstream connection's protocol is negotiated independently of the client's.
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, counted.boxed());
@@ -425,7 +474,10 @@ impl Proxy {
                 let status = Status::failure(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "ServiceUnavailable",
-                    format!("chaperone: the API server at {} is unavailable: {cause}", self.upstream_base),
+                    format!(
+                        "chaperone: the API server at {} is unavailable: {cause}",
+                        self.upstream_base
+                    ),
                 );
                 self.local_response(status, record, started, &audit_id)
             }
@@ -453,9 +505,18 @@ fn insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {
 /// The 403 the API server's authorizer would send, carrying Chaperone's reason.
 fn forbidden_status(info: &RequestInfo, why: &str) -> Status {
     if info.is_resource_request {
-        Status::forbidden(&info.api_group, &info.resource_with_subresource(), &info.name, why)
+        Status::forbidden(
+            &info.api_group,
+            &info.resource_with_subresource(),
+            &info.name,
+            why,
+        )
     } else {
-        Status::failure(StatusCode::FORBIDDEN, "Forbidden", format!("forbidden: {why}"))
+        Status::failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("forbidden: {why}"),
+        )
     }
 }
 
@@ -472,8 +533,16 @@ fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error> {
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1), plus `Host`, which the
 /// client set to the virtual API server address.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named by Connection are hop-by-hop too.
@@ -502,8 +571,11 @@ fn sanitize_request_headers(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::COOKIE);
-    let impersonation: Vec<HeaderName> =
-        headers.keys().filter(|k| k.as_str().starts_with("impersonate-")).cloned().collect();
+    let impersonation: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
     for name in impersonation {
         headers.remove(name);
     }
@@ -519,14 +591,26 @@ struct RecordGuard {
 }
 
 impl RecordGuard {
-    fn new(recorder: RecorderHandle, record: RequestRecord, started: Instant, request_bytes: Arc<AtomicU64>) -> Self {
-        Self { pending: Some((recorder, record)), started, request_bytes, response_bytes: 0 }
+    fn new(
+        recorder: RecorderHandle,
+        record: RequestRecord,
+        started: Instant,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            pending: Some((recorder, record)),
+            started,
+            request_bytes,
+            response_bytes: 0,
+        }
     }
 }
 
 impl Drop for RecordGuard {
     fn drop(&mut self) {
-        let Some((recorder, mut record)) = self.pending.take() else { return };
+        let Some((recorder, mut record)) = self.pending.take() else {
+            return;
+        };
         record.latency_us = i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX);
         if record.response_time.is_none() {
             record.response_time = Some(jiff::Timestamp::now());
@@ -564,7 +648,10 @@ impl Body for Metered {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
@@ -599,7 +686,10 @@ impl Body for CountingBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
@@ -625,13 +715,18 @@ mod tests {
     #[test]
     fn upstream_uri_keeps_path_and_query() {
         let base: Uri = "https://127.0.0.1:6443".parse().unwrap();
-        let client: Uri = "/api/v1/namespaces/default/pods?limit=500&watch=1".parse().unwrap();
+        let client: Uri = "/api/v1/namespaces/default/pods?limit=500&watch=1"
+            .parse()
+            .unwrap();
         assert_eq!(
             upstream_uri(&base, &client).unwrap().to_string(),
             "https://127.0.0.1:6443/api/v1/namespaces/default/pods?limit=500&watch=1"
         );
         let prefixed: Uri = "https://lb.example:443/k8s/".parse().unwrap();
-        assert_eq!(upstream_uri(&prefixed, &client).unwrap().path(), "/k8s/api/v1/namespaces/default/pods");
+        assert_eq!(
+            upstream_uri(&prefixed, &client).unwrap().path(),
+            "/k8s/api/v1/namespaces/default/pods"
+        );
     }
 
     #[test]
@@ -649,10 +744,17 @@ mod tests {
             ("host", "169.254.77.100"),
             ("accept", "application/json"),
         ] {
-            h.append(HeaderName::try_from(k).unwrap(), HeaderValue::from_static(v));
+            h.append(
+                HeaderName::try_from(k).unwrap(),
+                HeaderValue::from_static(v),
+            );
         }
         sanitize_request_headers(&mut h);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, vec!["accept"], "unexpected headers survived: {left:?}");
+        assert_eq!(
+            left,
+            vec!["accept"],
+            "unexpected headers survived: {left:?}"
+        );
     }
 }

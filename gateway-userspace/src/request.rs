@@ -511,7 +511,8 @@ fn strict_decode<'a>(
     part: impl Fn() -> String,
 ) -> Result<Cow<'a, str>, RequestError> {
     let bytes = raw.as_bytes();
-    if !bytes.contains(&b'%') && !(plus_is_space && bytes.contains(&b'+')) {
+    let needs_decoding = bytes.contains(&b'%') || (plus_is_space && bytes.contains(&b'+'));
+    if !needs_decoding {
         return Ok(Cow::Borrowed(raw));
     }
     let mut out = Vec::with_capacity(bytes.len());

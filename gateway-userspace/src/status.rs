@@ -50,7 +50,11 @@ pub struct StatusDetails {
 /// Formats a group-qualified resource the way apimachinery's `GroupResource.String()` does:
 /// `pods` for the core group, `deployments.apps` otherwise.
 pub fn group_resource(group: &str, resource: &str) -> String {
-    if group.is_empty() { resource.to_owned() } else { format!("{resource}.{group}") }
+    if group.is_empty() {
+        resource.to_owned()
+    } else {
+        format!("{resource}.{group}")
+    }
 }
 
 impl Status {
@@ -102,25 +106,33 @@ impl Status {
     /// 404 `NotFound`: `<resource>[.<group>] "<name>" not found`.
     pub fn not_found(group: &str, resource: &str, name: &str) -> Self {
         let gr = group_resource(group, resource);
-        Self::failure(StatusCode::NOT_FOUND, "NotFound", format!("{gr} \"{name}\" not found"))
-            .with_details(StatusDetails {
-                name: name.to_owned(),
-                group: group.to_owned(),
-                kind: resource.to_owned(),
-                retry_after_seconds: None,
-            })
+        Self::failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{gr} \"{name}\" not found"),
+        )
+        .with_details(StatusDetails {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            kind: resource.to_owned(),
+            retry_after_seconds: None,
+        })
     }
 
     /// 409 `AlreadyExists`.
     pub fn already_exists(group: &str, resource: &str, name: &str) -> Self {
         let gr = group_resource(group, resource);
-        Self::failure(StatusCode::CONFLICT, "AlreadyExists", format!("{gr} \"{name}\" already exists"))
-            .with_details(StatusDetails {
-                name: name.to_owned(),
-                group: group.to_owned(),
-                kind: resource.to_owned(),
-                retry_after_seconds: None,
-            })
+        Self::failure(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("{gr} \"{name}\" already exists"),
+        )
+        .with_details(StatusDetails {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            kind: resource.to_owned(),
+            retry_after_seconds: None,
+        })
     }
 
     /// 409 `Conflict`: `Operation cannot be fulfilled on <gr> "<name>": <why>`.
@@ -146,8 +158,15 @@ impl Status {
 
     /// 503 `ServiceUnavailable` with a `retryAfterSeconds` hint.
     pub fn service_unavailable(message: impl Into<String>, retry_after_seconds: u32) -> Self {
-        Self::failure(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", message)
-            .with_details(StatusDetails { retry_after_seconds: Some(retry_after_seconds), ..Default::default() })
+        Self::failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        )
+        .with_details(StatusDetails {
+            retry_after_seconds: Some(retry_after_seconds),
+            ..Default::default()
+        })
     }
 
     /// Replaces the details.
@@ -182,11 +201,14 @@ impl Status {
     pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let mut response = Response::new(B::from(self.to_json()));
         *response.status_mut() = self.code();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(secs) = self.details.as_ref().and_then(|d| d.retry_after_seconds) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -211,7 +233,10 @@ mod tests {
             v["message"],
             "namespaces \"prod\" is forbidden: denied by rule \"no-ns-delete\""
         );
-        assert!(v["details"].get("group").is_none(), "empty fields are omitted: {v}");
+        assert!(
+            v["details"].get("group").is_none(),
+            "empty fields are omitted: {v}"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@
 use std::{net::IpAddr, path::Path, sync::Arc};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
@@ -68,7 +68,8 @@ pub struct CertificateAuthority {
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the signing key.
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,7 +78,12 @@ impl CertificateAuthority {
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let cert_pem = read(cert)?;
         let key_pem = read(key)?;
-        Self::from_pem(&cert_pem, &key_pem, &cert.display().to_string(), &key.display().to_string())
+        Self::from_pem(
+            &cert_pem,
+            &key_pem,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
     }
 
     /// Loads a CA from PEM text; `cert_name`/`key_name` are used in error messages.
@@ -89,13 +95,26 @@ impl CertificateAuthority {
     ) -> Result<Self, TlsError> {
         let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .next()
-            .ok_or_else(|| TlsError::NoCertificate { what: cert_name.to_owned() })?
-            .map_err(|e| TlsError::Pem { what: cert_name.to_owned(), message: e.to_string() })?;
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| TlsError::Pem { what: key_name.to_owned(), message: e.to_string() })?;
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
-            .map_err(|e| TlsError::Pem { what: cert_name.to_owned(), message: e.to_string() })?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), cert_der, issuer })
+            .ok_or_else(|| TlsError::NoCertificate {
+                what: cert_name.to_owned(),
+            })?
+            .map_err(|e| TlsError::Pem {
+                what: cert_name.to_owned(),
+                message: e.to_string(),
+            })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem {
+            what: key_name.to_owned(),
+            message: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| TlsError::Pem {
+            what: cert_name.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+        })
     }
 
     /// Generates a fresh self-signed CA (for tests, the demo, and the test API server).
@@ -104,17 +123,29 @@ impl CertificateAuthority {
         let key_pem = key.serialize_pem();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(365);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let cert_der = cert.der().clone();
-        Ok((Self { cert_pem, cert_der, issuer: Issuer::new(params, key) }, key_pem))
+        Ok((
+            Self {
+                cert_pem,
+                cert_der,
+                issuer: Issuer::new(params, key),
+            },
+            key_pem,
+        ))
     }
 
     /// The CA certificate in PEM form (what clients put in their trust bundle).
@@ -140,19 +171,29 @@ impl CertificateAuthority {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(
             DnType::CommonName,
-            dns_names.first().cloned().unwrap_or_else(|| "chaperone".to_owned()),
+            dns_names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "chaperone".to_owned()),
         );
         for name in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(name.clone().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into()?));
         }
-        params.subject_alt_names.extend(ips.iter().copied().map(SanType::IpAddress));
+        params
+            .subject_alt_names
+            .extend(ips.iter().copied().map(SanType::IpAddress));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now
-            + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
+        params.not_after =
+            now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
         let cert = params.signed_by(&key, &self.issuer)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
@@ -160,21 +201,29 @@ impl CertificateAuthority {
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path)
-        .map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Parses every certificate in a PEM bundle into a root store.
 pub fn root_store_from_pem(pem: &str, what: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        let cert = cert.map_err(|e| TlsError::Pem { what: what.to_owned(), message: e.to_string() })?;
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Pem { what: what.to_owned(), message: e.to_string() })?;
+        let cert = cert.map_err(|e| TlsError::Pem {
+            what: what.to_owned(),
+            message: e.to_string(),
+        })?;
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            what: what.to_owned(),
+            message: e.to_string(),
+        })?;
     }
     if roots.is_empty() {
-        return Err(TlsError::NoCertificate { what: what.to_owned() });
+        return Err(TlsError::NoCertificate {
+            what: what.to_owned(),
+        });
     }
     Ok(roots)
 }
@@ -214,7 +263,8 @@ mod tests {
     #[test]
     fn minted_cert_chains_to_the_ca_and_round_trips_through_pem() {
         let (ca, key_pem) = CertificateAuthority::generate("test-ca").unwrap();
-        let reloaded = CertificateAuthority::from_pem(ca.cert_pem(), &key_pem, "ca.crt", "ca.key").unwrap();
+        let reloaded =
+            CertificateAuthority::from_pem(ca.cert_pem(), &key_pem, "ca.crt", "ca.key").unwrap();
         let (chain, key) = reloaded
             .issue_server_cert(
                 &["kubernetes.default.svc".to_owned()],
@@ -233,7 +283,8 @@ mod tests {
         let err = root_store_from_pem("not a certificate", "cluster-ca.crt").unwrap_err();
         assert!(err.to_string().contains("cluster-ca.crt"), "{err}");
         let (ca, _) = CertificateAuthority::generate("x").unwrap();
-        let err = CertificateAuthority::from_pem(ca.cert_pem(), "junk", "ca.crt", "ca.key").unwrap_err();
+        let err =
+            CertificateAuthority::from_pem(ca.cert_pem(), "junk", "ca.crt", "ca.key").unwrap_err();
         assert!(err.to_string().contains("ca.key"), "{err}");
     }
 }

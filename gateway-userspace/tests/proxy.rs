@@ -63,8 +63,13 @@ async fn start(upstream: Option<String>) -> Harness {
     let config = Config {
         node: Some("test-node".to_owned()),
         cluster: "test".to_owned(),
-        listen: ListenConfig { address: "127.0.0.1:0".parse().expect("addr") },
-        interception: InterceptionConfig { mode: InterceptionMode::None, targets: Vec::new() },
+        listen: ListenConfig {
+            address: "127.0.0.1:0".parse().expect("addr"),
+        },
+        interception: InterceptionConfig {
+            mode: InterceptionMode::None,
+            targets: Vec::new(),
+        },
         upstream: UpstreamConfig {
             url: url.parse().expect("upstream url"),
             ca_file: dir.path().join("ca.crt"),
@@ -78,7 +83,9 @@ async fn start(upstream: Option<String>) -> Harness {
             server_names: default_server_names(),
             server_ips: vec!["127.0.0.1".parse().expect("ip")],
         },
-        policy: PolicyConfig { file: Some(dir.path().join("policy.yaml")) },
+        policy: PolicyConfig {
+            file: Some(dir.path().join("policy.yaml")),
+        },
         recording: RecordingConfig {
             dir: dir.path().join("recordings"),
             max_rows_per_file: 1000,
@@ -87,16 +94,30 @@ async fn start(upstream: Option<String>) -> Harness {
         shutdown_grace: Duration::from_secs(5),
     };
     let app = app::build(config).await.expect("build the gateway");
-    Harness { app, apiserver, dir, ca_pem }
+    Harness {
+        app,
+        apiserver,
+        dir,
+        ca_pem,
+    }
 }
 
-type TestClient = Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>>;
+type TestClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
 
 fn client(ca_pem: &str, http2: bool) -> TestClient {
     let roots = tls::root_store_from_pem(ca_pem, "test CA").expect("roots");
     let config = tls::client_config(roots).expect("client config");
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
-    let connector = if http2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
+    let connector = if http2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
     let mut b = Client::builder(TokioExecutor::new());
     b.http2_only(http2);
     b.build(connector)
@@ -105,19 +126,32 @@ fn client(ca_pem: &str, http2: bool) -> TestClient {
 fn request(h: &Harness, method: Method, path: &str) -> http::request::Builder {
     Request::builder()
         .method(method)
-        .uri(format!("https://127.0.0.1:{}{path}", h.app.local_addr().port()))
+        .uri(format!(
+            "https://127.0.0.1:{}{path}",
+            h.app.local_addr().port()
+        ))
         .header("authorization", "Bearer pod-token-must-not-leak")
 }
 
 async fn body_json(resp: http::Response<hyper::body::Incoming>) -> serde_json::Value {
-    let bytes = resp.into_body().collect().await.expect("read body").to_bytes();
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("read body")
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))
 }
 
 async fn stop(h: Harness) -> (Vec<RequestRecord>, TestApiServer, tempfile::TempDir) {
     let stats = h.app.shutdown().await.expect("shutdown");
     let rows = recorder::read_dir(&h.dir.path().join("recordings")).expect("read recordings");
-    assert_eq!(rows.len() as u64, stats.rows, "read back a different number of rows than written");
+    assert_eq!(
+        rows.len() as u64,
+        stats.rows,
+        "read back a different number of rows than written"
+    );
     (rows, h.apiserver, h.dir)
 }
 
@@ -127,26 +161,47 @@ async fn forwards_with_gateway_token_over_http1_and_http2_and_records_each_reque
     for http2 in [false, true] {
         let c = client(&h.ca_pem, http2);
         let resp = c
-            .request(request(&h, Method::GET, "/api/v1/namespaces/default/pods?limit=500").body(Full::default()).expect("req"))
+            .request(
+                request(&h, Method::GET, "/api/v1/namespaces/default/pods?limit=500")
+                    .body(Full::default())
+                    .expect("req"),
+            )
             .await
             .expect("GET through the gateway");
         assert_eq!(resp.status(), StatusCode::OK);
         let version = resp.version();
-        assert_eq!(version == http::Version::HTTP_2, http2, "negotiated {version:?}");
+        assert_eq!(
+            version == http::Version::HTTP_2,
+            http2,
+            "negotiated {version:?}"
+        );
         assert_eq!(body_json(resp).await["kind"], "PodList");
     }
     let (rows, apiserver, _dir) = stop(h).await;
     let seen = apiserver.requests();
     assert_eq!(seen.len(), 2, "{seen:?}");
     for r in &seen {
-        assert_eq!(r.authorization.as_deref(), Some(format!("Bearer {GATEWAY_TOKEN}").as_str()));
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(format!("Bearer {GATEWAY_TOKEN}").as_str())
+        );
     }
     assert_eq!(rows.len(), 2);
     for row in &rows {
-        assert_eq!((row.verb.as_str(), row.object_ref.resource.as_str(), row.decision.as_str()), ("list", "pods", "allow"));
+        assert_eq!(
+            (
+                row.verb.as_str(),
+                row.object_ref.resource.as_str(),
+                row.decision.as_str()
+            ),
+            ("list", "pods", "allow")
+        );
         assert_eq!(row.response_code, 200);
         assert!(row.response_bytes > 0, "{row:?}");
-        assert_eq!(row.workload.cgroup_id, 0, "no kernel attribution without eBPF");
+        assert_eq!(
+            row.workload.cgroup_id, 0,
+            "no kernel attribution without eBPF"
+        );
     }
 }
 
@@ -156,9 +211,13 @@ async fn watch_events_stream_through_before_the_response_ends() {
     let c = client(&h.ca_pem, true);
     let resp = c
         .request(
-            request(&h, Method::GET, "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0")
-                .body(Full::default())
-                .expect("req"),
+            request(
+                &h,
+                Method::GET,
+                "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0",
+            )
+            .body(Full::default())
+            .expect("req"),
         )
         .await
         .expect("open watch");
@@ -170,11 +229,16 @@ async fn watch_events_stream_through_before_the_response_ends() {
     let mut seen = Vec::new();
     let event = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let frame = body.frame().await.expect("stream ended early").expect("stream error");
+            let frame = body
+                .frame()
+                .await
+                .expect("stream ended early")
+                .expect("stream error");
             if let Some(data) = frame.data_ref() {
                 seen.extend_from_slice(data);
                 if let Some(end) = seen.iter().position(|b| *b == b'\n') {
-                    return serde_json::from_slice::<serde_json::Value>(&seen[..end]).expect("event JSON");
+                    return serde_json::from_slice::<serde_json::Value>(&seen[..end])
+                        .expect("event JSON");
                 }
             }
         }
@@ -185,7 +249,10 @@ async fn watch_events_stream_through_before_the_response_ends() {
     assert_eq!(event["object"]["metadata"]["name"], "streamed");
     drop(body);
     let (rows, _, _dir) = stop(h).await;
-    let watch = rows.iter().find(|r| r.verb == "watch").expect("watch recorded");
+    let watch = rows
+        .iter()
+        .find(|r| r.verb == "watch")
+        .expect("watch recorded");
     assert!(watch.response_bytes > 0, "{watch:?}");
 }
 
@@ -194,13 +261,24 @@ async fn denied_and_impersonating_requests_never_reach_upstream() {
     let h = start(None).await;
     let c = client(&h.ca_pem, true);
     let resp = c
-        .request(request(&h, Method::GET, "/api/v1/namespaces/default/secrets/db").body(Full::default()).expect("req"))
+        .request(
+            request(&h, Method::GET, "/api/v1/namespaces/default/secrets/db")
+                .body(Full::default())
+                .expect("req"),
+        )
         .await
         .expect("GET secret");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let status = body_json(resp).await;
-    assert_eq!((status["kind"].as_str(), status["reason"].as_str(), status["code"].as_u64()), (Some("Status"), Some("Forbidden"), Some(403)));
+    assert_eq!(
+        (
+            status["kind"].as_str(),
+            status["reason"].as_str(),
+            status["code"].as_u64()
+        ),
+        (Some("Status"), Some("Forbidden"), Some(403))
+    );
     assert_eq!(
         status["message"],
         "secrets \"db\" is forbidden: denied by Chaperone policy rule \"no-secrets\": no secrets for agents"
@@ -217,33 +295,64 @@ async fn denied_and_impersonating_requests_never_reach_upstream() {
         .expect("GET with impersonation");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let status = body_json(resp).await;
-    assert!(status["message"].as_str().is_some_and(|m| m.contains("impersonate-user")), "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("impersonate-user")),
+        "{status}"
+    );
 
     let (rows, apiserver, _dir) = stop(h).await;
-    assert!(apiserver.requests().is_empty(), "upstream saw {:?}", apiserver.requests());
+    assert!(
+        apiserver.requests().is_empty(),
+        "upstream saw {:?}",
+        apiserver.requests()
+    );
     assert_eq!(rows.len(), 2);
-    assert!(rows.iter().all(|r| r.decision == "deny" && r.response_code == 403), "{rows:#?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.decision == "deny" && r.response_code == 403),
+        "{rows:#?}"
+    );
     assert_eq!(rows[0].policy_rule.as_deref(), Some("no-secrets"));
 }
 
 #[tokio::test]
 async fn unreachable_upstream_answers_503_status_and_is_recorded() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let h = start(Some(format!("https://127.0.0.1:{port}"))).await;
     let c = client(&h.ca_pem, false);
     let resp = c
-        .request(request(&h, Method::GET, "/api/v1/namespaces").body(Full::default()).expect("req"))
+        .request(
+            request(&h, Method::GET, "/api/v1/namespaces")
+                .body(Full::default())
+                .expect("req"),
+        )
         .await
         .expect("request");
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(resp.headers().get("retry-after").is_none(), "client-go would retry for ten rounds");
+    assert!(
+        resp.headers().get("retry-after").is_none(),
+        "client-go would retry for ten rounds"
+    );
     let status = body_json(resp).await;
     assert_eq!(status["reason"], "ServiceUnavailable");
     let (rows, _, _dir) = stop(h).await;
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].decision.as_str(), rows[0].response_code), ("error", 503));
-    assert!(rows[0].error.as_deref().is_some_and(|e| !e.is_empty()), "{:?}", rows[0]);
+    assert_eq!(
+        (rows[0].decision.as_str(), rows[0].response_code),
+        ("error", 503)
+    );
+    assert!(
+        rows[0].error.as_deref().is_some_and(|e| !e.is_empty()),
+        "{:?}",
+        rows[0]
+    );
 }
 
 #[tokio::test]
@@ -255,7 +364,11 @@ async fn rotated_gateway_token_is_used_without_restart() {
     loop {
         h.apiserver.clear_requests();
         let resp = c
-            .request(request(&h, Method::GET, "/api/v1/namespaces").body(Full::default()).expect("req"))
+            .request(
+                request(&h, Method::GET, "/api/v1/namespaces")
+                    .body(Full::default())
+                    .expect("req"),
+            )
             .await
             .expect("request");
         assert_eq!(resp.status(), StatusCode::OK);
@@ -263,8 +376,14 @@ async fn rotated_gateway_token_is_used_without_restart() {
         if auth.as_deref() == Some("Bearer gateway-token-2") {
             break;
         }
-        assert_eq!(auth.as_deref(), Some(format!("Bearer {GATEWAY_TOKEN}").as_str()));
-        assert!(tokio::time::Instant::now() < deadline, "the rotated token was never used");
+        assert_eq!(
+            auth.as_deref(),
+            Some(format!("Bearer {GATEWAY_TOKEN}").as_str())
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated token was never used"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop(h).await;

@@ -18,7 +18,9 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_recorded() {
-    if !privileged("kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_recorded") {
+    if !privileged(
+        "kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_recorded",
+    ) {
         return;
     }
     let stack = Stack::start(StackOptions {
@@ -33,16 +35,35 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
     let netns = stack.pod.netns().to_owned();
     let cgroup_path = stack.pod.cgroup_path().to_owned();
 
-    let get = stack.kubectl(&["get", "pods"]).await.expect("run kubectl get pods");
+    let get = stack
+        .kubectl(&["get", "pods"])
+        .await
+        .expect("run kubectl get pods");
     let (stdout, stderr) = (text(&get.stdout), text(&get.stderr));
     assert!(get.status.success(), "kubectl get pods failed: {stderr}");
-    assert!(stdout.starts_with("NAME"), "expected a table, got: {stdout}");
-    assert!(stdout.contains("web-0") && stdout.contains("web-1"), "pods missing: {stdout}");
-    assert!(stdout.contains("Running"), "status column missing: {stdout}");
+    assert!(
+        stdout.starts_with("NAME"),
+        "expected a table, got: {stdout}"
+    );
+    assert!(
+        stdout.contains("web-0") && stdout.contains("web-1"),
+        "pods missing: {stdout}"
+    );
+    assert!(
+        stdout.contains("Running"),
+        "status column missing: {stdout}"
+    );
 
-    let delete = stack.kubectl(&["delete", "namespace", "production"]).await.expect("run kubectl delete");
+    let delete = stack
+        .kubectl(&["delete", "namespace", "production"])
+        .await
+        .expect("run kubectl delete");
     let stderr = text(&delete.stderr);
-    assert_eq!(delete.status.code(), Some(1), "kubectl delete namespace should fail: {stderr}");
+    assert_eq!(
+        delete.status.code(),
+        Some(1),
+        "kubectl delete namespace should fail: {stderr}"
+    );
     assert!(
         stderr.contains("Error from server (Forbidden): namespaces \"production\" is forbidden:")
             && stderr.contains("protect-namespaces")
@@ -55,42 +76,76 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
     assert!(!seen.is_empty(), "nothing reached the API server");
     let gateway_auth = format!("Bearer {}", stopped.gateway_token);
     for r in &seen {
-        assert_eq!(r.authorization.as_deref(), Some(gateway_auth.as_str()), "{} {} carried the wrong credential", r.method, r.path_and_query);
-        assert!(r.impersonation.is_empty(), "impersonation reached upstream: {r:?}");
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(gateway_auth.as_str()),
+            "{} {} carried the wrong credential",
+            r.method,
+            r.path_and_query
+        );
+        assert!(
+            r.impersonation.is_empty(),
+            "impersonation reached upstream: {r:?}"
+        );
     }
     assert!(
         !seen.iter().any(|r| r.method == "DELETE"),
         "the denied delete reached the API server: {seen:?}"
     );
     assert!(
-        seen.iter().any(|r| r.method == "GET" && r.path_and_query.starts_with("/api/v1/namespaces/default/pods")),
+        seen.iter().any(|r| r.method == "GET"
+            && r.path_and_query
+                .starts_with("/api/v1/namespaces/default/pods")),
         "the pod list never reached the API server: {seen:?}"
     );
 
     // One row per request, read back with the parquet crate.
     let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
     let denied: Vec<_> = rows.iter().filter(|r| r.decision == "deny").collect();
-    assert_eq!(rows.len(), seen.len() + denied.len(), "rows: {rows:#?}\nupstream saw: {seen:#?}");
+    assert_eq!(
+        rows.len(),
+        seen.len() + denied.len(),
+        "rows: {rows:#?}\nupstream saw: {seen:#?}"
+    );
     for row in &rows {
-        assert_eq!(row.workload.cgroup_id, cgroup_id, "row not attributed to the pod: {row:?}");
+        assert_eq!(
+            row.workload.cgroup_id, cgroup_id,
+            "row not attributed to the pod: {row:?}"
+        );
         assert_eq!(row.workload.command.as_deref(), Some("kubectl"), "{row:?}");
-        assert_eq!(row.original_dst.as_deref(), Some(virtual_api.as_str()), "{row:?}");
+        assert_eq!(
+            row.original_dst.as_deref(),
+            Some(virtual_api.as_str()),
+            "{row:?}"
+        );
         assert!(row.response_time.is_some() && row.latency_us > 0, "{row:?}");
-        assert!(!format!("{row:?}").contains(&stopped.pod_token), "the pod token was recorded");
-        assert!(!format!("{row:?}").contains(&stopped.gateway_token), "the gateway token was recorded");
+        assert!(
+            !format!("{row:?}").contains(&stopped.pod_token),
+            "the pod token was recorded"
+        );
+        assert!(
+            !format!("{row:?}").contains(&stopped.gateway_token),
+            "the gateway token was recorded"
+        );
     }
     let delete_row = denied
         .iter()
         .find(|r| r.verb == "delete" && r.object_ref.resource == "namespaces")
         .expect("no row for the denied delete");
     assert_eq!(delete_row.object_ref.name, "production");
-    assert_eq!(delete_row.policy_rule.as_deref(), Some("protect-namespaces"));
+    assert_eq!(
+        delete_row.policy_rule.as_deref(),
+        Some("protect-namespaces")
+    );
     assert_eq!(delete_row.response_code, 403);
     let list_row = rows
         .iter()
         .find(|r| r.verb == "list" && r.object_ref.resource == "pods")
         .expect("no row for the pod list");
-    assert_eq!((list_row.decision.as_str(), list_row.response_code), ("allow", 200));
+    assert_eq!(
+        (list_row.decision.as_str(), list_row.response_code),
+        ("allow", 200)
+    );
     assert_eq!(list_row.object_ref.namespace, "default");
     assert_eq!(list_row.kubectl_command.as_deref(), Some("kubectl get"));
 
@@ -101,8 +156,15 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
          WHERE node = 'sandbox-node'\").fetchone())",
         stopped.recordings.display()
     );
-    let duck = Command::new("python3").args(["-c", &query]).output().expect("run python3");
-    assert!(duck.status.success(), "duckdb query failed: {}", text(&duck.stderr));
+    let duck = Command::new("python3")
+        .args(["-c", &query])
+        .output()
+        .expect("run python3");
+    assert!(
+        duck.status.success(),
+        "duckdb query failed: {}",
+        text(&duck.stderr)
+    );
     assert_eq!(
         text(&duck.stdout).trim(),
         format!("({}, 1, {cgroup_id}, {cgroup_id})", rows.len()),
@@ -111,7 +173,20 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
 
     // Nothing is left behind.
     drop(stopped);
-    let netns_list = text(&Command::new("ip").args(["netns", "list"]).output().expect("ip netns").stdout);
-    assert!(!netns_list.contains(&netns), "network namespace {netns} left behind");
-    assert!(!cgroup_path.exists(), "cgroup {} left behind", cgroup_path.display());
+    let netns_list = text(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns")
+            .stdout,
+    );
+    assert!(
+        !netns_list.contains(&netns),
+        "network namespace {netns} left behind"
+    );
+    assert!(
+        !cgroup_path.exists(),
+        "cgroup {} left behind",
+        cgroup_path.display()
+    );
 }

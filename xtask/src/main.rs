@@ -41,7 +41,15 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Demo { recordings } => {
             setup()?;
-            cargo(&["build", "--package", "gateway-userspace", "--features", "testing", "--bin", "chaperone"])?;
+            cargo(&[
+                "build",
+                "--package",
+                "gateway-userspace",
+                "--features",
+                "testing",
+                "--bin",
+                "chaperone",
+            ])?;
             let mut cmd = Command::new(workspace_root().join("target/debug/chaperone"));
             cmd.arg("demo");
             if let Some(dir) = recordings {
@@ -59,7 +67,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -72,9 +83,11 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(workspace_root()))
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(workspace_root()),
+    )
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -87,7 +100,10 @@ fn succeeds(cmd: &mut Command) -> bool {
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -106,10 +122,22 @@ fn setup() -> anyhow::Result<()> {
 }
 
 fn ensure_rust_src() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .context("the nightly toolchain is needed to build the eBPF programs")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is needed to build the eBPF programs")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -126,7 +154,11 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", lib_dir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     let version = llvm
         .file_name()
@@ -139,12 +171,24 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&llvm, &link).with_context(|| format!("symlink {}", link.display()))?;
+    std::os::unix::fs::symlink(&llvm, &link)
+        .with_context(|| format!("symlink {}", link.display()))?;
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--force", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--force",
+            "--no-default-features",
+        ])
         .args(["--features", &format!("llvm-{version}")])
         .env("LLVM_PREFIX", &prefix)
-        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display())))?;
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
+        ))?;
     Ok(())
 }
 
@@ -156,5 +200,7 @@ fn ensure_python_packages() -> anyhow::Result<()> {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }

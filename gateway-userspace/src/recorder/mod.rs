@@ -394,6 +394,8 @@ impl Coordinator {
                     rows.close();
                     Ok(())
                 }
+                // The writer stopped on its own: it failed, and its result says why.
+                () = self.commands.closed() => Err(WriterGone),
                 () = sleep_until_opt(deadline), if deadline.is_some() => self.rotate_expired().await,
                 message = rows.recv() => match message {
                     Some(Message::Row(row)) => self.push(*row).await,

@@ -45,9 +45,15 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, ReadError> {
     }
     let mut stack = vec![root];
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| ReadError::Io { path: d.clone(), source })?;
+        let entries = std::fs::read_dir(&d).map_err(|source| ReadError::Io {
+            path: d.clone(),
+            source,
+        })?;
         for entry in entries {
-            let entry = entry.map_err(|source| ReadError::Io { path: d.clone(), source })?;
+            let entry = entry.map_err(|source| ReadError::Io {
+                path: d.clone(),
+                source,
+            })?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             if path.is_dir() {
@@ -73,8 +79,14 @@ pub fn read_dir(dir: &Path) -> Result<Vec<RequestRecord>, ReadError> {
 
 /// Reads one Parquet file of the `requests` table.
 pub fn read_file(path: &Path) -> Result<Vec<RequestRecord>, ReadError> {
-    let format = |message: String| ReadError::Format { path: path.to_owned(), message };
-    let file = File::open(path).map_err(|source| ReadError::Io { path: path.to_owned(), source })?;
+    let format = |message: String| ReadError::Format {
+        path: path.to_owned(),
+        message,
+    };
+    let file = File::open(path).map_err(|source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| format(e.to_string()))?;
@@ -92,40 +104,66 @@ struct Columns<'a> {
 
 impl<'a> Columns<'a> {
     fn get(&self, name: &str) -> Result<&'a dyn Array, String> {
-        self.batch.column_by_name(name).map(|c| c.as_ref()).ok_or_else(|| format!("no column {name:?}"))
+        self.batch
+            .column_by_name(name)
+            .map(|c| c.as_ref())
+            .ok_or_else(|| format!("no column {name:?}"))
     }
 }
 
 fn string_at(array: &dyn Array, i: usize) -> Result<Option<String>, String> {
-    let strings = array.as_string_opt::<i32>().ok_or("expected a string column")?;
+    let strings = array
+        .as_string_opt::<i32>()
+        .ok_or("expected a string column")?;
     Ok(strings.is_valid(i).then(|| strings.value(i).to_owned()))
 }
 
 fn int64_at(array: &dyn Array, i: usize) -> Result<i64, String> {
-    Ok(array.as_primitive_opt::<Int64Type>().ok_or("expected an int64 column")?.value(i))
+    Ok(array
+        .as_primitive_opt::<Int64Type>()
+        .ok_or("expected an int64 column")?
+        .value(i))
 }
 
 fn time_at(array: &dyn Array, i: usize) -> Result<Option<jiff::Timestamp>, String> {
-    let times = array.as_primitive_opt::<TimestampMicrosecondType>().ok_or("expected a timestamp column")?;
+    let times = array
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or("expected a timestamp column")?;
     if !times.is_valid(i) {
         return Ok(None);
     }
-    jiff::Timestamp::from_microsecond(times.value(i)).map(Some).map_err(|e| e.to_string())
+    jiff::Timestamp::from_microsecond(times.value(i))
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 fn field<'a>(s: &'a StructArray, name: &str) -> Result<&'a dyn Array, String> {
-    s.column_by_name(name).map(|c| c.as_ref()).ok_or_else(|| format!("no struct field {name:?}"))
+    s.column_by_name(name)
+        .map(|c| c.as_ref())
+        .ok_or_else(|| format!("no struct field {name:?}"))
 }
 
 fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<(), String> {
     let c = Columns { batch };
-    let workload = c.get("workload")?.as_struct_opt().ok_or("workload is not a struct")?;
-    let object_ref = c.get("object_ref")?.as_struct_opt().ok_or("object_ref is not a struct")?;
+    let workload = c
+        .get("workload")?
+        .as_struct_opt()
+        .ok_or("workload is not a struct")?;
+    let object_ref = c
+        .get("object_ref")?
+        .as_struct_opt()
+        .ok_or("object_ref is not a struct")?;
     let s = |name: &str, i| -> Result<Option<String>, String> { string_at(c.get(name)?, i) };
     let req = |name: &str, i| -> Result<String, String> { Ok(s(name, i)?.unwrap_or_default()) };
-    let ws = |name: &str, i| -> Result<Option<String>, String> { string_at(field(workload, name)?, i) };
-    let os = |name: &str, i| -> Result<String, String> { Ok(string_at(field(object_ref, name)?, i)?.unwrap_or_default()) };
-    let code = c.get("response_code")?.as_primitive_opt::<Int32Type>().ok_or("response_code is not int32")?;
+    let ws =
+        |name: &str, i| -> Result<Option<String>, String> { string_at(field(workload, name)?, i) };
+    let os = |name: &str, i| -> Result<String, String> {
+        Ok(string_at(field(object_ref, name)?, i)?.unwrap_or_default())
+    };
+    let code = c
+        .get("response_code")?
+        .as_primitive_opt::<Int32Type>()
+        .ok_or("response_code is not int32")?;
     for i in 0..batch.num_rows() {
         rows.push(RequestRecord {
             request_time: time_at(c.get("request_time")?, i)?.ok_or("request_time is null")?,

@@ -63,7 +63,9 @@ pub async fn run(recordings: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let recordings = match recordings {
         Some(dir) => dir,
-        None => std::env::temp_dir().join(format!("chaperone-demo-{}", uuid::Uuid::now_v7().simple())),
+        None => {
+            std::env::temp_dir().join(format!("chaperone-demo-{}", uuid::Uuid::now_v7().simple()))
+        }
     };
     tokio::select! {
         result = narrate(recordings) => result,
@@ -84,7 +86,10 @@ async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
     .await
     .context("starting the demo stack")?;
     let pod = &stack.pod;
-    println!("  upstream:   Kubernetes API test server (a stand-in for kube-apiserver) at {}", stack.apiserver.url());
+    println!(
+        "  upstream:   Kubernetes API test server (a stand-in for kube-apiserver) at {}",
+        stack.apiserver.url()
+    );
     println!(
         "  agent pod:  cgroup {} (id {}), network namespace {}, address {}",
         pod.cgroup_path().display(),
@@ -99,9 +104,16 @@ async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
     );
     println!("  policy:     deny namespace deletion and secret reads; allow the rest\n");
 
-    for args in [&["get", "pods"][..], &["get", "secrets"], &["delete", "namespace", "production"]] {
+    for args in [
+        &["get", "pods"][..],
+        &["get", "secrets"],
+        &["delete", "namespace", "production"],
+    ] {
         println!("agent-pod$ kubectl {}", args.join(" "));
-        let out = stack.kubectl(args).await.with_context(|| format!("running kubectl {args:?}"))?;
+        let out = stack
+            .kubectl(args)
+            .await
+            .with_context(|| format!("running kubectl {args:?}"))?;
         print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
         print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
         println!("  (exit code {})\n", out.status.code().unwrap_or(-1));
@@ -111,11 +123,17 @@ async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
     let seen = stopped.apiserver.requests();
     let with_gateway = seen
         .iter()
-        .filter(|r| r.authorization.as_deref() == Some(format!("Bearer {}", stopped.gateway_token).as_str()))
+        .filter(|r| {
+            r.authorization.as_deref() == Some(format!("Bearer {}", stopped.gateway_token).as_str())
+        })
         .count();
     let with_pod = seen
         .iter()
-        .filter(|r| r.authorization.as_deref().is_some_and(|a| a.contains(&stopped.pod_token)))
+        .filter(|r| {
+            r.authorization
+                .as_deref()
+                .is_some_and(|a| a.contains(&stopped.pod_token))
+        })
         .count();
     println!(
         "The API server received {} requests: {with_gateway} with the gateway's credential, {with_pod} with the pod's token.",
@@ -123,7 +141,10 @@ async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
     );
     println!("\nRecordings: {}", recordings.display());
     for file in &stopped.stats.files {
-        println!("  {}", file.strip_prefix(&recordings).unwrap_or(file).display());
+        println!(
+            "  {}",
+            file.strip_prefix(&recordings).unwrap_or(file).display()
+        );
     }
     println!();
     print!("{}", summary(&recordings)?);
@@ -141,14 +162,30 @@ fn indent(text: &str) -> String {
 
 /// A readable table of every recorded request under `dir`.
 pub fn summary(dir: &Path) -> anyhow::Result<String> {
-    let rows = recorder::read_dir(dir).with_context(|| format!("reading recordings in {}", dir.display()))?;
+    let rows = recorder::read_dir(dir)
+        .with_context(|| format!("reading recordings in {}", dir.display()))?;
     let mut table = vec![
-        ["TIME", "COMMAND", "CGROUP", "VERB", "RESOURCE/PATH", "NAMESPACE", "NAME", "DECISION", "CODE", "RULE"]
-            .map(str::to_owned),
+        [
+            "TIME",
+            "COMMAND",
+            "CGROUP",
+            "VERB",
+            "RESOURCE/PATH",
+            "NAMESPACE",
+            "NAME",
+            "DECISION",
+            "CODE",
+            "RULE",
+        ]
+        .map(str::to_owned),
     ];
     for r in rows {
         let target = if r.object_ref.resource.is_empty() {
-            r.request_uri.split('?').next().unwrap_or_default().to_owned()
+            r.request_uri
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
         } else if r.object_ref.subresource.is_empty() {
             r.object_ref.resource.clone()
         } else {
@@ -175,7 +212,11 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
     }
     let mut out = String::new();
     for row in &table {
-        let line: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

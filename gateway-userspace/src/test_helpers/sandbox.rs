@@ -53,7 +53,10 @@ fn run(program: &str, args: &[&str]) -> Result<String, SandboxError> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| SandboxError::Command { command: command.clone(), message: e.to_string() })?;
+        .map_err(|e| SandboxError::Command {
+            command: command.clone(),
+            message: e.to_string(),
+        })?;
     if !out.status.success() {
         return Err(SandboxError::Command {
             command,
@@ -84,11 +87,30 @@ impl SandboxPod {
         let cgroup = root.join(CGROUP_PARENT).join(format!("{pid}-{token:06x}"));
 
         // Partially built sandboxes are torn down by Drop from here on.
-        let mut pod = Self { netns, host_veth, cgroup, subnet: 0 };
-        std::fs::create_dir_all(&pod.cgroup)
-            .map_err(|source| SandboxError::Io { path: pod.cgroup.clone(), source })?;
+        let mut pod = Self {
+            netns,
+            host_veth,
+            cgroup,
+            subnet: 0,
+        };
+        std::fs::create_dir_all(&pod.cgroup).map_err(|source| SandboxError::Io {
+            path: pod.cgroup.clone(),
+            source,
+        })?;
         run("ip", &["netns", "add", &pod.netns])?;
-        run("ip", &["link", "add", &pod.host_veth, "type", "veth", "peer", "name", &pod_veth])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &pod.host_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &pod_veth,
+            ],
+        )?;
         run("ip", &["link", "set", &pod_veth, "netns", &pod.netns])?;
         pod.subnet = pick_subnet()?;
         let host_cidr = format!("{}/24", pod.host_ip());
@@ -96,7 +118,10 @@ impl SandboxPod {
         run("ip", &["addr", "add", &host_cidr, "dev", &pod.host_veth])?;
         run("ip", &["link", "set", &pod.host_veth, "up"])?;
         let ns = pod.netns.clone();
-        run("ip", &["-n", &ns, "addr", "add", &pod_cidr, "dev", &pod_veth])?;
+        run(
+            "ip",
+            &["-n", &ns, "addr", "add", &pod_cidr, "dev", &pod_veth],
+        )?;
         run("ip", &["-n", &ns, "link", "set", &pod_veth, "up"])?;
         run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
         Ok(pod)
@@ -131,7 +156,10 @@ impl SandboxPod {
     pub fn cgroup_id(&self) -> Result<u64, SandboxError> {
         std::fs::metadata(&self.cgroup)
             .map(|m| m.ino())
-            .map_err(|source| SandboxError::Io { path: self.cgroup.clone(), source })
+            .map_err(|source| SandboxError::Io {
+                path: self.cgroup.clone(),
+                source,
+            })
     }
 
     /// A command that runs `program` inside the pod: the shell moves itself into the pod's
@@ -185,8 +213,12 @@ pub fn cleanup_stale() {
     if let Ok(list) = run("ip", &["netns", "list"]) {
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
-            let Some(rest) = name.strip_prefix(NETNS_PREFIX) else { continue };
-            let Some((pid, token)) = rest.split_once('-') else { continue };
+            let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+                continue;
+            };
+            let Some((pid, token)) = rest.split_once('-') else {
+                continue;
+            };
             if !alive(pid) {
                 let cgroup = crate::ebpf::cgroup2_mount()
                     .map(|r| r.join(CGROUP_PARENT).join(format!("{pid}-{token}")))

@@ -84,12 +84,17 @@ pub struct Stack {
 
 impl std::fmt::Debug for Stack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stack").field("dir", &self.dir.path()).finish_non_exhaustive()
+        f.debug_struct("Stack")
+            .field("dir", &self.dir.path())
+            .finish_non_exhaustive()
     }
 }
 
 fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), StackError> {
-    std::fs::write(path, contents).map_err(|source| StackError::Io { path: path.to_owned(), source })
+    std::fs::write(path, contents).map_err(|source| StackError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Stack {
@@ -99,7 +104,10 @@ impl Stack {
         let dir = tempfile::Builder::new()
             .prefix("chaperone-stack-")
             .tempdir()
-            .map_err(|source| StackError::Io { path: std::env::temp_dir(), source })?;
+            .map_err(|source| StackError::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
         let root = dir.path();
         let (ca, ca_key) = CertificateAuthority::generate("chaperone-demo-cluster-ca")?;
         let ca_file = root.join("cluster-ca.crt");
@@ -120,7 +128,9 @@ impl Stack {
         .await
         .map_err(|e| StackError::ApiServer(e.to_string()))?;
         for object in opts.seed {
-            apiserver.seed(object).map_err(|e| StackError::ApiServer(e.to_string()))?;
+            apiserver
+                .seed(object)
+                .map_err(|e| StackError::ApiServer(e.to_string()))?;
         }
 
         let pod = SandboxPod::create()?;
@@ -132,7 +142,10 @@ impl Stack {
             }
             None => None,
         };
-        let recordings = opts.recordings_dir.clone().unwrap_or_else(|| root.join("recordings"));
+        let recordings = opts
+            .recordings_dir
+            .clone()
+            .unwrap_or_else(|| root.join("recordings"));
         let upstream_url = apiserver
             .url()
             .parse()
@@ -140,7 +153,9 @@ impl Stack {
         let config = Config {
             node: Some("sandbox-node".to_owned()),
             cluster: "sandbox".to_owned(),
-            listen: ListenConfig { address: (pod.host_ip(), PROXY_PORT).into() },
+            listen: ListenConfig {
+                address: (pod.host_ip(), PROXY_PORT).into(),
+            },
             interception: InterceptionConfig {
                 mode: InterceptionMode::Ebpf,
                 targets: vec![pod.virtual_api_server()],
@@ -184,7 +199,15 @@ impl Stack {
             ca = ca_file.display()
         );
         write(&root.join("kubeconfig"), kubeconfig)?;
-        Ok(Self { apiserver, app, pod, gateway_token, pod_token, dir, recordings })
+        Ok(Self {
+            apiserver,
+            app,
+            pod,
+            gateway_token,
+            pod_token,
+            dir,
+            recordings,
+        })
     }
 
     /// The stack's working directory (config, certificates, kubeconfig).
@@ -215,16 +238,35 @@ impl Stack {
             .kill_on_drop(true);
         match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
             Ok(out) => out,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("kubectl {args:?} took over 60 s"))),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("kubectl {args:?} took over 60 s"),
+            )),
         }
     }
 
     /// Shuts the gateway down (flushing recordings) and hands back what tests inspect
     /// afterwards; the sandbox pod and work directory go when that is dropped.
     pub async fn stop(self) -> Result<Stopped, StackError> {
-        let Self { apiserver, app, pod, gateway_token, pod_token, dir, recordings } = self;
+        let Self {
+            apiserver,
+            app,
+            pod,
+            gateway_token,
+            pod_token,
+            dir,
+            recordings,
+        } = self;
         let stats = app.shutdown().await?;
-        Ok(Stopped { stats, apiserver, gateway_token, pod_token, recordings, _pod: pod, _dir: dir })
+        Ok(Stopped {
+            stats,
+            apiserver,
+            gateway_token,
+            pod_token,
+            recordings,
+            _pod: pod,
+            _dir: dir,
+        })
     }
 }
 
