@@ -12,7 +12,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     config::{Config, InterceptionMode},
     drain::{self, DrainOutcome, DrainTrigger},
-    ebpf::{EbpfError, Interceptor},
+    ebpf::{EbpfError, Interceptor, InterceptorSettings},
     policy::{Policy, PolicyError},
     proxy::{GatewayToken, Proxy, ProxyError, ProxySettings},
     recorder::{Recorder, RecorderConfig, RecorderError, RecorderStats},
@@ -23,6 +23,8 @@ use crate::{
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How often the gateway token file is checked for changes.
 const TOKEN_REFRESH: Duration = Duration::from_secs(1);
+/// How often the daemon tells the kernel side it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Errors building or running the app; each names the subsystem at fault.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,7 @@ pub struct App {
     recorder_drain: DrainTrigger,
     recording_dir: PathBuf,
     grace: Duration,
+    detach_on_exit: bool,
 }
 
 impl std::fmt::Debug for App {
@@ -133,10 +136,13 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     })?;
 
     let interceptor = match cfg.interception.mode {
-        InterceptionMode::Ebpf => Some(Arc::new(Interceptor::attach(
-            &cfg.interception.targets,
-            local_addr,
-        )?)),
+        InterceptionMode::Ebpf => Some(Arc::new(Interceptor::attach(&InterceptorSettings {
+            targets: cfg.interception.targets.clone(),
+            proxy: local_addr,
+            pin_path: cfg.interception.pin_path.clone(),
+            fail_open_after: cfg.interception.fail_open_after,
+            connections_max: cfg.interception.max_connections,
+        })?)),
         InterceptionMode::None => None,
     };
 
@@ -154,6 +160,9 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    if let Some(interceptor) = &interceptor {
+        tokio::spawn(heartbeat_loop(interceptor.clone(), proxy_watch.clone()));
+    }
     let proxy_task = tokio::spawn(proxy.clone().serve(listener, server_tls, proxy_watch));
     tracing::info!(%local_addr, upstream = %cfg.upstream.url, "chaperone is ready");
     Ok(App {
@@ -166,7 +175,22 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         recorder_drain,
         recording_dir: cfg.recording.dir,
         grace: cfg.shutdown_grace,
+        detach_on_exit: cfg.interception.detach_on_exit,
     })
+}
+
+/// Keeps the kernel side's view of "the daemon is alive" fresh, for fail-open cgroups.
+async fn heartbeat_loop(interceptor: Arc<Interceptor>, drain: drain::DrainWatcher) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = drain.signaled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = interceptor.heartbeat() {
+            tracing::warn!(error = %e, "eBPF heartbeat failed");
+        }
+    }
 }
 
 impl App {
@@ -208,6 +232,7 @@ impl App {
             recorder_drain,
             interceptor,
             grace,
+            detach_on_exit,
             ..
         } = self;
         if proxy_drain.drain(grace).await == DrainOutcome::TimedOut {
@@ -221,7 +246,16 @@ impl App {
         // The recorder stops once every handle (held by the proxy and by rows still on their
         // way) is gone; the drain signal is only the last resort if one is stuck.
         drop(proxy);
-        drop(interceptor);
+        if let Some(interceptor) = interceptor {
+            if detach_on_exit {
+                match Arc::try_unwrap(interceptor) {
+                    Ok(i) => i.uninstall()?,
+                    Err(_) => tracing::warn!("eBPF programs still in use; not detached"),
+                }
+            } else {
+                tracing::info!("eBPF programs stay attached: intercepted pods fail closed until the next start");
+            }
+        }
         let join = recorder.join();
         tokio::pin!(join);
         let stats = tokio::select! {

@@ -6,7 +6,7 @@
 //! request.
 
 use std::{
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -100,16 +100,42 @@ pub enum InterceptionMode {
 }
 
 /// Kernel redirect settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InterceptionConfig {
     /// `ebpf` (default) or `none`.
     #[serde(default)]
     pub mode: InterceptionMode,
     /// API server addresses whose connections are redirected: the `kubernetes` Service
-    /// ClusterIP:port and the endpoint addresses.
+    /// ClusterIP:port and the endpoint addresses, IPv4 or IPv6 (`[fd00::1]:443`).
     #[serde(default)]
-    pub targets: Vec<SocketAddrV4>,
+    pub targets: Vec<SocketAddr>,
+    /// bpffs directory where programs and maps are pinned.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// Remove the programs when the daemon exits. The default (false) keeps them, so
+    /// intercepted pods fail closed while the daemon is down and a restart adopts them.
+    #[serde(default)]
+    pub detach_on_exit: bool,
+    /// Fail-open cgroups connect directly once the daemon has been silent this long.
+    #[serde(default = "default_fail_open_after", with = "duration")]
+    pub fail_open_after: Duration,
+    /// Capacity of the connection attribution maps (LRU).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for InterceptionConfig {
+    fn default() -> Self {
+        Self {
+            mode: InterceptionMode::default(),
+            targets: Vec::new(),
+            pin_path: default_pin_path(),
+            detach_on_exit: false,
+            fail_open_after: default_fail_open_after(),
+            max_connections: default_max_connections(),
+        }
+    }
 }
 
 /// The upstream API server and the gateway's credential for it.
@@ -170,6 +196,15 @@ pub struct RecordingConfig {
     pub max_file_age: Duration,
 }
 
+fn default_pin_path() -> PathBuf {
+    PathBuf::from(crate::ebpf::DEFAULT_PIN_PATH)
+}
+fn default_fail_open_after() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_connections() -> u32 {
+    gateway_common::CONNECTIONS_MAX
+}
 fn default_cluster() -> String {
     "default".to_owned()
 }
@@ -287,6 +322,9 @@ impl Config {
                 ));
             }
         }
+        if self.interception.max_connections < 1024 {
+            return Err(invalid("interception.maxConnections", "must be at least 1024".to_owned()));
+        }
         if self.recording.max_rows_per_file == 0 {
             return Err(invalid(
                 "recording.maxRowsPerFile",
@@ -330,7 +368,7 @@ impl Config {
     pub fn serving_ips(&self) -> Vec<IpAddr> {
         let mut ips = self.tls.server_ips.clone();
         for target in &self.interception.targets {
-            let ip = IpAddr::V4(*target.ip());
+            let ip = target.ip();
             if !ips.contains(&ip) {
                 ips.push(ip);
             }

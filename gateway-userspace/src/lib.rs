@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
+pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod recorder;

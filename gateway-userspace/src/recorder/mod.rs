@@ -380,10 +380,11 @@ impl Coordinator {
     ) -> Result<RecorderStats, RecorderError> {
         let mut draining = false;
         loop {
+            // A file age too large to represent simply never expires.
             let deadline = self
                 .open
                 .values()
-                .map(|p| p.opened_at + self.cfg.max_file_age)
+                .filter_map(|p| p.opened_at.checked_add(self.cfg.max_file_age))
                 .min();
             // Biased so a drain or a due rotation is not starved by a busy queue.
             let step = tokio::select! {
@@ -474,7 +475,11 @@ impl Coordinator {
         let expired: Vec<Date> = self
             .open
             .iter()
-            .filter(|(_, p)| p.opened_at + self.cfg.max_file_age <= now)
+            .filter(|(_, p)| {
+                p.opened_at
+                    .checked_add(self.cfg.max_file_age)
+                    .is_some_and(|due| due <= now)
+            })
             .map(|(date, _)| *date)
             .collect();
         for date in expired {

@@ -503,7 +503,12 @@ async fn drain_writes_queued_rows_and_refuses_new_ones() {
 #[tokio::test]
 async fn dropping_every_handle_flushes_and_stops() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (recorder, handle, _trigger) = start(config(dir.path()));
+    // An age too large for Instant arithmetic must mean "never", not a panic.
+    let cfg = RecorderConfig {
+        max_file_age: Duration::MAX,
+        ..config(dir.path())
+    };
+    let (recorder, handle, _trigger) = start(cfg);
     let clone = handle.clone();
     let t0 = ts("2025-03-04T10:00:00Z");
     record_all(&handle, &[full_row(1, t0)]).await;
@@ -722,7 +727,15 @@ async fn duckdb_and_pyarrow_read_the_directory_as_is() {
         .output();
     let missing = match &probe {
         Ok(out) if out.status.success() => None,
-        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        // The last line of the traceback names the missing module.
+        Ok(out) => Some(
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string(),
+        ),
         Err(e) => Some(format!("python3: {e}")),
     };
     if let Some(reason) = missing {

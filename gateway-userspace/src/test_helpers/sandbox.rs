@@ -10,7 +10,7 @@
 //! left behind (names carry the creating process id).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -71,6 +71,7 @@ fn run(program: &str, args: &[&str]) -> Result<String, SandboxError> {
 pub struct SandboxPod {
     netns: String,
     host_veth: String,
+    pod_veth: String,
     cgroup: PathBuf,
     subnet: u8,
 }
@@ -90,6 +91,7 @@ impl SandboxPod {
         let mut pod = Self {
             netns,
             host_veth,
+            pod_veth: pod_veth.clone(),
             cgroup,
             subnet: 0,
         };
@@ -140,6 +142,46 @@ impl SandboxPod {
     /// A virtual API server address inside the sandbox's subnet that nothing answers for.
     pub fn virtual_api_server(&self) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(169, 254, self.subnet, 100), 443)
+    }
+
+    /// Gives the pod IPv6 too: `fd77:<X>::2/64` on its side, `fd77:<X>::1/64` on the node's.
+    pub fn enable_ipv6(&self) -> Result<(), SandboxError> {
+        let pod_veth = &self.pod_veth;
+        let (host, pod) = (format!("{}/64", self.host_ip6()), format!("{}/64", self.pod_ip6()));
+        run("ip", &["-6", "addr", "add", &host, "dev", &self.host_veth, "nodad"])?;
+        run("ip", &["-n", &self.netns, "-6", "addr", "add", &pod, "dev", &pod_veth, "nodad"])?;
+        Ok(())
+    }
+
+    /// The node-side IPv6 address (after [`Self::enable_ipv6`]).
+    pub fn host_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, u16::from(self.subnet), 0, 0, 0, 0, 0, 1)
+    }
+
+    /// The pod's IPv6 address (after [`Self::enable_ipv6`]).
+    pub fn pod_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, u16::from(self.subnet), 0, 0, 0, 0, 0, 2)
+    }
+
+    /// A virtual IPv6 API server address inside the pod's IPv6 subnet.
+    pub fn virtual_api_server6(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(Ipv6Addr::new(0xfd77, u16::from(self.subnet), 0, 0, 0, 0, 0, 0x100), 443, 0, 0)
+    }
+
+    /// Lets the pod reach `ip` (an address of the node) through its veth, as pods reach
+    /// their node's address in a cluster.
+    pub fn route_to(&self, ip: Ipv4Addr) -> Result<(), SandboxError> {
+        let pod_veth = &self.pod_veth;
+        run("ip", &["-n", &self.netns, "route", "add", &format!("{ip}/32"), "dev", &pod_veth])?;
+        Ok(())
+    }
+
+    /// Makes the virtual API server address real on the node side, so a connection that is
+    /// *not* redirected reaches a listener the test owns instead of failing.
+    pub fn claim_virtual_api_server(&self) -> Result<(), SandboxError> {
+        let ip = format!("{}/32", self.virtual_api_server().ip());
+        run("ip", &["addr", "add", &ip, "dev", &self.host_veth])?;
+        Ok(())
     }
 
     /// The network namespace's name (`ip netns`), usable as `/run/netns/<name>`.

@@ -158,7 +158,11 @@ impl Stack {
             },
             interception: InterceptionConfig {
                 mode: InterceptionMode::Ebpf,
-                targets: vec![pod.virtual_api_server()],
+                targets: vec![pod.virtual_api_server().into()],
+                // Each stack pins under its own directory and removes it when it stops.
+                pin_path: PathBuf::from(format!("/sys/fs/bpf/chaperone-stack-{suffix}")),
+                detach_on_exit: true,
+                ..InterceptionConfig::default()
             },
             upstream: UpstreamConfig {
                 url: upstream_url,

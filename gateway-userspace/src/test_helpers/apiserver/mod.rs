@@ -6,7 +6,9 @@
 //! pods, secrets, configmaps, serviceaccounts and apps/v1 deployments with a global
 //! resourceVersion; get/list/watch/create/update/patch/delete/deletecollection; Tables for
 //! `kubectl get`; Status errors; static bearer-token authentication; and a log of every
-//! request it received so tests can assert exactly what reached it.
+//! request it received so tests can assert exactly what reached it. Pods can be exec'd
+//! into, attached to, port-forwarded to and have logs, like behind a kubelet (see
+//! `streams`: real host processes in a per-pod temporary directory, ports on 127.0.0.1).
 //!
 //! Simplified on purpose (each also noted where it is implemented): no protobuf (request
 //! bodies in `application/vnd.kubernetes.protobuf` get 415, so kubectl's typed-client
@@ -22,8 +24,12 @@
 )]
 
 mod discovery;
+mod exec;
 mod patch;
+mod portforward;
+mod spdy;
 mod store;
+mod streams;
 mod table;
 mod watch;
 
@@ -146,6 +152,7 @@ struct State {
     tokens: Vec<String>,
     seen: Mutex<Vec<SeenRequest>>,
     addr: SocketAddr,
+    runtime: streams::PodRuntime,
 }
 
 /// A running test API server. Dropping it without [`TestApiServer::shutdown`] also stops
@@ -202,6 +209,7 @@ impl TestApiServer {
             tokens: cfg.tokens,
             seen: Mutex::new(Vec::new()),
             addr,
+            runtime: streams::PodRuntime::default(),
         });
         let (trigger, watcher) = drain::channel();
         let accept_task = tokio::spawn(accept_loop(listener, acceptor, state.clone(), watcher));
@@ -264,6 +272,26 @@ impl TestApiServer {
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.state.store.resource_version()
+    }
+
+    /// The pod's working directory (created on first use): where its exec'd commands run
+    /// and where `kubectl cp` reads and writes.
+    pub fn pod_dir(
+        &self,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<std::path::PathBuf, ApiServerError> {
+        self.state
+            .runtime
+            .dir(namespace, pod)
+            .map_err(|e| ApiServerError::Seed(format!("pod directory for {namespace}/{pod}: {e}")))
+    }
+
+    /// Appends text to a pod's log (what `kubectl logs` shows; followers see it at once).
+    pub fn append_pod_log(&self, namespace: &str, pod: &str, text: &str) {
+        self.state
+            .runtime
+            .append_log(namespace, pod, text.as_bytes());
     }
 
     /// Forgets the watch history, as etcd compaction does: watches and continue tokens
@@ -336,7 +364,8 @@ async fn serve_connection(
         async move { Ok::<_, Infallible>(handle(state, req, drain).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    // Upgrades: exec, attach and port-forward (see `streams`).
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {
@@ -589,7 +618,11 @@ fn internal(message: &str) -> Status {
     )
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>, drain: DrainWatcher) -> Response<Body> {
+async fn handle(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+    drain: DrainWatcher,
+) -> Response<Body> {
     state.record(&req);
     if !state.authenticated(req.headers()) {
         return status_response(Status::failure(
@@ -597,6 +630,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, drain: DrainWatcher) 
             "Unauthorized",
             "Unauthorized",
         ));
+    }
+    // Streaming subresources take the connection over; they are routed before the body
+    // is read.
+    {
+        let path = req.uri().path().to_owned();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let Some(response) = streams::route(&state, &segs, &mut req, &drain) {
+            return response;
+        }
     }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {

@@ -5,7 +5,11 @@
 //! [`Proxy::handle`]: parse into Kubernetes request attributes, ask the policy, answer a
 //! denial with a `Status` 403 or forward upstream with the client's credentials replaced by
 //! the gateway's, stream the response back without buffering (watches), and record one
-//! row when the exchange ends.
+//! row when the exchange ends. Upgraded connections (exec, attach, port-forward) are
+//! relayed by [`upgrade`], whose taps decode the stream framing ([`frames`]).
+
+pub mod frames;
+pub mod upgrade;
 
 use std::{
     convert::Infallible,
@@ -143,6 +147,8 @@ pub struct Proxy {
     interceptor: Option<Arc<Interceptor>>,
     node: String,
     cluster: String,
+    dialer: upgrade::Dialer,
+    frame_sink: std::sync::RwLock<Option<Arc<dyn upgrade::FrameSink>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -193,6 +199,12 @@ impl Proxy {
         http.enforce_http(false);
         http.set_connect_timeout(Some(s.connect_timeout));
         http.set_nodelay(true);
+        let dialer = upgrade::Dialer::new(
+            s.upstream_tls.clone(),
+            &s.upstream_url,
+            s.upstream_server_name.clone(),
+            s.connect_timeout,
+        );
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(s.upstream_tls)
             .https_only();
@@ -217,7 +229,16 @@ impl Proxy {
             interceptor: s.interceptor,
             node: s.node,
             cluster: s.cluster,
+            dialer,
+            frame_sink: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Sends the decoded frames of every upgraded stream started from now on to `sink`.
+    pub fn set_frame_sink(&self, sink: Arc<dyn upgrade::FrameSink>) {
+        if let Ok(mut slot) = self.frame_sink.write() {
+            *slot = Some(sink);
+        }
     }
 
     /// Accepts connections until the drain starts, then lets in-flight requests finish.
@@ -346,6 +367,11 @@ impl Proxy {
             return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
         }
         record.decision = "allow".to_owned();
+        if let Some(protocol) = upgrade::upgrade_protocol(&req) {
+            return self
+                .forward_upgrade(req, protocol, record, started, audit_id)
+                .await;
+        }
         self.forward(req, record, started, audit_id).await
     }
 

@@ -1,0 +1,348 @@
+//! Who the caller claims to be: the bearer token a pod presents, verified, never trusted.
+//!
+//! The workload identity comes from the kernel and cannot be forged by the pod; the
+//! principal is a second, weaker claim on top of it. OIDC ID tokens are verified locally
+//! against the issuer's keys; every other token (ServiceAccount tokens in particular) is
+//! reviewed by the API server. Results are cached briefly under the token's SHA-256, so
+//! the token itself is never kept, and a ServiceAccount token that does not belong to the
+//! pod presenting it is flagged.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use http::HeaderValue;
+use sha2::{Digest as _, Sha256};
+
+use super::{
+    IdentityConfig, IdentityError, WorkloadIdentity,
+    oidc::{OidcVerifier, unverified_issuer},
+    tokenreview::TokenReviewer,
+};
+
+const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+const MAX_CACHE_ENTRIES: usize = 10_000;
+
+/// Why a token could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The token is bad (signature, expiry, audience, ...); the verdict is cached.
+    #[error("{0}")]
+    Invalid(String),
+    /// The token could not be checked right now (issuer or API server unreachable, key not
+    /// yet known); not cached, the next request tries again.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How the principal was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrincipalKind {
+    /// No `Authorization` header.
+    Anonymous,
+    /// A verified OIDC ID token.
+    Oidc,
+    /// A ServiceAccount token the API server authenticated.
+    ServiceAccount,
+    /// A token the API server authenticated as a user that is not a service account.
+    User,
+    /// A token that was presented but not accepted; `reason` says why.
+    Invalid,
+}
+
+impl PrincipalKind {
+    /// The lowercase name used in recordings and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anonymous => "anonymous",
+            Self::Oidc => "oidc",
+            Self::ServiceAccount => "serviceaccount",
+            Self::User => "user",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+/// The verified identity behind a request's bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// How it was established.
+    pub kind: PrincipalKind,
+    /// The user name (`system:serviceaccount:<ns>:<name>`, `<prefix><claim>`), if any.
+    pub subject: Option<String>,
+    /// The groups.
+    pub groups: Vec<String>,
+    /// Why the token was not accepted (kind `Invalid`).
+    pub reason: Option<String>,
+    /// Set when a ServiceAccount token belongs to a different service account than the pod
+    /// the kernel attributed the connection to.
+    pub mismatch: Option<String>,
+}
+
+impl Principal {
+    /// No credentials presented.
+    pub fn anonymous() -> Self {
+        Self {
+            kind: PrincipalKind::Anonymous,
+            subject: None,
+            groups: Vec::new(),
+            reason: None,
+            mismatch: None,
+        }
+    }
+
+    /// A presented credential that was not accepted.
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        Self {
+            kind: PrincipalKind::Invalid,
+            subject: None,
+            groups: Vec::new(),
+            reason: Some(reason.into()),
+            mismatch: None,
+        }
+    }
+
+    fn authenticated(kind: PrincipalKind, subject: String, groups: Vec<String>) -> Self {
+        Self {
+            kind,
+            subject: Some(subject),
+            groups,
+            reason: None,
+            mismatch: None,
+        }
+    }
+
+    /// `(namespace, name)` for a ServiceAccount principal.
+    pub fn service_account(&self) -> Option<(&str, &str)> {
+        if self.kind != PrincipalKind::ServiceAccount {
+            return None;
+        }
+        let rest = self
+            .subject
+            .as_deref()?
+            .strip_prefix(SERVICE_ACCOUNT_PREFIX)?;
+        let (namespace, name) = rest.split_once(':')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains(':'))
+            .then_some((namespace, name))
+    }
+}
+
+/// Compares a ServiceAccount principal with the kernel-attributed workload; `Some(reason)`
+/// when they disagree. Unknown workloads are not flagged (there is nothing to compare).
+pub fn service_account_mismatch(
+    principal: &Principal,
+    workload: &WorkloadIdentity,
+) -> Option<String> {
+    let (namespace, name) = principal.service_account()?;
+    let (Some(w_namespace), Some(w_sa)) = (&workload.namespace, &workload.service_account) else {
+        return None;
+    };
+    if namespace == w_namespace && name == w_sa {
+        return None;
+    }
+    Some(format!(
+        "token is for service account {namespace}/{name}, but the connection comes from pod {w_namespace}/{} which runs as {w_namespace}/{w_sa}",
+        workload.pod.as_deref().unwrap_or("?"),
+    ))
+}
+
+struct CacheEntry {
+    principal: Principal,
+    expires: Instant,
+}
+
+/// Verifies bearer tokens into principals, with a short cache keyed by token hash.
+pub struct PrincipalVerifier {
+    oidc: Vec<OidcVerifier>,
+    reviewer: Option<Arc<dyn TokenReviewer>>,
+    ttl: Duration,
+    cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+}
+
+impl std::fmt::Debug for PrincipalVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrincipalVerifier")
+            .field("oidc", &self.oidc)
+            .field("token_review", &self.reviewer.is_some())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrincipalVerifier {
+    /// A verifier over these issuers and reviewer, caching verdicts for `ttl`.
+    pub fn new(
+        oidc: Vec<OidcVerifier>,
+        reviewer: Option<Arc<dyn TokenReviewer>>,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            oidc,
+            reviewer,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Builds the OIDC verifiers of `config.oidc`; `reviewer` is the TokenReview client
+    /// (None when the gateway has no API server access, e.g. standalone).
+    pub fn from_config(
+        config: &IdentityConfig,
+        reviewer: Option<Arc<dyn TokenReviewer>>,
+    ) -> Result<Self, IdentityError> {
+        let oidc = config
+            .oidc
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.validate(&format!("identity.oidc[{i}]"))?;
+                OidcVerifier::new(c.clone())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::new(oidc, reviewer, config.token_cache_ttl))
+    }
+
+    /// Verifies the request's `Authorization` header (absent: anonymous) and checks a
+    /// ServiceAccount principal against `workload`.
+    pub async fn verify(
+        &self,
+        authorization: Option<&HeaderValue>,
+        workload: &WorkloadIdentity,
+    ) -> Principal {
+        let Some(header) = authorization else {
+            return Principal::anonymous();
+        };
+        let token = match bearer_token(header) {
+            Ok(token) => token,
+            Err(reason) => return Principal::invalid(reason),
+        };
+        let mut principal = self.verify_token(token).await;
+        principal.mismatch = service_account_mismatch(&principal, workload);
+        principal
+    }
+
+    /// Verifies a bare token (no workload check).
+    pub async fn verify_token(&self, token: &str) -> Principal {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cached(&key) {
+            return hit;
+        }
+        let (principal, expires) = match self.check(token).await {
+            Ok((principal, not_after)) => (principal, not_after),
+            Err(TokenError::Invalid(reason)) => (Principal::invalid(reason), None),
+            Err(TokenError::Unavailable(reason)) => return Principal::invalid(reason),
+        };
+        let mut until = Instant::now() + self.ttl;
+        if let Some(not_after) = expires {
+            until = until.min(not_after);
+        }
+        self.store(key, principal.clone(), until);
+        principal
+    }
+
+    /// Number of cached verdicts (tests, metrics).
+    pub fn cached_entries(&self) -> usize {
+        self.lock_cache().len()
+    }
+
+    async fn check(&self, token: &str) -> Result<(Principal, Option<Instant>), TokenError> {
+        let issuer = unverified_issuer(token);
+        if let Some(verifier) = issuer
+            .as_deref()
+            .and_then(|iss| self.oidc.iter().find(|v| v.issuer() == iss))
+        {
+            let user = verifier.verify(token).await?;
+            return Ok((
+                Principal::authenticated(PrincipalKind::Oidc, user.username, user.groups),
+                instant_of(user.expires_at),
+            ));
+        }
+        let Some(reviewer) = &self.reviewer else {
+            return Err(TokenError::Invalid(match issuer {
+                Some(iss) => format!(
+                    "token issuer '{iss}' is not a configured OIDC issuer and TokenReview is not enabled"
+                ),
+                None => "token is not from a configured OIDC issuer and TokenReview is not enabled"
+                    .to_owned(),
+            }));
+        };
+        let result = reviewer.review(token).await?;
+        if !result.authenticated {
+            return Err(TokenError::Invalid(result.error.unwrap_or_else(|| {
+                "the API server did not authenticate the token".to_owned()
+            })));
+        }
+        let kind = if result.username.starts_with(SERVICE_ACCOUNT_PREFIX) {
+            PrincipalKind::ServiceAccount
+        } else {
+            PrincipalKind::User
+        };
+        Ok((
+            Principal::authenticated(kind, result.username, result.groups),
+            None,
+        ))
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<Principal> {
+        let mut cache = self.lock_cache();
+        match cache.get(key) {
+            Some(entry) if entry.expires > Instant::now() => Some(entry.principal.clone()),
+            Some(_) => {
+                cache.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn store(&self, key: [u8; 32], principal: Principal, expires: Instant) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut cache = self.lock_cache();
+        if cache.len() >= MAX_CACHE_ENTRIES {
+            let now = Instant::now();
+            cache.retain(|_, e| e.expires > now);
+            if cache.len() >= MAX_CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(key, CacheEntry { principal, expires });
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], CacheEntry>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The token of a `Bearer` header, or why there is none.
+fn bearer_token(header: &HeaderValue) -> Result<&str, String> {
+    let value = header
+        .to_str()
+        .map_err(|_| "Authorization header is not printable ASCII".to_owned())?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(format!(
+            "unsupported Authorization scheme '{scheme}' (only Bearer tokens are verified)"
+        ));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("empty bearer token".to_owned());
+    }
+    Ok(token)
+}
+
+/// An `exp` (seconds since the epoch) as an `Instant`, if it is in the future.
+fn instant_of(exp: u64) -> Option<Instant> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    // exp may lie up to CLOCK_SKEW in the past for a token that verified.
+    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
+}

@@ -1,0 +1,210 @@
+//! Asking the API server who a token belongs to (`authentication.k8s.io/v1` TokenReview).
+//!
+//! ServiceAccount tokens (bound projected tokens and legacy secrets alike) can only be
+//! validated by the API server that issued them: it checks the signature, and that the bound
+//! pod/secret still exists. The gateway's own credential needs `create` on `tokenreviews`
+//! (the `system:auth-delegator` ClusterRole).
+
+use futures_util::future::BoxFuture;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+
+use super::principal::TokenError;
+
+/// What the API server said about a token.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReviewResult {
+    /// Whether the token authenticated.
+    pub authenticated: bool,
+    /// The user name (`system:serviceaccount:<ns>:<name>` for ServiceAccount tokens).
+    pub username: String,
+    /// The user's groups.
+    pub groups: Vec<String>,
+    /// The API server's reason when the token did not authenticate.
+    pub error: Option<String>,
+}
+
+/// Reviews bearer tokens; implemented against the API server and by a fake for tests.
+pub trait TokenReviewer: Send + Sync + 'static {
+    /// Reviews one token. `Err` means the review could not be made (API server unreachable,
+    /// forbidden), not that the token is bad.
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewResult, TokenError>>;
+}
+
+/// TokenReview through kube-rs.
+#[derive(Clone)]
+pub struct KubeTokenReviewer {
+    client: kube::Client,
+    audiences: Vec<String>,
+}
+
+impl std::fmt::Debug for KubeTokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeTokenReviewer")
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeTokenReviewer {
+    /// A reviewer that posts TokenReviews with `audiences` (empty: the API server's own).
+    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
+        Self { client, audiences }
+    }
+
+    /// The TokenReview object sent for `token`.
+    pub fn request(token: &str, audiences: &[String]) -> TokenReview {
+        TokenReview {
+            metadata: Default::default(),
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
+            },
+            status: None,
+        }
+    }
+
+    /// Reads the answer out of a returned TokenReview.
+    pub fn result(review: &TokenReview) -> ReviewResult {
+        let Some(status) = &review.status else {
+            return ReviewResult {
+                error: Some("TokenReview returned no status".to_owned()),
+                ..ReviewResult::default()
+            };
+        };
+        let user = status.user.as_ref();
+        ReviewResult {
+            authenticated: status.authenticated.unwrap_or(false),
+            username: user.and_then(|u| u.username.clone()).unwrap_or_default(),
+            groups: user.and_then(|u| u.groups.clone()).unwrap_or_default(),
+            error: status.error.clone().filter(|e| !e.is_empty()),
+        }
+    }
+}
+
+impl TokenReviewer for KubeTokenReviewer {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewResult, TokenError>> {
+        Box::pin(async move {
+            let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+            let created = api
+                .create(
+                    &kube::api::PostParams::default(),
+                    &Self::request(token, &self.audiences),
+                )
+                .await
+                .map_err(|e| TokenError::Unavailable(format!("TokenReview failed: {e}")))?;
+            Ok(Self::result(&created))
+        })
+    }
+}
+
+/// A reviewer with a fixed answer per token, counting calls (tests).
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Default)]
+pub struct FakeTokenReviewer {
+    answers: std::sync::Mutex<std::collections::HashMap<String, Result<ReviewResult, String>>>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl FakeTokenReviewer {
+    /// A reviewer that knows no token (every review says unauthenticated).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `token` authenticates as `username` with `groups`.
+    pub fn authenticate(&self, token: &str, username: &str, groups: &[&str]) {
+        self.set(
+            token,
+            Ok(ReviewResult {
+                authenticated: true,
+                username: username.to_owned(),
+                groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                error: None,
+            }),
+        );
+    }
+
+    /// Reviews of `token` fail as if the API server were unreachable.
+    pub fn fail(&self, token: &str, message: &str) {
+        self.set(token, Err(message.to_owned()));
+    }
+
+    /// How many reviews were made.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set(&self, token: &str, answer: Result<ReviewResult, String>) {
+        self.answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(token.to_owned(), answer);
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl TokenReviewer for FakeTokenReviewer {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewResult, TokenError>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let answer = self
+            .answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(token)
+            .cloned();
+        Box::pin(async move {
+            match answer {
+                Some(Ok(result)) => Ok(result),
+                Some(Err(message)) => Err(TokenError::Unavailable(message)),
+                None => Ok(ReviewResult {
+                    authenticated: false,
+                    error: Some("invalid bearer token".to_owned()),
+                    ..ReviewResult::default()
+                }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+
+    use super::*;
+
+    #[test]
+    fn request_and_result_mapping() {
+        let req = KubeTokenReviewer::request("tok", &["https://kubernetes.default.svc".to_owned()]);
+        let json = serde_json::to_value(&req).expect("serialize");
+        assert_eq!(json["apiVersion"], "authentication.k8s.io/v1");
+        assert_eq!(json["kind"], "TokenReview");
+        assert_eq!(json["spec"]["token"], "tok");
+        assert_eq!(
+            json["spec"]["audiences"][0],
+            "https://kubernetes.default.svc"
+        );
+        assert!(
+            KubeTokenReviewer::request("t", &[])
+                .spec
+                .audiences
+                .is_none()
+        );
+
+        let mut review = req;
+        assert!(!KubeTokenReviewer::result(&review).authenticated);
+        review.status = Some(TokenReviewStatus {
+            authenticated: Some(true),
+            user: Some(UserInfo {
+                username: Some("system:serviceaccount:ns:sa".to_owned()),
+                groups: Some(vec!["system:serviceaccounts".to_owned()]),
+                ..UserInfo::default()
+            }),
+            ..TokenReviewStatus::default()
+        });
+        let result = KubeTokenReviewer::result(&review);
+        assert!(result.authenticated);
+        assert_eq!(result.username, "system:serviceaccount:ns:sa");
+        assert_eq!(result.groups, ["system:serviceaccounts"]);
+    }
+}

@@ -1,0 +1,795 @@
+//! Decoders (and, for the test API server, encoders) for the framing inside upgraded
+//! Kubernetes streams: WebSocket (RFC 6455) carrying the `channel.k8s.io` protocols, and
+//! SPDY/3.1 as spoken by `moby/spdystream` (exec, attach, port-forward).
+//!
+//! The decoders are passive: they are fed whatever bytes the relay happened to read, in
+//! any chunking, and return whole frames. They never block and never own the connection;
+//! a decoding error only means the tap stops understanding the stream
+//! (`shared/k8s-wire-reference.md` sections 7.3 to 7.6).
+
+use std::sync::OnceLock;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// Largest WebSocket message (after reassembly of fragments) the tap decodes; longer
+/// ones stop decoding (kubectl sends at most 32 KiB per message).
+pub const MAX_WS_MESSAGE: usize = 8 * 1024 * 1024;
+/// Largest decompressed SPDY header block accepted.
+pub const MAX_HEADER_BLOCK: usize = 1024 * 1024;
+
+/// Errors decoding a stream; after one, the decoder refuses further input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A WebSocket frame violates RFC 6455.
+    #[error("WebSocket: {0}")]
+    WebSocket(String),
+    /// A SPDY frame violates SPDY/3.1 or spdystream's use of it.
+    #[error("SPDY: {0}")]
+    Spdy(String),
+    /// The SPDY header block does not inflate with the SPDY/3 dictionary.
+    #[error("SPDY header block: {0}")]
+    HeaderBlock(String),
+    /// The decoder already failed and ignores further input.
+    #[error("decoder stopped after an earlier error")]
+    Stopped,
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket
+
+/// WebSocket opcodes the tap distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsOpcode {
+    /// UTF-8 text message.
+    Text,
+    /// Binary message.
+    Binary,
+    /// Close frame.
+    Close,
+    /// Ping frame.
+    Ping,
+    /// Pong frame.
+    Pong,
+}
+
+/// One whole WebSocket message (data frames reassembled, payload unmasked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsMessage {
+    /// The message type.
+    pub opcode: WsOpcode,
+    /// The unmasked payload.
+    pub payload: Vec<u8>,
+}
+
+/// Incremental, passive WebSocket frame decoder for one direction.
+#[derive(Debug, Default)]
+pub struct WsDecoder {
+    buf: Vec<u8>,
+    fragments: Option<(WsOpcode, Vec<u8>)>,
+    failed: bool,
+}
+
+impl WsDecoder {
+    /// A decoder at the start of a stream (right after the 101 response).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds bytes and returns every message they complete.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<WsMessage>, FrameError> {
+        if self.failed {
+            return Err(FrameError::Stopped);
+        }
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            match self.next_frame() {
+                Ok(Some(msg)) => {
+                    if let Some(m) = msg {
+                        out.push(m);
+                    }
+                }
+                Ok(None) => return Ok(out),
+                Err(e) => {
+                    self.failed = true;
+                    self.buf = Vec::new();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Parses one frame from the buffer: `Ok(None)` = need more bytes; `Ok(Some(None))` =
+    /// a fragment was consumed without completing a message.
+    fn next_frame(&mut self) -> Result<Option<Option<WsMessage>>, FrameError> {
+        let b = &self.buf;
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        let fin = b[0] & 0x80 != 0;
+        if b[0] & 0x70 != 0 {
+            return Err(FrameError::WebSocket(
+                "reserved bits set (a negotiated extension such as permessage-deflate?)".into(),
+            ));
+        }
+        let opcode = b[0] & 0x0f;
+        let masked = b[1] & 0x80 != 0;
+        let (len, mut pos) = match b[1] & 0x7f {
+            126 => {
+                if b.len() < 4 {
+                    return Ok(None);
+                }
+                (u64::from(u16::from_be_bytes([b[2], b[3]])), 4)
+            }
+            127 => {
+                if b.len() < 10 {
+                    return Ok(None);
+                }
+                let mut l = [0u8; 8];
+                l.copy_from_slice(&b[2..10]);
+                (u64::from_be_bytes(l), 10)
+            }
+            n => (u64::from(n), 2),
+        };
+        if len > MAX_WS_MESSAGE as u64 {
+            return Err(FrameError::WebSocket(format!(
+                "frame of {len} bytes exceeds the {MAX_WS_MESSAGE}-byte limit"
+            )));
+        }
+        let len = len as usize;
+        let mask = if masked {
+            if b.len() < pos + 4 {
+                return Ok(None);
+            }
+            let m = [b[pos], b[pos + 1], b[pos + 2], b[pos + 3]];
+            pos += 4;
+            Some(m)
+        } else {
+            None
+        };
+        if b.len() < pos + len {
+            return Ok(None);
+        }
+        let mut payload: Vec<u8> = self.buf[pos..pos + len].to_vec();
+        self.buf.drain(..pos + len);
+        if let Some(m) = mask {
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= m[i % 4];
+            }
+        }
+        let control = |op| match op {
+            0x8 => Some(WsOpcode::Close),
+            0x9 => Some(WsOpcode::Ping),
+            0xA => Some(WsOpcode::Pong),
+            _ => None,
+        };
+        match opcode {
+            0x0 => {
+                let Some((op, mut acc)) = self.fragments.take() else {
+                    return Err(FrameError::WebSocket(
+                        "continuation frame without a started message".into(),
+                    ));
+                };
+                if acc.len() + payload.len() > MAX_WS_MESSAGE {
+                    return Err(FrameError::WebSocket(format!(
+                        "fragmented message exceeds the {MAX_WS_MESSAGE}-byte limit"
+                    )));
+                }
+                acc.extend_from_slice(&payload);
+                if fin {
+                    Ok(Some(Some(WsMessage {
+                        opcode: op,
+                        payload: acc,
+                    })))
+                } else {
+                    self.fragments = Some((op, acc));
+                    Ok(Some(None))
+                }
+            }
+            0x1 | 0x2 => {
+                if self.fragments.is_some() {
+                    return Err(FrameError::WebSocket(
+                        "new data frame inside a fragmented message".into(),
+                    ));
+                }
+                let op = if opcode == 1 {
+                    WsOpcode::Text
+                } else {
+                    WsOpcode::Binary
+                };
+                if fin {
+                    Ok(Some(Some(WsMessage {
+                        opcode: op,
+                        payload,
+                    })))
+                } else {
+                    self.fragments = Some((op, payload));
+                    Ok(Some(None))
+                }
+            }
+            op => match control(op) {
+                Some(_) if !fin || len > 125 => Err(FrameError::WebSocket(format!(
+                    "control frame 0x{op:x} fragmented or longer than 125 bytes"
+                ))),
+                Some(c) => Ok(Some(Some(WsMessage { opcode: c, payload }))),
+                None => Err(FrameError::WebSocket(format!("unknown opcode 0x{op:x}"))),
+            },
+        }
+    }
+}
+
+/// Encodes one unfragmented WebSocket frame (`mask` for client-to-server frames).
+pub fn ws_encode(opcode: WsOpcode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let op = match opcode {
+        WsOpcode::Text => 0x1,
+        WsOpcode::Binary => 0x2,
+        WsOpcode::Close => 0x8,
+        WsOpcode::Ping => 0x9,
+        WsOpcode::Pong => 0xA,
+    };
+    let mut out = vec![0x80 | op];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(m) => {
+            out.extend_from_slice(&m);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// SPDY/3.1
+
+/// SPDY control frame types (SPDY/3 section 2.6).
+pub mod spdy_type {
+    /// SYN_STREAM.
+    pub const SYN_STREAM: u16 = 1;
+    /// SYN_REPLY.
+    pub const SYN_REPLY: u16 = 2;
+    /// RST_STREAM.
+    pub const RST_STREAM: u16 = 3;
+    /// SETTINGS.
+    pub const SETTINGS: u16 = 4;
+    /// PING.
+    pub const PING: u16 = 6;
+    /// GOAWAY.
+    pub const GOAWAY: u16 = 7;
+    /// HEADERS.
+    pub const HEADERS: u16 = 8;
+    /// WINDOW_UPDATE.
+    pub const WINDOW_UPDATE: u16 = 9;
+}
+
+/// FLAG_FIN on SYN_STREAM, SYN_REPLY, HEADERS and DATA.
+pub const SPDY_FLAG_FIN: u8 = 0x01;
+
+/// A header block: lowercase names; multiple values stay NUL-joined as on the wire.
+pub type SpdyHeaders = Vec<(String, String)>;
+
+/// One decoded SPDY/3 frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpdyFrame {
+    /// A peer opens a stream.
+    SynStream {
+        /// Stream id.
+        id: u32,
+        /// Associated stream id.
+        associated: u32,
+        /// Frame flags.
+        flags: u8,
+        /// Decompressed headers.
+        headers: SpdyHeaders,
+    },
+    /// The answer to a SYN_STREAM.
+    SynReply {
+        /// Stream id.
+        id: u32,
+        /// Frame flags.
+        flags: u8,
+        /// Decompressed headers.
+        headers: SpdyHeaders,
+    },
+    /// A stream is reset.
+    RstStream {
+        /// Stream id.
+        id: u32,
+        /// Status code.
+        status: u32,
+    },
+    /// Additional headers on a stream.
+    Headers {
+        /// Stream id.
+        id: u32,
+        /// Frame flags.
+        flags: u8,
+        /// Decompressed headers.
+        headers: SpdyHeaders,
+    },
+    /// A ping to echo.
+    Ping(u32),
+    /// The session ends.
+    GoAway {
+        /// Last stream id the sender processed.
+        last_good: u32,
+        /// Status code.
+        status: u32,
+    },
+    /// SETTINGS, WINDOW_UPDATE or an unknown control frame: no effect on the streams.
+    OtherControl {
+        /// Control frame type.
+        kind: u16,
+    },
+    /// Stream data.
+    Data {
+        /// Stream id.
+        id: u32,
+        /// Frame flags (`SPDY_FLAG_FIN` half-closes).
+        flags: u8,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+}
+
+impl SpdyFrame {
+    /// Whether the frame carries FLAG_FIN.
+    pub fn fin(&self) -> bool {
+        match self {
+            SpdyFrame::SynStream { flags, .. }
+            | SpdyFrame::SynReply { flags, .. }
+            | SpdyFrame::Headers { flags, .. }
+            | SpdyFrame::Data { flags, .. } => flags & SPDY_FLAG_FIN != 0,
+            _ => false,
+        }
+    }
+}
+
+/// A header's value by (lowercase) name.
+pub fn spdy_header<'a>(headers: &'a SpdyHeaders, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The SPDY/3 header compression dictionary (SPDY/3 draft section 2.6.10.1; identical to
+/// `spdystream`'s `headerDictionary`): length-prefixed header names, then literal text.
+pub fn spdy_dictionary() -> &'static [u8] {
+    static DICT: OnceLock<Vec<u8>> = OnceLock::new();
+    DICT.get_or_init(|| {
+        const WORDS: [&str; 65] = [
+            "options",
+            "head",
+            "post",
+            "put",
+            "delete",
+            "trace",
+            "accept",
+            "accept-charset",
+            "accept-encoding",
+            "accept-language",
+            "accept-ranges",
+            "age",
+            "allow",
+            "authorization",
+            "cache-control",
+            "connection",
+            "content-base",
+            "content-encoding",
+            "content-language",
+            "content-length",
+            "content-location",
+            "content-md5",
+            "content-range",
+            "content-type",
+            "date",
+            "etag",
+            "expect",
+            "expires",
+            "from",
+            "host",
+            "if-match",
+            "if-modified-since",
+            "if-none-match",
+            "if-range",
+            "if-unmodified-since",
+            "last-modified",
+            "location",
+            "max-forwards",
+            "pragma",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "range",
+            "referer",
+            "retry-after",
+            "server",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "user-agent",
+            "vary",
+            "via",
+            "warning",
+            "www-authenticate",
+            "method",
+            "get",
+            "status",
+            "200 OK",
+            "version",
+            "HTTP/1.1",
+            "url",
+            "public",
+            "set-cookie",
+            "keep-alive",
+            "origin",
+        ];
+        const TAIL: &str = "100101201202205206300302303304305306307402405406407408409410411412\
+413414415416417502504505203 Non-Authoritative Information204 No Content301 Moved \
+Permanently400 Bad Request401 Unauthorized403 Forbidden404 Not Found500 Internal Server \
+Error501 Not Implemented503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug Sept Oct Nov \
+Dec 00:00:00 Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMTchunked,text/html,image/png,image/jpg,\
+image/gif,application/xml,application/xhtml+xml,text/plain,text/javascript,publicprivate\
+max-age=gzip,deflate,sdchcharset=utf-8charset=iso-8859-1,utf-,*,enq=0.";
+        let mut d = Vec::with_capacity(1423);
+        for w in WORDS {
+            d.extend_from_slice(&(w.len() as u32).to_be_bytes());
+            d.extend_from_slice(w.as_bytes());
+        }
+        d.extend_from_slice(TAIL.as_bytes());
+        d
+    })
+}
+
+/// Incremental SPDY/3 frame decoder for one direction, with that direction's zlib
+/// context for header blocks.
+pub struct SpdyDecoder {
+    buf: Vec<u8>,
+    inflate: Decompress,
+    dictionary_set: bool,
+    failed: bool,
+}
+
+impl std::fmt::Debug for SpdyDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpdyDecoder")
+            .field("buffered", &self.buf.len())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SpdyDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SpdyDecoder {
+    /// A decoder at the start of a session.
+    pub fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            inflate: Decompress::new(true),
+            dictionary_set: false,
+            failed: false,
+        }
+    }
+
+    /// Feeds bytes and returns every frame they complete.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<SpdyFrame>, FrameError> {
+        if self.failed {
+            return Err(FrameError::Stopped);
+        }
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            match self.next_frame() {
+                Ok(Some(f)) => out.push(f),
+                Ok(None) => return Ok(out),
+                Err(e) => {
+                    self.failed = true;
+                    self.buf = Vec::new();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn next_frame(&mut self) -> Result<Option<SpdyFrame>, FrameError> {
+        if self.buf.len() < 8 {
+            return Ok(None);
+        }
+        let b = &self.buf;
+        let flags = b[4];
+        let len = (usize::from(b[5]) << 16) | (usize::from(b[6]) << 8) | usize::from(b[7]);
+        if b.len() < 8 + len {
+            return Ok(None);
+        }
+        let body: Vec<u8> = b[8..8 + len].to_vec();
+        let control = b[0] & 0x80 != 0;
+        let word = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        self.buf.drain(..8 + len);
+        if !control {
+            return Ok(Some(SpdyFrame::Data {
+                id: word & 0x7fff_ffff,
+                flags,
+                payload: body,
+            }));
+        }
+        let version = (word >> 16) & 0x7fff;
+        if version != 3 {
+            return Err(FrameError::Spdy(format!("unsupported version {version}")));
+        }
+        let kind = (word & 0xffff) as u16;
+        let u32_at = |at: usize| -> Result<u32, FrameError> {
+            body.get(at..at + 4)
+                .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+                .ok_or_else(|| {
+                    FrameError::Spdy(format!("control frame type {kind} too short ({len} bytes)"))
+                })
+        };
+        use spdy_type::*;
+        let frame = match kind {
+            SYN_STREAM => {
+                let id = u32_at(0)? & 0x7fff_ffff;
+                let associated = u32_at(4)? & 0x7fff_ffff;
+                let headers = self.headers(body.get(10..).unwrap_or_default())?;
+                SpdyFrame::SynStream {
+                    id,
+                    associated,
+                    flags,
+                    headers,
+                }
+            }
+            SYN_REPLY | HEADERS => {
+                let id = u32_at(0)? & 0x7fff_ffff;
+                let headers = self.headers(body.get(4..).unwrap_or_default())?;
+                if kind == SYN_REPLY {
+                    SpdyFrame::SynReply { id, flags, headers }
+                } else {
+                    SpdyFrame::Headers { id, flags, headers }
+                }
+            }
+            RST_STREAM => SpdyFrame::RstStream {
+                id: u32_at(0)? & 0x7fff_ffff,
+                status: u32_at(4)?,
+            },
+            PING => SpdyFrame::Ping(u32_at(0)?),
+            GOAWAY => SpdyFrame::GoAway {
+                last_good: u32_at(0)? & 0x7fff_ffff,
+                status: u32_at(4).unwrap_or(0),
+            },
+            other => SpdyFrame::OtherControl { kind: other },
+        };
+        Ok(Some(frame))
+    }
+
+    /// Inflates one header block with the session's shared zlib context and parses it.
+    fn headers(&mut self, compressed: &[u8]) -> Result<SpdyHeaders, FrameError> {
+        let mut plain: Vec<u8> = Vec::with_capacity(compressed.len() * 4 + 64);
+        let mut input = compressed;
+        loop {
+            if plain.capacity() - plain.len() < 256 {
+                plain.reserve(plain.capacity().max(1024));
+            }
+            if plain.len() > MAX_HEADER_BLOCK {
+                return Err(FrameError::HeaderBlock(format!(
+                    "more than {MAX_HEADER_BLOCK} bytes after inflating"
+                )));
+            }
+            let before_in = self.inflate.total_in();
+            let before_out = self.inflate.total_out();
+            match self
+                .inflate
+                .decompress_vec(input, &mut plain, FlushDecompress::Sync)
+            {
+                Ok(status) => {
+                    let consumed = (self.inflate.total_in() - before_in) as usize;
+                    input = &input[consumed..];
+                    let produced = self.inflate.total_out() - before_out;
+                    if input.is_empty() && plain.capacity() > plain.len() {
+                        break;
+                    }
+                    if status == Status::StreamEnd {
+                        return Err(FrameError::HeaderBlock(
+                            "the zlib stream ended (peer closed its compressor)".into(),
+                        ));
+                    }
+                    if consumed == 0 && produced == 0 && plain.capacity() > plain.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.needs_dictionary().is_some() && !self.dictionary_set => {
+                    let consumed = (self.inflate.total_in() - before_in) as usize;
+                    input = &input[consumed..];
+                    self.inflate
+                        .set_dictionary(spdy_dictionary())
+                        .map_err(|e| FrameError::HeaderBlock(format!("set dictionary: {e}")))?;
+                    self.dictionary_set = true;
+                }
+                Err(e) => return Err(FrameError::HeaderBlock(e.to_string())),
+            }
+        }
+        parse_header_block(&plain)
+    }
+}
+
+/// Parses an inflated SPDY/3 header block.
+pub fn parse_header_block(plain: &[u8]) -> Result<SpdyHeaders, FrameError> {
+    let mut pos = 0usize;
+    let take_u32 = |pos: &mut usize| -> Result<usize, FrameError> {
+        let s = plain
+            .get(*pos..*pos + 4)
+            .ok_or_else(|| FrameError::HeaderBlock("truncated length".into()))?;
+        *pos += 4;
+        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+    };
+    let count = take_u32(&mut pos)?;
+    if count > plain.len() / 8 + 1 {
+        return Err(FrameError::HeaderBlock(format!(
+            "{count} headers announced in a {}-byte block",
+            plain.len()
+        )));
+    }
+    let mut headers = Vec::with_capacity(count);
+    for i in 0..count {
+        let text = |pos: &mut usize| -> Result<String, FrameError> {
+            let n = take_u32(pos)?;
+            let s = plain.get(*pos..*pos + n).ok_or_else(|| {
+                FrameError::HeaderBlock(format!("header {i}: length {n} past the end"))
+            })?;
+            *pos += n;
+            Ok(String::from_utf8_lossy(s).into_owned())
+        };
+        let name = text(&mut pos)?;
+        let value = text(&mut pos)?;
+        headers.push((name.to_ascii_lowercase(), value));
+    }
+    Ok(headers)
+}
+
+/// Serialises a header block before compression.
+pub fn build_header_block(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    for (k, v) in headers {
+        let k = k.to_ascii_lowercase();
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+/// SPDY/3 frame encoder for one direction, with that direction's zlib context.
+pub struct SpdyEncoder {
+    deflate: Compress,
+}
+
+impl std::fmt::Debug for SpdyEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpdyEncoder").finish_non_exhaustive()
+    }
+}
+
+impl SpdyEncoder {
+    /// An encoder at the start of a session, its compressor primed with the dictionary.
+    pub fn new() -> Result<Self, FrameError> {
+        let mut deflate = Compress::new(Compression::default(), true);
+        deflate
+            .set_dictionary(spdy_dictionary())
+            .map_err(|e| FrameError::HeaderBlock(format!("set dictionary: {e}")))?;
+        Ok(Self { deflate })
+    }
+
+    fn compress(&mut self, headers: &[(&str, &str)]) -> Result<Vec<u8>, FrameError> {
+        let plain = build_header_block(headers);
+        let mut out = Vec::with_capacity(plain.len() + 64);
+        let mut input = &plain[..];
+        loop {
+            out.reserve(256);
+            let before = self.deflate.total_in();
+            self.deflate
+                .compress_vec(input, &mut out, FlushCompress::Sync)
+                .map_err(|e| FrameError::HeaderBlock(e.to_string()))?;
+            input = &input[(self.deflate.total_in() - before) as usize..];
+            // A sync flush is complete when input is consumed and output space remains.
+            if input.is_empty() && out.len() < out.capacity() {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn control(kind: u16, flags: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + body.len());
+        out.extend_from_slice(&[0x80, 0x03]);
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.push(flags);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// SYN_STREAM (used by tests acting as the client).
+    pub fn syn_stream(
+        &mut self,
+        id: u32,
+        flags: u8,
+        headers: &[(&str, &str)],
+    ) -> Result<Vec<u8>, FrameError> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(&0u32.to_be_bytes());
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&self.compress(headers)?);
+        Ok(Self::control(spdy_type::SYN_STREAM, flags, &body))
+    }
+
+    /// SYN_REPLY.
+    pub fn syn_reply(
+        &mut self,
+        id: u32,
+        flags: u8,
+        headers: &[(&str, &str)],
+    ) -> Result<Vec<u8>, FrameError> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&self.compress(headers)?);
+        Ok(Self::control(spdy_type::SYN_REPLY, flags, &body))
+    }
+
+    /// PING.
+    pub fn ping(id: u32) -> Vec<u8> {
+        Self::control(spdy_type::PING, 0, &id.to_be_bytes())
+    }
+
+    /// GOAWAY with status OK.
+    pub fn goaway(last_good: u32) -> Vec<u8> {
+        let mut body = last_good.to_be_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_be_bytes());
+        Self::control(spdy_type::GOAWAY, 0, &body)
+    }
+
+    /// RST_STREAM.
+    pub fn rst_stream(id: u32, status: u32) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(&status.to_be_bytes());
+        Self::control(spdy_type::RST_STREAM, 0, &body)
+    }
+
+    /// DATA frames for `payload` (split at the 24-bit length limit; an empty payload with
+    /// `fin` is the half-close).
+    pub fn data(id: u32, payload: &[u8], fin: bool) -> Vec<u8> {
+        const MAX: usize = 0x00ff_ffff;
+        let mut out = Vec::with_capacity(payload.len() + 8);
+        let mut chunks: Vec<&[u8]> = payload.chunks(MAX).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        for (i, c) in chunks.into_iter().enumerate() {
+            out.extend_from_slice(&(id & 0x7fff_ffff).to_be_bytes());
+            out.push(if fin && i == last { SPDY_FLAG_FIN } else { 0 });
+            out.extend_from_slice(&(c.len() as u32).to_be_bytes()[1..]);
+            out.extend_from_slice(c);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "frames_tests.rs"]
+mod tests;

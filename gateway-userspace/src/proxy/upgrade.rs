@@ -1,0 +1,734 @@
+//! Upgraded connections: `kubectl exec/attach/port-forward/cp` (WebSocket or SPDY/3.1).
+//!
+//! After the policy allows the request, it goes to the API server over a dedicated
+//! HTTP/1.1 connection (TLS verified against the cluster CA, ALPN `http/1.1` only, the
+//! gateway's token instead of the client's credentials) with its Upgrade, Connection,
+//! `Sec-WebSocket-*` and `X-Stream-Protocol-Version` headers intact. A non-101 answer goes
+//! back like any response; a 101 is relayed, then bytes flow both ways until both sides
+//! are done. Each direction is tapped into a frame decoder ([`super::frames`]) whose
+//! events feed counters and an optional [`FrameSink`]; a decoding error only stops the
+//! decoding, never the relay. The request's row is written when the stream ends.
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::{
+    BoxError, CountingBody, Metered, Proxy, ProxyBody, RecordGuard, error_chain, insert_audit_id,
+    sanitize_request_headers, strip_hop_by_hop, upstream_uri,
+};
+use crate::{
+    proxy::frames::{
+        FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header,
+    },
+    recorder::RequestRecord,
+    status::Status,
+};
+
+/// Relay buffer per direction.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Which upgrade protocol a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeProtocol {
+    /// `Upgrade: websocket`.
+    WebSocket,
+    /// `Upgrade: SPDY/3.1`.
+    Spdy,
+}
+
+/// The upgrade protocol of an HTTP/1.1 request with `Connection: Upgrade`, if it is one
+/// the gateway relays; other upgrade requests are forwarded as plain requests (with the
+/// Upgrade header removed), as before.
+pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<UpgradeProtocol> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return None;
+    }
+    let upgrade = req.headers().get(header::UPGRADE)?.to_str().ok()?.trim();
+    if upgrade.eq_ignore_ascii_case("websocket") {
+        Some(UpgradeProtocol::WebSocket)
+    } else if upgrade.eq_ignore_ascii_case("SPDY/3.1") {
+        Some(UpgradeProtocol::Spdy)
+    } else {
+        None
+    }
+}
+
+/// Which way a frame went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the client (the agent) to the API server.
+    ToServer,
+    /// From the API server to the client.
+    ToClient,
+}
+
+/// The logical stream a frame belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StreamChannel {
+    /// The process's standard input.
+    Stdin,
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// The error channel (the final Status).
+    Error,
+    /// Terminal resize events.
+    Resize,
+    /// A `channel.k8s.io` v5 CLOSE message.
+    Close,
+    /// Port-forward data for a remote port (`None` when the port is not known).
+    PortForwardData(Option<u16>),
+    /// Port-forward error text for a remote port.
+    PortForwardError(Option<u16>),
+    /// WebSocket ping/pong/close or SPDY control frames.
+    Control,
+    /// A channel or stream the tap does not know.
+    Unknown(u32),
+}
+
+impl StreamChannel {
+    /// A short name for logs and a later `exec_frames` table.
+    pub fn name(&self) -> String {
+        match self {
+            StreamChannel::Stdin => "stdin".into(),
+            StreamChannel::Stdout => "stdout".into(),
+            StreamChannel::Stderr => "stderr".into(),
+            StreamChannel::Error => "error".into(),
+            StreamChannel::Resize => "resize".into(),
+            StreamChannel::Close => "close".into(),
+            StreamChannel::PortForwardData(Some(p)) => format!("portforward-data:{p}"),
+            StreamChannel::PortForwardData(None) => "portforward-data".into(),
+            StreamChannel::PortForwardError(Some(p)) => format!("portforward-error:{p}"),
+            StreamChannel::PortForwardError(None) => "portforward-error".into(),
+            StreamChannel::Control => "control".into(),
+            StreamChannel::Unknown(n) => format!("unknown:{n}"),
+        }
+    }
+}
+
+/// One decoded frame of an upgraded stream.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameEvent<'a> {
+    /// The request's audit id (joins with the `requests` row).
+    pub audit_id: &'a str,
+    /// Which way it went.
+    pub direction: Direction,
+    /// The logical stream.
+    pub channel: &'a StreamChannel,
+    /// The payload without channel byte or framing.
+    pub payload: &'a [u8],
+}
+
+/// Consumer of decoded frames (a later `exec_frames` table). Called inline on the relay
+/// path: implementations must be quick and must not block.
+pub trait FrameSink: Send + Sync {
+    /// One decoded data frame.
+    fn frame(&self, event: &FrameEvent<'_>);
+    /// The stream ended; `stats` are its totals.
+    fn finished(&self, _audit_id: &str, _stats: &StreamStats) {}
+}
+
+/// Totals for one upgraded stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Raw bytes client -> API server after the 101.
+    pub bytes_to_server: u64,
+    /// Raw bytes API server -> client after the 101.
+    pub bytes_to_client: u64,
+    /// Decoded data frames client -> API server.
+    pub frames_to_server: u64,
+    /// Decoded data frames API server -> client.
+    pub frames_to_client: u64,
+    /// Control frames (pings, SPDY stream management), both directions.
+    pub control_frames: u64,
+    /// Payload bytes per channel name and direction.
+    pub payload_bytes: Vec<(String, Direction, u64)>,
+    /// Why decoding stopped, if it did.
+    pub decode_error: Option<String>,
+}
+
+impl StreamStats {
+    fn add_payload(&mut self, channel: &StreamChannel, dir: Direction, n: usize) {
+        let name = channel.name();
+        match self
+            .payload_bytes
+            .iter_mut()
+            .find(|(c, d, _)| *c == name && *d == dir)
+        {
+            Some((_, _, total)) => *total += n as u64,
+            None => self.payload_bytes.push((name, dir, n as u64)),
+        }
+    }
+
+    /// Payload bytes seen on `channel` in direction `dir`.
+    pub fn payload(&self, channel: &str, dir: Direction) -> u64 {
+        self.payload_bytes
+            .iter()
+            .filter(|(c, d, _)| c == channel && *d == dir)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+}
+
+/// How the bytes of an upgraded stream are framed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapFraming {
+    /// WebSocket messages carrying `[channel][payload]` (`channel.k8s.io` v1/v4/v5 and the
+    /// base64 variants); `ports` set for the v4 port-forward protocol (`?ports=`).
+    WebSocketChannels {
+        /// Text messages with an ASCII channel digit (`base64.channel.k8s.io`).
+        base64: bool,
+        /// Port-forward remote ports by index (channel 2i data, 2i+1 error).
+        ports: Option<Vec<u16>>,
+    },
+    /// WebSocket binary messages whose concatenation is a SPDY session
+    /// (`SPDY/3.1+portforward.k8s.io`).
+    WebSocketSpdyTunnel,
+    /// A SPDY/3.1 session.
+    Spdy,
+    /// Not understood: bytes are relayed and counted only.
+    Opaque,
+}
+
+impl TapFraming {
+    /// Chooses the framing from the request and the 101 response.
+    pub fn detect(
+        protocol: UpgradeProtocol,
+        subresource: &str,
+        query: Option<&str>,
+        response: &HeaderMap,
+    ) -> TapFraming {
+        match protocol {
+            UpgradeProtocol::Spdy => TapFraming::Spdy,
+            UpgradeProtocol::WebSocket => {
+                let sub = response
+                    .get(header::SEC_WEBSOCKET_PROTOCOL)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if sub.starts_with("spdy/3.1+portforward") {
+                    return TapFraming::WebSocketSpdyTunnel;
+                }
+                if !(sub.is_empty() || sub.ends_with("channel.k8s.io")) {
+                    return TapFraming::Opaque;
+                }
+                let ports = (subresource == "portforward").then(|| {
+                    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                        .filter(|(k, _)| k == "ports")
+                        .flat_map(|(_, v)| {
+                            v.split(',')
+                                .filter_map(|p| p.trim().parse::<u16>().ok())
+                                .collect::<Vec<_>>()
+                        })
+                        .collect()
+                });
+                TapFraming::WebSocketChannels {
+                    base64: sub.contains("base64"),
+                    ports,
+                }
+            }
+        }
+    }
+}
+
+/// Both directions' decoders of one upgraded stream, plus what they learned.
+pub struct StreamTap {
+    audit_id: String,
+    framing: TapFraming,
+    ws: [WsDecoder; 2],
+    spdy: [SpdyDecoder; 2],
+    spdy_streams: std::collections::HashMap<u32, StreamChannel>,
+    stopped: bool,
+    stats: StreamStats,
+    sink: Option<Arc<dyn FrameSink>>,
+}
+
+impl std::fmt::Debug for StreamTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamTap")
+            .field("framing", &self.framing)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn index(dir: Direction) -> usize {
+    match dir {
+        Direction::ToServer => 0,
+        Direction::ToClient => 1,
+    }
+}
+
+impl StreamTap {
+    /// A tap at the start of the stream.
+    pub fn new(audit_id: &str, framing: TapFraming, sink: Option<Arc<dyn FrameSink>>) -> Self {
+        Self {
+            audit_id: audit_id.to_owned(),
+            framing,
+            ws: [WsDecoder::new(), WsDecoder::new()],
+            spdy: [SpdyDecoder::new(), SpdyDecoder::new()],
+            spdy_streams: std::collections::HashMap::new(),
+            stopped: false,
+            stats: StreamStats::default(),
+            sink,
+        }
+    }
+
+    /// The totals so far.
+    pub fn stats(&self) -> &StreamStats {
+        &self.stats
+    }
+
+    /// Feeds relayed bytes; never fails (a decoding error is remembered and ends decoding).
+    pub fn feed(&mut self, dir: Direction, data: &[u8]) {
+        match dir {
+            Direction::ToServer => self.stats.bytes_to_server += data.len() as u64,
+            Direction::ToClient => self.stats.bytes_to_client += data.len() as u64,
+        }
+        if self.stopped {
+            return;
+        }
+        if let Err(e) = self.decode(dir, data) {
+            tracing::debug!(audit_id = %self.audit_id, direction = ?dir, error = %e, "stream tap stopped decoding");
+            self.stats.decode_error = Some(format!("{dir:?}: {e}"));
+            self.stopped = true;
+        }
+    }
+
+    fn decode(&mut self, dir: Direction, data: &[u8]) -> Result<(), FrameError> {
+        let i = index(dir);
+        match self.framing.clone() {
+            TapFraming::Opaque => Ok(()),
+            TapFraming::Spdy => {
+                let frames = self.spdy[i].feed(data)?;
+                self.spdy_frames(dir, frames);
+                Ok(())
+            }
+            TapFraming::WebSocketSpdyTunnel => {
+                for msg in self.ws[i].feed(data)? {
+                    if msg.opcode == WsOpcode::Binary {
+                        let frames = self.spdy[i].feed(&msg.payload)?;
+                        self.spdy_frames(dir, frames);
+                    } else {
+                        self.stats.control_frames += 1;
+                    }
+                }
+                Ok(())
+            }
+            TapFraming::WebSocketChannels { base64, ports } => {
+                for msg in self.ws[i].feed(data)? {
+                    self.channel_message(dir, &msg, base64, ports.as_deref());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn channel_message(
+        &mut self,
+        dir: Direction,
+        msg: &WsMessage,
+        base64: bool,
+        ports: Option<&[u16]>,
+    ) {
+        let data_message = match msg.opcode {
+            WsOpcode::Binary => !base64,
+            WsOpcode::Text => base64,
+            _ => false,
+        };
+        let Some((&first, payload)) = msg.payload.split_first().filter(|_| data_message) else {
+            self.stats.control_frames += 1;
+            return;
+        };
+        let ch = if base64 {
+            u32::from(first.wrapping_sub(b'0'))
+        } else {
+            u32::from(first)
+        };
+        let channel = match ports {
+            Some(ports) => {
+                let port = ports.get((ch / 2) as usize).copied();
+                if ch % 2 == 0 {
+                    StreamChannel::PortForwardData(port)
+                } else {
+                    StreamChannel::PortForwardError(port)
+                }
+            }
+            None => match ch {
+                0 => StreamChannel::Stdin,
+                1 => StreamChannel::Stdout,
+                2 => StreamChannel::Stderr,
+                3 => StreamChannel::Error,
+                4 => StreamChannel::Resize,
+                255 => StreamChannel::Close,
+                other => StreamChannel::Unknown(other),
+            },
+        };
+        self.emit(dir, &channel, payload);
+    }
+
+    fn spdy_frames(&mut self, dir: Direction, frames: Vec<SpdyFrame>) {
+        for frame in frames {
+            match frame {
+                SpdyFrame::SynStream { id, headers, .. } => {
+                    self.stats.control_frames += 1;
+                    let port = spdy_header(&headers, "port").and_then(|p| p.parse().ok());
+                    let portforward = spdy_header(&headers, "requestid").is_some();
+                    let channel = match spdy_header(&headers, "streamtype") {
+                        Some("stdin") => StreamChannel::Stdin,
+                        Some("stdout") => StreamChannel::Stdout,
+                        Some("stderr") => StreamChannel::Stderr,
+                        Some("resize") => StreamChannel::Resize,
+                        Some("error") if portforward => StreamChannel::PortForwardError(port),
+                        Some("error") => StreamChannel::Error,
+                        Some("data") => StreamChannel::PortForwardData(port),
+                        _ => StreamChannel::Unknown(id),
+                    };
+                    self.spdy_streams.insert(id, channel);
+                }
+                SpdyFrame::Data { id, payload, .. } => {
+                    let channel = self
+                        .spdy_streams
+                        .get(&id)
+                        .cloned()
+                        .unwrap_or(StreamChannel::Unknown(id));
+                    if payload.is_empty() {
+                        // A bare FIN is a half-close, not data.
+                        self.stats.control_frames += 1;
+                    } else {
+                        self.emit(dir, &channel, &payload);
+                    }
+                }
+                _ => self.stats.control_frames += 1,
+            }
+        }
+    }
+
+    fn emit(&mut self, dir: Direction, channel: &StreamChannel, payload: &[u8]) {
+        match dir {
+            Direction::ToServer => self.stats.frames_to_server += 1,
+            Direction::ToClient => self.stats.frames_to_client += 1,
+        }
+        self.stats.add_payload(channel, dir, payload.len());
+        tracing::debug!(audit_id = %self.audit_id, direction = ?dir, channel = %channel.name(), bytes = payload.len(), "stream frame");
+        if let Some(sink) = &self.sink {
+            sink.frame(&FrameEvent {
+                audit_id: &self.audit_id,
+                direction: dir,
+                channel,
+                payload,
+            });
+        }
+    }
+}
+
+/// Copies one direction, tapping each chunk; ends at EOF (half-closing the writer).
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    dir: Direction,
+    tap: &Mutex<StreamTap>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(n) => n,
+            // Many peers (Go included, on abrupt closes) skip TLS close_notify; for a
+            // relay that is still the end of the stream.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // The peer may already be gone; the other direction reports that.
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        if let Ok(mut tap) = tap.lock() {
+            tap.feed(dir, &buf[..n]);
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+    }
+}
+
+/// Relays bytes both ways until both directions reached EOF or one failed; returns the
+/// first I/O error, if any.
+pub async fn relay<C, U>(client: C, upstream: U, tap: &Mutex<StreamTap>) -> Option<String>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_r, client_w) = tokio::io::split(client);
+    let (upstream_r, upstream_w) = tokio::io::split(upstream);
+    let up = pump(client_r, upstream_w, Direction::ToServer, tap);
+    let down = pump(upstream_r, client_w, Direction::ToClient, tap);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => return Some(format!("client -> API server: {e}")),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => return Some(format!("API server -> client: {e}")),
+            },
+        }
+    }
+    None
+}
+
+/// Opens the dedicated upstream connections for upgrades.
+pub(super) struct Dialer {
+    tls: tokio_rustls::TlsConnector,
+    server_name: Result<rustls_pki_types::ServerName<'static>, String>,
+    authority: String,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    pub(super) fn new(
+        mut tls: rustls::ClientConfig,
+        base: &http::Uri,
+        server_name: Option<rustls_pki_types::ServerName<'static>>,
+        connect_timeout: Duration,
+    ) -> Self {
+        // Upgrades are HTTP/1.1 only: h2 has no Upgrade.
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let host = base.host().unwrap_or_default();
+        let port = base.port_u16().unwrap_or(443);
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = match server_name {
+            Some(n) => Ok(n),
+            None => rustls_pki_types::ServerName::try_from(bare.clone())
+                .map_err(|e| format!("upstream host {host:?} is not a TLS server name: {e}")),
+        };
+        let authority = if bare.contains(':') {
+            format!("[{bare}]:{port}")
+        } else {
+            format!("{bare}:{port}")
+        };
+        Self {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            server_name,
+            authority,
+            connect_timeout,
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let name = self.server_name.clone()?;
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| format!("connect {}: timed out", self.authority))?
+        .map_err(|e| format!("connect {}: {e}", self.authority))?;
+        let _ = tcp.set_nodelay(true);
+        self.tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {}: {e}", self.authority))
+    }
+}
+
+/// Headers of the 101 that go back to the client: the message headers plus the
+/// Connection/Upgrade pair the handshake needs.
+fn switching_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = upstream.clone();
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+    }
+    headers
+}
+
+impl Proxy {
+    /// Forwards an allowed upgrade request and, on 101, relays the stream.
+    pub(super) async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        protocol: UpgradeProtocol,
+        mut record: RequestRecord,
+        started: Instant,
+        audit_id: String,
+    ) -> Response<ProxyBody> {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let subresource = record.object_ref.subresource.clone();
+        let (mut parts, body) = req.into_parts();
+        let query = parts.uri.query().map(str::to_owned);
+        let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
+        let path = match upstream_uri(&self.upstream_base, &parts.uri) {
+            Ok(uri) => uri
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".to_owned()),
+            Err(e) => {
+                record.decision = "error".to_owned();
+                let status =
+                    Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
+                return self.local_response(status, record, started, &audit_id);
+            }
+        };
+        sanitize_request_headers(&mut parts.headers);
+        // The tap cannot read compressed messages; without the offer none is negotiated.
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some(u) = upgrade_value {
+            parts.headers.insert(header::UPGRADE, u);
+        }
+        if let Ok(host) = HeaderValue::from_str(&self.dialer.authority) {
+            parts.headers.insert(header::HOST, host);
+        }
+        parts
+            .headers
+            .insert(header::AUTHORIZATION, self.token.header());
+        let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = CountingBody {
+            inner: body.map_err(BoxError::from).boxed(),
+            count: request_bytes.clone(),
+        };
+        let mut upstream_req = Request::new(counted.boxed());
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.version_mut() = http::Version::HTTP_11;
+        *upstream_req.headers_mut() = parts.headers;
+        *upstream_req.uri_mut() = match path.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                record.decision = "error".to_owned();
+                let status = Status::bad_request(format!("chaperone: cannot forward {path}: {e}"));
+                return self.local_response(status, record, started, &audit_id);
+            }
+        };
+
+        let response = match self.send_upgrade(upstream_req).await {
+            Ok(r) => r,
+            Err(cause) => {
+                tracing::warn!(upstream = %self.upstream_base, error = %cause, "upstream upgrade request failed");
+                record.decision = "error".to_owned();
+                record.error = Some(cause.clone());
+                let status = Status::failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    format!(
+                        "chaperone: the API server at {} is unavailable: {cause}",
+                        self.upstream_base
+                    ),
+                );
+                return self.local_response(status, record, started, &audit_id);
+            }
+        };
+        record.response_code = i32::from(response.status().as_u16());
+        record.response_time = Some(jiff::Timestamp::now());
+
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if !parts.headers.contains_key("audit-id") {
+                insert_audit_id(&mut parts.headers, &audit_id);
+            }
+            let guard = RecordGuard::new(self.recorder.clone(), record, started, request_bytes);
+            let body = Metered::new(body.map_err(BoxError::from).boxed(), guard);
+            return Response::from_parts(parts, body.boxed());
+        }
+
+        let mut response = response;
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let framing =
+            TapFraming::detect(protocol, &subresource, query.as_deref(), response.headers());
+        let mut headers = switching_headers(response.headers());
+        if !headers.contains_key("audit-id") {
+            insert_audit_id(&mut headers, &audit_id);
+        }
+        let sink = self
+            .frame_sink
+            .read()
+            .ok()
+            .and_then(|s| s.as_ref().map(Arc::clone));
+        let mut guard = RecordGuard::new(self.recorder.clone(), record, started, request_bytes);
+        tokio::spawn(async move {
+            let tap = Mutex::new(StreamTap::new(&audit_id, framing, sink.clone()));
+            let error = match (client_upgrade.await, upstream_upgrade.await) {
+                (Ok(client), Ok(upstream)) => {
+                    relay(TokioIo::new(client), TokioIo::new(upstream), &tap).await
+                }
+                (Err(e), _) => Some(format!("client upgrade: {}", error_chain(&e))),
+                (_, Err(e)) => Some(format!("API server upgrade: {}", error_chain(&e))),
+            };
+            let stats = tap
+                .into_inner()
+                .map(|t| t.stats)
+                .unwrap_or_else(|e| e.into_inner().stats);
+            tracing::debug!(%audit_id, ?stats, ?error, "upgraded stream ended");
+            if let Some(sink) = &sink {
+                sink.finished(&audit_id, &stats);
+            }
+            guard
+                .request_bytes
+                .fetch_add(stats.bytes_to_server, Ordering::Relaxed);
+            guard.response_bytes = stats.bytes_to_client;
+            if let Some((_, record)) = guard.pending.as_mut() {
+                record.error = error;
+            }
+            drop(guard);
+        });
+        let mut out = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+        *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *out.headers_mut() = headers;
+        out
+    }
+
+    async fn send_upgrade(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+        let tls = self.dialer.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/1.1 handshake: {}", error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        sender.send_request(req).await.map_err(|e| error_chain(&e))
+    }
+}
+
+#[cfg(test)]
+#[path = "upgrade_tests.rs"]
+mod tests;
