@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use gateway_userspace::drain;
 use gateway_userspace::recorder::{
-    ObjectRef, Recorder, RecorderConfig, RequestRecord, WorkloadRecord, requests_schema,
+    ObjectRef, PrincipalRecord, Recorder, RecorderConfig, RequestRecord, WorkloadRecord, requests_schema,
     to_record_batch,
 };
 use parquet::arrow::ArrowWriter;
@@ -111,6 +111,13 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                 },
                 response_bytes: 1_200 + (i as i64 * 13) % 30_000,
                 error: failed.then(|| "upstream unreachable: connection refused".into()),
+                principal: PrincipalRecord {
+                    kind: "serviceAccount".into(),
+                    subject: Some("system:serviceaccount:agents:cursor".into()),
+                    groups: vec!["system:serviceaccounts".into(), "system:serviceaccounts:agents".into()],
+                    reason: None,
+                    mismatch: None,
+                },
             }
         })
         .collect()

@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    admin::{Admin, Metrics},
     config::{Config, InterceptionMode},
     drain::{self, DrainOutcome, DrainTrigger},
     ebpf::{EbpfError, Interceptor, InterceptorSettings},
@@ -60,6 +61,8 @@ pub enum AppError {
 /// A running gateway.
 pub struct App {
     local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    metrics: Arc<Metrics>,
     interceptor: Option<Arc<Interceptor>>,
     proxy: Arc<Proxy>,
     proxy_drain: DrainTrigger,
@@ -87,6 +90,10 @@ pub fn load_policy(file: Option<&std::path::Path>) -> Result<Policy, PolicyError
 /// Builds and starts the gateway described by `cfg`.
 pub async fn build(cfg: Config) -> Result<App, AppError> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting chaperone");
+    if cfg.interception.mode == InterceptionMode::Ebpf {
+        // One sentence naming what is missing, before anything is bound or loaded.
+        crate::ebpf::preflight()?;
+    }
     let policy = load_policy(cfg.policy.file.as_deref())?;
     let ca = CertificateAuthority::from_files(&cfg.tls.ca_cert_file, &cfg.tls.ca_key_file)?;
     let (chain, key) = ca.issue_server_cert(
@@ -146,6 +153,20 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         InterceptionMode::None => None,
     };
 
+    let admin_listener = TcpListener::bind(cfg.admin.address)
+        .await
+        .map_err(|source| AppError::Bind { addr: cfg.admin.address, source })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr: cfg.admin.address, source })?;
+    let metrics = Metrics::new(interceptor.clone());
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        interceptor: interceptor.clone(),
+        listen: local_addr,
+        upstream: cfg.upstream.url.to_string(),
+    });
+
     let proxy = Proxy::new(ProxySettings {
         policy,
         upstream_url,
@@ -160,13 +181,16 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    tokio::spawn(admin.serve(admin_listener, proxy_watch.clone()));
     if let Some(interceptor) = &interceptor {
         tokio::spawn(heartbeat_loop(interceptor.clone(), proxy_watch.clone()));
     }
     let proxy_task = tokio::spawn(proxy.clone().serve(listener, server_tls, proxy_watch));
-    tracing::info!(%local_addr, upstream = %cfg.upstream.url, "chaperone is ready");
+    tracing::info!(%local_addr, %admin_addr, upstream = %cfg.upstream.url, "chaperone is ready");
     Ok(App {
         local_addr,
+        admin_addr,
+        metrics,
         interceptor,
         proxy,
         proxy_drain,
@@ -197,6 +221,16 @@ impl App {
     /// The address the proxy listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin endpoint's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The kernel redirect, when attached.

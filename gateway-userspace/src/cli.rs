@@ -43,6 +43,23 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Show the running daemon's interception state: attached programs, targets, map
+    /// occupancy, bypass entries and connect-path counters.
+    Status {
+        /// The daemon's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach Chaperone's eBPF programs and remove every pinned map (the DaemonSet's
+    /// uninstall step; a normal stop keeps them so pods fail closed).
+    Uninstall {
+        /// The bpffs directory the daemon pinned under.
+        #[arg(long, default_value = crate::ebpf::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
     /// Check configuration or policy files without starting anything.
     Check {
         /// A config file to validate (with the policy files it names).
@@ -75,6 +92,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(rows = stats.rows, "stopped");
             Ok(())
         }
+        Command::Status { admin, json } => status(admin, json).await,
+        Command::Uninstall { pin_path } => {
+            crate::ebpf::uninstall(&pin_path)?;
+            println!("removed {} (programs detached, maps unpinned)", pin_path.display());
+            Ok(())
+        }
         Command::Check { config, policies } => {
             let mut files = policies;
             if let Some(config) = config {
@@ -92,6 +115,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "testing")]
         Command::Demo { recordings } => crate::test_helpers::demo::run(recordings).await,
     }
+}
+
+async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt as _, Empty};
+    let tcp = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("connecting to the admin endpoint {admin} (is chaperone running?)"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get("/status")
+        .header(http::header::HOST, admin.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    anyhow::ensure!(response.status().is_success(), "{admin}/status answered {}", response.status());
+    let body = response.into_body().collect().await?.to_bytes();
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).context("parsing /status")?;
+    println!("listen:    {}", v["listen"].as_str().unwrap_or("?"));
+    println!("upstream:  {}", v["upstream"].as_str().unwrap_or("?"));
+    let i = &v["interception"];
+    if i.is_null() {
+        println!("interception: off (mode none)");
+        return Ok(());
+    }
+    let list = |key: &str| -> String {
+        i[key].as_array().map(|a| a.iter().map(|x| x.to_string().trim_matches('"').to_owned()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+    };
+    println!("pins:      {}", i["pin_dir"].as_str().unwrap_or("?"));
+    println!("cgroup:    {}", i["cgroup_root"].as_str().unwrap_or("?"));
+    println!("programs:  {}", list("programs"));
+    println!("targets:   {}", list("targets"));
+    println!("bypass:    {}", list("bypass"));
+    println!("fail-open: {}", list("fail_open"));
+    println!("map:       {} / {} connections", i["connections"], i["connections_max"]);
+    if let Some(counters) = i["counters"].as_object() {
+        for (name, value) in counters {
+            println!("  {name:<15} {value}");
+        }
+    }
+    Ok(())
 }
 
 /// Installs the tracing subscriber (`RUST_LOG` filters; default `info`).

@@ -73,10 +73,30 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Where and how requests are recorded.
     pub recording: RecordingConfig,
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`).
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// How long in-flight requests get to finish on SIGTERM before the process exits.
     #[serde(default = "default_grace", with = "duration")]
     pub shutdown_grace: Duration,
 }
+
+/// Admin endpoint settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/status` are served.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { address: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)) }
+    }
+}
+
+/// Default port of the admin endpoint.
+pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 
 /// Proxy listener settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]

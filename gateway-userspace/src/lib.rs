@@ -6,6 +6,7 @@
 //! policy decision (`policy`), recording (`recorder`). `app` wires them together; `config`,
 //! `drain` and `cli` are the daemon's plumbing.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

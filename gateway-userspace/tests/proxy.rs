@@ -8,7 +8,7 @@ use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
     config::{
-        Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
+        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
         ServingTlsConfig, UpstreamConfig, default_server_names,
     },
     recorder::{self, RequestRecord},
@@ -91,6 +91,7 @@ async fn start(upstream: Option<String>) -> Harness {
             max_rows_per_file: 1000,
             max_file_age: Duration::from_secs(60),
         },
+        admin: AdminConfig { address: "127.0.0.1:0".parse().expect("addr") },
         shutdown_grace: Duration::from_secs(5),
     };
     let app = app::build(config).await.expect("build the gateway");

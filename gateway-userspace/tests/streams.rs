@@ -620,3 +620,120 @@ rules:
         "{rows:?}"
     );
 }
+
+/// The Python client's port-forward: WebSocket `v4.channel.k8s.io` with `?ports=`.
+async fn python_style_port_forward(env: &Env, port: u16, token: &str, remote: u16) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::{Message, handshake::client::generate_key};
+
+    let roots = tls::root_store_from_pem(
+        &std::fs::read_to_string(env.path("ca.crt")).expect("ca"),
+        "CA",
+    )
+    .expect("roots");
+    let mut config = tls::client_config(roots).expect("client config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    let request = http::Request::builder()
+        .uri(format!(
+            "wss://127.0.0.1:{port}/api/v1/namespaces/{NS}/pods/{POD}/portforward?ports={remote}"
+        ))
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("sec-websocket-protocol", "v4.channel.k8s.io")
+        .header("sec-websocket-key", generate_key())
+        .header("sec-websocket-version", "13")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .body(())
+        .expect("request");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some("v4.channel.k8s.io")
+    );
+    let [lo, hi] = remote.to_le_bytes();
+    let mut next = async || loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no message within 10 s")
+        {
+            Some(Ok(Message::Binary(b))) => return b.to_vec(),
+            Some(Ok(_)) => continue,
+            other => panic!("stream ended: {other:?}"),
+        }
+    };
+    assert_eq!(next().await, vec![0, lo, hi], "data channel port prefix");
+    assert_eq!(next().await, vec![1, lo, hi], "error channel port prefix");
+    drop(next);
+    ws.send(Message::Binary(b"\x00python ping".to_vec().into()))
+        .await
+        .expect("send");
+    let mut echoed = Vec::new();
+    while echoed.len() < b"python ping".len() {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no echo within 10 s")
+        {
+            Some(Ok(Message::Binary(b))) => {
+                assert_eq!(b.first(), Some(&0), "echo on the data channel: {b:?}");
+                echoed.extend_from_slice(&b[1..]);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("stream ended: {other:?}"),
+        }
+    }
+    assert_eq!(echoed, b"python ping");
+    let _ = ws.close(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_websocket_v4_as_the_python_client_does() {
+    let env = Env::start(true, None).await;
+    let target = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+    let remote = target.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = target.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    python_style_port_forward(&env, env.server.addr().port(), DIRECT_TOKEN, remote).await;
+    let gw_port = env.gateway.as_ref().expect("gateway").port;
+    python_style_port_forward(&env, gw_port, POD_TOKEN, remote).await;
+    let (rows, finished, _server) = env.stop().await;
+    let row = rows
+        .iter()
+        .find(|r| r.object_ref.subresource == "portforward" && r.response_code == 101)
+        .expect("port-forward row");
+    assert_eq!(row.verb, "get");
+    let (_, stats) = finished
+        .iter()
+        .find(|(id, _)| *id == row.audit_id)
+        .expect("frame totals");
+    assert_eq!(
+        stats.payload(&format!("portforward-data:{remote}"), Direction::ToServer),
+        b"python ping".len() as u64,
+        "{stats:?}"
+    );
+}

@@ -425,6 +425,7 @@ impl Proxy {
             request_bytes: 0,
             response_bytes: 0,
             error: None,
+            principal: crate::recorder::PrincipalRecord::default(),
         }
     }
 

@@ -73,7 +73,7 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<UpgradeProtocol> {
 }
 
 /// Which way a frame went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
     /// From the client (the agent) to the API server.
     ToServer,
@@ -489,14 +489,25 @@ where
     let down = pump(upstream_r, client_w, Direction::ToClient, tap);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
+    // A peer that resets after the other side has finished (a client closing with
+    // unread pings in its buffer) ended the stream; before that, it broke it.
+    let after_end = |e: &std::io::Error, other_done: bool| {
+        other_done
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            )
+    };
     while !(up_done && down_done) {
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => up_done = true,
+                Err(e) if after_end(&e, down_done) => up_done = true,
                 Err(e) => return Some(format!("client -> API server: {e}")),
             },
             r = &mut down, if !down_done => match r {
                 Ok(()) => down_done = true,
+                Err(e) if after_end(&e, up_done) => down_done = true,
                 Err(e) => return Some(format!("API server -> client: {e}")),
             },
         }

@@ -12,7 +12,7 @@ use arrow_array::{
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::schema::{ObjectRef, RequestRecord, TABLE_NAME, WorkloadRecord};
+use super::schema::{ObjectRef, PrincipalRecord, RequestRecord, TABLE_NAME, WorkloadRecord};
 
 /// Errors reading recordings back; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,8 @@ fn field<'a>(s: &'a StructArray, name: &str) -> Result<&'a dyn Array, String> {
         .ok_or_else(|| format!("no struct field {name:?}"))
 }
 
-fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<(), String> {
+/// Decodes one batch of the `requests` table, appending to `rows`.
+pub(crate) fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<(), String> {
     let c = Columns { batch };
     let workload = c
         .get("workload")?
@@ -160,6 +161,9 @@ fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<()
     let os = |name: &str, i| -> Result<String, String> {
         Ok(string_at(field(object_ref, name)?, i)?.unwrap_or_default())
     };
+    let principal = c.get("principal")?.as_struct_opt().ok_or("principal is not a struct")?;
+    let ps = |name: &str, i| -> Result<Option<String>, String> { string_at(field(principal, name)?, i) };
+    let groups = field(principal, "groups")?.as_list_opt::<i32>().ok_or("principal.groups is not a list")?;
     let code = c
         .get("response_code")?
         .as_primitive_opt::<Int32Type>()
@@ -205,6 +209,16 @@ fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<()
             request_bytes: int64_at(c.get("request_bytes")?, i)?,
             response_bytes: int64_at(c.get("response_bytes")?, i)?,
             error: s("error", i)?,
+            principal: PrincipalRecord {
+                kind: ps("kind", i)?.unwrap_or_default(),
+                subject: ps("subject", i)?,
+                groups: {
+                    let list = groups.value(i);
+                    (0..list.len()).map(|j| string_at(list.as_ref(), j).map(Option::unwrap_or_default)).collect::<Result<_, _>>()?
+                },
+                reason: ps("reason", i)?,
+                mismatch: ps("mismatch", i)?,
+            },
         });
     }
     Ok(())

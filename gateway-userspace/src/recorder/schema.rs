@@ -7,7 +7,7 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow_array::builder::{
-    Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    Int32Builder, Int64Builder, ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow_array::{ArrayRef, RecordBatch, StructArray};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
@@ -66,6 +66,25 @@ pub struct RequestRecord {
     pub response_bytes: i64,
     /// Gateway-side failure, e.g. "upstream unreachable".
     pub error: Option<String>,
+    /// Who the presented bearer token says is asking, as verified by the gateway.
+    pub principal: PrincipalRecord,
+}
+
+/// The verified principal behind a request (the `principal` struct column). The token
+/// itself is never recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrincipalRecord {
+    /// anonymous | oidc | serviceAccount | user | invalid.
+    pub kind: String,
+    /// The user name (with the issuer's prefix) or `system:serviceaccount:<ns>:<name>`.
+    pub subject: Option<String>,
+    /// Groups from the token.
+    pub groups: Vec<String>,
+    /// Why an `invalid` token was rejected.
+    pub reason: Option<String>,
+    /// Set when a ServiceAccount token names a different service account than the
+    /// kernel-attributed pod runs as.
+    pub mismatch: Option<String>,
 }
 
 /// Identity of the process behind a request (the `workload` struct column).
@@ -145,6 +164,16 @@ fn object_ref_fields() -> Fields {
     ])
 }
 
+fn principal_fields() -> Fields {
+    Fields::from(vec![
+        utf8("kind", false),
+        utf8("subject", true),
+        Field::new("groups", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
+        utf8("reason", true),
+        utf8("mismatch", true),
+    ])
+}
+
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         timestamp("request_time", false),
@@ -169,6 +198,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("request_bytes", DataType::Int64, false),
         Field::new("response_bytes", DataType::Int64, false),
         utf8("error", true),
+        Field::new("principal", DataType::Struct(principal_fields()), false),
     ]))
 });
 
@@ -238,6 +268,24 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
         ],
         None,
     )?;
+    let mut groups = ListBuilder::new(StringBuilder::new());
+    for row in rows {
+        for g in &row.principal.groups {
+            groups.values().append_value(g);
+        }
+        groups.append(true);
+    }
+    let principal = StructArray::try_new(
+        principal_fields(),
+        vec![
+            strings(rows, |r| Some(&r.principal.kind)),
+            strings(rows, |r| r.principal.subject.as_deref()),
+            Arc::new(groups.finish()),
+            strings(rows, |r| r.principal.reason.as_deref()),
+            strings(rows, |r| r.principal.mismatch.as_deref()),
+        ],
+        None,
+    )?;
     let mut response_code = Int32Builder::with_capacity(rows.len());
     for row in rows {
         response_code.append_value(row.response_code);
@@ -267,6 +315,7 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             int64(rows, |r| r.request_bytes),
             int64(rows, |r| r.response_bytes),
             strings(rows, |r| r.error.as_deref()),
+            Arc::new(principal),
         ],
     )
 }
@@ -302,6 +351,7 @@ mod tests {
             ("request_bytes", DataType::Int64, false),
             ("response_bytes", DataType::Int64, false),
             ("error", DataType::Utf8, true),
+            ("principal", DataType::Struct(principal_fields()), false),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

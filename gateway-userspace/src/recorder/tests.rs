@@ -2,9 +2,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType};
-use arrow_array::{Array, RecordBatch, StructArray};
+use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 
@@ -58,6 +56,13 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
         request_bytes: 0,
         response_bytes: 12_345 + i,
         error: None,
+        principal: PrincipalRecord {
+            kind: "oidc".into(),
+            subject: Some("https://issuer#alice".into()),
+            groups: vec!["dev".into(), "agents".into()],
+            reason: None,
+            mismatch: Some("token names sa default/x".into()),
+        },
     }
 }
 
@@ -111,94 +116,12 @@ async fn record_all(handle: &RecorderHandle, rows: &[RequestRecord]) {
     }
 }
 
-fn opt_str(array: &dyn Array, i: usize) -> Option<String> {
-    let strings = array.as_string::<i32>();
-    strings.is_valid(i).then(|| strings.value(i).to_string())
-}
-
-fn req_str(array: &dyn Array, i: usize) -> String {
-    opt_str(array, i).unwrap_or_else(|| panic!("non-nullable string is null at row {i}"))
-}
-
-fn time(array: &dyn Array, i: usize) -> Option<jiff::Timestamp> {
-    let times = array.as_primitive::<TimestampMicrosecondType>();
-    times.is_valid(i).then(|| {
-        jiff::Timestamp::from_microsecond(times.value(i))
-            .unwrap_or_else(|e| panic!("time out of range: {e}"))
-    })
-}
-
-fn int64(array: &dyn Array, i: usize) -> i64 {
-    let ints = array.as_primitive::<Int64Type>();
-    assert!(ints.is_valid(i), "non-nullable int64 is null at row {i}");
-    ints.value(i)
-}
-
-fn child<'a>(array: &'a StructArray, name: &str) -> &'a dyn Array {
-    array
-        .column_by_name(name)
-        .unwrap_or_else(|| panic!("struct has no child {name}"))
-        .as_ref()
-}
-
-/// Decodes a batch column by column name, independently of `to_record_batch`.
+/// Decodes a batch with the reader the tools use (it shares no code with
+/// `to_record_batch`).
 fn decode(batch: &RecordBatch) -> Vec<RequestRecord> {
-    let col = |name: &str| -> &dyn Array {
-        batch
-            .column_by_name(name)
-            .unwrap_or_else(|| panic!("no column {name}"))
-            .as_ref()
-    };
-    let workload = col("workload").as_struct();
-    let object_ref = col("object_ref").as_struct();
-    (0..batch.num_rows())
-        .map(|i| RequestRecord {
-            request_time: time(col("request_time"), i)
-                .unwrap_or_else(|| panic!("request_time null at {i}")),
-            response_time: time(col("response_time"), i),
-            latency_us: int64(col("latency_us"), i),
-            audit_id: req_str(col("audit_id"), i),
-            node: req_str(col("node"), i),
-            cluster: req_str(col("cluster"), i),
-            workload: WorkloadRecord {
-                cgroup_id: int64(child(workload, "cgroup_id"), i),
-                netns_cookie: int64(child(workload, "netns_cookie"), i),
-                pid: int64(child(workload, "pid"), i),
-                command: opt_str(child(workload, "command"), i),
-                namespace: opt_str(child(workload, "namespace"), i),
-                pod: opt_str(child(workload, "pod"), i),
-                pod_uid: opt_str(child(workload, "pod_uid"), i),
-                service_account: opt_str(child(workload, "service_account"), i),
-                container: opt_str(child(workload, "container"), i),
-            },
-            source_addr: req_str(col("source_addr"), i),
-            original_dst: opt_str(col("original_dst"), i),
-            user_agent: opt_str(col("user_agent"), i),
-            kubectl_command: opt_str(col("kubectl_command"), i),
-            kubectl_session: opt_str(col("kubectl_session"), i),
-            verb: req_str(col("verb"), i),
-            request_uri: req_str(col("request_uri"), i),
-            object_ref: ObjectRef {
-                api_group: req_str(child(object_ref, "api_group"), i),
-                api_version: req_str(child(object_ref, "api_version"), i),
-                resource: req_str(child(object_ref, "resource"), i),
-                subresource: req_str(child(object_ref, "subresource"), i),
-                namespace: req_str(child(object_ref, "namespace"), i),
-                name: req_str(child(object_ref, "name"), i),
-            },
-            decision: req_str(col("decision"), i),
-            policy_rule: opt_str(col("policy_rule"), i),
-            reason: opt_str(col("reason"), i),
-            response_code: {
-                let codes = col("response_code").as_primitive::<Int32Type>();
-                assert!(codes.is_valid(i), "response_code null at {i}");
-                codes.value(i)
-            },
-            request_bytes: int64(col("request_bytes"), i),
-            response_bytes: int64(col("response_bytes"), i),
-            error: opt_str(col("error"), i),
-        })
-        .collect()
+    let mut rows = Vec::new();
+    super::reader::decode_batch(batch, &mut rows).unwrap_or_else(|e| panic!("decode: {e}"));
+    rows
 }
 
 fn open_reader(path: &Path) -> ParquetRecordBatchReaderBuilder<File> {

@@ -3,6 +3,7 @@
 //! node. The demo and the end-to-end tests both stand on it.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Output,
     sync::Arc,
@@ -12,7 +13,7 @@ use std::{
 use crate::{
     app::{self, App, AppError},
     config::{
-        Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
+        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
         ServingTlsConfig, UpstreamConfig, default_server_names,
     },
     recorder::RecorderStats,
@@ -183,6 +184,7 @@ impl Stack {
                 max_rows_per_file: 100_000,
                 max_file_age: Duration::from_secs(60),
             },
+            admin: AdminConfig { address: SocketAddr::from(([127, 0, 0, 1], 0)) },
             shutdown_grace: Duration::from_secs(5),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.

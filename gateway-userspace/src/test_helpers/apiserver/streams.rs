@@ -568,11 +568,7 @@ where
     let to_spdy = async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
-                Message::Binary(b) => {
-                    if near_w.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if near_w.write_all(&b).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }

@@ -1,0 +1,209 @@
+//! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz` and `/status`
+//! (JSON, what `chaperone status` prints).
+//!
+//! It runs on its own listener (loopback by default) and only reads snapshots: nothing here
+//! can slow the proxy's request path.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
+    registry::Registry,
+};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::{
+    drain::DrainWatcher,
+    ebpf::{InterceptionStatus, Interceptor},
+};
+
+/// Labels of `chaperone_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// allow | deny | error.
+    pub decision: String,
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests handled, by decision.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Rows the recorder refused or lost (each is also logged with its audit id).
+    pub recording_failures: Counter,
+}
+
+impl Metrics {
+    /// Creates the registry; `interceptor` adds the kernel's connect-path counters.
+    pub fn new(interceptor: Option<Arc<Interceptor>>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("chaperone");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests handled by the proxy, by policy decision", requests.clone());
+        let recording_failures = Counter::default();
+        registry.register(
+            "recording_failures",
+            "Requests whose recording row could not be written",
+            recording_failures.clone(),
+        );
+        if let Some(interceptor) = interceptor {
+            registry.register_collector(Box::new(KernelCounters(interceptor)));
+        }
+        Arc::new(Self { registry, requests, recording_failures })
+    }
+
+    /// Counts one handled request.
+    pub fn count_request(&self, decision: &str) {
+        self.requests.get_or_create(&RequestLabels { decision: decision.to_owned() }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the eBPF counters at scrape time.
+#[derive(Debug)]
+struct KernelCounters(Arc<Interceptor>);
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let status = self.0.status();
+        let c = status.counters;
+        for (name, help, value) in [
+            ("redirect_connects", "connect() calls redirected to the proxy", c.redirected),
+            ("redirect_host_namespace", "connect() calls to targets from the node's namespace, not redirected", c.host_namespace),
+            ("redirect_attributed", "redirected connections keyed by 4-tuple", c.attributed),
+            ("redirect_map_errors", "eBPF map insert failures", c.map_errors),
+            ("redirect_bypassed", "connect() calls from out-of-scope cgroups, not redirected", c.bypassed),
+            ("redirect_fail_open", "connect() calls let through while the daemon was down", c.fail_open),
+            ("raw_guard_drops", "raw-socket packets to API server addresses dropped", c.guard_drops),
+            ("redirect_closed", "redirected sockets closed", c.closed),
+        ] {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let pressure = ConstGauge::new(status.connections as i64);
+        pressure.encode(encoder.encode_descriptor(
+            "redirect_map_entries",
+            "entries in the connection attribution map (capacity: redirect_map_capacity)",
+            None,
+            pressure.metric_type(),
+        )?)?;
+        let capacity = ConstGauge::new(i64::from(status.connections_max));
+        capacity.encode(encoder.encode_descriptor(
+            "redirect_map_capacity",
+            "capacity of the connection attribution map",
+            None,
+            capacity.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// What `/status` returns.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// The proxy listener.
+    pub listen: SocketAddr,
+    /// The upstream API server.
+    pub upstream: String,
+    /// The kernel side, when eBPF interception is on.
+    pub interception: Option<InterceptionStatus>,
+}
+
+/// Shared state of the admin endpoint.
+pub struct Admin {
+    /// Metrics, also updated by the proxy.
+    pub metrics: Arc<Metrics>,
+    /// The kernel redirect, if attached.
+    pub interceptor: Option<Arc<Interceptor>>,
+    /// The proxy listener address.
+    pub listen: SocketAddr,
+    /// The upstream URL.
+    pub upstream: String,
+}
+
+impl Admin {
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let text = |code: StatusCode, ct: &'static str, body: String| {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = code;
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+            r
+        };
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_owned());
+        }
+        match req.uri().path() {
+            "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.encode()),
+            "/healthz" | "/readyz" => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            "/status" => {
+                let report = StatusReport {
+                    listen: self.listen,
+                    upstream: self.upstream.clone(),
+                    interception: self.interceptor.as_ref().map(|i| i.status()),
+                };
+                let body = serde_json::to_string_pretty(&report).unwrap_or_default();
+                text(StatusCode::OK, "application/json", body)
+            }
+            _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        }
+    }
+
+    /// Serves until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: DrainWatcher) {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = drain.signaled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let response = admin.respond(&req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_counter_appears_in_the_exposition() {
+        let metrics = Metrics::new(None);
+        metrics.count_request("deny");
+        metrics.count_request("deny");
+        metrics.count_request("allow");
+        let text = metrics.encode();
+        assert!(text.contains("chaperone_requests_total{decision=\"deny\"} 2"), "{text}");
+        assert!(text.contains("chaperone_requests_total{decision=\"allow\"} 1"), "{text}");
+        assert!(text.contains("# TYPE chaperone_recording_failures counter"), "{text}");
+    }
+}
