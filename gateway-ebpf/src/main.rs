@@ -22,8 +22,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        sk_action,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -152,8 +151,12 @@ fn should_redirect(
         }
     }
     // SAFETY: these helpers take no pointers (or only the context).
-    let (cookie, pid_tgid) =
-        unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_current_pid_tgid()) };
+    let (cookie, pid_tgid) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+        )
+    };
     let origin = Origin {
         orig_addr,
         orig_port,
@@ -188,7 +191,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
-    let target = Target4 { addr: sa.user_ip4, port, pad: 0 };
+    let target = Target4 {
+        addr: sa.user_ip4,
+        port,
+        pad: 0,
+    };
     // SAFETY: read-only lookup.
     if unsafe { TARGETS.get(&target) }.is_none() {
         return Ok(PROCEED);
@@ -221,10 +228,24 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let is_target = if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX {
         // A v4-mapped destination is an IPv4 connection in disguise.
         // SAFETY: read-only lookup.
-        unsafe { TARGETS.get(&Target4 { addr: ip6[3], port, pad: 0 }) }.is_some()
+        unsafe {
+            TARGETS.get(&Target4 {
+                addr: ip6[3],
+                port,
+                pad: 0,
+            })
+        }
+        .is_some()
     } else {
         // SAFETY: read-only lookup.
-        unsafe { TARGETS6.get(&Target6 { addr: ip6, port, pad: 0 }) }.is_some()
+        unsafe {
+            TARGETS6.get(&Target6 {
+                addr: ip6,
+                port,
+                pad: 0,
+            })
+        }
+        .is_some()
     };
     if is_target && should_redirect(ctx, config, ip6, port, FAMILY_V6) {
         // The proxy listens on IPv4; a dual-stack socket reaches it through the mapped
@@ -327,8 +348,12 @@ pub fn chaperone_sock_create(ctx: SockContext) -> i32 {
         return PROCEED;
     };
     // SAFETY: the helpers only read the socket behind the context.
-    let (netns, cookie) =
-        unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_get_socket_cookie(ctx.as_ptr())) };
+    let (netns, cookie) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+        )
+    };
     if netns != config.host_netns_cookie && RAW_SOCKETS.insert(&cookie, &1, 0).is_err() {
         bump(Counter::MapErrors);
     }
@@ -377,12 +402,26 @@ fn try_egress_guard(ctx: &SkBuffContext) -> Result<i32, i32> {
 /// alone: a raw socket can speak any protocol and port to the API server.
 fn is_target4(addr: u32) -> bool {
     // SAFETY: read-only lookup.
-    unsafe { TARGETS.get(&Target4 { addr, port: 0, pad: 0 }) }.is_some()
+    unsafe {
+        TARGETS.get(&Target4 {
+            addr,
+            port: 0,
+            pad: 0,
+        })
+    }
+    .is_some()
 }
 
 fn is_target6(addr: [u32; 4]) -> bool {
     // SAFETY: read-only lookup.
-    unsafe { TARGETS6.get(&Target6 { addr, port: 0, pad: 0 }) }.is_some()
+    unsafe {
+        TARGETS6.get(&Target6 {
+            addr,
+            port: 0,
+            pad: 0,
+        })
+    }
+    .is_some()
 }
 
 #[cfg(not(test))]

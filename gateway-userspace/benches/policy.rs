@@ -8,11 +8,21 @@
 //! namespace, so they are the ones a decision has to step through. The probe that
 //! matches is decided by the second-to-last rule; the other probe matches nothing, so every
 //! candidate is examined before the default applies.
+//!
+//! The `decide_identity` group adds who is calling: the same mix with four in five rules
+//! conditioned on the workload (namespace, service account, labels) or the principal
+//! (groups), probed as an agent pod with an OIDC principal; and a worst case where every
+//! rule has the request's shape and differs only by the calling workload's namespace, so
+//! every rule passes the index and the verb check and is rejected by the identity check.
 
 use std::{fmt::Write as _, hint::black_box};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use gateway_userspace::{
+    identity::{
+        WorkloadIdentity,
+        principal::{Principal, PrincipalKind},
+    },
     policy::{Action, Policy, RequestContext, decide},
     request::RequestInfo,
 };
@@ -42,11 +52,56 @@ const VERB_SETS: &[&str] = &[
 
 /// A policy of `n` rules (n >= 2) whose rule n-2 denies deleting pods in `prod`.
 fn policy_text(n: usize) -> String {
+    policy_text_with(n, |_| "")
+}
+
+/// The identity condition rule `i` of the identity mix carries.
+fn identity_condition(i: usize) -> String {
+    match i % 5 {
+        0 => format!("    workloads: {{namespaces: [team-{i}]}}\n"),
+        1 => format!("    workloads: {{serviceAccounts: [team-{i}/agent, \"ci-{i}/*\"]}}\n"),
+        2 => format!("    principals: {{groups: [group-{i}]}}\n"),
+        3 => format!(
+            "    workloads: {{labels: {{team: t{i}}}}}\n    principals: {{kinds: [oidc]}}\n"
+        ),
+        _ => String::new(),
+    }
+}
+
+/// [`policy_text`] with identity conditions on four in five rules, and a final resource
+/// rule that only applies to agents in namespace `ai-agents`.
+fn identity_policy_text(n: usize) -> String {
+    let mut y = policy_text_with(n, identity_condition);
+    y = y.replace(
+        "  - name: protect-prod-pods\n",
+        "  - name: protect-prod-pods\n    workloads: {namespaces: [ai-agents], labels: {app: agent}}\n",
+    );
+    y
+}
+
+/// `n` rules of one shape (delete pods in prod), one per team namespace; the last applies
+/// to `ai-agents`.
+fn same_shape_policy_text(n: usize) -> String {
+    let mut y =
+        String::from("apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n");
+    for i in 0..n - 1 {
+        let _ = writeln!(
+            y,
+            "  - name: team-{i}\n    action: deny\n    verbs: [delete]\n    resources: [pods]\n    namespaces: [prod]\n    workloads: {{namespaces: [team-{i}]}}"
+        );
+    }
+    y.push_str("  - name: protect-prod-pods\n    action: deny\n    verbs: [delete]\n    resources: [pods]\n    namespaces: [prod]\n    workloads: {namespaces: [ai-agents]}\n");
+    y
+}
+
+/// The base mix; `extra(i)` is appended to rule `i` (before the final two rules).
+fn policy_text_with<S: AsRef<str>>(n: usize, extra: impl Fn(usize) -> S) -> String {
     let mut y =
         String::from("apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n");
     for i in 0..n - 2 {
         let action = if i % 3 == 0 { "allow" } else { "deny" };
         let _ = write!(y, "  - name: rule-{i}\n    action: {action}\n");
+        y.push_str(extra(i).as_ref());
         let verbs = VERB_SETS[i % VERB_SETS.len()];
         match i % 20 {
             // Cluster-wide catch-all for a few object names: a candidate for every request.
@@ -186,5 +241,120 @@ fn bench_parse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decide, bench_parse);
+fn agent() -> WorkloadIdentity {
+    WorkloadIdentity {
+        node: "node-1".to_owned(),
+        namespace: Some("ai-agents".to_owned()),
+        pod: Some("cursor-0".to_owned()),
+        pod_uid: Some("8d5e2c4a-0f9b-4f7e-9d0c-3b1a2e6f7c8d".to_owned()),
+        service_account: Some("cursor".to_owned()),
+        container: Some("agent".to_owned()),
+        labels: [
+            ("app", "agent"),
+            ("app.kubernetes.io/name", "cursor"),
+            ("pod-template-hash", "5d9c7b8f6d"),
+            ("team", "ml"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        cgroup_id: 4242,
+        ..WorkloadIdentity::default()
+    }
+}
+
+fn alice() -> Principal {
+    Principal {
+        kind: PrincipalKind::Oidc,
+        subject: Some("oidc:alice@example.com".to_owned()),
+        groups: ["developers", "ml", "on-call", "sre"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        reason: None,
+        mismatch: None,
+    }
+}
+
+/// A request from the agent pod, with an OIDC principal.
+fn as_agent<'a>(
+    req: &'a RequestInfo,
+    agent: &'a WorkloadIdentity,
+    alice: &'a Principal,
+) -> RequestContext<'a> {
+    RequestContext::new(req)
+        .with_workload(agent)
+        .with_principal(alice)
+}
+
+fn bench_decide_identity(c: &mut Criterion) {
+    let matching = request(Method::DELETE, "/api/v1/namespaces/prod/pods/web-0");
+    let unmatched = request(
+        Method::PATCH,
+        "/apis/apps/v1/namespaces/prod/deployments/web",
+    );
+    let (agent, alice) = (agent(), alice());
+    let mut ops = agent.clone();
+    ops.namespace = Some("ops".to_owned());
+    let mut group = c.benchmark_group("decide_identity");
+    for n in [10, 100, 1_000] {
+        let policy = Policy::from_yaml(&identity_policy_text(n), "bench.yaml")
+            .unwrap_or_else(|e| panic!("identity bench policy of {n} rules must load: {e}"));
+        let same_shape = Policy::from_yaml(&same_shape_policy_text(n), "bench.yaml")
+            .unwrap_or_else(|e| panic!("same-shape bench policy of {n} rules must load: {e}"));
+        assert_eq!((policy.rule_count(), same_shape.rule_count()), (n, n));
+        for (p, label) in [(&policy, "mix"), (&same_shape, "same-shape")] {
+            let d = decide(p, &as_agent(&matching, &agent, &alice));
+            assert_eq!(
+                (d.action, d.rule.as_deref()),
+                (Action::Deny, Some("protect-prod-pods")),
+                "{label} n={n}"
+            );
+            let from_ops = RequestContext::new(&matching).with_workload(&ops);
+            assert_eq!(decide(p, &from_ops).rule, None, "{label} n={n} from ops");
+        }
+        let d = decide(&policy, &as_agent(&unmatched, &agent, &alice));
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Allow, None),
+            "n={n}"
+        );
+
+        group.bench_with_input(
+            BenchmarkId::new("match_near_end", n),
+            &matching,
+            |b, req| {
+                b.iter(|| {
+                    decide(
+                        black_box(&policy),
+                        &as_agent(black_box(req), &agent, &alice),
+                    )
+                })
+            },
+        );
+        group.bench_with_input(BenchmarkId::new("no_match", n), &unmatched, |b, req| {
+            b.iter(|| {
+                decide(
+                    black_box(&policy),
+                    &as_agent(black_box(req), &agent, &alice),
+                )
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("same_shape_match_last", n),
+            &matching,
+            |b, req| {
+                b.iter(|| {
+                    decide(
+                        black_box(&same_shape),
+                        &as_agent(black_box(req), &agent, &alice),
+                    )
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decide, bench_decide_identity, bench_parse);
 criterion_main!(benches);

@@ -12,8 +12,8 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use gateway_userspace::drain;
 use gateway_userspace::recorder::{
-    ObjectRef, PrincipalRecord, Recorder, RecorderConfig, RequestRecord, WorkloadRecord, requests_schema,
-    to_record_batch,
+    ObjectRef, PrincipalRecord, Recorder, RecorderConfig, RequestRecord, WorkloadRecord,
+    requests_schema, to_record_batch,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -114,7 +114,10 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                 principal: PrincipalRecord {
                     kind: "serviceAccount".into(),
                     subject: Some("system:serviceaccount:agents:cursor".into()),
-                    groups: vec!["system:serviceaccounts".into(), "system:serviceaccounts:agents".into()],
+                    groups: vec![
+                        "system:serviceaccounts".into(),
+                        "system:serviceaccounts:agents".into(),
+                    ],
                     reason: None,
                     mismatch: None,
                 },

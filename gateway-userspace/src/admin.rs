@@ -47,7 +47,11 @@ impl Metrics {
     pub fn new(interceptor: Option<Arc<Interceptor>>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("chaperone");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests handled by the proxy, by policy decision", requests.clone());
+        registry.register(
+            "requests",
+            "Requests handled by the proxy, by policy decision",
+            requests.clone(),
+        );
         let recording_failures = Counter::default();
         registry.register(
             "recording_failures",
@@ -57,12 +61,20 @@ impl Metrics {
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
-        Arc::new(Self { registry, requests, recording_failures })
+        Arc::new(Self {
+            registry,
+            requests,
+            recording_failures,
+        })
     }
 
     /// Counts one handled request.
     pub fn count_request(&self, decision: &str) {
-        self.requests.get_or_create(&RequestLabels { decision: decision.to_owned() }).inc();
+        self.requests
+            .get_or_create(&RequestLabels {
+                decision: decision.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -83,13 +95,41 @@ impl Collector for KernelCounters {
         let status = self.0.status();
         let c = status.counters;
         for (name, help, value) in [
-            ("redirect_connects", "connect() calls redirected to the proxy", c.redirected),
-            ("redirect_host_namespace", "connect() calls to targets from the node's namespace, not redirected", c.host_namespace),
-            ("redirect_attributed", "redirected connections keyed by 4-tuple", c.attributed),
-            ("redirect_map_errors", "eBPF map insert failures", c.map_errors),
-            ("redirect_bypassed", "connect() calls from out-of-scope cgroups, not redirected", c.bypassed),
-            ("redirect_fail_open", "connect() calls let through while the daemon was down", c.fail_open),
-            ("raw_guard_drops", "raw-socket packets to API server addresses dropped", c.guard_drops),
+            (
+                "redirect_connects",
+                "connect() calls redirected to the proxy",
+                c.redirected,
+            ),
+            (
+                "redirect_host_namespace",
+                "connect() calls to targets from the node's namespace, not redirected",
+                c.host_namespace,
+            ),
+            (
+                "redirect_attributed",
+                "redirected connections keyed by 4-tuple",
+                c.attributed,
+            ),
+            (
+                "redirect_map_errors",
+                "eBPF map insert failures",
+                c.map_errors,
+            ),
+            (
+                "redirect_bypassed",
+                "connect() calls from out-of-scope cgroups, not redirected",
+                c.bypassed,
+            ),
+            (
+                "redirect_fail_open",
+                "connect() calls let through while the daemon was down",
+                c.fail_open,
+            ),
+            (
+                "raw_guard_drops",
+                "raw-socket packets to API server addresses dropped",
+                c.guard_drops,
+            ),
             ("redirect_closed", "redirected sockets closed", c.closed),
         ] {
             let metric = ConstCounter::new(value);
@@ -141,14 +181,23 @@ impl Admin {
         let text = |code: StatusCode, ct: &'static str, body: String| {
             let mut r = Response::new(Full::new(Bytes::from(body)));
             *r.status_mut() = code;
-            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
             r
         };
         if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_owned());
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "only GET\n".to_owned(),
+            );
         }
         match req.uri().path() {
-            "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.encode()),
+            "/metrics" => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.encode(),
+            ),
             "/healthz" | "/readyz" => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
             "/status" => {
                 let report = StatusReport {
@@ -159,7 +208,11 @@ impl Admin {
                 let body = serde_json::to_string_pretty(&report).unwrap_or_default();
                 text(StatusCode::OK, "application/json", body)
             }
-            _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ),
         }
     }
 
@@ -202,8 +255,17 @@ mod tests {
         metrics.count_request("deny");
         metrics.count_request("allow");
         let text = metrics.encode();
-        assert!(text.contains("chaperone_requests_total{decision=\"deny\"} 2"), "{text}");
-        assert!(text.contains("chaperone_requests_total{decision=\"allow\"} 1"), "{text}");
-        assert!(text.contains("# TYPE chaperone_recording_failures counter"), "{text}");
+        assert!(
+            text.contains("chaperone_requests_total{decision=\"deny\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chaperone_requests_total{decision=\"allow\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE chaperone_recording_failures counter"),
+            "{text}"
+        );
     }
 }

@@ -14,6 +14,13 @@ use crate::{
     config::{Config, InterceptionMode},
     drain::{self, DrainOutcome, DrainTrigger},
     ebpf::{EbpfError, Interceptor, InterceptorSettings},
+    identity::{
+        Identity,
+        pods::{KubePodSource, PodSource as _, PodStore},
+        principal::PrincipalVerifier,
+        resolver::{CgroupResolver, ResolverLimits},
+        tokenreview::{KubeTokenReviewer, TokenReviewer},
+    },
     policy::{Policy, PolicyError},
     proxy::{GatewayToken, Proxy, ProxyError, ProxySettings},
     recorder::{Recorder, RecorderConfig, RecorderError, RecorderStats},
@@ -24,6 +31,8 @@ use crate::{
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How often the gateway token file is checked for changes.
 const TOKEN_REFRESH: Duration = Duration::from_secs(1);
+/// How often workloads are classified into the bypass and fail-open maps.
+const CLASSIFY_EVERY: Duration = Duration::from_secs(2);
 /// How often the daemon tells the kernel side it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -53,6 +62,9 @@ pub enum AppError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Workload or principal identity cannot be set up.
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
     /// A configuration value is unusable.
     #[error("{0}")]
     Config(String),
@@ -121,6 +133,8 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let token = GatewayToken::load(&cfg.upstream.token_file)?;
     let node = cfg.node_name();
 
+    let (identity, principals, kube_client) = build_identity(&cfg, &node).await?;
+
     let (recorder_drain, recorder_watch) = drain::channel();
     let (recorder, recorder_handle) = Recorder::start(
         RecorderConfig {
@@ -155,10 +169,16 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
 
     let admin_listener = TcpListener::bind(cfg.admin.address)
         .await
-        .map_err(|source| AppError::Bind { addr: cfg.admin.address, source })?;
+        .map_err(|source| AppError::Bind {
+            addr: cfg.admin.address,
+            source,
+        })?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(|source| AppError::Bind { addr: cfg.admin.address, source })?;
+        .map_err(|source| AppError::Bind {
+            addr: cfg.admin.address,
+            source,
+        })?;
     let metrics = Metrics::new(interceptor.clone());
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
@@ -176,11 +196,37 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         token: token.clone(),
         recorder: recorder_handle,
         interceptor: interceptor.clone(),
-        node,
+        node: node.clone(),
         cluster: cfg.cluster.clone(),
+        identity: Some(identity.clone()),
+        principals,
+        scope: cfg.interception.scope.clone(),
+        metrics: metrics.clone(),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client) {
+        let source = KubePodSource::new(client, node.clone());
+        let store = identity.pods().clone();
+        let drain = proxy_watch.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = drain.signaled() => {}
+                result = source.run(store) => if let Err(e) = result {
+                    tracing::error!(error = %e, "the pod watch ended; new pods will not be named");
+                },
+            }
+        });
+    }
+    if let Some(interceptor) = &interceptor {
+        tokio::spawn(crate::scope::classify_loop(
+            cfg.interception.scope.clone(),
+            identity.clone(),
+            interceptor.clone(),
+            CLASSIFY_EVERY,
+            proxy_watch.clone(),
+        ));
+    }
     tokio::spawn(admin.serve(admin_listener, proxy_watch.clone()));
     if let Some(interceptor) = &interceptor {
         tokio::spawn(heartbeat_loop(interceptor.clone(), proxy_watch.clone()));
@@ -201,6 +247,45 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         grace: cfg.shutdown_grace,
         detach_on_exit: cfg.interception.detach_on_exit,
     })
+}
+
+/// Builds workload identity (cgroup resolver, pod store, static workloads) and the token
+/// verifier; returns the kube client when the config needs API server access.
+async fn build_identity(
+    cfg: &Config,
+    node: &str,
+) -> Result<(Arc<Identity>, Arc<PrincipalVerifier>, Option<kube::Client>), AppError> {
+    let resolver = match cfg.interception.mode {
+        InterceptionMode::Ebpf => Some(CgroupResolver::for_host(ResolverLimits {
+            min_rescan_interval: cfg.identity.cgroup_rescan_interval,
+            ..ResolverLimits::default()
+        })?),
+        InterceptionMode::None => None,
+    };
+    let identity = Arc::new(Identity::new(
+        &cfg.identity,
+        node,
+        resolver,
+        PodStore::new(),
+    )?);
+    let client = if cfg.identity.watch_pods || cfg.identity.token_review {
+        Some(kube::Client::try_default().await.map_err(|e| {
+            AppError::Config(format!(
+                "identity: connecting to the API server for pods/TokenReview: {e}"
+            ))
+        })?)
+    } else {
+        None
+    };
+    let reviewer: Option<Arc<dyn TokenReviewer>> = match (&client, cfg.identity.token_review) {
+        (Some(c), true) => Some(Arc::new(KubeTokenReviewer::new(
+            c.clone(),
+            cfg.identity.token_review_audiences.clone(),
+        ))),
+        _ => None,
+    };
+    let principals = Arc::new(PrincipalVerifier::from_config(&cfg.identity, reviewer)?);
+    Ok((identity, principals, client))
 }
 
 /// Keeps the kernel side's view of "the daemon is alive" fresh, for fail-open cgroups.
@@ -226,6 +311,11 @@ impl App {
     /// The admin endpoint's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The proxy (for tests that install a frame sink).
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 
     /// The gateway's metrics.
@@ -287,7 +377,9 @@ impl App {
                     Err(_) => tracing::warn!("eBPF programs still in use; not detached"),
                 }
             } else {
-                tracing::info!("eBPF programs stay attached: intercepted pods fail closed until the next start");
+                tracing::info!(
+                    "eBPF programs stay attached: intercepted pods fail closed until the next start"
+                );
             }
         }
         let join = recorder.join();

@@ -95,7 +95,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { admin, json } => status(admin, json).await,
         Command::Uninstall { pin_path } => {
             crate::ebpf::uninstall(&pin_path)?;
-            println!("removed {} (programs detached, maps unpinned)", pin_path.display());
+            println!(
+                "removed {} (programs detached, maps unpinned)",
+                pin_path.display()
+            );
             Ok(())
         }
         Command::Check { config, policies } => {
@@ -121,7 +124,9 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     use http_body_util::{BodyExt as _, Empty};
     let tcp = tokio::net::TcpStream::connect(admin)
         .await
-        .with_context(|| format!("connecting to the admin endpoint {admin} (is chaperone running?)"))?;
+        .with_context(|| {
+            format!("connecting to the admin endpoint {admin} (is chaperone running?)")
+        })?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
@@ -129,7 +134,11 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         .header(http::header::HOST, admin.to_string())
         .body(Empty::<bytes::Bytes>::new())?;
     let response = sender.send_request(request).await?;
-    anyhow::ensure!(response.status().is_success(), "{admin}/status answered {}", response.status());
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{admin}/status answered {}",
+        response.status()
+    );
     let body = response.into_body().collect().await?.to_bytes();
     if json {
         println!("{}", String::from_utf8_lossy(&body));
@@ -144,7 +153,15 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let list = |key: &str| -> String {
-        i[key].as_array().map(|a| a.iter().map(|x| x.to_string().trim_matches('"').to_owned()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+        i[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.to_string().trim_matches('"').to_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
     };
     println!("pins:      {}", i["pin_dir"].as_str().unwrap_or("?"));
     println!("cgroup:    {}", i["cgroup_root"].as_str().unwrap_or("?"));
@@ -152,7 +169,10 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     println!("targets:   {}", list("targets"));
     println!("bypass:    {}", list("bypass"));
     println!("fail-open: {}", list("fail_open"));
-    println!("map:       {} / {} connections", i["connections"], i["connections_max"]);
+    println!(
+        "map:       {} / {} connections",
+        i["connections"], i["connections_max"]
+    );
     if let Some(counters) = i["counters"].as_object() {
         for (name, value) in counters {
             println!("  {name:<15} {value}");

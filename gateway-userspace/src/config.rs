@@ -68,6 +68,9 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The certificate the proxy serves to agents.
     pub tls: ServingTlsConfig,
+    /// How workloads and the principals behind bearer tokens are identified.
+    #[serde(default)]
+    pub identity: crate::identity::IdentityConfig,
     /// Policy files.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -91,7 +94,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { address: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)) }
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
+        }
     }
 }
 
@@ -143,6 +148,9 @@ pub struct InterceptionConfig {
     /// Capacity of the connection attribution maps (LRU).
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Which workloads are not intercepted, and which fail open.
+    #[serde(default)]
+    pub scope: crate::scope::ScopeConfig,
 }
 
 impl Default for InterceptionConfig {
@@ -154,6 +162,7 @@ impl Default for InterceptionConfig {
             detach_on_exit: false,
             fail_open_after: default_fail_open_after(),
             max_connections: default_max_connections(),
+            scope: crate::scope::ScopeConfig::default(),
         }
     }
 }
@@ -343,7 +352,13 @@ impl Config {
             }
         }
         if self.interception.max_connections < 1024 {
-            return Err(invalid("interception.maxConnections", "must be at least 1024".to_owned()));
+            return Err(invalid(
+                "interception.maxConnections",
+                "must be at least 1024".to_owned(),
+            ));
+        }
+        if let Err(e) = self.identity.validate() {
+            return Err(invalid("identity", e.to_string()));
         }
         if self.recording.max_rows_per_file == 0 {
             return Err(invalid(

@@ -236,7 +236,9 @@ pub struct Interceptor {
 
 impl std::fmt::Debug for Interceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interceptor").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
+        f.debug_struct("Interceptor")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -251,7 +253,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| kernel("find map")(name.to_owned()))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| kernel("find map")(name.to_owned()))?;
     T::try_from(map).map_err(|e| kernel("open map")(format!("{name}: {}", chain(&e))))
 }
 
@@ -270,7 +274,10 @@ impl Interceptor {
         let pin_dir = s.pin_path.join(object_version());
         let (maps_dir, links_dir) = (pin_dir.join("maps"), pin_dir.join("links"));
         for dir in [&maps_dir, &links_dir] {
-            std::fs::create_dir_all(dir).map_err(|source| EbpfError::Io { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| EbpfError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
         let host_netns_cookie = host_netns_cookie()?;
         let mut ebpf = EbpfLoader::new()
@@ -307,8 +314,10 @@ impl Interceptor {
             )
             .map_err(|e| kernel("write redirect config")(chain(&e)))?;
 
-        let cgroup = File::open(&cgroup_root)
-            .map_err(|source| EbpfError::Io { path: cgroup_root.clone(), source })?;
+        let cgroup = File::open(&cgroup_root).map_err(|source| EbpfError::Io {
+            path: cgroup_root.clone(),
+            source,
+        })?;
         let mut adopted = 0;
         for name in PROGRAMS {
             let pin = links_dir.join(name);
@@ -341,7 +350,9 @@ impl Interceptor {
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
-        self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The cgroup2 directory the programs are attached to.
@@ -378,7 +389,9 @@ impl Interceptor {
     pub fn set_bypass(&self, cgroup_id: u64, bypass: bool) -> Result<(), EbpfError> {
         let mut maps = self.maps();
         if bypass {
-            maps.bypass.insert(cgroup_id, 1, 0).map_err(|e| kernel("insert bypass entry")(chain(&e)))
+            maps.bypass
+                .insert(cgroup_id, 1, 0)
+                .map_err(|e| kernel("insert bypass entry")(chain(&e)))
         } else {
             remove_if_present(&mut maps.bypass, &cgroup_id)
         }
@@ -388,7 +401,9 @@ impl Interceptor {
     pub fn set_fail_open(&self, cgroup_id: u64, fail_open: bool) -> Result<(), EbpfError> {
         let mut maps = self.maps();
         if fail_open {
-            maps.fail_open.insert(cgroup_id, 1, 0).map_err(|e| kernel("insert fail-open entry")(chain(&e)))
+            maps.fail_open
+                .insert(cgroup_id, 1, 0)
+                .map_err(|e| kernel("insert fail-open entry")(chain(&e)))
         } else {
             remove_if_present(&mut maps.fail_open, &cgroup_id)
         }
@@ -403,7 +418,10 @@ impl Interceptor {
     /// Sums the per-CPU connect-path counters.
     pub fn counters(&self) -> RedirectCounters {
         let read = |c: Counter| -> u64 {
-            self.counters.get(&(c as u32), 0).map(|values| values.iter().sum()).unwrap_or(0)
+            self.counters
+                .get(&(c as u32), 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
         };
         RedirectCounters {
             redirected: read(Counter::Redirected),
@@ -436,7 +454,11 @@ impl Interceptor {
         );
         targets.sort();
         let programs = std::fs::read_dir(self.pin_dir.join("links"))
-            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         InterceptionStatus {
             pin_dir: self.pin_dir.clone(),
@@ -469,8 +491,10 @@ fn remove_if_present(map: &mut HashMap<MapData, u64, u8>, key: &u64) -> Result<(
 fn write_heartbeat(map: &mut Array<MapData, u64>) -> Result<(), EbpfError> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map_err(|e| kernel("read CLOCK_MONOTONIC")(e.to_string()))?;
-    let ns = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec()).unwrap_or(0);
-    map.set(0, ns, 0).map_err(|e| kernel("write heartbeat")(chain(&e)))
+    let ns = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).unwrap_or(0);
+    map.set(0, ns, 0)
+        .map_err(|e| kernel("write heartbeat")(chain(&e)))
 }
 
 /// Makes the target maps hold exactly `targets` (plus, per address, a port-0 entry the
@@ -482,18 +506,42 @@ fn set_targets(maps: &mut Maps, targets: &[SocketAddr]) -> Result<(), EbpfError>
         match target {
             SocketAddr::V4(t) => {
                 let addr = v4_word(*t.ip());
-                want4.insert(Target4 { addr, port: t.port(), pad: 0 });
-                want4.insert(Target4 { addr, port: 0, pad: 0 });
+                want4.insert(Target4 {
+                    addr,
+                    port: t.port(),
+                    pad: 0,
+                });
+                want4.insert(Target4 {
+                    addr,
+                    port: 0,
+                    pad: 0,
+                });
             }
             SocketAddr::V6(t) => {
                 if let Some(v4) = t.ip().to_ipv4_mapped() {
                     let addr = v4_word(v4);
-                    want4.insert(Target4 { addr, port: t.port(), pad: 0 });
-                    want4.insert(Target4 { addr, port: 0, pad: 0 });
+                    want4.insert(Target4 {
+                        addr,
+                        port: t.port(),
+                        pad: 0,
+                    });
+                    want4.insert(Target4 {
+                        addr,
+                        port: 0,
+                        pad: 0,
+                    });
                 } else {
                     let addr = words_from_ipv6(*t.ip());
-                    want6.insert(Target6 { addr, port: t.port(), pad: 0 });
-                    want6.insert(Target6 { addr, port: 0, pad: 0 });
+                    want6.insert(Target6 {
+                        addr,
+                        port: t.port(),
+                        pad: 0,
+                    });
+                    want6.insert(Target6 {
+                        addr,
+                        port: 0,
+                        pad: 0,
+                    });
                 }
             }
         }
@@ -503,26 +551,40 @@ fn set_targets(maps: &mut Maps, targets: &[SocketAddr]) -> Result<(), EbpfError>
         let _ = maps.targets.remove(stale);
     }
     for t in &want4 {
-        maps.targets.insert(t, 1, 0).map_err(|e| kernel("insert redirect target")(format!("{t:?}: {}", chain(&e))))?;
+        maps.targets
+            .insert(t, 1, 0)
+            .map_err(|e| kernel("insert redirect target")(format!("{t:?}: {}", chain(&e))))?;
     }
     let have6: Vec<Target6> = maps.targets6.keys().filter_map(Result::ok).collect();
     for stale in have6.iter().filter(|t| !want6.contains(t)) {
         let _ = maps.targets6.remove(stale);
     }
     for t in &want6 {
-        maps.targets6.insert(t, 1, 0).map_err(|e| kernel("insert redirect target")(format!("{t:?}: {}", chain(&e))))?;
+        maps.targets6
+            .insert(t, 1, 0)
+            .map_err(|e| kernel("insert redirect target")(format!("{t:?}: {}", chain(&e))))?;
     }
     Ok(())
 }
 
-fn attach_and_pin(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path) -> Result<(), EbpfError> {
-    let program = ebpf.program_mut(name).ok_or_else(|| kernel("find program")(name.to_owned()))?;
+fn attach_and_pin(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin: &Path,
+) -> Result<(), EbpfError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| kernel("find program")(name.to_owned()))?;
     // On kernels >= 5.7 aya attaches through a bpf_link, which the kernel always treats as
     // multi-attach and for which it requires the flags to be 0 (`Single`), so other tools'
     // programs on the same cgroup keep working.
     let mode = CgroupAttachMode::Single;
-    let load_err = |e: aya::programs::ProgramError| kernel("load program")(format!("{name}: {}", verifier(&e)));
-    let attach_err = |e: aya::programs::ProgramError| kernel("attach program")(format!("{name}: {}", chain(&e)));
+    let load_err = |e: aya::programs::ProgramError| {
+        kernel("load program")(format!("{name}: {}", verifier(&e)))
+    };
+    let attach_err =
+        |e: aya::programs::ProgramError| kernel("attach program")(format!("{name}: {}", chain(&e)));
     let link: FdLink = match program {
         aya::programs::Program::SockOps(p) => {
             p.load().map_err(load_err)?;
@@ -541,13 +603,22 @@ fn attach_and_pin(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin: &Path
         }
         aya::programs::Program::CgroupSkb(p) => {
             p.load().map_err(load_err)?;
-            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).map_err(attach_err)?;
+            let id = p
+                .attach(cgroup, CgroupSkbAttachType::Egress, mode)
+                .map_err(attach_err)?;
             p.take_link(id).map_err(attach_err)?.try_into()
         }
-        _ => return Err(kernel("attach program")(format!("{name}: unexpected program type"))),
+        _ => {
+            return Err(kernel("attach program")(format!(
+                "{name}: unexpected program type"
+            )));
+        }
     }
-    .map_err(|e: aya::programs::links::LinkError| kernel("take link")(format!("{name}: {}", chain(&e))))?;
-    link.pin(pin).map_err(|e| kernel("pin link")(format!("{}: {}", pin.display(), chain(&e))))?;
+    .map_err(|e: aya::programs::links::LinkError| {
+        kernel("take link")(format!("{name}: {}", chain(&e)))
+    })?;
+    link.pin(pin)
+        .map_err(|e| kernel("pin link")(format!("{}: {}", pin.display(), chain(&e))))?;
     Ok(())
 }
 
@@ -560,7 +631,9 @@ fn verifier(e: &aya::programs::ProgramError) -> String {
 
 /// Removes pin directories of other builds under `root`, detaching their programs.
 fn remove_other_versions(root: &Path, keep: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path != keep && path.is_dir() {
@@ -575,16 +648,23 @@ pub fn uninstall(root: &Path) -> Result<(), EbpfError> {
     match std::fs::remove_dir_all(root) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(EbpfError::Io { path: root.to_owned(), source }),
+        Err(source) => Err(EbpfError::Io {
+            path: root.to_owned(),
+            source,
+        }),
     }
 }
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_path` lies below it and nothing is mounted there.
 fn ensure_bpffs(pin_path: &Path) -> Result<(), EbpfError> {
     let mountinfo = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(mountinfo)
-        .map_err(|source| EbpfError::Io { path: mountinfo.to_owned(), source })?;
-    let covered = mounts_of_type(&text, "bpf").iter().any(|m| pin_path.starts_with(m));
+    let text = std::fs::read_to_string(mountinfo).map_err(|source| EbpfError::Io {
+        path: mountinfo.to_owned(),
+        source,
+    })?;
+    let covered = mounts_of_type(&text, "bpf")
+        .iter()
+        .any(|m| pin_path.starts_with(m));
     if covered {
         return Ok(());
     }
@@ -595,17 +675,28 @@ fn ensure_bpffs(pin_path: &Path) -> Result<(), EbpfError> {
             pin_path.display()
         )));
     }
-    nix::mount::mount(Some("bpf"), bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| kernel("mount bpffs at /sys/fs/bpf")(e.to_string()))
+    nix::mount::mount(
+        Some("bpf"),
+        bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| kernel("mount bpffs at /sys/fs/bpf")(e.to_string()))
 }
 
 /// Finds the cgroup2 mount point in /proc/self/mountinfo (it is `/sys/fs/cgroup` on most
 /// Kubernetes nodes, `/sys/fs/cgroup/unified` on hybrid hosts).
 pub fn cgroup2_mount() -> Result<PathBuf, EbpfError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| EbpfError::Io { path: path.to_owned(), source })?;
-    mounts_of_type(&text, "cgroup2").into_iter().next().ok_or(EbpfError::NoCgroup2)
+    let text = std::fs::read_to_string(path).map_err(|source| EbpfError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    mounts_of_type(&text, "cgroup2")
+        .into_iter()
+        .next()
+        .ok_or(EbpfError::NoCgroup2)
 }
 
 fn mounts_of_type(mountinfo: &str, wanted: &str) -> Vec<PathBuf> {
@@ -628,7 +719,9 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -646,11 +739,19 @@ pub fn host_netns_cookie() -> Result<u64, EbpfError> {
     netns_cookie_of_current()
 }
 
-#[expect(unsafe_code, reason = "SO_NETNS_COOKIE has no safe wrapper in nix or std")]
+#[expect(
+    unsafe_code,
+    reason = "SO_NETNS_COOKIE has no safe wrapper in nix or std"
+)]
 fn netns_cookie_of_current() -> Result<u64, EbpfError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    let sock = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| kernel("socket() for SO_NETNS_COOKIE")(e.to_string()))?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| kernel("socket() for SO_NETNS_COOKIE")(e.to_string()))?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` is a valid, writable u64 and `len` holds its size, as the
@@ -681,7 +782,10 @@ pub fn preflight() -> Result<(), EbpfError> {
     cgroup2_mount()?;
     let btf = Path::new("/sys/kernel/btf/vmlinux");
     if !btf.exists() {
-        return Err(kernel("check kernel BTF")(format!("{} is missing: the kernel lacks BTF", btf.display())));
+        return Err(kernel("check kernel BTF")(format!(
+            "{} is missing: the kernel lacks BTF",
+            btf.display()
+        )));
     }
     host_netns_cookie()?;
     Ok(())
@@ -696,13 +800,26 @@ mod tests {
         let hybrid = "25 1 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw\n\
                       40 22 0:35 / /sys/fs/bpf rw - bpf bpf rw\n";
-        assert_eq!(mounts_of_type(hybrid, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
-        assert_eq!(mounts_of_type(hybrid, "bpf"), vec![PathBuf::from("/sys/fs/bpf")]);
-        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(mounts_of_type(unified, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup")]);
+        assert_eq!(
+            mounts_of_type(hybrid, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        assert_eq!(
+            mounts_of_type(hybrid, "bpf"),
+            vec![PathBuf::from("/sys/fs/bpf")]
+        );
+        let unified =
+            "30 1 0:26 / /sys/fs/cgroup rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            mounts_of_type(unified, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
         assert!(mounts_of_type("22 1 0:5 / /proc rw - proc proc rw\n", "cgroup2").is_empty());
         let escaped = "30 1 0:26 / /mnt/my\\040cgroup rw - cgroup2 none rw\n";
-        assert_eq!(mounts_of_type(escaped, "cgroup2"), vec![PathBuf::from("/mnt/my cgroup")]);
+        assert_eq!(
+            mounts_of_type(escaped, "cgroup2"),
+            vec![PathBuf::from("/mnt/my cgroup")]
+        );
     }
 
     #[test]
@@ -719,10 +836,23 @@ mod tests {
             comm,
         };
         let decoded = ConnectionOrigin::from(v4);
-        assert_eq!(decoded.original_dst, "169.254.77.100:443".parse::<SocketAddr>().unwrap());
-        assert_eq!((decoded.command.as_str(), decoded.cgroup_id, decoded.pid), ("kubectl", 42, 1234));
+        assert_eq!(
+            decoded.original_dst,
+            "169.254.77.100:443".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            (decoded.command.as_str(), decoded.cgroup_id, decoded.pid),
+            ("kubectl", 42, 1234)
+        );
         let ip6: Ipv6Addr = "fd00:77::100".parse().unwrap();
-        let v6 = Origin { orig_addr: words_from_ipv6(ip6), family: gateway_common::FAMILY_V6, ..v4 };
-        assert_eq!(ConnectionOrigin::from(v6).original_dst, SocketAddr::new(ip6.into(), 443));
+        let v6 = Origin {
+            orig_addr: words_from_ipv6(ip6),
+            family: gateway_common::FAMILY_V6,
+            ..v4
+        };
+        assert_eq!(
+            ConnectionOrigin::from(v6).original_dst,
+            SocketAddr::new(ip6.into(), 443)
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod proxy;
 pub mod recorder;
 pub mod request;
+pub mod scope;
 pub mod status;
 pub mod tls;
 

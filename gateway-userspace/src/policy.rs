@@ -10,6 +10,9 @@
 //! apiVersion: chaperone.dev/v1alpha1   # required, exactly this
 //! kind: Policy                         # required, exactly this
 //! default: allow                       # required: allow | deny, when no rule matches
+//! identity:                            # optional guards, checked before any rule
+//!   denyInvalidTokens: true            # deny a bearer token that was not accepted
+//!   denyServiceAccountMismatch: true   # deny a ServiceAccount token of another pod
 //! rules:                               # optional; evaluated in order, first match wins
 //!   - name: protect-namespaces         # required, unique within the policy
 //!     action: deny                     # required: allow | deny
@@ -19,15 +22,31 @@
 //!     resources: [namespaces]          # "pods", "pods/exec", "pods/*", "*/exec", "*"
 //!     namespaces: []                   # optional; absent/empty = any, incl. cluster scope
 //!     resourceNames: []                # optional; absent/empty = any name
+//!     workloads:                       # optional; who is calling, from the kernel
+//!       namespaces: [ai-agents]        # the calling pod's namespace
+//!       serviceAccounts: [ai-agents/cursor, "ops/*"]   # "namespace/name" or "namespace/*"
+//!       pods: [cursor-0, "batch-*"]    # pod name; trailing "*" = prefix
+//!       labels: {app: agent}           # every pair must be on the pod
+//!   - name: unidentified
+//!     action: deny
+//!     verbs: ["*"]
+//!     resources: ["*"]
+//!     workloads: {unknown: true}       # only requests whose pod could not be identified
 //!   - name: health
 //!     action: allow
 //!     verbs: [get]
 //!     nonResourceURLs: ["/healthz", "/version", "/apis/*"]   # trailing "*" = prefix
+//!     principals:                      # optional; the verified bearer token
+//!       kinds: [anonymous, oidc, serviceAccount, user, invalid]
+//!       subjects: [alice@example.com, "system:serviceaccount:ci:*"]  # trailing "*" = prefix
+//!       groups: [sre]                  # any one of these groups
 //! ```
 //!
 //! A rule has either `resources` (a resource rule) or `nonResourceURLs` (a non-resource
 //! rule), never both; `apiGroups`, `namespaces` and `resourceNames` only apply to resource
-//! rules.
+//! rules. `workloads` and `principals` apply to both. Lists may not be empty where an
+//! empty list could never match (`apiGroups`, and every list under `workloads` and
+//! `principals`): omit the key instead.
 //!
 //! # Matching
 //!
@@ -52,12 +71,38 @@
 //!   request without a name (a list, a create).
 //! * `nonResourceURLs`: the decoded URL path, exactly, or by prefix when the entry ends in
 //!   `*` (`/apis/*`); `"*"` alone matches every non-resource URL.
+//! * `workloads`: the pod the kernel attributed the connection to (never anything the pod
+//!   sends). Every key it sets must match: `namespaces` (`"*"` = any), `serviceAccounts`
+//!   (`namespace/name`, or `namespace/*` for every service account of a namespace), `pods`
+//!   (exact, or a prefix ending in `*`) and `labels` (every listed pair, as a
+//!   `matchLabels`). A rule with `workloads` never matches a request whose pod is unknown
+//!   (not found yet, or not a pod at all); `workloads: {}` matches any identified pod.
+//!   `workloads: {unknown: true}` matches **only** unidentified callers, e.g. to deny them
+//!   everything; it cannot be combined with the other keys.
+//! * `principals`: the bearer token, as verified by the gateway (no token = `anonymous`).
+//!   `kinds`: `anonymous`, `oidc` (a verified OIDC ID token), `serviceAccount` (a
+//!   ServiceAccount token the API server authenticated), `user` (another token the API
+//!   server authenticated), `invalid` (a token that was presented but not accepted);
+//!   `subjects`: the user name (`system:serviceaccount:<ns>:<name>`, or the OIDC user name
+//!   with its prefix), exactly or by a prefix ending in `*`; `groups`: matches when the
+//!   principal is in at least one of them.
 //!
 //! Resource rules only match resource requests and non-resource rules only non-resource
 //! requests. When no rule matches, `default` applies.
+//!
+//! # Identity guards
+//!
+//! The top-level `identity` guards run before the rules, so no rule can allow what they
+//! deny. `denyInvalidTokens` denies a request whose bearer token was presented but not
+//! accepted (bad signature, expired, unknown issuer, malformed header; the reason is in
+//! the denial); `denyServiceAccountMismatch` denies a request carrying the ServiceAccount
+//! token of a different service account than the pod the kernel attributed it to (a stolen
+//! or borrowed token). The decision then names the guard, e.g.
+//! `identity.denyInvalidTokens`, where a rule decision names the rule; rule names starting
+//! with `identity.` are reserved for this.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     hash::{BuildHasherDefault, Hasher},
     io::Read as _,
@@ -70,7 +115,13 @@ use serde::{
     de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
 
-use crate::request::RequestInfo;
+use crate::{
+    identity::{
+        WorkloadIdentity,
+        principal::{Principal, PrincipalKind},
+    },
+    request::RequestInfo,
+};
 
 /// The `apiVersion` a policy document must declare.
 pub const API_VERSION: &str = "chaperone.dev/v1alpha1";
@@ -78,6 +129,12 @@ pub const API_VERSION: &str = "chaperone.dev/v1alpha1";
 pub const KIND: &str = "Policy";
 /// Largest policy file [`Policy::from_file`] reads.
 pub const MAX_POLICY_BYTES: u64 = 8 * 1024 * 1024;
+/// [`Decision::rule`] when the `identity.denyInvalidTokens` guard denied the request.
+pub const GUARD_INVALID_TOKENS: &str = "identity.denyInvalidTokens";
+/// [`Decision::rule`] when the `identity.denyServiceAccountMismatch` guard denied it.
+pub const GUARD_SERVICE_ACCOUNT_MISMATCH: &str = "identity.denyServiceAccountMismatch";
+/// Rule names with this prefix are reserved for the identity guards.
+const GUARD_PREFIX: &str = "identity.";
 
 /// Verbs a resource rule may list (besides `*`).
 const RESOURCE_VERBS: &[&str] = &[
@@ -186,14 +243,17 @@ impl fmt::Display for Action {
     }
 }
 
-/// The outcome of [`decide`]: the action and the rule that chose it.
+/// The outcome of [`decide`]: the action and the rule (or identity guard) that chose it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// Allow or deny.
     pub action: Action,
-    /// Name of the matching rule; `None` when the policy default applied.
+    /// Name of the matching rule, or of the identity guard that denied the request
+    /// ([`GUARD_INVALID_TOKENS`], [`GUARD_SERVICE_ACCOUNT_MISMATCH`]); `None` when the
+    /// policy default applied.
     pub rule: Option<Arc<str>>,
-    /// The matching rule's message for the client, if it has one.
+    /// The matching rule's message for the client, if it has one; for a guard, why it
+    /// denied the request.
     pub message: Option<Arc<str>>,
 }
 
@@ -210,11 +270,16 @@ impl Decision {
             Action::Allow => "allowed",
             Action::Deny => "denied",
         };
+        // Rule names cannot carry the guard prefix, so this names guards only.
+        let what = match &self.rule {
+            Some(rule) if rule.starts_with(GUARD_PREFIX) => "guard",
+            _ => "rule",
+        };
         match (&self.rule, &self.message) {
             (Some(rule), Some(message)) => {
-                format!("{verb} by Chaperone policy rule \"{rule}\": {message}")
+                format!("{verb} by Chaperone policy {what} \"{rule}\": {message}")
             }
-            (Some(rule), None) => format!("{verb} by Chaperone policy rule \"{rule}\""),
+            (Some(rule), None) => format!("{verb} by Chaperone policy {what} \"{rule}\""),
             (None, _) => format!(
                 "{verb} by Chaperone policy: no rule matched and the default action is {}",
                 self.action
@@ -223,18 +288,39 @@ impl Decision {
     }
 }
 
-/// Everything a decision may depend on. Workload and principal identity will join the
-/// request here; construct it with [`RequestContext::new`] to stay source-compatible.
+/// Everything a decision may depend on: what is asked, and who asks. Build it with
+/// [`RequestContext::new`] and the `with_*` methods, so new inputs do not break callers.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContext<'a> {
     /// The request's Kubernetes attributes.
     pub request: &'a RequestInfo,
+    /// The workload the kernel attributed the connection to; `None` when there is none
+    /// (treated like a workload that is not [`WorkloadIdentity::is_known`]).
+    pub workload: Option<&'a WorkloadIdentity>,
+    /// The verified principal behind the bearer token; `None` is anonymous.
+    pub principal: Option<&'a Principal>,
 }
 
 impl<'a> RequestContext<'a> {
-    /// A context holding only the request attributes.
+    /// A context holding only the request attributes: unknown workload, anonymous.
     pub fn new(request: &'a RequestInfo) -> Self {
-        Self { request }
+        Self {
+            request,
+            workload: None,
+            principal: None,
+        }
+    }
+
+    /// Sets the workload; takes `&WorkloadIdentity` or `Option<&WorkloadIdentity>`.
+    pub fn with_workload(mut self, workload: impl Into<Option<&'a WorkloadIdentity>>) -> Self {
+        self.workload = workload.into();
+        self
+    }
+
+    /// Sets the principal; takes `&Principal` or `Option<&Principal>`.
+    pub fn with_principal(mut self, principal: impl Into<Option<&'a Principal>>) -> Self {
+        self.principal = principal.into();
+        self
     }
 }
 
@@ -326,6 +412,7 @@ impl Policy {
             api_version: API_VERSION.to_owned(),
             kind: KIND.to_owned(),
             default: Action::Allow,
+            identity: None,
             rules: Vec::new(),
         };
         let compiled = compile(raw, "<allow-all>");
@@ -350,14 +437,18 @@ impl Policy {
     }
 }
 
-/// Decides a request: the first matching rule's action, else the policy default.
+/// Decides a request: an identity guard's denial, else the first matching rule's action,
+/// else the policy default.
 pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
     let p = &*policy.inner;
+    if let Some(denied) = p.guards.check(ctx.principal) {
+        return denied;
+    }
     let req = ctx.request;
     let found = if req.is_resource_request {
-        p.first_resource_match(req)
+        p.first_resource_match(ctx)
     } else {
-        p.first_url_match(req)
+        p.first_url_match(ctx)
     };
     match found {
         Some(rule) => Decision {
@@ -387,7 +478,22 @@ struct RawPolicy {
     kind: String,
     default: Action,
     #[serde(default)]
+    identity: Option<RawGuards>,
+    #[serde(default)]
     rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "identity guards: a mapping with denyInvalidTokens and denyServiceAccountMismatch"
+)]
+struct RawGuards {
+    #[serde(default)]
+    deny_invalid_tokens: bool,
+    #[serde(default)]
+    deny_service_account_mismatch: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +518,44 @@ struct RawRule {
     resource_names: Option<Vec<String>>,
     #[serde(default, rename = "nonResourceURLs")]
     non_resource_urls: Option<Vec<String>>,
+    #[serde(default)]
+    workloads: Option<RawWorkloads>,
+    #[serde(default)]
+    principals: Option<RawPrincipals>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a workload selector: a mapping with namespaces, serviceAccounts, pods, labels or unknown"
+)]
+struct RawWorkloads {
+    #[serde(default)]
+    namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    service_accounts: Option<Vec<String>>,
+    #[serde(default)]
+    pods: Option<Vec<String>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    unknown: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a principal selector: a mapping with kinds, subjects or groups"
+)]
+struct RawPrincipals {
+    #[serde(default)]
+    kinds: Option<Vec<String>>,
+    #[serde(default)]
+    subjects: Option<Vec<String>>,
+    #[serde(default)]
+    groups: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -491,6 +635,119 @@ struct Rule {
     groups: IdSet,
     namespaces: NamespaceSet,
     names: IdSet,
+    /// Boxed so rules without identity conditions stay small and skip it with one branch.
+    identity: Option<Box<IdentityCond>>,
+}
+
+/// A rule's `workloads` and `principals`, checked after its request conditions: they are
+/// not part of the index, so first-match order is unaffected.
+#[derive(Debug, Default)]
+struct IdentityCond {
+    workload: Option<WorkloadSel>,
+    principal: Option<PrincipalSel>,
+}
+
+#[derive(Debug)]
+enum WorkloadSel {
+    /// `unknown: true`: only callers whose pod was not identified.
+    Unknown,
+    /// Identified pods with these properties (ids from `Compiled::idents`).
+    Known {
+        namespaces: IdSet,
+        service_accounts: Option<Box<[ServiceAccountSel]>>,
+        pods: Option<Patterns>,
+        labels: Box<[(Box<str>, Box<str>)]>,
+    },
+}
+
+/// `(namespace id, name id)` of a `serviceAccounts` entry; name `None` for `namespace/*`.
+type ServiceAccountSel = (u32, Option<u32>);
+
+#[derive(Debug)]
+struct PrincipalSel {
+    /// [`kind_bit`]s.
+    kinds: u8,
+    subjects: Option<Patterns>,
+    groups: Option<Box<[Box<str>]>>,
+}
+
+/// Exact values (interned) and prefixes (entries ending in `*`).
+#[derive(Debug)]
+struct Patterns {
+    exact: Box<[u32]>,
+    prefixes: Box<[Box<str>]>,
+}
+
+impl Patterns {
+    fn matches(&self, id: Option<u32>, value: Option<&str>) -> bool {
+        id.is_some_and(|id| self.exact.contains(&id))
+            || value.is_some_and(|v| self.prefixes.iter().any(|p| v.starts_with(&**p)))
+    }
+}
+
+/// Principal kinds as `kinds:` spells them, with their bits.
+const PRINCIPAL_KINDS: &[(&str, PrincipalKind)] = &[
+    ("anonymous", PrincipalKind::Anonymous),
+    ("oidc", PrincipalKind::Oidc),
+    ("serviceAccount", PrincipalKind::ServiceAccount),
+    ("user", PrincipalKind::User),
+    ("invalid", PrincipalKind::Invalid),
+];
+
+fn kind_bit(kind: PrincipalKind) -> u8 {
+    match kind {
+        PrincipalKind::Anonymous => 1 << 0,
+        PrincipalKind::Oidc => 1 << 1,
+        PrincipalKind::ServiceAccount => 1 << 2,
+        PrincipalKind::User => 1 << 3,
+        PrincipalKind::Invalid => 1 << 4,
+    }
+}
+
+/// The caller's identity strings as ids of `Compiled::idents`, looked up once per request
+/// and only when a candidate rule has identity conditions.
+#[derive(Debug, Clone, Copy)]
+struct CallerIds {
+    namespace: Option<u32>,
+    service_account: Option<u32>,
+    pod: Option<u32>,
+    subject: Option<u32>,
+}
+
+/// The policy-level identity guards, with their decision names allocated once.
+#[derive(Debug, Default)]
+struct Guards {
+    invalid_tokens: Option<Arc<str>>,
+    service_account_mismatch: Option<Arc<str>>,
+}
+
+impl Guards {
+    fn check(&self, principal: Option<&Principal>) -> Option<Decision> {
+        let principal = principal?;
+        let deny = |rule: &Arc<str>, message: String| Decision {
+            action: Action::Deny,
+            rule: Some(rule.clone()),
+            message: Some(Arc::from(message)),
+        };
+        if let Some(rule) = &self.invalid_tokens
+            && principal.kind == PrincipalKind::Invalid
+        {
+            let why = principal.reason.as_deref().unwrap_or("no reason given");
+            return Some(deny(
+                rule,
+                format!("the request's bearer token was not accepted: {why}"),
+            ));
+        }
+        if let Some(rule) = &self.service_account_mismatch
+            && let Some(mismatch) = &principal.mismatch
+        {
+            return Some(deny(
+                rule,
+                format!("the bearer token does not belong to the calling pod: {mismatch}"),
+            ));
+        }
+        None
+    }
 }
 
 /// FxHash (rustc's hasher): a multiply-rotate per word, several times faster than SipHash
@@ -545,34 +802,76 @@ type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 /// without touching the rule itself.
 type Entry = (u32, u32);
 
-/// Candidate rules for one resource key, ascending, split by namespace: a request visits
-/// only the rules of its own namespace and those that apply in any namespace.
+/// Most lists one request can visit: five resource keys, four lists each.
+const MAX_LISTS: usize = 20;
+
+/// `Candidates::by_workload` key part for "any request namespace".
+const ANY_NS: u32 = u32::MAX;
+
+/// Candidate rules for one resource key, ascending, split by the request's namespace and
+/// by the calling workload's namespace: a request visits only the rules of its own
+/// namespace and caller and those that apply to any.
 #[derive(Debug, Default)]
 struct Candidates {
     any_namespace: Vec<Entry>,
     by_namespace: FastMap<u32, Vec<Entry>>,
+    /// Rules that only match callers in one workload namespace, keyed by (request
+    /// namespace id or [`ANY_NS`], workload namespace id): per-team rules of the same
+    /// request shape do not all become candidates of every request.
+    by_workload: FastMap<(u32, u32), Vec<Entry>>,
 }
 
 impl Candidates {
-    fn push(&mut self, entry: Entry, namespaces: &NamespaceSet) {
-        match namespaces {
-            NamespaceSet::Of(ids) => {
+    fn push(&mut self, entry: Entry, namespaces: &NamespaceSet, callers: Option<&[u32]>) {
+        match (namespaces, callers) {
+            (NamespaceSet::Of(ids), None) => {
                 for id in ids {
                     push_once(self.by_namespace.entry(*id).or_default(), entry);
                 }
             }
-            NamespaceSet::Any | NamespaceSet::AnyNamespaced => {
+            (NamespaceSet::Any | NamespaceSet::AnyNamespaced, None) => {
                 push_once(&mut self.any_namespace, entry);
+            }
+            (NamespaceSet::Of(ids), Some(callers)) => {
+                for id in ids {
+                    for caller in callers {
+                        push_once(self.by_workload.entry((*id, *caller)).or_default(), entry);
+                    }
+                }
+            }
+            (NamespaceSet::Any | NamespaceSet::AnyNamespaced, Some(callers)) => {
+                for caller in callers {
+                    push_once(
+                        self.by_workload.entry((ANY_NS, *caller)).or_default(),
+                        entry,
+                    );
+                }
             }
         }
     }
 
-    /// Appends this key's non-empty lists for namespace id `ns` to `lists[*len..]`.
-    fn collect<'a>(&'a self, ns: Option<u32>, lists: &mut [&'a [Entry]; 10], len: &mut usize) {
+    /// Appends this key's non-empty lists for namespace id `ns` and caller namespace id
+    /// `caller` to `lists[*len..]`.
+    fn collect<'a>(
+        &'a self,
+        ns: Option<u32>,
+        caller: Option<u32>,
+        lists: &mut [&'a [Entry]; MAX_LISTS],
+        len: &mut usize,
+    ) {
+        let none = &[][..];
         let own = ns
             .and_then(|id| self.by_namespace.get(&id))
-            .map_or(&[][..], |v| v);
-        for list in [&self.any_namespace[..], own] {
+            .map_or(none, |v| v);
+        let (caller_any, caller_own) = match caller {
+            Some(c) if !self.by_workload.is_empty() => (
+                self.by_workload.get(&(ANY_NS, c)).map_or(none, |v| v),
+                ns.and_then(|id| self.by_workload.get(&(id, c)))
+                    .map_or(none, |v| v),
+            ),
+            _ => (none, none),
+        };
+        for list in [&self.any_namespace[..], own, caller_any, caller_own] {
             if !list.is_empty() && *len < lists.len() {
                 lists[*len] = list;
                 *len += 1;
@@ -634,6 +933,12 @@ struct Compiled {
     groups: Interner,
     namespaces: Interner,
     names: Interner,
+    /// Workload namespaces, service account names, pod names and principal subjects named
+    /// by `workloads` and `principals` (one table: equal strings get equal ids).
+    idents: Interner,
+    /// Whether any resource rule is in a `Candidates::by_workload` list.
+    caller_indexed: bool,
+    guards: Guards,
 }
 
 impl Compiled {
@@ -645,35 +950,123 @@ impl Compiled {
         }
     }
 
-    fn first_resource_match(&self, req: &RequestInfo) -> Option<&Rule> {
+    fn caller_ids(&self, ctx: &RequestContext<'_>) -> CallerIds {
+        let workload = ctx.workload.filter(|w| w.is_known());
+        let id = |s: Option<&String>| s.and_then(|s| self.idents.get(s));
+        CallerIds {
+            namespace: id(workload.and_then(|w| w.namespace.as_ref())),
+            service_account: id(workload.and_then(|w| w.service_account.as_ref())),
+            pod: id(workload.and_then(|w| w.pod.as_ref())),
+            subject: id(ctx.principal.and_then(|p| p.subject.as_ref())),
+        }
+    }
+
+    /// Whether the caller satisfies a rule's identity conditions; `ids` is filled on first
+    /// use.
+    fn identity_matches(
+        &self,
+        rule: &Rule,
+        ctx: &RequestContext<'_>,
+        ids: &mut Option<CallerIds>,
+    ) -> bool {
+        let Some(cond) = &rule.identity else {
+            return true;
+        };
+        let ids = *ids.get_or_insert_with(|| self.caller_ids(ctx));
+        let known = ctx.workload.filter(|w| w.is_known());
+        let workload_ok = match (&cond.workload, known) {
+            (None, _) => true,
+            (Some(WorkloadSel::Unknown), w) => w.is_none(),
+            (Some(WorkloadSel::Known { .. }), None) => false,
+            (
+                Some(WorkloadSel::Known {
+                    namespaces,
+                    service_accounts,
+                    pods,
+                    labels,
+                }),
+                Some(w),
+            ) => {
+                namespaces.contains(ids.namespace)
+                    && service_accounts.as_deref().is_none_or(|sas| {
+                        sas.iter().any(|&(ns, name)| {
+                            Some(ns) == ids.namespace
+                                && name.is_none_or(|n| Some(n) == ids.service_account)
+                        })
+                    })
+                    && pods
+                        .as_ref()
+                        .is_none_or(|p| p.matches(ids.pod, w.pod.as_deref()))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(&**k).is_some_and(|have| **have == **v))
+            }
+        };
+        if !workload_ok {
+            return false;
+        }
+        let Some(sel) = &cond.principal else {
+            return true;
+        };
+        let kind = ctx.principal.map_or(PrincipalKind::Anonymous, |p| p.kind);
+        if sel.kinds & kind_bit(kind) == 0 {
+            return false;
+        }
+        let subject = ctx.principal.and_then(|p| p.subject.as_deref());
+        if let Some(subjects) = &sel.subjects
+            && !subjects.matches(ids.subject, subject)
+        {
+            return false;
+        }
+        sel.groups.as_deref().is_none_or(|groups| {
+            ctx.principal.is_some_and(|p| {
+                p.groups
+                    .iter()
+                    .any(|have| groups.iter().any(|g| **g == **have))
+            })
+        })
+    }
+
+    fn first_resource_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+        let req = ctx.request;
         // Namespaces are never empty in a policy, so a cluster-scoped request gets `None`.
         let ns = self.namespaces.get(&req.namespace);
-        let mut lists: [&[Entry]; 10] = [&[]; 10];
+        // One lookup, and only when some rule is indexed by its callers' namespace.
+        let caller = if self.caller_indexed {
+            ctx.workload
+                .filter(|w| w.is_known())
+                .and_then(|w| w.namespace.as_deref())
+                .and_then(|n| self.idents.get(n))
+        } else {
+            None
+        };
+        let mut lists: [&[Entry]; MAX_LISTS] = [&[]; MAX_LISTS];
         let mut len = 0;
         let by_res = self.by_resource.get(req.resource.as_str());
         if req.subresource.is_empty() {
             if let Some(r) = by_res {
-                r.plain.collect(ns, &mut lists, &mut len);
+                r.plain.collect(ns, caller, &mut lists, &mut len);
             }
         } else {
             let sub = req.subresource.as_str();
             if let Some(r) = by_res {
                 if let Some(c) = r.subs.get(sub) {
-                    c.collect(ns, &mut lists, &mut len);
+                    c.collect(ns, caller, &mut lists, &mut len);
                 }
-                r.any_sub.collect(ns, &mut lists, &mut len);
+                r.any_sub.collect(ns, caller, &mut lists, &mut len);
             }
             if let Some(c) = self.star.subs.get(sub) {
-                c.collect(ns, &mut lists, &mut len);
+                c.collect(ns, caller, &mut lists, &mut len);
             }
-            self.star.any_sub.collect(ns, &mut lists, &mut len);
+            self.star.any_sub.collect(ns, caller, &mut lists, &mut len);
         }
-        self.any_resource.collect(ns, &mut lists, &mut len);
+        self.any_resource.collect(ns, caller, &mut lists, &mut len);
 
         let verb = verb_bit(&req.verb);
         // Group and name ids are looked up at most once, and only if a candidate needs them.
         let mut group = None;
         let mut name = None;
+        let mut ids = None;
         let matches = |rule: &Rule| {
             if let IdSet::Of(_) = rule.groups
                 && !rule
@@ -690,7 +1083,7 @@ impl Compiled {
             if !ns_ok {
                 return false;
             }
-            match rule.names {
+            let names_ok = match rule.names {
                 IdSet::Any => true,
                 IdSet::Of(_) => {
                     !req.name.is_empty()
@@ -698,12 +1091,15 @@ impl Compiled {
                             .names
                             .contains(*name.get_or_insert_with(|| self.names.get(&req.name)))
                 }
-            }
+            };
+            names_ok && self.identity_matches(rule, ctx, &mut ids)
         };
         first_in_merged(&mut lists[..len], verb, &self.rules, matches)
     }
 
-    fn first_url_match(&self, req: &RequestInfo) -> Option<&Rule> {
+    fn first_url_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+        let req = ctx.request;
+        let mut ids = None;
         let verb = verb_bit(&req.verb);
         let exact = self.url_exact.get(req.path.as_str()).map_or(&[][..], |v| v);
         let mut prefixes = self
@@ -735,7 +1131,7 @@ impl Compiled {
                 }
             };
             let rule = &self.rules[next as usize];
-            if rule.verbs & verb != 0 {
+            if rule.verbs & verb != 0 && self.identity_matches(rule, ctx, &mut ids) {
                 return Some(rule);
             }
         }
@@ -779,9 +1175,11 @@ fn first_in_merged<'r>(
 // Validation and compilation.
 
 /// One step of a YAML path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {
     Key(&'static str),
+    /// A key chosen by the author (a label key).
+    Field(Box<str>),
     Index(usize),
 }
 
@@ -809,6 +1207,12 @@ fn render_path(path: &[Seg]) -> String {
                 }
                 out.push_str(k);
             }
+            Seg::Field(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
             Seg::Index(i) => out.push_str(&format!("[{i}]")),
         }
     }
@@ -831,9 +1235,18 @@ fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidAt> {
             format!("unsupported kind '{}', expected '{KIND}'", raw.kind),
         ));
     }
+    let guards = raw.identity.unwrap_or_default();
     let mut out = Compiled {
         source: source.to_owned(),
         default: raw.default,
+        guards: Guards {
+            invalid_tokens: guards
+                .deny_invalid_tokens
+                .then(|| Arc::from(GUARD_INVALID_TOKENS)),
+            service_account_mismatch: guards
+                .deny_service_account_mismatch
+                .then(|| Arc::from(GUARD_SERVICE_ACCOUNT_MISMATCH)),
+        },
         ..Compiled::default()
     };
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -847,6 +1260,15 @@ fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidAt> {
             return Err(invalid(
                 at(&[Seg::Key("name")]),
                 "rule name must not be empty",
+            ));
+        }
+        if rule.name.starts_with(GUARD_PREFIX) {
+            return Err(invalid(
+                at(&[Seg::Key("name")]),
+                format!(
+                    "rule name '{}' starts with '{GUARD_PREFIX}', which is reserved for the policy's identity guards",
+                    rule.name
+                ),
             ));
         }
         if let Some(first) = seen.insert(rule.name.clone(), i) {
@@ -866,7 +1288,9 @@ fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidAt> {
         }
         let index =
             u32::try_from(i).map_err(|_| invalid(at(&[]), "too many rules (more than 2^32)"))?;
-        let compiled = match (&rule.resources, &rule.non_resource_urls) {
+        // Checked before the rule is indexed, so a bad selector leaves no index entry behind.
+        let identity = compile_identity(&rule, &at, &mut out.idents)?;
+        let mut compiled = match (&rule.resources, &rule.non_resource_urls) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     at(&[Seg::Key("nonResourceURLs")]),
@@ -879,11 +1303,17 @@ fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidAt> {
                     "a rule needs 'resources' (resource rule) or 'nonResourceURLs' (non-resource rule)",
                 ));
             }
-            (Some(resources), None) => {
-                compile_resource_rule(&rule, resources, index, &at, &mut out)?
-            }
+            (Some(resources), None) => compile_resource_rule(
+                &rule,
+                resources,
+                index,
+                caller_namespaces(identity.as_deref()).as_deref(),
+                &at,
+                &mut out,
+            )?,
             (None, Some(urls)) => compile_url_rule(&rule, urls, index, &at, &mut out)?,
         };
+        compiled.identity = identity;
         out.rules.push(compiled);
     }
     Ok(out)
@@ -920,10 +1350,34 @@ fn compile_verbs(
     Ok(bits)
 }
 
+/// The workload namespaces a rule's callers must be in, if its `workloads` selector
+/// implies any (`namespaces`, else the namespaces of `serviceAccounts`): such a rule is
+/// indexed under them.
+fn caller_namespaces(identity: Option<&IdentityCond>) -> Option<Vec<u32>> {
+    match identity?.workload.as_ref()? {
+        WorkloadSel::Known {
+            namespaces: IdSet::Of(ids),
+            ..
+        } => Some(ids.to_vec()),
+        WorkloadSel::Known {
+            namespaces: IdSet::Any,
+            service_accounts: Some(sas),
+            ..
+        } => {
+            let mut ids: Vec<u32> = sas.iter().map(|(ns, _)| *ns).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            Some(ids)
+        }
+        _ => None,
+    }
+}
+
 fn compile_resource_rule(
     rule: &RawRule,
     resources: &[String],
     index: u32,
+    callers: Option<&[u32]>,
     at: &dyn Fn(&[Seg]) -> Vec<Seg>,
     out: &mut Compiled,
 ) -> Result<Rule, InvalidAt> {
@@ -1008,8 +1462,9 @@ fn compile_resource_rule(
                 .entry(sub.into())
                 .or_default(),
         };
-        candidates.push(entry, &namespaces);
+        candidates.push(entry, &namespaces, callers);
     }
+    out.caller_indexed |= callers.is_some();
 
     Ok(Rule {
         name: Arc::from(rule.name.as_str()),
@@ -1019,6 +1474,7 @@ fn compile_resource_rule(
         groups,
         namespaces,
         names,
+        identity: None,
     })
 }
 
@@ -1092,6 +1548,211 @@ fn compile_url_rule(
         groups: IdSet::Any,
         namespaces: NamespaceSet::Any,
         names: IdSet::Any,
+        identity: None,
+    })
+}
+
+/// Validates and compiles a rule's `workloads` and `principals`.
+fn compile_identity(
+    rule: &RawRule,
+    at: &dyn Fn(&[Seg]) -> Vec<Seg>,
+    idents: &mut Interner,
+) -> Result<Option<Box<IdentityCond>>, InvalidAt> {
+    let workload = match &rule.workloads {
+        None => None,
+        Some(raw) => Some(compile_workloads(raw, at, idents)?),
+    };
+    let principal = match &rule.principals {
+        None => None,
+        Some(raw) => Some(compile_principals(raw, at, idents)?),
+    };
+    Ok((workload.is_some() || principal.is_some()).then(|| {
+        Box::new(IdentityCond {
+            workload,
+            principal,
+        })
+    }))
+}
+
+/// Checks that an identity list is not empty, then each entry with `check`.
+fn check_list<'l>(
+    list: &'l Option<Vec<String>>,
+    path: &[Seg],
+    what: &str,
+    at: &dyn Fn(&[Seg]) -> Vec<Seg>,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<Option<&'l [String]>, InvalidAt> {
+    let Some(list) = list else {
+        return Ok(None);
+    };
+    if list.is_empty() {
+        return Err(invalid(
+            at(path),
+            format!(
+                "lists no {what}, so the rule could never match; omit the key to match any {what}"
+            ),
+        ));
+    }
+    for (j, entry) in list.iter().enumerate() {
+        let mut entry_path = path.to_vec();
+        entry_path.push(Seg::Index(j));
+        check(entry).map_err(|m| invalid(at(&entry_path), m))?;
+    }
+    Ok(Some(list))
+}
+
+fn compile_patterns(list: &[String], idents: &mut Interner) -> Patterns {
+    let mut exact = Vec::new();
+    let mut prefixes = Vec::new();
+    for entry in list {
+        match entry.strip_suffix('*') {
+            Some(prefix) => prefixes.push(Box::from(prefix)),
+            None => exact.push(idents.intern(entry)),
+        }
+    }
+    Patterns {
+        exact: exact.into(),
+        prefixes: prefixes.into(),
+    }
+}
+
+fn compile_workloads(
+    raw: &RawWorkloads,
+    at: &dyn Fn(&[Seg]) -> Vec<Seg>,
+    idents: &mut Interner,
+) -> Result<WorkloadSel, InvalidAt> {
+    const W: Seg = Seg::Key("workloads");
+    if raw.unknown {
+        let set = [
+            raw.namespaces.is_some(),
+            raw.service_accounts.is_some(),
+            raw.pods.is_some(),
+            raw.labels.is_some(),
+        ];
+        if set.contains(&true) {
+            return Err(invalid(
+                at(&[W, Seg::Key("unknown")]),
+                "'unknown: true' matches only callers whose pod could not be identified, so it cannot be combined with namespaces, serviceAccounts, pods or labels; write two rules",
+            ));
+        }
+        return Ok(WorkloadSel::Unknown);
+    }
+    let namespaces = check_list(
+        &raw.namespaces,
+        &[W, Seg::Key("namespaces")],
+        "namespace",
+        at,
+        check_namespace,
+    )?;
+    let service_accounts = check_list(
+        &raw.service_accounts,
+        &[W, Seg::Key("serviceAccounts")],
+        "service account",
+        at,
+        check_service_account,
+    )?;
+    let pods = check_list(
+        &raw.pods,
+        &[W, Seg::Key("pods")],
+        "pod",
+        at,
+        check_pod_pattern,
+    )?;
+    let mut labels = Vec::new();
+    if let Some(map) = &raw.labels {
+        if map.is_empty() {
+            return Err(invalid(
+                at(&[W, Seg::Key("labels")]),
+                "lists no label; omit the key to match any labels",
+            ));
+        }
+        for (key, value) in map {
+            let path = at(&[W, Seg::Key("labels"), Seg::Field(key.as_str().into())]);
+            check_label_key(key).map_err(|m| invalid(path.clone(), m))?;
+            check_label_value(value).map_err(|m| invalid(path, m))?;
+            labels.push((Box::from(key.as_str()), Box::from(value.as_str())));
+        }
+    }
+    Ok(WorkloadSel::Known {
+        namespaces: match namespaces {
+            Some(list) if !list.iter().any(|n| n == "*") => {
+                IdSet::Of(list.iter().map(|n| idents.intern(n)).collect())
+            }
+            _ => IdSet::Any,
+        },
+        service_accounts: service_accounts.map(|list| {
+            list.iter()
+                .filter_map(|sa| sa.split_once('/'))
+                .map(|(ns, name)| {
+                    (
+                        idents.intern(ns),
+                        (name != "*").then(|| idents.intern(name)),
+                    )
+                })
+                .collect()
+        }),
+        pods: pods.map(|list| compile_patterns(list, idents)),
+        labels: labels.into(),
+    })
+}
+
+fn compile_principals(
+    raw: &RawPrincipals,
+    at: &dyn Fn(&[Seg]) -> Vec<Seg>,
+    idents: &mut Interner,
+) -> Result<PrincipalSel, InvalidAt> {
+    const P: Seg = Seg::Key("principals");
+    let kind_of = |k: &str| {
+        PRINCIPAL_KINDS
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, kind)| *kind)
+            // The recordings spell it in lowercase; accept what an analyst copies from there.
+            .or((k == "serviceaccount").then_some(PrincipalKind::ServiceAccount))
+    };
+    let kinds = check_list(
+        &raw.kinds,
+        &[P, Seg::Key("kinds")],
+        "kind",
+        at,
+        |k| match kind_of(k) {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "unknown principal kind '{k}'; expected one of: {}",
+                PRINCIPAL_KINDS
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        },
+    )?;
+    let subjects = check_list(
+        &raw.subjects,
+        &[P, Seg::Key("subjects")],
+        "subject",
+        at,
+        |s| check_pattern(s, "subject"),
+    )?;
+    let groups = check_list(&raw.groups, &[P, Seg::Key("groups")], "group", at, |g| {
+        if g.is_empty() {
+            Err("group must not be empty".to_owned())
+        } else if g.contains('*') {
+            Err(format!(
+                "groups takes exact group names, not patterns ('{g}')"
+            ))
+        } else {
+            Ok(())
+        }
+    })?;
+    Ok(PrincipalSel {
+        kinds: kinds.map_or(u8::MAX, |list| {
+            list.iter()
+                .filter_map(|k| kind_of(k))
+                .fold(0, |bits, kind| bits | kind_bit(kind))
+        }),
+        subjects: subjects.map(|list| compile_patterns(list, idents)),
+        groups: groups.map(|list| list.iter().map(|g| Box::from(g.as_str())).collect()),
     })
 }
 
@@ -1143,6 +1804,96 @@ fn check_namespace(ns: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "malformed namespace '{ns}'; expected a lowercase DNS label or '*'"
+        ))
+    }
+}
+
+/// A DNS subdomain as Kubernetes object names use it (pods, service accounts).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(is_name_char)
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn check_service_account(entry: &str) -> Result<(), String> {
+    let shape = || {
+        format!(
+            "service account '{entry}' must be 'namespace/name' or 'namespace/*'{}",
+            if entry.starts_with("system:serviceaccount:") {
+                " (to match a token's user name, use principals.subjects)"
+            } else {
+                ""
+            }
+        )
+    };
+    let (ns, name) = entry.split_once('/').ok_or_else(shape)?;
+    if ns == "*" || check_namespace(ns).is_err() || !(name == "*" || is_object_name(name)) {
+        return Err(shape());
+    }
+    Ok(())
+}
+
+fn check_pod_pattern(pod: &str) -> Result<(), String> {
+    let stem = pod.strip_suffix('*').unwrap_or(pod);
+    let ok = stem.is_empty() && pod == "*"
+        || !stem.is_empty()
+            && stem.len() <= 253
+            && stem.chars().all(is_name_char)
+            && (stem.len() < pod.len() || is_object_name(stem));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "malformed pod name '{pod}'; expected a lowercase object name, or a prefix ending in '*'"
+        ))
+    }
+}
+
+/// An exact string, or a prefix ending in `*`.
+fn check_pattern(value: &str, what: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    if value[..value.len() - 1].contains('*') {
+        return Err(format!(
+            "{what} '{value}' may only have '*' at the end (a prefix match)"
+        ));
+    }
+    Ok(())
+}
+
+/// Label name part or value: alphanumeric at both ends, `-_.` inside, at most 63 chars.
+fn is_label_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if prefix.is_none_or(is_object_name) && is_label_token(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "malformed label key '{key}'; expected [prefix/]name, e.g. 'app' or 'app.kubernetes.io/name'"
+        ))
+    }
+}
+
+fn check_label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || is_label_token(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "malformed label value '{value}'; label values are at most 63 letters, digits, '-', '_' or '.'"
         ))
     }
 }
@@ -1228,6 +1979,7 @@ impl<'de> DeserializeSeed<'de> for Locate<'_> {
         match self.0.split_first() {
             None => d.deserialize_any(Found),
             Some((Seg::Key(key), rest)) => d.deserialize_map(LocateInMap { key, rest }),
+            Some((Seg::Field(key), rest)) => d.deserialize_map(LocateInMap { key, rest }),
             Some((Seg::Index(index), rest)) => d.deserialize_seq(LocateInSeq {
                 index: *index,
                 rest,
@@ -1979,7 +2731,7 @@ rules:
             // Shape errors from serde, with serde_norway's position.
             (
                 "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n  - name: b\n    action: deny\n    verb: [get]\n",
-                "policy.yaml:11:5: rules[1]: unknown field 'verb', expected one of 'name', 'action', 'message', 'verbs', 'apiGroups', 'resources', 'namespaces', 'resourceNames', 'nonResourceURLs'",
+                "policy.yaml:11:5: rules[1]: unknown field 'verb', expected one of 'name', 'action', 'message', 'verbs', 'apiGroups', 'resources', 'namespaces', 'resourceNames', 'nonResourceURLs', 'workloads', 'principals'",
             ),
             (
                 "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: maybe\n",
@@ -1991,7 +2743,7 @@ rules:
             ),
             (
                 "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: deny\nrule: []\n",
-                "policy.yaml:4:1: unknown field 'rule', expected one of 'apiVersion', 'kind', 'default', 'rules'",
+                "policy.yaml:4:1: unknown field 'rule', expected one of 'apiVersion', 'kind', 'default', 'identity', 'rules'",
             ),
             (
                 "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: deny\nrules:\n  - name: a\n    action: deny\n    resources: [pods]\n",
@@ -2091,10 +2843,99 @@ rules:
                 "rules:\n  - name: a\n    action: deny\n    message: \"\"\n    verbs: [get]\n    resources: [pods]\ndefault: deny\n",
                 "rules[0].message: message must not be empty",
             ),
+            // Identity selectors and guards.
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads:\n      namespace: [x]\n",
+                "policy.yaml:10:7: rules[0].workloads: unknown field 'namespace', expected one of 'namespaces', 'serviceAccounts', 'pods', 'labels', 'unknown'",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals:\n      users: [x]\n",
+                "policy.yaml:10:7: rules[0].principals: unknown field 'users', expected one of 'kinds', 'subjects', 'groups'",
+            ),
+            (
+                "default: deny\nidentity:\n  denyInvalidToken: true\n",
+                "policy.yaml:5:3: identity: unknown field 'denyInvalidToken', expected 'denyInvalidTokens' or 'denyServiceAccountMismatch'",
+            ),
+            (
+                "default: deny\nidentity:\n  denyInvalidTokens: yes\n",
+                "policy.yaml:5:22: identity.denyInvalidTokens: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads:\n      namespaces: []\n",
+                "policy.yaml:10:19: rules[0].workloads.namespaces: lists no namespace, so the rule could never match; omit the key to match any namespace",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads:\n      namespaces: [ai-agents, AI]\n",
+                "policy.yaml:10:31: rules[0].workloads.namespaces[1]: malformed namespace 'AI'",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    nonResourceURLs: [/x]\n    workloads: {serviceAccounts: [cursor]}\n",
+                "policy.yaml:9:35: rules[0].workloads.serviceAccounts[0]: service account 'cursor' must be 'namespace/name' or 'namespace/*'",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads: {serviceAccounts: [\"system:serviceaccount:a:b\"]}\ndefault: deny\n",
+                "rules[0].workloads.serviceAccounts[0]: service account 'system:serviceaccount:a:b' must be 'namespace/name' or 'namespace/*' (to match a token's user name, use principals.subjects)",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads: {serviceAccounts: [\"*/cursor\"]}\ndefault: deny\n",
+                "rules[0].workloads.serviceAccounts[0]: service account '*/cursor' must be",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads: {pods: [Cursor-0]}\ndefault: deny\n",
+                "rules[0].workloads.pods[0]: malformed pod name 'Cursor-0'",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads: {pods: [\"a*b\"]}\ndefault: deny\n",
+                "rules[0].workloads.pods[0]: malformed pod name 'a*b'",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads:\n      labels:\n        app: \"two words\"\n",
+                "policy.yaml:11:14: rules[0].workloads.labels.app: malformed label value 'two words'",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads: {labels: {-x: y}}\ndefault: deny\n",
+                "rules[0].workloads.labels.-x: malformed label key '-x'",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads: {labels: {}}\ndefault: deny\n",
+                "rules[0].workloads.labels: lists no label",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    workloads:\n      namespaces: [x]\n      unknown: true\n",
+                "policy.yaml:11:16: rules[0].workloads.unknown: 'unknown: true' matches only callers whose pod could not be identified, so it cannot be combined with namespaces, serviceAccounts, pods or labels",
+            ),
+            (
+                "default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals:\n      kinds: [oidc, robot]\n",
+                "policy.yaml:10:21: rules[0].principals.kinds[1]: unknown principal kind 'robot'; expected one of: anonymous, oidc, serviceAccount, user, invalid",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals: {subjects: [\"\"]}\ndefault: deny\n",
+                "rules[0].principals.subjects[0]: subject must not be empty",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals: {subjects: [\"a*b\"]}\ndefault: deny\n",
+                "rules[0].principals.subjects[0]: subject 'a*b' may only have '*' at the end",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals: {groups: []}\ndefault: deny\n",
+                "rules[0].principals.groups: lists no group, so the rule could never match",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals: {groups: [\"*\"]}\ndefault: deny\n",
+                "rules[0].principals.groups[0]: groups takes exact group names",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n    principals: {kinds: []}\ndefault: deny\n",
+                "rules[0].principals.kinds: lists no kind",
+            ),
+            (
+                "default: deny\nrules:\n  - name: identity.denyInvalidTokens\n    action: allow\n    verbs: [get]\n    resources: [pods]\n",
+                "policy.yaml:5:11: rules[0].name: rule name 'identity.denyInvalidTokens' starts with 'identity.', which is reserved for the policy's identity guards",
+            ),
         ];
         let mut failures = Vec::new();
         for (body, want) in cases {
-            let text = if body.starts_with("rules:") {
+            let text = if body.starts_with("rules:") || body.starts_with("default: deny") {
                 format!("{HEADER}{body}")
             } else {
                 (*body).to_owned()
@@ -2185,5 +3026,779 @@ rules:
             debug.contains("\"only\"") && debug.contains("Deny"),
             "{debug}"
         );
+    }
+
+    fn workload(namespace: &str, pod: &str, sa: &str, labels: &[(&str, &str)]) -> WorkloadIdentity {
+        WorkloadIdentity {
+            node: "node-1".to_owned(),
+            namespace: Some(namespace.to_owned()),
+            pod: Some(pod.to_owned()),
+            service_account: Some(sa.to_owned()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            cgroup_id: 42,
+            ..WorkloadIdentity::default()
+        }
+    }
+
+    fn principal(kind: PrincipalKind, subject: Option<&str>, groups: &[&str]) -> Principal {
+        Principal {
+            kind,
+            subject: subject.map(str::to_owned),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            reason: None,
+            mismatch: None,
+        }
+    }
+
+    /// The callers the identity tests use.
+    struct Callers {
+        agent: WorkloadIdentity,
+        ops: WorkloadIdentity,
+        /// A pod cgroup whose pod is not in the store yet: not known.
+        half: WorkloadIdentity,
+        alice: Principal,
+        sa: Principal,
+        admin: Principal,
+        bad: Principal,
+        anonymous: Principal,
+    }
+
+    fn callers() -> Callers {
+        Callers {
+            agent: workload(
+                "ai-agents",
+                "cursor-0",
+                "cursor",
+                &[("app", "agent"), ("team", "ml")],
+            ),
+            ops: workload("ops", "runner-7", "deployer", &[("app", "runner")]),
+            half: WorkloadIdentity {
+                pod_uid: Some("1b2c".to_owned()),
+                cgroup_id: 7,
+                ..WorkloadIdentity::default()
+            },
+            alice: principal(
+                PrincipalKind::Oidc,
+                Some("oidc:alice@example.com"),
+                &["sre", "dev"],
+            ),
+            sa: principal(
+                PrincipalKind::ServiceAccount,
+                Some("system:serviceaccount:ai-agents:cursor"),
+                &["system:serviceaccounts"],
+            ),
+            admin: principal(
+                PrincipalKind::User,
+                Some("kubernetes-admin"),
+                &["system:masters"],
+            ),
+            bad: Principal::invalid("token expired"),
+            anonymous: Principal::anonymous(),
+        }
+    }
+
+    fn decide_as(
+        p: &Policy,
+        method: &str,
+        uri: &str,
+        workload: Option<&WorkloadIdentity>,
+        who: Option<&Principal>,
+    ) -> Decision {
+        let info = request(method, uri);
+        let ctx = RequestContext::new(&info)
+            .with_workload(workload)
+            .with_principal(who);
+        decide(p, &ctx)
+    }
+
+    #[test]
+    fn request_context_builder() {
+        let c = callers();
+        let info = request("GET", "/api/v1/pods");
+        let ctx = RequestContext::new(&info);
+        assert!(ctx.workload.is_none() && ctx.principal.is_none());
+        let ctx = ctx.with_workload(&c.agent).with_principal(&c.alice);
+        assert_eq!(ctx.workload, Some(&c.agent));
+        assert_eq!(ctx.principal, Some(&c.alice));
+        let ctx = ctx.with_workload(None).with_principal(Some(&c.sa));
+        assert_eq!((ctx.workload, ctx.principal), (None, Some(&c.sa)));
+    }
+
+    #[test]
+    fn identity_matching() {
+        let c = callers();
+        let (agent, ops, half) = (Some(&c.agent), Some(&c.ops), Some(&c.half));
+        let (alice, sa, admin, bad, anon) = (
+            Some(&c.alice),
+            Some(&c.sa),
+            Some(&c.admin),
+            Some(&c.bad),
+            Some(&c.anonymous),
+        );
+        type Case<'a> = (
+            &'a str,
+            Option<&'a WorkloadIdentity>,
+            Option<&'a Principal>,
+            bool,
+        );
+        let cases: &[Case<'_>] = &[
+            // workloads.namespaces
+            ("workloads: {namespaces: [ai-agents]}", agent, None, true),
+            ("workloads: {namespaces: [ai-agents]}", ops, None, false),
+            ("workloads: {namespaces: [ai-agents]}", half, None, false),
+            ("workloads: {namespaces: [ai-agents]}", None, None, false),
+            ("workloads: {namespaces: [ops, ai-agents]}", ops, None, true),
+            // One interner serves every identity field: a pod name is not a namespace.
+            ("workloads: {namespaces: [cursor-0]}", agent, None, false),
+            ("workloads: {namespaces: [\"*\"]}", agent, None, true),
+            ("workloads: {namespaces: [\"*\"]}", half, None, false),
+            // any identified workload / only unidentified ones
+            ("workloads: {}", agent, None, true),
+            ("workloads: {}", half, None, false),
+            ("workloads: {}", None, None, false),
+            ("workloads: {unknown: true}", agent, None, false),
+            ("workloads: {unknown: true}", half, None, true),
+            ("workloads: {unknown: true}", None, None, true),
+            ("workloads: {unknown: false}", agent, None, true),
+            ("workloads: {unknown: false}", None, None, false),
+            // workloads.serviceAccounts
+            (
+                "workloads: {serviceAccounts: [ai-agents/cursor]}",
+                agent,
+                None,
+                true,
+            ),
+            (
+                "workloads: {serviceAccounts: [ai-agents/cursor]}",
+                ops,
+                None,
+                false,
+            ),
+            (
+                "workloads: {serviceAccounts: [ai-agents/*]}",
+                agent,
+                None,
+                true,
+            ),
+            (
+                "workloads: {serviceAccounts: [ai-agents/*]}",
+                ops,
+                None,
+                false,
+            ),
+            (
+                "workloads: {serviceAccounts: [ops/cursor]}",
+                agent,
+                None,
+                false,
+            ),
+            (
+                "workloads: {serviceAccounts: [ai-agents/deployer, ops/deployer]}",
+                ops,
+                None,
+                true,
+            ),
+            (
+                "workloads: {serviceAccounts: [ai-agents/deployer, ops/deployer]}",
+                agent,
+                None,
+                false,
+            ),
+            (
+                "workloads: {serviceAccounts: [ai-agents/*]}",
+                None,
+                None,
+                false,
+            ),
+            // workloads.pods
+            ("workloads: {pods: [cursor-0]}", agent, None, true),
+            ("workloads: {pods: [cursor-1]}", agent, None, false),
+            ("workloads: {pods: [\"cursor-*\"]}", agent, None, true),
+            ("workloads: {pods: [\"runner-*\"]}", agent, None, false),
+            (
+                "workloads: {pods: [\"runner-*\", cursor-0]}",
+                ops,
+                None,
+                true,
+            ),
+            ("workloads: {pods: [\"*\"]}", agent, None, true),
+            ("workloads: {pods: [\"*\"]}", half, None, false),
+            // workloads.labels: every pair
+            ("workloads: {labels: {app: agent}}", agent, None, true),
+            (
+                "workloads: {labels: {app: agent, team: ml}}",
+                agent,
+                None,
+                true,
+            ),
+            (
+                "workloads: {labels: {app: agent, team: web}}",
+                agent,
+                None,
+                false,
+            ),
+            ("workloads: {labels: {tier: web}}", agent, None, false),
+            ("workloads: {labels: {app: agent}}", ops, None, false),
+            ("workloads: {labels: {app: agent}}", None, None, false),
+            // keys combine with AND
+            (
+                "workloads: {namespaces: [ai-agents], labels: {app: runner}}",
+                agent,
+                None,
+                false,
+            ),
+            (
+                "workloads: {namespaces: [ai-agents], serviceAccounts: [ai-agents/cursor], pods: [cursor-0], labels: {team: ml}}",
+                agent,
+                None,
+                true,
+            ),
+            // principals.kinds; None is anonymous
+            ("principals: {kinds: [anonymous]}", agent, None, true),
+            ("principals: {kinds: [anonymous]}", agent, anon, true),
+            ("principals: {kinds: [anonymous]}", agent, alice, false),
+            ("principals: {kinds: [oidc, user]}", agent, alice, true),
+            ("principals: {kinds: [oidc, user]}", agent, admin, true),
+            ("principals: {kinds: [oidc, user]}", agent, sa, false),
+            ("principals: {kinds: [oidc, user]}", agent, bad, false),
+            ("principals: {kinds: [oidc, user]}", agent, None, false),
+            ("principals: {kinds: [serviceAccount]}", agent, sa, true),
+            ("principals: {kinds: [serviceaccount]}", agent, sa, true),
+            ("principals: {kinds: [invalid]}", agent, bad, true),
+            ("principals: {kinds: [invalid]}", agent, None, false),
+            // principals.subjects
+            (
+                "principals: {subjects: [oidc:alice@example.com]}",
+                agent,
+                alice,
+                true,
+            ),
+            (
+                "principals: {subjects: [oidc:alice@example.com]}",
+                agent,
+                sa,
+                false,
+            ),
+            (
+                "principals: {subjects: [oidc:alice@example.com]}",
+                agent,
+                None,
+                false,
+            ),
+            (
+                "principals: {subjects: [\"system:serviceaccount:ai-agents:*\"]}",
+                agent,
+                sa,
+                true,
+            ),
+            (
+                "principals: {subjects: [\"system:serviceaccount:ai-agents:*\"]}",
+                agent,
+                alice,
+                false,
+            ),
+            // principals.groups: any one
+            ("principals: {groups: [sre]}", agent, alice, true),
+            ("principals: {groups: [sre]}", agent, admin, false),
+            ("principals: {groups: [sre]}", agent, None, false),
+            (
+                "principals: {groups: [nobody, system:masters]}",
+                agent,
+                admin,
+                true,
+            ),
+            (
+                "principals: {kinds: [oidc], groups: [system:masters]}",
+                agent,
+                admin,
+                false,
+            ),
+            // workloads and principals together
+            (
+                "workloads: {namespaces: [ai-agents]}\n    principals: {kinds: [anonymous]}",
+                agent,
+                None,
+                true,
+            ),
+            (
+                "workloads: {namespaces: [ai-agents]}\n    principals: {kinds: [anonymous]}",
+                agent,
+                alice,
+                false,
+            ),
+            (
+                "workloads: {namespaces: [ai-agents]}\n    principals: {kinds: [anonymous]}",
+                ops,
+                None,
+                false,
+            ),
+            // no identity conditions: any caller
+            ("namespaces: [prod]", None, bad, true),
+        ];
+        let mut failures = Vec::new();
+        for (selector, workload, who, want) in cases {
+            for (kind, rule, method, uri) in [
+                (
+                    "resource",
+                    "resources: [\"*\"]",
+                    "DELETE",
+                    "/api/v1/namespaces/prod/pods/p",
+                ),
+                (
+                    "non-resource",
+                    "nonResourceURLs: [\"*\"]",
+                    "GET",
+                    "/metrics",
+                ),
+            ] {
+                if kind == "non-resource" && selector.starts_with("namespaces") {
+                    continue;
+                }
+                let p = policy(&format!(
+                    "default: allow\nrules:\n  - name: r\n    action: deny\n    verbs: [\"*\"]\n    {rule}\n    {selector}\n"
+                ));
+                let got = decide_as(&p, method, uri, *workload, *who).rule.is_some();
+                if got != *want {
+                    failures.push(format!(
+                        "{kind} rule with {selector}: workload {:?}, principal {:?}: matched {got}, want {want}",
+                        workload.and_then(|w| w.pod.as_deref()),
+                        who.map(|p| (p.kind, p.subject.as_deref())),
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn identity_conditions_keep_first_match_order_across_index_lists() {
+        let p = policy(
+            r#"default: allow
+rules:
+  - name: agents-no-delete-in-prod
+    action: deny
+    message: agents in namespace ai-agents may not delete anything in production
+    verbs: [delete, deletecollection]
+    resources: ["*"]
+    namespaces: [production]
+    workloads: {namespaces: [ai-agents]}
+  - name: unidentified-exec
+    action: deny
+    verbs: ["*"]
+    resources: ["*/exec"]
+    workloads: {unknown: true}
+  - name: sre-exec
+    action: allow
+    verbs: ["*"]
+    resources: [pods/exec]
+    principals: {groups: [sre]}
+  - name: no-pod-subresources
+    action: deny
+    verbs: ["*"]
+    resources: [pods/*]
+  - name: cursor-reads-its-secret
+    action: allow
+    verbs: [get]
+    resources: [secrets]
+    resourceNames: [cursor-config]
+    workloads: {serviceAccounts: [ai-agents/cursor]}
+  - name: no-secrets
+    action: deny
+    verbs: [get, list, watch]
+    resources: [secrets]
+  - name: metrics-for-people
+    action: allow
+    verbs: [get]
+    nonResourceURLs: [/metrics]
+    principals: {kinds: [oidc]}
+  - name: no-metrics
+    action: deny
+    verbs: ["*"]
+    nonResourceURLs: ["/metrics*"]
+  - name: no-configmap-writes
+    action: deny
+    verbs: [create, update, patch, delete]
+    resources: [configmaps]
+  - name: agents-use-configmaps
+    action: allow
+    verbs: ["*"]
+    resources: [configmaps]
+    workloads: {namespaces: [ai-agents, ml]}
+  - name: prod-deletes
+    action: deny
+    verbs: [delete]
+    resources: ["*"]
+    namespaces: [production]
+"#,
+        );
+        let c = callers();
+        let (agent, ops) = (Some(&c.agent), Some(&c.ops));
+        let alice = Some(&c.alice);
+        let (allow, deny) = (Action::Allow, Action::Deny);
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a WorkloadIdentity>,
+            Option<&'a Principal>,
+            (Action, Option<&'a str>),
+        );
+        let cases: &[Case<'_>] = &[
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/pods/p",
+                agent,
+                None,
+                (deny, Some("agents-no-delete-in-prod")),
+            ),
+            (
+                "DELETE",
+                "/apis/apps/v1/namespaces/production/deployments/web",
+                agent,
+                alice,
+                (deny, Some("agents-no-delete-in-prod")),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/configmaps",
+                agent,
+                None,
+                (deny, Some("agents-no-delete-in-prod")),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/pods/p",
+                ops,
+                None,
+                (deny, Some("prod-deletes")),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/pods/p",
+                None,
+                None,
+                (deny, Some("prod-deletes")),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/configmaps/x",
+                agent,
+                None,
+                (deny, Some("agents-no-delete-in-prod")),
+            ),
+            (
+                "PATCH",
+                "/api/v1/namespaces/dev/configmaps/x",
+                agent,
+                None,
+                (deny, Some("no-configmap-writes")),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/dev/configmaps/x",
+                agent,
+                None,
+                (allow, Some("agents-use-configmaps")),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/dev/configmaps/x",
+                ops,
+                None,
+                (allow, None),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/staging/pods/p",
+                agent,
+                None,
+                (allow, None),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/dev/pods/p/exec",
+                None,
+                alice,
+                (deny, Some("unidentified-exec")),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/dev/pods/p/exec",
+                Some(&c.half),
+                alice,
+                (deny, Some("unidentified-exec")),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/dev/pods/p/exec",
+                agent,
+                alice,
+                (allow, Some("sre-exec")),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/dev/pods/p/exec",
+                agent,
+                None,
+                (deny, Some("no-pod-subresources")),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/dev/pods/p/log",
+                None,
+                alice,
+                (deny, Some("no-pod-subresources")),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/ai-agents/secrets/cursor-config",
+                agent,
+                None,
+                (allow, Some("cursor-reads-its-secret")),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/ai-agents/secrets/cursor-config",
+                ops,
+                None,
+                (deny, Some("no-secrets")),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/ai-agents/secrets/other",
+                agent,
+                None,
+                (deny, Some("no-secrets")),
+            ),
+            (
+                "GET",
+                "/metrics",
+                None,
+                alice,
+                (allow, Some("metrics-for-people")),
+            ),
+            ("GET", "/metrics", agent, None, (deny, Some("no-metrics"))),
+            (
+                "GET",
+                "/metrics/x",
+                agent,
+                alice,
+                (deny, Some("no-metrics")),
+            ),
+        ];
+        for (method, uri, workload, who, want) in cases {
+            let d = decide_as(&p, method, uri, *workload, *who);
+            assert_eq!(
+                (d.action, d.rule.as_deref()),
+                *want,
+                "{method} {uri} from {:?} as {:?}",
+                workload.and_then(|w| w.pod.as_deref()),
+                who.map(|p| p.kind)
+            );
+        }
+        let d = decide_as(
+            &p,
+            "DELETE",
+            "/api/v1/namespaces/production/pods/p",
+            agent,
+            None,
+        );
+        assert_eq!(
+            d.reason(),
+            "denied by Chaperone policy rule \"agents-no-delete-in-prod\": agents in namespace ai-agents may not delete anything in production"
+        );
+    }
+
+    #[test]
+    fn identity_guards_deny_before_rules() {
+        let c = callers();
+        let mut stolen = c.sa.clone();
+        stolen.mismatch = Some(
+            "token is for service account ai-agents/cursor, but the connection comes from pod ops/runner-7 which runs as ops/deployer".to_owned(),
+        );
+        let mut bad_and_stolen = Principal::invalid("signature invalid");
+        bad_and_stolen.mismatch = stolen.mismatch.clone();
+        let unexplained = Principal {
+            reason: None,
+            ..Principal::invalid("x")
+        };
+        let rules = "rules:\n  - name: everything\n    action: allow\n    verbs: [\"*\"]\n    resources: [\"*\"]\n  - name: urls\n    action: allow\n    verbs: [\"*\"]\n    nonResourceURLs: [\"*\"]\n";
+        let both = policy(&format!(
+            "default: allow\nidentity:\n  denyInvalidTokens: true\n  denyServiceAccountMismatch: true\n{rules}"
+        ));
+        let tokens_only = policy(&format!(
+            "default: allow\nidentity: {{denyInvalidTokens: true}}\n{rules}"
+        ));
+        let off = policy(&format!(
+            "default: allow\nidentity: {{denyInvalidTokens: false, denyServiceAccountMismatch: false}}\n{rules}"
+        ));
+        let none = policy(&format!("default: allow\n{rules}"));
+        let invalid_reason = "denied by Chaperone policy guard \"identity.denyInvalidTokens\": the request's bearer token was not accepted: token expired";
+        let mismatch_reason = "denied by Chaperone policy guard \"identity.denyServiceAccountMismatch\": the bearer token does not belong to the calling pod: token is for service account ai-agents/cursor, but the connection comes from pod ops/runner-7 which runs as ops/deployer";
+        type Case<'a> = (&'a Policy, Option<&'a Principal>, &'a str, Option<&'a str>);
+        let cases: &[Case<'_>] = &[
+            (
+                &both,
+                Some(&c.bad),
+                GUARD_INVALID_TOKENS,
+                Some(invalid_reason),
+            ),
+            (
+                &both,
+                Some(&stolen),
+                GUARD_SERVICE_ACCOUNT_MISMATCH,
+                Some(mismatch_reason),
+            ),
+            (&both, Some(&bad_and_stolen), GUARD_INVALID_TOKENS, None),
+            (&both, Some(&unexplained), GUARD_INVALID_TOKENS, None),
+            (&both, Some(&c.sa), "everything", None),
+            (&both, Some(&c.anonymous), "everything", None),
+            (&both, None, "everything", None),
+            (
+                &tokens_only,
+                Some(&c.bad),
+                GUARD_INVALID_TOKENS,
+                Some(invalid_reason),
+            ),
+            (&tokens_only, Some(&stolen), "everything", None),
+            (&off, Some(&c.bad), "everything", None),
+            (&off, Some(&stolen), "everything", None),
+            (&none, Some(&c.bad), "everything", None),
+        ];
+        for (i, (p, who, want_rule, want_reason)) in cases.iter().enumerate() {
+            for (method, uri) in [
+                ("DELETE", "/api/v1/namespaces/prod/pods/p"),
+                ("GET", "/healthz"),
+            ] {
+                let d = decide_as(p, method, uri, Some(&c.ops), *who);
+                let want_action = if want_rule.starts_with(GUARD_PREFIX) {
+                    Action::Deny
+                } else {
+                    Action::Allow
+                };
+                let want_rule = if *want_rule == "everything" && method == "GET" {
+                    "urls"
+                } else {
+                    want_rule
+                };
+                assert_eq!(
+                    (d.action, d.rule.as_deref()),
+                    (want_action, Some(want_rule)),
+                    "case {i}: {method} {uri} as {who:?}"
+                );
+                if let Some(reason) = want_reason {
+                    assert_eq!(d.reason(), *reason, "case {i}");
+                }
+            }
+        }
+        let d = decide_as(&both, "GET", "/healthz", None, Some(&unexplained));
+        assert_eq!(
+            d.message.as_deref(),
+            Some("the request's bearer token was not accepted: no reason given")
+        );
+    }
+
+    const REFERENCE: &str = include_str!("../../docs/policy-reference.md");
+
+    /// The YAML blocks of docs/policy-reference.md.
+    fn reference_yaml_blocks() -> Vec<String> {
+        REFERENCE
+            .split("```yaml\n")
+            .skip(1)
+            .map(|rest| {
+                rest.split_once("```")
+                    .unwrap_or_else(|| panic!("unterminated yaml block in the reference"))
+                    .0
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reference_matches_the_module_doc_and_its_examples_work() {
+        let module_doc: String = include_str!("policy.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or(&l[3..])))
+            .collect();
+        let from_doc = module_doc
+            .split_once("# Policy file format\n")
+            .unwrap_or_else(|| panic!("module doc lacks '# Policy file format'"))
+            .1
+            .replace("\n# ", "\n## ");
+        let from_reference = REFERENCE
+            .split_once("## File format\n")
+            .and_then(|(_, rest)| rest.split_once("## Examples\n"))
+            .unwrap_or_else(|| panic!("reference lacks '## File format' .. '## Examples'"))
+            .0;
+        assert_eq!(
+            from_reference.trim_end(),
+            from_doc.trim_end(),
+            "docs/policy-reference.md and the policy.rs module doc disagree"
+        );
+
+        let blocks = reference_yaml_blocks();
+        assert_eq!(blocks.len(), 3, "reference yaml blocks");
+        let loaded: Vec<Policy> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                Policy::from_yaml(text, "reference.yaml")
+                    .unwrap_or_else(|e| panic!("reference block {i} must load: {e}\n{text}"))
+            })
+            .collect();
+        let identity = &loaded[2];
+        let c = callers();
+        let (agent, ops) = (Some(&c.agent), Some(&c.ops));
+        let bad = Some(&c.bad);
+        for (method, uri, workload, who, want) in [
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/pods/web-0",
+                agent,
+                None,
+                Some("agents-no-delete-in-production"),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/production/pods/web-0",
+                ops,
+                None,
+                None,
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/dev/pods",
+                None,
+                None,
+                Some("unidentified-pods"),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/dev/pods",
+                ops,
+                bad,
+                Some(GUARD_INVALID_TOKENS),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/dev/pods/p/exec",
+                ops,
+                Some(&c.alice),
+                Some("sre-may-exec"),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/dev/pods/p/exec",
+                ops,
+                Some(&c.admin),
+                Some("no-exec"),
+            ),
+        ] {
+            let d = decide_as(identity, method, uri, workload, who);
+            assert_eq!(d.rule.as_deref(), want, "{method} {uri}");
+        }
     }
 }

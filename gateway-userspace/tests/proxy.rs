@@ -8,8 +8,8 @@ use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
     config::{
-        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
-        ServingTlsConfig, UpstreamConfig, default_server_names,
+        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
+        RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
     },
     recorder::{self, RequestRecord},
     test_helpers::apiserver::{ApiServerConfig, TestApiServer},
@@ -68,7 +68,7 @@ async fn start(upstream: Option<String>) -> Harness {
         },
         interception: InterceptionConfig {
             mode: InterceptionMode::None,
-            targets: Vec::new(),
+            ..InterceptionConfig::default()
         },
         upstream: UpstreamConfig {
             url: url.parse().expect("upstream url"),
@@ -83,6 +83,7 @@ async fn start(upstream: Option<String>) -> Harness {
             server_names: default_server_names(),
             server_ips: vec!["127.0.0.1".parse().expect("ip")],
         },
+        identity: Default::default(),
         policy: PolicyConfig {
             file: Some(dir.path().join("policy.yaml")),
         },
@@ -91,7 +92,9 @@ async fn start(upstream: Option<String>) -> Harness {
             max_rows_per_file: 1000,
             max_file_age: Duration::from_secs(60),
         },
-        admin: AdminConfig { address: "127.0.0.1:0".parse().expect("addr") },
+        admin: AdminConfig {
+            address: "127.0.0.1:0".parse().expect("addr"),
+        },
         shutdown_grace: Duration::from_secs(5),
     };
     let app = app::build(config).await.expect("build the gateway");

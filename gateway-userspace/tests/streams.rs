@@ -10,13 +10,16 @@ use std::{
 };
 
 use gateway_userspace::{
+    admin::Metrics,
     drain::{self, DrainTrigger},
+    identity::{IdentityConfig, principal::PrincipalVerifier},
     policy::Policy,
     proxy::{
         GatewayToken, Proxy, ProxySettings,
         upgrade::{Direction, FrameEvent, FrameSink, StreamStats},
     },
     recorder::{self, Recorder, RecorderConfig, RequestRecord},
+    scope::ScopeConfig,
     test_helpers::apiserver::{ApiServerConfig, TestApiServer},
     tls::{self, CertificateAuthority},
 };
@@ -140,6 +143,12 @@ impl Env {
             interceptor: None,
             node: "test-node".to_owned(),
             cluster: "test".to_owned(),
+            identity: None,
+            principals: Arc::new(
+                PrincipalVerifier::from_config(&IdentityConfig::default(), None).expect("verifier"),
+            ),
+            scope: ScopeConfig::default(),
+            metrics: Metrics::new(None),
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());
@@ -667,19 +676,22 @@ async fn python_style_port_forward(env: &Env, port: u16, token: &str, remote: u1
         Some("v4.channel.k8s.io")
     );
     let [lo, hi] = remote.to_le_bytes();
-    let mut next = async || loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("no message within 10 s")
-        {
-            Some(Ok(Message::Binary(b))) => return b.to_vec(),
-            Some(Ok(_)) => continue,
-            other => panic!("stream ended: {other:?}"),
-        }
-    };
-    assert_eq!(next().await, vec![0, lo, hi], "data channel port prefix");
-    assert_eq!(next().await, vec![1, lo, hi], "error channel port prefix");
-    drop(next);
+    for (want, what) in [
+        (vec![0, lo, hi], "data channel port prefix"),
+        (vec![1, lo, hi], "error channel port prefix"),
+    ] {
+        let got = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("no message within 10 s")
+            {
+                Some(Ok(Message::Binary(b))) => break b.to_vec(),
+                Some(Ok(_)) => continue,
+                other => panic!("stream ended: {other:?}"),
+            }
+        };
+        assert_eq!(got, want, "{what}");
+    }
     ws.send(Message::Binary(b"\x00python ping".to_vec().into()))
         .await
         .expect("send");

@@ -109,6 +109,16 @@ impl CgroupResolver {
             .stats
     }
 
+    /// Every cgroup id the last scan found, with its path.
+    pub fn known(&self) -> Vec<(u64, String)> {
+        self.paths
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(id, path)| (*id, path.clone()))
+            .collect()
+    }
+
     /// Rescans now, regardless of the rate limit (for the periodic refresh).
     pub fn rescan(&self) -> Result<usize, IdentityError> {
         let mut state = self

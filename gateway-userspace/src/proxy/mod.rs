@@ -38,11 +38,14 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
+    admin::Metrics,
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
+    identity::{Identity, WorkloadIdentity, principal::PrincipalVerifier},
     policy::{self, Action, Policy, RequestContext},
-    recorder::{ObjectRef, RecorderHandle, RequestRecord, WorkloadRecord},
+    recorder::{ObjectRef, PrincipalRecord, RecorderHandle, RequestRecord, WorkloadRecord},
     request::RequestInfo,
+    scope::ScopeConfig,
     status::Status,
 };
 
@@ -149,6 +152,10 @@ pub struct Proxy {
     cluster: String,
     dialer: upgrade::Dialer,
     frame_sink: std::sync::RwLock<Option<Arc<dyn upgrade::FrameSink>>>,
+    identity: Option<Arc<Identity>>,
+    principals: Arc<PrincipalVerifier>,
+    scope: ScopeConfig,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -181,6 +188,14 @@ pub struct ProxySettings {
     pub node: String,
     /// Cluster name for the records.
     pub cluster: String,
+    /// Names the workload behind a connection (None: records carry kernel facts only).
+    pub identity: Option<Arc<Identity>>,
+    /// Verifies the bearer tokens agents present.
+    pub principals: Arc<PrincipalVerifier>,
+    /// Which workloads are out of scope (relayed at L4 if redirected before classification).
+    pub scope: ScopeConfig,
+    /// Request counters.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Per-connection facts, fixed at accept() time.
@@ -190,6 +205,8 @@ pub struct ConnectionInfo {
     pub peer: SocketAddr,
     /// What the kernel recorded about the connection (None without eBPF interception).
     pub origin: Option<ConnectionOrigin>,
+    /// The workload the kernel's facts resolve to.
+    pub workload: WorkloadIdentity,
 }
 
 impl Proxy {
@@ -231,6 +248,10 @@ impl Proxy {
             cluster: s.cluster,
             dialer,
             frame_sink: std::sync::RwLock::new(None),
+            identity: s.identity,
+            principals: s.principals,
+            scope: s.scope,
+            metrics: s.metrics,
         })
     }
 
@@ -269,7 +290,23 @@ impl Proxy {
                 .interceptor
                 .as_ref()
                 .and_then(|i| i.origin(peer, local));
-            let conn_info = Arc::new(ConnectionInfo { peer, origin });
+            let workload = match (&self.identity, &origin) {
+                (Some(identity), Some(origin)) => identity.resolve(origin),
+                _ => WorkloadIdentity::default(),
+            };
+            if let Some(origin) = &origin
+                && self.scope.classify(&workload).bypass
+            {
+                // Out of scope, but redirected before the classifier put its cgroup in the
+                // bypass map: pass the bytes through untouched, TLS and all.
+                tokio::spawn(relay_l4(tcp, origin.original_dst));
+                continue;
+            }
+            let conn_info = Arc::new(ConnectionInfo {
+                peer,
+                origin,
+                workload,
+            });
             let proxy = self.clone();
             let acceptor = acceptor.clone();
             let watcher = graceful.watcher();
@@ -354,9 +391,23 @@ impl Proxy {
             return self.local_response(status, record, started, &audit_id);
         }
 
+        let principal = self
+            .principals
+            .verify(req.headers().get(header::AUTHORIZATION), &conn.workload)
+            .await;
+        record.principal = PrincipalRecord {
+            kind: principal.kind.as_str().to_owned(),
+            subject: principal.subject.clone(),
+            groups: principal.groups.clone(),
+            reason: principal.reason.clone(),
+            mismatch: principal.mismatch.clone(),
+        };
+        if let Some(mismatch) = &principal.mismatch {
+            tracing::warn!(%mismatch, "service account token does not match the pod");
+        }
         let decision = {
             let policy = self.policy.load();
-            policy::decide(&policy, &RequestContext { request: &info })
+            policy::decide(&policy, &RequestContext::new(&info))
         };
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
         if decision.action == Action::Deny {
@@ -389,13 +440,7 @@ impl Proxy {
                 .map(str::to_owned)
         };
         let workload = match &conn.origin {
-            Some(o) => WorkloadRecord {
-                cgroup_id: o.cgroup_id as i64,
-                netns_cookie: o.netns_cookie as i64,
-                pid: i64::from(o.pid),
-                command: Some(o.command.clone()),
-                ..Default::default()
-            },
+            Some(origin) => conn.workload.record(origin),
             None => WorkloadRecord::default(),
         };
         RequestRecord {
@@ -425,7 +470,7 @@ impl Proxy {
             request_bytes: 0,
             response_bytes: 0,
             error: None,
-            principal: crate::recorder::PrincipalRecord::default(),
+            principal: PrincipalRecord::default(),
         }
     }
 
@@ -441,12 +486,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         insert_audit_id(&mut parts.headers, audit_id);
         let body = body.map_err(|never| match never {}).boxed();
-        let guard = RecordGuard::new(
-            self.recorder.clone(),
-            record,
-            started,
-            Arc::new(AtomicU64::new(0)),
-        );
+        let guard = RecordGuard::new(self, record, started, Arc::new(AtomicU64::new(0)));
         Response::from_parts(parts, Metered::new(body, guard).boxed())
     }
 
@@ -489,7 +529,7 @@ impl Proxy {
                 if !parts.headers.contains_key("audit-id") {
                     insert_audit_id(&mut parts.headers, &audit_id);
                 }
-                let guard = RecordGuard::new(self.recorder.clone(), record, started, request_bytes);
+                let guard = RecordGuard::new(self, record, started, request_bytes);
                 let body = Metered::new(body.map_err(BoxError::from).boxed(), guard);
                 Response::from_parts(parts, body.boxed())
             }
@@ -608,10 +648,25 @@ fn sanitize_request_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Relays an out-of-scope connection to where it was going, without looking inside.
+async fn relay_l4(mut client: tokio::net::TcpStream, original_dst: SocketAddr) {
+    match tokio::net::TcpStream::connect(original_dst).await {
+        Ok(mut upstream) => {
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%original_dst, error = %e, "L4 relay ended");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%original_dst, error = %e, "L4 relay: cannot reach the original destination")
+        }
+    }
+}
+
 /// Sends the row when the exchange is over: when the response body has been fully sent,
 /// or when it is dropped (client went away, watch closed, local response).
 struct RecordGuard {
     pending: Option<(RecorderHandle, RequestRecord)>,
+    metrics: Arc<Metrics>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
@@ -619,13 +674,14 @@ struct RecordGuard {
 
 impl RecordGuard {
     fn new(
-        recorder: RecorderHandle,
+        proxy: &Proxy,
         record: RequestRecord,
         started: Instant,
         request_bytes: Arc<AtomicU64>,
     ) -> Self {
         Self {
-            pending: Some((recorder, record)),
+            pending: Some((proxy.recorder.clone(), record)),
+            metrics: proxy.metrics.clone(),
             started,
             request_bytes,
             response_bytes: 0,
@@ -645,11 +701,14 @@ impl Drop for RecordGuard {
         record.request_bytes = self.request_bytes.load(Ordering::Relaxed) as i64;
         record.response_bytes = self.response_bytes as i64;
         let audit_id = record.audit_id.clone();
+        self.metrics.count_request(&record.decision);
+        let metrics = self.metrics.clone();
         // Drop cannot await; the recorder applies back-pressure inside the task instead.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
                     if let Err(e) = recorder.record(record).await {
+                        metrics.recording_failures.inc();
                         tracing::error!(%audit_id, error = %e, "request could not be recorded");
                     }
                 });

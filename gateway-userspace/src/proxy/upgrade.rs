@@ -674,7 +674,7 @@ impl Proxy {
             if !parts.headers.contains_key("audit-id") {
                 insert_audit_id(&mut parts.headers, &audit_id);
             }
-            let guard = RecordGuard::new(self.recorder.clone(), record, started, request_bytes);
+            let guard = RecordGuard::new(self, record, started, request_bytes);
             let body = Metered::new(body.map_err(BoxError::from).boxed(), guard);
             return Response::from_parts(parts, body.boxed());
         }
@@ -692,7 +692,7 @@ impl Proxy {
             .read()
             .ok()
             .and_then(|s| s.as_ref().map(Arc::clone));
-        let mut guard = RecordGuard::new(self.recorder.clone(), record, started, request_bytes);
+        let mut guard = RecordGuard::new(self, record, started, request_bytes);
         tokio::spawn(async move {
             let tap = Mutex::new(StreamTap::new(&audit_id, framing, sink.clone()));
             let error = match (client_upgrade.await, upstream_upgrade.await) {

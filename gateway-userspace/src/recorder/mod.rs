@@ -33,7 +33,9 @@ use tokio::time::Instant;
 use crate::drain::DrainWatcher;
 
 pub use reader::{ReadError, list_files, read_dir, read_file};
-pub use schema::{ObjectRef, PrincipalRecord, RequestRecord, WorkloadRecord, requests_schema, to_record_batch};
+pub use schema::{
+    ObjectRef, PrincipalRecord, RequestRecord, WorkloadRecord, requests_schema, to_record_batch,
+};
 use writer::{Command, FileWriter};
 
 /// Default [`RecorderConfig::max_rows_per_file`].

@@ -144,7 +144,10 @@ fn field<'a>(s: &'a StructArray, name: &str) -> Result<&'a dyn Array, String> {
 }
 
 /// Decodes one batch of the `requests` table, appending to `rows`.
-pub(crate) fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -> Result<(), String> {
+pub(crate) fn decode_batch(
+    batch: &RecordBatch,
+    rows: &mut Vec<RequestRecord>,
+) -> Result<(), String> {
     let c = Columns { batch };
     let workload = c
         .get("workload")?
@@ -161,9 +164,15 @@ pub(crate) fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -
     let os = |name: &str, i| -> Result<String, String> {
         Ok(string_at(field(object_ref, name)?, i)?.unwrap_or_default())
     };
-    let principal = c.get("principal")?.as_struct_opt().ok_or("principal is not a struct")?;
-    let ps = |name: &str, i| -> Result<Option<String>, String> { string_at(field(principal, name)?, i) };
-    let groups = field(principal, "groups")?.as_list_opt::<i32>().ok_or("principal.groups is not a list")?;
+    let principal = c
+        .get("principal")?
+        .as_struct_opt()
+        .ok_or("principal is not a struct")?;
+    let ps =
+        |name: &str, i| -> Result<Option<String>, String> { string_at(field(principal, name)?, i) };
+    let groups = field(principal, "groups")?
+        .as_list_opt::<i32>()
+        .ok_or("principal.groups is not a list")?;
     let code = c
         .get("response_code")?
         .as_primitive_opt::<Int32Type>()
@@ -214,7 +223,9 @@ pub(crate) fn decode_batch(batch: &RecordBatch, rows: &mut Vec<RequestRecord>) -
                 subject: ps("subject", i)?,
                 groups: {
                     let list = groups.value(i);
-                    (0..list.len()).map(|j| string_at(list.as_ref(), j).map(Option::unwrap_or_default)).collect::<Result<_, _>>()?
+                    (0..list.len())
+                        .map(|j| string_at(list.as_ref(), j).map(Option::unwrap_or_default))
+                        .collect::<Result<_, _>>()?
                 },
                 reason: ps("reason", i)?,
                 mismatch: ps("mismatch", i)?,

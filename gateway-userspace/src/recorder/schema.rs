@@ -168,7 +168,11 @@ fn principal_fields() -> Fields {
     Fields::from(vec![
         utf8("kind", false),
         utf8("subject", true),
-        Field::new("groups", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
+        Field::new(
+            "groups",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
         utf8("reason", true),
         utf8("mismatch", true),
     ])

@@ -147,9 +147,28 @@ impl SandboxPod {
     /// Gives the pod IPv6 too: `fd77:<X>::2/64` on its side, `fd77:<X>::1/64` on the node's.
     pub fn enable_ipv6(&self) -> Result<(), SandboxError> {
         let pod_veth = &self.pod_veth;
-        let (host, pod) = (format!("{}/64", self.host_ip6()), format!("{}/64", self.pod_ip6()));
-        run("ip", &["-6", "addr", "add", &host, "dev", &self.host_veth, "nodad"])?;
-        run("ip", &["-n", &self.netns, "-6", "addr", "add", &pod, "dev", &pod_veth, "nodad"])?;
+        let (host, pod) = (
+            format!("{}/64", self.host_ip6()),
+            format!("{}/64", self.pod_ip6()),
+        );
+        run(
+            "ip",
+            &["-6", "addr", "add", &host, "dev", &self.host_veth, "nodad"],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.netns,
+                "-6",
+                "addr",
+                "add",
+                &pod,
+                "dev",
+                pod_veth,
+                "nodad",
+            ],
+        )?;
         Ok(())
     }
 
@@ -165,14 +184,30 @@ impl SandboxPod {
 
     /// A virtual IPv6 API server address inside the pod's IPv6 subnet.
     pub fn virtual_api_server6(&self) -> SocketAddrV6 {
-        SocketAddrV6::new(Ipv6Addr::new(0xfd77, u16::from(self.subnet), 0, 0, 0, 0, 0, 0x100), 443, 0, 0)
+        SocketAddrV6::new(
+            Ipv6Addr::new(0xfd77, u16::from(self.subnet), 0, 0, 0, 0, 0, 0x100),
+            443,
+            0,
+            0,
+        )
     }
 
     /// Lets the pod reach `ip` (an address of the node) through its veth, as pods reach
     /// their node's address in a cluster.
     pub fn route_to(&self, ip: Ipv4Addr) -> Result<(), SandboxError> {
         let pod_veth = &self.pod_veth;
-        run("ip", &["-n", &self.netns, "route", "add", &format!("{ip}/32"), "dev", &pod_veth])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.netns,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                pod_veth,
+            ],
+        )?;
         Ok(())
     }
 
@@ -192,6 +227,17 @@ impl SandboxPod {
     /// The pod's cgroup directory.
     pub fn cgroup_path(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// The pod's cgroup path relative to the cgroup2 mount (as identity resolution sees it).
+    pub fn cgroup_relative_path(&self) -> Result<String, SandboxError> {
+        let root = crate::ebpf::cgroup2_mount()?;
+        Ok(self
+            .cgroup
+            .strip_prefix(&root)
+            .unwrap_or(&self.cgroup)
+            .display()
+            .to_string())
     }
 
     /// The pod's cgroup id, as `bpf_get_current_cgroup_id()` reports it.

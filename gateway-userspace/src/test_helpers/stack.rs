@@ -13,9 +13,10 @@ use std::{
 use crate::{
     app::{self, App, AppError},
     config::{
-        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig,
-        ServingTlsConfig, UpstreamConfig, default_server_names,
+        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
+        RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
     },
+    identity::{CgroupMatch, IdentityConfig, StaticWorkload},
     recorder::RecorderStats,
     test_helpers::{
         apiserver::{ApiServerConfig, TestApiServer},
@@ -23,6 +24,13 @@ use crate::{
     },
     tls::{CertificateAuthority, TlsError},
 };
+
+/// Namespace the sandbox pod is reported in (standalone identity).
+pub const SANDBOX_NAMESPACE: &str = "agents";
+/// Pod name the sandbox pod is reported as.
+pub const SANDBOX_POD: &str = "cursor-agent-0";
+/// Service account the sandbox pod is reported to run as.
+pub const SANDBOX_SERVICE_ACCOUNT: &str = "cursor";
 
 /// Port the gateway listens on, on the node side of the sandbox's veth.
 pub const PROXY_PORT: u16 = 15443;
@@ -178,13 +186,28 @@ impl Stack {
                 server_names: default_server_names(),
                 server_ips: Vec::new(),
             },
+            // Standalone identity: the sandbox pod's cgroup is named like a real agent pod.
+            identity: IdentityConfig {
+                workloads: vec![StaticWorkload {
+                    cgroup: pod.cgroup_relative_path()?,
+                    match_: CgroupMatch::Prefix,
+                    namespace: SANDBOX_NAMESPACE.to_owned(),
+                    pod: SANDBOX_POD.to_owned(),
+                    service_account: SANDBOX_SERVICE_ACCOUNT.to_owned(),
+                    container: Some("agent".to_owned()),
+                    labels: [("app".to_owned(), "coding-agent".to_owned())].into(),
+                }],
+                ..IdentityConfig::default()
+            },
             policy: PolicyConfig { file: policy_file },
             recording: RecordingConfig {
                 dir: recordings.clone(),
                 max_rows_per_file: 100_000,
                 max_file_age: Duration::from_secs(60),
             },
-            admin: AdminConfig { address: SocketAddr::from(([127, 0, 0, 1], 0)) },
+            admin: AdminConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            },
             shutdown_grace: Duration::from_secs(5),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.

@@ -386,7 +386,7 @@ async fn discovery_and_non_resource_paths() {
         "/api/v1/widgets",
         "/openapi/v2",
         "/openapi/v3/apis/batch/v1",
-        "/api/v1/namespaces/default/pods/p/exec",
+        "/api/v1/namespaces/default/pods/p/ephemeralcontainers",
     ] {
         assert_status(
             &h.get(path).await,
@@ -945,4 +945,114 @@ async fn http1_clients_are_served() {
     );
     assert_eq!(server.requests()[0].http_version, "HTTP/1.1");
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_subresources_refuse_what_a_kubelet_would() {
+    let h = Http::start().await;
+    for (name, phase) in [
+        ("running", "Running"),
+        ("done", "Succeeded"),
+        ("new", "Pending"),
+    ] {
+        h.server
+            .seed(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"containers": [{"name": "main", "image": "x"}]},
+                "status": {"phase": phase}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let ws = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-protocol", "v5.channel.k8s.io"),
+    ];
+    let base = "/api/v1/namespaces/default/pods";
+    // (method, path under the pods collection, headers, code, reason, message part)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let cases: [Case<'_>; 7] = [
+        (
+            "GET",
+            "missing/exec?command=ls",
+            &ws,
+            404,
+            "NotFound",
+            "pods \"missing\" not found",
+        ),
+        (
+            "GET",
+            "running/exec?command=ls",
+            &[],
+            400,
+            "BadRequest",
+            "Upgrade request required",
+        ),
+        (
+            "GET",
+            "running/exec",
+            &ws,
+            400,
+            "BadRequest",
+            "at least 1 command",
+        ),
+        (
+            "GET",
+            "running/exec?command=ls&container=other",
+            &ws,
+            400,
+            "BadRequest",
+            "container other is not valid for pod running",
+        ),
+        (
+            "GET",
+            "done/exec?command=ls",
+            &ws,
+            400,
+            "BadRequest",
+            "cannot exec into a container in a completed pod; current phase is Succeeded",
+        ),
+        (
+            "GET",
+            "new/portforward",
+            &ws,
+            400,
+            "BadRequest",
+            "pod new is not running",
+        ),
+        (
+            "DELETE",
+            "running/exec?command=ls",
+            &ws,
+            405,
+            "MethodNotAllowed",
+            "does not allow this method",
+        ),
+    ];
+    for (method, path, headers, code, reason, message) in cases {
+        let reply = h.call(method, &format!("{base}/{path}"), headers, "").await;
+        assert_status(&reply, code, reason, message);
+    }
+    let log = h.get(&format!("{base}/running/log")).await;
+    assert_eq!((log.status.as_u16(), log.body.as_str()), (200, ""));
+    h.server.append_pod_log("default", "running", "a line\n");
+    let log = h.get(&format!("{base}/running/log?container=main")).await;
+    assert_eq!(
+        (
+            log.status.as_u16(),
+            log.headers.get("content-type").map(|v| v.as_bytes()),
+            log.body.as_str()
+        ),
+        (200, Some(&b"text/plain"[..]), "a line\n")
+    );
 }
