@@ -40,6 +40,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Rows the recorder refused or lost (each is also logged with its audit id).
     pub recording_failures: Counter,
+    /// Connections closed right after accept because their workload was at its limit.
+    pub connections_rejected: Counter,
 }
 
 impl Metrics {
@@ -58,6 +60,12 @@ impl Metrics {
             "Requests whose recording row could not be written",
             recording_failures.clone(),
         );
+        let connections_rejected = Counter::default();
+        registry.register(
+            "connections_rejected",
+            "Connections closed at accept because the workload held limits.maxConnectionsPerWorkload",
+            connections_rejected.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -65,6 +73,7 @@ impl Metrics {
             registry,
             requests,
             recording_failures,
+            connections_rejected,
         })
     }
 

@@ -73,6 +73,7 @@ pub enum AppError {
 /// A running gateway.
 pub struct App {
     local_addr: SocketAddr,
+    identity: Arc<Identity>,
     admin_addr: SocketAddr,
     metrics: Arc<Metrics>,
     interceptor: Option<Arc<Interceptor>>,
@@ -133,7 +134,17 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let token = GatewayToken::load(&cfg.upstream.token_file)?;
     let node = cfg.node_name();
 
-    let (identity, principals, kube_client) = build_identity(&cfg, &node).await?;
+    let kube_client = if cfg.identity.watch_pods
+        || cfg.identity.token_review
+        || cfg.interception.discover_kubernetes_service
+    {
+        Some(kube::Client::try_default().await.map_err(|e| {
+            AppError::Config(format!("connecting to the API server for pods, TokenReview or targets: {e}"))
+        })?)
+    } else {
+        None
+    };
+    let (identity, principals) = build_identity(&cfg, &node, kube_client.as_ref())?;
 
     let (recorder_drain, recorder_watch) = drain::channel();
     let (recorder, recorder_handle) = Recorder::start(
@@ -202,10 +213,11 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         principals,
         scope: cfg.interception.scope.clone(),
         metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
-    if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client) {
+    if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client.clone()) {
         let source = KubePodSource::new(client, node.clone());
         let store = identity.pods().clone();
         let drain = proxy_watch.clone();
@@ -217,6 +229,17 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 },
             }
         });
+    }
+    if let Some(interceptor) = &interceptor
+        && (cfg.interception.discover_kubernetes_service || !cfg.interception.target_hosts.is_empty())
+    {
+        let sources = crate::k8s::TargetSources {
+            fixed: cfg.interception.targets.clone(),
+            hosts: cfg.interception.target_hosts.clone(),
+            resolve_every: cfg.interception.resolve_every,
+            client: kube_client.clone().filter(|_| cfg.interception.discover_kubernetes_service),
+        };
+        tokio::spawn(crate::k8s::target_loop(sources, interceptor.clone(), proxy_watch.clone()));
     }
     if let Some(interceptor) = &interceptor {
         tokio::spawn(crate::scope::classify_loop(
@@ -235,6 +258,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     tracing::info!(%local_addr, %admin_addr, upstream = %cfg.upstream.url, "chaperone is ready");
     Ok(App {
         local_addr,
+        identity,
         admin_addr,
         metrics,
         interceptor,
@@ -250,11 +274,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
 }
 
 /// Builds workload identity (cgroup resolver, pod store, static workloads) and the token
-/// verifier; returns the kube client when the config needs API server access.
-async fn build_identity(
+/// verifier.
+fn build_identity(
     cfg: &Config,
     node: &str,
-) -> Result<(Arc<Identity>, Arc<PrincipalVerifier>, Option<kube::Client>), AppError> {
+    client: Option<&kube::Client>,
+) -> Result<(Arc<Identity>, Arc<PrincipalVerifier>), AppError> {
     let resolver = match cfg.interception.mode {
         InterceptionMode::Ebpf => Some(CgroupResolver::for_host(ResolverLimits {
             min_rescan_interval: cfg.identity.cgroup_rescan_interval,
@@ -268,16 +293,7 @@ async fn build_identity(
         resolver,
         PodStore::new(),
     )?);
-    let client = if cfg.identity.watch_pods || cfg.identity.token_review {
-        Some(kube::Client::try_default().await.map_err(|e| {
-            AppError::Config(format!(
-                "identity: connecting to the API server for pods/TokenReview: {e}"
-            ))
-        })?)
-    } else {
-        None
-    };
-    let reviewer: Option<Arc<dyn TokenReviewer>> = match (&client, cfg.identity.token_review) {
+    let reviewer: Option<Arc<dyn TokenReviewer>> = match (client, cfg.identity.token_review) {
         (Some(c), true) => Some(Arc::new(KubeTokenReviewer::new(
             c.clone(),
             cfg.identity.token_review_audiences.clone(),
@@ -285,7 +301,7 @@ async fn build_identity(
         _ => None,
     };
     let principals = Arc::new(PrincipalVerifier::from_config(&cfg.identity, reviewer)?);
-    Ok((identity, principals, client))
+    Ok((identity, principals))
 }
 
 /// Keeps the kernel side's view of "the daemon is alive" fresh, for fail-open cgroups.
@@ -311,6 +327,11 @@ impl App {
     /// The admin endpoint's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Workload identity (its pod store is fed by the pod watch, or by tests).
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
     }
 
     /// The proxy (for tests that install a frame sink).

@@ -82,7 +82,64 @@ pub struct Config {
     /// How long in-flight requests get to finish on SIGTERM before the process exits.
     #[serde(default = "default_grace", with = "duration")]
     pub shutdown_grace: Duration,
+    /// Limits the proxy enforces against slow, greedy or hostile clients.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
+
+/// Limits the proxy enforces on every client connection (docs/admin-guide.md, "Limits").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request head (request line and headers) a client may send; larger ones get
+    /// 431 (HTTP/1.1 read buffer, HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`).
+    #[serde(default = "default_max_request_header_bytes")]
+    pub max_request_header_bytes: u32,
+    /// How long an HTTP/1.1 client gets to send a complete request head, also while a
+    /// keep-alive connection waits for its next request (slowloris guard).
+    #[serde(default = "default_header_read_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+    /// How long a client gets to finish the TLS handshake.
+    #[serde(default = "default_tls_handshake_timeout", with = "duration")]
+    pub tls_handshake_timeout: Duration,
+    /// A connection with no request in progress is closed after this long.
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// excess streams are refused with `REFUSED_STREAM`.
+    #[serde(default = "default_http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings to the client (`0s`: no pings).
+    #[serde(default = "default_http2_keep_alive_interval", with = "duration")]
+    pub http2_keep_alive_interval: Duration,
+    /// A client that does not answer a keep-alive ping within this long is disconnected.
+    #[serde(default = "default_http2_keep_alive_timeout", with = "duration")]
+    pub http2_keep_alive_timeout: Duration,
+    /// Concurrent connections one workload (cgroup; source IP without the kernel redirect)
+    /// may hold; excess connections are closed right after accept. `0`: no limit.
+    #[serde(default = "default_max_connections_per_workload")]
+    pub max_connections_per_workload: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_header_bytes: default_max_request_header_bytes(),
+            header_read_timeout: default_header_read_timeout(),
+            tls_handshake_timeout: default_tls_handshake_timeout(),
+            idle_timeout: default_idle_timeout(),
+            http2_max_concurrent_streams: default_http2_max_concurrent_streams(),
+            http2_keep_alive_interval: default_http2_keep_alive_interval(),
+            http2_keep_alive_timeout: default_http2_keep_alive_timeout(),
+            max_connections_per_workload: default_max_connections_per_workload(),
+        }
+    }
+}
+
+/// Smallest accepted `limits.maxRequestHeaderBytes` (hyper's minimum read buffer).
+pub const MIN_REQUEST_HEADER_BYTES: u32 = 8192;
+/// Largest accepted `limits.maxRequestHeaderBytes`.
+pub const MAX_REQUEST_HEADER_BYTES: u32 = 16 * 1024 * 1024;
 
 /// Admin endpoint settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -151,6 +208,17 @@ pub struct InterceptionConfig {
     /// Which workloads are not intercepted, and which fail open.
     #[serde(default)]
     pub scope: crate::scope::ScopeConfig,
+    /// Also redirect the `default/kubernetes` Service and its EndpointSlice addresses,
+    /// watched through the API server and updated as they change.
+    #[serde(default)]
+    pub discover_kubernetes_service: bool,
+    /// External API server names (`host:port`, e.g. a load balancer), resolved at start
+    /// and every `resolveEvery`.
+    #[serde(default)]
+    pub target_hosts: Vec<String>,
+    /// How often `targetHosts` are re-resolved.
+    #[serde(default = "default_resolve_every", with = "duration")]
+    pub resolve_every: Duration,
 }
 
 impl Default for InterceptionConfig {
@@ -163,6 +231,9 @@ impl Default for InterceptionConfig {
             fail_open_after: default_fail_open_after(),
             max_connections: default_max_connections(),
             scope: crate::scope::ScopeConfig::default(),
+            discover_kubernetes_service: false,
+            target_hosts: Vec::new(),
+            resolve_every: default_resolve_every(),
         }
     }
 }
@@ -225,6 +296,9 @@ pub struct RecordingConfig {
     pub max_file_age: Duration,
 }
 
+fn default_resolve_every() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_pin_path() -> PathBuf {
     PathBuf::from(crate::ebpf::DEFAULT_PIN_PATH)
 }
@@ -248,6 +322,30 @@ fn default_max_rows() -> usize {
 }
 fn default_max_file_age() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_request_header_bytes() -> u32 {
+    64 * 1024
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tls_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_http2_max_concurrent_streams() -> u32 {
+    250
+}
+fn default_http2_keep_alive_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_http2_keep_alive_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_max_connections_per_workload() -> u32 {
+    256
 }
 /// The names in-cluster clients use for the API server.
 pub fn default_server_names() -> Vec<String> {
@@ -275,6 +373,43 @@ mod duration {
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         let signed = SignedDuration::try_from(*d).map_err(serde::ser::Error::custom)?;
         s.serialize_str(&format!("{signed:#}"))
+    }
+}
+
+impl LimitsConfig {
+    /// Checks the values hyper would reject (or panic on) and ones that disable a guard.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(MIN_REQUEST_HEADER_BYTES..=MAX_REQUEST_HEADER_BYTES)
+            .contains(&self.max_request_header_bytes)
+        {
+            return Err((
+                "limits.maxRequestHeaderBytes",
+                format!(
+                    "{} is out of range: must be between {MIN_REQUEST_HEADER_BYTES} and {MAX_REQUEST_HEADER_BYTES}",
+                    self.max_request_header_bytes
+                ),
+            ));
+        }
+        for (path, value) in [
+            ("limits.headerReadTimeout", self.header_read_timeout),
+            ("limits.tlsHandshakeTimeout", self.tls_handshake_timeout),
+            ("limits.idleTimeout", self.idle_timeout),
+            (
+                "limits.http2KeepAliveTimeout",
+                self.http2_keep_alive_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err((path, "must be longer than 0s".to_owned()));
+            }
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            return Err((
+                "limits.http2MaxConcurrentStreams",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -332,10 +467,13 @@ impl Config {
             return Err(invalid("upstream.url", "has no host".to_owned()));
         }
         if self.interception.mode == InterceptionMode::Ebpf {
-            if self.interception.targets.is_empty() {
+            if self.interception.targets.is_empty()
+                && self.interception.target_hosts.is_empty()
+                && !self.interception.discover_kubernetes_service
+            {
                 return Err(invalid(
                     "interception.targets",
-                    "must list at least one API server address when mode is ebpf".to_owned(),
+                    "must list at least one API server address when mode is ebpf (or set targetHosts or discoverKubernetesService)".to_owned(),
                 ));
             }
             if self.listen.address.ip().is_loopback()
@@ -366,6 +504,9 @@ impl Config {
                 "must be at least 1".to_owned(),
             ));
         }
+        self.limits
+            .validate()
+            .map_err(|(path, message)| invalid(path, message))?;
         for (path, file_path) in [
             ("upstream.caFile", &self.upstream.ca_file),
             ("upstream.tokenFile", &self.upstream.token_file),
@@ -445,6 +586,46 @@ mod tests {
             vec!["169.254.10.100".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(c.tls.server_names.len(), 4);
+        assert_eq!(c.limits, LimitsConfig::default());
+    }
+
+    #[test]
+    fn limits_parse_and_bad_limits_name_the_key() {
+        let (_dir, yaml) = fixture();
+        let with = |limits: &str| format!("{yaml}limits:\n{limits}");
+        let c = Config::from_yaml(
+            &with("  maxRequestHeaderBytes: 16384\n  idleTimeout: 2s\n  maxConnectionsPerWorkload: 0\n"),
+            "c.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_request_header_bytes, 16384);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.max_connections_per_workload, 0);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(30));
+        let cases: &[(&str, &str)] = &[
+            (
+                "  maxRequestHeaderBytes: 100\n",
+                "limits.maxRequestHeaderBytes",
+            ),
+            (
+                "  maxRequestHeaderBytes: 99999999\n",
+                "limits.maxRequestHeaderBytes",
+            ),
+            ("  headerReadTimeout: 0s\n", "limits.headerReadTimeout"),
+            ("  tlsHandshakeTimeout: 0s\n", "limits.tlsHandshakeTimeout"),
+            ("  idleTimeout: -1s\n", "limits.idleTimeout"),
+            (
+                "  http2MaxConcurrentStreams: 0\n",
+                "limits.http2MaxConcurrentStreams",
+            ),
+            ("  maxHeaderBytes: 1\n", "limits.maxHeaderBytes"),
+        ];
+        for (limits, expected) in cases {
+            let err = Config::from_yaml(&with(limits), "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod drain;
 pub mod ebpf;
 pub mod identity;
+pub mod k8s;
 pub mod policy;
 pub mod proxy;
 pub mod recorder;

@@ -96,6 +96,7 @@ async fn start(upstream: Option<String>) -> Harness {
             address: "127.0.0.1:0".parse().expect("addr"),
         },
         shutdown_grace: Duration::from_secs(5),
+        limits: Default::default(),
     };
     let app = app::build(config).await.expect("build the gateway");
     Harness {

@@ -149,6 +149,7 @@ impl Env {
             ),
             scope: ScopeConfig::default(),
             metrics: Metrics::new(None),
+            limits: Default::default(),
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());

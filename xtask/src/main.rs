@@ -193,10 +193,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn ensure_python_packages() -> anyhow::Result<()> {
-    if succeeds(Command::new("python3").args(["-c", "import duckdb, pyarrow"])) {
+    if succeeds(Command::new("python3").args(["-c", "import duckdb, pyarrow, kubernetes"])) {
         return Ok(());
     }
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "duckdb", "pyarrow"]))
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "duckdb", "pyarrow", "kubernetes"]))
 }
 
 fn home() -> PathBuf {

@@ -12,11 +12,13 @@ pub mod frames;
 pub mod upgrade;
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
+    future::Future as _,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -34,11 +36,16 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 use crate::{
     admin::Metrics,
+    config::{LimitsConfig, MIN_REQUEST_HEADER_BYTES},
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
     identity::{Identity, WorkloadIdentity, principal::PrincipalVerifier},
@@ -56,10 +63,9 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
-/// How long a client gets to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an HTTP/1.1 client gets to send a complete request head (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection closed for idleness gets to say goodbye (HTTP/2 GOAWAY) before it
+/// is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Errors setting up the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +162,10 @@ pub struct Proxy {
     principals: Arc<PrincipalVerifier>,
     scope: ScopeConfig,
     metrics: Arc<Metrics>,
+    limits: LimitsConfig,
+    connections: Arc<ConnectionLimiter>,
+    /// Cancelled when the drain starts: connections stop taking requests, watches end.
+    draining: CancellationToken,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -196,6 +206,8 @@ pub struct ProxySettings {
     pub scope: ScopeConfig,
     /// Request counters.
     pub metrics: Arc<Metrics>,
+    /// Connection and request limits.
+    pub limits: LimitsConfig,
 }
 
 /// Per-connection facts, fixed at accept() time.
@@ -252,6 +264,11 @@ impl Proxy {
             principals: s.principals,
             scope: s.scope,
             metrics: s.metrics,
+            connections: Arc::new(ConnectionLimiter::new(
+                s.limits.max_connections_per_workload,
+            )),
+            limits: s.limits,
+            draining: CancellationToken::new(),
         })
     }
 
@@ -270,7 +287,7 @@ impl Proxy {
         drain: DrainWatcher,
     ) {
         let acceptor = TlsAcceptor::from(tls);
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = TaskTracker::new();
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = drain.signaled() => break,
@@ -302,6 +319,18 @@ impl Proxy {
                 tokio::spawn(relay_l4(tcp, origin.original_dst));
                 continue;
             }
+            let key = WorkloadKey::of(origin.as_ref(), peer);
+            let Some(slot) = self.connections.try_acquire(key) else {
+                self.metrics.connections_rejected.inc();
+                tracing::warn!(
+                    %peer,
+                    workload = %key,
+                    limit = self.limits.max_connections_per_workload,
+                    "workload is at limits.maxConnectionsPerWorkload; closing the new connection"
+                );
+                drop(tcp);
+                continue;
+            };
             let conn_info = Arc::new(ConnectionInfo {
                 peer,
                 origin,
@@ -309,42 +338,113 @@ impl Proxy {
             });
             let proxy = self.clone();
             let acceptor = acceptor.clone();
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let tls =
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let proxy = proxy.clone();
-                    let conn_info = conn_info.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, &conn_info).await) }
-                });
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                builder.http2().timer(TokioTimer::new());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
+            connections.spawn(async move {
+                proxy.serve_connection(tcp, acceptor, conn_info).await;
+                drop(slot);
             });
         }
         drop(listener);
-        // Connections finish their in-flight requests; the caller bounds this with the
-        // drain grace period.
-        graceful.shutdown().await;
+        // Connections finish their in-flight requests and watches end; the caller bounds
+        // this with the drain grace period.
+        self.draining.cancel();
+        connections.close();
+        connections.wait().await;
         drop(drain);
+    }
+
+    /// Serves one accepted connection until the client leaves, it idles out, or the drain
+    /// has let its in-flight requests finish.
+    async fn serve_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        acceptor: TlsAcceptor,
+        conn_info: Arc<ConnectionInfo>,
+    ) {
+        let peer = conn_info.peer;
+        let limits = &self.limits;
+        let tls =
+            match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+        let activity = Arc::new(Activity::default());
+        let service = {
+            let proxy = self.clone();
+            let activity = activity.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let proxy = proxy.clone();
+                let conn_info = conn_info.clone();
+                let active = activity.begin();
+                async move {
+                    let response = proxy.handle(req, &conn_info).await;
+                    // The connection counts as busy until the response body is done.
+                    Ok::<_, Infallible>(response.map(|body| {
+                        ActiveBody {
+                            inner: body,
+                            _active: active,
+                        }
+                        .boxed()
+                    }))
+                }
+            })
+        };
+        let header_bytes = usize::try_from(limits.max_request_header_bytes)
+            .unwrap_or(usize::MAX)
+            .max(MIN_REQUEST_HEADER_BYTES as usize);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(header_bytes);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_request_header_bytes)
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .keep_alive_interval(
+                Some(limits.http2_keep_alive_interval).filter(|interval| !interval.is_zero()),
+            )
+            .keep_alive_timeout(limits.http2_keep_alive_timeout);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let idle = activity.idle_for(limits.idle_timeout);
+        tokio::pin!(idle);
+        let mut closing = false;
+        let mut hard_deadline = None;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.draining.cancelled(), if !closing => {
+                    // HTTP/1.1: close after the current response; HTTP/2: GOAWAY, then let
+                    // open streams finish.
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut idle, if !closing => {
+                    tracing::debug!(%peer, timeout = ?limits.idle_timeout, "closing an idle connection");
+                    closing = true;
+                    hard_deadline = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = sleep_until_opt(hard_deadline) => {
+                    tracing::debug!(%peer, "idle connection did not close in time; dropping it");
+                    return;
+                }
+            }
+        }
     }
 
     /// Handles one request end to end. Never fails: every problem becomes a `Status`.
@@ -407,7 +507,12 @@ impl Proxy {
         }
         let decision = {
             let policy = self.policy.load();
-            policy::decide(&policy, &RequestContext::new(&info))
+            policy::decide(
+                &policy,
+                &RequestContext::new(&info)
+                    .with_workload(&conn.workload)
+                    .with_principal(&principal),
+            )
         };
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
         if decision.action == Action::Deny {
@@ -529,8 +634,15 @@ impl Proxy {
                 if !parts.headers.contains_key("audit-id") {
                     insert_audit_id(&mut parts.headers, &audit_id);
                 }
+                let watch = record.verb == "watch";
                 let guard = RecordGuard::new(self, record, started, request_bytes);
-                let body = Metered::new(body.map_err(BoxError::from).boxed(), guard);
+                let mut body = body.map_err(BoxError::from).boxed();
+                if watch {
+                    // A watch never ends by itself; on drain it ends cleanly (the client sees
+                    // the end of the stream and re-lists elsewhere) rather than being reset.
+                    body = EndOnDrain::new(body, self.draining.clone()).boxed();
+                }
+                let body = Metered::new(body, guard);
                 Response::from_parts(parts, body.boxed())
             }
             Err(e) => {
@@ -658,6 +770,218 @@ async fn relay_l4(mut client: tokio::net::TcpStream, original_dst: SocketAddr) {
         }
         Err(e) => {
             tracing::warn!(%original_dst, error = %e, "L4 relay: cannot reach the original destination")
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whose connections count against `limits.maxConnectionsPerWorkload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum WorkloadKey {
+    /// The cgroup the kernel saw making the connection.
+    Cgroup(u64),
+    /// The client address, when there is no kernel origin.
+    Source(IpAddr),
+}
+
+impl WorkloadKey {
+    fn of(origin: Option<&ConnectionOrigin>, peer: SocketAddr) -> Self {
+        match origin {
+            Some(origin) => Self::Cgroup(origin.cgroup_id),
+            None => Self::Source(peer.ip()),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cgroup(id) => write!(f, "cgroup {id}"),
+            Self::Source(ip) => write!(f, "source {ip}"),
+        }
+    }
+}
+
+/// Counts open connections per workload; `max == 0` means no limit.
+#[derive(Debug)]
+struct ConnectionLimiter {
+    max: u32,
+    open: Mutex<HashMap<WorkloadKey, u32>>,
+}
+
+impl ConnectionLimiter {
+    fn new(max: u32) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection of `key`, or None when it is at the limit.
+    fn try_acquire(self: &Arc<Self>, key: WorkloadKey) -> Option<ConnectionSlot> {
+        // A poisoned map only means a panic elsewhere held the lock; the counts are intact.
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if self.max != 0 && *count >= self.max {
+            if *count == 0 {
+                open.remove(&key);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            limiter: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One open connection's place in its workload's count, given back on drop.
+#[derive(Debug)]
+struct ConnectionSlot {
+    limiter: Arc<ConnectionLimiter>,
+    key: WorkloadKey,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// How many requests a connection has in progress, for the idle timeout.
+#[derive(Debug)]
+struct Activity {
+    active: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            active: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.send_modify(|n| *n += 1);
+        ActiveGuard(self.clone())
+    }
+
+    /// Resolves once no request has been in progress for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let mut changes = self.active.subscribe();
+        loop {
+            if *changes.borrow_and_update() == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(timeout) => return,
+                    _ = changes.changed() => {}
+                }
+            } else if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One request in progress; dropped when its response body is done or abandoned.
+#[derive(Debug)]
+struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A response body that keeps its connection counted as busy.
+struct ActiveBody {
+    inner: ProxyBody,
+    _active: ActiveGuard,
+}
+
+impl Body for ActiveBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that ends (cleanly, not with an error) once the drain starts.
+struct EndOnDrain {
+    inner: ProxyBody,
+    drained: Pin<Box<WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+impl EndOnDrain {
+    fn new(inner: ProxyBody, draining: CancellationToken) -> Self {
+        Self {
+            inner,
+            drained: Box::pin(draining.cancelled_owned()),
+            ended: false,
+        }
+    }
+}
+
+impl Body for EndOnDrain {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            // Whatever the upstream already sent is passed on before the stream ends.
+            Poll::Pending if this.drained.as_mut().poll(cx).is_ready() => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            polled => polled,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.ended {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
         }
     }
 }
@@ -812,6 +1136,55 @@ mod tests {
         assert_eq!(
             upstream_uri(&prefixed, &client).unwrap().path(),
             "/k8s/api/v1/namespaces/default/pods"
+        );
+    }
+
+    #[test]
+    fn connection_limiter_counts_per_workload_and_frees_slots() {
+        let ip = |s: &str| WorkloadKey::Source(s.parse().unwrap());
+        let limiter = Arc::new(ConnectionLimiter::new(2));
+        let a1 = limiter.try_acquire(WorkloadKey::Cgroup(7)).expect("first");
+        let a2 = limiter.try_acquire(WorkloadKey::Cgroup(7)).expect("second");
+        assert!(
+            limiter.try_acquire(WorkloadKey::Cgroup(7)).is_none(),
+            "third connection of cgroup 7 was allowed"
+        );
+        let other = limiter.try_acquire(WorkloadKey::Cgroup(8));
+        assert!(other.is_some(), "another cgroup must not share the count");
+        let by_ip = limiter.try_acquire(ip("127.0.0.1"));
+        assert!(by_ip.is_some(), "source addresses are counted separately");
+        drop(a1);
+        let a3 = limiter.try_acquire(WorkloadKey::Cgroup(7));
+        assert!(a3.is_some(), "a closed connection did not free its slot");
+        drop((a2, a3, other, by_ip));
+        let open = limiter.open.lock().unwrap();
+        assert!(open.is_empty(), "counts left behind: {open:?}");
+        drop(open);
+
+        let unlimited = Arc::new(ConnectionLimiter::new(0));
+        let slots: Vec<_> = (0..1000)
+            .map(|_| unlimited.try_acquire(WorkloadKey::Cgroup(1)))
+            .collect();
+        assert!(slots.iter().all(Option::is_some), "0 must mean no limit");
+    }
+
+    #[tokio::test]
+    async fn idle_timer_restarts_after_the_last_request_ends() {
+        let activity = Arc::new(Activity::default());
+        let guard = activity.begin();
+        let idle = activity.idle_for(Duration::from_millis(100));
+        tokio::pin!(idle);
+        tokio::select! {
+            _ = &mut idle => panic!("idle while a request was in progress"),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        drop(guard);
+        let ended = Instant::now();
+        idle.await;
+        let waited = ended.elapsed();
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
+            "idle after {waited:?}, expected about 100ms after the request ended"
         );
     }
 

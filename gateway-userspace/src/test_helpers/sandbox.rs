@@ -72,20 +72,51 @@ pub struct SandboxPod {
     netns: String,
     host_veth: String,
     pod_veth: String,
+    /// The cgroup processes run in (the container's, for a kubelet-style sandbox).
     cgroup: PathBuf,
+    /// The sandbox's own directory below `chaperone-sandbox/`, removed with everything in it.
+    cgroup_base: PathBuf,
     subnet: u8,
+}
+
+/// Where a sandbox's cgroup sits below its own directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// Directly in the sandbox directory.
+    Plain,
+    /// Where kubelet's systemd cgroup driver puts a containerd container of a BestEffort
+    /// pod: `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/
+    /// cri-containerd-<id>.scope`, so identity resolution sees a real pod layout.
+    Kubelet {
+        /// The pod's UID.
+        pod_uid: String,
+        /// The container id (64 hex digits for containerd).
+        container_id: String,
+    },
 }
 
 impl SandboxPod {
     /// Creates the cgroup, network namespace and veth pair. Needs root.
     pub fn create() -> Result<Self, SandboxError> {
+        Self::create_with(CgroupLayout::Plain)
+    }
+
+    /// Like [`Self::create`], with the cgroup in the given layout.
+    pub fn create_with(layout: CgroupLayout) -> Result<Self, SandboxError> {
         let token = uuid::Uuid::now_v7().as_u128() as u32 & 0x00ff_ffff;
         let pid = std::process::id();
         let netns = format!("{NETNS_PREFIX}{pid}-{token:06x}");
         let host_veth = format!("chp{token:06x}h");
         let pod_veth = format!("chp{token:06x}p");
         let root = crate::ebpf::cgroup2_mount()?;
-        let cgroup = root.join(CGROUP_PARENT).join(format!("{pid}-{token:06x}"));
+        let cgroup_base = root.join(CGROUP_PARENT).join(format!("{pid}-{token:06x}"));
+        let cgroup = match &layout {
+            CgroupLayout::Plain => cgroup_base.clone(),
+            CgroupLayout::Kubelet { pod_uid, container_id } => cgroup_base
+                .join("kubepods.slice/kubepods-besteffort.slice")
+                .join(format!("kubepods-besteffort-pod{}.slice", pod_uid.replace('-', "_")))
+                .join(format!("cri-containerd-{container_id}.scope")),
+        };
 
         // Partially built sandboxes are torn down by Drop from here on.
         let mut pod = Self {
@@ -93,6 +124,7 @@ impl SandboxPod {
             host_veth,
             pod_veth: pod_veth.clone(),
             cgroup,
+            cgroup_base,
             subnet: 0,
         };
         std::fs::create_dir_all(&pod.cgroup).map_err(|source| SandboxError::Io {
@@ -267,23 +299,39 @@ impl SandboxPod {
 
 impl Drop for SandboxPod {
     fn drop(&mut self) {
-        teardown(&self.cgroup, &self.netns, &self.host_veth);
+        teardown(&self.cgroup_base, &self.netns, &self.host_veth);
     }
 }
 
 fn teardown(cgroup: &Path, netns: &str, host_veth: &str) {
-    // cgroup.kill (Linux 5.14) kills every process in the cgroup at once.
-    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
-    for _ in 0..50 {
-        match std::fs::remove_dir(cgroup) {
-            Ok(()) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-        }
-    }
+    remove_cgroup_tree(cgroup);
     // Deleting the namespace removes the pod end of the veth, which removes the pair.
     let _ = run("ip", &["netns", "del", netns]);
     let _ = run("ip", &["link", "del", host_veth]);
+}
+
+/// Kills every process in a cgroup subtree and removes its directories, deepest first.
+fn remove_cgroup_tree(cgroup: &Path) {
+    // cgroup.kill (Linux 5.14) kills every process in the subtree at once.
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    let mut dirs = vec![cgroup.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        i += 1;
+    }
+    for dir in dirs.iter().rev() {
+        for _ in 0..50 {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // Killed processes take a moment to leave the cgroup.
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    }
 }
 
 fn pick_subnet() -> Result<u8, SandboxError> {
@@ -323,8 +371,7 @@ pub fn cleanup_stale() {
             if let Some((pid, _)) = name.split_once('-')
                 && !alive(pid)
             {
-                let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
-                let _ = std::fs::remove_dir(entry.path());
+                remove_cgroup_tree(&entry.path());
             }
         }
     }

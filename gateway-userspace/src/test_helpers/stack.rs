@@ -16,11 +16,11 @@ use crate::{
         AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
         RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
     },
-    identity::{CgroupMatch, IdentityConfig, StaticWorkload},
+    identity::IdentityConfig,
     recorder::RecorderStats,
     test_helpers::{
         apiserver::{ApiServerConfig, TestApiServer},
-        sandbox::{SandboxError, SandboxPod, cleanup_stale},
+        sandbox::{CgroupLayout, SandboxError, SandboxPod, cleanup_stale},
     },
     tls::{CertificateAuthority, TlsError},
 };
@@ -99,6 +99,22 @@ impl std::fmt::Debug for Stack {
     }
 }
 
+/// The Pod object the sandbox stands for, as the API server would list it for this node.
+fn sandbox_pod_object(uid: &str, container_id: &str) -> Result<k8s_openapi::api::core::v1::Pod, StackError> {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": SANDBOX_POD, "namespace": SANDBOX_NAMESPACE, "uid": uid,
+                     "labels": {"app": "coding-agent"}},
+        "spec": {"nodeName": "sandbox-node", "serviceAccountName": SANDBOX_SERVICE_ACCOUNT,
+                 "containers": [{"name": "agent", "image": "cursor-agent:1"}]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "agent", "ready": true, "restartCount": 0, "image": "cursor-agent:1", "imageID": "",
+            "containerID": format!("containerd://{container_id}"),
+            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
+    }))
+    .map_err(|e| StackError::ApiServer(format!("building the sandbox Pod object: {e}")))
+}
+
 fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), StackError> {
     std::fs::write(path, contents).map_err(|source| StackError::Io {
         path: path.to_owned(),
@@ -142,7 +158,14 @@ impl Stack {
                 .map_err(|e| StackError::ApiServer(e.to_string()))?;
         }
 
-        let pod = SandboxPod::create()?;
+        // The sandbox's cgroup sits where kubelet would put a containerd container, and the
+        // pod store learns the matching Pod object, as the node-scoped pod watch would.
+        let pod_uid = uuid::Uuid::now_v7().to_string();
+        let container_id = format!("{suffix}{suffix}");
+        let pod = SandboxPod::create_with(CgroupLayout::Kubelet {
+            pod_uid: pod_uid.clone(),
+            container_id: container_id.clone(),
+        })?;
         let policy_file = match &opts.policy_yaml {
             Some(yaml) => {
                 let path = root.join("policy.yaml");
@@ -186,19 +209,7 @@ impl Stack {
                 server_names: default_server_names(),
                 server_ips: Vec::new(),
             },
-            // Standalone identity: the sandbox pod's cgroup is named like a real agent pod.
-            identity: IdentityConfig {
-                workloads: vec![StaticWorkload {
-                    cgroup: pod.cgroup_relative_path()?,
-                    match_: CgroupMatch::Prefix,
-                    namespace: SANDBOX_NAMESPACE.to_owned(),
-                    pod: SANDBOX_POD.to_owned(),
-                    service_account: SANDBOX_SERVICE_ACCOUNT.to_owned(),
-                    container: Some("agent".to_owned()),
-                    labels: [("app".to_owned(), "coding-agent".to_owned())].into(),
-                }],
-                ..IdentityConfig::default()
-            },
+            identity: IdentityConfig::default(),
             policy: PolicyConfig { file: policy_file },
             recording: RecordingConfig {
                 dir: recordings.clone(),
@@ -209,6 +220,7 @@ impl Stack {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),
             },
             shutdown_grace: Duration::from_secs(5),
+            limits: Default::default(),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -217,6 +229,7 @@ impl Stack {
         write(&config_file, &yaml)?;
         let config = Config::load(&config_file)?;
         let app = app::build(config).await?;
+        app.identity().pods().apply(&sandbox_pod_object(&pod_uid, &container_id)?);
 
         // What an in-cluster agent sees: the API server's virtual address, the cluster CA
         // it already trusts, and its own (useless upstream) token.

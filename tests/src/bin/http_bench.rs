@@ -1,0 +1,601 @@
+//! Measures what the gateway adds to an API request, side by side with nginx: the same small
+//! GET over TLS and HTTP/2 (a) straight to the API test server, (b) through nginx as a
+//! TLS-terminating HTTP/2 reverse proxy, and (c) through chaperone with a policy and
+//! recording on (interception mode `none`). Run by `cargo xtask bench`; needs `nginx` and
+//! `h2load` on the PATH. Prints a table and writes `target/bench/summary.json`.
+//!
+//! Three processes so the gateway's RSS is its own: this one (orchestrator, runs `h2load`
+//! and `nginx` as children), `http_bench upstream <dir>` (the API test server) and
+//! `http_bench gateway <dir>` (the gateway). Both children stop when their stdin closes.
+//!
+//! Latency comes from `h2load --log-file` (one row per request with its duration in
+//! microseconds) at one connection and one stream; throughput is h2load's req/s over a
+//! timed run with C connections of one stream each.
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpListener as StdListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use gateway_userspace::{
+    app,
+    config::{
+        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
+        RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
+    },
+    test_helpers::apiserver::{ApiServerConfig, TestApiServer},
+    tls::CertificateAuthority,
+};
+
+/// The token the API test server accepts; direct and nginx requests carry it, the gateway
+/// injects it from its token file.
+const TOKEN: &str = "bench-gateway-token";
+/// What a pod would send to the gateway; the gateway strips it.
+const POD_TOKEN: &str = "bench-pod-token";
+const PATH: &str = "/api/v1/namespaces/default/pods/web-0";
+/// Requests per latency run (one connection, one stream).
+const LATENCY_REQUESTS: usize = 3000;
+/// Seconds of each throughput run, after one second of warm-up.
+const THROUGHPUT_SECONDS: u32 = 5;
+/// Alternating passes over the three targets; each figure is the median over passes.
+const PASSES: usize = 3;
+const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: Policy
+default: allow
+rules:
+  - name: no-secrets
+    action: deny
+    message: no secrets for agents
+    verbs: ["*"]
+    resources: [secrets]
+  - name: no-exec
+    action: deny
+    message: no interactive access
+    verbs: ["*"]
+    resources: [pods/exec, pods/attach, pods/portforward]
+  - name: protect-namespaces
+    action: deny
+    verbs: [delete, deletecollection]
+    resources: [namespaces]
+  - name: protect-kube-system
+    action: deny
+    verbs: [create, update, patch, delete, deletecollection]
+    resources: ["*"]
+    namespaces: [kube-system]
+  - name: read-pods
+    action: allow
+    verbs: [get, list, watch]
+    resources: [pods, pods/log]
+"#;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [role, dir] if role == "upstream" => serve(upstream(Path::new(dir))),
+        [role, dir] if role == "gateway" => serve(gateway(Path::new(dir))),
+        [] => orchestrate(),
+        _ => bail!("usage: http_bench [upstream <dir> | gateway <dir>]"),
+    }
+}
+
+fn serve(fut: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(fut)
+}
+
+/// Blocks (off the runtime) until the orchestrator closes our stdin.
+async fn stdin_closed() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+    })
+    .await;
+}
+
+/// Writes `text` to `path` atomically, so a poller never reads half of it.
+fn publish(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}
+
+async fn upstream(dir: &Path) -> anyhow::Result<()> {
+    let ca = CertificateAuthority::from_files(&dir.join("ca.crt"), &dir.join("ca.key"))?;
+    let server = TestApiServer::start(ApiServerConfig {
+        ca: Some(Arc::new(ca)),
+        tokens: vec![TOKEN.to_owned()],
+        ..ApiServerConfig::default()
+    })
+    .await?;
+    server.seed(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
+        "status": {"phase": "Running"},
+    }))?;
+    publish(&dir.join("upstream.url"), &server.url())?;
+    stdin_closed().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn gateway(dir: &Path) -> anyhow::Result<()> {
+    let url = std::fs::read_to_string(dir.join("upstream.url"))?;
+    let config = Config {
+        node: Some("bench-node".to_owned()),
+        cluster: "bench".to_owned(),
+        listen: ListenConfig {
+            address: "127.0.0.1:0".parse()?,
+        },
+        interception: InterceptionConfig {
+            mode: InterceptionMode::None,
+            ..InterceptionConfig::default()
+        },
+        upstream: UpstreamConfig {
+            url: url.trim().parse()?,
+            ca_file: dir.join("ca.crt"),
+            token_file: dir.join("token"),
+            tls_server_name: None,
+            connect_timeout: Duration::from_secs(2),
+        },
+        tls: ServingTlsConfig {
+            ca_cert_file: dir.join("ca.crt"),
+            ca_key_file: dir.join("ca.key"),
+            server_names: default_server_names(),
+            server_ips: vec!["127.0.0.1".parse()?],
+        },
+        identity: Default::default(),
+        policy: PolicyConfig {
+            file: Some(dir.join("policy.yaml")),
+        },
+        recording: RecordingConfig {
+            dir: dir.join("recordings"),
+            max_rows_per_file: 100_000,
+            max_file_age: Duration::from_secs(60),
+        },
+        admin: AdminConfig {
+            address: "127.0.0.1:0".parse()?,
+        },
+        shutdown_grace: Duration::from_secs(5),
+        limits: Default::default(),
+    };
+    let app = app::build(config).await?;
+    publish(&dir.join("gateway.addr"), &app.local_addr().to_string())?;
+    stdin_closed().await;
+    let stats = app.shutdown().await?;
+    eprintln!("gateway: recorded {} rows", stats.rows);
+    Ok(())
+}
+
+/// A child that is stopped (stdin closed, then killed if it lingers) when dropped.
+struct Helper {
+    name: &'static str,
+    child: Child,
+}
+
+impl Helper {
+    fn spawn(role: &'static str, dir: &Path) -> anyhow::Result<Helper> {
+        let child = Command::new(std::env::current_exe()?)
+            .arg(role)
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn the {role} process"))?;
+        Ok(Helper { name: role, child })
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                ensure!(
+                    status.success(),
+                    "{} process exited with {status}",
+                    self.name
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} process did not stop within 20 s", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// nginx's master process; stopped with SIGTERM (SIGKILL would orphan the workers).
+struct Nginx {
+    child: Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_file(path: &Path, helper: &mut Helper) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return Ok(text.trim().to_owned());
+        }
+        if let Some(status) = helper.child.try_wait()? {
+            bail!("{} process exited early with {status}", helper.name);
+        }
+        if Instant::now() > deadline {
+            bail!("{} never appeared", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_nginx(dir: &Path, upstream: SocketAddr) -> anyhow::Result<(Nginx, SocketAddr)> {
+    // A self-signed certificate of the same kind (ECDSA P-256) as the gateway's; h2load
+    // does not verify certificates.
+    let (cert, key) = CertificateAuthority::generate("nginx-bench")?;
+    std::fs::write(dir.join("nginx.crt"), cert.cert_pem())?;
+    std::fs::write(dir.join("nginx.key"), key)?;
+    std::fs::create_dir_all(dir.join("nginx-tmp"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes auto;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+user root;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/nginx-tmp/body;
+  proxy_temp_path {d}/nginx-tmp/proxy;
+  upstream apiserver {{
+    server {upstream};
+    keepalive 64;
+  }}
+  server {{
+    listen {addr} ssl http2;
+    ssl_certificate {d}/nginx.crt;
+    ssl_certificate_key {d}/nginx.key;
+    location / {{
+      proxy_pass https://apiserver;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_ssl_session_reuse on;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawn nginx (is it installed?)")?;
+    let mut nginx = Nginx { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = nginx.child.try_wait()? {
+            bail!(
+                "nginx exited with {status}: {}",
+                std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+            );
+        }
+        ensure!(Instant::now() < deadline, "nginx does not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((nginx, addr))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    token: &'static str,
+}
+
+fn h2load(target: &Target, extra: &[String]) -> anyhow::Result<String> {
+    let out = Command::new("h2load")
+        .args(extra)
+        .arg("-H")
+        .arg(format!("authorization: Bearer {}", target.token))
+        .arg("-H")
+        .arg("accept: application/json")
+        .arg(format!("https://{}{PATH}", target.addr))
+        .output()
+        .context("run h2load (is nghttp2-client installed?)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "h2load against {} failed: {text}{}",
+        target.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains("Application protocol: h2"),
+        "h2load against {} did not negotiate h2: {text}",
+        target.name
+    );
+    // Every request must have succeeded with a 2xx, or the figures measure errors.
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let requests = line("requests:");
+    let codes = line("status codes:");
+    let number = |s: &str, word: &str| -> Option<u64> {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[1].trim_end_matches(',') == word)
+            .and_then(|w| w[0].parse().ok())
+    };
+    let done = number(&requests, "done");
+    let ok = number(&codes, "2xx");
+    ensure!(
+        done.is_some() && done == ok && number(&requests, "errored") == Some(0),
+        "h2load against {}: not every request succeeded:\n{text}",
+        target.name
+    );
+    Ok(text)
+}
+
+/// Per-request latency at one connection with one stream: (p50, p99) in microseconds.
+fn latency(target: &Target, dir: &Path) -> anyhow::Result<(f64, f64)> {
+    // Warm the connection pools and caches first.
+    h2load(target, &["-c1".into(), "-m1".into(), "-n200".into()])?;
+    let log = dir.join(format!("latency-{}.tsv", target.name));
+    h2load(
+        target,
+        &[
+            "-c1".into(),
+            "-m1".into(),
+            format!("-n{LATENCY_REQUESTS}"),
+            format!("--log-file={}", log.display()),
+        ],
+    )?;
+    let text = std::fs::read_to_string(&log)?;
+    let mut us: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            (cols.len() >= 3 && cols[1] == "200")
+                .then(|| cols[2].trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .collect();
+    ensure!(
+        us.len() == LATENCY_REQUESTS,
+        "{}: {} of {LATENCY_REQUESTS} requests logged with 200",
+        target.name,
+        us.len()
+    );
+    us.sort_by(f64::total_cmp);
+    Ok((us[us.len() / 2], us[us.len() * 99 / 100]))
+}
+
+/// Requests per second with `clients` connections of one stream each.
+fn throughput(target: &Target, clients: u32) -> anyhow::Result<f64> {
+    let text = h2load(
+        target,
+        &[
+            format!("-c{clients}"),
+            "-m1".into(),
+            format!("-D{THROUGHPUT_SECONDS}"),
+            "--warm-up-time=1".into(),
+        ],
+    )?;
+    // "finished in 5.00s, 7890.12 req/s, 3.21MB/s"
+    text.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|rest| rest.split(", ").nth(1))
+        .and_then(|s| s.strip_suffix(" req/s"))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no req/s in h2load's output:\n{text}"))
+}
+
+/// `VmRSS` and `VmHWM` (KiB) of a process.
+fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Summed `VmRSS` (KiB) of nginx's master and its workers.
+fn nginx_rss_kib(master: u32) -> u64 {
+    let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+        .unwrap_or_default();
+    std::iter::once(master)
+        .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+        .filter_map(|pid| rss_kib(pid).ok())
+        .map(|(rss, _)| rss)
+        .sum()
+}
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    rps_c16: Vec<f64>,
+    rps_c64: Vec<f64>,
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn orchestrate() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let (ca, key) = CertificateAuthority::generate("http-bench-ca")?;
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+    std::fs::write(dir.join("ca.key"), key)?;
+    std::fs::write(dir.join("token"), TOKEN)?;
+    std::fs::write(dir.join("policy.yaml"), POLICY)?;
+
+    let mut upstream = Helper::spawn("upstream", dir)?;
+    let url = wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
+    let upstream_addr: SocketAddr = url
+        .strip_prefix("https://")
+        .unwrap_or(&url)
+        .parse()
+        .with_context(|| format!("upstream url {url}"))?;
+    let mut gateway = Helper::spawn("gateway", dir)?;
+    let gateway_addr: SocketAddr = wait_for_file(&dir.join("gateway.addr"), &mut gateway)?
+        .parse()
+        .context("gateway address")?;
+    let gateway_pid = gateway.child.id();
+    let (idle_rss, _) = rss_kib(gateway_pid)?;
+    let (nginx, nginx_addr) = start_nginx(dir, upstream_addr)?;
+
+    let targets = [
+        Target {
+            name: "direct",
+            addr: upstream_addr,
+            token: TOKEN,
+        },
+        Target {
+            name: "nginx",
+            addr: nginx_addr,
+            token: TOKEN,
+        },
+        Target {
+            name: "chaperone",
+            addr: gateway_addr,
+            token: POD_TOKEN,
+        },
+    ];
+    let mut figures = vec![Figures::default(); targets.len()];
+    for pass in 1..=PASSES {
+        for (t, f) in targets.iter().zip(figures.iter_mut()) {
+            eprintln!("http_bench: pass {pass}/{PASSES}: {}", t.name);
+            let (p50, p99) = latency(t, dir)?;
+            f.p50_us.push(p50);
+            f.p99_us.push(p99);
+            f.rps_c16.push(throughput(t, 16)?);
+            f.rps_c64.push(throughput(t, 64)?);
+        }
+    }
+    let (rss, hwm) = rss_kib(gateway_pid)?;
+    let nginx_rss = nginx_rss_kib(nginx.child.id());
+    drop(nginx);
+    gateway.stop()?;
+    upstream.stop()?;
+
+    let m: Vec<[f64; 4]> = figures
+        .iter()
+        .map(|f| {
+            [
+                median(&f.p50_us),
+                median(&f.p99_us),
+                median(&f.rps_c16),
+                median(&f.rps_c64),
+            ]
+        })
+        .collect();
+    let [direct, ngx, chap] = [m[0], m[1], m[2]];
+    println!(
+        "GET {PATH} over TLS + HTTP/2, median of {PASSES} passes \
+         (latency: h2load -c1 -m1 -n{LATENCY_REQUESTS} --log-file; throughput: h2load -cN -m1 -D{THROUGHPUT_SECONDS})"
+    );
+    println!(
+        "  {:<10} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11}",
+        "target", "p50 us", "p99 us", "+p50 us", "+p99 us", "req/s c16", "req/s c64"
+    );
+    for (t, f) in targets.iter().zip(&m) {
+        println!(
+            "  {:<10} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>11.0} {:>11.0}",
+            t.name,
+            f[0],
+            f[1],
+            f[0] - direct[0],
+            f[1] - direct[1],
+            f[2],
+            f[3]
+        );
+    }
+    println!(
+        "  chaperone / nginx: added p50 {:.2}x, added p99 {:.2}x, throughput c16 {:.0}%, c64 {:.0}%",
+        (chap[0] - direct[0]) / (ngx[0] - direct[0]),
+        (chap[1] - direct[1]) / (ngx[1] - direct[1]),
+        100.0 * chap[2] / ngx[2],
+        100.0 * chap[3] / ngx[3]
+    );
+    println!(
+        "  chaperone RSS: {idle_rss} KiB idle, {rss} KiB after the runs (peak {hwm} KiB); \
+         nginx (master + workers): {nginx_rss} KiB"
+    );
+
+    let entry = |f: [f64; 4]| {
+        serde_json::json!({
+            "p50_us": f[0].round(),
+            "p99_us": f[1].round(),
+            "rps": f[3].round(),
+            "rps_c16": f[2].round(),
+        })
+    };
+    let mut chaperone = entry(chap);
+    chaperone["rss_kib"] = rss.into();
+    chaperone["rss_peak_kib"] = hwm.into();
+    chaperone["rss_idle_kib"] = idle_rss.into();
+    let mut nginx_entry = entry(ngx);
+    nginx_entry["rss_kib"] = nginx_rss.into();
+    let summary = serde_json::json!({
+        "direct": entry(direct),
+        "nginx": nginx_entry,
+        "chaperone": chaperone,
+    });
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    Ok(())
+}
