@@ -102,6 +102,12 @@ async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
         pod.virtual_api_server(),
         stack.app.local_addr()
     );
+    println!(
+        "  identity:   the pod's cgroup belongs to Pod {}/{} (service account {}), from the pod store",
+        super::stack::SANDBOX_NAMESPACE,
+        super::stack::SANDBOX_POD,
+        super::stack::SANDBOX_SERVICE_ACCOUNT
+    );
     println!("  policy:     deny namespace deletion and secret reads; allow the rest\n");
 
     for args in [
@@ -169,6 +175,7 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             "TIME",
             "COMMAND",
             "CGROUP",
+            "POD",
             "VERB",
             "RESOURCE/PATH",
             "NAMESPACE",
@@ -195,6 +202,10 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             r.request_time.strftime("%H:%M:%S").to_string(),
             r.workload.command.unwrap_or_else(|| "-".to_owned()),
             r.workload.cgroup_id.to_string(),
+            match (&r.workload.namespace, &r.workload.pod) {
+                (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+                _ => "-".to_owned(),
+            },
             r.verb,
             target,
             r.object_ref.namespace,
@@ -204,7 +215,7 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             r.policy_rule.unwrap_or_default(),
         ]);
     }
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 11];
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
