@@ -13,7 +13,7 @@ use crate::{
     admin::{Admin, Metrics},
     config::{Config, InterceptionMode},
     drain::{self, DrainOutcome, DrainTrigger},
-    ebpf::{EbpfError, Interceptor, InterceptorSettings},
+    ebpf::{EbpfError, Interceptor, InterceptorSettings, PinGuard},
     identity::{
         Identity,
         pods::{KubePodSource, PodSource as _, PodStore},
@@ -84,7 +84,8 @@ pub struct App {
     recorder_drain: DrainTrigger,
     recording_dir: PathBuf,
     grace: Duration,
-    detach_on_exit: bool,
+    /// Removes the pins when the app goes away (shut down, or dropped in a failing test).
+    detach_on_exit: PinGuard,
 }
 
 impl std::fmt::Debug for App {
@@ -139,7 +140,9 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         || cfg.interception.discover_kubernetes_service
     {
         Some(kube::Client::try_default().await.map_err(|e| {
-            AppError::Config(format!("connecting to the API server for pods, TokenReview or targets: {e}"))
+            AppError::Config(format!(
+                "connecting to the API server for pods, TokenReview or targets: {e}"
+            ))
         })?)
     } else {
         None
@@ -231,15 +234,22 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         });
     }
     if let Some(interceptor) = &interceptor
-        && (cfg.interception.discover_kubernetes_service || !cfg.interception.target_hosts.is_empty())
+        && (cfg.interception.discover_kubernetes_service
+            || !cfg.interception.target_hosts.is_empty())
     {
         let sources = crate::k8s::TargetSources {
             fixed: cfg.interception.targets.clone(),
             hosts: cfg.interception.target_hosts.clone(),
             resolve_every: cfg.interception.resolve_every,
-            client: kube_client.clone().filter(|_| cfg.interception.discover_kubernetes_service),
+            client: kube_client
+                .clone()
+                .filter(|_| cfg.interception.discover_kubernetes_service),
         };
-        tokio::spawn(crate::k8s::target_loop(sources, interceptor.clone(), proxy_watch.clone()));
+        tokio::spawn(crate::k8s::target_loop(
+            sources,
+            interceptor.clone(),
+            proxy_watch.clone(),
+        ));
     }
     if let Some(interceptor) = &interceptor {
         tokio::spawn(crate::scope::classify_loop(
@@ -255,6 +265,11 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         tokio::spawn(heartbeat_loop(interceptor.clone(), proxy_watch.clone()));
     }
     let proxy_task = tokio::spawn(proxy.clone().serve(listener, server_tls, proxy_watch));
+    let detach_on_exit = if cfg.interception.detach_on_exit && interceptor.is_some() {
+        PinGuard::new(cfg.interception.pin_path.clone())
+    } else {
+        PinGuard::disarmed()
+    };
     tracing::info!(%local_addr, %admin_addr, upstream = %cfg.upstream.url, "chaperone is ready");
     Ok(App {
         local_addr,
@@ -269,7 +284,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         recorder_drain,
         recording_dir: cfg.recording.dir,
         grace: cfg.shutdown_grace,
-        detach_on_exit: cfg.interception.detach_on_exit,
+        detach_on_exit,
     })
 }
 
@@ -391,12 +406,10 @@ impl App {
         // The recorder stops once every handle (held by the proxy and by rows still on their
         // way) is gone; the drain signal is only the last resort if one is stuck.
         drop(proxy);
-        if let Some(interceptor) = interceptor {
-            if detach_on_exit {
-                match Arc::try_unwrap(interceptor) {
-                    Ok(i) => i.uninstall()?,
-                    Err(_) => tracing::warn!("eBPF programs still in use; not detached"),
-                }
+        if interceptor.is_some() {
+            if detach_on_exit.is_armed() {
+                drop(detach_on_exit);
+                tracing::info!("eBPF programs detached");
             } else {
                 tracing::info!(
                     "eBPF programs stay attached: intercepted pods fail closed until the next start"

@@ -643,6 +643,38 @@ fn remove_other_versions(root: &Path, keep: &Path) {
     }
 }
 
+/// Uninstalls the pins under a directory when dropped (unless disarmed): for daemons with
+/// `detachOnExit`, and for tests, so that a failing test leaves nothing attached.
+#[derive(Debug)]
+pub struct PinGuard(Option<PathBuf>);
+
+impl PinGuard {
+    /// Removes `root` on drop.
+    pub fn new(root: PathBuf) -> Self {
+        Self(Some(root))
+    }
+
+    /// Removes nothing.
+    pub fn disarmed() -> Self {
+        Self(None)
+    }
+
+    /// Whether dropping it will remove the pins.
+    pub fn is_armed(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(root) = self.0.take()
+            && let Err(e) = uninstall(&root)
+        {
+            tracing::warn!(error = %e, "removing eBPF pins failed");
+        }
+    }
+}
+
 /// Detaches every Chaperone program and removes every pinned map under `root`.
 pub fn uninstall(root: &Path) -> Result<(), EbpfError> {
     match std::fs::remove_dir_all(root) {

@@ -18,15 +18,29 @@ pub fn targets_from(service: Option<&Service>, slices: &[EndpointSlice]) -> BTre
     let mut targets = BTreeSet::new();
     if let Some(spec) = service.and_then(|s| s.spec.as_ref()) {
         let ips = spec.cluster_ips.clone().unwrap_or_default();
-        let ips = if ips.is_empty() { spec.cluster_ip.iter().cloned().collect() } else { ips };
+        let ips = if ips.is_empty() {
+            spec.cluster_ip.iter().cloned().collect()
+        } else {
+            ips
+        };
         for port in spec.ports.iter().flatten() {
-            let Ok(port_number) = u16::try_from(port.port) else { continue };
-            targets.extend(ips.iter().filter_map(|ip| ip.parse().ok()).map(|ip| SocketAddr::new(ip, port_number)));
+            let Ok(port_number) = u16::try_from(port.port) else {
+                continue;
+            };
+            targets.extend(
+                ips.iter()
+                    .filter_map(|ip| ip.parse().ok())
+                    .map(|ip| SocketAddr::new(ip, port_number)),
+            );
         }
     }
     for slice in slices {
-        let ports: Vec<u16> =
-            slice.ports.iter().flatten().filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok())).collect();
+        let ports: Vec<u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
+            .collect();
         for endpoint in &slice.endpoints {
             // An endpoint that is explicitly not ready still accepts connections a pod may
             // try; catching it too costs nothing.
@@ -46,7 +60,9 @@ pub async fn resolve_hosts(hosts: &[String]) -> BTreeSet<SocketAddr> {
     for host in hosts {
         match tokio::net::lookup_host(host.as_str()).await {
             Ok(addrs) => out.extend(addrs),
-            Err(e) => tracing::warn!(%host, error = %e, "cannot resolve an API server name; keeping the other targets"),
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "cannot resolve an API server name; keeping the other targets")
+            }
         }
     }
     out
@@ -66,7 +82,11 @@ pub struct TargetSources {
 }
 
 /// Keeps the kernel's target maps equal to the union of all sources until the drain.
-pub async fn target_loop(sources: TargetSources, interceptor: Arc<Interceptor>, drain: DrainWatcher) {
+pub async fn target_loop(
+    sources: TargetSources,
+    interceptor: Arc<Interceptor>,
+    drain: DrainWatcher,
+) {
     let mut service: Option<Service> = None;
     let mut slices: Vec<EndpointSlice> = Vec::new();
     let mut resolved = resolve_hosts(&sources.hosts).await;
@@ -74,11 +94,19 @@ pub async fn target_loop(sources: TargetSources, interceptor: Arc<Interceptor>, 
 
     let mut services = sources.client.clone().map(|c| {
         let api: kube::Api<Service> = kube::Api::namespaced(c, "default");
-        watcher(api, watcher::Config::default().fields("metadata.name=kubernetes")).boxed()
+        watcher(
+            api,
+            watcher::Config::default().fields("metadata.name=kubernetes"),
+        )
+        .boxed()
     });
     let mut endpoint_slices = sources.client.clone().map(|c| {
         let api: kube::Api<EndpointSlice> = kube::Api::namespaced(c, "default");
-        watcher(api, watcher::Config::default().labels("kubernetes.io/service-name=kubernetes")).boxed()
+        watcher(
+            api,
+            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+        )
+        .boxed()
     });
     let mut tick = tokio::time::interval(sources.resolve_every);
     loop {
@@ -149,18 +177,35 @@ mod tests {
             "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
         }))
         .unwrap();
-        let targets: Vec<String> = targets_from(Some(&service), &[slice]).iter().map(ToString::to_string).collect();
+        let targets: Vec<String> = targets_from(Some(&service), &[slice])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             targets,
-            ["192.0.2.10:6443", "192.0.2.11:6443", "198.51.100.1:443", "[fd00:10:96::1]:443"],
+            [
+                "192.0.2.10:6443",
+                "192.0.2.11:6443",
+                "198.51.100.1:443",
+                "[fd00:10:96::1]:443"
+            ],
         );
         assert!(targets_from(None, &[]).is_empty());
     }
 
     #[tokio::test]
     async fn host_names_resolve_and_bad_names_are_skipped() {
-        let resolved = resolve_hosts(&["localhost:6443".to_owned(), "no-such-host.invalid:443".to_owned()]).await;
-        assert!(resolved.iter().any(|a| a.ip().is_loopback() && a.port() == 6443), "{resolved:?}");
+        let resolved = resolve_hosts(&[
+            "localhost:6443".to_owned(),
+            "no-such-host.invalid:443".to_owned(),
+        ])
+        .await;
+        assert!(
+            resolved
+                .iter()
+                .any(|a| a.ip().is_loopback() && a.port() == 6443),
+            "{resolved:?}"
+        );
         assert!(resolved.iter().all(|a| a.port() == 6443), "{resolved:?}");
     }
 }

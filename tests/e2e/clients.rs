@@ -214,6 +214,29 @@ async fn yaml_to_json(yaml: &str) -> Value {
         .unwrap_or_else(|e| panic!("PyYAML printed no JSON ({e}): {out:?}"))
 }
 
+/// Decodes one `application/x-www-form-urlencoded` value (ASCII is all these tests need).
+fn form_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(
+                    u8::from_str_radix(hex, 16)
+                        .unwrap_or_else(|e| panic!("bad escape in {value:?}: {e}")),
+                );
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Waits until the API server has received a request matching `pred`.
 async fn wait_for_request(stack: &Stack, what: &str, pred: impl Fn(&str, &str) -> bool) {
     let waited = tokio::time::timeout(Duration::from_secs(30), async {
@@ -670,7 +693,7 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         "kubectl patch",
         "kubectl delete",
         "kubectl explain",
-        "kubectl auth",
+        "kubectl auth can-i",
         "kubectl api-resources",
     ] {
         assert!(
@@ -867,24 +890,46 @@ async fn kubectl_exec_cp_logs_and_port_forward_through_the_gateway() {
             direct_requests: 0,
         },
     );
-    // Per transport: exec -i, exec exit 7, cp up, cp down = 4 WebSocket GETs, 4 SPDY POSTs.
-    let execs = |verb: &str| {
-        rows.iter()
-            .filter(|r| r.verb == verb && r.object_ref.subresource == "exec")
-            .inspect(|r| {
-                assert_eq!(
-                    (r.object_ref.namespace.as_str(), r.object_ref.name.as_str()),
-                    ("default", "web-0"),
-                    "{r:?}"
-                );
-                // Bytes flowed back (the stream protocol's status at least); `cp` down
-                // sends no stdin, so request bytes may be zero.
-                assert!(r.response_bytes > 0 && r.error.is_none(), "{r:?}");
-            })
-            .count()
-    };
-    assert_eq!(execs("get"), 4, "WebSocket exec rows");
-    assert_eq!(execs("create"), 4, "SPDY exec rows");
+    // Per transport (WebSocket GET, SPDY POST): exec -i cat, the exit-7 command, `cp` up
+    // (tar extracting stdin), `cp` down (tar writing stdout).
+    // `cp` up first asks whether the destination is a directory, then untars stdin.
+    let execs: Vec<(&str, String)> = rows
+        .iter()
+        .filter(|r| r.object_ref.subresource == "exec")
+        .inspect(|r| {
+            assert_eq!(
+                (r.object_ref.namespace.as_str(), r.object_ref.name.as_str()),
+                ("default", "web-0"),
+                "{r:?}"
+            );
+            // Bytes flowed back (the stream protocol's status at least); `cp` down sends
+            // no stdin, so request bytes may be zero.
+            assert!(
+                r.response_code == 101 && r.response_bytes > 0 && r.error.is_none(),
+                "{r:?}"
+            );
+        })
+        .map(|r| {
+            let argv: Vec<String> = r
+                .request_uri
+                .split(['?', '&'])
+                .filter_map(|kv| kv.strip_prefix("command="))
+                .map(form_decode)
+                .collect();
+            (r.verb.as_str(), argv.join(" "))
+        })
+        .collect();
+    let mut want = Vec::new();
+    for (verb, transport) in [("get", "WebSocket"), ("create", "SPDY")] {
+        want.extend([
+            (verb, "cat".to_owned()),
+            (verb, "sh -c echo out; echo err >&2; exit 7".to_owned()),
+            (verb, format!("test -d up-{transport}.txt")),
+            (verb, "tar -xmf - -C .".to_owned()),
+            (verb, format!("tar cf - up-{transport}.txt")),
+        ]);
+    }
+    assert_eq!(execs, want, "exec rows (verb, command)");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,8 +12,8 @@ use std::{
 
 use chaperone_e2e::privileged;
 use gateway_userspace::{
-    ebpf::{Interceptor, InterceptorSettings},
-    test_helpers::sandbox::{SandboxPod, cleanup_stale},
+    ebpf::{Interceptor, InterceptorSettings, PinGuard},
+    test_helpers::sandbox::{SandboxPod, TEST_PIN_PREFIX, cleanup_stale},
 };
 use tokio::{
     io::AsyncReadExt as _,
@@ -21,10 +21,10 @@ use tokio::{
     time::timeout,
 };
 
-/// A pin directory no other test uses.
+/// A pin directory no other test uses; `cleanup_stale` recognises it by the pid.
 fn pin_path(test: &str) -> PathBuf {
     PathBuf::from(format!(
-        "/sys/fs/bpf/chaperone-test-{test}-{}",
+        "/sys/fs/bpf/{TEST_PIN_PREFIX}{}-{test}",
         uuid_suffix()
     ))
 }
@@ -37,8 +37,14 @@ fn uuid_suffix() -> String {
     format!("{}-{nanos:x}", std::process::id())
 }
 
-fn attach(test: &str, targets: Vec<SocketAddr>, proxy: SocketAddr) -> (Interceptor, PathBuf) {
+/// Attaches the programs; the returned guard removes them even if the test fails.
+fn attach(
+    test: &str,
+    targets: Vec<SocketAddr>,
+    proxy: SocketAddr,
+) -> (Interceptor, PathBuf, PinGuard) {
     let pin_path = pin_path(test);
+    let guard = PinGuard::new(pin_path.clone());
     let interceptor = Interceptor::attach(&InterceptorSettings {
         targets,
         proxy,
@@ -47,7 +53,7 @@ fn attach(test: &str, targets: Vec<SocketAddr>, proxy: SocketAddr) -> (Intercept
         connections_max: 4096,
     })
     .unwrap_or_else(|e| panic!("{test}: attach eBPF: {e}"));
-    (interceptor, pin_path)
+    (interceptor, pin_path, guard)
 }
 
 /// Runs a Python snippet inside the pod. `CONNECT(host, port)` in the snippet connects a
@@ -104,7 +110,7 @@ async fn redirect_first_connect_from_a_brand_new_cgroup_is_attributed_and_host_n
         .expect("bind proxy");
     let proxy = listener.local_addr().expect("addr");
     let target = setup.virtual_api_server();
-    let (interceptor, pins) = attach(test, vec![target.into()], proxy);
+    let (interceptor, pins, _guard) = attach(test, vec![target.into()], proxy);
 
     // A pod whose cgroup did not exist when the programs were attached: intercepted by
     // default, no classification needed.
@@ -170,7 +176,7 @@ async fn redirect_ipv6_and_v4_mapped_targets_are_caught_and_getpeername_shows_th
     let proxy = listener.local_addr().expect("addr");
     let v4 = SocketAddr::from(pod.virtual_api_server());
     let v6 = SocketAddr::from(pod.virtual_api_server6());
-    let (interceptor, _pins) = attach(test, vec![v4, v6], proxy);
+    let (interceptor, _pins, _guard) = attach(test, vec![v4, v6], proxy);
     let mapped: SocketAddr = format!("[::ffff:{}]:{}", v4.ip(), v4.port())
         .parse()
         .expect("mapped");
@@ -225,7 +231,7 @@ async fn redirect_same_port_in_two_pods_and_many_connections_are_each_attributed
         SocketAddr::from(a.virtual_api_server()),
         SocketAddr::from(b.virtual_api_server()),
     );
-    let (interceptor, _pins) = attach(test, vec![ta, tb], proxy);
+    let (interceptor, _pins, _guard) = attach(test, vec![ta, tb], proxy);
 
     const PER_POD: usize = 20;
     let script = |t: SocketAddr| {
@@ -308,7 +314,7 @@ async fn redirect_bypass_map_lets_an_out_of_scope_pod_connect_directly() {
     let proxy_listener = TcpListener::bind((pod.host_ip(), 0))
         .await
         .expect("bind proxy");
-    let (interceptor, _pins) = attach(
+    let (interceptor, _pins, _guard) = attach(
         test,
         vec![target],
         proxy_listener.local_addr().expect("addr"),
@@ -351,7 +357,7 @@ async fn redirect_restart_fails_closed_then_adopts_pinned_state_and_uninstall_le
         .expect("bind the 'real API server'");
     let proxy_addr = SocketAddr::from((pod.host_ip(), 15443));
     let listener = TcpListener::bind(proxy_addr).await.expect("bind proxy");
-    let (interceptor, pins) = attach(test, vec![target], proxy_addr);
+    let (interceptor, pins, _guard) = attach(test, vec![target], proxy_addr);
     let code = format!(
         "try:\n    CONNECT('{}', {}).close(); print('connected')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, e))",
         target.ip(),
@@ -429,7 +435,8 @@ async fn redirect_raw_socket_packets_to_the_api_server_are_dropped() {
         .await
         .expect("bind proxy");
     let target = SocketAddr::from(pod.virtual_api_server());
-    let (interceptor, _pins) = attach(test, vec![target], listener.local_addr().expect("addr"));
+    let (interceptor, _pins, _guard) =
+        attach(test, vec![target], listener.local_addr().expect("addr"));
     // A hand-made SYN to the API server address, and the same to a neighbour address.
     let code = format!(
         "import struct\n\

@@ -114,14 +114,28 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         );
         assert_eq!(row.workload.command.as_deref(), Some("kubectl"), "{row:?}");
         // Named from the Pod object whose container the kernel-reported cgroup belongs to.
-        assert_eq!(row.workload.namespace.as_deref(), Some(SANDBOX_NAMESPACE), "{row:?}");
+        assert_eq!(
+            row.workload.namespace.as_deref(),
+            Some(SANDBOX_NAMESPACE),
+            "{row:?}"
+        );
         assert_eq!(row.workload.pod.as_deref(), Some(SANDBOX_POD), "{row:?}");
-        assert_eq!(row.workload.service_account.as_deref(), Some(SANDBOX_SERVICE_ACCOUNT), "{row:?}");
+        assert_eq!(
+            row.workload.service_account.as_deref(),
+            Some(SANDBOX_SERVICE_ACCOUNT),
+            "{row:?}"
+        );
         assert_eq!(row.workload.container.as_deref(), Some("agent"), "{row:?}");
         // The pod's token is verified, never trusted: with no issuer or TokenReview
         // configured it is recorded as an invalid principal with the reason.
         assert_eq!(row.principal.kind, "invalid", "{row:?}");
-        assert!(row.principal.reason.as_deref().is_some_and(|r| r.contains("TokenReview")), "{row:?}");
+        assert!(
+            row.principal
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("TokenReview")),
+            "{row:?}"
+        );
         assert_eq!(
             row.original_dst.as_deref(),
             Some(virtual_api.as_str()),
@@ -176,7 +190,10 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
     );
     assert_eq!(
         text(&duck.stdout).trim(),
-        format!("({}, 1, {cgroup_id}, {cgroup_id}, '{SANDBOX_POD}')", rows.len()),
+        format!(
+            "({}, 1, {cgroup_id}, {cgroup_id}, '{SANDBOX_POD}')",
+            rows.len()
+        ),
         "DuckDB sees different rows"
     );
 

@@ -196,7 +196,15 @@ fn ensure_python_packages() -> anyhow::Result<()> {
     if succeeds(Command::new("python3").args(["-c", "import duckdb, pyarrow, kubernetes"])) {
         return Ok(());
     }
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "duckdb", "pyarrow", "kubernetes"]))
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "duckdb",
+        "pyarrow",
+        "kubernetes",
+    ]))
 }
 
 fn home() -> PathBuf {

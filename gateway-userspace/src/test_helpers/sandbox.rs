@@ -16,6 +16,10 @@ use std::{
     process::Command,
 };
 
+/// Prefix of bpffs pin directories that tests, the demo and benchmarks create, followed by
+/// the creating process id; [`cleanup_stale`] removes those of dead processes.
+pub const TEST_PIN_PREFIX: &str = "chaperone-sandbox-";
+
 /// Name prefix of every network namespace a sandbox creates.
 const NETNS_PREFIX: &str = "chp-";
 /// cgroup directory (below the cgroup2 root) holding all sandbox cgroups.
@@ -112,9 +116,15 @@ impl SandboxPod {
         let cgroup_base = root.join(CGROUP_PARENT).join(format!("{pid}-{token:06x}"));
         let cgroup = match &layout {
             CgroupLayout::Plain => cgroup_base.clone(),
-            CgroupLayout::Kubelet { pod_uid, container_id } => cgroup_base
+            CgroupLayout::Kubelet {
+                pod_uid,
+                container_id,
+            } => cgroup_base
                 .join("kubepods.slice/kubepods-besteffort.slice")
-                .join(format!("kubepods-besteffort-pod{}.slice", pod_uid.replace('-', "_")))
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    pod_uid.replace('-', "_")
+                ))
                 .join(format!("cri-containerd-{container_id}.scope")),
         };
 
@@ -343,9 +353,20 @@ fn pick_subnet() -> Result<u8, SandboxError> {
         .ok_or(SandboxError::NoSubnet)
 }
 
-/// Removes sandboxes left behind by processes that no longer exist.
+/// Removes sandboxes (and bpffs pins) left behind by processes that no longer exist.
 pub fn cleanup_stale() {
     let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(TEST_PIN_PREFIX)
+                && let Some(pid) = rest.split('-').next()
+                && !alive(pid)
+            {
+                let _ = crate::ebpf::uninstall(&entry.path());
+            }
+        }
+    }
     if let Ok(list) = run("ip", &["netns", "list"]) {
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or_default();

@@ -100,7 +100,10 @@ impl std::fmt::Debug for Stack {
 }
 
 /// The Pod object the sandbox stands for, as the API server would list it for this node.
-fn sandbox_pod_object(uid: &str, container_id: &str) -> Result<k8s_openapi::api::core::v1::Pod, StackError> {
+fn sandbox_pod_object(
+    uid: &str,
+    container_id: &str,
+) -> Result<k8s_openapi::api::core::v1::Pod, StackError> {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": SANDBOX_POD, "namespace": SANDBOX_NAMESPACE, "uid": uid,
@@ -192,7 +195,11 @@ impl Stack {
                 mode: InterceptionMode::Ebpf,
                 targets: vec![pod.virtual_api_server().into()],
                 // Each stack pins under its own directory and removes it when it stops.
-                pin_path: PathBuf::from(format!("/sys/fs/bpf/chaperone-stack-{suffix}")),
+                pin_path: PathBuf::from(format!(
+                    "/sys/fs/bpf/{}{}-{suffix}",
+                    super::sandbox::TEST_PIN_PREFIX,
+                    std::process::id()
+                )),
                 detach_on_exit: true,
                 ..InterceptionConfig::default()
             },
@@ -229,7 +236,9 @@ impl Stack {
         write(&config_file, &yaml)?;
         let config = Config::load(&config_file)?;
         let app = app::build(config).await?;
-        app.identity().pods().apply(&sandbox_pod_object(&pod_uid, &container_id)?);
+        app.identity()
+            .pods()
+            .apply(&sandbox_pod_object(&pod_uid, &container_id)?);
 
         // What an in-cluster agent sees: the API server's virtual address, the cluster CA
         // it already trusts, and its own (useless upstream) token.

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use gateway_userspace::{
     ebpf::{Interceptor, InterceptorSettings},
-    test_helpers::sandbox::{SandboxPod, cleanup_stale},
+    test_helpers::sandbox::{SandboxPod, TEST_PIN_PREFIX, cleanup_stale},
 };
 use tokio::net::TcpListener;
 
@@ -76,9 +76,10 @@ async fn main() -> anyhow::Result<()> {
 
     let baseline = measure(&pod, proxy).await?;
     let pin_path = PathBuf::from(format!(
-        "/sys/fs/bpf/chaperone-bench-{}",
+        "/sys/fs/bpf/{TEST_PIN_PREFIX}{}-bench",
         std::process::id()
     ));
+    let _guard = gateway_userspace::ebpf::PinGuard::new(pin_path.clone());
     let interceptor = Interceptor::attach(&InterceptorSettings {
         targets: vec![target],
         proxy,
@@ -90,7 +91,9 @@ async fn main() -> anyhow::Result<()> {
     let redirected = measure(&pod, target).await?;
     interceptor.uninstall()?;
 
-    println!("connect() from a sandbox pod, {PASSES} passes x {ROUNDS} rounds (median / p99, microseconds)");
+    println!(
+        "connect() from a sandbox pod, {PASSES} passes x {ROUNDS} rounds (median / p99, microseconds)"
+    );
     println!(
         "  no eBPF programs                 {:>7.1} / {:>7.1}",
         baseline.median_us, baseline.p99_us

@@ -275,16 +275,21 @@ user root;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  # nginx 1.22 closes HTTP/2 and upstream connections after 1,000 requests by default;
+  # clients of an API server keep theirs open.
   client_body_temp_path {d}/nginx-tmp/body;
   proxy_temp_path {d}/nginx-tmp/proxy;
   upstream apiserver {{
     server {upstream};
     keepalive 64;
+    keepalive_requests 10000000;
   }}
   server {{
     listen {addr} ssl http2;
     ssl_certificate {d}/nginx.crt;
     ssl_certificate_key {d}/nginx.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    keepalive_requests 10000000;
     location / {{
       proxy_pass https://apiserver;
       proxy_http_version 1.1;
