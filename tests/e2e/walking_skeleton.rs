@@ -8,6 +8,7 @@ use gateway_userspace::{
     recorder,
     test_helpers::{
         demo::{DEMO_POLICY, demo_objects},
+        sandbox::TEST_PIN_PREFIX,
         stack::{SANDBOX_NAMESPACE, SANDBOX_POD, SANDBOX_SERVICE_ACCOUNT, Stack, StackOptions},
     },
 };
@@ -215,4 +216,12 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         "cgroup {} left behind",
         cgroup_path.display()
     );
+    let ours = format!("{TEST_PIN_PREFIX}{}-", std::process::id());
+    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .expect("read bpffs")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&ours))
+        .collect();
+    assert!(pins.is_empty(), "eBPF pins left behind: {pins:?}");
 }
