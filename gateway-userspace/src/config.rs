@@ -359,10 +359,11 @@ pub fn default_server_names() -> Vec<String> {
     .to_vec()
 }
 
-/// Durations as `5s`, `250ms`, `1m 30s` or ISO 8601, never negative.
-mod duration {
+/// Durations as `5s`, `250ms`, `1m 30s` or ISO 8601, never negative (serde `with`).
+pub(crate) mod duration {
     use super::*;
 
+    /// Deserializes a non-negative duration.
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let signed = SignedDuration::deserialize(d)?;
         Duration::try_from(signed).map_err(|_| {
@@ -370,6 +371,7 @@ mod duration {
         })
     }
 
+    /// Serializes in the friendly format (`1m 30s`).
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         let signed = SignedDuration::try_from(*d).map_err(serde::ser::Error::custom)?;
         s.serialize_str(&format!("{signed:#}"))

@@ -22,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use crate::error_chain as chain;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
@@ -89,18 +90,6 @@ pub enum EbpfError {
 
 fn kernel(step: &'static str) -> impl FnOnce(String) -> EbpfError {
     move |message| EbpfError::Kernel { step, message }
-}
-
-/// An error with its whole source chain (aya's top-level messages omit the errno).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// What the kernel knows about a redirected connection.

@@ -24,3 +24,16 @@ pub mod tls;
 
 #[cfg(feature = "testing")]
 pub mod test_helpers;
+
+/// An error with its whole source chain (`outer: inner: root cause`): many libraries'
+/// top-level messages omit the cause a person needs (the errno, the TLS alert).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

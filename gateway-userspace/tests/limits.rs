@@ -42,7 +42,12 @@ const GATEWAY_TOKEN: &str = "gateway-token-1";
 /// Generous: every limit below is a second or two, so a pass is never a near miss.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
+/// The memory test measures this process's RSS, so it runs alone: every other test holds
+/// a read guard for its whole run, the memory test the write guard.
+static SERIAL: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 struct Harness {
+    _serial: Option<tokio::sync::RwLockReadGuard<'static, ()>>,
     app: App,
     apiserver: TestApiServer,
     dir: tempfile::TempDir,
@@ -56,8 +61,11 @@ fn write(path: &Path, text: &str) {
 /// Starts the API test server and a gateway with `limits` in front of it, or in front of
 /// `upstream` when given.
 async fn start(limits: LimitsConfig, upstream: Option<String>) -> Harness {
+    let serial = SERIAL.read().await;
     let ca = CertificateAuthority::generate("limits-test-ca").expect("generate CA");
-    start_on(limits, upstream, ca).await
+    let mut h = start_on(limits, upstream, ca).await;
+    h._serial = Some(serial);
+    h
 }
 
 /// Like [`start`], with a given CA (which then also signs an upstream stand-in).
@@ -117,6 +125,7 @@ async fn start_on(
     };
     let app = app::build(config).await.expect("build the gateway");
     Harness {
+        _serial: None,
         app,
         apiserver,
         dir,
@@ -666,6 +675,7 @@ async fn post_body(h: &Harness, c: &TestClient, chunks: usize) -> serde_json::Va
 
 #[tokio::test]
 async fn a_64_mib_body_streams_through_without_the_gateway_buffering_it() {
+    let _alone = SERIAL.write().await;
     let (ca, ca_key) = CertificateAuthority::generate("limits-test-ca").expect("generate CA");
     let upstream = counting_upstream(ca.cert_pem(), &ca_key).await;
     let h = start_on(LimitsConfig::default(), Some(upstream), (ca, ca_key)).await;

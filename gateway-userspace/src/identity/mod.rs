@@ -85,10 +85,10 @@ pub struct IdentityConfig {
     #[serde(default)]
     pub token_review_audiences: Vec<String>,
     /// How long a token verdict is cached.
-    #[serde(default = "default_token_cache_ttl", with = "duration")]
+    #[serde(default = "default_token_cache_ttl", with = "crate::config::duration")]
     pub token_cache_ttl: Duration,
     /// The shortest time between two cgroup rescans caused by unknown cgroup ids.
-    #[serde(default = "default_rescan_interval", with = "duration")]
+    #[serde(default = "default_rescan_interval", with = "crate::config::duration")]
     pub cgroup_rescan_interval: Duration,
 }
 
@@ -357,25 +357,6 @@ impl Identity {
         identity.labels.clone_from(&pod.labels);
         identity.annotations.clone_from(&pod.annotations);
         identity
-    }
-}
-
-mod duration {
-    use std::time::Duration;
-
-    use jiff::SignedDuration;
-    use serde::Deserialize as _;
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let signed = SignedDuration::deserialize(d)?;
-        Duration::try_from(signed).map_err(|_| {
-            serde::de::Error::custom(format!("duration {signed:#} must not be negative"))
-        })
-    }
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        let signed = SignedDuration::try_from(*d).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&format!("{signed:#}"))
     }
 }
 

@@ -48,6 +48,7 @@ use crate::{
     config::{LimitsConfig, MIN_REQUEST_HEADER_BYTES},
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
+    error_chain,
     identity::{Identity, WorkloadIdentity, principal::PrincipalVerifier},
     policy::{self, Action, Policy, RequestContext},
     recorder::{ObjectRef, PrincipalRecord, RecorderHandle, RequestRecord, WorkloadRecord},
@@ -662,17 +663,6 @@ impl Proxy {
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {

@@ -388,6 +388,8 @@ fn latency(target: &Target, dir: &Path) -> anyhow::Result<(f64, f64)> {
     // Warm the connection pools and caches first.
     h2load(target, &["-c1".into(), "-m1".into(), "-n200".into()])?;
     let log = dir.join(format!("latency-{}.tsv", target.name));
+    // h2load appends to its log file.
+    let _ = std::fs::remove_file(&log);
     h2load(
         target,
         &[
@@ -525,6 +527,13 @@ fn orchestrate() -> anyhow::Result<()> {
             f.p99_us.push(p99);
             f.rps_c16.push(throughput(t, 16)?);
             f.rps_c64.push(throughput(t, 64)?);
+            eprintln!(
+                "http_bench:   p50 {:.0} us, p99 {:.0} us, c16 {:.0} req/s, c64 {:.0} req/s",
+                p50,
+                p99,
+                f.rps_c16.last().copied().unwrap_or_default(),
+                f.rps_c64.last().copied().unwrap_or_default()
+            );
         }
     }
     let (rss, hwm) = rss_kib(gateway_pid)?;
