@@ -257,7 +257,7 @@ async fn wait_for_request(stack: &Stack, what: &str, pred: impl Fn(&str, &str) -
     );
 }
 
-/// Reads a child's stdout until it contains `want` (or 30 s pass), returning all of it.
+/// Appends a child's stdout to `seen` until it contains `want` (30 s at most).
 async fn read_until(child: &mut Child, seen: &mut Vec<u8>, want: &str, what: &str) {
     let stdout = child
         .stdout

@@ -281,9 +281,10 @@ impl Stack {
     pub async fn kubectl(&self, args: &[&str]) -> std::io::Result<Output> {
         let cache = tempfile::tempdir_in(self.dir.path())?;
         let mut cmd = tokio::process::Command::from(self.pod.command("kubectl"));
-        cmd.args(args)
-            .arg("--cache-dir")
+        // Flags before the caller's arguments: after `--` they would go to the remote command.
+        cmd.arg("--cache-dir")
             .arg(cache.path())
+            .args(args)
             .env("KUBECONFIG", self.kubeconfig())
             .env("HOME", self.dir.path())
             .kill_on_drop(true);

@@ -74,22 +74,29 @@ async fn main() -> anyhow::Result<()> {
     });
     let target = SocketAddr::from(pod.virtual_api_server());
 
-    let baseline = measure(&pod, proxy).await?;
+    // Scenarios alternate over several passes and each reports the median of its passes'
+    // medians, so drift on a shared machine does not land on one scenario.
     let pin_path = PathBuf::from(format!(
         "/sys/fs/bpf/{TEST_PIN_PREFIX}{}-bench",
         std::process::id()
     ));
     let _guard = gateway_userspace::ebpf::PinGuard::new(pin_path.clone());
-    let interceptor = Interceptor::attach(&InterceptorSettings {
+    let settings = InterceptorSettings {
         targets: vec![target],
         proxy,
-        pin_path: pin_path.clone(),
+        pin_path,
         fail_open_after: Duration::from_secs(5),
         connections_max: 65_536,
-    })?;
-    let attached = measure(&pod, proxy).await?;
-    let redirected = measure(&pod, target).await?;
-    interceptor.uninstall()?;
+    };
+    let (mut baseline, mut attached, mut redirected) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..PASSES {
+        baseline.push(measure(&pod, proxy).await?);
+        let interceptor = Interceptor::attach(&settings)?;
+        attached.push(measure(&pod, proxy).await?);
+        redirected.push(measure(&pod, target).await?);
+        interceptor.uninstall()?;
+    }
+    let (baseline, attached, redirected) = (middle(baseline), middle(attached), middle(redirected));
 
     println!(
         "connect() from a sandbox pod, {PASSES} passes x {ROUNDS} rounds (median / p99, microseconds)"
