@@ -24,11 +24,13 @@ use crate::{
     policy::{Policy, PolicyError},
     proxy::{GatewayToken, Proxy, ProxyError, ProxySettings},
     recorder::{Recorder, RecorderConfig, RecorderError, RecorderStats},
-    tls::{self, CertificateAuthority, TlsError},
+    tls::{self, CertificateAuthority, ServingCert, TlsError},
 };
 
 /// Validity of the minted serving certificate.
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often the serving certificate's remaining validity is checked.
+const CERT_RENEWAL_CHECK: Duration = Duration::from_secs(3600);
 /// How often the gateway token file is checked for changes.
 const TOKEN_REFRESH: Duration = Duration::from_secs(1);
 /// How often workloads are classified into the bypass and fail-open maps.
@@ -109,13 +111,22 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         crate::ebpf::preflight()?;
     }
     let policy = load_policy(cfg.policy.file.as_deref())?;
+    if cfg.tls.create_ca_if_missing && !cfg.tls.ca_cert_file.exists() {
+        tls::create_ca_files(
+            &cfg.tls.ca_cert_file,
+            &cfg.tls.ca_key_file,
+            "chaperone-gateway-ca",
+        )?;
+        tracing::info!(cert = %cfg.tls.ca_cert_file.display(), "created a gateway CA; distribute this certificate to agent pods");
+    }
     let ca = CertificateAuthority::from_files(&cfg.tls.ca_cert_file, &cfg.tls.ca_key_file)?;
-    let (chain, key) = ca.issue_server_cert(
-        &cfg.tls.server_names,
-        &cfg.serving_ips(),
+    let serving_cert = ServingCert::new(
+        ca,
+        cfg.tls.server_names.clone(),
+        cfg.serving_ips(),
         SERVING_CERT_VALIDITY,
     )?;
-    let server_tls = tls::server_config(chain, key)?;
+    let server_tls = tls::server_config_rotating(serving_cert.clone())?;
     let upstream_tls = tls::client_config(tls::root_store_from_file(&cfg.upstream.ca_file)?)?;
     let upstream_server_name = cfg
         .upstream
@@ -220,6 +231,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    tokio::spawn(serving_cert.renewal_loop(CERT_RENEWAL_CHECK, proxy_watch.clone()));
     if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client.clone()) {
         let source = KubePodSource::new(client, node.clone());
         let store = identity.pods().clone();

@@ -271,6 +271,10 @@ pub struct ServingTlsConfig {
     /// always added (clients that dial an IP verify it against IP SANs only).
     #[serde(default)]
     pub server_ips: Vec<IpAddr>,
+    /// Gateway-CA mode: when the CA files do not exist, generate a CA there (key mode 0600).
+    /// The deployment then distributes `caCertFile` into agent pods' trust bundle.
+    #[serde(default)]
+    pub create_ca_if_missing: bool,
 }
 
 /// Policy sources.
@@ -509,12 +513,15 @@ impl Config {
         self.limits
             .validate()
             .map_err(|(path, message)| invalid(path, message))?;
-        for (path, file_path) in [
+        let mut required = vec![
             ("upstream.caFile", &self.upstream.ca_file),
             ("upstream.tokenFile", &self.upstream.token_file),
-            ("tls.caCertFile", &self.tls.ca_cert_file),
-            ("tls.caKeyFile", &self.tls.ca_key_file),
-        ] {
+        ];
+        if !self.tls.create_ca_if_missing {
+            required.push(("tls.caCertFile", &self.tls.ca_cert_file));
+            required.push(("tls.caKeyFile", &self.tls.ca_key_file));
+        }
+        for (path, file_path) in required {
             if let Err(e) = std::fs::metadata(file_path) {
                 return Err(invalid(path, format!("{}: {e}", file_path.display())));
             }

@@ -8,6 +8,7 @@
 
 use std::{net::IpAddr, path::Path, sync::Arc};
 
+use arc_swap::ArcSwap;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -207,6 +208,138 @@ fn read(path: &Path) -> Result<String, TlsError> {
     })
 }
 
+/// The serving certificate, minted from the cluster CA and re-minted before it expires.
+///
+/// rustls asks [`ResolvesServerCert::resolve`] on every handshake, so a renewal takes effect
+/// for new connections at once without restarting the listener. The same certificate
+/// serves every name (SNI or none: clients dialling an IP send none).
+#[derive(Debug)]
+pub struct ServingCert {
+    ca: CertificateAuthority,
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+    validity: std::time::Duration,
+    current: ArcSwap<(rustls::sign::CertifiedKey, std::time::SystemTime)>,
+}
+
+impl ServingCert {
+    /// Mints the first certificate.
+    pub fn new(
+        ca: CertificateAuthority,
+        dns_names: Vec<String>,
+        ips: Vec<IpAddr>,
+        validity: std::time::Duration,
+    ) -> Result<Arc<Self>, TlsError> {
+        let first = Self::mint(&ca, &dns_names, &ips, validity)?;
+        Ok(Arc::new(Self {
+            ca,
+            dns_names,
+            ips,
+            validity,
+            current: ArcSwap::from_pointee(first),
+        }))
+    }
+
+    fn mint(
+        ca: &CertificateAuthority,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: std::time::Duration,
+    ) -> Result<(rustls::sign::CertifiedKey, std::time::SystemTime), TlsError> {
+        let (chain, key) = ca.issue_server_cert(dns_names, ips, validity)?;
+        let key = rustls::sign::CertifiedKey::from_der(chain, key, &provider())?;
+        Ok((key, std::time::SystemTime::now() + validity))
+    }
+
+    /// When the current certificate expires.
+    pub fn expires(&self) -> std::time::SystemTime {
+        self.current.load().1
+    }
+
+    /// The DER of the current leaf certificate.
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        self.current.load().0.cert[0].clone()
+    }
+
+    /// Whether less than a third of the validity is left at `now`.
+    pub fn renewal_due(&self, now: std::time::SystemTime) -> bool {
+        self.expires()
+            .duration_since(now)
+            .map_or(true, |left| left < self.validity / 3)
+    }
+
+    /// Mints a new certificate now; new handshakes get it at once.
+    pub fn renew(&self) -> Result<(), TlsError> {
+        let next = Self::mint(&self.ca, &self.dns_names, &self.ips, self.validity)?;
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Renews whenever due, checking every `every`, until the drain starts.
+    pub async fn renewal_loop(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        drain: crate::drain::DrainWatcher,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = drain.signaled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.renewal_due(std::time::SystemTime::now()) {
+                match self.renew() {
+                    Ok(()) => {
+                        tracing::info!(expires = ?self.expires(), "serving certificate renewed")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "renewing the serving certificate failed; keeping the old one")
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::new(self.current.load().0.clone()))
+    }
+}
+
+/// Server config that takes its certificate from `cert` on every handshake, offering
+/// HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config_rotating(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Generates a CA and writes its certificate and key (the key readable by the owner only).
+pub fn create_ca_files(cert: &Path, key: &Path, common_name: &str) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (ca, key_pem) = CertificateAuthority::generate(common_name)?;
+    let io = |path: &Path, source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key)
+        .and_then(|mut f| f.write_all(key_pem.as_bytes()))
+        .map_err(|e| io(key, e))?;
+    std::fs::write(cert, ca.cert_pem()).map_err(|e| io(cert, e))
+}
+
 /// Parses every certificate in a PEM bundle into a root store.
 pub fn root_store_from_pem(pem: &str, what: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
@@ -276,6 +409,44 @@ mod tests {
         assert_eq!(&chain[1], ca.cert_der());
         server_config(chain, key).unwrap();
         root_store_from_pem(ca.cert_pem(), "ca.crt").unwrap();
+    }
+
+    #[test]
+    fn serving_cert_renews_when_a_third_of_its_validity_is_left() {
+        let (ca, _) = CertificateAuthority::generate("test-ca").unwrap();
+        let validity = std::time::Duration::from_secs(3000);
+        let cert = ServingCert::new(ca, vec!["kubernetes".to_owned()], vec![], validity).unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(!cert.renewal_due(now), "a fresh certificate is not due");
+        assert!(
+            cert.renewal_due(now + std::time::Duration::from_secs(2100)),
+            "due with < 1/3 left"
+        );
+        assert!(cert.renewal_due(now + validity * 2), "due once expired");
+        let before = cert.leaf();
+        cert.renew().unwrap();
+        assert_ne!(cert.leaf(), before, "renewal must mint a new certificate");
+        server_config_rotating(cert).unwrap();
+    }
+
+    #[test]
+    fn gateway_ca_files_are_created_once_with_a_private_key() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        create_ca_files(&cert, &key, "gateway-ca").unwrap();
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        CertificateAuthority::from_files(&cert, &key).unwrap();
+        let err = create_ca_files(&cert, &key, "gateway-ca")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca.key"),
+            "an existing key must never be overwritten: {err}"
+        );
     }
 
     #[test]

@@ -109,6 +109,7 @@ async fn start_on(
             ca_key_file: dir.path().join("ca.key"),
             server_names: default_server_names(),
             server_ips: vec!["127.0.0.1".parse().expect("ip")],
+            create_ca_if_missing: false,
         },
         identity: Default::default(),
         policy: PolicyConfig { file: None },

@@ -34,6 +34,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Benchmark the gateway against nginx and the design targets (privileged parts need
+    /// root); figures land in target/bench/.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             cargo_args.extend(args.iter().map(String::as_str));
             cargo(&cargo_args)
         }
+        Task::Bench => bench(),
     }
 }
 
@@ -211,4 +215,151 @@ fn home() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// HTTP side by side with nginx, the eBPF connect() overhead, then the policy and recorder
+/// micro-benchmarks, and a summary of all figures against the design targets.
+fn bench() -> anyhow::Result<()> {
+    ensure_apt_tool("nginx", "nginx-light")?;
+    ensure_apt_tool("h2load", "nghttp2-client")?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "chaperone-e2e",
+        "--bin",
+        "http_bench",
+        "--bin",
+        "connect_bench",
+    ])?;
+    let root = workspace_root();
+    run(&mut Command::new(root.join("target/release/http_bench")))?;
+    let is_root = output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0");
+    if is_root {
+        run(&mut Command::new(root.join("target/release/connect_bench")))?;
+    } else {
+        eprintln!("xtask: not root, skipping connect_bench (the eBPF connect() overhead)");
+    }
+    cargo(&[
+        "bench",
+        "--package",
+        "gateway-userspace",
+        "--bench",
+        "policy",
+        "--bench",
+        "recorder",
+        "--",
+        "--quick",
+    ])?;
+    print_bench_summary(&root.join("target"));
+    Ok(())
+}
+
+/// Installs a Debian package when `tool` is missing, refreshing the package index once if
+/// the first attempt fails (fresh containers ship without one).
+fn ensure_apt_tool(tool: &str, package: &str) -> anyhow::Result<()> {
+    if succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
+        return Ok(());
+    }
+    let install = || {
+        succeeds(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The number after `"key":` at or after `from` in a JSON text (criterion's files have a
+/// fixed shape, so no JSON parser is needed here).
+fn json_number_after(text: &str, anchor: &str, key: &str) -> Option<f64> {
+    let start = text.find(anchor)?;
+    let rest = &text[start..];
+    let at = rest.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = rest[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | 'e' | 'E' | '+')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Median time (ns) and element count of one criterion benchmark, from its last run.
+fn criterion_figure(target: &Path, id: &str) -> Option<(f64, Option<f64>)> {
+    let dir = target.join("criterion").join(id).join("new");
+    let estimates = std::fs::read_to_string(dir.join("estimates.json")).ok()?;
+    let median_ns = json_number_after(&estimates, "\"median\"", "point_estimate")?;
+    let elements = std::fs::read_to_string(dir.join("benchmark.json"))
+        .ok()
+        .and_then(|b| json_number_after(&b, "\"throughput\"", "Elements"));
+    Some((median_ns, elements))
+}
+
+fn print_bench_summary(target: &Path) {
+    let bench = target.join("bench");
+    let read = |name: &str| std::fs::read_to_string(bench.join(name)).unwrap_or_default();
+    let summary = read("summary.json");
+    let connect = read("connect.json");
+    let http = |who: &str, key: &str| json_number_after(&summary, &format!("\"{who}\""), key);
+    let show =
+        |x: Option<f64>, unit: &str| x.map_or("n/a".to_owned(), |v| format!("{v:.1} {unit}"));
+    println!();
+    println!("Figures against the design targets (docs/benchmarks.md):");
+    if let (Some(d), Some(n), Some(c)) = (
+        http("direct", "p50_us"),
+        http("nginx", "p50_us"),
+        http("chaperone", "p50_us"),
+    ) {
+        println!(
+            "  added p50 latency: chaperone {:.0} us, nginx {:.0} us   (target: <= 150 us and below nginx)",
+            c - d,
+            n - d
+        );
+    }
+    if let (Some(n), Some(c)) = (http("nginx", "rps"), http("chaperone", "rps")) {
+        println!(
+            "  throughput at 64 connections: chaperone {c:.0} req/s = {:.0}% of nginx's {n:.0}   (target: >= 80%)",
+            100.0 * c / n
+        );
+    }
+    println!(
+        "  gateway RSS after the HTTP runs: {}",
+        show(http("chaperone", "rss_kib").map(|k| k / 1024.0), "MiB")
+    );
+    for id in [
+        "decide/match_near_end/1000",
+        "decide/no_match/1000",
+        "decide/exec_no_match/1000",
+        "decide_identity/match_near_end/1000",
+        "decide_identity/no_match/1000",
+        "decide_identity/same_shape_match_last/1000",
+    ] {
+        println!(
+            "  policy {id}: {}   (target: <= 2 us)",
+            show(
+                criterion_figure(target, id).map(|(ns, _)| ns / 1000.0),
+                "us"
+            )
+        );
+    }
+    for id in [
+        "recorder/encode_write_100k_rows_single_thread",
+        "recorder/pipeline_100k_rows_record_to_published_file",
+    ] {
+        let rate = criterion_figure(target, id).and_then(|(ns, rows)| rows.map(|r| r / (ns / 1e9)));
+        println!(
+            "  {id}: {}   (target: >= 200k rows/s)",
+            rate.map_or("n/a".to_owned(), |r| format!("{:.0}k rows/s", r / 1000.0))
+        );
+    }
+    println!(
+        "  connect() added by the eBPF redirect (median): {}   (target: <= 5 us)",
+        show(json_number_after(&connect, "{", "added_median_us"), "us")
+    );
 }

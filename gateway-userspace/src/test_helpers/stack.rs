@@ -215,6 +215,7 @@ impl Stack {
                 ca_key_file,
                 server_names: default_server_names(),
                 server_ips: Vec::new(),
+                create_ca_if_missing: false,
             },
             identity: IdentityConfig::default(),
             policy: PolicyConfig { file: policy_file },
