@@ -121,6 +121,7 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     reason: None,
                     mismatch: None,
                 },
+                impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
             }
         })
         .collect()

@@ -228,6 +228,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         scope: cfg.interception.scope.clone(),
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
+        impersonate: cfg.upstream.impersonate.clone(),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));

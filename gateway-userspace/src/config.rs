@@ -251,9 +251,43 @@ pub struct UpstreamConfig {
     /// Overrides the name verified in the upstream certificate (default: the URL host).
     #[serde(default)]
     pub tls_server_name: Option<String>,
+    /// Whose identity the API server's own RBAC and audit see (`Impersonate-*` headers).
+    #[serde(default)]
+    pub impersonate: ImpersonationConfig,
     /// Connect timeout; an unreachable upstream answers 503 after this.
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+}
+
+/// How the gateway impersonates on upstream requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ImpersonationMode {
+    /// Requests run as the gateway's own identity.
+    #[default]
+    None,
+    /// As the kernel-attributed workload's service account
+    /// (`system:serviceaccount:<ns>:<name>` with its service-account groups).
+    Workload,
+    /// As the verified principal of the presented token (OIDC user, service account).
+    Principal,
+    /// As a fixed user and groups from this config.
+    Fixed,
+}
+
+/// `upstream.impersonate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImpersonationConfig {
+    /// none (default) | workload | principal | fixed.
+    #[serde(default)]
+    pub mode: ImpersonationMode,
+    /// The user for `fixed`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The groups for `fixed`.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The serving certificate, minted from the cluster CA for the API server's names.
@@ -499,6 +533,19 @@ impl Config {
             return Err(invalid(
                 "interception.maxConnections",
                 "must be at least 1024".to_owned(),
+            ));
+        }
+        if self.upstream.impersonate.mode == ImpersonationMode::Fixed
+            && self
+                .upstream
+                .impersonate
+                .user
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
+            return Err(invalid(
+                "upstream.impersonate.user",
+                "is required when mode is fixed".to_owned(),
             ));
         }
         if let Err(e) = self.identity.validate() {

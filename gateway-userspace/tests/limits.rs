@@ -102,6 +102,7 @@ async fn start_on(
             ca_file: dir.path().join("ca.crt"),
             token_file: dir.path().join("token"),
             tls_server_name: None,
+            impersonate: Default::default(),
             connect_timeout: Duration::from_secs(2),
         },
         tls: ServingTlsConfig {

@@ -8,8 +8,9 @@ use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
     config::{
-        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
-        RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
+        AdminConfig, Config, ImpersonationConfig, ImpersonationMode, InterceptionConfig,
+        InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig, ServingTlsConfig,
+        UpstreamConfig, default_server_names,
     },
     recorder::{self, RequestRecord},
     test_helpers::apiserver::{ApiServerConfig, TestApiServer},
@@ -45,6 +46,10 @@ fn write(path: &Path, text: &str) {
 /// Starts the API test server and a gateway in front of it. `upstream` overrides the
 /// upstream URL (to point at nothing).
 async fn start(upstream: Option<String>) -> Harness {
+    start_with(upstream, ImpersonationConfig::default()).await
+}
+
+async fn start_with(upstream: Option<String>, impersonate: ImpersonationConfig) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, key) = CertificateAuthority::generate("proxy-test-ca").expect("generate CA");
     let ca_pem = ca.cert_pem().to_owned();
@@ -75,6 +80,7 @@ async fn start(upstream: Option<String>) -> Harness {
             ca_file: dir.path().join("ca.crt"),
             token_file: dir.path().join("token"),
             tls_server_name: None,
+            impersonate,
             connect_timeout: Duration::from_secs(2),
         },
         tls: ServingTlsConfig {
@@ -393,4 +399,75 @@ async fn rotated_gateway_token_is_used_without_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop(h).await;
+}
+
+#[tokio::test]
+async fn impersonation_modes_set_upstream_identity_or_refuse() {
+    // Fixed: the API server's RBAC and audit see the configured user and groups.
+    let fixed = ImpersonationConfig {
+        mode: ImpersonationMode::Fixed,
+        user: Some("agent-bot".to_owned()),
+        groups: vec!["agents".to_owned(), "readers".to_owned()],
+    };
+    let h = start_with(None, fixed).await;
+    let c = client(&h.ca_pem, true);
+    let resp = c
+        .request(
+            request(&h, Method::GET, "/api/v1/namespaces")
+                .body(Full::default())
+                .expect("req"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (rows, apiserver, _dir) = stop(h).await;
+    let seen = apiserver.requests();
+    let mut imp = seen[0].impersonation.clone();
+    imp.sort();
+    assert_eq!(
+        imp,
+        [
+            ("impersonate-group".to_owned(), "agents".to_owned()),
+            ("impersonate-group".to_owned(), "readers".to_owned()),
+            ("impersonate-user".to_owned(), "agent-bot".to_owned()),
+        ]
+    );
+    assert_eq!(rows[0].impersonated_user.as_deref(), Some("agent-bot"));
+
+    // Workload and principal modes refuse what they cannot establish instead of falling
+    // back to the gateway's own identity: here the workload is unknown (no kernel origin)
+    // and the pod's token cannot be verified (no issuer, no TokenReview).
+    for mode in [ImpersonationMode::Workload, ImpersonationMode::Principal] {
+        let h = start_with(
+            None,
+            ImpersonationConfig {
+                mode: mode.clone(),
+                ..ImpersonationConfig::default()
+            },
+        )
+        .await;
+        let c = client(&h.ca_pem, true);
+        let resp = c
+            .request(
+                request(&h, Method::GET, "/api/v1/namespaces")
+                    .body(Full::default())
+                    .expect("req"),
+            )
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{mode:?}");
+        let status = body_json(resp).await;
+        assert!(
+            status["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("impersonates")),
+            "{status}"
+        );
+        let (rows, apiserver, _dir) = stop(h).await;
+        assert!(
+            apiserver.requests().is_empty(),
+            "{mode:?}: a request reached upstream"
+        );
+        assert_eq!(rows[0].decision, "deny");
+    }
 }

@@ -150,6 +150,7 @@ impl Env {
             scope: ScopeConfig::default(),
             metrics: Metrics::new(None),
             limits: Default::default(),
+            impersonate: Default::default(),
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());

@@ -45,11 +45,15 @@ use tokio_util::{
 
 use crate::{
     admin::Metrics,
+    config::{ImpersonationConfig, ImpersonationMode},
     config::{LimitsConfig, MIN_REQUEST_HEADER_BYTES},
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
     error_chain,
-    identity::{Identity, WorkloadIdentity, principal::PrincipalVerifier},
+    identity::{
+        Identity, WorkloadIdentity,
+        principal::{Principal, PrincipalKind, PrincipalVerifier},
+    },
     policy::{self, Action, Policy, RequestContext},
     recorder::{ObjectRef, PrincipalRecord, RecorderHandle, RequestRecord, WorkloadRecord},
     request::RequestInfo,
@@ -164,6 +168,7 @@ pub struct Proxy {
     scope: ScopeConfig,
     metrics: Arc<Metrics>,
     limits: LimitsConfig,
+    impersonate: ImpersonationConfig,
     connections: Arc<ConnectionLimiter>,
     /// Cancelled when the drain starts: connections stop taking requests, watches end.
     draining: CancellationToken,
@@ -209,6 +214,8 @@ pub struct ProxySettings {
     pub metrics: Arc<Metrics>,
     /// Connection and request limits.
     pub limits: LimitsConfig,
+    /// Whose identity upstream requests run as.
+    pub impersonate: ImpersonationConfig,
 }
 
 /// Per-connection facts, fixed at accept() time.
@@ -269,6 +276,7 @@ impl Proxy {
                 s.limits.max_connections_per_workload,
             )),
             limits: s.limits,
+            impersonate: s.impersonate,
             draining: CancellationToken::new(),
         })
     }
@@ -451,7 +459,7 @@ impl Proxy {
     /// Handles one request end to end. Never fails: every problem becomes a `Status`.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: &ConnectionInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -523,6 +531,22 @@ impl Proxy {
             record.reason = Some(why.clone());
             return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
         }
+        match impersonation(&self.impersonate, &conn.workload, &principal) {
+            Ok(as_whom) => {
+                record.impersonated_user = as_whom.as_ref().map(|i| i.user.clone());
+                req.extensions_mut().insert(as_whom);
+            }
+            Err(why) => {
+                record.decision = "deny".to_owned();
+                record.reason = Some(why.clone());
+                return self.local_response(
+                    forbidden_status(&info, &why),
+                    record,
+                    started,
+                    &audit_id,
+                );
+            }
+        }
         record.decision = "allow".to_owned();
         if let Some(protocol) = upgrade::upgrade_protocol(&req) {
             return self
@@ -577,6 +601,7 @@ impl Proxy {
             response_bytes: 0,
             error: None,
             principal: PrincipalRecord::default(),
+            impersonated_user: None,
         }
     }
 
@@ -619,9 +644,7 @@ impl Proxy {
             }
         };
         sanitize_request_headers(&mut parts.headers);
-        parts
-            .headers
-            .insert(header::AUTHORIZATION, self.token.header());
+        self.upstream_credentials(&mut parts.headers, &parts.extensions);
         // The upstream connection's protocol is negotiated independently of the client's.
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, counted.boxed());
@@ -747,6 +770,74 @@ fn sanitize_request_headers(headers: &mut HeaderMap) {
         .collect();
     for name in impersonation {
         headers.remove(name);
+    }
+}
+
+/// Who the upstream request runs as, when the gateway impersonates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Impersonation {
+    /// `Impersonate-User`.
+    pub user: String,
+    /// `Impersonate-Group`, one header each.
+    pub groups: Vec<String>,
+}
+
+/// Decides the impersonated identity; an identity that cannot be established is a refusal,
+/// never a silent fallback to the gateway's own (broad) identity.
+fn impersonation(
+    cfg: &ImpersonationConfig,
+    workload: &WorkloadIdentity,
+    principal: &Principal,
+) -> Result<Option<Impersonation>, String> {
+    match cfg.mode {
+        ImpersonationMode::None => Ok(None),
+        ImpersonationMode::Fixed => Ok(Some(Impersonation {
+            user: cfg.user.clone().unwrap_or_default(),
+            groups: cfg.groups.clone(),
+        })),
+        ImpersonationMode::Workload => match (&workload.namespace, &workload.service_account, workload.is_known()) {
+            (Some(ns), Some(sa), true) => Ok(Some(Impersonation {
+                user: format!("system:serviceaccount:{ns}:{sa}"),
+                groups: vec!["system:serviceaccounts".to_owned(), format!("system:serviceaccounts:{ns}")],
+            })),
+            _ => Err("the gateway impersonates workloads, and this connection's workload is not identified".to_owned()),
+        },
+        ImpersonationMode::Principal => match (principal.kind, &principal.subject) {
+            (PrincipalKind::Oidc | PrincipalKind::ServiceAccount | PrincipalKind::User, Some(subject)) => {
+                Ok(Some(Impersonation { user: subject.clone(), groups: principal.groups.clone() }))
+            }
+            _ => Err(format!(
+                "the gateway impersonates the presented principal, and this request has none it could verify ({})",
+                principal.reason.as_deref().unwrap_or(principal.kind.as_str())
+            )),
+        },
+    }
+}
+
+impl Proxy {
+    /// Puts the gateway's credential and, when configured, the impersonation headers on an
+    /// upstream request whose client headers were already sanitized.
+    pub(crate) fn upstream_credentials(
+        &self,
+        headers: &mut HeaderMap,
+        extensions: &http::Extensions,
+    ) {
+        headers.insert(header::AUTHORIZATION, self.token.header());
+        if let Some(Some(as_whom)) = extensions.get::<Option<Impersonation>>() {
+            match HeaderValue::from_str(&as_whom.user) {
+                Ok(user) => {
+                    headers.insert(HeaderName::from_static("impersonate-user"), user);
+                    for group in &as_whom.groups {
+                        if let Ok(g) = HeaderValue::from_str(group) {
+                            headers.append(HeaderName::from_static("impersonate-group"), g);
+                        }
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(user = %as_whom.user, "impersonated user is not a valid header value")
+                }
+            }
+        }
     }
 }
 

@@ -627,9 +627,7 @@ impl Proxy {
         if let Ok(host) = HeaderValue::from_str(&self.dialer.authority) {
             parts.headers.insert(header::HOST, host);
         }
-        parts
-            .headers
-            .insert(header::AUTHORIZATION, self.token.header());
+        self.upstream_credentials(&mut parts.headers, &parts.extensions);
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = CountingBody {
             inner: body.map_err(BoxError::from).boxed(),

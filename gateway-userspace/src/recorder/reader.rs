@@ -230,6 +230,7 @@ pub(crate) fn decode_batch(
                 reason: ps("reason", i)?,
                 mismatch: ps("mismatch", i)?,
             },
+            impersonated_user: s("impersonated_user", i)?,
         });
     }
     Ok(())

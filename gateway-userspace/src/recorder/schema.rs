@@ -68,6 +68,8 @@ pub struct RequestRecord {
     pub error: Option<String>,
     /// Who the presented bearer token says is asking, as verified by the gateway.
     pub principal: PrincipalRecord,
+    /// The user the gateway impersonated upstream (`Impersonate-User`), if any.
+    pub impersonated_user: Option<String>,
 }
 
 /// The verified principal behind a request (the `principal` struct column). The token
@@ -203,6 +205,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("response_bytes", DataType::Int64, false),
         utf8("error", true),
         Field::new("principal", DataType::Struct(principal_fields()), false),
+        utf8("impersonated_user", true),
     ]))
 });
 
@@ -320,6 +323,7 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             int64(rows, |r| r.response_bytes),
             strings(rows, |r| r.error.as_deref()),
             Arc::new(principal),
+            strings(rows, |r| r.impersonated_user.as_deref()),
         ],
     )
 }
@@ -356,6 +360,7 @@ mod tests {
             ("response_bytes", DataType::Int64, false),
             ("error", DataType::Utf8, true),
             ("principal", DataType::Struct(principal_fields()), false),
+            ("impersonated_user", DataType::Utf8, true),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

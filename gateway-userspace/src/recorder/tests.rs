@@ -63,6 +63,7 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             reason: None,
             mismatch: Some("token names sa default/x".into()),
         },
+        impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
     }
 }
 

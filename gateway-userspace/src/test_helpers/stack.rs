@@ -208,6 +208,7 @@ impl Stack {
                 ca_file: ca_file.clone(),
                 token_file,
                 tls_server_name: None,
+                impersonate: Default::default(),
                 connect_timeout: Duration::from_secs(2),
             },
             tls: ServingTlsConfig {

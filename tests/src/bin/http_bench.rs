@@ -24,10 +24,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use gateway_userspace::{
     app,
-    config::{
-        AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
-        RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
-    },
+    config::Config,
     test_helpers::apiserver::{ApiServerConfig, TestApiServer},
     tls::CertificateAuthority,
 };
@@ -130,45 +127,36 @@ async fn upstream(dir: &Path) -> anyhow::Result<()> {
 
 async fn gateway(dir: &Path) -> anyhow::Result<()> {
     let url = std::fs::read_to_string(dir.join("upstream.url"))?;
-    let config = Config {
-        node: Some("bench-node".to_owned()),
-        cluster: "bench".to_owned(),
-        listen: ListenConfig {
-            address: "127.0.0.1:0".parse()?,
-        },
-        interception: InterceptionConfig {
-            mode: InterceptionMode::None,
-            ..InterceptionConfig::default()
-        },
-        upstream: UpstreamConfig {
-            url: url.trim().parse()?,
-            ca_file: dir.join("ca.crt"),
-            token_file: dir.join("token"),
-            tls_server_name: None,
-            connect_timeout: Duration::from_secs(2),
-        },
-        tls: ServingTlsConfig {
-            ca_cert_file: dir.join("ca.crt"),
-            ca_key_file: dir.join("ca.key"),
-            server_names: default_server_names(),
-            server_ips: vec!["127.0.0.1".parse()?],
-            create_ca_if_missing: false,
-        },
-        identity: Default::default(),
-        policy: PolicyConfig {
-            file: Some(dir.join("policy.yaml")),
-        },
-        recording: RecordingConfig {
-            dir: dir.join("recordings"),
-            max_rows_per_file: 100_000,
-            max_file_age: Duration::from_secs(60),
-        },
-        admin: AdminConfig {
-            address: "127.0.0.1:0".parse()?,
-        },
-        shutdown_grace: Duration::from_secs(5),
-        limits: Default::default(),
-    };
+    // YAML rather than a struct literal: the config grows fields with defaults.
+    let d = dir.display();
+    let text = format!(
+        "node: bench-node
+cluster: bench
+listen:
+  address: 127.0.0.1:0
+interception:
+  mode: none
+upstream:
+  url: {url}
+  caFile: {d}/ca.crt
+  tokenFile: {d}/token
+  connectTimeout: 2s
+tls:
+  caCertFile: {d}/ca.crt
+  caKeyFile: {d}/ca.key
+  serverIps: [127.0.0.1]
+policy:
+  file: {d}/policy.yaml
+recording:
+  dir: {d}/recordings
+  maxFileAge: 60s
+admin:
+  address: 127.0.0.1:0
+shutdownGrace: 5s
+",
+        url = url.trim()
+    );
+    let config = Config::from_yaml(&text, "http_bench gateway config")?;
     let app = app::build(config).await?;
     publish(&dir.join("gateway.addr"), &app.local_addr().to_string())?;
     stdin_closed().await;
