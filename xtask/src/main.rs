@@ -31,7 +31,7 @@ enum Task {
     /// Run every test tier: unit, integration and privileged end-to-end (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Benchmark the gateway against nginx and the design targets (privileged parts need
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             let mut cargo_args = vec!["test", "--features", "gateway-userspace/testing"];
             cargo_args.extend(args.iter().map(String::as_str));
-            cargo(&cargo_args)
+            test_with_summary(&cargo_args)
         }
         Task::Bench => bench(),
     }
@@ -92,6 +92,47 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
             .args(args)
             .current_dir(workspace_root()),
     )
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line that adds up
+/// every test binary's result (cargo's own last line is that of the last doc-test run).
+fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .filter_map(|part| {
+                            part.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .strip_suffix(word)
+                        })
+                        .filter_map(|n| n.trim().parse::<u64>().ok())
+                        .sum()
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+                ignored += count(" ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
