@@ -127,7 +127,17 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         SERVING_CERT_VALIDITY,
     )?;
     let server_tls = tls::server_config_rotating(serving_cert.clone())?;
-    let upstream_tls = tls::client_config(tls::root_store_from_file(&cfg.upstream.ca_file)?)?;
+    let client_identity = match (
+        &cfg.upstream.client_cert_file,
+        &cfg.upstream.client_key_file,
+    ) {
+        (Some(cert), Some(key)) => Some(tls::load_client_identity(cert, key)?),
+        _ => None,
+    };
+    let upstream_tls = tls::client_config_with_identity(
+        tls::root_store_from_file(&cfg.upstream.ca_file)?,
+        client_identity,
+    )?;
     let upstream_server_name = cfg
         .upstream
         .tls_server_name
@@ -143,7 +153,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         .as_str()
         .parse()
         .map_err(|e| AppError::Config(format!("upstream.url {}: {e}", cfg.upstream.url)))?;
-    let token = GatewayToken::load(&cfg.upstream.token_file)?;
+    let token = cfg
+        .upstream
+        .token_file
+        .as_deref()
+        .map(GatewayToken::load)
+        .transpose()?;
     let node = cfg.node_name();
 
     let kube_client = if cfg.identity.watch_pods
@@ -231,7 +246,9 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         impersonate: cfg.upstream.impersonate.clone(),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
-    tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    if let Some(token) = token {
+        tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
+    }
     tokio::spawn(serving_cert.renewal_loop(CERT_RENEWAL_CHECK, proxy_watch.clone()));
     if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client.clone()) {
         let source = KubePodSource::new(client, node.clone());

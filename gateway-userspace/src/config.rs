@@ -247,7 +247,14 @@ pub struct UpstreamConfig {
     /// PEM bundle the upstream's certificate is verified against (the cluster CA).
     pub ca_file: PathBuf,
     /// File holding the gateway's bearer token (re-read when it changes).
-    pub token_file: PathBuf,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate (PEM) the gateway authenticates with instead of, or besides, a token.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// Overrides the name verified in the upstream certificate (default: the URL host).
     #[serde(default)]
     pub tls_server_name: Option<String>,
@@ -560,10 +567,29 @@ impl Config {
         self.limits
             .validate()
             .map_err(|(path, message)| invalid(path, message))?;
-        let mut required = vec![
-            ("upstream.caFile", &self.upstream.ca_file),
-            ("upstream.tokenFile", &self.upstream.token_file),
-        ];
+        let u = &self.upstream;
+        if u.client_cert_file.is_some() != u.client_key_file.is_some() {
+            return Err(invalid(
+                "upstream.clientCertFile",
+                "clientCertFile and clientKeyFile go together".to_owned(),
+            ));
+        }
+        if u.token_file.is_none() && u.client_cert_file.is_none() {
+            return Err(invalid(
+                "upstream",
+                "needs a credential for the gateway: tokenFile, or clientCertFile and clientKeyFile".to_owned(),
+            ));
+        }
+        let mut required = vec![("upstream.caFile", &self.upstream.ca_file)];
+        for (path, file) in [
+            ("upstream.tokenFile", &u.token_file),
+            ("upstream.clientCertFile", &u.client_cert_file),
+            ("upstream.clientKeyFile", &u.client_key_file),
+        ] {
+            if let Some(file) = file {
+                required.push((path, file));
+            }
+        }
         if !self.tls.create_ca_if_missing {
             required.push(("tls.caCertFile", &self.tls.ca_cert_file));
             required.push(("tls.caKeyFile", &self.tls.ca_key_file));
@@ -720,6 +746,34 @@ mod tests {
             assert!(err.starts_with("config.yaml:"), "{err}");
             assert!(err.contains(expected), "expected {expected:?} in {err:?}");
         }
+    }
+
+    #[test]
+    fn the_gateway_needs_a_credential_and_a_certificate_needs_its_key() {
+        let (dir, yaml) = fixture();
+        let d = dir.path().display();
+        let no_token = yaml.replacen(&format!("  tokenFile: {d}/token\n"), "", 1);
+        assert_ne!(no_token, yaml);
+        let err = Config::from_yaml(&no_token, "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a credential"), "{err}");
+        let cert_only = no_token.replacen(
+            "  caFile:",
+            &format!("  clientCertFile: {d}/ca.crt\n  caFile:"),
+            1,
+        );
+        let err = Config::from_yaml(&cert_only, "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clientKeyFile go together"), "{err}");
+        let cert_and_key = cert_only.replacen(
+            "  caFile:",
+            &format!("  clientKeyFile: {d}/ca.key\n  caFile:"),
+            1,
+        );
+        let cfg = Config::from_yaml(&cert_and_key, "c.yaml").unwrap();
+        assert!(cfg.upstream.token_file.is_none() && cfg.upstream.client_cert_file.is_some());
     }
 
     #[test]

@@ -380,6 +380,43 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Loads a client certificate chain and its key (PEM) for authenticating to the API server.
+pub fn load_client_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let what = |p: &Path| p.display().to_string();
+    let chain = CertificateDer::pem_slice_iter(read(cert)?.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what: what(cert),
+            message: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { what: what(cert) });
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_slice(read(key)?.as_bytes()).map_err(|e| TlsError::Pem {
+            what: what(key),
+            message: e.to_string(),
+        })?;
+    Ok((chain, key_der))
+}
+
+/// Client config for the upstream API server with an optional client certificate.
+pub fn client_config_with_identity(
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    })
+}
+
 /// Client config for the upstream API server, verifying it against `roots`. ALPN is left
 /// empty: the HTTP connector sets it to the protocols it enables.
 pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, TlsError> {
@@ -447,6 +484,42 @@ mod tests {
             err.contains("ca.key"),
             "an existing key must never be overwritten: {err}"
         );
+    }
+
+    #[test]
+    fn client_identity_loads_into_a_client_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = CertificateAuthority::generate("client-ca").unwrap();
+        let (chain, key) = ca
+            .issue_server_cert(
+                &["gateway".to_owned()],
+                &[],
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+        let pem = |tag: &str, der: &[u8]| {
+            let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
+            format!("-----BEGIN {tag}-----\n{b64}\n-----END {tag}-----\n")
+        };
+        std::fs::write(dir.path().join("c.crt"), pem("CERTIFICATE", &chain[0])).unwrap();
+        std::fs::write(
+            dir.path().join("c.key"),
+            pem("PRIVATE KEY", key.secret_der()),
+        )
+        .unwrap();
+        let identity =
+            load_client_identity(&dir.path().join("c.crt"), &dir.path().join("c.key")).unwrap();
+        let roots = root_store_from_pem(ca.cert_pem(), "ca").unwrap();
+        assert!(
+            client_config_with_identity(roots, Some(identity))
+                .unwrap()
+                .client_auth_cert_resolver
+                .has_certs()
+        );
+        std::fs::write(dir.path().join("bad.key"), "not a key").unwrap();
+        let err = load_client_identity(&dir.path().join("c.crt"), &dir.path().join("bad.key"))
+            .unwrap_err();
+        assert!(err.to_string().contains("bad.key"), "{err}");
     }
 
     #[test]

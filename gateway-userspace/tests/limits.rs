@@ -100,7 +100,9 @@ async fn start_on(
         upstream: UpstreamConfig {
             url: url.parse().expect("upstream url"),
             ca_file: dir.path().join("ca.crt"),
-            token_file: dir.path().join("token"),
+            token_file: Some(dir.path().join("token")),
+            client_cert_file: None,
+            client_key_file: None,
             tls_server_name: None,
             impersonate: Default::default(),
             connect_timeout: Duration::from_secs(2),

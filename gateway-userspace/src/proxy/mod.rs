@@ -156,7 +156,7 @@ pub struct Proxy {
     pub policy: ArcSwap<Policy>,
     upstream: UpstreamClient,
     upstream_base: Uri,
-    token: Arc<GatewayToken>,
+    token: Option<Arc<GatewayToken>>,
     recorder: RecorderHandle,
     interceptor: Option<Arc<Interceptor>>,
     node: String,
@@ -195,7 +195,7 @@ pub struct ProxySettings {
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// The gateway credential.
-    pub token: Arc<GatewayToken>,
+    pub token: Option<Arc<GatewayToken>>,
     /// Where rows go.
     pub recorder: RecorderHandle,
     /// The kernel redirect, if attached.
@@ -822,7 +822,9 @@ impl Proxy {
         headers: &mut HeaderMap,
         extensions: &http::Extensions,
     ) {
-        headers.insert(header::AUTHORIZATION, self.token.header());
+        if let Some(token) = &self.token {
+            headers.insert(header::AUTHORIZATION, token.header());
+        }
         if let Some(Some(as_whom)) = extensions.get::<Option<Impersonation>>() {
             match HeaderValue::from_str(&as_whom.user) {
                 Ok(user) => {

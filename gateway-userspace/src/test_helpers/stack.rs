@@ -206,7 +206,9 @@ impl Stack {
             upstream: UpstreamConfig {
                 url: upstream_url,
                 ca_file: ca_file.clone(),
-                token_file,
+                token_file: Some(token_file),
+                client_cert_file: None,
+                client_key_file: None,
                 tls_server_name: None,
                 impersonate: Default::default(),
                 connect_timeout: Duration::from_secs(2),
