@@ -40,6 +40,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Rows the recorder refused or lost (each is also logged with its audit id).
     pub recording_failures: Counter,
+    /// Requests whose ServiceAccount token names another service account than the pod's.
+    pub service_account_mismatches: Counter,
     /// Connections closed right after accept because their workload was at its limit.
     pub connections_rejected: Counter,
 }
@@ -66,11 +68,18 @@ impl Metrics {
             "Connections closed at accept because the workload held limits.maxConnectionsPerWorkload",
             connections_rejected.clone(),
         );
+        let service_account_mismatches = Counter::default();
+        registry.register(
+            "service_account_mismatches",
+            "Requests whose ServiceAccount token names another service account than the kernel-attributed pod runs as",
+            service_account_mismatches.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
         Arc::new(Self {
             registry,
+            service_account_mismatches,
             requests,
             recording_failures,
             connections_rejected,

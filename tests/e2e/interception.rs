@@ -161,9 +161,9 @@ async fn redirect_first_connect_from_a_brand_new_cgroup_is_attributed_and_host_n
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn redirect_ipv6_and_v4_mapped_targets_are_caught_and_getpeername_shows_the_dialled_address()
-{
-    let test = "ipv6";
+async fn redirect_ipv6_v4_mapped_and_endpoint_targets_are_caught_and_getpeername_shows_the_dialled_address()
+ {
+    let test = "ipv6_endpoint";
     if !privileged(test) {
         return;
     }
@@ -176,12 +176,17 @@ async fn redirect_ipv6_and_v4_mapped_targets_are_caught_and_getpeername_shows_th
     let proxy = listener.local_addr().expect("addr");
     let v4 = SocketAddr::from(pod.virtual_api_server());
     let v6 = SocketAddr::from(pod.virtual_api_server6());
-    let (interceptor, _pins, _guard) = attach(test, vec![v4, v6], proxy);
+    // A ClusterIP-style target (:443) and an endpoint-style one (another address, :6443).
+    let endpoint = SocketAddr::new(
+        IpAddr::V4(std::net::Ipv4Addr::from(u32::from(pod.pod_ip()) + 99)),
+        6443,
+    );
+    let (interceptor, _pins, _guard) = attach(test, vec![v4, v6, endpoint], proxy);
     let mapped: SocketAddr = format!("[::ffff:{}]:{}", v4.ip(), v4.port())
         .parse()
         .expect("mapped");
 
-    for (dial, expect_dst) in [(v6, v6), (mapped, mapped), (v4, v4)] {
+    for (dial, expect_dst) in [(v6, v6), (mapped, mapped), (v4, v4), (endpoint, endpoint)] {
         let code = format!(
             "s = CONNECT('{}', {})\nprint(s.getpeername()[0], s.getpeername()[1])",
             dial.ip(),

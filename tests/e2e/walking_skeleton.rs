@@ -13,6 +13,21 @@ use gateway_userspace::{
     },
 };
 
+/// A plain HTTP/1.1 GET against the admin endpoint, returning the body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the admin endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    sock.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    sock.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    body.to_owned()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -70,6 +85,34 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
             && stderr.contains("protect-namespaces")
             && stderr.contains("agents may not delete namespaces"),
         "kubectl did not print the policy's reason: {stderr}"
+    );
+
+    // The admin endpoint reports the kernel side (what `chaperone status` prints) and the
+    // connect-path counters.
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(stack.app.admin_addr(), "/status").await)
+            .expect("status JSON");
+    let interception = &status["interception"];
+    assert_eq!(
+        interception["programs"].as_array().map(Vec::len),
+        Some(7),
+        "{status}"
+    );
+    assert_eq!(interception["targets"][0], virtual_api, "{status}");
+    assert!(
+        interception["counters"]["redirected"]
+            .as_u64()
+            .is_some_and(|n| n >= 2),
+        "{status}"
+    );
+    let metrics = admin_get(stack.app.admin_addr(), "/metrics").await;
+    assert!(
+        metrics.contains("chaperone_redirect_connects_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("chaperone_requests_total{decision=\"deny\"} 1"),
+        "{metrics}"
     );
 
     let stopped = stack.stop().await.expect("stop the gateway");

@@ -512,6 +512,7 @@ impl Proxy {
             mismatch: principal.mismatch.clone(),
         };
         if let Some(mismatch) = &principal.mismatch {
+            self.metrics.service_account_mismatches.inc();
             tracing::warn!(%mismatch, "service account token does not match the pod");
         }
         let decision = {
