@@ -570,10 +570,19 @@ fn orchestrate() -> anyhow::Result<()> {
             f[3]
         );
     }
+    // Noise can make nginx's added latency zero or negative; a ratio then means nothing.
+    let ratio = |i: usize| {
+        let (c, n) = (chap[i] - direct[i], ngx[i] - direct[i]);
+        if n > 0.0 {
+            format!("{:.2}x", c / n)
+        } else {
+            format!("n/a (nginx added {n:.0} us)")
+        }
+    };
     println!(
-        "  chaperone / nginx: added p50 {:.2}x, added p99 {:.2}x, throughput c16 {:.0}%, c64 {:.0}%",
-        (chap[0] - direct[0]) / (ngx[0] - direct[0]),
-        (chap[1] - direct[1]) / (ngx[1] - direct[1]),
+        "  chaperone / nginx: added p50 {}, added p99 {}, throughput c16 {:.0}%, c64 {:.0}%",
+        ratio(0),
+        ratio(1),
         100.0 * chap[2] / ngx[2],
         100.0 * chap[3] / ngx[3]
     );
