@@ -69,7 +69,7 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     container: Some("main".into()),
                 },
                 source_addr: format!("10.244.{}.{}:{}", pod % 4, pod, 40_000 + i % 20_000),
-                original_dst: Some("10.96.0.1:443".into()),
+                original_dst: Some("192.0.2.1:443".into()),
                 user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/70d3cc9".into()),
                 kubectl_command: Some(format!("kubectl {verb}")),
                 kubectl_session: Some(format!("{:08x}-session", i / 8)),

@@ -7,13 +7,12 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
-    config::{
-        AdminConfig, Config, ImpersonationConfig, ImpersonationMode, InterceptionConfig,
-        InterceptionMode, ListenConfig, PolicyConfig, RecordingConfig, ServingTlsConfig,
-        UpstreamConfig, default_server_names,
-    },
+    config::{ImpersonationConfig, ImpersonationMode},
     recorder::{self, RequestRecord},
-    test_helpers::apiserver::{ApiServerConfig, TestApiServer},
+    test_helpers::{
+        apiserver::{ApiServerConfig, TestApiServer},
+        local::local_config,
+    },
     tls::{self, CertificateAuthority},
 };
 use http::{Method, Request, StatusCode};
@@ -65,48 +64,9 @@ async fn start_with(upstream: Option<String>, impersonate: ImpersonationConfig) 
     .await
     .expect("start API test server");
     let url = upstream.unwrap_or_else(|| apiserver.url());
-    let config = Config {
-        node: Some("test-node".to_owned()),
-        cluster: "test".to_owned(),
-        listen: ListenConfig {
-            address: "127.0.0.1:0".parse().expect("addr"),
-        },
-        interception: InterceptionConfig {
-            mode: InterceptionMode::None,
-            ..InterceptionConfig::default()
-        },
-        upstream: UpstreamConfig {
-            url: url.parse().expect("upstream url"),
-            ca_file: dir.path().join("ca.crt"),
-            token_file: Some(dir.path().join("token")),
-            client_cert_file: None,
-            client_key_file: None,
-            tls_server_name: None,
-            impersonate,
-            connect_timeout: Duration::from_secs(2),
-        },
-        tls: ServingTlsConfig {
-            ca_cert_file: dir.path().join("ca.crt"),
-            ca_key_file: dir.path().join("ca.key"),
-            server_names: default_server_names(),
-            server_ips: vec!["127.0.0.1".parse().expect("ip")],
-            create_ca_if_missing: false,
-        },
-        identity: Default::default(),
-        policy: PolicyConfig {
-            file: Some(dir.path().join("policy.yaml")),
-        },
-        recording: RecordingConfig {
-            dir: dir.path().join("recordings"),
-            max_rows_per_file: 1000,
-            max_file_age: Duration::from_secs(60),
-        },
-        admin: AdminConfig {
-            address: "127.0.0.1:0".parse().expect("addr"),
-        },
-        shutdown_grace: Duration::from_secs(5),
-        limits: Default::default(),
-    };
+    let mut config = local_config(dir.path(), &url).expect("config");
+    config.upstream.impersonate = impersonate;
+    config.policy.file = Some(dir.path().join("policy.yaml"));
     let app = app::build(config).await.expect("build the gateway");
     Harness {
         app,

@@ -254,7 +254,7 @@ fn record_carries_kernel_and_pod_fields() {
         ..WorkloadIdentity::default()
     };
     let origin = ConnectionOrigin {
-        original_dst: "10.96.0.1:443".parse().unwrap_or_else(|e| panic!("{e}")),
+        original_dst: "192.0.2.1:443".parse().unwrap_or_else(|e| panic!("{e}")),
         cgroup_id: 42,
         netns_cookie: u64::MAX,
         pid: 7,
@@ -318,7 +318,7 @@ fn real_cgroups_resolve_end_to_end_in_both_layouts_and_standalone() {
     let identity =
         Identity::new(&config, "node-a", Some(resolver), pods).unwrap_or_else(|e| panic!("{e}"));
     let origin = |cgroup_id| ConnectionOrigin {
-        original_dst: "10.96.0.1:443".parse().unwrap_or_else(|e| panic!("{e}")),
+        original_dst: "192.0.2.1:443".parse().unwrap_or_else(|e| panic!("{e}")),
         cgroup_id,
         netns_cookie: 1,
         pid: 1,

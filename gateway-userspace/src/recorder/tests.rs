@@ -35,7 +35,7 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             container: Some("main".into()),
         },
         source_addr: "10.244.1.7:51234".into(),
-        original_dst: Some("10.96.0.1:443".into()),
+        original_dst: Some("192.0.2.1:443".into()),
         user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef".into()),
         kubectl_command: Some("kubectl get".into()),
         kubectl_session: Some("c0ffee-session".into()),

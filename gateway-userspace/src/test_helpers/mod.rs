@@ -3,5 +3,6 @@
 
 pub mod apiserver;
 pub mod demo;
+pub mod local;
 pub mod sandbox;
 pub mod stack;

@@ -1,0 +1,59 @@
+//! A gateway without the kernel redirect (interception mode `none`) on 127.0.0.1: what the
+//! in-process tests and the HTTP benchmark run, and what a workstation would use.
+
+use std::{path::Path, time::Duration};
+
+use crate::config::{
+    AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
+    RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
+};
+
+/// File names [`local_config`] expects in its directory.
+pub const CA_CERT: &str = "ca.crt";
+/// The CA's private key.
+pub const CA_KEY: &str = "ca.key";
+/// The gateway's token.
+pub const TOKEN: &str = "token";
+
+/// A config for a gateway on `127.0.0.1:0` (admin too) in front of `upstream_url`, with the
+/// CA (`ca.crt`, `ca.key`) and token (`token`) read from `dir`, recordings in
+/// `dir/recordings`, no policy and default limits. Callers adjust fields from there.
+pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::ParseError> {
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    Ok(Config {
+        node: Some("test-node".to_owned()),
+        cluster: "test".to_owned(),
+        listen: ListenConfig { address: loopback },
+        interception: InterceptionConfig {
+            mode: InterceptionMode::None,
+            ..InterceptionConfig::default()
+        },
+        upstream: UpstreamConfig {
+            url: upstream_url.parse()?,
+            ca_file: dir.join(CA_CERT),
+            token_file: Some(dir.join(TOKEN)),
+            client_cert_file: None,
+            client_key_file: None,
+            tls_server_name: None,
+            impersonate: Default::default(),
+            connect_timeout: Duration::from_secs(2),
+        },
+        tls: ServingTlsConfig {
+            ca_cert_file: dir.join(CA_CERT),
+            ca_key_file: dir.join(CA_KEY),
+            server_names: default_server_names(),
+            server_ips: vec![loopback.ip()],
+            create_ca_if_missing: false,
+        },
+        identity: Default::default(),
+        policy: PolicyConfig { file: None },
+        recording: RecordingConfig {
+            dir: dir.join("recordings"),
+            max_rows_per_file: 1000,
+            max_file_age: Duration::from_secs(60),
+        },
+        admin: AdminConfig { address: loopback },
+        shutdown_grace: Duration::from_secs(5),
+        limits: Default::default(),
+    })
+}
