@@ -487,71 +487,47 @@ fn write_heartbeat(map: &mut Array<MapData, u64>) -> Result<(), EbpfError> {
 }
 
 /// Makes the target maps hold exactly `targets` (plus, per address, a port-0 entry the
-/// raw-socket guard matches on).
+/// raw-socket guard matches on: a raw socket can speak any port).
 fn set_targets(maps: &mut Maps, targets: &[SocketAddr]) -> Result<(), EbpfError> {
     let mut want4 = HashSet::new();
     let mut want6 = HashSet::new();
     for target in targets {
-        match target {
-            SocketAddr::V4(t) => {
-                let addr = v4_word(*t.ip());
-                want4.insert(Target4 {
-                    addr,
-                    port: t.port(),
+        // A v4-mapped target is an IPv4 address; connect6 looks those up in the IPv4 map.
+        let ip = match target.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        for port in [target.port(), 0] {
+            match ip {
+                IpAddr::V4(v4) => want4.insert(Target4 {
+                    addr: v4_word(v4),
+                    port,
                     pad: 0,
-                });
-                want4.insert(Target4 {
-                    addr,
-                    port: 0,
+                }),
+                IpAddr::V6(v6) => want6.insert(Target6 {
+                    addr: words_from_ipv6(v6),
+                    port,
                     pad: 0,
-                });
-            }
-            SocketAddr::V6(t) => {
-                if let Some(v4) = t.ip().to_ipv4_mapped() {
-                    let addr = v4_word(v4);
-                    want4.insert(Target4 {
-                        addr,
-                        port: t.port(),
-                        pad: 0,
-                    });
-                    want4.insert(Target4 {
-                        addr,
-                        port: 0,
-                        pad: 0,
-                    });
-                } else {
-                    let addr = words_from_ipv6(*t.ip());
-                    want6.insert(Target6 {
-                        addr,
-                        port: t.port(),
-                        pad: 0,
-                    });
-                    want6.insert(Target6 {
-                        addr,
-                        port: 0,
-                        pad: 0,
-                    });
-                }
-            }
+                }),
+            };
         }
     }
-    let have4: Vec<Target4> = maps.targets.keys().filter_map(Result::ok).collect();
-    for stale in have4.iter().filter(|t| !want4.contains(t)) {
-        let _ = maps.targets.remove(stale);
+    sync_set(&mut maps.targets, &want4)?;
+    sync_set(&mut maps.targets6, &want6)
+}
+
+/// Makes a map used as a set hold exactly `want`: stale keys out, missing keys in.
+fn sync_set<K>(map: &mut HashMap<MapData, K, u8>, want: &HashSet<K>) -> Result<(), EbpfError>
+where
+    K: aya::Pod + Eq + std::hash::Hash + std::fmt::Debug,
+{
+    let have: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for stale in have.iter().filter(|k| !want.contains(k)) {
+        let _ = map.remove(stale);
     }
-    for t in &want4 {
-        maps.targets
-            .insert(t, 1, 0)
-            .map_err(|e| kernel("insert redirect target")(format!("{t:?}: {}", chain(&e))))?;
-    }
-    let have6: Vec<Target6> = maps.targets6.keys().filter_map(Result::ok).collect();
-    for stale in have6.iter().filter(|t| !want6.contains(t)) {
-        let _ = maps.targets6.remove(stale);
-    }
-    for t in &want6 {
-        maps.targets6
-            .insert(t, 1, 0)
-            .map_err(|e| kernel("insert redirect target")(format!("{t:?}: {}", chain(&e))))?;
+    for k in want {
+        map.insert(k, 1, 0)
+            .map_err(|e| kernel("insert redirect target")(format!("{k:?}: {}", chain(&e))))?;
     }
     Ok(())
 }
