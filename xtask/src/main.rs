@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | demo | test | bench`.
+//! Developer tasks: `cargo xtask setup | demo | test | bench | gen-protobuf`.
 //!
 //! Every task installs what it needs first (idempotently, and quickly when already done),
 //! so the two commands in README.md work on a fresh machine.
@@ -9,6 +9,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+mod protobuf_schema;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -37,6 +39,9 @@ enum Task {
     /// Benchmark the gateway against nginx and the design targets (privileged parts need
     /// root); figures land in target/bench/.
     Bench,
+    /// Regenerate gateway-userspace/src/protobuf/schema.txt from the k8s-pb and
+    /// k8s-openapi sources (downloads them if needed).
+    GenProtobuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +72,12 @@ fn main() -> anyhow::Result<()> {
             test_with_summary(&cargo_args)
         }
         Task::Bench => bench(),
+        Task::GenProtobuf => {
+            let out = workspace_root().join("gateway-userspace/src/protobuf/schema.txt");
+            let messages = protobuf_schema::generate(&out)?;
+            eprintln!("xtask: wrote {} ({messages} messages)", out.display());
+            Ok(())
+        }
     }
 }
 
