@@ -244,6 +244,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
         impersonate: cfg.upstream.impersonate.clone(),
+        max_object_bytes: cfg.recording.max_object_bytes,
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(token) = token {

@@ -119,6 +119,15 @@ pub struct LimitsConfig {
     /// may hold; excess connections are closed right after accept. `0`: no limit.
     #[serde(default = "default_max_connections_per_workload")]
     pub max_connections_per_workload: u32,
+    /// Request bodies up to this size are read whole and decoded (protobuf transcoded to
+    /// JSON) so policy and recording see the object; larger bodies are streamed through
+    /// uninspected, never buffered whole. The API server's own limit is 3 MiB.
+    #[serde(default = "default_max_inspected_body_bytes")]
+    pub max_inspected_body_bytes: u32,
+    /// How long a client gets to send a request body the gateway inspects (slow-body guard);
+    /// after it, the request is answered with a 408 `Status`.
+    #[serde(default = "default_body_read_timeout", with = "duration")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -132,6 +141,8 @@ impl Default for LimitsConfig {
             http2_keep_alive_interval: default_http2_keep_alive_interval(),
             http2_keep_alive_timeout: default_http2_keep_alive_timeout(),
             max_connections_per_workload: default_max_connections_per_workload(),
+            max_inspected_body_bytes: default_max_inspected_body_bytes(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
@@ -339,6 +350,10 @@ pub struct RecordingConfig {
     /// Rotate after this long, so analysts see recent requests.
     #[serde(default = "default_max_file_age", with = "duration")]
     pub max_file_age: Duration,
+    /// Largest recorded `request_object` (masked JSON); a larger one is left out and
+    /// flagged `request_object_truncated`, so what is recorded is always valid JSON.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: usize,
 }
 
 fn default_resolve_every() -> Duration {
@@ -392,6 +407,15 @@ fn default_http2_keep_alive_timeout() -> Duration {
 fn default_max_connections_per_workload() -> u32 {
     256
 }
+fn default_max_inspected_body_bytes() -> u32 {
+    3 * 1024 * 1024
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_object_bytes() -> usize {
+    256 * 1024
+}
 /// The names in-cluster clients use for the API server.
 pub fn default_server_names() -> Vec<String> {
     [
@@ -441,6 +465,7 @@ impl LimitsConfig {
             ("limits.headerReadTimeout", self.header_read_timeout),
             ("limits.tlsHandshakeTimeout", self.tls_handshake_timeout),
             ("limits.idleTimeout", self.idle_timeout),
+            ("limits.bodyReadTimeout", self.body_read_timeout),
             (
                 "limits.http2KeepAliveTimeout",
                 self.http2_keep_alive_timeout,

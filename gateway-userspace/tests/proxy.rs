@@ -7,7 +7,9 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
-    config::{ImpersonationConfig, ImpersonationMode},
+    config::{Config, ImpersonationConfig, ImpersonationMode},
+    masking,
+    protobuf::writer::{Msg, envelope},
     recorder::{self, RequestRecord},
     test_helpers::{
         apiserver::{ApiServerConfig, TestApiServer},
@@ -49,6 +51,11 @@ async fn start(upstream: Option<String>) -> Harness {
 }
 
 async fn start_with(upstream: Option<String>, impersonate: ImpersonationConfig) -> Harness {
+    start_configured(upstream, |config| config.upstream.impersonate = impersonate).await
+}
+
+/// Like [`start`], with the gateway config edited by `edit` before it starts.
+async fn start_configured(upstream: Option<String>, edit: impl FnOnce(&mut Config)) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, key) = CertificateAuthority::generate("proxy-test-ca").expect("generate CA");
     let ca_pem = ca.cert_pem().to_owned();
@@ -65,7 +72,7 @@ async fn start_with(upstream: Option<String>, impersonate: ImpersonationConfig) 
     .expect("start API test server");
     let url = upstream.unwrap_or_else(|| apiserver.url());
     let mut config = local_config(dir.path(), &url).expect("config");
-    config.upstream.impersonate = impersonate;
+    edit(&mut config);
     config.policy.file = Some(dir.path().join("policy.yaml"));
     let app = app::build(config).await.expect("build the gateway");
     Harness {
@@ -432,4 +439,262 @@ async fn impersonation_modes_set_upstream_identity_or_refuse() {
         );
         assert_eq!(rows[0].decision, "deny");
     }
+}
+
+/// ObjectMeta the way client-go's protobuf marshaller writes it (empty fields included).
+fn proto_meta(name: &str) -> Msg {
+    Msg::default()
+        .str(1, name)
+        .str(2, "")
+        .str(3, "default")
+        .str(5, "")
+        .str(6, "")
+        .varint(7, 0)
+        .msg(8, Msg::default())
+}
+
+#[tokio::test]
+async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
+    let h = start(None).await;
+    let c = client(&h.ca_pem, true);
+    // `kubectl create configmap settings --from-literal=mode=fast` (kubectl 1.32).
+    let body = envelope(
+        "v1",
+        "ConfigMap",
+        Msg::default()
+            .msg(1, proto_meta("settings"))
+            .str_entry(2, "mode", "fast"),
+    );
+    let sent = body.len() as i64;
+    let resp = c
+        .request(
+            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+                .header("content-type", "application/vnd.kubernetes.protobuf")
+                .header(
+                    "accept",
+                    "application/vnd.kubernetes.protobuf, application/json",
+                )
+                .body(Full::new(Bytes::from(body)))
+                .expect("req"),
+        )
+        .await
+        .expect("POST configmap");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created = body_json(resp).await;
+    assert_eq!(created["data"]["mode"], "fast", "{created}");
+    assert_eq!(created["metadata"]["namespace"], "default", "{created}");
+
+    // A Secret is denied by the harness policy; what the agent tried is still recorded,
+    // with the values masked.
+    let secret = envelope(
+        "v1",
+        "Secret",
+        Msg::default()
+            .msg(1, proto_meta("db"))
+            .msg(2, Msg::default().str(1, "password").bytes(2, b"hunter2")),
+    );
+    let resp = c
+        .request(
+            request(&h, Method::POST, "/api/v1/namespaces/default/secrets")
+                .header("content-type", "application/vnd.kubernetes.protobuf")
+                .body(Full::new(Bytes::from(secret)))
+                .expect("req"),
+        )
+        .await
+        .expect("POST secret");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // A body that cannot be transcoded faithfully is refused, never forwarded.
+    let future = envelope(
+        "v1",
+        "ConfigMap",
+        Msg::default()
+            .msg(1, proto_meta("x"))
+            .str(77, "from the future"),
+    );
+    let resp = c
+        .request(
+            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+                .header("content-type", "application/vnd.kubernetes.protobuf")
+                .body(Full::new(Bytes::from(future)))
+                .expect("req"),
+        )
+        .await
+        .expect("POST undecodable");
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let status = body_json(resp).await;
+    assert_eq!(status["reason"], "UnsupportedMediaType");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("field number 77")),
+        "{status}"
+    );
+
+    let (rows, apiserver, _dir) = stop(h).await;
+    let seen: Vec<_> = apiserver
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the configmap reaches upstream: {seen:?}"
+    );
+    assert_eq!(seen[0].content_type.as_deref(), Some("application/json"));
+
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    let configmap = &rows[0];
+    assert_eq!(
+        configmap.request_content_type.as_deref(),
+        Some("application/vnd.kubernetes.protobuf")
+    );
+    assert_eq!(configmap.request_bytes, sent, "bytes the client sent");
+    let object: serde_json::Value = serde_json::from_str(
+        configmap
+            .request_object
+            .as_deref()
+            .expect("configmap object recorded"),
+    )
+    .expect("recorded object is JSON");
+    assert_eq!(
+        (&object["kind"], &object["data"]["mode"]),
+        (&serde_json::json!("ConfigMap"), &serde_json::json!("fast"))
+    );
+
+    let secret = &rows[1];
+    assert_eq!(secret.decision, "deny");
+    let object = secret.request_object.as_deref().expect("secret recorded");
+    assert!(object.contains(masking::MASK), "{object}");
+    assert!(
+        !object.contains("aHVudGVyMg") && !object.contains("hunter2"),
+        "secret value leaked into the recording: {object}"
+    );
+    assert_eq!(secret.masked_fields, 1);
+
+    assert_eq!(rows[2].decision, "error");
+    assert_eq!(rows[2].response_code, 415);
+    assert!(rows[2].request_object.is_none());
+}
+
+#[tokio::test]
+async fn bodies_beyond_the_inspection_limit_stream_through_and_slow_bodies_time_out() {
+    let h = start_configured(None, |config| {
+        config.limits.max_inspected_body_bytes = 1024;
+        config.limits.body_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let c = client(&h.ca_pem, false);
+    let big = "x".repeat(64 * 1024);
+    let configmap = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "big", "namespace": "default"},
+        "data": {"blob": big},
+    })
+    .to_string();
+    let resp = c
+        .request(
+            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(configmap.clone())))
+                .expect("req"),
+        )
+        .await
+        .expect("POST big configmap");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created = body_json(resp).await;
+    assert_eq!(
+        created["data"]["blob"].as_str().map(str::len),
+        Some(big.len())
+    );
+
+    // The same without a Content-Length (chunked): read up to the limit, then streamed.
+    let (mut tx, body) = futures_channel_body();
+    let send = tokio::spawn({
+        let configmap = configmap.replace("\"big\"", "\"big-chunked\"");
+        async move {
+            for chunk in configmap.as_bytes().chunks(4096) {
+                tx.send(Bytes::copy_from_slice(chunk)).await;
+            }
+        }
+    });
+    let resp = streaming_client(&h.ca_pem)
+        .request(
+            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+                .header("content-type", "application/json")
+                .body(body)
+                .expect("req"),
+        )
+        .await
+        .expect("POST chunked configmap");
+    send.await.expect("sender");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // A client that announces a body and then stalls gets a 408, not a hung request.
+    let (tx, body) = futures_channel_body();
+    let started = std::time::Instant::now();
+    let resp = streaming_client(&h.ca_pem)
+        .request(
+            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+                .header("content-type", "application/json")
+                .body(body)
+                .expect("req"),
+        )
+        .await
+        .expect("POST stalled");
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(tx);
+
+    let (rows, _apiserver, _dir) = stop(h).await;
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    for row in &rows[..2] {
+        assert!(row.request_object_truncated, "{row:#?}");
+        assert!(row.request_object.is_none());
+        assert_eq!(row.response_code, 201);
+        assert!(row.request_bytes >= configmap.len() as i64, "{row:#?}");
+    }
+    assert_eq!(rows[2].response_code, 408);
+    assert_eq!(rows[2].decision, "error");
+}
+
+/// A request body fed from a channel, for clients that send slowly or stall.
+struct ChannelSender(tokio::sync::mpsc::Sender<Bytes>);
+
+impl ChannelSender {
+    async fn send(&mut self, data: Bytes) {
+        self.0.send(data).await.expect("body receiver gone");
+    }
+}
+
+type ChannelBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+fn futures_channel_body() -> (ChannelSender, ChannelBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|data| (Ok(hyper::body::Frame::data(data)), rx))
+    });
+    (
+        ChannelSender(tx),
+        http_body_util::StreamBody::new(stream).boxed(),
+    )
+}
+
+fn streaming_client(
+    ca_pem: &str,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    ChannelBody,
+> {
+    let roots = tls::root_store_from_pem(ca_pem, "test CA").expect("roots");
+    let config = tls::client_config(roots).expect("client config");
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
 }

@@ -151,6 +151,7 @@ impl Env {
             metrics: Metrics::new(None),
             limits: Default::default(),
             impersonate: Default::default(),
+            max_object_bytes: 256 * 1024,
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());

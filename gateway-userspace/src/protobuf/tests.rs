@@ -1,55 +1,7 @@
 use serde_json::json;
 
+use super::writer::{Msg, envelope, put_varint};
 use super::*;
-
-/// A minimal protobuf writer, enough to build the bodies kubectl sends.
-#[derive(Default, Clone)]
-struct Msg(Vec<u8>);
-
-impl Msg {
-    fn varint(mut self, number: u64, value: u64) -> Self {
-        put_varint(&mut self.0, number << 3);
-        put_varint(&mut self.0, value);
-        self
-    }
-    fn bytes(mut self, number: u64, value: &[u8]) -> Self {
-        put_varint(&mut self.0, (number << 3) | 2);
-        put_varint(&mut self.0, value.len() as u64);
-        self.0.extend_from_slice(value);
-        self
-    }
-    fn str(self, number: u64, value: &str) -> Self {
-        self.bytes(number, value.as_bytes())
-    }
-    fn msg(self, number: u64, value: Msg) -> Self {
-        self.bytes(number, &value.0)
-    }
-    fn entry(self, number: u64, key: &str, value: Msg) -> Self {
-        self.msg(number, Msg::default().str(1, key).msg(2, value))
-    }
-    fn str_entry(self, number: u64, key: &str, value: &str) -> Self {
-        self.msg(number, Msg::default().str(1, key).str(2, value))
-    }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn envelope(api_version: &str, kind: &str, raw: Msg) -> Vec<u8> {
-    let unknown = Msg::default()
-        .msg(1, Msg::default().str(1, api_version).str(2, kind))
-        .msg(2, raw)
-        .str(3, "")
-        .str(4, "");
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&unknown.0);
-    out
-}
 
 /// ObjectMeta as client-go writes it: every non-pointer field, even when empty.
 fn meta(name: &str, namespace: &str) -> Msg {

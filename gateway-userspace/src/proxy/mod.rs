@@ -8,6 +8,7 @@
 //! row when the exchange ends. Upgraded connections (exec, attach, port-forward) are
 //! relayed by [`upgrade`], whose taps decode the stream framing ([`frames`]).
 
+mod body;
 pub mod frames;
 pub mod upgrade;
 
@@ -54,6 +55,7 @@ use crate::{
         Identity, WorkloadIdentity,
         principal::{Principal, PrincipalKind, PrincipalVerifier},
     },
+    masking,
     policy::{self, Action, Policy, RequestContext},
     recorder::{ObjectRef, PrincipalRecord, RecorderHandle, RequestRecord, WorkloadRecord},
     request::RequestInfo,
@@ -169,6 +171,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     limits: LimitsConfig,
     impersonate: ImpersonationConfig,
+    max_object_bytes: usize,
     connections: Arc<ConnectionLimiter>,
     /// Cancelled when the drain starts: connections stop taking requests, watches end.
     draining: CancellationToken,
@@ -216,6 +219,26 @@ pub struct ProxySettings {
     pub limits: LimitsConfig,
     /// Whose identity upstream requests run as.
     pub impersonate: ImpersonationConfig,
+    /// Largest request object recorded (`recording.maxObjectBytes`).
+    pub max_object_bytes: usize,
+}
+
+/// A request between inspection and forwarding.
+enum Pending {
+    /// exec/attach/port-forward: forwarded as an upgrade, its body untouched.
+    Upgrade(Request<Incoming>, upgrade::UpgradeProtocol),
+    /// Everything else, its body already inspected; the counter holds (or will hold, as
+    /// the body streams) the bytes the client sent.
+    Plain(Request<ProxyBody>, Arc<AtomicU64>),
+}
+
+impl Pending {
+    fn extensions_mut(&mut self) -> &mut http::Extensions {
+        match self {
+            Pending::Upgrade(r, _) => r.extensions_mut(),
+            Pending::Plain(r, _) => r.extensions_mut(),
+        }
+    }
 }
 
 /// Per-connection facts, fixed at accept() time.
@@ -277,6 +300,7 @@ impl Proxy {
             )),
             limits: s.limits,
             impersonate: s.impersonate,
+            max_object_bytes: s.max_object_bytes,
             draining: CancellationToken::new(),
         })
     }
@@ -459,7 +483,7 @@ impl Proxy {
     /// Handles one request end to end. Never fails: every problem becomes a `Status`.
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         conn: &ConnectionInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -515,6 +539,65 @@ impl Proxy {
             self.metrics.service_account_mismatches.inc();
             tracing::warn!(%mismatch, "service account token does not match the pod");
         }
+        // The body is read (up to the limit) before the decision so that a denied request's
+        // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
+        let mut pending = match upgrade::upgrade_protocol(&req) {
+            Some(protocol) => Pending::Upgrade(req, protocol),
+            None => {
+                let (mut parts, body) = req.into_parts();
+                let inspected = body::inspect(
+                    &mut parts,
+                    body,
+                    self.limits.max_inspected_body_bytes as usize,
+                    self.limits.body_read_timeout,
+                )
+                .await;
+                match inspected {
+                    Ok((body, inspected)) => {
+                        let count = Arc::new(AtomicU64::new(0));
+                        let body = match inspected.whole_len {
+                            Some(n) => {
+                                count.store(n, Ordering::Relaxed);
+                                body
+                            }
+                            None => CountingBody {
+                                inner: body,
+                                count: count.clone(),
+                            }
+                            .boxed(),
+                        };
+                        self.record_object(&mut record, &info, inspected);
+                        Pending::Plain(Request::from_parts(parts, body), count)
+                    }
+                    Err(e) => {
+                        let status = match &e {
+                            body::BodyError::Timeout(_) => Status::failure(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "Timeout",
+                                format!("chaperone: {e}"),
+                            ),
+                            body::BodyError::Read(_) => {
+                                Status::bad_request(format!("chaperone: {e}"))
+                            }
+                            body::BodyError::Protobuf(_) => Status::failure(
+                                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                                "UnsupportedMediaType",
+                                format!("chaperone: {e}"),
+                            ),
+                        };
+                        record.request_content_type = parts
+                            .headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        record.decision = "error".to_owned();
+                        record.reason = Some(status.message().to_owned());
+                        return self.local_response(status, record, started, &audit_id);
+                    }
+                }
+            }
+        };
+
         let decision = {
             let policy = self.policy.load();
             policy::decide(
@@ -535,7 +618,7 @@ impl Proxy {
         match impersonation(&self.impersonate, &conn.workload, &principal) {
             Ok(as_whom) => {
                 record.impersonated_user = as_whom.as_ref().map(|i| i.user.clone());
-                req.extensions_mut().insert(as_whom);
+                pending.extensions_mut().insert(as_whom);
             }
             Err(why) => {
                 record.decision = "deny".to_owned();
@@ -549,12 +632,34 @@ impl Proxy {
             }
         }
         record.decision = "allow".to_owned();
-        if let Some(protocol) = upgrade::upgrade_protocol(&req) {
-            return self
-                .forward_upgrade(req, protocol, record, started, audit_id)
-                .await;
+        match pending {
+            Pending::Upgrade(req, protocol) => {
+                self.forward_upgrade(req, protocol, record, started, audit_id)
+                    .await
+            }
+            Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,
         }
-        self.forward(req, record, started, audit_id).await
+    }
+
+    /// Puts what body inspection found into the record: the masked object, size-capped.
+    fn record_object(
+        &self,
+        record: &mut RequestRecord,
+        info: &RequestInfo,
+        inspected: body::Inspected,
+    ) {
+        record.request_content_type = inspected.content_type;
+        record.request_object_truncated = inspected.truncated;
+        if let Some(mut object) = inspected.object {
+            let masked = masking::mask_for_recording(&info.resource, &mut object);
+            record.masked_fields = i32::try_from(masked).unwrap_or(i32::MAX);
+            let text = object.to_string();
+            if text.len() <= self.max_object_bytes {
+                record.request_object = Some(text);
+            } else {
+                record.request_object_truncated = true;
+            }
+        }
     }
 
     fn base_record(
@@ -603,6 +708,10 @@ impl Proxy {
             error: None,
             principal: PrincipalRecord::default(),
             impersonated_user: None,
+            request_content_type: None,
+            request_object: None,
+            request_object_truncated: false,
+            masked_fields: 0,
         }
     }
 
@@ -624,17 +733,13 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
+        request_bytes: Arc<AtomicU64>,
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        let request_bytes = Arc::new(AtomicU64::new(0));
-        let counted = CountingBody {
-            inner: body.map_err(BoxError::from).boxed(),
-            count: request_bytes.clone(),
-        };
         parts.uri = match upstream_uri(&self.upstream_base, &parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
@@ -648,7 +753,7 @@ impl Proxy {
         self.upstream_credentials(&mut parts.headers, &parts.extensions);
         // The upstream connection's protocol is negotiated independently of the client's.
         parts.version = http::Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, counted.boxed());
+        let upstream_req = Request::from_parts(parts, body);
 
         match self.upstream.request(upstream_req).await {
             Ok(response) => {

@@ -118,6 +118,18 @@ fn string_at(array: &dyn Array, i: usize) -> Result<Option<String>, String> {
     Ok(strings.is_valid(i).then(|| strings.value(i).to_owned()))
 }
 
+/// A column added after the first release: files written before it lack it.
+fn added<T>(
+    c: &Columns<'_>,
+    name: &str,
+    read: impl FnOnce(&dyn Array) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    match c.batch.column_by_name(name) {
+        Some(array) => read(array.as_ref()).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn int64_at(array: &dyn Array, i: usize) -> Result<i64, String> {
     Ok(array
         .as_primitive_opt::<Int64Type>()
@@ -231,6 +243,20 @@ pub(crate) fn decode_batch(
                 mismatch: ps("mismatch", i)?,
             },
             impersonated_user: s("impersonated_user", i)?,
+            request_content_type: added(&c, "request_content_type", |a| string_at(a, i))?.flatten(),
+            request_object: added(&c, "request_object", |a| string_at(a, i))?.flatten(),
+            request_object_truncated: added(&c, "request_object_truncated", |a| {
+                Ok(a.as_boolean_opt()
+                    .ok_or("request_object_truncated is not boolean")?
+                    .value(i))
+            })?
+            .unwrap_or(false),
+            masked_fields: added(&c, "masked_fields", |a| {
+                Ok(a.as_primitive_opt::<Int32Type>()
+                    .ok_or("masked_fields is not int32")?
+                    .value(i))
+            })?
+            .unwrap_or(0),
         });
     }
     Ok(())

@@ -7,7 +7,8 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow_array::builder::{
-    Int32Builder, Int64Builder, ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
+    BooleanBuilder, Int32Builder, Int64Builder, ListBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow_array::{ArrayRef, RecordBatch, StructArray};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
@@ -70,6 +71,16 @@ pub struct RequestRecord {
     pub principal: PrincipalRecord,
     /// The user the gateway impersonated upstream (`Impersonate-User`), if any.
     pub impersonated_user: Option<String>,
+    /// `Content-Type` of the request body as the client sent it.
+    pub request_content_type: Option<String>,
+    /// The request body as JSON (protobuf transcoded, YAML converted), masked; `None` when
+    /// there was no body, it was not an object, or it exceeded a size limit.
+    pub request_object: Option<String>,
+    /// The body was larger than the gateway inspects or records, so `request_object` is
+    /// absent although there was one.
+    pub request_object_truncated: bool,
+    /// How many values masking replaced in the recorded objects.
+    pub masked_fields: i32,
 }
 
 /// The verified principal behind a request (the `principal` struct column). The token
@@ -206,6 +217,10 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         utf8("error", true),
         Field::new("principal", DataType::Struct(principal_fields()), false),
         utf8("impersonated_user", true),
+        utf8("request_content_type", true),
+        utf8("request_object", true),
+        Field::new("request_object_truncated", DataType::Boolean, false),
+        Field::new("masked_fields", DataType::Int32, false),
     ]))
 });
 
@@ -294,8 +309,12 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
         None,
     )?;
     let mut response_code = Int32Builder::with_capacity(rows.len());
+    let mut masked_fields = Int32Builder::with_capacity(rows.len());
+    let mut truncated = BooleanBuilder::with_capacity(rows.len());
     for row in rows {
         response_code.append_value(row.response_code);
+        masked_fields.append_value(row.masked_fields);
+        truncated.append_value(row.request_object_truncated);
     }
     RecordBatch::try_new(
         requests_schema(),
@@ -324,6 +343,10 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             strings(rows, |r| r.error.as_deref()),
             Arc::new(principal),
             strings(rows, |r| r.impersonated_user.as_deref()),
+            strings(rows, |r| r.request_content_type.as_deref()),
+            strings(rows, |r| r.request_object.as_deref()),
+            Arc::new(truncated.finish()),
+            Arc::new(masked_fields.finish()),
         ],
     )
 }
@@ -361,6 +384,10 @@ mod tests {
             ("error", DataType::Utf8, true),
             ("principal", DataType::Struct(principal_fields()), false),
             ("impersonated_user", DataType::Utf8, true),
+            ("request_content_type", DataType::Utf8, true),
+            ("request_object", DataType::Utf8, true),
+            ("request_object_truncated", DataType::Boolean, false),
+            ("masked_fields", DataType::Int32, false),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

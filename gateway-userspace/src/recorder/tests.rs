@@ -64,6 +64,10 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             mismatch: Some("token names sa default/x".into()),
         },
         impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
+        request_content_type: Some("application/vnd.kubernetes.protobuf".into()),
+        request_object: Some(format!(r#"{{"kind":"Scale","spec":{{"replicas":{i}}}}}"#)),
+        request_object_truncated: i % 2 == 0,
+        masked_fields: 2,
     }
 }
 

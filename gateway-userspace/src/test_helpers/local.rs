@@ -51,6 +51,7 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             dir: dir.join("recordings"),
             max_rows_per_file: 1000,
             max_file_age: Duration::from_secs(60),
+            max_object_bytes: 256 * 1024,
         },
         admin: AdminConfig { address: loopback },
         shutdown_grace: Duration::from_secs(5),

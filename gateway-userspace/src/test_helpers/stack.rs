@@ -226,6 +226,7 @@ impl Stack {
                 dir: recordings.clone(),
                 max_rows_per_file: 100_000,
                 max_file_age: Duration::from_secs(60),
+                max_object_bytes: 256 * 1024,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -1,0 +1,194 @@
+//! Request bodies: read (up to a limit) and decoded so policy and recording see the object.
+//!
+//! A body up to `limits.maxInspectedBodyBytes` is read whole, then decoded by its
+//! `Content-Type`: JSON and the JSON patch types as they are, YAML (server-side apply) into
+//! JSON, and Kubernetes protobuf transcoded to JSON, which is also what is forwarded (the
+//! API server accepts either; see [`crate::protobuf`]). A larger body is forwarded as it
+//! arrives, with what was already read in front, and recorded as truncated: it is never
+//! held whole in memory.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{HeaderValue, header, request::Parts};
+use http_body::{Body as _, Frame};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::{BoxError, ProxyBody};
+use crate::protobuf;
+
+/// Why a body could not be accepted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The client did not finish sending the body in time.
+    #[error("the request body did not arrive within {0:?}")]
+    Timeout(Duration),
+    /// The client's stream failed (reset, malformed chunking).
+    #[error("reading the request body: {0}")]
+    Read(String),
+    /// A protobuf body that cannot be transcoded faithfully.
+    #[error("cannot decode the protobuf request body: {0}")]
+    Protobuf(#[from] protobuf::ProtobufError),
+}
+
+/// What inspection learned about a request body.
+#[derive(Debug, Default)]
+pub(crate) struct Inspected {
+    /// The decoded object (unmasked), when the body was read whole and is JSON-shaped.
+    pub object: Option<Value>,
+    /// The body exceeded the inspection limit and went through unread.
+    pub truncated: bool,
+    /// `Content-Type` as the client sent it.
+    pub content_type: Option<String>,
+    /// Bytes the client sent, when the body was read whole here (what is forwarded may
+    /// differ: a transcoded body); `None` when it streams through and is counted on the way.
+    pub whole_len: Option<u64>,
+}
+
+/// How a `Content-Type` is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    Yaml,
+    Protobuf,
+    Other,
+}
+
+fn encoding(content_type: Option<&str>) -> Encoding {
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match media.as_str() {
+        "application/json"
+        | "application/merge-patch+json"
+        | "application/strategic-merge-patch+json"
+        | "application/json-patch+json" => Encoding::Json,
+        "application/yaml" | "application/apply-patch+yaml" => Encoding::Yaml,
+        protobuf::MEDIA_TYPE => Encoding::Protobuf,
+        _ => Encoding::Other,
+    }
+}
+
+/// Reads and decodes the body of a request whose head is `parts`, returning the body to
+/// forward (rewritten headers included) and what was learned.
+pub(crate) async fn inspect(
+    parts: &mut Parts,
+    mut body: Incoming,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<(ProxyBody, Inspected), BodyError> {
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut inspected = Inspected {
+        content_type: content_type.clone(),
+        ..Inspected::default()
+    };
+    if body.is_end_stream() {
+        inspected.whole_len = Some(0);
+        return Ok((body.map_err(BoxError::from).boxed(), inspected));
+    }
+    let declared = body.size_hint().exact();
+    if max_bytes == 0 || declared.is_some_and(|n| n > max_bytes as u64) {
+        // Known to be too large: do not read a byte of it here.
+        inspected.truncated = true;
+        return Ok((body.map_err(BoxError::from).boxed(), inspected));
+    }
+
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout(timeout)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Trailers on a request to the API server carry nothing it reads; drop them.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max_bytes {
+            // Too large after all (chunked, no length): forward what was read, then the rest.
+            buf.extend_from_slice(&data);
+            inspected.truncated = true;
+            let head =
+                futures_util::stream::once(
+                    async move { Ok::<_, BoxError>(Frame::data(buf.freeze())) },
+                );
+            let rest = BodyStream::new(body.map_err(BoxError::from));
+            return Ok((
+                BodyExt::boxed(StreamBody::new(StreamExt::chain(head, rest))),
+                inspected,
+            ));
+        }
+        buf.extend_from_slice(&data);
+    }
+    let bytes = buf.freeze();
+    inspected.whole_len = Some(bytes.len() as u64);
+    let forward = match encoding(content_type.as_deref()) {
+        Encoding::Json => {
+            inspected.object = serde_json::from_slice(&bytes).ok();
+            bytes
+        }
+        Encoding::Yaml => {
+            inspected.object = serde_norway::from_slice(&bytes).ok();
+            bytes
+        }
+        Encoding::Protobuf => {
+            let transcoded = protobuf::transcode(&bytes)?;
+            let json = Bytes::from(transcoded.object.to_string());
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            inspected.object = Some(transcoded.object);
+            json
+        }
+        Encoding::Other => bytes,
+    };
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(forward.len()));
+    let body = http_body_util::Full::new(forward)
+        .map_err(|never| match never {})
+        .boxed();
+    Ok((body, inspected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_map_to_decoders() {
+        for (ct, want) in [
+            (Some("application/json"), Encoding::Json),
+            (Some("application/json; charset=utf-8"), Encoding::Json),
+            (Some("Application/JSON"), Encoding::Json),
+            (
+                Some("application/strategic-merge-patch+json"),
+                Encoding::Json,
+            ),
+            (Some("application/merge-patch+json"), Encoding::Json),
+            (Some("application/json-patch+json"), Encoding::Json),
+            (Some("application/apply-patch+yaml"), Encoding::Yaml),
+            (Some("application/yaml"), Encoding::Yaml),
+            (
+                Some("application/vnd.kubernetes.protobuf"),
+                Encoding::Protobuf,
+            ),
+            (Some("text/plain"), Encoding::Other),
+            (None, Encoding::Other),
+        ] {
+            assert_eq!(encoding(ct), want, "{ct:?}");
+        }
+    }
+}
