@@ -245,6 +245,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         limits: cfg.limits.clone(),
         impersonate: cfg.upstream.impersonate.clone(),
         max_object_bytes: cfg.recording.max_object_bytes,
+        record_responses: cfg.recording.response_bodies,
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(token) = token {

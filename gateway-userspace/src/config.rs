@@ -354,6 +354,11 @@ pub struct RecordingConfig {
     /// flagged `request_object_truncated`, so what is recorded is always valid JSON.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: usize,
+    /// Record response bodies (`response_object`, masked). For it the gateway asks the API
+    /// server for JSON where a client accepts protobuf. Watches and streams are not recorded
+    /// as objects.
+    #[serde(default = "default_true")]
+    pub response_bodies: bool,
 }
 
 fn default_resolve_every() -> Duration {
@@ -412,6 +417,9 @@ fn default_max_inspected_body_bytes() -> u32 {
 }
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_true() -> bool {
+    true
 }
 fn default_max_object_bytes() -> usize {
     256 * 1024

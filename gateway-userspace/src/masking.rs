@@ -34,6 +34,14 @@ pub fn mask_for_recording(resource: &str, object: &mut Value) -> u32 {
                     masked += mask_for_recording(resource, item);
                 }
             }
+            // A Table (kubectl get) may carry each row's whole object.
+            if let Some(Value::Array(rows)) = map.get_mut("rows") {
+                for row in rows {
+                    if let Some(object) = row.get_mut("object") {
+                        masked += mask_for_recording(resource, object);
+                    }
+                }
+            }
             let is_secret =
                 resource == "secrets" || map.get("kind").and_then(Value::as_str) == Some("Secret");
             if is_secret {
@@ -122,6 +130,13 @@ mod tests {
                 "",
                 json!({"kind": "List", "items": [{"kind": "Secret", "data": {"k": "dg=="}}]}),
                 json!({"kind": "List", "items": [{"kind": "Secret", "data": {"k": MASK}}]}),
+                1,
+            ),
+            (
+                "a table of secrets with whole objects",
+                "secrets",
+                json!({"kind": "Table", "rows": [{"cells": ["db"], "object": {"data": {"k": "dg=="}}}]}),
+                json!({"kind": "Table", "rows": [{"cells": ["db"], "object": {"data": {"k": MASK}}}]}),
                 1,
             ),
             (

@@ -531,20 +531,61 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
         "{status}"
     );
 
+    // Reads a typed client makes accept protobuf first; the gateway records the response,
+    // so it asks upstream for JSON (the client decodes by the response's Content-Type).
+    let resp = c
+        .request(
+            request(
+                &h,
+                Method::GET,
+                "/api/v1/namespaces/default/configmaps/settings",
+            )
+            .header(
+                "accept",
+                "application/vnd.kubernetes.protobuf, application/json",
+            )
+            .body(Full::default())
+            .expect("req"),
+        )
+        .await
+        .expect("GET configmap");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    drop(body_json(resp).await);
+
     let (rows, apiserver, _dir) = stop(h).await;
-    let seen: Vec<_> = apiserver
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "POST")
-        .collect();
+    let requests = apiserver.requests();
+    let seen: Vec<_> = requests.iter().filter(|r| r.method == "POST").collect();
     assert_eq!(
         seen.len(),
         1,
         "only the configmap reaches upstream: {seen:?}"
     );
     assert_eq!(seen[0].content_type.as_deref(), Some("application/json"));
+    let get = requests
+        .iter()
+        .find(|r| r.method == "GET")
+        .expect("the GET reached upstream");
+    assert_eq!(get.accept.as_deref(), Some("application/json"));
 
-    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    let read = &rows[3];
+    let object: serde_json::Value = serde_json::from_str(
+        read.response_object
+            .as_deref()
+            .expect("response object recorded"),
+    )
+    .expect("recorded response is JSON");
+    assert_eq!(object["data"]["mode"], "fast", "{object}");
+    assert!(!read.response_object_truncated);
+    let created: serde_json::Value = serde_json::from_str(
+        rows[0]
+            .response_object
+            .as_deref()
+            .expect("create response recorded"),
+    )
+    .expect("JSON");
+    assert_eq!(created["metadata"]["name"], "settings");
     let configmap = &rows[0];
     assert_eq!(
         configmap.request_content_type.as_deref(),

@@ -152,6 +152,7 @@ impl Env {
             limits: Default::default(),
             impersonate: Default::default(),
             max_object_bytes: 256 * 1024,
+            record_responses: true,
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());

@@ -163,9 +163,118 @@ pub(crate) async fn inspect(
     Ok((body, inspected))
 }
 
+/// The `Accept` header to send upstream when the gateway reads the response: every
+/// protobuf alternative becomes JSON with the same parameters (`as=Table;v=v1;g=...`
+/// survives), duplicates dropped. `None` when nothing needs to change.
+pub(crate) fn accept_json(accept: &HeaderValue) -> Option<HeaderValue> {
+    let text = accept.to_str().ok()?;
+    if !text.to_ascii_lowercase().contains(protobuf::MEDIA_TYPE) {
+        return None;
+    }
+    let mut out: Vec<String> = Vec::new();
+    for entry in text.split(',') {
+        let entry = entry.trim();
+        let (media, params) = entry.split_once(';').unwrap_or((entry, ""));
+        let media = if media.trim().eq_ignore_ascii_case(protobuf::MEDIA_TYPE) {
+            "application/json"
+        } else {
+            media.trim()
+        };
+        let rewritten = if params.is_empty() {
+            media.to_owned()
+        } else {
+            format!("{media};{params}")
+        };
+        if !out.contains(&rewritten) {
+            out.push(rewritten);
+        }
+    }
+    HeaderValue::from_str(&out.join(",")).ok()
+}
+
+/// A copy of a response body, kept while it stays within a limit, for recording.
+#[derive(Debug)]
+pub(crate) struct Capture {
+    buf: BytesMut,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl Capture {
+    /// Starts a capture of at most `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+
+    /// Appends a frame's data, or gives up (freeing the copy) once past the limit.
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        if self.overflowed {
+            return;
+        }
+        if self.buf.len() + data.len() > self.limit {
+            self.overflowed = true;
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// The captured object, or `Err(())` when the body was too large to keep.
+    pub(crate) fn finish(self) -> Result<Option<Value>, ()> {
+        if self.overflowed {
+            return Err(());
+        }
+        Ok(serde_json::from_slice(&self.buf).ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_asks_for_json_in_place_of_protobuf_keeping_parameters() {
+        for (accept, want) in [
+            (
+                "application/vnd.kubernetes.protobuf, application/json",
+                Some("application/json"),
+            ),
+            (
+                "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+                Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
+            ),
+            (
+                "application/vnd.kubernetes.protobuf",
+                Some("application/json"),
+            ),
+            ("application/json", None),
+            ("application/json;as=Table;v=v1;g=meta.k8s.io", None),
+            ("*/*", None),
+        ] {
+            let got = accept_json(&HeaderValue::from_static(accept));
+            assert_eq!(got.as_ref().and_then(|v| v.to_str().ok()), want, "{accept}");
+        }
+    }
+
+    #[test]
+    fn capture_keeps_bodies_within_the_limit_only() {
+        let mut c = Capture::new(16);
+        c.push(br#"{"a":"#);
+        c.push(br#"1}"#);
+        assert_eq!(c.finish(), Ok(Some(serde_json::json!({"a": 1}))));
+        let mut c = Capture::new(4);
+        c.push(b"{}");
+        c.push(b"12345");
+        c.push(b"{}");
+        assert_eq!(c.finish(), Err(()));
+        let mut c = Capture::new(64);
+        c.push(b"plain text log line");
+        assert_eq!(c.finish(), Ok(None));
+    }
 
     #[test]
     fn content_types_map_to_decoders() {

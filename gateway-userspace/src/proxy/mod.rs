@@ -172,6 +172,7 @@ pub struct Proxy {
     limits: LimitsConfig,
     impersonate: ImpersonationConfig,
     max_object_bytes: usize,
+    record_responses: bool,
     connections: Arc<ConnectionLimiter>,
     /// Cancelled when the drain starts: connections stop taking requests, watches end.
     draining: CancellationToken,
@@ -219,8 +220,10 @@ pub struct ProxySettings {
     pub limits: LimitsConfig,
     /// Whose identity upstream requests run as.
     pub impersonate: ImpersonationConfig,
-    /// Largest request object recorded (`recording.maxObjectBytes`).
+    /// Largest object recorded (`recording.maxObjectBytes`).
     pub max_object_bytes: usize,
+    /// Record response bodies (`recording.responseBodies`).
+    pub record_responses: bool,
 }
 
 /// A request between inspection and forwarding.
@@ -301,6 +304,7 @@ impl Proxy {
             limits: s.limits,
             impersonate: s.impersonate,
             max_object_bytes: s.max_object_bytes,
+            record_responses: s.record_responses,
             draining: CancellationToken::new(),
         })
     }
@@ -712,6 +716,8 @@ impl Proxy {
             request_object: None,
             request_object_truncated: false,
             masked_fields: 0,
+            response_object: None,
+            response_object_truncated: false,
         }
     }
 
@@ -751,6 +757,16 @@ impl Proxy {
         };
         sanitize_request_headers(&mut parts.headers);
         self.upstream_credentials(&mut parts.headers, &parts.extensions);
+        // Watches stream for as long as they last; they are recorded as requests only.
+        let capture = self.record_responses && record.verb != "watch";
+        if capture
+            && let Some(json) = parts
+                .headers
+                .get(header::ACCEPT)
+                .and_then(body::accept_json)
+        {
+            parts.headers.insert(header::ACCEPT, json);
+        }
         // The upstream connection's protocol is negotiated independently of the client's.
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
@@ -765,7 +781,15 @@ impl Proxy {
                     insert_audit_id(&mut parts.headers, &audit_id);
                 }
                 let watch = record.verb == "watch";
-                let guard = RecordGuard::new(self, record, started, request_bytes);
+                let json = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ct| ct.starts_with("application/json"));
+                let mut guard = RecordGuard::new(self, record, started, request_bytes);
+                if capture && json {
+                    guard.capture = Some(body::Capture::new(self.max_object_bytes));
+                }
                 let mut body = body.map_err(BoxError::from).boxed();
                 if watch {
                     // A watch never ends by itself; on drain it ends cleanly (the client sees
@@ -1183,6 +1207,11 @@ struct RecordGuard {
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
+    /// A copy of the response body for `response_object`, when it is recorded.
+    capture: Option<body::Capture>,
+    /// The response body was sent to its end (a partial body is not recorded as an object).
+    complete: bool,
+    max_object_bytes: usize,
 }
 
 impl RecordGuard {
@@ -1198,6 +1227,9 @@ impl RecordGuard {
             started,
             request_bytes,
             response_bytes: 0,
+            capture: None,
+            complete: false,
+            max_object_bytes: proxy.max_object_bytes,
         }
     }
 }
@@ -1216,10 +1248,16 @@ impl Drop for RecordGuard {
         let audit_id = record.audit_id.clone();
         self.metrics.count_request(&record.decision);
         let metrics = self.metrics.clone();
+        let capture = self.capture.take().filter(|_| self.complete);
+        let max_object_bytes = self.max_object_bytes;
         // Drop cannot await; the recorder applies back-pressure inside the task instead.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
+                    // Decoding and masking happen here, off the response's path.
+                    if let Some(capture) = capture {
+                        record_response_object(&mut record, capture, max_object_bytes);
+                    }
                     if let Err(e) = recorder.record(record).await {
                         metrics.recording_failures.inc();
                         tracing::error!(%audit_id, error = %e, "request could not be recorded");
@@ -1227,6 +1265,26 @@ impl Drop for RecordGuard {
                 });
             }
             Err(_) => tracing::error!(%audit_id, "request could not be recorded: no runtime"),
+        }
+    }
+}
+
+/// Puts a captured response body into the record, masked and size-capped.
+fn record_response_object(record: &mut RequestRecord, capture: body::Capture, max_bytes: usize) {
+    match capture.finish() {
+        Err(()) => record.response_object_truncated = true,
+        Ok(None) => {}
+        Ok(Some(mut object)) => {
+            let masked = masking::mask_for_recording(&record.object_ref.resource, &mut object);
+            record.masked_fields = record
+                .masked_fields
+                .saturating_add(i32::try_from(masked).unwrap_or(i32::MAX));
+            let text = object.to_string();
+            if text.len() <= max_bytes {
+                record.response_object = Some(text);
+            } else {
+                record.response_object_truncated = true;
+            }
         }
     }
 }
@@ -1257,6 +1315,14 @@ impl Body for Metered {
             && let Some(data) = frame.data_ref()
         {
             this.guard.response_bytes += data.len() as u64;
+            if let Some(capture) = this.guard.capture.as_mut() {
+                capture.push(data);
+            }
+            // hyper stops polling a body that says it has ended.
+            this.guard.complete |= this.inner.is_end_stream();
+        }
+        if let Poll::Ready(None) = &polled {
+            this.guard.complete = true;
         }
         if let Poll::Ready(Some(Err(e))) = &polled
             && let Some((_, record)) = this.guard.pending.as_mut()

@@ -257,6 +257,13 @@ pub(crate) fn decode_batch(
                     .value(i))
             })?
             .unwrap_or(0),
+            response_object: added(&c, "response_object", |a| string_at(a, i))?.flatten(),
+            response_object_truncated: added(&c, "response_object_truncated", |a| {
+                Ok(a.as_boolean_opt()
+                    .ok_or("response_object_truncated is not boolean")?
+                    .value(i))
+            })?
+            .unwrap_or(false),
         });
     }
     Ok(())

@@ -81,6 +81,11 @@ pub struct RequestRecord {
     pub request_object_truncated: bool,
     /// How many values masking replaced in the recorded objects.
     pub masked_fields: i32,
+    /// The response body as JSON, masked; `None` for watches, streams, non-JSON bodies
+    /// and bodies beyond the size limit.
+    pub response_object: Option<String>,
+    /// The response was JSON but larger than the recorded limit.
+    pub response_object_truncated: bool,
 }
 
 /// The verified principal behind a request (the `principal` struct column). The token
@@ -221,6 +226,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         utf8("request_object", true),
         Field::new("request_object_truncated", DataType::Boolean, false),
         Field::new("masked_fields", DataType::Int32, false),
+        utf8("response_object", true),
+        Field::new("response_object_truncated", DataType::Boolean, false),
     ]))
 });
 
@@ -311,10 +318,12 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
     let mut response_code = Int32Builder::with_capacity(rows.len());
     let mut masked_fields = Int32Builder::with_capacity(rows.len());
     let mut truncated = BooleanBuilder::with_capacity(rows.len());
+    let mut response_truncated = BooleanBuilder::with_capacity(rows.len());
     for row in rows {
         response_code.append_value(row.response_code);
         masked_fields.append_value(row.masked_fields);
         truncated.append_value(row.request_object_truncated);
+        response_truncated.append_value(row.response_object_truncated);
     }
     RecordBatch::try_new(
         requests_schema(),
@@ -347,6 +356,8 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             strings(rows, |r| r.request_object.as_deref()),
             Arc::new(truncated.finish()),
             Arc::new(masked_fields.finish()),
+            strings(rows, |r| r.response_object.as_deref()),
+            Arc::new(response_truncated.finish()),
         ],
     )
 }
@@ -388,6 +399,8 @@ mod tests {
             ("request_object", DataType::Utf8, true),
             ("request_object_truncated", DataType::Boolean, false),
             ("masked_fields", DataType::Int32, false),
+            ("response_object", DataType::Utf8, true),
+            ("response_object_truncated", DataType::Boolean, false),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

@@ -68,6 +68,8 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
         request_object: Some(format!(r#"{{"kind":"Scale","spec":{{"replicas":{i}}}}}"#)),
         request_object_truncated: i % 2 == 0,
         masked_fields: 2,
+        response_object: Some(format!(r#"{{"kind":"Scale","status":{{"replicas":{i}}}}}"#)),
+        response_object_truncated: i % 3 == 0,
     }
 }
 

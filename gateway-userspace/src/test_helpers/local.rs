@@ -52,6 +52,7 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             max_rows_per_file: 1000,
             max_file_age: Duration::from_secs(60),
             max_object_bytes: 256 * 1024,
+            response_bodies: true,
         },
         admin: AdminConfig { address: loopback },
         shutdown_grace: Duration::from_secs(5),

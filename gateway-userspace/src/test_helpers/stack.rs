@@ -227,6 +227,7 @@ impl Stack {
                 max_rows_per_file: 100_000,
                 max_file_age: Duration::from_secs(60),
                 max_object_bytes: 256 * 1024,
+            response_bodies: true,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),
