@@ -122,6 +122,29 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     mismatch: None,
                 },
                 impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
+                request_content_type: (verb == "create" || verb == "patch")
+                    .then(|| "application/json".into()),
+                request_object: (verb == "create" || verb == "patch").then(|| {
+                    format!(
+                        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"obj-{}","namespace":"agents-{}"}},"data":{{"mode":"fast","replicas":"{}"}}}}"#,
+                        i % 1000,
+                        pod % 5,
+                        i % 7
+                    )
+                }),
+                request_object_truncated: false,
+                masked_fields: 0,
+                // A typical small object, as a GET of one ConfigMap returns it.
+                response_object: (!denied && !failed).then(|| {
+                    format!(
+                        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"obj-{}","namespace":"agents-{}","uid":"6f1c7e0a-3b52-4a57-9a8e-{:012}","resourceVersion":"{}","creationTimestamp":"2026-11-23T17:00:00Z","labels":{{"app":"agent","team":"platform"}}}},"data":{{"mode":"fast","endpoint":"https://example.invalid/v1","retries":"3","timeout":"30s"}}}}"#,
+                        i % 1000,
+                        pod % 5,
+                        i,
+                        100_000 + i
+                    )
+                }),
+                response_object_truncated: false,
             }
         })
         .collect()

@@ -14,6 +14,7 @@ pub mod drain;
 pub mod ebpf;
 pub mod identity;
 pub mod k8s;
+pub mod kubeconfig;
 pub mod masking;
 pub mod policy;
 pub mod protobuf;
