@@ -21,6 +21,7 @@ use crate::{
         resolver::{CgroupResolver, ResolverLimits},
         tokenreview::{KubeTokenReviewer, TokenReviewer},
     },
+    kubeconfig::BearerToken,
     policy::{Policy, PolicyError},
     proxy::{GatewayToken, Proxy, ProxyError, ProxySettings},
     recorder::{Recorder, RecorderConfig, RecorderError, RecorderStats},
@@ -127,19 +128,21 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         SERVING_CERT_VALIDITY,
     )?;
     let server_tls = tls::server_config_rotating(serving_cert.clone())?;
-    let client_identity = match (
-        &cfg.upstream.client_cert_file,
-        &cfg.upstream.client_key_file,
-    ) {
-        (Some(cert), Some(key)) => Some(tls::load_client_identity(cert, key)?),
-        _ => None,
-    };
+    let resolved = cfg
+        .upstream
+        .resolve()
+        .map_err(|(key, message)| AppError::Config(format!("{key}: {message}")))?;
+    let client_identity = resolved
+        .client_certificate
+        .as_ref()
+        .map(|(cert, key, what)| tls::client_identity_from_pem(cert, key, what, what))
+        .transpose()?;
+    let ca_pem = String::from_utf8_lossy(&resolved.ca_pem);
     let upstream_tls = tls::client_config_with_identity(
-        tls::root_store_from_file(&cfg.upstream.ca_file)?,
+        tls::root_store_from_pem(&ca_pem, &resolved.ca_source)?,
         client_identity,
     )?;
-    let upstream_server_name = cfg
-        .upstream
+    let upstream_server_name = resolved
         .tls_server_name
         .as_ref()
         .map(|n| {
@@ -147,18 +150,16 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 .map_err(|e| AppError::Config(format!("upstream.tlsServerName {n:?}: {e}")))
         })
         .transpose()?;
-    let upstream_url: http::Uri = cfg
-        .upstream
+    let upstream_url: http::Uri = resolved
         .url
         .as_str()
         .parse()
-        .map_err(|e| AppError::Config(format!("upstream.url {}: {e}", cfg.upstream.url)))?;
-    let token = cfg
-        .upstream
-        .token_file
-        .as_deref()
-        .map(GatewayToken::load)
-        .transpose()?;
+        .map_err(|e| AppError::Config(format!("upstream.url {}: {e}", resolved.url)))?;
+    let token = match &resolved.token {
+        Some(BearerToken::TokenFile(path)) => Some(GatewayToken::load(path)?),
+        Some(BearerToken::Token(token)) => Some(GatewayToken::fixed(token)?),
+        None => None,
+    };
     let node = cfg.node_name();
 
     let kube_client = if cfg.identity.watch_pods
@@ -224,7 +225,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         metrics: metrics.clone(),
         interceptor: interceptor.clone(),
         listen: local_addr,
-        upstream: cfg.upstream.url.to_string(),
+        upstream: resolved.url.to_string(),
     });
 
     let proxy = Proxy::new(ProxySettings {
@@ -302,7 +303,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     } else {
         PinGuard::disarmed()
     };
-    tracing::info!(%local_addr, %admin_addr, upstream = %cfg.upstream.url, "chaperone is ready");
+    tracing::info!(%local_addr, %admin_addr, upstream = %resolved.url, "chaperone is ready");
     Ok(App {
         local_addr,
         identity,

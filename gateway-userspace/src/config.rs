@@ -253,10 +253,16 @@ impl Default for InterceptionConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `https://host:port` of the real API server.
-    pub url: url::Url,
+    /// `https://host:port` of the real API server (or take it from `kubeconfig`).
+    #[serde(default)]
+    pub url: Option<url::Url>,
     /// PEM bundle the upstream's certificate is verified against (the cluster CA).
-    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A kubeconfig to take the server, CA and credential from, in place of `url`,
+    /// `caFile`, `tokenFile`, `clientCertFile`/`clientKeyFile` and `tlsServerName`.
+    #[serde(default)]
+    pub kubeconfig: Option<KubeconfigSource>,
     /// File holding the gateway's bearer token (re-read when it changes).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
@@ -275,6 +281,117 @@ pub struct UpstreamConfig {
     /// Connect timeout; an unreachable upstream answers 503 after this.
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+}
+
+/// `upstream.kubeconfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeconfigSource {
+    /// The kubeconfig file.
+    pub path: PathBuf,
+    /// The context to use (default: the file's `current-context`).
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+/// The upstream API server with everything resolved: URL, CA, name and credential, from
+/// the explicit settings or from a kubeconfig.
+#[derive(Clone)]
+pub struct ResolvedUpstream {
+    /// `https://host:port[/prefix]` of the API server.
+    pub url: url::Url,
+    /// PEM bundle the API server is verified against, and where it came from.
+    pub ca_pem: Vec<u8>,
+    /// Names `ca_pem` in errors.
+    pub ca_source: String,
+    /// Overrides the name verified in the upstream certificate.
+    pub tls_server_name: Option<String>,
+    /// The bearer token, inline or re-read from a file.
+    pub token: Option<crate::kubeconfig::BearerToken>,
+    /// Client certificate and key (PEM), and where they came from.
+    pub client_certificate: Option<(Vec<u8>, Vec<u8>, String)>,
+}
+
+impl std::fmt::Debug for ResolvedUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedUpstream")
+            .field("url", &self.url.as_str())
+            .field("ca_source", &self.ca_source)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("token", &self.token.is_some())
+            .field(
+                "client_certificate",
+                &self.client_certificate.as_ref().map(|c| &c.2),
+            )
+            .finish()
+    }
+}
+
+impl UpstreamConfig {
+    /// Resolves the server, CA and credential, reading the files involved. Errors name the
+    /// config key (and, for a kubeconfig, the kubeconfig's own key).
+    pub fn resolve(&self) -> Result<ResolvedUpstream, (&'static str, String)> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| (key, format!("{}: {e}", path.display())))
+        };
+        if let Some(source) = &self.kubeconfig {
+            let k = crate::kubeconfig::load(&source.path, source.context.as_deref())
+                .map_err(|e| ("upstream.kubeconfig", e.to_string()))?;
+            let ca_pem = k.ca_pem.clone().ok_or((
+                "upstream.kubeconfig",
+                format!(
+                    "{}: cluster {:?} has no certificate-authority(-data); the gateway verifies the API server against the cluster CA and has no system trust store to fall back on",
+                    source.path.display(),
+                    k.cluster
+                ),
+            ))?;
+            let what = format!("{} (user {:?})", source.path.display(), k.user);
+            return Ok(ResolvedUpstream {
+                url: k.server.clone(),
+                ca_pem,
+                ca_source: format!("{} (cluster {:?})", source.path.display(), k.cluster),
+                tls_server_name: k.tls_server_name.clone(),
+                token: k.credential.bearer(),
+                client_certificate: k
+                    .credential
+                    .client_certificate()
+                    .map(|(c, key)| (c.to_vec(), key.to_vec(), what)),
+            });
+        }
+        let url = self.url.clone().ok_or((
+            "upstream.url",
+            "is required (or set upstream.kubeconfig)".to_owned(),
+        ))?;
+        let ca_file = self.ca_file.as_deref().ok_or((
+            "upstream.caFile",
+            "is required (or set upstream.kubeconfig)".to_owned(),
+        ))?;
+        let client_certificate = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => Some((
+                read("upstream.clientCertFile", cert)?,
+                read("upstream.clientKeyFile", key)?,
+                format!("{} and {}", cert.display(), key.display()),
+            )),
+            (None, None) => None,
+            _ => {
+                return Err((
+                    "upstream.clientCertFile",
+                    "clientCertFile and clientKeyFile go together".to_owned(),
+                ));
+            }
+        };
+        Ok(ResolvedUpstream {
+            url,
+            ca_pem: read("upstream.caFile", ca_file)?,
+            ca_source: ca_file.display().to_string(),
+            tls_server_name: self.tls_server_name.clone(),
+            token: self
+                .token_file
+                .clone()
+                .map(crate::kubeconfig::BearerToken::TokenFile),
+            client_certificate,
+        })
+    }
 }
 
 /// How the gateway impersonates on upstream requests.
@@ -537,14 +654,42 @@ impl Config {
             path,
             message,
         };
-        if self.upstream.url.scheme() != "https" {
+        if self.upstream.kubeconfig.is_some() {
+            let u = &self.upstream;
+            for (key, set) in [
+                ("upstream.url", u.url.is_some()),
+                ("upstream.caFile", u.ca_file.is_some()),
+                ("upstream.tokenFile", u.token_file.is_some()),
+                ("upstream.clientCertFile", u.client_cert_file.is_some()),
+                ("upstream.clientKeyFile", u.client_key_file.is_some()),
+                ("upstream.tlsServerName", u.tls_server_name.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        "conflicts with upstream.kubeconfig, which supplies it".to_owned(),
+                    ));
+                }
+            }
+        }
+        let upstream = self
+            .upstream
+            .resolve()
+            .map_err(|(key, message)| invalid(key, message))?;
+        if upstream.url.scheme() != "https" {
             return Err(invalid(
                 "upstream.url",
-                format!("must be https://, got {}", self.upstream.url),
+                format!("must be https://, got {}", upstream.url),
             ));
         }
-        if self.upstream.url.host().is_none() {
+        if upstream.url.host().is_none() {
             return Err(invalid("upstream.url", "has no host".to_owned()));
+        }
+        if upstream.token.is_none() && upstream.client_certificate.is_none() {
+            return Err(invalid(
+                "upstream",
+                "needs a credential for the gateway: tokenFile, clientCertFile and clientKeyFile, or a kubeconfig user with one".to_owned(),
+            ));
         }
         if self.interception.mode == InterceptionMode::Ebpf {
             if self.interception.targets.is_empty()
@@ -607,13 +752,7 @@ impl Config {
                 "clientCertFile and clientKeyFile go together".to_owned(),
             ));
         }
-        if u.token_file.is_none() && u.client_cert_file.is_none() {
-            return Err(invalid(
-                "upstream",
-                "needs a credential for the gateway: tokenFile, or clientCertFile and clientKeyFile".to_owned(),
-            ));
-        }
-        let mut required = vec![("upstream.caFile", &self.upstream.ca_file)];
+        let mut required = Vec::new();
         for (path, file) in [
             ("upstream.tokenFile", &u.token_file),
             ("upstream.clientCertFile", &u.client_cert_file),
@@ -779,6 +918,79 @@ mod tests {
             assert!(err.starts_with("config.yaml:"), "{err}");
             assert!(err.contains(expected), "expected {expected:?} in {err:?}");
         }
+    }
+
+    #[test]
+    fn a_kubeconfig_replaces_the_explicit_upstream_settings() {
+        let (dir, yaml) = fixture();
+        let d = dir.path().display();
+        let explicit = format!(
+            "  url: https://127.0.0.1:6443\n  caFile: {d}/ca.crt\n  tokenFile: {d}/token\n"
+        );
+        let write_kubeconfig = |user: &str, ca: &str| {
+            std::fs::write(
+                dir.path().join("kubeconfig"),
+                format!(
+                    "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+                     clusters:\n- name: k\n  cluster:\n    server: https://192.0.2.1:6443\n{ca}\
+                     users:\n- name: u\n  user:\n{user}\
+                     contexts:\n- name: c\n  context:\n    cluster: k\n    user: u\n"
+                ),
+            )
+            .unwrap();
+        };
+        let with_kubeconfig = |extra: &str| {
+            yaml.replacen(
+                &explicit,
+                &format!("{extra}  kubeconfig:\n    path: {d}/kubeconfig\n"),
+                1,
+            )
+        };
+        write_kubeconfig(
+            "    tokenFile: token\n",
+            "    certificate-authority: ca.crt\n",
+        );
+        let c = Config::from_yaml(&with_kubeconfig(""), "c.yaml").unwrap();
+        let u = c.upstream.resolve().unwrap();
+        assert_eq!(u.url.as_str(), "https://192.0.2.1:6443/");
+        assert_eq!(u.ca_pem, b"x");
+        assert_eq!(
+            u.token,
+            Some(crate::kubeconfig::BearerToken::TokenFile(
+                dir.path().join("token")
+            ))
+        );
+
+        let cases = [
+            (
+                with_kubeconfig("  url: https://127.0.0.1:6443\n"),
+                "upstream.url: conflicts with upstream.kubeconfig",
+            ),
+            (
+                with_kubeconfig(&format!("  tokenFile: {d}/token\n")),
+                "upstream.tokenFile: conflicts with upstream.kubeconfig",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_yaml(&text, "c.yaml").unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        write_kubeconfig("    token: abc\n", "");
+        let err = Config::from_yaml(&with_kubeconfig(""), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.kubeconfig") && err.contains("no certificate-authority"),
+            "{err}"
+        );
+        write_kubeconfig(
+            "    exec:\n      command: aws\n",
+            "    certificate-authority: ca.crt\n",
+        );
+        let err = Config::from_yaml(&with_kubeconfig(""), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("users[0].user.exec"), "{err}");
     }
 
     #[test]

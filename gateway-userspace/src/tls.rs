@@ -380,26 +380,43 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Loads a client certificate chain and its key (PEM) for authenticating to the API server.
+/// Loads a client certificate chain and its key (PEM files) for authenticating to the API
+/// server.
 pub fn load_client_identity(
     cert: &Path,
     key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let what = |p: &Path| p.display().to_string();
-    let chain = CertificateDer::pem_slice_iter(read(cert)?.as_bytes())
+    client_identity_from_pem(
+        read(cert)?.as_bytes(),
+        read(key)?.as_bytes(),
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+}
+
+/// Parses a client certificate chain and its key (PEM); `cert_what`/`key_what` name them
+/// in errors.
+pub fn client_identity_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_what: &str,
+    key_what: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem {
-            what: what(cert),
+            what: cert_what.to_owned(),
             message: e.to_string(),
         })?;
     if chain.is_empty() {
-        return Err(TlsError::NoCertificate { what: what(cert) });
+        return Err(TlsError::NoCertificate {
+            what: cert_what.to_owned(),
+        });
     }
-    let key_der =
-        PrivateKeyDer::from_pem_slice(read(key)?.as_bytes()).map_err(|e| TlsError::Pem {
-            what: what(key),
-            message: e.to_string(),
-        })?;
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+        what: key_what.to_owned(),
+        message: e.to_string(),
+    })?;
     Ok((chain, key_der))
 }
 

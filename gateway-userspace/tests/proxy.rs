@@ -7,7 +7,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
-    config::{Config, ImpersonationConfig, ImpersonationMode},
+    config::{Config, ImpersonationConfig, ImpersonationMode, KubeconfigSource},
     masking,
     protobuf::writer::{Msg, envelope},
     recorder::{self, RequestRecord},
@@ -368,6 +368,48 @@ async fn rotated_gateway_token_is_used_without_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop(h).await;
+}
+
+#[tokio::test]
+async fn a_kubeconfig_supplies_server_ca_and_credential() {
+    let h = start_configured(None, |config| {
+        let u = &mut config.upstream;
+        let server = u.url.take().expect("local config has a url");
+        let ca = u.ca_file.take().expect("local config has a CA");
+        let dir = ca.parent().expect("CA in the temp dir").to_owned();
+        u.token_file = None;
+        // Two contexts, the current one with an exec plugin the gateway would refuse: the
+        // configured context is the one used. The CA path is relative to the kubeconfig.
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: laptop\n\
+             clusters:\n- name: real\n  cluster:\n    server: {server}\n    certificate-authority: {}\n\
+             users:\n- name: gateway\n  user:\n    token: gateway-token-2\n\
+             - name: me\n  user:\n    exec:\n      command: aws\n\
+             contexts:\n- name: gateway\n  context:\n    cluster: real\n    user: gateway\n\
+             - name: laptop\n  context:\n    cluster: real\n    user: me\n",
+            ca.file_name().and_then(|n| n.to_str()).expect("CA file name"),
+        );
+        let path = dir.join("kubeconfig");
+        write(&path, &kubeconfig);
+        u.kubeconfig = Some(KubeconfigSource {
+            path,
+            context: Some("gateway".to_owned()),
+        });
+    })
+    .await;
+    let c = client(&h.ca_pem, true);
+    let resp = c
+        .request(
+            request(&h, Method::GET, "/api/v1/namespaces")
+                .body(Full::default())
+                .expect("req"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_rows, apiserver, _dir) = stop(h).await;
+    let auth = apiserver.requests().pop().and_then(|r| r.authorization);
+    assert_eq!(auth.as_deref(), Some("Bearer gateway-token-2"));
 }
 
 #[tokio::test]

@@ -97,7 +97,8 @@ pub enum ProxyError {
 /// the request path only reads a snapshot.
 #[derive(Debug)]
 pub struct GatewayToken {
-    path: std::path::PathBuf,
+    /// The file it is re-read from; `None` for a token given inline (kubeconfig `token`).
+    path: Option<std::path::PathBuf>,
     header: ArcSwap<HeaderValue>,
 }
 
@@ -106,8 +107,23 @@ impl GatewayToken {
     pub fn load(path: &std::path::Path) -> Result<Arc<Self>, ProxyError> {
         let header = Self::read(path)?;
         Ok(Arc::new(Self {
-            path: path.to_owned(),
+            path: Some(path.to_owned()),
             header: ArcSwap::from_pointee(header),
+        }))
+    }
+
+    /// A token given inline, which never changes.
+    pub fn fixed(token: &str) -> Result<Arc<Self>, ProxyError> {
+        let mut value =
+            HeaderValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
+                ProxyError::TokenInvalid {
+                    path: "the kubeconfig's inline token".to_owned(),
+                }
+            })?;
+        value.set_sensitive(true);
+        Ok(Arc::new(Self {
+            path: None,
+            header: ArcSwap::from_pointee(value),
         }))
     }
 
@@ -129,6 +145,9 @@ impl GatewayToken {
     /// Re-reads the file every `every` until the drain starts; a failed read keeps the old
     /// token (as client-go does) and logs why.
     pub async fn refresh_loop(self: Arc<Self>, every: Duration, drain: DrainWatcher) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -136,9 +155,9 @@ impl GatewayToken {
                 _ = drain.signaled() => return,
                 _ = tick.tick() => {}
             }
-            match Self::read(&self.path) {
+            match Self::read(&path) {
                 Ok(v) if v != **self.header.load() => {
-                    tracing::info!(path = %self.path.display(), "gateway token changed, using the new one");
+                    tracing::info!(path = %path.display(), "gateway token changed, using the new one");
                     self.header.store(Arc::new(v));
                 }
                 Ok(_) => {}

@@ -29,8 +29,9 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             ..InterceptionConfig::default()
         },
         upstream: UpstreamConfig {
-            url: upstream_url.parse()?,
-            ca_file: dir.join(CA_CERT),
+            url: Some(upstream_url.parse()?),
+            ca_file: Some(dir.join(CA_CERT)),
+            kubeconfig: None,
             token_file: Some(dir.join(TOKEN)),
             client_cert_file: None,
             client_key_file: None,

@@ -204,8 +204,9 @@ impl Stack {
                 ..InterceptionConfig::default()
             },
             upstream: UpstreamConfig {
-                url: upstream_url,
-                ca_file: ca_file.clone(),
+                url: Some(upstream_url),
+                ca_file: Some(ca_file.clone()),
+                kubeconfig: None,
                 token_file: Some(token_file),
                 client_cert_file: None,
                 client_key_file: None,
@@ -227,7 +228,7 @@ impl Stack {
                 max_rows_per_file: 100_000,
                 max_file_age: Duration::from_secs(60),
                 max_object_bytes: 256 * 1024,
-            response_bodies: true,
+                response_bodies: true,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),
