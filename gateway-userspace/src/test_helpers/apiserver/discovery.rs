@@ -25,6 +25,8 @@ const NAMESPACE_VERBS: &[&str] = &[
 ];
 /// Verbs of the `status` subresource.
 const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
+/// The review APIs accept nothing but create.
+const CREATE_ONLY: &[&str] = &["create"];
 
 /// One served resource (a REST collection) and how it is described in discovery.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,6 +152,85 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
     },
 ];
 
+/// The review APIs (`kubectl auth can-i`, `auth whoami`, TokenReview clients): create-only
+/// and never stored, so they appear in discovery but not in the store, Tables or OpenAPI.
+/// Listed in the real server's order: authentication before authorization, resources
+/// alphabetically.
+pub(crate) static REVIEWS: &[ResourceDef] = &[
+    review(
+        "authentication.k8s.io",
+        ("selfsubjectreviews", "selfsubjectreview"),
+        "SelfSubjectReview",
+        false,
+    ),
+    review(
+        "authentication.k8s.io",
+        ("tokenreviews", "tokenreview"),
+        "TokenReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        ("localsubjectaccessreviews", "localsubjectaccessreview"),
+        "LocalSubjectAccessReview",
+        true,
+    ),
+    review(
+        "authorization.k8s.io",
+        ("selfsubjectaccessreviews", "selfsubjectaccessreview"),
+        "SelfSubjectAccessReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        ("selfsubjectrulesreviews", "selfsubjectrulesreview"),
+        "SelfSubjectRulesReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        ("subjectaccessreviews", "subjectaccessreview"),
+        "SubjectAccessReview",
+        false,
+    ),
+];
+
+const fn review(
+    group: &'static str,
+    (plural, singular): (&'static str, &'static str),
+    kind: &'static str,
+    namespaced: bool,
+) -> ResourceDef {
+    ResourceDef {
+        group,
+        version: "v1",
+        plural,
+        singular,
+        kind,
+        namespaced,
+        short_names: &[],
+        categories: &[],
+        verbs: CREATE_ONLY,
+        has_status: false,
+    }
+}
+
+/// Everything discovery describes: the stored resources, then the reviews.
+fn discoverable() -> impl Iterator<Item = &'static ResourceDef> {
+    RESOURCES.iter().chain(REVIEWS)
+}
+
+/// The review resource served at `group`/`version`/`plural`, if any.
+pub(crate) fn find_review(
+    group: &str,
+    version: &str,
+    plural: &str,
+) -> Option<&'static ResourceDef> {
+    REVIEWS
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
 /// The resource served at `group`/`version`/`plural`, if any.
 pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
     RESOURCES
@@ -164,8 +245,9 @@ pub(crate) fn find_kind(api_version: &str, kind: &str) -> Option<&'static Resour
         .find(|r| r.api_version() == api_version && r.kind == kind)
 }
 
-/// Whether `group`/`version` is served at all (then unknown resources in it are 404s with
-/// a Status, and the bare path is its APIResourceList).
+/// Whether `group`/`version` holds stored resources (then unknown resources in it are 404s
+/// with a Status, and it has an OpenAPI document). The review group versions do not count:
+/// they have their own handlers.
 pub(crate) fn serves_group_version(group: &str, version: &str) -> bool {
     RESOURCES
         .iter()
@@ -175,7 +257,7 @@ pub(crate) fn serves_group_version(group: &str, version: &str) -> bool {
 /// Named groups (not the core group), in the order they are listed.
 fn named_groups() -> Vec<&'static str> {
     let mut groups: Vec<&'static str> = Vec::new();
-    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+    for r in discoverable().filter(|r| !r.group.is_empty()) {
         if !groups.contains(&r.group) {
             groups.push(r.group);
         }
@@ -242,14 +324,8 @@ pub(crate) fn legacy_group_doc(group: &str) -> Option<Value> {
 
 /// `GET /api/v1` or `GET /apis/<g>/<v>`: the APIResourceList, if the group version is served.
 pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
-    if !serves_group_version(group, version) {
-        return None;
-    }
     let mut resources = Vec::new();
-    for r in RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-    {
+    for r in discoverable().filter(|r| r.group == group && r.version == version) {
         let mut entry = json!({
             "name": r.plural,
             "singularName": r.singular,
@@ -273,6 +349,9 @@ pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "verbs": STATUS_VERBS,
             }));
         }
+    }
+    if resources.is_empty() {
+        return None;
     }
     let gv = if group.is_empty() {
         version.to_owned()
@@ -309,8 +388,7 @@ fn aggregated_resource(r: &ResourceDef) -> Value {
 }
 
 fn aggregated_group(group: &str) -> Value {
-    let resources: Vec<Value> = RESOURCES
-        .iter()
+    let resources: Vec<Value> = discoverable()
         .filter(|r| r.group == group)
         .map(aggregated_resource)
         .collect();
@@ -456,7 +534,12 @@ mod tests {
 
     #[test]
     fn every_resource_has_the_required_fields() {
-        for (group, version) in [("", "v1"), ("apps", "v1")] {
+        for (group, version) in [
+            ("", "v1"),
+            ("apps", "v1"),
+            ("authentication.k8s.io", "v1"),
+            ("authorization.k8s.io", "v1"),
+        ] {
             let list = resource_list(group, version).expect("served group version");
             for r in list["resources"].as_array().expect("resources array") {
                 for field in ["name", "singularName", "namespaced", "kind", "verbs"] {
@@ -506,5 +589,116 @@ mod tests {
         assert_eq!(ns["shortNames"], json!(["ns"]));
         let apps = aggregated(false, "v2");
         assert_eq!(apps["items"][0]["metadata"]["name"], "apps");
+    }
+
+    /// Each review resource, as every discovery format must describe it:
+    /// (group, resource, kind, namespaced).
+    const REVIEW_TABLE: [(&str, &str, &str, bool); 6] = [
+        (
+            "authentication.k8s.io",
+            "selfsubjectreviews",
+            "SelfSubjectReview",
+            false,
+        ),
+        (
+            "authentication.k8s.io",
+            "tokenreviews",
+            "TokenReview",
+            false,
+        ),
+        (
+            "authorization.k8s.io",
+            "localsubjectaccessreviews",
+            "LocalSubjectAccessReview",
+            true,
+        ),
+        (
+            "authorization.k8s.io",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            false,
+        ),
+        (
+            "authorization.k8s.io",
+            "selfsubjectrulesreviews",
+            "SelfSubjectRulesReview",
+            false,
+        ),
+        (
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+        ),
+    ];
+
+    #[test]
+    fn review_apis_in_every_discovery_format() {
+        let groups = legacy_group_list();
+        let names: Vec<&str> = groups["groups"]
+            .as_array()
+            .map(|gs| gs.iter().filter_map(|g| g["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            names,
+            ["apps", "authentication.k8s.io", "authorization.k8s.io"],
+            "{groups}"
+        );
+        let aggregated_doc = aggregated(false, "v2");
+        for (group, plural, kind, namespaced) in REVIEW_TABLE {
+            let doc = legacy_group_doc(group).unwrap_or_else(|| panic!("no APIGroup for {group}"));
+            assert_eq!(
+                doc["preferredVersion"]["groupVersion"],
+                format!("{group}/v1")
+            );
+
+            let list = resource_list(group, "v1").unwrap_or_else(|| panic!("no list for {group}"));
+            assert_eq!(list["groupVersion"], format!("{group}/v1"));
+            let entry = list["resources"]
+                .as_array()
+                .and_then(|rs| rs.iter().find(|r| r["name"] == plural))
+                .unwrap_or_else(|| panic!("{plural} missing from {list}"));
+            assert_eq!(
+                entry,
+                &json!({
+                    "name": plural,
+                    "singularName": plural.trim_end_matches('s'),
+                    "namespaced": namespaced,
+                    "kind": kind,
+                    "verbs": ["create"],
+                }),
+            );
+
+            let versions = aggregated_doc["items"]
+                .as_array()
+                .and_then(|items| items.iter().find(|i| i["metadata"]["name"] == group))
+                .map(|item| item["versions"].clone())
+                .unwrap_or_else(|| panic!("{group} missing from {aggregated_doc}"));
+            assert_eq!(versions[0]["version"], "v1");
+            let entry = versions[0]["resources"]
+                .as_array()
+                .and_then(|rs| rs.iter().find(|r| r["resource"] == plural))
+                .unwrap_or_else(|| panic!("{plural} missing from {versions}"));
+            assert_eq!(
+                entry,
+                &json!({
+                    "resource": plural,
+                    "singularResource": plural.trim_end_matches('s'),
+                    "scope": if namespaced { "Namespaced" } else { "Cluster" },
+                    "responseKind": {"group": group, "version": "v1", "kind": kind},
+                    "verbs": ["create"],
+                }),
+            );
+            assert_eq!(find_review(group, "v1", plural).map(|r| r.kind), Some(kind));
+            // Not stored, so unknown to the generic handlers and the store.
+            assert!(find(group, "v1", plural).is_none());
+            assert!(find_kind(&format!("{group}/v1"), kind).is_none());
+        }
+        // Reviews are not core resources, and /api stays as it was.
+        assert!(
+            !aggregated(true, "v2").to_string().contains("review"),
+            "core discovery lists a review"
+        );
+        assert!(!serves_group_version("authorization.k8s.io", "v1"));
     }
 }

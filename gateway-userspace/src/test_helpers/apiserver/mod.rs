@@ -5,7 +5,9 @@
 //! health endpoints; aggregated and legacy discovery; an in-memory store of namespaces,
 //! pods, secrets, configmaps, serviceaccounts and apps/v1 deployments with a global
 //! resourceVersion; get/list/watch/create/update/patch/delete/deletecollection; Tables for
-//! `kubectl get`; Status errors; static bearer-token authentication; and a log of every
+//! `kubectl get`; Status errors; static bearer-token authentication (each token maps to a
+//! user); the review APIs behind `kubectl auth can-i [--list]`, `kubectl auth whoami` and
+//! TokenReview, answered by a configurable [`Authorizer`] (see `reviews`); and a log of every
 //! request it received so tests can assert exactly what reached it. Pods can be exec'd
 //! into, attached to, port-forwarded to and have logs, like behind a kubelet (see
 //! `streams`: real host processes in a per-pod temporary directory, ports on 127.0.0.1).
@@ -14,19 +16,23 @@
 //! bodies in `application/vnd.kubernetes.protobuf` get 415, so kubectl's typed-client
 //! commands such as `kubectl create configmap` fail; `kubectl create -f` and `apply` work);
 //! OpenAPI v3 only as far as kubectl's fieldValidation check needs (no schemas, no
-//! `/openapi/v2`), and `fieldValidation=Strict` does not reject unknown fields; no RBAC or
-//! impersonation checks (the headers are only recorded); no admission; immediate deletes;
-//! server-side apply without field ownership.
+//! `/openapi/v2`, nothing for the review APIs), and `fieldValidation=Strict` does not reject
+//! unknown fields; no authorization of requests: the [`Authorizer`] answers access reviews
+//! but every request is served, and impersonation headers are recorded and honoured only
+//! by the self-reviews (who am I, what may I do), never checked; no admission; immediate
+//! deletes; server-side apply without field ownership.
 
 #![expect(
     clippy::result_large_err,
     reason = "handlers return a Kubernetes Status as their error; its size is irrelevant in a test server"
 )]
 
+mod auth;
 mod discovery;
 mod exec;
 mod patch;
 mod portforward;
+mod reviews;
 mod spdy;
 mod store;
 mod streams;
@@ -34,6 +40,7 @@ mod table;
 mod watch;
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -49,6 +56,7 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
+pub use self::auth::{Authorizer, Denial, DenialTarget, ResourceMatch, Subject, UserInfo};
 use self::{
     discovery::ResourceDef,
     store::{Part, Preconditions, Scope, Selector, Store, WatchFrom},
@@ -100,9 +108,16 @@ pub struct ApiServerConfig {
     /// Extra subject alternative names (IP addresses or DNS names) besides `127.0.0.1`,
     /// `::1` and `localhost`.
     pub extra_sans: Vec<String>,
-    /// Accepted bearer tokens. Empty disables authentication (every request is served),
-    /// like an API server with no authenticator but anonymous access.
+    /// Accepted bearer tokens; each authenticates as `system:admin` in `system:masters`
+    /// unless `token_users` names someone else. With no tokens here or in `token_users`,
+    /// authentication is off: every request is served as `system:anonymous`, like an API
+    /// server with no authenticator but anonymous access.
     pub tokens: Vec<String>,
+    /// Who a bearer token authenticates as (`system:authenticated` is added). These tokens
+    /// are accepted whether or not they are also in `tokens`.
+    pub token_users: BTreeMap<String, UserInfo>,
+    /// Answers access reviews; allows everything by default.
+    pub authorizer: Authorizer,
 }
 
 impl Default for ApiServerConfig {
@@ -112,6 +127,8 @@ impl Default for ApiServerConfig {
             ca: None,
             extra_sans: Vec::new(),
             tokens: Vec::new(),
+            token_users: BTreeMap::new(),
+            authorizer: Authorizer::allow_all(),
         }
     }
 }
@@ -123,6 +140,18 @@ impl ApiServerConfig {
             tokens: tokens.into_iter().map(Into::into).collect(),
             ..Self::default()
         }
+    }
+
+    /// Also accepts `token`, authenticating as `user`.
+    pub fn with_token_user(mut self, token: impl Into<String>, user: UserInfo) -> Self {
+        self.token_users.insert(token.into(), user);
+        self
+    }
+
+    /// Answers access reviews with `authorizer`.
+    pub fn with_authorizer(mut self, authorizer: Authorizer) -> Self {
+        self.authorizer = authorizer;
+        self
     }
 }
 
@@ -150,6 +179,8 @@ pub struct SeenRequest {
 struct State {
     store: Store,
     tokens: Vec<String>,
+    token_users: BTreeMap<String, UserInfo>,
+    authorizer: Mutex<Authorizer>,
     seen: Mutex<Vec<SeenRequest>>,
     addr: SocketAddr,
     runtime: streams::PodRuntime,
@@ -207,6 +238,8 @@ impl TestApiServer {
         let state = Arc::new(State {
             store: Store::new(),
             tokens: cfg.tokens,
+            token_users: cfg.token_users,
+            authorizer: Mutex::new(cfg.authorizer),
             seen: Mutex::new(Vec::new()),
             addr,
             runtime: streams::PodRuntime::default(),
@@ -245,6 +278,16 @@ impl TestApiServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Replaces the authorizer that answers access reviews (takes effect for the next
+    /// review).
+    pub fn set_authorizer(&self, authorizer: Authorizer) {
+        *self
+            .state
+            .authorizer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = authorizer;
     }
 
     /// Forgets the requests received so far.
@@ -453,22 +496,38 @@ impl State {
             .push(seen);
     }
 
-    /// Bearer-token authentication: scheme case-insensitive, token whitespace-trimmed.
-    fn authenticated(&self, headers: &HeaderMap) -> bool {
-        if self.tokens.is_empty() {
-            return true;
+    /// Bearer-token authentication (scheme case-insensitive, token whitespace-trimmed):
+    /// who the request comes from, or `None` for a 401.
+    fn authenticate(&self, headers: &HeaderMap) -> Option<UserInfo> {
+        if self.tokens.is_empty() && self.token_users.is_empty() {
+            return Some(UserInfo::anonymous());
         }
-        let Some(value) = header_str(headers, header::AUTHORIZATION) else {
-            return false;
+        let value = header_str(headers, header::AUTHORIZATION)?;
+        let (scheme, token) = value.trim().split_once(|c: char| c.is_ascii_whitespace())?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        self.user_for_token(token.trim())
+    }
+
+    /// Who `token` authenticates as, if the server knows it.
+    fn user_for_token(&self, token: &str) -> Option<UserInfo> {
+        let user = match self.token_users.get(token) {
+            Some(user) => user.clone(),
+            None if !token.is_empty() && self.tokens.iter().any(|t| t == token) => {
+                UserInfo::admin()
+            }
+            None => return None,
         };
-        let Some((scheme, token)) = value.trim().split_once(|c: char| c.is_ascii_whitespace())
-        else {
-            return false;
-        };
-        let token = token.trim();
-        scheme.eq_ignore_ascii_case("bearer")
-            && !token.is_empty()
-            && self.tokens.iter().any(|t| t == token)
+        Some(user.with_authenticated_group())
+    }
+
+    /// The current authorizer (a snapshot, so no lock is held while it decides).
+    fn authorizer(&self) -> Authorizer {
+        self.authorizer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -624,13 +683,13 @@ async fn handle(
     drain: DrainWatcher,
 ) -> Response<Body> {
     state.record(&req);
-    if !state.authenticated(req.headers()) {
+    let Some(user) = state.authenticate(req.headers()) else {
         return status_response(Status::failure(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "Unauthorized",
         ));
-    }
+    };
     // Streaming subresources take the connection over; they are routed before the body
     // is read.
     {
@@ -723,6 +782,21 @@ async fn handle(
             ));
         }
         return result.unwrap_or_else(status_response);
+    }
+    let review = reviews::ReviewCall {
+        state: &state,
+        user: &user,
+        method: &parts.method,
+        headers: &parts.headers,
+        request_uri: parts
+            .uri
+            .path_and_query()
+            .map_or(path.as_str(), |p| p.as_str()),
+        query: &query,
+        body: &body,
+    };
+    if let Some(response) = reviews::route(&review, &segs) {
+        return response;
     }
     let request = ResourceRequest {
         state: &state,

@@ -6,6 +6,8 @@ use serde_json::{Value, json};
 
 use super::*;
 
+mod reviews;
+
 const TOKEN: &str = "tok";
 
 #[test]
@@ -168,7 +170,11 @@ impl Reply {
 
 impl Http {
     async fn start() -> Http {
-        let server = TestApiServer::start(ApiServerConfig::with_tokens([TOKEN]))
+        Self::start_with(ApiServerConfig::with_tokens([TOKEN])).await
+    }
+
+    async fn start_with(config: ApiServerConfig) -> Http {
+        let server = TestApiServer::start(config)
             .await
             .unwrap_or_else(|e| panic!("start: {e}"));
         let roots = tls::root_store_from_pem(&server.ca_pem(), "ca")
