@@ -9,11 +9,11 @@
 //! * `kubectl explain pods`: the server's OpenAPI v3 documents carry no schemas, so kubectl
 //!   prints the `KIND`/`VERSION` header, then `error: GVK map[group: kind:Pod version:v1]
 //!   not found in OpenAPI schema`, exit code 1.
-//! * `kubectl auth can-i`: kubectl POSTs a protobuf SelfSubjectAccessReview to
-//!   `/apis/authorization.k8s.io/v1/selfsubjectaccessreviews`; the server does not serve
-//!   `authorization.k8s.io` at all, so the answer is a 404 before the body is looked at (not
-//!   the 415 a protobuf body gets elsewhere) and kubectl prints `Error from server
-//!   (NotFound): the server could not find the requested resource`, exit code 1.
+//!
+//! kubectl 1.32's typed clients (`create configmap|secret|deployment|namespace`, `auth
+//! can-i`, `auth whoami`) send protobuf bodies. The test server answers protobuf with a 415,
+//! so these pass only because the gateway transcodes the bodies to JSON: they are not
+//! compared with direct runs, and the test checks the API server received JSON.
 
 use std::{
     collections::BTreeSet,
@@ -25,6 +25,7 @@ use chaperone_e2e::privileged;
 use gateway_userspace::{
     recorder::{self, RequestRecord},
     test_helpers::{
+        apiserver::{Authorizer, Denial, DenialTarget},
         demo::demo_objects,
         stack::{SANDBOX_NAMESPACE, SANDBOX_POD, Stack, StackOptions, Stopped},
     },
@@ -393,7 +394,6 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         &["get", "pods", "-o", "yaml"][..],
         &["api-resources"],
         &["explain", "pods"],
-        &["auth", "can-i", "get", "pods"],
     ] {
         let before = stack.apiserver.requests().len();
         let (cmd, _cache) = kubectl_direct(&stack, args);
@@ -462,32 +462,117 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         "explain did not fetch the v1 OpenAPI document"
     );
 
-    // auth can-i: a protobuf SelfSubjectAccessReview to a group the server does not serve.
-    let can_i = kubectl(&stack, &["auth", "can-i", "get", "pods"]).await;
-    assert_eq!(can_i.status.code(), Some(1), "{can_i:?}");
-    assert_eq!(text(&can_i.stdout), "", "{can_i:?}");
+    // Typed clients: protobuf bodies the gateway transcodes (the server refuses protobuf).
+    let can_i = ok(&stack, &["auth", "can-i", "get", "pods"]).await;
+    assert_eq!(can_i.trim(), "yes");
+    stack.apiserver.set_authorizer(Authorizer::allow_all().deny(
+        Denial::anyone("delete", DenialTarget::resource("configmaps")).because("read-only agents"),
+    ));
+    let cannot = kubectl(&stack, &["auth", "can-i", "delete", "configmaps"]).await;
+    assert_eq!(cannot.status.code(), Some(1), "{cannot:?}");
     assert_eq!(
-        text(&can_i.stderr).trim(),
-        "Error from server (NotFound): the server could not find the requested resource"
+        text(&cannot.stdout).trim(),
+        "no - read-only agents",
+        "{cannot:?}"
     );
-    let ssar = stack
+    stack.apiserver.set_authorizer(Authorizer::allow_all());
+    let list = ok(&stack, &["auth", "can-i", "--list"]).await;
+    assert_eq!(
+        words(list.lines().next().unwrap_or_default()),
+        [
+            "Resources",
+            "Non-Resource",
+            "URLs",
+            "Resource",
+            "Names",
+            "Verbs"
+        ],
+        "{list}"
+    );
+    let whoami = yaml_to_json(&ok(&stack, &["auth", "whoami", "-o", "json"]).await).await;
+    assert_eq!(whoami["kind"], "SelfSubjectReview", "{whoami}");
+    assert_eq!(
+        whoami["status"]["userInfo"]["username"], "system:admin",
+        "the API server sees the gateway's identity: {whoami}"
+    );
+    assert_eq!(
+        ok(
+            &stack,
+            &["create", "configmap", "typed", "--from-literal=mode=fast"]
+        )
+        .await
+        .trim(),
+        "configmap/typed created"
+    );
+    assert_eq!(
+        ok(
+            &stack,
+            &[
+                "create",
+                "secret",
+                "generic",
+                "db",
+                "--from-literal=password=hunter2"
+            ]
+        )
+        .await
+        .trim(),
+        "secret/db created"
+    );
+    assert_eq!(
+        ok(
+            &stack,
+            &[
+                "create",
+                "deployment",
+                "web",
+                "--image=nginx:1.27",
+                "--replicas=2"
+            ]
+        )
+        .await
+        .trim(),
+        "deployment.apps/web created"
+    );
+    let cm = stack
+        .apiserver
+        .object("configmaps", "default", "typed")
+        .expect("typed configmap stored");
+    assert_eq!(cm["data"], json!({"mode": "fast"}), "{cm}");
+    let secret = stack
+        .apiserver
+        .object("secrets", "default", "db")
+        .expect("secret stored");
+    assert_eq!(
+        secret["data"],
+        json!({"password": "aHVudGVyMg=="}),
+        "{secret}"
+    );
+    let deployment = stack
+        .apiserver
+        .object("deployments", "default", "web")
+        .expect("deployment stored");
+    assert_eq!(deployment["spec"]["replicas"], 2, "{deployment}");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1.27",
+        "{deployment}"
+    );
+    let typed: Vec<_> = stack
         .apiserver
         .requests()
         .into_iter()
-        .find(|r| r.path_and_query.contains("selfsubjectaccessreviews"))
-        .expect("no SelfSubjectAccessReview reached the API server");
-    assert_eq!(
-        (ssar.method.as_str(), ssar.path_and_query.as_str()),
-        (
-            "POST",
-            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
-        )
-    );
-    assert_eq!(
-        ssar.content_type.as_deref(),
-        Some("application/vnd.kubernetes.protobuf"),
-        "the gateway passed the protobuf body through unchanged"
-    );
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert!(typed.len() >= 6, "{typed:#?}");
+    for r in &typed {
+        assert_eq!(
+            r.content_type.as_deref(),
+            Some("application/json"),
+            "{} {} reached the API server without being transcoded",
+            r.method,
+            r.path_and_query
+        );
+    }
 
     // get pods -w: the list, then a pod created meanwhile.
     let (mut cmd, _cache) = kubectl_in_pod(&stack, &["get", "pods", "-w"], &[]);
@@ -656,7 +741,11 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
             rows: &[
                 ("list", "pods", "", 200),
                 ("watch", "pods", "", 200),
-                ("create", "selfsubjectaccessreviews", "", 404),
+                ("create", "selfsubjectaccessreviews", "", 201),
+                ("create", "selfsubjectrulesreviews", "", 201),
+                ("create", "selfsubjectreviews", "", 201),
+                ("create", "secrets", "", 201),
+                ("create", "deployments", "", 201),
                 ("get", "configmaps", "", 404),
                 ("create", "configmaps", "", 201),
                 ("patch", "configmaps", "", 200),
@@ -665,6 +754,34 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
             direct_requests,
         },
     );
+    // The typed clients' protobuf bodies are recorded as the objects they carry, the
+    // Secret's value masked in the request and in the response.
+    let secret_row = rows
+        .iter()
+        .find(|r| r.verb == "create" && r.object_ref.resource == "secrets")
+        .expect("secret row");
+    assert_eq!(
+        secret_row.request_content_type.as_deref(),
+        Some("application/vnd.kubernetes.protobuf")
+    );
+    for object in [&secret_row.request_object, &secret_row.response_object] {
+        let object = object.as_deref().expect("secret object recorded");
+        assert!(object.contains("\"password\":\"**masked**\""), "{object}");
+        assert!(!object.contains("aHVudGVyMg"), "{object}");
+    }
+    let deployment_row = rows
+        .iter()
+        .find(|r| r.verb == "create" && r.object_ref.resource == "deployments")
+        .expect("deployment row");
+    let recorded: Value = serde_json::from_str(
+        deployment_row
+            .request_object
+            .as_deref()
+            .expect("deployment recorded"),
+    )
+    .expect("recorded object is JSON");
+    assert_eq!(recorded["spec"]["replicas"], 2, "{recorded}");
+
     // Client-side configure, server-side apply (plus kubectl's update of the client-side
     // last-applied annotation, as it does for objects that have one) and the merge patch.
     let managers: Vec<&str> = rows
