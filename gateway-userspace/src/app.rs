@@ -234,6 +234,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         upstream_tls,
         upstream_server_name,
         connect_timeout: cfg.upstream.connect_timeout,
+        upstream_protocol: cfg.upstream.protocol,
         token: token.clone(),
         recorder: recorder_handle,
         interceptor: interceptor.clone(),

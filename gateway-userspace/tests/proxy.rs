@@ -7,7 +7,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use gateway_userspace::{
     app::{self, App},
-    config::{Config, ImpersonationConfig, ImpersonationMode, KubeconfigSource},
+    config::{Config, ImpersonationConfig, ImpersonationMode, KubeconfigSource, UpstreamProtocol},
     masking,
     protobuf::writer::{Msg, envelope},
     recorder::{self, RequestRecord},
@@ -368,6 +368,35 @@ async fn rotated_gateway_token_is_used_without_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop(h).await;
+}
+
+#[tokio::test]
+async fn upstream_protocol_is_http1_by_default_and_http2_when_configured() {
+    for (protocol, want) in [
+        (UpstreamProtocol::Http1, "HTTP/1.1"),
+        (UpstreamProtocol::Http2, "HTTP/2.0"),
+    ] {
+        let h = start_configured(None, |config| config.upstream.protocol = protocol).await;
+        let c = client(&h.ca_pem, true);
+        for _ in 0..2 {
+            let resp = c
+                .request(
+                    request(&h, Method::GET, "/api/v1/namespaces")
+                        .body(Full::default())
+                        .expect("req"),
+                )
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        let (_rows, apiserver, _dir) = stop(h).await;
+        let versions: Vec<String> = apiserver
+            .requests()
+            .into_iter()
+            .map(|r| r.http_version)
+            .collect();
+        assert_eq!(versions, [want, want], "{protocol:?}");
+    }
 }
 
 #[tokio::test]

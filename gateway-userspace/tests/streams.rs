@@ -138,6 +138,7 @@ impl Env {
             upstream_tls: tls::client_config(roots).expect("client config"),
             upstream_server_name: None,
             connect_timeout: Duration::from_secs(2),
+            upstream_protocol: Default::default(),
             token: Some(GatewayToken::load(&self.dir.path().join("token")).expect("token")),
             recorder: handle,
             interceptor: None,

@@ -46,7 +46,7 @@ use tokio_util::{
 
 use crate::{
     admin::Metrics,
-    config::{ImpersonationConfig, ImpersonationMode},
+    config::{ImpersonationConfig, ImpersonationMode, UpstreamProtocol},
     config::{LimitsConfig, MIN_REQUEST_HEADER_BYTES},
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
@@ -217,6 +217,8 @@ pub struct ProxySettings {
     pub upstream_server_name: Option<rustls_pki_types::ServerName<'static>>,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
+    /// HTTP version spoken upstream.
+    pub upstream_protocol: UpstreamProtocol,
     /// The gateway credential.
     pub token: Option<Arc<GatewayToken>>,
     /// Where rows go.
@@ -296,7 +298,10 @@ impl Proxy {
             }
             None => builder,
         };
-        let connector = builder.enable_http1().enable_http2().wrap_connector(http);
+        let connector = match s.upstream_protocol {
+            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+            UpstreamProtocol::Http2 => builder.enable_http1().enable_http2().wrap_connector(http),
+        };
         let upstream = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

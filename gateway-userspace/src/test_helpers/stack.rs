@@ -207,6 +207,7 @@ impl Stack {
                 url: Some(upstream_url),
                 ca_file: Some(ca_file.clone()),
                 kubeconfig: None,
+                protocol: Default::default(),
                 token_file: Some(token_file),
                 client_cert_file: None,
                 client_key_file: None,

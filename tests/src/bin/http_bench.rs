@@ -76,7 +76,8 @@ fn main() -> anyhow::Result<()> {
         [role, dir] if role == "upstream" => serve(upstream(Path::new(dir))),
         [role, dir] if role == "gateway" => serve(gateway(Path::new(dir))),
         [] => orchestrate(),
-        _ => bail!("usage: http_bench [upstream <dir> | gateway <dir>]"),
+        [mode] if mode == "hold" => hold(),
+        _ => bail!("usage: http_bench [hold | upstream <dir> | gateway <dir>]"),
     }
 }
 
@@ -473,14 +474,44 @@ fn median(xs: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn orchestrate() -> anyhow::Result<()> {
+/// Starts the upstream and the gateway as in a run, prints where they listen and their
+/// pids, and keeps them up until stdin closes: for profiling one of them under load
+/// (`perf record -g -p <pid>` while h2load runs against it).
+fn hold() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
+    prepare(dir)?;
+    let mut upstream = Helper::spawn("upstream", dir)?;
+    let url = wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
+    let mut gateway = Helper::spawn("gateway", dir)?;
+    let gateway_addr = wait_for_file(&dir.join("gateway.addr"), &mut gateway)?;
+    println!(
+        "upstream {url} pid {}\ngateway https://{gateway_addr} pid {}\n\
+         h2load -c1 -m1 -n20000 -H 'authorization: Bearer {POD_TOKEN}' -H 'accept: application/json' https://{gateway_addr}/api/v1/namespaces/default/pods/web-0\n\
+         (close stdin to stop)",
+        upstream.child.id(),
+        gateway.child.id()
+    );
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    gateway.stop()?;
+    upstream.stop()
+}
+
+/// The CA, tokens and policy the upstream and the gateway read from `dir`.
+fn prepare(dir: &Path) -> anyhow::Result<()> {
     let (ca, key) = CertificateAuthority::generate("http-bench-ca")?;
     std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
     std::fs::write(dir.join("ca.key"), key)?;
     std::fs::write(dir.join("token"), TOKEN)?;
     std::fs::write(dir.join("policy.yaml"), POLICY)?;
+    Ok(())
+}
+
+fn orchestrate() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    prepare(dir)?;
 
     let mut upstream = Helper::spawn("upstream", dir)?;
     let url = wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
