@@ -271,6 +271,7 @@ fn alice() -> Principal {
             .into_iter()
             .map(str::to_owned)
             .collect(),
+        uid: None,
         reason: None,
         mismatch: None,
     }

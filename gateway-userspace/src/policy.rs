@@ -3048,6 +3048,7 @@ rules:
             kind,
             subject: subject.map(str::to_owned),
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            uid: None,
             reason: None,
             mismatch: None,
         }

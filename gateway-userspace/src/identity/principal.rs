@@ -74,6 +74,8 @@ pub struct Principal {
     pub subject: Option<String>,
     /// The groups.
     pub groups: Vec<String>,
+    /// The user's UID where the authenticator gives one (TokenReview), for `Impersonate-Uid`.
+    pub uid: Option<String>,
     /// Why the token was not accepted (kind `Invalid`).
     pub reason: Option<String>,
     /// Set when a ServiceAccount token belongs to a different service account than the pod
@@ -88,6 +90,7 @@ impl Principal {
             kind: PrincipalKind::Anonymous,
             subject: None,
             groups: Vec::new(),
+            uid: None,
             reason: None,
             mismatch: None,
         }
@@ -99,6 +102,7 @@ impl Principal {
             kind: PrincipalKind::Invalid,
             subject: None,
             groups: Vec::new(),
+            uid: None,
             reason: Some(reason.into()),
             mismatch: None,
         }
@@ -109,6 +113,7 @@ impl Principal {
             kind,
             subject: Some(subject),
             groups,
+            uid: None,
             reason: None,
             mismatch: None,
         }
@@ -279,10 +284,9 @@ impl PrincipalVerifier {
         } else {
             PrincipalKind::User
         };
-        Ok((
-            Principal::authenticated(kind, result.username, result.groups),
-            None,
-        ))
+        let mut principal = Principal::authenticated(kind, result.username, result.groups);
+        principal.uid = result.uid;
+        Ok((principal, None))
     }
 
     fn cached(&self, key: &[u8; 32]) -> Option<Principal> {

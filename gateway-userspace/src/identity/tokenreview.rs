@@ -19,6 +19,8 @@ pub struct ReviewResult {
     pub username: String,
     /// The user's groups.
     pub groups: Vec<String>,
+    /// The user's UID (ServiceAccount tokens: the service account's UID), if given.
+    pub uid: Option<String>,
     /// The API server's reason when the token did not authenticate.
     pub error: Option<String>,
 }
@@ -76,6 +78,7 @@ impl KubeTokenReviewer {
             authenticated: status.authenticated.unwrap_or(false),
             username: user.and_then(|u| u.username.clone()).unwrap_or_default(),
             groups: user.and_then(|u| u.groups.clone()).unwrap_or_default(),
+            uid: user.and_then(|u| u.uid.clone()).filter(|u| !u.is_empty()),
             error: status.error.clone().filter(|e| !e.is_empty()),
         }
     }
@@ -120,6 +123,21 @@ impl FakeTokenReviewer {
                 authenticated: true,
                 username: username.to_owned(),
                 groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                uid: None,
+                error: None,
+            }),
+        );
+    }
+
+    /// `token` authenticates as `username` with `uid` and `groups`.
+    pub fn authenticate_with_uid(&self, token: &str, username: &str, uid: &str, groups: &[&str]) {
+        self.set(
+            token,
+            Ok(ReviewResult {
+                authenticated: true,
+                username: username.to_owned(),
+                groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                uid: Some(uid.to_owned()),
                 error: None,
             }),
         );

@@ -397,9 +397,10 @@ async fn service_account_tokens_go_to_token_review_and_are_cached_by_hash() {
     let reviewer = Arc::new(FakeTokenReviewer::new());
     // A ServiceAccount-style JWT from the cluster's issuer, and an opaque token.
     let sa_token = key.sign(&json!({"iss": "https://kubernetes.default.svc.cluster.local", "sub": "system:serviceaccount:agents:agent", "exp": jsonwebtoken::get_current_timestamp() + 600}));
-    reviewer.authenticate(
+    reviewer.authenticate_with_uid(
         &sa_token,
         "system:serviceaccount:agents:agent",
+        "5d3c9a1e-0000-4000-8000-00000000a9e7",
         &["system:serviceaccounts"],
     );
     reviewer.authenticate("opaque-static-token", "admin-user", &["system:masters"]);
@@ -414,6 +415,11 @@ async fn service_account_tokens_go_to_token_review_and_are_cached_by_hash() {
         Some("system:serviceaccount:agents:agent")
     );
     assert_eq!(p.groups, ["system:serviceaccounts"]);
+    assert_eq!(
+        p.uid.as_deref(),
+        Some("5d3c9a1e-0000-4000-8000-00000000a9e7"),
+        "the UID TokenReview returned feeds Impersonate-Uid"
+    );
     assert_eq!(p.mismatch, None);
     assert_eq!(reviewer.calls(), 1);
     // Cached: the same token again does not ask the API server.
@@ -514,6 +520,7 @@ fn mismatch_rules() {
         kind: PrincipalKind::ServiceAccount,
         subject: Some(subject.to_owned()),
         groups: Vec::new(),
+        uid: None,
         reason: None,
         mismatch: None,
     };

@@ -934,6 +934,8 @@ pub struct Impersonation {
     pub user: String,
     /// `Impersonate-Group`, one header each.
     pub groups: Vec<String>,
+    /// `Impersonate-Uid`, when the identity has a known UID.
+    pub uid: Option<String>,
 }
 
 /// Decides the impersonated identity; an identity that cannot be established is a refusal,
@@ -948,17 +950,23 @@ fn impersonation(
         ImpersonationMode::Fixed => Ok(Some(Impersonation {
             user: cfg.user.clone().unwrap_or_default(),
             groups: cfg.groups.clone(),
+            uid: None,
         })),
         ImpersonationMode::Workload => match (&workload.namespace, &workload.service_account, workload.is_known()) {
             (Some(ns), Some(sa), true) => Ok(Some(Impersonation {
                 user: format!("system:serviceaccount:{ns}:{sa}"),
                 groups: vec!["system:serviceaccounts".to_owned(), format!("system:serviceaccounts:{ns}")],
+                uid: None,
             })),
             _ => Err("the gateway impersonates workloads, and this connection's workload is not identified".to_owned()),
         },
         ImpersonationMode::Principal => match (principal.kind, &principal.subject) {
             (PrincipalKind::Oidc | PrincipalKind::ServiceAccount | PrincipalKind::User, Some(subject)) => {
-                Ok(Some(Impersonation { user: subject.clone(), groups: principal.groups.clone() }))
+                Ok(Some(Impersonation {
+                    user: subject.clone(),
+                    groups: principal.groups.clone(),
+                    uid: principal.uid.clone(),
+                }))
             }
             _ => Err(format!(
                 "the gateway impersonates the presented principal, and this request has none it could verify ({})",
@@ -980,20 +988,29 @@ impl Proxy {
             headers.insert(header::AUTHORIZATION, token.header());
         }
         if let Some(Some(as_whom)) = extensions.get::<Option<Impersonation>>() {
-            match HeaderValue::from_str(&as_whom.user) {
-                Ok(user) => {
-                    headers.insert(HeaderName::from_static("impersonate-user"), user);
-                    for group in &as_whom.groups {
-                        if let Ok(g) = HeaderValue::from_str(group) {
-                            headers.append(HeaderName::from_static("impersonate-group"), g);
-                        }
-                    }
-                }
-                Err(_) => {
-                    tracing::warn!(user = %as_whom.user, "impersonated user is not a valid header value")
-                }
-            }
+            impersonation_headers(headers, as_whom);
         }
+    }
+}
+
+/// Writes `Impersonate-User`, one `Impersonate-Group` per group and `Impersonate-Uid`.
+fn impersonation_headers(headers: &mut HeaderMap, as_whom: &Impersonation) {
+    let Ok(user) = HeaderValue::from_str(&as_whom.user) else {
+        tracing::warn!(user = %as_whom.user, "impersonated user is not a valid header value");
+        return;
+    };
+    headers.insert(HeaderName::from_static("impersonate-user"), user);
+    for group in &as_whom.groups {
+        if let Ok(g) = HeaderValue::from_str(group) {
+            headers.append(HeaderName::from_static("impersonate-group"), g);
+        }
+    }
+    if let Some(uid) = as_whom
+        .uid
+        .as_deref()
+        .and_then(|u| HeaderValue::from_str(u).ok())
+    {
+        headers.insert(HeaderName::from_static("impersonate-uid"), uid);
     }
 }
 
@@ -1494,5 +1511,48 @@ mod tests {
             vec!["accept"],
             "unexpected headers survived: {left:?}"
         );
+    }
+
+    #[test]
+    fn principal_impersonation_carries_user_groups_and_uid() {
+        let cfg = ImpersonationConfig {
+            mode: ImpersonationMode::Principal,
+            ..ImpersonationConfig::default()
+        };
+        let mut principal = Principal::anonymous();
+        principal.kind = PrincipalKind::ServiceAccount;
+        principal.subject = Some("system:serviceaccount:agents:cursor".to_owned());
+        principal.groups = vec![
+            "system:serviceaccounts".to_owned(),
+            "system:authenticated".to_owned(),
+        ];
+        principal.uid = Some("7c1d0e2a-5b7f-4b0e-9f5d-2f1a8e3c4b6d".to_owned());
+        let as_whom = impersonation(&cfg, &WorkloadIdentity::default(), &principal)
+            .expect("principal mode with a verified principal")
+            .expect("an impersonated identity");
+        let mut h = HeaderMap::new();
+        impersonation_headers(&mut h, &as_whom);
+        let written: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("<binary>")))
+            .collect();
+        assert_eq!(
+            written,
+            [
+                ("impersonate-user", "system:serviceaccount:agents:cursor"),
+                ("impersonate-group", "system:serviceaccounts"),
+                ("impersonate-group", "system:authenticated"),
+                ("impersonate-uid", "7c1d0e2a-5b7f-4b0e-9f5d-2f1a8e3c4b6d"),
+            ]
+        );
+
+        // Without a UID (OIDC, fixed, workload) no Impersonate-Uid is sent.
+        principal.uid = None;
+        let as_whom = impersonation(&cfg, &WorkloadIdentity::default(), &principal)
+            .expect("ok")
+            .expect("identity");
+        let mut h = HeaderMap::new();
+        impersonation_headers(&mut h, &as_whom);
+        assert!(!h.contains_key("impersonate-uid"));
     }
 }
