@@ -114,6 +114,21 @@ fn request(h: &Harness, method: Method, path: &str) -> http::request::Builder {
         .header("authorization", "Bearer pod-token-must-not-leak")
 }
 
+/// Sends one request with `body`, panicking with `what` if it cannot be sent.
+async fn send(
+    c: &TestClient,
+    req: http::request::Builder,
+    body: Bytes,
+    what: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let req = req
+        .body(Full::new(body))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    c.request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 async fn body_json(resp: http::Response<hyper::body::Incoming>) -> serde_json::Value {
     let bytes = resp
         .into_body()
@@ -141,14 +156,13 @@ async fn forwards_with_gateway_token_over_http1_and_http2_and_records_each_reque
     let h = start(None).await;
     for http2 in [false, true] {
         let c = client(&h.ca_pem, http2);
-        let resp = c
-            .request(
-                request(&h, Method::GET, "/api/v1/namespaces/default/pods?limit=500")
-                    .body(Full::default())
-                    .expect("req"),
-            )
-            .await
-            .expect("GET through the gateway");
+        let resp = send(
+            &c,
+            request(&h, Method::GET, "/api/v1/namespaces/default/pods?limit=500"),
+            Bytes::new(),
+            "GET through the gateway",
+        )
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
         let version = resp.version();
         assert_eq!(
@@ -190,18 +204,17 @@ async fn forwards_with_gateway_token_over_http1_and_http2_and_records_each_reque
 async fn watch_events_stream_through_before_the_response_ends() {
     let h = start(None).await;
     let c = client(&h.ca_pem, true);
-    let resp = c
-        .request(
-            request(
-                &h,
-                Method::GET,
-                "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0",
-            )
-            .body(Full::default())
-            .expect("req"),
-        )
-        .await
-        .expect("open watch");
+    let resp = send(
+        &c,
+        request(
+            &h,
+            Method::GET,
+            "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0",
+        ),
+        Bytes::new(),
+        "open watch",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     h.apiserver
@@ -241,14 +254,13 @@ async fn watch_events_stream_through_before_the_response_ends() {
 async fn denied_and_impersonating_requests_never_reach_upstream() {
     let h = start(None).await;
     let c = client(&h.ca_pem, true);
-    let resp = c
-        .request(
-            request(&h, Method::GET, "/api/v1/namespaces/default/secrets/db")
-                .body(Full::default())
-                .expect("req"),
-        )
-        .await
-        .expect("GET secret");
+    let resp = send(
+        &c,
+        request(&h, Method::GET, "/api/v1/namespaces/default/secrets/db"),
+        Bytes::new(),
+        "GET secret",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let status = body_json(resp).await;
@@ -265,15 +277,14 @@ async fn denied_and_impersonating_requests_never_reach_upstream() {
         "secrets \"db\" is forbidden: denied by Chaperone policy rule \"no-secrets\": no secrets for agents"
     );
 
-    let resp = c
-        .request(
-            request(&h, Method::GET, "/api/v1/namespaces/default/pods")
-                .header("Impersonate-User", "system:admin")
-                .body(Full::default())
-                .expect("req"),
-        )
-        .await
-        .expect("GET with impersonation");
+    let resp = send(
+        &c,
+        request(&h, Method::GET, "/api/v1/namespaces/default/pods")
+            .header("Impersonate-User", "system:admin"),
+        Bytes::new(),
+        "GET with impersonation",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let status = body_json(resp).await;
     assert!(
@@ -308,14 +319,13 @@ async fn unreachable_upstream_answers_503_status_and_is_recorded() {
         .port();
     let h = start(Some(format!("https://127.0.0.1:{port}"))).await;
     let c = client(&h.ca_pem, false);
-    let resp = c
-        .request(
-            request(&h, Method::GET, "/api/v1/namespaces")
-                .body(Full::default())
-                .expect("req"),
-        )
-        .await
-        .expect("request");
+    let resp = send(
+        &c,
+        request(&h, Method::GET, "/api/v1/namespaces"),
+        Bytes::new(),
+        "request",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         resp.headers().get("retry-after").is_none(),
@@ -344,14 +354,13 @@ async fn rotated_gateway_token_is_used_without_restart() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         h.apiserver.clear_requests();
-        let resp = c
-            .request(
-                request(&h, Method::GET, "/api/v1/namespaces")
-                    .body(Full::default())
-                    .expect("req"),
-            )
-            .await
-            .expect("request");
+        let resp = send(
+            &c,
+            request(&h, Method::GET, "/api/v1/namespaces"),
+            Bytes::new(),
+            "request",
+        )
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
         let auth = h.apiserver.requests().pop().and_then(|r| r.authorization);
         if auth.as_deref() == Some("Bearer gateway-token-2") {
@@ -379,14 +388,13 @@ async fn upstream_protocol_is_http1_by_default_and_http2_when_configured() {
         let h = start_configured(None, |config| config.upstream.protocol = protocol).await;
         let c = client(&h.ca_pem, true);
         for _ in 0..2 {
-            let resp = c
-                .request(
-                    request(&h, Method::GET, "/api/v1/namespaces")
-                        .body(Full::default())
-                        .expect("req"),
-                )
-                .await
-                .expect("request");
+            let resp = send(
+                &c,
+                request(&h, Method::GET, "/api/v1/namespaces"),
+                Bytes::new(),
+                "request",
+            )
+            .await;
             assert_eq!(resp.status(), StatusCode::OK);
         }
         let (_rows, apiserver, _dir) = stop(h).await;
@@ -427,14 +435,13 @@ async fn a_kubeconfig_supplies_server_ca_and_credential() {
     })
     .await;
     let c = client(&h.ca_pem, true);
-    let resp = c
-        .request(
-            request(&h, Method::GET, "/api/v1/namespaces")
-                .body(Full::default())
-                .expect("req"),
-        )
-        .await
-        .expect("request");
+    let resp = send(
+        &c,
+        request(&h, Method::GET, "/api/v1/namespaces"),
+        Bytes::new(),
+        "request",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let (_rows, apiserver, _dir) = stop(h).await;
     let auth = apiserver.requests().pop().and_then(|r| r.authorization);
@@ -451,14 +458,13 @@ async fn impersonation_modes_set_upstream_identity_or_refuse() {
     };
     let h = start_with(None, fixed).await;
     let c = client(&h.ca_pem, true);
-    let resp = c
-        .request(
-            request(&h, Method::GET, "/api/v1/namespaces")
-                .body(Full::default())
-                .expect("req"),
-        )
-        .await
-        .expect("request");
+    let resp = send(
+        &c,
+        request(&h, Method::GET, "/api/v1/namespaces"),
+        Bytes::new(),
+        "request",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let (rows, apiserver, _dir) = stop(h).await;
     let seen = apiserver.requests();
@@ -487,14 +493,13 @@ async fn impersonation_modes_set_upstream_identity_or_refuse() {
         )
         .await;
         let c = client(&h.ca_pem, true);
-        let resp = c
-            .request(
-                request(&h, Method::GET, "/api/v1/namespaces")
-                    .body(Full::default())
-                    .expect("req"),
-            )
-            .await
-            .expect("request");
+        let resp = send(
+            &c,
+            request(&h, Method::GET, "/api/v1/namespaces"),
+            Bytes::new(),
+            "request",
+        )
+        .await;
         assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{mode:?}");
         let status = body_json(resp).await;
         assert!(
@@ -537,19 +542,18 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
             .str_entry(2, "mode", "fast"),
     );
     let sent = body.len() as i64;
-    let resp = c
-        .request(
-            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
-                .header("content-type", "application/vnd.kubernetes.protobuf")
-                .header(
-                    "accept",
-                    "application/vnd.kubernetes.protobuf, application/json",
-                )
-                .body(Full::new(Bytes::from(body)))
-                .expect("req"),
-        )
-        .await
-        .expect("POST configmap");
+    let resp = send(
+        &c,
+        request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+            .header("content-type", "application/vnd.kubernetes.protobuf")
+            .header(
+                "accept",
+                "application/vnd.kubernetes.protobuf, application/json",
+            ),
+        Bytes::from(body),
+        "POST configmap",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let created = body_json(resp).await;
     assert_eq!(created["data"]["mode"], "fast", "{created}");
@@ -564,15 +568,14 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
             .msg(1, proto_meta("db"))
             .msg(2, Msg::default().str(1, "password").bytes(2, b"hunter2")),
     );
-    let resp = c
-        .request(
-            request(&h, Method::POST, "/api/v1/namespaces/default/secrets")
-                .header("content-type", "application/vnd.kubernetes.protobuf")
-                .body(Full::new(Bytes::from(secret)))
-                .expect("req"),
-        )
-        .await
-        .expect("POST secret");
+    let resp = send(
+        &c,
+        request(&h, Method::POST, "/api/v1/namespaces/default/secrets")
+            .header("content-type", "application/vnd.kubernetes.protobuf"),
+        Bytes::from(secret),
+        "POST secret",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     // A body that cannot be transcoded faithfully is refused, never forwarded.
@@ -583,15 +586,14 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
             .msg(1, proto_meta("x"))
             .str(77, "from the future"),
     );
-    let resp = c
-        .request(
-            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
-                .header("content-type", "application/vnd.kubernetes.protobuf")
-                .body(Full::new(Bytes::from(future)))
-                .expect("req"),
-        )
-        .await
-        .expect("POST undecodable");
+    let resp = send(
+        &c,
+        request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+            .header("content-type", "application/vnd.kubernetes.protobuf"),
+        Bytes::from(future),
+        "POST undecodable",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let status = body_json(resp).await;
     assert_eq!(status["reason"], "UnsupportedMediaType");
@@ -604,22 +606,21 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
 
     // Reads a typed client makes accept protobuf first; the gateway records the response,
     // so it asks upstream for JSON (the client decodes by the response's Content-Type).
-    let resp = c
-        .request(
-            request(
-                &h,
-                Method::GET,
-                "/api/v1/namespaces/default/configmaps/settings",
-            )
-            .header(
-                "accept",
-                "application/vnd.kubernetes.protobuf, application/json",
-            )
-            .body(Full::default())
-            .expect("req"),
+    let resp = send(
+        &c,
+        request(
+            &h,
+            Method::GET,
+            "/api/v1/namespaces/default/configmaps/settings",
         )
-        .await
-        .expect("GET configmap");
+        .header(
+            "accept",
+            "application/vnd.kubernetes.protobuf, application/json",
+        ),
+        Bytes::new(),
+        "GET configmap",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "application/json");
     drop(body_json(resp).await);
@@ -705,15 +706,14 @@ async fn bodies_beyond_the_inspection_limit_stream_through_and_slow_bodies_time_
         "data": {"blob": big},
     })
     .to_string();
-    let resp = c
-        .request(
-            request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(configmap.clone())))
-                .expect("req"),
-        )
-        .await
-        .expect("POST big configmap");
+    let resp = send(
+        &c,
+        request(&h, Method::POST, "/api/v1/namespaces/default/configmaps")
+            .header("content-type", "application/json"),
+        Bytes::from(configmap.clone()),
+        "POST big configmap",
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let created = body_json(resp).await;
     assert_eq!(
@@ -723,7 +723,7 @@ async fn bodies_beyond_the_inspection_limit_stream_through_and_slow_bodies_time_
 
     // The same without a Content-Length (chunked): read up to the limit, then streamed.
     let (mut tx, body) = futures_channel_body();
-    let send = tokio::spawn({
+    let sender = tokio::spawn({
         let configmap = configmap.replace("\"big\"", "\"big-chunked\"");
         async move {
             for chunk in configmap.as_bytes().chunks(4096) {
@@ -740,7 +740,7 @@ async fn bodies_beyond_the_inspection_limit_stream_through_and_slow_bodies_time_
         )
         .await
         .expect("POST chunked configmap");
-    send.await.expect("sender");
+    sender.await.expect("sender");
     assert_eq!(resp.status(), StatusCode::CREATED);
 
     // A client that announces a body and then stalls gets a 408, not a hung request.

@@ -117,27 +117,22 @@ impl FakeTokenReviewer {
 
     /// `token` authenticates as `username` with `groups`.
     pub fn authenticate(&self, token: &str, username: &str, groups: &[&str]) {
-        self.set(
-            token,
-            Ok(ReviewResult {
-                authenticated: true,
-                username: username.to_owned(),
-                groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-                uid: None,
-                error: None,
-            }),
-        );
+        self.answer(token, username, None, groups);
     }
 
     /// `token` authenticates as `username` with `uid` and `groups`.
     pub fn authenticate_with_uid(&self, token: &str, username: &str, uid: &str, groups: &[&str]) {
+        self.answer(token, username, Some(uid), groups);
+    }
+
+    fn answer(&self, token: &str, username: &str, uid: Option<&str>, groups: &[&str]) {
         self.set(
             token,
             Ok(ReviewResult {
                 authenticated: true,
                 username: username.to_owned(),
                 groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-                uid: Some(uid.to_owned()),
+                uid: uid.map(str::to_owned),
                 error: None,
             }),
         );
