@@ -821,3 +821,79 @@ async fn unreachable_upstream_answers_503_quickly() {
     );
     stop(h.app, h.dir.path()).await;
 }
+
+#[tokio::test]
+async fn shutdown_closes_exec_streams_in_order_and_records_them() {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::{Message, handshake::client::generate_key};
+
+    let h = start(LimitsConfig::default(), None).await;
+    h.apiserver
+        .seed(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "box", "namespace": "default"},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+            "status": {"phase": "Running"}
+        }))
+        .expect("seed pod");
+    // An exec that would run for a minute, as `kubectl exec` opens it (WebSocket v5).
+    let tls = tls_connect(&h, &[b"http/1.1"]).await;
+    let port = h.app.local_addr().port();
+    let request = http::Request::builder()
+        .uri(format!(
+            "wss://127.0.0.1:{port}/api/v1/namespaces/default/pods/box/exec?command=sleep&command=60&stdout=true&stderr=true"
+        ))
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("sec-websocket-protocol", "v5.channel.k8s.io")
+        .header("sec-websocket-key", generate_key())
+        .header("sec-websocket-version", "13")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .body(())
+        .expect("request");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("WebSocket handshake through the gateway");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+    let Harness { app, dir, .. } = h;
+    let started = Instant::now();
+    let shutdown = tokio::spawn(app.shutdown());
+    // The stream ends, in order (no reset, no TLS error), well before the grace period.
+    let ended = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    break Ok((u16::from(frame.code), frame.reason.to_string()));
+                }
+                Some(Ok(Message::Close(None))) | None => break Err("no close code".to_owned()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("the exec stream was still open at the end of the grace period");
+    assert_eq!(
+        ended,
+        Ok((1001, "the gateway is shutting down".to_owned())),
+        "the exec stream broke instead of closing with 1001 Going Away"
+    );
+    let stats = shutdown.await.expect("shutdown task").expect("shutdown");
+    assert!(
+        started.elapsed() < SHUTDOWN_GRACE - Duration::from_secs(2),
+        "shutdown took {:?}: it waited out the grace period",
+        started.elapsed()
+    );
+    let rows = recorder::read_dir(&dir.path().join("recordings")).expect("read recordings");
+    assert_eq!(rows.len() as u64, stats.rows);
+    let exec = rows
+        .iter()
+        .find(|r| r.object_ref.subresource == "exec")
+        .unwrap_or_else(|| panic!("the exec stream was not recorded: {rows:#?}"));
+    assert_eq!(exec.response_code, 101);
+    assert_eq!(
+        exec.error.as_deref(),
+        Some("stream closed by the gateway's shutdown")
+    );
+}

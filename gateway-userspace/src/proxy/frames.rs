@@ -75,6 +75,11 @@ impl WsDecoder {
         Self::default()
     }
 
+    /// Whether everything fed so far formed whole frames, so a frame may be inserted here.
+    pub fn at_frame_boundary(&self) -> bool {
+        !self.failed && self.buf.is_empty()
+    }
+
     /// Feeds bytes and returns every message they complete.
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<WsMessage>, FrameError> {
         if self.failed {

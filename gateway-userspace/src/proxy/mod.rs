@@ -193,6 +193,8 @@ pub struct Proxy {
     max_object_bytes: usize,
     record_responses: bool,
     connections: Arc<ConnectionLimiter>,
+    /// Upgraded streams (exec, attach, port-forward), which outlive their HTTP connection.
+    streams: TaskTracker,
     /// Cancelled when the drain starts: connections stop taking requests, watches end.
     draining: CancellationToken,
 }
@@ -329,6 +331,7 @@ impl Proxy {
             impersonate: s.impersonate,
             max_object_bytes: s.max_object_bytes,
             record_responses: s.record_responses,
+            streams: TaskTracker::new(),
             draining: CancellationToken::new(),
         })
     }
@@ -410,6 +413,9 @@ impl Proxy {
         self.draining.cancel();
         connections.close();
         connections.wait().await;
+        // Upgraded streams saw the same cancellation and close both ends in order.
+        self.streams.close();
+        self.streams.wait().await;
         drop(drain);
     }
 

@@ -20,6 +20,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     BoxError, CountingBody, Metered, Proxy, ProxyBody, RecordGuard, error_chain, insert_audit_id,
@@ -27,7 +28,7 @@ use super::{
 };
 use crate::{
     proxy::frames::{
-        FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header,
+        FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
     recorder::RequestRecord,
     status::Status,
@@ -300,6 +301,31 @@ impl StreamTap {
         &self.stats
     }
 
+    /// The WebSocket Close frame (1001 "going away") to send in `dir` when the gateway
+    /// shuts down, so the peer sees the stream end rather than break. `None` for SPDY and
+    /// opaque streams, and when `dir` is in the middle of a frame (inserting one there would
+    /// corrupt the stream; the orderly TLS close alone is sent then).
+    pub fn shutdown_frame(&self, dir: Direction) -> Option<Vec<u8>> {
+        let websocket = matches!(
+            self.framing,
+            TapFraming::WebSocketSpdyTunnel | TapFraming::WebSocketChannels { .. }
+        );
+        if !websocket || self.stopped || !self.ws[index(dir)].at_frame_boundary() {
+            return None;
+        }
+        let mut payload = 1001u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"the gateway is shutting down");
+        // Client-to-server frames must be masked; the key only needs to be unpredictable.
+        let mask = match dir {
+            Direction::ToServer => {
+                let random = uuid::Uuid::now_v7().into_bytes();
+                Some([random[12], random[13], random[14], random[15]])
+            }
+            Direction::ToClient => None,
+        };
+        Some(ws_encode(WsOpcode::Close, &payload, mask))
+    }
+
     /// Feeds relayed bytes; never fails (a decoding error is remembered and ends decoding).
     pub fn feed(&mut self, dir: Direction, data: &[u8]) {
         match dir {
@@ -449,6 +475,7 @@ async fn pump<R, W>(
     mut to: W,
     dir: Direction,
     tap: &Mutex<StreamTap>,
+    stop: &CancellationToken,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -456,7 +483,21 @@ where
 {
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
-        let n = match from.read(&mut buf).await {
+        let read = tokio::select! {
+            biased;
+            // The gateway is shutting down: close this direction the orderly way (TLS
+            // close_notify, then FIN), so both peers see the stream end, not break.
+            () = stop.cancelled() => {
+                let close = tap.lock().ok().and_then(|t| t.shutdown_frame(dir));
+                if let Some(frame) = close {
+                    let _ = to.write_all(&frame).await;
+                }
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            read = from.read(&mut buf) => read,
+        };
+        let n = match read {
             Ok(n) => n,
             // Many peers (Go included, on abrupt closes) skip TLS close_notify; for a
             // relay that is still the end of the stream.
@@ -476,17 +517,23 @@ where
     }
 }
 
-/// Relays bytes both ways until both directions reached EOF or one failed; returns the
-/// first I/O error, if any.
-pub async fn relay<C, U>(client: C, upstream: U, tap: &Mutex<StreamTap>) -> Option<String>
+/// Relays bytes both ways until both directions reached EOF or one failed, or `stop` is
+/// cancelled (then both directions are closed in order); returns the first I/O error, if
+/// any.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    tap: &Mutex<StreamTap>,
+    stop: &CancellationToken,
+) -> Option<String>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (client_r, client_w) = tokio::io::split(client);
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
-    let up = pump(client_r, upstream_w, Direction::ToServer, tap);
-    let down = pump(upstream_r, client_w, Direction::ToClient, tap);
+    let up = pump(client_r, upstream_w, Direction::ToServer, tap, stop);
+    let down = pump(upstream_r, client_w, Direction::ToClient, tap, stop);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     // A peer that resets after the other side has finished (a client closing with
@@ -691,15 +738,20 @@ impl Proxy {
             .ok()
             .and_then(|s| s.as_ref().map(Arc::clone));
         let mut guard = RecordGuard::new(self, record, started, request_bytes);
-        tokio::spawn(async move {
+        let stop = self.draining.clone();
+        // Tracked so the drain waits for the stream to close and its row to be recorded.
+        self.streams.spawn(async move {
             let tap = Mutex::new(StreamTap::new(&audit_id, framing, sink.clone()));
-            let error = match (client_upgrade.await, upstream_upgrade.await) {
+            let mut error = match (client_upgrade.await, upstream_upgrade.await) {
                 (Ok(client), Ok(upstream)) => {
-                    relay(TokioIo::new(client), TokioIo::new(upstream), &tap).await
+                    relay(TokioIo::new(client), TokioIo::new(upstream), &tap, &stop).await
                 }
                 (Err(e), _) => Some(format!("client upgrade: {}", error_chain(&e))),
                 (_, Err(e)) => Some(format!("API server upgrade: {}", error_chain(&e))),
             };
+            if error.is_none() && stop.is_cancelled() {
+                error = Some("stream closed by the gateway's shutdown".to_owned());
+            }
             let stats = tap
                 .into_inner()
                 .map(|t| t.stats)

@@ -318,7 +318,8 @@ async fn garbage_stops_decoding_but_never_the_relay() {
         TapFraming::Spdy,
         None::<Arc<dyn FrameSink>>,
     ));
-    let relay = relay(client, upstream, &tap);
+    let never = tokio_util::sync::CancellationToken::new();
+    let relay = relay(client, upstream, &tap, &never);
     let peers = async {
         // A SPDY/2 control frame: the tap gives up at once.
         let garbage = b"\x80\x02\x00\x01\x00\x00\x00\x00not spdy".repeat(50);
