@@ -897,3 +897,65 @@ async fn shutdown_closes_exec_streams_in_order_and_records_them() {
         Some("stream closed by the gateway's shutdown")
     );
 }
+
+#[tokio::test]
+async fn upgraded_streams_keep_counting_against_the_workload_limit() {
+    use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+
+    let h = start(
+        LimitsConfig {
+            max_connections_per_workload: 2,
+            ..LimitsConfig::default()
+        },
+        None,
+    )
+    .await;
+    h.apiserver
+        .seed(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "box", "namespace": "default"},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+            "status": {"phase": "Running"}
+        }))
+        .expect("seed pod");
+    let port = h.app.local_addr().port();
+    let open_exec = || async {
+        let tls = tls_connect(&h, &[b"http/1.1"]).await;
+        let request = http::Request::builder()
+            .uri(format!(
+                "wss://127.0.0.1:{port}/api/v1/namespaces/default/pods/box/exec?command=sleep&command=60&stdout=true"
+            ))
+            .header("host", format!("127.0.0.1:{port}"))
+            .header("sec-websocket-protocol", "v5.channel.k8s.io")
+            .header("sec-websocket-key", generate_key())
+            .header("sec-websocket-version", "13")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        tokio_tungstenite::client_async(request, tls)
+            .await
+            .expect("WebSocket handshake through the gateway")
+            .0
+    };
+    // Two exec streams use up the workload's two slots, although their HTTP connections
+    // have been handed over to the streams.
+    let first = open_exec().await;
+    let _second = open_exec().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        try_tls_connect(&h, &[b"http/1.1"]).await.is_err(),
+        "a third connection got through while two exec streams were open"
+    );
+    // Ending a stream gives its slot back.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while try_tls_connect(&h, &[b"http/1.1"]).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the ended exec stream's slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(h.app, h.dir.path()).await;
+}

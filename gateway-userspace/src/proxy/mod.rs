@@ -276,6 +276,22 @@ pub struct ConnectionInfo {
     pub origin: Option<ConnectionOrigin>,
     /// The workload the kernel's facts resolve to.
     pub workload: WorkloadIdentity,
+    /// The workload's connection slot (`limits.maxConnectionsPerWorkload`).
+    slot: Option<SlotHold>,
+}
+
+/// A share of a connection slot: an upgraded stream outlives its HTTP connection and keeps
+/// counting against the workload's limit until it ends.
+#[derive(Clone)]
+struct SlotHold {
+    /// Only held: the slot is given back when the last share is dropped.
+    _slot: Arc<ConnectionSlot>,
+}
+
+impl std::fmt::Debug for SlotHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotHold")
+    }
 }
 
 impl Proxy {
@@ -395,16 +411,19 @@ impl Proxy {
                 drop(tcp);
                 continue;
             };
+            // Released when the connection and every stream upgraded from it are gone.
             let conn_info = Arc::new(ConnectionInfo {
                 peer,
                 origin,
                 workload,
+                slot: Some(SlotHold {
+                    _slot: Arc::new(slot),
+                }),
             });
             let proxy = self.clone();
             let acceptor = acceptor.clone();
             connections.spawn(async move {
                 proxy.serve_connection(tcp, acceptor, conn_info).await;
-                drop(slot);
             });
         }
         drop(listener);
@@ -668,7 +687,7 @@ impl Proxy {
         record.decision = "allow".to_owned();
         match pending {
             Pending::Upgrade(req, protocol) => {
-                self.forward_upgrade(req, protocol, record, started, audit_id)
+                self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
                     .await
             }
             Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,

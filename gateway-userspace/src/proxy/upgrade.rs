@@ -23,8 +23,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BoxError, CountingBody, Metered, Proxy, ProxyBody, RecordGuard, error_chain, insert_audit_id,
-    sanitize_request_headers, strip_hop_by_hop, upstream_uri,
+    BoxError, CountingBody, Metered, Proxy, ProxyBody, RecordGuard, SlotHold, error_chain,
+    insert_audit_id, sanitize_request_headers, strip_hop_by_hop, upstream_uri,
 };
 use crate::{
     proxy::frames::{
@@ -641,6 +641,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         protocol: UpgradeProtocol,
+        slot: Option<SlotHold>,
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
@@ -768,6 +769,7 @@ impl Proxy {
                 record.error = error;
             }
             drop(guard);
+            drop(slot);
         });
         let mut out = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
         *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -435,7 +435,20 @@ where
     let command = spec.command.clone();
     let run = tokio::spawn(async move { exec::run(&spec, &cwd, stdin_rx, out_tx).await });
     let mut client_gone = false;
-    while let Some((stream, bytes)) = out_rx.recv().await {
+    let mut reader = reader;
+    loop {
+        // A client that closes (or loses) its connection ends the stream, as the API server
+        // ends the kubelet stream behind it; the command does not keep it open.
+        let (stream, bytes) = tokio::select! {
+            out = out_rx.recv() => match out {
+                Some(out) => out,
+                None => break,
+            },
+            _ = &mut reader => {
+                client_gone = true;
+                break;
+            }
+        };
         let ch = match stream {
             OutStream::Stdout => 1u8,
             OutStream::Stderr => 2,
