@@ -277,6 +277,28 @@ mod tests {
     }
 
     #[test]
+    fn hostile_yaml_and_json_bodies_are_not_expanded_or_recursed_into() {
+        // "Billion laughs": nine levels of aliases, each repeating the previous nine times.
+        let mut yaml = String::from("a0: &a0 [\"lol\"]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            let list = vec![prev.as_str(); 9].join(", ");
+            yaml.push_str(&format!("a{i}: &a{i} [{list}]\n"));
+        }
+        let started = std::time::Instant::now();
+        let parsed: Result<Value, _> = serde_norway::from_slice(yaml.as_bytes());
+        assert!(parsed.is_err(), "alias expansion was not limited");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let parsed: Result<Value, _> = serde_json::from_slice(deep.as_bytes());
+        assert!(parsed.is_err(), "deep JSON must hit the recursion limit");
+        let deep_yaml = "[".repeat(100_000);
+        let parsed: Result<Value, _> = serde_norway::from_slice(deep_yaml.as_bytes());
+        assert!(parsed.is_err(), "deep YAML must hit the recursion limit");
+    }
+
+    #[test]
     fn content_types_map_to_decoders() {
         for (ct, want) in [
             (Some("application/json"), Encoding::Json),
