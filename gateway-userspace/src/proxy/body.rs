@@ -282,7 +282,7 @@ mod tests {
         let mut yaml = String::from("a0: &a0 [\"lol\"]\n");
         for i in 1..10 {
             let prev = format!("*a{}", i - 1);
-            let list = vec![prev.as_str(); 9].join(", ");
+            let list = [prev.as_str(); 9].join(", ");
             yaml.push_str(&format!("a{i}: &a{i} [{list}]\n"));
         }
         let started = std::time::Instant::now();
