@@ -596,59 +596,14 @@ impl Proxy {
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
         let mut pending = match upgrade::upgrade_protocol(&req) {
             Some(protocol) => Pending::Upgrade(req, protocol),
-            None => {
-                let (mut parts, body) = req.into_parts();
-                let inspected = body::inspect(
-                    &mut parts,
-                    body,
-                    self.limits.max_inspected_body_bytes as usize,
-                    self.limits.body_read_timeout,
-                )
-                .await;
-                match inspected {
-                    Ok((body, inspected)) => {
-                        let count = Arc::new(AtomicU64::new(0));
-                        let body = match inspected.whole_len {
-                            Some(n) => {
-                                count.store(n, Ordering::Relaxed);
-                                body
-                            }
-                            None => CountingBody {
-                                inner: body,
-                                count: count.clone(),
-                            }
-                            .boxed(),
-                        };
-                        self.record_object(&mut record, &info, inspected);
-                        Pending::Plain(Request::from_parts(parts, body), count)
-                    }
-                    Err(e) => {
-                        let status = match &e {
-                            body::BodyError::Timeout(_) => Status::failure(
-                                StatusCode::REQUEST_TIMEOUT,
-                                "Timeout",
-                                format!("chaperone: {e}"),
-                            ),
-                            body::BodyError::Read(_) => {
-                                Status::bad_request(format!("chaperone: {e}"))
-                            }
-                            body::BodyError::Protobuf(_) => Status::failure(
-                                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                                "UnsupportedMediaType",
-                                format!("chaperone: {e}"),
-                            ),
-                        };
-                        record.request_content_type = parts
-                            .headers
-                            .get(header::CONTENT_TYPE)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned);
-                        record.decision = "error".to_owned();
-                        record.reason = Some(status.message().to_owned());
-                        return self.local_response(status, record, started, &audit_id);
-                    }
+            None => match self.inspect_body(req, &info, &mut record).await {
+                Ok(plain) => plain,
+                Err(status) => {
+                    record.decision = "error".to_owned();
+                    record.reason = Some(status.message().to_owned());
+                    return self.local_response(status, record, started, &audit_id);
                 }
-            }
+            },
         };
 
         let decision = {
@@ -692,6 +647,63 @@ impl Proxy {
             }
             Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,
         }
+    }
+
+    /// Reads and decodes a request's body (see [`body::inspect`]) and notes what it held
+    /// in the record; a body that cannot be accepted becomes the `Status` to answer with.
+    async fn inspect_body(
+        &self,
+        req: Request<Incoming>,
+        info: &RequestInfo,
+        record: &mut RequestRecord,
+    ) -> Result<Pending, Status> {
+        let (mut parts, body) = req.into_parts();
+        let inspected = body::inspect(
+            &mut parts,
+            body,
+            self.limits.max_inspected_body_bytes as usize,
+            self.limits.body_read_timeout,
+        )
+        .await;
+        let (body, inspected) = match inspected {
+            Ok(ok) => ok,
+            Err(e) => {
+                record.request_content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                return Err(match &e {
+                    body::BodyError::Timeout(_) => Status::failure(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "Timeout",
+                        format!("chaperone: {e}"),
+                    ),
+                    body::BodyError::Read(_) => Status::bad_request(format!("chaperone: {e}")),
+                    body::BodyError::Protobuf(_) => Status::failure(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        format!("chaperone: {e}"),
+                    ),
+                });
+            }
+        };
+        // A body read whole is counted as the client sent it (what is forwarded may be
+        // transcoded); one that streams through is counted on the way.
+        let count = Arc::new(AtomicU64::new(0));
+        let body = match inspected.whole_len {
+            Some(n) => {
+                count.store(n, Ordering::Relaxed);
+                body
+            }
+            None => CountingBody {
+                inner: body,
+                count: count.clone(),
+            }
+            .boxed(),
+        };
+        self.record_object(record, info, inspected);
+        Ok(Pending::Plain(Request::from_parts(parts, body), count))
     }
 
     /// Puts what body inspection found into the record: the masked object, size-capped.
