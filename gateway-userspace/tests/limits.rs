@@ -825,36 +825,11 @@ async fn unreachable_upstream_answers_503_quickly() {
 #[tokio::test]
 async fn shutdown_closes_exec_streams_in_order_and_records_them() {
     use futures_util::StreamExt as _;
-    use tokio_tungstenite::tungstenite::{Message, handshake::client::generate_key};
+    use tokio_tungstenite::tungstenite::Message;
 
     let h = start(LimitsConfig::default(), None).await;
-    h.apiserver
-        .seed(serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "box", "namespace": "default"},
-            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
-            "status": {"phase": "Running"}
-        }))
-        .expect("seed pod");
-    // An exec that would run for a minute, as `kubectl exec` opens it (WebSocket v5).
-    let tls = tls_connect(&h, &[b"http/1.1"]).await;
-    let port = h.app.local_addr().port();
-    let request = http::Request::builder()
-        .uri(format!(
-            "wss://127.0.0.1:{port}/api/v1/namespaces/default/pods/box/exec?command=sleep&command=60&stdout=true&stderr=true"
-        ))
-        .header("host", format!("127.0.0.1:{port}"))
-        .header("sec-websocket-protocol", "v5.channel.k8s.io")
-        .header("sec-websocket-key", generate_key())
-        .header("sec-websocket-version", "13")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .body(())
-        .expect("request");
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tls)
-        .await
-        .expect("WebSocket handshake through the gateway");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    seed_pod(&h);
+    let mut ws = open_exec(&h, "stdout=true&stderr=true").await;
 
     let Harness { app, dir, .. } = h;
     let started = Instant::now();
@@ -900,8 +875,6 @@ async fn shutdown_closes_exec_streams_in_order_and_records_them() {
 
 #[tokio::test]
 async fn upgraded_streams_keep_counting_against_the_workload_limit() {
-    use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-
     let h = start(
         LimitsConfig {
             max_connections_per_workload: 2,
@@ -910,38 +883,11 @@ async fn upgraded_streams_keep_counting_against_the_workload_limit() {
         None,
     )
     .await;
-    h.apiserver
-        .seed(serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "box", "namespace": "default"},
-            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
-            "status": {"phase": "Running"}
-        }))
-        .expect("seed pod");
-    let port = h.app.local_addr().port();
-    let open_exec = || async {
-        let tls = tls_connect(&h, &[b"http/1.1"]).await;
-        let request = http::Request::builder()
-            .uri(format!(
-                "wss://127.0.0.1:{port}/api/v1/namespaces/default/pods/box/exec?command=sleep&command=60&stdout=true"
-            ))
-            .header("host", format!("127.0.0.1:{port}"))
-            .header("sec-websocket-protocol", "v5.channel.k8s.io")
-            .header("sec-websocket-key", generate_key())
-            .header("sec-websocket-version", "13")
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .body(())
-            .expect("request");
-        tokio_tungstenite::client_async(request, tls)
-            .await
-            .expect("WebSocket handshake through the gateway")
-            .0
-    };
+    seed_pod(&h);
     // Two exec streams use up the workload's two slots, although their HTTP connections
     // have been handed over to the streams.
-    let first = open_exec().await;
-    let _second = open_exec().await;
+    let first = open_exec(&h, "stdout=true").await;
+    let _second = open_exec(&h, "stdout=true").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         try_tls_connect(&h, &[b"http/1.1"]).await.is_err(),
@@ -958,4 +904,45 @@ async fn upgraded_streams_keep_counting_against_the_workload_limit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(h.app, h.dir.path()).await;
+}
+
+/// The pod the exec tests run `sleep` in.
+fn seed_pod(h: &Harness) {
+    h.apiserver
+        .seed(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "box", "namespace": "default"},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+            "status": {"phase": "Running"}
+        }))
+        .expect("seed pod");
+}
+
+/// Opens `sleep 60` in the pod as `kubectl exec` does (WebSocket v5) through the gateway;
+/// `streams` are the exec query's stream flags.
+async fn open_exec(
+    h: &Harness,
+    streams: &str,
+) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+    use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+
+    let tls = tls_connect(h, &[b"http/1.1"]).await;
+    let port = h.app.local_addr().port();
+    let request = http::Request::builder()
+        .uri(format!(
+            "wss://127.0.0.1:{port}/api/v1/namespaces/default/pods/box/exec?command=sleep&command=60&{streams}"
+        ))
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("sec-websocket-protocol", "v5.channel.k8s.io")
+        .header("sec-websocket-key", generate_key())
+        .header("sec-websocket-version", "13")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .body(())
+        .expect("request");
+    let (ws, response) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("WebSocket handshake through the gateway");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
 }

@@ -168,7 +168,13 @@ pub(crate) async fn inspect(
 /// survives), duplicates dropped. `None` when nothing needs to change.
 pub(crate) fn accept_json(accept: &HeaderValue) -> Option<HeaderValue> {
     let text = accept.to_str().ok()?;
-    if !text.to_ascii_lowercase().contains(protobuf::MEDIA_TYPE) {
+    // Runs for nearly every request: look without allocating a lowercased copy.
+    let wanted = protobuf::MEDIA_TYPE.as_bytes();
+    if !text
+        .as_bytes()
+        .windows(wanted.len())
+        .any(|w| w.eq_ignore_ascii_case(wanted))
+    {
         return None;
     }
     let mut out: Vec<String> = Vec::new();

@@ -86,9 +86,9 @@ pub enum ProxyError {
         source: std::io::Error,
     },
     /// The token file's content cannot be sent as a header.
-    #[error("gateway token {path} is not a valid header value (control characters?)")]
+    #[error("gateway token from {path} is not a valid header value (control characters?)")]
     TokenInvalid {
-        /// The token file.
+        /// Where the token came from (its file, or the kubeconfig).
         path: String,
     },
 }
@@ -114,16 +114,10 @@ impl GatewayToken {
 
     /// A token given inline, which never changes.
     pub fn fixed(token: &str) -> Result<Arc<Self>, ProxyError> {
-        let mut value =
-            HeaderValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
-                ProxyError::TokenInvalid {
-                    path: "the kubeconfig's inline token".to_owned(),
-                }
-            })?;
-        value.set_sensitive(true);
+        let header = Self::header_value(token, "the kubeconfig's inline token")?;
         Ok(Arc::new(Self {
             path: None,
-            header: ArcSwap::from_pointee(value),
+            header: ArcSwap::from_pointee(header),
         }))
     }
 
@@ -132,11 +126,17 @@ impl GatewayToken {
             path: path.display().to_string(),
             source,
         })?;
-        let mut value = HeaderValue::try_from(format!("Bearer {}", text.trim())).map_err(|_| {
-            ProxyError::TokenInvalid {
-                path: path.display().to_string(),
-            }
-        })?;
+        Self::header_value(&text, &path.display().to_string())
+    }
+
+    /// `Authorization: Bearer <token>`; `source` names where the token came from in errors.
+    fn header_value(token: &str, source: &str) -> Result<HeaderValue, ProxyError> {
+        let mut value =
+            HeaderValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
+                ProxyError::TokenInvalid {
+                    path: source.to_owned(),
+                }
+            })?;
         // Keeps the credential out of HPACK tables and Debug output.
         value.set_sensitive(true);
         Ok(value)
@@ -596,7 +596,7 @@ impl Proxy {
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
         let mut pending = match upgrade::upgrade_protocol(&req) {
             Some(protocol) => Pending::Upgrade(req, protocol),
-            None => match self.inspect_body(req, &info, &mut record).await {
+            None => match self.inspect_body(req, &mut record).await {
                 Ok(plain) => plain,
                 Err(status) => {
                     record.decision = "error".to_owned();
@@ -654,7 +654,6 @@ impl Proxy {
     async fn inspect_body(
         &self,
         req: Request<Incoming>,
-        info: &RequestInfo,
         record: &mut RequestRecord,
     ) -> Result<Pending, Status> {
         let (mut parts, body) = req.into_parts();
@@ -702,27 +701,18 @@ impl Proxy {
             }
             .boxed(),
         };
-        self.record_object(record, info, inspected);
+        self.record_object(record, inspected);
         Ok(Pending::Plain(Request::from_parts(parts, body), count))
     }
 
     /// Puts what body inspection found into the record: the masked object, size-capped.
-    fn record_object(
-        &self,
-        record: &mut RequestRecord,
-        info: &RequestInfo,
-        inspected: body::Inspected,
-    ) {
+    fn record_object(&self, record: &mut RequestRecord, inspected: body::Inspected) {
         record.request_content_type = inspected.content_type;
         record.request_object_truncated = inspected.truncated;
-        if let Some(mut object) = inspected.object {
-            let masked = masking::mask_for_recording(&info.resource, &mut object);
-            record.masked_fields = i32::try_from(masked).unwrap_or(i32::MAX);
-            let text = object.to_string();
-            if text.len() <= self.max_object_bytes {
-                record.request_object = Some(text);
-            } else {
-                record.request_object_truncated = true;
+        if let Some(object) = inspected.object {
+            match recorded_json(record, object, self.max_object_bytes) {
+                Some(text) => record.request_object = Some(text),
+                None => record.request_object_truncated = true,
             }
         }
     }
@@ -1352,19 +1342,26 @@ fn record_response_object(record: &mut RequestRecord, capture: body::Capture, ma
     match capture.finish() {
         Err(()) => record.response_object_truncated = true,
         Ok(None) => {}
-        Ok(Some(mut object)) => {
-            let masked = masking::mask_for_recording(&record.object_ref.resource, &mut object);
-            record.masked_fields = record
-                .masked_fields
-                .saturating_add(i32::try_from(masked).unwrap_or(i32::MAX));
-            let text = object.to_string();
-            if text.len() <= max_bytes {
-                record.response_object = Some(text);
-            } else {
-                record.response_object_truncated = true;
-            }
-        }
+        Ok(Some(object)) => match recorded_json(record, object, max_bytes) {
+            Some(text) => record.response_object = Some(text),
+            None => record.response_object_truncated = true,
+        },
     }
+}
+
+/// `object` as the masked JSON text a record keeps, adding what was masked to the record's
+/// count; `None` when the text is larger than `max_bytes` (the caller flags it truncated).
+fn recorded_json(
+    record: &mut RequestRecord,
+    mut object: serde_json::Value,
+    max_bytes: usize,
+) -> Option<String> {
+    let masked = masking::mask_for_recording(&record.object_ref.resource, &mut object);
+    record.masked_fields = record
+        .masked_fields
+        .saturating_add(i32::try_from(masked).unwrap_or(i32::MAX));
+    let text = object.to_string();
+    (text.len() <= max_bytes).then_some(text)
 }
 
 /// A response body that counts bytes and owns the [`RecordGuard`].
