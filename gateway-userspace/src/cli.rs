@@ -69,14 +69,6 @@ pub enum Command {
         #[arg(long = "policy")]
         policies: Vec<PathBuf>,
     },
-    /// Run the self-contained demo: a sandboxed agent pod running real kubectl, intercepted
-    /// by eBPF, policed and recorded, against the Kubernetes API test server. Needs root.
-    #[cfg(feature = "testing")]
-    Demo {
-        /// Keep the recordings in this directory instead of a temporary one.
-        #[arg(long)]
-        recordings: Option<PathBuf>,
-    },
 }
 
 /// Runs a parsed command line.
@@ -115,8 +107,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        #[cfg(feature = "testing")]
-        Command::Demo { recordings } => crate::test_helpers::demo::run(recordings).await,
     }
 }
 

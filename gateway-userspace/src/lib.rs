@@ -25,9 +25,6 @@ pub mod scope;
 pub mod status;
 pub mod tls;
 
-#[cfg(feature = "testing")]
-pub mod test_helpers;
-
 /// An error with its whole source chain (`outer: inner: root cause`): many libraries'
 /// top-level messages omit the cause a person needs (the errno, the TLS alert).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {

@@ -15,7 +15,7 @@
 
 use std::{path::PathBuf, process::Output, time::Duration};
 
-use gateway_userspace::test_helpers::apiserver::{ApiServerConfig, TestApiServer};
+use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},

@@ -14,14 +14,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use chaperone_testkit::{
+    apiserver::{ApiServerConfig, TestApiServer},
+    local::local_config,
+};
 use gateway_userspace::{
     app::{self, App},
     config::{LimitsConfig, default_server_names},
     recorder::{self, RequestRecord},
-    test_helpers::{
-        apiserver::{ApiServerConfig, TestApiServer},
-        local::local_config,
-    },
     tls::{self, CertificateAuthority},
 };
 use http::{Method, Request, Response, StatusCode};

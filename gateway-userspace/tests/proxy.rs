@@ -5,16 +5,16 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use chaperone_testkit::{
+    apiserver::{ApiServerConfig, TestApiServer},
+    local::local_config,
+    protobuf::{Msg, envelope},
+};
 use gateway_userspace::{
     app::{self, App},
     config::{Config, ImpersonationConfig, ImpersonationMode, KubeconfigSource, UpstreamProtocol},
     masking,
-    protobuf::writer::{Msg, envelope},
     recorder::{self, RequestRecord},
-    test_helpers::{
-        apiserver::{ApiServerConfig, TestApiServer},
-        local::local_config,
-    },
     tls::{self, CertificateAuthority},
 };
 use http::{Method, Request, StatusCode};

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
 use gateway_userspace::{
     admin::Metrics,
     drain::{self, DrainTrigger},
@@ -20,7 +21,6 @@ use gateway_userspace::{
     },
     recorder::{self, Recorder, RecorderConfig, RequestRecord},
     scope::ScopeConfig,
-    test_helpers::apiserver::{ApiServerConfig, TestApiServer},
     tls::{self, CertificateAuthority},
 };
 use serde_json::json;

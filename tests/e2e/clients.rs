@@ -22,14 +22,12 @@ use std::{
 };
 
 use chaperone_e2e::privileged;
-use gateway_userspace::{
-    recorder::{self, RequestRecord},
-    test_helpers::{
-        apiserver::{Authorizer, Denial, DenialTarget},
-        demo::demo_objects,
-        stack::{SANDBOX_NAMESPACE, SANDBOX_POD, Stack, StackOptions, Stopped},
-    },
+use chaperone_testkit::{
+    apiserver::{Authorizer, Denial, DenialTarget},
+    demo::demo_objects,
+    stack::{SANDBOX_NAMESPACE, SANDBOX_POD, Stack, StackOptions, Stopped},
 };
+use gateway_userspace::recorder::{self, RequestRecord};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},

@@ -11,10 +11,8 @@ use std::{
 };
 
 use chaperone_e2e::privileged;
-use gateway_userspace::{
-    ebpf::{Interceptor, InterceptorSettings, PinGuard},
-    test_helpers::sandbox::{SandboxPod, TEST_PIN_PREFIX, cleanup_stale},
-};
+use chaperone_testkit::sandbox::{SandboxPod, TEST_PIN_PREFIX, cleanup_stale};
+use gateway_userspace::ebpf::{Interceptor, InterceptorSettings, PinGuard};
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},

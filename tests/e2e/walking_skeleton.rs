@@ -4,14 +4,12 @@
 use std::process::Command;
 
 use chaperone_e2e::privileged;
-use gateway_userspace::{
-    recorder,
-    test_helpers::{
-        demo::{DEMO_POLICY, demo_objects},
-        sandbox::TEST_PIN_PREFIX,
-        stack::{SANDBOX_NAMESPACE, SANDBOX_POD, SANDBOX_SERVICE_ACCOUNT, Stack, StackOptions},
-    },
+use chaperone_testkit::{
+    demo::{DEMO_POLICY, demo_objects},
+    sandbox::TEST_PIN_PREFIX,
+    stack::{SANDBOX_NAMESPACE, SANDBOX_POD, SANDBOX_SERVICE_ACCOUNT, Stack, StackOptions},
 };
+use gateway_userspace::recorder;
 
 /// A plain HTTP/1.1 GET against the admin endpoint, returning the body.
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -39,6 +39,10 @@ enum Task {
     /// Benchmark the gateway against nginx and the design targets (privileged parts need
     /// root); figures land in target/bench/.
     Bench,
+    /// Build the workspace in release as a user would (`cargo build --release` at the root)
+    /// and prove the `chaperone` binary holds the product only: the test kit is not in its
+    /// dependency tree and its command line offers no demo.
+    ReleaseCheck,
     /// Regenerate gateway-userspace/src/protobuf/schema.txt from the k8s-pb and
     /// k8s-openapi sources (downloads them if needed).
     GenProtobuf,
@@ -52,14 +56,11 @@ fn main() -> anyhow::Result<()> {
             cargo(&[
                 "build",
                 "--package",
-                "gateway-userspace",
-                "--features",
-                "testing",
+                "chaperone-testkit",
                 "--bin",
-                "chaperone",
+                "chaperone-demo",
             ])?;
-            let mut cmd = Command::new(workspace_root().join("target/debug/chaperone"));
-            cmd.arg("demo");
+            let mut cmd = Command::new(workspace_root().join("target/debug/chaperone-demo"));
             if let Some(dir) = recordings {
                 cmd.arg("--recordings").arg(dir);
             }
@@ -67,11 +68,12 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup()?;
-            let mut cargo_args = vec!["test", "--features", "gateway-userspace/testing"];
+            let mut cargo_args = vec!["test"];
             cargo_args.extend(args.iter().map(String::as_str));
             test_with_summary(&cargo_args)
         }
         Task::Bench => bench(),
+        Task::ReleaseCheck => release_check(),
         Task::GenProtobuf => {
             let out = workspace_root().join("gateway-userspace/src/protobuf/schema.txt");
             let messages = protobuf_schema::generate(&out)?;
@@ -267,6 +269,37 @@ fn home() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn release_check() -> anyhow::Result<()> {
+    setup()?;
+    cargo(&["build", "--release"])?;
+    let tree = output(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "tree",
+                "--package",
+                "gateway-userspace",
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+            ])
+            .current_dir(workspace_root()),
+    )?;
+    if let Some(line) = tree.lines().find(|l| l.starts_with("chaperone-testkit")) {
+        bail!("the product crate depends on the test kit: {line}");
+    }
+    let help =
+        output(Command::new(workspace_root().join("target/release/chaperone")).arg("--help"))?;
+    if help.contains("demo") {
+        bail!("the released chaperone offers test code (a demo) in --help:\n{help}");
+    }
+    if succeeds(Command::new(workspace_root().join("target/release/chaperone")).arg("demo")) {
+        bail!("the released chaperone runs `chaperone demo`");
+    }
+    println!("release check: target/release/chaperone is the product alone (no test kit, no demo)");
+    Ok(())
 }
 
 /// HTTP side by side with nginx, the eBPF connect() overhead, then the policy and recorder

@@ -14,8 +14,6 @@ pub mod oidc;
 pub mod pods;
 pub mod principal;
 pub mod resolver;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 pub mod tokenreview;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
@@ -362,5 +360,3 @@ impl Identity {
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod verify_tests;

@@ -321,8 +321,8 @@ impl PodSource for ChannelPodSource {
 }
 
 /// Builds Pod objects for tests.
-#[cfg(any(test, feature = "testing"))]
-pub mod fake {
+#[cfg(test)]
+pub(crate) mod fake {
     use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodSpec, PodStatus};
     use kube::api::ObjectMeta;
 

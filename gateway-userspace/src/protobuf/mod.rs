@@ -774,5 +774,3 @@ fn fraction(value: u64, scale: u64) -> String {
 
 #[cfg(test)]
 mod tests;
-#[cfg(any(test, feature = "testing"))]
-pub mod writer;

@@ -1,7 +1,7 @@
 use serde_json::json;
 
-use super::writer::{Msg, envelope, put_varint};
 use super::*;
+use chaperone_testkit::protobuf::{Msg, envelope, put_varint};
 
 /// ObjectMeta as client-go writes it: every non-pointer field, even when empty.
 fn meta(name: &str, namespace: &str) -> Msg {

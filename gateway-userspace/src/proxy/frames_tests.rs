@@ -1,3 +1,5 @@
+use chaperone_testkit::spdy_frames::{SpdyEncoder, build_header_block};
+
 use super::*;
 
 fn feed_bytewise_ws(frames: &[u8]) -> Vec<WsMessage> {

@@ -1,5 +1,7 @@
 use super::*;
-use crate::proxy::frames::{SpdyEncoder, ws_encode};
+use chaperone_testkit::spdy_frames::SpdyEncoder;
+
+use crate::proxy::frames::ws_encode;
 
 #[test]
 fn upgrade_requests_are_recognised() {

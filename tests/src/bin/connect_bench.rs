@@ -5,10 +5,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use gateway_userspace::{
-    ebpf::{Interceptor, InterceptorSettings},
-    test_helpers::sandbox::{SandboxPod, TEST_PIN_PREFIX, cleanup_stale},
-};
+use chaperone_testkit::sandbox::{SandboxPod, TEST_PIN_PREFIX, cleanup_stale};
+use gateway_userspace::ebpf::{Interceptor, InterceptorSettings};
 use tokio::net::TcpListener;
 
 /// connect() calls per scenario and pass.

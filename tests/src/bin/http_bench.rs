@@ -22,12 +22,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use gateway_userspace::{
-    app,
-    config::Config,
-    test_helpers::apiserver::{ApiServerConfig, TestApiServer},
-    tls::CertificateAuthority,
-};
+use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
+use gateway_userspace::{app, config::Config, tls::CertificateAuthority};
 
 /// The token the API test server accepts; direct and nginx requests carry it, the gateway
 /// injects it from its token file.

@@ -21,7 +21,7 @@ use super::{
     store::{Event, Scope, Subscription},
     table::{self, TableOptions},
 };
-use crate::{drain::DrainWatcher, status::Status};
+use gateway_userspace::{drain::DrainWatcher, status::Status};
 
 /// How event objects are encoded.
 #[derive(Debug, Clone, Copy)]

@@ -3,7 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
-use crate::config::{
+use gateway_userspace::config::{
     AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
     RecordingConfig, ServingTlsConfig, UpstreamConfig, default_server_names,
 };

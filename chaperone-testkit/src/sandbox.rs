@@ -49,7 +49,7 @@ pub enum SandboxError {
     NoSubnet,
     /// Could not find the cgroup2 mount.
     #[error(transparent)]
-    Cgroup(#[from] crate::ebpf::EbpfError),
+    Cgroup(#[from] gateway_userspace::ebpf::EbpfError),
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String, SandboxError> {
@@ -112,7 +112,7 @@ impl SandboxPod {
         let netns = format!("{NETNS_PREFIX}{pid}-{token:06x}");
         let host_veth = format!("chp{token:06x}h");
         let pod_veth = format!("chp{token:06x}p");
-        let root = crate::ebpf::cgroup2_mount()?;
+        let root = gateway_userspace::ebpf::cgroup2_mount()?;
         let cgroup_base = root.join(CGROUP_PARENT).join(format!("{pid}-{token:06x}"));
         let cgroup = match &layout {
             CgroupLayout::Plain => cgroup_base.clone(),
@@ -273,7 +273,7 @@ impl SandboxPod {
 
     /// The pod's cgroup path relative to the cgroup2 mount (as identity resolution sees it).
     pub fn cgroup_relative_path(&self) -> Result<String, SandboxError> {
-        let root = crate::ebpf::cgroup2_mount()?;
+        let root = gateway_userspace::ebpf::cgroup2_mount()?;
         Ok(self
             .cgroup
             .strip_prefix(&root)
@@ -363,7 +363,7 @@ pub fn cleanup_stale() {
                 && let Some(pid) = rest.split('-').next()
                 && !alive(pid)
             {
-                let _ = crate::ebpf::uninstall(&entry.path());
+                let _ = gateway_userspace::ebpf::uninstall(&entry.path());
             }
         }
     }
@@ -377,14 +377,14 @@ pub fn cleanup_stale() {
                 continue;
             };
             if !alive(pid) {
-                let cgroup = crate::ebpf::cgroup2_mount()
+                let cgroup = gateway_userspace::ebpf::cgroup2_mount()
                     .map(|r| r.join(CGROUP_PARENT).join(format!("{pid}-{token}")))
                     .unwrap_or_default();
                 teardown(&cgroup, name, &format!("chp{token}h"));
             }
         }
     }
-    if let Ok(root) = crate::ebpf::cgroup2_mount()
+    if let Ok(root) = gateway_userspace::ebpf::cgroup2_mount()
         && let Ok(entries) = std::fs::read_dir(root.join(CGROUP_PARENT))
     {
         for entry in entries.flatten() {

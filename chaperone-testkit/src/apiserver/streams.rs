@@ -47,7 +47,7 @@ use super::{
     exec::{self, ExecSpec, OutStream},
     full, header_str, portforward, spdy, status_response,
 };
-use crate::{drain::DrainWatcher, status::Status};
+use gateway_userspace::{drain::DrainWatcher, status::Status};
 
 /// WebSocket subprotocols for exec/attach, the server's preference first.
 const WS_EXEC_PROTOCOLS: [&str; 5] = [

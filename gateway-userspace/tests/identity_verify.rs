@@ -6,12 +6,14 @@ use base64::Engine as _;
 use http::HeaderValue;
 use serde_json::json;
 
-use super::{
-    WorkloadIdentity,
+use chaperone_testkit::{
+    oidc::{TestIssuer, TestKey},
+    tokenreview::FakeTokenReviewer,
+};
+use gateway_userspace::identity::{
+    TokenReviewer, WorkloadIdentity,
     oidc::OidcVerifier,
     principal::{Principal, PrincipalKind, PrincipalVerifier, service_account_mismatch},
-    testing::{TestIssuer, TestKey},
-    tokenreview::FakeTokenReviewer,
 };
 
 const CLIENT: &str = "chaperone";
@@ -43,7 +45,7 @@ async fn verifier_for(
         .with_refresh_min_interval(Duration::ZERO);
     PrincipalVerifier::new(
         vec![oidc],
-        reviewer.map(|r| r as Arc<dyn super::TokenReviewer>),
+        reviewer.map(|r| r as Arc<dyn TokenReviewer>),
         Duration::from_secs(60),
     )
 }

@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
 use super::discovery::{self, ResourceDef};
-use crate::status::{Status, StatusDetails};
+use gateway_userspace::status::{Status, StatusDetails};
 
 /// Events kept for watches that resume from a resourceVersion; older ones are "compacted".
 const HISTORY: usize = 10_000;

@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use crate::{
-    recorder,
-    test_helpers::stack::{Stack, StackOptions},
-};
+use gateway_userspace::recorder;
+
+use crate::stack::{Stack, StackOptions};
 
 /// The demo's policy: what an admin might start with.
 pub const DEMO_POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1

@@ -29,7 +29,7 @@ use super::{
     discovery::{self, ResourceDef},
     full, header_str, json_response, not_found_path, status_response, unsupported_media_type,
 };
-use crate::status::{Status, StatusDetails};
+use gateway_userspace::status::{Status, StatusDetails};
 
 const AUTHORIZATION: &str = "authorization.k8s.io";
 const AUTHENTICATION: &str = "authentication.k8s.io";

@@ -475,7 +475,7 @@ pub(crate) fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_helpers::apiserver::discovery::find;
+    use crate::apiserver::discovery::find;
 
     #[test]
     fn human_duration_matches_apimachinery() {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{
+use gateway_userspace::{
     app::{self, App, AppError},
     config::{
         AdminConfig, Config, InterceptionConfig, InterceptionMode, ListenConfig, PolicyConfig,
@@ -18,11 +18,12 @@ use crate::{
     },
     identity::IdentityConfig,
     recorder::RecorderStats,
-    test_helpers::{
-        apiserver::{ApiServerConfig, TestApiServer},
-        sandbox::{CgroupLayout, SandboxError, SandboxPod, cleanup_stale},
-    },
     tls::{CertificateAuthority, TlsError},
+};
+
+use crate::{
+    apiserver::{ApiServerConfig, TestApiServer},
+    sandbox::{CgroupLayout, SandboxError, SandboxPod, cleanup_stale},
 };
 
 /// Namespace the sandbox pod is reported in (standalone identity).
@@ -60,7 +61,7 @@ pub enum StackError {
     App(#[from] AppError),
     /// The generated config was rejected.
     #[error("gateway config: {0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] gateway_userspace::config::ConfigError),
 }
 
 /// What to build.

@@ -63,7 +63,7 @@ use self::{
     table::{IncludeObject, TableOptions},
     watch::{WatchFormat, WatchPlan},
 };
-use crate::{
+use gateway_userspace::{
     drain::{self, DrainTrigger, DrainWatcher},
     status::{Status, StatusDetails},
     tls::{self, CertificateAuthority, TlsError},
@@ -907,7 +907,7 @@ fn method_not_allowed(res: &ResourceDef, action: &str) -> Status {
         "MethodNotAllowed",
         format!(
             "{action} is not supported on resources of kind \"{}\"",
-            crate::status::group_resource(res.group, res.plural)
+            gateway_userspace::status::group_resource(res.group, res.plural)
         ),
     )
 }

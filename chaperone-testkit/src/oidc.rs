@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
 use rustls_pki_types::{PrivatePkcs1KeyDer, pem::PemObject as _};
 
-use super::oidc::OidcIssuerConfig;
+use gateway_userspace::identity::oidc::OidcIssuerConfig;
 
 /// Fixed RSA test keys (PKCS#1), generated once with `openssl genpkey`; generating RSA keys
 /// in a debug build takes seconds.
@@ -178,7 +178,7 @@ impl Drop for TestIssuer {
 impl TestIssuer {
     /// Starts an issuer publishing `keys`.
     pub async fn start(keys: &[&TestKey]) -> Self {
-        let (ca, _) = crate::tls::CertificateAuthority::generate("test-oidc-ca")
+        let (ca, _) = gateway_userspace::tls::CertificateAuthority::generate("test-oidc-ca")
             .unwrap_or_else(|e| panic!("CA: {e}"));
         let (chain, key) = ca
             .issue_server_cert(
@@ -187,8 +187,9 @@ impl TestIssuer {
                 std::time::Duration::from_secs(3600),
             )
             .unwrap_or_else(|e| panic!("server cert: {e}"));
-        let mut tls =
-            (*crate::tls::server_config(chain, key).unwrap_or_else(|e| panic!("{e}"))).clone();
+        let mut tls = (*gateway_userspace::tls::server_config(chain, key)
+            .unwrap_or_else(|e| panic!("{e}")))
+        .clone();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

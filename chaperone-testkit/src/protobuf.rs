@@ -1,7 +1,7 @@
 //! A minimal Kubernetes protobuf writer for tests: enough to build the bodies kubectl's
 //! typed clients send, field by field.
 
-use super::MAGIC;
+use gateway_userspace::protobuf::MAGIC;
 
 /// A message under construction: fields are appended in call order.
 #[derive(Debug, Default, Clone)]

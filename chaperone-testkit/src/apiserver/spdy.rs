@@ -11,7 +11,9 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::proxy::frames::{SpdyDecoder, SpdyEncoder, SpdyFrame, SpdyHeaders, spdy_header};
+use gateway_userspace::proxy::frames::{SpdyDecoder, SpdyFrame, SpdyHeaders, spdy_header};
+
+use crate::spdy_frames::SpdyEncoder;
 
 /// A stream the client opened.
 pub(crate) struct IncomingStream {
