@@ -99,22 +99,41 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A cargo command for the workspace, without the variables `cargo run` set for xtask
+/// itself: build scripts that watch them (ring's watches `CARGO_MANIFEST_DIR`) would
+/// otherwise rebuild half the tree whenever a build alternates between xtask and cargo.
+pub(crate) fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(args)
-            .current_dir(workspace_root()),
-    )
+    run(cargo_command().args(args))
 }
 
 /// Runs `cargo test`, passing its output through, and closes with one line that adds up
 /// every test binary's result (cargo's own last line is that of the last doc-test run).
 fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args)
-        .current_dir(workspace_root())
-        .stdout(std::process::Stdio::piped());
+    let mut cmd = cargo_command();
+    cmd.args(args).stdout(std::process::Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
@@ -274,19 +293,15 @@ fn home() -> PathBuf {
 fn release_check() -> anyhow::Result<()> {
     setup()?;
     cargo(&["build", "--release"])?;
-    let tree = output(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "tree",
-                "--package",
-                "gateway-userspace",
-                "--edges",
-                "normal,build",
-                "--prefix",
-                "none",
-            ])
-            .current_dir(workspace_root()),
-    )?;
+    let tree = output(cargo_command().args([
+        "tree",
+        "--package",
+        "gateway-userspace",
+        "--edges",
+        "normal,build",
+        "--prefix",
+        "none",
+    ]))?;
     if let Some(line) = tree.lines().find(|l| l.starts_with("chaperone-testkit")) {
         bail!("the product crate depends on the test kit: {line}");
     }

@@ -169,7 +169,7 @@ fn crate_source(name: &str, version: &str) -> anyhow::Result<PathBuf> {
         ),
     )?;
     std::fs::write(dir.join("src/lib.rs"), "")?;
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = crate::cargo_command()
         .args(["metadata", "--format-version", "1", "--manifest-path"])
         .arg(dir.join("Cargo.toml"))
         .output()
