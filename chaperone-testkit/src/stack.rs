@@ -67,7 +67,7 @@ pub enum StackError {
 /// What to build.
 #[derive(Debug, Clone, Default)]
 pub struct StackOptions {
-    /// Policy YAML; `None` allows everything.
+    /// Policy YAML; `None` configures `policy: allowAll`.
     pub policy_yaml: Option<String>,
     /// Where recordings go; `None`: inside the stack's temporary directory.
     pub recordings_dir: Option<PathBuf>,
@@ -170,13 +170,13 @@ impl Stack {
             pod_uid: pod_uid.clone(),
             container_id: container_id.clone(),
         })?;
-        let policy_file = match &opts.policy_yaml {
+        let policy = match &opts.policy_yaml {
             Some(yaml) => {
                 let path = root.join("policy.yaml");
                 write(&path, yaml)?;
-                Some(path)
+                PolicyConfig::File(path)
             }
-            None => None,
+            None => PolicyConfig::AllowAll,
         };
         let recordings = opts
             .recordings_dir
@@ -224,13 +224,14 @@ impl Stack {
                 create_ca_if_missing: false,
             },
             identity: IdentityConfig::default(),
-            policy: PolicyConfig { file: policy_file },
+            policy: Some(policy),
             recording: RecordingConfig {
                 dir: recordings.clone(),
                 max_rows_per_file: 100_000,
                 max_file_age: Duration::from_secs(60),
                 max_object_bytes: 256 * 1024,
                 response_bodies: true,
+                reads_while_down: Default::default(),
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -23,6 +23,8 @@ use tokio::net::TcpListener;
 use crate::{
     drain::DrainWatcher,
     ebpf::{InterceptionStatus, Interceptor},
+    policy::Policy,
+    recorder::{RecorderHealth, RecorderStatus},
 };
 
 /// Labels of `chaperone_requests_total`.
@@ -47,8 +49,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates the registry; `interceptor` adds the kernel's connect-path counters.
-    pub fn new(interceptor: Option<Arc<Interceptor>>) -> Arc<Self> {
+    /// Creates the registry; `interceptor` adds the kernel's connect-path counters,
+    /// `recorder` whether recording works.
+    pub fn new(
+        interceptor: Option<Arc<Interceptor>>,
+        recorder: Option<RecorderStatus>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("chaperone");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -76,6 +82,9 @@ impl Metrics {
         );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
+        }
+        if let Some(recorder) = recorder {
+            registry.register_collector(Box::new(RecorderGauges(recorder)));
         }
         Arc::new(Self {
             registry,
@@ -171,6 +180,44 @@ impl Collector for KernelCounters {
     }
 }
 
+/// Reads the recorder's state at scrape time.
+struct RecorderGauges(RecorderStatus);
+
+impl std::fmt::Debug for RecorderGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecorderGauges")
+    }
+}
+
+impl Collector for RecorderGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let health = self.0.health_report();
+        let up = ConstGauge::new(i64::from(health.up));
+        up.encode(encoder.encode_descriptor(
+            "recording_up",
+            "1 while rows are being written; 0 while recording is down (requests that must be recorded are refused)",
+            None,
+            up.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "recording_outages",
+                "Times recording went down (disk full, I/O errors)",
+                health.outages,
+            ),
+            (
+                "recording_rows_lost",
+                "Rows refused or lost while recording was down (each logged with its audit id)",
+                health.rows_lost,
+            ),
+        ] {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 /// What `/status` returns.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
@@ -178,8 +225,33 @@ pub struct StatusReport {
     pub listen: SocketAddr,
     /// The upstream API server.
     pub upstream: String,
+    /// The policy in force.
+    pub policy: PolicyReport,
+    /// Whether recording works.
+    pub recording: RecorderHealth,
     /// The kernel side, when eBPF interception is on.
     pub interception: Option<InterceptionStatus>,
+}
+
+/// The policy part of `/status`.
+#[derive(Debug, Serialize)]
+pub struct PolicyReport {
+    /// The policy file, or `allowAll` when the config asked for no policy.
+    pub source: String,
+    /// Number of rules.
+    pub rules: usize,
+    /// What applies when no rule matches.
+    pub default: String,
+}
+
+impl PolicyReport {
+    fn of(policy: &Policy) -> Self {
+        Self {
+            source: policy.source().to_owned(),
+            rules: policy.rule_count(),
+            default: policy.default_action().to_string(),
+        }
+    }
 }
 
 /// Shared state of the admin endpoint.
@@ -192,6 +264,10 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// The upstream URL.
     pub upstream: String,
+    /// The policy in force (the proxy's; swapped on reload).
+    pub policy: Arc<arc_swap::ArcSwap<Policy>>,
+    /// The recorder's health, for readiness.
+    pub recorder: RecorderStatus,
 }
 
 impl Admin {
@@ -216,11 +292,22 @@ impl Admin {
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics.encode(),
             ),
-            "/healthz" | "/readyz" => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            // Not ready while recording is down: requests that must be recorded are refused.
+            "/readyz" => match self.recorder.health() {
+                Ok(()) => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                Err(cause) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("recording is down: {cause}\n"),
+                ),
+            },
             "/status" => {
                 let report = StatusReport {
                     listen: self.listen,
                     upstream: self.upstream.clone(),
+                    policy: PolicyReport::of(&self.policy.load()),
+                    recording: self.recorder.health_report(),
                     interception: self.interceptor.as_ref().map(|i| i.status()),
                 };
                 let body = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -268,7 +355,7 @@ mod tests {
 
     #[test]
     fn request_counter_appears_in_the_exposition() {
-        let metrics = Metrics::new(None);
+        let metrics = Metrics::new(None, None);
         metrics.count_request("deny");
         metrics.count_request("deny");
         metrics.count_request("allow");

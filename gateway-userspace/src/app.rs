@@ -11,7 +11,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     admin::{Admin, Metrics},
-    config::{Config, InterceptionMode},
+    config::{Config, InterceptionMode, PolicyConfig},
     drain::{self, DrainOutcome, DrainTrigger},
     ebpf::{EbpfError, Interceptor, InterceptorSettings, PinGuard},
     identity::{
@@ -99,9 +99,12 @@ impl std::fmt::Debug for App {
     }
 }
 
-/// Loads the configured policy file, or allows everything when none is configured.
-pub fn load_policy(file: Option<&std::path::Path>) -> Result<Policy, PolicyError> {
-    file.map_or_else(|| Ok(Policy::allow_all()), Policy::from_file)
+/// Loads the configured policy: its file, or the allow-all policy the config asked for.
+pub fn load_policy(source: &PolicyConfig) -> Result<Policy, PolicyError> {
+    match source {
+        PolicyConfig::AllowAll => Ok(Policy::allow_all()),
+        PolicyConfig::File(file) => Policy::from_file(file),
+    }
 }
 
 /// Builds and starts the gateway described by `cfg`.
@@ -111,7 +114,11 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         // One sentence naming what is missing, before anything is bound or loaded.
         crate::ebpf::preflight()?;
     }
-    let policy = load_policy(cfg.policy.file.as_deref())?;
+    // Config::load refuses a config without a policy; a Config built in code is checked here.
+    let policy_source = cfg.policy.clone().ok_or_else(|| {
+        AppError::Config("policy: is required (a file, or allowAll said explicitly)".to_owned())
+    })?;
+    let policy = load_policy(&policy_source)?;
     if cfg.tls.create_ca_if_missing && !cfg.tls.ca_cert_file.exists() {
         tls::create_ca_files(
             &cfg.tls.ca_cert_file,
@@ -220,13 +227,8 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             addr: cfg.admin.address,
             source,
         })?;
-    let metrics = Metrics::new(interceptor.clone());
-    let admin = Arc::new(Admin {
-        metrics: metrics.clone(),
-        interceptor: interceptor.clone(),
-        listen: local_addr,
-        upstream: resolved.url.to_string(),
-    });
+    let recorder_status = recorder_handle.status();
+    let metrics = Metrics::new(interceptor.clone(), Some(recorder_status.clone()));
 
     let proxy = Proxy::new(ProxySettings {
         policy,
@@ -248,6 +250,15 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         impersonate: cfg.upstream.impersonate.clone(),
         max_object_bytes: cfg.recording.max_object_bytes,
         record_responses: cfg.recording.response_bodies,
+        reads_while_down: cfg.recording.reads_while_down,
+    });
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        interceptor: interceptor.clone(),
+        listen: local_addr,
+        upstream: resolved.url.to_string(),
+        policy: proxy.policy.clone(),
+        recorder: recorder_status,
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(token) = token {

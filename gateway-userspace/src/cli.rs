@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{app, config::Config};
+use crate::{
+    app,
+    config::{Config, PolicyConfig},
+};
 
 /// Chaperone: a transparent gateway that records, masks, blocks and holds for approval
 /// what AI agents do to a Kubernetes cluster.
@@ -98,7 +101,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(config) = config {
                 let cfg = Config::load(&config)?;
                 println!("{}: ok", config.display());
-                files.extend(cfg.policy.file);
+                match &cfg.policy {
+                    Some(PolicyConfig::File(file)) => files.push(file.clone()),
+                    Some(PolicyConfig::AllowAll) | None => {
+                        println!("policy: allowAll (no policy: every request is forwarded)");
+                    }
+                }
             }
             for file in &files {
                 let policy = crate::policy::Policy::from_file(file)
@@ -137,6 +145,26 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_slice(&body).context("parsing /status")?;
     println!("listen:    {}", v["listen"].as_str().unwrap_or("?"));
     println!("upstream:  {}", v["upstream"].as_str().unwrap_or("?"));
+    let p = &v["policy"];
+    println!(
+        "policy:    {} ({} rules, default {})",
+        p["source"].as_str().unwrap_or("?"),
+        p["rules"],
+        p["default"].as_str().unwrap_or("?")
+    );
+    let r = &v["recording"];
+    if r["up"].as_bool() == Some(true) {
+        println!("recording: up");
+    } else {
+        println!(
+            "recording: DOWN ({}); requests that must be recorded are refused",
+            r["cause"].as_str().unwrap_or("unknown cause")
+        );
+    }
+    println!(
+        "           {} outages, {} rows lost",
+        r["outages"], r["rows_lost"]
+    );
     let i = &v["interception"];
     if i.is_null() {
         println!("interception: off (mode none)");

@@ -71,9 +71,10 @@ pub struct Config {
     /// How workloads and the principals behind bearer tokens are identified.
     #[serde(default)]
     pub identity: crate::identity::IdentityConfig,
-    /// Policy files.
+    /// The policy: a file, or `allowAll` said explicitly. Required: a forgotten policy must
+    /// not mean "allow everything".
     #[serde(default)]
-    pub policy: PolicyConfig,
+    pub policy: Option<PolicyConfig>,
     /// Where and how requests are recorded.
     pub recording: RecordingConfig,
     /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`).
@@ -462,13 +463,75 @@ pub struct ServingTlsConfig {
     pub create_ca_if_missing: bool,
 }
 
-/// Policy sources.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// The policy file (docs/policy-reference.md). None: allow everything.
-    #[serde(default)]
-    pub file: Option<PathBuf>,
+/// Where the policy comes from (`policy:` in the config file).
+///
+/// There is no default: a config names a policy file (`policy: {file: PATH}`) or says
+/// `policy: allowAll` in so many words, and `chaperone status` shows which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyConfig {
+    /// `policy: allowAll`: forward every request the identity guards let through; every
+    /// request is still recorded.
+    AllowAll,
+    /// `policy: {file: PATH}`: the policy file (docs/policy-reference.md).
+    File(PathBuf),
+}
+
+impl PolicyConfig {
+    /// The policy file, when there is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            PolicyConfig::AllowAll => None,
+            PolicyConfig::File(path) => Some(path),
+        }
+    }
+}
+
+/// The mapping form of [`PolicyConfig`].
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    file: PathBuf,
+}
+
+const ALLOW_ALL: &str = "allowAll";
+
+impl<'de> Deserialize<'de> for PolicyConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PolicyConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "`{ALLOW_ALL}` or a mapping with `file: PATH`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PolicyConfig, E> {
+                if v == ALLOW_ALL {
+                    Ok(PolicyConfig::AllowAll)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<PolicyConfig, A::Error> {
+                PolicyFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|f| PolicyConfig::File(f.file))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for PolicyConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PolicyConfig::AllowAll => s.serialize_str(ALLOW_ALL),
+            PolicyConfig::File(file) => PolicyFile { file: file.clone() }.serialize(s),
+        }
+    }
 }
 
 /// Recording settings.
@@ -492,6 +555,22 @@ pub struct RecordingConfig {
     /// as objects.
     #[serde(default = "default_true")]
     pub response_bodies: bool,
+    /// What happens to reads while recording is down (disk full, I/O errors): `refuse`
+    /// (the default: nothing passes unrecorded) or `allow` (reads pass, each logged with
+    /// its audit id). Mutating requests are always refused then, with a `Status` 503.
+    #[serde(default)]
+    pub reads_while_down: ReadsWhileDown,
+}
+
+/// `recording.readsWhileDown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadsWhileDown {
+    /// Refuse reads too, with a `Status` 503.
+    #[default]
+    Refuse,
+    /// Forward reads; their rows are lost (and logged).
+    Allow,
 }
 
 fn default_resolve_every() -> Duration {
@@ -787,10 +866,21 @@ impl Config {
                 return Err(invalid(path, format!("{}: {e}", file_path.display())));
             }
         }
-        if let Some(policy) = &self.policy.file
-            && let Err(e) = std::fs::metadata(policy)
-        {
-            return Err(invalid("policy.file", format!("{}: {e}", policy.display())));
+        match &self.policy {
+            None => {
+                return Err(invalid(
+                    "policy",
+                    format!(
+                        "is required: name a policy file (`policy: {{file: /etc/chaperone/policy.yaml}}`) or write `policy: {ALLOW_ALL}` to forward every request"
+                    ),
+                ));
+            }
+            Some(PolicyConfig::File(policy)) => {
+                if let Err(e) = std::fs::metadata(policy) {
+                    return Err(invalid("policy.file", format!("{}: {e}", policy.display())));
+                }
+            }
+            Some(PolicyConfig::AllowAll) => {}
         }
         Ok(())
     }
@@ -838,9 +928,54 @@ mod tests {
              interception:\n  targets: [\"169.254.10.100:443\"]\n\
              upstream:\n  url: https://127.0.0.1:6443\n  caFile: {d}/ca.crt\n  tokenFile: {d}/token\n  connectTimeout: 250ms\n\
              tls:\n  caCertFile: {d}/ca.crt\n  caKeyFile: {d}/ca.key\n\
-             recording:\n  dir: {d}/rec\n  maxFileAge: 1m 30s\n"
+             recording:\n  dir: {d}/rec\n  maxFileAge: 1m 30s\n\
+             policy: allowAll\n"
         );
         (dir, yaml)
+    }
+
+    #[test]
+    fn the_policy_is_required_and_allow_all_must_be_said() {
+        let (dir, yaml) = fixture();
+        let c = Config::from_yaml(&yaml, "c.yaml").unwrap();
+        assert_eq!(c.policy, Some(PolicyConfig::AllowAll));
+
+        let without = yaml.replace("policy: allowAll\n", "");
+        let err = Config::from_yaml(&without, "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("policy: is required") && err.contains("allowAll"),
+            "{err}"
+        );
+
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, "x").unwrap();
+        let with_file = yaml.replace(
+            "policy: allowAll\n",
+            &format!("policy:\n  file: {}\n", file.display()),
+        );
+        let c = Config::from_yaml(&with_file, "c.yaml").unwrap();
+        assert_eq!(c.policy, Some(PolicyConfig::File(file.clone())));
+        assert_eq!(c.policy.as_ref().and_then(PolicyConfig::file), Some(&*file));
+        // The effective config logged at start-up says which.
+        let logged = serde_json::to_value(&c).unwrap();
+        assert_eq!(logged["policy"]["file"], file.display().to_string());
+
+        for (bad, expected) in [
+            ("policy: allowall\n", "allowall"),
+            ("policy: true\n", "policy"),
+            ("policy:\n  files: /x\n", "files"),
+            ("policy:\n  file: /nonexistent/policy.yaml\n", "policy.file"),
+        ] {
+            let err = Config::from_yaml(&yaml.replace("policy: allowAll\n", bad), "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(expected),
+                "{bad:?}: expected {expected:?} in {err}"
+            );
+        }
     }
 
     #[test]

@@ -415,9 +415,9 @@ impl Policy {
             identity: None,
             rules: Vec::new(),
         };
-        let compiled = compile(raw, "<allow-all>");
+        let compiled = compile(raw, "allowAll");
         Policy {
-            inner: Arc::new(compiled.unwrap_or_else(|_| Compiled::empty("<allow-all>"))),
+            inner: Arc::new(compiled.unwrap_or_else(|_| Compiled::empty("allowAll"))),
         }
     }
 

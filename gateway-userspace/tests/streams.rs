@@ -149,11 +149,12 @@ impl Env {
                 PrincipalVerifier::from_config(&IdentityConfig::default(), None).expect("verifier"),
             ),
             scope: ScopeConfig::default(),
-            metrics: Metrics::new(None),
+            metrics: Metrics::new(None, None),
             limits: Default::default(),
             impersonate: Default::default(),
             max_object_bytes: 256 * 1024,
             record_responses: true,
+            reads_while_down: Default::default(),
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());

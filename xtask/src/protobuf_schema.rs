@@ -14,7 +14,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context as _, bail};

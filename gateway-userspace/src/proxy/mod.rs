@@ -46,7 +46,7 @@ use tokio_util::{
 
 use crate::{
     admin::Metrics,
-    config::{ImpersonationConfig, ImpersonationMode, UpstreamProtocol},
+    config::{ImpersonationConfig, ImpersonationMode, ReadsWhileDown, UpstreamProtocol},
     config::{LimitsConfig, MIN_REQUEST_HEADER_BYTES},
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
@@ -70,6 +70,9 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
+/// What a request refused while recording is down tells the client to wait before retrying
+/// (the recorder probes the disk every second).
+const RECORDING_RETRY_AFTER_SECONDS: u32 = 1;
 /// How long a connection closed for idleness gets to say goodbye (HTTP/2 GOAWAY) before it
 /// is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -173,8 +176,8 @@ impl GatewayToken {
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
-    /// The current policy; replaced atomically on reload.
-    pub policy: ArcSwap<Policy>,
+    /// The current policy; replaced atomically on reload (the admin endpoint reads it too).
+    pub policy: Arc<ArcSwap<Policy>>,
     upstream: UpstreamClient,
     upstream_base: Uri,
     token: Option<Arc<GatewayToken>>,
@@ -192,6 +195,7 @@ pub struct Proxy {
     impersonate: ImpersonationConfig,
     max_object_bytes: usize,
     record_responses: bool,
+    reads_while_down: ReadsWhileDown,
     connections: Arc<ConnectionLimiter>,
     /// Upgraded streams (exec, attach, port-forward), which outlive their HTTP connection.
     streams: TaskTracker,
@@ -247,6 +251,8 @@ pub struct ProxySettings {
     pub max_object_bytes: usize,
     /// Record response bodies (`recording.responseBodies`).
     pub record_responses: bool,
+    /// Whether reads pass while recording is down (`recording.readsWhileDown`).
+    pub reads_while_down: ReadsWhileDown,
 }
 
 /// A request between inspection and forwarding.
@@ -326,7 +332,7 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Arc::new(Self {
-            policy: ArcSwap::from_pointee(s.policy),
+            policy: Arc::new(ArcSwap::from_pointee(s.policy)),
             upstream,
             upstream_base: s.upstream_url,
             token: s.token,
@@ -347,6 +353,7 @@ impl Proxy {
             impersonate: s.impersonate,
             max_object_bytes: s.max_object_bytes,
             record_responses: s.record_responses,
+            reads_while_down: s.reads_while_down,
             streams: TaskTracker::new(),
             draining: CancellationToken::new(),
         })
@@ -638,6 +645,23 @@ impl Proxy {
                     &audit_id,
                 );
             }
+        }
+        // Fail closed: what cannot be recorded is not forwarded (reads per configuration).
+        if let Err(cause) = self.recorder.health()
+            && (info.is_mutating() || self.reads_while_down == ReadsWhileDown::Refuse)
+        {
+            let why = format!(
+                "chaperone: recording is down, so this request cannot be recorded and is refused: {cause}"
+            );
+            tracing::warn!(verb = %info.verb, resource = %info.resource, name = %info.name, "refused while recording is down");
+            record.decision = "error".to_owned();
+            record.reason = Some(why.clone());
+            return self.local_response(
+                Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
+                record,
+                started,
+                &audit_id,
+            );
         }
         record.decision = "allow".to_owned();
         match pending {

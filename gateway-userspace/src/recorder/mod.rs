@@ -10,6 +10,13 @@
 //! synced. On drain, or once every handle is dropped, queued rows are written and all
 //! files are closed before [`Recorder::join`] returns. The schema is documented in
 //! docs/recording-schema.md.
+//!
+//! A write failure (disk full, I/O error) does not stop the recorder: it marks recording
+//! *down* ([`RecorderHandle::health`]), keeps what it had written (a file it cannot
+//! complete stays on disk as a hidden `.failed` file instead of being deleted), logs the
+//! audit id of every row it loses, and probes the disk every [`PROBE_EVERY`] until a write
+//! and fsync succeed again. While it is down, producers' rows are refused at once and the
+//! proxy refuses what it must not forward unrecorded (see `proxy`).
 
 mod reader;
 pub mod schema;
@@ -21,7 +28,8 @@ mod tests;
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use jiff::civil::Date;
@@ -52,6 +60,8 @@ pub const DEFAULT_ROW_GROUP_ROWS: usize = 100_000;
 const BATCH_ROWS: usize = 4096;
 /// Batches queued for the writer thread while it encodes another one.
 const WRITER_QUEUE_BATCHES: usize = 2;
+/// How often a recorder that is down checks whether the disk takes writes again.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Longest node name accepted (a Kubernetes node name is a DNS subdomain).
 const MAX_NODE_NAME_LEN: usize = 253;
 
@@ -200,25 +210,77 @@ pub struct RecorderStats {
     pub rows: u64,
     /// Published files, in the order they were closed.
     pub files: Vec<PathBuf>,
+    /// Rows that never reached a published file (each was logged with its audit id).
+    pub rows_lost: u64,
+    /// Times recording went down.
+    pub outages: u64,
 }
 
-/// State shared by producers and the writer: the first failure, once there is one.
+/// Whether recording works right now, as [`RecorderHandle::health`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RecorderHealth {
+    /// Rows are being written.
+    pub up: bool,
+    /// Why recording is down, when it is.
+    pub cause: Option<String>,
+    /// Times recording went down since start.
+    pub outages: u64,
+    /// Rows refused or lost since start.
+    pub rows_lost: u64,
+}
+
+/// State shared by producers, the writer thread and the admin endpoint: whether
+/// recording is down and why. The proxy reads `down` on every request, so it is an atomic.
 #[derive(Debug, Default)]
 struct Shared {
-    failure: OnceLock<RecorderError>,
+    down: AtomicBool,
+    cause: Mutex<Option<RecorderError>>,
+    outages: AtomicU64,
+    rows_lost: AtomicU64,
 }
 
 impl Shared {
-    fn fail(&self, error: RecorderError) {
-        let _ = self.failure.set(error);
+    fn cause(&self) -> std::sync::MutexGuard<'_, Option<RecorderError>> {
+        self.cause.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Recording is down because of `error` (the latest cause is kept).
+    fn set_down(&self, error: RecorderError) {
+        let mut cause = self.cause();
+        if !self.down.swap(true, Ordering::AcqRel) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "recording is down: requests that must be recorded are refused until it recovers");
+        }
+        *cause = Some(error);
+    }
+
+    /// A probe wrote and synced a file: recording works again.
+    fn set_up(&self) {
+        let mut cause = self.cause();
+        if self.down.swap(false, Ordering::AcqRel) {
+            tracing::info!(previous = ?cause.as_ref().map(ToString::to_string), "recording recovered");
+        }
+        *cause = None;
+    }
+
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    fn current_error(&self) -> Option<RecorderError> {
+        if !self.is_down() {
+            return None;
+        }
+        Some(self.cause().clone().unwrap_or(RecorderError::Stopped))
+    }
+
+    fn lose(&self, rows: u64) {
+        self.rows_lost.fetch_add(rows, Ordering::Relaxed);
     }
 
     /// The error a producer gets when the channel is closed.
     fn closed_error(&self) -> RecorderError {
-        self.failure
-            .get()
-            .cloned()
-            .unwrap_or(RecorderError::Stopped)
+        self.current_error().unwrap_or(RecorderError::Stopped)
     }
 }
 
@@ -249,7 +311,7 @@ impl std::fmt::Debug for RecorderHandle {
                 "queued",
                 &(self.queue.max_capacity() - self.queue.capacity()),
             )
-            .field("failure", &self.shared.failure.get())
+            .field("down", &self.shared.is_down())
             .finish()
     }
 }
@@ -294,6 +356,7 @@ impl Recorder {
 
         let (queue, rows) = mpsc::channel(cfg.queue_capacity);
         let coordinator = Coordinator {
+            shared: Arc::clone(&shared),
             batch_rows: BATCH_ROWS
                 .min(cfg.row_group_rows)
                 .min(cfg.max_rows_per_file),
@@ -315,16 +378,37 @@ impl Recorder {
 }
 
 impl RecorderHandle {
-    /// Queues one row, waiting for space; fails once the recorder has stopped or failed.
+    /// Queues one row, waiting for space; fails at once while recording is down, and once
+    /// the recorder has stopped.
     pub async fn record(&self, row: RequestRecord) -> Result<(), RecorderError> {
-        if let Some(error) = self.shared.failure.get() {
-            return Err(error.clone());
+        if let Some(error) = self.shared.current_error() {
+            self.shared.lose(1);
+            return Err(error);
         }
         // Boxed so a queued row costs one pointer in the channel's blocks.
         self.queue
             .send(Message::Row(Box::new(row)))
             .await
             .map_err(|_| self.shared.closed_error())
+    }
+
+    /// `Err(cause)` while recording is down. Cheap (one atomic load when up): the proxy
+    /// asks before forwarding every request.
+    pub fn health(&self) -> Result<(), RecorderError> {
+        self.status().health()
+    }
+
+    /// What `/readyz`, `/metrics` and `chaperone status` show.
+    pub fn health_report(&self) -> RecorderHealth {
+        self.status().health_report()
+    }
+
+    /// A read-only view of the recorder's health that, unlike a handle, does not keep the
+    /// recorder running (the admin endpoint holds one).
+    pub fn status(&self) -> RecorderStatus {
+        RecorderStatus {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Closes the open files now (after every row recorded before this call) and returns
@@ -337,6 +421,30 @@ impl RecorderHandle {
             .map_err(|_| self.shared.closed_error())?;
         done.await
             .unwrap_or_else(|_| Err(self.shared.closed_error()))
+    }
+}
+
+/// Whether recording works, without the power to record (see [`RecorderHandle::status`]).
+#[derive(Debug, Clone)]
+pub struct RecorderStatus {
+    shared: Arc<Shared>,
+}
+
+impl RecorderStatus {
+    /// `Err(cause)` while recording is down.
+    pub fn health(&self) -> Result<(), RecorderError> {
+        self.shared.current_error().map_or(Ok(()), Err)
+    }
+
+    /// Up or down, why, and the counters since start.
+    pub fn health_report(&self) -> RecorderHealth {
+        let cause = self.shared.current_error().map(|e| e.to_string());
+        RecorderHealth {
+            up: cause.is_none(),
+            cause,
+            outages: self.shared.outages.load(Ordering::Relaxed),
+            rows_lost: self.shared.rows_lost.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -364,6 +472,7 @@ struct Pending {
 
 /// The async half: batches rows per date and decides when files rotate.
 struct Coordinator {
+    shared: Arc<Shared>,
     cfg: RecorderConfig,
     batch_rows: usize,
     open: BTreeMap<Date, Pending>,
@@ -381,6 +490,8 @@ impl Coordinator {
         done: oneshot::Receiver<Result<RecorderStats, RecorderError>>,
     ) -> Result<RecorderStats, RecorderError> {
         let mut draining = false;
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A file age too large to represent simply never expires.
             let deadline = self
@@ -400,6 +511,15 @@ impl Coordinator {
                 // The writer stopped on its own: it failed, and its result says why.
                 () = self.commands.closed() => Err(WriterGone),
                 () = sleep_until_opt(deadline), if deadline.is_some() => self.rotate_expired().await,
+                // Always polled: the writer marks recording down from its own thread, and a
+                // branch disabled when the select started would never see it.
+                _ = probe.tick() => {
+                    if self.shared.is_down() {
+                        self.send(Command::Probe).await
+                    } else {
+                        Ok(())
+                    }
+                }
                 message = rows.recv() => match message {
                     Some(Message::Row(row)) => self.push(*row).await,
                     Some(Message::Flush(reply)) => self.flush(reply).await,

@@ -239,7 +239,14 @@ async fn every_field_round_trips_including_nulls_and_structs() {
         .join()
         .await
         .unwrap_or_else(|e| panic!("join: {e}"));
-    assert_eq!(stats, RecorderStats { rows: 3, files });
+    assert_eq!(
+        stats,
+        RecorderStats {
+            rows: 3,
+            files,
+            ..RecorderStats::default()
+        }
+    );
 }
 
 #[tokio::test]
@@ -612,41 +619,133 @@ fn start_outside_a_runtime_is_an_error_not_a_panic() {
 }
 
 #[tokio::test]
-async fn write_failure_is_reported_to_every_caller_with_path_and_cause() {
+async fn a_write_failure_takes_recording_down_and_it_recovers_when_the_disk_does() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let (recorder, handle, _trigger) = start(config(dir.path()));
+    record_all(&handle, &[full_row(0, ts("2025-03-04T09:59:59Z"))]).await;
+    let before = handle
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    assert_eq!(before.len(), 1);
+    assert!(handle.health().is_ok());
+
     // Break the table directory after start-up: the date partition can no longer be created.
     let table = dir.path().join("table=requests");
-    std::fs::remove_dir(&table).unwrap_or_else(|e| panic!("remove {}: {e}", table.display()));
+    let moved = dir.path().join("moved-away");
+    std::fs::rename(&table, &moved).unwrap_or_else(|e| panic!("move {}: {e}", table.display()));
     std::fs::write(&table, b"not a directory").unwrap_or_else(|e| panic!("write: {e}"));
 
     handle
         .record(full_row(1, ts("2025-03-04T10:00:00Z")))
         .await
         .unwrap_or_else(|e| panic!("queued: {e}"));
-    let expected = "recording: create directory";
     let flush_error = match handle.flush().await {
         Ok(files) => panic!("flush should fail, wrote {files:?}"),
         Err(e) => e.to_string(),
     };
     assert!(
-        flush_error.contains(expected)
+        flush_error.contains("recording: create directory")
             && flush_error.contains("table=requests/date=2025-03-04")
             && flush_error.contains("Not a directory"),
         "flush error names the path and cause: {flush_error}"
     );
+    let down = handle.health_report();
+    assert!(!down.up, "{down:?}");
+    assert_eq!(down.outages, 1);
+    assert_eq!(down.rows_lost, 1);
+    assert!(
+        down.cause
+            .as_deref()
+            .is_some_and(|c| c.contains("Not a directory")),
+        "{down:?}"
+    );
+    // While down, rows are refused at once with the cause, not queued to be lost later.
     match handle.record(full_row(2, ts("2025-03-04T10:00:01Z"))).await {
-        Err(e) => assert_eq!(
-            e.to_string(),
-            flush_error,
-            "later records get the same error"
-        ),
-        Ok(()) => panic!("record after a failure should fail"),
+        Err(e) => assert!(e.to_string().contains("Not a directory"), "{e}"),
+        Ok(()) => panic!("record while down should fail"),
     }
-    match recorder.join().await {
-        Err(e) => assert_eq!(e.to_string(), flush_error),
-        Ok(stats) => panic!("join should report the failure, got {stats:?}"),
-    }
+    assert_eq!(handle.health_report().rows_lost, 2);
+
+    // The disk comes back: the recorder notices by itself and records again.
+    std::fs::remove_file(&table).unwrap_or_else(|e| panic!("remove: {e}"));
+    std::fs::rename(&moved, &table).unwrap_or_else(|e| panic!("restore: {e}"));
+    wait_for("recording to recover", || handle.health().is_ok()).await;
+    record_all(&handle, &[full_row(3, ts("2025-03-04T10:00:02Z"))]).await;
+    let after = handle
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush after recovery: {e}"));
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        before.iter().all(|f| f.exists()),
+        "published files are kept"
+    );
+    let ids: Vec<String> = after
+        .iter()
+        .flat_map(|f| read_rows(f))
+        .map(|r| r.audit_id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            full_row(0, ts("2025-03-04T09:59:59Z")).audit_id,
+            full_row(3, ts("2025-03-04T10:00:02Z")).audit_id
+        ]
+    );
+    drop(handle);
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join after recovery: {e}"));
+    assert_eq!((stats.rows, stats.rows_lost, stats.outages), (2, 2, 1));
+}
+
+/// A file the writer cannot complete is kept aside (hidden), never deleted.
+#[tokio::test]
+async fn a_file_that_cannot_be_completed_is_kept_aside() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    // One-row batches: the row reaches the writer's open file at once.
+    let (recorder, handle, _trigger) = start(RecorderConfig {
+        row_group_rows: 1,
+        ..config(dir.path())
+    });
+    record_all(&handle, &[full_row(1, ts("2025-03-04T10:00:00Z"))]).await;
+    let partition = dir
+        .path()
+        .join("table=requests/date=2025-03-04/node=node-a");
+    let mut inprogress = None;
+    wait_for("the in-progress file", || {
+        inprogress = std::fs::read_dir(&partition)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(Result::ok)
+            .map(|e| e.path());
+        inprogress.is_some()
+    })
+    .await;
+    let inprogress = inprogress.unwrap_or_else(|| panic!("no in-progress file"));
+    // A directory where the finished file should go: the rename into place fails.
+    let name = file_name(&inprogress);
+    let published = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".inprogress"))
+        .unwrap_or_else(|| panic!("unexpected in-progress name {name}"));
+    std::fs::create_dir(partition.join(published)).unwrap_or_else(|e| panic!("block: {e}"));
+
+    let error = match handle.flush().await {
+        Ok(files) => panic!("flush should fail, published {files:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("rename into place"), "{error}");
+    assert_eq!(handle.health_report().outages, 1);
+    let kept = partition.join(format!(".{published}.failed"));
+    let bytes = std::fs::metadata(&kept)
+        .unwrap_or_else(|e| panic!("{} should be kept: {e}", kept.display()))
+        .len();
+    assert!(bytes > 0, "the kept file holds what was written");
+    drop(handle);
+    assert!(recorder.join().await.is_ok());
 }
 
 /// What analysts will do: DuckDB and pyarrow over the directory, no configuration.

@@ -37,7 +37,12 @@ pub(super) enum Command {
     Flush {
         reply: oneshot::Sender<Result<Vec<PathBuf>, RecorderError>>,
     },
+    /// While recording is down: check whether the disk takes a synced write again.
+    Probe,
 }
+
+/// Bytes the recovery probe writes and syncs: enough to need fresh blocks on a full disk.
+const PROBE_BYTES: usize = 64 * 1024;
 
 /// A Parquet file being written under its hidden temporary name.
 struct PartFile {
@@ -96,61 +101,79 @@ impl FileWriter {
         }
     }
 
-    /// Executes commands until the channel closes or an error occurs, then closes or
-    /// discards every open file. The first error is also published in `shared` so
-    /// producers see it on their next call.
+    /// Executes commands until the channel closes, then closes every open file. A failing
+    /// command marks recording down in `shared` and the writer carries on: later commands
+    /// (and [`Command::Probe`]) find out when the disk works again.
     pub(super) fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         shared: &Shared,
     ) -> Result<RecorderStats, RecorderError> {
-        let result = self.serve(&mut commands);
-        let result = result.and_then(|()| self.close_all());
-        match result {
-            Ok(()) => Ok(RecorderStats {
-                rows: self.rows,
-                files: self.finished,
-            }),
-            Err(error) => {
-                tracing::error!(%error, "recorder failed; no further rows will be accepted");
-                shared.fail(error.clone());
-                self.discard_all();
-                // Pending flush requests learn about the failure instead of a vague "stopped".
-                commands.close();
-                while let Some(command) = commands.blocking_recv() {
-                    if let Command::Flush { reply } = command {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-                Err(error)
-            }
-        }
-    }
-
-    fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<(), RecorderError> {
         while let Some(command) = commands.blocking_recv() {
-            match command {
-                Command::Write { date, rows } => self.write(date, rows)?,
-                Command::Close { date } => {
-                    if let Some(file) = self.open.remove(&date) {
-                        self.close(file)?;
-                    }
-                }
-                Command::Flush { reply } => match self.close_all() {
-                    Ok(()) => {
-                        let _ = reply.send(Ok(self.finished.clone()));
-                    }
-                    Err(error) => {
-                        let _ = reply.send(Err(error.clone()));
-                        return Err(error);
-                    }
-                },
-            }
+            self.execute(command, shared);
         }
-        Ok(())
+        let closed = self.close_all(shared);
+        let stats = RecorderStats {
+            rows: self.rows,
+            files: self.finished,
+            rows_lost: shared.rows_lost.load(std::sync::atomic::Ordering::Relaxed),
+            outages: shared.outages.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        closed.map(|()| stats)
     }
 
-    fn write(&mut self, date: Date, mut rows: Vec<RequestRecord>) -> Result<(), RecorderError> {
+    fn execute(&mut self, command: Command, shared: &Shared) {
+        match command {
+            Command::Write { date, rows } => {
+                let count = rows.len() as u64;
+                if let Err((error, rows)) = self.write(date, rows) {
+                    for row in &rows {
+                        tracing::error!(audit_id = %row.audit_id, verb = %row.verb, "recording row lost");
+                    }
+                    shared.lose(count);
+                    shared.set_down(error);
+                    // The file may hold rows from earlier batches: complete it if the disk
+                    // still allows, keep it aside otherwise.
+                    if let Some(file) = self.open.remove(&date)
+                        && let Err(error) = self.close(file)
+                    {
+                        shared.set_down(error);
+                    }
+                }
+            }
+            Command::Close { date } => {
+                if let Some(file) = self.open.remove(&date)
+                    && let Err(error) = self.close(file)
+                {
+                    shared.set_down(error);
+                }
+            }
+            Command::Flush { reply } => {
+                // A flush vouches for every row recorded before it: while recording is down
+                // (a row was lost, or the disk still fails) it reports why instead.
+                let result = self
+                    .close_all(shared)
+                    .and_then(|()| shared.current_error().map_or(Ok(()), Err))
+                    .map(|()| self.finished.clone());
+                let _ = reply.send(result);
+            }
+            Command::Probe => match probe_disk(&self.table_dir) {
+                Ok(()) => shared.set_up(),
+                Err(error) => {
+                    tracing::debug!(%error, "recording is still down");
+                    shared.set_down(error);
+                }
+            },
+        }
+    }
+
+    /// Appends `rows` to `date`'s open file; on failure hands the rows back with the error
+    /// so their audit ids can be logged.
+    fn write(
+        &mut self,
+        date: Date,
+        mut rows: Vec<RequestRecord>,
+    ) -> Result<(), (RecorderError, Vec<RequestRecord>)> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -159,32 +182,52 @@ impl FileWriter {
         let file = match self.open.entry(date) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::btree_map::Entry::Vacant(entry) => {
-                entry.insert(open_part(&self.table_dir, &self.node, date, &self.props)?)
+                match open_part(&self.table_dir, &self.node, date, &self.props) {
+                    Ok(file) => entry.insert(file),
+                    Err(error) => return Err((error, rows)),
+                }
             }
         };
-        let batch = schema::to_record_batch(&rows).map_err(|source| RecorderError::Encode {
-            path: file.path.clone(),
-            source: Arc::new(source),
-        })?;
-        file.writer
-            .write(&batch)
-            .map_err(|source| RecorderError::Parquet {
+        let batch = match schema::to_record_batch(&rows) {
+            Ok(batch) => batch,
+            Err(source) => {
+                let error = RecorderError::Encode {
+                    path: file.path.clone(),
+                    source: Arc::new(source),
+                };
+                return Err((error, rows));
+            }
+        };
+        if let Err(source) = file.writer.write(&batch) {
+            let error = RecorderError::Parquet {
                 path: file.temp.clone(),
                 source: Arc::new(source),
-            })?;
+            };
+            return Err((error, rows));
+        }
         file.rows += rows.len() as u64;
         Ok(())
     }
 
-    fn close_all(&mut self) -> Result<(), RecorderError> {
+    /// Closes every open file; the first failure is returned (and marks recording down),
+    /// the other files are still closed.
+    fn close_all(&mut self, shared: &Shared) -> Result<(), RecorderError> {
+        let mut first = Ok(());
         while let Some((_, file)) = self.open.pop_first() {
-            self.close(file)?;
+            if let Err(error) = self.close(file) {
+                shared.set_down(error.clone());
+                if first.is_ok() {
+                    first = Err(error);
+                }
+            }
         }
-        Ok(())
+        first
     }
 
     /// Writes the footer, makes the file durable, then renames it into view, so a reader
-    /// never sees a partial file and a crash never leaves a visible truncated one.
+    /// never sees a partial file and a crash never leaves a visible truncated one. A file
+    /// that cannot be completed is kept, hidden, as `.part-<id>.parquet.failed`: what
+    /// reached the disk stays there for forensic recovery.
     fn close(&mut self, file: PartFile) -> Result<(), RecorderError> {
         let PartFile {
             temp,
@@ -192,27 +235,38 @@ impl FileWriter {
             writer,
             rows,
         } = file;
-        let published = finish_part(&temp, &path, writer);
-        if published.is_err() {
-            let _ = fs::remove_file(&temp);
+        if let Err(error) = finish_part(&temp, &path, writer) {
+            let kept = temp.with_extension("failed");
+            match fs::rename(&temp, &kept) {
+                Ok(()) => {
+                    tracing::error!(%error, kept = %kept.display(), rows, "recording file could not be completed; kept aside");
+                }
+                Err(e) => {
+                    tracing::error!(%error, path = %temp.display(), rename_error = %e, rows, "recording file could not be completed");
+                }
+            }
+            return Err(error);
         }
-        published?;
         tracing::debug!(path = %path.display(), rows, "recording file published");
         self.rows += rows;
         self.finished.push(path);
         Ok(())
     }
+}
 
-    /// After a failure nothing more can be trusted to reach disk; drop the partial files
-    /// rather than leave hidden garbage behind.
-    fn discard_all(&mut self) {
-        while let Some((_, file)) = self.open.pop_first() {
-            drop(file.writer);
-            if let Err(error) = fs::remove_file(&file.temp) {
-                tracing::warn!(path = %file.temp.display(), %error, "could not remove partial recording file");
-            }
-        }
-    }
+/// Writes and syncs a scratch file in `dir`, then removes it: the disk takes writes again.
+fn probe_disk(dir: &Path) -> Result<(), RecorderError> {
+    let probe = dir.join(format!(".probe-{}", uuid::Uuid::now_v7()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
+        file.write_all(&[0u8; PROBE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = fs::remove_file(&probe);
+    result.map_err(|e| io_error("probe write", &probe, e))
 }
 
 fn open_part(
