@@ -180,6 +180,7 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             "NAMESPACE",
             "NAME",
             "DECISION",
+            "OUTCOME",
             "CODE",
             "RULE",
         ]
@@ -205,16 +206,17 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
                 (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
                 _ => "-".to_owned(),
             },
-            r.verb,
+            r.verb.to_string(),
             target,
             r.object_ref.namespace,
             r.object_ref.name,
-            r.decision,
+            recorder::decision_str(r.decision).to_owned(),
+            r.outcome.to_string(),
             r.response_code.to_string(),
             r.policy_rule.unwrap_or_default(),
         ]);
     }
-    let mut widths = [0usize; 11];
+    let mut widths = [0usize; 12];
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use gateway_userspace::drain;
+use gateway_userspace::policy::Action;
 use gateway_userspace::recorder::{
-    ObjectRef, PrincipalRecord, Recorder, RecorderConfig, RequestRecord, WorkloadRecord,
+    ObjectRef, Outcome, PrincipalRecord, Recorder, RecorderConfig, RequestRecord, WorkloadRecord,
     requests_schema, to_record_batch,
 };
+use gateway_userspace::request::Verb;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -73,7 +75,7 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                 user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/70d3cc9".into()),
                 kubectl_command: Some(format!("kubectl {verb}")),
                 kubectl_session: Some(format!("{:08x}-session", i / 8)),
-                verb: verb.into(),
+                verb: Verb::parse(verb).unwrap_or_default(),
                 request_uri: format!(
                     "{prefix}/namespaces/agents-{}/{resource}/obj-{}?timeout=32s",
                     pod % 5,
@@ -87,14 +89,14 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     namespace: format!("agents-{}", pod % 5),
                     name: format!("obj-{}", i % 1000),
                 },
-                decision: if failed {
-                    "error"
+                decision: Some(if denied { Action::Deny } else { Action::Allow }),
+                outcome: if failed {
+                    Outcome::UpstreamFailed
                 } else if denied {
-                    "deny"
+                    Outcome::Denied
                 } else {
-                    "allow"
-                }
-                .into(),
+                    Outcome::Forwarded
+                },
                 policy_rule: Some(if denied { "no-deletes" } else { "read-mostly" }.into()),
                 reason: denied.then(|| "verb delete is not allowed for agents".into()),
                 response_code: if failed {

@@ -23,15 +23,17 @@ use tokio::net::TcpListener;
 use crate::{
     drain::DrainWatcher,
     ebpf::{InterceptionStatus, Interceptor},
-    policy::Policy,
-    recorder::{RecorderHealth, RecorderStatus},
+    policy::{Action, Policy},
+    recorder::{Outcome, RecorderHealth, RecorderStatus, decision_str},
 };
 
 /// Labels of `chaperone_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// allow | deny | error.
-    pub decision: String,
+    /// allow | deny | none (refused before a decision).
+    pub decision: &'static str,
+    /// forwarded | denied | invalid | recording_down | upstream_failed.
+    pub outcome: &'static str,
 }
 
 /// The gateway's metrics.
@@ -96,10 +98,11 @@ impl Metrics {
     }
 
     /// Counts one handled request.
-    pub fn count_request(&self, decision: &str) {
+    pub fn count_request(&self, decision: Option<Action>, outcome: Outcome) {
         self.requests
             .get_or_create(&RequestLabels {
-                decision: decision.to_owned(),
+                decision: decision_str(decision),
+                outcome: outcome.as_str(),
             })
             .inc();
     }
@@ -356,18 +359,18 @@ mod tests {
     #[test]
     fn request_counter_appears_in_the_exposition() {
         let metrics = Metrics::new(None, None);
-        metrics.count_request("deny");
-        metrics.count_request("deny");
-        metrics.count_request("allow");
+        metrics.count_request(Some(Action::Deny), Outcome::Denied);
+        metrics.count_request(Some(Action::Deny), Outcome::Denied);
+        metrics.count_request(Some(Action::Allow), Outcome::UpstreamFailed);
+        metrics.count_request(None, Outcome::Invalid);
         let text = metrics.encode();
-        assert!(
-            text.contains("chaperone_requests_total{decision=\"deny\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("chaperone_requests_total{decision=\"allow\"} 1"),
-            "{text}"
-        );
+        for line in [
+            "chaperone_requests_total{decision=\"deny\",outcome=\"denied\"} 2",
+            "chaperone_requests_total{decision=\"allow\",outcome=\"upstream_failed\"} 1",
+            "chaperone_requests_total{decision=\"none\",outcome=\"invalid\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
         assert!(
             text.contains("# TYPE chaperone_recording_failures counter"),
             "{text}"

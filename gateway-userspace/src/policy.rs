@@ -120,7 +120,7 @@ use crate::{
         WorkloadIdentity,
         principal::{Principal, PrincipalKind},
     },
-    request::RequestInfo,
+    request::{RequestInfo, Verb},
 };
 
 /// The `apiVersion` a policy document must declare.
@@ -234,12 +234,26 @@ pub enum Action {
     Deny,
 }
 
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Action {
+    /// The action as policy files and recordings spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
-        })
+        }
+    }
+
+    /// Parses what [`Action::as_str`] wrote.
+    pub fn parse(text: &str) -> Option<Action> {
+        [Action::Allow, Action::Deny]
+            .into_iter()
+            .find(|a| a.as_str() == text)
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -581,6 +595,28 @@ mod verb_bits {
     pub const ANY: u32 = u32::MAX;
 }
 
+/// The bit of a request's verb: a match on the enum, no string compare per request.
+fn request_verb_bit(verb: Verb) -> u32 {
+    use verb_bits::*;
+    match verb {
+        Verb::Get => GET,
+        Verb::List => LIST,
+        Verb::Watch => WATCH,
+        Verb::Create => CREATE,
+        Verb::Update => UPDATE,
+        Verb::Patch => PATCH,
+        Verb::Delete => DELETE,
+        Verb::DeleteCollection => DELETECOLLECTION,
+        Verb::Proxy => PROXY,
+        Verb::Head => HEAD,
+        Verb::Post => POST,
+        Verb::Put => PUT,
+        Verb::Options => OPTIONS,
+        Verb::Unknown => OTHER,
+    }
+}
+
+/// The bit of a verb named in a policy file (RBAC verbs include `impersonate`).
 fn verb_bit(verb: &str) -> u32 {
     use verb_bits::*;
     match verb {
@@ -1062,7 +1098,7 @@ impl Compiled {
         }
         self.any_resource.collect(ns, caller, &mut lists, &mut len);
 
-        let verb = verb_bit(&req.verb);
+        let verb = request_verb_bit(req.verb);
         // Group and name ids are looked up at most once, and only if a candidate needs them.
         let mut group = None;
         let mut name = None;
@@ -1100,7 +1136,7 @@ impl Compiled {
     fn first_url_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
         let req = ctx.request;
         let mut ids = None;
-        let verb = verb_bit(&req.verb);
+        let verb = request_verb_bit(req.verb);
         let exact = self.url_exact.get(req.path.as_str()).map_or(&[][..], |v| v);
         let mut prefixes = self
             .url_prefix

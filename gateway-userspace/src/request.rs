@@ -90,6 +90,114 @@ pub enum RequestError {
     },
 }
 
+/// A request's verb as the API server derives it: the Kubernetes verb of a resource request
+/// (`get list watch create update patch delete deletecollection proxy`), or the lowercase
+/// HTTP method of a non-resource request. Typed from the parser to the recorder; a string
+/// only at the edges (Parquet, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Verb {
+    /// `get` (GET or HEAD of a named resource; GET of a non-resource URL).
+    Get,
+    /// `list`.
+    List,
+    /// `watch` (`?watch=true` or the legacy `/watch/` path).
+    Watch,
+    /// `create` (POST).
+    Create,
+    /// `update` (PUT).
+    Update,
+    /// `patch`.
+    Patch,
+    /// `delete` of a named resource.
+    Delete,
+    /// `deletecollection` (DELETE without a name).
+    DeleteCollection,
+    /// `proxy` (the legacy `/proxy/` path verb).
+    Proxy,
+    /// `head`: a non-resource HEAD.
+    Head,
+    /// `post`: a non-resource POST.
+    Post,
+    /// `put`: a non-resource PUT.
+    Put,
+    /// `options`: a non-resource OPTIONS.
+    Options,
+    /// A method the API server has no verb for (recorded as `""`, as the API server does).
+    #[default]
+    Unknown,
+}
+
+impl Verb {
+    /// Every verb, for parsers and tests.
+    pub const ALL: [Verb; 14] = [
+        Verb::Get,
+        Verb::List,
+        Verb::Watch,
+        Verb::Create,
+        Verb::Update,
+        Verb::Patch,
+        Verb::Delete,
+        Verb::DeleteCollection,
+        Verb::Proxy,
+        Verb::Head,
+        Verb::Post,
+        Verb::Put,
+        Verb::Options,
+        Verb::Unknown,
+    ];
+
+    /// The verb as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+            Verb::DeleteCollection => "deletecollection",
+            Verb::Proxy => "proxy",
+            Verb::Head => "head",
+            Verb::Post => "post",
+            Verb::Put => "put",
+            Verb::Options => "options",
+            Verb::Unknown => "",
+        }
+    }
+
+    /// The verb of a non-resource request: its lowercase method.
+    pub fn of_method(method: &Method) -> Verb {
+        match *method {
+            Method::GET => Verb::Get,
+            Method::HEAD => Verb::Head,
+            Method::POST => Verb::Post,
+            Method::PUT => Verb::Put,
+            Method::PATCH => Verb::Patch,
+            Method::DELETE => Verb::Delete,
+            Method::OPTIONS => Verb::Options,
+            _ => Verb::Unknown,
+        }
+    }
+
+    /// Parses what [`Verb::as_str`] wrote (recordings, policy files).
+    pub fn parse(text: &str) -> Option<Verb> {
+        Verb::ALL.into_iter().find(|v| v.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Verb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Verb {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Kubernetes request attributes, field for field the API server's `RequestInfo`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RequestInfo {
@@ -99,7 +207,7 @@ pub struct RequestInfo {
     pub path: String,
     /// Kubernetes verb (`list`, `watch`, `deletecollection`, ...) or, for non-resource
     /// requests, the lowercase HTTP method.
-    pub verb: String,
+    pub verb: Verb,
     /// `api` or `apis` (empty for non-resource requests).
     pub api_prefix: String,
     /// API group (`""` for the core group).
@@ -150,7 +258,7 @@ impl RequestInfo {
         }
 
         let mut info = RequestInfo {
-            verb: method.as_str().to_ascii_lowercase(),
+            verb: Verb::of_method(method),
             ..RequestInfo::default()
         };
         let is_resource = derive(&mut info, method, &segments, &path, &query)?;
@@ -164,11 +272,19 @@ impl RequestInfo {
     /// a workload even when they arrive as a WebSocket `GET`.
     pub fn is_mutating(&self) -> bool {
         if !self.is_resource_request {
-            return matches!(self.verb.as_str(), "post" | "put" | "patch" | "delete");
+            return matches!(
+                self.verb,
+                Verb::Post | Verb::Put | Verb::Patch | Verb::Delete
+            );
         }
         matches!(
-            self.verb.as_str(),
-            "create" | "update" | "patch" | "delete" | "deletecollection" | "proxy"
+            self.verb,
+            Verb::Create
+                | Verb::Update
+                | Verb::Patch
+                | Verb::Delete
+                | Verb::DeleteCollection
+                | Verb::Proxy
         ) || matches!(
             self.subresource.as_str(),
             "exec" | "attach" | "portforward" | "proxy"
@@ -233,29 +349,28 @@ fn derive(
 
     let mut verb_via_path = false;
     if let Some(verb) = match rest[0] {
-        "watch" => Some("watch"),
-        "proxy" => Some("proxy"),
+        "watch" => Some(Verb::Watch),
+        "proxy" => Some(Verb::Proxy),
         _ => None,
     } {
         if rest.len() < 2 {
             return Err(RequestError::NothingAfterPathVerb {
                 path: quote(path),
-                verb,
+                verb: verb.as_str(),
             });
         }
-        info.verb = verb.to_owned();
+        info.verb = verb;
         rest = &rest[1..];
         verb_via_path = true;
     } else {
         info.verb = match *method {
-            Method::POST => "create",
-            Method::GET | Method::HEAD => "get",
-            Method::PUT => "update",
-            Method::PATCH => "patch",
-            Method::DELETE => "delete",
-            _ => "",
-        }
-        .to_owned();
+            Method::POST => Verb::Create,
+            Method::GET | Method::HEAD => Verb::Get,
+            Method::PUT => Verb::Update,
+            Method::PATCH => Verb::Patch,
+            Method::DELETE => Verb::Delete,
+            _ => Verb::Unknown,
+        };
     }
 
     if rest[0] == "namespaces" && rest.len() > 1 {
@@ -268,7 +383,7 @@ fn derive(
     }
 
     info.parts = rest.iter().map(|s| (*s).to_owned()).collect();
-    if rest.len() >= 3 && info.verb != "proxy" {
+    if rest.len() >= 3 && info.verb != Verb::Proxy {
         info.subresource = rest[2].to_owned();
     }
     if rest.len() >= 2 {
@@ -276,7 +391,7 @@ fn derive(
     }
     info.resource = rest[0].to_owned();
 
-    if info.name.is_empty() && info.verb == "get" {
+    if info.name.is_empty() && info.verb == Verb::Get {
         let (watch, exact_name) = match query.decode_list_options() {
             Some(opts) => (opts.watch, opts.metadata_name),
             // The API server resets the options on a decode error and only looks at `watch`.
@@ -285,15 +400,15 @@ fn derive(
                 None,
             ),
         };
-        info.verb = if watch { "watch" } else { "list" }.to_owned();
+        info.verb = if watch { Verb::Watch } else { Verb::List };
         if let Some(name) = exact_name.filter(|n| is_valid_path_segment_name(n)) {
             info.name = name;
         }
     }
-    if info.name.is_empty() && info.verb == "delete" {
-        info.verb = "deletecollection".to_owned();
+    if info.name.is_empty() && info.verb == Verb::Delete {
+        info.verb = Verb::DeleteCollection;
     }
-    if !verb_via_path && matches!(info.verb.as_str(), "list" | "watch" | "deletecollection") {
+    if !verb_via_path && matches!(info.verb, Verb::List | Verb::Watch | Verb::DeleteCollection) {
         info.field_selector = query
             .field_selector
             .as_ref()
@@ -616,6 +731,31 @@ mod tests {
             verb,
             ..Want::default()
         }
+    }
+
+    #[test]
+    fn verbs_round_trip_through_their_names_and_methods_map_like_the_api_server() {
+        for verb in Verb::ALL {
+            assert_eq!(Verb::parse(verb.as_str()), Some(verb), "{verb:?}");
+            assert!(verb == verb.as_str());
+        }
+        assert_eq!(Verb::parse("remove"), None);
+        for (method, verb) in [
+            (Method::GET, Verb::Get),
+            (Method::HEAD, Verb::Head),
+            (Method::POST, Verb::Post),
+            (Method::PUT, Verb::Put),
+            (Method::PATCH, Verb::Patch),
+            (Method::DELETE, Verb::Delete),
+            (Method::OPTIONS, Verb::Options),
+            (Method::TRACE, Verb::Unknown),
+        ] {
+            assert_eq!(Verb::of_method(&method), verb, "{method}");
+        }
+        // A resource request with a method the API server has no verb for.
+        let info = RequestInfo::parse(&Method::TRACE, &Uri::from_static("/api/v1/pods"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((info.verb, info.verb.as_str()), (Verb::Unknown, ""));
     }
 
     #[test]
@@ -1335,7 +1475,8 @@ mod tests {
             let expected = RequestInfo {
                 is_resource_request: want.resource_request,
                 path: got.path.clone(),
-                verb: want.verb.to_owned(),
+                verb: Verb::parse(want.verb)
+                    .unwrap_or_else(|| panic!("{method} {uri}: unknown verb {:?}", want.verb)),
                 api_prefix: want.prefix.to_owned(),
                 api_group: want.group.to_owned(),
                 api_version: want.version.to_owned(),

@@ -17,6 +17,7 @@ use gateway_userspace::{
         UpstreamProtocol,
     },
     masking,
+    policy::Action,
     recorder::{self, RequestRecord},
     tls::{self, CertificateAuthority},
 };
@@ -190,9 +191,10 @@ async fn forwards_with_gateway_token_over_http1_and_http2_and_records_each_reque
             (
                 row.verb.as_str(),
                 row.object_ref.resource.as_str(),
-                row.decision.as_str()
+                recorder::decision_str(row.decision),
+                row.outcome
             ),
-            ("list", "pods", "allow")
+            ("list", "pods", "allow", recorder::Outcome::Forwarded)
         );
         assert_eq!(row.response_code, 200);
         assert!(row.response_bytes > 0, "{row:?}");
@@ -305,8 +307,9 @@ async fn denied_and_impersonating_requests_never_reach_upstream() {
     );
     assert_eq!(rows.len(), 2);
     assert!(
-        rows.iter()
-            .all(|r| r.decision == "deny" && r.response_code == 403),
+        rows.iter().all(|r| r.decision == Some(Action::Deny)
+            && r.outcome == recorder::Outcome::Denied
+            && r.response_code == 403),
         "{rows:#?}"
     );
     assert_eq!(rows[0].policy_rule.as_deref(), Some("no-secrets"));
@@ -339,8 +342,8 @@ async fn unreachable_upstream_answers_503_status_and_is_recorded() {
     let (rows, _, _dir) = stop(h).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(
-        (rows[0].decision.as_str(), rows[0].response_code),
-        ("error", 503)
+        (rows[0].decision, rows[0].outcome, rows[0].response_code),
+        (Some(Action::Allow), recorder::Outcome::UpstreamFailed, 503)
     );
     assert!(
         rows[0].error.as_deref().is_some_and(|e| !e.is_empty()),
@@ -516,7 +519,7 @@ async fn impersonation_modes_set_upstream_identity_or_refuse() {
             apiserver.requests().is_empty(),
             "{mode:?}: a request reached upstream"
         );
-        assert_eq!(rows[0].decision, "deny");
+        assert_eq!(rows[0].decision, Some(Action::Deny));
     }
 }
 
@@ -680,7 +683,7 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
     );
 
     let secret = &rows[1];
-    assert_eq!(secret.decision, "deny");
+    assert_eq!(secret.decision, Some(Action::Deny));
     let object = secret.request_object.as_deref().expect("secret recorded");
     assert!(object.contains(masking::MASK), "{object}");
     assert!(
@@ -689,7 +692,10 @@ async fn protobuf_bodies_are_transcoded_forwarded_as_json_and_recorded() {
     );
     assert_eq!(secret.masked_fields, 1);
 
-    assert_eq!(rows[2].decision, "error");
+    assert_eq!(
+        (rows[2].decision, rows[2].outcome),
+        (None, recorder::Outcome::Invalid)
+    );
     assert_eq!(rows[2].response_code, 415);
     assert!(rows[2].request_object.is_none());
 }
@@ -771,7 +777,10 @@ async fn bodies_beyond_the_inspection_limit_stream_through_and_slow_bodies_time_
         assert!(row.request_bytes >= configmap.len() as i64, "{row:#?}");
     }
     assert_eq!(rows[2].response_code, 408);
-    assert_eq!(rows[2].decision, "error");
+    assert_eq!(
+        (rows[2].decision, rows[2].outcome),
+        (None, recorder::Outcome::Invalid)
+    );
 }
 
 /// A request body fed from a channel, for clients that send slowly or stall.

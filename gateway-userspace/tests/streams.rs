@@ -630,8 +630,8 @@ rules:
         "a denied exec reached the API server"
     );
     assert!(
-        rows.iter()
-            .any(|r| r.object_ref.subresource == "exec" && r.decision == "deny"),
+        rows.iter().any(|r| r.object_ref.subresource == "exec"
+            && r.decision == Some(gateway_userspace::policy::Action::Deny)),
         "{rows:?}"
     );
 }

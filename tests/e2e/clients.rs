@@ -346,7 +346,7 @@ fn check_recordings(stopped: &Stopped, expect: &Expect<'_>) -> Vec<RequestRecord
             Some(expect.virtual_api.as_str()),
             "{what}: original destination"
         );
-        assert_eq!(row.decision, "allow", "{what}");
+        assert_eq!(recorder::decision_str(row.decision), "allow", "{what}");
         let debug = format!("{row:?}");
         assert!(
             !debug.contains(&stopped.pod_token) && !debug.contains(&stopped.gateway_token),

@@ -109,7 +109,7 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         "{metrics}"
     );
     assert!(
-        metrics.contains("chaperone_requests_total{decision=\"deny\"} 1"),
+        metrics.contains("chaperone_requests_total{decision=\"deny\",outcome=\"denied\"} 1"),
         "{metrics}"
     );
 
@@ -143,7 +143,10 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
 
     // One row per request, read back with the parquet crate.
     let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
-    let denied: Vec<_> = rows.iter().filter(|r| r.decision == "deny").collect();
+    let denied: Vec<_> = rows
+        .iter()
+        .filter(|r| recorder::decision_str(r.decision) == "deny")
+        .collect();
     assert_eq!(
         rows.len(),
         seen.len() + denied.len(),
@@ -208,8 +211,12 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         .find(|r| r.verb == "list" && r.object_ref.resource == "pods")
         .expect("no row for the pod list");
     assert_eq!(
-        (list_row.decision.as_str(), list_row.response_code),
-        ("allow", 200)
+        (
+            recorder::decision_str(list_row.decision),
+            list_row.outcome.as_str(),
+            list_row.response_code
+        ),
+        ("allow", "forwarded", 200)
     );
     assert_eq!(list_row.object_ref.namespace, "default");
     assert_eq!(list_row.kubectl_command.as_deref(), Some("kubectl get"));

@@ -57,8 +57,10 @@ use crate::{
     },
     masking,
     policy::{self, Action, Policy, RequestContext},
-    recorder::{ObjectRef, PrincipalRecord, RecorderHandle, RequestRecord, WorkloadRecord},
-    request::RequestInfo,
+    recorder::{
+        ObjectRef, Outcome, PrincipalRecord, RecorderHandle, RequestRecord, WorkloadRecord,
+    },
+    request::{RequestInfo, Verb},
     scope::ScopeConfig,
     status::Status,
 };
@@ -557,12 +559,12 @@ impl Proxy {
             Ok(info) => info,
             Err(e) => {
                 let status = Status::bad_request(format!("chaperone: {e}"));
-                record.decision = "error".to_owned();
+                record.outcome = Outcome::Invalid;
                 record.reason = Some(status.message().to_owned());
                 return self.local_response(status, record, started, &audit_id);
             }
         };
-        record.verb = info.verb.clone();
+        record.verb = info.verb;
         record.object_ref = ObjectRef {
             api_group: info.api_group.clone(),
             api_version: info.api_version.clone(),
@@ -579,7 +581,8 @@ impl Proxy {
         {
             let why = format!("the gateway does not pass client impersonation headers ({h})");
             let status = forbidden_status(&info, &why);
-            record.decision = "deny".to_owned();
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
             record.reason = Some(why);
             return self.local_response(status, record, started, &audit_id);
         }
@@ -606,7 +609,7 @@ impl Proxy {
             None => match self.inspect_body(req, &mut record).await {
                 Ok(plain) => plain,
                 Err(status) => {
-                    record.decision = "error".to_owned();
+                    record.outcome = Outcome::Invalid;
                     record.reason = Some(status.message().to_owned());
                     return self.local_response(status, record, started, &audit_id);
                 }
@@ -623,10 +626,12 @@ impl Proxy {
             )
         };
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
+        record.decision = Some(decision.action);
         if decision.action == Action::Deny {
             let why = decision.reason();
             tracing::info!(verb = %info.verb, resource = %info.resource, name = %info.name, reason = %why, "denied");
-            record.decision = "deny".to_owned();
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
             return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
         }
@@ -636,7 +641,8 @@ impl Proxy {
                 pending.extensions_mut().insert(as_whom);
             }
             Err(why) => {
-                record.decision = "deny".to_owned();
+                record.decision = Some(Action::Deny);
+                record.outcome = Outcome::Denied;
                 record.reason = Some(why.clone());
                 return self.local_response(
                     forbidden_status(&info, &why),
@@ -654,7 +660,7 @@ impl Proxy {
                 "chaperone: recording is down, so this request cannot be recorded and is refused: {cause}"
             );
             tracing::warn!(verb = %info.verb, resource = %info.resource, name = %info.name, "refused while recording is down");
-            record.decision = "error".to_owned();
+            record.outcome = Outcome::RecordingDown;
             record.reason = Some(why.clone());
             return self.local_response(
                 Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
@@ -663,7 +669,6 @@ impl Proxy {
                 &audit_id,
             );
         }
-        record.decision = "allow".to_owned();
         match pending {
             Pending::Upgrade(req, protocol) => {
                 self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
@@ -771,14 +776,14 @@ impl Proxy {
             user_agent: header("user-agent"),
             kubectl_command: header("kubectl-command"),
             kubectl_session: header("kubectl-session"),
-            verb: req.method().as_str().to_ascii_lowercase(),
+            verb: Verb::of_method(req.method()),
             request_uri: req
                 .uri()
                 .path_and_query()
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_default(),
             object_ref: ObjectRef::default(),
-            decision: String::new(),
+            decision: None,
             policy_rule: None,
             reason: None,
             response_code: 0,
@@ -793,6 +798,7 @@ impl Proxy {
             masked_fields: 0,
             response_object: None,
             response_object_truncated: false,
+            outcome: Outcome::Invalid,
         }
     }
 
@@ -824,7 +830,7 @@ impl Proxy {
         parts.uri = match upstream_uri(&self.upstream_base, &parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
-                record.decision = "error".to_owned();
+                record.outcome = Outcome::Invalid;
                 let status =
                     Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
                 return self.local_response(status, record, started, &audit_id);
@@ -833,7 +839,7 @@ impl Proxy {
         sanitize_request_headers(&mut parts.headers);
         self.upstream_credentials(&mut parts.headers, &parts.extensions);
         // Watches stream for as long as they last; they are recorded as requests only.
-        let capture = self.record_responses && record.verb != "watch";
+        let capture = self.record_responses && record.verb != Verb::Watch;
         if capture
             && let Some(json) = parts
                 .headers
@@ -851,11 +857,12 @@ impl Proxy {
                 let (mut parts, body) = response.into_parts();
                 record.response_code = i32::from(parts.status.as_u16());
                 record.response_time = Some(jiff::Timestamp::now());
+                record.outcome = Outcome::Forwarded;
                 strip_hop_by_hop(&mut parts.headers);
                 if !parts.headers.contains_key("audit-id") {
                     insert_audit_id(&mut parts.headers, &audit_id);
                 }
-                let watch = record.verb == "watch";
+                let watch = record.verb == Verb::Watch;
                 let json = parts
                     .headers
                     .get(header::CONTENT_TYPE)
@@ -877,7 +884,7 @@ impl Proxy {
             Err(e) => {
                 let cause = error_chain(&e);
                 tracing::warn!(upstream = %self.upstream_base, error = %cause, "upstream request failed");
-                record.decision = "error".to_owned();
+                record.outcome = Outcome::UpstreamFailed;
                 record.error = Some(cause.clone());
                 let status = Status::failure(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -1338,7 +1345,7 @@ impl Drop for RecordGuard {
         record.request_bytes = self.request_bytes.load(Ordering::Relaxed) as i64;
         record.response_bytes = self.response_bytes as i64;
         let audit_id = record.audit_id.clone();
-        self.metrics.count_request(&record.decision);
+        self.metrics.count_request(record.decision, record.outcome);
         let metrics = self.metrics.clone();
         let capture = self.capture.take().filter(|_| self.complete);
         let max_object_bytes = self.max_object_bytes;

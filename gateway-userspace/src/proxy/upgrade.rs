@@ -30,7 +30,7 @@ use crate::{
     proxy::frames::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
-    recorder::RequestRecord,
+    recorder::{Outcome, RequestRecord},
     status::Status,
 };
 
@@ -657,7 +657,7 @@ impl Proxy {
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_else(|| "/".to_owned()),
             Err(e) => {
-                record.decision = "error".to_owned();
+                record.outcome = Outcome::Invalid;
                 let status =
                     Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
                 return self.local_response(status, record, started, &audit_id);
@@ -688,7 +688,7 @@ impl Proxy {
         *upstream_req.uri_mut() = match path.parse() {
             Ok(uri) => uri,
             Err(e) => {
-                record.decision = "error".to_owned();
+                record.outcome = Outcome::Invalid;
                 let status = Status::bad_request(format!("chaperone: cannot forward {path}: {e}"));
                 return self.local_response(status, record, started, &audit_id);
             }
@@ -698,7 +698,7 @@ impl Proxy {
             Ok(r) => r,
             Err(cause) => {
                 tracing::warn!(upstream = %self.upstream_base, error = %cause, "upstream upgrade request failed");
-                record.decision = "error".to_owned();
+                record.outcome = Outcome::UpstreamFailed;
                 record.error = Some(cause.clone());
                 let status = Status::failure(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -713,6 +713,7 @@ impl Proxy {
         };
         record.response_code = i32::from(response.status().as_u16());
         record.response_time = Some(jiff::Timestamp::now());
+        record.outcome = Outcome::Forwarded;
 
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = response.into_parts();

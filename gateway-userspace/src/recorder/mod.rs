@@ -42,7 +42,8 @@ use crate::drain::DrainWatcher;
 
 pub use reader::{ReadError, list_files, read_dir, read_file};
 pub use schema::{
-    ObjectRef, PrincipalRecord, RequestRecord, WorkloadRecord, requests_schema, to_record_batch,
+    ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord, decision_str,
+    requests_schema, to_record_batch,
 };
 use writer::{Command, FileWriter};
 

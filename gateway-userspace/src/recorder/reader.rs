@@ -12,7 +12,10 @@ use arrow_array::{
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::schema::{ObjectRef, PrincipalRecord, RequestRecord, TABLE_NAME, WorkloadRecord};
+use super::schema::{
+    ObjectRef, Outcome, PrincipalRecord, RequestRecord, TABLE_NAME, WorkloadRecord,
+};
+use crate::{policy::Action, request::Verb};
 
 /// Errors reading recordings back; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +193,27 @@ pub(crate) fn decode_batch(
         .as_primitive_opt::<Int32Type>()
         .ok_or("response_code is not int32")?;
     for i in 0..batch.num_rows() {
+        // Files written before the outcome column said "error" for both invalid requests
+        // and upstream failures.
+        let decision =
+            match req("decision", i)?.as_str() {
+                "none" | "error" => None,
+                text => Some(Action::parse(text).ok_or_else(|| {
+                    format!("row {i}: column decision: unknown decision {text:?}")
+                })?),
+            };
+        let outcome = match added(&c, "outcome", |a| string_at(a, i))?.flatten() {
+            Some(text) => Outcome::parse(&text)
+                .ok_or_else(|| format!("row {i}: column outcome: unknown outcome {text:?}"))?,
+            None => match decision {
+                Some(Action::Allow) => Outcome::Forwarded,
+                Some(Action::Deny) => Outcome::Denied,
+                None => Outcome::Invalid,
+            },
+        };
+        let verb = req("verb", i)?;
+        let verb = Verb::parse(&verb)
+            .ok_or_else(|| format!("row {i}: column verb: unknown verb {verb:?}"))?;
         rows.push(RequestRecord {
             request_time: time_at(c.get("request_time")?, i)?.ok_or("request_time is null")?,
             response_time: time_at(c.get("response_time")?, i)?,
@@ -213,7 +237,7 @@ pub(crate) fn decode_batch(
             user_agent: s("user_agent", i)?,
             kubectl_command: s("kubectl_command", i)?,
             kubectl_session: s("kubectl_session", i)?,
-            verb: req("verb", i)?,
+            verb,
             request_uri: req("request_uri", i)?,
             object_ref: ObjectRef {
                 api_group: os("api_group", i)?,
@@ -223,7 +247,7 @@ pub(crate) fn decode_batch(
                 namespace: os("namespace", i)?,
                 name: os("name", i)?,
             },
-            decision: req("decision", i)?,
+            decision,
             policy_rule: s("policy_rule", i)?,
             reason: s("reason", i)?,
             response_code: code.value(i),
@@ -264,6 +288,7 @@ pub(crate) fn decode_batch(
                     .value(i))
             })?
             .unwrap_or(false),
+            outcome,
         });
     }
     Ok(())

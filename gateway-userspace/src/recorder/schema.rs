@@ -13,6 +13,8 @@ use arrow_array::builder::{
 use arrow_array::{ArrayRef, RecordBatch, StructArray};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
+use crate::{policy::Action, request::Verb};
+
 /// Name of the table, used as the `table=` partition of the layout.
 pub const TABLE_NAME: &str = "requests";
 
@@ -48,13 +50,14 @@ pub struct RequestRecord {
     /// `Kubectl-Session` header.
     pub kubectl_session: Option<String>,
     /// Kubernetes verb (get, list, watch, create, ...).
-    pub verb: String,
+    pub verb: Verb,
     /// Request path and query as sent by the client.
     pub request_uri: String,
     /// The object the request is about.
     pub object_ref: ObjectRef,
-    /// Policy outcome: "allow", "deny" or "error".
-    pub decision: String,
+    /// What the policy (or an identity guard) decided; `None` when the request was refused
+    /// before a decision (malformed, unreadable body).
+    pub decision: Option<Action>,
     /// Name of the policy rule that decided, if any.
     pub policy_rule: Option<String>,
     /// Human-readable reason for the decision.
@@ -86,6 +89,64 @@ pub struct RequestRecord {
     pub response_object: Option<String>,
     /// The response was JSON but larger than the recorded limit.
     pub response_object_truncated: bool,
+    /// What became of the request: forwarded, or why the gateway answered it itself.
+    pub outcome: Outcome,
+}
+
+/// The `decision` column's text: the policy action, or `none`.
+pub fn decision_str(decision: Option<Action>) -> &'static str {
+    decision.map_or("none", Action::as_str)
+}
+
+/// What became of a request (the `outcome` column), apart from what the policy decided:
+/// an allowed request can still fail upstream or be refused because it cannot be recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Outcome {
+    /// Sent to the API server; its response (any status) was relayed.
+    Forwarded,
+    /// Refused by the policy or an identity guard (403).
+    Denied,
+    /// Refused before a decision: a malformed request, or a body the gateway could not
+    /// read or decode. The default, so a row never claims a forward it did not see.
+    #[default]
+    Invalid,
+    /// Refused because it could not be recorded (503 while recording is down).
+    RecordingDown,
+    /// Allowed, but the API server could not be reached (503).
+    UpstreamFailed,
+}
+
+impl Outcome {
+    /// Every outcome, for parsers and tests.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Forwarded,
+        Outcome::Denied,
+        Outcome::Invalid,
+        Outcome::RecordingDown,
+        Outcome::UpstreamFailed,
+    ];
+
+    /// The outcome as recorded.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Denied => "denied",
+            Outcome::Invalid => "invalid",
+            Outcome::RecordingDown => "recording_down",
+            Outcome::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    /// Parses what [`Outcome::as_str`] wrote.
+    pub fn parse(text: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The verified principal behind a request (the `principal` struct column). The token
@@ -228,6 +289,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("masked_fields", DataType::Int32, false),
         utf8("response_object", true),
         Field::new("response_object_truncated", DataType::Boolean, false),
+        utf8("outcome", false),
     ]))
 });
 
@@ -340,10 +402,10 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             strings(rows, |r| r.user_agent.as_deref()),
             strings(rows, |r| r.kubectl_command.as_deref()),
             strings(rows, |r| r.kubectl_session.as_deref()),
-            strings(rows, |r| Some(&r.verb)),
+            strings(rows, |r| Some(r.verb.as_str())),
             strings(rows, |r| Some(&r.request_uri)),
             Arc::new(object_ref),
-            strings(rows, |r| Some(&r.decision)),
+            strings(rows, |r| Some(decision_str(r.decision))),
             strings(rows, |r| r.policy_rule.as_deref()),
             strings(rows, |r| r.reason.as_deref()),
             Arc::new(response_code.finish()),
@@ -358,6 +420,7 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             Arc::new(masked_fields.finish()),
             strings(rows, |r| r.response_object.as_deref()),
             Arc::new(response_truncated.finish()),
+            strings(rows, |r| Some(r.outcome.as_str())),
         ],
     )
 }
@@ -401,6 +464,7 @@ mod tests {
             ("masked_fields", DataType::Int32, false),
             ("response_object", DataType::Utf8, true),
             ("response_object_truncated", DataType::Boolean, false),
+            ("outcome", DataType::Utf8, false),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

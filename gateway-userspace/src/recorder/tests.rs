@@ -7,7 +7,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 
 use super::*;
-use crate::drain;
+use crate::{drain, policy::Action, request::Verb};
 
 fn ts(text: &str) -> jiff::Timestamp {
     text.parse()
@@ -39,7 +39,7 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
         user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef".into()),
         kubectl_command: Some("kubectl get".into()),
         kubectl_session: Some("c0ffee-session".into()),
-        verb: "get".into(),
+        verb: Verb::Get,
         request_uri: format!("/api/v1/namespaces/agents/pods/agent-{i}"),
         object_ref: ObjectRef {
             api_group: "apps".into(),
@@ -49,7 +49,8 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             namespace: "agents".into(),
             name: format!("web-{i}"),
         },
-        decision: "allow".into(),
+        decision: Some(Action::Allow),
+        outcome: Outcome::Forwarded,
         policy_rule: Some("read-only".into()),
         reason: Some("matched rule read-only".into()),
         response_code: 200,
@@ -89,9 +90,10 @@ fn sparse_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             ..Default::default()
         },
         source_addr: "[::1]:40000".into(),
-        verb: "list".into(),
+        verb: Verb::List,
         request_uri: "/api/v1/pods?limit=500".into(),
-        decision: "error".into(),
+        decision: None,
+        outcome: Outcome::UpstreamFailed,
         response_code: i32::MIN,
         request_bytes: i64::MIN,
         response_bytes: 0,
@@ -800,7 +802,7 @@ con = duckdb.connect()
 rows = con.execute("""
     SELECT CAST(date AS VARCHAR), node, audit_id, epoch_us(request_time), epoch_us(response_time),
            latency_us, workload.cgroup_id, workload.pod, workload.command, object_ref.resource,
-           object_ref.name, user_agent, decision, response_code, request_bytes, error,
+           object_ref.name, user_agent, decision, outcome, response_code, request_bytes, error,
            typeof(request_time), typeof(workload.netns_cookie), typeof(response_code)
     FROM read_parquet(? || '/table=requests/**/*.parquet', hive_partitioning = true)
     ORDER BY request_time
@@ -826,15 +828,15 @@ print(json.dumps({"duckdb": rows, "pyarrow_rows": table.num_rows,
         "duckdb": [
             ["2025-03-04", "node-a", rows[0].audit_id, micros(&rows[0]), micros(&rows[0]) + 1501, 1501,
              4_000_000_001_i64, "agent-1", "kubectl", "deployments", "web-1",
-             "kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef", "allow", 200, 0, null,
+             "kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef", "allow", "forwarded", 200, 0, null,
              "TIMESTAMP WITH TIME ZONE", "BIGINT", "INTEGER"],
             ["2025-03-05", "node-a", "sparse-2", micros(&rows[1]), null, -1,
-             -5, null, null, "", "", null, "error", i32::MIN, i64::MIN,
+             -5, null, null, "", "", null, "none", "upstream_failed", i32::MIN, i64::MIN,
              "upstream unreachable: connection refused",
              "TIMESTAMP WITH TIME ZONE", "BIGINT", "INTEGER"],
             ["2025-03-05", "node-a", rows[2].audit_id, micros(&rows[2]), micros(&rows[2]) + 1503, 1503,
              4_000_000_003_i64, "agent-3", "kubectl", "deployments", "web-3",
-             "kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef", "allow", 200, 0, null,
+             "kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef", "allow", "forwarded", 200, 0, null,
              "TIMESTAMP WITH TIME ZONE", "BIGINT", "INTEGER"],
         ],
         "pyarrow_rows": 3,
