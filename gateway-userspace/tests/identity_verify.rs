@@ -318,6 +318,50 @@ async fn unreachable_issuer_is_invalid_but_not_cached() {
     assert_eq!(p.kind, PrincipalKind::Oidc, "{p:?}");
 }
 
+/// A failed discovery/JWKS fetch is named as the cause for as long as the rate limit holds
+/// back the next one, not hidden behind "no key with kid".
+#[tokio::test]
+async fn a_failed_key_fetch_is_named_as_the_cause_until_the_next_attempt() {
+    let key = TestKey::rs256("k1", 0);
+    let issuer = TestIssuer::start(&[&key]).await;
+    issuer.publish_raw(json!({"keys": "not a list"}));
+    let oidc = OidcVerifier::new(issuer.config(CLIENT))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_refresh_min_interval(Duration::from_millis(600));
+    let verifier = PrincipalVerifier::new(vec![oidc], None, Duration::from_secs(60));
+    let w = workload("a", "b");
+    let first = key.sign(&issuer.claims("u1", CLIENT));
+    let second = key.sign(&issuer.claims("u2", CLIENT));
+    let p = verifier.verify(Some(&bearer(&first)), &w).await;
+    expect_invalid(&p, "/keys", "the failed fetch");
+    let p = verifier.verify(Some(&bearer(&second)), &w).await;
+    expect_invalid(&p, "/keys", "within the rate limit, the same cause");
+    let reason = p.reason.unwrap_or_default();
+    assert!(
+        !reason.contains("no RS256 key"),
+        "the cause is hidden: {reason}"
+    );
+    assert_eq!(issuer.jwks_requests(), 1, "rate-limited");
+
+    // The issuer is fixed: after the interval the token verifies.
+    issuer.publish(&[&key]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let p = verifier.verify(Some(&bearer(&second)), &w).await;
+    assert_eq!(p.kind, PrincipalKind::Oidc, "{p:?}");
+
+    // Keys held, the issuer rotates and its JWKS breaks: the unknown kid names both.
+    let rotated = TestKey::rs256("k2", 1).sign(&issuer.claims("u3", CLIENT));
+    issuer.publish_raw(json!({"keys": "not a list"}));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let p = verifier.verify(Some(&bearer(&rotated)), &w).await;
+    expect_invalid(&p, "no RS256 key with kid 'k2'", "unknown kid");
+    expect_invalid(
+        &p,
+        "fetching a newer one failed",
+        "unknown kid, failed refresh",
+    );
+}
+
 #[tokio::test]
 async fn username_and_groups_claims_and_prefixes() {
     let key = TestKey::es256("k");

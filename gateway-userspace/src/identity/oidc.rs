@@ -129,6 +129,9 @@ struct KeySet {
 #[derive(Debug, Default)]
 struct FetchState {
     last_attempt: Option<Instant>,
+    /// Why the last attempt failed: within the rate limit it is still the news, rather
+    /// than a "no key with kid" that hides it.
+    last_error: Option<TokenError>,
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -212,13 +215,15 @@ impl OidcVerifier {
         let stale = keys
             .fetched_at
             .is_none_or(|t| t.elapsed() >= self.max_key_age);
+        let mut refresh_error = None;
         if stale || !has_key(&keys, header.kid.as_deref(), alg) {
             // A failed refresh of keys we already hold is not fatal: they may still verify.
             match self.refresh().await {
                 Ok(fresh) => keys = fresh,
                 Err(e) if keys.fetched_at.is_none() => return Err(e),
                 Err(e) => {
-                    tracing::warn!(issuer = %self.config.issuer_url, error = %e, "JWKS refresh failed")
+                    tracing::warn!(issuer = %self.config.issuer_url, error = %e, "JWKS refresh failed");
+                    refresh_error = Some(e);
                 }
             }
         }
@@ -230,12 +235,16 @@ impl OidcVerifier {
         if candidates.is_empty() {
             // Not cached as invalid: the issuer may have rotated while the refresh was
             // rate-limited, and a retry after the interval will find the key.
-            return Err(TokenError::Unavailable(match &header.kid {
+            let missing = match &header.kid {
                 Some(kid) => format!(
                     "no {alg:?} key with kid '{kid}' in the JWKS of {}",
                     self.config.issuer_url
                 ),
                 None => format!("no {alg:?} key in the JWKS of {}", self.config.issuer_url),
+            };
+            return Err(TokenError::Unavailable(match refresh_error {
+                Some(cause) => format!("{missing}, and fetching a newer one failed: {cause}"),
+                None => missing,
             }));
         }
 
@@ -334,10 +343,20 @@ impl OidcVerifier {
         if let Some(last) = state.last_attempt
             && last.elapsed() < self.refresh_min_interval
         {
-            return Ok(now_keys);
+            return match &state.last_error {
+                Some(error) => Err(error.clone()),
+                None => Ok(now_keys),
+            };
         }
         state.last_attempt = Some(Instant::now());
-        let keys = Arc::new(self.fetch_keys().await?);
+        let keys = match self.fetch_keys().await {
+            Ok(keys) => Arc::new(keys),
+            Err(error) => {
+                state.last_error = Some(error.clone());
+                return Err(error);
+            }
+        };
+        state.last_error = None;
         *self
             .keys
             .write()
