@@ -100,6 +100,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut files = policies;
             if let Some(config) = config {
                 let cfg = Config::load(&config)?;
+                // The CA key is what a cluster hands over in whatever format it has: load it
+                // now, as `run` would, rather than fail at start-up.
+                if !cfg.tls.create_ca_if_missing || cfg.tls.ca_cert_file.exists() {
+                    crate::tls::CertificateAuthority::from_files(
+                        &cfg.tls.ca_cert_file,
+                        &cfg.tls.ca_key_file,
+                    )
+                    .with_context(|| format!("checking {}", config.display()))?;
+                }
                 println!("{}: ok", config.display());
                 match &cfg.policy {
                     Some(PolicyConfig::File(file)) => files.push(file.clone()),

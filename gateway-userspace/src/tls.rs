@@ -46,12 +46,104 @@ pub enum TlsError {
         /// The parser's complaint.
         message: String,
     },
+    /// A CA private key in a format or of a type the gateway cannot sign with.
+    #[error("{what}: {problem}; accepted: {ACCEPTED_CA_KEYS}")]
+    CaKey {
+        /// Which input.
+        what: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// rcgen could not create or sign a certificate.
     #[error("minting certificate: {0}")]
     Mint(#[from] rcgen::Error),
     /// rustls rejected the certificate/key combination.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// What `tls.caKeyFile` may hold, for error messages and docs.
+pub const ACCEPTED_CA_KEYS: &str = "a PEM private key: PKCS#8 (BEGIN PRIVATE KEY; RSA, EC P-256/P-384 or Ed25519), PKCS#1 (BEGIN RSA PRIVATE KEY, as kubeadm writes) or SEC1 (BEGIN EC PRIVATE KEY, P-256/P-384, as openssl ecparam writes)";
+
+/// OID of `rsaEncryption` (PKCS#1).
+const OID_RSA: pkcs8::ObjectIdentifier =
+    pkcs8::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+/// OID of `id-ecPublicKey` (RFC 5480).
+const OID_EC: pkcs8::ObjectIdentifier = pkcs8::ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+
+/// Loads a CA signing key from PEM in any format clusters hand out. ring (rcgen's backend
+/// here) signs with PKCS#8 keys only, so PKCS#1 and SEC1 keys are re-wrapped as PKCS#8
+/// (RFC 5208/5958) first: the key material itself is not changed.
+pub fn ca_key_pair_from_pem(pem: &str, what: &str) -> Result<KeyPair, TlsError> {
+    use pkcs8::der::{Decode as _, Encode as _};
+    let problem = |problem: String| TlsError::CaKey {
+        what: what.to_owned(),
+        problem,
+    };
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| problem(format!("no PEM private key found ({e})")))?;
+    let pkcs8_der: Vec<u8> = match &key {
+        PrivateKeyDer::Pkcs8(der) => der.secret_pkcs8_der().to_vec(),
+        PrivateKeyDer::Pkcs1(der) => {
+            let null = pkcs8::der::asn1::AnyRef::NULL;
+            pkcs8::PrivateKeyInfo::new(
+                pkcs8::AlgorithmIdentifierRef {
+                    oid: OID_RSA,
+                    parameters: Some(null),
+                },
+                der.secret_pkcs1_der(),
+            )
+            .to_der()
+            .map_err(|e| problem(format!("PKCS#1 RSA key: {e}")))?
+        }
+        PrivateKeyDer::Sec1(der) => {
+            let ec = sec1::EcPrivateKey::from_der(der.secret_sec1_der())
+                .map_err(|e| problem(format!("SEC1 EC key: {e}")))?;
+            let curve = ec
+                .parameters
+                .and_then(|p| p.named_curve())
+                .ok_or_else(|| problem("SEC1 EC key names no curve".to_owned()))?;
+            if ec.public_key.is_none() {
+                return Err(problem(
+                    "SEC1 EC key without its public key (write it with openssl ec, which includes it)"
+                        .to_owned(),
+                ));
+            }
+            // The curve moves to the AlgorithmIdentifier, as RFC 5915 section 3 asks.
+            let inner = sec1::EcPrivateKey {
+                parameters: None,
+                ..ec
+            }
+            .to_der()
+            .map_err(|e| problem(format!("SEC1 EC key: {e}")))?;
+            let curve_der = curve
+                .to_der()
+                .map_err(|e| problem(format!("SEC1 EC key: {e}")))?;
+            let curve_any = pkcs8::der::asn1::AnyRef::from_der(&curve_der)
+                .map_err(|e| problem(format!("SEC1 EC key: {e}")))?;
+            pkcs8::PrivateKeyInfo::new(
+                pkcs8::AlgorithmIdentifierRef {
+                    oid: OID_EC,
+                    parameters: Some(curve_any),
+                },
+                &inner,
+            )
+            .to_der()
+            .map_err(|e| problem(format!("SEC1 EC key: {e}")))?
+        }
+        _ => return Err(problem("unsupported private key encoding".to_owned())),
+    };
+    let format = match key {
+        PrivateKeyDer::Pkcs1(_) => "PKCS#1",
+        PrivateKeyDer::Sec1(_) => "SEC1",
+        _ => "PKCS#8",
+    };
+    // rcgen's own error ("Could not parse key pair") says nothing more than this.
+    KeyPair::try_from(&PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8_der))).map_err(|_| {
+        problem(format!(
+            "{format} key could not be used for signing: not an RSA, EC P-256/P-384 or Ed25519 key, or damaged"
+        ))
+    })
 }
 
 /// The crypto provider used everywhere (ring: small, no C toolchain beyond cc).
@@ -103,10 +195,7 @@ impl CertificateAuthority {
                 what: cert_name.to_owned(),
                 message: e.to_string(),
             })?;
-        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem {
-            what: key_name.to_owned(),
-            message: e.to_string(),
-        })?;
+        let key = ca_key_pair_from_pem(key_pem, key_name)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| TlsError::Pem {
             what: cert_name.to_owned(),
             message: e.to_string(),
@@ -463,6 +552,196 @@ mod tests {
         assert_eq!(&chain[1], ca.cert_der());
         server_config(chain, key).unwrap();
         root_store_from_pem(ca.cert_pem(), "ca.crt").unwrap();
+    }
+
+    /// Runs openssl (present on every machine of this project) and panics with its stderr.
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("run openssl {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// CA keys as real clusters hand them over: kubeadm's PKCS#1 RSA, `openssl ecparam`'s
+    /// SEC1 EC, and PKCS#8 of every type; each signs a serving certificate that openssl
+    /// verifies against the CA.
+    #[test]
+    fn ca_keys_in_pkcs1_sec1_and_pkcs8_sign_certificates_that_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cases: &[(&str, &[&str], &str)] = &[
+            (
+                "rsa-pkcs1",
+                &["genrsa", "-traditional", "-out", "rsa-pkcs1.key", "2048"],
+                "BEGIN RSA PRIVATE KEY",
+            ),
+            (
+                "rsa-pkcs8",
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                    "rsa-pkcs8.key",
+                ],
+                "BEGIN PRIVATE KEY",
+            ),
+            (
+                "p256-sec1",
+                &[
+                    "ecparam",
+                    "-genkey",
+                    "-name",
+                    "prime256v1",
+                    "-noout",
+                    "-out",
+                    "p256-sec1.key",
+                ],
+                "BEGIN EC PRIVATE KEY",
+            ),
+            (
+                "p384-sec1",
+                &[
+                    "ecparam",
+                    "-genkey",
+                    "-name",
+                    "secp384r1",
+                    "-noout",
+                    "-out",
+                    "p384-sec1.key",
+                ],
+                "BEGIN EC PRIVATE KEY",
+            ),
+            (
+                "p256-pkcs8",
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out",
+                    "p256-pkcs8.key",
+                ],
+                "BEGIN PRIVATE KEY",
+            ),
+            (
+                "ed25519",
+                &["genpkey", "-algorithm", "ed25519", "-out", "ed25519.key"],
+                "BEGIN PRIVATE KEY",
+            ),
+        ];
+        for (name, genkey, label) in cases {
+            openssl(d, genkey);
+            let key_file = d.join(format!("{name}.key"));
+            let key_pem = std::fs::read_to_string(&key_file).unwrap();
+            assert!(key_pem.contains(label), "{name}: openssl wrote {key_pem}");
+            let cert = format!("{name}.crt");
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-new",
+                    "-key",
+                    &format!("{name}.key"),
+                    "-subj",
+                    "/CN=test-ca",
+                    "-days",
+                    "1",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                    "-out",
+                    &cert,
+                ],
+            );
+            let ca = CertificateAuthority::from_files(&d.join(&cert), &key_file)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let (chain, _) = ca
+                .issue_server_cert(
+                    &["kubernetes.default.svc".to_owned()],
+                    &["127.0.0.1".parse().unwrap()],
+                    std::time::Duration::from_secs(3600),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let der = format!("{name}-leaf.der");
+            let leaf = format!("{name}-leaf.pem");
+            std::fs::write(d.join(&der), &chain[0]).unwrap();
+            openssl(d, &["x509", "-inform", "DER", "-in", &der, "-out", &leaf]);
+            openssl(d, &["verify", "-CAfile", &cert, &leaf]);
+        }
+    }
+
+    #[test]
+    fn unusable_ca_keys_are_refused_naming_the_file_and_the_accepted_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        openssl(d, &["genpkey", "-algorithm", "ed448", "-out", "ed448.key"]);
+        openssl(
+            d,
+            &[
+                "ecparam",
+                "-genkey",
+                "-name",
+                "secp521r1",
+                "-noout",
+                "-out",
+                "p521.key",
+            ],
+        );
+        let (ca, _) = CertificateAuthority::generate("test-ca").unwrap();
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        let cases = [
+            (
+                "ed448.key",
+                read("ed448.key"),
+                "could not be used for signing",
+            ),
+            (
+                "p521.key",
+                read("p521.key"),
+                "could not be used for signing",
+            ),
+            (
+                "cert-as-key.pem",
+                ca.cert_pem().to_owned(),
+                "no PEM private key found",
+            ),
+            (
+                "garbage.key",
+                "hello".to_owned(),
+                "no PEM private key found",
+            ),
+        ];
+        for (name, pem, problem) in cases {
+            let err = ca_key_pair_from_pem(&pem, name)
+                .err()
+                .unwrap_or_else(|| panic!("{name} loaded"));
+            let text = err.to_string();
+            assert!(
+                text.starts_with(name) && text.contains(problem),
+                "{name}: {text}"
+            );
+            assert!(
+                text.contains("PKCS#1 (BEGIN RSA PRIVATE KEY"),
+                "{name}: {text}"
+            );
+            assert_eq!(
+                text.matches("Could not parse key pair").count(),
+                0,
+                "{text}"
+            );
+        }
     }
 
     #[test]

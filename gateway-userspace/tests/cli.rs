@@ -79,6 +79,75 @@ fn a_bad_config_fails_naming_the_key_and_usage_errors_exit_2() {
     }
 }
 
+/// `check` loads the CA key the way `run` will: cluster formats pass, garbage is named.
+#[test]
+fn check_loads_the_ca_key_in_the_formats_clusters_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "ecparam",
+        "-genkey",
+        "-name",
+        "prime256v1",
+        "-noout",
+        "-out",
+        "ca.key",
+    ]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=ca",
+        "-days",
+        "1",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-out",
+        "ca.crt",
+    ]);
+    std::fs::write(d.join("token"), "t").expect("token");
+    let config = d.join("chaperone.yaml");
+    let p = d.display();
+    std::fs::write(
+        &config,
+        format!(
+            "listen:\n  address: 127.0.0.1:15443\ninterception:\n  mode: none\n\
+             upstream:\n  url: https://127.0.0.1:6443\n  caFile: {p}/ca.crt\n  tokenFile: {p}/token\n\
+             tls:\n  caCertFile: {p}/ca.crt\n  caKeyFile: {p}/ca.key\n\
+             recording:\n  dir: {p}/rec\npolicy: allowAll\n"
+        ),
+    )
+    .expect("config");
+    let out = chaperone(&["check", "--config", config.to_str().expect("utf-8 path")]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("policy: allowAll"), "{stdout}");
+
+    std::fs::write(
+        d.join("ca.key"),
+        "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+    )
+    .expect("break the key");
+    let out = chaperone(&["check", "--config", config.to_str().expect("utf-8 path")]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ca.key") && stderr.contains("SEC1 (BEGIN EC PRIVATE KEY"),
+        "{stderr}"
+    );
+}
+
 /// The released binary is the product alone: no demo, no test server.
 #[test]
 fn the_binary_ships_no_test_code() {
