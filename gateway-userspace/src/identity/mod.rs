@@ -113,10 +113,40 @@ fn default_rescan_interval() -> Duration {
 }
 
 impl IdentityConfig {
+    /// The cgroup2 mount, when static workloads need it to read absolute paths.
+    fn cgroup2_mount(&self) -> Option<PathBuf> {
+        let absolute = self
+            .workloads
+            .iter()
+            .any(|w| w.cgroup.starts_with(CGROUP_FS_ROOT));
+        absolute
+            .then(|| crate::ebpf::cgroup2_mount().ok())
+            .flatten()
+    }
+
+    /// The static workloads with their cgroup paths relative to the cgroup2 mount.
+    fn relative_workloads(&self) -> Result<Vec<StaticWorkload>, IdentityError> {
+        let mount = self.cgroup2_mount();
+        self.workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let cgroup = w
+                    .relative_cgroup(&format!("identity.workloads[{i}]"), mount.as_deref())?
+                    .to_owned();
+                Ok(StaticWorkload {
+                    cgroup,
+                    ..w.clone()
+                })
+            })
+            .collect()
+    }
+
     /// Checks every entry; errors name the field (`identity.workloads[1].cgroup`).
     pub fn validate(&self) -> Result<(), IdentityError> {
+        let mount = self.cgroup2_mount();
         for (i, w) in self.workloads.iter().enumerate() {
-            w.validate(&format!("identity.workloads[{i}]"))?;
+            w.validate(&format!("identity.workloads[{i}]"), mount.as_deref())?;
         }
         for (i, o) in self.oidc.iter().enumerate() {
             o.validate(&format!("identity.oidc[{i}]"))?;
@@ -164,12 +194,54 @@ fn default_service_account() -> String {
     "default".to_owned()
 }
 
+/// Where cgroup file systems are mounted on Linux; a configured cgroup starting with it is a
+/// file system path, not a path relative to the cgroup2 mount.
+const CGROUP_FS_ROOT: &str = "/sys/fs/cgroup";
+
 impl StaticWorkload {
-    fn validate(&self, at: &str) -> Result<(), IdentityError> {
+    /// The configured cgroup relative to the cgroup2 mount: as given (leading `/`
+    /// optional), or an absolute file system path below `mount` made relative. An
+    /// absolute path elsewhere (a cgroup v1 hierarchy, a wrong mount) would never match:
+    /// it is refused with the fix.
+    fn relative_cgroup<'a>(
+        &'a self,
+        at: &str,
+        mount: Option<&std::path::Path>,
+    ) -> Result<&'a str, IdentityError> {
+        if !self.cgroup.starts_with(CGROUP_FS_ROOT) {
+            return Ok(normalize(&self.cgroup));
+        }
+        let refuse = |message: String| IdentityError::Config {
+            field: format!("{at}.cgroup"),
+            message,
+        };
+        let Some(mount) = mount else {
+            return Err(refuse(format!(
+                "{} is a file system path, but no cgroup2 mount was found to read it against; give the path relative to the cgroup2 mount",
+                self.cgroup
+            )));
+        };
+        match std::path::Path::new(&self.cgroup)
+            .strip_prefix(mount)
+            .ok()
+            .and_then(|rest| rest.to_str())
+        {
+            Some(rest) if !normalize(rest).is_empty() => Ok(normalize(rest)),
+            _ => Err(refuse(format!(
+                "{} is not below the cgroup2 mount {}: write the cgroup's path relative to that mount (e.g. kubepods.slice/...), or its full path below {}",
+                self.cgroup,
+                mount.display(),
+                mount.display()
+            ))),
+        }
+    }
+
+    fn validate(&self, at: &str, mount: Option<&std::path::Path>) -> Result<(), IdentityError> {
         let invalid = |field: &str, message: &str| IdentityError::Config {
             field: format!("{at}.{field}"),
             message: message.to_owned(),
         };
+        self.relative_cgroup(at, mount)?;
         if normalize(&self.cgroup).is_empty() {
             return Err(invalid(
                 "cgroup",
@@ -276,7 +348,7 @@ impl Identity {
             node: node.into(),
             resolver,
             pods,
-            workloads: config.workloads.clone(),
+            workloads: config.relative_workloads()?,
         })
     }
 

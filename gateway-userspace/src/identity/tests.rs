@@ -72,6 +72,54 @@ oidc:
 }
 
 #[test]
+fn absolute_cgroup_paths_are_read_against_the_cgroup2_mount_or_refused_with_the_fix() {
+    let mount = std::path::Path::new("/sys/fs/cgroup/unified");
+    let w = |cgroup: &str| StaticWorkload {
+        cgroup: cgroup.to_owned(),
+        match_: CgroupMatch::Exact,
+        namespace: "n".to_owned(),
+        pod: "p".to_owned(),
+        service_account: "default".to_owned(),
+        container: None,
+        labels: BTreeMap::new(),
+    };
+    for (given, relative) in [
+        (
+            "/sys/fs/cgroup/unified/kubepods.slice/x",
+            "kubepods.slice/x",
+        ),
+        ("/sys/fs/cgroup/unified/a/", "a"),
+        ("/demo/agent", "demo/agent"),
+        ("demo/agent", "demo/agent"),
+    ] {
+        let workload = w(given);
+        let got = workload
+            .relative_cgroup("w", Some(mount))
+            .unwrap_or_else(|e| panic!("{given}: {e}"));
+        assert_eq!(got, relative, "{given}");
+    }
+    for given in [
+        "/sys/fs/cgroup/memory/x",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ] {
+        let err = w(given)
+            .relative_cgroup("identity.workloads[3]", Some(mount))
+            .err()
+            .unwrap_or_else(|| panic!("{given} accepted"))
+            .to_string();
+        assert!(
+            err.contains("identity.workloads[3].cgroup")
+                && err.contains("/sys/fs/cgroup/unified")
+                && err.contains("relative to that mount"),
+            "{given}: {err}"
+        );
+    }
+    let err = w("/sys/fs/cgroup/x").relative_cgroup("w", None).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("no cgroup2 mount")));
+}
+
+#[test]
 fn validation_names_the_field() {
     let workload = |cgroup: &str, namespace: &str| StaticWorkload {
         cgroup: cgroup.to_owned(),
@@ -287,6 +335,7 @@ fn real_cgroups_resolve_end_to_end_in_both_layouts_and_standalone() {
     let (cgroupfs_id, _) = tree.mkdir(&format!("kubepods/burstable/pod{UID}/{ID}"));
     let (agent_id, agent_path) = tree.mkdir("demo/agent");
     let (other_id, _) = tree.mkdir("demo/other");
+    let (absolute_id, absolute_path) = tree.mkdir("demo/absolute");
 
     let pods = PodStore::new();
     pods.apply(&fake::pod(
@@ -297,15 +346,27 @@ fn real_cgroups_resolve_end_to_end_in_both_layouts_and_standalone() {
         &[("main", &format!("cri-o://{ID}"))],
     ));
     let config = IdentityConfig {
-        workloads: vec![StaticWorkload {
-            cgroup: format!("/{agent_path}"),
-            match_: CgroupMatch::Exact,
-            namespace: "demo".to_owned(),
-            pod: "standalone-agent".to_owned(),
-            service_account: "agent".to_owned(),
-            container: None,
-            labels: BTreeMap::new(),
-        }],
+        workloads: vec![
+            StaticWorkload {
+                cgroup: format!("/{agent_path}"),
+                match_: CgroupMatch::Exact,
+                namespace: "demo".to_owned(),
+                pod: "standalone-agent".to_owned(),
+                service_account: "agent".to_owned(),
+                container: None,
+                labels: BTreeMap::new(),
+            },
+            // As an admin copies it from the file system: absolute, below the mount.
+            StaticWorkload {
+                cgroup: root.join(&absolute_path).display().to_string(),
+                match_: CgroupMatch::Exact,
+                namespace: "demo".to_owned(),
+                pod: "absolute-agent".to_owned(),
+                service_account: "agent".to_owned(),
+                container: None,
+                labels: BTreeMap::new(),
+            },
+        ],
         ..IdentityConfig::default()
     };
     let resolver = CgroupResolver::new(
@@ -339,6 +400,8 @@ fn real_cgroups_resolve_end_to_end_in_both_layouts_and_standalone() {
     }
     let got = identity.resolve(&origin(agent_id));
     assert_eq!(got.pod.as_deref(), Some("standalone-agent"));
+    let got = identity.resolve(&origin(absolute_id));
+    assert_eq!(got.pod.as_deref(), Some("absolute-agent"), "{got:?}");
     let got = identity.resolve(&origin(other_id));
     assert!(!got.is_known(), "{got:?}");
     assert!(got.cgroup_path.is_some());
