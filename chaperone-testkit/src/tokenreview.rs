@@ -2,7 +2,7 @@
 
 use futures_util::future::BoxFuture;
 use gateway_userspace::identity::{
-    principal::TokenError,
+    TokenError,
     tokenreview::{ReviewResult, TokenReviewer},
 };
 

@@ -10,6 +10,7 @@
 //! the API server ([`tokenreview`]); see [`principal`].
 
 pub mod cgroup;
+mod error;
 pub mod oidc;
 pub mod pods;
 pub mod principal;
@@ -21,6 +22,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
+    error::{IdentityError, TokenError},
     oidc::{OidcIssuerConfig, OidcVerifier},
     pods::{PodEvent, PodSource, PodStore},
     principal::{Principal, PrincipalKind, PrincipalVerifier},
@@ -28,39 +30,6 @@ pub use self::{
     tokenreview::{KubeTokenReviewer, TokenReviewer},
 };
 use crate::{ebpf::ConnectionOrigin, recorder::schema::WorkloadRecord};
-
-/// Errors building the identity subsystem; each names the setting or file at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    /// A config field is invalid.
-    #[error("{field}: {message}")]
-    Config {
-        /// The field, e.g. `identity.workloads[2].cgroup`.
-        field: String,
-        /// What is wrong with it.
-        message: String,
-    },
-    /// The cgroup2 mount could not be found.
-    #[error("finding the cgroup2 mount: {0}")]
-    Cgroup2Mount(String),
-    /// A file or directory could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// TLS setup for an OIDC issuer failed.
-    #[error("OIDC issuer TLS: {0}")]
-    Tls(String),
-    /// The pod watch stream ended (it normally never does).
-    #[error("pod watch for node {node} ended")]
-    PodWatchEnded {
-        /// The node whose pods were watched.
-        node: String,
-    },
-}
 
 /// The `identity:` section of the gateway config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

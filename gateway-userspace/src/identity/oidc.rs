@@ -26,7 +26,7 @@ use jsonwebtoken::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{IdentityError, principal::TokenError};
+use super::{IdentityError, TokenError};
 
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);

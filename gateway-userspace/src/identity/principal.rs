@@ -17,25 +17,13 @@ use http::HeaderValue;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    IdentityConfig, IdentityError, WorkloadIdentity,
+    IdentityConfig, IdentityError, TokenError, WorkloadIdentity,
     oidc::{OidcVerifier, unverified_issuer},
     tokenreview::TokenReviewer,
 };
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 const MAX_CACHE_ENTRIES: usize = 10_000;
-
-/// Why a token could not be accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    /// The token is bad (signature, expiry, audience, ...); the verdict is cached.
-    #[error("{0}")]
-    Invalid(String),
-    /// The token could not be checked right now (issuer or API server unreachable, key not
-    /// yet known); not cached, the next request tries again.
-    #[error("{0}")]
-    Unavailable(String),
-}
 
 /// How the principal was established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

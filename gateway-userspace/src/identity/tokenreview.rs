@@ -8,7 +8,7 @@
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 
-use super::principal::TokenError;
+use super::TokenError;
 
 /// What the API server said about a token.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
