@@ -55,8 +55,9 @@ pub fn demo_objects() -> Vec<serde_json::Value> {
     ]
 }
 
-/// Runs the demo; Ctrl-C tears everything down.
-pub async fn run(recordings: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the demo; Ctrl-C tears everything down. `log` is where the caller sends the
+/// gateway's log (named in the story).
+pub async fn run(recordings: Option<PathBuf>, log: &Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates cgroups, network namespaces and eBPF programs: run it as root");
     }
@@ -67,7 +68,7 @@ pub async fn run(recordings: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        result = narrate(recordings) => result,
+        result = narrate(recordings, log) => result,
         _ = tokio::signal::ctrl_c() => {
             // Dropping the stack removed the pod, its namespace, veth, cgroup and programs.
             bail!("interrupted; everything the demo created has been removed")
@@ -75,7 +76,7 @@ pub async fn run(recordings: Option<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
+async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
     println!("Chaperone demo\n");
     let stack = Stack::start(StackOptions {
         policy_yaml: Some(DEMO_POLICY.to_owned()),
@@ -107,7 +108,8 @@ async fn narrate(recordings: PathBuf) -> anyhow::Result<()> {
         super::stack::SANDBOX_POD,
         super::stack::SANDBOX_SERVICE_ACCOUNT
     );
-    println!("  policy:     deny namespace deletion and secret reads; allow the rest\n");
+    println!("  policy:     deny namespace deletion and secret reads; allow the rest");
+    println!("  gateway log: {}\n", log.display());
 
     for args in [
         &["get", "pods"][..],

@@ -55,6 +55,21 @@ fn demo_runs_end_to_end_and_removes_what_it_created() {
             "demo output lacks {expected:?}:\n{stdout}"
         );
     }
+    // The story is not interrupted by log lines; the gateway's log is in the file it names.
+    assert!(
+        !stdout.contains(" INFO ") && !stdout.contains(" WARN "),
+        "log lines in the story:\n{stdout}"
+    );
+    let log = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("gateway log: "))
+        .unwrap_or_else(|| panic!("the demo names no log file:\n{stdout}"));
+    let log_text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
+    assert!(
+        log_text.contains("chaperone is ready"),
+        "{log}:\n{log_text}"
+    );
+    let _ = std::fs::remove_file(log);
     assert!(
         recordings.join("table=requests").is_dir(),
         "no recordings in {}",

@@ -125,6 +125,13 @@ pub struct LimitsConfig {
     /// uninspected, never buffered whole. The API server's own limit is 3 MiB.
     #[serde(default = "default_max_inspected_body_bytes")]
     pub max_inspected_body_bytes: u32,
+    /// Largest body of a create, update or patch of a resource (other than the `proxy`
+    /// subresource), as kube-apiserver's own `MaxRequestBodyBytes` (3 MiB): a larger one
+    /// gets the API server's 413 `Status` from the gateway and is never forwarded, so the
+    /// answer does not depend on a race with the upstream closing the connection. `0`: no
+    /// limit (bodies beyond the inspection limit stream through).
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: u32,
     /// How long a client gets to send a request body the gateway inspects (slow-body guard);
     /// after it, the request is answered with a 408 `Status`.
     #[serde(default = "default_body_read_timeout", with = "duration")]
@@ -143,6 +150,7 @@ impl Default for LimitsConfig {
             http2_keep_alive_timeout: default_http2_keep_alive_timeout(),
             max_connections_per_workload: default_max_connections_per_workload(),
             max_inspected_body_bytes: default_max_inspected_body_bytes(),
+            max_request_body_bytes: default_max_request_body_bytes(),
             body_read_timeout: default_body_read_timeout(),
         }
     }
@@ -625,6 +633,9 @@ fn default_max_connections_per_workload() -> u32 {
     256
 }
 fn default_max_inspected_body_bytes() -> u32 {
+    3 * 1024 * 1024
+}
+fn default_max_request_body_bytes() -> u32 {
     3 * 1024 * 1024
 }
 fn default_body_read_timeout() -> Duration {

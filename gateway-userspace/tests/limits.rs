@@ -649,7 +649,13 @@ async fn a_64_mib_body_streams_through_without_the_gateway_buffering_it() {
     let _alone = SERIAL.write().await;
     let (ca, ca_key) = CertificateAuthority::generate("limits-test-ca").expect("generate CA");
     let upstream = counting_upstream(ca.cert_pem(), &ca_key).await;
-    let h = start_on(LimitsConfig::default(), Some(upstream), (ca, ca_key)).await;
+    // No body limit: this is about streaming, for requests the API server's limit does not
+    // cover (or an admin who raised it).
+    let unlimited = LimitsConfig {
+        max_request_body_bytes: 0,
+        ..LimitsConfig::default()
+    };
+    let h = start_on(unlimited, Some(upstream), (ca, ca_key)).await;
     for http2 in [false, true] {
         let c = client(&h.ca_pem, http2);
         // Warm-up: connection pools, TLS buffers and allocator arenas reach steady state.
@@ -692,6 +698,83 @@ async fn a_64_mib_body_streams_through_without_the_gateway_buffering_it() {
             .all(|r| r.verb == "create" && r.response_code == 200),
         "{big:#?}"
     );
+}
+
+/// A create over the API server's body limit gets its 413 `Status` every time, whether the
+/// length is declared, the body is chunked, or it streams past the limit after inspection:
+/// never a 503 from racing the upstream's close.
+#[tokio::test]
+async fn oversized_bodies_always_get_the_api_servers_413() {
+    async fn create(h: &Harness, c: &TestClient, chunks: usize, declared: bool) -> StatusCode {
+        let mut req = request(h, Method::POST, "/api/v1/namespaces/default/configmaps")
+            .header("content-type", "application/json");
+        if declared {
+            req = req.header("content-length", chunks * CHUNK.len());
+        }
+        let resp = c
+            .request(req.body(generated_body(chunks)).expect("req"))
+            .await
+            .expect("POST through the gateway");
+        let code = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&bytes).expect("Status JSON");
+        assert_eq!(status["reason"], "RequestEntityTooLarge", "{status}");
+        assert!(
+            status["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Request entity too large: limit is ")),
+            "{status}"
+        );
+        code
+    }
+    let h = start(LimitsConfig::default(), None).await;
+    let c = client(&h.ca_pem, true);
+    for round in 0..5 {
+        // 256 MiB declared: refused before a byte of it is read.
+        assert_eq!(
+            create(&h, &c, 4096, true).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "round {round}"
+        );
+        // 16 MiB chunked: refused once 3 MiB were read.
+        assert_eq!(
+            create(&h, &c, 256, false).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "round {round}"
+        );
+    }
+    assert!(
+        h.apiserver.requests().iter().all(|r| r.method != "POST"),
+        "an oversized body reached the API server"
+    );
+    let rows = stop(h.app, h.dir.path()).await;
+    assert_eq!(rows.len(), 10);
+    assert!(
+        rows.iter().all(|r| r.response_code == 413
+            && r.outcome == gateway_userspace::recorder::Outcome::Invalid),
+        "{rows:#?}"
+    );
+
+    // The limit above the inspection limit: the body streams, and is cut off at the limit.
+    let h = start(
+        LimitsConfig {
+            max_inspected_body_bytes: 1024 * 1024,
+            max_request_body_bytes: 2 * 1024 * 1024,
+            ..LimitsConfig::default()
+        },
+        None,
+    )
+    .await;
+    let c = client(&h.ca_pem, true);
+    for round in 0..5 {
+        assert_eq!(
+            create(&h, &c, 64, false).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "round {round}"
+        );
+    }
+    let rows = stop(h.app, h.dir.path()).await;
+    assert!(rows.iter().all(|r| r.response_code == 413), "{rows:#?}");
 }
 
 async fn next_frame(body: &mut Incoming, what: &str) -> Option<Frame<Bytes>> {

@@ -7,7 +7,15 @@
 //! arrives, with what was already read in front, and recorded as truncated: it is never
 //! held whole in memory.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -29,6 +37,12 @@ pub(crate) enum BodyError {
     /// The client's stream failed (reset, malformed chunking).
     #[error("reading the request body: {0}")]
     Read(String),
+    /// The body is larger than the API server accepts for this request.
+    #[error("Request entity too large: limit is {limit}")]
+    TooLarge {
+        /// `limits.maxRequestBodyBytes`.
+        limit: usize,
+    },
     /// A protobuf body that cannot be transcoded faithfully.
     #[error("cannot decode the protobuf request body: {0}")]
     Protobuf(#[from] protobuf::ProtobufError),
@@ -46,6 +60,9 @@ pub(crate) struct Inspected {
     /// Bytes the client sent, when the body was read whole here (what is forwarded may
     /// differ: a transcoded body); `None` when it streams through and is counted on the way.
     pub whole_len: Option<u64>,
+    /// Set when a streamed body went past the request's size limit and was cut off, so
+    /// the failed upstream request is answered with 413 rather than 503.
+    pub exceeded: Arc<AtomicBool>,
 }
 
 /// How a `Content-Type` is decoded.
@@ -74,11 +91,13 @@ fn encoding(content_type: Option<&str>) -> Encoding {
 }
 
 /// Reads and decodes the body of a request whose head is `parts`, returning the body to
-/// forward (rewritten headers included) and what was learned.
+/// forward (rewritten headers included) and what was learned. `limit` is the largest body
+/// the request may have at all (`None`: no limit).
 pub(crate) async fn inspect(
     parts: &mut Parts,
     mut body: Incoming,
     max_bytes: usize,
+    limit: Option<usize>,
     timeout: Duration,
 ) -> Result<(ProxyBody, Inspected), BodyError> {
     let content_type = parts
@@ -95,10 +114,16 @@ pub(crate) async fn inspect(
         return Ok((body.map_err(BoxError::from).boxed(), inspected));
     }
     let declared = body.size_hint().exact();
+    if let (Some(limit), Some(n)) = (limit, declared)
+        && n > limit as u64
+    {
+        return Err(BodyError::TooLarge { limit });
+    }
     if max_bytes == 0 || declared.is_some_and(|n| n > max_bytes as u64) {
-        // Known to be too large: do not read a byte of it here.
+        // Known to be too large to inspect: do not read a byte of it here.
         inspected.truncated = true;
-        return Ok((body.map_err(BoxError::from).boxed(), inspected));
+        let body = Limited::wrap(body.map_err(BoxError::from).boxed(), limit, &inspected);
+        return Ok((body, inspected));
     }
 
     let deadline = tokio::time::Instant::now() + timeout;
@@ -114,6 +139,11 @@ pub(crate) async fn inspect(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        if let Some(limit) = limit
+            && buf.len() + data.len() > limit
+        {
+            return Err(BodyError::TooLarge { limit });
+        }
         if buf.len() + data.len() > max_bytes {
             // Too large after all (chunked, no length): forward what was read, then the rest.
             buf.extend_from_slice(&data);
@@ -123,10 +153,8 @@ pub(crate) async fn inspect(
                     async move { Ok::<_, BoxError>(Frame::data(buf.freeze())) },
                 );
             let rest = BodyStream::new(body.map_err(BoxError::from));
-            return Ok((
-                BodyExt::boxed(StreamBody::new(StreamExt::chain(head, rest))),
-                inspected,
-            ));
+            let body = BodyExt::boxed(StreamBody::new(StreamExt::chain(head, rest)));
+            return Ok((Limited::wrap(body, limit, &inspected), inspected));
         }
         buf.extend_from_slice(&data);
     }
@@ -161,6 +189,63 @@ pub(crate) async fn inspect(
         .map_err(|never| match never {})
         .boxed();
     Ok((body, inspected))
+}
+
+/// A streamed request body cut off with an error once it passes its limit; the shared flag
+/// tells the handler that the failed upstream request deserves a 413, not a 503.
+struct Limited {
+    inner: ProxyBody,
+    seen: u64,
+    limit: usize,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl Limited {
+    fn wrap(inner: ProxyBody, limit: Option<usize>, inspected: &Inspected) -> ProxyBody {
+        match limit {
+            None => inner,
+            Some(limit) => Limited {
+                inner,
+                seen: 0,
+                limit,
+                exceeded: inspected.exceeded.clone(),
+            }
+            .boxed(),
+        }
+    }
+}
+
+impl http_body::Body for Limited {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref() {
+            this.seen += data.len() as u64;
+            if this.seen > this.limit as u64 {
+                this.exceeded.store(true, Ordering::Relaxed);
+                let error = BodyError::TooLarge { limit: this.limit };
+                return Poll::Ready(Some(Err(error.into())));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The `Accept` header to send upstream when the gateway reads the response: every

@@ -23,10 +23,15 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BoxError, CountingBody, Metered, Proxy, ProxyBody, RecordGuard, SlotHold, error_chain,
-    insert_audit_id, sanitize_request_headers, strip_hop_by_hop, upstream_uri,
+    BoxError, Proxy, ProxyBody,
+    bodies::{CountingBody, Metered},
+    handler::{insert_audit_id, upstream_uri},
+    headers::{sanitize_request_headers, strip_hop_by_hop},
+    limits::SlotHold,
+    record::RecordGuard,
 };
 use crate::{
+    error_chain,
     proxy::frames::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },

@@ -1,0 +1,488 @@
+//! The request path: [`Proxy::handle`] parses a request into Kubernetes attributes,
+//! refuses what it must (client impersonation, unreadable bodies), asks the policy,
+//! refuses what cannot be recorded, and forwards the rest upstream.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+
+use crate::{
+    config::ReadsWhileDown,
+    error_chain,
+    policy::{self, Action, RequestContext},
+    recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord},
+    request::{RequestInfo, Verb},
+    status::Status,
+};
+
+use super::{
+    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
+    bodies::{CountingBody, EndOnDrain, Metered},
+    body,
+    headers::{sanitize_request_headers, strip_hop_by_hop},
+    impersonation::impersonation,
+    record::{RecordGuard, recorded_json},
+    upgrade,
+};
+
+/// Set on a streamed request body that was cut off at `limits.maxRequestBodyBytes`.
+#[derive(Clone)]
+pub(super) struct BodyLimitExceeded(Arc<AtomicBool>);
+
+/// The API server's answer to a body over its limit.
+fn request_entity_too_large(why: &dyn std::fmt::Display) -> Status {
+    let why = why.to_string();
+    // The limit's sentence is the API server's; keep only it when it is in the cause.
+    let message = why
+        .find("Request entity too large")
+        .map_or(why.as_str(), |at| &why[at..]);
+    Status::failure(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+        message.to_owned(),
+    )
+}
+
+/// A request between inspection and forwarding.
+pub(super) enum Pending {
+    /// exec/attach/port-forward: forwarded as an upgrade, its body untouched.
+    Upgrade(Request<Incoming>, upgrade::UpgradeProtocol),
+    /// Everything else, its body already inspected; the counter holds (or will hold, as
+    /// the body streams) the bytes the client sent.
+    Plain(Request<ProxyBody>, Arc<AtomicU64>),
+}
+
+impl Pending {
+    pub(super) fn extensions_mut(&mut self) -> &mut http::Extensions {
+        match self {
+            Pending::Upgrade(r, _) => r.extensions_mut(),
+            Pending::Plain(r, _) => r.extensions_mut(),
+        }
+    }
+}
+
+impl Proxy {
+    /// Handles one request end to end. Never fails: every problem becomes a `Status`.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnectionInfo,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let request_time = jiff::Timestamp::now();
+        let audit_id = uuid::Uuid::now_v7().to_string();
+        let mut record = self.base_record(&req, conn, request_time, &audit_id);
+        let span = tracing::debug_span!("request", %audit_id, cgroup = record.workload.cgroup_id);
+        let _enter = span.enter();
+
+        let info = match RequestInfo::parse(req.method(), req.uri()) {
+            Ok(info) => info,
+            Err(e) => {
+                let status = Status::bad_request(format!("chaperone: {e}"));
+                record.outcome = Outcome::Invalid;
+                record.reason = Some(status.message().to_owned());
+                return self.local_response(status, record, started, &audit_id);
+            }
+        };
+        record.verb = info.verb;
+        record.object_ref = ObjectRef {
+            api_group: info.api_group.clone(),
+            api_version: info.api_version.clone(),
+            resource: info.resource.clone(),
+            subresource: info.subresource.clone(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+        };
+
+        if let Some(h) = req
+            .headers()
+            .keys()
+            .find(|k| k.as_str().starts_with("impersonate-"))
+        {
+            let why = format!("the gateway does not pass client impersonation headers ({h})");
+            let status = forbidden_status(&info, &why);
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why);
+            return self.local_response(status, record, started, &audit_id);
+        }
+
+        let principal = self
+            .principals
+            .verify(req.headers().get(header::AUTHORIZATION), &conn.workload)
+            .await;
+        record.principal = PrincipalRecord {
+            kind: principal.kind.as_str().to_owned(),
+            subject: principal.subject.clone(),
+            groups: principal.groups.clone(),
+            reason: principal.reason.clone(),
+            mismatch: principal.mismatch.clone(),
+        };
+        if let Some(mismatch) = &principal.mismatch {
+            self.metrics.service_account_mismatches.inc();
+            tracing::warn!(%mismatch, "service account token does not match the pod");
+        }
+        // The body is read (up to the limit) before the decision so that a denied request's
+        // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
+        let mut pending = match upgrade::upgrade_protocol(&req) {
+            Some(protocol) => Pending::Upgrade(req, protocol),
+            None => match self.inspect_body(req, &mut record).await {
+                Ok(plain) => plain,
+                Err(status) => {
+                    record.outcome = Outcome::Invalid;
+                    record.reason = Some(status.message().to_owned());
+                    return self.local_response(status, record, started, &audit_id);
+                }
+            },
+        };
+
+        let decision = {
+            let policy = self.policy.load();
+            policy::decide(
+                &policy,
+                &RequestContext::new(&info)
+                    .with_workload(&conn.workload)
+                    .with_principal(&principal),
+            )
+        };
+        record.policy_rule = decision.rule.as_deref().map(str::to_owned);
+        record.decision = Some(decision.action);
+        if decision.action == Action::Deny {
+            let why = decision.reason();
+            tracing::info!(verb = %info.verb, resource = %info.resource, name = %info.name, reason = %why, "denied");
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why.clone());
+            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
+        }
+        match impersonation(&self.impersonate, &conn.workload, &principal) {
+            Ok(as_whom) => {
+                record.impersonated_user = as_whom.as_ref().map(|i| i.user.clone());
+                pending.extensions_mut().insert(as_whom);
+            }
+            Err(why) => {
+                record.decision = Some(Action::Deny);
+                record.outcome = Outcome::Denied;
+                record.reason = Some(why.clone());
+                return self.local_response(
+                    forbidden_status(&info, &why),
+                    record,
+                    started,
+                    &audit_id,
+                );
+            }
+        }
+        // Fail closed: what cannot be recorded is not forwarded (reads per configuration).
+        if let Err(cause) = self.recorder.health()
+            && (info.is_mutating() || self.reads_while_down == ReadsWhileDown::Refuse)
+        {
+            let why = format!(
+                "chaperone: recording is down, so this request cannot be recorded and is refused: {cause}"
+            );
+            tracing::warn!(verb = %info.verb, resource = %info.resource, name = %info.name, "refused while recording is down");
+            record.outcome = Outcome::RecordingDown;
+            record.reason = Some(why.clone());
+            return self.local_response(
+                Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
+                record,
+                started,
+                &audit_id,
+            );
+        }
+        match pending {
+            Pending::Upgrade(req, protocol) => {
+                self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
+                    .await
+            }
+            Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,
+        }
+    }
+
+    /// Reads and decodes a request's body (see [`body::inspect`]) and notes what it held
+    /// in the record; a body that cannot be accepted becomes the `Status` to answer with.
+    pub(super) async fn inspect_body(
+        &self,
+        req: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Result<Pending, Status> {
+        let (mut parts, body) = req.into_parts();
+        // The API server's own body limit, for the requests it applies to.
+        let limited = matches!(record.verb, Verb::Create | Verb::Update | Verb::Patch)
+            && !record.object_ref.resource.is_empty()
+            && record.object_ref.subresource != "proxy";
+        let limit = (limited && self.limits.max_request_body_bytes > 0)
+            .then_some(self.limits.max_request_body_bytes as usize);
+        let inspected = body::inspect(
+            &mut parts,
+            body,
+            self.limits.max_inspected_body_bytes as usize,
+            limit,
+            self.limits.body_read_timeout,
+        )
+        .await;
+        let (body, inspected) = match inspected {
+            Ok(ok) => ok,
+            Err(e) => {
+                record.request_content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                return Err(match &e {
+                    body::BodyError::Timeout(_) => Status::failure(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "Timeout",
+                        format!("chaperone: {e}"),
+                    ),
+                    body::BodyError::Read(_) => Status::bad_request(format!("chaperone: {e}")),
+                    body::BodyError::TooLarge { .. } => request_entity_too_large(&e),
+                    body::BodyError::Protobuf(_) => Status::failure(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        format!("chaperone: {e}"),
+                    ),
+                });
+            }
+        };
+        // A body read whole is counted as the client sent it (what is forwarded may be
+        // transcoded); one that streams through is counted on the way.
+        let count = Arc::new(AtomicU64::new(0));
+        let body = match inspected.whole_len {
+            Some(n) => {
+                count.store(n, Ordering::Relaxed);
+                body
+            }
+            None => CountingBody {
+                inner: body,
+                count: count.clone(),
+            }
+            .boxed(),
+        };
+        parts
+            .extensions
+            .insert(BodyLimitExceeded(inspected.exceeded.clone()));
+        self.record_object(record, inspected);
+        Ok(Pending::Plain(Request::from_parts(parts, body), count))
+    }
+
+    /// Puts what body inspection found into the record: the masked object, size-capped.
+    pub(super) fn record_object(&self, record: &mut RequestRecord, inspected: body::Inspected) {
+        record.request_content_type = inspected.content_type;
+        record.request_object_truncated = inspected.truncated;
+        if let Some(object) = inspected.object {
+            match recorded_json(record, object, self.max_object_bytes) {
+                Some(text) => record.request_object = Some(text),
+                None => record.request_object_truncated = true,
+            }
+        }
+    }
+
+    pub(super) fn base_record(
+        &self,
+        req: &Request<Incoming>,
+        conn: &ConnectionInfo,
+        request_time: jiff::Timestamp,
+        audit_id: &str,
+    ) -> RequestRecord {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let workload = match &conn.origin {
+            Some(origin) => conn.workload.record(origin),
+            None => WorkloadRecord::default(),
+        };
+        RequestRecord {
+            request_time,
+            response_time: None,
+            latency_us: 0,
+            audit_id: audit_id.to_owned(),
+            node: self.node.clone(),
+            cluster: self.cluster.clone(),
+            workload,
+            source_addr: conn.peer.to_string(),
+            original_dst: conn.origin.as_ref().map(|o| o.original_dst.to_string()),
+            user_agent: header("user-agent"),
+            kubectl_command: header("kubectl-command"),
+            kubectl_session: header("kubectl-session"),
+            verb: Verb::of_method(req.method()),
+            request_uri: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            object_ref: ObjectRef::default(),
+            decision: None,
+            policy_rule: None,
+            reason: None,
+            response_code: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+            error: None,
+            principal: PrincipalRecord::default(),
+            impersonated_user: None,
+            request_content_type: None,
+            request_object: None,
+            request_object_truncated: false,
+            masked_fields: 0,
+            response_object: None,
+            response_object_truncated: false,
+            outcome: Outcome::Invalid,
+        }
+    }
+
+    pub(super) fn local_response(
+        &self,
+        status: Status,
+        mut record: RequestRecord,
+        started: Instant,
+        audit_id: &str,
+    ) -> Response<ProxyBody> {
+        let response: Response<Full<Bytes>> = status.into_response();
+        record.response_code = i32::from(response.status().as_u16());
+        let (mut parts, body) = response.into_parts();
+        insert_audit_id(&mut parts.headers, audit_id);
+        let body = body.map_err(|never| match never {}).boxed();
+        let guard = RecordGuard::new(self, record, started, Arc::new(AtomicU64::new(0)));
+        Response::from_parts(parts, Metered::new(body, guard).boxed())
+    }
+
+    pub(super) async fn forward(
+        &self,
+        req: Request<ProxyBody>,
+        request_bytes: Arc<AtomicU64>,
+        mut record: RequestRecord,
+        started: Instant,
+        audit_id: String,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let exceeded = parts
+            .extensions
+            .get::<BodyLimitExceeded>()
+            .map_or_else(|| Arc::new(AtomicBool::new(false)), |e| e.0.clone());
+        parts.uri = match upstream_uri(&self.upstream_base, &parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                record.outcome = Outcome::Invalid;
+                let status =
+                    Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
+                return self.local_response(status, record, started, &audit_id);
+            }
+        };
+        sanitize_request_headers(&mut parts.headers);
+        self.upstream_credentials(&mut parts.headers, &parts.extensions);
+        // Watches stream for as long as they last; they are recorded as requests only.
+        let capture = self.record_responses && record.verb != Verb::Watch;
+        if capture
+            && let Some(json) = parts
+                .headers
+                .get(header::ACCEPT)
+                .and_then(body::accept_json)
+        {
+            parts.headers.insert(header::ACCEPT, json);
+        }
+        // The upstream connection's protocol is negotiated independently of the client's.
+        parts.version = http::Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, body);
+
+        match self.upstream.request(upstream_req).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                record.response_code = i32::from(parts.status.as_u16());
+                record.response_time = Some(jiff::Timestamp::now());
+                record.outcome = Outcome::Forwarded;
+                strip_hop_by_hop(&mut parts.headers);
+                if !parts.headers.contains_key("audit-id") {
+                    insert_audit_id(&mut parts.headers, &audit_id);
+                }
+                let watch = record.verb == Verb::Watch;
+                let json = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ct| ct.starts_with("application/json"));
+                let mut guard = RecordGuard::new(self, record, started, request_bytes);
+                if capture && json {
+                    guard.capture = Some(body::Capture::new(self.max_object_bytes));
+                }
+                let mut body = body.map_err(BoxError::from).boxed();
+                if watch {
+                    // A watch never ends by itself; on drain it ends cleanly (the client sees
+                    // the end of the stream and re-lists elsewhere) rather than being reset.
+                    body = EndOnDrain::new(body, self.draining.clone()).boxed();
+                }
+                let body = Metered::new(body, guard);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                let cause = error_chain(&e);
+                if exceeded.load(Ordering::Relaxed) {
+                    // The body was cut off at its limit: the client's fault, answered as the
+                    // API server would, whatever the upstream connection did meanwhile.
+                    let status = request_entity_too_large(&cause);
+                    record.outcome = Outcome::Invalid;
+                    record.reason = Some(status.message().to_owned());
+                    return self.local_response(status, record, started, &audit_id);
+                }
+                tracing::warn!(upstream = %self.upstream_base, error = %cause, "upstream request failed");
+                record.outcome = Outcome::UpstreamFailed;
+                record.error = Some(cause.clone());
+                let status = Status::failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    format!(
+                        "chaperone: the API server at {} is unavailable: {cause}",
+                        self.upstream_base
+                    ),
+                );
+                self.local_response(status, record, started, &audit_id)
+            }
+        }
+    }
+}
+
+pub(super) fn insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(audit_id) {
+        headers.insert(HeaderName::from_static("audit-id"), v);
+    }
+}
+
+/// The 403 the API server's authorizer would send, carrying Chaperone's reason.
+pub(super) fn forbidden_status(info: &RequestInfo, why: &str) -> Status {
+    if info.is_resource_request {
+        Status::forbidden(
+            &info.api_group,
+            &info.resource_with_subresource(),
+            &info.name,
+            why,
+        )
+    } else {
+        Status::failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("forbidden: {why}"),
+        )
+    }
+}
+
+/// Joins the upstream base (`https://host:port[/prefix]`) with the client's path and query.
+pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error> {
+    let prefix = base.path().trim_end_matches('/');
+    let pq = client.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Uri::builder()
+        .scheme(base.scheme_str().unwrap_or("https"))
+        .authority(base.authority().map(|a| a.as_str()).unwrap_or_default())
+        .path_and_query(format!("{prefix}{pq}"))
+        .build()
+}

@@ -1,0 +1,183 @@
+//! Per-workload connection limits and the idle timer of a connection.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::ebpf::ConnectionOrigin;
+
+use super::{BoxError, ProxyBody};
+
+/// A share of a connection slot: an upgraded stream outlives its HTTP connection and keeps
+/// counting against the workload's limit until it ends.
+#[derive(Clone)]
+pub(super) struct SlotHold {
+    /// Only held: the slot is given back when the last share is dropped.
+    pub(super) _slot: Arc<ConnectionSlot>,
+}
+
+impl std::fmt::Debug for SlotHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotHold")
+    }
+}
+
+/// Whose connections count against `limits.maxConnectionsPerWorkload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum WorkloadKey {
+    /// The cgroup the kernel saw making the connection.
+    Cgroup(u64),
+    /// The client address, when there is no kernel origin.
+    Source(IpAddr),
+}
+
+impl WorkloadKey {
+    pub(super) fn of(origin: Option<&ConnectionOrigin>, peer: SocketAddr) -> Self {
+        match origin {
+            Some(origin) => Self::Cgroup(origin.cgroup_id),
+            None => Self::Source(peer.ip()),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cgroup(id) => write!(f, "cgroup {id}"),
+            Self::Source(ip) => write!(f, "source {ip}"),
+        }
+    }
+}
+
+/// Counts open connections per workload; `max == 0` means no limit.
+#[derive(Debug)]
+pub(super) struct ConnectionLimiter {
+    pub(super) max: u32,
+    pub(super) open: Mutex<HashMap<WorkloadKey, u32>>,
+}
+
+impl ConnectionLimiter {
+    pub(super) fn new(max: u32) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection of `key`, or None when it is at the limit.
+    pub(super) fn try_acquire(self: &Arc<Self>, key: WorkloadKey) -> Option<ConnectionSlot> {
+        // A poisoned map only means a panic elsewhere held the lock; the counts are intact.
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if self.max != 0 && *count >= self.max {
+            if *count == 0 {
+                open.remove(&key);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            limiter: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One open connection's place in its workload's count, given back on drop.
+#[derive(Debug)]
+pub(super) struct ConnectionSlot {
+    pub(super) limiter: Arc<ConnectionLimiter>,
+    pub(super) key: WorkloadKey,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// How many requests a connection has in progress, for the idle timeout.
+#[derive(Debug)]
+pub(super) struct Activity {
+    pub(super) active: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            active: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Activity {
+    pub(super) fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.send_modify(|n| *n += 1);
+        ActiveGuard(self.clone())
+    }
+
+    /// Resolves once no request has been in progress for `timeout`.
+    pub(super) async fn idle_for(&self, timeout: Duration) {
+        let mut changes = self.active.subscribe();
+        loop {
+            if *changes.borrow_and_update() == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(timeout) => return,
+                    _ = changes.changed() => {}
+                }
+            } else if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One request in progress; dropped when its response body is done or abandoned.
+#[derive(Debug)]
+pub(super) struct ActiveGuard(pub(super) Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A response body that keeps its connection counted as busy.
+pub(super) struct ActiveBody {
+    pub(super) inner: ProxyBody,
+    pub(super) _active: ActiveGuard,
+}
+
+impl Body for ActiveBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
