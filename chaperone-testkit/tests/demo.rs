@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 fn demo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chaperone-demo"))
         .args(args)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "info")
         .output()
         .unwrap_or_else(|e| panic!("run chaperone-demo {args:?}: {e}"))
 }

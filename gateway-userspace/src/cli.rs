@@ -12,8 +12,10 @@ use crate::{
     config::{Config, PolicyConfig},
 };
 
-/// Chaperone: a transparent gateway that records, masks, blocks and holds for approval
-/// what AI agents do to a Kubernetes cluster.
+/// Chaperone: a transparent gateway between AI agents in Kubernetes pods and the API
+/// server. It attributes each request to the calling pod from the kernel, allows or denies
+/// it by policy, forwards it with the gateway's own credential, and records every request
+/// to Parquet (Secret values masked in the recording), refusing what it cannot record.
 #[derive(Debug, Parser)]
 #[command(name = "chaperone", version, about)]
 pub struct Cli {
