@@ -4,12 +4,6 @@
 //! watch, exec over WebSocket). Every request is intercepted by eBPF, attributed to the pod,
 //! forwarded with the gateway's credential and recorded.
 //!
-//! What the API test server does not serve, and what these clients therefore print (the
-//! same directly and through the gateway, which the tests check):
-//! * `kubectl explain pods`: the server's OpenAPI v3 documents carry no schemas, so kubectl
-//!   prints the `KIND`/`VERSION` header, then `error: GVK map[group: kind:Pod version:v1]
-//!   not found in OpenAPI schema`, exit code 1.
-//!
 //! kubectl 1.32's typed clients (`create configmap|secret|deployment|namespace`, `auth
 //! can-i`, `auth whoami`) send protobuf bodies. The test server answers protobuf with a 415,
 //! so these pass only because the gateway transcodes the bodies to JSON: they are not
@@ -439,25 +433,61 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         assert!(table.contains(&want), "missing {want:?} in\n{out}");
     }
 
-    // explain: the test server's OpenAPI has no schemas (see the module docs).
-    let explain = kubectl(&stack, &["explain", "pods"]).await;
-    assert_eq!(explain.status.code(), Some(1), "{explain:?}");
+    // explain: the field documentation from the server's OpenAPI v3 schemas.
+    let containers = ok(&stack, &["explain", "pods.spec.containers"]).await;
+    let lines: Vec<&str> = containers.lines().collect();
     assert_eq!(
-        words(&text(&explain.stdout)),
-        ["KIND:", "Pod", "VERSION:", "v1"],
-        "{explain:?}"
+        lines.iter().take(4).map(|l| words(l)).collect::<Vec<_>>(),
+        [
+            vec!["KIND:", "Pod"],
+            vec!["VERSION:", "v1"],
+            vec![],
+            vec!["FIELD:", "containers", "<[]Container>"]
+        ],
+        "{containers}"
     );
+    for want in [
+        "List of containers belonging to the pod.",
+        "A single application container that you want to run within a pod.",
+    ] {
+        assert!(containers.contains(want), "{want:?} not in\n{containers}");
+    }
+    for field in [
+        ["image", "<string>"],
+        ["name", "<string>"],
+        ["ports", "<[]ContainerPort>"],
+        ["resources", "<ResourceRequirements>"],
+    ] {
+        assert!(
+            lines.iter().any(|l| words(l).starts_with(&field)),
+            "no field {field:?} in\n{containers}"
+        );
+    }
+    let replicas = ok(&stack, &["explain", "deployments.spec.replicas"]).await;
+    assert!(
+        replicas.contains("FIELD: replicas <integer>")
+            && replicas.contains("Number of desired pods."),
+        "{replicas}"
+    );
+    let recursive = ok(&stack, &["explain", "configmaps", "--recursive"]).await;
+    for want in [
+        "data\t<map[string]string>",
+        "  metadata\t<ObjectMeta>",
+        "    labels\t<map[string]string>",
+    ] {
+        assert!(recursive.contains(want), "{want:?} not in\n{recursive}");
+    }
+    let missing = kubectl(&stack, &["explain", "pods.spec.nope"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     assert_eq!(
-        text(&explain.stderr).trim(),
-        "error: GVK map[group: kind:Pod version:v1] not found in OpenAPI schema"
+        text(&missing.stderr).trim(),
+        "error: field \"nope\" does not exist"
     );
     assert!(
-        stack
-            .apiserver
-            .requests()
-            .iter()
-            .any(|r| r.path_and_query.starts_with("/openapi/v3/api/v1")),
-        "explain did not fetch the v1 OpenAPI document"
+        stack.apiserver.requests().iter().any(|r| r
+            .path_and_query
+            .starts_with("/openapi/v3/apis/apps/v1?hash=")),
+        "explain did not fetch the apps/v1 OpenAPI document"
     );
 
     // Typed clients: protobuf bodies the gateway transcodes (the server refuses protobuf).

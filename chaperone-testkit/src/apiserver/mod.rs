@@ -17,9 +17,9 @@
 //! Simplified on purpose (each also noted where it is implemented): no protobuf (request
 //! bodies in `application/vnd.kubernetes.protobuf` get 415, so kubectl's typed-client
 //! commands such as `kubectl create configmap` fail; `kubectl create -f` and `apply` work);
-//! OpenAPI v3 only as far as kubectl's fieldValidation check needs (no schemas, no
-//! `/openapi/v2`, nothing for the review APIs), and `fieldValidation=Strict` does not reject
-//! unknown fields; authorization of requests
+//! OpenAPI v3 with the schemas of the served kinds for `kubectl explain` and the operations
+//! kubectl's fieldValidation check looks for, but no more (see `openapi`; no `/openapi/v2`),
+//! and `fieldValidation=Strict` does not reject unknown fields; authorization of requests
 //! only for the `scale` subresource: elsewhere the [`Authorizer`] answers access reviews but
 //! every request is served, and impersonation headers are recorded and honoured only by the
 //! self-reviews (who am I, what may I do) and scale requests, never checked; no admission;
@@ -33,6 +33,7 @@
 mod auth;
 mod discovery;
 mod exec;
+mod openapi;
 mod patch;
 mod portforward;
 mod reviews;
@@ -439,7 +440,12 @@ fn status_response(status: Status) -> Response<Body> {
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    json_bytes_response(code, serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// A response with an already serialized JSON body.
+fn json_bytes_response(code: StatusCode, json: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(json));
     *response.status_mut() = code;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -757,18 +763,15 @@ async fn handle(
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(not_found_path),
         ),
-        ["openapi", "v3"] => Some(Ok(json_response(
-            StatusCode::OK,
-            &discovery::openapi_v3_index(),
-        ))),
+        ["openapi", "v3"] => Some(Ok(json_response(StatusCode::OK, &openapi::index()))),
         ["openapi", "v3", "api", version] => Some(
-            discovery::openapi_v3_doc("", version)
-                .map(|d| json_response(StatusCode::OK, &d))
+            openapi::document("", version)
+                .map(|d| json_bytes_response(StatusCode::OK, d))
                 .ok_or_else(not_found_path),
         ),
         ["openapi", "v3", "apis", group, version] => Some(
-            discovery::openapi_v3_doc(group, version)
-                .map(|d| json_response(StatusCode::OK, &d))
+            openapi::document(group, version)
+                .map(|d| json_bytes_response(StatusCode::OK, d))
                 .ok_or_else(not_found_path),
         ),
         ["api", ..] | ["apis", ..] => None,
