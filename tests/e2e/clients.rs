@@ -1,6 +1,6 @@
 //! Real clients in a sandbox pod behave through the gateway exactly as they would against
-//! the API server directly: kubectl (reads, watch, apply, patch, delete, exec, cp, logs,
-//! port-forward, api-resources, explain, auth can-i) and the official Python client (list,
+//! the API server directly: kubectl (reads, watch, apply, patch, scale, delete, exec, cp,
+//! logs, port-forward, api-resources, explain, auth can-i) and the official Python client (list,
 //! watch, exec over WebSocket). Every request is intercepted by eBPF, attributed to the pod,
 //! forwarded with the gateway's credential and recorded.
 //!
@@ -602,6 +602,79 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         );
     }
 
+    // scale: a merge patch of the Scale; with --current-replicas a GET of the Scale, then a
+    // PUT of it (client-go's scale client: JSON, no Content-Type on the PUT).
+    assert_eq!(
+        ok(&stack, &["scale", "deployment", "web", "--replicas=3"])
+            .await
+            .trim(),
+        "deployment.apps/web scaled"
+    );
+    let scaled = stack
+        .apiserver
+        .object("deployments", "default", "web")
+        .expect("deployment stored");
+    assert_eq!(scaled["spec"]["replicas"], 3, "{scaled}");
+    assert_eq!(scaled["metadata"]["generation"], 2, "{scaled}");
+    let patch = stack
+        .apiserver
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "PATCH")
+        .expect("no PATCH for kubectl scale");
+    assert_eq!(
+        (patch.path_and_query.as_str(), patch.content_type.as_deref()),
+        (
+            "/apis/apps/v1/namespaces/default/deployments/web/scale",
+            Some("application/merge-patch+json")
+        ),
+        "{patch:?}"
+    );
+    assert_eq!(
+        ok(
+            &stack,
+            &[
+                "scale",
+                "deployment",
+                "web",
+                "--current-replicas=3",
+                "--replicas=1"
+            ]
+        )
+        .await
+        .trim(),
+        "deployment.apps/web scaled"
+    );
+    let scaled = stack
+        .apiserver
+        .object("deployments", "default", "web")
+        .expect("deployment stored");
+    assert_eq!(scaled["spec"]["replicas"], 1, "{scaled}");
+    let stale = kubectl(
+        &stack,
+        &[
+            "scale",
+            "deployment",
+            "web",
+            "--current-replicas=3",
+            "--replicas=2",
+        ],
+    )
+    .await;
+    assert_eq!(stale.status.code(), Some(1), "{stale:?}");
+    assert_eq!(
+        text(&stale.stderr).trim(),
+        "error: Expected replicas to be 3, was 1",
+        "{stale:?}"
+    );
+    let missing = kubectl(&stack, &["scale", "statefulset", "nope", "--replicas=2"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(
+        text(&missing.stderr).trim(),
+        "error: no objects passed to scale statefulsets.apps \"nope\" not found",
+        "{missing:?}"
+    );
+
     // get pods -w: the list, then a pod created meanwhile.
     let (mut cmd, _cache) = kubectl_in_pod(&stack, &["get", "pods", "-w"], &[]);
     let mut watch = cmd
@@ -774,6 +847,9 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
                 ("create", "selfsubjectreviews", "", 201),
                 ("create", "secrets", "", 201),
                 ("create", "deployments", "", 201),
+                ("patch", "deployments", "scale", 200),
+                ("get", "deployments", "scale", 200),
+                ("update", "deployments", "scale", 200),
                 ("get", "configmaps", "", 404),
                 ("create", "configmaps", "", 201),
                 ("patch", "configmaps", "", 200),
@@ -838,6 +914,7 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         "kubectl patch",
         "kubectl delete",
         "kubectl explain",
+        "kubectl scale",
         "kubectl auth can-i",
         "kubectl api-resources",
     ] {
