@@ -121,7 +121,7 @@ pub struct ApiServerConfig {
     /// Who a bearer token authenticates as (`system:authenticated` is added). These tokens
     /// are accepted whether or not they are also in `tokens`.
     pub token_users: BTreeMap<String, UserInfo>,
-    /// Answers access reviews; allows everything by default.
+    /// Answers access reviews and authorizes scale requests; allows everything by default.
     pub authorizer: Authorizer,
 }
 
@@ -153,7 +153,7 @@ impl ApiServerConfig {
         self
     }
 
-    /// Answers access reviews with `authorizer`.
+    /// Answers access reviews and authorizes scale requests with `authorizer`.
     pub fn with_authorizer(mut self, authorizer: Authorizer) -> Self {
         self.authorizer = authorizer;
         self
@@ -285,8 +285,8 @@ impl TestApiServer {
             .clone()
     }
 
-    /// Replaces the authorizer that answers access reviews (takes effect for the next
-    /// review).
+    /// Replaces the authorizer that answers access reviews and authorizes scale requests
+    /// (takes effect for the next request).
     pub fn set_authorizer(&self, authorizer: Authorizer) {
         *self
             .state
