@@ -1,14 +1,8 @@
 //! Real clients in a sandbox pod behave through the gateway exactly as they would against
-//! the API server directly: kubectl (reads, watch, apply, patch, delete, exec, cp, logs,
-//! port-forward, api-resources, explain, auth can-i) and the official Python client (list,
+//! the API server directly: kubectl (reads, watch, apply, patch, scale, delete, exec, cp,
+//! logs, port-forward, api-resources, explain, auth can-i) and the official Python client (list,
 //! watch, exec over WebSocket). Every request is intercepted by eBPF, attributed to the pod,
 //! forwarded with the gateway's credential and recorded.
-//!
-//! What the API test server does not serve, and what these clients therefore print (the
-//! same directly and through the gateway, which the tests check):
-//! * `kubectl explain pods`: the server's OpenAPI v3 documents carry no schemas, so kubectl
-//!   prints the `KIND`/`VERSION` header, then `error: GVK map[group: kind:Pod version:v1]
-//!   not found in OpenAPI schema`, exit code 1.
 //!
 //! kubectl 1.32's typed clients (`create configmap|secret|deployment|namespace`, `auth
 //! can-i`, `auth whoami`) send protobuf bodies. The test server answers protobuf with a 415,
@@ -439,25 +433,61 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         assert!(table.contains(&want), "missing {want:?} in\n{out}");
     }
 
-    // explain: the test server's OpenAPI has no schemas (see the module docs).
-    let explain = kubectl(&stack, &["explain", "pods"]).await;
-    assert_eq!(explain.status.code(), Some(1), "{explain:?}");
+    // explain: the field documentation from the server's OpenAPI v3 schemas.
+    let containers = ok(&stack, &["explain", "pods.spec.containers"]).await;
+    let lines: Vec<&str> = containers.lines().collect();
     assert_eq!(
-        words(&text(&explain.stdout)),
-        ["KIND:", "Pod", "VERSION:", "v1"],
-        "{explain:?}"
+        lines.iter().take(4).map(|l| words(l)).collect::<Vec<_>>(),
+        [
+            vec!["KIND:", "Pod"],
+            vec!["VERSION:", "v1"],
+            vec![],
+            vec!["FIELD:", "containers", "<[]Container>"]
+        ],
+        "{containers}"
     );
+    for want in [
+        "List of containers belonging to the pod.",
+        "A single application container that you want to run within a pod.",
+    ] {
+        assert!(containers.contains(want), "{want:?} not in\n{containers}");
+    }
+    for field in [
+        ["image", "<string>"],
+        ["name", "<string>"],
+        ["ports", "<[]ContainerPort>"],
+        ["resources", "<ResourceRequirements>"],
+    ] {
+        assert!(
+            lines.iter().any(|l| words(l).starts_with(&field)),
+            "no field {field:?} in\n{containers}"
+        );
+    }
+    let replicas = ok(&stack, &["explain", "deployments.spec.replicas"]).await;
+    assert!(
+        replicas.contains("FIELD: replicas <integer>")
+            && replicas.contains("Number of desired pods."),
+        "{replicas}"
+    );
+    let recursive = ok(&stack, &["explain", "configmaps", "--recursive"]).await;
+    for want in [
+        "data\t<map[string]string>",
+        "  metadata\t<ObjectMeta>",
+        "    labels\t<map[string]string>",
+    ] {
+        assert!(recursive.contains(want), "{want:?} not in\n{recursive}");
+    }
+    let missing = kubectl(&stack, &["explain", "pods.spec.nope"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     assert_eq!(
-        text(&explain.stderr).trim(),
-        "error: GVK map[group: kind:Pod version:v1] not found in OpenAPI schema"
+        text(&missing.stderr).trim(),
+        "error: field \"nope\" does not exist"
     );
     assert!(
-        stack
-            .apiserver
-            .requests()
-            .iter()
-            .any(|r| r.path_and_query.starts_with("/openapi/v3/api/v1")),
-        "explain did not fetch the v1 OpenAPI document"
+        stack.apiserver.requests().iter().any(|r| r
+            .path_and_query
+            .starts_with("/openapi/v3/apis/apps/v1?hash=")),
+        "explain did not fetch the apps/v1 OpenAPI document"
     );
 
     // Typed clients: protobuf bodies the gateway transcodes (the server refuses protobuf).
@@ -571,6 +601,79 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
             r.path_and_query
         );
     }
+
+    // scale: a merge patch of the Scale; with --current-replicas a GET of the Scale, then a
+    // PUT of it (client-go's scale client: JSON, no Content-Type on the PUT).
+    assert_eq!(
+        ok(&stack, &["scale", "deployment", "web", "--replicas=3"])
+            .await
+            .trim(),
+        "deployment.apps/web scaled"
+    );
+    let scaled = stack
+        .apiserver
+        .object("deployments", "default", "web")
+        .expect("deployment stored");
+    assert_eq!(scaled["spec"]["replicas"], 3, "{scaled}");
+    assert_eq!(scaled["metadata"]["generation"], 2, "{scaled}");
+    let patch = stack
+        .apiserver
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "PATCH")
+        .expect("no PATCH for kubectl scale");
+    assert_eq!(
+        (patch.path_and_query.as_str(), patch.content_type.as_deref()),
+        (
+            "/apis/apps/v1/namespaces/default/deployments/web/scale",
+            Some("application/merge-patch+json")
+        ),
+        "{patch:?}"
+    );
+    assert_eq!(
+        ok(
+            &stack,
+            &[
+                "scale",
+                "deployment",
+                "web",
+                "--current-replicas=3",
+                "--replicas=1"
+            ]
+        )
+        .await
+        .trim(),
+        "deployment.apps/web scaled"
+    );
+    let scaled = stack
+        .apiserver
+        .object("deployments", "default", "web")
+        .expect("deployment stored");
+    assert_eq!(scaled["spec"]["replicas"], 1, "{scaled}");
+    let stale = kubectl(
+        &stack,
+        &[
+            "scale",
+            "deployment",
+            "web",
+            "--current-replicas=3",
+            "--replicas=2",
+        ],
+    )
+    .await;
+    assert_eq!(stale.status.code(), Some(1), "{stale:?}");
+    assert_eq!(
+        text(&stale.stderr).trim(),
+        "error: Expected replicas to be 3, was 1",
+        "{stale:?}"
+    );
+    let missing = kubectl(&stack, &["scale", "statefulset", "nope", "--replicas=2"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(
+        text(&missing.stderr).trim(),
+        "error: no objects passed to scale statefulsets.apps \"nope\" not found",
+        "{missing:?}"
+    );
 
     // get pods -w: the list, then a pod created meanwhile.
     let (mut cmd, _cache) = kubectl_in_pod(&stack, &["get", "pods", "-w"], &[]);
@@ -744,6 +847,9 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
                 ("create", "selfsubjectreviews", "", 201),
                 ("create", "secrets", "", 201),
                 ("create", "deployments", "", 201),
+                ("patch", "deployments", "scale", 200),
+                ("get", "deployments", "scale", 200),
+                ("update", "deployments", "scale", 200),
                 ("get", "configmaps", "", 404),
                 ("create", "configmaps", "", 201),
                 ("patch", "configmaps", "", 200),
@@ -808,6 +914,7 @@ async fn kubectl_reads_writes_and_watches_through_the_gateway_as_directly() {
         "kubectl patch",
         "kubectl delete",
         "kubectl explain",
+        "kubectl scale",
         "kubectl auth can-i",
         "kubectl api-resources",
     ] {

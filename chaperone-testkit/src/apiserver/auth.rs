@@ -8,8 +8,8 @@
 //!
 //! The [`Authorizer`] is deliberately small: everyone may do everything except what a
 //! [`Denial`] forbids, like an RBAC `cluster-admin` binding behind a deny-first webhook.
-//! It answers the access reviews (`kubectl auth can-i`); it does not gate the server's
-//! ordinary requests, which are served whoever sends them.
+//! It answers the access reviews (`kubectl auth can-i`) and gates requests to the `scale`
+//! subresource (see `scale`); the server's other requests are served whoever sends them.
 
 use std::collections::BTreeMap;
 
@@ -431,7 +431,8 @@ pub(crate) enum Decision {
     Deny(String),
 }
 
-/// Decides access reviews: everything is allowed except what a [`Denial`] forbids.
+/// Decides access reviews and scale requests: everything is allowed except what a
+/// [`Denial`] forbids.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Authorizer {
     denials: Vec<Denial>,

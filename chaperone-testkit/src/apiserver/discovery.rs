@@ -23,8 +23,15 @@ const ALL_VERBS: &[&str] = &[
 const NAMESPACE_VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
-/// Verbs of the `status` subresource.
+/// Verbs of the `status` and `scale` subresources.
 const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
+/// Group, version and kind of every `scale` subresource's objects (the real server answers
+/// `apps/v1` scale requests with `autoscaling/v1` `Scale`).
+pub(crate) const SCALE_GROUP: &str = "autoscaling";
+/// See [`SCALE_GROUP`].
+pub(crate) const SCALE_VERSION: &str = "v1";
+/// See [`SCALE_GROUP`].
+pub(crate) const SCALE_KIND: &str = "Scale";
 /// The review APIs accept nothing but create.
 const CREATE_ONLY: &[&str] = &["create"];
 
@@ -52,6 +59,9 @@ pub(crate) struct ResourceDef {
     /// Whether a `status` subresource exists; then writes to the main resource keep the
     /// stored status and writes to `/status` change only the status, as in the real server.
     pub has_status: bool,
+    /// Whether a `scale` subresource exists (reads and writes `spec.replicas` through an
+    /// `autoscaling/v1` `Scale`).
+    pub has_scale: bool,
 }
 
 impl ResourceDef {
@@ -75,8 +85,8 @@ impl ResourceDef {
     }
 }
 
-/// Every resource the test server serves. Subresources other than `status` (exec, log,
-/// portforward, scale) are not served here.
+/// Every resource the test server serves. Of the subresources, `status` and `scale` are
+/// served by the generic handlers; exec, attach, log and portforward by `streams`.
 pub(crate) static RESOURCES: &[ResourceDef] = &[
     ResourceDef {
         group: "",
@@ -89,6 +99,7 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         categories: &[],
         verbs: NAMESPACE_VERBS,
         has_status: true,
+        has_scale: false,
     },
     ResourceDef {
         group: "",
@@ -101,6 +112,7 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         categories: &["all"],
         verbs: ALL_VERBS,
         has_status: true,
+        has_scale: false,
     },
     ResourceDef {
         group: "",
@@ -113,6 +125,7 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         categories: &[],
         verbs: ALL_VERBS,
         has_status: false,
+        has_scale: false,
     },
     ResourceDef {
         group: "",
@@ -125,6 +138,7 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         categories: &[],
         verbs: ALL_VERBS,
         has_status: false,
+        has_scale: false,
     },
     ResourceDef {
         group: "",
@@ -137,6 +151,7 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         categories: &[],
         verbs: ALL_VERBS,
         has_status: false,
+        has_scale: false,
     },
     ResourceDef {
         group: "apps",
@@ -149,6 +164,33 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         categories: &["all"],
         verbs: ALL_VERBS,
         has_status: true,
+        has_scale: true,
+    },
+    ResourceDef {
+        group: "apps",
+        version: "v1",
+        plural: "replicasets",
+        singular: "replicaset",
+        kind: "ReplicaSet",
+        namespaced: true,
+        short_names: &["rs"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        has_status: true,
+        has_scale: true,
+    },
+    ResourceDef {
+        group: "apps",
+        version: "v1",
+        plural: "statefulsets",
+        singular: "statefulset",
+        kind: "StatefulSet",
+        namespaced: true,
+        short_names: &["sts"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        has_status: true,
+        has_scale: true,
     },
 ];
 
@@ -212,6 +254,7 @@ const fn review(
         categories: &[],
         verbs: CREATE_ONLY,
         has_status: false,
+        has_scale: false,
     }
 }
 
@@ -340,6 +383,18 @@ pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
             entry["categories"] = json!(r.categories);
         }
         resources.push(entry);
+        // Sorted by name, as the real server lists them: `scale` before `status`.
+        if r.has_scale {
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": SCALE_GROUP,
+                "version": SCALE_VERSION,
+                "kind": SCALE_KIND,
+                "verbs": STATUS_VERBS,
+            }));
+        }
         if r.has_status {
             resources.push(json!({
                 "name": format!("{}/status", r.plural),
@@ -377,12 +432,23 @@ fn aggregated_resource(r: &ResourceDef) -> Value {
     if !r.categories.is_empty() {
         entry["categories"] = json!(r.categories);
     }
+    let mut subresources = Vec::new();
+    if r.has_scale {
+        subresources.push(json!({
+            "subresource": "scale",
+            "responseKind": {"group": SCALE_GROUP, "version": SCALE_VERSION, "kind": SCALE_KIND},
+            "verbs": STATUS_VERBS,
+        }));
+    }
     if r.has_status {
-        entry["subresources"] = json!([{
+        subresources.push(json!({
             "subresource": "status",
             "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
             "verbs": STATUS_VERBS,
-        }]);
+        }));
+    }
+    if !subresources.is_empty() {
+        entry["subresources"] = Value::Array(subresources);
     }
     entry
 }
@@ -417,75 +483,6 @@ pub(crate) fn aggregated(core: bool, version: &str) -> Value {
         "metadata": {},
         "items": items,
     })
-}
-
-/// The fixed `hash` in OpenAPI v3 URLs (the real server uses the document's digest; the
-/// documents here never change).
-const OPENAPI_HASH: &str = "0C1A2B3C4D5E6F708192A3B4C5D6E7F8";
-
-/// `GET /openapi/v3`: the index of per-group-version documents.
-pub(crate) fn openapi_v3_index() -> Value {
-    let mut paths = serde_json::Map::new();
-    let mut gvs: Vec<(&str, &str)> = Vec::new();
-    for r in RESOURCES {
-        if !gvs.contains(&(r.group, r.version)) {
-            gvs.push((r.group, r.version));
-        }
-    }
-    for (group, version) in gvs {
-        let key = if group.is_empty() {
-            format!("api/{version}")
-        } else {
-            format!("apis/{group}/{version}")
-        };
-        let url = format!("/openapi/v3/{key}?hash={OPENAPI_HASH}");
-        paths.insert(key, json!({"serverRelativeURL": url}));
-    }
-    json!({"paths": paths})
-}
-
-/// `GET /openapi/v3/<api/v1 | apis/g/v>`: a deliberately small OpenAPI 3 document. It
-/// lists each resource's PATCH operation with its `x-kubernetes-group-version-kind` and
-/// the `fieldValidation` parameter, which is what kubectl's query-parameter verifier looks
-/// for before leaving validation to the server (`kubectl create -f`/`apply` without
-/// `--validate=false`). It has no schemas, so `kubectl explain` finds nothing.
-pub(crate) fn openapi_v3_doc(group: &str, version: &str) -> Option<Value> {
-    if !serves_group_version(group, version) {
-        return None;
-    }
-    let prefix = if group.is_empty() {
-        format!("/api/{version}")
-    } else {
-        format!("/apis/{group}/{version}")
-    };
-    let param = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
-    let mut paths = serde_json::Map::new();
-    for r in RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-    {
-        let path = if r.namespaced {
-            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
-        } else {
-            format!("{prefix}/{}/{{name}}", r.plural)
-        };
-        paths.insert(
-            path,
-            json!({"patch": {
-                "operationId": format!("patch{}", r.kind),
-                "parameters": [param("dryRun"), param("fieldManager"), param("fieldValidation"), param("force")],
-                "responses": {"200": {"description": "OK"}, "201": {"description": "Created"}},
-                "x-kubernetes-action": "patch",
-                "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
-            }}),
-        );
-    }
-    Some(json!({
-        "openapi": "3.0.0",
-        "info": {"title": "Kubernetes", "version": "v1.32.0"},
-        "paths": paths,
-        "components": {"schemas": {}},
-    }))
 }
 
 /// `GET /version`: all nine fields, a semver `gitVersion` (kubectl refuses anything else).

@@ -3,9 +3,11 @@
 //! It speaks what real kubectl 1.32 and the Python client expect (see
 //! `shared/k8s-wire-reference.md`): TLS with HTTP/2 and HTTP/1.1 by ALPN; `/version`,
 //! health endpoints; aggregated and legacy discovery; an in-memory store of namespaces,
-//! pods, secrets, configmaps, serviceaccounts and apps/v1 deployments with a global
-//! resourceVersion; get/list/watch/create/update/patch/delete/deletecollection; Tables for
-//! `kubectl get`; Status errors; static bearer-token authentication (each token maps to a
+//! pods, secrets, configmaps, serviceaccounts and apps/v1 deployments, replicasets and
+//! statefulsets with a global resourceVersion;
+//! get/list/watch/create/update/patch/delete/deletecollection; the `status` subresource, and
+//! the `scale` subresource of the apps/v1 kinds (an `autoscaling/v1` `Scale`, see `scale`);
+//! Tables for `kubectl get`; Status errors; static bearer-token authentication (each token maps to a
 //! user); the review APIs behind `kubectl auth can-i [--list]`, `kubectl auth whoami` and
 //! TokenReview, answered by a configurable [`Authorizer`] (see `reviews`); and a log of every
 //! request it received so tests can assert exactly what reached it. Pods can be exec'd
@@ -15,12 +17,13 @@
 //! Simplified on purpose (each also noted where it is implemented): no protobuf (request
 //! bodies in `application/vnd.kubernetes.protobuf` get 415, so kubectl's typed-client
 //! commands such as `kubectl create configmap` fail; `kubectl create -f` and `apply` work);
-//! OpenAPI v3 only as far as kubectl's fieldValidation check needs (no schemas, no
-//! `/openapi/v2`, nothing for the review APIs), and `fieldValidation=Strict` does not reject
-//! unknown fields; no authorization of requests: the [`Authorizer`] answers access reviews
-//! but every request is served, and impersonation headers are recorded and honoured only
-//! by the self-reviews (who am I, what may I do), never checked; no admission; immediate
-//! deletes; server-side apply without field ownership.
+//! OpenAPI v3 with the schemas of the served kinds for `kubectl explain` and the operations
+//! kubectl's fieldValidation check looks for, but no more (see `openapi`; no `/openapi/v2`),
+//! and `fieldValidation=Strict` does not reject unknown fields; authorization of requests
+//! only for the `scale` subresource: elsewhere the [`Authorizer`] answers access reviews but
+//! every request is served, and impersonation headers are recorded and honoured only by the
+//! self-reviews (who am I, what may I do) and scale requests, never checked; no admission;
+//! immediate deletes; server-side apply without field ownership.
 
 #![expect(
     clippy::result_large_err,
@@ -30,9 +33,11 @@
 mod auth;
 mod discovery;
 mod exec;
+mod openapi;
 mod patch;
 mod portforward;
 mod reviews;
+mod scale;
 mod spdy;
 mod store;
 mod streams;
@@ -116,7 +121,7 @@ pub struct ApiServerConfig {
     /// Who a bearer token authenticates as (`system:authenticated` is added). These tokens
     /// are accepted whether or not they are also in `tokens`.
     pub token_users: BTreeMap<String, UserInfo>,
-    /// Answers access reviews; allows everything by default.
+    /// Answers access reviews and authorizes scale requests; allows everything by default.
     pub authorizer: Authorizer,
 }
 
@@ -148,7 +153,7 @@ impl ApiServerConfig {
         self
     }
 
-    /// Answers access reviews with `authorizer`.
+    /// Answers access reviews and authorizes scale requests with `authorizer`.
     pub fn with_authorizer(mut self, authorizer: Authorizer) -> Self {
         self.authorizer = authorizer;
         self
@@ -280,8 +285,8 @@ impl TestApiServer {
             .clone()
     }
 
-    /// Replaces the authorizer that answers access reviews (takes effect for the next
-    /// review).
+    /// Replaces the authorizer that answers access reviews and authorizes scale requests
+    /// (takes effect for the next request).
     pub fn set_authorizer(&self, authorizer: Authorizer) {
         *self
             .state
@@ -435,7 +440,12 @@ fn status_response(status: Status) -> Response<Body> {
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    json_bytes_response(code, serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// A response with an already serialized JSON body.
+fn json_bytes_response(code: StatusCode, json: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(json));
     *response.status_mut() = code;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -753,18 +763,15 @@ async fn handle(
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(not_found_path),
         ),
-        ["openapi", "v3"] => Some(Ok(json_response(
-            StatusCode::OK,
-            &discovery::openapi_v3_index(),
-        ))),
+        ["openapi", "v3"] => Some(Ok(json_response(StatusCode::OK, &openapi::index()))),
         ["openapi", "v3", "api", version] => Some(
-            discovery::openapi_v3_doc("", version)
-                .map(|d| json_response(StatusCode::OK, &d))
+            openapi::document("", version)
+                .map(|d| json_bytes_response(StatusCode::OK, d))
                 .ok_or_else(not_found_path),
         ),
         ["openapi", "v3", "apis", group, version] => Some(
-            discovery::openapi_v3_doc(group, version)
-                .map(|d| json_response(StatusCode::OK, &d))
+            openapi::document(group, version)
+                .map(|d| json_bytes_response(StatusCode::OK, d))
                 .ok_or_else(not_found_path),
         ),
         ["api", ..] | ["apis", ..] => None,
@@ -798,6 +805,15 @@ async fn handle(
     if let Some(response) = reviews::route(&review, &segs) {
         return response;
     }
+    let target = match parse_target(&segs) {
+        Ok(target) => target,
+        Err(status) => return status_response(status),
+    };
+    if target.sub == Sub::Scale
+        && let Some(refused) = scale::authorize(&review, &target)
+    {
+        return refused;
+    }
     let request = ResourceRequest {
         state: &state,
         method: &parts.method,
@@ -805,10 +821,7 @@ async fn handle(
         query: &query,
         body,
     };
-    match parse_target(&segs) {
-        Ok(target) => request.serve(target, drain).unwrap_or_else(status_response),
-        Err(status) => status_response(status),
-    }
+    request.serve(target, drain).unwrap_or_else(status_response)
 }
 
 fn discovery_response(accept: Option<&str>, core: bool, addr: &SocketAddr) -> Response<Body> {
@@ -828,14 +841,35 @@ fn discovery_response(accept: Option<&str>, core: bool, addr: &SocketAddr) -> Re
     }
 }
 
+/// Which part of an object a resource URL addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    /// The object itself (or the collection).
+    None,
+    /// The `status` subresource.
+    Status,
+    /// The `scale` subresource.
+    Scale,
+}
+
 /// What a resource URL addresses.
 #[derive(Debug)]
 struct Target {
     res: &'static ResourceDef,
     namespace: String,
     name: Option<String>,
-    status: bool,
+    sub: Sub,
     legacy_watch: bool,
+}
+
+impl Target {
+    /// What a write to this target may change.
+    fn part(&self) -> Part {
+        match self.sub {
+            Sub::Status => Part::Status,
+            Sub::None | Sub::Scale => Part::Main,
+        }
+    }
 }
 
 /// Parses `/api/v1/...` and `/apis/<g>/<v>/...` the way `requestinfo.go` does (section 1).
@@ -876,16 +910,17 @@ fn parse_target(segs: &[&str]) -> Result<Target, Status> {
     {
         return Err(not_found_path());
     }
-    let status = match sub {
-        None => false,
-        Some("status") if res.has_status && !legacy_watch => true,
+    let sub = match sub {
+        None => Sub::None,
+        Some("status") if res.has_status && !legacy_watch => Sub::Status,
+        Some("scale") if res.has_scale && !legacy_watch => Sub::Scale,
         Some(_) => return Err(not_found_path()),
     };
     Ok(Target {
         res,
         namespace,
         name: name.map(str::to_owned),
-        status,
+        sub,
         legacy_watch,
     })
 }
@@ -964,8 +999,16 @@ impl ResourceRequest<'_> {
 
     /// Decodes a create/update body: JSON (or YAML) only; protobuf is 415 for now.
     fn decode_object(&self, res: &ResourceDef) -> Result<Value, Status> {
+        let mut obj = self.decode_body()?;
+        check_kind(res, &obj)?;
+        store::check_types(res, &mut obj).map_err(Status::bad_request)?;
+        Ok(obj)
+    }
+
+    /// Parses a create/update body (JSON or YAML; protobuf is 415 for now).
+    fn decode_body(&self) -> Result<Value, Status> {
         let ct = self.content_type();
-        let mut obj: Value = match ct.as_str() {
+        Ok(match ct.as_str() {
             "" | "application/json" | "*/*" => serde_json::from_slice(&self.body).map_err(|e| {
                 Status::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
             })?,
@@ -978,10 +1021,7 @@ impl ResourceRequest<'_> {
                     "application/json, application/yaml",
                 ));
             }
-        };
-        check_kind(res, &obj)?;
-        store::check_types(res, &mut obj).map_err(Status::bad_request)?;
-        Ok(obj)
+        })
     }
 
     fn serve(&self, target: Target, drain: DrainWatcher) -> Result<Response<Body>, Status> {
@@ -990,6 +1030,9 @@ impl ResourceRequest<'_> {
         let is_watch = target.legacy_watch || (collection && go_bool(self.query.get("watch")));
         match (self.method.clone(), collection) {
             (Method::GET, _) if is_watch => self.watch(target, drain),
+            (Method::GET, false) if target.sub == Sub::Scale => self.get_scale(&target),
+            (Method::PUT, false) if target.sub == Sub::Scale => self.update_scale(&target),
+            (Method::PATCH, false) if target.sub == Sub::Scale => self.patch_scale(&target),
             (Method::GET, true) => self.list(res, &target.namespace),
             (Method::GET, false) => self.get(target),
             (Method::POST, true) if res.namespaced && target.namespace.is_empty() => {
@@ -998,7 +1041,7 @@ impl ResourceRequest<'_> {
             (Method::POST, true) => self.create(res, &target.namespace),
             (Method::PUT, false) => self.update(target),
             (Method::PATCH, false) => self.patch(target),
-            (Method::DELETE, false) if !target.status => self.delete(target),
+            (Method::DELETE, false) if target.sub == Sub::None => self.delete(target),
             (Method::DELETE, true) if res.supports("deletecollection") => {
                 self.delete_collection(res, &target.namespace)
             }
@@ -1170,11 +1213,7 @@ impl ResourceRequest<'_> {
         let dry_run = self.dry_run()?;
         let obj = self.decode_object(target.res)?;
         let name = target.name.as_deref().unwrap_or("");
-        let part = if target.status {
-            Part::Status
-        } else {
-            Part::Main
-        };
+        let part = target.part();
         let updated =
             self.state
                 .store
@@ -1186,6 +1225,51 @@ impl ResourceRequest<'_> {
         let res = target.res;
         let dry_run = self.dry_run()?;
         let name = target.name.clone().unwrap_or_default();
+        let (created_obj, patch_fn) =
+            self.patch_function(&name, &res.api_version(), res.kind, &|obj| {
+                store::check_types(res, obj).map_err(Status::bad_request)
+            })?;
+        let body_ns = created_obj
+            .as_ref()
+            .and_then(|o| o.pointer("/metadata/namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if res.namespaced && !body_ns.is_empty() && body_ns != target.namespace {
+            return Err(Status::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        let (obj, created) = self.state.store.patch(
+            res,
+            &target.namespace,
+            &name,
+            target.part(),
+            dry_run,
+            created_obj,
+            patch_fn,
+        )?;
+        Ok(json_response(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            &obj,
+        ))
+    }
+
+    /// The request's patch as a function from the current document to the patched one,
+    /// and for server-side apply also the applied configuration (what is created when the
+    /// object does not exist). The document is of `api_version`/`kind` (the endpoint's kind,
+    /// or `Scale` for the scale subresource); `check_types` checks an applied configuration
+    /// as the decoder would.
+    fn patch_function(
+        &self,
+        name: &str,
+        api_version: &str,
+        kind: &str,
+        check_types: &dyn Fn(&mut Value) -> Result<(), Status>,
+    ) -> Result<(Option<Value>, PatchFn), Status> {
         let ct = self.content_type();
         let apply = ct == "application/apply-patch+yaml";
         if self.query.get("force").is_some() && !apply {
@@ -1205,16 +1289,11 @@ impl ResourceRequest<'_> {
                 "fieldManager: Too long: may not be more than 128 bytes",
             ));
         }
-        let part = if target.status {
-            Part::Status
-        } else {
-            Part::Main
-        };
         let parse_json = || -> Result<Value, Status> {
             serde_json::from_slice(&self.body)
                 .map_err(|e| Status::bad_request(format!("error decoding patch: {e}")))
         };
-        let (created_obj, patch_fn): (Option<Value>, PatchFn) = match ct.as_str() {
+        Ok(match ct.as_str() {
             "application/merge-patch+json" => {
                 let p = parse_json()?;
                 (
@@ -1273,8 +1352,8 @@ impl ResourceRequest<'_> {
                         "invalid object type: apiVersion and kind must be set in an apply configuration",
                     ));
                 }
-                check_kind(res, &applied)?;
-                store::check_types(res, &mut applied).map_err(Status::bad_request)?;
+                check_gvk(api_version, kind, &applied)?;
+                check_types(&mut applied)?;
                 let applied_name = applied
                     .pointer("/metadata/name")
                     .and_then(Value::as_str)
@@ -1302,34 +1381,7 @@ impl ResourceRequest<'_> {
                     "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json",
                 ));
             }
-        };
-        let body_ns = created_obj
-            .as_ref()
-            .and_then(|o| o.pointer("/metadata/namespace"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if res.namespaced && !body_ns.is_empty() && body_ns != target.namespace {
-            return Err(Status::bad_request(
-                "the namespace of the provided object does not match the namespace sent on the request",
-            ));
-        }
-        let (obj, created) = self.state.store.patch(
-            res,
-            &target.namespace,
-            &name,
-            part,
-            dry_run,
-            created_obj,
-            patch_fn,
-        )?;
-        Ok(json_response(
-            if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            &obj,
-        ))
+        })
     }
 
     /// DeleteOptions from the body (JSON) and query.
@@ -1426,20 +1478,23 @@ fn list_body(res: &ResourceDef, items: Vec<Value>, rv: &str, continue_token: &st
 
 /// The body's kind/apiVersion, when given, must be the endpoint's.
 fn check_kind(res: &ResourceDef, obj: &Value) -> Result<(), Status> {
+    check_gvk(&res.api_version(), res.kind, obj)
+}
+
+/// The body's kind/apiVersion, when given, must be `api_version`/`kind`.
+fn check_gvk(api_version: &str, kind: &str, obj: &Value) -> Result<(), Status> {
     if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
-        && av != res.api_version()
+        && av != api_version
     {
         return Err(Status::bad_request(format!(
-            "the API version in the data ({av}) does not match the expected API version ({})",
-            res.api_version()
+            "the API version in the data ({av}) does not match the expected API version ({api_version})"
         )));
     }
-    if let Some(kind) = obj.get("kind").and_then(Value::as_str)
-        && kind != res.kind
+    if let Some(got) = obj.get("kind").and_then(Value::as_str)
+        && got != kind
     {
         return Err(Status::bad_request(format!(
-            "the kind in the data ({kind}) does not match the expected kind ({})",
-            res.kind
+            "the kind in the data ({got}) does not match the expected kind ({kind})"
         )));
     }
     Ok(())

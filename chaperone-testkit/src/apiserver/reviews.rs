@@ -119,7 +119,7 @@ impl From<Status> for Failure {
 }
 
 /// `responsewriters.InternalError`, as the impersonation filter sends it.
-fn impersonation_error(request_uri: &str, message: &str) -> Response<Body> {
+pub(super) fn impersonation_error(request_uri: &str, message: &str) -> Response<Body> {
     let mut response = Response::new(full(format!(
         "Internal Server Error: \"{request_uri}\": {message}\n"
     )));

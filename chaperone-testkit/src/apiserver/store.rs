@@ -5,7 +5,8 @@
 //!
 //! Simplifications, each a documented departure from the real API server:
 //! * no admission, defaulting beyond a few fields (namespace phase/finalizers/label, pod
-//!   phase, secret type, deployment generation), no managedFields;
+//!   phase, secret type, generation and `spec.replicas` of the apps/v1 kinds), no
+//!   managedFields;
 //! * deletes are immediate: no graceful pod deletion, no finalizers; deleting a namespace
 //!   removes its objects and the namespace at once (the real server sets
 //!   `status.phase: Terminating` and the namespace controller removes them later; the
@@ -976,7 +977,10 @@ impl Store {
                 None => remove_meta(&mut new, immutable),
             }
         }
-        if res.plural == "deployments" && new.get("spec") != old.get("spec") {
+        if is_replicated(res) && part == Part::Main {
+            default_replicas(&mut new);
+        }
+        if is_replicated(res) && new.get("spec") != old.get("spec") {
             let generation = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -1258,13 +1262,38 @@ fn prepare_for_create(res: &ResourceDef, obj: &mut Value) {
         "secrets" if str_at(obj, "/type").is_empty() => {
             obj["type"] = Value::from("Opaque");
         }
-        "deployments" => {
+        _ if is_replicated(res) => {
             set_meta(obj, "generation", Value::from(1));
+            default_replicas(obj);
+            // The zero status as Go marshals it: every Deployment field is omitempty;
+            // ReplicaSet and StatefulSet always carry `replicas` (StatefulSet also
+            // `availableReplicas`).
+            let status = match res.plural {
+                "replicasets" => json!({"replicas": 0}),
+                "statefulsets" => json!({"replicas": 0, "availableReplicas": 0}),
+                _ => json!({}),
+            };
             if let Some(m) = obj.as_object_mut() {
-                m.insert("status".into(), json!({}));
+                m.insert("status".into(), status);
             }
         }
         _ => {}
+    }
+}
+
+/// The apps/v1 kinds with replicas (and a `scale` subresource): their generation counts
+/// spec changes, and `spec.replicas` defaults to 1.
+fn is_replicated(res: &ResourceDef) -> bool {
+    res.group == "apps" && matches!(res.plural, "deployments" | "replicasets" | "statefulsets")
+}
+
+/// `SetDefaults_Deployment` (and the ReplicaSet and StatefulSet ones) for `spec.replicas`.
+fn default_replicas(obj: &mut Value) {
+    if !obj.get("spec").is_some_and(Value::is_object) {
+        obj["spec"] = json!({});
+    }
+    if obj.pointer("/spec/replicas").is_none_or(Value::is_null) {
+        obj["spec"]["replicas"] = Value::from(1);
     }
 }
 

@@ -193,8 +193,75 @@ pub(crate) fn columns(res: &ResourceDef) -> Vec<Value> {
                 1,
             ),
         ],
+        ("apps", "replicasets") => vec![
+            name,
+            column(
+                "Desired",
+                "integer",
+                "",
+                "Replicas is the number of desired pods. This is a pointer to distinguish between explicit zero and unspecified. Defaults to 1. More info: https://kubernetes.io/docs/concepts/workloads/controllers/replicaset",
+                0,
+            ),
+            column(
+                "Current",
+                "integer",
+                "",
+                "Replicas is the most recently observed number of non-terminating pods. More info: https://kubernetes.io/docs/concepts/workloads/controllers/replicaset",
+                0,
+            ),
+            column(
+                "Ready",
+                "integer",
+                "",
+                "The number of non-terminating pods targeted by this ReplicaSet with a Ready Condition.",
+                0,
+            ),
+            age,
+            containers_column(),
+            images_column(),
+            column(
+                "Selector",
+                "string",
+                "",
+                "Selector is a label query over pods that should match the replica count. Label keys and values that must match in order to be controlled by this replica set. It must match the pod template's labels. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/#label-selectors",
+                1,
+            ),
+        ],
+        ("apps", "statefulsets") => vec![
+            name,
+            column(
+                "Ready",
+                "string",
+                "",
+                "Number of the pod with ready state",
+                0,
+            ),
+            age,
+            containers_column(),
+            images_column(),
+        ],
         _ => vec![name, column("Created At", "date", "", AGE_DESC, 0)],
     }
+}
+
+fn containers_column() -> Value {
+    column(
+        "Containers",
+        "string",
+        "",
+        "Names of each container in the template.",
+        1,
+    )
+}
+
+fn images_column() -> Value {
+    column(
+        "Images",
+        "string",
+        "",
+        "Images referenced by each container in the template.",
+        1,
+    )
 }
 
 fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
@@ -395,6 +462,60 @@ fn deployment_cells(d: &Value, now: jiff::Timestamp) -> Vec<Value> {
     ]
 }
 
+/// The CONTAINERS and IMAGES cells of a pod template (`layoutContainerCells`).
+fn template_cells(obj: &Value) -> [Value; 2] {
+    let containers = obj
+        .pointer("/spec/template/spec/containers")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let names: Vec<&str> = containers.iter().map(|c| str_at(c, "/name")).collect();
+    let images: Vec<&str> = containers.iter().map(|c| str_at(c, "/image")).collect();
+    [Value::from(names.join(",")), Value::from(images.join(","))]
+}
+
+fn replicaset_cells(rs: &Value, now: jiff::Timestamp) -> Vec<Value> {
+    // metav1.FormatLabelSelector.
+    let selector = match super::scale::selector_string(rs.pointer("/spec/selector")) {
+        Ok(s) if s.is_empty() => "<none>".to_owned(),
+        Ok(s) => s,
+        Err(_) => "<error>".to_owned(),
+    };
+    let [names, images] = template_cells(rs);
+    vec![
+        Value::from(str_at(rs, "/metadata/name")),
+        Value::from(
+            rs.pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(1),
+        ),
+        Value::from(int_at(rs, "/status/replicas")),
+        Value::from(int_at(rs, "/status/readyReplicas")),
+        age(rs, now),
+        names,
+        images,
+        Value::from(selector),
+    ]
+}
+
+fn statefulset_cells(sts: &Value, now: jiff::Timestamp) -> Vec<Value> {
+    let replicas = sts
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let [names, images] = template_cells(sts);
+    vec![
+        Value::from(str_at(sts, "/metadata/name")),
+        Value::from(format!(
+            "{}/{replicas}",
+            int_at(sts, "/status/readyReplicas")
+        )),
+        age(sts, now),
+        names,
+        images,
+    ]
+}
+
 /// The cells of one object's row.
 pub(crate) fn cells(res: &ResourceDef, obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
     let name = Value::from(str_at(obj, "/metadata/name"));
@@ -420,6 +541,8 @@ pub(crate) fn cells(res: &ResourceDef, obj: &Value, now: jiff::Timestamp) -> Vec
         ],
         ("", "serviceaccounts") => vec![name, Value::from(count(obj, "/secrets")), age(obj, now)],
         ("apps", "deployments") => deployment_cells(obj, now),
+        ("apps", "replicasets") => replicaset_cells(obj, now),
+        ("apps", "statefulsets") => statefulset_cells(obj, now),
         _ => vec![
             name,
             Value::from(str_at(obj, "/metadata/creationTimestamp")),
@@ -428,24 +551,60 @@ pub(crate) fn cells(res: &ResourceDef, obj: &Value, now: jiff::Timestamp) -> Vec
 }
 
 fn row(res: &ResourceDef, obj: &Value, opts: TableOptions, now: jiff::Timestamp) -> Value {
-    let object = match opts.include {
+    let mut full = obj.clone();
+    if let Some(m) = full.as_object_mut() {
+        m.insert("kind".into(), res.kind.into());
+        m.insert("apiVersion".into(), res.api_version().into());
+    }
+    json!({"cells": cells(res, obj, now), "object": row_object(full, opts)})
+}
+
+/// What a row carries of its object (`full` has its kind and apiVersion).
+fn row_object(full: Value, opts: TableOptions) -> Value {
+    match opts.include {
         IncludeObject::Metadata => json!({
             "kind": "PartialObjectMetadata",
             "apiVersion": opts.meta_version,
-            "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
+            "metadata": full.get("metadata").cloned().unwrap_or_else(|| json!({})),
         }),
-        IncludeObject::Object => {
-            let mut full = obj.clone();
-            if let Some(m) = full.as_object_mut() {
-                m.insert("kind".into(), res.kind.into());
-                m.insert("apiVersion".into(), res.api_version().into());
-            }
-            full
-        }
+        IncludeObject::Object => full,
         // RawExtension with no bytes marshals as null in Go.
         IncludeObject::None => Value::Null,
-    };
-    json!({"cells": cells(res, obj, now), "object": object})
+    }
+}
+
+/// The Table of one `Scale` (`kubectl get deployment web --subresource=scale`): the real
+/// printer's NAME, DESIRED and AVAILABLE (`printScale`).
+pub(crate) fn scale_table(scale: &Value, opts: TableOptions) -> Value {
+    let columns = vec![
+        column("Name", "string", "name", NAME_DESC, 0),
+        column(
+            "Desired",
+            "integer",
+            "",
+            "replicas is the desired number of instances for the scaled object.",
+            0,
+        ),
+        column(
+            "Available",
+            "integer",
+            "",
+            "replicas is the actual number of observed instances of the scaled object.",
+            0,
+        ),
+    ];
+    let cells = vec![
+        Value::from(str_at(scale, "/metadata/name")),
+        Value::from(int_at(scale, "/spec/replicas")),
+        Value::from(int_at(scale, "/status/replicas")),
+    ];
+    json!({
+        "kind": "Table",
+        "apiVersion": opts.meta_version,
+        "metadata": {"resourceVersion": str_at(scale, "/metadata/resourceVersion")},
+        "columnDefinitions": columns,
+        "rows": [{"cells": cells, "object": row_object(scale.clone(), opts)}],
+    })
 }
 
 /// A Table of `objects` with list metadata (`resourceVersion`, and `continue` if set).
@@ -616,7 +775,28 @@ mod tests {
                 ],
             ),
         ];
-        for (group, plural, want) in cases {
+        let apps = [
+            (
+                "apps",
+                "replicasets",
+                vec![
+                    "Name",
+                    "Desired",
+                    "Current",
+                    "Ready",
+                    "Age",
+                    "Containers",
+                    "Images",
+                    "Selector",
+                ],
+            ),
+            (
+                "apps",
+                "statefulsets",
+                vec!["Name", "Ready", "Age", "Containers", "Images"],
+            ),
+        ];
+        for (group, plural, want) in cases.into_iter().chain(apps) {
             let res = find(group, "v1", plural).expect("resource");
             let names: Vec<String> = columns(res)
                 .iter()

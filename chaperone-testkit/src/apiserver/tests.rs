@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use super::*;
 
 mod reviews;
+mod scale;
 
 const TOKEN: &str = "tok";
 
@@ -84,10 +85,10 @@ fn content_negotiation() {
     );
 }
 
-/// path, then (resource, namespace, name, status subresource, legacy watch) if served.
+/// path, then (resource, namespace, name, subresource, legacy watch) if served.
 type PathCase = (
     &'static str,
-    Option<(&'static str, &'static str, Option<&'static str>, bool, bool)>,
+    Option<(&'static str, &'static str, Option<&'static str>, Sub, bool)>,
 );
 
 #[test]
@@ -95,37 +96,54 @@ fn resource_paths() {
     let cases: Vec<PathCase> = vec![
         (
             "/api/v1/namespaces/d/pods",
-            Some(("pods", "d", None, false, false)),
+            Some(("pods", "d", None, Sub::None, false)),
         ),
-        ("/api/v1/pods", Some(("pods", "", None, false, false))),
+        ("/api/v1/pods", Some(("pods", "", None, Sub::None, false))),
         (
             "/api/v1/namespaces/d/pods/p",
-            Some(("pods", "d", Some("p"), false, false)),
+            Some(("pods", "d", Some("p"), Sub::None, false)),
         ),
         (
             "/api/v1/namespaces/d/pods/p/status",
-            Some(("pods", "d", Some("p"), true, false)),
+            Some(("pods", "d", Some("p"), Sub::Status, false)),
         ),
         (
             "/api/v1/watch/namespaces/d/pods/p",
-            Some(("pods", "d", Some("p"), false, true)),
+            Some(("pods", "d", Some("p"), Sub::None, true)),
         ),
         (
             "/api/v1/namespaces/d",
-            Some(("namespaces", "", Some("d"), false, false)),
+            Some(("namespaces", "", Some("d"), Sub::None, false)),
         ),
         (
             "/api/v1/namespaces/d/status",
-            Some(("namespaces", "", Some("d"), true, false)),
+            Some(("namespaces", "", Some("d"), Sub::Status, false)),
         ),
         (
             "/api/v1/namespaces",
-            Some(("namespaces", "", None, false, false)),
+            Some(("namespaces", "", None, Sub::None, false)),
         ),
         (
             "/apis/apps/v1/namespaces/d/deployments",
-            Some(("deployments", "d", None, false, false)),
+            Some(("deployments", "d", None, Sub::None, false)),
         ),
+        (
+            "/apis/apps/v1/namespaces/d/deployments/web/scale",
+            Some(("deployments", "d", Some("web"), Sub::Scale, false)),
+        ),
+        (
+            "/apis/apps/v1/namespaces/d/statefulsets/db/scale",
+            Some(("statefulsets", "d", Some("db"), Sub::Scale, false)),
+        ),
+        (
+            "/apis/apps/v1/namespaces/d/replicasets/web-1/scale",
+            Some(("replicasets", "d", Some("web-1"), Sub::Scale, false)),
+        ),
+        (
+            "/apis/apps/v1/watch/namespaces/d/deployments/web/scale",
+            None,
+        ),
+        ("/api/v1/namespaces/d/pods/p/scale", None),
         ("/api/v1/namespaces/d/pods/p/exec", None),
         ("/api/v1/namespaces/d/configmaps/c/status", None),
         ("/api/v1/pods/p", None),
@@ -141,7 +159,7 @@ fn resource_paths() {
                 t.res.plural.to_owned(),
                 t.namespace.clone(),
                 t.name.clone(),
-                t.status,
+                t.sub,
                 t.legacy_watch,
             )
         });
