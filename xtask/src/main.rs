@@ -68,7 +68,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup()?;
-            let mut cargo_args = vec!["test"];
+            // Every crate but the eBPF one (it only builds for the BPF target, through
+            // gateway-userspace's build.rs); the test kit and tests are not default members.
+            let mut cargo_args = vec!["test", "--workspace", "--exclude", "gateway-ebpf"];
             cargo_args.extend(args.iter().map(String::as_str));
             test_with_summary(&cargo_args)
         }
@@ -304,6 +306,20 @@ fn release_check() -> anyhow::Result<()> {
     ]))?;
     if let Some(line) = tree.lines().find(|l| l.starts_with("chaperone-testkit")) {
         bail!("the product crate depends on the test kit: {line}");
+    }
+    // What a root build compiles, with the features it enables: no test kit, and none of
+    // the features only the test kit asks for.
+    let root = output(cargo_command().args([
+        "tree",
+        "--edges",
+        "normal,build,features",
+        "--prefix",
+        "none",
+    ]))?;
+    for forbidden in ["chaperone-testkit", "k8s-openapi feature \"schemars\""] {
+        if let Some(line) = root.lines().find(|l| l.contains(forbidden)) {
+            bail!("a root build compiles test-kit code: {line}");
+        }
     }
     let help =
         output(Command::new(workspace_root().join("target/release/chaperone")).arg("--help"))?;
