@@ -486,3 +486,24 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
         .path_and_query(format!("{prefix}{pq}"))
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn upstream_uri_keeps_path_and_query() {
+        let base: Uri = "https://127.0.0.1:6443".parse().unwrap();
+        let client: Uri = "/api/v1/namespaces/default/pods?limit=500&watch=1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            upstream_uri(&base, &client).unwrap().to_string(),
+            "https://127.0.0.1:6443/api/v1/namespaces/default/pods?limit=500&watch=1"
+        );
+        let prefixed: Uri = "https://lb.example:443/k8s/".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&prefixed, &client).unwrap().path(),
+            "/k8s/api/v1/namespaces/default/pods"
+        );
+    }
+}

@@ -80,3 +80,80 @@ pub(super) fn impersonation_headers(headers: &mut HeaderMap, as_whom: &Impersona
         headers.insert(HeaderName::from_static("impersonate-uid"), uid);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::headers::sanitize_request_headers;
+    #[test]
+    fn credentials_and_impersonation_never_pass() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer pod-token"),
+            ("Impersonate-User", "system:admin"),
+            ("impersonate-group", "system:masters"),
+            ("Impersonate-Extra-scopes", "x"),
+            ("proxy-authorization", "Basic x"),
+            ("cookie", "session=1"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("host", "169.254.77.100"),
+            ("accept", "application/json"),
+        ] {
+            h.append(
+                HeaderName::try_from(k).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        sanitize_request_headers(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            left,
+            vec!["accept"],
+            "unexpected headers survived: {left:?}"
+        );
+    }
+
+    #[test]
+    fn principal_impersonation_carries_user_groups_and_uid() {
+        let cfg = ImpersonationConfig {
+            mode: ImpersonationMode::Principal,
+            ..ImpersonationConfig::default()
+        };
+        let mut principal = Principal::anonymous();
+        principal.kind = PrincipalKind::ServiceAccount;
+        principal.subject = Some("system:serviceaccount:agents:cursor".to_owned());
+        principal.groups = vec![
+            "system:serviceaccounts".to_owned(),
+            "system:authenticated".to_owned(),
+        ];
+        principal.uid = Some("7c1d0e2a-5b7f-4b0e-9f5d-2f1a8e3c4b6d".to_owned());
+        let as_whom = impersonation(&cfg, &WorkloadIdentity::default(), &principal)
+            .expect("principal mode with a verified principal")
+            .expect("an impersonated identity");
+        let mut h = HeaderMap::new();
+        impersonation_headers(&mut h, &as_whom);
+        let written: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("<binary>")))
+            .collect();
+        assert_eq!(
+            written,
+            [
+                ("impersonate-user", "system:serviceaccount:agents:cursor"),
+                ("impersonate-group", "system:serviceaccounts"),
+                ("impersonate-group", "system:authenticated"),
+                ("impersonate-uid", "7c1d0e2a-5b7f-4b0e-9f5d-2f1a8e3c4b6d"),
+            ]
+        );
+
+        // Without a UID (OIDC, fixed, workload) no Impersonate-Uid is sent.
+        principal.uid = None;
+        let as_whom = impersonation(&cfg, &WorkloadIdentity::default(), &principal)
+            .expect("ok")
+            .expect("identity");
+        let mut h = HeaderMap::new();
+        impersonation_headers(&mut h, &as_whom);
+        assert!(!h.contains_key("impersonate-uid"));
+    }
+}

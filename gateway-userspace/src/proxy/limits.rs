@@ -181,3 +181,58 @@ impl Body for ActiveBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    #[test]
+    fn connection_limiter_counts_per_workload_and_frees_slots() {
+        let ip = |s: &str| WorkloadKey::Source(s.parse().unwrap());
+        let limiter = Arc::new(ConnectionLimiter::new(2));
+        let a1 = limiter.try_acquire(WorkloadKey::Cgroup(7)).expect("first");
+        let a2 = limiter.try_acquire(WorkloadKey::Cgroup(7)).expect("second");
+        assert!(
+            limiter.try_acquire(WorkloadKey::Cgroup(7)).is_none(),
+            "third connection of cgroup 7 was allowed"
+        );
+        let other = limiter.try_acquire(WorkloadKey::Cgroup(8));
+        assert!(other.is_some(), "another cgroup must not share the count");
+        let by_ip = limiter.try_acquire(ip("127.0.0.1"));
+        assert!(by_ip.is_some(), "source addresses are counted separately");
+        drop(a1);
+        let a3 = limiter.try_acquire(WorkloadKey::Cgroup(7));
+        assert!(a3.is_some(), "a closed connection did not free its slot");
+        drop((a2, a3, other, by_ip));
+        let open = limiter.open.lock().unwrap();
+        assert!(open.is_empty(), "counts left behind: {open:?}");
+        drop(open);
+
+        let unlimited = Arc::new(ConnectionLimiter::new(0));
+        let slots: Vec<_> = (0..1000)
+            .map(|_| unlimited.try_acquire(WorkloadKey::Cgroup(1)))
+            .collect();
+        assert!(slots.iter().all(Option::is_some), "0 must mean no limit");
+    }
+
+    #[tokio::test]
+    async fn idle_timer_restarts_after_the_last_request_ends() {
+        let activity = Arc::new(Activity::default());
+        let guard = activity.begin();
+        let idle = activity.idle_for(Duration::from_millis(100));
+        tokio::pin!(idle);
+        tokio::select! {
+            _ = &mut idle => panic!("idle while a request was in progress"),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        drop(guard);
+        let ended = Instant::now();
+        idle.await;
+        let waited = ended.elapsed();
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
+            "idle after {waited:?}, expected about 100ms after the request ended"
+        );
+    }
+}
