@@ -1,0 +1,324 @@
+//! Matching a request against the compiled rules: first match in policy order wins.
+
+use super::*;
+
+#[derive(Debug)]
+pub(super) struct Rule {
+    pub(super) name: Arc<str>,
+    pub(super) action: Action,
+    pub(super) message: Option<Arc<str>>,
+    pub(super) verbs: u32,
+    pub(super) groups: IdSet,
+    pub(super) namespaces: NamespaceSet,
+    pub(super) names: IdSet,
+    /// Boxed so rules without identity conditions stay small and skip it with one branch.
+    pub(super) identity: Option<Box<IdentityCond>>,
+}
+
+/// A rule's `workloads` and `principals`, checked after its request conditions: they are
+/// not part of the index, so first-match order is unaffected.
+#[derive(Debug, Default)]
+pub(super) struct IdentityCond {
+    pub(super) workload: Option<WorkloadSel>,
+    pub(super) principal: Option<PrincipalSel>,
+}
+
+#[derive(Debug)]
+pub(super) enum WorkloadSel {
+    /// `unknown: true`: only callers whose pod was not identified.
+    Unknown,
+    /// Identified pods with these properties (ids from `Compiled::idents`).
+    Known {
+        namespaces: IdSet,
+        service_accounts: Option<Box<[ServiceAccountSel]>>,
+        pods: Option<Patterns>,
+        labels: Box<[(Box<str>, Box<str>)]>,
+    },
+}
+
+/// `(namespace id, name id)` of a `serviceAccounts` entry; name `None` for `namespace/*`.
+pub(super) type ServiceAccountSel = (u32, Option<u32>);
+
+#[derive(Debug)]
+pub(super) struct PrincipalSel {
+    /// [`kind_bit`]s.
+    pub(super) kinds: u8,
+    pub(super) subjects: Option<Patterns>,
+    pub(super) groups: Option<Box<[Box<str>]>>,
+}
+
+/// Exact values (interned) and prefixes (entries ending in `*`).
+#[derive(Debug)]
+pub(super) struct Patterns {
+    pub(super) exact: Box<[u32]>,
+    pub(super) prefixes: Box<[Box<str>]>,
+}
+
+impl Patterns {
+    pub(super) fn matches(&self, id: Option<u32>, value: Option<&str>) -> bool {
+        id.is_some_and(|id| self.exact.contains(&id))
+            || value.is_some_and(|v| self.prefixes.iter().any(|p| v.starts_with(&**p)))
+    }
+}
+
+/// Principal kinds as `kinds:` spells them, with their bits.
+pub(super) const PRINCIPAL_KINDS: &[(&str, PrincipalKind)] = &[
+    ("anonymous", PrincipalKind::Anonymous),
+    ("oidc", PrincipalKind::Oidc),
+    ("serviceAccount", PrincipalKind::ServiceAccount),
+    ("user", PrincipalKind::User),
+    ("invalid", PrincipalKind::Invalid),
+];
+
+pub(super) fn kind_bit(kind: PrincipalKind) -> u8 {
+    match kind {
+        PrincipalKind::Anonymous => 1 << 0,
+        PrincipalKind::Oidc => 1 << 1,
+        PrincipalKind::ServiceAccount => 1 << 2,
+        PrincipalKind::User => 1 << 3,
+        PrincipalKind::Invalid => 1 << 4,
+    }
+}
+
+/// The caller's identity strings as ids of `Compiled::idents`, looked up once per request
+/// and only when a candidate rule has identity conditions.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CallerIds {
+    pub(super) namespace: Option<u32>,
+    pub(super) service_account: Option<u32>,
+    pub(super) pod: Option<u32>,
+    pub(super) subject: Option<u32>,
+}
+
+/// The policy-level identity guards, with their decision names allocated once.
+#[derive(Debug, Default)]
+pub(super) struct Guards {
+    pub(super) invalid_tokens: Option<Arc<str>>,
+    pub(super) service_account_mismatch: Option<Arc<str>>,
+}
+
+impl Guards {
+    pub(super) fn check(&self, principal: Option<&Principal>) -> Option<Decision> {
+        let principal = principal?;
+        let deny = |rule: &Arc<str>, message: String| Decision {
+            action: Action::Deny,
+            rule: Some(rule.clone()),
+            message: Some(Arc::from(message)),
+        };
+        if let Some(rule) = &self.invalid_tokens
+            && principal.kind == PrincipalKind::Invalid
+        {
+            let why = principal.reason.as_deref().unwrap_or("no reason given");
+            return Some(deny(
+                rule,
+                format!("the request's bearer token was not accepted: {why}"),
+            ));
+        }
+        if let Some(rule) = &self.service_account_mismatch
+            && let Some(mismatch) = &principal.mismatch
+        {
+            return Some(deny(
+                rule,
+                format!("the bearer token does not belong to the calling pod: {mismatch}"),
+            ));
+        }
+        None
+    }
+}
+
+impl Compiled {
+    pub(super) fn empty(source: &str) -> Self {
+        Compiled {
+            source: source.to_owned(),
+            default: Action::Allow,
+            ..Compiled::default()
+        }
+    }
+
+    pub(super) fn caller_ids(&self, ctx: &RequestContext<'_>) -> CallerIds {
+        let workload = ctx.workload.filter(|w| w.is_known());
+        let id = |s: Option<&String>| s.and_then(|s| self.idents.get(s));
+        CallerIds {
+            namespace: id(workload.and_then(|w| w.namespace.as_ref())),
+            service_account: id(workload.and_then(|w| w.service_account.as_ref())),
+            pod: id(workload.and_then(|w| w.pod.as_ref())),
+            subject: id(ctx.principal.and_then(|p| p.subject.as_ref())),
+        }
+    }
+
+    /// Whether the caller satisfies a rule's identity conditions; `ids` is filled on first
+    /// use.
+    pub(super) fn identity_matches(
+        &self,
+        rule: &Rule,
+        ctx: &RequestContext<'_>,
+        ids: &mut Option<CallerIds>,
+    ) -> bool {
+        let Some(cond) = &rule.identity else {
+            return true;
+        };
+        let ids = *ids.get_or_insert_with(|| self.caller_ids(ctx));
+        let known = ctx.workload.filter(|w| w.is_known());
+        let workload_ok = match (&cond.workload, known) {
+            (None, _) => true,
+            (Some(WorkloadSel::Unknown), w) => w.is_none(),
+            (Some(WorkloadSel::Known { .. }), None) => false,
+            (
+                Some(WorkloadSel::Known {
+                    namespaces,
+                    service_accounts,
+                    pods,
+                    labels,
+                }),
+                Some(w),
+            ) => {
+                namespaces.contains(ids.namespace)
+                    && service_accounts.as_deref().is_none_or(|sas| {
+                        sas.iter().any(|&(ns, name)| {
+                            Some(ns) == ids.namespace
+                                && name.is_none_or(|n| Some(n) == ids.service_account)
+                        })
+                    })
+                    && pods
+                        .as_ref()
+                        .is_none_or(|p| p.matches(ids.pod, w.pod.as_deref()))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(&**k).is_some_and(|have| **have == **v))
+            }
+        };
+        if !workload_ok {
+            return false;
+        }
+        let Some(sel) = &cond.principal else {
+            return true;
+        };
+        let kind = ctx.principal.map_or(PrincipalKind::Anonymous, |p| p.kind);
+        if sel.kinds & kind_bit(kind) == 0 {
+            return false;
+        }
+        let subject = ctx.principal.and_then(|p| p.subject.as_deref());
+        if let Some(subjects) = &sel.subjects
+            && !subjects.matches(ids.subject, subject)
+        {
+            return false;
+        }
+        sel.groups.as_deref().is_none_or(|groups| {
+            ctx.principal.is_some_and(|p| {
+                p.groups
+                    .iter()
+                    .any(|have| groups.iter().any(|g| **g == **have))
+            })
+        })
+    }
+
+    pub(super) fn first_resource_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+        let req = ctx.request;
+        // Namespaces are never empty in a policy, so a cluster-scoped request gets `None`.
+        let ns = self.namespaces.get(&req.namespace);
+        // One lookup, and only when some rule is indexed by its callers' namespace.
+        let caller = if self.caller_indexed {
+            ctx.workload
+                .filter(|w| w.is_known())
+                .and_then(|w| w.namespace.as_deref())
+                .and_then(|n| self.idents.get(n))
+        } else {
+            None
+        };
+        let mut lists: [&[Entry]; MAX_LISTS] = [&[]; MAX_LISTS];
+        let mut len = 0;
+        let by_res = self.by_resource.get(req.resource.as_str());
+        if req.subresource.is_empty() {
+            if let Some(r) = by_res {
+                r.plain.collect(ns, caller, &mut lists, &mut len);
+            }
+        } else {
+            let sub = req.subresource.as_str();
+            if let Some(r) = by_res {
+                if let Some(c) = r.subs.get(sub) {
+                    c.collect(ns, caller, &mut lists, &mut len);
+                }
+                r.any_sub.collect(ns, caller, &mut lists, &mut len);
+            }
+            if let Some(c) = self.star.subs.get(sub) {
+                c.collect(ns, caller, &mut lists, &mut len);
+            }
+            self.star.any_sub.collect(ns, caller, &mut lists, &mut len);
+        }
+        self.any_resource.collect(ns, caller, &mut lists, &mut len);
+
+        let verb = request_verb_bit(req.verb);
+        // Group and name ids are looked up at most once, and only if a candidate needs them.
+        let mut group = None;
+        let mut name = None;
+        let mut ids = None;
+        let matches = |rule: &Rule| {
+            if let IdSet::Of(_) = rule.groups
+                && !rule
+                    .groups
+                    .contains(*group.get_or_insert_with(|| self.groups.get(&req.api_group)))
+            {
+                return false;
+            }
+            let ns_ok = match &rule.namespaces {
+                NamespaceSet::Any => true,
+                NamespaceSet::AnyNamespaced => !req.namespace.is_empty(),
+                NamespaceSet::Of(ids) => ns.is_some_and(|id| ids.contains(&id)),
+            };
+            if !ns_ok {
+                return false;
+            }
+            let names_ok = match rule.names {
+                IdSet::Any => true,
+                IdSet::Of(_) => {
+                    !req.name.is_empty()
+                        && rule
+                            .names
+                            .contains(*name.get_or_insert_with(|| self.names.get(&req.name)))
+                }
+            };
+            names_ok && self.identity_matches(rule, ctx, &mut ids)
+        };
+        first_in_merged(&mut lists[..len], verb, &self.rules, matches)
+    }
+
+    pub(super) fn first_url_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+        let req = ctx.request;
+        let mut ids = None;
+        let verb = request_verb_bit(req.verb);
+        let exact = self.url_exact.get(req.path.as_str()).map_or(&[][..], |v| v);
+        let mut prefixes = self
+            .url_prefix
+            .iter()
+            .filter(|(prefix, _)| req.path.starts_with(&**prefix))
+            .map(|(_, idx)| *idx)
+            .peekable();
+        let mut exact = exact.iter().copied().peekable();
+        loop {
+            let next = match (exact.peek(), prefixes.peek()) {
+                (None, None) => return None,
+                (Some(&e), None) => {
+                    exact.next();
+                    e
+                }
+                (None, Some(&p)) => {
+                    prefixes.next();
+                    p
+                }
+                (Some(&e), Some(&p)) => {
+                    if e <= p {
+                        exact.next();
+                    }
+                    if p <= e {
+                        prefixes.next();
+                    }
+                    e.min(p)
+                }
+            };
+            let rule = &self.rules[next as usize];
+            if rule.verbs & verb != 0 && self.identity_matches(rule, ctx, &mut ids) {
+                return Some(rule);
+            }
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The policy decision: policy as data plus one pure function, [`decide`].
+//!
+//! # Policy file format
+//!
+//! A policy is one YAML document in the vocabulary of Kubernetes RBAC. Unknown keys are
+//! errors, and every error names the file, the YAML path and, where known, the line and
+//! column (`policy.yaml:14:7: rules[2].verbs[0]: unknown verb 'remove' ...`).
+//!
+//! ```yaml
+//! apiVersion: chaperone.dev/v1alpha1   # required, exactly this
+//! kind: Policy                         # required, exactly this
+//! default: allow                       # required: allow | deny, when no rule matches
+//! identity:                            # optional guards, checked before any rule
+//!   denyInvalidTokens: true            # deny a bearer token that was not accepted
+//!   denyServiceAccountMismatch: true   # deny a ServiceAccount token of another pod
+//! rules:                               # optional; evaluated in order, first match wins
+//!   - name: protect-namespaces         # required, unique within the policy
+//!     action: deny                     # required: allow | deny
+//!     message: agents may not delete namespaces   # optional; shown to the client
+//!     verbs: [delete, deletecollection]           # required, non-empty; "*" = any verb
+//!     apiGroups: [""]                  # optional; "" = core group; absent or "*" = any
+//!     resources: [namespaces]          # "pods", "pods/exec", "pods/*", "*/exec", "*"
+//!     namespaces: []                   # optional; absent/empty = any, incl. cluster scope
+//!     resourceNames: []                # optional; absent/empty = any name
+//!     workloads:                       # optional; who is calling, from the kernel
+//!       namespaces: [ai-agents]        # the calling pod's namespace
+//!       serviceAccounts: [ai-agents/cursor, "ops/*"]   # "namespace/name" or "namespace/*"
+//!       pods: [cursor-0, "batch-*"]    # pod name; trailing "*" = prefix
+//!       labels: {app: agent}           # every pair must be on the pod
+//!   - name: unidentified
+//!     action: deny
+//!     verbs: ["*"]
+//!     resources: ["*"]
+//!     workloads: {unknown: true}       # only requests whose pod could not be identified
+//!   - name: health
+//!     action: allow
+//!     verbs: [get]
+//!     nonResourceURLs: ["/healthz", "/version", "/apis/*"]   # trailing "*" = prefix
+//!     principals:                      # optional; the verified bearer token
+//!       kinds: [anonymous, oidc, serviceAccount, user, invalid]
+//!       subjects: [alice@example.com, "system:serviceaccount:ci:*"]  # trailing "*" = prefix
+//!       groups: [sre]                  # any one of these groups
+//! ```
+//!
+//! A rule has either `resources` (a resource rule) or `nonResourceURLs` (a non-resource
+//! rule), never both; `apiGroups`, `namespaces` and `resourceNames` only apply to resource
+//! rules. `workloads` and `principals` apply to both. Lists may not be empty where an
+//! empty list could never match (`apiGroups`, and every list under `workloads` and
+//! `principals`): omit the key instead.
+//!
+//! # Matching
+//!
+//! A rule matches a request when every field it sets matches, as in RBAC:
+//!
+//! * `verbs`: the request's Kubernetes verb. Resource rules take `get list watch create
+//!   update patch delete deletecollection proxy impersonate`; non-resource rules take the
+//!   lowercase HTTP method: `get head post put patch delete options`. `"*"` matches any
+//!   verb, including ones not listed here.
+//! * `apiGroups`: the request's API group (`""` is the core group, `apps`, ...). An explicit
+//!   empty list is an error: write `[""]` for the core group or omit the key for any group.
+//! * `resources`: `pods` matches requests on pods only, **not** on a subresource such as
+//!   `pods/exec`; `pods/exec` matches that subresource; `pods/*` matches every subresource
+//!   of pods (but not pods itself); `*/exec` matches the `exec` subresource of any resource;
+//!   `*/*` any subresource; `*` everything.
+//! * `namespaces`: the request's namespace. A rule that lists namespaces never matches a
+//!   cluster-scoped request; `"*"` in the list means "any namespace, but not cluster scope".
+//!   Requests on a namespace object itself (`/api/v1/namespaces/prod`) are in namespace
+//!   `prod`, as in RBAC.
+//! * `resourceNames`: the object name, from the path or, for a list/watch, from a
+//!   `fieldSelector=metadata.name=<name>`. A rule with `resourceNames` never matches a
+//!   request without a name (a list, a create).
+//! * `nonResourceURLs`: the decoded URL path, exactly, or by prefix when the entry ends in
+//!   `*` (`/apis/*`); `"*"` alone matches every non-resource URL.
+//! * `workloads`: the pod the kernel attributed the connection to (never anything the pod
+//!   sends). Every key it sets must match: `namespaces` (`"*"` = any), `serviceAccounts`
+//!   (`namespace/name`, or `namespace/*` for every service account of a namespace), `pods`
+//!   (exact, or a prefix ending in `*`) and `labels` (every listed pair, as a
+//!   `matchLabels`). A rule with `workloads` never matches a request whose pod is unknown
+//!   (not found yet, or not a pod at all); `workloads: {}` matches any identified pod.
+//!   `workloads: {unknown: true}` matches **only** unidentified callers, e.g. to deny them
+//!   everything; it cannot be combined with the other keys.
+//! * `principals`: the bearer token, as verified by the gateway (no token = `anonymous`).
+//!   `kinds`: `anonymous`, `oidc` (a verified OIDC ID token), `serviceAccount` (a
+//!   ServiceAccount token the API server authenticated), `user` (another token the API
+//!   server authenticated), `invalid` (a token that was presented but not accepted);
+//!   `subjects`: the user name (`system:serviceaccount:<ns>:<name>`, or the OIDC user name
+//!   with its prefix), exactly or by a prefix ending in `*`; `groups`: matches when the
+//!   principal is in at least one of them.
+//!
+//! Resource rules only match resource requests and non-resource rules only non-resource
+//! requests. When no rule matches, `default` applies.
+//!
+//! # Identity guards
+//!
+//! The top-level `identity` guards run before the rules, so no rule can allow what they
+//! deny. `denyInvalidTokens` denies a request whose bearer token was presented but not
+//! accepted (bad signature, expired, unknown issuer, malformed header; the reason is in
+//! the denial); `denyServiceAccountMismatch` denies a request carrying the ServiceAccount
+//! token of a different service account than the pod the kernel attributed it to (a stolen
+//! or borrowed token). The decision then names the guard, e.g.
+//! `identity.denyInvalidTokens`, where a rule decision names the rule; rule names starting
+//! with `identity.` are reserved for this.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    hash::{BuildHasherDefault, Hasher},
+    io::Read as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
+};
+
+use crate::{
+    identity::{
+        WorkloadIdentity,
+        principal::{Principal, PrincipalKind},
+    },
+    request::{RequestInfo, Verb},
+};
+
+mod compile;
+mod index;
+mod load;
+mod matching;
+mod model;
+#[cfg(test)]
+mod tests;
+
+use compile::*;
+use index::*;
+pub use load::PolicyError;
+use load::*;
+use matching::*;
+use model::*;
+
+/// The `apiVersion` a policy document must declare.
+pub const API_VERSION: &str = "chaperone.dev/v1alpha1";
+/// The `kind` a policy document must declare.
+pub const KIND: &str = "Policy";
+/// Largest policy file [`Policy::from_file`] reads.
+pub const MAX_POLICY_BYTES: u64 = 8 * 1024 * 1024;
+/// [`Decision::rule`] when the `identity.denyInvalidTokens` guard denied the request.
+pub const GUARD_INVALID_TOKENS: &str = "identity.denyInvalidTokens";
+/// [`Decision::rule`] when the `identity.denyServiceAccountMismatch` guard denied it.
+pub const GUARD_SERVICE_ACCOUNT_MISMATCH: &str = "identity.denyServiceAccountMismatch";
+/// Rule names with this prefix are reserved for the identity guards.
+const GUARD_PREFIX: &str = "identity.";
+
+/// Verbs a resource rule may list (besides `*`).
+const RESOURCE_VERBS: &[&str] = &[
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "proxy",
+    "impersonate",
+];
+/// Verbs (lowercase HTTP methods) a non-resource rule may list (besides `*`).
+const NON_RESOURCE_VERBS: &[&str] = &["get", "head", "post", "put", "patch", "delete", "options"];
+
+/// What to do with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Forward the request.
+    Allow,
+    /// Refuse it with a Kubernetes `Status` 403 (the default of an empty compiled policy,
+    /// so a policy that failed to build fails closed).
+    #[default]
+    Deny,
+}
+
+impl Action {
+    /// The action as policy files and recordings spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+
+    /// Parses what [`Action::as_str`] wrote.
+    pub fn parse(text: &str) -> Option<Action> {
+        [Action::Allow, Action::Deny]
+            .into_iter()
+            .find(|a| a.as_str() == text)
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of [`decide`]: the action and the rule (or identity guard) that chose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow or deny.
+    pub action: Action,
+    /// Name of the matching rule, or of the identity guard that denied the request
+    /// ([`GUARD_INVALID_TOKENS`], [`GUARD_SERVICE_ACCOUNT_MISMATCH`]); `None` when the
+    /// policy default applied.
+    pub rule: Option<Arc<str>>,
+    /// The matching rule's message for the client, if it has one; for a guard, why it
+    /// denied the request.
+    pub message: Option<Arc<str>>,
+}
+
+impl Decision {
+    /// Whether the request may go ahead.
+    pub fn is_allowed(&self) -> bool {
+        self.action == Action::Allow
+    }
+
+    /// A sentence for the client and the recording, e.g. `denied by Chaperone policy rule
+    /// "protect-namespaces": agents may not delete namespaces`.
+    pub fn reason(&self) -> String {
+        let verb = match self.action {
+            Action::Allow => "allowed",
+            Action::Deny => "denied",
+        };
+        // Rule names cannot carry the guard prefix, so this names guards only.
+        let what = match &self.rule {
+            Some(rule) if rule.starts_with(GUARD_PREFIX) => "guard",
+            _ => "rule",
+        };
+        match (&self.rule, &self.message) {
+            (Some(rule), Some(message)) => {
+                format!("{verb} by Chaperone policy {what} \"{rule}\": {message}")
+            }
+            (Some(rule), None) => format!("{verb} by Chaperone policy {what} \"{rule}\""),
+            (None, _) => format!(
+                "{verb} by Chaperone policy: no rule matched and the default action is {}",
+                self.action
+            ),
+        }
+    }
+}
+
+/// Everything a decision may depend on: what is asked, and who asks. Build it with
+/// [`RequestContext::new`] and the `with_*` methods, so new inputs do not break callers.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestContext<'a> {
+    /// The request's Kubernetes attributes.
+    pub request: &'a RequestInfo,
+    /// The workload the kernel attributed the connection to; `None` when there is none
+    /// (treated like a workload that is not [`WorkloadIdentity::is_known`]).
+    pub workload: Option<&'a WorkloadIdentity>,
+    /// The verified principal behind the bearer token; `None` is anonymous.
+    pub principal: Option<&'a Principal>,
+}
+
+impl<'a> RequestContext<'a> {
+    /// A context holding only the request attributes: unknown workload, anonymous.
+    pub fn new(request: &'a RequestInfo) -> Self {
+        Self {
+            request,
+            workload: None,
+            principal: None,
+        }
+    }
+
+    /// Sets the workload; takes `&WorkloadIdentity` or `Option<&WorkloadIdentity>`.
+    pub fn with_workload(mut self, workload: impl Into<Option<&'a WorkloadIdentity>>) -> Self {
+        self.workload = workload.into();
+        self
+    }
+
+    /// Sets the principal; takes `&Principal` or `Option<&Principal>`.
+    pub fn with_principal(mut self, principal: impl Into<Option<&'a Principal>>) -> Self {
+        self.principal = principal.into();
+        self
+    }
+}
+
+/// A compiled policy: cheap to clone and share (one `Arc` inside).
+#[derive(Clone)]
+pub struct Policy {
+    inner: Arc<Compiled>,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("source", &self.inner.source)
+            .field("default", &self.inner.default)
+            .field(
+                "rules",
+                &self
+                    .inner
+                    .rules
+                    .iter()
+                    .map(|r| &*r.name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Policy {
+    /// Parses, validates and compiles a policy document; `source` names it in errors.
+    pub fn from_yaml(text: &str, source: &str) -> Result<Policy, PolicyError> {
+        // serde_norway reads an empty document as null and reports the first missing field,
+        // which would hide the real problem.
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            return Err(PolicyError::Syntax {
+                source_name: source.to_owned(),
+                line: None,
+                column: None,
+                yaml_path: ".".to_owned(),
+                message: format!(
+                    "empty policy document; expected apiVersion: {API_VERSION}, kind: {KIND}, default and rules"
+                ),
+            });
+        }
+        let raw: RawPolicy =
+            serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text))
+                .map_err(|e| syntax_error(source, e))?;
+        let compiled = compile(raw, source).map_err(|invalid| {
+            let (line, column) = locate(text, &invalid.path).unzip();
+            PolicyError::Invalid {
+                source_name: source.to_owned(),
+                line,
+                column,
+                yaml_path: render_path(&invalid.path),
+                message: invalid.message,
+            }
+        })?;
+        Ok(Policy {
+            inner: Arc::new(compiled),
+        })
+    }
+
+    /// Reads and compiles a policy file (at most [`MAX_POLICY_BYTES`]).
+    pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
+        let read_error = |source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut text = String::new();
+        // One byte over the limit tells "exactly at the limit" from "too large" without
+        // trusting the file's reported size (a FIFO or /dev/zero has none).
+        file.take(MAX_POLICY_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_POLICY_BYTES {
+            return Err(PolicyError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        Policy::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// A policy with no rules that allows everything.
+    pub fn allow_all() -> Policy {
+        let raw = RawPolicy {
+            api_version: API_VERSION.to_owned(),
+            kind: KIND.to_owned(),
+            default: Action::Allow,
+            identity: None,
+            rules: Vec::new(),
+        };
+        let compiled = compile(raw, "allowAll");
+        Policy {
+            inner: Arc::new(compiled.unwrap_or_else(|_| Compiled::empty("allowAll"))),
+        }
+    }
+
+    /// Number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.inner.rules.len()
+    }
+
+    /// The action when no rule matches.
+    pub fn default_action(&self) -> Action {
+        self.inner.default
+    }
+
+    /// Where the policy came from (file name or label).
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+}
+
+/// Decides a request: an identity guard's denial, else the first matching rule's action,
+/// else the policy default.
+pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
+    let p = &*policy.inner;
+    if let Some(denied) = p.guards.check(ctx.principal) {
+        return denied;
+    }
+    let req = ctx.request;
+    let found = if req.is_resource_request {
+        p.first_resource_match(ctx)
+    } else {
+        p.first_url_match(ctx)
+    };
+    match found {
+        Some(rule) => Decision {
+            action: rule.action,
+            rule: Some(rule.name.clone()),
+            message: rule.message.clone(),
+        },
+        None => Decision {
+            action: p.default,
+            rule: None,
+            message: None,
+        },
+    }
+}

@@ -1,0 +1,94 @@
+//! The policy document as written: serde types that reject unknown keys.
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a policy: a mapping with apiVersion, kind, default and rules"
+)]
+pub(super) struct RawPolicy {
+    pub(super) api_version: String,
+    pub(super) kind: String,
+    pub(super) default: Action,
+    #[serde(default)]
+    pub(super) identity: Option<RawGuards>,
+    #[serde(default)]
+    pub(super) rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "identity guards: a mapping with denyInvalidTokens and denyServiceAccountMismatch"
+)]
+pub(super) struct RawGuards {
+    #[serde(default)]
+    pub(super) deny_invalid_tokens: bool,
+    #[serde(default)]
+    pub(super) deny_service_account_mismatch: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a rule: a mapping with name, action, verbs and resources or nonResourceURLs"
+)]
+pub(super) struct RawRule {
+    pub(super) name: String,
+    pub(super) action: Action,
+    #[serde(default)]
+    pub(super) message: Option<String>,
+    pub(super) verbs: Vec<String>,
+    #[serde(default)]
+    pub(super) api_groups: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) resources: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) resource_names: Option<Vec<String>>,
+    #[serde(default, rename = "nonResourceURLs")]
+    pub(super) non_resource_urls: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) workloads: Option<RawWorkloads>,
+    #[serde(default)]
+    pub(super) principals: Option<RawPrincipals>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a workload selector: a mapping with namespaces, serviceAccounts, pods, labels or unknown"
+)]
+pub(super) struct RawWorkloads {
+    #[serde(default)]
+    pub(super) namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) service_accounts: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) pods: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub(super) unknown: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a principal selector: a mapping with kinds, subjects or groups"
+)]
+pub(super) struct RawPrincipals {
+    #[serde(default)]
+    pub(super) kinds: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) subjects: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) groups: Option<Vec<String>>,
+}
