@@ -8,6 +8,8 @@
 
 use serde_json::Value;
 
+pub mod detect;
+
 /// What a masked value is replaced with.
 pub const MASK: &str = "**masked**";
 
