@@ -48,6 +48,9 @@ pub struct Metrics {
     pub service_account_mismatches: Counter,
     /// Connections closed right after accept because their workload was at its limit.
     pub connections_rejected: Counter,
+    /// Requests denied because a policy condition could not be evaluated (an error, a
+    /// non-boolean result, a cost over the limit, content that could not be fetched).
+    pub condition_failures: Counter,
 }
 
 impl Metrics {
@@ -82,6 +85,12 @@ impl Metrics {
             "Requests whose ServiceAccount token names another service account than the kernel-attributed pod runs as",
             service_account_mismatches.clone(),
         );
+        let condition_failures = Counter::default();
+        registry.register(
+            "policy_condition_failures",
+            "Requests denied because a policy condition could not be evaluated (error, non-boolean, over the cost limit, content not fetched)",
+            condition_failures.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -91,6 +100,7 @@ impl Metrics {
         Arc::new(Self {
             registry,
             service_account_mismatches,
+            condition_failures,
             requests,
             recording_failures,
             connections_rejected,

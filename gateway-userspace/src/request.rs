@@ -307,6 +307,42 @@ pub fn parse_go_bool(v: &str) -> bool {
     !(v == "0" || go_equal_fold_false(v))
 }
 
+/// What a `pods/exec` or `pods/attach` request asks for, from its query: the command
+/// (exec only), the container and whether it streams stdin or allocates a tty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// The `command` parameters in order (empty for attach).
+    pub command: Vec<String>,
+    /// The `container` parameter (empty: the pod's only or default container).
+    pub container: String,
+    /// `stdin=true`.
+    pub stdin: bool,
+    /// `tty=true`.
+    pub tty: bool,
+}
+
+impl ExecRequest {
+    /// The exec parameters of `uri`, for a request whose subresource is `exec` or `attach`.
+    pub fn from_uri(uri: &Uri) -> ExecRequest {
+        let mut out = ExecRequest::default();
+        let Some(query) = uri.query() else {
+            return out;
+        };
+        for pair in query.split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = lossy_form_decode(value);
+            match &*lossy_form_decode(key) {
+                "command" => out.command.push(value.into_owned()),
+                "container" if out.container.is_empty() => out.container = value.into_owned(),
+                "stdin" => out.stdin = parse_go_bool(&value),
+                "tty" => out.tty = parse_go_bool(&value),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// The arguments of a `pods/exec` request: its repeated `command` query parameters,
 /// form-decoded, in order. Undecodable escapes are kept as sent (`parse` rejects them).
 pub fn exec_command(uri: &Uri) -> Vec<String> {

@@ -143,6 +143,11 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             (None, Some(urls)) => compile_url_rule(&rule, urls, index, &at, &mut out)?,
         };
         compiled.identity = identity;
+        compiled.content = compile_content(&rule, &at)?;
+        out.reads_content |= compiled
+            .content
+            .as_ref()
+            .is_some_and(|c| c.when.iter().any(|w| w.reads_object || w.reads_old_object));
         out.rules.push(compiled);
     }
     Ok(out)
@@ -304,6 +309,7 @@ pub(super) fn compile_resource_rule(
         namespaces,
         names,
         identity: None,
+        content: None,
     })
 }
 
@@ -378,6 +384,7 @@ pub(super) fn compile_url_rule(
         namespaces: NamespaceSet::Any,
         names: IdSet::Any,
         identity: None,
+        content: None,
     })
 }
 
@@ -737,4 +744,65 @@ pub(super) fn check_resource_name(name: &str) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// Compiles a rule's `when` and `exec` conditions.
+pub(super) fn compile_content(
+    rule: &RawRule,
+    at: &dyn Fn(&[Seg]) -> Vec<Seg>,
+) -> Result<Option<Box<ContentCond>>, InvalidAt> {
+    let when = match &rule.when {
+        None => Box::default(),
+        Some(list) if list.is_empty() => {
+            return Err(invalid(
+                at(&[Seg::Key("when")]),
+                "lists no condition; omit the key instead",
+            ));
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(j, source)| {
+                Condition::compile(source)
+                    .map_err(|m| invalid(at(&[Seg::Key("when"), Seg::Index(j)]), m))
+            })
+            .collect::<Result<Box<[Condition]>, _>>()?,
+    };
+    let exec = match &rule.exec {
+        None => None,
+        Some(raw) => {
+            let is_exec = rule.resources.as_deref().is_some_and(|resources| {
+                !resources.is_empty()
+                    && resources.iter().all(|r| {
+                        matches!(
+                            r.as_str(),
+                            "pods/exec"
+                                | "pods/attach"
+                                | "pods/*"
+                                | "*/exec"
+                                | "*/attach"
+                                | "*/*"
+                                | "*"
+                        )
+                    })
+            });
+            if !is_exec {
+                return Err(invalid(
+                    at(&[Seg::Key("exec")]),
+                    "an exec selector applies to resources pods/exec and pods/attach only; list those in 'resources'",
+                ));
+            }
+            Some(ExecCond::compile(raw).map_err(|e| {
+                let mut path = vec![Seg::Key("exec"), Seg::Key(e.key)];
+                if let Some(i) = e.index {
+                    path.push(Seg::Index(i));
+                }
+                invalid(at(&path), e.message)
+            })?)
+        }
+    };
+    if when.is_empty() && exec.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(ContentCond { when, exec })))
 }

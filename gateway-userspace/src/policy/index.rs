@@ -283,6 +283,8 @@ pub(super) struct Compiled {
     pub(super) idents: Interner,
     /// Whether any resource rule is in a `Candidates::by_workload` list.
     pub(super) caller_indexed: bool,
+    /// Whether any rule's `when` reads `object` or `oldObject`.
+    pub(super) reads_content: bool,
     pub(super) guards: Guards,
 }
 

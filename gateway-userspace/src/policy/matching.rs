@@ -13,6 +13,76 @@ pub(super) struct Rule {
     pub(super) names: IdSet,
     /// Boxed so rules without identity conditions stay small and skip it with one branch.
     pub(super) identity: Option<Box<IdentityCond>>,
+    /// `when` and `exec`, checked last: boxed like `identity`.
+    pub(super) content: Option<Box<ContentCond>>,
+}
+
+/// A rule's CEL conditions and exec selector.
+#[derive(Debug)]
+pub(super) struct ContentCond {
+    pub(super) when: Box<[Condition]>,
+    pub(super) exec: Option<ExecCond>,
+}
+
+/// Why the walk over the rules stopped at a rule without deciding it.
+#[derive(Debug)]
+pub(super) enum Stop {
+    /// The rule's conditions read content that is not fetched yet.
+    Needs { object: bool, old_object: bool },
+    /// A condition could not be evaluated: the request is denied with this reason.
+    Failed(String),
+}
+
+/// Per-request state of the content checks: CEL variables built once, and why the walk
+/// stopped, if it did.
+pub(super) struct ContentState<'c> {
+    vars: Variables<'c>,
+    pub(super) stop: Option<Stop>,
+}
+
+impl<'c> ContentState<'c> {
+    pub(super) fn new(ctx: &'c RequestContext<'c>) -> Self {
+        ContentState {
+            vars: Variables::new(ctx),
+            stop: None,
+        }
+    }
+}
+
+/// Whether a rule's `exec` and `when` conditions hold. Returns `true` also when the walk
+/// must stop at this rule ([`ContentState::stop`] says why), so that no later rule is
+/// taken for the first match.
+pub(super) fn content_matches(
+    rule: &Rule,
+    ctx: &RequestContext<'_>,
+    state: &mut ContentState<'_>,
+) -> bool {
+    let Some(cond) = &rule.content else {
+        return true;
+    };
+    if let Some(exec) = &cond.exec
+        && !exec.matches(ctx.exec)
+    {
+        return false;
+    }
+    let pending = |c: &Content<'_>| matches!(c, Content::Pending);
+    for condition in &cond.when {
+        let object = condition.reads_object && pending(&ctx.object);
+        let old_object = condition.reads_old_object && pending(&ctx.old_object);
+        if object || old_object {
+            state.stop = Some(Stop::Needs { object, old_object });
+            return true;
+        }
+        match condition.eval(&mut state.vars) {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(why) => {
+                state.stop = Some(Stop::Failed(why));
+                return true;
+            }
+        }
+    }
+    true
 }
 
 /// A rule's `workloads` and `principals`, checked after its request conditions: they are
@@ -212,7 +282,11 @@ impl Compiled {
         })
     }
 
-    pub(super) fn first_resource_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+    pub(super) fn first_resource_match<'c>(
+        &self,
+        ctx: &'c RequestContext<'c>,
+        state: &mut ContentState<'c>,
+    ) -> Option<&Rule> {
         let req = ctx.request;
         // Namespaces are never empty in a policy, so a cluster-scoped request gets `None`.
         let ns = self.namespaces.get(&req.namespace);
@@ -277,12 +351,18 @@ impl Compiled {
                             .contains(*name.get_or_insert_with(|| self.names.get(&req.name)))
                 }
             };
-            names_ok && self.identity_matches(rule, ctx, &mut ids)
+            names_ok
+                && self.identity_matches(rule, ctx, &mut ids)
+                && content_matches(rule, ctx, state)
         };
         first_in_merged(&mut lists[..len], verb, &self.rules, matches)
     }
 
-    pub(super) fn first_url_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+    pub(super) fn first_url_match<'c>(
+        &self,
+        ctx: &'c RequestContext<'c>,
+        state: &mut ContentState<'c>,
+    ) -> Option<&Rule> {
         let req = ctx.request;
         let mut ids = None;
         let verb = request_verb_bit(req.verb);
@@ -316,7 +396,10 @@ impl Compiled {
                 }
             };
             let rule = &self.rules[next as usize];
-            if rule.verbs & verb != 0 && self.identity_matches(rule, ctx, &mut ids) {
+            if rule.verbs & verb != 0
+                && self.identity_matches(rule, ctx, &mut ids)
+                && content_matches(rule, ctx, state)
+            {
                 return Some(rule);
             }
         }

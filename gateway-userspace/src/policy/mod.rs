@@ -120,10 +120,14 @@ use crate::{
         WorkloadIdentity,
         principal::{Principal, PrincipalKind},
     },
-    request::{RequestInfo, Verb},
+    request::{ExecRequest, RequestInfo, Verb},
 };
 
+mod cel;
 mod compile;
+#[cfg(test)]
+mod content_tests;
+mod exec;
 mod index;
 mod load;
 mod matching;
@@ -131,7 +135,10 @@ mod model;
 #[cfg(test)]
 mod tests;
 
+pub use cel::{COST_LIMIT, Content};
+use cel::{Condition, Variables};
 use compile::*;
+use exec::ExecCond;
 use index::*;
 pub use load::PolicyError;
 use load::*;
@@ -258,6 +265,14 @@ pub struct RequestContext<'a> {
     pub workload: Option<&'a WorkloadIdentity>,
     /// The verified principal behind the bearer token; `None` is anonymous.
     pub principal: Option<&'a Principal>,
+    /// The object the request would store (CEL `object`).
+    pub object: Content<'a>,
+    /// The object stored before the request (CEL `oldObject`).
+    pub old_object: Content<'a>,
+    /// The command, container and flags of an exec or attach request.
+    pub exec: Option<&'a ExecRequest>,
+    /// Whether the client asked for a dry run (`dryRun=All`).
+    pub dry_run: bool,
 }
 
 impl<'a> RequestContext<'a> {
@@ -267,7 +282,25 @@ impl<'a> RequestContext<'a> {
             request,
             workload: None,
             principal: None,
+            object: Content::Absent,
+            old_object: Content::Absent,
+            exec: None,
+            dry_run: false,
         }
+    }
+
+    /// Sets the request's content: the object it would store and the one stored before.
+    pub fn with_content(mut self, object: Content<'a>, old_object: Content<'a>) -> Self {
+        self.object = object;
+        self.old_object = old_object;
+        self
+    }
+
+    /// Sets the exec/attach parameters and the dry-run flag.
+    pub fn with_exec(mut self, exec: Option<&'a ExecRequest>, dry_run: bool) -> Self {
+        self.exec = exec;
+        self.dry_run = dry_run;
+        self
     }
 
     /// Sets the workload; takes `&WorkloadIdentity` or `Option<&WorkloadIdentity>`.
@@ -390,6 +423,12 @@ impl Policy {
         self.inner.default
     }
 
+    /// Whether any rule's conditions read `object` or `oldObject`, so that a mutating
+    /// request may need its content fetched before the decision.
+    pub fn reads_content(&self) -> bool {
+        self.inner.reads_content
+    }
+
     /// Where the policy came from (file name or label).
     pub fn source(&self) -> &str {
         &self.inner.source
@@ -399,26 +438,73 @@ impl Policy {
 /// Decides a request: an identity guard's denial, else the first matching rule's action,
 /// else the policy default.
 pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
+    match evaluate(policy, ctx) {
+        Evaluation::Decided(d) | Evaluation::ConditionFailed(d) => d,
+        // Content that was not fetched cannot be judged: fail closed.
+        Evaluation::NeedsContent { rule, .. } => Decision {
+            action: Action::Deny,
+            message: Some(Arc::from(
+                "its conditions read the request's content, which was not available",
+            )),
+            rule: Some(rule),
+        },
+    }
+}
+
+/// The outcome of [`evaluate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evaluation {
+    /// The policy decided.
+    Decided(Decision),
+    /// A rule's `when` condition could not be evaluated (an error, a non-boolean result, a
+    /// cost over [`COST_LIMIT`]): the request is denied with the reason (fail closed).
+    ConditionFailed(Decision),
+    /// A rule's `when` conditions read content still [`Content::Pending`]: fetch it (a dry
+    /// run, the stored object) and evaluate again. Only rules that could match get here, so
+    /// requests no content rule applies to never pay for a fetch.
+    NeedsContent {
+        /// The rule that needs it.
+        rule: Arc<str>,
+        /// CEL `object` is needed.
+        object: bool,
+        /// CEL `oldObject` is needed.
+        old_object: bool,
+    },
+}
+
+/// Decides a request like [`decide`], but says when content must be fetched first.
+pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
     let p = &*policy.inner;
     if let Some(denied) = p.guards.check(ctx.principal) {
-        return denied;
+        return Evaluation::Decided(denied);
     }
     let req = ctx.request;
+    let mut state = ContentState::new(ctx);
     let found = if req.is_resource_request {
-        p.first_resource_match(ctx)
+        p.first_resource_match(ctx, &mut state)
     } else {
-        p.first_url_match(ctx)
+        p.first_url_match(ctx, &mut state)
     };
-    match found {
-        Some(rule) => Decision {
+    match (found, state.stop) {
+        (Some(rule), Some(Stop::Needs { object, old_object })) => Evaluation::NeedsContent {
+            rule: rule.name.clone(),
+            object,
+            old_object,
+        },
+        (Some(rule), Some(Stop::Failed(why))) => Evaluation::ConditionFailed(Decision {
+            action: Action::Deny,
+            rule: Some(rule.name.clone()),
+            message: Some(Arc::from(why)),
+        }),
+        (Some(rule), None) => Evaluation::Decided(Decision {
             action: rule.action,
             rule: Some(rule.name.clone()),
             message: rule.message.clone(),
-        },
-        None => Decision {
+        }),
+        (None, _) => Evaluation::Decided(Decision {
             action: p.default,
             rule: None,
             message: None,
-        },
+        }),
     }
 }

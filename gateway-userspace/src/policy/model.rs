@@ -57,6 +57,31 @@ pub(super) struct RawRule {
     pub(super) workloads: Option<RawWorkloads>,
     #[serde(default)]
     pub(super) principals: Option<RawPrincipals>,
+    /// CEL conditions, every one of which must hold.
+    #[serde(default)]
+    pub(super) when: Option<Vec<String>>,
+    /// Conditions on an exec or attach request.
+    #[serde(default)]
+    pub(super) exec: Option<RawExec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "an exec selector: a mapping with commands, programs, commandRegexes, interactive or containers"
+)]
+pub(super) struct RawExec {
+    #[serde(default)]
+    pub(super) commands: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) programs: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) command_regexes: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) interactive: Option<bool>,
+    #[serde(default)]
+    pub(super) containers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

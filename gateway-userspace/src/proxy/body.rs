@@ -53,6 +53,9 @@ pub(crate) enum BodyError {
 pub(crate) struct Inspected {
     /// The decoded object (unmasked), when the body was read whole and is JSON-shaped.
     pub object: Option<Value>,
+    /// The body as it is forwarded (transcoded from protobuf to JSON), when read whole: a
+    /// content condition's dry run sends it again.
+    pub forwarded: Option<Bytes>,
     /// The body exceeded the inspection limit and went through unread.
     pub truncated: bool,
     /// `Content-Type` as the client sent it.
@@ -185,6 +188,7 @@ pub(crate) async fn inspect(
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(forward.len()));
+    inspected.forwarded = Some(forward.clone());
     let body = http_body_util::Full::new(forward)
         .map_err(|never| match never {})
         .boxed();

@@ -20,7 +20,7 @@ use crate::{
     error_chain,
     policy::{self, Action, RequestContext},
     recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord},
-    request::{RequestInfo, Verb},
+    request::{ExecRequest, RequestInfo, Verb},
     status::Status,
 };
 
@@ -28,6 +28,7 @@ use super::{
     BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
     bodies::{CountingBody, EndOnDrain, Metered},
     body,
+    content::RequestContent,
     headers::{sanitize_request_headers, strip_hop_by_hop},
     impersonation::impersonation,
     record::{RecordGuard, recorded_json},
@@ -62,6 +63,27 @@ pub(super) enum Pending {
 }
 
 impl Pending {
+    fn method(&self) -> &http::Method {
+        match self {
+            Pending::Upgrade(r, _) => r.method(),
+            Pending::Plain(r, _) => r.method(),
+        }
+    }
+
+    fn uri(&self) -> &Uri {
+        match self {
+            Pending::Upgrade(r, _) => r.uri(),
+            Pending::Plain(r, _) => r.uri(),
+        }
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        match self {
+            Pending::Upgrade(r, _) => r.headers(),
+            Pending::Plain(r, _) => r.headers(),
+        }
+    }
+
     pub(super) fn extensions_mut(&mut self) -> &mut http::Extensions {
         match self {
             Pending::Upgrade(r, _) => r.extensions_mut(),
@@ -133,10 +155,10 @@ impl Proxy {
         }
         // The body is read (up to the limit) before the decision so that a denied request's
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
-        let mut pending = match upgrade::upgrade_protocol(&req) {
-            Some(protocol) => Pending::Upgrade(req, protocol),
+        let (mut pending, inspected) = match upgrade::upgrade_protocol(&req) {
+            Some(protocol) => (Pending::Upgrade(req, protocol), None),
             None => match self.inspect_body(req, &mut record).await {
-                Ok(plain) => plain,
+                Ok((plain, inspected)) => (plain, Some(inspected)),
                 Err(status) => {
                     record.outcome = Outcome::Invalid;
                     record.reason = Some(status.message().to_owned());
@@ -145,15 +167,62 @@ impl Proxy {
             },
         };
 
+        let as_whom = impersonation(&self.impersonate, &conn.workload, &principal);
+        let exec = (info.resource == "pods"
+            && matches!(info.subresource.as_str(), "exec" | "attach"))
+        .then(|| ExecRequest::from_uri(pending.uri()));
+        let dry_run = pending.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| p.starts_with("dryRun=") && p != "dryRun=")
+        });
         let decision = {
             let policy = self.policy.load();
-            policy::decide(
-                &policy,
-                &RequestContext::new(&info)
-                    .with_workload(&conn.workload)
-                    .with_principal(&principal),
-            )
+            let base = RequestContext::new(&info)
+                .with_workload(&conn.workload)
+                .with_principal(&principal)
+                .with_exec(exec.as_ref(), dry_run);
+            if policy.reads_content() && info.is_mutating() {
+                let policy = arc_swap::Guard::into_inner(policy);
+                let mut extensions = http::Extensions::new();
+                extensions.insert(as_whom.clone().unwrap_or(None));
+                let content = RequestContent {
+                    method: pending.method(),
+                    uri: pending.uri(),
+                    headers: pending.headers(),
+                    body: inspected.as_ref().and_then(|i| i.forwarded.as_ref()),
+                    object: inspected.as_ref().and_then(|i| i.object.as_ref()),
+                    missing: inspected.as_ref().and_then(|i| {
+                        i.truncated
+                            .then_some("the request body is larger than the gateway inspects")
+                    }),
+                };
+                let (decision, failed) = self
+                    .decide_with_content(&policy, base, &content, &extensions)
+                    .await;
+                if failed {
+                    self.metrics.condition_failures.inc();
+                }
+                decision
+            } else {
+                let evaluation = policy::evaluate(&policy, &base);
+                if let policy::Evaluation::ConditionFailed(_) = &evaluation {
+                    self.metrics.condition_failures.inc();
+                }
+                match evaluation {
+                    policy::Evaluation::Decided(d) | policy::Evaluation::ConditionFailed(d) => d,
+                    policy::Evaluation::NeedsContent { .. } => policy::decide(
+                        &policy,
+                        &base.with_content(
+                            policy::Content::Unavailable("not fetched"),
+                            policy::Content::Unavailable("not fetched"),
+                        ),
+                    ),
+                }
+            }
         };
+        if let Some(inspected) = inspected {
+            self.record_object(&mut record, inspected);
+        }
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
         record.decision = Some(decision.action);
         if decision.action == Action::Deny {
@@ -164,7 +233,7 @@ impl Proxy {
             record.reason = Some(why.clone());
             return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
         }
-        match impersonation(&self.impersonate, &conn.workload, &principal) {
+        match as_whom {
             Ok(as_whom) => {
                 record.impersonated_user = as_whom.as_ref().map(|i| i.user.clone());
                 pending.extensions_mut().insert(as_whom);
@@ -213,7 +282,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         record: &mut RequestRecord,
-    ) -> Result<Pending, Status> {
+    ) -> Result<(Pending, body::Inspected), Status> {
         let (mut parts, body) = req.into_parts();
         // The API server's own body limit, for the requests it applies to.
         let limited = matches!(record.verb, Verb::Create | Verb::Update | Verb::Patch)
@@ -270,8 +339,10 @@ impl Proxy {
         parts
             .extensions
             .insert(BodyLimitExceeded(inspected.exceeded.clone()));
-        self.record_object(record, inspected);
-        Ok(Pending::Plain(Request::from_parts(parts, body), count))
+        Ok((
+            Pending::Plain(Request::from_parts(parts, body), count),
+            inspected,
+        ))
     }
 
     /// Puts what body inspection found into the record: the masked object, size-capped.

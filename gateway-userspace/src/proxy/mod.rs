@@ -10,6 +10,7 @@
 
 mod bodies;
 mod body;
+mod content;
 mod credential;
 pub mod frames;
 mod handler;

@@ -1,0 +1,226 @@
+//! The content a policy condition reads, fetched only when a rule that could match asks
+//! for it (see [`policy::evaluate`]): the object a patch or server-side apply would store,
+//! from the same request sent upstream with `dryRun=All`, and the stored object of an
+//! update, patch or delete (CEL `oldObject`), both with the gateway's credential. Plain
+//! requests, and requests no content rule applies to, pay nothing.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Full};
+use serde_json::Value;
+
+use crate::{
+    policy::{self, Content, Decision, Evaluation, Policy, RequestContext},
+    request::{RequestInfo, Verb},
+};
+
+use super::{BoxError, Proxy, handler::upstream_uri, headers::sanitize_request_headers};
+
+/// Largest fetched object the gateway reads (a dry-run answer or a stored object).
+const MAX_FETCHED_BYTES: usize = 8 * 1024 * 1024;
+
+/// At most this many fetch rounds per request (object, then old object).
+const MAX_ROUNDS: usize = 3;
+
+/// What a request offers for its content before anything is fetched.
+pub(super) struct RequestContent<'a> {
+    /// The client's method, URI and headers (for a dry run of the same request).
+    pub(super) method: &'a Method,
+    pub(super) uri: &'a Uri,
+    pub(super) headers: &'a http::HeaderMap,
+    /// The body as it will be forwarded, when it was read whole.
+    pub(super) body: Option<&'a Bytes>,
+    /// The decoded body (create and update send the object itself).
+    pub(super) object: Option<&'a Value>,
+    /// Why there is no decoded body, when there should be one.
+    pub(super) missing: Option<&'a str>,
+}
+
+/// A fetched object, or why it could not be.
+enum Fetched {
+    Object(Value),
+    Absent,
+    Failed(String),
+}
+
+impl Fetched {
+    fn content(&self) -> Content<'_> {
+        match self {
+            Fetched::Object(v) => Content::Known(v),
+            Fetched::Absent => Content::Absent,
+            Fetched::Failed(why) => Content::Unavailable(why),
+        }
+    }
+}
+
+/// The content variables of a request before fetching: what it carries, and what must
+/// be fetched if a condition reads it.
+fn initial<'a>(info: &RequestInfo, req: &RequestContent<'a>) -> (Content<'a>, Content<'a>) {
+    let body = || match (req.object, req.missing) {
+        (Some(v), _) => Content::Known(v),
+        (None, Some(why)) => Content::Unavailable(why),
+        (None, None) => {
+            Content::Unavailable("the request body is not a JSON, YAML or protobuf object")
+        }
+    };
+    match info.verb {
+        Verb::Create => (body(), Content::Absent),
+        Verb::Update => (body(), Content::Pending),
+        Verb::Patch => (Content::Pending, Content::Pending),
+        Verb::Delete => (Content::Absent, Content::Pending),
+        _ => (Content::Absent, Content::Absent),
+    }
+}
+
+impl Proxy {
+    /// Evaluates the policy for a request, fetching the content its conditions read.
+    /// Returns the decision and whether a condition failed (for the metric).
+    pub(super) async fn decide_with_content(
+        &self,
+        policy: &Policy,
+        base: RequestContext<'_>,
+        req: &RequestContent<'_>,
+        extensions: &http::Extensions,
+    ) -> (Decision, bool) {
+        let info = base.request;
+        let (object, old_object) = initial(info, req);
+        let mut fetched_object: Option<Fetched> = None;
+        let mut fetched_old: Option<Fetched> = None;
+        for _ in 0..MAX_ROUNDS {
+            let ctx = base.with_content(
+                fetched_object.as_ref().map_or(object, Fetched::content),
+                fetched_old.as_ref().map_or(old_object, Fetched::content),
+            );
+            match policy::evaluate(policy, &ctx) {
+                Evaluation::Decided(d) => return (d, false),
+                Evaluation::ConditionFailed(d) => return (d, true),
+                Evaluation::NeedsContent {
+                    object: want_object,
+                    old_object: want_old,
+                    ..
+                } => {
+                    if want_object && fetched_object.is_none() {
+                        fetched_object = Some(self.dry_run(req, extensions).await);
+                    }
+                    if want_old && fetched_old.is_none() {
+                        fetched_old = Some(self.stored_object(info, req, extensions).await);
+                    }
+                }
+            }
+        }
+        // Cannot happen (each round fetches what was missing); fail closed regardless.
+        let ctx = base.with_content(
+            Content::Unavailable("not fetched"),
+            Content::Unavailable("not fetched"),
+        );
+        (policy::decide(policy, &ctx), true)
+    }
+
+    /// The object a patch would store: the same request upstream with `dryRun=All`.
+    async fn dry_run(&self, req: &RequestContent<'_>, extensions: &http::Extensions) -> Fetched {
+        let Some(body) = req.body else {
+            return Fetched::Failed(
+                req.missing
+                    .unwrap_or("the request body was not read whole")
+                    .to_owned(),
+            );
+        };
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let sep = if req.uri.query().is_some() { '&' } else { '?' };
+        let uri: Uri = match format!("{pq}{sep}dryRun=All").parse() {
+            Ok(uri) => uri,
+            Err(e) => return Fetched::Failed(format!("cannot build the dry-run URL: {e}")),
+        };
+        let mut headers = req.headers.clone();
+        headers.remove(header::CONTENT_LENGTH);
+        match self
+            .fetch(req.method.clone(), &uri, headers, body.clone(), extensions)
+            .await
+        {
+            Ok((status, v)) if status.is_success() => Fetched::Object(v),
+            Ok((status, v)) => Fetched::Failed(format!(
+                "the API server refused a dry run of the request ({status}): {}",
+                status_message(&v)
+            )),
+            Err(why) => Fetched::Failed(format!("the dry run of the request failed: {why}")),
+        }
+    }
+
+    /// The stored object an update, patch or delete applies to; absent when there is none.
+    async fn stored_object(
+        &self,
+        info: &RequestInfo,
+        req: &RequestContent<'_>,
+        extensions: &http::Extensions,
+    ) -> Fetched {
+        if info.name.is_empty() || !info.subresource.is_empty() && info.subresource != "status" {
+            return Fetched::Absent;
+        }
+        let path = req.uri.path();
+        let uri: Uri = match path.parse() {
+            Ok(uri) => uri,
+            Err(e) => return Fetched::Failed(format!("cannot build the object's URL: {e}")),
+        };
+        let mut headers = http::HeaderMap::new();
+        if let Some(ua) = req.headers.get(header::USER_AGENT) {
+            headers.insert(header::USER_AGENT, ua.clone());
+        }
+        match self
+            .fetch(Method::GET, &uri, headers, Bytes::new(), extensions)
+            .await
+        {
+            Ok((status, _)) if status == StatusCode::NOT_FOUND => Fetched::Absent,
+            Ok((status, v)) if status.is_success() => Fetched::Object(v),
+            Ok((status, v)) => Fetched::Failed(format!(
+                "the stored object could not be read ({status}): {}",
+                status_message(&v)
+            )),
+            Err(why) => Fetched::Failed(format!("the stored object could not be read: {why}")),
+        }
+    }
+
+    /// One JSON request upstream with the gateway's credential (and impersonation, as the
+    /// real request would carry); the answer's status and JSON body.
+    async fn fetch(
+        &self,
+        method: Method,
+        uri: &Uri,
+        mut headers: http::HeaderMap,
+        body: Bytes,
+        extensions: &http::Extensions,
+    ) -> Result<(StatusCode, Value), String> {
+        let target = upstream_uri(&self.upstream_base, uri).map_err(|e| e.to_string())?;
+        sanitize_request_headers(&mut headers);
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        headers.remove(header::ACCEPT_ENCODING);
+        self.upstream_credentials(&mut headers, extensions);
+        let mut request = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *request.method_mut() = method;
+        *request.uri_mut() = target;
+        *request.headers_mut() = headers;
+        let response = tokio::time::timeout(
+            self.limits.body_read_timeout,
+            self.upstream.request(request),
+        )
+        .await
+        .map_err(|_| "the API server did not answer in time".to_owned())?
+        .map_err(|e| crate::error_chain(&e))?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_FETCHED_BYTES);
+        let bytes = tokio::time::timeout(self.limits.body_read_timeout, body.collect())
+            .await
+            .map_err(|_| "the API server's answer did not arrive in time".to_owned())?
+            .map_err(|e: BoxError| format!("cannot read the API server's answer: {e}"))?
+            .to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the API server's answer is not JSON: {e}"))?;
+        Ok((status, value))
+    }
+}
+
+/// The `message` of a `Status`, or the status itself.
+fn status_message(v: &Value) -> String {
+    v.get("message")
+        .and_then(Value::as_str)
+        .map_or_else(|| v.to_string(), str::to_owned)
+}
