@@ -9,13 +9,13 @@
 //! so these pass only because the gateway transcodes the bodies to JSON: they are not
 //! compared with direct runs, and the test checks the API server received JSON.
 
-use std::{
-    collections::BTreeSet,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
-use chaperone_e2e::privileged;
+use chaperone_e2e::{
+    LIMIT,
+    clients::{kubectl, kubectl_env, kubectl_in_pod, ok, python, python_in_pod, run, text},
+    privileged,
+};
 use chaperone_testkit::{
     apiserver::{Authorizer, Denial, DenialTarget},
     demo::demo_objects,
@@ -29,14 +29,8 @@ use tokio::{
     process::{Child, Command},
 };
 
-/// How long any single client run may take.
-const LIMIT: Duration = Duration::from_secs(60);
 /// Forces kubectl exec/cp onto SPDY (kubectl 1.32 defaults to WebSocket).
 const SPDY: (&str, &str) = ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn words(line: &str) -> Vec<&str> {
     line.split_whitespace().collect()
@@ -64,29 +58,6 @@ fn pod_json(name: &str) -> Value {
     })
 }
 
-/// A kubectl command inside the pod, with its own discovery cache (kept alive by the
-/// returned directory) and the pod's kubeconfig.
-fn kubectl_in_pod(
-    stack: &Stack,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> (Command, tempfile::TempDir) {
-    let cache = tempfile::tempdir_in(stack.dir()).expect("kubectl cache dir");
-    let mut cmd = Command::from(stack.pod.command("kubectl"));
-    // The flag goes first: after `exec ... --` everything belongs to the remote command.
-    cmd.arg("--cache-dir")
-        .arg(cache.path())
-        .args(args)
-        .env("KUBECONFIG", stack.kubeconfig())
-        .env("HOME", stack.dir())
-        .current_dir(stack.dir())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    (cmd, cache)
-}
-
 /// The same kubectl on the node, straight to the API server with the gateway's token: what
 /// the pod would see without the gateway in between.
 fn kubectl_direct(stack: &Stack, args: &[&str]) -> (Command, tempfile::TempDir) {
@@ -110,86 +81,6 @@ fn kubectl_direct(stack: &Stack, args: &[&str]) -> (Command, tempfile::TempDir) 
         .current_dir(stack.dir())
         .kill_on_drop(true);
     (cmd, cache)
-}
-
-/// Runs a command to completion (stdin fed and closed), within [`LIMIT`].
-async fn run(mut cmd: Command, stdin: Option<&[u8]>, what: &str) -> Output {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data)
-            .await
-            .unwrap_or_else(|e| panic!("{what}: write stdin: {e}"));
-        drop(pipe);
-    }
-    match tokio::time::timeout(LIMIT, child.wait_with_output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("{what}: {e}"),
-        Err(_) => panic!("{what} did not finish within {LIMIT:?}"),
-    }
-}
-
-async fn kubectl(stack: &Stack, args: &[&str]) -> Output {
-    kubectl_env(stack, args, &[], None).await
-}
-
-async fn kubectl_env(
-    stack: &Stack,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&[u8]>,
-) -> Output {
-    let (cmd, _cache) = kubectl_in_pod(stack, args, env);
-    run(
-        cmd,
-        stdin,
-        &format!("kubectl {args:?} (env {env:?}) in the pod"),
-    )
-    .await
-}
-
-/// Runs kubectl in the pod, requires exit code 0 and returns stdout.
-async fn ok(stack: &Stack, args: &[&str]) -> String {
-    let out = kubectl(stack, args).await;
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// Runs a Python script inside the pod with the pod's kubeconfig.
-fn python_in_pod(stack: &Stack, script: &str) -> Command {
-    let mut cmd = Command::from(stack.pod.command("python3"));
-    cmd.arg("-c")
-        .arg(script)
-        .env("KUBECONFIG", stack.kubeconfig())
-        .env("HOME", stack.dir())
-        .env("PYTHONUNBUFFERED", "1")
-        .current_dir(stack.dir())
-        .kill_on_drop(true);
-    cmd
-}
-
-async fn python(stack: &Stack, script: &str, what: &str) -> String {
-    let out = run(python_in_pod(stack, script), None, what).await;
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// Parses YAML with PyYAML (a dependency of the Python client; this crate has no YAML

@@ -4,6 +4,11 @@
 //! without root they skip with a printed reason; with `CI` set they must run, so a CI
 //! machine that cannot run them fails instead of passing vacuously.
 
+pub mod clients;
+
+/// How long any single client run may take.
+pub const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Whether a privileged test can run here. Prints why not, and panics under CI.
 pub fn privileged(test: &str) -> bool {
     let root = nix_is_root();

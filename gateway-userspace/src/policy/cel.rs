@@ -1,7 +1,7 @@
 //! Content conditions: a rule's `when:` list of CEL expressions, compiled once at load and
 //! evaluated per request with the variable names of a Kubernetes
-//! ValidatingAdmissionPolicy (`object`, `oldObject`, `request`) plus `workload` and
-//! `principal`.
+//! ValidatingAdmissionPolicy (`object`, `oldObject`, `request`) plus `workload`,
+//! `principal` and `podSpec` (the pod template of any workload kind).
 //!
 //! The `cel` crate has no runtime cost budget (the API server caps each call), so the
 //! gateway bounds evaluation itself, before running anything:
@@ -59,7 +59,14 @@ impl std::fmt::Debug for Condition {
 }
 
 /// The variables every condition may read (anything else is a load error).
-const VARIABLES: &[&str] = &["object", "oldObject", "request", "workload", "principal"];
+const VARIABLES: &[&str] = &[
+    "object",
+    "oldObject",
+    "podSpec",
+    "request",
+    "workload",
+    "principal",
+];
 /// CEL's type identifiers (`type(x) == string`).
 const TYPE_NAMES: &[&str] = &[
     "int",
@@ -105,7 +112,9 @@ impl Condition {
             .compile(source)
             .map_err(|e| format!("invalid CEL expression: {}", one_line(&e.to_string())))?;
         let mut stats = Stats::default();
-        let cost = stats.walk(program.expression(), 0, 0);
+        let walked = stats.walk(program.expression(), 0, 0, None);
+        // Amortized costs left at the top belong to no loop: paid once.
+        let cost = add(walked.per, walked.amortized);
         if stats.too_deep {
             return Err(format!(
                 "CEL expression nests more than {MAX_NESTING} levels deep"
@@ -131,7 +140,7 @@ impl Condition {
         Ok(Condition {
             source: source.into(),
             cost,
-            reads_object: refs.has_variable("object"),
+            reads_object: refs.has_variable("object") || refs.has_variable("podSpec"),
             reads_old_object: refs.has_variable("oldObject"),
             program,
         })
@@ -202,16 +211,58 @@ const ONE: Cost = {
     c
 };
 
+/// The cost of a subtree: `per` is paid every time it is evaluated; `amortized` is paid
+/// once per iteration *series* of the nearest enclosing comprehension (an inner loop over
+/// a part of that comprehension's element: the parts of different elements are disjoint,
+/// so all the inner loops together visit at most `n` values).
+#[derive(Clone, Copy)]
+struct Walked {
+    per: Cost,
+    amortized: Cost,
+}
+
+/// The nearest enclosing comprehension, for amortization.
+#[derive(Clone, Copy)]
+struct Enclosing<'e> {
+    /// Its iteration variable.
+    var: &'e str,
+    /// Whether it iterates over a list taken from the input (a path from a variable), so
+    /// that its elements are disjoint parts of the input.
+    disjoint: bool,
+}
+
+/// The variable a pure field path (`a.b.c`) starts from.
+fn path_root(e: &IdedExpr) -> Option<&str> {
+    match &e.expr {
+        Expr::Ident(name) => Some(name),
+        Expr::Select(s) if !s.test => path_root(&s.operand),
+        _ => None,
+    }
+}
+
 impl Stats {
     /// Walks `e` at syntax depth `depth` inside `loops` comprehensions; returns its cost.
-    fn walk(&mut self, e: &IdedExpr, depth: usize, loops: usize) -> Cost {
+    fn walk<'e>(
+        &mut self,
+        e: &'e IdedExpr,
+        depth: usize,
+        loops: usize,
+        enclosing: Option<Enclosing<'e>>,
+    ) -> Walked {
+        let mut out = Walked {
+            per: ONE,
+            amortized: [0.0; MAX_COMPREHENSION_DEPTH + 1],
+        };
         if depth > 4 * MAX_NESTING {
             self.too_deep = true;
-            return ONE;
+            return out;
         }
         let next = depth + 1;
-        let mut cost = ONE;
-        let mut child = |s: &mut Self, e: &IdedExpr| cost = add(cost, s.walk(e, next, loops));
+        let mut child = |s: &mut Self, e: &'e IdedExpr| {
+            let w = s.walk(e, next, loops, enclosing);
+            out.per = add(out.per, w.per);
+            out.amortized = add(out.amortized, w.amortized);
+        };
         match &e.expr {
             Expr::Unspecified | Expr::Literal(_) => {}
             Expr::Ident(name) => {
@@ -236,11 +287,31 @@ impl Stats {
                 for part in [&c.iter_range, &c.accu_init, &c.result] {
                     child(self, part);
                 }
-                let body = add(
-                    self.walk(&c.loop_cond, next, inner),
-                    self.walk(&c.loop_step, next, inner),
-                );
-                cost = add(cost, times_n(body));
+                let root = path_root(&c.iter_range);
+                let from_input = root.is_some_and(|r| VARIABLES.contains(&r));
+                // A loop over a part of the enclosing loop's element.
+                let amortize = enclosing.is_some_and(|en| en.disjoint && root == Some(en.var));
+                let me = Enclosing {
+                    var: &c.iter_var,
+                    disjoint: from_input || amortize,
+                };
+                let mut body = Walked {
+                    per: [0.0; MAX_COMPREHENSION_DEPTH + 1],
+                    amortized: [0.0; MAX_COMPREHENSION_DEPTH + 1],
+                };
+                for part in [&c.loop_cond, &c.loop_step] {
+                    let w = self.walk(part, next, inner, Some(me));
+                    body.per = add(body.per, w.per);
+                    body.amortized = add(body.amortized, w.amortized);
+                }
+                // Every iteration pays the body; the inner loops over parts of the
+                // elements are paid once for all iterations.
+                let loop_cost = add(times_n(body.per), body.amortized);
+                if amortize {
+                    out.amortized = add(out.amortized, loop_cost);
+                } else {
+                    out.per = add(out.per, loop_cost);
+                }
             }
             Expr::List(l) => {
                 for el in &l.elements {
@@ -264,7 +335,7 @@ impl Stats {
                 }
             }
         }
-        cost
+        out
     }
 }
 
@@ -320,6 +391,7 @@ impl<'c> Variables<'c> {
             for (name, value) in [
                 ("object", content_value(&self.ctx.object)?),
                 ("oldObject", content_value(&self.ctx.old_object)?),
+                ("podSpec", pod_spec_value(&self.ctx.object)?),
                 ("request", request_value(self.ctx)),
                 ("workload", workload_value(self.ctx)),
                 ("principal", principal_value(self.ctx)),
@@ -357,6 +429,34 @@ fn content_value(c: &Content<'_>) -> Result<CelValue, String> {
         Content::Known(v) => cel::to_value(v).map_err(|e| format!("object cannot be read: {e}")),
         Content::Pending => Err("the object was not fetched".to_owned()),
         Content::Unavailable(why) => Err((*why).to_owned()),
+    }
+}
+
+/// The pod template's `spec` of a workload object, whatever its kind: `podSpec` saves
+/// every rule from spelling out where each kind keeps its pods.
+pub fn pod_spec(object: &Value) -> Option<&Value> {
+    let path: &[&str] = match object.get("kind")?.as_str()? {
+        "Pod" => &["spec"],
+        "PodTemplate" => &["template", "spec"],
+        "Deployment"
+        | "ReplicaSet"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "Job"
+        | "ReplicationController" => &["spec", "template", "spec"],
+        "CronJob" => &["spec", "jobTemplate", "spec", "template", "spec"],
+        _ => return None,
+    };
+    path.iter().try_fold(object, |v, key| v.get(key))
+}
+
+fn pod_spec_value(c: &Content<'_>) -> Result<CelValue, String> {
+    match c {
+        Content::Known(v) => match pod_spec(v) {
+            Some(spec) => cel::to_value(spec).map_err(|e| format!("object cannot be read: {e}")),
+            None => Ok(CelValue::Null),
+        },
+        other => content_value(other),
     }
 }
 

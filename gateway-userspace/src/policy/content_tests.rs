@@ -273,3 +273,64 @@ rules:
         Some("no-shells")
     );
 }
+
+#[test]
+fn loops_over_parts_of_elements_are_amortized_and_pod_spec_finds_templates() {
+    // Secret references in env of every container: a loop inside a loop over the parts of
+    // each element, which visits each env entry once in total.
+    let p = load(
+        r#"
+default: allow
+rules:
+  - name: no-secret-env
+    action: deny
+    verbs: [create]
+    apiGroups: ["", apps, batch]
+    resources: ["*"]
+    when:
+      - >-
+        podSpec.containers.exists(c, has(c.env) &&
+        c.env.exists(e, has(e.valueFrom) && has(e.valueFrom.secretKeyRef)))
+"#,
+    );
+    let env = |secret: bool| -> Vec<Value> {
+        (0..60)
+            .map(|i| {
+                if secret && i == 59 {
+                    json!({"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})
+                } else {
+                    json!({"name": format!("V{i}"), "value": "v"})
+                }
+            })
+            .collect()
+    };
+    let containers = |secret: bool| -> Vec<Value> {
+        (0..30)
+            .map(|i| json!({"name": format!("c{i}"), "image": "x", "env": env(secret && i == 29)}))
+            .collect()
+    };
+    let (info, _) = request("POST", "/apis/batch/v1/namespaces/default/cronjobs");
+    for (secret, want) in [(true, Action::Deny), (false, Action::Allow)] {
+        let obj = json!({"kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template": {"spec": {"containers": containers(secret)}}}}}});
+        let ctx = RequestContext::new(&info).with_content(Content::Known(&obj), Content::Absent);
+        assert_eq!(
+            evaluate(&p, &ctx),
+            Evaluation::Decided(Decision {
+                action: want,
+                rule: (want == Action::Deny).then(|| Arc::from("no-secret-env")),
+                message: None,
+            }),
+            "secret={secret}"
+        );
+    }
+    // The same size of input in a cross product of two unrelated lists is refused.
+    let cross = load(
+        "default: allow\nrules:\n  - name: r\n    action: allow\n    verbs: ['*']\n    resources: ['*']\n    when: ['object.a.exists(x, object.b.exists(y, x == y))']\n",
+    );
+    let obj = json!({"a": (0..2000).collect::<Vec<_>>(), "b": (0..2000).collect::<Vec<_>>()});
+    let ctx = RequestContext::new(&info).with_content(Content::Known(&obj), Content::Absent);
+    assert!(matches!(
+        evaluate(&cross, &ctx),
+        Evaluation::ConditionFailed(_)
+    ));
+}
