@@ -423,12 +423,13 @@ fn json_size(v: &Value) -> usize {
     n
 }
 
+/// The CEL value of a content variable. Content that is pending or unavailable is `null`
+/// here: a condition that reads it never runs (see `content_matches`), but one that does
+/// not read it must still be able to run.
 fn content_value(c: &Content<'_>) -> Result<CelValue, String> {
     match c {
-        Content::Absent => Ok(CelValue::Null),
         Content::Known(v) => cel::to_value(v).map_err(|e| format!("object cannot be read: {e}")),
-        Content::Pending => Err("the object was not fetched".to_owned()),
-        Content::Unavailable(why) => Err((*why).to_owned()),
+        Content::Absent | Content::Pending | Content::Unavailable(_) => Ok(CelValue::Null),
     }
 }
 

@@ -73,6 +73,19 @@ pub(super) fn content_matches(
             state.stop = Some(Stop::Needs { object, old_object });
             return true;
         }
+        let unavailable = |reads: bool, c: &Content<'_>| match c {
+            Content::Unavailable(why) if reads => Some(why.to_string()),
+            _ => None,
+        };
+        if let Some(why) = unavailable(condition.reads_object, &ctx.object)
+            .or_else(|| unavailable(condition.reads_old_object, &ctx.old_object))
+        {
+            state.stop = Some(Stop::Failed(format!(
+                "condition `{}` reads content that is not available: {why}",
+                condition.source
+            )));
+            return true;
+        }
         match condition.eval(&mut state.vars) {
             Ok(true) => {}
             Ok(false) => return false,

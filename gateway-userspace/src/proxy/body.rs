@@ -83,7 +83,11 @@ fn encoding(content_type: Option<&str>) -> Encoding {
         .map(|m| m.trim().to_ascii_lowercase())
         .unwrap_or_default();
     match media.as_str() {
-        "application/json"
+        // No Content-Type (the Python client sends none) is the API server's first
+        // supported type: JSON.
+        ""
+        | "*/*"
+        | "application/json"
         | "application/merge-patch+json"
         | "application/strategic-merge-patch+json"
         | "application/json-patch+json" => Encoding::Json,
