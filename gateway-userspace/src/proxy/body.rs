@@ -416,7 +416,9 @@ mod tests {
                 Encoding::Protobuf,
             ),
             (Some("text/plain"), Encoding::Other),
-            (None, Encoding::Other),
+            // The API server reads a body without Content-Type as JSON.
+            (None, Encoding::Json),
+            (Some(""), Encoding::Json),
         ] {
             assert_eq!(encoding(ct), want, "{ct:?}");
         }
