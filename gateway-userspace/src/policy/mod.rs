@@ -40,6 +40,17 @@
 //!       kinds: [anonymous, oidc, serviceAccount, user, invalid]
 //!       subjects: [alice@example.com, "system:serviceaccount:ci:*"]  # trailing "*" = prefix
 //!       groups: [sre]                  # any one of these groups
+//!   - name: no-privileged-pods
+//!     action: deny
+//!     verbs: [create, update, patch]
+//!     resources: [pods, deployments]
+//!     when:                            # optional CEL conditions, all must hold
+//!       - podSpec.containers.exists(c, has(c.securityContext) && has(c.securityContext.privileged) && c.securityContext.privileged)
+//!   - name: no-rm-rf
+//!     action: deny
+//!     verbs: [create, get]
+//!     resources: [pods/exec]
+//!     exec: {commands: ["rm -rf *"]}   # optional: command, programs, stdin/tty, container
 //! ```
 //!
 //! A rule has either `resources` (a resource rule) or `nonResourceURLs` (a non-resource
@@ -100,6 +111,59 @@
 //! or borrowed token). The decision then names the guard, e.g.
 //! `identity.denyInvalidTokens`, where a rule decision names the rule; rule names starting
 //! with `identity.` are reserved for this.
+//!
+//! # Content conditions (`when`)
+//!
+//! A rule's `when` is a list of CEL expressions; the rule matches only when its other fields
+//! match **and** every expression is true. Expressions are compiled when the policy loads (a
+//! syntax error, an unknown variable or a limit exceeded is a load error with file:line) and
+//! evaluated only for requests that reach the rule in first-match order. They read the
+//! variable names of a Kubernetes ValidatingAdmissionPolicy, plus the caller:
+//!
+//! * `object`: what the API server would store. For a create or update, the request body
+//!   (protobuf bodies transcoded to JSON). For a patch (JSON, merge, strategic) or a
+//!   server-side apply, the result of the same request sent upstream with `dryRun=All` with
+//!   the gateway's credential; the gateway sends that dry run only when a rule that reads
+//!   `object` could match the request, so other requests pay nothing. `null` for a get,
+//!   list, watch or delete.
+//! * `oldObject`: the stored object an update, patch or delete applies to (read upstream, on
+//!   the same terms); `null` for a create or when there is none.
+//! * `podSpec`: the pod template's `spec` of `object` whatever its kind (`Pod`,
+//!   `Deployment`, `ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, `CronJob`,
+//!   `ReplicationController`, `PodTemplate`); `null` for other kinds.
+//! * `request`: `verb`, `operation` (`CREATE`, `UPDATE`, `DELETE` or `""`),
+//!   `resource.{group,version,resource}`, `subResource`, `namespace`, `name`, `path`,
+//!   `dryRun` (bool), `userInfo.{username,groups}` (the verified principal).
+//! * `workload`: the calling pod, from the kernel: `known`, `namespace`, `name`,
+//!   `serviceAccount`, `labels`.
+//! * `principal`: the verified bearer token: `kind`, `username`, `groups`.
+//!
+//! A field that is not set is an error to read, as in Kubernetes: test it with `has()` first
+//! (`has(c.securityContext) && c.securityContext.privileged`). A condition that cannot be
+//! evaluated (an error, a result that is not a boolean, content that could not be read or
+//! dry-run, or an estimated cost over the limit) **denies** the request, naming the rule and
+//! the reason, and counts in `chaperone_policy_condition_failures_total`.
+//!
+//! Evaluation is bounded before it runs: an expression is at most 4096 bytes, nests at most
+//! 32 brackets and 3 comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) deep,
+//! and its cost (every node 1, a comprehension's body times the number of values `n` in the
+//! objects it reads; a loop over a part of the enclosing loop's element, such as
+//! `c.env` inside `podSpec.containers.exists(c, ...)`, counted once for all elements) must
+//! stay under 1,000,000, the API server's per-call limit.
+//!
+//! # Exec selectors (`exec`)
+//!
+//! A rule on `pods/exec` or `pods/attach` may carry `exec`, which matches the request's
+//! query: `commands` (shell-style globs, `*` any run of characters and `?` one, over the
+//! space-joined argv, over the same with argv[0] reduced to its base name, and over the
+//! script of `sh|bash|dash|zsh|ash|ksh|busybox -c SCRIPT`), `programs` (globs over argv[0]'s
+//! base name), `commandRegexes` (regexes, RE2 syntax, over the same strings as `commands`),
+//! `interactive` (`true`: only with stdin or a tty; `false`: only without) and `containers`
+//! (globs over the container name). `commands`, `programs` and `commandRegexes` are
+//! alternatives (any one matching is enough); `interactive` and `containers` must hold as
+//! well. An attach runs no command, so a rule with command matchers never matches it. A
+//! command line assembled at run time (a script that builds `rm` from pieces) is not seen by
+//! any pattern: deny interactive sessions to rule that out.
 
 use std::{
     collections::{BTreeMap, HashMap},
