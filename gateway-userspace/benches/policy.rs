@@ -14,6 +14,12 @@
 //! (groups), probed as an agent pod with an OIDC principal; and a worst case where every
 //! rule has the request's shape and differs only by the calling workload's namespace, so
 //! every rule passes the index and the verb check and is rejected by the identity check.
+//!
+//! The `decide_cel` group puts a content condition (CEL over the pod template) on the
+//! deciding rule of the same mix and probes a pod create whose body is known: the cost of
+//! building the CEL variables from the object and evaluating the condition, once true
+//! (denied) and once false (falls through to the default). The `decide_exec` group puts
+//! an exec selector on one rule in ten and probes an exec request.
 
 use std::{fmt::Write as _, hint::black_box};
 
@@ -23,8 +29,8 @@ use gateway_userspace::{
         WorkloadIdentity,
         principal::{Principal, PrincipalKind},
     },
-    policy::{Action, Policy, RequestContext, decide},
-    request::RequestInfo,
+    policy::{Action, Content, Policy, RequestContext, decide},
+    request::{ExecRequest, RequestInfo},
 };
 use http::{Method, Uri};
 
@@ -357,5 +363,110 @@ fn bench_decide_identity(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decide, bench_decide_identity, bench_parse);
+/// The mix with a content condition on the deciding rule, and pod creates in `prod`.
+fn cel_policy_text(n: usize) -> String {
+    policy_text(n).replace(
+        "    verbs: [delete, deletecollection]\n    apiGroups: [\"\"]\n    resources: [pods]\n    namespaces: [prod]\n",
+        "    verbs: [create, update, delete, deletecollection]\n    apiGroups: [\"\"]\n    resources: [pods]\n    namespaces: [prod]\n    when:\n      - >-\n        podSpec == null || podSpec.containers.exists(c, has(c.securityContext) &&\n        has(c.securityContext.privileged) && c.securityContext.privileged)\n",
+    )
+}
+
+fn pod_object(privileged: bool) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "prod", "labels": {"app": "web", "tier": "frontend"}},
+        "spec": {"containers": [
+            {"name": "web", "image": "registry.example.com/web:1.2.3",
+             "ports": [{"containerPort": 8080}],
+             "env": [{"name": "MODE", "value": "prod"}, {"name": "LOG", "value": "info"}],
+             "resources": {"limits": {"cpu": "1", "memory": "512Mi"}}},
+            {"name": "sidecar", "image": "registry.example.com/proxy:2",
+             "securityContext": {"privileged": privileged, "runAsNonRoot": true}}
+        ]}
+    })
+}
+
+fn bench_decide_cel(c: &mut Criterion) {
+    let create = request(Method::POST, "/api/v1/namespaces/prod/pods");
+    let (bad, good) = (pod_object(true), pod_object(false));
+    let mut group = c.benchmark_group("decide_cel");
+    for n in [10, 100, 1_000] {
+        let policy = Policy::from_yaml(&cel_policy_text(n), "bench.yaml")
+            .unwrap_or_else(|e| panic!("cel bench policy of {n} rules must load: {e}"));
+        fn ctx<'a>(info: &'a RequestInfo, obj: &'a serde_json::Value) -> RequestContext<'a> {
+            RequestContext::new(info).with_content(Content::Known(obj), Content::Absent)
+        }
+        let d = decide(&policy, &ctx(&create, &bad));
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Deny, Some("protect-prod-pods")),
+            "n={n}"
+        );
+        let d = decide(&policy, &ctx(&create, &good));
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Allow, None),
+            "n={n}"
+        );
+        group.bench_with_input(BenchmarkId::new("condition_true", n), &bad, |b, obj| {
+            b.iter(|| decide(black_box(&policy), &ctx(&create, black_box(obj))))
+        });
+        group.bench_with_input(BenchmarkId::new("condition_false", n), &good, |b, obj| {
+            b.iter(|| decide(black_box(&policy), &ctx(&create, black_box(obj))))
+        });
+    }
+    group.finish();
+}
+
+/// The mix with one rule in ten replaced by an exec rule of a namespace, in front.
+fn exec_policy_text(n: usize) -> String {
+    let mix = policy_text(n - n / 10);
+    let (head, rules) = mix.split_once("rules:\n").expect("rules");
+    let mut y = format!("{head}rules:\n");
+    for k in 0..n / 10 {
+        let _ = write!(
+            y,
+            "  - name: exec-{k}\n    action: deny\n    verbs: [create, get]\n    resources: [pods/exec]\n    namespaces: [team-{k}]\n    exec: {{commands: [\"rm -rf *\", \"cmd-{k} *\"], interactive: false}}\n"
+        );
+    }
+    y.push_str(rules);
+    y
+}
+
+fn bench_decide_exec(c: &mut Criterion) {
+    let uri = Uri::from_static(
+        "/api/v1/namespaces/team-3/pods/web-0/exec?command=ls&command=-la&container=app&stdout=true",
+    );
+    let info = RequestInfo::parse(&Method::POST, &uri).expect("exec request");
+    let exec = ExecRequest::from_uri(&uri);
+    let mut group = c.benchmark_group("decide_exec");
+    for n in [10, 100, 1_000] {
+        let text = exec_policy_text(n);
+        let Ok(policy) = Policy::from_yaml(&text, "bench.yaml") else {
+            // The mix places exec selectors only on rules whose resources allow them.
+            panic!(
+                "exec bench policy of {n} rules must load: {:?}",
+                Policy::from_yaml(&text, "bench.yaml").err()
+            );
+        };
+        group.bench_with_input(BenchmarkId::new("exec_selectors", n), &exec, |b, exec| {
+            b.iter(|| {
+                decide(
+                    black_box(&policy),
+                    &RequestContext::new(&info).with_exec(Some(black_box(exec)), false),
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decide,
+    bench_decide_identity,
+    bench_decide_cel,
+    bench_decide_exec,
+    bench_parse
+);
 criterion_main!(benches);
