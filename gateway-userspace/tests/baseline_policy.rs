@@ -53,6 +53,9 @@ fn decided(
     (d.action, d.rule.map(|r| r.to_string()))
 }
 
+/// Method, URI, body, and the expected action and rule.
+type Case<'a> = (&'a str, &'a str, Option<&'a Value>, Action, Option<&'a str>);
+
 fn pod(spec: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": spec})
 }
@@ -69,7 +72,7 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
         json!({"containers": [{"name": "a", "image": "x", "envFrom": [{"secretRef": {"name": "db"}}]}]}),
     );
     let sandbox_pods = "/api/v1/namespaces/ai-sandbox/pods";
-    let cases: &[(&str, &str, Option<&Value>, Action, Option<&str>)] = &[
+    let cases: &[Case<'_>] = &[
         (
             "POST",
             "/api/v1/namespaces/ai-sandbox/serviceaccounts/default/token",
