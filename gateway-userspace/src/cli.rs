@@ -65,6 +65,12 @@ pub enum Command {
         #[arg(long, default_value = crate::ebpf::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Work with policy files.
+    Policy {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Check configuration or policy files without starting anything.
     Check {
         /// A config file to validate (with the policy files it names).
@@ -73,6 +79,23 @@ pub enum Command {
         /// Policy files to validate.
         #[arg(long = "policy")]
         policies: Vec<PathBuf>,
+    },
+}
+
+/// `chaperone policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Decide the requests of YAML fixtures with a policy, without a cluster: prints each
+    /// decision and the rule that made it; exits 1 when a request is denied (or, for a
+    /// fixture with `expect`, decided otherwise). The fixture format is in
+    /// docs/policy-reference.md.
+    Test {
+        /// The policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Fixture files (one request, or a list under `requests:`).
+        #[arg(required = true)]
+        fixtures: Vec<PathBuf>,
     },
 }
 
@@ -90,6 +113,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { admin, json } => status(admin, json).await,
+        Command::Policy {
+            command: PolicyCommand::Test { policy, fixtures },
+        } => policy_test(&policy, &fixtures),
         Command::Uninstall { pin_path } => {
             crate::ebpf::uninstall(&pin_path)?;
             println!(
@@ -127,6 +153,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `chaperone policy test`.
+fn policy_test(policy: &std::path::Path, fixtures: &[PathBuf]) -> anyhow::Result<()> {
+    use crate::policy::fixture;
+    let loaded = crate::policy::Policy::from_file(policy)
+        .with_context(|| format!("loading {}", policy.display()))?;
+    let (mut passed, mut failed) = (0, 0);
+    for file in fixtures {
+        let requests = fixture::load(file).map_err(anyhow::Error::msg)?;
+        for (i, f) in requests.iter().enumerate() {
+            let outcome = fixture::decide_fixture(&loaded, f)
+                .map_err(|e| anyhow::anyhow!("{}: request {i}: {e}", file.display()))?;
+            let verdict = if outcome.passed { "PASS" } else { "FAIL" };
+            let expected = match outcome.expected {
+                Some(want) if want != outcome.decision.action => format!(" (expected {want})"),
+                _ => String::new(),
+            };
+            let failed_note = if outcome.condition_failed {
+                " [condition failed]"
+            } else {
+                ""
+            };
+            println!(
+                "{verdict}  {}: {}{expected}{failed_note}\n      {}",
+                outcome.label,
+                outcome.decision.action,
+                outcome.decision.reason()
+            );
+            if outcome.passed {
+                passed += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    anyhow::ensure!(failed == 0, "{failed} request(s) did not pass");
+    Ok(())
 }
 
 async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {

@@ -175,3 +175,63 @@ fn status_without_a_daemon_says_so() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("is chaperone running?"), "{stderr}");
 }
+
+#[test]
+fn policy_test_decides_fixtures_and_fails_on_a_denial() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/");
+    let policy = format!("{root}policy.yaml");
+    let fixtures = format!("{root}policy-tests.yaml");
+    let out = chaperone(&["policy", "test", "--policy", &policy, &fixtures]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the shipped fixtures pass:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("PASS  a privileged Deployment: deny")
+            && stdout.contains(
+                "rule \"no-privileged-workloads\": privileged containers are not allowed"
+            ),
+        "{stdout}"
+    );
+
+    // Without `expect`, a denial fails the run; a wrong expectation too; garbage is named.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let denied = dir.path().join("denied.yaml");
+    std::fs::write(
+        &denied,
+        "method: DELETE\npath: /api/v1/namespaces/kube-system\nworkload: {namespace: ai-agents, name: cursor-0}\n",
+    )
+    .expect("write fixture");
+    let out = chaperone(&[
+        "policy",
+        "test",
+        "--policy",
+        &policy,
+        denied.to_str().expect("utf-8"),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("FAIL  DELETE /api/v1/namespaces/kube-system: deny"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no-destructive-deletes"), "{stdout}");
+    let garbage = dir.path().join("garbage.yaml");
+    std::fs::write(&garbage, "method: GET\npath: /api/v1/pods\nbogus: 1\n").expect("write fixture");
+    let out = chaperone(&[
+        "policy",
+        "test",
+        "--policy",
+        &policy,
+        garbage.to_str().expect("utf-8"),
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("garbage.yaml") && stderr.contains("bogus"),
+        "names the file and the key: {stderr}"
+    );
+}

@@ -192,6 +192,7 @@ mod compile;
 #[cfg(test)]
 mod content_tests;
 mod exec;
+pub mod fixture;
 mod index;
 mod load;
 mod matching;
