@@ -47,6 +47,8 @@ pub(super) struct Condition {
     program: Program,
     /// The cost estimate's polynomial.
     cost: Cost,
+    /// Bits (indexes into [`VARIABLES`]) of the variables it reads.
+    uses: u8,
     /// Which content variables it reads.
     pub(super) reads_object: bool,
     pub(super) reads_old_object: bool,
@@ -140,6 +142,11 @@ impl Condition {
         Ok(Condition {
             source: source.into(),
             cost,
+            uses: VARIABLES
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| refs.has_variable(v))
+                .fold(0, |bits, (i, _)| bits | 1 << i),
             reads_object: refs.has_variable("object") || refs.has_variable("podSpec"),
             reads_old_object: refs.has_variable("oldObject"),
             program,
@@ -162,7 +169,7 @@ impl Condition {
                 self.source
             ));
         }
-        let ctx = vars.context()?;
+        let ctx = vars.context(self.uses)?;
         match self.program.execute(ctx) {
             Ok(CelValue::Bool(b)) => Ok(b),
             Ok(other) => Err(format!(
@@ -360,6 +367,8 @@ pub enum Content<'a> {
 pub(super) struct Variables<'c> {
     ctx: &'c RequestContext<'c>,
     built: Option<Context<'static, 'static>>,
+    /// Bits (indexes into [`VARIABLES`]) of the variables already in `built`.
+    added: u8,
     size: Option<(usize, usize)>,
 }
 
@@ -368,6 +377,7 @@ impl<'c> Variables<'c> {
         Variables {
             ctx,
             built: None,
+            added: 0,
             size: None,
         }
     }
@@ -385,22 +395,30 @@ impl<'c> Variables<'c> {
         16 + if object { o } else { 0 } + if old { p } else { 0 }
     }
 
-    fn context(&mut self) -> Result<&Context<'static, 'static>, String> {
-        if self.built.is_none() {
-            let mut c = Context::with_env(ENV.clone());
-            for (name, value) in [
-                ("object", content_value(&self.ctx.object)?),
-                ("oldObject", content_value(&self.ctx.old_object)?),
-                ("podSpec", pod_spec_value(&self.ctx.object)?),
-                ("request", request_value(self.ctx)),
-                ("workload", workload_value(self.ctx)),
-                ("principal", principal_value(self.ctx)),
-            ] {
-                c.add_variable_from_value(name, value);
+    /// The CEL context with (at least) the variables `uses` names, each converted once per
+    /// request and only when a condition reads it: converting an object is most of the
+    /// cost of a condition.
+    fn context(&mut self, uses: u8) -> Result<&Context<'static, 'static>, String> {
+        let c = self
+            .built
+            .get_or_insert_with(|| Context::with_env(ENV.clone()));
+        let missing = uses & !self.added;
+        for (bit, name) in VARIABLES.iter().enumerate() {
+            if missing & (1 << bit) == 0 {
+                continue;
             }
-            self.built = Some(c);
+            let value = match *name {
+                "object" => content_value(&self.ctx.object)?,
+                "oldObject" => content_value(&self.ctx.old_object)?,
+                "podSpec" => pod_spec_value(&self.ctx.object)?,
+                "request" => request_value(self.ctx),
+                "workload" => workload_value(self.ctx),
+                _ => principal_value(self.ctx),
+            };
+            c.add_variable_from_value(*name, value);
         }
-        Ok(self.built.as_ref().expect("just built"))
+        self.added |= uses;
+        Ok(c)
     }
 }
 
@@ -428,7 +446,7 @@ fn json_size(v: &Value) -> usize {
 /// not read it must still be able to run.
 fn content_value(c: &Content<'_>) -> Result<CelValue, String> {
     match c {
-        Content::Known(v) => cel::to_value(v).map_err(|e| format!("object cannot be read: {e}")),
+        Content::Known(v) => Ok(json_to_cel(v)),
         Content::Absent | Content::Pending | Content::Unavailable(_) => Ok(CelValue::Null),
     }
 }
@@ -454,7 +472,7 @@ pub fn pod_spec(object: &Value) -> Option<&Value> {
 fn pod_spec_value(c: &Content<'_>) -> Result<CelValue, String> {
     match c {
         Content::Known(v) => match pod_spec(v) {
-            Some(spec) => cel::to_value(spec).map_err(|e| format!("object cannot be read: {e}")),
+            Some(spec) => Ok(json_to_cel(spec)),
             None => Ok(CelValue::Null),
         },
         other => content_value(other),
@@ -512,6 +530,33 @@ fn principal_value(ctx: &RequestContext<'_>) -> CelValue {
 }
 
 fn serde_value(v: Value) -> CelValue {
-    // Built from strings, booleans, lists and maps only: conversion cannot fail.
-    cel::to_value(&v).unwrap_or(CelValue::Null)
+    json_to_cel(&v)
+}
+
+/// A JSON value as a CEL value, directly (no serde round trip). Recursion is bounded by
+/// the parsers that built `v` (serde_json stops at 128 levels).
+fn json_to_cel(v: &Value) -> CelValue {
+    match v {
+        Value::Null => CelValue::Null,
+        Value::Bool(b) => CelValue::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => CelValue::Int(i),
+            (None, Some(u)) => CelValue::UInt(u),
+            _ => CelValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => CelValue::String(Arc::new(s.clone())),
+        Value::Array(a) => CelValue::List(Arc::new(a.iter().map(json_to_cel).collect())),
+        Value::Object(m) => CelValue::Map(cel::objects::Map {
+            map: Arc::new(
+                m.iter()
+                    .map(|(k, v)| {
+                        (
+                            cel::objects::Key::String(Arc::new(k.clone())),
+                            json_to_cel(v),
+                        )
+                    })
+                    .collect(),
+            ),
+        }),
+    }
 }
