@@ -51,6 +51,8 @@ pub struct Metrics {
     /// Requests denied because a policy condition could not be evaluated (an error, a
     /// non-boolean result, a cost over the limit, content that could not be fetched).
     pub condition_failures: Counter,
+    /// Policy reloads applied and refused.
+    pub policy_reload: crate::policy::reload::ReloadMetrics,
 }
 
 impl Metrics {
@@ -91,6 +93,17 @@ impl Metrics {
             "Requests denied because a policy condition could not be evaluated (error, non-boolean, over the cost limit, content not fetched)",
             condition_failures.clone(),
         );
+        let policy_reload = crate::policy::reload::ReloadMetrics::default();
+        registry.register(
+            "policy_reloads",
+            "Policy files applied after start-up (on change or SIGHUP)",
+            policy_reload.applied.clone(),
+        );
+        registry.register(
+            "policy_reload_failures",
+            "New policy texts that did not load; the previous policy stayed in force",
+            policy_reload.failed.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -101,6 +114,7 @@ impl Metrics {
             registry,
             service_account_mismatches,
             condition_failures,
+            policy_reload,
             requests,
             recording_failures,
             connections_rejected,
@@ -255,14 +269,23 @@ pub struct PolicyReport {
     pub rules: usize,
     /// What applies when no rule matches.
     pub default: String,
+    /// SHA-256 of the policy text in force (empty for allowAll).
+    pub digest: String,
+    /// When the policy in force was loaded.
+    pub loaded_at: Option<String>,
+    /// Why the file's current text is not in force (it failed to load), if so.
+    pub reload_error: Option<String>,
 }
 
 impl PolicyReport {
-    fn of(policy: &Policy) -> Self {
+    fn of(policy: &Policy, reload_error: Option<String>) -> Self {
         Self {
             source: policy.source().to_owned(),
             rules: policy.rule_count(),
             default: policy.default_action().to_string(),
+            digest: policy.digest().to_owned(),
+            loaded_at: policy.loaded_at().map(|t| t.to_string()),
+            reload_error,
         }
     }
 }
@@ -279,6 +302,8 @@ pub struct Admin {
     pub upstream: String,
     /// The policy in force (the proxy's; swapped on reload).
     pub policy: Arc<arc_swap::ArcSwap<Policy>>,
+    /// The policy file's reloader, when the policy is a file.
+    pub reloader: Option<Arc<crate::policy::reload::Reloader>>,
     /// The recorder's health, for readiness.
     pub recorder: RecorderStatus,
 }
@@ -319,7 +344,10 @@ impl Admin {
                 let report = StatusReport {
                     listen: self.listen,
                     upstream: self.upstream.clone(),
-                    policy: PolicyReport::of(&self.policy.load()),
+                    policy: PolicyReport::of(
+                        &self.policy.load(),
+                        self.reloader.as_ref().and_then(|r| r.last_error()),
+                    ),
                     recording: self.recorder.health_report(),
                     interception: self.interceptor.as_ref().map(|i| i.status()),
                 };

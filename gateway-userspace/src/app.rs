@@ -252,15 +252,27 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         record_responses: cfg.recording.response_bodies,
         reads_while_down: cfg.recording.reads_while_down,
     });
+    let reloader = match &policy_source {
+        PolicyConfig::File(path) => Some(Arc::new(crate::policy::reload::Reloader::new(
+            path.clone(),
+            proxy.policy.clone(),
+            metrics.policy_reload.clone(),
+        ))),
+        PolicyConfig::AllowAll => None,
+    };
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         interceptor: interceptor.clone(),
         listen: local_addr,
         upstream: resolved.url.to_string(),
         policy: proxy.policy.clone(),
+        reloader: reloader.clone(),
         recorder: recorder_status,
     });
     let (proxy_drain, proxy_watch) = drain::channel();
+    if let Some(reloader) = reloader {
+        tokio::spawn(reloader.run(proxy_watch.clone()));
+    }
     if let Some(token) = token {
         tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
     }

@@ -228,6 +228,16 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         p["rules"],
         p["default"].as_str().unwrap_or("?")
     );
+    if let Some(digest) = p["digest"].as_str().filter(|d| !d.is_empty()) {
+        println!(
+            "           sha256 {} loaded {}",
+            &digest[..digest.len().min(12)],
+            p["loaded_at"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(error) = p["reload_error"].as_str() {
+        println!("           RELOAD FAILED, previous policy in force: {error}");
+    }
     let r = &v["recording"];
     if r["up"].as_bool() == Some(true) {
         println!("recording: up");

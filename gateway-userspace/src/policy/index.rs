@@ -263,6 +263,10 @@ impl Interner {
 #[derive(Debug, Default)]
 pub(super) struct Compiled {
     pub(super) source: String,
+    /// SHA-256 of the text, hex.
+    pub(super) digest: String,
+    /// When it was compiled.
+    pub(super) loaded_at: Option<jiff::Timestamp>,
     pub(super) default: Action,
     pub(super) rules: Vec<Rule>,
     /// Resource rules keyed by the resource part of their entries.

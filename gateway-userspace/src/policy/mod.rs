@@ -197,6 +197,7 @@ mod index;
 mod load;
 mod matching;
 mod model;
+pub mod reload;
 #[cfg(test)]
 mod tests;
 
@@ -437,29 +438,27 @@ impl Policy {
                 message: invalid.message,
             }
         })?;
+        let mut compiled = compiled;
+        compiled.digest = reload::digest(text);
+        compiled.loaded_at = Some(jiff::Timestamp::now());
         Ok(Policy {
             inner: Arc::new(compiled),
         })
     }
 
+    /// SHA-256 of the policy text, hex (empty for the built-in allow-all policy).
+    pub fn digest(&self) -> &str {
+        &self.inner.digest
+    }
+
+    /// When this policy was compiled.
+    pub fn loaded_at(&self) -> Option<jiff::Timestamp> {
+        self.inner.loaded_at
+    }
+
     /// Reads and compiles a policy file (at most [`MAX_POLICY_BYTES`]).
     pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
-        let read_error = |source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(read_error)?;
-        let mut text = String::new();
-        // One byte over the limit tells "exactly at the limit" from "too large" without
-        // trusting the file's reported size (a FIFO or /dev/zero has none).
-        file.take(MAX_POLICY_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(read_error)?;
-        if text.len() as u64 > MAX_POLICY_BYTES {
-            return Err(PolicyError::TooLarge {
-                path: path.to_owned(),
-            });
-        }
+        let text = read_policy_file(path)?;
         Policy::from_yaml(&text, &path.display().to_string())
     }
 
@@ -498,6 +497,27 @@ impl Policy {
     pub fn source(&self) -> &str {
         &self.inner.source
     }
+}
+
+/// Reads a policy file's text, at most [`MAX_POLICY_BYTES`].
+pub(crate) fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
+    let read_error = |source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut text = String::new();
+    // One byte over the limit tells "exactly at the limit" from "too large" without
+    // trusting the file's reported size (a FIFO or /dev/zero has none).
+    file.take(MAX_POLICY_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(text)
 }
 
 /// Decides a request: an identity guard's denial, else the first matching rule's action,
