@@ -90,7 +90,12 @@ impl ExecCond {
     }
 
     /// Whether an exec/attach request matches; `None` (not an exec or attach) never does.
-    pub(super) fn matches(&self, exec: Option<&ExecRequest>) -> bool {
+    /// `lines` caches the request's command lines across the rules of one decision.
+    pub(super) fn matches(
+        &self,
+        exec: Option<&ExecRequest>,
+        lines: &mut Option<Option<CommandLines>>,
+    ) -> bool {
         let Some(exec) = exec else {
             return false;
         };
@@ -108,19 +113,37 @@ impl ExecCond {
             return true;
         }
         // attach runs no command: command matchers never match it.
-        let Some(program) = exec.command.first() else {
+        let Some(lines) = lines.get_or_insert_with(|| CommandLines::of(exec)) else {
             return false;
         };
-        let base = base_name(program);
-        if self.programs.iter().any(|g| g.matches(base)) {
+        if self.programs.iter().any(|g| g.matches(&lines.base)) {
             return true;
         }
-        let joined = exec.command.join(" ");
-        let mut candidates = vec![joined];
+        lines.forms.iter().any(|c| {
+            self.commands.iter().any(|g| g.matches(c)) || self.regexes.iter().any(|r| r.is_match(c))
+        })
+    }
+}
+
+/// The strings command matchers look at, built once per request.
+#[derive(Debug)]
+pub(super) struct CommandLines {
+    /// argv[0]'s base name.
+    base: String,
+    /// The joined argv, the same with argv[0] as its base name, and a shell's `-c` script.
+    forms: Vec<String>,
+}
+
+impl CommandLines {
+    /// `None` when the request runs no command (attach).
+    fn of(exec: &ExecRequest) -> Option<CommandLines> {
+        let program = exec.command.first()?;
+        let base = base_name(program);
+        let mut forms = vec![exec.command.join(" ")];
         if base != program.as_str() {
             let mut with_base = vec![base.to_owned()];
             with_base.extend(exec.command[1..].iter().cloned());
-            candidates.push(with_base.join(" "));
+            forms.push(with_base.join(" "));
         }
         // `sh -c 'rm -rf /'`: the script is a command too (best effort: a shell can always
         // build a command line at run time that no pattern sees).
@@ -128,10 +151,11 @@ impl ExecCond {
             && let Some(at) = exec.command.iter().position(|a| a == "-c")
             && let Some(script) = exec.command.get(at + 1)
         {
-            candidates.push(script.trim().to_owned());
+            forms.push(script.trim().to_owned());
         }
-        candidates.iter().any(|c| {
-            self.commands.iter().any(|g| g.matches(c)) || self.regexes.iter().any(|r| r.is_match(c))
+        Some(CommandLines {
+            base: base.to_owned(),
+            forms,
         })
     }
 }
@@ -226,34 +250,43 @@ mod tests {
     #[test]
     fn commands_match_the_joined_argv_its_base_name_form_and_shell_scripts() {
         let c = cond("commands: ['rm -rf *']");
-        assert!(c.matches(Some(&exec(&["rm", "-rf", "/"], false, false))));
-        assert!(c.matches(Some(&exec(&["/bin/rm", "-rf", "/tmp"], false, false))));
-        assert!(c.matches(Some(&exec(&["sh", "-c", "rm -rf /"], false, false))));
-        assert!(!c.matches(Some(&exec(&["ls"], false, false))));
+        assert!(c.matches(Some(&exec(&["rm", "-rf", "/"], false, false)), &mut None));
+        assert!(c.matches(
+            Some(&exec(&["/bin/rm", "-rf", "/tmp"], false, false)),
+            &mut None
+        ));
+        assert!(c.matches(
+            Some(&exec(&["sh", "-c", "rm -rf /"], false, false)),
+            &mut None
+        ));
+        assert!(!c.matches(Some(&exec(&["ls"], false, false)), &mut None));
         assert!(
-            !c.matches(Some(&exec(&[], true, true))),
+            !c.matches(Some(&exec(&[], true, true)), &mut None),
             "attach runs no command"
         );
-        assert!(!c.matches(None), "not an exec");
+        assert!(!c.matches(None, &mut None), "not an exec");
     }
 
     #[test]
     fn programs_regexes_interactive_and_containers() {
         let shells = cond("programs: [sh, bash, '*sh']\ninteractive: true");
-        assert!(shells.matches(Some(&exec(&["/bin/bash"], true, true))));
-        assert!(shells.matches(Some(&exec(&["zsh"], true, false))));
+        assert!(shells.matches(Some(&exec(&["/bin/bash"], true, true)), &mut None));
+        assert!(shells.matches(Some(&exec(&["zsh"], true, false)), &mut None));
         assert!(
-            !shells.matches(Some(&exec(&["bash", "-c", "ls"], false, false))),
+            !shells.matches(Some(&exec(&["bash", "-c", "ls"], false, false)), &mut None),
             "non-interactive"
         );
         let re = cond("commandRegexes: ['curl .*\\|\\s*(ba)?sh']");
-        assert!(re.matches(Some(&exec(&["sh", "-c", "curl x | sh"], false, false))));
-        assert!(!re.matches(Some(&exec(&["curl", "x"], false, false))));
+        assert!(re.matches(
+            Some(&exec(&["sh", "-c", "curl x | sh"], false, false)),
+            &mut None
+        ));
+        assert!(!re.matches(Some(&exec(&["curl", "x"], false, false)), &mut None));
         let side = cond("containers: ['side*']");
-        assert!(!side.matches(Some(&exec(&["ls"], false, false))));
+        assert!(!side.matches(Some(&exec(&["ls"], false, false)), &mut None));
         let any_interactive = cond("interactive: true");
         assert!(
-            any_interactive.matches(Some(&exec(&[], true, true))),
+            any_interactive.matches(Some(&exec(&[], true, true)), &mut None),
             "attach with a tty"
         );
     }

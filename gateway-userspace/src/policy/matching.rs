@@ -37,6 +37,8 @@ pub(super) enum Stop {
 /// stopped, if it did.
 pub(super) struct ContentState<'c> {
     vars: Variables<'c>,
+    /// The exec request's command lines, built on first use.
+    lines: Option<Option<CommandLines>>,
     pub(super) stop: Option<Stop>,
 }
 
@@ -44,6 +46,7 @@ impl<'c> ContentState<'c> {
     pub(super) fn new(ctx: &'c RequestContext<'c>) -> Self {
         ContentState {
             vars: Variables::new(ctx),
+            lines: None,
             stop: None,
         }
     }
@@ -61,7 +64,7 @@ pub(super) fn content_matches(
         return true;
     };
     if let Some(exec) = &cond.exec
-        && !exec.matches(ctx.exec)
+        && !exec.matches(ctx.exec, &mut state.lines)
     {
         return false;
     }

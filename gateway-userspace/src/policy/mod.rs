@@ -204,7 +204,7 @@ mod tests;
 pub use cel::{COST_LIMIT, Content};
 use cel::{Condition, Variables};
 use compile::*;
-use exec::ExecCond;
+use exec::{CommandLines, ExecCond};
 use index::*;
 pub use load::PolicyError;
 use load::*;
