@@ -109,15 +109,16 @@ fn resolves_supported_configs() {
     );
     let token_path = d.join("secrets/token").display().to_string();
     // (case, kubeconfig, context, server, tls-server-name, credential kind, token file)
-    let cases: Vec<(
-        &str,
+    type Case<'a> = (
+        &'a str,
         String,
-        Option<&str>,
-        &str,
-        Option<&str>,
-        &str,
+        Option<&'a str>,
+        &'a str,
+        Option<&'a str>,
+        &'a str,
         Option<String>,
-    )> = vec![
+    );
+    let cases: Vec<Case<'_>> = vec![
         (
             "inline token, CA via data, tls-server-name",
             config(
@@ -327,7 +328,8 @@ fn refuses_unsupported_or_broken_configs() {
         )
     };
     // (case, kubeconfig, explicit context, context the error must name, words it must contain)
-    let cases: Vec<(&str, String, Option<&str>, Option<&str>, &str)> = vec![
+    type Case<'a> = (&'a str, String, Option<&'a str>, Option<&'a str>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             "auth-provider",
             user("auth-provider: {name: oidc, config: {}}"),
