@@ -32,6 +32,7 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             url: Some(upstream_url.parse()?),
             ca_file: Some(dir.join(CA_CERT)),
             kubeconfig: None,
+            in_cluster: false,
             protocol: Default::default(),
             token_file: Some(dir.join(TOKEN)),
             client_cert_file: None,

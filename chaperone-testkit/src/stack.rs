@@ -208,6 +208,7 @@ impl Stack {
                 url: Some(upstream_url),
                 ca_file: Some(ca_file.clone()),
                 kubeconfig: None,
+                in_cluster: false,
                 protocol: Default::default(),
                 token_file: Some(token_file),
                 client_cert_file: None,

@@ -21,9 +21,8 @@ use crate::{
         resolver::{CgroupResolver, ResolverLimits},
         tokenreview::{KubeTokenReviewer, TokenReviewer},
     },
-    kubeconfig::BearerToken,
     policy::{Policy, PolicyError},
-    proxy::{GatewayToken, Proxy, ProxyError, ProxySettings},
+    proxy::{CredentialError, Proxy, ProxySettings, UpstreamCredential},
     recorder::{Recorder, RecorderConfig, RecorderError, RecorderStats},
     tls::{self, CertificateAuthority, ServingCert, TlsError},
 };
@@ -32,8 +31,9 @@ use crate::{
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How often the serving certificate's remaining validity is checked.
 const CERT_RENEWAL_CHECK: Duration = Duration::from_secs(3600);
-/// How often the gateway token file is checked for changes.
-const TOKEN_REFRESH: Duration = Duration::from_secs(1);
+/// How often kube-rs is asked for the current gateway credential (it re-reads a token file
+/// or re-runs an exec plugin only when due; this bounds how late the request path sees it).
+const CREDENTIAL_REFRESH: Duration = Duration::from_secs(1);
 /// How often workloads are classified into the bypass and fail-open maps.
 const CLASSIFY_EVERY: Duration = Duration::from_secs(2);
 /// How often the daemon tells the kernel side it is alive.
@@ -48,9 +48,12 @@ pub enum AppError {
     /// The policy does not load.
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
-    /// The gateway credential does not load.
-    #[error("credential: {0}")]
-    Credential(#[from] ProxyError),
+    /// The gateway credential cannot be obtained through kube-rs.
+    #[error("upstream credential: {0}")]
+    Credential(#[from] CredentialError),
+    /// The upstream API server settings are unusable.
+    #[error("{}: {}", .0.config_key(), .0.message())]
+    Upstream(#[from] crate::upstream::UpstreamError),
     /// The recorder cannot start or failed.
     #[error("recording: {0}")]
     Recorder(#[from] RecorderError),
@@ -135,49 +138,32 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         SERVING_CERT_VALIDITY,
     )?;
     let server_tls = tls::server_config_rotating(serving_cert.clone())?;
-    let resolved = cfg
-        .upstream
-        .resolve()
-        .map_err(|(key, message)| AppError::Config(format!("{key}: {message}")))?;
-    let client_identity = resolved
-        .client_certificate
-        .as_ref()
-        .map(|(cert, key, what)| tls::client_identity_from_pem(cert, key, what, what))
-        .transpose()?;
-    let ca_pem = String::from_utf8_lossy(&resolved.ca_pem);
-    let upstream_tls = tls::client_config_with_identity(
-        tls::root_store_from_pem(&ca_pem, &resolved.ca_source)?,
-        client_identity,
-    )?;
-    let upstream_server_name = resolved
-        .tls_server_name
-        .as_ref()
-        .map(|n| {
-            rustls_pki_types::ServerName::try_from(n.clone())
-                .map_err(|e| AppError::Config(format!("upstream.tlsServerName {n:?}: {e}")))
-        })
-        .transpose()?;
-    let upstream_url: http::Uri = resolved
-        .url
-        .as_str()
-        .parse()
-        .map_err(|e| AppError::Config(format!("upstream.url {}: {e}", resolved.url)))?;
-    let token = match &resolved.token {
-        Some(BearerToken::TokenFile(path)) => Some(GatewayToken::load(path)?),
-        Some(BearerToken::Token(token)) => Some(GatewayToken::fixed(token)?),
-        None => None,
-    };
+    let upstream = cfg.upstream.resolve()?;
+    // kube-rs builds the TLS client (CA, client certificate from files or an exec plugin)
+    // and the credential; both may run an exec plugin, which blocks.
+    let tls_upstream = upstream.clone();
+    let upstream_tls = tokio::task::spawn_blocking(move || tls_upstream.tls_client_config())
+        .await
+        .map_err(|e| AppError::Config(format!("upstream TLS task failed: {e}")))??;
+    let upstream_server_name = upstream.server_name()?;
+    let upstream_url = upstream.config.cluster_url.clone();
+    let credential = UpstreamCredential::from_kube(&upstream.config, &upstream.source).await?;
+    tracing::info!(source = %upstream.source, credential = upstream.credential_kind(), "upstream credential ready");
     let node = cfg.node_name();
 
     let kube_client = if cfg.identity.watch_pods
         || cfg.identity.token_review
         || cfg.interception.discover_kubernetes_service
     {
-        Some(kube::Client::try_default().await.map_err(|e| {
-            AppError::Config(format!(
-                "connecting to the API server for pods, TokenReview or targets: {e}"
-            ))
-        })?)
+        // The same kube-rs config as the forwarding path: one server, one credential.
+        Some(
+            kube::Client::try_from(upstream.config.clone()).map_err(|e| {
+                AppError::Config(format!(
+                    "connecting to the API server ({}) for pods, TokenReview or targets: {e}",
+                    upstream.source
+                ))
+            })?,
+        )
     } else {
         None
     };
@@ -232,12 +218,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
 
     let proxy = Proxy::new(ProxySettings {
         policy,
-        upstream_url,
+        upstream_url: upstream_url.clone(),
         upstream_tls,
         upstream_server_name,
         connect_timeout: cfg.upstream.connect_timeout,
         upstream_protocol: cfg.upstream.protocol,
-        token: token.clone(),
+        credential: Some(credential.clone()),
         recorder: recorder_handle,
         interceptor: interceptor.clone(),
         node: node.clone(),
@@ -264,7 +250,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         metrics: metrics.clone(),
         interceptor: interceptor.clone(),
         listen: local_addr,
-        upstream: resolved.url.to_string(),
+        upstream: upstream_url.to_string(),
         policy: proxy.policy.clone(),
         reloader: reloader.clone(),
         recorder: recorder_status,
@@ -273,9 +259,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     if let Some(reloader) = reloader {
         tokio::spawn(reloader.run(proxy_watch.clone()));
     }
-    if let Some(token) = token {
-        tokio::spawn(token.refresh_loop(TOKEN_REFRESH, proxy_watch.clone()));
-    }
+    tokio::spawn(credential.refresh_loop(CREDENTIAL_REFRESH, proxy_watch.clone()));
     tokio::spawn(serving_cert.renewal_loop(CERT_RENEWAL_CHECK, proxy_watch.clone()));
     if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client.clone()) {
         let source = KubePodSource::new(client, node.clone());
@@ -327,7 +311,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     } else {
         PinGuard::disarmed()
     };
-    tracing::info!(%local_addr, %admin_addr, upstream = %resolved.url, "chaperone is ready");
+    tracing::info!(%local_addr, %admin_addr, upstream = %upstream_url, "chaperone is ready");
     Ok(App {
         local_addr,
         identity,

@@ -272,6 +272,9 @@ pub struct UpstreamConfig {
     /// `caFile`, `tokenFile`, `clientCertFile`/`clientKeyFile` and `tlsServerName`.
     #[serde(default)]
     pub kubeconfig: Option<KubeconfigSource>,
+    /// Take the server, CA and credential from the pod's own service account instead.
+    #[serde(default)]
+    pub in_cluster: bool,
     /// File holding the gateway's bearer token (re-read when it changes).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
@@ -319,102 +322,43 @@ pub struct KubeconfigSource {
     pub context: Option<String>,
 }
 
-/// The upstream API server with everything resolved: URL, CA, name and credential, from
-/// the explicit settings or from a kubeconfig.
-#[derive(Clone)]
-pub struct ResolvedUpstream {
-    /// `https://host:port[/prefix]` of the API server.
-    pub url: url::Url,
-    /// PEM bundle the API server is verified against, and where it came from.
-    pub ca_pem: Vec<u8>,
-    /// Names `ca_pem` in errors.
-    pub ca_source: String,
-    /// Overrides the name verified in the upstream certificate.
-    pub tls_server_name: Option<String>,
-    /// The bearer token, inline or re-read from a file.
-    pub token: Option<crate::kubeconfig::BearerToken>,
-    /// Client certificate and key (PEM), and where they came from.
-    pub client_certificate: Option<(Vec<u8>, Vec<u8>, String)>,
-}
-
-impl std::fmt::Debug for ResolvedUpstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResolvedUpstream")
-            .field("url", &self.url.as_str())
-            .field("ca_source", &self.ca_source)
-            .field("tls_server_name", &self.tls_server_name)
-            .field("token", &self.token.is_some())
-            .field(
-                "client_certificate",
-                &self.client_certificate.as_ref().map(|c| &c.2),
-            )
-            .finish()
-    }
-}
-
 impl UpstreamConfig {
-    /// Resolves the server, CA and credential, reading the files involved. Errors name the
-    /// config key (and, for a kubeconfig, the kubeconfig's own key).
-    pub fn resolve(&self) -> Result<ResolvedUpstream, (&'static str, String)> {
-        let read = |key: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|e| (key, format!("{}: {e}", path.display())))
-        };
+    /// Resolves the server, CA and user through kube-rs: from the kubeconfig, from the
+    /// pod's service account, or from the explicit settings. Reads the kubeconfig and the
+    /// CA; runs no exec plugin and reads no token file yet (that is [`crate::app::build`]'s
+    /// job). Errors name the config key and the file or context at fault.
+    pub fn resolve(&self) -> Result<crate::upstream::Upstream, crate::upstream::UpstreamError> {
+        use crate::upstream::{Settings, Upstream, UpstreamError};
         if let Some(source) = &self.kubeconfig {
-            let k = crate::kubeconfig::load(&source.path, source.context.as_deref())
-                .map_err(|e| ("upstream.kubeconfig", e.to_string()))?;
-            let ca_pem = k.ca_pem.clone().ok_or((
-                "upstream.kubeconfig",
-                format!(
-                    "{}: cluster {:?} has no certificate-authority(-data); the gateway verifies the API server against the cluster CA and has no system trust store to fall back on",
-                    source.path.display(),
-                    k.cluster
-                ),
-            ))?;
-            let what = format!("{} (user {:?})", source.path.display(), k.user);
-            return Ok(ResolvedUpstream {
-                url: k.server.clone(),
-                ca_pem,
-                ca_source: format!("{} (cluster {:?})", source.path.display(), k.cluster),
-                tls_server_name: k.tls_server_name.clone(),
-                token: k.credential.bearer(),
-                client_certificate: k
-                    .credential
-                    .client_certificate()
-                    .map(|(c, key)| (c.to_vec(), key.to_vec(), what)),
-            });
+            return Upstream::from_kubeconfig(&source.path, source.context.as_deref());
         }
-        let url = self.url.clone().ok_or((
-            "upstream.url",
-            "is required (or set upstream.kubeconfig)".to_owned(),
-        ))?;
-        let ca_file = self.ca_file.as_deref().ok_or((
-            "upstream.caFile",
-            "is required (or set upstream.kubeconfig)".to_owned(),
-        ))?;
+        if self.in_cluster {
+            return Upstream::in_cluster();
+        }
+        let url = self.url.as_ref().ok_or(UpstreamError::Setting {
+            key: "upstream.url",
+            reason: "is required (or set upstream.kubeconfig or upstream.inCluster)".to_owned(),
+        })?;
+        let ca_file = self.ca_file.as_deref().ok_or(UpstreamError::Setting {
+            key: "upstream.caFile",
+            reason: "is required (or set upstream.kubeconfig or upstream.inCluster)".to_owned(),
+        })?;
         let client_certificate = match (&self.client_cert_file, &self.client_key_file) {
-            (Some(cert), Some(key)) => Some((
-                read("upstream.clientCertFile", cert)?,
-                read("upstream.clientKeyFile", key)?,
-                format!("{} and {}", cert.display(), key.display()),
-            )),
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
             (None, None) => None,
             _ => {
-                return Err((
-                    "upstream.clientCertFile",
-                    "clientCertFile and clientKeyFile go together".to_owned(),
-                ));
+                return Err(UpstreamError::Setting {
+                    key: "upstream.clientCertFile",
+                    reason: "clientCertFile and clientKeyFile go together".to_owned(),
+                });
             }
         };
-        Ok(ResolvedUpstream {
+        Upstream::from_settings(Settings {
             url,
-            ca_pem: read("upstream.caFile", ca_file)?,
-            ca_source: ca_file.display().to_string(),
-            tls_server_name: self.tls_server_name.clone(),
-            token: self
-                .token_file
-                .clone()
-                .map(crate::kubeconfig::BearerToken::TokenFile),
+            ca_file,
+            token_file: self.token_file.as_deref(),
             client_certificate,
+            tls_server_name: self.tls_server_name.as_deref(),
         })
     }
 }
@@ -760,7 +704,17 @@ impl Config {
             path,
             message,
         };
-        if self.upstream.kubeconfig.is_some() {
+        if self.upstream.kubeconfig.is_some() && self.upstream.in_cluster {
+            return Err(invalid(
+                "upstream.inCluster",
+                "conflicts with upstream.kubeconfig; choose one".to_owned(),
+            ));
+        }
+        if let Some(source) = ["upstream.kubeconfig", "upstream.inCluster"]
+            .into_iter()
+            .zip([self.upstream.kubeconfig.is_some(), self.upstream.in_cluster])
+            .find_map(|(key, set)| set.then_some(key))
+        {
             let u = &self.upstream;
             for (key, set) in [
                 ("upstream.url", u.url.is_some()),
@@ -773,28 +727,30 @@ impl Config {
                 if set {
                     return Err(invalid(
                         key,
-                        "conflicts with upstream.kubeconfig, which supplies it".to_owned(),
+                        format!("conflicts with {source}, which supplies it"),
                     ));
                 }
             }
         }
+        if let Some(url) = &self.upstream.url
+            && url.scheme() != "https"
+        {
+            return Err(invalid(
+                "upstream.url",
+                format!("must be https://, got {url}"),
+            ));
+        }
         let upstream = self
             .upstream
             .resolve()
-            .map_err(|(key, message)| invalid(key, message))?;
-        if upstream.url.scheme() != "https" {
-            return Err(invalid(
-                "upstream.url",
-                format!("must be https://, got {}", upstream.url),
-            ));
-        }
-        if upstream.url.host().is_none() {
-            return Err(invalid("upstream.url", "has no host".to_owned()));
-        }
-        if upstream.token.is_none() && upstream.client_certificate.is_none() {
+            .map_err(|e| invalid(e.config_key(), e.message()))?;
+        if upstream.credential_kind() == "none" {
             return Err(invalid(
                 "upstream",
-                "needs a credential for the gateway: tokenFile, clientCertFile and clientKeyFile, or a kubeconfig user with one".to_owned(),
+                format!(
+                    "needs a credential for the gateway: tokenFile, clientCertFile and clientKeyFile, or a kubeconfig user with a token, tokenFile, client certificate or exec plugin ({} has none)",
+                    upstream.source
+                ),
             ));
         }
         if self.interception.mode == InterceptionMode::Ebpf {
@@ -930,9 +886,11 @@ mod tests {
 
     fn fixture() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["ca.crt", "ca.key", "token"] {
-            std::fs::write(dir.path().join(f), "x").unwrap();
-        }
+        // kube-rs parses the upstream CA when the config is validated: a real certificate.
+        let (ca, key) = crate::tls::CertificateAuthority::generate("config-test-ca").unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("ca.key"), key).unwrap();
+        std::fs::write(dir.path().join("token"), "x").unwrap();
         let d = dir.path().display();
         let yaml = format!(
             "listen:\n  address: 169.254.10.1:15443\n\
@@ -1114,14 +1072,20 @@ mod tests {
         );
         let c = Config::from_yaml(&with_kubeconfig(""), "c.yaml").unwrap();
         let u = c.upstream.resolve().unwrap();
-        assert_eq!(u.url.as_str(), "https://192.0.2.1:6443/");
-        assert_eq!(u.ca_pem, b"x");
+        assert_eq!(u.config.cluster_url.to_string(), "https://192.0.2.1:6443/");
+        let ca_pem = std::fs::read(dir.path().join("ca.crt")).unwrap();
+        let ca_der =
+            <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::from_pem_slice(
+                &ca_pem,
+            )
+            .unwrap();
+        assert_eq!(u.config.root_cert, Some(vec![ca_der.to_vec()]));
+        // The relative tokenFile is resolved against the kubeconfig's directory.
         assert_eq!(
-            u.token,
-            Some(crate::kubeconfig::BearerToken::TokenFile(
-                dir.path().join("token")
-            ))
+            u.config.auth_info.token_file.as_deref(),
+            Some(dir.path().join("token").to_str().unwrap())
         );
+        assert_eq!(u.credential_kind(), "tokenFile");
 
         let cases = [
             (
@@ -1131,6 +1095,14 @@ mod tests {
             (
                 with_kubeconfig(&format!("  tokenFile: {d}/token\n")),
                 "upstream.tokenFile: conflicts with upstream.kubeconfig",
+            ),
+            (
+                with_kubeconfig("  inCluster: true\n"),
+                "upstream.inCluster: conflicts with upstream.kubeconfig",
+            ),
+            (
+                yaml.replacen(&explicit, "  inCluster: true\n  caFile: /x\n", 1),
+                "upstream.caFile: conflicts with upstream.inCluster",
             ),
         ];
         for (text, want) in cases {
@@ -1142,17 +1114,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("upstream.kubeconfig") && err.contains("no certificate-authority"),
+            err.contains("upstream.kubeconfig")
+                && err.contains("no certificate-authority")
+                && err.contains("context 'c'")
+                && err.contains(&format!("{d}/kubeconfig")),
             "{err}"
         );
+        // Exec plugins are kube-rs's job now: validating the config does not run them (the
+        // gateway runs them when it starts), so a config naming one loads.
         write_kubeconfig(
-            "    exec:\n      command: aws\n",
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /nonexistent/plugin\n",
             "    certificate-authority: ca.crt\n",
         );
+        let c = Config::from_yaml(&with_kubeconfig(""), "c.yaml").unwrap();
+        assert_eq!(
+            c.upstream.resolve().unwrap().credential_kind(),
+            "exec plugin"
+        );
+        // A user without any credential is refused, naming the kubeconfig and context.
+        write_kubeconfig("    {}\n", "    certificate-authority: ca.crt\n");
         let err = Config::from_yaml(&with_kubeconfig(""), "c.yaml")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("users[0].user.exec"), "{err}");
+        assert!(
+            err.contains("needs a credential") && err.contains("(context 'c') has none"),
+            "{err}"
+        );
     }
 
     #[test]

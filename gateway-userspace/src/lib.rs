@@ -4,7 +4,8 @@
 //! Modules are named after subsystems, in data-flow order: the kernel redirect (`ebpf`),
 //! TLS termination (`tls`), the L7 proxy (`proxy`), request understanding (`request`), the
 //! policy decision (`policy`), recording (`recorder`). `app` wires them together; `config`,
-//! `drain` and `cli` are the daemon's plumbing.
+//! `drain` and `cli` are the daemon's plumbing; `upstream` resolves the API server and the
+//! gateway's credential for it through kube-rs.
 
 pub mod admin;
 pub mod app;
@@ -14,7 +15,6 @@ pub mod drain;
 pub mod ebpf;
 pub mod identity;
 pub mod k8s;
-pub mod kubeconfig;
 pub mod masking;
 pub mod policy;
 pub mod protobuf;
@@ -24,6 +24,7 @@ pub mod request;
 pub mod scope;
 pub mod status;
 pub mod tls;
+pub mod upstream;
 
 /// An error with its whole source chain (`outer: inner: root cause`): many libraries'
 /// top-level messages omit the cause a person needs (the errno, the TLS alert).

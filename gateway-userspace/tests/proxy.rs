@@ -352,12 +352,15 @@ async fn unreachable_upstream_answers_503_status_and_is_recorded() {
     );
 }
 
+/// kube-rs re-reads a token file once its copy is 50 to 60 seconds old (client-go: one
+/// minute), so this waits for that; `upstream::tests::a_rewritten_token_file_is_not_read_again_at_once`
+/// pins the other half (not at once).
 #[tokio::test]
 async fn rotated_gateway_token_is_used_without_restart() {
     let h = start(None).await;
-    write(&h.dir.path().join("token"), "gateway-token-2\n");
+    write(&h.dir.path().join("token"), "gateway-token-2");
     let c = client(&h.ca_pem, true);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(75);
     loop {
         h.apiserver.clear_requests();
         let resp = send(
@@ -421,8 +424,8 @@ async fn a_kubeconfig_supplies_server_ca_and_credential() {
         let ca = u.ca_file.take().expect("local config has a CA");
         let dir = ca.parent().expect("CA in the temp dir").to_owned();
         u.token_file = None;
-        // Two contexts, the current one with an exec plugin the gateway would refuse: the
-        // configured context is the one used. The CA path is relative to the kubeconfig.
+        // Two contexts, the current one with an exec plugin that does not exist: the
+        // configured context is the one used, and the other one's plugin is never run. The CA path is relative to the kubeconfig.
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: laptop\n\
              clusters:\n- name: real\n  cluster:\n    server: {server}\n    certificate-authority: {}\n\
@@ -452,6 +455,166 @@ async fn a_kubeconfig_supplies_server_ca_and_credential() {
     let (_rows, apiserver, _dir) = stop(h).await;
     let auth = apiserver.requests().pop().and_then(|r| r.authorization);
     assert_eq!(auth.as_deref(), Some("Bearer gateway-token-2"));
+}
+
+/// Writes a kubeconfig for the harness's API server whose user runs `plugin`, and points
+/// the gateway at it.
+fn exec_kubeconfig(config: &mut Config, plugin: &Path) {
+    let u = &mut config.upstream;
+    let server = u.url.take().expect("local config has a url");
+    let ca = u.ca_file.take().expect("local config has a CA");
+    u.token_file = None;
+    let dir = ca.parent().expect("CA in the temp dir").to_owned();
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: gateway\n\
+         clusters:\n- name: real\n  cluster:\n    server: {server}\n    certificate-authority: {}\n\
+         users:\n- name: gateway\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never\n\
+         contexts:\n- name: gateway\n  context:\n    cluster: real\n    user: gateway\n",
+        ca.display(),
+        plugin.display(),
+    );
+    let path = dir.join("exec-kubeconfig");
+    write(&path, &kubeconfig);
+    u.kubeconfig = Some(KubeconfigSource {
+        path,
+        context: None,
+    });
+}
+
+/// An exec credential plugin: prints `credential.json` from `dir`, fails while `fail` exists.
+fn exec_plugin(dir: &Path, token: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    exec_credential(dir, token);
+    let script = dir.join("plugin.sh");
+    let d = dir.display();
+    write(
+        &script,
+        &format!(
+            "#!/bin/sh\nif [ -e '{d}/fail' ]; then echo 'plugin is broken' >&2; exit 3; fi\ncat '{d}/credential.json'\n"
+        ),
+    );
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+/// An ExecCredential expiring in 30 s: kube-rs runs the plugin again whenever asked (it
+/// refreshes a minute before expiry), so the gateway's one-second refresh sees changes.
+fn exec_credential(dir: &Path, token: &str) {
+    let expiry = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30);
+    write(
+        &dir.join("credential.json"),
+        &format!(
+            "{{\"apiVersion\": \"client.authentication.k8s.io/v1\", \"kind\": \"ExecCredential\", \
+             \"status\": {{\"token\": \"{token}\", \"expirationTimestamp\": \"{}\"}}}}",
+            expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+        ),
+    );
+}
+
+/// Sends GETs until the API server sees `want` as the credential (or the deadline passes).
+async fn until_upstream_sees(h: &Harness, c: &TestClient, want: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        h.apiserver.clear_requests();
+        let resp = send(
+            c,
+            request(h, Method::GET, "/api/v1/namespaces"),
+            Bytes::new(),
+            "request",
+        )
+        .await;
+        let status = resp.status();
+        let auth = h.apiserver.requests().pop().and_then(|r| r.authorization);
+        if auth.as_deref() == Some(want) {
+            assert_eq!(status, StatusCode::OK);
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API server never saw {want:?} (last: {auth:?}, {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_exec_plugin_supplies_the_credential_and_its_failure_fails_closed() {
+    let plugin_dir = tempfile::tempdir().expect("tempdir");
+    let plugin = exec_plugin(plugin_dir.path(), GATEWAY_TOKEN);
+    let h = start_configured(None, |config| exec_kubeconfig(config, &plugin)).await;
+    let c = client(&h.ca_pem, true);
+    until_upstream_sees(&h, &c, &format!("Bearer {GATEWAY_TOKEN}")).await;
+    // The plugin hands out a new token: kube-rs runs it again, the next requests carry it.
+    exec_credential(plugin_dir.path(), "gateway-token-2");
+    until_upstream_sees(&h, &c, "Bearer gateway-token-2").await;
+
+    // The plugin breaks: requests are answered 503 naming the cause, and none is forwarded.
+    write(&plugin_dir.path().join("fail"), "");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        h.apiserver.clear_requests();
+        let resp = send(
+            &c,
+            request(&h, Method::GET, "/api/v1/namespaces"),
+            Bytes::new(),
+            "request",
+        )
+        .await;
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                h.apiserver.requests().is_empty(),
+                "forwarded without the credential"
+            );
+            break body_json(resp).await;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests still forwarded with a broken plugin"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status["reason"], "ServiceUnavailable");
+    let message = status["message"].as_str().expect("message");
+    assert!(
+        message.contains("credential")
+            && message.contains("exec-kubeconfig (context 'gateway')")
+            && message.contains("exit status: 3"),
+        "{message}"
+    );
+    // Upgrades (exec, attach, port-forward) share the credential and refuse the same way.
+    let http1 = client(&h.ca_pem, false);
+    let resp = send(
+        &http1,
+        request(
+            &h,
+            Method::GET,
+            "/api/v1/namespaces/default/pods/p/exec?command=ls&stdout=1",
+        )
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", "v5.channel.k8s.io"),
+        Bytes::new(),
+        "upgrade",
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.apiserver.requests().is_empty(), "upgrade forwarded bare");
+
+    // Fixed, it recovers without a restart.
+    std::fs::remove_file(plugin_dir.path().join("fail")).expect("fix the plugin");
+    until_upstream_sees(&h, &c, "Bearer gateway-token-2").await;
+    let (rows, _, _dir) = stop(h).await;
+    assert!(
+        rows.iter()
+            .any(|r| r.outcome == recorder::Outcome::UpstreamFailed
+                && r.response_code == 503
+                && r.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("credential unavailable"))),
+        "the refused requests are recorded"
+    );
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use gateway_userspace::{
     identity::{IdentityConfig, principal::PrincipalVerifier},
     policy::Policy,
     proxy::{
-        GatewayToken, Proxy, ProxySettings,
+        Proxy, ProxySettings, UpstreamCredential,
         upgrade::{Direction, FrameEvent, FrameSink, StreamStats},
     },
     recorder::{self, Recorder, RecorderConfig, RequestRecord},
@@ -132,6 +132,15 @@ impl Env {
         )
         .expect("recorder");
         let roots = tls::root_store_from_pem(ca.cert_pem(), "test CA").expect("roots");
+        let mut token_file_config = kube::Config::new(self.server.url().parse().expect("url"));
+        token_file_config.auth_info.token_file = Some(
+            self.dir
+                .path()
+                .join("token")
+                .to_str()
+                .expect("UTF-8 path")
+                .to_owned(),
+        );
         let proxy = Proxy::new(ProxySettings {
             policy,
             upstream_url: self.server.url().parse().expect("url"),
@@ -139,7 +148,11 @@ impl Env {
             upstream_server_name: None,
             connect_timeout: Duration::from_secs(2),
             upstream_protocol: Default::default(),
-            token: Some(GatewayToken::load(&self.dir.path().join("token")).expect("token")),
+            credential: Some(
+                UpstreamCredential::from_kube(&token_file_config, "test token file")
+                    .await
+                    .expect("token"),
+            ),
             recorder: handle,
             interceptor: None,
             node: "test-node".to_owned(),

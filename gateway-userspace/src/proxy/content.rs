@@ -193,7 +193,8 @@ impl Proxy {
         sanitize_request_headers(&mut headers);
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         headers.remove(header::ACCEPT_ENCODING);
-        self.upstream_credentials(&mut headers, extensions);
+        self.upstream_credentials(&mut headers, extensions)
+            .map_err(|why| format!("the gateway's credential is unavailable: {why}"))?;
         let mut request = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
         *request.method_mut() = method;
         *request.uri_mut() = target;

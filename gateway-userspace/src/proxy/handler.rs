@@ -429,6 +429,28 @@ impl Proxy {
         Response::from_parts(parts, Metered::new(body, guard).boxed())
     }
 
+    /// The 503 for a request that cannot carry the gateway's credential: it is never
+    /// forwarded without it.
+    pub(super) fn credential_unavailable(
+        &self,
+        cause: &str,
+        mut record: RequestRecord,
+        started: Instant,
+        audit_id: &str,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(upstream = %self.upstream_base, error = %cause, "no gateway credential; request not forwarded");
+        record.outcome = Outcome::UpstreamFailed;
+        record.error = Some(format!("gateway credential unavailable: {cause}"));
+        let status = Status::failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            format!(
+                "chaperone: the gateway's credential for the API server is unavailable: {cause}"
+            ),
+        );
+        self.local_response(status, record, started, audit_id)
+    }
+
     pub(super) async fn forward(
         &self,
         req: Request<ProxyBody>,
@@ -452,7 +474,9 @@ impl Proxy {
             }
         };
         sanitize_request_headers(&mut parts.headers);
-        self.upstream_credentials(&mut parts.headers, &parts.extensions);
+        if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
+            return self.credential_unavailable(&cause, record, started, &audit_id);
+        }
         // Watches stream for as long as they last; they are recorded as requests only.
         let capture = self.record_responses && record.verb != Verb::Watch;
         if capture

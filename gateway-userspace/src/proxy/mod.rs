@@ -37,7 +37,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::limits::{ActiveBody, Activity, ConnectionLimiter, SlotHold, WorkloadKey};
-pub use self::{credential::GatewayToken, impersonation::Impersonation};
+pub use self::{
+    credential::{CredentialError, UpstreamCredential},
+    impersonation::Impersonation,
+};
 use crate::{
     admin::Metrics,
     config::{ImpersonationConfig, ReadsWhileDown, UpstreamProtocol},
@@ -64,32 +67,13 @@ const RECORDING_RETRY_AFTER_SECONDS: u32 = 1;
 /// is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Errors setting up the proxy.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    /// The gateway's token file could not be read.
-    #[error("read gateway token {path}: {source}")]
-    Token {
-        /// The token file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The token file's content cannot be sent as a header.
-    #[error("gateway token from {path} is not a valid header value (control characters?)")]
-    TokenInvalid {
-        /// Where the token came from (its file, or the kubeconfig).
-        path: String,
-    },
-}
-
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
     /// The current policy; replaced atomically on reload (the admin endpoint reads it too).
     pub policy: Arc<ArcSwap<Policy>>,
     upstream: UpstreamClient,
     upstream_base: Uri,
-    token: Option<Arc<GatewayToken>>,
+    credential: Option<Arc<UpstreamCredential>>,
     recorder: RecorderHandle,
     interceptor: Option<Arc<Interceptor>>,
     node: String,
@@ -134,8 +118,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// HTTP version spoken upstream.
     pub upstream_protocol: UpstreamProtocol,
-    /// The gateway credential.
-    pub token: Option<Arc<GatewayToken>>,
+    /// The gateway credential, from kube-rs (`None`: requests go upstream without one).
+    pub credential: Option<Arc<UpstreamCredential>>,
     /// Where rows go.
     pub recorder: RecorderHandle,
     /// The kernel redirect, if attached.
@@ -212,7 +196,7 @@ impl Proxy {
             policy: Arc::new(ArcSwap::from_pointee(s.policy)),
             upstream,
             upstream_base: s.upstream_url,
-            token: s.token,
+            credential: s.credential,
             recorder: s.recorder,
             interceptor: s.interceptor,
             node: s.node,

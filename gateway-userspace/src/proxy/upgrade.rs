@@ -680,7 +680,9 @@ impl Proxy {
         if let Ok(host) = HeaderValue::from_str(&self.dialer.authority) {
             parts.headers.insert(header::HOST, host);
         }
-        self.upstream_credentials(&mut parts.headers, &parts.extensions);
+        if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
+            return self.credential_unavailable(&cause, record, started, &audit_id);
+        }
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = CountingBody {
             inner: body.map_err(BoxError::from).boxed(),
