@@ -64,6 +64,13 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             format!("unsupported kind '{}', expected '{KIND}'", raw.kind),
         ));
     }
+    if raw.default == Action::Mask {
+        return Err(invalid(
+            vec![Seg::Key("default")],
+            "default is allow or deny; to mask everything allowed, start the rules with one that has action: mask, verbs: [\"*\"] and resources: [\"*\"]",
+        ));
+    }
+    let (mask_top, mask_limits) = PolicyMasking::top(raw.masking.as_ref())?;
     let guards = raw.identity.unwrap_or_default();
     let mut out = Compiled {
         source: source.to_owned(),
@@ -143,6 +150,8 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             (None, Some(urls)) => compile_url_rule(&rule, urls, index, &at, &mut out)?,
         };
         compiled.identity = identity;
+        out.masking
+            .add_rule(&mask_top, mask_limits, &rule, index, &at)?;
         out.rules.push(compiled);
     }
     Ok(out)

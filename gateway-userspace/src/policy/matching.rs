@@ -104,6 +104,7 @@ impl Guards {
             action: Action::Deny,
             rule: Some(rule.clone()),
             message: Some(Arc::from(message)),
+            masking: None,
         };
         if let Some(rule) = &self.invalid_tokens
             && principal.kind == PrincipalKind::Invalid
@@ -212,7 +213,11 @@ impl Compiled {
         })
     }
 
-    pub(super) fn first_resource_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+    pub(super) fn first_resource_match(
+        &self,
+        ctx: &RequestContext<'_>,
+        masks: &mut MaskHits,
+    ) -> Option<&Rule> {
         let req = ctx.request;
         // Namespaces are never empty in a policy, so a cluster-scoped request gets `None`.
         let ns = self.namespaces.get(&req.namespace);
@@ -252,7 +257,7 @@ impl Compiled {
         let mut group = None;
         let mut name = None;
         let mut ids = None;
-        let matches = |rule: &Rule| {
+        let matches = |index: u32, rule: &Rule| {
             if let IdSet::Of(_) = rule.groups
                 && !rule
                     .groups
@@ -277,12 +282,22 @@ impl Compiled {
                             .contains(*name.get_or_insert_with(|| self.names.get(&req.name)))
                 }
             };
-            names_ok && self.identity_matches(rule, ctx, &mut ids)
+            let matched = names_ok && self.identity_matches(rule, ctx, &mut ids);
+            // A matching mask rule adds its masking; the walk goes on to the deciding rule.
+            if matched && rule.action == Action::Mask {
+                masks.push(index);
+                return false;
+            }
+            matched
         };
         first_in_merged(&mut lists[..len], verb, &self.rules, matches)
     }
 
-    pub(super) fn first_url_match(&self, ctx: &RequestContext<'_>) -> Option<&Rule> {
+    pub(super) fn first_url_match(
+        &self,
+        ctx: &RequestContext<'_>,
+        masks: &mut MaskHits,
+    ) -> Option<&Rule> {
         let req = ctx.request;
         let mut ids = None;
         let verb = request_verb_bit(req.verb);
@@ -317,6 +332,10 @@ impl Compiled {
             };
             let rule = &self.rules[next as usize];
             if rule.verbs & verb != 0 && self.identity_matches(rule, ctx, &mut ids) {
+                if rule.action == Action::Mask {
+                    masks.push(next);
+                    continue;
+                }
                 return Some(rule);
             }
         }

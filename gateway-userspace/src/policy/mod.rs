@@ -116,6 +116,7 @@ use serde::{
 };
 
 use crate::{
+    masking::objects::Masker,
     identity::{
         WorkloadIdentity,
         principal::{Principal, PrincipalKind},
@@ -126,6 +127,7 @@ use crate::{
 mod compile;
 mod index;
 mod load;
+mod masking;
 mod matching;
 mod model;
 #[cfg(test)]
@@ -135,6 +137,7 @@ use compile::*;
 use index::*;
 pub use load::PolicyError;
 use load::*;
+use masking::*;
 use matching::*;
 use model::*;
 
@@ -177,6 +180,9 @@ pub enum Action {
     /// so a policy that failed to build fails closed).
     #[default]
     Deny,
+    /// Forward the request and mask the response (a rule's `action: mask`; the decision
+    /// of a request allowed with masking).
+    Mask,
 }
 
 impl Action {
@@ -185,12 +191,13 @@ impl Action {
         match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
+            Action::Mask => "mask",
         }
     }
 
     /// Parses what [`Action::as_str`] wrote.
     pub fn parse(text: &str) -> Option<Action> {
-        [Action::Allow, Action::Deny]
+        [Action::Allow, Action::Deny, Action::Mask]
             .into_iter()
             .find(|a| a.as_str() == text)
     }
@@ -202,7 +209,8 @@ impl fmt::Display for Action {
     }
 }
 
-/// The outcome of [`decide`]: the action and the rule (or identity guard) that chose it.
+/// The outcome of [`decide`]: the action, the rule (or identity guard) that chose it and,
+/// for [`Action::Mask`], the masking to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// Allow or deny.
@@ -214,12 +222,26 @@ pub struct Decision {
     /// The matching rule's message for the client, if it has one; for a guard, why it
     /// denied the request.
     pub message: Option<Arc<str>>,
+    /// For [`Action::Mask`]: the masking of every `mask` rule that matched before the
+    /// deciding rule, compiled once and shared (its [`Masker::rules`] name them).
+    pub masking: Option<Arc<Masker>>,
 }
 
 impl Decision {
     /// Whether the request may go ahead.
     pub fn is_allowed(&self) -> bool {
-        self.action == Action::Allow
+        matches!(self.action, Action::Allow | Action::Mask)
+    }
+
+    /// Every rule that matched: the `mask` rules that apply, then the deciding rule.
+    pub fn matched_rules(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = self
+            .masking
+            .as_ref()
+            .map(|m| m.rules().to_vec())
+            .unwrap_or_default();
+        out.extend(self.rule.clone());
+        out
     }
 
     /// A sentence for the client and the recording, e.g. `denied by Chaperone policy rule
@@ -228,6 +250,7 @@ impl Decision {
         let verb = match self.action {
             Action::Allow => "allowed",
             Action::Deny => "denied",
+            Action::Mask => "allowed with masking",
         };
         // Rule names cannot carry the guard prefix, so this names guards only.
         let what = match &self.rule {
@@ -241,7 +264,12 @@ impl Decision {
             (Some(rule), None) => format!("{verb} by Chaperone policy {what} \"{rule}\""),
             (None, _) => format!(
                 "{verb} by Chaperone policy: no rule matched and the default action is {}",
-                self.action
+                // The default is allow or deny; mask comes from the mask rules.
+                if self.action == Action::Mask {
+                    Action::Allow
+                } else {
+                    self.action
+                }
             ),
         }
     }
@@ -373,6 +401,7 @@ impl Policy {
             default: Action::Allow,
             identity: None,
             rules: Vec::new(),
+            masking: None,
         };
         let compiled = compile(raw, "allowAll");
         Policy {
@@ -404,21 +433,32 @@ pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
         return denied;
     }
     let req = ctx.request;
+    let mut masks = MaskHits::default();
     let found = if req.is_resource_request {
-        p.first_resource_match(ctx)
+        p.first_resource_match(ctx, &mut masks)
     } else {
-        p.first_url_match(ctx)
+        p.first_url_match(ctx, &mut masks)
     };
-    match found {
+    let mut decision = match found {
         Some(rule) => Decision {
             action: rule.action,
             rule: Some(rule.name.clone()),
             message: rule.message.clone(),
+            masking: None,
         },
         None => Decision {
             action: p.default,
             rule: None,
             message: None,
+            masking: None,
         },
+    };
+    // Masking only matters to a request that goes ahead; a denial stays a denial.
+    if decision.action == Action::Allow
+        && let Some(masker) = p.masking.masker(&masks)
+    {
+        decision.action = Action::Mask;
+        decision.masking = Some(masker);
     }
+    decision
 }

@@ -595,6 +595,7 @@ fn decision_reasons() {
         action,
         rule: rule.map(Arc::from),
         message: message.map(Arc::from),
+        masking: None,
     };
     for (decision, want) in [
         (
@@ -642,11 +643,11 @@ fn load_errors_name_file_path_and_line() {
         // Shape errors from serde, with serde_norway's position.
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n  - name: b\n    action: deny\n    verb: [get]\n",
-            "policy.yaml:11:5: rules[1]: unknown field 'verb', expected one of 'name', 'action', 'message', 'verbs', 'apiGroups', 'resources', 'namespaces', 'resourceNames', 'nonResourceURLs', 'workloads', 'principals'",
+            "policy.yaml:11:5: rules[1]: unknown field 'verb', expected one of 'name', 'action', 'message', 'verbs', 'apiGroups', 'resources', 'namespaces', 'resourceNames', 'nonResourceURLs', 'workloads', 'principals', 'masking'",
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: maybe\n",
-            "policy.yaml:3:10: default: unknown variant 'maybe', expected 'allow' or 'deny'",
+            "policy.yaml:3:10: default: unknown variant 'maybe', expected one of 'allow', 'deny', 'mask'",
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\n",
@@ -654,7 +655,7 @@ fn load_errors_name_file_path_and_line() {
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: deny\nrule: []\n",
-            "policy.yaml:4:1: unknown field 'rule', expected one of 'apiVersion', 'kind', 'default', 'identity', 'rules'",
+            "policy.yaml:4:1: unknown field 'rule', expected one of 'apiVersion', 'kind', 'default', 'identity', 'rules', 'masking'",
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: deny\nrules:\n  - name: a\n    action: deny\n    resources: [pods]\n",

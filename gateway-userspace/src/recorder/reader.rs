@@ -206,7 +206,7 @@ pub(crate) fn decode_batch(
             Some(text) => Outcome::parse(&text)
                 .ok_or_else(|| format!("row {i}: column outcome: unknown outcome {text:?}"))?,
             None => match decision {
-                Some(Action::Allow) => Outcome::Forwarded,
+                Some(Action::Allow | Action::Mask) => Outcome::Forwarded,
                 Some(Action::Deny) => Outcome::Denied,
                 None => Outcome::Invalid,
             },
