@@ -48,6 +48,8 @@ pub struct Metrics {
     pub service_account_mismatches: Counter,
     /// Connections closed right after accept because their workload was at its limit.
     pub connections_rejected: Counter,
+    /// Responses that had to be masked and could not be (refused, or a watch ended).
+    pub masking_failures: Counter,
 }
 
 impl Metrics {
@@ -82,6 +84,12 @@ impl Metrics {
             "Requests whose ServiceAccount token names another service account than the kernel-attributed pod runs as",
             service_account_mismatches.clone(),
         );
+        let masking_failures = Counter::default();
+        registry.register(
+            "masking_failures",
+            "Responses a mask decision applied to that could not be masked, so they were refused (or their watch ended with an error event)",
+            masking_failures.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -94,6 +102,7 @@ impl Metrics {
             requests,
             recording_failures,
             connections_rejected,
+            masking_failures,
         })
     }
 

@@ -224,9 +224,7 @@ impl MaskReport {
         let list: Vec<Value> = self
             .counts
             .iter()
-            .map(|c| {
-                serde_json::json!({"rule": &*c.rule, "kind": c.kind.name(), "count": c.count})
-            })
+            .map(|c| serde_json::json!({"rule": &*c.rule, "kind": c.kind.name(), "count": c.count}))
             .collect();
         Some(Value::Array(list).to_string())
     }
@@ -378,7 +376,9 @@ pub fn check_spec(spec: &MaskingSpec, top: bool) -> Result<(), SpecError> {
             if set {
                 return Err(spec_error(
                     vec![SpecPathPart::Key(key)],
-                    format!("'{key}' is a bound for the whole gateway; set it in the top-level masking block"),
+                    format!(
+                        "'{key}' is a bound for the whole gateway; set it in the top-level masking block"
+                    ),
                 ));
             }
         }
@@ -414,12 +414,15 @@ pub fn check_spec(spec: &MaskingSpec, top: bool) -> Result<(), SpecError> {
         for (j, r) in path.resources.iter().enumerate() {
             let ok = r == "*"
                 || (!r.is_empty()
-                    && r.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'));
+                    && r.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
+                    }));
             if !ok {
                 return Err(spec_error(
                     at(&[SpecPathPart::Key("resources"), SpecPathPart::Index(j)]),
-                    format!("malformed resource '{r}'; expected a lowercase plural like 'configmaps' or '*'"),
+                    format!(
+                        "malformed resource '{r}'; expected a lowercase plural like 'configmaps' or '*'"
+                    ),
                 ));
             }
         }
@@ -511,17 +514,27 @@ impl RuleMasking {
                 .collect(),
         };
         let mut paths = Vec::new();
-        for spec in top.paths.iter().flatten().chain(rule.paths.iter().flatten()) {
+        for spec in top
+            .paths
+            .iter()
+            .flatten()
+            .chain(rule.paths.iter().flatten())
+        {
             for field in &spec.fields {
-                let steps = parse_field(field).map_err(|m| spec_error(vec![SpecPathPart::Key("paths")], m))?;
+                let steps = parse_field(field)
+                    .map_err(|m| spec_error(vec![SpecPathPart::Key("paths")], m))?;
                 paths.push(CompiledPath {
                     groups: spec
                         .api_groups
                         .as_ref()
                         .filter(|g| !g.iter().any(|g| g == "*"))
                         .map(|g| g.iter().map(|g| Box::from(g.as_str())).collect()),
-                    resources: (!spec.resources.iter().any(|r| r == "*"))
-                        .then(|| spec.resources.iter().map(|r| Box::from(r.as_str())).collect()),
+                    resources: (!spec.resources.iter().any(|r| r == "*")).then(|| {
+                        spec.resources
+                            .iter()
+                            .map(|r| Box::from(r.as_str()))
+                            .collect()
+                    }),
                     steps: steps.into(),
                     rule: 0,
                 });
@@ -574,7 +587,11 @@ impl Masker {
             for p in &part.paths {
                 let mut p = p.clone();
                 p.rule = i;
-                if !m.paths.iter().any(|have| have.steps == p.steps && have.groups == p.groups && have.resources == p.resources) {
+                if !m.paths.iter().any(|have| {
+                    have.steps == p.steps
+                        && have.groups == p.groups
+                        && have.resources == p.resources
+                }) {
                     m.paths.push(p);
                 }
             }
@@ -587,6 +604,11 @@ impl Masker {
     /// The `mask` rules this masker was built from, in policy order.
     pub fn rules(&self) -> &[Arc<str>] {
         &self.rules
+    }
+
+    /// Whether Secret values are masked (then a masked response needs no recording mask).
+    pub fn masks_secrets(&self) -> bool {
+        self.secrets.is_some()
     }
 
     /// Bounds of what is held to mask a response.
@@ -625,7 +647,13 @@ impl Masker {
         self.mask_response(target, value, report, 0);
     }
 
-    fn mask_response(&self, target: Target<'_>, value: &mut Value, report: &mut MaskReport, depth: u8) {
+    fn mask_response(
+        &self,
+        target: Target<'_>,
+        value: &mut Value,
+        report: &mut MaskReport,
+        depth: u8,
+    ) {
         let Value::Object(map) = value else {
             self.detect_all(value, report);
             return;
@@ -676,7 +704,8 @@ impl Masker {
         let kind = map.get("kind").and_then(Value::as_str);
         if let Some(rule) = self.secrets {
             let is_secret = kind == Some("Secret")
-                || (target.is_secrets() && kind.is_none_or(|k| k != "Status" && !k.ends_with("List")));
+                || (target.is_secrets()
+                    && kind.is_none_or(|k| k != "Status" && !k.ends_with("List")));
             if is_secret {
                 let mut n = 0;
                 if let Some(data) = map.get_mut("data") {
@@ -693,7 +722,10 @@ impl Masker {
         }
         if !self.paths.is_empty() {
             for path in &self.paths {
-                let group_ok = path.groups.as_deref().is_none_or(|g| g.iter().any(|g| **g == *target.group));
+                let group_ok = path
+                    .groups
+                    .as_deref()
+                    .is_none_or(|g| g.iter().any(|g| **g == *target.group));
                 let resource_ok = path
                     .resources
                     .as_deref()
@@ -815,7 +847,11 @@ impl Masker {
                         *text = redacted;
                     }
                     for hit in hits {
-                        report.add(self.rule(*rule), MaskKind::Detector(hit.detector), hit.count);
+                        report.add(
+                            self.rule(*rule),
+                            MaskKind::Detector(hit.detector),
+                            hit.count,
+                        );
                     }
                 }
             }
@@ -961,7 +997,12 @@ impl WatchMasker {
     }
 
     /// One line: usually one event, but any sequence of JSON values is accepted.
-    fn mask_events(&self, line: &[u8], out: &mut Vec<u8>, report: &mut MaskReport) -> Result<(), MaskError> {
+    fn mask_events(
+        &self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        report: &mut MaskReport,
+    ) -> Result<(), MaskError> {
         let target = Target {
             group: &self.group,
             resource: &self.resource,

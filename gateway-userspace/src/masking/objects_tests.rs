@@ -48,7 +48,10 @@ fn placeholder_decodes_as_base64_to_the_placeholder_text() {
 #[test]
 fn secret_values_are_replaced_keys_type_and_metadata_kept() {
     let (v, report) = masked(&masker(), SECRETS, secret("db", "aHVudGVyMg=="));
-    assert_eq!(v["data"], json!({"password": PLACEHOLDER_BASE64, "username": PLACEHOLDER_BASE64}));
+    assert_eq!(
+        v["data"],
+        json!({"password": PLACEHOLDER_BASE64, "username": PLACEHOLDER_BASE64})
+    );
     assert_eq!(v["type"], "kubernetes.io/basic-auth");
     assert_eq!(v["metadata"], secret("db", "")["metadata"]);
     assert_eq!(
@@ -76,7 +79,10 @@ fn invalid_base64_and_odd_values_in_a_secret_are_masked_too() {
     assert_eq!(v["data"]["password"], PLACEHOLDER_BASE64);
     assert_eq!(v["data"]["n"], PLACEHOLDER_BASE64);
     assert_eq!(v["data"]["nested"]["x"], PLACEHOLDER_BASE64);
-    assert_eq!(v["stringData"], json!({"plain": PLACEHOLDER_TEXT, "gone": null}));
+    assert_eq!(
+        v["stringData"],
+        json!({"plain": PLACEHOLDER_TEXT, "gone": null})
+    );
     assert_eq!(report.total(), 5);
     assert!(!v.to_string().contains("hunter2"));
 }
@@ -95,14 +101,14 @@ fn lists_tables_and_watch_events_of_secrets() {
     assert_eq!(report.total(), 2);
 
     let table = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-        "columnDefinitions": [{"name": "Name", "type": "string"}],
-        "rows": [
-            {"cells": ["a", "Opaque", 1], "object": {"kind": "Secret", "metadata": {"name": "a"}, "data": {"k": "c2VjcmV0"}}},
-            {"cells": ["b", "Opaque", 1], "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                "metadata": {"name": "b", "annotations": {"kubectl.kubernetes.io/last-applied-configuration":
-                    "{\"apiVersion\":\"v1\",\"data\":{\"k\":\"c2VjcmV0\"},\"kind\":\"Secret\"}\n"}}}},
-            {"cells": ["c", "Opaque", 1]}
-        ]});
+    "columnDefinitions": [{"name": "Name", "type": "string"}],
+    "rows": [
+        {"cells": ["a", "Opaque", 1], "object": {"kind": "Secret", "metadata": {"name": "a"}, "data": {"k": "c2VjcmV0"}}},
+        {"cells": ["b", "Opaque", 1], "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"name": "b", "annotations": {"kubectl.kubernetes.io/last-applied-configuration":
+                "{\"apiVersion\":\"v1\",\"data\":{\"k\":\"c2VjcmV0\"},\"kind\":\"Secret\"}\n"}}}},
+        {"cells": ["c", "Opaque", 1]}
+    ]});
     let (v, _) = masked(&m, SECRETS, table);
     assert_eq!(v["rows"][0]["object"]["data"]["k"], PLACEHOLDER_BASE64);
     assert_eq!(v["rows"][0]["cells"], json!(["a", "Opaque", 1]));
@@ -149,7 +155,12 @@ fn last_applied_of_a_secret_stays_json_and_unparseable_is_replaced() {
         v["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
         PLACEHOLDER_TEXT
     );
-    assert!(report.counts.iter().any(|c| c.kind == MaskKind::LastApplied));
+    assert!(
+        report
+            .counts
+            .iter()
+            .any(|c| c.kind == MaskKind::LastApplied)
+    );
 }
 
 fn pod_spec() -> Value {
@@ -168,15 +179,24 @@ fn pod_spec() -> Value {
 fn assert_pod_spec_masked(spec: &Value, what: &str) {
     let env = &spec["containers"][0]["env"];
     assert_eq!(env[0]["value"], PLACEHOLDER_TEXT, "{what}: DB_PASSWORD");
-    assert_eq!(env[1]["value"], PLACEHOLDER_TEXT, "{what}: names match case-insensitively");
+    assert_eq!(
+        env[1]["value"], PLACEHOLDER_TEXT,
+        "{what}: names match case-insensitively"
+    );
     assert_eq!(env[2]["value"], "debug", "{what}: LOG_LEVEL stays");
     assert_eq!(
         env[3]["valueFrom"],
         json!({"secretKeyRef": {"name": "s", "key": "t"}}),
         "{what}: references stay"
     );
-    assert_eq!(spec["initContainers"][0]["env"][0]["value"], PLACEHOLDER_TEXT, "{what}: init");
-    assert_eq!(spec["ephemeralContainers"][0]["env"][0]["value"], PLACEHOLDER_TEXT, "{what}: ephemeral");
+    assert_eq!(
+        spec["initContainers"][0]["env"][0]["value"], PLACEHOLDER_TEXT,
+        "{what}: init"
+    );
+    assert_eq!(
+        spec["ephemeralContainers"][0]["env"][0]["value"], PLACEHOLDER_TEXT,
+        "{what}: ephemeral"
+    );
 }
 
 #[test]
@@ -184,16 +204,60 @@ fn env_values_are_masked_in_pods_and_every_workload_template() {
     let m = masker();
     let template = json!({"metadata": {"labels": {"app": "x"}}, "spec": pod_spec()});
     let cases = [
-        ("pods", "", json!({"kind": "Pod", "spec": pod_spec()}), vec!["spec"]),
-        ("deployments", "apps", json!({"kind": "Deployment", "spec": {"template": template}}), vec!["spec", "template", "spec"]),
-        ("statefulsets", "apps", json!({"kind": "StatefulSet", "spec": {"template": template}}), vec!["spec", "template", "spec"]),
-        ("daemonsets", "apps", json!({"kind": "DaemonSet", "spec": {"template": template}}), vec!["spec", "template", "spec"]),
-        ("replicasets", "apps", json!({"kind": "ReplicaSet", "spec": {"template": template}}), vec!["spec", "template", "spec"]),
-        ("replicationcontrollers", "", json!({"kind": "ReplicationController", "spec": {"template": template}}), vec!["spec", "template", "spec"]),
-        ("jobs", "batch", json!({"kind": "Job", "spec": {"template": template}}), vec!["spec", "template", "spec"]),
-        ("cronjobs", "batch", json!({"kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template": template}}}}),
-            vec!["spec", "jobTemplate", "spec", "template", "spec"]),
-        ("podtemplates", "", json!({"kind": "PodTemplate", "template": template}), vec!["template", "spec"]),
+        (
+            "pods",
+            "",
+            json!({"kind": "Pod", "spec": pod_spec()}),
+            vec!["spec"],
+        ),
+        (
+            "deployments",
+            "apps",
+            json!({"kind": "Deployment", "spec": {"template": template}}),
+            vec!["spec", "template", "spec"],
+        ),
+        (
+            "statefulsets",
+            "apps",
+            json!({"kind": "StatefulSet", "spec": {"template": template}}),
+            vec!["spec", "template", "spec"],
+        ),
+        (
+            "daemonsets",
+            "apps",
+            json!({"kind": "DaemonSet", "spec": {"template": template}}),
+            vec!["spec", "template", "spec"],
+        ),
+        (
+            "replicasets",
+            "apps",
+            json!({"kind": "ReplicaSet", "spec": {"template": template}}),
+            vec!["spec", "template", "spec"],
+        ),
+        (
+            "replicationcontrollers",
+            "",
+            json!({"kind": "ReplicationController", "spec": {"template": template}}),
+            vec!["spec", "template", "spec"],
+        ),
+        (
+            "jobs",
+            "batch",
+            json!({"kind": "Job", "spec": {"template": template}}),
+            vec!["spec", "template", "spec"],
+        ),
+        (
+            "cronjobs",
+            "batch",
+            json!({"kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template": template}}}}),
+            vec!["spec", "jobTemplate", "spec", "template", "spec"],
+        ),
+        (
+            "podtemplates",
+            "",
+            json!({"kind": "PodTemplate", "template": template}),
+            vec!["template", "spec"],
+        ),
     ];
     for (resource, group, object, path) in cases {
         let target = Target { group, resource };
@@ -214,7 +278,14 @@ fn env_names_and_secrets_are_configurable() {
     let m = masker_with(spec);
     let (v, _) = masked(&m, SECRETS, secret("db", "aHVudGVyMg=="));
     assert_eq!(v["data"]["password"], "aHVudGVyMg==", "secrets: false");
-    let (v, _) = masked(&m, Target { group: "", resource: "pods" }, json!({"spec": pod_spec()}));
+    let (v, _) = masked(
+        &m,
+        Target {
+            group: "",
+            resource: "pods",
+        },
+        json!({"spec": pod_spec()}),
+    );
     let env = &v["spec"]["containers"][0]["env"];
     assert_eq!(env[0]["value"], "hunter2");
     assert_eq!(env[2]["value"], PLACEHOLDER_TEXT);
@@ -237,7 +308,14 @@ paths:
     let m = masker_with(spec);
     let cm = json!({"kind": "ConfigMap", "data": {"password": "hunter2", "tls.key": "hunter2", "mode": "fast",
                     "nested": [{"v": "hunter2"}, {"v": "hunter2", "w": "keep"}]}});
-    let (v, report) = masked(&m, Target { group: "", resource: "configmaps" }, cm.clone());
+    let (v, report) = masked(
+        &m,
+        Target {
+            group: "",
+            resource: "configmaps",
+        },
+        cm.clone(),
+    );
     assert_eq!(v["data"]["password"], PLACEHOLDER_TEXT);
     assert_eq!(v["data"]["tls.key"], PLACEHOLDER_TEXT);
     assert_eq!(v["data"]["mode"], "fast");
@@ -245,10 +323,24 @@ paths:
     assert!(!v.to_string().contains("hunter2"));
     assert_eq!(report.total(), 4);
     // Another resource is left alone.
-    let (v, _) = masked(&m, Target { group: "", resource: "services" }, cm.clone());
+    let (v, _) = masked(
+        &m,
+        Target {
+            group: "",
+            resource: "services",
+        },
+        cm.clone(),
+    );
     assert_eq!(v, cm);
     let cr = json!({"spec": {"credentials": {"a": "hunter2", "b": {"c": "hunter2"}}, "x": "keep"}});
-    let (v, _) = masked(&m, Target { group: "example.com", resource: "widgets" }, cr);
+    let (v, _) = masked(
+        &m,
+        Target {
+            group: "example.com",
+            resource: "widgets",
+        },
+        cr,
+    );
     assert!(!v.to_string().contains("hunter2"));
     assert_eq!(v["spec"]["x"], "keep");
 }
@@ -256,13 +348,64 @@ paths:
 #[test]
 fn bad_settings_name_the_field() {
     for (yaml, path, needle) in [
-        ("paths: [{resources: [configmaps], fields: [data.x]}]", vec![SpecPathPart::Key("paths"), SpecPathPart::Index(0), SpecPathPart::Key("fields"), SpecPathPart::Index(0)], "must start with '.'"),
-        ("paths: [{resources: [configmaps], fields: ['.data[x']}]", vec![SpecPathPart::Key("paths"), SpecPathPart::Index(0), SpecPathPart::Key("fields"), SpecPathPart::Index(0)], "without ']'"),
-        ("paths: [{resources: [configmaps], fields: []}]", vec![SpecPathPart::Key("paths"), SpecPathPart::Index(0), SpecPathPart::Key("fields")], "at least one field"),
-        ("paths: [{resources: [ConfigMaps], fields: [.a]}]", vec![SpecPathPart::Key("paths"), SpecPathPart::Index(0), SpecPathPart::Key("resources"), SpecPathPart::Index(0)], "malformed resource"),
-        ("paths: [{apiGroups: [], resources: [a], fields: [.a]}]", vec![SpecPathPart::Key("paths"), SpecPathPart::Index(0), SpecPathPart::Key("apiGroups")], "lists no API group"),
-        ("envNames: [' ']", vec![SpecPathPart::Key("envNames"), SpecPathPart::Index(0)], "must not be empty"),
-        ("maxResponseBytes: 100", vec![SpecPathPart::Key("maxResponseBytes")], "top-level"),
+        (
+            "paths: [{resources: [configmaps], fields: [data.x]}]",
+            vec![
+                SpecPathPart::Key("paths"),
+                SpecPathPart::Index(0),
+                SpecPathPart::Key("fields"),
+                SpecPathPart::Index(0),
+            ],
+            "must start with '.'",
+        ),
+        (
+            "paths: [{resources: [configmaps], fields: ['.data[x']}]",
+            vec![
+                SpecPathPart::Key("paths"),
+                SpecPathPart::Index(0),
+                SpecPathPart::Key("fields"),
+                SpecPathPart::Index(0),
+            ],
+            "without ']'",
+        ),
+        (
+            "paths: [{resources: [configmaps], fields: []}]",
+            vec![
+                SpecPathPart::Key("paths"),
+                SpecPathPart::Index(0),
+                SpecPathPart::Key("fields"),
+            ],
+            "at least one field",
+        ),
+        (
+            "paths: [{resources: [ConfigMaps], fields: [.a]}]",
+            vec![
+                SpecPathPart::Key("paths"),
+                SpecPathPart::Index(0),
+                SpecPathPart::Key("resources"),
+                SpecPathPart::Index(0),
+            ],
+            "malformed resource",
+        ),
+        (
+            "paths: [{apiGroups: [], resources: [a], fields: [.a]}]",
+            vec![
+                SpecPathPart::Key("paths"),
+                SpecPathPart::Index(0),
+                SpecPathPart::Key("apiGroups"),
+            ],
+            "lists no API group",
+        ),
+        (
+            "envNames: [' ']",
+            vec![SpecPathPart::Key("envNames"), SpecPathPart::Index(0)],
+            "must not be empty",
+        ),
+        (
+            "maxResponseBytes: 100",
+            vec![SpecPathPart::Key("maxResponseBytes")],
+            "top-level",
+        ),
     ] {
         let spec: MaskingSpec = serde_norway::from_str(yaml).unwrap();
         let err = check_spec(&spec, false).unwrap_err();
@@ -276,18 +419,40 @@ fn bad_settings_name_the_field() {
 
 #[test]
 fn combined_rules_count_for_the_first_rule_that_asked() {
-    let a = RuleMasking::compile(&MaskingSpec::default(), &serde_norway::from_str("envNames: []").unwrap()).unwrap();
+    let a = RuleMasking::compile(
+        &MaskingSpec::default(),
+        &serde_norway::from_str("envNames: []").unwrap(),
+    )
+    .unwrap();
     let b = RuleMasking::compile(
         &MaskingSpec::default(),
         &serde_norway::from_str("secrets: false\nenvNames: [password]").unwrap(),
     )
     .unwrap();
-    let m = Masker::combine([(Arc::from("a"), &a), (Arc::from("b"), &b)], MaskLimits::default());
-    assert_eq!(m.rules().iter().map(|r| &**r).collect::<Vec<_>>(), ["a", "b"]);
+    let m = Masker::combine(
+        [(Arc::from("a"), &a), (Arc::from("b"), &b)],
+        MaskLimits::default(),
+    );
+    assert_eq!(
+        m.rules().iter().map(|r| &**r).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     let (_, report) = masked(&m, SECRETS, secret("db", "eA=="));
     assert_eq!(&*report.counts[0].rule, "a");
-    let (_, report) = masked(&m, Target { group: "", resource: "pods" }, json!({"spec": pod_spec()}));
-    assert!(report.counts.iter().all(|c| &*c.rule == "b" && c.kind == MaskKind::Env));
+    let (_, report) = masked(
+        &m,
+        Target {
+            group: "",
+            resource: "pods",
+        },
+        json!({"spec": pod_spec()}),
+    );
+    assert!(
+        report
+            .counts
+            .iter()
+            .all(|c| &*c.rule == "b" && c.kind == MaskKind::Env)
+    );
 }
 
 #[test]
@@ -295,9 +460,10 @@ fn watch_events_split_anywhere_are_masked_and_the_stream_is_never_held_whole() {
     let m = Arc::new(masker());
     let events: Vec<u8> = (0..5)
         .flat_map(|i| {
-            let mut line = json!({"type": "ADDED", "object": secret(&format!("s{i}"), "aHVudGVyMg==")})
-                .to_string()
-                .into_bytes();
+            let mut line =
+                json!({"type": "ADDED", "object": secret(&format!("s{i}"), "aHVudGVyMg==")})
+                    .to_string()
+                    .into_bytes();
             line.push(b'\n');
             line
         })
@@ -327,12 +493,18 @@ fn watch_events_split_anywhere_are_masked_and_the_stream_is_never_held_whole() {
     let mut w = WatchMasker::new(m.clone(), SECRETS);
     let mut out = Vec::new();
     let first_end = events.iter().position(|&b| b == b'\n').unwrap();
-    w.push(&events[..first_end + 3], &mut out, &mut MaskReport::default()).unwrap();
+    w.push(
+        &events[..first_end + 3],
+        &mut out,
+        &mut MaskReport::default(),
+    )
+    .unwrap();
     assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
     // A last event without its newline is masked at the end.
     let mut w = WatchMasker::new(m, SECRETS);
     let mut out = Vec::new();
-    w.push(&events[..first_end], &mut out, &mut MaskReport::default()).unwrap();
+    w.push(&events[..first_end], &mut out, &mut MaskReport::default())
+        .unwrap();
     assert!(out.is_empty());
     w.finish(&mut out, &mut MaskReport::default()).unwrap();
     assert!(String::from_utf8_lossy(&out).contains(PLACEHOLDER_BASE64));
@@ -364,10 +536,17 @@ fn a_watch_event_over_the_bound_fails_and_a_broken_event_fails() {
 
     let mut w = WatchMasker::new(m, SECRETS);
     let err = w
-        .push(b"{\"type\":\"ADDED\",\"object\":{\"data\":\n", &mut out, &mut MaskReport::default())
+        .push(
+            b"{\"type\":\"ADDED\",\"object\":{\"data\":\n",
+            &mut out,
+            &mut MaskReport::default(),
+        )
         .unwrap_err();
     assert!(matches!(err, MaskError::Parse(_)));
-    assert!(!err.to_string().contains("data"), "errors never quote content: {err}");
+    assert!(
+        !err.to_string().contains("data"),
+        "errors never quote content: {err}"
+    );
     let event: Value = serde_json::from_slice(&watch_error_event("m")).unwrap();
     assert_eq!(event["type"], "ERROR");
     assert_eq!(event["object"]["code"], 500);
@@ -378,7 +557,9 @@ fn deep_and_huge_bodies_neither_overflow_nor_pass() {
     let m = masker();
     // serde_json's recursion limit (128) refuses a deeper body: it is never passed on.
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let err = m.mask_body(SECRETS, deep.as_bytes(), &mut MaskReport::default()).unwrap_err();
+    let err = m
+        .mask_body(SECRETS, deep.as_bytes(), &mut MaskReport::default())
+        .unwrap_err();
     assert!(matches!(err, MaskError::Parse(_)), "{err}");
     // Nesting under the limit, through objects, masks fine.
     let mut nested = secret("db", "aHVudGVyMg==");
@@ -386,7 +567,11 @@ fn deep_and_huge_bodies_neither_overflow_nor_pass() {
         nested = json!({"a": nested});
     }
     let out = m
-        .mask_body(SECRETS, nested.to_string().as_bytes(), &mut MaskReport::default())
+        .mask_body(
+            SECRETS,
+            nested.to_string().as_bytes(),
+            &mut MaskReport::default(),
+        )
         .unwrap();
     assert!(!String::from_utf8_lossy(&out).contains("hunter2"));
     // Last-applied annotations nested in each other are bounded too.
@@ -398,7 +583,11 @@ fn deep_and_huge_bodies_neither_overflow_nor_pass() {
         obj = outer;
     }
     let out = m
-        .mask_body(SECRETS, obj.to_string().as_bytes(), &mut MaskReport::default())
+        .mask_body(
+            SECRETS,
+            obj.to_string().as_bytes(),
+            &mut MaskReport::default(),
+        )
         .unwrap();
     assert!(!String::from_utf8_lossy(&out).contains("aHVudGVyMg=="));
     // Over the response bound.
@@ -409,9 +598,14 @@ fn deep_and_huge_bodies_neither_overflow_nor_pass() {
     let rule = RuleMasking::compile(&spec, &MaskingSpec::default()).unwrap();
     let small = Masker::combine([(Arc::from("r"), &rule)], compile_limits(&spec).unwrap());
     let big = json!({"kind": "SecretList", "items": vec![secret("a", "eA=="); 100]}).to_string();
-    let err = small.mask_body(SECRETS, big.as_bytes(), &mut MaskReport::default()).unwrap_err();
+    let err = small
+        .mask_body(SECRETS, big.as_bytes(), &mut MaskReport::default())
+        .unwrap_err();
     assert!(matches!(err, MaskError::TooLarge { .. }));
-    assert!(m.mask_body(SECRETS, b"not json", &mut MaskReport::default()).is_err());
+    assert!(
+        m.mask_body(SECRETS, b"not json", &mut MaskReport::default())
+            .is_err()
+    );
 }
 
 /// Detector contract: an AWS access key id (`AKIA` + 16 uppercase alphanumerics) in any
@@ -422,7 +616,14 @@ fn detectors_run_over_every_other_string_value() {
     let m = masker();
     let key = "AKIAIOSFODNN7EXAMPLE";
     let cm = json!({"kind": "ConfigMap", "data": {"note": format!("key={key}")}, "metadata": {"name": "c"}});
-    let (v, report) = masked(&m, Target { group: "", resource: "configmaps" }, cm.clone());
+    let (v, report) = masked(
+        &m,
+        Target {
+            group: "",
+            resource: "configmaps",
+        },
+        cm.clone(),
+    );
     let detectors_landed = report
         .counts
         .iter()

@@ -210,15 +210,24 @@ rules:
         assert_eq!(d.action, Action::Mask);
         assert_eq!(d.rule, None);
         assert_eq!(names(&d), ["mask-secrets"]);
-        assert_eq!(d.reason(), "allowed with masking by Chaperone policy: no rule matched and the default action is allow");
+        assert_eq!(
+            d.reason(),
+            "allowed with masking by Chaperone policy: no rule matched and the default action is allow"
+        );
         // A deny decides; the mask rule before it does not turn it into anything else.
         let d = decide_on(&p, "DELETE", "/api/v1/namespaces/prod/secrets/db");
-        assert_eq!((d.action, d.rule.as_deref()), (Action::Deny, Some("no-secret-writes")));
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Deny, Some("no-secret-writes"))
+        );
         assert!(d.masking.is_none());
         // Two mask rules, then an allow rule: both named, allow rule last.
         let d = decide_on(&p, "GET", "/apis/apps/v1/namespaces/prod/deployments");
         assert_eq!(d.action, Action::Mask);
-        assert_eq!(names(&d), ["mask-workloads", "mask-everything-in-prod", "allow-apps"]);
+        assert_eq!(
+            names(&d),
+            ["mask-workloads", "mask-everything-in-prod", "allow-apps"]
+        );
         // Mask rules after the deciding rule do not apply.
         let d = decide_on(&p, "GET", "/apis/apps/v1/namespaces/dev/deployments");
         assert_eq!(names(&d), ["mask-workloads", "allow-apps"]);
@@ -238,9 +247,15 @@ rules:
         let d = decide_on(&p, "GET", "/api/v1/namespaces/dev/secrets/x");
         let (a, c, d) = (a.masking.unwrap(), c.masking.unwrap(), d.masking.unwrap());
         assert!(b.masking.is_none_or(|b| Arc::ptr_eq(&a, &b)));
-        assert!(Arc::ptr_eq(&c, &d), "a single rule's masker is compiled at load");
+        assert!(
+            Arc::ptr_eq(&c, &d),
+            "a single rule's masker is compiled at load"
+        );
         let again = decide_on(&p, "GET", "/apis/apps/v1/namespaces/prod/deployments");
-        assert!(Arc::ptr_eq(&a, &again.masking.unwrap()), "a combination is cached");
+        assert!(
+            Arc::ptr_eq(&a, &again.masking.unwrap()),
+            "a combination is cached"
+        );
     }
 
     #[test]
@@ -249,23 +264,43 @@ rules:
         let p = load(POLICY);
         let pod_env = serde_json::json!({"kind": "Deployment", "spec": {"x": "hunter2", "template": {"spec": {"containers": [{"name": "c", "env": [
             {"name": "DB_PASSWORD", "value": "p"}, {"name": "API_TOKEN", "value": "t"}]}]}}}});
-        let target = Target { group: "apps", resource: "deployments" };
+        let target = Target {
+            group: "apps",
+            resource: "deployments",
+        };
         // mask-workloads: envNames [TOKEN] replaces the top level's [PASSWORD]; its paths add.
-        let m = decide_on(&p, "GET", "/apis/apps/v1/namespaces/dev/deployments/d").masking.unwrap();
+        let m = decide_on(&p, "GET", "/apis/apps/v1/namespaces/dev/deployments/d")
+            .masking
+            .unwrap();
         let mut v = pod_env.clone();
         m.mask_value(target, &mut v, &mut MaskReport::default());
         let env = &v["spec"]["template"]["spec"]["containers"][0]["env"];
-        assert_eq!((env[0]["value"].as_str(), env[1]["value"].as_str()), (Some("p"), Some(PLACEHOLDER_TEXT)));
+        assert_eq!(
+            (env[0]["value"].as_str(), env[1]["value"].as_str()),
+            (Some("p"), Some(PLACEHOLDER_TEXT))
+        );
         assert_eq!(v["spec"]["x"], PLACEHOLDER_TEXT);
         // In prod the prod rule (top-level envNames) joins: both are masked.
-        let m = decide_on(&p, "GET", "/apis/apps/v1/namespaces/prod/deployments/d").masking.unwrap();
+        let m = decide_on(&p, "GET", "/apis/apps/v1/namespaces/prod/deployments/d")
+            .masking
+            .unwrap();
         let mut v = pod_env;
         let mut report = MaskReport::default();
         m.mask_value(target, &mut v, &mut report);
         let env = &v["spec"]["template"]["spec"]["containers"][0]["env"];
-        assert_eq!((env[0]["value"].as_str(), env[1]["value"].as_str()), (Some(PLACEHOLDER_TEXT), Some(PLACEHOLDER_TEXT)));
-        let by_rule: Vec<(String, u32)> = report.counts.iter().map(|c| (c.rule.to_string(), c.count)).collect();
-        assert!(by_rule.contains(&("mask-everything-in-prod".to_owned(), 1)), "{by_rule:?}");
+        assert_eq!(
+            (env[0]["value"].as_str(), env[1]["value"].as_str()),
+            (Some(PLACEHOLDER_TEXT), Some(PLACEHOLDER_TEXT))
+        );
+        let by_rule: Vec<(String, u32)> = report
+            .counts
+            .iter()
+            .map(|c| (c.rule.to_string(), c.count))
+            .collect();
+        assert!(
+            by_rule.contains(&("mask-everything-in-prod".to_owned(), 1)),
+            "{by_rule:?}"
+        );
     }
 
     #[test]
@@ -301,8 +336,13 @@ rules:
             ),
         ] {
             let text = format!("apiVersion: {API_VERSION}\nkind: {KIND}\n{body}");
-            let err = Policy::from_yaml(&text, "policy.yaml").expect_err(body).to_string();
-            assert!(err.starts_with(want), "error\n  {err}\nwanted\n  {want}\nfor\n{text}");
+            let err = Policy::from_yaml(&text, "policy.yaml")
+                .expect_err(body)
+                .to_string();
+            assert!(
+                err.starts_with(want),
+                "error\n  {err}\nwanted\n  {want}\nfor\n{text}"
+            );
         }
     }
 }

@@ -116,11 +116,11 @@ use serde::{
 };
 
 use crate::{
-    masking::objects::Masker,
     identity::{
         WorkloadIdentity,
         principal::{Principal, PrincipalKind},
     },
+    masking::objects::Masker,
     request::{RequestInfo, Verb},
 };
 

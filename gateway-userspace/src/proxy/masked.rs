@@ -76,7 +76,12 @@ fn body_kind(headers: &HeaderMap) -> BodyKind {
     else {
         return BodyKind::Other;
     };
-    let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let media = ct
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     match media.as_str() {
         "application/json" => BodyKind::Json,
         m if m == crate::protobuf::MEDIA_TYPE
@@ -104,7 +109,9 @@ pub(super) fn refusal(why: &dyn std::fmt::Display) -> Status {
     Status::failure(
         StatusCode::INTERNAL_SERVER_ERROR,
         "InternalError",
-        format!("chaperone: this response must be masked and could not be, so it is refused: {why}"),
+        format!(
+            "chaperone: this response must be masked and could not be, so it is refused: {why}"
+        ),
     )
 }
 
@@ -251,8 +258,11 @@ impl MaskedWatch {
         self.done = true;
         self.metrics.masking_failures.inc();
         tracing::warn!(error = %e, "watch event could not be masked; the watch is ended");
-        let message = format!("chaperone: a watch event could not be masked, so the watch is ended: {e}");
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(watch_error_event(&message))))))
+        let message =
+            format!("chaperone: a watch event could not be masked, so the watch is ended: {e}");
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(watch_error_event(
+            &message,
+        ))))))
     }
 }
 
@@ -278,7 +288,9 @@ impl Body for MaskedWatch {
                     let mut out = Vec::new();
                     let pushed = match this.report.lock() {
                         Ok(mut report) => this.masker.push(data, &mut out, &mut report),
-                        Err(poisoned) => this.masker.push(data, &mut out, &mut poisoned.into_inner()),
+                        Err(poisoned) => {
+                            this.masker.push(data, &mut out, &mut poisoned.into_inner())
+                        }
                     };
                     if let Err(e) = pushed {
                         return this.fail(&e);
@@ -328,15 +340,22 @@ mod tests {
                 "application/json",
             ),
             (
-                Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"),
+                Some(
+                    "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
+                ),
                 "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
             ),
             (
-                Some("application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,application/json"),
+                Some(
+                    "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,application/json",
+                ),
                 "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
             ),
             (Some("application/yaml"), "application/json"),
-            (Some("application/cbor, application/json"), "application/json"),
+            (
+                Some("application/cbor, application/json"),
+                "application/json",
+            ),
             (None, "application/json"),
         ] {
             let header = accept.map(HeaderValue::from_static);
@@ -349,7 +368,10 @@ mod tests {
         for (ct, want) in [
             (Some("application/json"), BodyKind::Json),
             (Some("application/json;charset=utf-8"), BodyKind::Json),
-            (Some("application/vnd.kubernetes.protobuf"), BodyKind::Unmaskable),
+            (
+                Some("application/vnd.kubernetes.protobuf"),
+                BodyKind::Unmaskable,
+            ),
             (
                 Some("application/vnd.kubernetes.protobuf;stream=watch"),
                 BodyKind::Unmaskable,

@@ -16,6 +16,7 @@ mod handler;
 mod headers;
 mod impersonation;
 mod limits;
+mod masked;
 mod record;
 pub mod upgrade;
 

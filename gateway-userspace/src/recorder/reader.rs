@@ -289,6 +289,7 @@ pub(crate) fn decode_batch(
             })?
             .unwrap_or(false),
             outcome,
+            masked: added(&c, "masked", |a| string_at(a, i))?.flatten(),
         });
     }
     Ok(())
