@@ -13,9 +13,19 @@
 //! identity:                            # optional guards, checked before any rule
 //!   denyInvalidTokens: true            # deny a bearer token that was not accepted
 //!   denyServiceAccountMismatch: true   # deny a ServiceAccount token of another pod
+//! masking:                             # optional; defaults of every mask rule (see Masking)
+//!   secrets: true                      # Secret data/stringData values (default true)
+//!   envNames: [PASSWORD, TOKEN]        # env var name parts, any case (default: a list)
+//!   paths:                             # fields masked per API group and resource
+//!     - apiGroups: [""]                # optional; "" = core group; absent or "*" = any
+//!       resources: [configmaps]        # required; "*" = any
+//!       fields: [.data.password, '.data["tls.key"]', ".spec.users[*].password"]
+//!   detectors: {}                      # credential detectors over every other string
+//!   maxResponseBytes: 134217728        # top level only: largest body masked (decompressed)
+//!   maxWatchEventBytes: 16777216       # top level only: largest watch event masked
 //! rules:                               # optional; evaluated in order, first match wins
 //!   - name: protect-namespaces         # required, unique within the policy
-//!     action: deny                     # required: allow | deny
+//!     action: deny                     # required: allow | deny | mask
 //!     message: agents may not delete namespaces   # optional; shown to the client
 //!     verbs: [delete, deletecollection]           # required, non-empty; "*" = any verb
 //!     apiGroups: [""]                  # optional; "" = core group; absent or "*" = any
@@ -40,6 +50,12 @@
 //!       kinds: [anonymous, oidc, serviceAccount, user, invalid]
 //!       subjects: [alice@example.com, "system:serviceaccount:ci:*"]  # trailing "*" = prefix
 //!       groups: [sre]                  # any one of these groups
+//!   - name: mask-reads
+//!     action: mask                     # allow, and mask what the agent receives
+//!     verbs: ["*"]
+//!     resources: [secrets, configmaps, pods, deployments]
+//!     masking:                         # optional; this rule's settings over the top level's
+//!       envNames: [PASSWORD, DSN]
 //! ```
 //!
 //! A rule has either `resources` (a resource rule) or `nonResourceURLs` (a non-resource
@@ -100,6 +116,48 @@
 //! or borrowed token). The decision then names the guard, e.g.
 //! `identity.denyInvalidTokens`, where a rule decision names the rule; rule names starting
 //! with `identity.` are reserved for this.
+//!
+//! # Masking
+//!
+//! A rule with `action: mask` allows the request and masks the response the agent
+//! receives (and the recording). Rules are walked in order: the first matching `allow` or
+//! `deny` rule decides, as without masking; every `mask` rule that matches before it (or
+//! before the default, when no rule decides) adds its masking, and masking rules
+//! accumulate. A request allowed with masking is decided `mask` (the recording's
+//! `decision`; the `masked` column names the rules); a denied request stays denied,
+//! whatever mask rules matched before the deny. `default` is `allow` or `deny`: to mask
+//! everything that is allowed, put a `mask` rule with `verbs: ["*"]` and
+//! `resources: ["*"]` first.
+//!
+//! A mask rule's settings are the top-level `masking` with the rule's own `masking` over
+//! it: `secrets`, `envNames` and `detectors` set in the rule replace the top level's;
+//! `paths` add to them. When several mask rules apply, everything any of them asks for is
+//! masked. `maxResponseBytes` and `maxWatchEventBytes` belong to the top level only;
+//! `masking` on an allow or deny rule and `message` on a mask rule are errors.
+//!
+//! Masking applies to every JSON object the agent reads (get, list, `Table`, watch, and
+//! the objects that create, update and patch return):
+//!
+//! * Secret `data` values become `KiptYXNrZWQgYnkgY2hhcGVyb25lKio=`, the base64 of
+//!   `**masked by chaperone**` (so `base64 -d` and client libraries decode it),
+//!   `stringData` values `**masked by chaperone**`; keys, `type` and metadata stay.
+//! * The `kubectl.kubernetes.io/last-applied-configuration` annotation is masked by the
+//!   same settings and stays JSON (replaced whole if it is not JSON).
+//! * Env `value`s whose name contains an `envNames` entry (any case; default `PASSWORD`,
+//!   `PASSWD`, `SECRET`, `TOKEN`, `KEY`, `CREDENTIAL`, `PRIVATE`, `AUTH`, `CONN_STR`,
+//!   `CONNECTION_STRING`, `DSN`; `[]` for none), in `containers`, `initContainers` and
+//!   `ephemeralContainers` of pods and of every pod template: `spec.template.spec`
+//!   (Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job),
+//!   `spec.jobTemplate.spec.template.spec` (CronJob) and `template.spec` (PodTemplate).
+//! * `paths` fields: `.a.b`, `.a["key.with.dots"]`, `.a[0]`, and `.a[*]` or `.a.*` for
+//!   every element or key; the value and everything under it become
+//!   `**masked by chaperone**`.
+//! * The credential detectors run over every other string value, `Table` cells included.
+//!
+//! A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
+//! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
+//! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
+//! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
 
 use std::{
     collections::{BTreeMap, HashMap},

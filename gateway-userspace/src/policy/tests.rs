@@ -1652,7 +1652,7 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     );
 
     let blocks = reference_yaml_blocks();
-    assert_eq!(blocks.len(), 3, "reference yaml blocks");
+    assert_eq!(blocks.len(), 4, "reference yaml blocks");
     let loaded: Vec<Policy> = blocks
         .iter()
         .enumerate()
@@ -1711,5 +1711,34 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     ] {
         let d = decide_as(identity, method, uri, workload, who);
         assert_eq!(d.rule.as_deref(), want, "{method} {uri}");
+    }
+    let masking = &loaded[3];
+    for (method, uri, action, rules) in [
+        (
+            "GET",
+            "/api/v1/namespaces/dev/secrets/db",
+            Action::Mask,
+            &["mask-secrets", "mask-workloads"][..],
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/dev/secrets/db",
+            Action::Deny,
+            &["no-secret-writes"][..],
+        ),
+        (
+            "GET",
+            "/apis/apps/v1/namespaces/dev/deployments/api",
+            Action::Mask,
+            &["mask-workloads"][..],
+        ),
+    ] {
+        let d = decide_as(masking, method, uri, None, None);
+        let names: Vec<String> = d.matched_rules().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            (d.action, names),
+            (action, rules.iter().map(|r| r.to_string()).collect()),
+            "{method} {uri}"
+        );
     }
 }
