@@ -124,6 +124,7 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     mismatch: None,
                 },
                 impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
+                masked: None,
                 request_content_type: (verb == "create" || verb == "patch")
                     .then(|| "application/json".into()),
                 request_object: (verb == "create" || verb == "patch").then(|| {

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub condition_failures: Counter,
     /// Policy reloads applied and refused.
     pub policy_reload: crate::policy::reload::ReloadMetrics,
+    /// Responses that had to be masked and could not be (refused, or a watch ended).
+    pub masking_failures: Counter,
 }
 
 impl Metrics {
@@ -104,6 +106,12 @@ impl Metrics {
             "New policy texts that did not load; the previous policy stayed in force",
             policy_reload.failed.clone(),
         );
+        let masking_failures = Counter::default();
+        registry.register(
+            "masking_failures",
+            "Responses a mask decision applied to that could not be masked, so they were refused (or their watch ended with an error event)",
+            masking_failures.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -118,6 +126,7 @@ impl Metrics {
             requests,
             recording_failures,
             connections_rejected,
+            masking_failures,
         })
     }
 

@@ -409,7 +409,15 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
         let drain = service_drain.clone();
-        async move { Ok::<_, Infallible>(handle(state, req, drain).await) }
+        async move {
+            let gzip = accepts_gzip(req.headers());
+            let response = handle(state, req, drain).await;
+            Ok::<_, Infallible>(if gzip {
+                gzip_large(response).await
+            } else {
+                response
+            })
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Upgrades: exec, attach and port-forward (see `streams`).
@@ -437,6 +445,57 @@ fn status_response(status: Status) -> Response<Body> {
     status
         .into_response::<Full<Bytes>>()
         .map(BodyExt::boxed_unsync)
+}
+
+/// Responses at least this large are gzipped for clients that accept it: k8s.io/apiserver's
+/// compression filter (`defaultGzipThresholdBytes`, 128 KiB), which kubectl meets on every
+/// large list because client-go sends `Accept-Encoding: gzip`.
+pub const GZIP_THRESHOLD_BYTES: u64 = 128 * 1024;
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| {
+            e.split(';')
+                .next()
+                .is_some_and(|e| e.trim().eq_ignore_ascii_case("gzip"))
+        })
+}
+
+/// Gzips a complete (non-streaming) response of at least [`GZIP_THRESHOLD_BYTES`], as the
+/// API server does; watches and other streams have no exact size and pass as they are.
+async fn gzip_large(response: Response<Body>) -> Response<Body> {
+    use hyper::body::Body as _;
+    use std::io::Write as _;
+    let large = response
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n >= GZIP_THRESHOLD_BYTES);
+    if !large || response.headers().contains_key(header::CONTENT_ENCODING) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(collected) = body.collect().await;
+    let plain = collected.to_bytes();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let gz = encoder.write_all(&plain).and_then(|()| encoder.finish());
+    match gz {
+        Ok(gz) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts
+                .headers
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            parts
+                .headers
+                .insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+            Response::from_parts(parts, full(gz))
+        }
+        Err(_) => Response::from_parts(parts, full(plain)),
+    }
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {

@@ -1080,3 +1080,33 @@ async fn stream_subresources_refuse_what_a_kubelet_would() {
         (200, Some(&b"text/plain"[..]), "a line\n")
     );
 }
+
+#[tokio::test]
+async fn large_responses_are_gzipped_like_the_api_servers_compression_filter() {
+    use std::io::Read as _;
+    let big = json!({"kind": "ConfigMapList", "items": [{"data": {"k": "v".repeat(200 * 1024)}}]});
+    let response = gzip_large(json_response(StatusCode::OK, &big)).await;
+    assert_eq!(response.headers()[header::CONTENT_ENCODING], "gzip");
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+    let gz = response.into_body().collect().await.unwrap().to_bytes();
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&plain).unwrap(), big);
+    // Under the threshold: as it is.
+    let small = json!({"kind": "ConfigMapList", "items": []});
+    let response = gzip_large(json_response(StatusCode::OK, &small)).await;
+    assert!(response.headers().get(header::CONTENT_ENCODING).is_none());
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("deflate, gzip;q=1.0"),
+    );
+    assert!(accepts_gzip(&h));
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    assert!(!accepts_gzip(&h));
+}

@@ -9,6 +9,9 @@
 use serde_json::Value;
 
 pub mod detect;
+pub mod objects;
+#[cfg(test)]
+mod objects_tests;
 
 /// What a masked value is replaced with.
 pub const MASK: &str = "**masked**";

@@ -64,6 +64,13 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             format!("unsupported kind '{}', expected '{KIND}'", raw.kind),
         ));
     }
+    if raw.default == Action::Mask {
+        return Err(invalid(
+            vec![Seg::Key("default")],
+            "default is allow or deny; to mask everything allowed, start the rules with one that has action: mask, verbs: [\"*\"] and resources: [\"*\"]",
+        ));
+    }
+    let (mask_top, mask_limits) = PolicyMasking::top(raw.masking.as_ref())?;
     let guards = raw.identity.unwrap_or_default();
     let mut out = Compiled {
         source: source.to_owned(),
@@ -148,6 +155,8 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             .content
             .as_ref()
             .is_some_and(|c| c.when.iter().any(|w| w.reads_object || w.reads_old_object));
+        out.masking
+            .add_rule(&mask_top, mask_limits, &rule, index, &at)?;
         out.rules.push(compiled);
     }
     Ok(out)

@@ -319,6 +319,7 @@ rules:
                 action: want,
                 rule: (want == Action::Deny).then(|| Arc::from("no-secret-env")),
                 message: None,
+                masking: None,
             }),
             "secret={secret}"
         );

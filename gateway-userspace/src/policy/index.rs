@@ -290,6 +290,8 @@ pub(super) struct Compiled {
     /// Whether any rule's `when` reads `object` or `oldObject`.
     pub(super) reads_content: bool,
     pub(super) guards: Guards,
+    /// `mask` rules' compiled masking.
+    pub(super) masking: PolicyMasking,
 }
 
 /// Walks the union of ascending candidate lists in ascending order (so the first match in
@@ -298,14 +300,15 @@ pub(super) fn first_in_merged<'r>(
     lists: &mut [&[Entry]],
     verb: u32,
     rules: &'r [Rule],
-    mut matches: impl FnMut(&Rule) -> bool,
+    mut matches: impl FnMut(u32, &Rule) -> bool,
 ) -> Option<&'r Rule> {
     if let [only] = lists {
         return only
             .iter()
             .filter(|(_, verbs)| verbs & verb != 0)
-            .filter_map(|(index, _)| rules.get(*index as usize))
-            .find(|rule| matches(rule));
+            .filter_map(|(index, _)| Some((*index, rules.get(*index as usize)?)))
+            .find(|(index, rule)| matches(*index, rule))
+            .map(|(_, rule)| rule);
     }
     loop {
         let (next, verbs) = lists.iter().filter_map(|l| l.first()).min().copied()?;
@@ -318,7 +321,7 @@ pub(super) fn first_in_merged<'r>(
             continue;
         }
         if let Some(rule) = rules.get(next as usize)
-            && matches(rule)
+            && matches(next, rule)
         {
             return Some(rule);
         }

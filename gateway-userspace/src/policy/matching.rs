@@ -39,6 +39,8 @@ pub(super) struct ContentState<'c> {
     vars: Variables<'c>,
     /// The exec request's command lines, built on first use.
     lines: Option<Option<CommandLines>>,
+    /// The `mask` rules matched on the way to the deciding rule.
+    pub(super) masks: MaskHits,
     pub(super) stop: Option<Stop>,
 }
 
@@ -47,6 +49,7 @@ impl<'c> ContentState<'c> {
         ContentState {
             vars: Variables::new(ctx),
             lines: None,
+            masks: MaskHits::default(),
             stop: None,
         }
     }
@@ -190,6 +193,7 @@ impl Guards {
             action: Action::Deny,
             rule: Some(rule.clone()),
             message: Some(Arc::from(message)),
+            masking: None,
         };
         if let Some(rule) = &self.invalid_tokens
             && principal.kind == PrincipalKind::Invalid
@@ -342,7 +346,7 @@ impl Compiled {
         let mut group = None;
         let mut name = None;
         let mut ids = None;
-        let matches = |rule: &Rule| {
+        let matches = |index: u32, rule: &Rule| {
             if let IdSet::Of(_) = rule.groups
                 && !rule
                     .groups
@@ -367,9 +371,16 @@ impl Compiled {
                             .contains(*name.get_or_insert_with(|| self.names.get(&req.name)))
                 }
             };
-            names_ok
+            let matched = names_ok
                 && self.identity_matches(rule, ctx, &mut ids)
-                && content_matches(rule, ctx, state)
+                && content_matches(rule, ctx, state);
+            // A matching mask rule adds its masking; the walk goes on to the deciding rule
+            // (unless its conditions stopped the walk: then the caller handles the stop).
+            if matched && rule.action == Action::Mask && state.stop.is_none() {
+                state.masks.push(index);
+                return false;
+            }
+            matched
         };
         first_in_merged(&mut lists[..len], verb, &self.rules, matches)
     }
@@ -416,6 +427,10 @@ impl Compiled {
                 && self.identity_matches(rule, ctx, &mut ids)
                 && content_matches(rule, ctx, state)
             {
+                if rule.action == Action::Mask && state.stop.is_none() {
+                    state.masks.push(next);
+                    continue;
+                }
                 return Some(rule);
             }
         }

@@ -13,9 +13,19 @@
 //! identity:                            # optional guards, checked before any rule
 //!   denyInvalidTokens: true            # deny a bearer token that was not accepted
 //!   denyServiceAccountMismatch: true   # deny a ServiceAccount token of another pod
+//! masking:                             # optional; defaults of every mask rule (see Masking)
+//!   secrets: true                      # Secret data/stringData values (default true)
+//!   envNames: [PASSWORD, TOKEN]        # env var name parts, any case (default: a list)
+//!   paths:                             # fields masked per API group and resource
+//!     - apiGroups: [""]                # optional; "" = core group; absent or "*" = any
+//!       resources: [configmaps]        # required; "*" = any
+//!       fields: [.data.password, '.data["tls.key"]', ".spec.users[*].password"]
+//!   detectors: {}                      # credential detectors over every other string
+//!   maxResponseBytes: 134217728        # top level only: largest body masked (decompressed)
+//!   maxWatchEventBytes: 16777216       # top level only: largest watch event masked
 //! rules:                               # optional; evaluated in order, first match wins
 //!   - name: protect-namespaces         # required, unique within the policy
-//!     action: deny                     # required: allow | deny
+//!     action: deny                     # required: allow | deny | mask
 //!     message: agents may not delete namespaces   # optional; shown to the client
 //!     verbs: [delete, deletecollection]           # required, non-empty; "*" = any verb
 //!     apiGroups: [""]                  # optional; "" = core group; absent or "*" = any
@@ -51,6 +61,12 @@
 //!     verbs: [create, get]
 //!     resources: [pods/exec]
 //!     exec: {commands: ["rm -rf *"]}   # optional: command, programs, stdin/tty, container
+//!   - name: mask-reads
+//!     action: mask                     # allow, and mask what the agent receives
+//!     verbs: ["*"]
+//!     resources: [secrets, configmaps, pods, deployments]
+//!     masking:                         # optional; this rule's settings over the top level's
+//!       envNames: [PASSWORD, DSN]
 //! ```
 //!
 //! A rule has either `resources` (a resource rule) or `nonResourceURLs` (a non-resource
@@ -164,6 +180,48 @@
 //! well. An attach runs no command, so a rule with command matchers never matches it. A
 //! command line assembled at run time (a script that builds `rm` from pieces) is not seen by
 //! any pattern: deny interactive sessions to rule that out.
+//!
+//! # Masking
+//!
+//! A rule with `action: mask` allows the request and masks the response the agent
+//! receives (and the recording). Rules are walked in order: the first matching `allow` or
+//! `deny` rule decides, as without masking; every `mask` rule that matches before it (or
+//! before the default, when no rule decides) adds its masking, and masking rules
+//! accumulate. A request allowed with masking is decided `mask` (the recording's
+//! `decision`; the `masked` column names the rules); a denied request stays denied,
+//! whatever mask rules matched before the deny. `default` is `allow` or `deny`: to mask
+//! everything that is allowed, put a `mask` rule with `verbs: ["*"]` and
+//! `resources: ["*"]` first.
+//!
+//! A mask rule's settings are the top-level `masking` with the rule's own `masking` over
+//! it: `secrets`, `envNames` and `detectors` set in the rule replace the top level's;
+//! `paths` add to them. When several mask rules apply, everything any of them asks for is
+//! masked. `maxResponseBytes` and `maxWatchEventBytes` belong to the top level only;
+//! `masking` on an allow or deny rule and `message` on a mask rule are errors.
+//!
+//! Masking applies to every JSON object the agent reads (get, list, `Table`, watch, and
+//! the objects that create, update and patch return):
+//!
+//! * Secret `data` values become `KiptYXNrZWQgYnkgY2hhcGVyb25lKio=`, the base64 of
+//!   `**masked by chaperone**` (so `base64 -d` and client libraries decode it),
+//!   `stringData` values `**masked by chaperone**`; keys, `type` and metadata stay.
+//! * The `kubectl.kubernetes.io/last-applied-configuration` annotation is masked by the
+//!   same settings and stays JSON (replaced whole if it is not JSON).
+//! * Env `value`s whose name contains an `envNames` entry (any case; default `PASSWORD`,
+//!   `PASSWD`, `SECRET`, `TOKEN`, `KEY`, `CREDENTIAL`, `PRIVATE`, `AUTH`, `CONN_STR`,
+//!   `CONNECTION_STRING`, `DSN`; `[]` for none), in `containers`, `initContainers` and
+//!   `ephemeralContainers` of pods and of every pod template: `spec.template.spec`
+//!   (Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job),
+//!   `spec.jobTemplate.spec.template.spec` (CronJob) and `template.spec` (PodTemplate).
+//! * `paths` fields: `.a.b`, `.a["key.with.dots"]`, `.a[0]`, and `.a[*]` or `.a.*` for
+//!   every element or key; the value and everything under it become
+//!   `**masked by chaperone**`.
+//! * The credential detectors run over every other string value, `Table` cells included.
+//!
+//! A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
+//! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
+//! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
+//! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -184,6 +242,7 @@ use crate::{
         WorkloadIdentity,
         principal::{Principal, PrincipalKind},
     },
+    masking::objects::Masker,
     request::{ExecRequest, RequestInfo, Verb},
 };
 
@@ -195,6 +254,7 @@ mod exec;
 pub mod fixture;
 mod index;
 mod load;
+mod masking;
 mod matching;
 mod model;
 pub mod reload;
@@ -208,6 +268,7 @@ use exec::{CommandLines, ExecCond};
 use index::*;
 pub use load::PolicyError;
 use load::*;
+use masking::*;
 use matching::*;
 use model::*;
 
@@ -250,6 +311,9 @@ pub enum Action {
     /// so a policy that failed to build fails closed).
     #[default]
     Deny,
+    /// Forward the request and mask the response (a rule's `action: mask`; the decision
+    /// of a request allowed with masking).
+    Mask,
 }
 
 impl Action {
@@ -258,12 +322,13 @@ impl Action {
         match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
+            Action::Mask => "mask",
         }
     }
 
     /// Parses what [`Action::as_str`] wrote.
     pub fn parse(text: &str) -> Option<Action> {
-        [Action::Allow, Action::Deny]
+        [Action::Allow, Action::Deny, Action::Mask]
             .into_iter()
             .find(|a| a.as_str() == text)
     }
@@ -275,7 +340,8 @@ impl fmt::Display for Action {
     }
 }
 
-/// The outcome of [`decide`]: the action and the rule (or identity guard) that chose it.
+/// The outcome of [`decide`]: the action, the rule (or identity guard) that chose it and,
+/// for [`Action::Mask`], the masking to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// Allow or deny.
@@ -287,12 +353,26 @@ pub struct Decision {
     /// The matching rule's message for the client, if it has one; for a guard, why it
     /// denied the request.
     pub message: Option<Arc<str>>,
+    /// For [`Action::Mask`]: the masking of every `mask` rule that matched before the
+    /// deciding rule, compiled once and shared (its [`Masker::rules`] name them).
+    pub masking: Option<Arc<Masker>>,
 }
 
 impl Decision {
     /// Whether the request may go ahead.
     pub fn is_allowed(&self) -> bool {
-        self.action == Action::Allow
+        matches!(self.action, Action::Allow | Action::Mask)
+    }
+
+    /// Every rule that matched: the `mask` rules that apply, then the deciding rule.
+    pub fn matched_rules(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = self
+            .masking
+            .as_ref()
+            .map(|m| m.rules().to_vec())
+            .unwrap_or_default();
+        out.extend(self.rule.clone());
+        out
     }
 
     /// A sentence for the client and the recording, e.g. `denied by Chaperone policy rule
@@ -301,6 +381,7 @@ impl Decision {
         let verb = match self.action {
             Action::Allow => "allowed",
             Action::Deny => "denied",
+            Action::Mask => "allowed with masking",
         };
         // Rule names cannot carry the guard prefix, so this names guards only.
         let what = match &self.rule {
@@ -314,7 +395,12 @@ impl Decision {
             (Some(rule), None) => format!("{verb} by Chaperone policy {what} \"{rule}\""),
             (None, _) => format!(
                 "{verb} by Chaperone policy: no rule matched and the default action is {}",
-                self.action
+                // The default is allow or deny; mask comes from the mask rules.
+                if self.action == Action::Mask {
+                    Action::Allow
+                } else {
+                    self.action
+                }
             ),
         }
     }
@@ -470,6 +556,7 @@ impl Policy {
             default: Action::Allow,
             identity: None,
             rules: Vec::new(),
+            masking: None,
         };
         let compiled = compile(raw, "allowAll");
         Policy {
@@ -532,6 +619,7 @@ pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
                 "its conditions read the request's content, which was not available",
             )),
             rule: Some(rule),
+            masking: None,
         },
     }
 }
@@ -570,26 +658,41 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
     } else {
         p.first_url_match(ctx, &mut state)
     };
-    match (found, state.stop) {
-        (Some(rule), Some(Stop::Needs { object, old_object })) => Evaluation::NeedsContent {
-            rule: rule.name.clone(),
-            object,
-            old_object,
-        },
-        (Some(rule), Some(Stop::Failed(why))) => Evaluation::ConditionFailed(Decision {
-            action: Action::Deny,
-            rule: Some(rule.name.clone()),
-            message: Some(Arc::from(why)),
-        }),
-        (Some(rule), None) => Evaluation::Decided(Decision {
+    let mut decision = match (found, state.stop) {
+        (Some(rule), Some(Stop::Needs { object, old_object })) => {
+            return Evaluation::NeedsContent {
+                rule: rule.name.clone(),
+                object,
+                old_object,
+            };
+        }
+        (Some(rule), Some(Stop::Failed(why))) => {
+            return Evaluation::ConditionFailed(Decision {
+                action: Action::Deny,
+                rule: Some(rule.name.clone()),
+                message: Some(Arc::from(why)),
+                masking: None,
+            });
+        }
+        (Some(rule), None) => Decision {
             action: rule.action,
             rule: Some(rule.name.clone()),
             message: rule.message.clone(),
-        }),
-        (None, _) => Evaluation::Decided(Decision {
+            masking: None,
+        },
+        (None, _) => Decision {
             action: p.default,
             rule: None,
             message: None,
-        }),
+            masking: None,
+        },
+    };
+    // Masking only matters to a request that goes ahead; a denial stays a denial.
+    if decision.action == Action::Allow
+        && let Some(masker) = p.masking.masker(&state.masks)
+    {
+        decision.action = Action::Mask;
+        decision.masking = Some(masker);
     }
+    Evaluation::Decided(decision)
 }

@@ -1,6 +1,7 @@
 //! The policy document as written: serde types that reject unknown keys.
 
 use super::*;
+use crate::masking::objects::MaskingSpec;
 
 #[derive(Debug, Deserialize)]
 #[serde(
@@ -16,6 +17,8 @@ pub(super) struct RawPolicy {
     pub(super) identity: Option<RawGuards>,
     #[serde(default)]
     pub(super) rules: Vec<RawRule>,
+    #[serde(default)]
+    pub(super) masking: Option<MaskingSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +60,8 @@ pub(super) struct RawRule {
     pub(super) workloads: Option<RawWorkloads>,
     #[serde(default)]
     pub(super) principals: Option<RawPrincipals>,
+    #[serde(default)]
+    pub(super) masking: Option<MaskingSpec>,
     /// CEL conditions, every one of which must hold.
     #[serde(default)]
     pub(super) when: Option<Vec<String>>,

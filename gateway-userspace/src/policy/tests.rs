@@ -594,6 +594,7 @@ fn decision_reasons() {
         action,
         rule: rule.map(Arc::from),
         message: message.map(Arc::from),
+        masking: None,
     };
     for (decision, want) in [
         (
@@ -641,11 +642,11 @@ fn load_errors_name_file_path_and_line() {
         // Shape errors from serde, with serde_norway's position.
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n    resources: [pods]\n  - name: b\n    action: deny\n    verb: [get]\n",
-            "policy.yaml:11:5: rules[1]: unknown field 'verb', expected one of 'name', 'action', 'message', 'verbs', 'apiGroups', 'resources', 'namespaces', 'resourceNames', 'nonResourceURLs', 'workloads', 'principals'",
+            "policy.yaml:11:5: rules[1]: unknown field 'verb', expected one of 'name', 'action', 'message', 'verbs', 'apiGroups', 'resources', 'namespaces', 'resourceNames', 'nonResourceURLs', 'workloads', 'principals', 'masking'",
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: maybe\n",
-            "policy.yaml:3:10: default: unknown variant 'maybe', expected 'allow' or 'deny'",
+            "policy.yaml:3:10: default: unknown variant 'maybe', expected one of 'allow', 'deny', 'mask'",
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\n",
@@ -653,7 +654,7 @@ fn load_errors_name_file_path_and_line() {
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: deny\nrule: []\n",
-            "policy.yaml:4:1: unknown field 'rule', expected one of 'apiVersion', 'kind', 'default', 'identity', 'rules'",
+            "policy.yaml:4:1: unknown field 'rule', expected one of 'apiVersion', 'kind', 'default', 'identity', 'rules', 'masking'",
         ),
         (
             "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: deny\nrules:\n  - name: a\n    action: deny\n    resources: [pods]\n",
@@ -1651,7 +1652,7 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     );
 
     let blocks = reference_yaml_blocks();
-    assert_eq!(blocks.len(), 3, "reference yaml blocks");
+    assert_eq!(blocks.len(), 4, "reference yaml blocks");
     let loaded: Vec<Policy> = blocks
         .iter()
         .enumerate()
@@ -1710,5 +1711,34 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     ] {
         let d = decide_as(identity, method, uri, workload, who);
         assert_eq!(d.rule.as_deref(), want, "{method} {uri}");
+    }
+    let masking = &loaded[3];
+    for (method, uri, action, rules) in [
+        (
+            "GET",
+            "/api/v1/namespaces/dev/secrets/db",
+            Action::Mask,
+            &["mask-secrets", "mask-workloads"][..],
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/dev/secrets/db",
+            Action::Deny,
+            &["no-secret-writes"][..],
+        ),
+        (
+            "GET",
+            "/apis/apps/v1/namespaces/dev/deployments/api",
+            Action::Mask,
+            &["mask-workloads"][..],
+        ),
+    ] {
+        let d = decide_as(masking, method, uri, None, None);
+        let names: Vec<String> = d.matched_rules().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            (d.action, names),
+            (action, rules.iter().map(|r| r.to_string()).collect()),
+            "{method} {uri}"
+        );
     }
 }

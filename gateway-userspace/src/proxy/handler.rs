@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::{
     config::ReadsWhileDown,
     error_chain,
+    masking::objects::{Masker, Target},
     policy::{self, Action, RequestContext},
     recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord},
     request::{ExecRequest, RequestInfo, Verb},
@@ -31,6 +32,7 @@ use super::{
     content::RequestContent,
     headers::{sanitize_request_headers, strip_hop_by_hop},
     impersonation::impersonation,
+    masked,
     record::{RecordGuard, recorded_json},
     upgrade,
 };
@@ -272,7 +274,10 @@ impl Proxy {
                 self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
                     .await
             }
-            Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,
+            Pending::Plain(req, count) => {
+                self.forward(req, count, record, started, audit_id, decision.masking)
+                    .await
+            }
         }
     }
 
@@ -410,6 +415,7 @@ impl Proxy {
             response_object: None,
             response_object_truncated: false,
             outcome: Outcome::Invalid,
+            masked: None,
         }
     }
 
@@ -458,6 +464,7 @@ impl Proxy {
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
+        masking: Option<Arc<Masker>>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let exceeded = parts
@@ -479,7 +486,11 @@ impl Proxy {
         }
         // Watches stream for as long as they last; they are recorded as requests only.
         let capture = self.record_responses && record.verb != Verb::Watch;
-        if capture
+        if masking.is_some() {
+            // What is masked must arrive as JSON (see `masked`).
+            let accept = masked::json_only_accept(parts.headers.get(header::ACCEPT));
+            parts.headers.insert(header::ACCEPT, accept);
+        } else if capture
             && let Some(json) = parts
                 .headers
                 .get(header::ACCEPT)
@@ -502,6 +513,46 @@ impl Proxy {
                     insert_audit_id(&mut parts.headers, &audit_id);
                 }
                 let watch = record.verb == Verb::Watch;
+                let mut body = body.map_err(BoxError::from).boxed();
+                let mut live_report = None;
+                let mut response_masked = false;
+                if let Some(masker) = masking {
+                    let target = Target {
+                        group: &record.object_ref.api_group,
+                        resource: &record.object_ref.resource,
+                    };
+                    response_masked = masker.masks_secrets();
+                    match masked::mask_response(
+                        &mut parts,
+                        body,
+                        masker.clone(),
+                        target,
+                        watch,
+                        self.metrics.clone(),
+                    )
+                    .await
+                    {
+                        Ok(done) => {
+                            body = done.body;
+                            live_report = done.live;
+                            record.masked_fields = record.masked_fields.saturating_add(
+                                i32::try_from(done.report.total()).unwrap_or(i32::MAX),
+                            );
+                            record.masked = done.report.to_json();
+                        }
+                        Err(why) => {
+                            self.metrics.masking_failures.inc();
+                            tracing::warn!(verb = %record.verb, resource = %record.object_ref.resource, error = %why, "response could not be masked; refused");
+                            record.error = Some(why.clone());
+                            return self.local_response(
+                                masked::refusal(&why),
+                                record,
+                                started,
+                                &audit_id,
+                            );
+                        }
+                    }
+                }
                 let json = parts
                     .headers
                     .get(header::CONTENT_TYPE)
@@ -511,7 +562,8 @@ impl Proxy {
                 if capture && json {
                     guard.capture = Some(body::Capture::new(self.max_object_bytes));
                 }
-                let mut body = body.map_err(BoxError::from).boxed();
+                guard.live_report = live_report;
+                guard.response_masked = response_masked;
                 if watch {
                     // A watch never ends by itself; on drain it ends cleanly (the client sees
                     // the end of the stream and re-lists elsewhere) rather than being reset.

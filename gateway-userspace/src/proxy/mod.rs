@@ -17,6 +17,7 @@ mod handler;
 mod headers;
 mod impersonation;
 mod limits;
+mod masked;
 mod record;
 pub mod upgrade;
 

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     admin::Metrics,
-    masking,
+    masking::{self, objects::MaskReport},
     recorder::{RecorderHandle, RequestRecord},
 };
 
@@ -29,6 +29,11 @@ pub(super) struct RecordGuard {
     pub(super) capture: Option<body::Capture>,
     /// The response body was sent to its end (a partial body is not recorded as an object).
     pub(super) complete: bool,
+    /// A masked watch's report, filled event by event, read when the row is written.
+    pub(super) live_report: Option<Arc<Mutex<MaskReport>>>,
+    /// The response was masked for the agent (Secret data included), so the captured
+    /// body is recorded as the agent received it.
+    pub(super) response_masked: bool,
     pub(super) max_object_bytes: usize,
 }
 
@@ -47,6 +52,8 @@ impl RecordGuard {
             response_bytes: 0,
             capture: None,
             complete: false,
+            live_report: None,
+            response_masked: false,
             max_object_bytes: proxy.max_object_bytes,
         }
     }
@@ -68,13 +75,29 @@ impl Drop for RecordGuard {
         let metrics = self.metrics.clone();
         let capture = self.capture.take().filter(|_| self.complete);
         let max_object_bytes = self.max_object_bytes;
+        let response_masked = self.response_masked;
+        if let Some(live) = self.live_report.take() {
+            let report = match live.lock() {
+                Ok(r) => r.clone(),
+                Err(poisoned) => poisoned.into_inner().clone(),
+            };
+            record.masked_fields = record
+                .masked_fields
+                .saturating_add(i32::try_from(report.total()).unwrap_or(i32::MAX));
+            record.masked = report.to_json();
+        }
         // Drop cannot await; the recorder applies back-pressure inside the task instead.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
                     // Decoding and masking happen here, off the response's path.
                     if let Some(capture) = capture {
-                        record_response_object(&mut record, capture, max_object_bytes);
+                        record_response_object(
+                            &mut record,
+                            capture,
+                            max_object_bytes,
+                            response_masked,
+                        );
                     }
                     if let Err(e) = recorder.record(record).await {
                         metrics.recording_failures.inc();
@@ -92,10 +115,20 @@ pub(super) fn record_response_object(
     record: &mut RequestRecord,
     capture: body::Capture,
     max_bytes: usize,
+    already_masked: bool,
 ) {
     match capture.finish() {
         Err(()) => record.response_object_truncated = true,
         Ok(None) => {}
+        // Masked for the agent already: recorded as the agent received it.
+        Ok(Some(object)) if already_masked => {
+            let text = object.to_string();
+            if text.len() <= max_bytes {
+                record.response_object = Some(text);
+            } else {
+                record.response_object_truncated = true;
+            }
+        }
         Ok(Some(object)) => match recorded_json(record, object, max_bytes) {
             Some(text) => record.response_object = Some(text),
             None => record.response_object_truncated = true,

@@ -206,7 +206,7 @@ pub(crate) fn decode_batch(
             Some(text) => Outcome::parse(&text)
                 .ok_or_else(|| format!("row {i}: column outcome: unknown outcome {text:?}"))?,
             None => match decision {
-                Some(Action::Allow) => Outcome::Forwarded,
+                Some(Action::Allow | Action::Mask) => Outcome::Forwarded,
                 Some(Action::Deny) => Outcome::Denied,
                 None => Outcome::Invalid,
             },
@@ -289,6 +289,7 @@ pub(crate) fn decode_batch(
             })?
             .unwrap_or(false),
             outcome,
+            masked: added(&c, "masked", |a| string_at(a, i))?.flatten(),
         });
     }
     Ok(())

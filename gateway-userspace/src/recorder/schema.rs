@@ -91,6 +91,10 @@ pub struct RequestRecord {
     pub response_object_truncated: bool,
     /// What became of the request: forwarded, or why the gateway answered it itself.
     pub outcome: Outcome,
+    /// What masking replaced in the response the agent received, per rule and kind, as
+    /// JSON: `[{"rule":"mask-secrets","kind":"secretData","count":3}]`; `None` when the
+    /// decision carried no masking or nothing was replaced.
+    pub masked: Option<String>,
 }
 
 /// The `decision` column's text: the policy action, or `none`.
@@ -290,6 +294,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         utf8("response_object", true),
         Field::new("response_object_truncated", DataType::Boolean, false),
         utf8("outcome", false),
+        utf8("masked", true),
     ]))
 });
 
@@ -421,6 +426,7 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             strings(rows, |r| r.response_object.as_deref()),
             Arc::new(response_truncated.finish()),
             strings(rows, |r| Some(r.outcome.as_str())),
+            strings(rows, |r| r.masked.as_deref()),
         ],
     )
 }
@@ -465,6 +471,7 @@ mod tests {
             ("response_object", DataType::Utf8, true),
             ("response_object_truncated", DataType::Boolean, false),
             ("outcome", DataType::Utf8, false),
+            ("masked", DataType::Utf8, true),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

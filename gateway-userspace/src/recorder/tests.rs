@@ -71,6 +71,9 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
         masked_fields: 2,
         response_object: Some(format!(r#"{{"kind":"Scale","status":{{"replicas":{i}}}}}"#)),
         response_object_truncated: i % 3 == 0,
+        masked: Some(format!(
+            r#"[{{"rule":"mask-secrets","kind":"secretData","count":{i}}}]"#
+        )),
     }
 }
 

@@ -1,0 +1,1039 @@
+//! Masking of the Kubernetes objects the agent receives: single objects, lists, `Table`s
+//! and watch events, as JSON.
+//!
+//! A [`Masker`] is compiled once per policy (per `mask` rule, and per combination of
+//! `mask` rules that match one request) from [`MaskingSpec`]s, the `masking:` settings of
+//! a policy. Applied to a response it replaces, in place:
+//!
+//! * Secret `data` values with [`PLACEHOLDER_BASE64`] (the base64 of
+//!   [`PLACEHOLDER_TEXT`], so clients that decode the value still decode it without an
+//!   error) and `stringData` values with [`PLACEHOLDER_TEXT`]; keys, `type` and metadata
+//!   stay;
+//! * the `kubectl.kubernetes.io/last-applied-configuration` annotation, which repeats the
+//!   applied object as a string: it is parsed and masked by the same rules (so it stays
+//!   usable JSON for `kubectl apply`), or replaced whole when it cannot be parsed;
+//! * the `value` of container `env` entries whose name contains one of `envNames`
+//!   (case-insensitive) in every pod spec: a Pod's, a workload template's
+//!   (`spec.template.spec`: Deployment, StatefulSet, DaemonSet, ReplicaSet, Job,
+//!   ReplicationController), a CronJob's (`spec.jobTemplate.spec.template.spec`) and a
+//!   PodTemplate's (`template.spec`), across `containers`, `initContainers` and
+//!   `ephemeralContainers`;
+//! * configured `paths` (fields per API group and resource), replaced by
+//!   [`PLACEHOLDER_TEXT`];
+//! * whatever the credential detectors ([`Detectors`]) find in every other string value,
+//!   including `Table` cells.
+//!
+//! Nothing here logs or returns an original value: [`MaskReport`] counts what was
+//! replaced, per rule and kind, and errors name the position, never the content.
+
+use std::{borrow::Cow, fmt, sync::Arc};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{
+    LAST_APPLIED,
+    detect::{Detectors, DetectorsSpec, Hits},
+};
+
+/// The text every masked value is replaced with (or, in Secret `data`, the text its
+/// base64 placeholder decodes to).
+pub const PLACEHOLDER_TEXT: &str = "**masked by chaperone**";
+
+/// Secret `data` placeholder: `base64(PLACEHOLDER_TEXT)`, valid base64 so that clients
+/// (client-go, the Python client, `base64 -d`) decode it without an error.
+pub const PLACEHOLDER_BASE64: &str = "KiptYXNrZWQgYnkgY2hhcGVyb25lKio=";
+
+/// Environment variable name parts masked when a policy does not set `envNames`.
+pub const DEFAULT_ENV_NAMES: &[&str] = &[
+    "PASSWORD",
+    "PASSWD",
+    "SECRET",
+    "TOKEN",
+    "KEY",
+    "CREDENTIAL",
+    "PRIVATE",
+    "AUTH",
+    "CONN_STR",
+    "CONNECTION_STRING",
+    "DSN",
+];
+
+/// Default bound of a response body the gateway reads whole to mask it (decompressed).
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 128 * 1024 * 1024;
+/// Default bound of one watch event the gateway holds while it waits for its end.
+pub const DEFAULT_MAX_WATCH_EVENT_BYTES: u64 = 16 * 1024 * 1024;
+/// How many last-applied annotations nested in each other are parsed before the
+/// innermost is replaced whole (each level is a string inside a string).
+const MAX_ANNOTATION_DEPTH: u8 = 4;
+
+/// The `masking:` settings of a policy (top level: the defaults) or of a rule (its
+/// overrides), as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "masking settings: a mapping with secrets, envNames, paths, detectors, maxResponseBytes or maxWatchEventBytes"
+)]
+pub struct MaskingSpec {
+    /// Mask Secret `data`/`stringData` values (default `true`); a rule's value overrides.
+    #[serde(default)]
+    pub secrets: Option<bool>,
+    /// Case-insensitive parts of env var names whose values are masked (default
+    /// [`DEFAULT_ENV_NAMES`]; `[]` masks none); a rule's list replaces the top level's.
+    #[serde(default)]
+    pub env_names: Option<Vec<String>>,
+    /// Fields masked per API group and resource; a rule's entries add to the top level's.
+    #[serde(default)]
+    pub paths: Option<Vec<PathSpec>>,
+    /// Credential detectors over every other string value; a rule's block replaces the top
+    /// level's.
+    #[serde(default)]
+    pub detectors: Option<DetectorsSpec>,
+    /// Top level only: largest (decompressed) response body read whole for masking;
+    /// a larger one is refused.
+    #[serde(default)]
+    pub max_response_bytes: Option<u64>,
+    /// Top level only: largest single watch event; a larger one ends the watch with an
+    /// ERROR event.
+    #[serde(default)]
+    pub max_watch_event_bytes: Option<u64>,
+}
+
+/// One `paths` entry: which fields of which resources are masked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a masked path: a mapping with apiGroups, resources and fields"
+)]
+pub struct PathSpec {
+    /// API groups (`""` core, `"*"` any); absent = any.
+    #[serde(default)]
+    pub api_groups: Option<Vec<String>>,
+    /// Resources (`configmaps`, `"*"` any).
+    pub resources: Vec<String>,
+    /// Field paths: `.data.password`, `.data["tls.key"]`, `.spec.users[*].password`,
+    /// `.data.*` (`*` and `[*]`: every key of a mapping or element of a list).
+    pub fields: Vec<String>,
+}
+
+/// Where in a [`MaskingSpec`] a compile error is: keys and indexes from the spec's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecPathPart {
+    /// A mapping key.
+    Key(&'static str),
+    /// A list index.
+    Index(usize),
+}
+
+/// A compile error of masking settings, before the policy locates it in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// Path from the `masking:` key.
+    pub path: Vec<SpecPathPart>,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn spec_error(path: Vec<SpecPathPart>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        path,
+        message: message.into(),
+    }
+}
+
+/// What a masked value was (the `kind` of a [`MaskCount`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MaskKind {
+    /// A Secret `data`/`stringData` value.
+    SecretData,
+    /// A last-applied annotation that could not be parsed, replaced whole.
+    LastApplied,
+    /// A container env value, by its name.
+    Env,
+    /// A configured path.
+    Path,
+    /// What a credential detector found (its id).
+    Detector(&'static str),
+}
+
+impl MaskKind {
+    /// The kind as the recordings spell it (`secretData`, `env`, `detector:<id>`, ...).
+    pub fn name(&self) -> Cow<'static, str> {
+        match self {
+            MaskKind::SecretData => "secretData".into(),
+            MaskKind::LastApplied => "lastApplied".into(),
+            MaskKind::Env => "env".into(),
+            MaskKind::Path => "path".into(),
+            MaskKind::Detector(id) => format!("detector:{id}").into(),
+        }
+    }
+}
+
+/// How many values one rule masked of one kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskCount {
+    /// The `mask` rule whose settings asked for it.
+    pub rule: Arc<str>,
+    /// What was masked.
+    pub kind: MaskKind,
+    /// How many values.
+    pub count: u32,
+}
+
+/// What masking replaced in one response (all its watch events included).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaskReport {
+    /// One entry per (rule, kind), in the order first seen.
+    pub counts: Vec<MaskCount>,
+}
+
+impl MaskReport {
+    fn add(&mut self, rule: &Arc<str>, kind: MaskKind, n: u32) {
+        if n == 0 {
+            return;
+        }
+        match self
+            .counts
+            .iter_mut()
+            .find(|c| c.kind == kind && Arc::ptr_eq(&c.rule, rule))
+        {
+            Some(c) => c.count = c.count.saturating_add(n),
+            None => self.counts.push(MaskCount {
+                rule: rule.clone(),
+                kind,
+                count: n,
+            }),
+        }
+    }
+
+    /// Values replaced in total.
+    pub fn total(&self) -> u32 {
+        self.counts
+            .iter()
+            .fold(0u32, |sum, c| sum.saturating_add(c.count))
+    }
+
+    /// The report as the `masked` column stores it:
+    /// `[{"rule":"mask-secrets","kind":"secretData","count":3}]`; `None` when empty.
+    pub fn to_json(&self) -> Option<String> {
+        if self.counts.is_empty() {
+            return None;
+        }
+        let list: Vec<Value> = self
+            .counts
+            .iter()
+            .map(|c| serde_json::json!({"rule": &*c.rule, "kind": c.kind.name(), "count": c.count}))
+            .collect();
+        Some(Value::Array(list).to_string())
+    }
+}
+
+/// Why a response could not be masked; never carries any of the response's content.
+#[derive(Debug, thiserror::Error)]
+pub enum MaskError {
+    /// The body is not JSON (or nests deeper than the parser's limit of 128).
+    #[error("the response is not JSON that can be masked: {0}")]
+    Parse(serde_json::Error),
+    /// The body (or one watch event) is larger than the gateway masks.
+    #[error("the {what} is larger than the {limit} bytes the gateway masks")]
+    TooLarge {
+        /// `response` or `watch event`.
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
+}
+
+impl From<serde_json::Error> for MaskError {
+    fn from(e: serde_json::Error) -> Self {
+        // serde_json's message names a line and column, never the text.
+        MaskError::Parse(e)
+    }
+}
+
+/// The resource a response is about (from the request), for lists whose items carry no
+/// `kind` and for `paths`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    /// API group (`""` for the core group).
+    pub group: &'a str,
+    /// Resource (`secrets`).
+    pub resource: &'a str,
+}
+
+impl Target<'_> {
+    fn is_secrets(&self) -> bool {
+        self.group.is_empty() && self.resource == "secrets"
+    }
+}
+
+/// A field path step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Key(Box<str>),
+    Index(usize),
+    /// Every key of a mapping, every element of a list.
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CompiledPath {
+    /// `None`: any group.
+    groups: Option<Box<[Box<str>]>>,
+    /// `None`: any resource.
+    resources: Option<Box<[Box<str>]>>,
+    steps: Box<[Step]>,
+    rule: u16,
+}
+
+/// One rule's settings with the top level's applied, before rules are combined.
+#[derive(Debug, Clone)]
+pub struct RuleMasking {
+    secrets: bool,
+    env_names: Vec<Box<[u8]>>,
+    paths: Vec<CompiledPath>,
+    detectors: Detectors,
+}
+
+/// Compiled masking: cheap to share, applied to responses. Built by the policy.
+#[derive(Debug)]
+pub struct Masker {
+    /// The `mask` rules it was built from, in policy order.
+    rules: Box<[Arc<str>]>,
+    /// Index into `rules` of the rule that asked for each feature.
+    secrets: Option<u16>,
+    env_names: Vec<(Box<[u8]>, u16)>,
+    paths: Vec<CompiledPath>,
+    detectors: Vec<(Detectors, u16)>,
+    limits: MaskLimits,
+}
+
+/// Bounds of what the gateway holds to mask it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskLimits {
+    /// Largest decompressed response body read whole.
+    pub max_response_bytes: u64,
+    /// Largest watch event.
+    pub max_watch_event_bytes: u64,
+}
+
+impl Default for MaskLimits {
+    fn default() -> Self {
+        Self {
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_watch_event_bytes: DEFAULT_MAX_WATCH_EVENT_BYTES,
+        }
+    }
+}
+
+impl PartialEq for Masker {
+    /// Maskers of one policy are equal when built from the same rules.
+    fn eq(&self, other: &Self) -> bool {
+        self.rules == other.rules
+    }
+}
+
+impl Eq for Masker {}
+
+/// Validates the top-level settings and returns the response bounds they set.
+pub fn compile_limits(top: &MaskingSpec) -> Result<MaskLimits, SpecError> {
+    let mut limits = MaskLimits::default();
+    for (key, value, slot) in [
+        (
+            "maxResponseBytes",
+            top.max_response_bytes,
+            &mut limits.max_response_bytes,
+        ),
+        (
+            "maxWatchEventBytes",
+            top.max_watch_event_bytes,
+            &mut limits.max_watch_event_bytes,
+        ),
+    ] {
+        if let Some(v) = value {
+            if v < 1024 {
+                return Err(spec_error(
+                    vec![SpecPathPart::Key(key)],
+                    format!("{v} is too small to hold a Kubernetes object; give at least 1024"),
+                ));
+            }
+            *slot = v;
+        }
+    }
+    Ok(limits)
+}
+
+/// Checks a spec on its own (field paths, names); `top` says whether it is the policy's
+/// top-level block (the only place for the response bounds).
+pub fn check_spec(spec: &MaskingSpec, top: bool) -> Result<(), SpecError> {
+    if !top {
+        for (key, set) in [
+            ("maxResponseBytes", spec.max_response_bytes.is_some()),
+            ("maxWatchEventBytes", spec.max_watch_event_bytes.is_some()),
+        ] {
+            if set {
+                return Err(spec_error(
+                    vec![SpecPathPart::Key(key)],
+                    format!(
+                        "'{key}' is a bound for the whole gateway; set it in the top-level masking block"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(names) = &spec.env_names {
+        for (i, name) in names.iter().enumerate() {
+            if name.trim().is_empty() {
+                return Err(spec_error(
+                    vec![SpecPathPart::Key("envNames"), SpecPathPart::Index(i)],
+                    "env name part must not be empty (it would match every variable)",
+                ));
+            }
+        }
+    }
+    for (i, path) in spec.paths.iter().flatten().enumerate() {
+        let at = |rest: &[SpecPathPart]| {
+            let mut p = vec![SpecPathPart::Key("paths"), SpecPathPart::Index(i)];
+            p.extend_from_slice(rest);
+            p
+        };
+        if path.api_groups.as_ref().is_some_and(Vec::is_empty) {
+            return Err(spec_error(
+                at(&[SpecPathPart::Key("apiGroups")]),
+                "lists no API group; write [\"\"] for the core group or omit the key for any",
+            ));
+        }
+        if path.resources.is_empty() {
+            return Err(spec_error(
+                at(&[SpecPathPart::Key("resources")]),
+                "must list at least one resource ('*' for any)",
+            ));
+        }
+        for (j, r) in path.resources.iter().enumerate() {
+            let ok = r == "*"
+                || (!r.is_empty()
+                    && r.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
+                    }));
+            if !ok {
+                return Err(spec_error(
+                    at(&[SpecPathPart::Key("resources"), SpecPathPart::Index(j)]),
+                    format!(
+                        "malformed resource '{r}'; expected a lowercase plural like 'configmaps' or '*'"
+                    ),
+                ));
+            }
+        }
+        if path.fields.is_empty() {
+            return Err(spec_error(
+                at(&[SpecPathPart::Key("fields")]),
+                "must list at least one field path, e.g. '.data.password'",
+            ));
+        }
+        for (j, f) in path.fields.iter().enumerate() {
+            parse_field(f).map_err(|m| {
+                spec_error(
+                    at(&[SpecPathPart::Key("fields"), SpecPathPart::Index(j)]),
+                    m,
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses `.a.b`, `.a["x.y"]`, `.a[0]`, `.a[*]`, `.a.*`.
+fn parse_field(text: &str) -> Result<Vec<Step>, String> {
+    let bad = |why: &str| {
+        format!(
+            "malformed field path '{text}': {why}; expected e.g. '.data.password', '.data[\"tls.key\"]' or '.spec.users[*].password'"
+        )
+    };
+    let mut steps = Vec::new();
+    let mut rest = text;
+    if !rest.starts_with('.') {
+        return Err(bad("it must start with '.'"));
+    }
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('.') {
+            let end = after.find(['.', '[']).unwrap_or(after.len());
+            let key = &after[..end];
+            if key.is_empty() {
+                return Err(bad("empty key"));
+            }
+            steps.push(if key == "*" {
+                Step::Any
+            } else {
+                Step::Key(key.into())
+            });
+            rest = &after[end..];
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let end = after.find(']').ok_or_else(|| bad("'[' without ']'"))?;
+            let inner = &after[..end];
+            let step = if inner == "*" {
+                Step::Any
+            } else if let Some(quoted) = inner
+                .strip_prefix('"')
+                .and_then(|s| s.strip_suffix('"'))
+                .filter(|s| !s.is_empty() && !s.contains('"'))
+            {
+                Step::Key(quoted.into())
+            } else if let Ok(i) = inner.parse::<usize>() {
+                Step::Index(i)
+            } else {
+                return Err(bad("brackets take *, an index or a quoted key"));
+            };
+            steps.push(step);
+            rest = &after[end + 1..];
+        } else {
+            return Err(bad("expected '.' or '['"));
+        }
+    }
+    if steps.is_empty() {
+        return Err(bad("no field"));
+    }
+    Ok(steps)
+}
+
+impl RuleMasking {
+    /// One rule's effective settings: `rule` over `top` (scalars and lists override, `paths`
+    /// add). Both must have passed [`check_spec`]; detectors that fail to compile are an
+    /// error naming the `detectors` key.
+    pub fn compile(top: &MaskingSpec, rule: &MaskingSpec) -> Result<RuleMasking, SpecError> {
+        let secrets = rule.secrets.or(top.secrets).unwrap_or(true);
+        let env_names = match rule.env_names.as_ref().or(top.env_names.as_ref()) {
+            Some(list) => list
+                .iter()
+                .map(|n| n.trim().to_ascii_uppercase().into_bytes().into())
+                .collect(),
+            None => DEFAULT_ENV_NAMES
+                .iter()
+                .map(|n| n.as_bytes().into())
+                .collect(),
+        };
+        let mut paths = Vec::new();
+        for spec in top
+            .paths
+            .iter()
+            .flatten()
+            .chain(rule.paths.iter().flatten())
+        {
+            for field in &spec.fields {
+                let steps = parse_field(field)
+                    .map_err(|m| spec_error(vec![SpecPathPart::Key("paths")], m))?;
+                paths.push(CompiledPath {
+                    groups: spec
+                        .api_groups
+                        .as_ref()
+                        .filter(|g| !g.iter().any(|g| g == "*"))
+                        .map(|g| g.iter().map(|g| Box::from(g.as_str())).collect()),
+                    resources: (!spec.resources.iter().any(|r| r == "*")).then(|| {
+                        spec.resources
+                            .iter()
+                            .map(|r| Box::from(r.as_str()))
+                            .collect()
+                    }),
+                    steps: steps.into(),
+                    rule: 0,
+                });
+            }
+        }
+        let detectors_spec = rule
+            .detectors
+            .as_ref()
+            .or(top.detectors.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        let detectors = Detectors::compile(&detectors_spec)
+            .map_err(|m| spec_error(vec![SpecPathPart::Key("detectors")], m))?;
+        Ok(RuleMasking {
+            secrets,
+            env_names,
+            paths,
+            detectors,
+        })
+    }
+}
+
+impl Masker {
+    /// Combines the settings of the `mask` rules that matched one request (in policy
+    /// order); each value masked is counted for the first rule that asked for it.
+    pub fn combine<'r>(
+        parts: impl IntoIterator<Item = (Arc<str>, &'r RuleMasking)>,
+        limits: MaskLimits,
+    ) -> Masker {
+        let mut m = Masker {
+            rules: Box::default(),
+            secrets: None,
+            env_names: Vec::new(),
+            paths: Vec::new(),
+            detectors: Vec::new(),
+            limits,
+        };
+        let mut rules = Vec::new();
+        for (i, (name, part)) in parts.into_iter().enumerate() {
+            let i = u16::try_from(i).unwrap_or(u16::MAX);
+            rules.push(name);
+            if part.secrets && m.secrets.is_none() {
+                m.secrets = Some(i);
+            }
+            for n in &part.env_names {
+                if !m.env_names.iter().any(|(have, _)| have == n) {
+                    m.env_names.push((n.clone(), i));
+                }
+            }
+            for p in &part.paths {
+                let mut p = p.clone();
+                p.rule = i;
+                if !m.paths.iter().any(|have| {
+                    have.steps == p.steps
+                        && have.groups == p.groups
+                        && have.resources == p.resources
+                }) {
+                    m.paths.push(p);
+                }
+            }
+            m.detectors.push((part.detectors.clone(), i));
+        }
+        m.rules = rules.into();
+        m
+    }
+
+    /// The `mask` rules this masker was built from, in policy order.
+    pub fn rules(&self) -> &[Arc<str>] {
+        &self.rules
+    }
+
+    /// Whether Secret values are masked (then a masked response needs no recording mask).
+    pub fn masks_secrets(&self) -> bool {
+        self.secrets.is_some()
+    }
+
+    /// Bounds of what is held to mask a response.
+    pub fn limits(&self) -> MaskLimits {
+        self.limits
+    }
+
+    fn rule(&self, i: u16) -> &Arc<str> {
+        &self.rules[usize::from(i).min(self.rules.len().saturating_sub(1))]
+    }
+
+    /// Masks a whole response body (object, list, `Table`, or a watch event) and returns
+    /// the masked JSON. Fails on anything that is not JSON or is larger than the bound.
+    pub fn mask_body(
+        &self,
+        target: Target<'_>,
+        body: &[u8],
+        report: &mut MaskReport,
+    ) -> Result<Vec<u8>, MaskError> {
+        if body.len() as u64 > self.limits.max_response_bytes {
+            return Err(MaskError::TooLarge {
+                what: "response",
+                limit: self.limits.max_response_bytes,
+            });
+        }
+        let mut value: Value = serde_json::from_slice(body)?;
+        self.mask_value(target, &mut value, report);
+        let mut out = Vec::with_capacity(body.len());
+        serde_json::to_writer(&mut out, &value)?;
+        Ok(out)
+    }
+
+    /// Masks a decoded response in place: an object, a list (`items`), a `Table` (rows'
+    /// objects and cells) or a watch event (`{"type","object"}`).
+    pub fn mask_value(&self, target: Target<'_>, value: &mut Value, report: &mut MaskReport) {
+        self.mask_response(target, value, report, 0);
+    }
+
+    fn mask_response(
+        &self,
+        target: Target<'_>,
+        value: &mut Value,
+        report: &mut MaskReport,
+        depth: u8,
+    ) {
+        let Value::Object(map) = value else {
+            self.detect_all(value, report);
+            return;
+        };
+        let kind = map.get("kind").and_then(Value::as_str);
+        if kind == Some("Table") && map.get("rows").is_some_and(Value::is_array) {
+            if let Some(Value::Array(rows)) = map.get_mut("rows") {
+                for row in rows {
+                    if let Some(object) = row.get_mut("object") {
+                        self.mask_response(target, object, report, depth);
+                    }
+                    if let Some(cells) = row.get_mut("cells") {
+                        self.detect_all(cells, report);
+                    }
+                }
+            }
+            return;
+        }
+        let is_list = map.get("items").is_some_and(Value::is_array)
+            && kind.is_none_or(|k| k.ends_with("List"));
+        if is_list {
+            if let Some(Value::Array(items)) = map.get_mut("items") {
+                for item in items {
+                    self.mask_response(target, item, report, depth);
+                }
+            }
+            return;
+        }
+        if kind.is_none()
+            && map.len() == 2
+            && map.get("type").is_some_and(Value::is_string)
+            && let Some(object) = map.get_mut("object")
+        {
+            self.mask_response(target, object, report, depth);
+            return;
+        }
+        self.mask_object(target, map, report, depth);
+    }
+
+    /// Masks one Kubernetes object.
+    fn mask_object(
+        &self,
+        target: Target<'_>,
+        map: &mut Map<String, Value>,
+        report: &mut MaskReport,
+        depth: u8,
+    ) {
+        let kind = map.get("kind").and_then(Value::as_str);
+        if let Some(rule) = self.secrets {
+            let is_secret = kind == Some("Secret")
+                || (target.is_secrets()
+                    && kind.is_none_or(|k| k != "Status" && !k.ends_with("List")));
+            if is_secret {
+                let mut n = 0;
+                if let Some(data) = map.get_mut("data") {
+                    n += replace_leaves(data, PLACEHOLDER_BASE64);
+                }
+                if let Some(data) = map.get_mut("stringData") {
+                    n += replace_leaves(data, PLACEHOLDER_TEXT);
+                }
+                report.add(self.rule(rule), MaskKind::SecretData, n);
+            }
+        }
+        if !self.env_names.is_empty() {
+            self.mask_pod_specs(map, report);
+        }
+        if !self.paths.is_empty() {
+            for path in &self.paths {
+                let group_ok = path
+                    .groups
+                    .as_deref()
+                    .is_none_or(|g| g.iter().any(|g| **g == *target.group));
+                let resource_ok = path
+                    .resources
+                    .as_deref()
+                    .is_none_or(|r| r.iter().any(|r| **r == *target.resource));
+                if group_ok && resource_ok {
+                    let mut n = 0;
+                    if let Some((first, rest)) = path.steps.split_first() {
+                        mask_steps_in_map(map, first, rest, &mut n);
+                    }
+                    report.add(self.rule(path.rule), MaskKind::Path, n);
+                }
+            }
+        }
+        // The annotation repeats the applied object: mask it by the same rules.
+        let annotation = map
+            .get_mut("metadata")
+            .and_then(|m| m.get_mut("annotations"))
+            .and_then(|a| a.get_mut(LAST_APPLIED));
+        if let Some(slot) = annotation
+            && let Value::String(text) = slot
+        {
+            let inner = (depth < MAX_ANNOTATION_DEPTH)
+                .then(|| serde_json::from_str::<Value>(text).ok())
+                .flatten();
+            match inner {
+                Some(mut inner) => {
+                    // The inner object is masked as the object it describes.
+                    self.mask_response(target, &mut inner, report, depth + 1);
+                    *text = inner.to_string();
+                }
+                None => {
+                    *text = PLACEHOLDER_TEXT.to_owned();
+                    report.add(&self.rules[0], MaskKind::LastApplied, 1);
+                }
+            }
+            // Already masked, and the detectors must not see the serialized copy again.
+            let skip = std::mem::take(slot);
+            for v in map.values_mut() {
+                self.detect_all(v, report);
+            }
+            if let Some(slot) = map
+                .get_mut("metadata")
+                .and_then(|m| m.get_mut("annotations"))
+                .and_then(|a| a.get_mut(LAST_APPLIED))
+            {
+                *slot = skip;
+            }
+            return;
+        }
+        for v in map.values_mut() {
+            self.detect_all(v, report);
+        }
+    }
+
+    /// Env values by name in every pod spec the object holds.
+    fn mask_pod_specs(&self, map: &mut Map<String, Value>, report: &mut MaskReport) {
+        const SPEC_PATHS: &[&[&str]] = &[
+            &["spec"],
+            &["spec", "template", "spec"],
+            &["spec", "jobTemplate", "spec", "template", "spec"],
+            &["template", "spec"],
+        ];
+        for path in SPEC_PATHS {
+            let Some((first, rest)) = path.split_first() else {
+                continue;
+            };
+            let mut at = map.get_mut(*first);
+            for key in rest {
+                at = at.and_then(|v| v.get_mut(*key));
+            }
+            let Some(Value::Object(spec)) = at else {
+                continue;
+            };
+            for list in ["containers", "initContainers", "ephemeralContainers"] {
+                let Some(Value::Array(containers)) = spec.get_mut(list) else {
+                    continue;
+                };
+                for container in containers {
+                    let Some(Value::Array(env)) = container.get_mut("env") else {
+                        continue;
+                    };
+                    for var in env {
+                        let Some(var) = var.as_object_mut() else {
+                            continue;
+                        };
+                        let Some(name) = var.get("name").and_then(Value::as_str) else {
+                            continue;
+                        };
+                        let Some(rule) = self
+                            .env_names
+                            .iter()
+                            .find(|(part, _)| contains_ignore_case(name.as_bytes(), part))
+                            .map(|(_, rule)| *rule)
+                        else {
+                            continue;
+                        };
+                        if let Some(value) = var.get_mut("value")
+                            && !value.is_null()
+                        {
+                            *value = Value::String(PLACEHOLDER_TEXT.to_owned());
+                            report.add(self.rule(rule), MaskKind::Env, 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the detectors over every string under `value`.
+    fn detect_all(&self, value: &mut Value, report: &mut MaskReport) {
+        if self.detectors.is_empty() {
+            return;
+        }
+        match value {
+            Value::String(text) => {
+                for (detectors, rule) in &self.detectors {
+                    let mut hits: Vec<Hits> = Vec::new();
+                    if let Cow::Owned(redacted) = detectors.redact(text, &mut hits) {
+                        *text = redacted;
+                    }
+                    for hit in hits {
+                        report.add(
+                            self.rule(*rule),
+                            MaskKind::Detector(hit.detector),
+                            hit.count,
+                        );
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for v in items {
+                    self.detect_all(v, report);
+                }
+            }
+            Value::Object(map) => {
+                for v in map.values_mut() {
+                    self.detect_all(v, report);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn contains_ignore_case(haystack: &[u8], upper_needle: &[u8]) -> bool {
+    if upper_needle.is_empty() || haystack.len() < upper_needle.len() {
+        return false;
+    }
+    haystack
+        .windows(upper_needle.len())
+        .any(|w| w.eq_ignore_ascii_case(upper_needle))
+}
+
+/// Replaces every non-null scalar under `v` with `with`.
+fn replace_leaves(v: &mut Value, with: &str) -> u32 {
+    match v {
+        Value::Object(map) => map.values_mut().map(|v| replace_leaves(v, with)).sum(),
+        Value::Array(items) => items.iter_mut().map(|v| replace_leaves(v, with)).sum(),
+        Value::Null => 0,
+        other => {
+            *other = Value::String(with.to_owned());
+            1
+        }
+    }
+}
+
+fn mask_steps_in_map(map: &mut Map<String, Value>, step: &Step, rest: &[Step], n: &mut u32) {
+    match step {
+        Step::Key(k) => {
+            if let Some(v) = map.get_mut(&**k) {
+                mask_steps(v, rest, n);
+            }
+        }
+        Step::Any => {
+            for v in map.values_mut() {
+                mask_steps(v, rest, n);
+            }
+        }
+        Step::Index(_) => {}
+    }
+}
+
+fn mask_steps(value: &mut Value, steps: &[Step], n: &mut u32) {
+    let Some((step, rest)) = steps.split_first() else {
+        *n += replace_leaves(value, PLACEHOLDER_TEXT);
+        return;
+    };
+    match (value, step) {
+        (Value::Object(map), step) => mask_steps_in_map(map, step, rest, n),
+        (Value::Array(items), Step::Any) => {
+            for v in items {
+                mask_steps(v, rest, n);
+            }
+        }
+        (Value::Array(items), Step::Index(i)) => {
+            if let Some(v) = items.get_mut(*i) {
+                mask_steps(v, rest, n);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Masks a watch stream event by event as it passes: events are newline-terminated JSON
+/// objects that may arrive split across chunks. At most one event is held (bounded by
+/// [`MaskLimits::max_watch_event_bytes`]); nothing is buffered beyond it.
+#[derive(Debug)]
+pub struct WatchMasker {
+    masker: Arc<Masker>,
+    group: Box<str>,
+    resource: Box<str>,
+    pending: Vec<u8>,
+}
+
+impl WatchMasker {
+    /// A masker for one watch stream on `target`.
+    pub fn new(masker: Arc<Masker>, target: Target<'_>) -> Self {
+        Self {
+            masker,
+            group: target.group.into(),
+            resource: target.resource.into(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Masks every event that `chunk` completes into `out` (each newline-terminated);
+    /// keeps an incomplete tail for the next chunk.
+    pub fn push(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        report: &mut MaskReport,
+    ) -> Result<(), MaskError> {
+        let limit = self.masker.limits.max_watch_event_bytes;
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let (line, after) = rest.split_at(nl);
+            rest = &after[1..];
+            if self.pending.is_empty() {
+                self.mask_events(line, out, report)?;
+            } else {
+                if (self.pending.len() + line.len()) as u64 > limit {
+                    return Err(MaskError::TooLarge {
+                        what: "watch event",
+                        limit,
+                    });
+                }
+                let mut event = std::mem::take(&mut self.pending);
+                event.extend_from_slice(line);
+                self.mask_events(&event, out, report)?;
+                event.clear();
+                self.pending = event;
+            }
+        }
+        if (self.pending.len() + rest.len()) as u64 > limit {
+            return Err(MaskError::TooLarge {
+                what: "watch event",
+                limit,
+            });
+        }
+        self.pending.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// At the end of the stream: masks a last event that had no newline.
+    pub fn finish(&mut self, out: &mut Vec<u8>, report: &mut MaskReport) -> Result<(), MaskError> {
+        let event = std::mem::take(&mut self.pending);
+        self.mask_events(&event, out, report)
+    }
+
+    /// One line: usually one event, but any sequence of JSON values is accepted.
+    fn mask_events(
+        &self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        report: &mut MaskReport,
+    ) -> Result<(), MaskError> {
+        let target = Target {
+            group: &self.group,
+            resource: &self.resource,
+        };
+        for value in serde_json::Deserializer::from_slice(line).into_iter::<Value>() {
+            let mut value = value?;
+            self.masker.mask_value(target, &mut value, report);
+            serde_json::to_writer(&mut *out, &value)?;
+            out.push(b'\n');
+        }
+        Ok(())
+    }
+}
+
+/// The watch event that ends a stream the gateway could not mask: an `ERROR` event with an
+/// InternalError `Status`, as the API server ends a watch it cannot continue.
+pub fn watch_error_event(message: &str) -> Vec<u8> {
+    let event = serde_json::json!({
+        "type": "ERROR",
+        "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": message, "reason": "InternalError", "code": 500
+        }
+    });
+    let mut out = event.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+impl fmt::Display for MaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}

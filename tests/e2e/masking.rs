@@ -1,0 +1,366 @@
+//! A `mask` policy through real clients: kubectl (YAML, jsonpath piped into `base64 -d`,
+//! the default Table, a live watch, a deployment's env, a gzip-sized list) and the
+//! official Python client all receive the placeholders, never the original values; the
+//! recordings (read back and queried with DuckDB) hold none of them either.
+
+use std::{
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use chaperone_e2e::privileged;
+use chaperone_testkit::stack::{Stack, StackOptions};
+use gateway_userspace::{
+    masking::objects::{PLACEHOLDER_BASE64, PLACEHOLDER_TEXT},
+    recorder,
+};
+use serde_json::{Value, json};
+use tokio::{io::AsyncReadExt as _, process::Command};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The values that must never reach the agent or a recording.
+const SECRET_VALUE: &str = "orig-db-password-7f3a";
+const ENV_VALUE: &str = "orig-env-password-91c2";
+const WATCHED_VALUE: &str = "orig-watched-token-55e0";
+const BULK_PREFIX: &str = "orig-bulk-value-";
+
+const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: Policy
+default: allow
+rules:
+  - name: mask-secrets
+    action: mask
+    verbs: ["*"]
+    apiGroups: [""]
+    resources: [secrets]
+  - name: mask-workloads
+    action: mask
+    verbs: ["*"]
+    apiGroups: [apps]
+    resources: ["*"]
+"#;
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn originals() -> Vec<String> {
+    let mut all = vec![
+        SECRET_VALUE.to_owned(),
+        b64(SECRET_VALUE),
+        ENV_VALUE.to_owned(),
+        WATCHED_VALUE.to_owned(),
+        b64(WATCHED_VALUE),
+        BULK_PREFIX.to_owned(),
+    ];
+    // 15 bytes: a whole number of base64 groups, so it prefixes every bulk value's base64.
+    all.push(b64("orig-bulk-value"));
+    all
+}
+
+fn secret(name: &str, value: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": "default", "labels": {"app": "db"}},
+           "type": "Opaque", "data": {"password": b64(value)}})
+}
+
+fn seed() -> Vec<Value> {
+    let mut db = secret("db-creds", SECRET_VALUE);
+    db["metadata"]["annotations"] = json!({
+        "kubectl.kubernetes.io/last-applied-configuration": secret("db-creds", SECRET_VALUE).to_string()
+    });
+    let mut objects = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+        db,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "api", "namespace": "default"},
+               "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "api"}},
+                        "template": {"metadata": {"labels": {"app": "api"}},
+                                     "spec": {"containers": [{"name": "api", "image": "api:1",
+                                        "env": [{"name": "DB_PASSWORD", "value": ENV_VALUE},
+                                                {"name": "LOG_LEVEL", "value": "debug"}]}]}}}}),
+    ];
+    // Enough secrets that the list passes the API server's 128 KiB gzip threshold.
+    for i in 0..48 {
+        let value = format!("{BULK_PREFIX}{i}-{}", "x".repeat(3000));
+        objects.push(secret(&format!("bulk-{i:02}"), &value));
+    }
+    objects
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn assert_clean(what: &str, out: &str) {
+    for original in originals() {
+        assert!(
+            !out.contains(&original),
+            "{what}: an original value reached the client ({original})"
+        );
+    }
+}
+
+fn kubectl_cmd(stack: &Stack, args: &[&str]) -> (Command, tempfile::TempDir) {
+    let cache = tempfile::tempdir_in(stack.dir()).expect("kubectl cache dir");
+    let mut cmd = Command::from(stack.pod.command("kubectl"));
+    cmd.arg("--cache-dir")
+        .arg(cache.path())
+        .args(args)
+        .env("KUBECONFIG", stack.kubeconfig())
+        .env("HOME", stack.dir())
+        .current_dir(stack.dir())
+        .kill_on_drop(true);
+    (cmd, cache)
+}
+
+async fn run(mut cmd: Command, what: &str) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    match tokio::time::timeout(LIMIT, child.wait_with_output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what} did not finish within {LIMIT:?}"),
+    }
+}
+
+async fn kubectl(stack: &Stack, args: &[&str]) -> String {
+    let (cmd, _cache) = kubectl_cmd(stack, args);
+    let out = run(cmd, &format!("kubectl {args:?}")).await;
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert_clean(&format!("kubectl {args:?}"), &stdout);
+    assert_clean(&format!("kubectl {args:?} stderr"), &text(&out.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_original() {
+    if !privileged("kubectl_and_python_receive_masked_objects_and_recordings_hold_no_original") {
+        return;
+    }
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(POLICY.to_owned()),
+        recordings_dir: None,
+        seed: seed(),
+    })
+    .await
+    .expect("start the stack");
+
+    // -o yaml: keys, type and metadata kept; the value is the placeholder.
+    let yaml = kubectl(&stack, &["get", "secret", "db-creds", "-o", "yaml"]).await;
+    assert!(
+        yaml.contains(&format!("password: {PLACEHOLDER_BASE64}")),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("type: Opaque") && yaml.contains("app: db"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("last-applied-configuration"), "{yaml}");
+
+    // jsonpath | base64 -d prints the placeholder's text.
+    let b = kubectl(
+        &stack,
+        &[
+            "get",
+            "secret",
+            "db-creds",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+    )
+    .await;
+    let mut decode = Command::new("base64");
+    decode
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = decode.spawn().expect("spawn base64 -d");
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b.as_bytes()).await.expect("feed base64 -d");
+    }
+    let decoded = child.wait_with_output().await.expect("base64 -d");
+    assert!(
+        decoded.status.success(),
+        "base64 -d refused the placeholder {b:?}"
+    );
+    assert_eq!(text(&decoded.stdout), PLACEHOLDER_TEXT);
+
+    // The default Table output works.
+    let table = kubectl(&stack, &["get", "secrets"]).await;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("db-creds ") && l.contains("Opaque")),
+        "{table}"
+    );
+
+    // A deployment's env var named like a password.
+    let deploy = kubectl(&stack, &["get", "deploy", "api", "-o", "yaml"]).await;
+    assert!(deploy.contains(PLACEHOLDER_TEXT), "{deploy}");
+    assert!(
+        deploy.contains("value: debug"),
+        "other env values stay: {deploy}"
+    );
+
+    // A list over 128 KiB: the API server gzips it, the gateway masks it.
+    let list: Value =
+        serde_json::from_str(&kubectl(&stack, &["get", "secrets", "-o", "json"]).await)
+            .expect("kubectl -o json");
+    let items = list["items"].as_array().expect("items");
+    assert_eq!(items.len(), 49);
+    assert!(
+        items
+            .iter()
+            .all(|s| s["data"]["password"] == PLACEHOLDER_BASE64)
+    );
+    let direct_size = serde_json::to_vec(&stack.apiserver.object("secrets", "default", "bulk-00"))
+        .map_or(0, |v| v.len());
+    assert!(
+        direct_size * 48 > 128 * 1024,
+        "the list must pass the gzip threshold"
+    );
+
+    // A live watch: an event for a secret created while it runs arrives masked.
+    let (mut cmd, _cache) = kubectl_cmd(
+        &stack,
+        &[
+            "get",
+            "secrets",
+            "-w",
+            "-o",
+            "json",
+            "--output-watch-events",
+        ],
+    );
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl get -w");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut seeded = false;
+    let got = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            if !seeded && text(&seen).contains("bulk-47") {
+                stack
+                    .apiserver
+                    .seed(secret("watched", WATCHED_VALUE))
+                    .expect("create a secret during the watch");
+                seeded = true;
+            }
+            if seeded
+                && text(&seen).contains("\"watched\"")
+                && text(&seen).trim_end().ends_with('}')
+            {
+                return true;
+            }
+            let n = stdout.read(&mut buf).await.expect("read kubectl -w");
+            if n == 0 {
+                return false;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let _ = child.kill().await;
+    let watched = text(&seen);
+    assert_eq!(
+        got,
+        Ok(true),
+        "the watch never showed the new secret: {watched}"
+    );
+    assert_clean("kubectl get -w", &watched);
+    assert!(watched.contains(PLACEHOLDER_BASE64), "{watched}");
+
+    // The official Python client.
+    let script = r#"
+import os
+from kubernetes import client, config
+config.load_kube_config(config_file=os.environ["KUBECONFIG"])
+s = client.CoreV1Api().read_namespaced_secret("db-creds", "default")
+print(s.data["password"])
+"#;
+    let mut py = Command::from(stack.pod.command("python3"));
+    py.arg("-c")
+        .arg(script)
+        .env("KUBECONFIG", stack.kubeconfig())
+        .env("HOME", stack.dir())
+        .current_dir(stack.dir())
+        .kill_on_drop(true);
+    let out = run(py, "python read_namespaced_secret").await;
+    assert!(out.status.success(), "python failed: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), PLACEHOLDER_BASE64);
+
+    let stopped = stack.stop().await.expect("stop the stack");
+    let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
+    assert!(!rows.is_empty());
+    for row in &rows {
+        let debug = format!("{row:?}");
+        for original in originals() {
+            assert!(
+                !debug.contains(&original),
+                "{} {}: the recording holds an original value",
+                row.verb,
+                row.request_uri
+            );
+        }
+    }
+    let masked_rows = rows
+        .iter()
+        .filter(|r| {
+            r.masked
+                .as_deref()
+                .is_some_and(|m| m.contains("\"mask-secrets\""))
+        })
+        .count();
+    assert!(masked_rows >= 5, "rows with a masked report: {masked_rows}");
+    assert!(rows.iter().any(|r| r.masked.as_deref().is_some_and(|m| {
+        m.contains("\"rule\":\"mask-workloads\"") && m.contains("\"kind\":\"env\"")
+    })));
+
+    // As an analyst would: DuckDB over the Parquet files.
+    let like = originals()
+        .iter()
+        .map(|o| format!("contains(t::VARCHAR, '{o}')"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let query = format!(
+        "import duckdb; print(duckdb.connect().execute(\"SELECT count(*) FILTER ({like}), count(*) FILTER (decision = 'mask' AND masked IS NOT NULL) \
+         FROM read_parquet('{}/table=requests/**/*.parquet', hive_partitioning=true) t\").fetchone())",
+        stopped.recordings.display()
+    );
+    let duck = std::process::Command::new("python3")
+        .args(["-c", &query])
+        .output()
+        .expect("run python3");
+    assert!(
+        duck.status.success(),
+        "duckdb query failed: {}",
+        text(&duck.stderr)
+    );
+    let result = text(&duck.stdout);
+    let counts: Vec<i64> = result
+        .trim()
+        .trim_matches(['(', ')'])
+        .split(',')
+        .map(|n| n.trim().parse().unwrap_or(-1))
+        .collect();
+    assert_eq!(counts[0], 0, "rows holding an original value: {result}");
+    assert!(counts[1] >= 5, "mask rows with a report: {result}");
+}
