@@ -9,6 +9,7 @@
 use serde_json::Value;
 
 pub mod detect;
+pub mod stream;
 
 /// What a masked value is replaced with.
 pub const MASK: &str = "**masked**";

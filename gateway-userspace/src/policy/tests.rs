@@ -1,4 +1,3 @@
-
 use http::{Method, Uri};
 
 use super::*;

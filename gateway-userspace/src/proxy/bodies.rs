@@ -1,5 +1,5 @@
 //! Body wrappers on the streaming path: counting request bytes, metering responses for the
-//! record, and ending watches cleanly on drain.
+//! record, ending watches cleanly on drain, and masking pod logs as they stream.
 
 use std::{
     future::Future as _,
@@ -16,6 +16,10 @@ use http_body::{Body, Frame, SizeHint};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{BoxError, ProxyBody, record::RecordGuard};
+use crate::masking::{
+    detect::Detectors,
+    stream::{LOG_HOLD, LineMasker},
+};
 
 /// A response body that ends (cleanly, not with an error) once the drain starts.
 pub(super) struct EndOnDrain {
@@ -150,5 +154,104 @@ impl Body for CountingBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A `pods/log` response body masked line by line as it streams ([`LineMasker`]): each
+/// completed line goes out as soon as it is masked; a partial line is held until its
+/// newline, [`LOG_HOLD`]'s bound or delay, or the end of the body.
+pub(super) struct MaskedLog {
+    inner: ProxyBody,
+    masker: LineMasker,
+    /// Fires when a held partial line has waited [`LOG_HOLD`]'s delay.
+    hold: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Trailers (rare) wait until the held bytes are out.
+    trailers: Option<Frame<Bytes>>,
+    ended: bool,
+    masked: Arc<AtomicU64>,
+}
+
+impl MaskedLog {
+    pub(super) fn new(inner: ProxyBody, detectors: Detectors, masked: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            masker: LineMasker::new(detectors, LOG_HOLD.max_bytes),
+            hold: None,
+            trailers: None,
+            ended: false,
+            masked,
+        }
+    }
+
+    fn data(&mut self, out: Vec<u8>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.masked.store(self.masker.masked(), Ordering::Relaxed);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+    }
+}
+
+impl Body for MaskedLog {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.ended {
+                let mut out = Vec::new();
+                this.masker.flush(&mut out);
+                if !out.is_empty() {
+                    return this.data(out);
+                }
+                return Poll::Ready(this.trailers.take().map(Ok));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let mut out = Vec::with_capacity(data.len());
+                        this.masker.push(&data, &mut out);
+                        if this.masker.pending() == 0 {
+                            this.hold = None;
+                        } else if this.hold.is_none() {
+                            this.hold = Some(Box::pin(tokio::time::sleep(LOG_HOLD.max_delay)));
+                        }
+                        if !out.is_empty() {
+                            return this.data(out);
+                        }
+                    }
+                    Err(trailers) => {
+                        this.trailers = Some(trailers);
+                        this.ended = true;
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => {
+                    // A partial line waited long enough: send it (masked) as it is.
+                    if let Some(hold) = this.hold.as_mut()
+                        && hold.as_mut().poll(cx).is_ready()
+                    {
+                        this.hold = None;
+                        let mut out = Vec::new();
+                        this.masker.flush(&mut out);
+                        if !out.is_empty() {
+                            return this.data(out);
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.masker.pending() == 0 && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Masking changes the length.
+        SizeHint::default()
     }
 }

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::{
     config::ReadsWhileDown,
     error_chain,
+    masking::detect::Detectors,
     policy::{self, Action, RequestContext},
     recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord},
     request::{RequestInfo, Verb},
@@ -26,7 +27,7 @@ use crate::{
 
 use super::{
     BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
-    bodies::{CountingBody, EndOnDrain, Metered},
+    bodies::{CountingBody, EndOnDrain, MaskedLog, Metered},
     body,
     headers::{sanitize_request_headers, strip_hop_by_hop},
     impersonation::impersonation,
@@ -198,12 +199,24 @@ impl Proxy {
                 &audit_id,
             );
         }
+        let mask = self.stream_masking(&decision);
         match pending {
             Pending::Upgrade(req, protocol) => {
-                self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
+                self.forward_upgrade(
+                    req,
+                    protocol,
+                    conn.slot.clone(),
+                    record,
+                    started,
+                    audit_id,
+                    mask,
+                )
+                .await
+            }
+            Pending::Plain(req, count) => {
+                self.forward(req, count, record, started, audit_id, mask)
                     .await
             }
-            Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,
         }
     }
 
@@ -342,6 +355,16 @@ impl Proxy {
         }
     }
 
+    /// The detectors that mask this request's streamed output (`pods/log`, exec/attach
+    /// stdout and stderr), if it is masked. The policy's `mask` effect will carry them on
+    /// the decision; then this becomes
+    /// `decision.masking.as_ref().map(|m| m.detectors.clone())`. Until then a proxy-wide
+    /// setting turns stream masking on for every request.
+    fn stream_masking(&self, decision: &policy::Decision) -> Option<Detectors> {
+        let _ = decision;
+        self.stream_masking.load_full().map(|d| (*d).clone())
+    }
+
     pub(super) fn local_response(
         &self,
         status: Status,
@@ -365,7 +388,14 @@ impl Proxy {
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
+        mask: Option<Detectors>,
     ) -> Response<ProxyBody> {
+        // Pod logs are masked line by line as they stream (`kubectl logs -f` never ends).
+        let mask_log = mask.filter(|_| {
+            record.verb == Verb::Get
+                && record.object_ref.resource == "pods"
+                && record.object_ref.subresource == "log"
+        });
         let (mut parts, body) = req.into_parts();
         let exceeded = parts
             .extensions
@@ -392,6 +422,13 @@ impl Proxy {
         {
             parts.headers.insert(header::ACCEPT, json);
         }
+        if mask_log.is_some() {
+            // Masking reads the text: ask for it uncompressed.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         // The upstream connection's protocol is negotiated independently of the client's.
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
@@ -412,11 +449,30 @@ impl Proxy {
                     .get(header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|ct| ct.starts_with("application/json"));
+                let encoded = parts
+                    .headers
+                    .get(header::CONTENT_ENCODING)
+                    .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                if mask_log.is_some() && encoded {
+                    // Fail closed: a log the gateway cannot read is not passed on.
+                    let why = "chaperone: this pod log must be masked, but the API server sent it compressed".to_owned();
+                    record.outcome = Outcome::UpstreamFailed;
+                    record.reason = Some(why.clone());
+                    let status = Status::failure(StatusCode::BAD_GATEWAY, "InternalError", why);
+                    return self.local_response(status, record, started, &audit_id);
+                }
                 let mut guard = RecordGuard::new(self, record, started, request_bytes);
                 if capture && json {
                     guard.capture = Some(body::Capture::new(self.max_object_bytes));
                 }
                 let mut body = body.map_err(BoxError::from).boxed();
+                if let Some(detectors) = mask_log {
+                    // The length changes with masking; the body streams chunked instead.
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    let masked = Arc::new(AtomicU64::new(0));
+                    guard.masked_streamed = Some(masked.clone());
+                    body = MaskedLog::new(body, detectors, masked).boxed();
+                }
                 if watch {
                     // A watch never ends by itself; on drain it ends cleanly (the client sees
                     // the end of the stream and re-lists elsewhere) rather than being reset.

@@ -16,6 +16,7 @@ mod handler;
 mod headers;
 mod impersonation;
 mod limits;
+mod output_mask;
 mod record;
 pub mod upgrade;
 
@@ -44,6 +45,7 @@ use crate::{
     drain::DrainWatcher,
     ebpf::{ConnectionOrigin, Interceptor},
     identity::{Identity, WorkloadIdentity, principal::PrincipalVerifier},
+    masking::detect::Detectors,
     policy::Policy,
     recorder::RecorderHandle,
     scope::ScopeConfig,
@@ -95,6 +97,8 @@ pub struct Proxy {
     cluster: String,
     dialer: upgrade::Dialer,
     frame_sink: std::sync::RwLock<Option<Arc<dyn upgrade::FrameSink>>>,
+    /// Detectors that mask `pods/log` and exec/attach output (see [`Proxy::set_stream_masking`]).
+    stream_masking: arc_swap::ArcSwapOption<Detectors>,
     identity: Option<Arc<Identity>>,
     principals: Arc<PrincipalVerifier>,
     scope: ScopeConfig,
@@ -218,6 +222,7 @@ impl Proxy {
             cluster: s.cluster,
             dialer,
             frame_sink: std::sync::RwLock::new(None),
+            stream_masking: arc_swap::ArcSwapOption::empty(),
             identity: s.identity,
             principals: s.principals,
             scope: s.scope,
@@ -240,6 +245,13 @@ impl Proxy {
         if let Ok(mut slot) = self.frame_sink.write() {
             *slot = Some(sink);
         }
+    }
+
+    /// Masks the output of `pods/log` and exec/attach streams started from now on with
+    /// `detectors` (`None`: no masking). A stand-in until the policy's `mask` effect
+    /// decides it per request (`Proxy::stream_masking` in `handler.rs`).
+    pub fn set_stream_masking(&self, detectors: Option<Detectors>) {
+        self.stream_masking.store(detectors.map(Arc::new));
     }
 
     /// Accepts connections until the drain starts, then lets in-flight requests finish.

@@ -30,6 +30,8 @@ pub(super) struct RecordGuard {
     /// The response body was sent to its end (a partial body is not recorded as an object).
     pub(super) complete: bool,
     pub(super) max_object_bytes: usize,
+    /// Values masked in a streamed body (pod logs), added to the row's masked count.
+    pub(super) masked_streamed: Option<Arc<AtomicU64>>,
 }
 
 impl RecordGuard {
@@ -48,6 +50,7 @@ impl RecordGuard {
             capture: None,
             complete: false,
             max_object_bytes: proxy.max_object_bytes,
+            masked_streamed: None,
         }
     }
 }
@@ -63,6 +66,10 @@ impl Drop for RecordGuard {
         }
         record.request_bytes = self.request_bytes.load(Ordering::Relaxed) as i64;
         record.response_bytes = self.response_bytes as i64;
+        if let Some(masked) = &self.masked_streamed {
+            let n = i32::try_from(masked.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
+            record.masked_fields = record.masked_fields.saturating_add(n);
+        }
         let audit_id = record.audit_id.clone();
         self.metrics.count_request(record.decision, record.outcome);
         let metrics = self.metrics.clone();
