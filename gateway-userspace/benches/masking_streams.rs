@@ -70,7 +70,7 @@ fn log_text(with_secrets: bool) -> Vec<u8> {
         let ms = rng.next() % 1000;
         let id = rng.next();
         let _ = match line % 10 {
-            _ if with_secrets && line % 100 == 0 => {
+            _ if with_secrets && line.is_multiple_of(100) => {
                 writeln!(
                     text,
                     "2026-12-01T10:00:00.{ms:03}Z WARN  {}",

@@ -153,17 +153,13 @@ pub(crate) struct Pem {
 impl Pem {
     /// Where a BEGIN line's marker starts and ends in `line`.
     pub(crate) fn begin(&self, line: &[u8]) -> Option<(usize, usize)> {
-        if memchr::memmem::find(line, b"PRIVATE KEY").is_none() {
-            return None;
-        }
+        memchr::memmem::find(line, b"PRIVATE KEY")?;
         self.begin.find(line).map(|m| (m.start(), m.end()))
     }
 
     /// Where the END marker ends in `line`.
     pub(crate) fn end(&self, line: &[u8]) -> Option<usize> {
-        if memchr::memmem::find(line, b"PRIVATE KEY").is_none() {
-            return None;
-        }
+        memchr::memmem::find(line, b"PRIVATE KEY")?;
         self.end.find(line).map(|m| m.end())
     }
 

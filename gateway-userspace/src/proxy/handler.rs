@@ -39,6 +39,11 @@ use super::{
 #[derive(Clone)]
 pub(super) struct BodyLimitExceeded(Arc<AtomicBool>);
 
+/// The detectors that mask a request's streamed output (pod logs, exec/attach stdout and
+/// stderr), carried in its extensions from the decision to forwarding.
+#[derive(Clone)]
+pub(super) struct StreamMasking(pub(super) Detectors);
+
 /// The API server's answer to a body over its limit.
 fn request_entity_too_large(why: &dyn std::fmt::Display) -> Status {
     let why = why.to_string();
@@ -199,24 +204,15 @@ impl Proxy {
                 &audit_id,
             );
         }
-        let mask = self.stream_masking(&decision);
+        if let Some(detectors) = self.stream_masking(&decision) {
+            pending.extensions_mut().insert(StreamMasking(detectors));
+        }
         match pending {
             Pending::Upgrade(req, protocol) => {
-                self.forward_upgrade(
-                    req,
-                    protocol,
-                    conn.slot.clone(),
-                    record,
-                    started,
-                    audit_id,
-                    mask,
-                )
-                .await
-            }
-            Pending::Plain(req, count) => {
-                self.forward(req, count, record, started, audit_id, mask)
+                self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
                     .await
             }
+            Pending::Plain(req, count) => self.forward(req, count, record, started, audit_id).await,
         }
     }
 
@@ -388,15 +384,18 @@ impl Proxy {
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
-        mask: Option<Detectors>,
     ) -> Response<ProxyBody> {
-        // Pod logs are masked line by line as they stream (`kubectl logs -f` never ends).
-        let mask_log = mask.filter(|_| {
-            record.verb == Verb::Get
-                && record.object_ref.resource == "pods"
-                && record.object_ref.subresource == "log"
-        });
         let (mut parts, body) = req.into_parts();
+        // Pod logs are masked line by line as they stream (`kubectl logs -f` never ends).
+        let mask_log = parts
+            .extensions
+            .remove::<StreamMasking>()
+            .map(|m| m.0)
+            .filter(|_| {
+                record.verb == Verb::Get
+                    && record.object_ref.resource == "pods"
+                    && record.object_ref.subresource == "log"
+            });
         let exceeded = parts
             .extensions
             .get::<BodyLimitExceeded>()

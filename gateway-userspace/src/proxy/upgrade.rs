@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BoxError, Proxy, ProxyBody,
     bodies::{CountingBody, Metered},
-    handler::{insert_audit_id, upstream_uri},
+    handler::{StreamMasking, insert_audit_id, upstream_uri},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
     record::RecordGuard,
@@ -768,9 +768,9 @@ impl Proxy {
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
-        mask: Option<Detectors>,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut req);
+        let mask = req.extensions_mut().remove::<StreamMasking>().map(|m| m.0);
         let subresource = record.object_ref.subresource.clone();
         let (mut parts, body) = req.into_parts();
         let query = parts.uri.query().map(str::to_owned);

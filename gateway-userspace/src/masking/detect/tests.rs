@@ -97,9 +97,8 @@ fn every_builtin_detector_finds_its_credentials() {
             "pem-private-key",
         ),
         (
-            format!(
-                "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----"
-            ),
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----"
+                .into(),
             "**masked:pem-private-key**".into(),
             "pem-private-key",
         ),
