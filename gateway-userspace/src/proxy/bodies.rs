@@ -255,3 +255,81 @@ impl Body for MaskedLog {
         SizeHint::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt as _, StreamBody};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::masking::detect::{DetectorsSpec, tests::fixtures};
+
+    /// A log body that ends only when the sender is dropped, like `kubectl logs -f`.
+    fn follow() -> (
+        mpsc::UnboundedSender<&'static str>,
+        MaskedLog,
+        Arc<AtomicU64>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel::<&'static str>();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|s| (Ok::<_, BoxError>(Frame::data(Bytes::from(s))), rx))
+        });
+        let detectors = Detectors::compile(&DetectorsSpec::default()).expect("detectors");
+        let masked = Arc::new(AtomicU64::new(0));
+        let body = MaskedLog::new(StreamBody::new(stream).boxed(), detectors, masked.clone());
+        (tx, body, masked)
+    }
+
+    async fn next(body: &mut MaskedLog, within: Duration) -> Option<String> {
+        let frame = tokio::time::timeout(within, body.frame())
+            .await
+            .ok()??
+            .expect("no error");
+        Some(String::from_utf8_lossy(frame.data_ref().expect("data")).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_log_that_never_ends_yields_each_line_at_once() {
+        let (tx, mut body, masked) = follow();
+        let token: &'static str =
+            Box::leak(format!("pushing with {}\n", fixtures::github_token()).into_boxed_str());
+        tx.send("first line\nsecond ").unwrap();
+        assert_eq!(
+            next(&mut body, Duration::from_millis(100)).await.as_deref(),
+            Some("first line\n")
+        );
+        tx.send("line\n").unwrap();
+        tx.send(token).unwrap();
+        assert_eq!(
+            next(&mut body, Duration::from_millis(100)).await.as_deref(),
+            Some("second line\n")
+        );
+        assert_eq!(
+            next(&mut body, Duration::from_millis(100)).await.as_deref(),
+            Some("pushing with **masked:github-token**\n")
+        );
+        assert_eq!(masked.load(Ordering::Relaxed), 1);
+        // A partial line (a prompt) goes out after the hold delay, not never.
+        tx.send("waiting for input: ").unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            next(&mut body, Duration::from_secs(5)).await.as_deref(),
+            Some("waiting for input: ")
+        );
+        assert!(started.elapsed() >= LOG_HOLD.max_delay);
+        // Nothing else until more is logged: the body is still open.
+        assert_eq!(next(&mut body, Duration::from_millis(50)).await, None);
+        assert!(!body.is_end_stream());
+        tx.send("tail without newline").unwrap();
+        drop(tx);
+        assert_eq!(
+            next(&mut body, Duration::from_millis(100)).await.as_deref(),
+            Some("tail without newline")
+        );
+        assert!(body.frame().await.is_none(), "ended");
+    }
+}
