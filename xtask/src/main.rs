@@ -364,6 +364,8 @@ fn bench() -> anyhow::Result<()> {
         "policy",
         "--bench",
         "recorder",
+        "--bench",
+        "masking_streams",
         "--",
         "--quick",
     ])?;

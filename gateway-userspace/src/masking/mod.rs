@@ -12,6 +12,7 @@ pub mod detect;
 pub mod objects;
 #[cfg(test)]
 mod objects_tests;
+pub mod stream;
 
 /// What a masked value is replaced with.
 pub const MASK: &str = "**masked**";

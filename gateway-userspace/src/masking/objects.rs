@@ -601,6 +601,17 @@ impl Masker {
         m
     }
 
+    /// The detectors that mask this request's streamed output (pod logs, exec and attach
+    /// stdout/stderr): those of the first `mask` rule that has any. Rules usually share
+    /// the top level's set; when they set different ones, streams use the first rule's.
+    pub fn stream_detectors(&self) -> Option<Detectors> {
+        self.detectors
+            .iter()
+            .map(|(d, _)| d)
+            .find(|d| !d.is_empty())
+            .cloned()
+    }
+
     /// The `mask` rules this masker was built from, in policy order.
     pub fn rules(&self) -> &[Arc<str>] {
         &self.rules

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::{
     config::ReadsWhileDown,
     error_chain,
+    masking::detect::Detectors,
     masking::objects::{Masker, Target},
     policy::{self, Action, RequestContext},
     recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord},
@@ -27,7 +28,7 @@ use crate::{
 
 use super::{
     BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
-    bodies::{CountingBody, EndOnDrain, Metered},
+    bodies::{CountingBody, EndOnDrain, MaskedLog, Metered},
     body,
     content::RequestContent,
     headers::{sanitize_request_headers, strip_hop_by_hop},
@@ -40,6 +41,11 @@ use super::{
 /// Set on a streamed request body that was cut off at `limits.maxRequestBodyBytes`.
 #[derive(Clone)]
 pub(super) struct BodyLimitExceeded(Arc<AtomicBool>);
+
+/// The detectors that mask a request's streamed output (pod logs, exec/attach stdout and
+/// stderr), carried in its extensions from the decision to forwarding.
+#[derive(Clone)]
+pub(super) struct StreamMasking(pub(super) Detectors);
 
 /// The API server's answer to a body over its limit.
 fn request_entity_too_large(why: &dyn std::fmt::Display) -> Status {
@@ -269,6 +275,9 @@ impl Proxy {
                 &audit_id,
             );
         }
+        if let Some(detectors) = self.stream_masking(&decision) {
+            pending.extensions_mut().insert(StreamMasking(detectors));
+        }
         match pending {
             Pending::Upgrade(req, protocol) => {
                 self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
@@ -419,6 +428,12 @@ impl Proxy {
         }
     }
 
+    /// The detectors that mask this request's streamed output (`pods/log`, exec/attach
+    /// stdout and stderr): those of the decision's masking, when it masks.
+    fn stream_masking(&self, decision: &policy::Decision) -> Option<Detectors> {
+        decision.masking.as_ref().and_then(|m| m.stream_detectors())
+    }
+
     pub(super) fn local_response(
         &self,
         status: Status,
@@ -467,6 +482,16 @@ impl Proxy {
         masking: Option<Arc<Masker>>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        // Pod logs are masked line by line as they stream (`kubectl logs -f` never ends).
+        let mask_log = parts
+            .extensions
+            .remove::<StreamMasking>()
+            .map(|m| m.0)
+            .filter(|_| {
+                record.verb == Verb::Get
+                    && record.object_ref.resource == "pods"
+                    && record.object_ref.subresource == "log"
+            });
         let exceeded = parts
             .extensions
             .get::<BodyLimitExceeded>()
@@ -497,6 +522,13 @@ impl Proxy {
                 .and_then(body::accept_json)
         {
             parts.headers.insert(header::ACCEPT, json);
+        }
+        if mask_log.is_some() {
+            // Masking reads the text: ask for it uncompressed.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         // The upstream connection's protocol is negotiated independently of the client's.
         parts.version = http::Version::HTTP_11;
@@ -558,12 +590,31 @@ impl Proxy {
                     .get(header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|ct| ct.starts_with("application/json"));
+                let encoded = parts
+                    .headers
+                    .get(header::CONTENT_ENCODING)
+                    .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                if mask_log.is_some() && encoded {
+                    // Fail closed: a log the gateway cannot read is not passed on.
+                    let why = "chaperone: this pod log must be masked, but the API server sent it compressed".to_owned();
+                    record.outcome = Outcome::UpstreamFailed;
+                    record.reason = Some(why.clone());
+                    let status = Status::failure(StatusCode::BAD_GATEWAY, "InternalError", why);
+                    return self.local_response(status, record, started, &audit_id);
+                }
                 let mut guard = RecordGuard::new(self, record, started, request_bytes);
                 if capture && json {
                     guard.capture = Some(body::Capture::new(self.max_object_bytes));
                 }
                 guard.live_report = live_report;
                 guard.response_masked = response_masked;
+                if let Some(detectors) = mask_log {
+                    // The length changes with masking; the body streams chunked instead.
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    let masked = Arc::new(AtomicU64::new(0));
+                    guard.masked_streamed = Some(masked.clone());
+                    body = MaskedLog::new(body, detectors, masked).boxed();
+                }
                 if watch {
                     // A watch never ends by itself; on drain it ends cleanly (the client sees
                     // the end of the stream and re-lists elsewhere) rather than being reset.

@@ -18,6 +18,7 @@ mod headers;
 mod impersonation;
 mod limits;
 mod masked;
+mod output_mask;
 mod record;
 pub mod upgrade;
 

@@ -35,6 +35,8 @@ pub(super) struct RecordGuard {
     /// body is recorded as the agent received it.
     pub(super) response_masked: bool,
     pub(super) max_object_bytes: usize,
+    /// Values masked in a streamed body (pod logs), added to the row's masked count.
+    pub(super) masked_streamed: Option<Arc<AtomicU64>>,
 }
 
 impl RecordGuard {
@@ -55,6 +57,7 @@ impl RecordGuard {
             live_report: None,
             response_masked: false,
             max_object_bytes: proxy.max_object_bytes,
+            masked_streamed: None,
         }
     }
 }
@@ -70,6 +73,10 @@ impl Drop for RecordGuard {
         }
         record.request_bytes = self.request_bytes.load(Ordering::Relaxed) as i64;
         record.response_bytes = self.response_bytes as i64;
+        if let Some(masked) = &self.masked_streamed {
+            let n = i32::try_from(masked.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
+            record.masked_fields = record.masked_fields.saturating_add(n);
+        }
         let audit_id = record.audit_id.clone();
         self.metrics.count_request(record.decision, record.outcome);
         let metrics = self.metrics.clone();

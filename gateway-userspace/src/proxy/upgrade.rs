@@ -8,6 +8,12 @@
 //! are done. Each direction is tapped into a frame decoder ([`super::frames`]) whose
 //! events feed counters and an optional [`FrameSink`]; a decoding error only stops the
 //! decoding, never the relay. The request's row is written when the stream ends.
+//!
+//! When the output of an exec or attach session must be masked, the API server's bytes
+//! are rewritten before they reach the client ([`super::output_mask`]) and the tap decodes
+//! what the client is sent, so recorded frames hold the masked form only. Port-forward is
+//! never masked: its bytes are another program's protocol (TLS, a database's wire format)
+//! that masking would corrupt, and policy is the control for it.
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering},
@@ -25,16 +31,18 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BoxError, Proxy, ProxyBody,
     bodies::{CountingBody, Metered},
-    handler::{insert_audit_id, upstream_uri},
+    handler::{StreamMasking, insert_audit_id, upstream_uri},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
     record::RecordGuard,
 };
 use crate::{
     error_chain,
+    masking::detect::Detectors,
     proxy::frames::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
+    proxy::output_mask::{OutputFraming, OutputMasker},
     recorder::{Outcome, RequestRecord},
     status::Status,
 };
@@ -171,6 +179,8 @@ pub struct StreamStats {
     pub payload_bytes: Vec<(String, Direction, u64)>,
     /// Why decoding stopped, if it did.
     pub decode_error: Option<String>,
+    /// Credentials masked in the output sent to the client.
+    pub masked_values: u64,
 }
 
 impl StreamStats {
@@ -268,6 +278,8 @@ pub struct StreamTap {
     stopped: bool,
     stats: StreamStats,
     sink: Option<Arc<dyn FrameSink>>,
+    /// Rewrites stdout/stderr going to the client, when the output is masked.
+    output: Option<OutputMasker>,
 }
 
 impl std::fmt::Debug for StreamTap {
@@ -298,7 +310,67 @@ impl StreamTap {
             stopped: false,
             stats: StreamStats::default(),
             sink,
+            output: None,
         }
+    }
+
+    /// Masks the stdout and stderr channels on their way to the client with `detectors`.
+    /// Fails for framings the masker cannot rewrite (the caller refuses the stream).
+    pub fn with_masking(mut self, detectors: &Detectors) -> Result<Self, String> {
+        let framing = match &self.framing {
+            TapFraming::WebSocketChannels {
+                base64,
+                ports: None,
+            } => OutputFraming::WebSocket { base64: *base64 },
+            TapFraming::Spdy => OutputFraming::Spdy,
+            other => {
+                return Err(format!(
+                    "the stream's framing ({other:?}) carries no exec channels the gateway can mask"
+                ));
+            }
+        };
+        self.output = Some(OutputMasker::new(framing, detectors));
+        Ok(self)
+    }
+
+    /// Whether output to the client is masked.
+    pub fn masks_output(&self) -> bool {
+        self.output.is_some()
+    }
+
+    /// Passes relayed bytes: rewrites them when they go to the client and are masked, and
+    /// feeds the tap what will be sent. `Ok(None)`: send `data` as it is. An error means
+    /// the output cannot be masked and the stream must end.
+    pub fn pass(&mut self, dir: Direction, data: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+        let rewritten = match (&mut self.output, dir) {
+            (Some(output), Direction::ToClient) => {
+                let mut out = Vec::with_capacity(data.len() + 64);
+                output.feed(data, &self.spdy_streams, &mut out)?;
+                self.stats.masked_values = output.masked();
+                Some(out)
+            }
+            _ => None,
+        };
+        self.feed(dir, rewritten.as_deref().unwrap_or(data));
+        Ok(rewritten)
+    }
+
+    /// When output held back for masking must be sent, if any is held.
+    pub fn hold_deadline(&self) -> Option<std::time::Instant> {
+        self.output.as_ref().and_then(OutputMasker::deadline)
+    }
+
+    /// Output held back for masking, masked, as frames to send now (tapped like the rest).
+    pub fn flush_held(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(output) = &mut self.output {
+            output.flush(&mut out);
+            self.stats.masked_values = output.masked();
+        }
+        if !out.is_empty() {
+            self.feed(Direction::ToClient, &out);
+        }
+        out
     }
 
     /// The totals so far.
@@ -487,18 +559,47 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; RELAY_BUFFER];
+    // A poisoned lock only means another direction panicked; the tap's state is still
+    // whole, and masking must go on.
+    let lock = || {
+        tap.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     loop {
+        let deadline = match dir {
+            Direction::ToClient => lock().hold_deadline(),
+            Direction::ToServer => None,
+        };
         let read = tokio::select! {
             biased;
             // The gateway is shutting down: close this direction the orderly way (TLS
             // close_notify, then FIN), so both peers see the stream end, not break.
             () = stop.cancelled() => {
-                let close = tap.lock().ok().and_then(|t| t.shutdown_frame(dir));
+                let (held, close) = {
+                    let mut tap = lock();
+                    let held = match dir {
+                        Direction::ToClient => tap.flush_held(),
+                        Direction::ToServer => Vec::new(),
+                    };
+                    (held, tap.shutdown_frame(dir))
+                };
+                if !held.is_empty() {
+                    let _ = to.write_all(&held).await;
+                }
                 if let Some(frame) = close {
                     let _ = to.write_all(&frame).await;
                 }
                 let _ = to.shutdown().await;
                 return Ok(());
+            }
+            // Output held back for masking has waited long enough: send it masked as is.
+            () = hold_expired(deadline) => {
+                let held = lock().flush_held();
+                if !held.is_empty() {
+                    to.write_all(&held).await?;
+                    to.flush().await?;
+                }
+                continue;
             }
             read = from.read(&mut buf) => read,
         };
@@ -510,15 +611,32 @@ where
             Err(e) => return Err(e),
         };
         if n == 0 {
+            let held = match dir {
+                Direction::ToClient => lock().flush_held(),
+                Direction::ToServer => Vec::new(),
+            };
+            if !held.is_empty() {
+                let _ = to.write_all(&held).await;
+            }
             // The peer may already be gone; the other direction reports that.
             let _ = to.shutdown().await;
             return Ok(());
         }
-        if let Ok(mut tap) = tap.lock() {
-            tap.feed(dir, &buf[..n]);
-        }
-        to.write_all(&buf[..n]).await?;
+        // Fail closed: output that cannot be masked ends the stream.
+        let rewritten = lock().pass(dir, &buf[..n]).map_err(|e| {
+            std::io::Error::other(format!("the output cannot be masked, stream ended: {e}"))
+        })?;
+        to.write_all(rewritten.as_deref().unwrap_or(&buf[..n]))
+            .await?;
         to.flush().await?;
+    }
+}
+
+/// Resolves at `deadline`, never without one.
+async fn hold_expired(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -652,6 +770,7 @@ impl Proxy {
         audit_id: String,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut req);
+        let mask = req.extensions_mut().remove::<StreamMasking>().map(|m| m.0);
         let subresource = record.object_ref.subresource.clone();
         let (mut parts, body) = req.into_parts();
         let query = parts.uri.query().map(str::to_owned);
@@ -737,20 +856,40 @@ impl Proxy {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let framing =
             TapFraming::detect(protocol, &subresource, query.as_deref(), response.headers());
-        let mut headers = switching_headers(response.headers());
-        if !headers.contains_key("audit-id") {
-            insert_audit_id(&mut headers, &audit_id);
-        }
         let sink = self
             .frame_sink
             .read()
             .ok()
             .and_then(|s| s.as_ref().map(Arc::clone));
+        let mut tap = StreamTap::new(&audit_id, framing, sink.clone());
+        // exec and attach output is masked when the decision says so; port-forward never
+        // (see the module docs).
+        if let Some(detectors) = mask.filter(|_| matches!(subresource.as_str(), "exec" | "attach"))
+        {
+            tap = match tap.with_masking(&detectors) {
+                Ok(tap) => tap,
+                Err(why) => {
+                    // Fail closed: the client gets an error instead of unmasked output.
+                    let why = format!(
+                        "chaperone: this {subresource} stream's output must be masked, but {why}"
+                    );
+                    record.outcome = Outcome::Invalid;
+                    record.reason = Some(why.clone());
+                    let status =
+                        Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
+                    return self.local_response(status, record, started, &audit_id);
+                }
+            };
+        }
+        let mut headers = switching_headers(response.headers());
+        if !headers.contains_key("audit-id") {
+            insert_audit_id(&mut headers, &audit_id);
+        }
         let mut guard = RecordGuard::new(self, record, started, request_bytes);
         let stop = self.draining.clone();
         // Tracked so the drain waits for the stream to close and its row to be recorded.
         self.streams.spawn(async move {
-            let tap = Mutex::new(StreamTap::new(&audit_id, framing, sink.clone()));
+            let tap = Mutex::new(tap);
             let mut error = match (client_upgrade.await, upstream_upgrade.await) {
                 (Ok(client), Ok(upstream)) => {
                     relay(TokioIo::new(client), TokioIo::new(upstream), &tap, &stop).await
@@ -775,6 +914,9 @@ impl Proxy {
             guard.response_bytes = stats.bytes_to_client;
             if let Some((_, record)) = guard.pending.as_mut() {
                 record.error = error;
+                record.masked_fields = record
+                    .masked_fields
+                    .saturating_add(i32::try_from(stats.masked_values).unwrap_or(i32::MAX));
             }
             drop(guard);
             drop(slot);
