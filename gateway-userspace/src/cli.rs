@@ -13,9 +13,10 @@ use crate::{
 };
 
 /// Chaperone: a transparent gateway between AI agents in Kubernetes pods and the API
-/// server. It attributes each request to the calling pod from the kernel, allows or denies
-/// it by policy, forwards it with the gateway's own credential, and records every request
-/// to Parquet (Secret values masked in the recording), refusing what it cannot record.
+/// server. It attributes each request to the calling pod from the kernel, allows, denies
+/// or masks it by policy (rules on verbs, resources, callers, content and exec commands),
+/// forwards it with the gateway's own credential, masks Secrets and credentials in what
+/// the agent reads, and records every request to Parquet, refusing what it cannot record.
 #[derive(Debug, Parser)]
 #[command(name = "chaperone", version, about)]
 pub struct Cli {
@@ -182,6 +183,10 @@ fn policy_test(policy: &std::path::Path, fixtures: &[PathBuf]) -> anyhow::Result
                 outcome.decision.action,
                 outcome.decision.reason()
             );
+            if let Some(masking) = &outcome.decision.masking {
+                let rules: Vec<&str> = masking.rules().iter().map(|r| &**r).collect();
+                println!("      masked by rule(s): {}", rules.join(", "));
+            }
             if outcome.passed {
                 passed += 1;
             } else {

@@ -18,7 +18,7 @@
 //!     object: {...}               # CEL `object`: the body of a create or update, or what a
 //!                                 # patch would store (the gateway dry-runs it live)
 //!     oldObject: {...}            # CEL `oldObject`: the stored object
-//!     expect: deny                # optional: allow | deny
+//!     expect: deny                # optional: allow | mask | deny (allow passes mask too)
 //! ```
 //!
 //! A request passes when its decision equals `expect`, or, without `expect`, when it is
@@ -230,6 +230,8 @@ pub fn decide_fixture(policy: &Policy, f: &Fixture) -> Result<Outcome, String> {
         Evaluation::NeedsContent { .. } => (super::decide(policy, &ctx), true),
     };
     let passed = match f.expect {
+        // A masked request is an allowed one.
+        Some(Action::Allow) => decision.is_allowed(),
         Some(want) => decision.action == want,
         None => decision.is_allowed(),
     };
