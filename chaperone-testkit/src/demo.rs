@@ -3,20 +3,32 @@
 //! A sandbox pod (own cgroup, network namespace and veth, no default route) runs the real
 //! `kubectl` with an in-cluster-style kubeconfig pointing at a virtual API server address.
 //! The eBPF redirect sends its connections to the gateway, which attributes them to the
-//! pod's cgroup, allows `kubectl get pods`, denies `kubectl delete namespace` by policy,
-//! forwards allowed requests to the Kubernetes API test server (labelled as such) with the
-//! gateway's own credential, and records every request to Parquet.
+//! pod's cgroup and decides with the shipped baseline policy (deploy/config/policy.yaml):
+//! `kubectl get pods` is allowed, a Secret is read masked, a privileged pod and
+//! `kubectl delete namespace` are denied. Allowed requests go to the Kubernetes API test
+//! server (labelled as such) with the gateway's own credential, and every request is
+//! recorded to Parquet.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use gateway_userspace::recorder;
+use gateway_userspace::{
+    masking::objects::{PLACEHOLDER_BASE64, PLACEHOLDER_TEXT},
+    recorder,
+};
 
 use crate::stack::{Stack, StackOptions};
 
-/// The demo's policy: what an admin might start with.
+/// The shipped baseline policy, with the agent namespace placeholder (`ai-sandbox`) set
+/// to `default`, where the demo's objects live.
+pub fn demo_policy() -> String {
+    include_str!("../../deploy/config/policy.yaml").replace("ai-sandbox", "default")
+}
+
+/// A smaller policy (deny namespace deletion and secret reads), for tests that need only
+/// an allow and a deny.
 pub const DEMO_POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: Policy
 default: allow
@@ -78,10 +90,17 @@ pub async fn run(recordings: Option<PathBuf>, log: &Path) -> anyhow::Result<()> 
 
 async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
     println!("Chaperone demo\n");
+    let mut seed = demo_objects();
+    seed.push(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "db-credentials", "namespace": "default"},
+        // "s3cr3t-Passw0rd"
+        "data": {"username": "YXBw", "password": "czNjcjN0LVBhc3N3MHJk"}
+    }));
     let stack = Stack::start(StackOptions {
-        policy_yaml: Some(DEMO_POLICY.to_owned()),
+        policy_yaml: Some(demo_policy()),
         recordings_dir: Some(recordings.clone()),
-        seed: demo_objects(),
+        seed,
     })
     .await
     .context("starting the demo stack")?;
@@ -108,12 +127,26 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
         super::stack::SANDBOX_POD,
         super::stack::SANDBOX_SERVICE_ACCOUNT
     );
-    println!("  policy:     deny namespace deletion and secret reads; allow the rest");
+    println!(
+        "  policy:     the shipped baseline (deploy/config/policy.yaml): reads masked, writes in 'default' only, no privileged pods, no namespace deletion"
+    );
     println!("  gateway log: {}\n", log.display());
 
     for args in [
         &["get", "pods"][..],
-        &["get", "secrets"],
+        &[
+            "get",
+            "secret",
+            "db-credentials",
+            "-o",
+            "jsonpath={.data.password}{\"\\n\"}",
+        ],
+        &[
+            "run",
+            "rootkit",
+            "--image=registry.example.com/tools:1",
+            "--privileged",
+        ],
         &["delete", "namespace", "production"],
     ] {
         println!("agent-pod$ kubectl {}", args.join(" "));
@@ -121,7 +154,13 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
             .kubectl(args)
             .await
             .with_context(|| format!("running kubectl {args:?}"))?;
-        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        print!("{}", indent(&stdout));
+        if stdout.trim() == PLACEHOLDER_BASE64 {
+            println!(
+                "  (that is base64 of \"{PLACEHOLDER_TEXT}\": the real password never reached the pod)"
+            );
+        }
         print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
         println!("  (exit code {})\n", out.status.code().unwrap_or(-1));
     }

@@ -46,15 +46,24 @@ fn demo_runs_end_to_end_and_removes_what_it_created() {
         "agent-pod$ kubectl get pods",
         "web-0",
         "Error from server (Forbidden): namespaces \"production\" is forbidden",
+        "no-destructive-deletes",
+        "KiptYXNrZWQgYnkgY2hhcGVyb25lKio=",
+        "the real password never reached the pod",
+        "no-privileged-workloads",
+        "privileged containers are not allowed",
         "0 with the pod's token",
         "agents/cursor-agent-0",
-        "protect-namespaces",
     ] {
         assert!(
             stdout.contains(expected),
             "demo output lacks {expected:?}:\n{stdout}"
         );
     }
+    // The Secret's value ("s3cr3t-Passw0rd", base64 czNjcjN0LVBhc3N3MHJk) is nowhere.
+    assert!(
+        !stdout.contains("czNjcjN0LVBhc3N3MHJk") && !stdout.contains("s3cr3t-Passw0rd"),
+        "the demo shows the secret:\n{stdout}"
+    );
     // The story is not interrupted by log lines; the gateway's log is in the file it names.
     assert!(
         !stdout.contains(" INFO ") && !stdout.contains(" WARN "),
