@@ -3,13 +3,13 @@
 //! official Python client all receive the placeholders, never the original values; the
 //! recordings (read back and queried with DuckDB) hold none of them either.
 
-use std::{
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use base64::Engine as _;
-use chaperone_e2e::privileged;
+use chaperone_e2e::{
+    clients::{kubectl_in_pod, run, text},
+    privileged,
+};
 use chaperone_testkit::stack::{Stack, StackOptions};
 use gateway_userspace::{
     masking::objects::{PLACEHOLDER_BASE64, PLACEHOLDER_TEXT},
@@ -17,8 +17,6 @@ use gateway_userspace::{
 };
 use serde_json::{Value, json};
 use tokio::{io::AsyncReadExt as _, process::Command};
-
-const LIMIT: Duration = Duration::from_secs(60);
 
 /// The values that must never reach the agent or a recording.
 const SECRET_VALUE: &str = "orig-db-password-7f3a";
@@ -90,10 +88,6 @@ fn seed() -> Vec<Value> {
     objects
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn assert_clean(what: &str, out: &str) {
     for original in originals() {
         assert!(
@@ -103,34 +97,9 @@ fn assert_clean(what: &str, out: &str) {
     }
 }
 
-fn kubectl_cmd(stack: &Stack, args: &[&str]) -> (Command, tempfile::TempDir) {
-    let cache = tempfile::tempdir_in(stack.dir()).expect("kubectl cache dir");
-    let mut cmd = Command::from(stack.pod.command("kubectl"));
-    cmd.arg("--cache-dir")
-        .arg(cache.path())
-        .args(args)
-        .env("KUBECONFIG", stack.kubeconfig())
-        .env("HOME", stack.dir())
-        .current_dir(stack.dir())
-        .kill_on_drop(true);
-    (cmd, cache)
-}
-
-async fn run(mut cmd: Command, what: &str) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    match tokio::time::timeout(LIMIT, child.wait_with_output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("{what}: {e}"),
-        Err(_) => panic!("{what} did not finish within {LIMIT:?}"),
-    }
-}
-
 async fn kubectl(stack: &Stack, args: &[&str]) -> String {
-    let (cmd, _cache) = kubectl_cmd(stack, args);
-    let out = run(cmd, &format!("kubectl {args:?}")).await;
+    let (cmd, _cache) = kubectl_in_pod(stack, args, &[]);
+    let out = run(cmd, None, &format!("kubectl {args:?}")).await;
     assert!(
         out.status.success(),
         "kubectl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -235,7 +204,7 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
     );
 
     // A live watch: an event for a secret created while it runs arrives masked.
-    let (mut cmd, _cache) = kubectl_cmd(
+    let (mut cmd, _cache) = kubectl_in_pod(
         &stack,
         &[
             "get",
@@ -245,6 +214,7 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
             "json",
             "--output-watch-events",
         ],
+        &[],
     );
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -303,7 +273,7 @@ print(s.data["password"])
         .env("HOME", stack.dir())
         .current_dir(stack.dir())
         .kill_on_drop(true);
-    let out = run(py, "python read_namespaced_secret").await;
+    let out = run(py, None, "python read_namespaced_secret").await;
     assert!(out.status.success(), "python failed: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), PLACEHOLDER_BASE64);
 

@@ -9,22 +9,22 @@
 //!   masked counts).
 
 use std::{
-    process::{Output, Stdio},
+    process::Stdio,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use chaperone_e2e::privileged;
+use chaperone_e2e::{
+    clients::{kubectl_env, kubectl_in_pod, text},
+    privileged,
+};
 use chaperone_testkit::stack::{Stack, StackOptions};
 use gateway_userspace::{
     proxy::upgrade::{Direction, FrameEvent, FrameSink},
     recorder,
 };
 use serde_json::json;
-use tokio::{
-    io::AsyncReadExt as _,
-    process::{Child, Command},
-};
+use tokio::{io::AsyncReadExt as _, process::Child};
 
 const POD: &str = "keys-0";
 /// Forces kubectl exec onto SPDY (kubectl 1.32 defaults to WebSocket).
@@ -48,10 +48,6 @@ fn pem_key() -> String {
     .concat()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// The stdout payloads the gateway's tap decoded on their way to the client.
 #[derive(Default)]
 struct Frames(Mutex<Vec<u8>>);
@@ -65,39 +61,6 @@ impl FrameSink for Frames {
                 .extend_from_slice(e.payload);
         }
     }
-}
-
-fn kubectl_in_pod(
-    stack: &Stack,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> (Command, tempfile::TempDir) {
-    let cache = tempfile::tempdir_in(stack.dir()).expect("kubectl cache dir");
-    let mut cmd = Command::from(stack.pod.command("kubectl"));
-    // Flags before the caller's arguments: after `--` they belong to the remote command.
-    cmd.arg("--cache-dir")
-        .arg(cache.path())
-        .args(args)
-        .env("KUBECONFIG", stack.kubeconfig())
-        .env("HOME", stack.dir())
-        .current_dir(stack.dir())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    (cmd, cache)
-}
-
-async fn kubectl(stack: &Stack, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let (mut cmd, _cache) = kubectl_in_pod(stack, args, env);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn kubectl");
-    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within 60 s"))
-        .expect("kubectl ran")
 }
 
 /// Reads the child's stdout until `want` shows up (30 s at most).
@@ -190,14 +153,14 @@ async fn kubectl_logs_and_exec_show_credentials_masked() {
         .collect();
     std::fs::write(dir.join("blob.bin"), &blob).expect("write blob.bin");
     for (transport, env) in [("WebSocket", &[][..]), ("SPDY", &[SPDY][..])] {
-        let out = kubectl(&stack, &["exec", POD, "--", "cat", "env.sh"], env).await;
+        let out = kubectl_env(&stack, &["exec", POD, "--", "cat", "env.sh"], env, None).await;
         assert!(out.status.success(), "{transport}: exec cat: {out:?}");
         assert_eq!(
             text(&out.stdout),
             "export GITHUB_TOKEN=**masked:github-token**\nexport MODE=fast\n",
             "{transport}: what kubectl printed"
         );
-        let out = kubectl(&stack, &["exec", POD, "--", "cat", "blob.bin"], env).await;
+        let out = kubectl_env(&stack, &["exec", POD, "--", "cat", "blob.bin"], env, None).await;
         assert!(out.status.success(), "{transport}: exec cat blob: {out:?}");
         assert!(
             out.stdout == blob,
