@@ -107,52 +107,17 @@ impl WsDecoder {
     /// Parses one frame from the buffer: `Ok(None)` = need more bytes; `Ok(Some(None))` =
     /// a fragment was consumed without completing a message.
     fn next_frame(&mut self) -> Result<Option<Option<WsMessage>>, FrameError> {
-        let b = &self.buf;
-        if b.len() < 2 {
+        let Some(head) = WsHead::parse(&self.buf)? else {
             return Ok(None);
-        }
-        let fin = b[0] & 0x80 != 0;
-        if b[0] & 0x70 != 0 {
-            return Err(FrameError::WebSocket(
-                "reserved bits set (a negotiated extension such as permessage-deflate?)".into(),
-            ));
-        }
-        let opcode = b[0] & 0x0f;
-        let masked = b[1] & 0x80 != 0;
-        let (len, mut pos) = match b[1] & 0x7f {
-            126 => {
-                if b.len() < 4 {
-                    return Ok(None);
-                }
-                (u64::from(u16::from_be_bytes([b[2], b[3]])), 4)
-            }
-            127 => {
-                if b.len() < 10 {
-                    return Ok(None);
-                }
-                let mut l = [0u8; 8];
-                l.copy_from_slice(&b[2..10]);
-                (u64::from_be_bytes(l), 10)
-            }
-            n => (u64::from(n), 2),
         };
-        if len > MAX_WS_MESSAGE as u64 {
-            return Err(FrameError::WebSocket(format!(
-                "frame of {len} bytes exceeds the {MAX_WS_MESSAGE}-byte limit"
-            )));
-        }
-        let len = len as usize;
-        let mask = if masked {
-            if b.len() < pos + 4 {
-                return Ok(None);
-            }
-            let m = [b[pos], b[pos + 1], b[pos + 2], b[pos + 3]];
-            pos += 4;
-            Some(m)
-        } else {
-            None
-        };
-        if b.len() < pos + len {
+        let WsHead {
+            fin,
+            opcode,
+            mask,
+            header_len: pos,
+            payload_len: len,
+        } = head;
+        if self.buf.len() < pos + len {
             return Ok(None);
         }
         let mut payload: Vec<u8> = self.buf[pos..pos + len].to_vec();
@@ -664,6 +629,69 @@ pub fn parse_header_block(plain: &[u8]) -> Result<SpdyHeaders, FrameError> {
         headers.push((name.to_ascii_lowercase(), value));
     }
     Ok(headers)
+}
+
+/// The head of one WebSocket frame (RFC 6455 §5.2), as far as both the frame tap and the
+/// output masker need it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WsHead {
+    /// FIN bit.
+    pub(super) fin: bool,
+    /// Opcode.
+    pub(super) opcode: u8,
+    /// The masking key of a client frame.
+    pub(super) mask: Option<[u8; 4]>,
+    /// Bytes before the payload.
+    pub(super) header_len: usize,
+    /// Payload bytes.
+    pub(super) payload_len: usize,
+}
+
+impl WsHead {
+    /// Parses the head at the start of `b`: `None` until it is complete; an error for
+    /// reserved bits (an extension the relay did not negotiate) or a frame over
+    /// [`MAX_WS_MESSAGE`].
+    pub(super) fn parse(b: &[u8]) -> Result<Option<WsHead>, FrameError> {
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        if b[0] & 0x70 != 0 {
+            return Err(FrameError::WebSocket(
+                "reserved bits set (a negotiated extension such as permessage-deflate?)".into(),
+            ));
+        }
+        let (len, mut header_len) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+            127 if b.len() >= 10 => {
+                let mut l = [0u8; 8];
+                l.copy_from_slice(&b[2..10]);
+                (u64::from_be_bytes(l), 10)
+            }
+            126 | 127 => return Ok(None),
+            n => (u64::from(n), 2),
+        };
+        if len > MAX_WS_MESSAGE as u64 {
+            return Err(FrameError::WebSocket(format!(
+                "frame of {len} bytes exceeds the {MAX_WS_MESSAGE}-byte limit"
+            )));
+        }
+        let mask = if b[1] & 0x80 != 0 {
+            let Some(k) = b.get(header_len..header_len + 4) else {
+                return Ok(None);
+            };
+            header_len += 4;
+            Some([k[0], k[1], k[2], k[3]])
+        } else {
+            None
+        };
+        Ok(Some(WsHead {
+            fin: b[0] & 0x80 != 0,
+            opcode: b[0] & 0x0f,
+            mask,
+            header_len,
+            payload_len: len as usize,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::masking::{
 };
 
 use super::{
-    frames::{FrameError, MAX_WS_MESSAGE, SPDY_FLAG_FIN, WsOpcode, spdy_type, ws_encode},
+    frames::{FrameError, MAX_WS_MESSAGE, SPDY_FLAG_FIN, WsHead, WsOpcode, spdy_type, ws_encode},
     upgrade::StreamChannel,
 };
 
@@ -141,42 +141,15 @@ impl OutputMasker {
         let mut pos = 0;
         loop {
             let b = &input[pos..];
-            if b.len() < 2 {
+            let Some(WsHead {
+                fin,
+                opcode,
+                mask: key,
+                header_len: header,
+                payload_len: len,
+            }) = WsHead::parse(b)?
+            else {
                 return Ok(pos);
-            }
-            let fin = b[0] & 0x80 != 0;
-            if b[0] & 0x70 != 0 {
-                return Err(FrameError::WebSocket(
-                    "reserved bits set (a negotiated extension?)".into(),
-                ));
-            }
-            let opcode = b[0] & 0x0f;
-            let masked = b[1] & 0x80 != 0;
-            let (len, mut header) = match b[1] & 0x7f {
-                126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                127 if b.len() >= 10 => {
-                    let mut l = [0u8; 8];
-                    l.copy_from_slice(&b[2..10]);
-                    (u64::from_be_bytes(l), 10)
-                }
-                126 | 127 => return Ok(pos),
-                n => (u64::from(n), 2),
-            };
-            if len > MAX_WS_MESSAGE as u64 {
-                return Err(FrameError::WebSocket(format!(
-                    "frame of {len} bytes exceeds the {MAX_WS_MESSAGE}-byte limit"
-                )));
-            }
-            let len = len as usize;
-            let key = if masked {
-                if b.len() < header + 4 {
-                    return Ok(pos);
-                }
-                let k = [b[header], b[header + 1], b[header + 2], b[header + 3]];
-                header += 4;
-                Some(k)
-            } else {
-                None
             };
             if b.len() < header + len {
                 return Ok(pos);
