@@ -53,6 +53,9 @@ pub struct Metrics {
     pub condition_failures: Counter,
     /// Policy reloads applied and refused.
     pub policy_reload: crate::policy::reload::ReloadMetrics,
+    /// Open watches and exec/attach/port-forward sessions closed because a reloaded policy
+    /// denies them.
+    pub policy_streams_closed: Counter,
     /// Responses that had to be masked and could not be (refused, or a watch ended).
     pub masking_failures: Counter,
 }
@@ -106,6 +109,12 @@ impl Metrics {
             "New policy texts that did not load; the previous policy stayed in force",
             policy_reload.failed.clone(),
         );
+        let policy_streams_closed = Counter::default();
+        registry.register(
+            "policy_streams_closed",
+            "Open watches and exec/attach/port-forward sessions closed because a reloaded policy denies them",
+            policy_streams_closed.clone(),
+        );
         let masking_failures = Counter::default();
         registry.register(
             "masking_failures",
@@ -123,6 +132,7 @@ impl Metrics {
             service_account_mismatches,
             condition_failures,
             policy_reload,
+            policy_streams_closed,
             requests,
             recording_failures,
             connections_rejected,

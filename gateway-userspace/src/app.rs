@@ -239,11 +239,22 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         reads_while_down: cfg.recording.reads_while_down,
     });
     let reloader = match &policy_source {
-        PolicyConfig::File(path) => Some(Arc::new(crate::policy::reload::Reloader::new(
-            path.clone(),
-            proxy.policy.clone(),
-            metrics.policy_reload.clone(),
-        ))),
+        PolicyConfig::File(path) => {
+            let live = proxy.live_streams();
+            let closed = metrics.policy_streams_closed.clone();
+            Some(Arc::new(
+                crate::policy::reload::Reloader::new(
+                    path.clone(),
+                    proxy.policy.clone(),
+                    metrics.policy_reload.clone(),
+                )
+                // Open watches and sessions the new policy denies are closed.
+                .on_applied(move |policy| {
+                    let n = live.recheck(policy);
+                    closed.inc_by(n as u64);
+                }),
+            ))
+        }
         PolicyConfig::AllowAll => None,
     };
     let admin = Arc::new(Admin {

@@ -373,6 +373,70 @@ except ApiException as e:
         text(&out.stderr)
     );
 
+    // Hot reload: an open watch the new policy denies is closed, and the client's attempt
+    // to watch again is refused; the old policy stayed in force until the new one settled.
+    let watcher = r#"
+import sys
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+config.load_kube_config()
+print("WATCHING", flush=True)
+try:
+    for ev in watch.Watch().stream(client.CoreV1Api().list_namespaced_config_map, "default"):
+        print("EVENT", ev["type"], flush=True)
+except ApiException as e:
+    print("STATUS", e.status, flush=True)
+    print(e.body, flush=True)
+"#;
+    ok(
+        &stack,
+        &["create", "configmap", "reload-probe", "--from-literal=a=b"],
+    )
+    .await;
+    let mut cmd = python_in_pod(&stack, watcher);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the python watch");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let read_until =
+        async |out: &mut tokio::process::ChildStdout, seen: &mut Vec<u8>, want: &str| {
+            use tokio::io::AsyncReadExt as _;
+            let mut buf = [0u8; 4096];
+            while !text(seen).contains(want) {
+                let n = out.read(&mut buf).await.expect("read the watch");
+                assert!(n > 0, "the watch ended before {want:?}: {}", text(seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+        };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        read_until(&mut out, &mut seen, "EVENT ADDED"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the watch did not start: {}", text(&seen)));
+    let reloaded = POLICY.replacen(
+        "rules:\n",
+        "rules:\n  - name: no-configmap-watches\n    action: deny\n    message: configmap watches are closed\n    verbs: [watch, list]\n    resources: [configmaps]\n",
+        1,
+    );
+    std::fs::write(stack.dir().join("policy.yaml"), reloaded).expect("rewrite the policy");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        read_until(&mut out, &mut seen, "configmap watches are closed"),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the open watch was not closed by the reload: {}",
+            text(&seen)
+        )
+    });
+    assert!(text(&seen).contains("STATUS 403"), "{}", text(&seen));
+    let _ = child.kill().await;
+
     let stopped = stack.stop().await.expect("stop the stack");
     let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
     let denied: Vec<_> = rows
@@ -381,6 +445,7 @@ except ApiException as e:
         .filter_map(|r| r.policy_rule.clone())
         .collect();
     for rule in [
+        "no-configmap-watches",
         "no-privileged",
         "no-host-access",
         "no-secret-mounts",

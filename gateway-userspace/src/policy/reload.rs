@@ -40,14 +40,26 @@ pub struct ReloadMetrics {
     pub failed: Counter,
 }
 
+/// Called with each newly applied policy (the proxy re-checks its open streams).
+pub type OnApplied = Box<dyn Fn(&Policy) + Send + Sync>;
+
 /// Watches one policy file and swaps the policy in force.
-#[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,
     policy: Arc<ArcSwap<Policy>>,
     metrics: ReloadMetrics,
+    on_applied: Option<OnApplied>,
     /// Why the newest text on disk is not in force; `None` when it is.
     last_error: Mutex<Option<(String, String)>>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("path", &self.path)
+            .field("on_applied", &self.on_applied.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a check found.
@@ -71,8 +83,15 @@ impl Reloader {
             path,
             policy,
             metrics,
+            on_applied: None,
             last_error: Mutex::new(None),
         }
+    }
+
+    /// Calls `f` with every policy applied from now on, after it is in force.
+    pub fn on_applied(mut self, f: impl Fn(&Policy) + Send + Sync + 'static) -> Self {
+        self.on_applied = Some(Box::new(f));
+        self
     }
 
     /// Why the file's current text is not in force, if it is not.
@@ -109,8 +128,12 @@ impl Reloader {
                     digest = %&digest[..12],
                     "policy reloaded"
                 );
-                self.policy.store(Arc::new(policy));
+                let policy = Arc::new(policy);
+                self.policy.store(policy.clone());
                 self.metrics.applied.inc();
+                if let Some(f) = &self.on_applied {
+                    f(&policy);
+                }
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Reload::Applied
             }

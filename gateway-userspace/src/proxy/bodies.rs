@@ -26,6 +26,8 @@ pub(super) struct EndOnDrain {
     pub(super) inner: ProxyBody,
     pub(super) drained: Pin<Box<WaitForCancellationFutureOwned>>,
     pub(super) ended: bool,
+    /// Keeps the stream registered for policy re-checks while the body lives.
+    pub(super) live: Option<Arc<super::live::LiveGuard>>,
 }
 
 impl EndOnDrain {
@@ -34,7 +36,16 @@ impl EndOnDrain {
             inner,
             drained: Box::pin(draining.cancelled_owned()),
             ended: false,
+            live: None,
         }
+    }
+
+    /// Ends on `stop` (the drain, or a reload that denies the stream), keeping the
+    /// stream registered until the body is dropped.
+    pub(super) fn live(inner: ProxyBody, stop: super::live::LiveStop) -> Self {
+        let mut body = Self::new(inner, stop.stop);
+        body.live = Some(stop.guard);
+        body
     }
 }
 

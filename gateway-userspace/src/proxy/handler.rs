@@ -33,6 +33,7 @@ use super::{
     content::RequestContent,
     headers::{sanitize_request_headers, strip_hop_by_hop},
     impersonation::impersonation,
+    live::{LiveRequest, LiveStop},
     masked,
     record::{RecordGuard, recorded_json},
     upgrade,
@@ -278,6 +279,20 @@ impl Proxy {
         if let Some(detectors) = self.stream_masking(&decision) {
             pending.extensions_mut().insert(StreamMasking(detectors));
         }
+        // Long-lived streams are re-checked when the policy reloads.
+        if info.verb == Verb::Watch || matches!(pending, Pending::Upgrade(..)) {
+            let live = self.live.register(
+                LiveRequest {
+                    info: info.clone(),
+                    workload: conn.workload.clone(),
+                    principal: principal.clone(),
+                    exec: exec.clone(),
+                },
+                &self.draining,
+                &audit_id,
+            );
+            pending.extensions_mut().insert(live);
+        }
         match pending {
             Pending::Upgrade(req, protocol) => {
                 self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
@@ -482,6 +497,7 @@ impl Proxy {
         masking: Option<Arc<Masker>>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        let live = parts.extensions.remove::<LiveStop>();
         // Pod logs are masked line by line as they stream (`kubectl logs -f` never ends).
         let mask_log = parts
             .extensions
@@ -616,9 +632,13 @@ impl Proxy {
                     body = MaskedLog::new(body, detectors, masked).boxed();
                 }
                 if watch {
-                    // A watch never ends by itself; on drain it ends cleanly (the client sees
-                    // the end of the stream and re-lists elsewhere) rather than being reset.
-                    body = EndOnDrain::new(body, self.draining.clone()).boxed();
+                    // A watch never ends by itself; on drain, or when a reloaded policy
+                    // denies it, it ends cleanly (the client sees the end of the stream and
+                    // re-lists, and the re-list is decided anew) rather than being reset.
+                    body = match live {
+                        Some(live) => EndOnDrain::live(body, live).boxed(),
+                        None => EndOnDrain::new(body, self.draining.clone()).boxed(),
+                    };
                 }
                 let body = Metered::new(body, guard);
                 Response::from_parts(parts, body.boxed())

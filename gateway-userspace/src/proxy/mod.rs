@@ -17,6 +17,8 @@ mod handler;
 mod headers;
 mod impersonation;
 mod limits;
+mod live;
+pub use live::LiveStreams;
 mod masked;
 mod output_mask;
 mod record;
@@ -73,6 +75,8 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub struct Proxy {
     /// The current policy; replaced atomically on reload (the admin endpoint reads it too).
     pub policy: Arc<ArcSwap<Policy>>,
+    /// Open watches and exec/attach/port-forward sessions, re-checked on policy reload.
+    live: Arc<LiveStreams>,
     upstream: UpstreamClient,
     upstream_base: Uri,
     credential: Option<Arc<UpstreamCredential>>,
@@ -164,6 +168,11 @@ pub struct ConnectionInfo {
 }
 
 impl Proxy {
+    /// The open streams a policy reload re-checks ([`LiveStreams::recheck`]).
+    pub fn live_streams(&self) -> Arc<LiveStreams> {
+        self.live.clone()
+    }
+
     /// Builds the proxy and its upstream connection pool.
     pub fn new(s: ProxySettings) -> Arc<Self> {
         let mut http = HttpConnector::new();
@@ -219,6 +228,7 @@ impl Proxy {
             reads_while_down: s.reads_while_down,
             streams: TaskTracker::new(),
             draining: CancellationToken::new(),
+            live: Arc::default(),
         })
     }
 

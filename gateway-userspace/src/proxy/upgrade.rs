@@ -34,6 +34,7 @@ use super::{
     handler::{StreamMasking, insert_audit_id, upstream_uri},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
+    live::LiveStop,
     record::RecordGuard,
 };
 use crate::{
@@ -771,6 +772,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let mask = req.extensions_mut().remove::<StreamMasking>().map(|m| m.0);
+        let live = req.extensions_mut().remove::<LiveStop>();
         let subresource = record.object_ref.subresource.clone();
         let (mut parts, body) = req.into_parts();
         let query = parts.uri.query().map(str::to_owned);
@@ -886,9 +888,15 @@ impl Proxy {
             insert_audit_id(&mut headers, &audit_id);
         }
         let mut guard = RecordGuard::new(self, record, started, request_bytes);
-        let stop = self.draining.clone();
+        // Ends on the drain, or when a reloaded policy denies the session.
+        let (stop, live_guard) = match live {
+            Some(live) => (live.stop, Some(live.guard)),
+            None => (self.draining.clone(), None),
+        };
+        let draining = self.draining.clone();
         // Tracked so the drain waits for the stream to close and its row to be recorded.
         self.streams.spawn(async move {
+            let _registered = live_guard;
             let tap = Mutex::new(tap);
             let mut error = match (client_upgrade.await, upstream_upgrade.await) {
                 (Ok(client), Ok(upstream)) => {
@@ -898,7 +906,11 @@ impl Proxy {
                 (_, Err(e)) => Some(format!("API server upgrade: {}", error_chain(&e))),
             };
             if error.is_none() && stop.is_cancelled() {
-                error = Some("stream closed by the gateway's shutdown".to_owned());
+                error = Some(if draining.is_cancelled() {
+                    "stream closed by the gateway's shutdown".to_owned()
+                } else {
+                    "stream closed: the reloaded policy denies it".to_owned()
+                });
             }
             let stats = tap
                 .into_inner()

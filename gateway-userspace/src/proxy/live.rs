@@ -1,0 +1,210 @@
+//! Long-lived streams (watches; exec, attach and port-forward sessions) that a policy
+//! reload re-checks: each holds what its decision was made on, and a stop token (a child
+//! of the drain token) that ends it when the new policy denies it.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    identity::{WorkloadIdentity, principal::Principal},
+    policy::{Policy, RequestContext, decide},
+    request::{ExecRequest, RequestInfo},
+};
+
+/// What a stream's decision was made on.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveRequest {
+    pub(crate) info: RequestInfo,
+    pub(crate) workload: WorkloadIdentity,
+    pub(crate) principal: Principal,
+    pub(crate) exec: Option<ExecRequest>,
+}
+
+#[derive(Debug)]
+struct Live {
+    request: LiveRequest,
+    stop: CancellationToken,
+    audit_id: String,
+}
+
+/// The open streams of a proxy.
+#[derive(Debug, Default)]
+pub struct LiveStreams {
+    next: AtomicU64,
+    streams: Mutex<HashMap<u64, Live>>,
+}
+
+/// Keeps a stream registered; dropping it (the stream ended) unregisters it.
+#[derive(Debug)]
+pub(crate) struct LiveGuard {
+    id: u64,
+    registry: Arc<LiveStreams>,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+/// A registered stream's stop token and guard, carried in the request's extensions from
+/// the decision to the code that streams.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveStop {
+    pub(crate) stop: CancellationToken,
+    pub(crate) guard: Arc<LiveGuard>,
+}
+
+impl LiveStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a stream; its stop token is cancelled by the drain (`parent`) or by a
+    /// reload that denies it.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        request: LiveRequest,
+        parent: &CancellationToken,
+        audit_id: &str,
+    ) -> LiveStop {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let stop = parent.child_token();
+        self.lock().insert(
+            id,
+            Live {
+                request,
+                stop: stop.clone(),
+                audit_id: audit_id.to_owned(),
+            },
+        );
+        LiveStop {
+            stop,
+            guard: Arc::new(LiveGuard {
+                id,
+                registry: self.clone(),
+            }),
+        }
+    }
+
+    /// Number of open streams.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides every open stream again with `policy` and stops those it no longer allows;
+    /// returns how many were stopped.
+    pub fn recheck(&self, policy: &Policy) -> usize {
+        let streams = self.lock();
+        let mut stopped = 0;
+        for live in streams.values() {
+            if live.stop.is_cancelled() {
+                continue;
+            }
+            let r = &live.request;
+            let ctx = RequestContext::new(&r.info)
+                .with_workload(&r.workload)
+                .with_principal(&r.principal)
+                .with_exec(r.exec.as_ref(), false);
+            let decision = decide(policy, &ctx);
+            if !decision.is_allowed() {
+                tracing::warn!(
+                    audit_id = %live.audit_id,
+                    verb = %r.info.verb,
+                    resource = %r.info.resource_with_subresource(),
+                    reason = %decision.reason(),
+                    "the reloaded policy denies an open stream; closing it"
+                );
+                live.stop.cancel();
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Method, Uri};
+
+    use super::*;
+
+    fn live(method: &str, uri: &str) -> LiveRequest {
+        let uri: Uri = uri.parse().expect("uri");
+        let info = RequestInfo::parse(&Method::from_bytes(method.as_bytes()).expect("m"), &uri)
+            .expect("request");
+        let exec = matches!(info.subresource.as_str(), "exec" | "attach")
+            .then(|| ExecRequest::from_uri(&uri));
+        LiveRequest {
+            info,
+            workload: WorkloadIdentity::default(),
+            principal: Principal::anonymous(),
+            exec,
+        }
+    }
+
+    fn policy(rules: &str) -> Policy {
+        Policy::from_yaml(
+            &format!(
+                "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n{rules}"
+            ),
+            "p.yaml",
+        )
+        .expect("policy")
+    }
+
+    #[test]
+    fn a_reload_stops_the_streams_it_denies_and_only_those() {
+        let registry = Arc::new(LiveStreams::default());
+        let drain = CancellationToken::new();
+        let watch = registry.register(
+            live("GET", "/api/v1/namespaces/default/secrets?watch=true"),
+            &drain,
+            "a",
+        );
+        let shell = registry.register(
+            live(
+                "GET",
+                "/api/v1/namespaces/default/pods/p/exec?command=sh&stdin=true&tty=true",
+            ),
+            &drain,
+            "b",
+        );
+        let pods = registry.register(
+            live("GET", "/api/v1/namespaces/default/pods?watch=true"),
+            &drain,
+            "c",
+        );
+        assert_eq!(registry.len(), 3);
+        assert_eq!(registry.recheck(&policy("")), 0, "allow-all stops nothing");
+        let stricter = policy(
+            "  - name: no-secrets\n    action: deny\n    verbs: [watch]\n    resources: [secrets]\n  - name: no-shells\n    action: deny\n    verbs: ['*']\n    resources: [pods/exec]\n    exec: {interactive: true}\n",
+        );
+        assert_eq!(registry.recheck(&stricter), 2);
+        assert!(watch.stop.is_cancelled() && shell.stop.is_cancelled());
+        assert!(!pods.stop.is_cancelled(), "an allowed stream stays open");
+        assert!(!drain.is_cancelled(), "the drain is not touched");
+        assert_eq!(
+            registry.recheck(&stricter),
+            0,
+            "a stopped stream is not counted twice"
+        );
+
+        drop((watch, shell));
+        assert_eq!(registry.len(), 1, "ended streams unregister");
+        drain.cancel();
+        assert!(pods.stop.is_cancelled(), "the drain stops every stream");
+    }
+}
