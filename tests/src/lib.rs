@@ -34,3 +34,19 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The path of a command-line tool from the Python tools environment that `cargo xtask
+/// test` installs (moto's S3-compatible `moto_server`, `asciinema`): `$CHAPERONE_PYTOOLS/bin`,
+/// by default `~/.cache/chaperone-pytools/bin`. Kept apart from the client libraries
+/// because their dependency pins conflict.
+pub fn python_tool(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("CHAPERONE_PYTOOLS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| "/root".into())
+                .join(".cache/chaperone-pytools")
+        });
+    dir.join("bin").join(name)
+}

@@ -272,18 +272,39 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn ensure_python_packages() -> anyhow::Result<()> {
-    if succeeds(Command::new("python3").args(["-c", "import duckdb, pyarrow, kubernetes"])) {
+    if !succeeds(Command::new("python3").args(["-c", "import duckdb, pyarrow, pandas, kubernetes"]))
+    {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "duckdb",
+            "pyarrow",
+            "pandas",
+            "kubernetes",
+        ]))?;
+    }
+    ensure_python_tools()
+}
+
+/// The directory of the Python virtual environment holding the command-line tools the
+/// tests run as separate processes (moto's S3-compatible server, asciinema). They live
+/// apart from the client libraries because their pins conflict (botocore wants an older
+/// python-dateutil than the Kubernetes client). Tests find it through
+/// `CHAPERONE_PYTOOLS` (set by `cargo xtask test`) or this default.
+fn python_tools_dir() -> PathBuf {
+    home().join(".cache/chaperone-pytools")
+}
+
+fn ensure_python_tools() -> anyhow::Result<()> {
+    let dir = python_tools_dir();
+    let bin = dir.join("bin");
+    if bin.join("moto_server").exists() && bin.join("asciinema").exists() {
         return Ok(());
     }
-    run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "duckdb",
-        "pyarrow",
-        "kubernetes",
-    ]))
+    run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    run(Command::new(bin.join("pip")).args(["install", "--quiet", "moto[server]", "asciinema"]))
 }
 
 fn home() -> PathBuf {
