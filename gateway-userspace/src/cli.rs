@@ -81,6 +81,9 @@ pub enum Command {
         #[arg(long = "policy")]
         policies: Vec<PathBuf>,
     },
+    /// Print the CustomResourceDefinition of Chaperone's `AccessRequest` resource (the one
+    /// shipped in deploy/crds/), generated from the gateway's own types.
+    Crd,
 }
 
 /// `chaperone policy` subcommands.
@@ -114,6 +117,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { admin, json } => status(admin, json).await,
+        Command::Crd => {
+            print!("{}", crate::approval::resource::crd_yaml()?);
+            Ok(())
+        }
         Command::Policy {
             command: PolicyCommand::Test { policy, fixtures },
         } => policy_test(&policy, &fixtures),
