@@ -463,7 +463,22 @@ fn print_bench_summary(target: &Path) {
     }
     if let (Some(n), Some(c)) = (http("nginx", "rps"), http("chaperone", "rps")) {
         println!(
-            "  throughput at 64 connections: chaperone {c:.0} req/s = {:.0}% of nginx's {n:.0}   (target: >= 80%)",
+            "  throughput at 64 connections: chaperone {c:.0} req/s = {:.0}% of nginx's {n:.0}   (target: >= 100%)",
+            100.0 * c / n
+        );
+    }
+    if let (Some(n), Some(c)) = (
+        http("nginx", "cpu_us_per_req"),
+        http("chaperone", "cpu_us_per_req"),
+    ) {
+        println!(
+            "  CPU per request: chaperone {c:.1} us, nginx {n:.1} us = {:.0}%   (target: <= nginx's)",
+            100.0 * c / n
+        );
+    }
+    if let (Some(n), Some(c)) = (http("nginx", "rps_c16"), http("chaperone", "rps_c16")) {
+        println!(
+            "  throughput at 16 connections: chaperone {c:.0} req/s = {:.0}% of nginx's {n:.0}   (target: >= 100%)",
             100.0 * c / n
         );
     }

@@ -10,7 +10,14 @@
 //!
 //! Latency comes from `h2load --log-file` (one row per request with its duration in
 //! microseconds) at one connection and one stream; throughput is h2load's req/s over a
-//! timed run with C connections of one stream each.
+//! timed run with C connections of one stream each. CPU per request is the user + system
+//! time (`/proc/<pid>/stat`) the target's own processes spend on a fixed number of
+//! requests at 16 connections: the API test server's for `direct`, nginx's master and
+//! workers', the gateway's. It does not depend on how busy the machine is, so it is the
+//! figure to optimise; latency and throughput move with the neighbours.
+//!
+//! Every figure is printed as the median with its spread over the passes (min-max), and
+//! `summary.json` keeps each pass's values under `passes`, so an unstable figure shows.
 
 use std::{
     io::Read as _,
@@ -37,6 +44,8 @@ const LATENCY_REQUESTS: usize = 3000;
 const THROUGHPUT_SECONDS: u32 = 5;
 /// Alternating passes over the three targets; each figure is the median over passes.
 const PASSES: usize = 3;
+/// Requests of each CPU-time run (16 connections, one stream each).
+const CPU_REQUESTS: usize = 20_000;
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: Policy
 default: allow
@@ -314,11 +323,13 @@ http {{
     Ok((nginx, addr))
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Target {
     name: &'static str,
     addr: SocketAddr,
     token: &'static str,
+    /// The processes whose CPU time is the target's cost.
+    pids: Vec<u32>,
 }
 
 fn h2load(target: &Target, extra: &[String]) -> anyhow::Result<String> {
@@ -432,6 +443,60 @@ fn throughput(target: &Target, clients: u32) -> anyhow::Result<f64> {
         .with_context(|| format!("no req/s in h2load's output:\n{text}"))
 }
 
+/// User + system CPU time (clock ticks) of a process, all its threads included, dead ones
+/// too (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let field = |n: usize| -> anyhow::Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no field {n} in /proc/{pid}/stat"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+fn clock_ticks_per_second() -> anyhow::Result<f64> {
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")
+}
+
+/// CPU time (us) the target's processes spend per request over [`CPU_REQUESTS`] requests
+/// at 16 connections.
+fn cpu_per_request(target: &Target, ticks_per_second: f64) -> anyhow::Result<f64> {
+    let total = |pids: &[u32]| -> anyhow::Result<u64> {
+        pids.iter()
+            .map(|&p| cpu_ticks(p))
+            .sum::<anyhow::Result<u64>>()
+    };
+    let before = total(&target.pids)?;
+    h2load(
+        target,
+        &["-c16".into(), "-m1".into(), format!("-n{CPU_REQUESTS}")],
+    )?;
+    let after = total(&target.pids)?;
+    Ok((after - before) as f64 / ticks_per_second * 1e6 / CPU_REQUESTS as f64)
+}
+
+/// nginx's master process and its workers.
+fn nginx_pids(master: u32) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+        .unwrap_or_default();
+    std::iter::once(master)
+        .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect()
+}
+
 /// `VmRSS` and `VmHWM` (KiB) of a process.
 fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -447,27 +512,51 @@ fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
 
 /// Summed `VmRSS` (KiB) of nginx's master and its workers.
 fn nginx_rss_kib(master: u32) -> u64 {
-    let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
-        .unwrap_or_default();
-    std::iter::once(master)
-        .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+    nginx_pids(master)
+        .into_iter()
         .filter_map(|pid| rss_kib(pid).ok())
         .map(|(rss, _)| rss)
         .sum()
 }
 
+/// One target's figures, one value per pass.
 #[derive(Debug, Default, Clone)]
 struct Figures {
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
     rps_c16: Vec<f64>,
     rps_c64: Vec<f64>,
+    cpu_us: Vec<f64>,
+}
+
+impl Figures {
+    /// (summary.json key, per-pass values), in the table's column order.
+    fn columns(&self) -> [(&'static str, &[f64]); 5] {
+        [
+            ("p50_us", &self.p50_us),
+            ("p99_us", &self.p99_us),
+            ("rps_c16", &self.rps_c16),
+            ("rps", &self.rps_c64),
+            ("cpu_us_per_req", &self.cpu_us),
+        ]
+    }
 }
 
 fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `median [min-max]` of per-pass values.
+fn spread(xs: &[f64]) -> String {
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if xs.len() > 1 {
+        format!("{:.0} [{min:.0}-{max:.0}]", median(xs))
+    } else {
+        format!("{:.0}", median(xs))
+    }
 }
 
 /// Starts the upstream and the gateway as in a run, prints where they listen and their
@@ -529,18 +618,22 @@ fn orchestrate() -> anyhow::Result<()> {
             name: "direct",
             addr: upstream_addr,
             token: TOKEN,
+            pids: vec![upstream.child.id()],
         },
         Target {
             name: "nginx",
             addr: nginx_addr,
             token: TOKEN,
+            pids: nginx_pids(nginx.child.id()),
         },
         Target {
             name: "chaperone",
             addr: gateway_addr,
             token: POD_TOKEN,
+            pids: vec![gateway_pid],
         },
     ];
+    let ticks_per_second = clock_ticks_per_second()?;
     let mut figures = vec![Figures::default(); targets.len()];
     for pass in 1..=PASSES {
         for (t, f) in targets.iter().zip(figures.iter_mut()) {
@@ -550,12 +643,14 @@ fn orchestrate() -> anyhow::Result<()> {
             f.p99_us.push(p99);
             f.rps_c16.push(throughput(t, 16)?);
             f.rps_c64.push(throughput(t, 64)?);
+            f.cpu_us.push(cpu_per_request(t, ticks_per_second)?);
             eprintln!(
-                "http_bench:   p50 {:.0} us, p99 {:.0} us, c16 {:.0} req/s, c64 {:.0} req/s",
+                "http_bench:   p50 {:.0} us, p99 {:.0} us, c16 {:.0} req/s, c64 {:.0} req/s, cpu {:.0} us/req",
                 p50,
                 p99,
                 f.rps_c16.last().copied().unwrap_or_default(),
-                f.rps_c64.last().copied().unwrap_or_default()
+                f.rps_c64.last().copied().unwrap_or_default(),
+                f.cpu_us.last().copied().unwrap_or_default(),
             );
         }
     }
@@ -565,36 +660,29 @@ fn orchestrate() -> anyhow::Result<()> {
     gateway.stop()?;
     upstream.stop()?;
 
-    let m: Vec<[f64; 4]> = figures
-        .iter()
-        .map(|f| {
-            [
-                median(&f.p50_us),
-                median(&f.p99_us),
-                median(&f.rps_c16),
-                median(&f.rps_c64),
-            ]
-        })
-        .collect();
-    let [direct, ngx, chap] = [m[0], m[1], m[2]];
+    let med = |f: &Figures| f.columns().map(|(_, xs)| median(xs));
+    let [direct, ngx, chap] = [med(&figures[0]), med(&figures[1]), med(&figures[2])];
     println!(
-        "GET {PATH} over TLS + HTTP/2, median of {PASSES} passes \
-         (latency: h2load -c1 -m1 -n{LATENCY_REQUESTS} --log-file; throughput: h2load -cN -m1 -D{THROUGHPUT_SECONDS})"
+        "GET {PATH} over TLS + HTTP/2; median [min-max] of {PASSES} passes \
+         (latency: h2load -c1 -m1 -n{LATENCY_REQUESTS} --log-file; throughput: h2load -cN -m1 -D{THROUGHPUT_SECONDS}; \
+         CPU: user + system time of the target's processes over h2load -c16 -m1 -n{CPU_REQUESTS})"
     );
     println!(
-        "  {:<10} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11}",
-        "target", "p50 us", "p99 us", "+p50 us", "+p99 us", "req/s c16", "req/s c64"
+        "  {:<10} {:>18} {:>18} {:>9} {:>9} {:>22} {:>22} {:>16}",
+        "target", "p50 us", "p99 us", "+p50 us", "+p99 us", "req/s c16", "req/s c64", "cpu us/req"
     );
-    for (t, f) in targets.iter().zip(&m) {
+    for (t, f) in targets.iter().zip(&figures) {
+        let m = med(f);
         println!(
-            "  {:<10} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>11.0} {:>11.0}",
+            "  {:<10} {:>18} {:>18} {:>9.0} {:>9.0} {:>22} {:>22} {:>16}",
             t.name,
-            f[0],
-            f[1],
-            f[0] - direct[0],
-            f[1] - direct[1],
-            f[2],
-            f[3]
+            spread(&f.p50_us),
+            spread(&f.p99_us),
+            m[0] - direct[0],
+            m[1] - direct[1],
+            spread(&f.rps_c16),
+            spread(&f.rps_c64),
+            spread(&f.cpu_us),
         );
     }
     // Noise can make nginx's added latency zero or negative; a ratio then means nothing.
@@ -607,35 +695,55 @@ fn orchestrate() -> anyhow::Result<()> {
         }
     };
     println!(
-        "  chaperone / nginx: added p50 {}, added p99 {}, throughput c16 {:.0}%, c64 {:.0}%",
+        "  chaperone / nginx: added p50 {}, added p99 {}, throughput c16 {:.0}%, c64 {:.0}%, CPU per request {:.0}%",
         ratio(0),
         ratio(1),
         100.0 * chap[2] / ngx[2],
-        100.0 * chap[3] / ngx[3]
+        100.0 * chap[3] / ngx[3],
+        100.0 * chap[4] / ngx[4],
     );
     println!(
         "  chaperone RSS: {idle_rss} KiB idle, {rss} KiB after the runs (peak {hwm} KiB); \
          nginx (master + workers): {nginx_rss} KiB"
     );
 
-    let entry = |f: [f64; 4]| {
-        serde_json::json!({
-            "p50_us": f[0].round(),
-            "p99_us": f[1].round(),
-            "rps": f[3].round(),
-            "rps_c16": f[2].round(),
-        })
+    let entry = |f: &Figures| {
+        let mut medians = serde_json::Map::new();
+        let mut passes = serde_json::Map::new();
+        for (key, xs) in f.columns() {
+            let m = median(xs);
+            // One decimal for CPU time (tens of us), whole units for the rest.
+            let rounded = if key == "cpu_us_per_req" {
+                (m * 10.0).round() / 10.0
+            } else {
+                m.round()
+            };
+            medians.insert(key.into(), rounded.into());
+            passes.insert(key.into(), xs.to_vec().into());
+        }
+        (
+            serde_json::Value::Object(medians),
+            serde_json::Value::Object(passes),
+        )
     };
-    let mut chaperone = entry(chap);
+    let (direct_entry, direct_passes) = entry(&figures[0]);
+    let (mut nginx_entry, nginx_passes) = entry(&figures[1]);
+    let (mut chaperone, chaperone_passes) = entry(&figures[2]);
     chaperone["rss_kib"] = rss.into();
     chaperone["rss_peak_kib"] = hwm.into();
     chaperone["rss_idle_kib"] = idle_rss.into();
-    let mut nginx_entry = entry(ngx);
     nginx_entry["rss_kib"] = nginx_rss.into();
+    // `passes` sorts after the targets, so a reader scanning for a target's first `rps`
+    // meets the median, not a per-pass list.
     let summary = serde_json::json!({
-        "direct": entry(direct),
+        "direct": direct_entry,
         "nginx": nginx_entry,
         "chaperone": chaperone,
+        "passes": {
+            "direct": direct_passes,
+            "nginx": nginx_passes,
+            "chaperone": chaperone_passes,
+        },
     });
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
