@@ -223,7 +223,11 @@
 //!   `**masked by chaperone**`.
 //! * The credential detectors run over every other string value, `Table` cells included.
 //!
-//! A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
+//! A client that accepts protobuf (client-go's typed clients send
+//! `application/vnd.kubernetes.protobuf, application/json`) gets the masked JSON: for a
+//! masked request the gateway asks the API server for JSON only (protobuf entries of `Accept`
+//! become JSON with the same parameters, so `as=Table` stays), and clients decode by the
+//! response's `Content-Type`. A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
 //! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
 //! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
 //! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
