@@ -199,3 +199,124 @@ impl StdinGuard {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::{
+        frames::WsDecoder,
+        upgrade::{Direction, StreamTap},
+    };
+
+    fn rules() -> Arc<StdinLineRules> {
+        let policy = crate::policy::Policy::from_yaml(
+            "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: shells\n    action: allow\n    verbs: [create, get]\n    resources: [pods/exec]\n    exec: {stdinLines: {deny: ['rm\\s+-rf']}}\n",
+            "t.yaml",
+        )
+        .expect("policy");
+        let uri: http::Uri = "/api/v1/namespaces/d/pods/p/exec?command=sh&stdin=true&tty=true"
+            .parse()
+            .expect("uri");
+        let info = crate::request::RequestInfo::parse(&http::Method::POST, &uri).expect("info");
+        let exec = crate::request::ExecRequest::from_uri(&uri);
+        crate::policy::decide(
+            &policy,
+            &crate::policy::RequestContext::new(&info).with_exec(Some(&exec), false),
+        )
+        .stdin_lines
+        .expect("line rules")
+    }
+
+    fn stdin_message(text: &str) -> Vec<u8> {
+        let mut payload = b"0".to_vec();
+        payload.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(text)
+                .as_bytes(),
+        );
+        ws_encode(WsOpcode::Text, &payload, Some([1, 2, 3, 4]))
+    }
+
+    /// The base64 WebSocket protocol with a tty (no stderr stream): typed keystrokes are
+    /// edited, a matching line is held back and the client gets the reason on stdout and a
+    /// Failure Status on the error channel, then a Close.
+    #[test]
+    fn a_tty_session_over_base64_websocket_is_closed_on_a_matching_line() {
+        let framing = TapFraming::WebSocketChannels {
+            base64: true,
+            ports: None,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            http::HeaderValue::from_static("base64.v4.channel.k8s.io"),
+        );
+        let shape = SessionShape::new(Some("command=sh&stdin=true&tty=true&stdout=true"), &headers);
+        assert_eq!(
+            shape,
+            SessionShape {
+                tty: true,
+                stderr: false,
+                status_json: true
+            }
+        );
+        let mut tap = StreamTap::new("a", framing, None)
+            .with_stdin_lines(rules(), shape)
+            .expect("readable stdin");
+        // Typed one key at a time, with a typo fixed: nothing matches until Enter.
+        for key in ["r", "m", " ", "-", "r", "x", "\x7f", "f", " ", "/"] {
+            tap.pass(Direction::ToServer, &stdin_message(key))
+                .expect("passes");
+            assert_eq!(tap.stdin_violation(), None, "after {key:?}");
+        }
+        tap.pass(Direction::ToServer, &stdin_message("\r"))
+            .expect("passes");
+        let why = tap.stdin_violation().expect("the line matched").to_owned();
+        assert!(
+            why.contains("rule \"shells\"") && why.contains("stdinLines.deny[0]"),
+            "{why}"
+        );
+        assert_eq!(tap.closing_frames(Direction::ToServer), None);
+        let frames = tap.closing_frames(Direction::ToClient).expect("frames");
+        let messages = WsDecoder::new().feed(&frames).expect("valid frames");
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        let decode = |m: &crate::proxy::frames::WsMessage| {
+            assert_eq!(m.opcode, WsOpcode::Text);
+            (
+                m.payload[0],
+                String::from_utf8(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(&m.payload[1..])
+                        .expect("base64"),
+                )
+                .expect("utf-8"),
+            )
+        };
+        let (channel, text) = decode(&messages[0]);
+        assert_eq!(channel, b'1', "stdout: a tty session has no stderr");
+        assert_eq!(text, format!("\r\nchaperone: {why}\r\n"));
+        let (channel, status) = decode(&messages[1]);
+        assert_eq!(channel, b'3');
+        let status: serde_json::Value = serde_json::from_str(&status).expect("a Status");
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["reason"], "Forbidden");
+        assert_eq!(messages[2].opcode, WsOpcode::Close);
+    }
+
+    #[test]
+    fn port_forward_and_opaque_streams_cannot_carry_line_rules() {
+        for framing in [
+            TapFraming::Opaque,
+            TapFraming::WebSocketSpdyTunnel,
+            TapFraming::WebSocketChannels {
+                base64: false,
+                ports: Some(vec![80]),
+            },
+        ] {
+            assert!(StdinGuard::new(rules(), &framing, SessionShape::default()).is_err());
+        }
+        // Before v4 the error channel carries text, not a Status.
+        let shape = SessionShape::new(None, &HeaderMap::new());
+        assert!(!shape.status_json);
+    }
+}
