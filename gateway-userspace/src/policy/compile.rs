@@ -801,8 +801,17 @@ pub(super) fn compile_content(
                     "an exec selector applies to resources pods/exec and pods/attach only; list those in 'resources'",
                 ));
             }
-            Some(ExecCond::compile(raw).map_err(|e| {
+            if raw.stdin_lines.is_some() && rule.action == Action::Deny {
+                return Err(invalid(
+                    at(&[Seg::Key("exec"), Seg::Key("stdinLines")]),
+                    "stdin line rules apply to sessions a rule allows (action: allow or mask), not to a deny rule",
+                ));
+            }
+            Some(ExecCond::compile(raw, &rule.name).map_err(|e| {
                 let mut path = vec![Seg::Key("exec"), Seg::Key(e.key)];
+                if let Some(sub) = e.sub {
+                    path.push(Seg::Key(sub));
+                }
                 if let Some(i) = e.index {
                     path.push(Seg::Index(i));
                 }

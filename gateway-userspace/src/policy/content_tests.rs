@@ -275,6 +275,104 @@ rules:
 }
 
 #[test]
+fn stdin_line_rules_travel_with_allowed_sessions_and_accumulate() {
+    let p = load(
+        r#"
+default: deny
+rules:
+  - name: no-secrets-typed
+    action: mask
+    verbs: [create, get]
+    resources: [pods/exec]
+    exec: {stdinLines: {deny: ['cat\s+/etc/shadow']}}
+  - name: no-rm
+    action: deny
+    verbs: [create, get]
+    resources: [pods/exec]
+    exec: {commands: ["rm -rf *"]}
+  - name: shells
+    action: allow
+    verbs: [create, get]
+    resources: [pods/exec]
+    exec:
+      interactive: true
+      stdinLines: {deny: ['rm\s+-r', '^\s*curl '], message: no destructive commands}
+"#,
+    );
+    let decide_exec = |uri: &str| {
+        let (info, uri) = request("POST", uri);
+        let exec = ExecRequest::from_uri(&uri);
+        let ctx = RequestContext::new(&info).with_exec(Some(&exec), false);
+        decide(&p, &ctx)
+    };
+    let base = "/api/v1/namespaces/default/pods/p/exec?container=app&stdout=true";
+    let shell = decide_exec(&format!("{base}&command=sh&stdin=true"));
+    assert_eq!(shell.action, Action::Mask);
+    let rules = shell.stdin_lines.expect("line rules for the shell");
+    assert_eq!(
+        rules
+            .rule_names()
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>(),
+        ["no-secrets-typed", "shells"],
+        "mask rules' line rules accumulate with the deciding rule's"
+    );
+    let v = rules.check("rm -rf /tmp/x").expect("matches");
+    assert_eq!((&*v.rule, v.index), ("shells", 0));
+    assert!(
+        v.reason().contains("no destructive commands"),
+        "{}",
+        v.reason()
+    );
+    assert_eq!(
+        rules
+            .check("cat /etc/shadow")
+            .map(|v| v.rule.to_string())
+            .as_deref(),
+        Some("no-secrets-typed")
+    );
+    assert!(rules.check("ls -la").is_none());
+    // A denied request carries none; a non-interactive allowed one only the mask rule's.
+    let denied = decide_exec(&format!("{base}&command=rm&command=-rf&command=%2F"));
+    assert_eq!((denied.action, denied.stdin_lines), (Action::Deny, None));
+    let (info, _) = request("GET", "/api/v1/namespaces/default/pods");
+    assert_eq!(decide(&p, &RequestContext::new(&info)).stdin_lines, None);
+}
+
+#[test]
+fn bad_stdin_line_rules_are_load_errors() {
+    for (action, field, want) in [
+        (
+            "deny",
+            "exec: {stdinLines: {deny: [x]}}",
+            "policy.yaml:9:24: rules[0].exec.stdinLines: stdin line rules apply to sessions a rule allows",
+        ),
+        (
+            "allow",
+            "exec: {stdinLines: {deny: [ok, '(']}}",
+            "rules[0].exec.stdinLines.deny[1]: invalid regex",
+        ),
+        (
+            "allow",
+            "exec: {stdinLines: {deny: []}}",
+            "rules[0].exec.stdinLines.deny: lists no pattern",
+        ),
+        (
+            "allow",
+            "exec: {stdinLines: {denied: [x]}}",
+            "rules[0].exec.stdinLines: unknown field 'denied'",
+        ),
+    ] {
+        let body = format!(
+            "default: allow\nrules:\n  - name: r\n    action: {action}\n    verbs: ['*']\n    resources: [pods/exec]\n    {field}\n"
+        );
+        let e = policy(&body).expect_err(field).to_string();
+        assert!(e.contains(want), "{field}: {e}");
+    }
+}
+
+#[test]
 fn loops_over_parts_of_elements_are_amortized_and_pod_spec_finds_templates() {
     // Secret references in env of every container: a loop inside a loop over the parts of
     // each element, which visits each env entry once in total.
@@ -320,6 +418,7 @@ rules:
                 rule: (want == Action::Deny).then(|| Arc::from("no-secret-env")),
                 message: None,
                 masking: None,
+                stdin_lines: None,
             }),
             "secret={secret}"
         );

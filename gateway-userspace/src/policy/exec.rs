@@ -1,9 +1,11 @@
 //! Exec and attach conditions: a rule's `exec:` block, matched against the command, the
 //! container and the stdin/tty flags of a `pods/exec` or `pods/attach` request.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
-use super::model::RawExec;
+use super::{model::RawExec, stdin::StdinLineRules};
 use crate::request::ExecRequest;
 
 /// Shells whose `-c SCRIPT` is matched as a command of its own.
@@ -17,19 +19,24 @@ pub(super) struct ExecCond {
     regexes: Box<[Regex]>,
     interactive: Option<bool>,
     containers: Option<Box<[Glob]>>,
+    /// `stdinLines`: applied to the session when the rule allows it.
+    pub(super) stdin_lines: Option<Arc<StdinLineRules>>,
 }
 
 /// Where in an `exec:` block a value was wrong, and why.
 pub(super) struct ExecError {
     pub(super) key: &'static str,
+    /// A key under `key` (`stdinLines.deny`).
+    pub(super) sub: Option<&'static str>,
     pub(super) index: Option<usize>,
     pub(super) message: String,
 }
 
 impl ExecCond {
-    pub(super) fn compile(raw: &RawExec) -> Result<ExecCond, ExecError> {
+    pub(super) fn compile(raw: &RawExec, rule: &str) -> Result<ExecCond, ExecError> {
         let err = |key, index, message: String| ExecError {
             key,
+            sub: None,
             index,
             message,
         };
@@ -80,12 +87,34 @@ impl ExecCond {
                 "must not be empty; omit the key instead".to_owned(),
             ));
         }
+        let stdin_lines = match &raw.stdin_lines {
+            None => None,
+            Some(lines) if lines.deny.is_empty() => {
+                return Err(ExecError {
+                    key: "stdinLines",
+                    sub: Some("deny"),
+                    index: None,
+                    message: "lists no pattern; omit stdinLines instead".to_owned(),
+                });
+            }
+            Some(lines) => Some(Arc::new(
+                StdinLineRules::compile(rule, &lines.deny, lines.message.as_deref()).map_err(
+                    |(i, message)| ExecError {
+                        key: "stdinLines",
+                        sub: Some("deny"),
+                        index: Some(i),
+                        message,
+                    },
+                )?,
+            )),
+        };
         Ok(ExecCond {
             commands,
             programs,
             regexes,
             interactive: raw.interactive,
             containers,
+            stdin_lines,
         })
     }
 
@@ -244,7 +273,7 @@ mod tests {
 
     fn cond(yaml: &str) -> ExecCond {
         let raw: RawExec = serde_norway::from_str(yaml).expect("raw exec");
-        ExecCond::compile(&raw).unwrap_or_else(|e| panic!("{}: {}", e.key, e.message))
+        ExecCond::compile(&raw, "r").unwrap_or_else(|e| panic!("{}: {}", e.key, e.message))
     }
 
     #[test]
@@ -297,9 +326,11 @@ mod tests {
             ("commands: []", "commands"),
             ("commandRegexes: ['(']", "commandRegexes"),
             ("containers: ['']", "containers"),
+            ("stdinLines: {deny: []}", "stdinLines"),
+            ("stdinLines: {deny: ['[']}", "stdinLines"),
         ] {
             let raw: RawExec = serde_norway::from_str(yaml).expect("raw exec");
-            let e = ExecCond::compile(&raw).expect_err(yaml);
+            let e = ExecCond::compile(&raw, "r").expect_err(yaml);
             assert_eq!(e.key, key, "{yaml}: {}", e.message);
         }
     }

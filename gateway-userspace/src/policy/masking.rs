@@ -49,7 +49,7 @@ impl MaskHits {
         }
     }
 
-    fn as_slice(&self) -> &[u32] {
+    pub(super) fn as_slice(&self) -> &[u32] {
         if self.more.is_empty() {
             &self.inline[..self.len]
         } else {

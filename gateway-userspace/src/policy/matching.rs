@@ -194,6 +194,7 @@ impl Guards {
             rule: Some(rule.clone()),
             message: Some(Arc::from(message)),
             masking: None,
+            stdin_lines: None,
         };
         if let Some(rule) = &self.invalid_tokens
             && principal.kind == PrincipalKind::Invalid

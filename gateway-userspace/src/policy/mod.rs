@@ -181,6 +181,11 @@
 //! command line assembled at run time (a script that builds `rm` from pieces) is not seen by
 //! any pattern: deny interactive sessions to rule that out.
 //!
+//! An `allow` or `mask` rule's `exec` may also carry `stdinLines: {deny: [regex...],
+//! message}`: line rules over what an allowed session types on stdin. A matching line closes
+//! the stream with the reason on the client's stderr and error channel; see "Stdin line
+//! rules" below, which also says why this is best effort.
+//!
 //! # Masking
 //!
 //! A rule with `action: mask` allows the request and masks the response the agent
@@ -218,7 +223,11 @@
 //!   `**masked by chaperone**`.
 //! * The credential detectors run over every other string value, `Table` cells included.
 //!
-//! A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
+//! A client that accepts protobuf (client-go's typed clients send
+//! `application/vnd.kubernetes.protobuf, application/json`) gets the masked JSON: for a
+//! masked request the gateway asks the API server for JSON only (protobuf entries of `Accept`
+//! become JSON with the same parameters, so `as=Table` stays), and clients decode by the
+//! response's `Content-Type`. A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
 //! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
 //! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
 //! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
@@ -258,6 +267,7 @@ mod masking;
 mod matching;
 mod model;
 pub mod reload;
+pub mod stdin;
 #[cfg(test)]
 mod tests;
 
@@ -271,6 +281,7 @@ use load::*;
 use masking::*;
 use matching::*;
 use model::*;
+pub use stdin::{LineViolation, StdinLineRules, StdinLineWatcher};
 
 /// The `apiVersion` a policy document must declare.
 pub const API_VERSION: &str = "chaperone.dev/v1alpha1";
@@ -356,6 +367,9 @@ pub struct Decision {
     /// For [`Action::Mask`]: the masking of every `mask` rule that matched before the
     /// deciding rule, compiled once and shared (its [`Masker::rules`] name them).
     pub masking: Option<Arc<Masker>>,
+    /// For an allowed exec or attach session: the `exec.stdinLines` of the deciding rule
+    /// and of every `mask` rule that matched, checked against each line typed on stdin.
+    pub stdin_lines: Option<Arc<StdinLineRules>>,
 }
 
 impl Decision {
@@ -607,6 +621,31 @@ pub(crate) fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
     Ok(text)
 }
 
+impl Compiled {
+    /// The line rules of an allowed exec/attach session: those of the `mask` rules that
+    /// matched, then the deciding rule's.
+    fn stdin_lines(
+        &self,
+        deciding: Option<&Rule>,
+        masks: &MaskHits,
+    ) -> Option<Arc<StdinLineRules>> {
+        let of = |r: &Rule| r.content.as_ref()?.exec.as_ref()?.stdin_lines.clone();
+        let mut parts: Vec<Arc<StdinLineRules>> = masks
+            .as_slice()
+            .iter()
+            .filter_map(|&i| self.rules.get(i as usize))
+            .filter_map(of)
+            .collect();
+        parts.extend(deciding.and_then(of));
+        match parts.len() {
+            0 | 1 => parts.pop(),
+            _ => Some(Arc::new(StdinLineRules::combine(
+                parts.iter().map(|p| &**p),
+            ))),
+        }
+    }
+}
+
 /// Decides a request: an identity guard's denial, else the first matching rule's action,
 /// else the policy default.
 pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
@@ -620,6 +659,7 @@ pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
             )),
             rule: Some(rule),
             masking: None,
+            stdin_lines: None,
         },
     }
 }
@@ -672,6 +712,7 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
                 rule: Some(rule.name.clone()),
                 message: Some(Arc::from(why)),
                 masking: None,
+                stdin_lines: None,
             });
         }
         (Some(rule), None) => Decision {
@@ -679,12 +720,14 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
             rule: Some(rule.name.clone()),
             message: rule.message.clone(),
             masking: None,
+            stdin_lines: None,
         },
         (None, _) => Decision {
             action: p.default,
             rule: None,
             message: None,
             masking: None,
+            stdin_lines: None,
         },
     };
     // Masking only matters to a request that goes ahead; a denial stays a denial.
@@ -693,6 +736,9 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
     {
         decision.action = Action::Mask;
         decision.masking = Some(masker);
+    }
+    if decision.is_allowed() && ctx.exec.is_some() {
+        decision.stdin_lines = p.stdin_lines(found, &state.masks);
     }
     Evaluation::Decided(decision)
 }

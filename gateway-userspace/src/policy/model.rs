@@ -74,7 +74,7 @@ pub(super) struct RawRule {
 #[serde(
     deny_unknown_fields,
     rename_all = "camelCase",
-    expecting = "an exec selector: a mapping with commands, programs, commandRegexes, interactive or containers"
+    expecting = "an exec selector: a mapping with commands, programs, commandRegexes, interactive, containers or stdinLines"
 )]
 pub(super) struct RawExec {
     #[serde(default)]
@@ -87,6 +87,21 @@ pub(super) struct RawExec {
     pub(super) interactive: Option<bool>,
     #[serde(default)]
     pub(super) containers: Option<Vec<String>>,
+    /// Line rules over what an allowed session types on stdin.
+    #[serde(default)]
+    pub(super) stdin_lines: Option<RawStdinLines>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "stdin line rules: a mapping with deny (a list of regexes) and an optional message"
+)]
+pub(super) struct RawStdinLines {
+    pub(super) deny: Vec<String>,
+    #[serde(default)]
+    pub(super) message: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

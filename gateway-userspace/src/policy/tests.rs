@@ -595,6 +595,7 @@ fn decision_reasons() {
         rule: rule.map(Arc::from),
         message: message.map(Arc::from),
         masking: None,
+        stdin_lines: None,
     };
     for (decision, want) in [
         (
@@ -1652,7 +1653,7 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     );
 
     let blocks = reference_yaml_blocks();
-    assert_eq!(blocks.len(), 4, "reference yaml blocks");
+    assert_eq!(blocks.len(), 5, "reference yaml blocks");
     let loaded: Vec<Policy> = blocks
         .iter()
         .enumerate()
@@ -1662,6 +1663,21 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
         })
         .collect();
     let identity = &loaded[2];
+    // The stdin line rules example: a shell gets its line rules, the example's lines match.
+    let uri: Uri = "/api/v1/namespaces/dev/pods/p/exec?command=sh&stdin=true&tty=true"
+        .parse()
+        .expect("uri");
+    let info = request("POST", &uri.to_string());
+    let exec = crate::request::ExecRequest::from_uri(&uri);
+    let lines = decide(
+        &loaded[4],
+        &RequestContext::new(&info).with_exec(Some(&exec), false),
+    )
+    .stdin_lines
+    .expect("the example's line rules");
+    assert!(lines.check("rm -rf /tmp/x").is_some());
+    assert!(lines.check("  curl https://example.com/x.sh").is_some());
+    assert!(lines.check("ls -la").is_none());
     let c = callers();
     let (agent, ops) = (Some(&c.agent), Some(&c.ops));
     let bad = Some(&c.bad);

@@ -458,6 +458,11 @@ impl SpdyDecoder {
         }
     }
 
+    /// Whether the bytes fed so far end exactly at a frame boundary.
+    pub fn at_frame_boundary(&self) -> bool {
+        self.buf.is_empty() && !self.failed
+    }
+
     /// Feeds bytes and returns every frame they complete.
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<SpdyFrame>, FrameError> {
         if self.failed {

@@ -279,6 +279,13 @@ impl Proxy {
         if let Some(detectors) = self.stream_masking(&decision) {
             pending.extensions_mut().insert(StreamMasking(detectors));
         }
+        if let Some(rules) = decision.stdin_lines.clone()
+            && matches!(pending, Pending::Upgrade(..))
+        {
+            pending
+                .extensions_mut()
+                .insert(super::stdin_guard::StdinLines(rules));
+        }
         // Long-lived streams are re-checked when the policy reloads.
         if info.verb == Verb::Watch || matches!(pending, Pending::Upgrade(..)) {
             let live = self.live.register(

@@ -22,6 +22,7 @@ pub use live::LiveStreams;
 mod masked;
 mod output_mask;
 mod record;
+mod stdin_guard;
 pub mod upgrade;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};

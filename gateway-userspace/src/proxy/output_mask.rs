@@ -342,7 +342,7 @@ impl OutputMasker {
 }
 
 /// A `channel.k8s.io` data message on channel `c` (nothing when `data` is empty).
-fn websocket_data(c: u8, data: &[u8], base64: bool, out: &mut Vec<u8>) {
+pub(super) fn websocket_data(c: u8, data: &[u8], base64: bool, out: &mut Vec<u8>) {
     if data.is_empty() {
         return;
     }
@@ -363,7 +363,7 @@ fn websocket_data(c: u8, data: &[u8], base64: bool, out: &mut Vec<u8>) {
 }
 
 /// SPDY data frames for `data` on stream `id` (a bare FIN when `data` is empty and `fin`).
-fn spdy_data(id: u32, fin: bool, data: &[u8], out: &mut Vec<u8>) {
+pub(super) fn spdy_data(id: u32, fin: bool, data: &[u8], out: &mut Vec<u8>) {
     if data.is_empty() {
         if fin {
             spdy_frame(id, SPDY_FLAG_FIN, &[], out);

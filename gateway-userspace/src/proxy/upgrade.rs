@@ -36,6 +36,7 @@ use super::{
     limits::SlotHold,
     live::LiveStop,
     record::RecordGuard,
+    stdin_guard::{SessionShape, StdinGuard, StdinLines},
 };
 use crate::{
     error_chain,
@@ -281,6 +282,8 @@ pub struct StreamTap {
     sink: Option<Arc<dyn FrameSink>>,
     /// Rewrites stdout/stderr going to the client, when the output is masked.
     output: Option<OutputMasker>,
+    /// Checks the lines typed on stdin, when the policy has line rules for the session.
+    stdin: Option<StdinGuard>,
 }
 
 impl std::fmt::Debug for StreamTap {
@@ -312,7 +315,42 @@ impl StreamTap {
             stats: StreamStats::default(),
             sink,
             output: None,
+            stdin: None,
         }
+    }
+
+    /// Checks each line typed on stdin against `rules`; a match closes the stream (see
+    /// [`super::stdin_guard`]). Fails for framings without a readable stdin.
+    pub(super) fn with_stdin_lines(
+        mut self,
+        rules: Arc<crate::policy::StdinLineRules>,
+        shape: SessionShape,
+    ) -> Result<Self, String> {
+        self.stdin = Some(StdinGuard::new(rules, &self.framing, shape)?);
+        Ok(self)
+    }
+
+    /// Why a stdin line rule closed the stream, once one did.
+    pub fn stdin_violation(&self) -> Option<&str> {
+        self.stdin.as_ref().and_then(StdinGuard::closed)
+    }
+
+    /// The frames to send in `dir` when the stream is stopped: after a stdin line rule
+    /// matched, the reason and error status to the client and nothing to the API server;
+    /// otherwise [`StreamTap::shutdown_frame`]. Nothing is inserted where `dir` is in the
+    /// middle of a frame (that would corrupt the stream; the connection closes alone).
+    pub fn closing_frames(&self, dir: Direction) -> Option<Vec<u8>> {
+        let Some(guard) = self.stdin.as_ref().filter(|g| g.closed().is_some()) else {
+            return self.shutdown_frame(dir);
+        };
+        let boundary = match self.framing {
+            TapFraming::Spdy => self.spdy[index(dir)].at_frame_boundary(),
+            _ => self.ws[index(dir)].at_frame_boundary(),
+        };
+        if dir == Direction::ToServer || self.stopped || !boundary {
+            return None;
+        }
+        Some(guard.closing_frames(&self.framing, &self.spdy_streams))
     }
 
     /// Masks the stdout and stderr channels on their way to the client with `detectors`.
@@ -417,6 +455,10 @@ impl StreamTap {
             tracing::debug!(audit_id = %self.audit_id, direction = ?dir, error = %e, "stream tap stopped decoding");
             self.stats.decode_error = Some(format!("{dir:?}: {e}"));
             self.stopped = true;
+            // Stdin that cannot be read cannot be checked: fail closed.
+            if let Some(guard) = &mut self.stdin {
+                guard.fail(&e.to_string());
+            }
         }
     }
 
@@ -489,6 +531,17 @@ impl StreamTap {
                 other => StreamChannel::Unknown(other),
             },
         };
+        if dir == Direction::ToServer
+            && let Some(guard) = &mut self.stdin
+        {
+            match channel {
+                StreamChannel::Stdin if base64 => guard.base64_data(payload),
+                StreamChannel::Stdin => guard.data(payload),
+                // v5: the client closed its stdin.
+                StreamChannel::Close if payload.first() == Some(&0) => guard.end(),
+                _ => {}
+            }
+        }
         self.emit(dir, &channel, payload);
     }
 
@@ -511,12 +564,21 @@ impl StreamTap {
                     };
                     self.spdy_streams.insert(id, channel);
                 }
-                SpdyFrame::Data { id, payload, .. } => {
+                SpdyFrame::Data { id, payload, flags } => {
                     let channel = self
                         .spdy_streams
                         .get(&id)
                         .cloned()
                         .unwrap_or(StreamChannel::Unknown(id));
+                    if dir == Direction::ToServer
+                        && channel == StreamChannel::Stdin
+                        && let Some(guard) = &mut self.stdin
+                    {
+                        guard.data(&payload);
+                        if flags & crate::proxy::frames::SPDY_FLAG_FIN != 0 {
+                            guard.end();
+                        }
+                    }
                     if payload.is_empty() {
                         // A bare FIN is a half-close, not data.
                         self.stats.control_frames += 1;
@@ -582,7 +644,7 @@ where
                         Direction::ToClient => tap.flush_held(),
                         Direction::ToServer => Vec::new(),
                     };
-                    (held, tap.shutdown_frame(dir))
+                    (held, tap.closing_frames(dir))
                 };
                 if !held.is_empty() {
                     let _ = to.write_all(&held).await;
@@ -624,9 +686,19 @@ where
             return Ok(());
         }
         // Fail closed: output that cannot be masked ends the stream.
-        let rewritten = lock().pass(dir, &buf[..n]).map_err(|e| {
-            std::io::Error::other(format!("the output cannot be masked, stream ended: {e}"))
-        })?;
+        let (rewritten, stdin_denied) = {
+            let mut tap = lock();
+            let rewritten = tap.pass(dir, &buf[..n]).map_err(|e| {
+                std::io::Error::other(format!("the output cannot be masked, stream ended: {e}"))
+            })?;
+            (rewritten, tap.stdin_violation().is_some())
+        };
+        // A stdin line rule matched: the chunk that completed the line is not sent, and
+        // both directions close (the stop branch above sends the client the reason).
+        if stdin_denied && dir == Direction::ToServer {
+            stop.cancel();
+            continue;
+        }
         to.write_all(rewritten.as_deref().unwrap_or(&buf[..n]))
             .await?;
         to.flush().await?;
@@ -656,6 +728,8 @@ where
 {
     let (client_r, client_w) = tokio::io::split(client);
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
+    // Cancelled with `stop`, or by a pump (a stdin line rule closes the stream).
+    let stop = &stop.child_token();
     let up = pump(client_r, upstream_w, Direction::ToServer, tap, stop);
     let down = pump(upstream_r, client_w, Direction::ToClient, tap, stop);
     tokio::pin!(up, down);
@@ -772,6 +846,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let mask = req.extensions_mut().remove::<StreamMasking>().map(|m| m.0);
+        let stdin_lines = req.extensions_mut().remove::<StdinLines>().map(|l| l.0);
         let live = req.extensions_mut().remove::<LiveStop>();
         let subresource = record.object_ref.subresource.clone();
         let (mut parts, body) = req.into_parts();
@@ -883,6 +958,25 @@ impl Proxy {
                 }
             };
         }
+        if let Some(rules) =
+            stdin_lines.filter(|_| matches!(subresource.as_str(), "exec" | "attach"))
+        {
+            let shape = SessionShape::new(query.as_deref(), response.headers());
+            tap = match tap.with_stdin_lines(rules, shape) {
+                Ok(tap) => tap,
+                Err(why) => {
+                    // Fail closed: a session whose stdin cannot be checked is not opened.
+                    let why = format!(
+                        "chaperone: the policy checks the lines typed on this {subresource} stream's stdin, but {why}"
+                    );
+                    record.outcome = Outcome::Invalid;
+                    record.reason = Some(why.clone());
+                    let status =
+                        Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
+                    return self.local_response(status, record, started, &audit_id);
+                }
+            };
+        }
         let mut headers = switching_headers(response.headers());
         if !headers.contains_key("audit-id") {
             insert_audit_id(&mut headers, &audit_id);
@@ -912,10 +1006,11 @@ impl Proxy {
                     "stream closed: the reloaded policy denies it".to_owned()
                 });
             }
-            let stats = tap
+            let tap = tap
                 .into_inner()
-                .map(|t| t.stats)
-                .unwrap_or_else(|e| e.into_inner().stats);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let stdin_violation = tap.stdin_violation().map(str::to_owned);
+            let stats = tap.stats;
             tracing::debug!(%audit_id, ?stats, ?error, "upgraded stream ended");
             if let Some(sink) = &sink {
                 sink.finished(&audit_id, &stats);
@@ -924,7 +1019,16 @@ impl Proxy {
                 .request_bytes
                 .fetch_add(stats.bytes_to_server, Ordering::Relaxed);
             guard.response_bytes = stats.bytes_to_client;
+            if let Some(why) = &stdin_violation {
+                tracing::info!(%audit_id, reason = %why, "stream closed by a stdin line rule");
+                error.get_or_insert_with(|| {
+                    "stream closed: a stdin line matched a stdinLines rule".to_owned()
+                });
+            }
             if let Some((_, record)) = guard.pending.as_mut() {
+                if let Some(why) = stdin_violation {
+                    record.reason = Some(why);
+                }
                 record.error = error;
                 record.masked_fields = record
                     .masked_fields

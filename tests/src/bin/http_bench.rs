@@ -8,6 +8,10 @@
 //! and `nginx` as children), `http_bench upstream <dir>` (the API test server) and
 //! `http_bench gateway <dir>` (the gateway). Both children stop when their stdin closes.
 //!
+//! A fourth figure is what masking adds: `GET` of two identical Secrets through the same
+//! gateway, one under a `mask` rule (its data is masked on the way back) and one only
+//! allowed, alternating over the passes (`http_bench masked` runs only this part).
+//!
 //! Latency comes from `h2load --log-file` (one row per request with its duration in
 //! microseconds) at one connection and one stream; throughput is h2load's req/s over a
 //! timed run with C connections of one stream each. CPU per request is the user + system
@@ -38,6 +42,9 @@ const TOKEN: &str = "bench-gateway-token";
 /// What a pod would send to the gateway; the gateway strips it.
 const POD_TOKEN: &str = "bench-pod-token";
 const PATH: &str = "/api/v1/namespaces/default/pods/web-0";
+/// Two Secrets with the same content: one masked by the policy, one only allowed.
+const SECRET_PLAIN: &str = "/api/v1/namespaces/default/secrets/db-plain";
+const SECRET_MASKED: &str = "/api/v1/namespaces/default/secrets/db-masked";
 /// Requests per latency run (one connection, one stream).
 const LATENCY_REQUESTS: usize = 3000;
 /// Seconds of each throughput run, after one second of warm-up.
@@ -50,6 +57,16 @@ const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: Policy
 default: allow
 rules:
+  - name: mask-bench-secret
+    action: mask
+    verbs: [get]
+    resources: [secrets]
+    resourceNames: [db-masked]
+  - name: read-bench-secrets
+    action: allow
+    verbs: [get]
+    resources: [secrets]
+    resourceNames: [db-masked, db-plain]
   - name: no-secrets
     action: deny
     message: no secrets for agents
@@ -82,7 +99,8 @@ fn main() -> anyhow::Result<()> {
         [role, dir] if role == "gateway" => serve(gateway(Path::new(dir))),
         [] => orchestrate(),
         [mode] if mode == "hold" => hold(),
-        _ => bail!("usage: http_bench [hold | upstream <dir> | gateway <dir>]"),
+        [mode] if mode == "masked" => masked_only(),
+        _ => bail!("usage: http_bench [hold | masked | upstream <dir> | gateway <dir>]"),
     }
 }
 
@@ -125,6 +143,16 @@ async fn upstream(dir: &Path) -> anyhow::Result<()> {
         "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
         "status": {"phase": "Running"},
     }))?;
+    // ~1.6 KB, the shape of the masking benchmark's Secret.
+    for name in ["db-plain", "db-masked"] {
+        server.seed(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "db", "tier": "backend"}},
+            "type": "Opaque",
+            "data": {"password": "aHVudGVyMmh1bnRlcjJodW50ZXIyaHVudGVyMg==", "username": "YWRtaW4=",
+                     "tls.crt": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t".repeat(30)},
+        }))?;
+    }
     publish(&dir.join("upstream.url"), &server.url())?;
     stdin_closed().await;
     server.shutdown().await;
@@ -330,6 +358,8 @@ struct Target {
     token: &'static str,
     /// The processes whose CPU time is the target's cost.
     pids: Vec<u32>,
+    /// What to GET.
+    path: &'static str,
 }
 
 fn h2load(target: &Target, extra: &[String]) -> anyhow::Result<String> {
@@ -339,7 +369,7 @@ fn h2load(target: &Target, extra: &[String]) -> anyhow::Result<String> {
         .arg(format!("authorization: Bearer {}", target.token))
         .arg("-H")
         .arg("accept: application/json")
-        .arg(format!("https://{}{PATH}", target.addr))
+        .arg(format!("https://{}{}", target.addr, target.path))
         .output()
         .context("run h2load (is nghttp2-client installed?)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -593,6 +623,95 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Latency of an unmasked and a masked `get secret` through the gateway (medians over the
+/// passes of each pass's p50 and p99, microseconds).
+struct MaskedLatency {
+    plain: [f64; 2],
+    masked: [f64; 2],
+}
+
+impl MaskedLatency {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "unmasked_p50_us": self.plain[0].round(),
+            "unmasked_p99_us": self.plain[1].round(),
+            "masked_p50_us": self.masked[0].round(),
+            "masked_p99_us": self.masked[1].round(),
+            "added_p50_us": (self.masked[0] - self.plain[0]).round(),
+            "added_p99_us": (self.masked[1] - self.plain[1]).round(),
+        })
+    }
+}
+
+fn masked_secret_latency(dir: &Path, gateway: SocketAddr) -> anyhow::Result<MaskedLatency> {
+    let targets = [
+        Target {
+            name: "secret-unmasked",
+            addr: gateway,
+            token: POD_TOKEN,
+            pids: Vec::new(),
+            path: SECRET_PLAIN,
+        },
+        Target {
+            name: "secret-masked",
+            addr: gateway,
+            token: POD_TOKEN,
+            pids: Vec::new(),
+            path: SECRET_MASKED,
+        },
+    ];
+    let mut p50 = [Vec::new(), Vec::new()];
+    let mut p99 = [Vec::new(), Vec::new()];
+    for pass in 1..=PASSES {
+        for (i, t) in targets.iter().enumerate() {
+            let (a, b) = latency(t, dir)?;
+            eprintln!(
+                "http_bench: pass {pass}/{PASSES}: {}: p50 {a:.0} us, p99 {b:.0} us",
+                t.name
+            );
+            p50[i].push(a);
+            p99[i].push(b);
+        }
+    }
+    Ok(MaskedLatency {
+        plain: [median(&p50[0]), median(&p99[0])],
+        masked: [median(&p50[1]), median(&p99[1])],
+    })
+}
+
+fn print_masked(m: &MaskedLatency) {
+    println!(
+        "GET of a ~1.6 KB Secret through chaperone, median of {PASSES} passes (h2load -c1 -m1 -n{LATENCY_REQUESTS})"
+    );
+    println!(
+        "  unmasked p50 {:.0} us, p99 {:.0} us; masked p50 {:.0} us, p99 {:.0} us; masking adds p50 {:+.0} us, p99 {:+.0} us",
+        m.plain[0],
+        m.plain[1],
+        m.masked[0],
+        m.masked[1],
+        m.masked[0] - m.plain[0],
+        m.masked[1] - m.plain[1]
+    );
+}
+
+/// Only the masked vs unmasked `get secret` figure (no nginx, no throughput runs).
+fn masked_only() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    prepare(dir)?;
+    let mut upstream = Helper::spawn("upstream", dir)?;
+    wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
+    let mut gateway = Helper::spawn("gateway", dir)?;
+    let gateway_addr: SocketAddr = wait_for_file(&dir.join("gateway.addr"), &mut gateway)?
+        .parse()
+        .context("gateway address")?;
+    let masked = masked_secret_latency(dir, gateway_addr)?;
+    gateway.stop()?;
+    upstream.stop()?;
+    print_masked(&masked);
+    Ok(())
+}
+
 fn orchestrate() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -619,18 +738,21 @@ fn orchestrate() -> anyhow::Result<()> {
             addr: upstream_addr,
             token: TOKEN,
             pids: vec![upstream.child.id()],
+            path: PATH,
         },
         Target {
             name: "nginx",
             addr: nginx_addr,
             token: TOKEN,
             pids: nginx_pids(nginx.child.id()),
+            path: PATH,
         },
         Target {
             name: "chaperone",
             addr: gateway_addr,
             token: POD_TOKEN,
             pids: vec![gateway_pid],
+            path: PATH,
         },
     ];
     let ticks_per_second = clock_ticks_per_second()?;
@@ -654,6 +776,7 @@ fn orchestrate() -> anyhow::Result<()> {
             );
         }
     }
+    let masked = masked_secret_latency(dir, gateway_addr)?;
     let (rss, hwm) = rss_kib(gateway_pid)?;
     let nginx_rss = nginx_rss_kib(nginx.child.id());
     drop(nginx);
@@ -735,6 +858,7 @@ fn orchestrate() -> anyhow::Result<()> {
     nginx_entry["rss_kib"] = nginx_rss.into();
     // `passes` sorts after the targets, so a reader scanning for a target's first `rps`
     // meets the median, not a per-pass list.
+    print_masked(&masked);
     let summary = serde_json::json!({
         "direct": direct_entry,
         "nginx": nginx_entry,
@@ -744,6 +868,7 @@ fn orchestrate() -> anyhow::Result<()> {
             "nginx": nginx_passes,
             "chaperone": chaperone_passes,
         },
+        "masked_get_secret": masked.json(),
     });
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
