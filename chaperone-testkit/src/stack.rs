@@ -239,6 +239,7 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
+            approval: None,
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)

@@ -12,5 +12,11 @@
 //!   approvals API seals what it writes; a status edited directly through the API server
 //!   has no valid seal, is ignored, and is recorded as a tampering attempt.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod notify;
 pub mod resource;
 pub mod seal;
+
+pub use config::ApprovalConfig;
