@@ -320,6 +320,7 @@ rules:
                 rule: (want == Action::Deny).then(|| Arc::from("no-secret-env")),
                 message: None,
                 masking: None,
+                approval: None,
             }),
             "secret={secret}"
         );

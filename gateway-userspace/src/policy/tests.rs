@@ -595,6 +595,7 @@ fn decision_reasons() {
         rule: rule.map(Arc::from),
         message: message.map(Arc::from),
         masking: None,
+        approval: None,
     };
     for (decision, want) in [
         (

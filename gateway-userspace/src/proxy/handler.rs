@@ -234,6 +234,16 @@ impl Proxy {
         }
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
         record.decision = Some(decision.action);
+        if decision.action == Action::Approve {
+            // Fail closed until the gateway can hold requests for approval.
+            let why = format!(
+                "{}; this gateway cannot hold requests for approval (no approval configuration), so it is denied",
+                decision.reason()
+            );
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why.clone());
+            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
+        }
         if decision.action == Action::Deny {
             let why = decision.reason();
             tracing::info!(verb = %info.verb, resource = %info.resource, name = %info.name, reason = %why, "denied");

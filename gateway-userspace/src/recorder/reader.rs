@@ -207,7 +207,7 @@ pub(crate) fn decode_batch(
                 .ok_or_else(|| format!("row {i}: column outcome: unknown outcome {text:?}"))?,
             None => match decision {
                 Some(Action::Allow | Action::Mask) => Outcome::Forwarded,
-                Some(Action::Deny) => Outcome::Denied,
+                Some(Action::Deny | Action::Approve) => Outcome::Denied,
                 None => Outcome::Invalid,
             },
         };
