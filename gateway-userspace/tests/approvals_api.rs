@@ -589,3 +589,39 @@ async fn the_cli_and_the_kubectl_plugin_decide() {
     assert_eq!(status.comment.as_deref(), Some("not today"));
     assert_eq!(h.key.verify(&h.stored("ar-plugin").await, &status), Ok(()));
 }
+
+#[tokio::test]
+async fn requests_watch_streams_decisions() {
+    use tokio::io::AsyncBufReadExt as _;
+    let h = Harness::start().await;
+    h.pending("ar-watched", None).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(["requests", "-w", "--kubeconfig"])
+        .arg(h.kubeconfig("alice"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the watch printed nothing for 20 s")
+            .unwrap()
+            .expect("the watch ended")
+    };
+    assert!(next().await.starts_with("NAME"));
+    let first = next().await;
+    assert!(
+        first.contains("ar-watched") && first.contains("Pending"),
+        "{first}"
+    );
+    let (code, body) = post(&h.approver("bob").await, "ar-watched", "deny", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let changed = next().await;
+    assert!(
+        changed.contains("ar-watched") && changed.contains("Denied"),
+        "{changed}"
+    );
+    child.kill().await.unwrap();
+}
