@@ -104,6 +104,7 @@ impl std::fmt::Debug for Stack {
 fn sandbox_pod_object(
     uid: &str,
     container_id: &str,
+    pod_ip: std::net::Ipv4Addr,
 ) -> Result<k8s_openapi::api::core::v1::Pod, StackError> {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -111,7 +112,8 @@ fn sandbox_pod_object(
                      "labels": {"app": "coding-agent"}},
         "spec": {"nodeName": "sandbox-node", "serviceAccountName": SANDBOX_SERVICE_ACCOUNT,
                  "containers": [{"name": "agent", "image": "cursor-agent:1"}]},
-        "status": {"phase": "Running", "containerStatuses": [{
+        "status": {"phase": "Running", "podIP": pod_ip.to_string(), "podIPs": [{"ip": pod_ip.to_string()}],
+                   "containerStatuses": [{
             "name": "agent", "ready": true, "restartCount": 0, "image": "cursor-agent:1", "imageID": "",
             "containerID": format!("containerd://{container_id}"),
             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
@@ -239,6 +241,7 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
+            approval: None,
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -249,7 +252,7 @@ impl Stack {
         let app = app::build(config).await?;
         app.identity()
             .pods()
-            .apply(&sandbox_pod_object(&pod_uid, &container_id)?);
+            .apply(&sandbox_pod_object(&pod_uid, &container_id, pod.pod_ip())?);
 
         // What an in-cluster agent sees: the API server's virtual address, the cluster CA
         // it already trusts, and its own (useless upstream) token.

@@ -162,6 +162,7 @@ struct State {
 pub struct Holder {
     api: Api<AccessRequest>,
     cfg: HolderConfig,
+    notifier: Option<super::notify::Notifier>,
     state: Mutex<State>,
     tampering: AtomicU64,
 }
@@ -231,9 +232,19 @@ impl Holder {
     /// A holder creating and watching AccessRequests through `client` (the gateway's
     /// credential).
     pub fn new(client: kube::Client, cfg: HolderConfig) -> Arc<Self> {
+        Self::with_notifier(client, cfg, None)
+    }
+
+    /// Like [`Holder::new`], telling `notifier` about every AccessRequest it creates.
+    pub fn with_notifier(
+        client: kube::Client,
+        cfg: HolderConfig,
+        notifier: Option<super::notify::Notifier>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             api: Api::namespaced(client, &cfg.namespace),
             cfg,
+            notifier,
             state: Mutex::new(State::default()),
             tampering: AtomicU64::new(0),
         })
@@ -525,6 +536,9 @@ impl Holder {
                     summary = %req.action.summary,
                     "request held for approval"
                 );
+                if let Some(notifier) = &self.notifier {
+                    notifier.created(&created);
+                }
                 Ok(created)
             }
             Ok(Err(e)) => Err(format!(

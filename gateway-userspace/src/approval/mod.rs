@@ -14,6 +14,12 @@
 //! * [`holder`]: the gateway side: creates or reuses the AccessRequest of a held request,
 //!   waits for a sealed decision (watching AccessRequests), releases, refuses or expires.
 
+pub mod api;
+pub mod client;
+pub mod config;
 pub mod holder;
+pub mod notify;
 pub mod resource;
 pub mod seal;
+
+pub use config::ApprovalConfig;
