@@ -73,7 +73,14 @@ pub struct StackOptions {
     pub recordings_dir: Option<PathBuf>,
     /// Objects to seed into the API test server (JSON, with kind/apiVersion/metadata).
     pub seed: Vec<serde_json::Value>,
+    /// Just-in-time approval: register the AccessRequest CRD, create the gateway's
+    /// namespace ([`APPROVAL_NAMESPACE`]) and a seal key, and configure `approval:`
+    /// (without the approvals API; tests decide with [`Stack::decide`]).
+    pub approval: bool,
 }
+
+/// The namespace AccessRequests live in when [`StackOptions::approval`] is set.
+pub const APPROVAL_NAMESPACE: &str = "chaperone-system";
 
 /// A running stack. Call [`Stack::stop`] to flush recordings; dropping it still removes the
 /// sandbox pod and stops the servers.
@@ -90,6 +97,7 @@ pub struct Stack {
     pub pod_token: String,
     dir: tempfile::TempDir,
     recordings: PathBuf,
+    seal_key: Option<gateway_userspace::approval::seal::SealKey>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -163,6 +171,11 @@ impl Stack {
                 .seed(object)
                 .map_err(|e| StackError::ApiServer(e.to_string()))?;
         }
+        let approval = if opts.approval {
+            Some(approval_setup(&apiserver, root)?)
+        } else {
+            None
+        };
 
         // The sandbox's cgroup sits where kubelet would put a containerd container, and the
         // pod store learns the matching Pod object, as the node-scoped pod watch would.
@@ -241,7 +254,7 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
-            approval: None,
+            approval: approval.as_ref().map(|(config, _)| config.clone()),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -272,7 +285,88 @@ impl Stack {
             pod_token,
             dir,
             recordings,
+            seal_key: approval.map(|(_, key)| key),
         })
+    }
+
+    /// The AccessRequests waiting or decided, oldest first.
+    pub fn access_requests(&self) -> Vec<serde_json::Value> {
+        let mut all = self.apiserver.objects("accessrequests", APPROVAL_NAMESPACE);
+        all.sort_by(|a, b| {
+            let created = |o: &serde_json::Value| {
+                o.pointer("/spec/createdAt")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            created(a).cmp(&created(b))
+        });
+        all
+    }
+
+    /// Waits (up to 30 s) until `count` AccessRequests exist and returns the newest's name.
+    pub async fn wait_for_access_requests(&self, count: usize) -> Result<String, StackError> {
+        for _ in 0..600 {
+            let all = self.access_requests();
+            if all.len() >= count
+                && let Some(name) = all
+                    .last()
+                    .and_then(|o| o.pointer("/metadata/name"))
+                    .and_then(serde_json::Value::as_str)
+            {
+                return Ok(name.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(StackError::ApiServer(format!(
+            "{count} AccessRequests never appeared (have {})",
+            self.access_requests().len()
+        )))
+    }
+
+    /// Writes a decision into an AccessRequest's status as the approvals API does, sealed
+    /// with the gateways' key; `sealed == false` writes it as someone editing the status
+    /// directly at the API server would (no valid seal).
+    pub fn decide(
+        &self,
+        name: &str,
+        decision: Decision<'_>,
+        sealed: bool,
+    ) -> Result<(), StackError> {
+        use gateway_userspace::approval::resource::{AccessRequest, AccessRequestStatus};
+        let fail = |why: String| StackError::ApiServer(format!("deciding {name}: {why}"));
+        let key = self
+            .seal_key
+            .as_ref()
+            .ok_or_else(|| fail("the stack was started without approval".into()))?;
+        let object = self
+            .apiserver
+            .object("accessrequests", APPROVAL_NAMESPACE, name)
+            .ok_or_else(|| fail("no such AccessRequest".into()))?;
+        let mut ar: AccessRequest =
+            serde_json::from_value(object.clone()).map_err(|e| fail(e.to_string()))?;
+        let mut status = AccessRequestStatus {
+            phase: decision.phase,
+            decided_by: Some(decision.by.to_owned()),
+            decided_at: Some(jiff::Timestamp::now().to_string()),
+            comment: decision.comment.map(str::to_owned),
+            grant_until: decision.grant_for.map(|d| {
+                (jiff::Timestamp::now() + jiff::SignedDuration::try_from(d).unwrap_or_default())
+                    .to_string()
+            }),
+            ..AccessRequestStatus::default()
+        };
+        if sealed {
+            status.seal = Some(key.seal(&ar, &status).map_err(|e| fail(e.to_string()))?);
+        }
+        ar.status = Some(status);
+        let mut value = serde_json::to_value(&ar).map_err(|e| fail(e.to_string()))?;
+        // Keep what the server stored (resourceVersion, creationTimestamp, ...).
+        value["metadata"] = object["metadata"].clone();
+        self.apiserver
+            .seed(value)
+            .map(|_| ())
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// The stack's working directory (config, certificates, kubeconfig).
@@ -322,6 +416,7 @@ impl Stack {
             pod_token,
             dir,
             recordings,
+            seal_key: _,
         } = self;
         let stats = app.shutdown().await?;
         Ok(Stopped {
@@ -334,6 +429,69 @@ impl Stack {
             _dir: dir,
         })
     }
+}
+
+/// A decision for [`Stack::decide`].
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    /// Approved or Denied.
+    pub phase: gateway_userspace::approval::resource::Phase,
+    /// The approver.
+    pub by: &'a str,
+    /// The approver's comment.
+    pub comment: Option<&'a str>,
+    /// A lasting grant: the identical (or rule-scoped) request passes for this long.
+    pub grant_for: Option<Duration>,
+}
+
+/// Registers the AccessRequest CRD, creates the gateway's namespace and a seal key; returns
+/// the `approval:` config section and the key.
+fn approval_setup(
+    apiserver: &TestApiServer,
+    root: &Path,
+) -> Result<
+    (
+        gateway_userspace::approval::ApprovalConfig,
+        gateway_userspace::approval::seal::SealKey,
+    ),
+    StackError,
+> {
+    use std::io::Read as _;
+    let crd: serde_json::Value = gateway_userspace::approval::resource::crd_yaml()
+        .map_err(|e| StackError::ApiServer(e.to_string()))
+        .and_then(|y| {
+            serde_norway::from_str(&y).map_err(|e| StackError::ApiServer(e.to_string()))
+        })?;
+    for object in [
+        crd,
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": APPROVAL_NAMESPACE}}),
+    ] {
+        apiserver
+            .seed(object)
+            .map_err(|e| StackError::ApiServer(e.to_string()))?;
+    }
+    let mut bytes = [0u8; 32];
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| StackError::Io {
+            path: urandom.to_owned(),
+            source,
+        })?;
+    let key_file = root.join("approval-seal.key");
+    write(&key_file, bytes)?;
+    let key = gateway_userspace::approval::seal::SealKey::from_file(&key_file)
+        .map_err(|e| StackError::ApiServer(e.to_string()))?;
+    Ok((
+        gateway_userspace::approval::ApprovalConfig {
+            namespace: APPROVAL_NAMESPACE.to_owned(),
+            seal_key_file: key_file,
+            api: None,
+            notify: Default::default(),
+            max_pending_per_workload: 10,
+        },
+        key,
+    ))
 }
 
 /// A stopped stack: the gateway has flushed its recordings.
