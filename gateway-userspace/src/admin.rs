@@ -58,6 +58,9 @@ pub struct Metrics {
     pub policy_streams_closed: Counter,
     /// Responses that had to be masked and could not be (refused, or a watch ended).
     pub masking_failures: Counter,
+    /// AccessRequest decisions seen without a valid seal (a status edited directly at the
+    /// API server): ignored, and counted here.
+    pub approval_tampering: Counter,
 }
 
 impl Metrics {
@@ -121,6 +124,12 @@ impl Metrics {
             "Responses a mask decision applied to that could not be masked, so they were refused (or their watch ended with an error event)",
             masking_failures.clone(),
         );
+        let approval_tampering = Counter::default();
+        registry.register(
+            "approval_tampering_attempts",
+            "AccessRequest decisions without a valid seal (not written by a gateway's approvals API), ignored",
+            approval_tampering.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -137,6 +146,7 @@ impl Metrics {
             recording_failures,
             connections_rejected,
             masking_failures,
+            approval_tampering,
         })
     }
 

@@ -165,6 +165,7 @@ pub struct Holder {
     notifier: Option<super::notify::Notifier>,
     state: Mutex<State>,
     tampering: AtomicU64,
+    tampering_metric: Mutex<Option<prometheus_client::metrics::counter::Counter>>,
 }
 
 impl std::fmt::Debug for Holder {
@@ -247,7 +248,17 @@ impl Holder {
             notifier,
             state: Mutex::new(State::default()),
             tampering: AtomicU64::new(0),
+            tampering_metric: Mutex::new(None),
         })
+    }
+
+    /// Also counts tampering attempts in `counter` (the gateway's
+    /// `chaperone_approval_tampering_attempts_total`).
+    pub fn count_tampering_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        *self
+            .tampering_metric
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(counter);
     }
 
     /// The namespace AccessRequests live in.
@@ -273,6 +284,13 @@ impl Holder {
         }
         if let Err(e) = self.cfg.seal_key.verify(ar, status) {
             self.tampering.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = &*self
+                .tampering_metric
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+            {
+                counter.inc();
+            }
             tracing::warn!(
                 access_request = ar.metadata.name.as_deref().unwrap_or(""),
                 phase = status.phase.as_str(),
