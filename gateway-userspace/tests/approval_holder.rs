@@ -606,3 +606,41 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
     assert_eq!(flags(&e.apiserver), Some(serde_json::json!("1")));
     second.shutdown().await.expect("stop");
 }
+
+/// A `once` approval lets exactly one request through, even for a gateway that never saw
+/// it used (another node, a restart): it is marked consumed in the AccessRequest's status.
+#[tokio::test]
+async fn a_once_approval_is_used_once_across_gateways() {
+    let e = env(true).await;
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    let node_a = e.holder("node-a", 10);
+    let HoldOutcome::Queued { name } = node_a.hold(&request(&a, "agent-0", b"{}")).await else {
+        panic!("expected queued");
+    };
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let used = node_a.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&used, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{used:?}"
+    );
+    let ar = e.api().get(&name).await.expect("get");
+    let status = ar.status.clone().expect("status");
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Consumed"),
+        "{status:?}"
+    );
+    assert_eq!(
+        e.key.verify(&ar, &status),
+        Ok(()),
+        "the mark keeps the seal valid"
+    );
+    // Another gateway (or this one restarted) does not let the identical request through
+    // on the used approval.
+    let node_b = e.holder("node-b", 10);
+    let again = node_b.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&again, HoldOutcome::Queued { name: n } if *n != name),
+        "{again:?}"
+    );
+}
