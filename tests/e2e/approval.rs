@@ -469,3 +469,67 @@ async fn an_approval_on_another_node_releases_the_held_request() {
     assert_eq!(row.approval_decided_by.as_deref(), Some("system:admin"));
     assert_eq!(row.access_request.as_deref(), Some(held.as_str()));
 }
+
+/// `kubectl exec` waits for approval too: the AccessRequest shows the command, nothing
+/// runs until it is approved, and then kubectl prints the command's output.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_waits_for_approval_and_then_runs() {
+    if !privileged("an_exec_waits_for_approval_and_then_runs") {
+        return;
+    }
+    let policy = r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: Policy
+default: allow
+rules:
+  - name: exec-needs-approval
+    action: approve
+    verbs: [create, get]
+    resources: [pods/exec]
+    approval: {approvers: {groups: [sre]}, timeout: 60s}
+"#;
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(policy.to_owned()),
+        recordings_dir: None,
+        seed: chaperone_testkit::demo::demo_objects(),
+        approval: true,
+    })
+    .await
+    .expect("start the stack");
+    let marker = stack
+        .apiserver
+        .pod_dir("default", "web-0")
+        .expect("pod dir")
+        .join("ran");
+    let exec = spawn_kubectl(
+        &stack,
+        &[
+            "exec",
+            "web-0",
+            "--",
+            "sh",
+            "-c",
+            "touch ran; echo hello-after-approval",
+        ],
+    );
+    let held = stack
+        .wait_for_access_requests(1)
+        .await
+        .expect("AccessRequest");
+    let ar = stack.access_requests().pop().expect("ar");
+    let summary = ar["spec"]["request"]["summary"].as_str().unwrap_or("");
+    assert!(
+        summary.contains("pods/exec default/web-0")
+            && summary.contains("touch ran; echo hello-after-approval"),
+        "{ar}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!exec.is_finished());
+    assert!(!marker.exists(), "the command ran before the approval");
+    stack
+        .decide(&held, approve("alice"), true)
+        .expect("approve");
+    let (ok, out) = finished(exec).await;
+    assert!(ok && out.contains("hello-after-approval"), "{out}");
+    assert!(marker.exists());
+}
