@@ -109,6 +109,7 @@ async fn one(env: &Env, i: u64) -> Duration {
             },
             principal: None,
             method: "PATCH",
+            target: "/apis/apps/v1/namespaces/prod/deployments/web",
             action: RequestedAction {
                 verb: "patch".into(),
                 resource: "apps/deployments".into(),

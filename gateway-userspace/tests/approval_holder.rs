@@ -148,6 +148,7 @@ fn request<'a>(approval: &'a Approval, pod: &str, body: &'a [u8]) -> HoldRequest
         },
         principal: Some("system:serviceaccount:agents:agent".into()),
         method: "PATCH",
+        target: "/apis/apps/v1/namespaces/prod/deployments/web/scale",
         action: RequestedAction {
             verb: "patch".into(),
             resource: "apps/deployments".into(),

@@ -81,6 +81,9 @@ pub struct HoldRequest<'a> {
     pub principal: Option<String>,
     /// HTTP method.
     pub method: &'a str,
+    /// The path with its query as sent, unmasked: what the fingerprint covers (the
+    /// AccessRequest shows `action.path`, masked).
+    pub target: &'a str,
     /// What was asked (verb, resource, path, summary).
     pub action: RequestedAction,
     /// The request body as forwarded (empty when none or not read whole).
@@ -381,7 +384,7 @@ impl Holder {
     /// Holds `req` until it is decided (see the module doc).
     pub async fn hold(&self, req: &HoldRequest<'_>) -> HoldOutcome {
         let started = Instant::now();
-        let fp = fingerprint(&req.workload, req.method, &req.action.path, req.body);
+        let fp = fingerprint(&req.workload, req.method, req.target, req.body);
         let wkey = workload_key(&req.workload);
         if let Some(g) = self.grant_for(&wkey, &fp, req.rule) {
             return HoldOutcome::Approved {

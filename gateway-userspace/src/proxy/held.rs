@@ -17,6 +17,26 @@ use crate::{
 
 use super::{ConnectionInfo, Proxy, handler::Pending, handler::forbidden_status};
 
+/// The credential detectors with their default settings, compiled once: they mask an
+/// AccessRequest's summary when the policy's masking names none for the request.
+static DEFAULT_DETECTORS: std::sync::LazyLock<Option<crate::masking::detect::Detectors>> =
+    std::sync::LazyLock::new(|| {
+        crate::masking::detect::Detectors::compile(&Default::default()).ok()
+    });
+
+/// Text of the AccessRequest (summary, path) as approvers will read it: credentials (a
+/// password in an exec argv, a token in an image reference) replaced by the request's
+/// masking detectors, or the default ones.
+fn masked(decision: &Decision, summary: &str) -> String {
+    let own = decision.masking.as_ref().and_then(|m| m.stream_detectors());
+    let detectors = own.as_ref().or(DEFAULT_DETECTORS.as_ref());
+    match detectors {
+        Some(d) => d.redact(summary, &mut Vec::new()).into_owned(),
+        // No detector could be built: say less rather than leak.
+        None => summary.split(':').next().unwrap_or_default().to_owned(),
+    }
+}
+
 /// Seconds a client is told to wait before retrying when a request cannot be held.
 const HOLD_RETRY_AFTER_SECONDS: u32 = 5;
 
@@ -78,16 +98,18 @@ impl Proxy {
         } else {
             format!("{}/{}", info.api_group, info.resource)
         };
-        let path = pending
+        let target = pending
             .uri()
             .path_and_query()
             .map_or_else(|| info.path.clone(), |p| p.as_str().to_owned());
+        let path = masked(decision, &target);
         let request = HoldRequest {
             rule,
             approval,
             workload,
             principal: principal.subject.clone(),
             method: pending.method().as_str(),
+            target: &target,
             action: RequestedAction {
                 verb: info.verb.as_str().to_owned(),
                 resource,
@@ -95,7 +117,7 @@ impl Proxy {
                 namespace: (!info.namespace.is_empty()).then(|| info.namespace.clone()),
                 name: (!info.name.is_empty()).then(|| info.name.clone()),
                 path,
-                summary,
+                summary: masked(decision, &summary),
             },
             body: &body,
         };
