@@ -73,7 +73,20 @@ pub struct StackOptions {
     pub recordings_dir: Option<PathBuf>,
     /// Objects to seed into the API test server (JSON, with kind/apiVersion/metadata).
     pub seed: Vec<serde_json::Value>,
+    /// Turn on just-in-time approval: the AccessRequest CRD and the gateway's namespace
+    /// ([`APPROVAL_NAMESPACE`]) are seeded, a seal key is written ([`Stack::seal_key`]),
+    /// and the approvals API listens on the node side of the sandbox's veth, port
+    /// [`APPROVALS_PORT`].
+    pub approval: bool,
+    /// Extra bearer tokens the API test server accepts and who they authenticate as
+    /// (approvers, for TokenReview).
+    pub token_users: Vec<(String, crate::apiserver::UserInfo)>,
 }
+
+/// The gateway's namespace when [`StackOptions::approval`] is on.
+pub const APPROVAL_NAMESPACE: &str = "chaperone-system";
+/// Port of the approvals API when [`StackOptions::approval`] is on.
+pub const APPROVALS_PORT: u16 = 15444;
 
 /// A running stack. Call [`Stack::stop`] to flush recordings; dropping it still removes the
 /// sandbox pod and stops the servers.
@@ -154,11 +167,37 @@ impl Stack {
         let apiserver = TestApiServer::start(ApiServerConfig {
             ca: Some(Arc::new(ca)),
             tokens: vec![gateway_token.clone()],
+            token_users: opts.token_users.iter().cloned().collect(),
             ..ApiServerConfig::default()
         })
         .await
         .map_err(|e| StackError::ApiServer(e.to_string()))?;
-        for object in opts.seed {
+        let mut seed = opts.seed.clone();
+        let approval = if opts.approval {
+            let crd: serde_json::Value = gateway_userspace::approval::resource::crd_yaml()
+                .map_err(|e| e.to_string())
+                .and_then(|yaml| serde_norway::from_str(&yaml).map_err(|e| e.to_string()))
+                .map_err(|e| StackError::ApiServer(format!("the AccessRequest CRD: {e}")))?;
+            seed.insert(0, crd);
+            seed.insert(
+                0,
+                serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": APPROVAL_NAMESPACE}}),
+            );
+            let key_file = root.join("approval-seal.key");
+            let mut key = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+                .map_err(|source| StackError::Io {
+                    path: PathBuf::from("/dev/urandom"),
+                    source,
+                })?;
+            write(&key_file, key)?;
+            Some(key_file)
+        } else {
+            None
+        };
+        for object in seed {
             apiserver
                 .seed(object)
                 .map_err(|e| StackError::ApiServer(e.to_string()))?;
@@ -241,7 +280,20 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
-            approval: None,
+            approval: approval.map(
+                |seal_key_file| gateway_userspace::approval::ApprovalConfig {
+                    namespace: APPROVAL_NAMESPACE.to_owned(),
+                    seal_key_file,
+                    api: Some(gateway_userspace::approval::config::ApprovalApiConfig {
+                        listen: (pod.host_ip(), APPROVALS_PORT).into(),
+                        cert_file: None,
+                        key_file: None,
+                        server_names: gateway_userspace::approval::config::default_api_names(),
+                        server_ips: vec![pod.host_ip().into()],
+                    }),
+                    notify: Default::default(),
+                },
+            ),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -273,6 +325,17 @@ impl Stack {
             dir,
             recordings,
         })
+    }
+
+    /// The seal key file, when approval is on.
+    pub fn seal_key(&self) -> Option<PathBuf> {
+        let path = self.dir.path().join("approval-seal.key");
+        path.exists().then_some(path)
+    }
+
+    /// The cluster CA certificate (it also signs the approvals API's certificate).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("cluster-ca.crt")
     }
 
     /// The stack's working directory (config, certificates, kubeconfig).

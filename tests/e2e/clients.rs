@@ -41,6 +41,7 @@ async fn start() -> Stack {
         policy_yaml: None,
         recordings_dir: None,
         seed: demo_objects(),
+        ..Default::default()
     })
     .await
     .expect("start the stack")
