@@ -510,7 +510,9 @@ impl ApprovalApi {
             ));
         }
         let identity = self.s.identity.as_ref()?;
-        let pod = identity.pods().by_ip(peer.ip())?;
+        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; pods are indexed by
+        // their plain addresses.
+        let pod = identity.pods().by_ip(peer.ip().to_canonical())?;
         let workload = WorkloadIdentity {
             node: self.s.node.clone(),
             namespace: Some(pod.namespace.clone()),
