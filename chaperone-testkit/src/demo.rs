@@ -101,6 +101,7 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
         policy_yaml: Some(demo_policy()),
         recordings_dir: Some(recordings.clone()),
         seed,
+        approval: false,
         ..Default::default()
     })
     .await

@@ -73,19 +73,21 @@ pub struct StackOptions {
     pub recordings_dir: Option<PathBuf>,
     /// Objects to seed into the API test server (JSON, with kind/apiVersion/metadata).
     pub seed: Vec<serde_json::Value>,
-    /// Turn on just-in-time approval: the AccessRequest CRD and the gateway's namespace
-    /// ([`APPROVAL_NAMESPACE`]) are seeded, a seal key is written ([`Stack::seal_key`]),
-    /// and the approvals API listens on the node side of the sandbox's veth, port
-    /// [`APPROVALS_PORT`].
+    /// Just-in-time approval: register the AccessRequest CRD, create the gateway's
+    /// namespace ([`APPROVAL_NAMESPACE`]) and a seal key, and configure `approval:`
+    /// (without the approvals API; tests decide with [`Stack::decide`]).
     pub approval: bool,
+    /// With `approval`: also serve the approvals API on the node side of the sandbox's
+    /// veth, port [`APPROVALS_PORT`] (certificate from the cluster CA, [`Stack::ca_file`]).
+    pub approvals_api: bool,
     /// Extra bearer tokens the API test server accepts and who they authenticate as
-    /// (approvers, for TokenReview).
+    /// (approvers, verified by TokenReview).
     pub token_users: Vec<(String, crate::apiserver::UserInfo)>,
 }
 
-/// The gateway's namespace when [`StackOptions::approval`] is on.
+/// The namespace AccessRequests live in when [`StackOptions::approval`] is set.
 pub const APPROVAL_NAMESPACE: &str = "chaperone-system";
-/// Port of the approvals API when [`StackOptions::approval`] is on.
+/// Port of the approvals API when [`StackOptions::approvals_api`] is set.
 pub const APPROVALS_PORT: u16 = 15444;
 
 /// A running stack. Call [`Stack::stop`] to flush recordings; dropping it still removes the
@@ -103,6 +105,7 @@ pub struct Stack {
     pub pod_token: String,
     dir: tempfile::TempDir,
     recordings: PathBuf,
+    seal_key: Option<gateway_userspace::approval::seal::SealKey>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -172,36 +175,16 @@ impl Stack {
         })
         .await
         .map_err(|e| StackError::ApiServer(e.to_string()))?;
-        let mut seed = opts.seed.clone();
-        let approval = if opts.approval {
-            let crd: serde_json::Value = gateway_userspace::approval::resource::crd_yaml()
-                .map_err(|e| e.to_string())
-                .and_then(|yaml| serde_norway::from_str(&yaml).map_err(|e| e.to_string()))
-                .map_err(|e| StackError::ApiServer(format!("the AccessRequest CRD: {e}")))?;
-            seed.insert(0, crd);
-            seed.insert(
-                0,
-                serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
-                                   "metadata": {"name": APPROVAL_NAMESPACE}}),
-            );
-            let key_file = root.join("approval-seal.key");
-            let mut key = [0u8; 32];
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-                .map_err(|source| StackError::Io {
-                    path: PathBuf::from("/dev/urandom"),
-                    source,
-                })?;
-            write(&key_file, key)?;
-            Some(key_file)
-        } else {
-            None
-        };
-        for object in seed {
+        for object in opts.seed {
             apiserver
                 .seed(object)
                 .map_err(|e| StackError::ApiServer(e.to_string()))?;
         }
+        let approval = if opts.approval {
+            Some(approval_setup(&apiserver, root)?)
+        } else {
+            None
+        };
 
         // The sandbox's cgroup sits where kubelet would put a containerd container, and the
         // pod store learns the matching Pod object, as the node-scoped pod watch would.
@@ -280,20 +263,19 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
-            approval: approval.map(
-                |seal_key_file| gateway_userspace::approval::ApprovalConfig {
-                    namespace: APPROVAL_NAMESPACE.to_owned(),
-                    seal_key_file,
-                    api: Some(gateway_userspace::approval::config::ApprovalApiConfig {
+            approval: approval.as_ref().map(|(config, _)| {
+                let mut config = config.clone();
+                if opts.approvals_api {
+                    config.api = Some(gateway_userspace::approval::config::ApprovalApiConfig {
                         listen: (pod.host_ip(), APPROVALS_PORT).into(),
                         cert_file: None,
                         key_file: None,
                         server_names: gateway_userspace::approval::config::default_api_names(),
                         server_ips: vec![pod.host_ip().into()],
-                    }),
-                    notify: Default::default(),
-                },
-            ),
+                    });
+                }
+                config
+            }),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -324,13 +306,93 @@ impl Stack {
             pod_token,
             dir,
             recordings,
+            seal_key: approval.map(|(_, key)| key),
         })
     }
 
-    /// The seal key file, when approval is on.
-    pub fn seal_key(&self) -> Option<PathBuf> {
-        let path = self.dir.path().join("approval-seal.key");
-        path.exists().then_some(path)
+    /// The AccessRequests waiting or decided, oldest first.
+    pub fn access_requests(&self) -> Vec<serde_json::Value> {
+        let mut all = self.apiserver.objects("accessrequests", APPROVAL_NAMESPACE);
+        all.sort_by(|a, b| {
+            let created = |o: &serde_json::Value| {
+                o.pointer("/spec/createdAt")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            created(a).cmp(&created(b))
+        });
+        all
+    }
+
+    /// Waits (up to 30 s) until `count` AccessRequests exist and returns the newest's name.
+    pub async fn wait_for_access_requests(&self, count: usize) -> Result<String, StackError> {
+        for _ in 0..600 {
+            let all = self.access_requests();
+            if all.len() >= count
+                && let Some(name) = all
+                    .last()
+                    .and_then(|o| o.pointer("/metadata/name"))
+                    .and_then(serde_json::Value::as_str)
+            {
+                return Ok(name.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(StackError::ApiServer(format!(
+            "{count} AccessRequests never appeared (have {})",
+            self.access_requests().len()
+        )))
+    }
+
+    /// Writes a decision into an AccessRequest's status as the approvals API does, sealed
+    /// with the gateways' key; `sealed == false` writes it as someone editing the status
+    /// directly at the API server would (no valid seal).
+    pub fn decide(
+        &self,
+        name: &str,
+        decision: Decision<'_>,
+        sealed: bool,
+    ) -> Result<(), StackError> {
+        use gateway_userspace::approval::resource::{AccessRequest, AccessRequestStatus};
+        let fail = |why: String| StackError::ApiServer(format!("deciding {name}: {why}"));
+        let key = self
+            .seal_key
+            .as_ref()
+            .ok_or_else(|| fail("the stack was started without approval".into()))?;
+        let object = self
+            .apiserver
+            .object("accessrequests", APPROVAL_NAMESPACE, name)
+            .ok_or_else(|| fail("no such AccessRequest".into()))?;
+        let mut ar: AccessRequest =
+            serde_json::from_value(object.clone()).map_err(|e| fail(e.to_string()))?;
+        let mut status = AccessRequestStatus {
+            phase: decision.phase,
+            decided_by: Some(decision.by.to_owned()),
+            decided_at: Some(jiff::Timestamp::now().to_string()),
+            comment: decision.comment.map(str::to_owned),
+            grant_until: decision.grant_for.map(|d| {
+                (jiff::Timestamp::now() + jiff::SignedDuration::try_from(d).unwrap_or_default())
+                    .to_string()
+            }),
+            ..AccessRequestStatus::default()
+        };
+        if sealed {
+            status.seal = Some(key.seal(&ar, &status).map_err(|e| fail(e.to_string()))?);
+        }
+        ar.status = Some(status);
+        let mut value = serde_json::to_value(&ar).map_err(|e| fail(e.to_string()))?;
+        // Keep what the server stored (resourceVersion, creationTimestamp, ...).
+        value["metadata"] = object["metadata"].clone();
+        self.apiserver
+            .seed(value)
+            .map(|_| ())
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    /// The stack's working directory (config, certificates, kubeconfig).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The cluster CA certificate (it also signs the approvals API's certificate).
@@ -338,9 +400,9 @@ impl Stack {
         self.dir.path().join("cluster-ca.crt")
     }
 
-    /// The stack's working directory (config, certificates, kubeconfig).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
+    /// The gateways' seal key, when approval is on.
+    pub fn seal_key(&self) -> Option<&gateway_userspace::approval::seal::SealKey> {
+        self.seal_key.as_ref()
     }
 
     /// Root of the recordings dataset.
@@ -385,6 +447,7 @@ impl Stack {
             pod_token,
             dir,
             recordings,
+            seal_key: _,
         } = self;
         let stats = app.shutdown().await?;
         Ok(Stopped {
@@ -397,6 +460,69 @@ impl Stack {
             _dir: dir,
         })
     }
+}
+
+/// A decision for [`Stack::decide`].
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    /// Approved or Denied.
+    pub phase: gateway_userspace::approval::resource::Phase,
+    /// The approver.
+    pub by: &'a str,
+    /// The approver's comment.
+    pub comment: Option<&'a str>,
+    /// A lasting grant: the identical (or rule-scoped) request passes for this long.
+    pub grant_for: Option<Duration>,
+}
+
+/// Registers the AccessRequest CRD, creates the gateway's namespace and a seal key; returns
+/// the `approval:` config section and the key.
+fn approval_setup(
+    apiserver: &TestApiServer,
+    root: &Path,
+) -> Result<
+    (
+        gateway_userspace::approval::ApprovalConfig,
+        gateway_userspace::approval::seal::SealKey,
+    ),
+    StackError,
+> {
+    use std::io::Read as _;
+    let crd: serde_json::Value = gateway_userspace::approval::resource::crd_yaml()
+        .map_err(|e| StackError::ApiServer(e.to_string()))
+        .and_then(|y| {
+            serde_norway::from_str(&y).map_err(|e| StackError::ApiServer(e.to_string()))
+        })?;
+    for object in [
+        crd,
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": APPROVAL_NAMESPACE}}),
+    ] {
+        apiserver
+            .seed(object)
+            .map_err(|e| StackError::ApiServer(e.to_string()))?;
+    }
+    let mut bytes = [0u8; 32];
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| StackError::Io {
+            path: urandom.to_owned(),
+            source,
+        })?;
+    let key_file = root.join("approval-seal.key");
+    write(&key_file, bytes)?;
+    let key = gateway_userspace::approval::seal::SealKey::from_file(&key_file)
+        .map_err(|e| StackError::ApiServer(e.to_string()))?;
+    Ok((
+        gateway_userspace::approval::ApprovalConfig {
+            namespace: APPROVAL_NAMESPACE.to_owned(),
+            seal_key_file: key_file,
+            api: None,
+            notify: Default::default(),
+            max_pending_per_workload: 10,
+        },
+        key,
+    ))
 }
 
 /// A stopped stack: the gateway has flushed its recordings.

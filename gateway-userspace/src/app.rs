@@ -157,7 +157,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let kube_client = if cfg.identity.watch_pods
         || cfg.identity.token_review
         || cfg.interception.discover_kubernetes_service
-        || approvals_api.is_some()
+        || cfg.approval.is_some()
     {
         // The same kube-rs config as the forwarding path: one server, one credential.
         Some(
@@ -325,6 +325,30 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         }
         None => None,
     };
+    if let (Some(approval), Some(client)) = (&cfg.approval, kube_client.clone()) {
+        // Requests decided `approve` are held here; the watcher releases them.
+        let seal_key = crate::approval::seal::SealKey::from_file(&approval.seal_key_file)
+            .map_err(|e| AppError::Config(format!("approval.sealKeyFile: {e}")))?;
+        let holder = crate::approval::holder::Holder::with_notifier(
+            client,
+            crate::approval::holder::HolderConfig {
+                namespace: approval.namespace.clone(),
+                node: node.clone(),
+                seal_key,
+                max_pending_per_workload: approval.max_pending_per_workload,
+            },
+            notifier.clone(),
+        );
+        let watch_drain = proxy_watch.clone();
+        let watcher = holder.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = watcher.run_watcher() => {}
+                _ = watch_drain.signaled() => {}
+            }
+        });
+        proxy.set_approvals(holder);
+    }
     let approvals_addr = match (&cfg.approval, approvals_api, kube_client.clone()) {
         (Some(approval), Some(api), Some(client)) => Some(
             start_approvals_api(

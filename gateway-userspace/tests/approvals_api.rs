@@ -99,6 +99,7 @@ impl Harness {
                 server_ips: vec!["127.0.0.1".parse().unwrap()],
             }),
             notify: Default::default(),
+            max_pending_per_workload: 10,
         });
         let app = app::build(cfg).await.unwrap();
         let admin = client_for(dir.path(), &apiserver.url(), GATEWAY_TOKEN).await;

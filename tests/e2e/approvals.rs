@@ -52,12 +52,16 @@ async fn an_agent_pod_cannot_approve_even_with_an_approver_token() {
     }
     let stack = Stack::start(StackOptions {
         approval: true,
-        seed: vec![access_request()],
+        approvals_api: true,
         token_users: vec![("alice-token".to_owned(), UserInfo::new("alice", ["sre"]))],
         ..Default::default()
     })
     .await
     .expect("start the stack");
+    stack
+        .apiserver
+        .seed(access_request())
+        .expect("seed the AccessRequest");
     let host = stack.pod.host_ip();
 
     // From inside the intercepted pod: refused by address, before the token counts.
@@ -97,7 +101,7 @@ async fn an_agent_pod_cannot_approve_even_with_an_approver_token() {
     .expect("an AccessRequest");
     let status = stored.status.clone().expect("a status");
     assert_eq!(status.decided_by.as_deref(), Some("alice"));
-    let key = SealKey::from_file(&stack.seal_key().expect("seal key")).expect("key");
+    let key: &SealKey = stack.seal_key().expect("seal key");
     assert_eq!(key.verify(&stored, &status), Ok(()));
     stack.stop().await.expect("stop");
 }

@@ -122,6 +122,7 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
         policy_yaml: Some(POLICY.to_owned()),
         recordings_dir: None,
         seed: seed(),
+        approval: false,
         ..Default::default()
     })
     .await

@@ -326,6 +326,32 @@ impl TestApiServer {
         self.state.store.object(res, namespace, name)
     }
 
+    /// Every stored object of `resource` (the plural, built-in or custom) in `namespace`
+    /// (`""`: all namespaces), sorted by namespace and name.
+    pub fn objects(&self, resource: &str, namespace: &str) -> Vec<Value> {
+        let Some(res) = self
+            .state
+            .store
+            .catalog
+            .stored()
+            .into_iter()
+            .find(|r| r.plural == resource)
+        else {
+            return Vec::new();
+        };
+        let scope = Scope {
+            res,
+            namespace: (!namespace.is_empty()).then(|| namespace.to_owned()),
+            name: None,
+            selector: Selector::default(),
+        };
+        self.state
+            .store
+            .list(&scope, None, None)
+            .map(|(items, _, _)| items)
+            .unwrap_or_default()
+    }
+
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.state.store.resource_version()

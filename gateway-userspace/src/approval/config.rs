@@ -30,6 +30,14 @@ pub struct ApprovalConfig {
     /// Who is told about new AccessRequests.
     #[serde(default)]
     pub notify: NotifyConfig,
+    /// Most AccessRequests pending at once for one workload; a request over it is refused
+    /// (503) instead of held.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_per_workload: usize,
+}
+
+fn default_max_pending() -> usize {
+    super::holder::DEFAULT_MAX_PENDING_PER_WORKLOAD
 }
 
 fn default_namespace() -> String {
@@ -76,6 +84,12 @@ impl ApprovalConfig {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.namespace.is_empty() {
             return Err(("approval.namespace", "must not be empty".to_owned()));
+        }
+        if self.max_pending_per_workload == 0 {
+            return Err((
+                "approval.maxPendingPerWorkload",
+                "must be at least 1 (0 would refuse every request needing approval)".to_owned(),
+            ));
         }
         if let Err(e) = std::fs::metadata(&self.seal_key_file) {
             return Err((
