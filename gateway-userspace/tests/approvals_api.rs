@@ -698,3 +698,29 @@ fn the_guides_signature_checks_accept_the_webhook() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// How long an approval takes from the approver's call to the sealed status stored (token
+/// review cached after the first call; a SubjectAccessReview, a read and a status write
+/// against the API test server each time). Printed for docs/benchmarks.md; bounded so a
+/// pathological slowdown fails.
+#[tokio::test]
+async fn approval_round_trip_latency() {
+    let h = Harness::start().await;
+    let alice = h.approver("alice").await;
+    let mut times = Vec::new();
+    for i in 0..40 {
+        let name = format!("lat-{i}");
+        h.pending(&name, None).await;
+        let started = std::time::Instant::now();
+        let (code, body) = post(&alice, &name, "approve", "{}").await;
+        times.push(started.elapsed());
+        assert_eq!(code, 200, "{body}");
+    }
+    times.sort();
+    let (p50, max) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!(
+        "approve round trip over {} decisions: p50 {p50:?}, max {max:?}",
+        times.len()
+    );
+    assert!(max < std::time::Duration::from_secs(2), "{times:?}");
+}
