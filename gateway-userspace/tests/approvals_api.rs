@@ -340,6 +340,15 @@ async fn only_authorized_approvers_other_than_the_requester_decide() {
         "{body}"
     );
 
+    // Counted by verb and result.
+    let exposition = h.app.metrics().encode();
+    for line in [
+        "chaperone_approval_decisions_total{verb=\"approve\",result=\"written\"} 1",
+        "chaperone_approval_decisions_total{verb=\"deny\",result=\"refused\"} 1",
+    ] {
+        assert!(exposition.contains(line), "{line} missing in {exposition}");
+    }
+
     // Every attempt is recorded: who, from where, what became of it.
     let dir = h.app.recording_dir().to_owned();
     drop(h.admin);
