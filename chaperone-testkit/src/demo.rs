@@ -140,6 +140,7 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
         recordings_dir: Some(recordings.clone()),
         seed,
         approval: true,
+        ..Default::default()
     })
     .await
     .context("starting the demo stack")?;

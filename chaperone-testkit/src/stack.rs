@@ -77,10 +77,18 @@ pub struct StackOptions {
     /// namespace ([`APPROVAL_NAMESPACE`]) and a seal key, and configure `approval:`
     /// (without the approvals API; tests decide with [`Stack::decide`]).
     pub approval: bool,
+    /// With `approval`: also serve the approvals API on the node side of the sandbox's
+    /// veth, port [`APPROVALS_PORT`] (certificate from the cluster CA, [`Stack::ca_file`]).
+    pub approvals_api: bool,
+    /// Extra bearer tokens the API test server accepts and who they authenticate as
+    /// (approvers, verified by TokenReview).
+    pub token_users: Vec<(String, crate::apiserver::UserInfo)>,
 }
 
 /// The namespace AccessRequests live in when [`StackOptions::approval`] is set.
 pub const APPROVAL_NAMESPACE: &str = "chaperone-system";
+/// Port of the approvals API when [`StackOptions::approvals_api`] is set.
+pub const APPROVALS_PORT: u16 = 15444;
 
 /// A running stack. Call [`Stack::stop`] to flush recordings; dropping it still removes the
 /// sandbox pod and stops the servers.
@@ -162,6 +170,7 @@ impl Stack {
         let apiserver = TestApiServer::start(ApiServerConfig {
             ca: Some(Arc::new(ca)),
             tokens: vec![gateway_token.clone()],
+            token_users: opts.token_users.iter().cloned().collect(),
             ..ApiServerConfig::default()
         })
         .await
@@ -254,7 +263,19 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
-            approval: approval.as_ref().map(|(config, _)| config.clone()),
+            approval: approval.as_ref().map(|(config, _)| {
+                let mut config = config.clone();
+                if opts.approvals_api {
+                    config.api = Some(gateway_userspace::approval::config::ApprovalApiConfig {
+                        listen: (pod.host_ip(), APPROVALS_PORT).into(),
+                        cert_file: None,
+                        key_file: None,
+                        server_names: gateway_userspace::approval::config::default_api_names(),
+                        server_ips: vec![pod.host_ip().into()],
+                    });
+                }
+                config
+            }),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -333,11 +354,6 @@ impl Stack {
         );
         write(&path, kubeconfig)?;
         Ok(path)
-    }
-
-    /// The cluster CA (PEM file) that also signs the gateways' serving certificates.
-    pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("cluster-ca.crt")
     }
 
     /// The AccessRequests waiting or decided, oldest first.
@@ -423,6 +439,16 @@ impl Stack {
     /// The stack's working directory (config, certificates, kubeconfig).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The cluster CA certificate (it also signs the approvals API's certificate).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("cluster-ca.crt")
+    }
+
+    /// The gateways' seal key, when approval is on.
+    pub fn seal_key(&self) -> Option<&gateway_userspace::approval::seal::SealKey> {
+        self.seal_key.as_ref()
     }
 
     /// Root of the recordings dataset.

@@ -36,6 +36,15 @@ pub struct RequestLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `chaperone_approval_decisions_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApprovalDecisionLabels {
+    /// approve | deny.
+    pub verb: &'static str,
+    /// written | refused.
+    pub result: &'static str,
+}
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +70,12 @@ pub struct Metrics {
     /// AccessRequest decisions seen without a valid seal (a status edited directly at the
     /// API server): ignored, and counted here.
     pub approval_tampering: Counter,
+    /// Decisions attempted through the approvals API, by verb and whether written.
+    pub approval_decisions: Family<ApprovalDecisionLabels, Counter>,
+    /// Notifications dropped because their queue was full.
+    pub approval_notifications_dropped: Counter,
+    /// Notifications not delivered after every attempt.
+    pub approval_notifications_failed: Counter,
 }
 
 impl Metrics {
@@ -130,6 +145,24 @@ impl Metrics {
             "AccessRequest decisions without a valid seal (not written by a gateway's approvals API), ignored",
             approval_tampering.clone(),
         );
+        let approval_decisions = Family::<ApprovalDecisionLabels, Counter>::default();
+        registry.register(
+            "approval_decisions",
+            "Decisions attempted through the approvals API, by verb (approve, deny) and result (written, refused)",
+            approval_decisions.clone(),
+        );
+        let approval_notifications_dropped = Counter::default();
+        registry.register(
+            "approval_notifications_dropped",
+            "AccessRequest notifications dropped because the notification queue was full",
+            approval_notifications_dropped.clone(),
+        );
+        let approval_notifications_failed = Counter::default();
+        registry.register(
+            "approval_notifications_failed",
+            "AccessRequest notifications not delivered after every retry",
+            approval_notifications_failed.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -147,6 +180,9 @@ impl Metrics {
             connections_rejected,
             masking_failures,
             approval_tampering,
+            approval_decisions,
+            approval_notifications_dropped,
+            approval_notifications_failed,
         })
     }
 

@@ -319,10 +319,13 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     }
     tokio::spawn(admin.serve(admin_listener, proxy_watch.clone()));
     let notifier = match &cfg.approval {
-        Some(approval) => {
-            crate::approval::notify::Notifier::start(&approval.notify, proxy_watch.clone())
-                .map_err(|e| AppError::Config(e.to_string()))?
-        }
+        Some(approval) => crate::approval::notify::Notifier::start_counting(
+            &approval.notify,
+            proxy_watch.clone(),
+            metrics.approval_notifications_dropped.clone(),
+            metrics.approval_notifications_failed.clone(),
+        )
+        .map_err(|e| AppError::Config(e.to_string()))?,
         None => None,
     };
     if let (Some(approval), Some(client)) = (&cfg.approval, kube_client.clone()) {
@@ -363,6 +366,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                     recorder: approvals_recorder,
                     node: node.clone(),
                     notifier: notifier.clone(),
+                    metrics: metrics.clone(),
                 },
                 proxy_watch.clone(),
             )
@@ -407,6 +411,7 @@ struct ApprovalsParts {
     recorder: crate::recorder::RecorderHandle,
     node: String,
     notifier: Option<crate::approval::notify::Notifier>,
+    metrics: Arc<Metrics>,
 }
 
 /// Binds the approvals API and starts serving it; returns its address.
@@ -468,6 +473,7 @@ async fn start_approvals_api(
         node: parts.node,
         cluster: cfg.cluster.clone(),
         notifier: parts.notifier,
+        metrics: Some(parts.metrics),
     });
     tokio::spawn(server.serve(listener, tls, drain));
     tracing::info!(%addr, namespace = %approval.namespace, "approvals API listening");

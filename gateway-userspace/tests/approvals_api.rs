@@ -34,11 +34,17 @@ const AGENT_SA: &str = "system:serviceaccount:agents:cursor";
 
 fn user(token: &str) -> (&'static str, UserInfo) {
     match token {
-        "alice" => ("alice", UserInfo::new("alice", ["sre"])),
-        "bob" => ("bob", UserInfo::new("bob", ["sre"])),
-        "carol" => ("carol", UserInfo::new("carol", ["dev"])),
+        // `approvers` stands for the group the chaperone-approver ClusterRole is bound to.
+        "alice" => ("alice", UserInfo::new("alice", ["sre", "approvers"])),
+        "bob" => ("bob", UserInfo::new("bob", ["sre", "approvers"])),
+        "carol" => ("carol", UserInfo::new("carol", ["dev", "approvers"])),
+        // In the rule's approver group, but without the RBAC binding.
         "mallory" => ("mallory", UserInfo::new("mallory", ["sre"])),
-        _ => ("agent", UserInfo::service_account("agents", "cursor")),
+        // The agent's service account, mistakenly bound too.
+        _ => (
+            "agent",
+            UserInfo::new(AGENT_SA, ["system:serviceaccounts", "approvers"]),
+        ),
     }
 }
 
@@ -63,12 +69,11 @@ impl Harness {
             tokens: vec![GATEWAY_TOKEN.to_owned()],
             ..ApiServerConfig::default()
         }
-        // The role table: mallory is in the right group but holds no chaperone-approver
-        // binding.
+        // The role table: `approve` on AccessRequests is bound to group `approvers` only.
         .with_authorizer(
             Authorizer::allow_all().deny(
-                Denial::user(
-                    "mallory",
+                Denial::only_group(
+                    "approvers",
                     "approve",
                     ResourceMatch::new("accessrequests").in_api_group("chaperone.dev"),
                 )
@@ -252,6 +257,7 @@ async fn only_authorized_approvers_other_than_the_requester_decide() {
         ),
         "{body}"
     );
+    assert!(message(&body).contains("no RBAC policy matched"), "{body}");
     // The rule's approvers: carol may approve by RBAC but is not listed.
     let (code, body) = post(&h.approver("carol").await, "ar-1", "approve", "{}").await;
     assert_eq!(code, 403, "{body}");
@@ -334,6 +340,15 @@ async fn only_authorized_approvers_other_than_the_requester_decide() {
         "{body}"
     );
 
+    // Counted by verb and result.
+    let exposition = h.app.metrics().encode();
+    for line in [
+        "chaperone_approval_decisions_total{verb=\"approve\",result=\"written\"} 1",
+        "chaperone_approval_decisions_total{verb=\"deny\",result=\"refused\"} 1",
+    ] {
+        assert!(exposition.contains(line), "{line} missing in {exposition}");
+    }
+
     // Every attempt is recorded: who, from where, what became of it.
     let dir = h.app.recording_dir().to_owned();
     drop(h.admin);
@@ -378,6 +393,23 @@ async fn only_authorized_approvers_other_than_the_requester_decide() {
 #[tokio::test]
 async fn racing_approvers_one_wins() {
     let h = Harness::start().await;
+    // What makes the race safe: a status write carrying a stale resourceVersion is refused.
+    let stale = h.pending("stale", None).await;
+    let api: Api<AccessRequest> = Api::namespaced(h.admin.clone(), NS);
+    let mut first = stale.clone();
+    first.status = Some(Default::default());
+    api.replace_status("stale", &PostParams::default(), &first)
+        .await
+        .unwrap();
+    let err = api
+        .replace_status("stale", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err}"
+    );
+
     for round in 0..3 {
         let name = format!("race-{round}");
         h.pending(&name, None).await;
@@ -625,4 +657,79 @@ async fn requests_watch_streams_decisions() {
         "{changed}"
     );
     child.kill().await.unwrap();
+}
+
+/// The signature checks the approver guide shows (Python and shell) accept what the
+/// notifier sends, and the Python one rejects another key.
+#[test]
+fn the_guides_signature_checks_accept_the_webhook() {
+    use gateway_userspace::approval::notify::signature;
+    let guide = include_str!("../../docs/approver-guide.md");
+    let block = |fence: &str| -> String {
+        let start = guide.find(fence).expect(fence) + fence.len();
+        let end = start + guide[start..].find("```").expect("closing fence");
+        guide[start..end].to_owned()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let body = br#"{"kind":"AccessRequestEvent","type":"Created","accessRequest":{"metadata":{"name":"ar-1"}}}"#;
+    std::fs::write(dir.path().join("body.json"), body).unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+    let header = signature(b"s3cret", body);
+
+    let script = format!(
+        "{}\nimport sys\nbody = open(sys.argv[1], 'rb').read()\nprint(verified(b's3cret', body, sys.argv[2]), verified(b'other', body, sys.argv[2]))\n",
+        block("```python\n")
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(dir.path().join("body.json"))
+        .arg(&header)
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "True False",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(block("```sh\n"))
+        .current_dir(dir.path())
+        .output()
+        .expect("sh");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        header,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How long an approval takes from the approver's call to the sealed status stored (token
+/// review cached after the first call; a SubjectAccessReview, a read and a status write
+/// against the API test server each time). Printed for docs/benchmarks.md; bounded so a
+/// pathological slowdown fails.
+#[tokio::test]
+async fn approval_round_trip_latency() {
+    let h = Harness::start().await;
+    let alice = h.approver("alice").await;
+    let mut times = Vec::new();
+    for i in 0..40 {
+        let name = format!("lat-{i}");
+        h.pending(&name, None).await;
+        let started = std::time::Instant::now();
+        let (code, body) = post(&alice, &name, "approve", "{}").await;
+        times.push(started.elapsed());
+        assert_eq!(code, 200, "{body}");
+    }
+    times.sort();
+    let (p50, max) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!(
+        "approve round trip over {} decisions: p50 {p50:?}, max {max:?}",
+        times.len()
+    );
+    assert!(max < std::time::Duration::from_secs(2), "{times:?}");
 }

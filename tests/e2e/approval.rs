@@ -112,6 +112,7 @@ async fn risky_requests_wait_for_a_person() {
         recordings_dir: None,
         seed: seed(),
         approval: true,
+        ..Default::default()
     })
     .await
     .expect("start the stack");
@@ -419,6 +420,7 @@ async fn an_approval_on_another_node_releases_the_held_request() {
         recordings_dir: None,
         seed: seed(),
         approval: true,
+        ..Default::default()
     })
     .await
     .expect("start the stack");
@@ -493,6 +495,7 @@ rules:
         recordings_dir: None,
         seed: chaperone_testkit::demo::demo_objects(),
         approval: true,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

@@ -42,6 +42,7 @@ async fn start() -> Stack {
         recordings_dir: None,
         seed: demo_objects(),
         approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack")

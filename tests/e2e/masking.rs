@@ -123,6 +123,7 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
         recordings_dir: None,
         seed: seed(),
         approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

@@ -160,6 +160,7 @@ async fn content_and_exec_rules_hold_with_real_clients() {
         recordings_dir: None,
         seed: demo_objects(),
         approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

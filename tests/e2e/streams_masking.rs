@@ -106,6 +106,7 @@ async fn kubectl_logs_and_exec_show_credentials_masked() {
         recordings_dir: None,
         seed: vec![pod],
         approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

@@ -42,6 +42,7 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         recordings_dir: None,
         seed: demo_objects(),
         approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

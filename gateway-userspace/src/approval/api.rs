@@ -79,6 +79,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest comment kept.
 pub const MAX_COMMENT_CHARS: usize = 1024;
+/// How long one call may take to produce its answer (a watch: its first byte).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,6 +111,8 @@ pub struct ApiSettings {
     pub cluster: String,
     /// Who is told about decisions.
     pub notifier: Option<Notifier>,
+    /// The gateway's metrics (decisions counted by verb and result).
+    pub metrics: Option<Arc<crate::admin::Metrics>>,
 }
 
 /// The approvals API server.
@@ -510,7 +514,9 @@ impl ApprovalApi {
             ));
         }
         let identity = self.s.identity.as_ref()?;
-        let pod = identity.pods().by_ip(peer.ip())?;
+        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; pods are indexed by
+        // their plain addresses.
+        let pod = identity.pods().by_ip(peer.ip().to_canonical())?;
         let workload = WorkloadIdentity {
             node: self.s.node.clone(),
             namespace: Some(pod.namespace.clone()),
@@ -634,9 +640,22 @@ impl ApprovalApi {
             user_agent: header_text(&parts.headers, header::USER_AGENT),
             approver: None,
         };
-        let result = self
-            .authenticated(&route, &parts.headers, body, refused, &mut ctx, drain)
-            .await;
+        let result = match tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.authenticated(&route, &parts.headers, body, refused, &mut ctx, drain),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Status::failure(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                format!(
+                    "no answer within {CALL_TIMEOUT:?} (token review, access review or the API server); a decision may or may not have been written: check with `chaperone requests {}`",
+                    route_name(&route)
+                ),
+            )),
+        };
         match result {
             Ok(response) => response,
             Err(status) => {
@@ -906,10 +925,19 @@ impl ApprovalApi {
         result: &Status,
         written: Option<&AccessRequestStatus>,
     ) {
+        let ok = written.is_some();
+        if let Some(metrics) = &self.s.metrics {
+            metrics
+                .approval_decisions
+                .get_or_create(&crate::admin::ApprovalDecisionLabels {
+                    verb: decision.verb().as_str(),
+                    result: if ok { "written" } else { "refused" },
+                })
+                .inc();
+        }
         let Some(recorder) = &self.s.recorder else {
             return;
         };
-        let ok = written.is_some();
         let reason = match written {
             Some(s) => format!(
                 "{} by {}{}{}",

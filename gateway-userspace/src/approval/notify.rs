@@ -13,19 +13,13 @@
 //! verification example). The Slack message has the same summary as text and blocks, with
 //! the commands that decide.
 
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac as _};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -428,14 +422,14 @@ enum TargetKind {
 #[derive(Clone)]
 pub struct Notifier {
     queue: tokio::sync::mpsc::Sender<(EventType, Arc<AccessRequest>)>,
-    dropped: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
+    dropped: Counter,
+    failed: Counter,
 }
 
 impl std::fmt::Debug for Notifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Notifier")
-            .field("dropped", &self.dropped.load(Ordering::Relaxed))
+            .field("dropped", &self.dropped.get())
             .finish_non_exhaustive()
     }
 }
@@ -493,6 +487,17 @@ impl Notifier {
     /// Reads the secrets, builds the clients and starts delivering until the drain starts;
     /// `None` when no target is configured.
     pub fn start(config: &NotifyConfig, drain: DrainWatcher) -> Result<Option<Self>, NotifyError> {
+        Self::start_counting(config, drain, Counter::default(), Counter::default())
+    }
+
+    /// Like [`Notifier::start`], counting dropped and undelivered events in the gateway's
+    /// metrics.
+    pub fn start_counting(
+        config: &NotifyConfig,
+        drain: DrainWatcher,
+        dropped: Counter,
+        failed: Counter,
+    ) -> Result<Option<Self>, NotifyError> {
         if config.is_empty() {
             return Ok(None);
         }
@@ -540,8 +545,8 @@ impl Notifier {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let notifier = Self {
             queue: tx,
-            dropped: Arc::default(),
-            failed: Arc::default(),
+            dropped,
+            failed,
         };
         tokio::spawn(deliver_loop(
             rx,
@@ -566,12 +571,12 @@ impl Notifier {
 
     /// Events dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Deliveries that failed after every attempt.
     pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.get()
     }
 
     fn enqueue(&self, event: EventType, request: &AccessRequest) {
@@ -580,7 +585,7 @@ impl Notifier {
             .try_send((event, Arc::new(request.clone())))
             .is_err()
         {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
             tracing::warn!(
                 accessrequest = request.metadata.name.as_deref().unwrap_or(""),
                 "notification queue full or closed; event dropped"
@@ -598,7 +603,7 @@ async fn deliver_loop(
     targets: Arc<Vec<Target>>,
     retry: RetryConfig,
     link: Option<String>,
-    failed: Arc<AtomicU64>,
+    failed: Counter,
     drain: DrainWatcher,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_DELIVERIES));
@@ -639,7 +644,7 @@ async fn deliver_loop(
                     _ = drain.signaled() => {}
                     delivered = deliver(target, event, Bytes::from(body), &retry) => {
                         if let Err(e) = delivered {
-                            failed.fetch_add(1, Ordering::Relaxed);
+                            failed.inc();
                             tracing::error!(target = %target.label, accessrequest = name, error = %e, "notification not delivered");
                         }
                     }
