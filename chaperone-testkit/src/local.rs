@@ -61,5 +61,6 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
         admin: AdminConfig { address: loopback },
         shutdown_grace: Duration::from_secs(5),
         limits: Default::default(),
+        approval: None,
     })
 }

@@ -73,7 +73,22 @@ pub struct StackOptions {
     pub recordings_dir: Option<PathBuf>,
     /// Objects to seed into the API test server (JSON, with kind/apiVersion/metadata).
     pub seed: Vec<serde_json::Value>,
+    /// Just-in-time approval: register the AccessRequest CRD, create the gateway's
+    /// namespace ([`APPROVAL_NAMESPACE`]) and a seal key, and configure `approval:`
+    /// (without the approvals API; tests decide with [`Stack::decide`]).
+    pub approval: bool,
+    /// With `approval`: also serve the approvals API on the node side of the sandbox's
+    /// veth, port [`APPROVALS_PORT`] (certificate from the cluster CA, [`Stack::ca_file`]).
+    pub approvals_api: bool,
+    /// Extra bearer tokens the API test server accepts and who they authenticate as
+    /// (approvers, verified by TokenReview).
+    pub token_users: Vec<(String, crate::apiserver::UserInfo)>,
 }
+
+/// The namespace AccessRequests live in when [`StackOptions::approval`] is set.
+pub const APPROVAL_NAMESPACE: &str = "chaperone-system";
+/// Port of the approvals API when [`StackOptions::approvals_api`] is set.
+pub const APPROVALS_PORT: u16 = 15444;
 
 /// A running stack. Call [`Stack::stop`] to flush recordings; dropping it still removes the
 /// sandbox pod and stops the servers.
@@ -90,6 +105,7 @@ pub struct Stack {
     pub pod_token: String,
     dir: tempfile::TempDir,
     recordings: PathBuf,
+    seal_key: Option<gateway_userspace::approval::seal::SealKey>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -104,6 +120,7 @@ impl std::fmt::Debug for Stack {
 fn sandbox_pod_object(
     uid: &str,
     container_id: &str,
+    pod_ip: std::net::Ipv4Addr,
 ) -> Result<k8s_openapi::api::core::v1::Pod, StackError> {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -111,7 +128,8 @@ fn sandbox_pod_object(
                      "labels": {"app": "coding-agent"}},
         "spec": {"nodeName": "sandbox-node", "serviceAccountName": SANDBOX_SERVICE_ACCOUNT,
                  "containers": [{"name": "agent", "image": "cursor-agent:1"}]},
-        "status": {"phase": "Running", "containerStatuses": [{
+        "status": {"phase": "Running", "podIP": pod_ip.to_string(), "podIPs": [{"ip": pod_ip.to_string()}],
+                   "containerStatuses": [{
             "name": "agent", "ready": true, "restartCount": 0, "image": "cursor-agent:1", "imageID": "",
             "containerID": format!("containerd://{container_id}"),
             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
@@ -152,6 +170,7 @@ impl Stack {
         let apiserver = TestApiServer::start(ApiServerConfig {
             ca: Some(Arc::new(ca)),
             tokens: vec![gateway_token.clone()],
+            token_users: opts.token_users.iter().cloned().collect(),
             ..ApiServerConfig::default()
         })
         .await
@@ -161,6 +180,11 @@ impl Stack {
                 .seed(object)
                 .map_err(|e| StackError::ApiServer(e.to_string()))?;
         }
+        let approval = if opts.approval {
+            Some(approval_setup(&apiserver, root)?)
+        } else {
+            None
+        };
 
         // The sandbox's cgroup sits where kubelet would put a containerd container, and the
         // pod store learns the matching Pod object, as the node-scoped pod watch would.
@@ -239,6 +263,19 @@ impl Stack {
             },
             shutdown_grace: Duration::from_secs(5),
             limits: Default::default(),
+            approval: approval.as_ref().map(|(config, _)| {
+                let mut config = config.clone();
+                if opts.approvals_api {
+                    config.api = Some(gateway_userspace::approval::config::ApprovalApiConfig {
+                        listen: (pod.host_ip(), APPROVALS_PORT).into(),
+                        cert_file: None,
+                        key_file: None,
+                        server_names: gateway_userspace::approval::config::default_api_names(),
+                        server_ips: vec![pod.host_ip().into()],
+                    });
+                }
+                config
+            }),
         };
         // Round-trip through YAML so the demo's config is exactly what a user would write.
         let yaml = serde_norway::to_string(&config)
@@ -249,7 +286,7 @@ impl Stack {
         let app = app::build(config).await?;
         app.identity()
             .pods()
-            .apply(&sandbox_pod_object(&pod_uid, &container_id)?);
+            .apply(&sandbox_pod_object(&pod_uid, &container_id, pod.pod_ip())?);
 
         // What an in-cluster agent sees: the API server's virtual address, the cluster CA
         // it already trusts, and its own (useless upstream) token.
@@ -269,12 +306,149 @@ impl Stack {
             pod_token,
             dir,
             recordings,
+            seal_key: approval.map(|(_, key)| key),
         })
+    }
+
+    /// Another gateway ("node B") on 127.0.0.1 in front of the same API test server, with
+    /// the same policy and seal key and the approvals API listening (no interception: it
+    /// holds nobody's requests here, it decides). Recordings go to `recordings-node-b`.
+    pub async fn second_gateway(&self) -> Result<App, StackError> {
+        let root = self.dir.path();
+        let mut config = Config::load(&root.join("chaperone.yaml"))?;
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.node = Some("node-b".to_owned());
+        config.listen = ListenConfig { address: loopback };
+        config.admin = AdminConfig { address: loopback };
+        config.interception = InterceptionConfig {
+            mode: InterceptionMode::None,
+            ..InterceptionConfig::default()
+        };
+        config.tls.server_ips = vec![loopback.ip()];
+        config.recording.dir = root.join("recordings-node-b");
+        let approval = config.approval.as_mut().ok_or_else(|| {
+            StackError::ApiServer("the stack was started without approval".into())
+        })?;
+        approval.api = Some(gateway_userspace::approval::config::ApprovalApiConfig {
+            listen: loopback,
+            cert_file: None,
+            key_file: None,
+            server_names: vec!["localhost".to_owned()],
+            server_ips: vec![loopback.ip()],
+        });
+        Ok(app::build(config).await?)
+    }
+
+    /// A kubeconfig for an approver outside the sandbox: the API test server directly,
+    /// with the gateway's token (`system:admin`, in `system:masters`).
+    pub fn admin_kubeconfig(&self) -> Result<PathBuf, StackError> {
+        let root = self.dir.path();
+        let path = root.join("admin-kubeconfig");
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: admin\n  context:\n    cluster: test\n    user: admin\n\
+             current-context: admin\n",
+            server = self.apiserver.url(),
+            ca = root.join("cluster-ca.crt").display(),
+            token = self.gateway_token,
+        );
+        write(&path, kubeconfig)?;
+        Ok(path)
+    }
+
+    /// The AccessRequests waiting or decided, oldest first.
+    pub fn access_requests(&self) -> Vec<serde_json::Value> {
+        let mut all = self.apiserver.objects("accessrequests", APPROVAL_NAMESPACE);
+        all.sort_by(|a, b| {
+            let created = |o: &serde_json::Value| {
+                o.pointer("/spec/createdAt")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            created(a).cmp(&created(b))
+        });
+        all
+    }
+
+    /// Waits (up to 30 s) until `count` AccessRequests exist and returns the newest's name.
+    pub async fn wait_for_access_requests(&self, count: usize) -> Result<String, StackError> {
+        for _ in 0..600 {
+            let all = self.access_requests();
+            if all.len() >= count
+                && let Some(name) = all
+                    .last()
+                    .and_then(|o| o.pointer("/metadata/name"))
+                    .and_then(serde_json::Value::as_str)
+            {
+                return Ok(name.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(StackError::ApiServer(format!(
+            "{count} AccessRequests never appeared (have {})",
+            self.access_requests().len()
+        )))
+    }
+
+    /// Writes a decision into an AccessRequest's status as the approvals API does, sealed
+    /// with the gateways' key; `sealed == false` writes it as someone editing the status
+    /// directly at the API server would (no valid seal).
+    pub fn decide(
+        &self,
+        name: &str,
+        decision: Decision<'_>,
+        sealed: bool,
+    ) -> Result<(), StackError> {
+        use gateway_userspace::approval::resource::{AccessRequest, AccessRequestStatus};
+        let fail = |why: String| StackError::ApiServer(format!("deciding {name}: {why}"));
+        let key = self
+            .seal_key
+            .as_ref()
+            .ok_or_else(|| fail("the stack was started without approval".into()))?;
+        let object = self
+            .apiserver
+            .object("accessrequests", APPROVAL_NAMESPACE, name)
+            .ok_or_else(|| fail("no such AccessRequest".into()))?;
+        let mut ar: AccessRequest =
+            serde_json::from_value(object.clone()).map_err(|e| fail(e.to_string()))?;
+        let mut status = AccessRequestStatus {
+            phase: decision.phase,
+            decided_by: Some(decision.by.to_owned()),
+            decided_at: Some(jiff::Timestamp::now().to_string()),
+            comment: decision.comment.map(str::to_owned),
+            grant_until: decision.grant_for.map(|d| {
+                (jiff::Timestamp::now() + jiff::SignedDuration::try_from(d).unwrap_or_default())
+                    .to_string()
+            }),
+            ..AccessRequestStatus::default()
+        };
+        if sealed {
+            status.seal = Some(key.seal(&ar, &status).map_err(|e| fail(e.to_string()))?);
+        }
+        ar.status = Some(status);
+        let mut value = serde_json::to_value(&ar).map_err(|e| fail(e.to_string()))?;
+        // Keep what the server stored (resourceVersion, creationTimestamp, ...).
+        value["metadata"] = object["metadata"].clone();
+        self.apiserver
+            .seed(value)
+            .map(|_| ())
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// The stack's working directory (config, certificates, kubeconfig).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The cluster CA certificate (it also signs the approvals API's certificate).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("cluster-ca.crt")
+    }
+
+    /// The gateways' seal key, when approval is on.
+    pub fn seal_key(&self) -> Option<&gateway_userspace::approval::seal::SealKey> {
+        self.seal_key.as_ref()
     }
 
     /// Root of the recordings dataset.
@@ -319,6 +493,7 @@ impl Stack {
             pod_token,
             dir,
             recordings,
+            seal_key: _,
         } = self;
         let stats = app.shutdown().await?;
         Ok(Stopped {
@@ -331,6 +506,69 @@ impl Stack {
             _dir: dir,
         })
     }
+}
+
+/// A decision for [`Stack::decide`].
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    /// Approved or Denied.
+    pub phase: gateway_userspace::approval::resource::Phase,
+    /// The approver.
+    pub by: &'a str,
+    /// The approver's comment.
+    pub comment: Option<&'a str>,
+    /// A lasting grant: the identical (or rule-scoped) request passes for this long.
+    pub grant_for: Option<Duration>,
+}
+
+/// Registers the AccessRequest CRD, creates the gateway's namespace and a seal key; returns
+/// the `approval:` config section and the key.
+fn approval_setup(
+    apiserver: &TestApiServer,
+    root: &Path,
+) -> Result<
+    (
+        gateway_userspace::approval::ApprovalConfig,
+        gateway_userspace::approval::seal::SealKey,
+    ),
+    StackError,
+> {
+    use std::io::Read as _;
+    let crd: serde_json::Value = gateway_userspace::approval::resource::crd_yaml()
+        .map_err(|e| StackError::ApiServer(e.to_string()))
+        .and_then(|y| {
+            serde_norway::from_str(&y).map_err(|e| StackError::ApiServer(e.to_string()))
+        })?;
+    for object in [
+        crd,
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": APPROVAL_NAMESPACE}}),
+    ] {
+        apiserver
+            .seed(object)
+            .map_err(|e| StackError::ApiServer(e.to_string()))?;
+    }
+    let mut bytes = [0u8; 32];
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| StackError::Io {
+            path: urandom.to_owned(),
+            source,
+        })?;
+    let key_file = root.join("approval-seal.key");
+    write(&key_file, bytes)?;
+    let key = gateway_userspace::approval::seal::SealKey::from_file(&key_file)
+        .map_err(|e| StackError::ApiServer(e.to_string()))?;
+    Ok((
+        gateway_userspace::approval::ApprovalConfig {
+            namespace: APPROVAL_NAMESPACE.to_owned(),
+            seal_key_file: key_file,
+            api: None,
+            notify: Default::default(),
+            max_pending_per_workload: 10,
+        },
+        key,
+    ))
 }
 
 /// A stopped stack: the gateway has flushed its recordings.

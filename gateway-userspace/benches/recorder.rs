@@ -125,6 +125,10 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                 },
                 impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
                 masked: None,
+                approval_outcome: None,
+                access_request: None,
+                approval_decided_by: None,
+                approval_wait_ms: None,
                 request_content_type: (verb == "create" || verb == "patch")
                     .then(|| "application/json".into()),
                 request_object: (verb == "create" || verb == "patch").then(|| {

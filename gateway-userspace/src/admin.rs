@@ -36,6 +36,15 @@ pub struct RequestLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `chaperone_approval_decisions_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApprovalDecisionLabels {
+    /// approve | deny.
+    pub verb: &'static str,
+    /// written | refused.
+    pub result: &'static str,
+}
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -58,6 +67,15 @@ pub struct Metrics {
     pub policy_streams_closed: Counter,
     /// Responses that had to be masked and could not be (refused, or a watch ended).
     pub masking_failures: Counter,
+    /// AccessRequest decisions seen without a valid seal (a status edited directly at the
+    /// API server): ignored, and counted here.
+    pub approval_tampering: Counter,
+    /// Decisions attempted through the approvals API, by verb and whether written.
+    pub approval_decisions: Family<ApprovalDecisionLabels, Counter>,
+    /// Notifications dropped because their queue was full.
+    pub approval_notifications_dropped: Counter,
+    /// Notifications not delivered after every attempt.
+    pub approval_notifications_failed: Counter,
 }
 
 impl Metrics {
@@ -121,6 +139,30 @@ impl Metrics {
             "Responses a mask decision applied to that could not be masked, so they were refused (or their watch ended with an error event)",
             masking_failures.clone(),
         );
+        let approval_tampering = Counter::default();
+        registry.register(
+            "approval_tampering_attempts",
+            "AccessRequest decisions without a valid seal (not written by a gateway's approvals API), ignored",
+            approval_tampering.clone(),
+        );
+        let approval_decisions = Family::<ApprovalDecisionLabels, Counter>::default();
+        registry.register(
+            "approval_decisions",
+            "Decisions attempted through the approvals API, by verb (approve, deny) and result (written, refused)",
+            approval_decisions.clone(),
+        );
+        let approval_notifications_dropped = Counter::default();
+        registry.register(
+            "approval_notifications_dropped",
+            "AccessRequest notifications dropped because the notification queue was full",
+            approval_notifications_dropped.clone(),
+        );
+        let approval_notifications_failed = Counter::default();
+        registry.register(
+            "approval_notifications_failed",
+            "AccessRequest notifications not delivered after every retry",
+            approval_notifications_failed.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -137,6 +179,10 @@ impl Metrics {
             recording_failures,
             connections_rejected,
             masking_failures,
+            approval_tampering,
+            approval_decisions,
+            approval_notifications_dropped,
+            approval_notifications_failed,
         })
     }
 

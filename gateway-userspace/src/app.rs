@@ -79,6 +79,8 @@ pub enum AppError {
 /// A running gateway.
 pub struct App {
     local_addr: SocketAddr,
+    approvals_addr: Option<SocketAddr>,
+    notifier: Option<crate::approval::notify::Notifier>,
     identity: Arc<Identity>,
     admin_addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -151,15 +153,17 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     tracing::info!(source = %upstream.source, credential = upstream.credential_kind(), "upstream credential ready");
     let node = cfg.node_name();
 
+    let approvals_api = cfg.approval.as_ref().and_then(|a| a.api.clone());
     let kube_client = if cfg.identity.watch_pods
         || cfg.identity.token_review
         || cfg.interception.discover_kubernetes_service
+        || cfg.approval.is_some()
     {
         // The same kube-rs config as the forwarding path: one server, one credential.
         Some(
             kube::Client::try_from(upstream.config.clone()).map_err(|e| {
                 AppError::Config(format!(
-                    "connecting to the API server ({}) for pods, TokenReview or targets: {e}",
+                    "connecting to the API server ({}) for pods, TokenReview, targets or approvals: {e}",
                     upstream.source
                 ))
             })?,
@@ -216,6 +220,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let recorder_status = recorder_handle.status();
     let metrics = Metrics::new(interceptor.clone(), Some(recorder_status.clone()));
 
+    let approvals_recorder = recorder_handle.clone();
     let proxy = Proxy::new(ProxySettings {
         policy,
         upstream_url: upstream_url.clone(),
@@ -313,6 +318,62 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         ));
     }
     tokio::spawn(admin.serve(admin_listener, proxy_watch.clone()));
+    let notifier = match &cfg.approval {
+        Some(approval) => crate::approval::notify::Notifier::start_counting(
+            &approval.notify,
+            proxy_watch.clone(),
+            metrics.approval_notifications_dropped.clone(),
+            metrics.approval_notifications_failed.clone(),
+        )
+        .map_err(|e| AppError::Config(e.to_string()))?,
+        None => None,
+    };
+    if let (Some(approval), Some(client)) = (&cfg.approval, kube_client.clone()) {
+        // Requests decided `approve` are held here; the watcher releases them.
+        let seal_key = crate::approval::seal::SealKey::from_file(&approval.seal_key_file)
+            .map_err(|e| AppError::Config(format!("approval.sealKeyFile: {e}")))?;
+        let holder = crate::approval::holder::Holder::with_notifier(
+            client,
+            crate::approval::holder::HolderConfig {
+                namespace: approval.namespace.clone(),
+                node: node.clone(),
+                seal_key,
+                max_pending_per_workload: approval.max_pending_per_workload,
+            },
+            notifier.clone(),
+        );
+        holder.count_tampering_in(metrics.approval_tampering.clone());
+        let watch_drain = proxy_watch.clone();
+        let watcher = holder.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = watcher.run_watcher() => {}
+                _ = watch_drain.signaled() => {}
+            }
+        });
+        proxy.set_approvals(holder);
+    }
+    let approvals_addr = match (&cfg.approval, approvals_api, kube_client.clone()) {
+        (Some(approval), Some(api), Some(client)) => Some(
+            start_approvals_api(
+                &cfg,
+                approval,
+                &api,
+                ApprovalsParts {
+                    client,
+                    identity: identity.clone(),
+                    interceptor: interceptor.clone(),
+                    recorder: approvals_recorder,
+                    node: node.clone(),
+                    notifier: notifier.clone(),
+                    metrics: metrics.clone(),
+                },
+                proxy_watch.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     if let Some(interceptor) = &interceptor {
         tokio::spawn(heartbeat_loop(interceptor.clone(), proxy_watch.clone()));
     }
@@ -322,9 +383,11 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     } else {
         PinGuard::disarmed()
     };
-    tracing::info!(%local_addr, %admin_addr, upstream = %upstream_url, "chaperone is ready");
+    tracing::info!(%local_addr, %admin_addr, ?approvals_addr, upstream = %upstream_url, "chaperone is ready");
     Ok(App {
         local_addr,
+        approvals_addr,
+        notifier,
         identity,
         admin_addr,
         metrics,
@@ -338,6 +401,83 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         grace: cfg.shutdown_grace,
         detach_on_exit,
     })
+}
+
+/// What the approvals API takes from the rest of the gateway.
+struct ApprovalsParts {
+    client: kube::Client,
+    identity: Arc<Identity>,
+    interceptor: Option<Arc<Interceptor>>,
+    recorder: crate::recorder::RecorderHandle,
+    node: String,
+    notifier: Option<crate::approval::notify::Notifier>,
+    metrics: Arc<Metrics>,
+}
+
+/// Binds the approvals API and starts serving it; returns its address.
+async fn start_approvals_api(
+    cfg: &Config,
+    approval: &crate::approval::ApprovalConfig,
+    api: &crate::approval::config::ApprovalApiConfig,
+    parts: ApprovalsParts,
+    drain: drain::DrainWatcher,
+) -> Result<SocketAddr, AppError> {
+    use crate::approval::{api::ApprovalApi, seal::SealKey};
+    let seal = SealKey::from_file(&approval.seal_key_file)
+        .map_err(|e| AppError::Config(format!("approval.sealKeyFile: {e}")))?;
+    let tls = match (&api.cert_file, &api.key_file) {
+        (Some(cert), Some(key)) => {
+            let (chain, key) = tls::load_client_identity(cert, key)?;
+            tls::server_config(chain, key)?
+        }
+        _ => {
+            let ca = CertificateAuthority::from_files(&cfg.tls.ca_cert_file, &cfg.tls.ca_key_file)?;
+            let mut ips = api.server_ips.clone();
+            if !api.listen.ip().is_unspecified() && !ips.contains(&api.listen.ip()) {
+                ips.push(api.listen.ip());
+            }
+            let cert = ServingCert::new(ca, api.server_names.clone(), ips, SERVING_CERT_VALIDITY)?;
+            tokio::spawn(cert.clone().renewal_loop(CERT_RENEWAL_CHECK, drain.clone()));
+            tls::server_config_rotating(cert)?
+        }
+    };
+    // Approvers are verified like agents' tokens (the same OIDC issuers), and Kubernetes
+    // tokens always through TokenReview.
+    let reviewer: Arc<dyn TokenReviewer> = Arc::new(KubeTokenReviewer::new(
+        parts.client.clone(),
+        cfg.identity.token_review_audiences.clone(),
+    ));
+    let principals = Arc::new(PrincipalVerifier::from_config(
+        &cfg.identity,
+        Some(reviewer),
+    )?);
+    let listener = TcpListener::bind(api.listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: api.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: api.listen,
+        source,
+    })?;
+    let server = ApprovalApi::new(crate::approval::api::ApiSettings {
+        namespace: approval.namespace.clone(),
+        client: parts.client,
+        principals,
+        seal,
+        identity: Some(parts.identity),
+        scope: cfg.interception.scope.clone(),
+        interceptor: parts.interceptor,
+        recorder: Some(parts.recorder),
+        node: parts.node,
+        cluster: cfg.cluster.clone(),
+        notifier: parts.notifier,
+        metrics: Some(parts.metrics),
+    });
+    tokio::spawn(server.serve(listener, tls, drain));
+    tracing::info!(%addr, namespace = %approval.namespace, "approvals API listening");
+    Ok(addr)
 }
 
 /// Builds workload identity (cgroup resolver, pod store, static workloads) and the token
@@ -389,6 +529,17 @@ impl App {
     /// The address the proxy listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The approvals API's address, when it is served.
+    pub fn approvals_addr(&self) -> Option<SocketAddr> {
+        self.approvals_addr
+    }
+
+    /// The notifier (webhooks, Slack), when any target is configured; the holding side
+    /// tells it about new AccessRequests.
+    pub fn notifier(&self) -> Option<&crate::approval::notify::Notifier> {
+        self.notifier.as_ref()
     }
 
     /// The admin endpoint's address.

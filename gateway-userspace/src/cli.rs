@@ -84,6 +84,48 @@ pub enum Command {
     /// Print the CustomResourceDefinition of Chaperone's `AccessRequest` resource (the one
     /// shipped in deploy/crds/), generated from the gateway's own types.
     Crd,
+    /// List the access requests waiting for (or past) a decision, or show one
+    /// (through the approvals API, with your kubeconfig's credential).
+    #[command(visible_alias = "request", visible_alias = "ar")]
+    Requests {
+        /// One request to show.
+        name: Option<String>,
+        /// Keep watching and print each change.
+        #[arg(long, short = 'w')]
+        watch: bool,
+        /// Output format (default: a table).
+        #[arg(long, short = 'o', value_enum)]
+        output: Option<crate::approval::client::Output>,
+        /// How to reach the approvals API.
+        #[command(flatten)]
+        connection: crate::approval::client::Connection,
+    },
+    /// Approve a held request: the agent's request proceeds (and, for a lasting grant,
+    /// matching requests for `--for`).
+    Approve {
+        /// The AccessRequest's name.
+        name: String,
+        /// How long the approval lasts (within the rule's grant), e.g. 15m.
+        #[arg(long = "for")]
+        for_: Option<String>,
+        /// A comment, recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+        /// How to reach the approvals API.
+        #[command(flatten)]
+        connection: crate::approval::client::Connection,
+    },
+    /// Deny a held request: the agent gets a 403 carrying your comment.
+    Deny {
+        /// The AccessRequest's name.
+        name: String,
+        /// Why (the agent sees it).
+        #[arg(long)]
+        comment: Option<String>,
+        /// How to reach the approvals API.
+        #[command(flatten)]
+        connection: crate::approval::client::Connection,
+    },
 }
 
 /// `chaperone policy` subcommands.
@@ -117,6 +159,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { admin, json } => status(admin, json).await,
+        Command::Requests {
+            name,
+            watch,
+            output,
+            connection,
+        } => crate::approval::client::requests(&connection, name.as_deref(), watch, output).await,
+        Command::Approve {
+            name,
+            for_,
+            comment,
+            connection,
+        } => crate::approval::client::decide(&connection, &name, true, for_, comment).await,
+        Command::Deny {
+            name,
+            comment,
+            connection,
+        } => crate::approval::client::decide(&connection, &name, false, None, comment).await,
         Command::Crd => {
             print!("{}", crate::approval::resource::crd_yaml()?);
             Ok(())
@@ -295,6 +354,34 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The program name when run as the kubectl plugin (`kubectl-chaperone` on `PATH`,
+/// found by kubectl for `kubectl chaperone ...`).
+pub const KUBECTL_PLUGIN: &str = "kubectl-chaperone";
+
+/// Whether `argv0` names the kubectl plugin (a link or copy called `kubectl-chaperone`).
+pub fn is_kubectl_plugin(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == KUBECTL_PLUGIN || n.starts_with("kubectl-chaperone."))
+}
+
+/// Parses the command line; run as `kubectl-chaperone`, usage and errors say
+/// `kubectl chaperone`.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let plugin = args.first().is_some_and(|a| is_kubectl_plugin(a));
+    let mut command = Cli::command();
+    if plugin {
+        command = command
+            .name("kubectl chaperone")
+            .bin_name("kubectl chaperone");
+    }
+    let matches = command.get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Installs the tracing subscriber (`RUST_LOG` filters; default `info`).

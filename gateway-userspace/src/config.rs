@@ -86,6 +86,10 @@ pub struct Config {
     /// Limits the proxy enforces against slow, greedy or hostile clients.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Just-in-time human approval: where AccessRequests live, the seal key, the approvals
+    /// API and notifications. Absent: no approvals API is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::approval::ApprovalConfig>,
 }
 
 /// Limits the proxy enforces on every client connection (docs/admin-guide.md, "Limits").
@@ -807,6 +811,11 @@ impl Config {
         self.limits
             .validate()
             .map_err(|(path, message)| invalid(path, message))?;
+        if let Some(approval) = &self.approval {
+            approval
+                .validate()
+                .map_err(|(path, message)| invalid(path, message))?;
+        }
         let u = &self.upstream;
         if u.client_cert_file.is_some() != u.client_key_file.is_some() {
             return Err(invalid(

@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use gateway_userspace::cli::{self, Cli};
+use gateway_userspace::cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Also run as `kubectl-chaperone` (the kubectl plugin).
+    let cli = cli::parse();
     cli::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -125,11 +125,15 @@ pub enum Verb {
     /// A method the API server has no verb for (recorded as `""`, as the API server does).
     #[default]
     Unknown,
+    /// `approve`: a decision taken through the approvals API (never a proxied request).
+    Approve,
+    /// `deny`: a denial taken through the approvals API (never a proxied request).
+    Deny,
 }
 
 impl Verb {
     /// Every verb, for parsers and tests.
-    pub const ALL: [Verb; 14] = [
+    pub const ALL: [Verb; 16] = [
         Verb::Get,
         Verb::List,
         Verb::Watch,
@@ -144,6 +148,8 @@ impl Verb {
         Verb::Put,
         Verb::Options,
         Verb::Unknown,
+        Verb::Approve,
+        Verb::Deny,
     ];
 
     /// The verb as Kubernetes spells it.
@@ -163,6 +169,8 @@ impl Verb {
             Verb::Put => "put",
             Verb::Options => "options",
             Verb::Unknown => "",
+            Verb::Approve => "approve",
+            Verb::Deny => "deny",
         }
     }
 

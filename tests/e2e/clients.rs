@@ -41,6 +41,8 @@ async fn start() -> Stack {
         policy_yaml: None,
         recordings_dir: None,
         seed: demo_objects(),
+        approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack")

@@ -122,6 +122,8 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
         policy_yaml: Some(POLICY.to_owned()),
         recordings_dir: None,
         seed: seed(),
+        approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");
@@ -349,6 +351,7 @@ async fn protobuf_accepting_clients_receive_masked_json() {
         policy_yaml: Some(POLICY.to_owned()),
         recordings_dir: None,
         seed: seed(),
+        ..Default::default()
     })
     .await
     .expect("start the stack");

@@ -159,6 +159,8 @@ async fn content_and_exec_rules_hold_with_real_clients() {
         policy_yaml: Some(POLICY.to_owned()),
         recordings_dir: None,
         seed: demo_objects(),
+        approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

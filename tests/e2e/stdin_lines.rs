@@ -52,6 +52,7 @@ async fn stdin_lines_close_sessions_that_type_a_denied_line() {
         policy_yaml: Some(POLICY.to_owned()),
         recordings_dir: None,
         seed: vec![pod],
+        ..Default::default()
     })
     .await
     .expect("start the stack");

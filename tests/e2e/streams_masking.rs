@@ -105,6 +105,8 @@ async fn kubectl_logs_and_exec_show_credentials_masked() {
         policy_yaml: Some(MASK_POLICY.to_owned()),
         recordings_dir: None,
         seed: vec![pod],
+        approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

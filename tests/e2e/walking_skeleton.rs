@@ -41,6 +41,8 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         policy_yaml: Some(DEMO_POLICY.to_owned()),
         recordings_dir: None,
         seed: demo_objects(),
+        approval: false,
+        ..Default::default()
     })
     .await
     .expect("start the stack");

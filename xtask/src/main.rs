@@ -387,6 +387,10 @@ fn bench() -> anyhow::Result<()> {
         "recorder",
         "--bench",
         "masking_streams",
+        "--bench",
+        "approval",
+        "--bench",
+        "approval_notify",
         "--",
         "--quick",
     ])?;

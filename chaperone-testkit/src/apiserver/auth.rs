@@ -192,6 +192,9 @@ pub enum Subject {
     User(String),
     /// Every member of this group.
     Group(String),
+    /// Everyone the inner subject does not cover: `AllBut(Group("sre"))` in a denial
+    /// states a role binding ("only members of sre may ..."), as an RBAC table would.
+    AllBut(Box<Subject>),
 }
 
 impl Subject {
@@ -200,6 +203,7 @@ impl Subject {
             Subject::Anyone => true,
             Subject::User(name) => user.username == *name,
             Subject::Group(group) => user.groups.iter().any(|g| g == group),
+            Subject::AllBut(inner) => !inner.matches(user),
         }
     }
 }
@@ -314,6 +318,20 @@ impl Denial {
         target: impl Into<DenialTarget>,
     ) -> Self {
         Self::new(Subject::Group(group.into()), verb, target)
+    }
+
+    /// Only members of `group` may `verb` `target` (everyone else is denied): a role
+    /// bound to one group.
+    pub fn only_group(
+        group: impl Into<String>,
+        verb: impl Into<String>,
+        target: impl Into<DenialTarget>,
+    ) -> Self {
+        Self::new(
+            Subject::AllBut(Box::new(Subject::Group(group.into()))),
+            verb,
+            target,
+        )
     }
 
     /// Nobody may `verb` `target`.
@@ -641,6 +659,36 @@ mod tests {
             namespace: ns,
             name,
         }
+    }
+
+    #[test]
+    fn a_role_bound_to_one_group() {
+        let authz = Authorizer::allow_all().deny(
+            Denial::only_group(
+                "sre",
+                "approve",
+                ResourceMatch::new("accessrequests").in_api_group("chaperone.dev"),
+            )
+            .because("no RBAC policy matched"),
+        );
+        let approve = res(
+            "approve",
+            "chaperone.dev",
+            "accessrequests",
+            "",
+            "ns",
+            "ar-1",
+        );
+        let sre = UserInfo::new("alice", ["sre", AUTHENTICATED]);
+        let dev = UserInfo::new("carol", ["dev", AUTHENTICATED]);
+        assert_eq!(authz.decide(&sre, &approve), Decision::Allow);
+        assert_eq!(
+            authz.decide(&dev, &approve),
+            Decision::Deny("no RBAC policy matched".to_owned())
+        );
+        // Other verbs are untouched.
+        let get = res("get", "chaperone.dev", "accessrequests", "", "ns", "ar-1");
+        assert_eq!(authz.decide(&dev, &get), Decision::Allow);
     }
 
     #[test]

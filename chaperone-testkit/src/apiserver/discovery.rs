@@ -6,6 +6,8 @@
 //! `APIVersions`/`APIGroupList`/`APIResourceList` otherwise, with every field that the Go
 //! types mark as required present.
 
+use std::sync::{Mutex, RwLock};
+
 use serde_json::{Value, json};
 
 /// Verbs of an ordinary namespaced or cluster-scoped resource.
@@ -62,6 +64,27 @@ pub(crate) struct ResourceDef {
     /// Whether a `scale` subresource exists (reads and writes `spec.replicas` through an
     /// `autoscaling/v1` `Scale`).
     pub has_scale: bool,
+    /// Whether the resource was registered by a CustomResourceDefinition (then it has no
+    /// typed schema, strategic merge patch is refused, and `metadata.generation` counts
+    /// changes to anything but metadata and status).
+    pub custom: bool,
+    /// The CRD's `additionalPrinterColumns` (Tables of custom resources).
+    pub columns: &'static [PrinterColumn],
+}
+
+/// One `additionalPrinterColumns` entry of a CustomResourceDefinition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PrinterColumn {
+    /// Column name.
+    pub name: String,
+    /// OpenAPI type (`string`, `integer`, `date`, ...).
+    pub type_: String,
+    /// A simple JSONPath (`.status.phase`): dotted field names only.
+    pub json_path: String,
+    /// Priority (0 = shown by default).
+    pub priority: i64,
+    /// Description.
+    pub description: String,
 }
 
 impl ResourceDef {
@@ -100,6 +123,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: NAMESPACE_VERBS,
         has_status: true,
         has_scale: false,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "",
@@ -113,6 +138,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: true,
         has_scale: false,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "",
@@ -126,6 +153,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: false,
         has_scale: false,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "",
@@ -139,6 +168,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: false,
         has_scale: false,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "",
@@ -152,6 +183,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: false,
         has_scale: false,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "apps",
@@ -165,6 +198,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: true,
         has_scale: true,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "apps",
@@ -178,6 +213,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: true,
         has_scale: true,
+        custom: false,
+        columns: &[],
     },
     ResourceDef {
         group: "apps",
@@ -191,6 +228,8 @@ pub(crate) static RESOURCES: &[ResourceDef] = &[
         verbs: ALL_VERBS,
         has_status: true,
         has_scale: true,
+        custom: false,
+        columns: &[],
     },
 ];
 
@@ -255,13 +294,28 @@ const fn review(
         verbs: CREATE_ONLY,
         has_status: false,
         has_scale: false,
+        custom: false,
+        columns: &[],
     }
 }
 
-/// Everything discovery describes: the stored resources, then the reviews.
-fn discoverable() -> impl Iterator<Item = &'static ResourceDef> {
-    RESOURCES.iter().chain(REVIEWS)
-}
+/// The CustomResourceDefinition resource itself: stored like any cluster-scoped object,
+/// and each definition created registers its resources in the server's [`Catalog`].
+pub(crate) static CRDS: ResourceDef = ResourceDef {
+    group: "apiextensions.k8s.io",
+    version: "v1",
+    plural: "customresourcedefinitions",
+    singular: "customresourcedefinition",
+    kind: "CustomResourceDefinition",
+    namespaced: false,
+    short_names: &["crd", "crds"],
+    categories: &["api-extensions"],
+    verbs: ALL_VERBS,
+    has_status: true,
+    has_scale: false,
+    custom: false,
+    columns: &[],
+};
 
 /// The review resource served at `group`/`version`/`plural`, if any.
 pub(crate) fn find_review(
@@ -274,38 +328,260 @@ pub(crate) fn find_review(
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// The resource served at `group`/`version`/`plural`, if any.
+/// The built-in resource served at `group`/`version`/`plural`, if any (custom resources
+/// are found through a [`Catalog`]).
 pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// The resource whose objects have this `apiVersion` and `kind`.
-pub(crate) fn find_kind(api_version: &str, kind: &str) -> Option<&'static ResourceDef> {
-    RESOURCES
-        .iter()
-        .find(|r| r.api_version() == api_version && r.kind == kind)
+/// What one server serves: the built-in resources, the CustomResourceDefinition resource
+/// and the custom resources registered by the definitions created so far.
+///
+/// Registered definitions are leaked (`&'static`, like the built-in table) and kept for
+/// the server's life: registering the same group/version/plural again returns the first
+/// registration, so watches and stored objects keep pointing at one definition. Deleting
+/// a definition unregisters its resources; their objects stay in the store, unreachable
+/// (the real server deletes them).
+#[derive(Debug, Default)]
+pub(crate) struct Catalog {
+    custom: RwLock<Vec<&'static ResourceDef>>,
+    /// Every definition ever registered, so a re-registration reuses it.
+    known: Mutex<Vec<&'static ResourceDef>>,
 }
 
-/// Whether `group`/`version` holds stored resources (then unknown resources in it are 404s
-/// with a Status, and it has an OpenAPI document). The review group versions do not count:
-/// they have their own handlers.
-pub(crate) fn serves_group_version(group: &str, version: &str) -> bool {
-    RESOURCES
-        .iter()
-        .any(|r| r.group == group && r.version == version)
-}
-
-/// Named groups (not the core group), in the order they are listed.
-fn named_groups() -> Vec<&'static str> {
-    let mut groups: Vec<&'static str> = Vec::new();
-    for r in discoverable().filter(|r| !r.group.is_empty()) {
-        if !groups.contains(&r.group) {
-            groups.push(r.group);
-        }
+impl Catalog {
+    /// The built-in resources only.
+    pub fn new() -> Self {
+        Self::default()
     }
-    groups
+
+    fn custom(&self) -> Vec<&'static ResourceDef> {
+        self.custom
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every stored resource: built-in ones, CustomResourceDefinitions, custom ones.
+    pub fn stored(&self) -> Vec<&'static ResourceDef> {
+        let mut all: Vec<&'static ResourceDef> = RESOURCES.iter().collect();
+        all.push(&CRDS);
+        all.extend(self.custom());
+        all
+    }
+
+    /// Everything discovery describes: the stored resources, then the reviews.
+    fn discoverable(&self) -> Vec<&'static ResourceDef> {
+        let mut all = self.stored();
+        all.extend(REVIEWS.iter());
+        all
+    }
+
+    /// The stored resource served at `group`/`version`/`plural`, if any.
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
+        self.stored()
+            .into_iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+    }
+
+    /// The stored resource `group`/`plural` in any version (the first registered).
+    pub fn find_group_plural(&self, group: &str, plural: &str) -> Option<&'static ResourceDef> {
+        self.stored()
+            .into_iter()
+            .find(|r| r.group == group && r.plural == plural)
+    }
+
+    /// The stored resource whose objects have this `apiVersion` and `kind`.
+    pub fn find_kind(&self, api_version: &str, kind: &str) -> Option<&'static ResourceDef> {
+        self.stored()
+            .into_iter()
+            .find(|r| r.api_version() == api_version && r.kind == kind)
+    }
+
+    /// Whether `group`/`version` holds stored resources (then unknown resources in it are
+    /// 404s with a Status). The review group versions do not count: they have their own
+    /// handlers.
+    pub fn serves_group_version(&self, group: &str, version: &str) -> bool {
+        self.stored()
+            .into_iter()
+            .any(|r| r.group == group && r.version == version)
+    }
+
+    /// Registers the served versions of a CustomResourceDefinition (as stored), returning
+    /// their resources; an invalid definition is refused with the reason.
+    pub fn register(&self, crd: &Value) -> Result<Vec<&'static ResourceDef>, String> {
+        let defs = super::crd::parse(crd)?;
+        let mut registered = Vec::new();
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut custom = self.custom.write().unwrap_or_else(|e| e.into_inner());
+        for def in defs {
+            let def = match known.iter().find(|k| {
+                k.group == def.group && k.version == def.version && k.plural == def.plural
+            }) {
+                Some(existing) => *existing,
+                None => {
+                    let leaked: &'static ResourceDef = Box::leak(Box::new(def));
+                    known.push(leaked);
+                    leaked
+                }
+            };
+            if !custom.iter().any(|c| std::ptr::eq(*c, def)) {
+                custom.push(def);
+            }
+            registered.push(def);
+        }
+        Ok(registered)
+    }
+
+    /// Stops serving the resources of the definition named `name` (`<plural>.<group>`).
+    pub fn unregister(&self, name: &str) {
+        self.custom
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| format!("{}.{}", r.plural, r.group) != name);
+    }
+
+    /// Named groups (not the core group) in the order they are listed, each with its
+    /// versions in order.
+    fn named_groups(&self) -> Vec<(&'static str, Vec<&'static str>)> {
+        let mut groups: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+        for r in self
+            .discoverable()
+            .into_iter()
+            .filter(|r| !r.group.is_empty())
+        {
+            match groups.iter_mut().find(|(g, _)| *g == r.group) {
+                Some((_, versions)) => {
+                    if !versions.contains(&r.version) {
+                        versions.push(r.version);
+                    }
+                }
+                None => groups.push((r.group, vec![r.version])),
+            }
+        }
+        groups
+    }
+
+    /// `GET /apis` in legacy form.
+    pub fn legacy_group_list(&self) -> Value {
+        let groups: Vec<Value> = self
+            .named_groups()
+            .into_iter()
+            .map(|(g, versions)| legacy_group(g, &versions))
+            .collect();
+        json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+    }
+
+    /// `GET /apis/<group>`: the APIGroup document, if the group is served.
+    pub fn legacy_group_doc(&self, group: &str) -> Option<Value> {
+        let (name, versions) = self.named_groups().into_iter().find(|(g, _)| *g == group)?;
+        let mut doc = legacy_group(name, &versions);
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("kind".into(), "APIGroup".into());
+            obj.insert("apiVersion".into(), "v1".into());
+        }
+        Some(doc)
+    }
+
+    /// `GET /api/v1` or `GET /apis/<g>/<v>`: the APIResourceList, if the group version is
+    /// served.
+    pub fn resource_list(&self, group: &str, version: &str) -> Option<Value> {
+        let mut resources = Vec::new();
+        for r in self
+            .discoverable()
+            .into_iter()
+            .filter(|r| r.group == group && r.version == version)
+        {
+            let mut entry = json!({
+                "name": r.plural,
+                "singularName": r.singular,
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": r.verbs,
+            });
+            if !r.short_names.is_empty() {
+                entry["shortNames"] = json!(r.short_names);
+            }
+            if !r.categories.is_empty() {
+                entry["categories"] = json!(r.categories);
+            }
+            resources.push(entry);
+            // Sorted by name, as the real server lists them: `scale` before `status`.
+            if r.has_scale {
+                resources.push(json!({
+                    "name": format!("{}/scale", r.plural),
+                    "singularName": "",
+                    "namespaced": r.namespaced,
+                    "group": SCALE_GROUP,
+                    "version": SCALE_VERSION,
+                    "kind": SCALE_KIND,
+                    "verbs": STATUS_VERBS,
+                }));
+            }
+            if r.has_status {
+                resources.push(json!({
+                    "name": format!("{}/status", r.plural),
+                    "singularName": "",
+                    "namespaced": r.namespaced,
+                    "kind": r.kind,
+                    "verbs": STATUS_VERBS,
+                }));
+            }
+        }
+        if resources.is_empty() {
+            return None;
+        }
+        let gv = if group.is_empty() {
+            version.to_owned()
+        } else {
+            format!("{group}/{version}")
+        };
+        Some(
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+        )
+    }
+
+    fn aggregated_group(&self, group: &str, versions: &[&str]) -> Value {
+        let all = self.discoverable();
+        let versions: Vec<Value> = versions
+            .iter()
+            .map(|version| {
+                let resources: Vec<Value> = all
+                    .iter()
+                    .filter(|r| r.group == group && r.version == *version)
+                    .map(|r| aggregated_resource(r))
+                    .collect();
+                json!({"version": version, "resources": resources, "freshness": "Current"})
+            })
+            .collect();
+        // ObjectMeta.name is omitempty in Go, so the core group's entry has empty metadata.
+        let metadata = if group.is_empty() {
+            json!({})
+        } else {
+            json!({"name": group})
+        };
+        json!({"metadata": metadata, "versions": versions})
+    }
+
+    /// Aggregated discovery for `/api` (`core == true`) or `/apis`.
+    pub fn aggregated(&self, core: bool, version: &str) -> Value {
+        let items: Vec<Value> = if core {
+            vec![self.aggregated_group("", &["v1"])]
+        } else {
+            self.named_groups()
+                .into_iter()
+                .map(|(g, versions)| self.aggregated_group(g, &versions))
+                .collect()
+        };
+        json!({
+            "kind": "APIGroupDiscoveryList",
+            "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+            "metadata": {},
+            "items": items,
+        })
+    }
 }
 
 /// Which aggregated discovery version the Accept header asks for (`v2` or `v2beta1`),
@@ -341,81 +617,13 @@ pub(crate) fn legacy_api_versions(server_address: &str) -> Value {
     })
 }
 
-fn legacy_group(group: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
-    json!({"name": group, "versions": [gv.clone()], "preferredVersion": gv})
-}
-
-/// `GET /apis` in legacy form.
-pub(crate) fn legacy_group_list() -> Value {
-    let groups: Vec<Value> = named_groups().into_iter().map(legacy_group).collect();
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
-}
-
-/// `GET /apis/<group>`: the APIGroup document, if the group is served.
-pub(crate) fn legacy_group_doc(group: &str) -> Option<Value> {
-    if !named_groups().contains(&group) {
-        return None;
-    }
-    let mut doc = legacy_group(group);
-    if let Some(obj) = doc.as_object_mut() {
-        obj.insert("kind".into(), "APIGroup".into());
-        obj.insert("apiVersion".into(), "v1".into());
-    }
-    Some(doc)
-}
-
-/// `GET /api/v1` or `GET /apis/<g>/<v>`: the APIResourceList, if the group version is served.
-pub(crate) fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let mut resources = Vec::new();
-    for r in discoverable().filter(|r| r.group == group && r.version == version) {
-        let mut entry = json!({
-            "name": r.plural,
-            "singularName": r.singular,
-            "namespaced": r.namespaced,
-            "kind": r.kind,
-            "verbs": r.verbs,
-        });
-        if !r.short_names.is_empty() {
-            entry["shortNames"] = json!(r.short_names);
-        }
-        if !r.categories.is_empty() {
-            entry["categories"] = json!(r.categories);
-        }
-        resources.push(entry);
-        // Sorted by name, as the real server lists them: `scale` before `status`.
-        if r.has_scale {
-            resources.push(json!({
-                "name": format!("{}/scale", r.plural),
-                "singularName": "",
-                "namespaced": r.namespaced,
-                "group": SCALE_GROUP,
-                "version": SCALE_VERSION,
-                "kind": SCALE_KIND,
-                "verbs": STATUS_VERBS,
-            }));
-        }
-        if r.has_status {
-            resources.push(json!({
-                "name": format!("{}/status", r.plural),
-                "singularName": "",
-                "namespaced": r.namespaced,
-                "kind": r.kind,
-                "verbs": STATUS_VERBS,
-            }));
-        }
-    }
-    if resources.is_empty() {
-        return None;
-    }
-    let gv = if group.is_empty() {
-        version.to_owned()
-    } else {
-        format!("{group}/{version}")
-    };
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
-    )
+fn legacy_group(group: &str, versions: &[&str]) -> Value {
+    let gvs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    let preferred = gvs.first().cloned().unwrap_or(Value::Null);
+    json!({"name": group, "versions": gvs, "preferredVersion": preferred})
 }
 
 fn aggregated_resource(r: &ResourceDef) -> Value {
@@ -451,38 +659,6 @@ fn aggregated_resource(r: &ResourceDef) -> Value {
         entry["subresources"] = Value::Array(subresources);
     }
     entry
-}
-
-fn aggregated_group(group: &str) -> Value {
-    let resources: Vec<Value> = discoverable()
-        .filter(|r| r.group == group)
-        .map(aggregated_resource)
-        .collect();
-    // ObjectMeta.name is omitempty in Go, so the core group's entry has empty metadata.
-    let metadata = if group.is_empty() {
-        json!({})
-    } else {
-        json!({"name": group})
-    };
-    json!({
-        "metadata": metadata,
-        "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}],
-    })
-}
-
-/// Aggregated discovery for `/api` (`core == true`) or `/apis`.
-pub(crate) fn aggregated(core: bool, version: &str) -> Value {
-    let items: Vec<Value> = if core {
-        vec![aggregated_group("")]
-    } else {
-        named_groups().into_iter().map(aggregated_group).collect()
-    };
-    json!({
-        "kind": "APIGroupDiscoveryList",
-        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
-        "metadata": {},
-        "items": items,
-    })
 }
 
 /// `GET /version`: all nine fields, a semver `gitVersion` (kubectl refuses anything else).
@@ -537,7 +713,9 @@ mod tests {
             ("authentication.k8s.io", "v1"),
             ("authorization.k8s.io", "v1"),
         ] {
-            let list = resource_list(group, version).expect("served group version");
+            let list = Catalog::new()
+                .resource_list(group, version)
+                .expect("served group version");
             for r in list["resources"].as_array().expect("resources array") {
                 for field in ["name", "singularName", "namespaced", "kind", "verbs"] {
                     assert!(
@@ -547,7 +725,7 @@ mod tests {
                 }
             }
         }
-        let core = resource_list("", "v1").expect("core");
+        let core = Catalog::new().resource_list("", "v1").expect("core");
         let pods = core["resources"]
             .as_array()
             .and_then(|rs| rs.iter().find(|r| r["name"] == "pods"))
@@ -557,12 +735,12 @@ mod tests {
             Some(json!(["po"]))
         );
         assert_eq!(pods.map(|p| p["categories"].clone()), Some(json!(["all"])));
-        assert!(resource_list("batch", "v1").is_none());
+        assert!(Catalog::new().resource_list("batch", "v1").is_none());
     }
 
     #[test]
     fn aggregated_resources_carry_response_kind_and_scope() {
-        let doc = aggregated(true, "v2");
+        let doc = Catalog::new().aggregated(true, "v2");
         assert_eq!(doc["kind"], "APIGroupDiscoveryList");
         assert_eq!(doc["apiVersion"], "apidiscovery.k8s.io/v2");
         let resources = doc["items"][0]["versions"][0]["resources"]
@@ -584,7 +762,7 @@ mod tests {
             .expect("namespaces");
         assert_eq!(ns["scope"], "Cluster");
         assert_eq!(ns["shortNames"], json!(["ns"]));
-        let apps = aggregated(false, "v2");
+        let apps = Catalog::new().aggregated(false, "v2");
         assert_eq!(apps["items"][0]["metadata"]["name"], "apps");
     }
 
@@ -631,25 +809,34 @@ mod tests {
 
     #[test]
     fn review_apis_in_every_discovery_format() {
-        let groups = legacy_group_list();
+        let groups = Catalog::new().legacy_group_list();
         let names: Vec<&str> = groups["groups"]
             .as_array()
             .map(|gs| gs.iter().filter_map(|g| g["name"].as_str()).collect())
             .unwrap_or_default();
         assert_eq!(
             names,
-            ["apps", "authentication.k8s.io", "authorization.k8s.io"],
+            [
+                "apps",
+                "apiextensions.k8s.io",
+                "authentication.k8s.io",
+                "authorization.k8s.io"
+            ],
             "{groups}"
         );
-        let aggregated_doc = aggregated(false, "v2");
+        let aggregated_doc = Catalog::new().aggregated(false, "v2");
         for (group, plural, kind, namespaced) in REVIEW_TABLE {
-            let doc = legacy_group_doc(group).unwrap_or_else(|| panic!("no APIGroup for {group}"));
+            let doc = Catalog::new()
+                .legacy_group_doc(group)
+                .unwrap_or_else(|| panic!("no APIGroup for {group}"));
             assert_eq!(
                 doc["preferredVersion"]["groupVersion"],
                 format!("{group}/v1")
             );
 
-            let list = resource_list(group, "v1").unwrap_or_else(|| panic!("no list for {group}"));
+            let list = Catalog::new()
+                .resource_list(group, "v1")
+                .unwrap_or_else(|| panic!("no list for {group}"));
             assert_eq!(list["groupVersion"], format!("{group}/v1"));
             let entry = list["resources"]
                 .as_array()
@@ -689,13 +876,20 @@ mod tests {
             assert_eq!(find_review(group, "v1", plural).map(|r| r.kind), Some(kind));
             // Not stored, so unknown to the generic handlers and the store.
             assert!(find(group, "v1", plural).is_none());
-            assert!(find_kind(&format!("{group}/v1"), kind).is_none());
+            assert!(
+                Catalog::new()
+                    .find_kind(&format!("{group}/v1"), kind)
+                    .is_none()
+            );
         }
         // Reviews are not core resources, and /api stays as it was.
         assert!(
-            !aggregated(true, "v2").to_string().contains("review"),
+            !Catalog::new()
+                .aggregated(true, "v2")
+                .to_string()
+                .contains("review"),
             "core discovery lists a review"
         );
-        assert!(!serves_group_version("authorization.k8s.io", "v1"));
+        assert!(!Catalog::new().serves_group_version("authorization.k8s.io", "v1"));
     }
 }

@@ -4,7 +4,9 @@
 //! `shared/k8s-wire-reference.md`): TLS with HTTP/2 and HTTP/1.1 by ALPN; `/version`,
 //! health endpoints; aggregated and legacy discovery; an in-memory store of namespaces,
 //! pods, secrets, configmaps, serviceaccounts and apps/v1 deployments, replicasets and
-//! statefulsets with a global resourceVersion;
+//! statefulsets with a global resourceVersion; CustomResourceDefinitions (apiextensions.k8s.io/v1)
+//! whose creation registers custom resources, discovered and served like the built-in
+//! ones, with the `status` subresource (see `crd`);
 //! get/list/watch/create/update/patch/delete/deletecollection; the `status` subresource, and
 //! the `scale` subresource of the apps/v1 kinds (an `autoscaling/v1` `Scale`, see `scale`);
 //! Tables for `kubectl get`; Status errors; static bearer-token authentication (each token maps to a
@@ -31,6 +33,7 @@
 )]
 
 mod auth;
+mod crd;
 mod discovery;
 mod exec;
 mod openapi;
@@ -313,8 +316,40 @@ impl TestApiServer {
     /// A stored object: `resource` is the plural (`pods`, `deployments`), `namespace` is
     /// `""` for cluster-scoped objects.
     pub fn object(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
-        let res = discovery::RESOURCES.iter().find(|r| r.plural == resource)?;
+        let res = self
+            .state
+            .store
+            .catalog
+            .stored()
+            .into_iter()
+            .find(|r| r.plural == resource)?;
         self.state.store.object(res, namespace, name)
+    }
+
+    /// Every stored object of `resource` (the plural, built-in or custom) in `namespace`
+    /// (`""`: all namespaces), sorted by namespace and name.
+    pub fn objects(&self, resource: &str, namespace: &str) -> Vec<Value> {
+        let Some(res) = self
+            .state
+            .store
+            .catalog
+            .stored()
+            .into_iter()
+            .find(|r| r.plural == resource)
+        else {
+            return Vec::new();
+        };
+        let scope = Scope {
+            res,
+            namespace: (!namespace.is_empty()).then(|| namespace.to_owned()),
+            name: None,
+            selector: Selector::default(),
+        };
+        self.state
+            .store
+            .list(&scope, None, None)
+            .map(|(items, _, _)| items)
+            .unwrap_or_default()
     }
 
     /// The current global resourceVersion.
@@ -805,20 +840,29 @@ async fn handle(
     let non_resource = match segs.as_slice() {
         ["version"] => Some(Ok(json_response(StatusCode::OK, &discovery::version()))),
         ["healthz" | "readyz" | "livez", ..] => Some(Ok(text_response(StatusCode::OK, "ok"))),
-        ["api"] => Some(Ok(discovery_response(accept, true, &state.addr))),
-        ["apis"] => Some(Ok(discovery_response(accept, false, &state.addr))),
+        ["api"] => Some(Ok(discovery_response(&state, accept, true))),
+        ["apis"] => Some(Ok(discovery_response(&state, accept, false))),
         ["apis", group] => Some(
-            discovery::legacy_group_doc(group)
+            state
+                .store
+                .catalog
+                .legacy_group_doc(group)
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(not_found_path),
         ),
         ["api", version] => Some(
-            discovery::resource_list("", version)
+            state
+                .store
+                .catalog
+                .resource_list("", version)
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(not_found_path),
         ),
         ["apis", group, version] => Some(
-            discovery::resource_list(group, version)
+            state
+                .store
+                .catalog
+                .resource_list(group, version)
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(not_found_path),
         ),
@@ -864,7 +908,7 @@ async fn handle(
     if let Some(response) = reviews::route(&review, &segs) {
         return response;
     }
-    let target = match parse_target(&segs) {
+    let target = match parse_target(&state.store.catalog, &segs) {
         Ok(target) => target,
         Err(status) => return status_response(status),
     };
@@ -883,10 +927,11 @@ async fn handle(
     request.serve(target, drain).unwrap_or_else(status_response)
 }
 
-fn discovery_response(accept: Option<&str>, core: bool, addr: &SocketAddr) -> Response<Body> {
+fn discovery_response(state: &State, accept: Option<&str>, core: bool) -> Response<Body> {
+    let catalog = &state.store.catalog;
     match discovery::aggregated_version(accept.unwrap_or("")) {
         Some(version) => {
-            let mut response = json_response(StatusCode::OK, &discovery::aggregated(core, version));
+            let mut response = json_response(StatusCode::OK, &catalog.aggregated(core, version));
             if let Ok(ct) = HeaderValue::from_str(&discovery::aggregated_content_type(version)) {
                 response.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
@@ -894,9 +939,9 @@ fn discovery_response(accept: Option<&str>, core: bool, addr: &SocketAddr) -> Re
         }
         None if core => json_response(
             StatusCode::OK,
-            &discovery::legacy_api_versions(&addr.to_string()),
+            &discovery::legacy_api_versions(&state.addr.to_string()),
         ),
-        None => json_response(StatusCode::OK, &discovery::legacy_group_list()),
+        None => json_response(StatusCode::OK, &catalog.legacy_group_list()),
     }
 }
 
@@ -932,13 +977,13 @@ impl Target {
 }
 
 /// Parses `/api/v1/...` and `/apis/<g>/<v>/...` the way `requestinfo.go` does (section 1).
-fn parse_target(segs: &[&str]) -> Result<Target, Status> {
+fn parse_target(catalog: &discovery::Catalog, segs: &[&str]) -> Result<Target, Status> {
     let (group, version, mut rest) = match segs {
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return Err(not_found_path()),
     };
-    if !discovery::serves_group_version(group, version) {
+    if !catalog.serves_group_version(group, version) {
         return Err(not_found_path());
     }
     let mut legacy_watch = false;
@@ -961,7 +1006,9 @@ fn parse_target(segs: &[&str]) -> Result<Target, Status> {
         [resource, name, sub] => (*resource, Some(*name), Some(*sub)),
         _ => return Err(not_found_path()),
     };
-    let res = discovery::find(group, version, resource).ok_or_else(not_found_path)?;
+    let res = catalog
+        .find(group, version, resource)
+        .ok_or_else(not_found_path)?;
     // A namespaced resource's objects are only addressed inside a namespace; a
     // cluster-scoped one never is.
     if (res.namespaced && namespace.is_empty() && name.is_some())
@@ -1264,7 +1311,24 @@ impl ResourceRequest<'_> {
                 "the namespace of the provided object does not match the namespace sent on the request",
             ));
         }
+        let is_crd = std::ptr::eq(res, &discovery::CRDS);
+        if is_crd {
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            crd::parse(&obj).map_err(|e| {
+                invalid("CustomResourceDefinition", "apiextensions.k8s.io", name, &e)
+            })?;
+        }
         let created = self.state.store.create(res, namespace, obj, dry_run)?;
+        if is_crd && !dry_run {
+            self.state
+                .store
+                .catalog
+                .register(&created)
+                .map_err(|e| internal(&e))?;
+        }
         Ok(json_response(StatusCode::CREATED, &created))
     }
 
@@ -1284,6 +1348,13 @@ impl ResourceRequest<'_> {
         let res = target.res;
         let dry_run = self.dry_run()?;
         let name = target.name.clone().unwrap_or_default();
+        if res.custom && self.content_type() == "application/strategic-merge-patch+json" {
+            // Custom resources have no Go struct tags to merge by.
+            return Err(unsupported_media_type(
+                "application/strategic-merge-patch+json",
+                "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+            ));
+        }
         let (created_obj, patch_fn) =
             self.patch_function(&name, &res.api_version(), res.kind, &|obj| {
                 store::check_types(res, obj).map_err(Status::bad_request)
@@ -1482,6 +1553,9 @@ impl ResourceRequest<'_> {
             .state
             .store
             .delete(res, &target.namespace, name, &pre, dry_run)?;
+        if std::ptr::eq(res, &discovery::CRDS) && !dry_run {
+            self.state.store.catalog.unregister(name);
+        }
         // Pods (ReturnDeletedObject) and namespaces (their REST Delete) answer with the
         // object; other registries answer with a Success Status naming it.
         if matches!(res.plural, "pods" | "namespaces") {

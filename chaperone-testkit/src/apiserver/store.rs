@@ -86,6 +86,8 @@ struct Inner {
 pub(crate) struct Store {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<Event>>,
+    /// What is served: built-in resources and those of registered definitions.
+    pub catalog: discovery::Catalog,
 }
 
 /// Where a watch starts.
@@ -666,6 +668,7 @@ impl Store {
                 history: VecDeque::new(),
             }),
             events,
+            catalog: discovery::Catalog::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             // Seeding a well-formed namespace cannot fail.
@@ -980,7 +983,9 @@ impl Store {
         if is_replicated(res) && part == Part::Main {
             default_replicas(&mut new);
         }
-        if is_replicated(res) && new.get("spec") != old.get("spec") {
+        if (is_replicated(res) && new.get("spec") != old.get("spec"))
+            || (res.custom && content(&new) != content(&old))
+        {
             let generation = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -1085,10 +1090,7 @@ impl Store {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             for ((group, plural, _, _), o) in contained {
-                if let Some(r) = discovery::RESOURCES
-                    .iter()
-                    .find(|r| r.group == group && r.plural == plural)
-                {
+                if let Some(r) = self.catalog.find_group_plural(group, plural) {
                     self.commit(&mut inner, r, o, EventType::Deleted);
                 }
             }
@@ -1170,7 +1172,7 @@ impl Store {
     pub fn seed(&self, mut obj: Value) -> Result<Value, String> {
         let api_version = str_at(&obj, "/apiVersion").to_owned();
         let kind = str_at(&obj, "/kind").to_owned();
-        let res = discovery::find_kind(&api_version, &kind).ok_or_else(|| {
+        let res = self.catalog.find_kind(&api_version, &kind).ok_or_else(|| {
             format!("seed: no served resource has apiVersion {api_version:?} and kind {kind:?}")
         })?;
         check_types(res, &mut obj).map_err(|e| format!("seed {kind}: {e}"))?;
@@ -1206,6 +1208,14 @@ impl Store {
         }
         if str_at(&obj, "/metadata/creationTimestamp").is_empty() {
             set_meta(&mut obj, "creationTimestamp", Value::from(now_rfc3339()));
+        }
+        if std::ptr::eq(res, &discovery::CRDS) {
+            self.catalog
+                .register(&obj)
+                .map_err(|e| format!("seed CustomResourceDefinition {name}: {e}"))?;
+            if obj.get("status").is_none() {
+                obj["status"] = super::crd::established_status(&obj, &now_rfc3339());
+            }
         }
         if res.plural == "namespaces" {
             add_label(&mut obj, "kubernetes.io/metadata.name", &name);
@@ -1262,6 +1272,19 @@ fn prepare_for_create(res: &ResourceDef, obj: &mut Value) {
         "secrets" if str_at(obj, "/type").is_empty() => {
             obj["type"] = Value::from("Opaque");
         }
+        "customresourcedefinitions" if res.group == "apiextensions.k8s.io" => {
+            let status = super::crd::established_status(obj, &now_rfc3339());
+            obj["status"] = status;
+        }
+        _ if res.custom => {
+            set_meta(obj, "generation", Value::from(1));
+            // With the status subresource, a create cannot set the status.
+            if res.has_status
+                && let Some(m) = obj.as_object_mut()
+            {
+                m.remove("status");
+            }
+        }
         _ if is_replicated(res) => {
             set_meta(obj, "generation", Value::from(1));
             default_replicas(obj);
@@ -1279,6 +1302,16 @@ fn prepare_for_create(res: &ResourceDef, obj: &mut Value) {
         }
         _ => {}
     }
+}
+
+/// What `metadata.generation` of a custom object counts: everything but metadata and
+/// status (and the type fields).
+fn content(obj: &Value) -> Map<String, Value> {
+    let mut m = obj.as_object().cloned().unwrap_or_default();
+    for field in ["metadata", "status", "kind", "apiVersion"] {
+        m.remove(field);
+    }
+    m
 }
 
 /// The apps/v1 kinds with replicas (and a `scale` subresource): their generation counts

@@ -54,6 +54,15 @@ fn column(name: &str, ty: &str, format: &str, description: &str, priority: u8) -
 pub(crate) fn columns(res: &ResourceDef) -> Vec<Value> {
     let name = column("Name", "string", "name", NAME_DESC, 0);
     let age = column("Age", "string", "", AGE_DESC, 0);
+    if res.custom && !res.columns.is_empty() {
+        // A definition's printer columns replace the default Age column.
+        let mut columns = vec![name];
+        for c in res.columns {
+            let priority = u8::try_from(c.priority).unwrap_or(u8::MAX);
+            columns.push(column(&c.name, &c.type_, "", &c.description, priority));
+        }
+        return columns;
+    }
     match (res.group, res.plural) {
         ("", "pods") => vec![
             name,
@@ -519,6 +528,19 @@ fn statefulset_cells(sts: &Value, now: jiff::Timestamp) -> Vec<Value> {
 /// The cells of one object's row.
 pub(crate) fn cells(res: &ResourceDef, obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
     let name = Value::from(str_at(obj, "/metadata/name"));
+    if res.custom && !res.columns.is_empty() {
+        let mut cells = vec![name];
+        for c in res.columns {
+            let value = super::crd::cell(obj, &c.json_path);
+            cells.push(match (c.type_.as_str(), &value) {
+                ("date", Value::String(_)) => {
+                    age(&json!({"metadata": {"creationTimestamp": value}}), now)
+                }
+                _ => value,
+            });
+        }
+        return cells;
+    }
     match (res.group, res.plural) {
         ("", "pods") => pod_cells(obj, now),
         ("", "namespaces") => vec![

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use super::*;
 
+mod custom;
 mod reviews;
 mod scale;
 
@@ -154,15 +155,17 @@ fn resource_paths() {
     ];
     for (path, want) in cases {
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let got = parse_target(&segs).ok().map(|t| {
-            (
-                t.res.plural.to_owned(),
-                t.namespace.clone(),
-                t.name.clone(),
-                t.sub,
-                t.legacy_watch,
-            )
-        });
+        let got = parse_target(&discovery::Catalog::new(), &segs)
+            .ok()
+            .map(|t| {
+                (
+                    t.res.plural.to_owned(),
+                    t.namespace.clone(),
+                    t.name.clone(),
+                    t.sub,
+                    t.legacy_watch,
+                )
+            });
         let want =
             want.map(|(r, ns, n, s, w)| (r.to_owned(), ns.to_owned(), n.map(str::to_owned), s, w));
         assert_eq!(got, want, "{path}");

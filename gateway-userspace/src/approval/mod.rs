@@ -11,6 +11,15 @@
 //!   Secret only the gateways read, over the request's identity and the decision. The
 //!   approvals API seals what it writes; a status edited directly through the API server
 //!   has no valid seal, is ignored, and is recorded as a tampering attempt.
+//! * [`holder`]: the gateway side: creates or reuses the AccessRequest of a held request,
+//!   waits for a sealed decision (watching AccessRequests), releases, refuses or expires.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod holder;
+pub mod notify;
 pub mod resource;
 pub mod seal;
+
+pub use config::ApprovalConfig;

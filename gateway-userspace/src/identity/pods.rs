@@ -45,6 +45,9 @@ pub struct PodInfo {
     /// Container id (without the `<runtime>://` scheme) → container name, over regular,
     /// init and ephemeral containers.
     pub containers: HashMap<String, String>,
+    /// The pod's own addresses (`status.podIPs`); empty for host-network pods, whose
+    /// address is the node's and says nothing about which process connects.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodInfo {
@@ -80,8 +83,36 @@ impl PodInfo {
             labels: meta.labels.clone().unwrap_or_default(),
             annotations: meta.annotations.clone().unwrap_or_default(),
             containers,
+            ips: pod_ips(pod),
         })
     }
+}
+
+/// The addresses of a pod that has its own network namespace.
+fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Vec::new();
+    }
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let mut ips: Vec<std::net::IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips
 }
 
 /// `containerd://abc` → `abc`; a bare id is returned as is.
@@ -93,6 +124,7 @@ fn strip_scheme(id: &str) -> &str {
 struct Index {
     by_uid: HashMap<String, Arc<PodInfo>>,
     by_container: HashMap<String, String>,
+    by_ip: HashMap<std::net::IpAddr, String>,
 }
 
 impl Index {
@@ -100,6 +132,9 @@ impl Index {
         self.remove(&info.uid);
         for id in info.containers.keys() {
             self.by_container.insert(id.clone(), info.uid.clone());
+        }
+        for ip in &info.ips {
+            self.by_ip.insert(*ip, info.uid.clone());
         }
         self.by_uid.insert(info.uid.clone(), Arc::new(info));
     }
@@ -110,6 +145,11 @@ impl Index {
                 // Only drop the mapping if no newer pod claimed the id.
                 if self.by_container.get(id).is_some_and(|u| u == uid) {
                     self.by_container.remove(id);
+                }
+            }
+            for ip in &old.ips {
+                if self.by_ip.get(ip).is_some_and(|u| u == uid) {
+                    self.by_ip.remove(ip);
                 }
             }
         }
@@ -175,6 +215,13 @@ impl PodStore {
     /// The pod with this UID.
     pub fn by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.read().by_uid.get(uid).cloned()
+    }
+
+    /// The pod (with its own network namespace) that has this address.
+    pub fn by_ip(&self, ip: std::net::IpAddr) -> Option<Arc<PodInfo>> {
+        let index = self.read();
+        let uid = index.by_ip.get(&ip)?;
+        index.by_uid.get(uid).cloned()
     }
 
     /// The pod running the container with this id (no scheme), and the container's name.
@@ -433,6 +480,45 @@ mod tests {
             "deleted pod still resolves"
         );
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn pods_are_found_by_their_own_addresses_only() {
+        use k8s_openapi::api::core::v1::PodIP;
+        let store = PodStore::new();
+        let mut p = pod("agents", "agent-0", UID, "agent", &[]);
+        if let Some(status) = p.status.as_mut() {
+            status.pod_ip = Some("10.1.0.7".to_owned());
+            status.pod_ips = Some(vec![
+                PodIP {
+                    ip: "10.1.0.7".to_owned(),
+                },
+                PodIP {
+                    ip: "fd00::7".to_owned(),
+                },
+            ]);
+        }
+        store.apply(&p);
+        for ip in ["10.1.0.7", "fd00::7"] {
+            let found = store.by_ip(ip.parse().unwrap()).expect(ip);
+            assert_eq!(found.name, "agent-0");
+        }
+        assert!(store.by_ip("10.1.0.8".parse().unwrap()).is_none());
+        // A host-network pod shares the node's address: it is not indexed by it.
+        let mut host = p.clone();
+        host.metadata.uid = Some("other".to_owned());
+        host.metadata.name = Some("node-agent".to_owned());
+        if let Some(spec) = host.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        if let Some(status) = host.status.as_mut() {
+            status.pod_ip = Some("192.168.1.5".to_owned());
+            status.pod_ips = None;
+        }
+        store.apply(&host);
+        assert!(store.by_ip("192.168.1.5".parse().unwrap()).is_none());
+        store.delete(&p);
+        assert!(store.by_ip("10.1.0.7".parse().unwrap()).is_none());
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             format!("unsupported kind '{}', expected '{KIND}'", raw.kind),
         ));
     }
+    if raw.default == Action::Approve {
+        return Err(invalid(
+            vec![Seg::Key("default")],
+            "default is allow or deny; approval is asked for by rules with action: approve and an approval block",
+        ));
+    }
     if raw.default == Action::Mask {
         return Err(invalid(
             vec![Seg::Key("default")],
@@ -104,6 +110,16 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
                 format!(
                     "rule name '{}' starts with '{GUARD_PREFIX}', which is reserved for the policy's identity guards",
                     rule.name
+                ),
+            ));
+        }
+        if rule.name.starts_with(approve::BUILTIN_PREFIX) {
+            return Err(invalid(
+                at(&[Seg::Key("name")]),
+                format!(
+                    "rule name '{}' starts with '{}', which is reserved for built-in rules",
+                    rule.name,
+                    approve::BUILTIN_PREFIX
                 ),
             ));
         }
@@ -150,6 +166,7 @@ pub(super) fn compile(raw: RawPolicy, source: &str) -> Result<Compiled, InvalidA
             (None, Some(urls)) => compile_url_rule(&rule, urls, index, &at, &mut out)?,
         };
         compiled.identity = identity;
+        compiled.approval = super::approve::compile(&rule, &at)?;
         compiled.content = compile_content(&rule, &at)?;
         out.reads_content |= compiled
             .content
@@ -319,6 +336,7 @@ pub(super) fn compile_resource_rule(
         names,
         identity: None,
         content: None,
+        approval: None,
     })
 }
 
@@ -394,6 +412,7 @@ pub(super) fn compile_url_rule(
         names: IdSet::Any,
         identity: None,
         content: None,
+        approval: None,
     })
 }
 

@@ -419,6 +419,7 @@ rules:
                 message: None,
                 masking: None,
                 stdin_lines: None,
+                approval: None,
             }),
             "secret={secret}"
         );

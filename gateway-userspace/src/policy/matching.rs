@@ -15,6 +15,8 @@ pub(super) struct Rule {
     pub(super) identity: Option<Box<IdentityCond>>,
     /// `when` and `exec`, checked last: boxed like `identity`.
     pub(super) content: Option<Box<ContentCond>>,
+    /// For `action: approve`: who approves and how (shared with every decision).
+    pub(super) approval: Option<Arc<Approval>>,
 }
 
 /// A rule's CEL conditions and exec selector.
@@ -195,6 +197,7 @@ impl Guards {
             message: Some(Arc::from(message)),
             masking: None,
             stdin_lines: None,
+            approval: None,
         };
         if let Some(rule) = &self.invalid_tokens
             && principal.kind == PrincipalKind::Invalid

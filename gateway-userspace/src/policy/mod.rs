@@ -25,7 +25,7 @@
 //!   maxWatchEventBytes: 16777216       # top level only: largest watch event masked
 //! rules:                               # optional; evaluated in order, first match wins
 //!   - name: protect-namespaces         # required, unique within the policy
-//!     action: deny                     # required: allow | deny | mask
+//!     action: deny                     # required: allow | deny | mask | approve
 //!     message: agents may not delete namespaces   # optional; shown to the client
 //!     verbs: [delete, deletecollection]           # required, non-empty; "*" = any verb
 //!     apiGroups: [""]                  # optional; "" = core group; absent or "*" = any
@@ -67,6 +67,17 @@
 //!     resources: [secrets, configmaps, pods, deployments]
 //!     masking:                         # optional; this rule's settings over the top level's
 //!       envNames: [PASSWORD, DSN]
+//!   - name: scale-prod
+//!     action: approve                  # forward only once a person approves (see Approval)
+//!     verbs: [patch, update]
+//!     apiGroups: [apps]
+//!     resources: [deployments, deployments/scale]
+//!     namespaces: [prod]
+//!     approval:                        # required with action: approve, refused otherwise
+//!       approvers: {groups: [sre], users: [alice@example.com]}   # required, not empty
+//!       timeout: 5m                    # default 5m, at most 24h; silence = denied
+//!       grant: {for: 15m, scope: identical}   # or `once` (default); scope: identical | rule
+//!       mode: hold                     # hold (default) | async
 //! ```
 //!
 //! A rule has either `resources` (a resource rule) or `nonResourceURLs` (a non-resource
@@ -231,6 +242,43 @@
 //! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
 //! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
 //! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
+//!
+//! # Approval (`approve`)
+//!
+//! A rule with `action: approve` lets a request through only once a person approves it.
+//! It decides like `allow` and `deny` (first match wins; `mask` rules before it still
+//! apply once it is approved) and needs an `approval` block:
+//!
+//! * `approvers`: `groups` and `users` who may decide (an approver must also hold the
+//!   `approve` verb on `accessrequests.chaperone.dev`, checked by the approvals API; see
+//!   the approver's guide). Required, and must name someone.
+//! * `timeout`: how long a decision may take (`30s`, `5m`, `1h`; default `5m`, at most
+//!   `24h`). Nobody deciding in time is a denial: the client gets a 403 `Status` saying the
+//!   request expired.
+//! * `grant`: what an approval lets through. `once` (the default): this request only.
+//!   `{for: 15m, scope: identical}`: for 15 minutes, the identical request (same method,
+//!   path and body) from the same workload passes without asking again;
+//!   `scope: rule`: any request this rule matches from the same workload. At most 7 days.
+//! * `mode`: `hold` (the default) keeps the agent's request open and sends **nothing**
+//!   upstream until the decision, then forwards it (approved) or answers 403 (denied, with
+//!   the approver's comment; expired). `async` answers at once with a 403 `Status` naming
+//!   the AccessRequest and the command that approves it (`kubectl chaperone approve
+//!   NAME`); a retry of the same request passes once it is approved.
+//!
+//! Each held request is an `AccessRequest` (`accessrequests.chaperone.dev`) in the
+//! gateway's namespace, created with the gateway's credential; an identical request from
+//! the same workload reuses the pending one. A request that cannot be held (the
+//! AccessRequest cannot be created, too many pending for the workload, approvals not
+//! configured on the gateway) is refused, never forwarded. `approval` on another action and
+//! `message` on an approve rule are errors, and `approve` is no `default`.
+//!
+//! A built-in rule, `builtin.protect-approvals`, runs before the identity guards and every
+//! rule and cannot be removed: it denies any write (create, update, patch, delete,
+//! deletecollection, any subresource such as `accessrequests/status`) to `chaperone.dev`
+//! resources, and any request through the API server's service proxy to the
+//! `chaperone-approvals` Service (`/api/v1/namespaces/*/services/[https:]chaperone-approvals[:port]/proxy/...`).
+//! The approvals API itself refuses connections from intercepted pods. Rule names starting
+//! with `builtin.` are reserved.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -255,6 +303,7 @@ use crate::{
     request::{ExecRequest, RequestInfo, Verb},
 };
 
+mod approve;
 mod cel;
 mod compile;
 #[cfg(test)]
@@ -271,6 +320,10 @@ pub mod stdin;
 #[cfg(test)]
 mod tests;
 
+pub use approve::{
+    APPROVALS_SERVICE, Approval, ApprovalMode, BUILTIN_PROTECT_APPROVALS, DEFAULT_TIMEOUT,
+    GrantSpec, PROTECTED_GROUP,
+};
 pub use cel::{COST_LIMIT, Content};
 use cel::{Condition, Variables};
 use compile::*;
@@ -325,6 +378,9 @@ pub enum Action {
     /// Forward the request and mask the response (a rule's `action: mask`; the decision
     /// of a request allowed with masking).
     Mask,
+    /// Forward the request only once a person approves it (a rule's `action: approve`;
+    /// the decision carries the rule's [`Approval`]).
+    Approve,
 }
 
 impl Action {
@@ -334,12 +390,13 @@ impl Action {
             Action::Allow => "allow",
             Action::Deny => "deny",
             Action::Mask => "mask",
+            Action::Approve => "approve",
         }
     }
 
     /// Parses what [`Action::as_str`] wrote.
     pub fn parse(text: &str) -> Option<Action> {
-        [Action::Allow, Action::Deny, Action::Mask]
+        [Action::Allow, Action::Deny, Action::Mask, Action::Approve]
             .into_iter()
             .find(|a| a.as_str() == text)
     }
@@ -365,15 +422,18 @@ pub struct Decision {
     /// denied the request.
     pub message: Option<Arc<str>>,
     /// For [`Action::Mask`]: the masking of every `mask` rule that matched before the
-    /// deciding rule, compiled once and shared (its [`Masker::rules`] name them).
+    /// deciding rule, compiled once and shared (its [`Masker::rules`] name them); for
+    /// [`Action::Approve`], the masking that applies once approved.
     pub masking: Option<Arc<Masker>>,
     /// For an allowed exec or attach session: the `exec.stdinLines` of the deciding rule
     /// and of every `mask` rule that matched, checked against each line typed on stdin.
     pub stdin_lines: Option<Arc<StdinLineRules>>,
+    /// For [`Action::Approve`]: who approves and how.
+    pub approval: Option<Arc<Approval>>,
 }
 
 impl Decision {
-    /// Whether the request may go ahead.
+    /// Whether the request may go ahead without anyone's approval.
     pub fn is_allowed(&self) -> bool {
         matches!(self.action, Action::Allow | Action::Mask)
     }
@@ -396,10 +456,13 @@ impl Decision {
             Action::Allow => "allowed",
             Action::Deny => "denied",
             Action::Mask => "allowed with masking",
+            Action::Approve => "held for approval",
         };
-        // Rule names cannot carry the guard prefix, so this names guards only.
+        // Rule names cannot carry the guard or built-in prefixes, so this names guards
+        // and built-in rules only.
         let what = match &self.rule {
             Some(rule) if rule.starts_with(GUARD_PREFIX) => "guard",
+            Some(rule) if rule.starts_with(approve::BUILTIN_PREFIX) => "built-in rule",
             _ => "rule",
         };
         match (&self.rule, &self.message) {
@@ -660,6 +723,7 @@ pub fn decide(policy: &Policy, ctx: &RequestContext<'_>) -> Decision {
             rule: Some(rule),
             masking: None,
             stdin_lines: None,
+            approval: None,
         },
     }
 }
@@ -688,6 +752,9 @@ pub enum Evaluation {
 /// Decides a request like [`decide`], but says when content must be fetched first.
 pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
     let p = &*policy.inner;
+    if let Some(denied) = approve::builtin(ctx.request) {
+        return Evaluation::Decided(denied);
+    }
     if let Some(denied) = p.guards.check(ctx.principal) {
         return Evaluation::Decided(denied);
     }
@@ -713,6 +780,7 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
                 message: Some(Arc::from(why)),
                 masking: None,
                 stdin_lines: None,
+                approval: None,
             });
         }
         (Some(rule), None) => Decision {
@@ -721,6 +789,7 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
             message: rule.message.clone(),
             masking: None,
             stdin_lines: None,
+            approval: rule.approval.clone(),
         },
         (None, _) => Decision {
             action: p.default,
@@ -728,13 +797,17 @@ pub fn evaluate(policy: &Policy, ctx: &RequestContext<'_>) -> Evaluation {
             message: None,
             masking: None,
             stdin_lines: None,
+            approval: None,
         },
     };
-    // Masking only matters to a request that goes ahead; a denial stays a denial.
-    if decision.action == Action::Allow
+    // Masking only matters to a request that goes ahead; a denial stays a denial. An
+    // approved request is masked like an allowed one.
+    if matches!(decision.action, Action::Allow | Action::Approve)
         && let Some(masker) = p.masking.masker(&state.masks)
     {
-        decision.action = Action::Mask;
+        if decision.action == Action::Allow {
+            decision.action = Action::Mask;
+        }
         decision.masking = Some(masker);
     }
     if decision.is_allowed() && ctx.exec.is_some() {

@@ -68,6 +68,58 @@ pub(super) struct RawRule {
     /// Conditions on an exec or attach request.
     #[serde(default)]
     pub(super) exec: Option<RawExec>,
+    /// Who approves, and how, for `action: approve`.
+    #[serde(default)]
+    pub(super) approval: Option<RawApproval>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "an approval: a mapping with approvers, timeout, grant and mode"
+)]
+pub(super) struct RawApproval {
+    #[serde(default)]
+    pub(super) approvers: Option<RawApprovers>,
+    #[serde(default)]
+    pub(super) timeout: Option<String>,
+    #[serde(default)]
+    pub(super) grant: Option<RawGrant>,
+    #[serde(default)]
+    pub(super) mode: Option<ApprovalMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "approvers: a mapping with groups and users"
+)]
+pub(super) struct RawApprovers {
+    #[serde(default)]
+    pub(super) groups: Vec<String>,
+    #[serde(default)]
+    pub(super) users: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a grant: `once`, or a mapping with `for` (a duration such as 15m) and `scope` (identical or rule)"
+)]
+pub(super) enum RawGrant {
+    Word(String),
+    Lasting(RawLasting),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawLasting {
+    #[serde(rename = "for")]
+    pub(super) duration: String,
+    #[serde(default)]
+    pub(super) scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

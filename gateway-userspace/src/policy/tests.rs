@@ -596,6 +596,7 @@ fn decision_reasons() {
         message: message.map(Arc::from),
         masking: None,
         stdin_lines: None,
+        approval: None,
     };
     for (decision, want) in [
         (

@@ -72,14 +72,14 @@ pub(super) enum Pending {
 }
 
 impl Pending {
-    fn method(&self) -> &http::Method {
+    pub(super) fn method(&self) -> &http::Method {
         match self {
             Pending::Upgrade(r, _) => r.method(),
             Pending::Plain(r, _) => r.method(),
         }
     }
 
-    fn uri(&self) -> &Uri {
+    pub(super) fn uri(&self) -> &Uri {
         match self {
             Pending::Upgrade(r, _) => r.uri(),
             Pending::Plain(r, _) => r.uri(),
@@ -229,11 +229,49 @@ impl Proxy {
                 }
             }
         };
+        // What approval needs of the body: the bytes (fingerprint) and the object (summary).
+        let held_body = (decision.action == Action::Approve).then(|| {
+            let bytes = inspected
+                .as_ref()
+                .and_then(|i| i.forwarded.clone())
+                .unwrap_or_default();
+            let summary = approval_summary(
+                &info,
+                exec.as_ref(),
+                inspected.as_ref().and_then(|i| i.object.as_ref()),
+            );
+            (bytes, summary)
+        });
         if let Some(inspected) = inspected {
             self.record_object(&mut record, inspected);
         }
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
         record.decision = Some(decision.action);
+        let mut decision = decision;
+        if decision.action == Action::Approve {
+            let (body, summary) = held_body.unwrap_or_default();
+            if let Err(refused) = self
+                .hold_for_approval(
+                    &info,
+                    &decision,
+                    conn,
+                    &principal,
+                    &pending,
+                    body,
+                    summary,
+                    &mut record,
+                )
+                .await
+            {
+                return self.local_response(refused, record, started, &audit_id);
+            }
+            // Approved: forwarded like an allowed request, masked as the policy says.
+            decision.action = if decision.masking.is_some() {
+                Action::Mask
+            } else {
+                Action::Allow
+            };
+        }
         if decision.action == Action::Deny {
             let why = decision.reason();
             tracing::info!(verb = %info.verb, resource = %info.resource, name = %info.name, reason = %why, "denied");
@@ -447,6 +485,10 @@ impl Proxy {
             response_object_truncated: false,
             outcome: Outcome::Invalid,
             masked: None,
+            approval_outcome: None,
+            access_request: None,
+            approval_decided_by: None,
+            approval_wait_ms: None,
         }
     }
 
@@ -699,6 +741,61 @@ pub(super) fn forbidden_status(info: &RequestInfo, why: &str) -> Status {
             format!("forbidden: {why}"),
         )
     }
+}
+
+/// One line an approver can decide on: the verb and target, plus what matters for the
+/// request's kind (the exec argv, the replica count, the images, privileged containers).
+/// Built from named fields only, so no secret value ends up in it.
+pub(super) fn approval_summary(
+    info: &RequestInfo,
+    exec: Option<&ExecRequest>,
+    object: Option<&serde_json::Value>,
+) -> String {
+    let target = match (info.namespace.as_str(), info.name.as_str()) {
+        ("", "") => info.resource_with_subresource(),
+        ("", name) => format!("{} {name}", info.resource_with_subresource()),
+        (ns, "") => format!("{} in {ns}", info.resource_with_subresource()),
+        (ns, name) => format!("{} {ns}/{name}", info.resource_with_subresource()),
+    };
+    let mut line = if info.is_resource_request {
+        format!("{} {target}", info.verb)
+    } else {
+        format!("{} {}", info.verb, info.path)
+    };
+    if let Some(exec) = exec.filter(|e| !e.command.is_empty()) {
+        line.push_str(&format!(": {}", exec.command.join(" ")));
+    }
+    if let Some(obj) = object {
+        if let Some(replicas) = obj
+            .pointer("/spec/replicas")
+            .and_then(serde_json::Value::as_i64)
+        {
+            line.push_str(&format!(", replicas={replicas}"));
+        }
+        let spec = obj
+            .pointer("/spec/template/spec")
+            .or_else(|| obj.pointer("/spec"));
+        if let Some(containers) = spec
+            .and_then(|s| s.get("containers"))
+            .and_then(serde_json::Value::as_array)
+        {
+            let images: Vec<&str> = containers
+                .iter()
+                .filter_map(|c| c.get("image").and_then(serde_json::Value::as_str))
+                .collect();
+            if !images.is_empty() {
+                line.push_str(&format!(", image={}", images.join(",")));
+            }
+            if containers.iter().any(|c| {
+                c.pointer("/securityContext/privileged")
+                    .and_then(serde_json::Value::as_bool)
+                    == Some(true)
+            }) {
+                line.push_str(", privileged");
+            }
+        }
+    }
+    line.chars().take(512).collect()
 }
 
 /// Joins the upstream base (`https://host:port[/prefix]`) with the client's path and query.

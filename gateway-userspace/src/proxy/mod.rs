@@ -15,6 +15,7 @@ mod credential;
 pub mod frames;
 mod handler;
 mod headers;
+mod held;
 mod impersonation;
 mod limits;
 mod live;
@@ -101,6 +102,8 @@ pub struct Proxy {
     streams: TaskTracker,
     /// Cancelled when the drain starts: connections stop taking requests, watches end.
     draining: CancellationToken,
+    /// Holds requests decided `approve` (None: such requests are refused).
+    approvals: std::sync::RwLock<Option<Arc<crate::approval::holder::Holder>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -230,7 +233,20 @@ impl Proxy {
             streams: TaskTracker::new(),
             draining: CancellationToken::new(),
             live: Arc::default(),
+            approvals: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Holds requests decided `approve` with `holder` from now on (without one they are
+    /// refused).
+    pub fn set_approvals(&self, holder: Arc<crate::approval::holder::Holder>) {
+        if let Ok(mut slot) = self.approvals.write() {
+            *slot = Some(holder);
+        }
+    }
+
+    fn approvals(&self) -> Option<Arc<crate::approval::holder::Holder>> {
+        self.approvals.read().ok().and_then(|h| h.clone())
     }
 
     /// Sends the decoded frames of every upgraded stream started from now on to `sink`.

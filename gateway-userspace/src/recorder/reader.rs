@@ -140,6 +140,13 @@ fn int64_at(array: &dyn Array, i: usize) -> Result<i64, String> {
         .value(i))
 }
 
+fn int64_opt_at(array: &dyn Array, i: usize) -> Result<Option<i64>, String> {
+    let ints = array
+        .as_primitive_opt::<Int64Type>()
+        .ok_or("expected an int64 column")?;
+    Ok(ints.is_valid(i).then(|| ints.value(i)))
+}
+
 fn time_at(array: &dyn Array, i: usize) -> Result<Option<jiff::Timestamp>, String> {
     let times = array
         .as_primitive_opt::<TimestampMicrosecondType>()
@@ -207,7 +214,7 @@ pub(crate) fn decode_batch(
                 .ok_or_else(|| format!("row {i}: column outcome: unknown outcome {text:?}"))?,
             None => match decision {
                 Some(Action::Allow | Action::Mask) => Outcome::Forwarded,
-                Some(Action::Deny) => Outcome::Denied,
+                Some(Action::Deny | Action::Approve) => Outcome::Denied,
                 None => Outcome::Invalid,
             },
         };
@@ -290,6 +297,10 @@ pub(crate) fn decode_batch(
             .unwrap_or(false),
             outcome,
             masked: added(&c, "masked", |a| string_at(a, i))?.flatten(),
+            approval_outcome: added(&c, "approval_outcome", |a| string_at(a, i))?.flatten(),
+            access_request: added(&c, "access_request", |a| string_at(a, i))?.flatten(),
+            approval_decided_by: added(&c, "approval_decided_by", |a| string_at(a, i))?.flatten(),
+            approval_wait_ms: added(&c, "approval_wait_ms", |a| int64_opt_at(a, i))?.flatten(),
         });
     }
     Ok(())

@@ -95,6 +95,16 @@ pub struct RequestRecord {
     /// JSON: `[{"rule":"mask-secrets","kind":"secretData","count":3}]`; `None` when the
     /// decision carried no masking or nothing was replaced.
     pub masked: Option<String>,
+    /// For a request decided `approve`: `approved`, `denied`, `expired`, `pending` (async
+    /// mode: answered at once, a retry passes once approved) or `failed` (could not be
+    /// held); `None` for every other request.
+    pub approval_outcome: Option<String>,
+    /// The AccessRequest (name, in the gateway's namespace) the request waited on.
+    pub access_request: Option<String>,
+    /// Who decided (`chaperone` for an expiry).
+    pub approval_decided_by: Option<String>,
+    /// How long the request waited for the decision, in milliseconds.
+    pub approval_wait_ms: Option<i64>,
 }
 
 /// The `decision` column's text: the policy action, or `none`.
@@ -295,6 +305,10 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("response_object_truncated", DataType::Boolean, false),
         utf8("outcome", false),
         utf8("masked", true),
+        utf8("approval_outcome", true),
+        utf8("access_request", true),
+        utf8("approval_decided_by", true),
+        Field::new("approval_wait_ms", DataType::Int64, true),
     ]))
 });
 
@@ -427,6 +441,14 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             Arc::new(response_truncated.finish()),
             strings(rows, |r| Some(r.outcome.as_str())),
             strings(rows, |r| r.masked.as_deref()),
+            strings(rows, |r| r.approval_outcome.as_deref()),
+            strings(rows, |r| r.access_request.as_deref()),
+            strings(rows, |r| r.approval_decided_by.as_deref()),
+            Arc::new(
+                rows.iter()
+                    .map(|r| r.approval_wait_ms)
+                    .collect::<arrow_array::Int64Array>(),
+            ),
         ],
     )
 }
@@ -472,6 +494,10 @@ mod tests {
             ("response_object_truncated", DataType::Boolean, false),
             ("outcome", DataType::Utf8, false),
             ("masked", DataType::Utf8, true),
+            ("approval_outcome", DataType::Utf8, true),
+            ("access_request", DataType::Utf8, true),
+            ("approval_decided_by", DataType::Utf8, true),
+            ("approval_wait_ms", DataType::Int64, true),
         ];
         let schema = requests_schema();
         let actual: Vec<_> = schema

@@ -74,6 +74,10 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
         masked: Some(format!(
             r#"[{{"rule":"mask-secrets","kind":"secretData","count":{i}}}]"#
         )),
+        approval_outcome: Some("approved".into()),
+        access_request: Some(format!("agent-0-{i}")),
+        approval_decided_by: Some("alice".into()),
+        approval_wait_ms: Some(1200 + i),
     }
 }
 

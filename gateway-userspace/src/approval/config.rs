@@ -1,0 +1,127 @@
+//! The `approval:` section of the gateway config: where AccessRequests live, the seal key,
+//! the approvals API listener and the notifiers.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::notify::NotifyConfig;
+
+/// Default port of the approvals API.
+pub const DEFAULT_API_PORT: u16 = 15444;
+
+/// The `approval:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalConfig {
+    /// The namespace AccessRequests are created in (the gateway's own).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The HMAC key that seals decisions (a Secret only the gateways mount), at least 32
+    /// bytes.
+    pub seal_key_file: PathBuf,
+    /// The approvals API; absent: this gateway takes no decisions (it still holds and
+    /// releases requests).
+    #[serde(default)]
+    pub api: Option<ApprovalApiConfig>,
+    /// Who is told about new AccessRequests.
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    /// Most AccessRequests pending at once for one workload; a request over it is refused
+    /// (503) instead of held.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_per_workload: usize,
+}
+
+fn default_max_pending() -> usize {
+    super::holder::DEFAULT_MAX_PENDING_PER_WORKLOAD
+}
+
+fn default_namespace() -> String {
+    "chaperone-system".to_owned()
+}
+
+/// The approvals API listener (`approval.api`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalApiConfig {
+    /// Where the HTTPS listener binds (the DaemonSet passes `0.0.0.0:15444`; a Service in
+    /// front of the DaemonSet selects it).
+    pub listen: SocketAddr,
+    /// A serving certificate chain (PEM); absent: one is minted from the gateway's CA
+    /// (`tls.caCertFile`) for `serverNames` and `serverIps`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// The serving certificate's key (PEM), with `certFile`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// DNS names of a minted certificate (the Service's names).
+    #[serde(default = "default_api_names")]
+    pub server_names: Vec<String>,
+    /// IP addresses of a minted certificate (the Service's ClusterIP, the node address).
+    #[serde(default)]
+    pub server_ips: Vec<IpAddr>,
+}
+
+/// The names of the `chaperone-approvals` Service shipped in deploy/.
+pub fn default_api_names() -> Vec<String> {
+    [
+        "chaperone-approvals",
+        "chaperone-approvals.chaperone-system",
+        "chaperone-approvals.chaperone-system.svc",
+        "chaperone-approvals.chaperone-system.svc.cluster.local",
+        "localhost",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+impl ApprovalConfig {
+    /// Checks the values; the error names the key (`approval.api.certFile`).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.namespace.is_empty() {
+            return Err(("approval.namespace", "must not be empty".to_owned()));
+        }
+        if self.max_pending_per_workload == 0 {
+            return Err((
+                "approval.maxPendingPerWorkload",
+                "must be at least 1 (0 would refuse every request needing approval)".to_owned(),
+            ));
+        }
+        if let Err(e) = std::fs::metadata(&self.seal_key_file) {
+            return Err((
+                "approval.sealKeyFile",
+                format!("{}: {e}", self.seal_key_file.display()),
+            ));
+        }
+        if let Some(api) = &self.api {
+            if api.cert_file.is_some() != api.key_file.is_some() {
+                return Err((
+                    "approval.api.certFile",
+                    "certFile and keyFile go together".to_owned(),
+                ));
+            }
+            for (key, file) in [
+                ("approval.api.certFile", &api.cert_file),
+                ("approval.api.keyFile", &api.key_file),
+            ] {
+                if let Some(file) = file
+                    && let Err(e) = std::fs::metadata(file)
+                {
+                    return Err((key, format!("{}: {e}", file.display())));
+                }
+            }
+            if api.cert_file.is_none() && api.server_names.is_empty() && api.server_ips.is_empty() {
+                return Err((
+                    "approval.api.serverNames",
+                    "a minted certificate needs at least one name or IP (serverNames, serverIps)"
+                        .to_owned(),
+                ));
+            }
+        }
+        self.notify.validate()
+    }
+}

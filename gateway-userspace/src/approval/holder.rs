@@ -1,0 +1,678 @@
+//! The gateway side of approval: a request decided `approve` becomes (or joins) an
+//! `AccessRequest`, waits for a sealed decision, and is released, refused or expired.
+//!
+//! * [`Holder::hold`] fingerprints the request, lets it through if a lasting grant covers
+//!   it, else reuses a Pending `AccessRequest` of the same workload and fingerprint (found
+//!   by labels, so a restarted gateway finds it too) or creates one with the gateway's
+//!   credential, capped per workload. In `hold` mode it waits for the decision until the
+//!   request's expiry (then writes a sealed `Expired`); in `async` mode it answers at once.
+//! * [`Holder::run_watcher`] watches the AccessRequests of the gateway's namespace (kube-rs
+//!   watcher) and releases held requests when one is decided, whichever node decided. A
+//!   decision counts only when its seal verifies with the [`SealKey`]; any other is
+//!   ignored, logged and counted as a tampering attempt.
+//!
+//! Fail closed everywhere: an AccessRequest that cannot be created or read refuses the
+//! request (503 naming why); nothing is forwarded without a verified approval. A client
+//! that disconnects while held simply stops waiting (the future is dropped); its
+//! AccessRequest stays and an identical retry reuses it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use super::{
+    resource::{
+        AccessRequest, AccessRequestSpec, AccessRequestStatus, Grant, GrantScope, Phase,
+        RequestedAction, Requester, StatusCondition, WorkloadRef,
+    },
+    seal::SealKey,
+};
+use crate::policy::{Approval, ApprovalMode, GrantSpec};
+
+/// Label holding the first 40 hex digits of the request's fingerprint.
+pub const FINGERPRINT_LABEL: &str = "chaperone.dev/fingerprint";
+/// Label holding a hash of the requesting workload (`namespace/pod`).
+pub const WORKLOAD_LABEL: &str = "chaperone.dev/workload";
+/// Who an expiry is attributed to.
+pub const EXPIRY_DECIDER: &str = "chaperone";
+/// Default cap on pending AccessRequests per workload.
+pub const DEFAULT_MAX_PENDING_PER_WORKLOAD: usize = 10;
+/// The status condition that marks a `once` approval used.
+pub const CONSUMED: &str = "Consumed";
+/// How long one call to the API server may take before the request is refused.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the holder needs to know besides the API client.
+#[derive(Debug, Clone)]
+pub struct HolderConfig {
+    /// The namespace AccessRequests live in (the gateway's own).
+    pub namespace: String,
+    /// This node's name (written into the AccessRequests it creates).
+    pub node: String,
+    /// The key that seals decisions.
+    pub seal_key: SealKey,
+    /// Most AccessRequests pending at once for one workload; more are refused.
+    pub max_pending_per_workload: usize,
+}
+
+/// One request decided `approve`, as the holder needs it.
+#[derive(Debug, Clone)]
+pub struct HoldRequest<'a> {
+    /// The rule that asked for approval.
+    pub rule: &'a str,
+    /// Its approval settings.
+    pub approval: &'a Approval,
+    /// The calling workload (empty names when unknown).
+    pub workload: WorkloadRef,
+    /// The principal behind the agent's token, if verified.
+    pub principal: Option<String>,
+    /// HTTP method.
+    pub method: &'a str,
+    /// The path with its query as sent, unmasked: what the fingerprint covers (the
+    /// AccessRequest shows `action.path`, masked).
+    pub target: &'a str,
+    /// What was asked (verb, resource, path, summary).
+    pub action: RequestedAction,
+    /// The request body as forwarded (empty when none or not read whole).
+    pub body: &'a [u8],
+}
+
+/// How holding a request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// Approved: forward it.
+    Approved {
+        /// The AccessRequest that was approved (the one whose grant applied).
+        name: String,
+        /// Who approved.
+        decided_by: Option<String>,
+        /// How long the request waited.
+        waited: Duration,
+        /// Whether a lasting grant let it through without a new decision.
+        via_grant: bool,
+    },
+    /// Denied by an approver.
+    Denied {
+        /// The AccessRequest.
+        name: String,
+        /// Who denied.
+        decided_by: Option<String>,
+        /// The approver's comment.
+        comment: Option<String>,
+        /// How long the request waited.
+        waited: Duration,
+    },
+    /// Nobody decided in time.
+    Expired {
+        /// The AccessRequest.
+        name: String,
+        /// How long the request waited.
+        waited: Duration,
+    },
+    /// `async` mode: the AccessRequest waits; the client was told to retry.
+    Queued {
+        /// The AccessRequest.
+        name: String,
+    },
+    /// The request could not be held (API error, too many pending): refuse it.
+    Failed {
+        /// Why, for the client.
+        why: String,
+    },
+}
+
+/// A verified decision on one AccessRequest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Verdict {
+    phase: Phase,
+    decided_by: Option<String>,
+    comment: Option<String>,
+}
+
+/// A lasting approval.
+#[derive(Debug, Clone)]
+struct GrantEntry {
+    name: String,
+    decided_by: Option<String>,
+    workload: String,
+    fingerprint: String,
+    rule: String,
+    scope: GrantScope,
+    until: jiff::Timestamp,
+}
+
+#[derive(Default)]
+struct State {
+    /// Verified decisions (and waiters) by AccessRequest name.
+    verdicts: HashMap<String, watch::Sender<Option<Verdict>>>,
+    grants: Vec<GrantEntry>,
+    /// `once` approvals already used (async retries).
+    consumed: HashSet<String>,
+}
+
+/// Holds requests for approval and releases them on sealed decisions.
+pub struct Holder {
+    api: Api<AccessRequest>,
+    cfg: HolderConfig,
+    notifier: Option<super::notify::Notifier>,
+    state: Mutex<State>,
+    tampering: AtomicU64,
+    tampering_metric: Mutex<Option<prometheus_client::metrics::counter::Counter>>,
+}
+
+impl std::fmt::Debug for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holder")
+            .field("namespace", &self.cfg.namespace)
+            .field("node", &self.cfg.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Hex SHA-256 over the workload, the method, the path with its query and the body, each
+/// length-prefixed: "the identical request".
+pub fn fingerprint(workload: &WorkloadRef, method: &str, path: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    for field in [
+        workload.namespace.as_bytes(),
+        workload.pod.as_bytes(),
+        method.as_bytes(),
+        path.as_bytes(),
+        body,
+    ] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field);
+    }
+    hex(&h.finalize())
+}
+
+fn workload_key(w: &WorkloadRef) -> String {
+    format!("{}/{}", w.namespace, w.pod)
+}
+
+fn workload_label(w: &WorkloadRef) -> String {
+    let digest = Sha256::digest(workload_key(w).as_bytes());
+    hex(&digest)[..40].to_owned()
+}
+
+fn now() -> jiff::Timestamp {
+    jiff::Timestamp::now()
+}
+
+fn parse_time(text: Option<&str>) -> Option<jiff::Timestamp> {
+    text.and_then(|t| t.parse().ok())
+}
+
+fn lasting(grant: GrantSpec) -> Grant {
+    match grant {
+        GrantSpec::Once => Grant::default(),
+        GrantSpec::For { duration, scope } => Grant {
+            duration: Some(format!("{}s", duration.as_secs())),
+            scope,
+        },
+    }
+}
+
+impl Holder {
+    /// A holder creating and watching AccessRequests through `client` (the gateway's
+    /// credential).
+    pub fn new(client: kube::Client, cfg: HolderConfig) -> Arc<Self> {
+        Self::with_notifier(client, cfg, None)
+    }
+
+    /// Like [`Holder::new`], telling `notifier` about every AccessRequest it creates.
+    pub fn with_notifier(
+        client: kube::Client,
+        cfg: HolderConfig,
+        notifier: Option<super::notify::Notifier>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            api: Api::namespaced(client, &cfg.namespace),
+            cfg,
+            notifier,
+            state: Mutex::new(State::default()),
+            tampering: AtomicU64::new(0),
+            tampering_metric: Mutex::new(None),
+        })
+    }
+
+    /// Also counts tampering attempts in `counter` (the gateway's
+    /// `chaperone_approval_tampering_attempts_total`).
+    pub fn count_tampering_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        *self
+            .tampering_metric
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(counter);
+    }
+
+    /// The namespace AccessRequests live in.
+    pub fn namespace(&self) -> &str {
+        &self.cfg.namespace
+    }
+
+    /// Decisions seen without a valid seal so far (each is also logged).
+    pub fn tampering_attempts(&self) -> u64 {
+        self.tampering.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The verified decision on `ar`, if it is decided and sealed; a decided status
+    /// without a valid seal is counted as tampering and ignored.
+    fn verified(&self, ar: &AccessRequest) -> Option<Verdict> {
+        let status = ar.status.as_ref()?;
+        if !status.phase.is_decided() {
+            return None;
+        }
+        if let Err(e) = self.cfg.seal_key.verify(ar, status) {
+            self.tampering.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = &*self
+                .tampering_metric
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+            {
+                counter.inc();
+            }
+            tracing::warn!(
+                access_request = ar.metadata.name.as_deref().unwrap_or(""),
+                phase = status.phase.as_str(),
+                decided_by = status.decided_by.as_deref().unwrap_or(""),
+                error = %e,
+                "tampering attempt: an AccessRequest decision without a valid seal is ignored"
+            );
+            return None;
+        }
+        Some(Verdict {
+            phase: status.phase,
+            decided_by: status.decided_by.clone(),
+            comment: status.comment.clone(),
+        })
+    }
+
+    /// Takes note of an AccessRequest as it is now: a verified decision releases its
+    /// waiters, and an approval with `grantUntil` opens a grant window.
+    fn observe(&self, ar: &AccessRequest) {
+        let Some(verdict) = self.verified(ar) else {
+            return;
+        };
+        let Some(name) = ar.metadata.name.clone() else {
+            return;
+        };
+        let mut state = self.lock();
+        if verdict.phase == Phase::Approved
+            && let Some(until) =
+                parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()))
+            && until > now()
+            && !state.grants.iter().any(|g| g.name == name)
+        {
+            state.grants.push(GrantEntry {
+                name: name.clone(),
+                decided_by: verdict.decided_by.clone(),
+                workload: workload_key(&ar.spec.requester.workload),
+                fingerprint: ar.spec.fingerprint.clone(),
+                rule: ar.spec.rule.clone(),
+                scope: ar.spec.grant.scope,
+                until,
+            });
+        }
+        state
+            .verdicts
+            .entry(name)
+            .or_insert_with(|| watch::channel(None).0)
+            .send_replace(Some(verdict));
+    }
+
+    /// Watches the namespace's AccessRequests until the stream ends (it retries with
+    /// backoff on errors, so practically until the task is dropped).
+    pub async fn run_watcher(self: Arc<Self>) {
+        use kube::runtime::{WatchStreamExt as _, watcher};
+        let mut events = std::pin::pin!(
+            watcher(self.api.clone(), watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+        );
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(ar) => self.observe(&ar),
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching AccessRequests failed; retrying")
+                }
+            }
+        }
+    }
+
+    fn grant_for(&self, workload: &str, fingerprint: &str, rule: &str) -> Option<GrantEntry> {
+        let mut state = self.lock();
+        let t = now();
+        state.grants.retain(|g| g.until > t);
+        state
+            .grants
+            .iter()
+            .find(|g| {
+                g.workload == workload
+                    && match g.scope {
+                        GrantScope::Identical => g.fingerprint == fingerprint,
+                        GrantScope::Rule => g.rule == rule,
+                    }
+            })
+            .cloned()
+    }
+
+    /// Holds `req` until it is decided (see the module doc).
+    pub async fn hold(&self, req: &HoldRequest<'_>) -> HoldOutcome {
+        let started = Instant::now();
+        let fp = fingerprint(&req.workload, req.method, req.target, req.body);
+        let wkey = workload_key(&req.workload);
+        if let Some(g) = self.grant_for(&wkey, &fp, req.rule) {
+            return HoldOutcome::Approved {
+                name: g.name,
+                decided_by: g.decided_by,
+                waited: Duration::ZERO,
+                via_grant: true,
+            };
+        }
+        let wlabel = workload_label(&req.workload);
+        let listed = tokio::time::timeout(
+            API_TIMEOUT,
+            self.api
+                .list(&ListParams::default().labels(&format!("{WORKLOAD_LABEL}={wlabel}"))),
+        )
+        .await;
+        let existing = match listed {
+            Ok(Ok(list)) => list.items,
+            Ok(Err(e)) => {
+                return HoldOutcome::Failed {
+                    why: format!(
+                        "cannot look up AccessRequests in namespace {}: {e}",
+                        self.cfg.namespace
+                    ),
+                };
+            }
+            Err(_) => {
+                return HoldOutcome::Failed {
+                    why: format!(
+                        "looking up AccessRequests in namespace {} timed out",
+                        self.cfg.namespace
+                    ),
+                };
+            }
+        };
+        let t = now();
+        let live = |ar: &&AccessRequest| {
+            parse_time(Some(ar.spec.expires_at.as_str())).is_some_and(|e| e > t)
+        };
+        let pending =
+            |ar: &&AccessRequest| ar.status.as_ref().is_none_or(|s| s.phase == Phase::Pending);
+        // A decided identical request: an async retry after approval (or a denial). A
+        // `once` approval lets one request through, across gateways and restarts: it is
+        // marked consumed in its status (a condition, outside the seal) before it is used.
+        let mut reuse: Option<AccessRequest> = None;
+        for ar in existing.iter().filter(|ar| ar.spec.fingerprint == fp) {
+            if let Some(v) = self.verified(ar) {
+                if v.phase != Phase::Approved {
+                    continue;
+                }
+                let name = ar.metadata.name.clone().unwrap_or_default();
+                let grant_until =
+                    parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()));
+                let usable = match grant_until {
+                    // A lasting grant: usable while it runs (observe() records it).
+                    Some(until) => until > now(),
+                    None => !self.lock().consumed.contains(&name) && self.consume(ar).await,
+                };
+                if usable {
+                    self.observe(ar);
+                    self.lock().consumed.insert(name.clone());
+                    return HoldOutcome::Approved {
+                        name,
+                        decided_by: v.decided_by,
+                        waited: started.elapsed(),
+                        via_grant: grant_until.is_some(),
+                    };
+                }
+            } else if live(&ar) && pending(&ar) {
+                reuse = Some(ar.clone());
+            }
+        }
+        let ar = match reuse {
+            Some(ar) => ar,
+            None => {
+                let pending_count = existing.iter().filter(live).filter(pending).count();
+                if pending_count >= self.cfg.max_pending_per_workload {
+                    return HoldOutcome::Failed {
+                        why: format!(
+                            "workload {wkey} already has {pending_count} AccessRequests pending (the limit is {}); wait for them to be decided",
+                            self.cfg.max_pending_per_workload
+                        ),
+                    };
+                }
+                match self.create(req, &fp, &wlabel).await {
+                    Ok(ar) => ar,
+                    Err(why) => return HoldOutcome::Failed { why },
+                }
+            }
+        };
+        let name = ar.metadata.name.clone().unwrap_or_default();
+        if req.approval.mode == ApprovalMode::Async {
+            return HoldOutcome::Queued { name };
+        }
+        let expires = parse_time(Some(ar.spec.expires_at.as_str())).unwrap_or(t);
+        let wait = Duration::try_from(expires.duration_since(now())).unwrap_or_default();
+        let mut rx = self
+            .lock()
+            .verdicts
+            .entry(name.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        let decided = tokio::time::timeout(wait, rx.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|v| v.clone()));
+        let verdict = match decided {
+            Some(v) => v,
+            // Timed out (or the sender went away, which the map prevents): expire it.
+            None => self.expire(&name).await,
+        };
+        let waited = started.elapsed();
+        match verdict {
+            Some(v) if v.phase == Phase::Approved => {
+                self.lock().consumed.insert(name.clone());
+                // Best effort: this request was approved and goes ahead; marking the
+                // approval used keeps a later identical request from reusing it.
+                if let Ok(Ok(ar)) = tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await
+                    && ar.status.as_ref().is_some_and(|s| s.grant_until.is_none())
+                    && !self.consume(&ar).await
+                {
+                    tracing::warn!(access_request = %name, "could not mark the approval used");
+                }
+                HoldOutcome::Approved {
+                    name,
+                    decided_by: v.decided_by,
+                    waited,
+                    via_grant: false,
+                }
+            }
+            Some(v) if v.phase == Phase::Denied => HoldOutcome::Denied {
+                name,
+                decided_by: v.decided_by,
+                comment: v.comment,
+                waited,
+            },
+            _ => HoldOutcome::Expired { name, waited },
+        }
+    }
+
+    /// Marks a `once` approval used (condition `Consumed` in its status, written with the
+    /// object's resourceVersion): `true` when this call did, `false` when it was used
+    /// already, changed meanwhile or cannot be written (then it is not used: fail closed).
+    async fn consume(&self, ar: &AccessRequest) -> bool {
+        let Some(status) = ar.status.clone() else {
+            return false;
+        };
+        if status.conditions.iter().any(|c| c.type_ == CONSUMED) {
+            return false;
+        }
+        let mut updated = ar.clone();
+        let mut status = status;
+        status.conditions.push(StatusCondition {
+            type_: CONSUMED.to_owned(),
+            status: "True".to_owned(),
+            reason: "Used".to_owned(),
+            message: format!(
+                "the approved request went through on node {}",
+                self.cfg.node
+            ),
+            last_transition_time: now().to_string(),
+        });
+        updated.status = Some(status);
+        let name = ar.metadata.name.clone().unwrap_or_default();
+        matches!(
+            tokio::time::timeout(
+                API_TIMEOUT,
+                self.api
+                    .replace_status(&name, &PostParams::default(), &updated),
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn create(
+        &self,
+        req: &HoldRequest<'_>,
+        fp: &str,
+        wlabel: &str,
+    ) -> Result<AccessRequest, String> {
+        let t = now();
+        let expires = t
+            .checked_add(jiff::SignedDuration::try_from(req.approval.timeout).unwrap_or_default())
+            .unwrap_or(t);
+        let mut ar = AccessRequest::new(
+            "",
+            AccessRequestSpec {
+                requester: Requester {
+                    workload: req.workload.clone(),
+                    principal: req.principal.clone(),
+                },
+                request: req.action.clone(),
+                fingerprint: fp.to_owned(),
+                rule: req.rule.to_owned(),
+                approvers: req.approval.approvers.clone(),
+                grant: lasting(req.approval.grant),
+                node: self.cfg.node.clone(),
+                created_at: t.to_string(),
+                expires_at: expires.to_string(),
+            },
+        );
+        ar.metadata.name = None;
+        let prefix = match req.workload.pod.as_str() {
+            "" => "unknown".to_owned(),
+            pod => pod.chars().take(40).collect::<String>(),
+        };
+        ar.metadata.generate_name = Some(format!("{}-", prefix.trim_end_matches('-')));
+        ar.metadata.labels = Some(
+            [
+                (FINGERPRINT_LABEL.to_owned(), fp[..40].to_owned()),
+                (WORKLOAD_LABEL.to_owned(), wlabel.to_owned()),
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "chaperone".to_owned(),
+                ),
+            ]
+            .into(),
+        );
+        match tokio::time::timeout(API_TIMEOUT, self.api.create(&PostParams::default(), &ar)).await
+        {
+            Ok(Ok(created)) => {
+                tracing::info!(
+                    access_request = created.metadata.name.as_deref().unwrap_or(""),
+                    rule = req.rule,
+                    summary = %req.action.summary,
+                    "request held for approval"
+                );
+                if let Some(notifier) = &self.notifier {
+                    notifier.created(&created);
+                }
+                Ok(created)
+            }
+            Ok(Err(e)) => Err(format!(
+                "cannot create the AccessRequest in namespace {}: {e}",
+                self.cfg.namespace
+            )),
+            Err(_) => Err(format!(
+                "creating the AccessRequest in namespace {} timed out",
+                self.cfg.namespace
+            )),
+        }
+    }
+
+    /// Writes a sealed `Expired` unless a verified decision got there first, and returns
+    /// the decision that stands.
+    async fn expire(&self, name: &str) -> Option<Verdict> {
+        for _ in 0..3 {
+            let ar = match tokio::time::timeout(API_TIMEOUT, self.api.get(name)).await {
+                Ok(Ok(ar)) => ar,
+                // Cannot read it: the request stays refused (expired) locally.
+                _ => return None,
+            };
+            if let Some(v) = self.verified(&ar) {
+                self.observe(&ar);
+                return Some(v);
+            }
+            let t = now().to_string();
+            let mut status = AccessRequestStatus {
+                phase: Phase::Expired,
+                decided_by: Some(EXPIRY_DECIDER.to_owned()),
+                decided_at: Some(t.clone()),
+                comment: Some("nobody decided before the request expired".to_owned()),
+                conditions: vec![StatusCondition {
+                    type_: "Decided".to_owned(),
+                    status: "True".to_owned(),
+                    reason: "Expired".to_owned(),
+                    message: "nobody decided before the request expired".to_owned(),
+                    last_transition_time: t,
+                }],
+                ..AccessRequestStatus::default()
+            };
+            status.seal = self.cfg.seal_key.seal(&ar, &status).ok();
+            let mut updated = ar.clone();
+            updated.status = Some(status);
+            match tokio::time::timeout(
+                API_TIMEOUT,
+                self.api
+                    .replace_status(name, &PostParams::default(), &updated),
+            )
+            .await
+            {
+                Ok(Ok(_)) => return None,
+                // A conflict: someone wrote first; read again.
+                Ok(Err(kube::Error::Api(e))) if e.code == 409 => continue,
+                _ => return None,
+            }
+        }
+        None
+    }
+}

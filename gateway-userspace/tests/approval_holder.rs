@@ -1,0 +1,647 @@
+//! The approval holder against the API test server: AccessRequests created with the
+//! gateway's credential, released only by sealed decisions seen through the watch, expired
+//! (and sealed) on timeout, reused by identical requests and after a restart, grants,
+//! async mode, the per-workload cap, and failing closed when the API refuses.
+
+use std::{sync::Arc, time::Duration};
+
+use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
+use gateway_userspace::{
+    approval::{
+        holder::{HoldOutcome, HoldRequest, Holder, HolderConfig},
+        resource::{
+            AccessRequest, AccessRequestStatus, Approvers, GrantScope, Phase, RequestedAction,
+            WorkloadRef, crd_yaml,
+        },
+        seal::SealKey,
+    },
+    policy::{Approval, ApprovalMode, GrantSpec},
+    upstream::{Settings, Upstream},
+};
+use kube::{Api, api::PostParams};
+
+const TOKEN: &str = "gateway-token";
+const NS: &str = "chaperone-system";
+
+struct Env {
+    apiserver: TestApiServer,
+    client: kube::Client,
+    key: SealKey,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(with_crd: bool) -> Env {
+    let apiserver = TestApiServer::start(ApiServerConfig::with_tokens([TOKEN]))
+        .await
+        .expect("API test server");
+    if with_crd {
+        let crd: serde_json::Value =
+            serde_norway::from_str(&crd_yaml().expect("crd")).expect("crd yaml");
+        apiserver.seed(crd).expect("register the CRD");
+        apiserver
+            .seed(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
+            .expect("namespace");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.crt"), apiserver.ca_pem()).expect("ca");
+    std::fs::write(dir.path().join("token"), TOKEN).expect("token");
+    let url: url::Url = apiserver.url().parse().expect("url");
+    let upstream = Upstream::from_settings(Settings {
+        url: &url,
+        ca_file: &dir.path().join("ca.crt"),
+        token_file: Some(&dir.path().join("token")),
+        client_certificate: None,
+        tls_server_name: None,
+    })
+    .expect("upstream");
+    let client = kube::Client::try_from(upstream.config).expect("client");
+    Env {
+        apiserver,
+        client,
+        key: SealKey::new(vec![7; 32]).expect("key"),
+        _dir: dir,
+    }
+}
+
+impl Env {
+    fn holder(&self, node: &str, max_pending: usize) -> Arc<Holder> {
+        let holder = Holder::new(
+            self.client.clone(),
+            HolderConfig {
+                namespace: NS.into(),
+                node: node.into(),
+                seal_key: self.key.clone(),
+                max_pending_per_workload: max_pending,
+            },
+        );
+        tokio::spawn(holder.clone().run_watcher());
+        holder
+    }
+
+    fn api(&self) -> Api<AccessRequest> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    /// Waits until exactly `n` AccessRequests exist, returning them.
+    async fn access_requests(&self, n: usize) -> Vec<AccessRequest> {
+        for _ in 0..200 {
+            let list = self.api().list(&Default::default()).await.expect("list");
+            if list.items.len() == n {
+                return list.items;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("never saw {n} AccessRequests");
+    }
+
+    /// Writes a decision as the approvals API does: sealed with the shared key (or, with
+    /// `sealed == false`, as someone editing the status directly).
+    async fn decide(
+        &self,
+        name: &str,
+        phase: Phase,
+        by: &str,
+        comment: Option<&str>,
+        grant_until: Option<String>,
+        sealed: bool,
+    ) {
+        let mut ar = self.api().get(name).await.expect("get");
+        let mut status = AccessRequestStatus {
+            phase,
+            decided_by: Some(by.into()),
+            decided_at: Some(jiff::Timestamp::now().to_string()),
+            comment: comment.map(str::to_owned),
+            grant_until,
+            ..Default::default()
+        };
+        if sealed {
+            status.seal = Some(self.key.seal(&ar, &status).expect("seal"));
+        }
+        ar.status = Some(status);
+        self.api()
+            .replace_status(name, &PostParams::default(), &ar)
+            .await
+            .expect("write status");
+    }
+}
+
+fn approval(timeout: Duration, grant: GrantSpec, mode: ApprovalMode) -> Approval {
+    Approval {
+        approvers: Approvers {
+            groups: vec!["sre".into()],
+            users: vec![],
+        },
+        timeout,
+        grant,
+        mode,
+    }
+}
+
+fn request<'a>(approval: &'a Approval, pod: &str, body: &'a [u8]) -> HoldRequest<'a> {
+    HoldRequest {
+        rule: "scale-prod",
+        approval,
+        workload: WorkloadRef {
+            namespace: "agents".into(),
+            pod: pod.into(),
+            service_account: Some("agent".into()),
+        },
+        principal: Some("system:serviceaccount:agents:agent".into()),
+        method: "PATCH",
+        target: "/apis/apps/v1/namespaces/prod/deployments/web/scale",
+        action: RequestedAction {
+            verb: "patch".into(),
+            resource: "apps/deployments".into(),
+            subresource: Some("scale".into()),
+            namespace: Some("prod".into()),
+            name: Some("web".into()),
+            path: "/apis/apps/v1/namespaces/prod/deployments/web/scale".into(),
+            summary: "patch deployments/scale prod/web, replicas=0".into(),
+        },
+        body,
+    }
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn held_until_a_sealed_approval_then_released() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let held = {
+        let holder = holder.clone();
+        let a = a.clone();
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let ars = e.access_requests(1).await;
+    let ar = &ars[0];
+    let name = ar.metadata.name.clone().expect("name");
+    assert_eq!(ar.spec.requester.workload.pod, "agent-0");
+    assert_eq!(ar.spec.node, "node-a");
+    assert_eq!(
+        ar.spec.request.summary,
+        "patch deployments/scale prod/web, replicas=0"
+    );
+    assert!(ar.status.is_none(), "created pending");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!held.is_finished(), "released without a decision");
+
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("released in time")
+        .expect("task");
+    match outcome {
+        HoldOutcome::Approved {
+            name: n,
+            decided_by,
+            via_grant,
+            ..
+        } => {
+            assert_eq!(
+                (n, decided_by.as_deref(), via_grant),
+                (name, Some("alice"), false)
+            );
+        }
+        other => panic!("expected approval, got {other:?}"),
+    }
+    assert_eq!(holder.tampering_attempts(), 0);
+}
+
+#[tokio::test]
+async fn denial_carries_the_comment_and_an_unsealed_approval_is_ignored() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let held = {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    // Approved directly at the API server, without the seal: ignored, counted.
+    e.decide(&name, Phase::Approved, "mallory", None, None, false)
+        .await;
+    for _ in 0..100 {
+        if holder.tampering_attempts() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(holder.tampering_attempts() >= 1, "tampering not noticed");
+    assert!(
+        !held.is_finished(),
+        "an unsealed approval released the request"
+    );
+
+    e.decide(
+        &name,
+        Phase::Denied,
+        "bob",
+        Some("not during the freeze"),
+        None,
+        true,
+    )
+    .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("released in time")
+        .expect("task");
+    assert!(
+        matches!(&outcome, HoldOutcome::Denied { decided_by: Some(b), comment: Some(c), .. } if b == "bob" && c == "not during the freeze"),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn silence_expires_and_the_expiry_is_sealed() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(Duration::from_secs(1), GrantSpec::Once, ApprovalMode::Hold);
+    let outcome = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    let HoldOutcome::Expired { name, waited } = outcome else {
+        panic!("expected expiry, got {outcome:?}");
+    };
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    let ar = e.api().get(&name).await.expect("get");
+    let status = ar.status.clone().expect("status written");
+    assert_eq!(status.phase, Phase::Expired);
+    assert_eq!(status.decided_by.as_deref(), Some("chaperone"));
+    assert_eq!(e.key.verify(&ar, &status), Ok(()), "expiry sealed");
+}
+
+#[tokio::test]
+async fn async_mode_queues_then_a_retry_passes_once_approved() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    let first = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    let HoldOutcome::Queued { name } = first else {
+        panic!("expected queued, got {first:?}");
+    };
+    // A retry before the decision reuses the AccessRequest.
+    let again = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    assert_eq!(again, HoldOutcome::Queued { name: name.clone() });
+    assert_eq!(e.access_requests(1).await.len(), 1);
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let retry = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&retry, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{retry:?}"
+    );
+    // `once`: the next identical request asks again.
+    let next = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&next, HoldOutcome::Queued { name: n } if *n != name),
+        "{next:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_grant_window_lets_identical_requests_through_until_it_ends() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(
+        LONG,
+        GrantSpec::For {
+            duration: Duration::from_secs(2),
+            scope: GrantScope::Identical,
+        },
+        ApprovalMode::Hold,
+    );
+    let held = {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    let until = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(2);
+    e.decide(
+        &name,
+        Phase::Approved,
+        "alice",
+        None,
+        Some(until.to_string()),
+        true,
+    )
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("in time")
+        .expect("task");
+    assert!(
+        matches!(
+            first,
+            HoldOutcome::Approved {
+                via_grant: false,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    let second = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&second, HoldOutcome::Approved { via_grant: true, name: n, .. } if *n == name),
+        "{second:?}"
+    );
+    // Another body is another request: not covered by an `identical` grant.
+    let other = {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{\"x\":1}")).await })
+    };
+    e.access_requests(2).await;
+    other.abort();
+    // After the window, the identical request waits again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let after = {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    e.access_requests(3).await;
+    assert!(!after.is_finished());
+    after.abort();
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_reuses_the_pending_request_and_another_node_releases_it() {
+    let e = env(true).await;
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let first = e.holder("node-a", 10);
+    let held = {
+        let a = a.clone();
+        tokio::spawn(async move { first.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    // The gateway goes away while the request is pending: nothing was released.
+    held.abort();
+    let restarted = e.holder("node-a", 10);
+    let retry = {
+        let a = a.clone();
+        let restarted = restarted.clone();
+        tokio::spawn(async move { restarted.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        e.access_requests(1).await.len(),
+        1,
+        "the retry created a duplicate"
+    );
+    assert!(!retry.is_finished());
+    // Decided "on node B" (any writer with the key): node A's holder sees it through the watch.
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), retry)
+        .await
+        .expect("in time")
+        .expect("task");
+    assert!(
+        matches!(&outcome, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn pending_requests_are_capped_per_workload_and_api_errors_fail_closed() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 2);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    for body in [&b"1"[..], b"2"] {
+        assert!(matches!(
+            holder.hold(&request(&a, "agent-0", body)).await,
+            HoldOutcome::Queued { .. }
+        ));
+    }
+    let third = holder.hold(&request(&a, "agent-0", b"3")).await;
+    assert!(
+        matches!(&third, HoldOutcome::Failed { why } if why.contains("already has 2 AccessRequests pending")),
+        "{third:?}"
+    );
+    // Another workload has its own budget.
+    assert!(matches!(
+        holder.hold(&request(&a, "agent-1", b"3")).await,
+        HoldOutcome::Queued { .. }
+    ));
+
+    // Without the CRD the API server has no accessrequests: refused, naming why.
+    let bare = env(false).await;
+    let holder = bare.holder("node-a", 10);
+    let failed = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&failed, HoldOutcome::Failed { why } if why.contains("AccessRequests in namespace chaperone-system")),
+        "{failed:?}"
+    );
+    drop(bare.apiserver);
+}
+
+/// The gateway restarts while a request is held: nothing was forwarded, and the client's
+/// retry through the restarted gateway finds the pending AccessRequest instead of creating
+/// another; once approved, it goes through.
+#[tokio::test]
+async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_the_request() {
+    use bytes::Bytes;
+    use gateway_userspace::{
+        app,
+        approval::ApprovalConfig,
+        config::PolicyConfig,
+        tls::{self, CertificateAuthority},
+    };
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, ca_key) = CertificateAuthority::generate("restart-test-ca").expect("CA");
+    let ca_pem = ca.cert_pem().to_owned();
+    for (file, text) in [
+        ("ca.crt", ca_pem.as_str()),
+        ("ca.key", ca_key.as_str()),
+        ("token", TOKEN),
+        (
+            "policy.yaml",
+            "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: patch-config\n    action: approve\n    verbs: [patch]\n    resources: [configmaps]\n    approval: {approvers: {groups: [sre]}, timeout: 60s}\n",
+        ),
+    ] {
+        std::fs::write(dir.path().join(file), text).expect("write");
+    }
+    std::fs::write(dir.path().join("seal.key"), [5u8; 32]).expect("seal key");
+    let apiserver = TestApiServer::start(ApiServerConfig {
+        ca: Some(Arc::new(ca)),
+        tokens: vec![TOKEN.to_owned()],
+        ..ApiServerConfig::default()
+    })
+    .await
+    .expect("API test server");
+    let crd: serde_json::Value = serde_norway::from_str(&crd_yaml().expect("crd")).expect("yaml");
+    for object in [
+        crd,
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flags", "namespace": "default"}, "data": {"a": "0"}}),
+    ] {
+        apiserver.seed(object).expect("seed");
+    }
+    let mut config =
+        chaperone_testkit::local::local_config(dir.path(), &apiserver.url()).expect("config");
+    config.policy = Some(PolicyConfig::File(dir.path().join("policy.yaml")));
+    config.approval = Some(ApprovalConfig {
+        namespace: NS.to_owned(),
+        seal_key_file: dir.path().join("seal.key"),
+        api: None,
+        notify: Default::default(),
+        max_pending_per_workload: 10,
+    });
+
+    let roots = tls::root_store_from_pem(&ca_pem, "test CA").expect("roots");
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls::client_config(roots).expect("client config"))
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let patch = |port: u16| {
+        http::Request::builder()
+            .method("PATCH")
+            .uri(format!(
+                "https://127.0.0.1:{port}/api/v1/namespaces/default/configmaps/flags"
+            ))
+            .header("content-type", "application/merge-patch+json")
+            .header("authorization", "Bearer agent-token")
+            .body(Full::new(Bytes::from_static(br#"{"data":{"a":"1"}}"#)))
+            .expect("request")
+    };
+    let flags = |apiserver: &TestApiServer| {
+        apiserver
+            .object("configmaps", "default", "flags")
+            .and_then(|c| c.pointer("/data/a").cloned())
+    };
+
+    let first = app::build(config.clone()).await.expect("gateway");
+    let held = tokio::spawn(client.request(patch(first.local_addr().port())));
+    let ars = {
+        let mut found = Vec::new();
+        for _ in 0..200 {
+            found = apiserver.objects("accessrequests", NS);
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        found
+    };
+    assert_eq!(ars.len(), 1, "the held request has its AccessRequest");
+    // The client gives up and the gateway restarts: nothing reached the API server.
+    held.abort();
+    first.shutdown().await.expect("stop the gateway");
+    let patched = |apiserver: &TestApiServer| {
+        apiserver
+            .requests()
+            .iter()
+            .any(|r| r.method == "PATCH" && r.path_and_query.contains("/configmaps/flags"))
+    };
+    assert!(!patched(&apiserver), "a held request was forwarded");
+    assert_eq!(flags(&apiserver), Some(serde_json::json!("0")));
+
+    let second = app::build(config).await.expect("restarted gateway");
+    let retry = tokio::spawn(client.request(patch(second.local_addr().port())));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        apiserver.objects("accessrequests", NS).len(),
+        1,
+        "the retry created a second AccessRequest"
+    );
+    assert!(!retry.is_finished(), "released without a decision");
+    assert!(!patched(&apiserver));
+
+    let name = ars[0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    let e = Env {
+        client: {
+            let url: url::Url = apiserver.url().parse().expect("url");
+            let upstream = Upstream::from_settings(Settings {
+                url: &url,
+                ca_file: &dir.path().join("ca.crt"),
+                token_file: Some(&dir.path().join("token")),
+                client_certificate: None,
+                tls_server_name: None,
+            })
+            .expect("upstream");
+            kube::Client::try_from(upstream.config).expect("client")
+        },
+        key: SealKey::new(vec![5; 32]).expect("key"),
+        apiserver,
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let response = tokio::time::timeout(Duration::from_secs(10), retry)
+        .await
+        .expect("released in time")
+        .expect("task")
+        .expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(
+        status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(flags(&e.apiserver), Some(serde_json::json!("1")));
+    second.shutdown().await.expect("stop");
+}
+
+/// A `once` approval lets exactly one request through, even for a gateway that never saw
+/// it used (another node, a restart): it is marked consumed in the AccessRequest's status.
+#[tokio::test]
+async fn a_once_approval_is_used_once_across_gateways() {
+    let e = env(true).await;
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    let node_a = e.holder("node-a", 10);
+    let HoldOutcome::Queued { name } = node_a.hold(&request(&a, "agent-0", b"{}")).await else {
+        panic!("expected queued");
+    };
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let used = node_a.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&used, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{used:?}"
+    );
+    let ar = e.api().get(&name).await.expect("get");
+    let status = ar.status.clone().expect("status");
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Consumed"),
+        "{status:?}"
+    );
+    assert_eq!(
+        e.key.verify(&ar, &status),
+        Ok(()),
+        "the mark keeps the seal valid"
+    );
+    // Another gateway (or this one restarted) does not let the identical request through
+    // on the used approval.
+    let node_b = e.holder("node-b", 10);
+    let again = node_b.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&again, HoldOutcome::Queued { name: n } if *n != name),
+        "{again:?}"
+    );
+}
