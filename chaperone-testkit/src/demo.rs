@@ -7,7 +7,10 @@
 //! `kubectl get pods` is allowed, a Secret is read masked, a privileged pod and
 //! `kubectl delete namespace` are denied. Allowed requests go to the Kubernetes API test
 //! server (labelled as such) with the gateway's own credential, and every request is
-//! recorded to Parquet.
+//! recorded to Parquet. Two risky requests need a person's approval: scaling production
+//! to zero is held until an approver runs `chaperone approve` (through a second gateway's
+//! approvals API), then completes; deleting a ConfigMap nobody approves expires into a
+//! recorded denial.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,29 @@ use crate::stack::{Stack, StackOptions};
 /// to `default`, where the demo's objects live.
 pub fn demo_policy() -> String {
     include_str!("../../deploy/config/policy.yaml").replace("ai-sandbox", "default")
+}
+
+/// The demo's approval rules, placed before the baseline's: scaling in `production` waits
+/// for an SRE (the demo's approver authenticates as `system:admin`, in `system:masters`),
+/// deleting a ConfigMap in `default` waits 3 s for anyone and then expires.
+pub const DEMO_APPROVAL_RULES: &str = r#"  - name: scale-production
+    action: approve
+    verbs: [patch, update]
+    apiGroups: [apps]
+    resources: [deployments/scale]
+    namespaces: [production]
+    approval: {approvers: {groups: [sre, "system:masters"]}, timeout: 2m}
+  - name: delete-config
+    action: approve
+    verbs: [delete]
+    apiGroups: [""]
+    resources: [configmaps]
+    approval: {approvers: {groups: [sre]}, timeout: 3s}
+"#;
+
+/// The baseline with [`DEMO_APPROVAL_RULES`] first.
+pub fn demo_policy_with_approvals() -> String {
+    demo_policy().replacen("\nrules:\n", &format!("\nrules:\n{DEMO_APPROVAL_RULES}"), 1)
 }
 
 /// A smaller policy (deny namespace deletion and secret reads), for tests that need only
@@ -97,11 +123,23 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
         // "s3cr3t-Passw0rd"
         "data": {"username": "YXBw", "password": "czNjcjN0LVBhc3N3MHJk"}
     }));
+    seed.push(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "production"},
+        "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}
+    }));
+    seed.push(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "feature-flags", "namespace": "default"},
+        "data": {"checkout": "on"}
+    }));
     let stack = Stack::start(StackOptions {
-        policy_yaml: Some(demo_policy()),
+        policy_yaml: Some(demo_policy_with_approvals()),
         recordings_dir: Some(recordings.clone()),
         seed,
-        approval: false,
+        approval: true,
         ..Default::default()
     })
     .await
@@ -167,6 +205,8 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
         println!("  (exit code {})\n", out.status.code().unwrap_or(-1));
     }
 
+    approvals(&stack).await?;
+
     let stopped = stack.stop().await.context("stopping the gateway")?;
     let seen = stopped.apiserver.requests();
     let with_gateway = seen
@@ -204,6 +244,125 @@ async fn narrate(recordings: PathBuf, log: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Scaling production to zero waits for a person, who approves it through the approvals
+/// API of a second gateway; a ConfigMap deletion nobody approves expires.
+async fn approvals(stack: &Stack) -> anyhow::Result<()> {
+    println!("Just-in-time approval: two requests need a person.\n");
+    let node_b = stack
+        .second_gateway()
+        .await
+        .context("starting a second gateway (node B) with the approvals API")?;
+    let api_b = node_b
+        .approvals_addr()
+        .context("node B serves no approvals API")?;
+    let replicas = || {
+        stack
+            .apiserver
+            .object("deployments", "production", "web")
+            .and_then(|d| {
+                d.pointer("/spec/replicas")
+                    .and_then(serde_json::Value::as_i64)
+            })
+            .unwrap_or(-1)
+    };
+    let args = [
+        "scale",
+        "deployment",
+        "web",
+        "-n",
+        "production",
+        "--replicas=0",
+    ];
+    println!("agent-pod$ kubectl {}", args.join(" "));
+    let scale = {
+        let (cmd, cache) = (stack.pod.command("kubectl"), stack.dir().to_owned());
+        let kubeconfig = stack.kubeconfig();
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.arg("--cache-dir")
+            .arg(cache.join("kubectl-cache-approval"))
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("HOME", &cache)
+            .kill_on_drop(true);
+        tokio::spawn(async move {
+            tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output()).await
+        })
+    };
+    let name = stack
+        .wait_for_access_requests(1)
+        .await
+        .context("waiting for the AccessRequest")?;
+    let held = stack.access_requests().pop().unwrap_or_default();
+    println!(
+        "  (held: AccessRequest {}/{name} asks for \"{}\"; nothing was sent upstream, replicas are still {})",
+        crate::stack::APPROVAL_NAMESPACE,
+        held.pointer("/spec/request/summary")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(""),
+        replicas()
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    println!(
+        "sre$ chaperone approve {name} --comment \"planned maintenance\"   # via node B's approvals API"
+    );
+    let conn = gateway_userspace::approval::client::Connection {
+        kubeconfig: Some(stack.admin_kubeconfig()?),
+        namespace: Some(crate::stack::APPROVAL_NAMESPACE.to_owned()),
+        server: Some(format!("https://{api_b}")),
+        certificate_authority: Some(stack.ca_file()),
+        ..Default::default()
+    };
+    print!("  ");
+    gateway_userspace::approval::client::decide(
+        &conn,
+        &name,
+        true,
+        None,
+        Some("planned maintenance".to_owned()),
+    )
+    .await
+    .context("approving through node B")?;
+    let out = scale
+        .await
+        .context("the held kubectl")?
+        .context("kubectl was not released within 2 minutes")?
+        .context("running kubectl")?;
+    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
+    println!(
+        "  (exit code {}; replicas are now {})\n",
+        out.status.code().unwrap_or(-1),
+        replicas()
+    );
+
+    let args = ["delete", "configmap", "feature-flags"];
+    println!(
+        "agent-pod$ kubectl {}   # nobody answers within the rule's 3 s",
+        args.join(" ")
+    );
+    let out = stack
+        .kubectl(&args)
+        .await
+        .context("running kubectl delete")?;
+    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
+    println!(
+        "  (exit code {}; the ConfigMap is {})\n",
+        out.status.code().unwrap_or(-1),
+        if stack
+            .apiserver
+            .object("configmaps", "default", "feature-flags")
+            .is_some()
+        {
+            "still there"
+        } else {
+            "gone"
+        }
+    );
+    node_b.shutdown().await.context("stopping node B")?;
+    Ok(())
+}
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
@@ -226,6 +385,7 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             "OUTCOME",
             "CODE",
             "RULE",
+            "APPROVAL",
         ]
         .map(str::to_owned),
     ];
@@ -257,9 +417,18 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             r.outcome.to_string(),
             r.response_code.to_string(),
             r.policy_rule.unwrap_or_default(),
+            match (
+                &r.approval_outcome,
+                &r.approval_decided_by,
+                r.approval_wait_ms,
+            ) {
+                (Some(o), Some(by), Some(ms)) => format!("{o} by {by} after {ms} ms"),
+                (Some(o), _, _) => o.clone(),
+                _ => String::new(),
+            },
         ]);
     }
-    let mut widths = [0usize; 12];
+    let mut widths = [0usize; 13];
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -276,4 +445,17 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
         out.push('\n');
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_userspace::policy::Policy;
+
+    #[test]
+    fn the_demo_policy_puts_its_approval_rules_first() {
+        let base = Policy::from_yaml(&demo_policy(), "baseline").expect("baseline loads");
+        let with = Policy::from_yaml(&demo_policy_with_approvals(), "demo").expect("demo loads");
+        assert_eq!(with.rule_count(), base.rule_count() + 2);
+    }
 }

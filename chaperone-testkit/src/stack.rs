@@ -310,6 +310,57 @@ impl Stack {
         })
     }
 
+    /// Another gateway ("node B") on 127.0.0.1 in front of the same API test server, with
+    /// the same policy and seal key and the approvals API listening (no interception: it
+    /// holds nobody's requests here, it decides). Recordings go to `recordings-node-b`.
+    pub async fn second_gateway(&self) -> Result<App, StackError> {
+        let root = self.dir.path();
+        let mut config = Config::load(&root.join("chaperone.yaml"))?;
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.node = Some("node-b".to_owned());
+        config.listen = ListenConfig { address: loopback };
+        config.admin = AdminConfig { address: loopback };
+        config.interception = InterceptionConfig {
+            mode: InterceptionMode::None,
+            ..InterceptionConfig::default()
+        };
+        config.tls.server_ips = vec![loopback.ip()];
+        config.recording.dir = root.join("recordings-node-b");
+        let approval = config.approval.as_mut().ok_or_else(|| {
+            StackError::ApiServer("the stack was started without approval".into())
+        })?;
+        approval.api = Some(gateway_userspace::approval::config::ApprovalApiConfig {
+            listen: loopback,
+            cert_file: None,
+            key_file: None,
+            server_names: vec!["localhost".to_owned()],
+            server_ips: vec![loopback.ip()],
+        });
+        Ok(app::build(config).await?)
+    }
+
+    /// A kubeconfig for an approver outside the sandbox: the API test server directly,
+    /// with the gateway's token (`system:admin`, in `system:masters`).
+    pub fn admin_kubeconfig(&self) -> Result<PathBuf, StackError> {
+        let root = self.dir.path();
+        let path = root.join("admin-kubeconfig");
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: admin\n  context:\n    cluster: test\n    user: admin\n\
+             current-context: admin\n",
+            server = self.apiserver.url(),
+            ca = root.join("cluster-ca.crt").display(),
+            token = self.gateway_token,
+        );
+        write(&path, kubeconfig)?;
+        Ok(path)
+    }
+
+    /// The cluster CA (PEM file) that also signs the gateways' serving certificates.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("cluster-ca.crt")
+    }
+
     /// The AccessRequests waiting or decided, oldest first.
     pub fn access_requests(&self) -> Vec<serde_json::Value> {
         let mut all = self.apiserver.objects("accessrequests", APPROVAL_NAMESPACE);
@@ -393,11 +444,6 @@ impl Stack {
     /// The stack's working directory (config, certificates, kubeconfig).
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// The cluster CA certificate (it also signs the approvals API's certificate).
-    pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("cluster-ca.crt")
     }
 
     /// The gateways' seal key, when approval is on.

@@ -20,6 +20,10 @@
 //! building the CEL variables from the object and evaluating the condition, once true
 //! (denied) and once false (falls through to the default). The `decide_exec` group puts
 //! an exec selector on one rule in ten and probes an exec request.
+//!
+//! The `decide_approve` group turns one rule in ten of the base mix into `action: approve`
+//! (with an `approval` block) and probes the same requests as `decide`: requests that need
+//! no approval must cost what they cost without approve rules.
 
 use std::{fmt::Write as _, hint::black_box};
 
@@ -203,6 +207,59 @@ fn bench_decide(c: &mut Criterion) {
             b.iter(|| decide(black_box(&policy), &RequestContext::new(black_box(req))))
         });
         group.bench_with_input(BenchmarkId::new("exec_no_match", n), &exec, |b, req| {
+            b.iter(|| decide(black_box(&policy), &RequestContext::new(black_box(req))))
+        });
+    }
+    group.finish();
+}
+
+/// The base mix with one rule in ten (`rule-1`, `rule-11`, ...) asking for approval.
+fn approve_policy_text(n: usize) -> String {
+    let mut y = policy_text(n);
+    for i in (1..n.saturating_sub(2)).step_by(10) {
+        for action in ["allow", "deny"] {
+            y = y.replace(
+                &format!("  - name: rule-{i}\n    action: {action}\n"),
+                &format!(
+                    "  - name: rule-{i}\n    action: approve\n    approval: {{approvers: {{groups: [sre]}}, timeout: 5m}}\n"
+                ),
+            );
+        }
+    }
+    y
+}
+
+fn bench_decide_approve(c: &mut Criterion) {
+    let matching = request(Method::DELETE, "/api/v1/namespaces/prod/pods/web-0");
+    let unmatched = request(
+        Method::PATCH,
+        "/apis/apps/v1/namespaces/prod/deployments/web",
+    );
+    let mut group = c.benchmark_group("decide_approve");
+    for n in [10, 100, 1_000] {
+        let policy = Policy::from_yaml(&approve_policy_text(n), "bench.yaml")
+            .unwrap_or_else(|e| panic!("approve bench policy of {n} rules must load: {e}"));
+        assert!(
+            approve_policy_text(n).matches("action: approve").count() >= n / 10 - 1,
+            "n={n}: approve rules missing"
+        );
+        let d = decide(&policy, &RequestContext::new(&matching));
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Deny, Some("protect-prod-pods")),
+            "n={n}"
+        );
+        assert_eq!(
+            decide(&policy, &RequestContext::new(&unmatched)).action,
+            Action::Allow,
+            "n={n}"
+        );
+        group.bench_with_input(
+            BenchmarkId::new("match_near_end", n),
+            &matching,
+            |b, req| b.iter(|| decide(black_box(&policy), &RequestContext::new(black_box(req)))),
+        );
+        group.bench_with_input(BenchmarkId::new("no_match", n), &unmatched, |b, req| {
             b.iter(|| decide(black_box(&policy), &RequestContext::new(black_box(req))))
         });
     }
@@ -467,6 +524,7 @@ criterion_group!(
     bench_decide_identity,
     bench_decide_cel,
     bench_decide_exec,
+    bench_decide_approve,
     bench_parse
 );
 criterion_main!(benches);

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub approval_notifications_dropped: Counter,
     /// Notifications not delivered after every attempt.
     pub approval_notifications_failed: Counter,
+    /// AccessRequest decisions seen without a valid seal (a status edited directly at the
+    /// API server): ignored, and counted here.
+    pub approval_tampering: Counter,
 }
 
 impl Metrics {
@@ -154,6 +157,12 @@ impl Metrics {
             "AccessRequest notifications not delivered after every retry",
             approval_notifications_failed.clone(),
         );
+        let approval_tampering = Counter::default();
+        registry.register(
+            "approval_tampering_attempts",
+            "AccessRequest decisions without a valid seal (not written by a gateway's approvals API), ignored",
+            approval_tampering.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -173,6 +182,7 @@ impl Metrics {
             approval_decisions,
             approval_notifications_dropped,
             approval_notifications_failed,
+            approval_tampering,
         })
     }
 

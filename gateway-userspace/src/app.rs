@@ -342,6 +342,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             },
             notifier.clone(),
         );
+        holder.count_tampering_in(metrics.approval_tampering.clone());
         let watch_drain = proxy_watch.clone();
         let watcher = holder.clone();
         tokio::spawn(async move {

@@ -444,3 +444,203 @@ async fn pending_requests_are_capped_per_workload_and_api_errors_fail_closed() {
     );
     drop(bare.apiserver);
 }
+
+/// The gateway restarts while a request is held: nothing was forwarded, and the client's
+/// retry through the restarted gateway finds the pending AccessRequest instead of creating
+/// another; once approved, it goes through.
+#[tokio::test]
+async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_the_request() {
+    use bytes::Bytes;
+    use gateway_userspace::{
+        app,
+        approval::ApprovalConfig,
+        config::PolicyConfig,
+        tls::{self, CertificateAuthority},
+    };
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, ca_key) = CertificateAuthority::generate("restart-test-ca").expect("CA");
+    let ca_pem = ca.cert_pem().to_owned();
+    for (file, text) in [
+        ("ca.crt", ca_pem.as_str()),
+        ("ca.key", ca_key.as_str()),
+        ("token", TOKEN),
+        (
+            "policy.yaml",
+            "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: patch-config\n    action: approve\n    verbs: [patch]\n    resources: [configmaps]\n    approval: {approvers: {groups: [sre]}, timeout: 60s}\n",
+        ),
+    ] {
+        std::fs::write(dir.path().join(file), text).expect("write");
+    }
+    std::fs::write(dir.path().join("seal.key"), [5u8; 32]).expect("seal key");
+    let apiserver = TestApiServer::start(ApiServerConfig {
+        ca: Some(Arc::new(ca)),
+        tokens: vec![TOKEN.to_owned()],
+        ..ApiServerConfig::default()
+    })
+    .await
+    .expect("API test server");
+    let crd: serde_json::Value = serde_norway::from_str(&crd_yaml().expect("crd")).expect("yaml");
+    for object in [
+        crd,
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flags", "namespace": "default"}, "data": {"a": "0"}}),
+    ] {
+        apiserver.seed(object).expect("seed");
+    }
+    let mut config =
+        chaperone_testkit::local::local_config(dir.path(), &apiserver.url()).expect("config");
+    config.policy = Some(PolicyConfig::File(dir.path().join("policy.yaml")));
+    config.approval = Some(ApprovalConfig {
+        namespace: NS.to_owned(),
+        seal_key_file: dir.path().join("seal.key"),
+        api: None,
+        notify: Default::default(),
+        max_pending_per_workload: 10,
+    });
+
+    let roots = tls::root_store_from_pem(&ca_pem, "test CA").expect("roots");
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls::client_config(roots).expect("client config"))
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let patch = |port: u16| {
+        http::Request::builder()
+            .method("PATCH")
+            .uri(format!(
+                "https://127.0.0.1:{port}/api/v1/namespaces/default/configmaps/flags"
+            ))
+            .header("content-type", "application/merge-patch+json")
+            .header("authorization", "Bearer agent-token")
+            .body(Full::new(Bytes::from_static(br#"{"data":{"a":"1"}}"#)))
+            .expect("request")
+    };
+    let flags = |apiserver: &TestApiServer| {
+        apiserver
+            .object("configmaps", "default", "flags")
+            .and_then(|c| c.pointer("/data/a").cloned())
+    };
+
+    let first = app::build(config.clone()).await.expect("gateway");
+    let held = tokio::spawn(client.request(patch(first.local_addr().port())));
+    let ars = {
+        let mut found = Vec::new();
+        for _ in 0..200 {
+            found = apiserver.objects("accessrequests", NS);
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        found
+    };
+    assert_eq!(ars.len(), 1, "the held request has its AccessRequest");
+    // The client gives up and the gateway restarts: nothing reached the API server.
+    held.abort();
+    first.shutdown().await.expect("stop the gateway");
+    let patched = |apiserver: &TestApiServer| {
+        apiserver
+            .requests()
+            .iter()
+            .any(|r| r.method == "PATCH" && r.path_and_query.contains("/configmaps/flags"))
+    };
+    assert!(!patched(&apiserver), "a held request was forwarded");
+    assert_eq!(flags(&apiserver), Some(serde_json::json!("0")));
+
+    let second = app::build(config).await.expect("restarted gateway");
+    let retry = tokio::spawn(client.request(patch(second.local_addr().port())));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        apiserver.objects("accessrequests", NS).len(),
+        1,
+        "the retry created a second AccessRequest"
+    );
+    assert!(!retry.is_finished(), "released without a decision");
+    assert!(!patched(&apiserver));
+
+    let name = ars[0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    let e = Env {
+        client: {
+            let url: url::Url = apiserver.url().parse().expect("url");
+            let upstream = Upstream::from_settings(Settings {
+                url: &url,
+                ca_file: &dir.path().join("ca.crt"),
+                token_file: Some(&dir.path().join("token")),
+                client_certificate: None,
+                tls_server_name: None,
+            })
+            .expect("upstream");
+            kube::Client::try_from(upstream.config).expect("client")
+        },
+        key: SealKey::new(vec![5; 32]).expect("key"),
+        apiserver,
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let response = tokio::time::timeout(Duration::from_secs(10), retry)
+        .await
+        .expect("released in time")
+        .expect("task")
+        .expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(
+        status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(flags(&e.apiserver), Some(serde_json::json!("1")));
+    second.shutdown().await.expect("stop");
+}
+
+/// A `once` approval lets exactly one request through, even for a gateway that never saw
+/// it used (another node, a restart): it is marked consumed in the AccessRequest's status.
+#[tokio::test]
+async fn a_once_approval_is_used_once_across_gateways() {
+    let e = env(true).await;
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    let node_a = e.holder("node-a", 10);
+    let HoldOutcome::Queued { name } = node_a.hold(&request(&a, "agent-0", b"{}")).await else {
+        panic!("expected queued");
+    };
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let used = node_a.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&used, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{used:?}"
+    );
+    let ar = e.api().get(&name).await.expect("get");
+    let status = ar.status.clone().expect("status");
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Consumed"),
+        "{status:?}"
+    );
+    assert_eq!(
+        e.key.verify(&ar, &status),
+        Ok(()),
+        "the mark keeps the seal valid"
+    );
+    // Another gateway (or this one restarted) does not let the identical request through
+    // on the used approval.
+    let node_b = e.holder("node-b", 10);
+    let again = node_b.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&again, HoldOutcome::Queued { name: n } if *n != name),
+        "{again:?}"
+    );
+}

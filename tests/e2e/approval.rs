@@ -402,3 +402,137 @@ async fn risky_requests_wait_for_a_person() {
         .expect("the forged status recorded");
     assert_eq!(refused.decision, Some(Action::Deny));
 }
+
+/// Two gateways ("nodes") share one API test server: the request held on node A (the
+/// sandbox's gateway) is released by an approval taken through node B's approvals API,
+/// with the `chaperone approve` client code.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approval_on_another_node_releases_the_held_request() {
+    if !privileged("an_approval_on_another_node_releases_the_held_request") {
+        return;
+    }
+    let policy = POLICY.replace(
+        "approval: {approvers: {groups: [sre]}, timeout: 60s}",
+        "approval: {approvers: {groups: [\"system:masters\"]}, timeout: 60s}",
+    );
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(policy),
+        recordings_dir: None,
+        seed: seed(),
+        approval: true,
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack");
+    let node_b = stack.second_gateway().await.expect("node B");
+    let api_b = node_b.approvals_addr().expect("node B's approvals API");
+
+    let scale = spawn_kubectl(
+        &stack,
+        &["scale", "deployment", "web", "-n", "prod", "--replicas=1"],
+    );
+    let held = stack
+        .wait_for_access_requests(1)
+        .await
+        .expect("AccessRequest");
+    let ar = stack.access_requests().pop().expect("ar");
+    assert_eq!(ar["spec"]["node"], "sandbox-node", "held on node A");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!scale.is_finished());
+
+    let conn = gateway_userspace::approval::client::Connection {
+        kubeconfig: Some(stack.admin_kubeconfig().expect("admin kubeconfig")),
+        namespace: Some(chaperone_testkit::stack::APPROVAL_NAMESPACE.to_owned()),
+        server: Some(format!("https://{api_b}")),
+        certificate_authority: Some(stack.ca_file()),
+        ..Default::default()
+    };
+    gateway_userspace::approval::client::decide(
+        &conn,
+        &held,
+        true,
+        None,
+        Some("ok for the demo".into()),
+    )
+    .await
+    .expect("approve through node B");
+    let (ok, out) = finished(scale).await;
+    assert!(ok && out.contains("deployment.apps/web scaled"), "{out}");
+    assert_eq!(replicas(&stack), 1);
+    let decided = stack.access_requests().pop().expect("ar");
+    assert_eq!(decided["status"]["decidedBy"], "system:admin", "{decided}");
+    node_b.shutdown().await.expect("stop node B");
+    let stopped = stack.stop().await.expect("stop the stack");
+    let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
+    let row = rows
+        .iter()
+        .find(|r| r.approval_outcome.as_deref() == Some("approved"))
+        .expect("the approved scale recorded on node A");
+    assert_eq!(row.approval_decided_by.as_deref(), Some("system:admin"));
+    assert_eq!(row.access_request.as_deref(), Some(held.as_str()));
+}
+
+/// `kubectl exec` waits for approval too: the AccessRequest shows the command, nothing
+/// runs until it is approved, and then kubectl prints the command's output.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_waits_for_approval_and_then_runs() {
+    if !privileged("an_exec_waits_for_approval_and_then_runs") {
+        return;
+    }
+    let policy = r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: Policy
+default: allow
+rules:
+  - name: exec-needs-approval
+    action: approve
+    verbs: [create, get]
+    resources: [pods/exec]
+    approval: {approvers: {groups: [sre]}, timeout: 60s}
+"#;
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(policy.to_owned()),
+        recordings_dir: None,
+        seed: chaperone_testkit::demo::demo_objects(),
+        approval: true,
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack");
+    let marker = stack
+        .apiserver
+        .pod_dir("default", "web-0")
+        .expect("pod dir")
+        .join("ran");
+    let exec = spawn_kubectl(
+        &stack,
+        &[
+            "exec",
+            "web-0",
+            "--",
+            "sh",
+            "-c",
+            "touch ran; echo hello-after-approval",
+        ],
+    );
+    let held = stack
+        .wait_for_access_requests(1)
+        .await
+        .expect("AccessRequest");
+    let ar = stack.access_requests().pop().expect("ar");
+    let summary = ar["spec"]["request"]["summary"].as_str().unwrap_or("");
+    assert!(
+        summary.contains("pods/exec default/web-0")
+            && summary.contains("touch ran; echo hello-after-approval"),
+        "{ar}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!exec.is_finished());
+    assert!(!marker.exists(), "the command ran before the approval");
+    stack
+        .decide(&held, approve("alice"), true)
+        .expect("approve");
+    let (ok, out) = finished(exec).await;
+    assert!(ok && out.contains("hello-after-approval"), "{out}");
+    assert!(marker.exists());
+}

@@ -389,6 +389,8 @@ fn bench() -> anyhow::Result<()> {
         "masking_streams",
         "--bench",
         "approval_notify",
+        "--bench",
+        "approval",
         "--",
         "--quick",
     ])?;

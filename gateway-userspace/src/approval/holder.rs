@@ -50,6 +50,8 @@ pub const WORKLOAD_LABEL: &str = "chaperone.dev/workload";
 pub const EXPIRY_DECIDER: &str = "chaperone";
 /// Default cap on pending AccessRequests per workload.
 pub const DEFAULT_MAX_PENDING_PER_WORKLOAD: usize = 10;
+/// The status condition that marks a `once` approval used.
+pub const CONSUMED: &str = "Consumed";
 /// How long one call to the API server may take before the request is refused.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -165,6 +167,7 @@ pub struct Holder {
     notifier: Option<super::notify::Notifier>,
     state: Mutex<State>,
     tampering: AtomicU64,
+    tampering_metric: Mutex<Option<prometheus_client::metrics::counter::Counter>>,
 }
 
 impl std::fmt::Debug for Holder {
@@ -247,7 +250,17 @@ impl Holder {
             notifier,
             state: Mutex::new(State::default()),
             tampering: AtomicU64::new(0),
+            tampering_metric: Mutex::new(None),
         })
+    }
+
+    /// Also counts tampering attempts in `counter` (the gateway's
+    /// `chaperone_approval_tampering_attempts_total`).
+    pub fn count_tampering_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        *self
+            .tampering_metric
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(counter);
     }
 
     /// The namespace AccessRequests live in.
@@ -273,6 +286,13 @@ impl Holder {
         }
         if let Err(e) = self.cfg.seal_key.verify(ar, status) {
             self.tampering.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = &*self
+                .tampering_metric
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+            {
+                counter.inc();
+            }
             tracing::warn!(
                 access_request = ar.metadata.name.as_deref().unwrap_or(""),
                 phase = status.phase.as_str(),
@@ -403,20 +423,31 @@ impl Holder {
         };
         let pending =
             |ar: &&AccessRequest| ar.status.as_ref().is_none_or(|s| s.phase == Phase::Pending);
-        // A decided identical request: an async retry after approval (or a denial).
+        // A decided identical request: an async retry after approval (or a denial). A
+        // `once` approval lets one request through, across gateways and restarts: it is
+        // marked consumed in its status (a condition, outside the seal) before it is used.
         let mut reuse: Option<AccessRequest> = None;
         for ar in existing.iter().filter(|ar| ar.spec.fingerprint == fp) {
             if let Some(v) = self.verified(ar) {
+                if v.phase != Phase::Approved {
+                    continue;
+                }
                 let name = ar.metadata.name.clone().unwrap_or_default();
-                let consumed = self.lock().consumed.contains(&name);
-                if v.phase == Phase::Approved && !consumed {
+                let grant_until =
+                    parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()));
+                let usable = match grant_until {
+                    // A lasting grant: usable while it runs (observe() records it).
+                    Some(until) => until > now(),
+                    None => !self.lock().consumed.contains(&name) && self.consume(ar).await,
+                };
+                if usable {
                     self.observe(ar);
                     self.lock().consumed.insert(name.clone());
                     return HoldOutcome::Approved {
                         name,
                         decided_by: v.decided_by,
                         waited: started.elapsed(),
-                        via_grant: false,
+                        via_grant: grant_until.is_some(),
                     };
                 }
             } else if live(&ar) && pending(&ar) {
@@ -466,6 +497,14 @@ impl Holder {
         match verdict {
             Some(v) if v.phase == Phase::Approved => {
                 self.lock().consumed.insert(name.clone());
+                // Best effort: this request was approved and goes ahead; marking the
+                // approval used keeps a later identical request from reusing it.
+                if let Ok(Ok(ar)) = tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await
+                    && ar.status.as_ref().is_some_and(|s| s.grant_until.is_none())
+                    && !self.consume(&ar).await
+                {
+                    tracing::warn!(access_request = %name, "could not mark the approval used");
+                }
                 HoldOutcome::Approved {
                     name,
                     decided_by: v.decided_by,
@@ -481,6 +520,41 @@ impl Holder {
             },
             _ => HoldOutcome::Expired { name, waited },
         }
+    }
+
+    /// Marks a `once` approval used (condition `Consumed` in its status, written with the
+    /// object's resourceVersion): `true` when this call did, `false` when it was used
+    /// already, changed meanwhile or cannot be written (then it is not used: fail closed).
+    async fn consume(&self, ar: &AccessRequest) -> bool {
+        let Some(status) = ar.status.clone() else {
+            return false;
+        };
+        if status.conditions.iter().any(|c| c.type_ == CONSUMED) {
+            return false;
+        }
+        let mut updated = ar.clone();
+        let mut status = status;
+        status.conditions.push(StatusCondition {
+            type_: CONSUMED.to_owned(),
+            status: "True".to_owned(),
+            reason: "Used".to_owned(),
+            message: format!(
+                "the approved request went through on node {}",
+                self.cfg.node
+            ),
+            last_transition_time: now().to_string(),
+        });
+        updated.status = Some(status);
+        let name = ar.metadata.name.clone().unwrap_or_default();
+        matches!(
+            tokio::time::timeout(
+                API_TIMEOUT,
+                self.api
+                    .replace_status(&name, &PostParams::default(), &updated),
+            )
+            .await,
+            Ok(Ok(_))
+        )
     }
 
     async fn create(
