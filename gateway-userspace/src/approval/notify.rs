@@ -909,6 +909,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn slack_gets_the_message_from_its_url_file() {
+        let (url, seen) = receiver(b"unused", 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("slack-url");
+        std::fs::write(&url_file, format!("{url}\n")).unwrap();
+        let config = NotifyConfig {
+            slack: vec![SlackConfig {
+                url: None,
+                url_file: Some(url_file),
+                ca_file: None,
+            }],
+            ..Default::default()
+        };
+        let (_trigger, watch) = crate::drain::channel();
+        let notifier = Notifier::start(&config, watch).unwrap().unwrap();
+        notifier.created(&request());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().calls.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.calls.len(), 1);
+        let (signed, body) = &seen.calls[0];
+        assert!(!signed, "Slack messages carry no signature header");
+        assert!(
+            body["text"].as_str().unwrap().contains("agents/agent-0"),
+            "{body}"
+        );
+        assert!(
+            body["blocks"]
+                .to_string()
+                .contains("kubectl chaperone approve ar-7"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
     async fn gives_up_after_the_attempts_without_blocking_the_caller() {
         let (url, seen) = receiver(b"other", 100).await;
         let dir = tempfile::tempdir().unwrap();
