@@ -260,6 +260,60 @@ impl Collector for RecorderGauges {
             let metric = ConstCounter::new(value);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
+        let replayed = ConstGauge::new(i64::try_from(health.replayed).unwrap_or(i64::MAX));
+        replayed.encode(encoder.encode_descriptor(
+            "recording_wal_replayed_rows",
+            "Rows rebuilt from the write-ahead log at start (outcome unknown when the gateway had died before the response)",
+            None,
+            replayed.metric_type(),
+        )?)?;
+        if let Some(wal) = health.wal {
+            for (name, help, value) in [
+                (
+                    "recording_wal_appends",
+                    "Records appended to the write-ahead log",
+                    wal.appends,
+                ),
+                (
+                    "recording_wal_syncs",
+                    "fsyncs of the write-ahead log (one per group commit: concurrent mutating requests share one)",
+                    wal.syncs,
+                ),
+                (
+                    "recording_wal_failures",
+                    "Write-ahead log appends that failed (their mutating requests were refused with 503)",
+                    wal.failures,
+                ),
+            ] {
+                let metric = ConstCounter::new(value);
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+            for (name, help, value) in [
+                (
+                    "recording_wal_outstanding",
+                    "Requests in the write-ahead log whose row is not yet in a finished Parquet file",
+                    wal.outstanding,
+                ),
+                (
+                    "recording_wal_segments",
+                    "Write-ahead log segments on disk",
+                    wal.segments,
+                ),
+            ] {
+                let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -174,6 +174,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         RecorderConfig {
             max_rows_per_file: cfg.recording.max_rows_per_file,
             max_file_age: cfg.recording.max_file_age,
+            wal_dir: Some(
+                cfg.recording
+                    .wal_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.recording.dir.join(crate::recorder::DEFAULT_WAL_DIR)),
+            ),
             ..RecorderConfig::new(cfg.recording.dir.clone(), node.clone())
         },
         recorder_watch,

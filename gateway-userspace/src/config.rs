@@ -512,6 +512,11 @@ pub struct RecordingConfig {
     /// its audit id). Mutating requests are always refused then, with a `Status` 503.
     #[serde(default)]
     pub reads_while_down: ReadsWhileDown,
+    /// The write-ahead log's directory, where mutating requests are made durable before
+    /// they are forwarded; default `<dir>/.wal`. Put it on the same disk as `dir` (or one
+    /// at least as reliable): while it cannot be written, mutating requests are refused.
+    #[serde(default)]
+    pub wal_dir: Option<PathBuf>,
 }
 
 /// `recording.readsWhileDown`.

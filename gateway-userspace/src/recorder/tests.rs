@@ -9,13 +9,13 @@ use parquet::basic::Compression;
 use super::*;
 use crate::{drain, policy::Action, request::Verb};
 
-fn ts(text: &str) -> jiff::Timestamp {
+pub(super) fn ts(text: &str) -> jiff::Timestamp {
     text.parse()
         .unwrap_or_else(|e| panic!("bad timestamp {text}: {e}"))
 }
 
 /// A row with every optional field set.
-fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
+pub(super) fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
     RequestRecord {
         request_time,
         response_time: Some(request_time + jiff::SignedDuration::from_micros(1500 + i)),
@@ -78,7 +78,7 @@ fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
 }
 
 /// A row with every optional field unset (a request that failed before any response).
-fn sparse_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
+pub(super) fn sparse_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
     RequestRecord {
         request_time,
         response_time: None,

@@ -17,6 +17,7 @@ use parquet::file::properties::WriterProperties;
 use tokio::sync::{mpsc, oneshot};
 
 use super::schema::{self, RequestRecord};
+use super::wal::Tracker;
 use super::{RecorderError, RecorderStats, Shared};
 
 /// zstd level 3 is zstd's own default: much smaller than level 1 on repetitive request
@@ -50,6 +51,8 @@ struct PartFile {
     path: PathBuf,
     writer: ArrowWriter<File>,
     rows: u64,
+    /// Audit ids of the rows, when the write-ahead log needs to know they are published.
+    ids: Vec<String>,
 }
 
 /// Owns the open files (one per date partition) and the list of published ones.
@@ -60,6 +63,7 @@ pub(super) struct FileWriter {
     open: BTreeMap<Date, PartFile>,
     finished: Vec<PathBuf>,
     rows: u64,
+    wal: Option<Arc<Tracker>>,
 }
 
 /// Builds the Parquet writer settings used for every file.
@@ -98,7 +102,15 @@ impl FileWriter {
             open: BTreeMap::new(),
             finished: Vec::new(),
             rows: 0,
+            wal: None,
         }
+    }
+
+    /// Tells the write-ahead log which rows each published file holds, so it can drop the
+    /// segments that vouched for them.
+    pub(super) fn with_wal(mut self, wal: Option<Arc<Tracker>>) -> FileWriter {
+        self.wal = wal;
+        self
     }
 
     /// Executes commands until the channel closes, then closes every open file. A failing
@@ -169,7 +181,7 @@ impl FileWriter {
 
     /// Appends `rows` to `date`'s open file; on failure hands the rows back with the error
     /// so their audit ids can be logged.
-    fn write(
+    pub(super) fn write(
         &mut self,
         date: Date,
         mut rows: Vec<RequestRecord>,
@@ -206,12 +218,15 @@ impl FileWriter {
             return Err((error, rows));
         }
         file.rows += rows.len() as u64;
+        if self.wal.is_some() {
+            file.ids.extend(rows.iter().map(|r| r.audit_id.clone()));
+        }
         Ok(())
     }
 
     /// Closes every open file; the first failure is returned (and marks recording down),
     /// the other files are still closed.
-    fn close_all(&mut self, shared: &Shared) -> Result<(), RecorderError> {
+    pub(super) fn close_all(&mut self, shared: &Shared) -> Result<(), RecorderError> {
         let mut first = Ok(());
         while let Some((_, file)) = self.open.pop_first() {
             if let Err(error) = self.close(file) {
@@ -234,6 +249,7 @@ impl FileWriter {
             path,
             writer,
             rows,
+            ids,
         } = file;
         if let Err(error) = finish_part(&temp, &path, writer) {
             let kept = temp.with_extension("failed");
@@ -250,6 +266,9 @@ impl FileWriter {
         tracing::debug!(path = %path.display(), rows, "recording file published");
         self.rows += rows;
         self.finished.push(path);
+        if let Some(wal) = &self.wal {
+            wal.published(ids.iter().map(String::as_str));
+        }
         Ok(())
     }
 }
@@ -297,6 +316,7 @@ fn open_part(
         path,
         writer,
         rows: 0,
+        ids: Vec::new(),
     })
 }
 
