@@ -77,6 +77,8 @@ const BATCH_ROWS: usize = 4096;
 const WRITER_QUEUE_BATCHES: usize = 2;
 /// How often a recorder that is down checks whether the disk takes writes again.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long [`Recorder::join`] waits for the write-ahead log's thread to finish.
+const WAL_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Longest node name accepted (a Kubernetes node name is a DNS subdomain).
 const MAX_NODE_NAME_LEN: usize = 253;
 
@@ -335,6 +337,7 @@ enum Message {
 #[derive(Debug)]
 pub struct Recorder {
     task: JoinHandle<Result<RecorderStats, RecorderError>>,
+    wal_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Cheap, cloneable producer side of the recorder.
@@ -385,19 +388,19 @@ impl Recorder {
         );
 
         let shared = Arc::new(Shared::default());
-        let (wal, tracker, replayed) = match &cfg.wal_dir {
+        let (wal, tracker, wal_thread, replayed) = match &cfg.wal_dir {
             Some(wal_dir) => {
                 let recovery = wal::recover(wal_dir)?;
                 let replayed = replay(&table_dir, &cfg.node, &props, &shared, recovery)?;
                 let down = Arc::clone(&shared);
-                let (wal, tracker) = wal::Wal::start(
+                let (wal, tracker, thread) = wal::Wal::start(
                     wal_dir,
                     replayed.next_seq,
                     Arc::new(move |error| down.set_down(error)),
                 )?;
-                (Some(wal), Some(tracker), replayed.rows)
+                (Some(wal), Some(tracker), Some(thread), replayed.rows)
             }
-            None => (None, None, 0),
+            None => (None, None, None, 0),
         };
         let (command_tx, command_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
         let (done_tx, done_rx) = oneshot::channel();
@@ -422,7 +425,7 @@ impl Recorder {
         };
         let task = runtime.spawn(coordinator.run(rows, drain, done_rx));
         Ok((
-            Recorder { task },
+            Recorder { task, wal_thread },
             RecorderHandle {
                 queue,
                 shared,
@@ -435,9 +438,22 @@ impl Recorder {
     /// Waits until the recorder has stopped (drain signalled, or every handle dropped) and
     /// every row is in a published file; returns what was written or the first failure.
     pub async fn join(self) -> Result<RecorderStats, RecorderError> {
-        self.task
+        let result = self
+            .task
             .await
-            .unwrap_or(Err(RecorderError::TaskLost("recorder coordinator task")))
+            .unwrap_or(Err(RecorderError::TaskLost("recorder coordinator task")));
+        // The log's thread syncs and removes its last segment once every handle is gone;
+        // give it a moment so a clean stop leaves no log behind (a segment left is only
+        // replayed, and its rows deduplicated, at the next start).
+        if let Some(thread) = self.wal_thread {
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(WAL_STOP_GRACE, joined).await.is_err() {
+                tracing::debug!(
+                    "write-ahead log still held open at stop; its segment stays for the next start"
+                );
+            }
+        }
+        result
     }
 }
 

@@ -43,7 +43,7 @@ const RECORD_HEADER_LEN: usize = 8;
 /// Largest payload accepted when reading; a larger length is corruption, not a row.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 /// A segment is closed and a new one started once it is this large.
-pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// Most appends committed at once (bounds the memory of one group commit).
 const MAX_BATCH: usize = 4096;
 
@@ -478,7 +478,7 @@ impl Wal {
         dir: &Path,
         next_seq: u64,
         on_failure: OnFailure,
-    ) -> Result<(Wal, Arc<Tracker>), RecorderError> {
+    ) -> Result<(Wal, Arc<Tracker>, std::thread::JoinHandle<()>), RecorderError> {
         fs::create_dir_all(dir).map_err(|e| RecorderError::Directory {
             path: dir.to_path_buf(),
             source: Arc::new(e),
@@ -498,7 +498,7 @@ impl Wal {
             tracker: Arc::clone(&tracker),
             on_failure,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("recorder-wal".into())
             .spawn(move || writer.run(&rx))
             .map_err(|e| RecorderError::SpawnThread(Arc::new(e)))?;
@@ -508,6 +508,7 @@ impl Wal {
                 tracker: Arc::clone(&tracker),
             },
             tracker,
+            thread,
         ))
     }
 

@@ -164,7 +164,7 @@ fn no_failure() -> wal::OnFailure {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_fsyncs() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (wal, tracker) = Wal::start(dir.path(), 1, no_failure())
+    let (wal, tracker, _thread) = Wal::start(dir.path(), 1, no_failure())
         .unwrap_or_else(|e| panic!("the log should start: {e}"));
     const N: i64 = 400;
     let mut tasks = Vec::new();
@@ -193,7 +193,7 @@ async fn concurrent_appends_share_fsyncs() {
 #[tokio::test]
 async fn recovery_keeps_the_final_row_when_there_is_one() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (wal, _tracker) =
+    let (wal, _tracker, _thread) =
         Wal::start(dir.path(), 1, no_failure()).unwrap_or_else(|e| panic!("start: {e}"));
     for i in 0..3 {
         wal.begin(&create_row(i))
@@ -243,7 +243,7 @@ fn segments(dir: &Path) -> usize {
 #[tokio::test]
 async fn segments_go_once_their_rows_are_published() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (wal, tracker) =
+    let (wal, tracker, _thread) =
         Wal::start(dir.path(), 1, no_failure()).unwrap_or_else(|e| panic!("start: {e}"));
     for i in 0..3 {
         wal.begin(&create_row(i))
@@ -274,7 +274,7 @@ async fn a_failing_log_refuses_then_recovers_by_itself() {
     let dir = root.path().join("wal");
     let failures = Arc::new(AtomicUsize::new(0));
     let seen = failures.clone();
-    let (wal, tracker) = Wal::start(
+    let (wal, tracker, _thread) = Wal::start(
         &dir,
         1,
         Arc::new(move |_| {
