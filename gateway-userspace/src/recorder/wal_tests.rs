@@ -76,7 +76,20 @@ fn a_torn_tail_at_any_byte_is_tolerated_and_reported() {
     let segment = wal::parse_segment(Path::new("wal-1.log"), &zeros)
         .unwrap_or_else(|e| panic!("zero tail: {e}"));
     assert_eq!(segment.entries.len(), 1);
-    assert!(segment.torn.is_some());
+    assert_eq!(
+        segment.torn, None,
+        "zeros are the segment's unwritten space"
+    );
+    // A record cut short by zeros (the preallocated space after a torn write).
+    let mut cut = bytes[..first_end + 30].to_vec();
+    cut.extend_from_slice(&[0; 4000]);
+    let segment = wal::parse_segment(Path::new("wal-1.log"), &cut)
+        .unwrap_or_else(|e| panic!("torn into zeros: {e}"));
+    assert_eq!(segment.entries.len(), 1);
+    assert_eq!(
+        segment.torn.as_ref().map(|t| t.offset),
+        Some(first_end as u64)
+    );
 }
 
 #[test]
@@ -350,11 +363,15 @@ async fn start_up_replays_the_log_into_parquet() {
         .next()
         .unwrap_or_else(|| panic!("a segment"))
         .path();
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
+    // (at the logical end: the segment is zero-filled beyond it).
+    let bytes = std::fs::read(&segment).unwrap_or_else(|e| panic!("{e}"));
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |at| at + 1);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
         .open(&segment)
         .unwrap_or_else(|e| panic!("{e}"));
-    std::io::Write::write_all(&mut file, &[0x30, 0, 0, 0, 1, 2]).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x30, 0, 0, 0, 1, 2], end as u64)
+        .unwrap_or_else(|e| panic!("{e}"));
     drop(file);
     // Second run: the replay.
     let (recorder, handle, _trigger) = start_recorder(dir.path());
