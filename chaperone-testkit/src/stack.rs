@@ -234,6 +234,7 @@ impl Stack {
                 response_bodies: true,
                 reads_while_down: Default::default(),
                 wal_dir: None,
+                signing_key_file: None,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -180,6 +180,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                     .clone()
                     .unwrap_or_else(|| cfg.recording.dir.join(crate::recorder::DEFAULT_WAL_DIR)),
             ),
+            signing_key_file: cfg.recording.signing_key_file.clone(),
             ..RecorderConfig::new(cfg.recording.dir.clone(), node.clone())
         },
         recorder_watch,

@@ -72,6 +72,17 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Check a recording tree for tampering: every manifest's hash chain (and signatures,
+    /// with `--public-key`), every listed file's size and SHA-256, and that every finished
+    /// file is listed in its own node's manifest. Prints each problem; exits 1 if any.
+    Verify {
+        /// The recording directory (`recording.dir`).
+        dir: PathBuf,
+        /// The ed25519 public key (PEM) the manifests must be signed with; without it
+        /// signatures are not checked (and the output says so).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
     /// Check configuration or policy files without starting anything.
     Check {
         /// A config file to validate (with the policy files it names).
@@ -100,6 +111,49 @@ pub enum PolicyCommand {
     },
 }
 
+/// `chaperone verify`.
+fn verify(dir: &std::path::Path, public_key: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use crate::recorder::manifest;
+    let key = public_key
+        .map(manifest::load_public_key)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: not a directory (give the recording directory, recording.dir)",
+        dir.display()
+    );
+    let report = manifest::verify_dir(dir, key.as_ref()).map_err(anyhow::Error::msg)?;
+    for problem in &report.problems {
+        println!("FAIL {problem}");
+    }
+    let signatures = if key.is_some() {
+        format!("{} signatures checked", report.signatures_checked)
+    } else {
+        "signatures NOT checked (no --public-key)".to_owned()
+    };
+    println!(
+        "{}: {} manifests, {} entries, {} files hashed, {signatures}",
+        dir.display(),
+        report.manifests,
+        report.entries,
+        report.files
+    );
+    anyhow::ensure!(
+        report.ok(),
+        "{} problem(s) found: the recording was modified, truncated, removed, reordered, added to or re-signed",
+        report.problems.len()
+    );
+    if report.manifests == 0 {
+        anyhow::bail!(
+            "no manifest under {}: nothing vouches for these files",
+            dir.display()
+        );
+    }
+    println!("ok");
+    Ok(())
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -114,6 +168,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { admin, json } => status(admin, json).await,
+        Command::Verify { dir, public_key } => verify(&dir, public_key.as_deref()),
         Command::Policy {
             command: PolicyCommand::Test { policy, fixtures },
         } => policy_test(&policy, &fixtures),

@@ -517,6 +517,11 @@ pub struct RecordingConfig {
     /// at least as reliable): while it cannot be written, mutating requests are refused.
     #[serde(default)]
     pub wal_dir: Option<PathBuf>,
+    /// The ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`) that
+    /// signs the manifest entries listing each finished file; without one, entries are
+    /// hash-chained but unsigned. Mount it from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
 }
 
 /// `recording.readsWhileDown`.

@@ -484,6 +484,18 @@ async fn kill_9_under_load_leaves_no_applied_mutation_without_a_row() {
         0,
         "a clean shutdown leaves no write-ahead log behind"
     );
+    // Every file the killed gateways published is listed in the manifest and intact.
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .arg("verify")
+        .arg(&setup.recordings)
+        .output()
+        .unwrap_or_else(|e| panic!("chaperone verify: {e}"));
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success() && out.contains("signatures NOT checked"),
+        "chaperone verify after the kills: {out}{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
     eprintln!(
         "{KILLS} kills: {} attempts, {} stored, {} rows tracked, {} unknown",
         seen.len(),

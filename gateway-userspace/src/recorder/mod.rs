@@ -24,11 +24,14 @@
 //! start the log is replayed, so every request that was forwarded has a row (outcome
 //! `unknown` when the gateway died before the response).
 
+pub mod manifest;
 mod reader;
 pub mod schema;
 pub mod wal;
 mod writer;
 
+#[cfg(test)]
+mod manifest_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -100,6 +103,10 @@ pub struct RecorderConfig {
     /// The write-ahead log's directory (`None`: no log; mutating requests are then only
     /// recorded when their exchange ends; tests and benchmarks only).
     pub wal_dir: Option<PathBuf>,
+    /// List every finished file in the node's manifest (`<dir>/_manifests/`).
+    pub manifest: bool,
+    /// The ed25519 key (PKCS#8 PEM) that signs manifest entries; `None`: unsigned.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 impl RecorderConfig {
@@ -108,6 +115,8 @@ impl RecorderConfig {
         let dir = dir.into();
         RecorderConfig {
             wal_dir: Some(dir.join(DEFAULT_WAL_DIR)),
+            manifest: true,
+            signing_key_file: None,
             dir,
             node: node.into(),
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
@@ -236,6 +245,17 @@ pub enum RecorderError {
         /// What is wrong.
         reason: String,
     },
+    /// The manifest cannot be read, continued or written.
+    #[error("manifest {}: {reason}", path.display())]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The signing key cannot be used.
+    #[error("recording.signingKeyFile: {0}")]
+    SigningKey(String),
     /// A background task ended without reporting (it panicked or was cancelled).
     #[error("recorder: {0} ended without reporting a result")]
     TaskLost(&'static str),
@@ -388,10 +408,28 @@ impl Recorder {
         );
 
         let shared = Arc::new(Shared::default());
+        let signing_key = cfg
+            .signing_key_file
+            .as_deref()
+            .map(manifest::load_signing_key)
+            .transpose()
+            .map_err(RecorderError::SigningKey)?;
+        let open_manifest = || {
+            cfg.manifest
+                .then(|| manifest::Manifest::open(&cfg.dir, &cfg.node, signing_key.clone()))
+                .transpose()
+        };
         let (wal, tracker, wal_thread, replayed) = match &cfg.wal_dir {
             Some(wal_dir) => {
                 let recovery = wal::recover(wal_dir)?;
-                let replayed = replay(&table_dir, &cfg.node, &props, &shared, recovery)?;
+                let replayed = replay(
+                    &table_dir,
+                    &cfg.node,
+                    &props,
+                    &shared,
+                    recovery,
+                    open_manifest()?,
+                )?;
                 let down = Arc::clone(&shared);
                 let (wal, tracker, thread) = wal::Wal::start(
                     wal_dir,
@@ -404,7 +442,9 @@ impl Recorder {
         };
         let (command_tx, command_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
         let (done_tx, done_rx) = oneshot::channel();
-        let file_writer = FileWriter::new(table_dir, cfg.node.clone(), props).with_wal(tracker);
+        let file_writer = FileWriter::new(table_dir, cfg.node.clone(), props)
+            .with_wal(tracker)
+            .with_manifest(open_manifest()?);
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("recorder-writer".into())
@@ -600,6 +640,7 @@ fn replay(
     props: &parquet::file::properties::WriterProperties,
     shared: &Shared,
     recovery: wal::Recovery,
+    manifest: Option<manifest::Manifest>,
 ) -> Result<Replayed, RecorderError> {
     let next_seq = recovery.next_seq;
     if recovery.segments.is_empty() {
@@ -621,7 +662,8 @@ fn replay(
                 .or_default()
                 .push(row);
         }
-        let mut writer = FileWriter::new(table_dir.to_path_buf(), node.to_owned(), props.clone());
+        let mut writer = FileWriter::new(table_dir.to_path_buf(), node.to_owned(), props.clone())
+            .with_manifest(manifest);
         for (date, rows) in by_date {
             writer.write(date, rows).map_err(|(error, _)| error)?;
         }

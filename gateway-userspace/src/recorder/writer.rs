@@ -16,6 +16,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use tokio::sync::{mpsc, oneshot};
 
+use super::manifest::Manifest;
 use super::schema::{self, RequestRecord};
 use super::wal::Tracker;
 use super::{RecorderError, RecorderStats, Shared};
@@ -64,6 +65,7 @@ pub(super) struct FileWriter {
     finished: Vec<PathBuf>,
     rows: u64,
     wal: Option<Arc<Tracker>>,
+    manifest: Option<Manifest>,
 }
 
 /// Builds the Parquet writer settings used for every file.
@@ -103,7 +105,14 @@ impl FileWriter {
             finished: Vec::new(),
             rows: 0,
             wal: None,
+            manifest: None,
         }
+    }
+
+    /// Lists every published file in the node's manifest (tamper evidence).
+    pub(super) fn with_manifest(mut self, manifest: Option<Manifest>) -> FileWriter {
+        self.manifest = manifest;
+        self
     }
 
     /// Tells the write-ahead log which rows each published file holds, so it can drop the
@@ -251,7 +260,15 @@ impl FileWriter {
             rows,
             ids,
         } = file;
-        if let Err(error) = finish_part(&temp, &path, writer) {
+        // The manifest lists the file (hashed from its synced temporary) before it is
+        // renamed into view: a crash in between leaves an entry whose file the manifest
+        // completes at the next start, never a visible file nothing vouches for.
+        let manifest = self.manifest.as_mut();
+        let listed = |temp: &Path| match manifest {
+            Some(manifest) => manifest.append(temp, &path, rows),
+            None => Ok(()),
+        };
+        if let Err(error) = finish_part(&temp, &path, writer, listed) {
             let kept = temp.with_extension("failed");
             match fs::rename(&temp, &kept) {
                 Ok(()) => {
@@ -320,7 +337,12 @@ fn open_part(
     })
 }
 
-fn finish_part(temp: &Path, path: &Path, writer: ArrowWriter<File>) -> Result<(), RecorderError> {
+fn finish_part(
+    temp: &Path,
+    path: &Path,
+    writer: ArrowWriter<File>,
+    listed: impl FnOnce(&Path) -> Result<(), RecorderError>,
+) -> Result<(), RecorderError> {
     let mut handle = writer
         .into_inner()
         .map_err(|source| RecorderError::Parquet {
@@ -330,6 +352,7 @@ fn finish_part(temp: &Path, path: &Path, writer: ArrowWriter<File>) -> Result<()
     handle.flush().map_err(|e| io_error("write", temp, e))?;
     handle.sync_all().map_err(|e| io_error("sync", temp, e))?;
     drop(handle);
+    listed(temp)?;
     fs::rename(temp, path).map_err(|e| io_error("rename into place", path, e))?;
     // The rename is only durable once the directory entry is.
     if let Some(dir) = path.parent() {
