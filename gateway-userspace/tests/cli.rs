@@ -239,3 +239,103 @@ fn policy_test_decides_fixtures_and_fails_on_a_denial() {
         "names the file and the key: {stderr}"
     );
 }
+
+/// `chaperone verify`: a clean signed tree passes (saying whether signatures were
+/// checked), a wrong public key and a flipped byte fail with exit code 1 and name the
+/// problem, bad input is a clear error.
+#[test]
+fn verify_checks_a_recording_tree_and_fails_on_tampering() {
+    use ed25519_dalek::pkcs8::{
+        EncodePrivateKey as _, EncodePublicKey as _, spki::der::pem::LineEnding,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let key_file = dir.path().join("signing.pem");
+    std::fs::write(
+        &key_file,
+        key.to_pkcs8_pem(LineEnding::LF).expect("pem").as_bytes(),
+    )
+    .expect("write key");
+    let public = dir.path().join("public.pem");
+    std::fs::write(
+        &public,
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem"),
+    )
+    .expect("write public key");
+    let other = dir.path().join("other.pem");
+    std::fs::write(
+        &other,
+        ed25519_dalek::SigningKey::from_bytes(&[3; 32])
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem"),
+    )
+    .expect("write other key");
+    let recordings = dir.path().join("recordings");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let (_trigger, watcher) = gateway_userspace::drain::channel();
+        let cfg = gateway_userspace::recorder::RecorderConfig {
+            signing_key_file: Some(key_file.clone()),
+            ..gateway_userspace::recorder::RecorderConfig::new(&recordings, "node-1")
+        };
+        let (recorder, handle) =
+            gateway_userspace::recorder::Recorder::start(cfg, watcher).expect("recorder");
+        handle
+            .record(gateway_userspace::recorder::RequestRecord {
+                audit_id: "one".into(),
+                node: "node-1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("record");
+        drop(handle);
+        recorder.join().await.expect("join");
+    });
+    let dir_arg = recordings.to_str().expect("utf-8 path");
+    let out = chaperone(&["verify", dir_arg]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("signatures NOT checked"), "{stdout}");
+    let out = chaperone(&[
+        "verify",
+        dir_arg,
+        "--public-key",
+        public.to_str().expect("utf-8"),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("1 signatures checked"), "{stdout}");
+    let out = chaperone(&[
+        "verify",
+        dir_arg,
+        "--public-key",
+        other.to_str().expect("utf-8"),
+    ]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("signature does not verify"), "{stdout}");
+    let file = gateway_userspace::recorder::list_files(&recordings).expect("list")[0].clone();
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[10] ^= 0xff;
+    std::fs::write(&file, bytes).expect("write");
+    let out = chaperone(&["verify", dir_arg]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL modified: table=requests/"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("problem(s) found"), "{stderr}");
+    let out = chaperone(&[
+        "verify",
+        dir_arg,
+        "--public-key",
+        key_file.to_str().expect("utf-8"),
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not an ed25519 public key"), "{stderr}");
+}
