@@ -59,6 +59,7 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             reads_while_down: Default::default(),
             wal_dir: None,
             signing_key_file: None,
+            upload: None,
         },
         admin: AdminConfig { address: loopback },
         shutdown_grace: Duration::from_secs(5),

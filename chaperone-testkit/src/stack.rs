@@ -235,6 +235,7 @@ impl Stack {
                 reads_while_down: Default::default(),
                 wal_dir: None,
                 signing_key_file: None,
+                upload: None,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -267,6 +267,58 @@ impl Collector for RecorderGauges {
             None,
             replayed.metric_type(),
         )?)?;
+        if let Some(upload) = health.upload {
+            for (name, help, value) in [
+                (
+                    "recording_upload_files",
+                    "Files and manifest versions confirmed uploaded to object storage",
+                    upload.uploaded,
+                ),
+                (
+                    "recording_upload_bytes",
+                    "Bytes uploaded to object storage",
+                    upload.bytes,
+                ),
+                (
+                    "recording_upload_failures",
+                    "Upload rounds that failed (object storage unreachable or refusing); retried with backoff",
+                    upload.failures,
+                ),
+                (
+                    "recording_upload_retention_deleted",
+                    "Local files deleted by the retention limit after their upload was confirmed",
+                    upload.deleted,
+                ),
+            ] {
+                let metric = ConstCounter::new(value);
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+            for (name, help, value) in [
+                (
+                    "recording_upload_lag_seconds",
+                    "Age of the oldest finished file not yet confirmed uploaded (0 when none)",
+                    upload.lag_seconds,
+                ),
+                (
+                    "recording_upload_pending",
+                    "Files waiting to be uploaded",
+                    upload.pending,
+                ),
+            ] {
+                let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+        }
         if let Some(wal) = health.wal {
             for (name, help, value) in [
                 (

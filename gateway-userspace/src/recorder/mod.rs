@@ -27,6 +27,7 @@
 pub mod manifest;
 mod reader;
 pub mod schema;
+pub mod upload;
 pub mod wal;
 mod writer;
 
@@ -289,12 +290,33 @@ pub struct RecorderHealth {
     pub wal: Option<wal::WalStats>,
     /// Rows rebuilt from the write-ahead log at start.
     pub replayed: u64,
+    /// The uploader's counters, when files are uploaded.
+    pub upload: Option<UploadHealth>,
+}
+
+/// The uploader's state in [`RecorderHealth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UploadHealth {
+    /// Files (and manifest versions) confirmed uploaded since start.
+    pub uploaded: u64,
+    /// Bytes uploaded since start.
+    pub bytes: u64,
+    /// Upload rounds that failed.
+    pub failures: u64,
+    /// Local files deleted by the retention limit after a confirmed upload.
+    pub deleted: u64,
+    /// Age of the oldest finished file not yet confirmed uploaded, in seconds.
+    pub lag_seconds: u64,
+    /// Files waiting to be uploaded.
+    pub pending: u64,
 }
 
 /// State shared by producers, the writer thread and the admin endpoint: whether
 /// recording is down and why. The proxy reads `down` on every request, so it is an atomic.
 #[derive(Debug, Default)]
 struct Shared {
+    /// The uploader's counters, once one runs.
+    upload: std::sync::OnceLock<Arc<upload::UploadStats>>,
     down: AtomicBool,
     cause: Mutex<Option<RecorderError>>,
     outages: AtomicU64,
@@ -537,6 +559,11 @@ impl RecorderHandle {
         result
     }
 
+    /// Shows an uploader's counters in the health report and metrics.
+    pub fn attach_upload(&self, stats: Arc<upload::UploadStats>) {
+        let _ = self.shared.upload.set(stats);
+    }
+
     /// `Err(cause)` while recording is down. Cheap (one atomic load when up): the proxy
     /// asks before forwarding every request.
     pub fn health(&self) -> Result<(), RecorderError> {
@@ -595,6 +622,14 @@ impl RecorderStatus {
             rows_lost: self.shared.rows_lost.load(Ordering::Relaxed),
             wal: self.wal.as_ref().map(|t| t.stats()),
             replayed: self.replayed,
+            upload: self.shared.upload.get().map(|u| UploadHealth {
+                uploaded: u.uploaded.load(Ordering::Relaxed),
+                bytes: u.bytes.load(Ordering::Relaxed),
+                failures: u.failures.load(Ordering::Relaxed),
+                deleted: u.deleted.load(Ordering::Relaxed),
+                lag_seconds: u.lag_seconds.load(Ordering::Relaxed),
+                pending: u.pending.load(Ordering::Relaxed),
+            }),
         }
     }
 }
