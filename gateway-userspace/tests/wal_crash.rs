@@ -8,6 +8,10 @@
 //! The same with the recording disk full (a small tmpfs, root only): mutating requests get
 //! a 503 naming the cause, `/readyz` says so, recording recovers by itself once space is
 //! freed, and nothing applied is left without a row.
+//!
+//! And the evidence leaves the node: with `recording.upload` pointing at moto's S3 server,
+//! the daemon ships its files and manifest, and `chaperone verify s3://...` passes on the
+//! copy.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -87,6 +91,13 @@ struct Setup {
 }
 
 async fn setup(recordings: Option<PathBuf>) -> Setup {
+    setup_with(recordings, |_| {}).await
+}
+
+async fn setup_with(
+    recordings: Option<PathBuf>,
+    adjust: impl FnOnce(&mut gateway_userspace::config::Config),
+) -> Setup {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let (ca, ca_key) =
         CertificateAuthority::generate("wal-crash-ca").unwrap_or_else(|e| panic!("CA: {e}"));
@@ -110,6 +121,7 @@ async fn setup(recordings: Option<PathBuf>) -> Setup {
     if let Some(recordings) = recordings {
         config.recording.dir = recordings;
     }
+    adjust(&mut config);
     let yaml = serde_norway::to_string(&config).unwrap_or_else(|e| panic!("yaml: {e}"));
     let config_file = dir.path().join("chaperone.yaml");
     write(&config_file, &yaml);
@@ -666,4 +678,130 @@ async fn a_full_recording_disk_refuses_mutations_with_503_and_loses_nothing() {
         refused.len(),
         tally.stored.len()
     );
+}
+
+/// Starts moto's S3 server on a free port with `bucket` created; killed on drop.
+async fn start_moto(bucket: &str) -> (Child, u16) {
+    let tools = std::env::var_os("CHAPERONE_PYTOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/chaperone-pytools")
+        });
+    let port = free_port();
+    let child = Command::new(tools.join("bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start moto_server (cargo xtask setup installs it): {e}"));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = TcpStream::connect(addr).await {
+            let request = format!(
+                "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let mut response = Vec::new();
+            if stream.write_all(request.as_bytes()).await.is_ok()
+                && stream.read_to_end(&mut response).await.is_ok()
+                && String::from_utf8_lossy(&response).contains(" 200 ")
+            {
+                return (child, port);
+            }
+        }
+        assert!(Instant::now() < deadline, "moto_server did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The daemon ships what it records: with `recording.upload`, files and the manifest
+/// reach the S3-compatible server (the last ones on shutdown), the metrics count them,
+/// and `chaperone verify s3://...` passes on the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_uploads_files_and_manifests_and_the_copy_verifies() {
+    let _serial = SERIAL.lock().await;
+    let (_moto, port) = start_moto("evidence").await;
+    let creds = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let id_file = creds.path().join("id");
+    let secret_file = creds.path().join("secret");
+    write(&id_file, "testing\n");
+    write(&secret_file, "testing\n");
+    let setup = setup_with(None, |config| {
+        config.recording.upload = Some(gateway_userspace::config::UploadConfig {
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            bucket: "evidence".into(),
+            prefix: "cluster-a".into(),
+            region: "us-east-1".into(),
+            access_key_id_file: Some(id_file.clone()),
+            secret_access_key_file: Some(secret_file.clone()),
+            ca_file: None,
+            every: Duration::from_millis(300),
+            max_local_bytes: None,
+        });
+    })
+    .await;
+    let stop = setup.dir.path().join("stop");
+    let gateway = start_gateway(&setup).await;
+    let clients = start_clients(&setup, &stop);
+    wait_for_creates(&setup.apiserver, 0, 30).await;
+    // Files close every second and are shipped within a scan.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = admin_get(setup.admin, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let uploaded = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("chaperone_recording_upload_files_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if uploaded >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing uploaded: {}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("upload"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _seen = stop_clients(&stop, clients).await;
+    stop_gracefully(&setup, gateway).await;
+    let local = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .arg("verify")
+        .arg(&setup.recordings)
+        .output()
+        .unwrap_or_else(|e| panic!("chaperone verify: {e}"));
+    let local_out = String::from_utf8_lossy(&local.stdout).into_owned();
+    assert!(local.status.success(), "local verify: {local_out}");
+    let remote = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(["verify", "s3://evidence/cluster-a", "--endpoint"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap_or_else(|e| panic!("chaperone verify s3: {e}"));
+    let remote_out = String::from_utf8_lossy(&remote.stdout).into_owned();
+    assert!(
+        remote.status.success(),
+        "verify of the copy: {remote_out}{}",
+        String::from_utf8_lossy(&remote.stderr)
+    );
+    // The copy holds everything the node listed, the files closed at shutdown included.
+    let summary = |out: &str| {
+        out.lines()
+            .find(|l| l.contains(" manifests, "))
+            .and_then(|l| l.split_once(": "))
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(summary(&remote_out), summary(&local_out));
 }

@@ -180,6 +180,7 @@ impl Manifest {
         let mut prev = GENESIS.to_owned();
         let mut last = None;
         if path.exists() {
+            drop_torn_line(&path)?;
             let file = File::open(&path).map_err(|e| io_error("read manifest", &path, e))?;
             for (n, line) in BufReader::new(file).lines().enumerate() {
                 let line = line.map_err(|e| io_error("read manifest", &path, e))?;
@@ -223,15 +224,25 @@ impl Manifest {
             path: self.path.clone(),
             reason: format!("cannot encode an entry: {e}"),
         })?;
-        OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
-            .and_then(|mut f| {
-                f.write_all(format!("{line}\n").as_bytes())?;
-                f.sync_data()
-            })
             .map_err(|e| io_error("append to manifest", &self.path, e))?;
+        let before = file
+            .metadata()
+            .map_err(|e| io_error("append to manifest", &self.path, e))?
+            .len();
+        let written = file
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // A partial line (disk full) must not stay in front of the next entry.
+            if let Err(cut) = file.set_len(before).and_then(|()| file.sync_data()) {
+                tracing::warn!(path = %self.path.display(), error = %cut, "cannot cut a failed entry off the manifest; it is dropped at the next start");
+            }
+            return Err(io_error("append to manifest", &self.path, e));
+        }
         self.seq = entry.seq;
         self.prev = entry.hash;
         Ok(())
@@ -274,6 +285,28 @@ impl Manifest {
         });
         Ok(entry)
     }
+}
+
+/// The gateway stopped in the middle of appending an entry: the last line has no newline.
+/// It is cut off (its file was never renamed into view, so nothing else refers to it).
+fn drop_torn_line(path: &Path) -> Result<(), RecorderError> {
+    let bytes = fs::read(path).map_err(|e| io_error("read manifest", path, e))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |at| at + 1);
+    tracing::warn!(path = %path.display(), offset = keep, "manifest ends in a torn entry (the gateway stopped mid-write); cutting it off");
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| {
+            f.set_len(keep as u64)?;
+            f.sync_data()
+        })
+        .map_err(|e| io_error("cut a torn manifest entry", path, e))
 }
 
 /// The gateway stopped between listing a file and renaming it into view: finish the rename

@@ -284,3 +284,31 @@ async fn a_listed_file_left_hidden_by_a_crash_is_completed_at_start() {
     let report = verify(tree.path(), Some(&key(1)));
     assert!(report.ok(), "{:#?}", report.problems);
 }
+
+/// A crash in the middle of appending an entry leaves a line without its newline: the next
+/// start cuts it off and extends the chain; the tree verifies.
+#[tokio::test]
+async fn a_torn_manifest_entry_is_cut_off_at_start() {
+    let tree = recorded_tree().await;
+    let path = manifest_path(tree.path(), "node-a");
+    let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+    text.push_str("{\"version\":1,\"node\":\"node-a\",\"se");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    let (_trigger, watcher) = drain::channel();
+    let (recorder, handle) = Recorder::start(RecorderConfig::new(tree.path(), "node-a"), watcher)
+        .unwrap_or_else(|e| panic!("a torn last entry must not stop the start: {e}"));
+    let mut row = full_row(900, ts("2026-03-01T10:00:00Z"));
+    row.node = "node-a".into();
+    handle
+        .record(row)
+        .await
+        .unwrap_or_else(|e| panic!("record: {e}"));
+    drop(handle);
+    recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    let report = verify(tree.path(), None);
+    assert!(report.ok(), "{:#?}", report.problems);
+    assert_eq!(report.entries, 5);
+}
