@@ -392,6 +392,18 @@ fn bench() -> anyhow::Result<()> {
         "--",
         "--quick",
     ])?;
+    // Upload throughput to moto's S3 server on loopback (prints MiB/s).
+    cargo(&[
+        "test",
+        "--release",
+        "--package",
+        "chaperone-e2e",
+        "--test",
+        "upload",
+        "upload_throughput",
+        "--",
+        "--nocapture",
+    ])?;
     print_bench_summary(&root.join("target"));
     Ok(())
 }
