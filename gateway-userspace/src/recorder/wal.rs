@@ -366,6 +366,9 @@ pub struct WalStats {
 #[derive(Debug, Default)]
 struct Tracking {
     outstanding: HashMap<String, u64>,
+    /// The begin record of each outstanding request, copied forward into a new segment
+    /// when it has outlived a whole segment (a long exec session), so old segments can go.
+    records: HashMap<String, Arc<Vec<u8>>>,
     counts: BTreeMap<u64, usize>,
     existing: BTreeSet<u64>,
     active: Option<u64>,
@@ -397,6 +400,7 @@ impl Tracker {
         let doomed = {
             let mut state = self.state();
             for id in audit_ids {
+                state.records.remove(id);
                 if let Some(seq) = state.outstanding.remove(id)
                     && let Some(count) = state.counts.get_mut(&seq)
                 {
@@ -487,6 +491,16 @@ impl Wal {
         next_seq: u64,
         on_failure: OnFailure,
     ) -> Result<(Wal, Arc<Tracker>, std::thread::JoinHandle<()>), RecorderError> {
+        Wal::start_sized(dir, next_seq, SEGMENT_BYTES, on_failure)
+    }
+
+    /// [`Wal::start`] with another segment size (tests rotate with small ones).
+    pub fn start_sized(
+        dir: &Path,
+        next_seq: u64,
+        segment_bytes: u64,
+        on_failure: OnFailure,
+    ) -> Result<(Wal, Arc<Tracker>, std::thread::JoinHandle<()>), RecorderError> {
         fs::create_dir_all(dir).map_err(|e| RecorderError::Directory {
             path: dir.to_path_buf(),
             source: Arc::new(e),
@@ -500,6 +514,7 @@ impl Wal {
         });
         let (jobs, rx) = mpsc::channel();
         let writer = LogWriter {
+            segment_bytes: segment_bytes.max(HEADER_LEN as u64 * 2),
             dir: dir.to_path_buf(),
             next_seq,
             open: None,
@@ -575,6 +590,7 @@ struct OpenSegment {
 
 /// The writer thread's state.
 struct LogWriter {
+    segment_bytes: u64,
     dir: PathBuf,
     next_seq: u64,
     open: Option<OpenSegment>,
@@ -626,6 +642,9 @@ impl LogWriter {
                     for job in &batch {
                         if let Some(id) = &job.begin {
                             state.outstanding.insert(id.clone(), seq);
+                            state
+                                .records
+                                .insert(id.clone(), Arc::new(job.bytes.clone()));
                             *state.counts.entry(seq).or_insert(0) += 1;
                         }
                     }
@@ -655,8 +674,33 @@ impl LogWriter {
     /// returns the segment's number. On failure the segment is cut back to its last good
     /// length and closed, so the next commit starts a fresh one.
     fn append(&mut self, buf: &[u8], durable: bool) -> Result<u64, RecorderError> {
+        let mut carried = Vec::new();
+        let mut durable = durable;
+        let mut with_carry;
+        let mut buf = buf;
         if self.open.is_none() {
+            // Requests begun two or more segments ago and still open (long exec or
+            // port-forward sessions) are copied into the new segment, so the old ones can
+            // be deleted; the replay keeps the first copy of a begin it reads.
+            let before = self.next_seq.saturating_sub(1);
+            with_carry = Vec::new();
+            {
+                let state = self.tracker.state();
+                for (id, seq) in &state.outstanding {
+                    if *seq < before
+                        && let Some(bytes) = state.records.get(id)
+                    {
+                        with_carry.extend_from_slice(bytes);
+                        carried.push((id.clone(), *seq));
+                    }
+                }
+            }
             self.open = Some(self.open_segment()?);
+            if !carried.is_empty() {
+                with_carry.extend_from_slice(buf);
+                buf = &with_carry;
+                durable = true;
+            }
         }
         let Some(open) = self.open.as_mut() else {
             return Err(RecorderError::Stopped);
@@ -684,7 +728,28 @@ impl LogWriter {
                 } else {
                     open.unsynced = true;
                 }
-                Ok(open.seq)
+                let seq = open.seq;
+                if !carried.is_empty() {
+                    let doomed = {
+                        let mut state = self.tracker.state();
+                        for (id, old) in &carried {
+                            if state.outstanding.get(id) == Some(old) {
+                                state.outstanding.insert(id.clone(), seq);
+                                if let Some(count) = state.counts.get_mut(old) {
+                                    *count = count.saturating_sub(1);
+                                }
+                                *state.counts.entry(seq).or_insert(0) += 1;
+                            }
+                        }
+                        state.deletable()
+                    };
+                    tracing::debug!(
+                        carried = carried.len(),
+                        "long-running requests carried into a new write-ahead log segment"
+                    );
+                    self.tracker.delete(doomed);
+                }
+                Ok(seq)
             }
             Err(error) => {
                 // What did not reach the disk whole is zeroed again if the disk allows;
@@ -723,7 +788,11 @@ impl LogWriter {
     }
 
     fn rotate_if_full(&mut self) {
-        if self.open.as_ref().is_some_and(|o| o.len >= SEGMENT_BYTES) {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.len >= self.segment_bytes)
+        {
             self.close_open();
         }
     }
@@ -743,7 +812,7 @@ impl LogWriter {
         header.extend_from_slice(&jiff::Timestamp::now().as_microsecond().to_le_bytes());
         let written = file
             .write_all(&header)
-            .and_then(|()| zero_fill(&mut file, SEGMENT_BYTES - HEADER_LEN as u64))
+            .and_then(|()| zero_fill(&mut file, self.segment_bytes - HEADER_LEN as u64))
             .and_then(|()| file.sync_all())
             .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
         if let Err(e) = written {

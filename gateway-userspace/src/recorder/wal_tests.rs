@@ -420,3 +420,41 @@ async fn a_corrupt_segment_stops_the_start_with_its_name() {
         "{error}"
     );
 }
+
+/// A request that stays open (a long exec session) does not pin the log: once it has
+/// outlived a segment its begin record is copied forward, old segments go, and a replay
+/// still finds it exactly once.
+#[tokio::test]
+async fn a_long_running_request_is_carried_forward_and_old_segments_go() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (wal, tracker, _thread) = Wal::start_sized(dir.path(), 1, 8 * 1024, no_failure())
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let mut session = create_row(0);
+    session.verb = Verb::Create;
+    session.object_ref.subresource = "exec".into();
+    wal.begin(&session)
+        .await
+        .unwrap_or_else(|e| panic!("begin: {e}"));
+    // Many short requests, each published right away, rotate through many segments.
+    for i in 1..200 {
+        let row = create_row(i);
+        wal.begin(&row)
+            .await
+            .unwrap_or_else(|e| panic!("begin: {e}"));
+        tracker.published([row.audit_id.as_str()]);
+    }
+    let stats = tracker.stats();
+    assert_eq!(stats.outstanding, 1, "only the session is open");
+    assert!(
+        stats.segments <= 3,
+        "old segments should be gone although the session is open: {stats:?}"
+    );
+    assert!(segments(dir.path()) <= 3);
+    let recovery = wal::recover(dir.path()).unwrap_or_else(|e| panic!("recover: {e}"));
+    let ids: Vec<&str> = recovery.rows.iter().map(|r| r.audit_id.as_str()).collect();
+    assert_eq!(
+        ids.iter().filter(|id| **id == session.audit_id).count(),
+        1,
+        "{ids:?}"
+    );
+}
