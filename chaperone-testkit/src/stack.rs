@@ -257,6 +257,9 @@ impl Stack {
                 max_object_bytes: 256 * 1024,
                 response_bodies: true,
                 reads_while_down: Default::default(),
+                wal_dir: None,
+                signing_key_file: None,
+                upload: None,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

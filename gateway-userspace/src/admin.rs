@@ -306,6 +306,112 @@ impl Collector for RecorderGauges {
             let metric = ConstCounter::new(value);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
+        let replayed = ConstGauge::new(i64::try_from(health.replayed).unwrap_or(i64::MAX));
+        replayed.encode(encoder.encode_descriptor(
+            "recording_wal_replayed_rows",
+            "Rows rebuilt from the write-ahead log at start (outcome unknown when the gateway had died before the response)",
+            None,
+            replayed.metric_type(),
+        )?)?;
+        if let Some(upload) = health.upload {
+            for (name, help, value) in [
+                (
+                    "recording_upload_files",
+                    "Files and manifest versions confirmed uploaded to object storage",
+                    upload.uploaded,
+                ),
+                (
+                    "recording_upload_bytes",
+                    "Bytes uploaded to object storage",
+                    upload.bytes,
+                ),
+                (
+                    "recording_upload_failures",
+                    "Upload rounds that failed (object storage unreachable or refusing); retried with backoff",
+                    upload.failures,
+                ),
+                (
+                    "recording_upload_retention_deleted",
+                    "Local files deleted by the retention limit after their upload was confirmed",
+                    upload.deleted,
+                ),
+            ] {
+                let metric = ConstCounter::new(value);
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+            for (name, help, value) in [
+                (
+                    "recording_upload_lag_seconds",
+                    "Age of the oldest finished file not yet confirmed uploaded (0 when none)",
+                    upload.lag_seconds,
+                ),
+                (
+                    "recording_upload_pending",
+                    "Files waiting to be uploaded",
+                    upload.pending,
+                ),
+            ] {
+                let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+        }
+        if let Some(wal) = health.wal {
+            for (name, help, value) in [
+                (
+                    "recording_wal_appends",
+                    "Records appended to the write-ahead log",
+                    wal.appends,
+                ),
+                (
+                    "recording_wal_syncs",
+                    "fsyncs of the write-ahead log (one per group commit: concurrent mutating requests share one)",
+                    wal.syncs,
+                ),
+                (
+                    "recording_wal_failures",
+                    "Write-ahead log appends that failed (their mutating requests were refused with 503)",
+                    wal.failures,
+                ),
+            ] {
+                let metric = ConstCounter::new(value);
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+            for (name, help, value) in [
+                (
+                    "recording_wal_outstanding",
+                    "Requests in the write-ahead log whose row is not yet in a finished Parquet file",
+                    wal.outstanding,
+                ),
+                (
+                    "recording_wal_segments",
+                    "Write-ahead log segments on disk",
+                    wal.segments,
+                ),
+            ] {
+                let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -90,6 +90,8 @@ pub struct App {
     proxy_task: JoinHandle<()>,
     recorder: Recorder,
     recorder_drain: DrainTrigger,
+    /// The uploader's drain trigger and task, when files are uploaded.
+    upload: Option<(DrainTrigger, JoinHandle<()>)>,
     recording_dir: PathBuf,
     grace: Duration,
     /// Removes the pins when the app goes away (shut down, or dropped in a failing test).
@@ -178,10 +180,28 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         RecorderConfig {
             max_rows_per_file: cfg.recording.max_rows_per_file,
             max_file_age: cfg.recording.max_file_age,
+            wal_dir: Some(
+                cfg.recording
+                    .wal_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.recording.dir.join(crate::recorder::DEFAULT_WAL_DIR)),
+            ),
+            signing_key_file: cfg.recording.signing_key_file.clone(),
             ..RecorderConfig::new(cfg.recording.dir.clone(), node.clone())
         },
         recorder_watch,
     )?;
+
+    let upload = match &cfg.recording.upload {
+        Some(upload) => {
+            let uploader = build_uploader(&cfg.recording.dir, upload)?;
+            recorder_handle.attach_upload(uploader.stats());
+            let (trigger, watcher) = drain::channel();
+            let task = tokio::spawn(uploader.run(watcher));
+            Some((trigger, task))
+        }
+        None => None,
+    };
 
     let listener = TcpListener::bind(cfg.listen.address)
         .await
@@ -397,6 +417,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         proxy_task,
         recorder,
         recorder_drain,
+        upload,
         recording_dir: cfg.recording.dir,
         grace: cfg.shutdown_grace,
         detach_on_exit,
@@ -478,6 +499,40 @@ async fn start_approvals_api(
     tokio::spawn(server.serve(listener, tls, drain));
     tracing::info!(%addr, namespace = %approval.namespace, "approvals API listening");
     Ok(addr)
+}
+
+/// The uploader for `recording.upload`, with credentials read from their files.
+fn build_uploader(
+    dir: &std::path::Path,
+    upload: &crate::config::UploadConfig,
+) -> Result<crate::recorder::upload::Uploader, AppError> {
+    use crate::recorder::upload::{UploadSettings, Uploader, tls_for};
+    let read = |file: &Option<PathBuf>, field: &str| -> Result<Option<String>, AppError> {
+        file.as_ref()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .map(|s| s.trim().to_owned())
+                    .map_err(|e| {
+                        AppError::Config(format!("recording.upload.{field}: {}: {e}", f.display()))
+                    })
+            })
+            .transpose()
+    };
+    let settings = UploadSettings {
+        endpoint: upload.endpoint.clone(),
+        bucket: upload.bucket.clone(),
+        prefix: upload.prefix.clone(),
+        region: upload.region.clone(),
+        access_key_id: read(&upload.access_key_id_file, "accessKeyIdFile")?,
+        secret_access_key: read(&upload.secret_access_key_file, "secretAccessKeyFile")?,
+        every: upload.every,
+        max_local_bytes: upload.max_local_bytes,
+        max_retries: 3,
+    };
+    let tls = tls_for(upload.ca_file.as_deref())
+        .map_err(|e| AppError::Config(format!("recording.upload.caFile: {e}")))?;
+    Uploader::new(dir, settings, tls)
+        .map_err(|e| AppError::Config(format!("recording.upload: {e}")))
 }
 
 /// Builds workload identity (cgroup resolver, pod store, static workloads) and the token
@@ -596,6 +651,7 @@ impl App {
             interceptor,
             grace,
             detach_on_exit,
+            upload,
             ..
         } = self;
         if proxy_drain.drain(grace).await == DrainOutcome::TimedOut {
@@ -634,6 +690,15 @@ impl App {
             files = stats.files.len(),
             "recordings flushed"
         );
+        // One last upload round for the files just closed, within the grace period.
+        if let Some((trigger, task)) = upload {
+            drop(trigger);
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!(
+                    "the last upload round did not finish within the grace period; the next start uploads the rest"
+                );
+            }
+        }
         Ok(stats)
     }
 }

@@ -72,6 +72,28 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Check a recording tree for tampering: every manifest's hash chain (and signatures,
+    /// with `--public-key`), every listed file's size and SHA-256, and that every finished
+    /// file is listed in its own node's manifest. Prints each problem; exits 1 if any.
+    Verify {
+        /// The recording directory (`recording.dir`), or its copy in object storage:
+        /// `s3://BUCKET/PREFIX` (credentials from `AWS_ACCESS_KEY_ID` and
+        /// `AWS_SECRET_ACCESS_KEY`).
+        dir: String,
+        /// The ed25519 public key (PEM) the manifests must be signed with; without it
+        /// signatures are not checked (and the output says so).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// For `s3://`: an S3-compatible endpoint (`http(s)://host:port`); default AWS.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// For `s3://`: the signing region.
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// For `s3://` over https: a CA bundle (default: the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
     /// Check configuration or policy files without starting anything.
     Check {
         /// A config file to validate (with the policy files it names).
@@ -145,6 +167,75 @@ pub enum PolicyCommand {
     },
 }
 
+/// `chaperone verify`.
+async fn verify(
+    target: &str,
+    public_key: Option<&std::path::Path>,
+    endpoint: Option<String>,
+    region: String,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use crate::recorder::{manifest, upload};
+    let key = public_key
+        .map(manifest::load_public_key)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let report = if let Some(rest) = target.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        anyhow::ensure!(
+            !bucket.is_empty(),
+            "{target}: no bucket (s3://BUCKET/PREFIX)"
+        );
+        let settings = upload::UploadSettings {
+            endpoint,
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            region,
+            access_key_id: None,
+            secret_access_key: None,
+            every: std::time::Duration::from_secs(1),
+            max_local_bytes: None,
+            max_retries: 2,
+        };
+        let tls = upload::tls_for(ca_file).map_err(anyhow::Error::msg)?;
+        let tree = upload::read_remote_tree(&settings, tls)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        manifest::verify_tree(&tree, key.as_ref())
+    } else {
+        let dir = std::path::Path::new(target);
+        anyhow::ensure!(
+            dir.is_dir(),
+            "{}: not a directory (give the recording directory, recording.dir, or s3://BUCKET/PREFIX)",
+            dir.display()
+        );
+        manifest::verify_dir(dir, key.as_ref()).map_err(anyhow::Error::msg)?
+    };
+    let dir = target;
+    for problem in &report.problems {
+        println!("FAIL {problem}");
+    }
+    let signatures = if key.is_some() {
+        format!("{} signatures checked", report.signatures_checked)
+    } else {
+        "signatures NOT checked (no --public-key)".to_owned()
+    };
+    println!(
+        "{dir}: {} manifests, {} entries, {} files hashed, {signatures}",
+        report.manifests, report.entries, report.files
+    );
+    anyhow::ensure!(
+        report.ok(),
+        "{} problem(s) found: the recording was modified, truncated, removed, reordered, added to or re-signed",
+        report.problems.len()
+    );
+    if report.manifests == 0 {
+        anyhow::bail!("no manifest under {dir}: nothing vouches for these files");
+    }
+    println!("ok");
+    Ok(())
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -179,6 +270,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Crd => {
             print!("{}", crate::approval::resource::crd_yaml()?);
             Ok(())
+        }
+        Command::Verify {
+            dir,
+            public_key,
+            endpoint,
+            region,
+            ca_file,
+        } => {
+            verify(
+                &dir,
+                public_key.as_deref(),
+                endpoint,
+                region,
+                ca_file.as_deref(),
+            )
+            .await
         }
         Command::Policy {
             command: PolicyCommand::Test { policy, fixtures },

@@ -516,6 +516,59 @@ pub struct RecordingConfig {
     /// its audit id). Mutating requests are always refused then, with a `Status` 503.
     #[serde(default)]
     pub reads_while_down: ReadsWhileDown,
+    /// The write-ahead log's directory, where mutating requests are made durable before
+    /// they are forwarded; default `<dir>/.wal`. Put it on the same disk as `dir` (or one
+    /// at least as reliable): while it cannot be written, mutating requests are refused.
+    #[serde(default)]
+    pub wal_dir: Option<PathBuf>,
+    /// The ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`) that
+    /// signs the manifest entries listing each finished file; without one, entries are
+    /// hash-chained but unsigned. Mount it from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Upload finished files and manifests to S3-compatible object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadConfig>,
+}
+
+/// `recording.upload`: copies of finished files and manifests in S3-compatible storage.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadConfig {
+    /// `http(s)://host:port` of an S3-compatible endpoint; absent: AWS S3 in `region`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix, e.g. the cluster name.
+    #[serde(default)]
+    pub prefix: String,
+    /// Signing region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// A file holding the access key id (a mounted Secret); absent: `AWS_ACCESS_KEY_ID`.
+    #[serde(default)]
+    pub access_key_id_file: Option<PathBuf>,
+    /// A file holding the secret access key; absent: `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// CA bundle for an https endpoint; absent: the system bundle.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How often the recording directory is scanned for new files.
+    #[serde(default = "default_upload_every", with = "duration")]
+    pub every: Duration,
+    /// Keep at most this many bytes of finished files on the node: the oldest files whose
+    /// upload is confirmed are deleted beyond it. Absent: nothing is deleted.
+    #[serde(default)]
+    pub max_local_bytes: Option<u64>,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+fn default_upload_every() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `recording.readsWhileDown`.

@@ -239,3 +239,230 @@ fn policy_test_decides_fixtures_and_fails_on_a_denial() {
         "names the file and the key: {stderr}"
     );
 }
+
+/// `chaperone verify`: a clean signed tree passes (saying whether signatures were
+/// checked), a wrong public key and a flipped byte fail with exit code 1 and name the
+/// problem, bad input is a clear error.
+#[test]
+fn verify_checks_a_recording_tree_and_fails_on_tampering() {
+    use ed25519_dalek::pkcs8::{
+        EncodePrivateKey as _, EncodePublicKey as _, spki::der::pem::LineEnding,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let key_file = dir.path().join("signing.pem");
+    std::fs::write(
+        &key_file,
+        key.to_pkcs8_pem(LineEnding::LF).expect("pem").as_bytes(),
+    )
+    .expect("write key");
+    let public = dir.path().join("public.pem");
+    std::fs::write(
+        &public,
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem"),
+    )
+    .expect("write public key");
+    let other = dir.path().join("other.pem");
+    std::fs::write(
+        &other,
+        ed25519_dalek::SigningKey::from_bytes(&[3; 32])
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem"),
+    )
+    .expect("write other key");
+    let recordings = dir.path().join("recordings");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let (_trigger, watcher) = gateway_userspace::drain::channel();
+        let cfg = gateway_userspace::recorder::RecorderConfig {
+            signing_key_file: Some(key_file.clone()),
+            ..gateway_userspace::recorder::RecorderConfig::new(&recordings, "node-1")
+        };
+        let (recorder, handle) =
+            gateway_userspace::recorder::Recorder::start(cfg, watcher).expect("recorder");
+        handle
+            .record(gateway_userspace::recorder::RequestRecord {
+                audit_id: "one".into(),
+                node: "node-1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("record");
+        drop(handle);
+        recorder.join().await.expect("join");
+    });
+    let dir_arg = recordings.to_str().expect("utf-8 path");
+    let out = chaperone(&["verify", dir_arg]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("signatures NOT checked"), "{stdout}");
+    let out = chaperone(&[
+        "verify",
+        dir_arg,
+        "--public-key",
+        public.to_str().expect("utf-8"),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("1 signatures checked"), "{stdout}");
+    let out = chaperone(&[
+        "verify",
+        dir_arg,
+        "--public-key",
+        other.to_str().expect("utf-8"),
+    ]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("signature does not verify"), "{stdout}");
+    let file = gateway_userspace::recorder::list_files(&recordings).expect("list")[0].clone();
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[10] ^= 0xff;
+    std::fs::write(&file, bytes).expect("write");
+    let out = chaperone(&["verify", dir_arg]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL modified: table=requests/"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("problem(s) found"), "{stderr}");
+    let out = chaperone(&[
+        "verify",
+        dir_arg,
+        "--public-key",
+        key_file.to_str().expect("utf-8"),
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not an ed25519 public key"), "{stderr}");
+}
+
+/// `chaperone verify s3://BUCKET/PREFIX --endpoint ...` checks the copy in object storage
+/// (moto's S3 server on loopback): clean passes, a planted object fails.
+#[test]
+fn verify_checks_the_copy_in_object_storage() {
+    use gateway_userspace::recorder::upload::{self, UploadSettings, Uploader};
+    let tools = std::env::var_os("CHAPERONE_PYTOOLS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/chaperone-pytools")
+        });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut moto = Command::new(tools.join("bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start moto_server (cargo xtask setup installs it)");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut moto);
+    let put_bucket = || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(
+            b"PUT /evidence HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.contains(" 200 "))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while put_bucket() != Some(true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto_server did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = UploadSettings {
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        bucket: "evidence".into(),
+        prefix: "prod".into(),
+        region: "us-east-1".into(),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing".into()),
+        every: std::time::Duration::from_secs(1),
+        max_local_bytes: None,
+        max_retries: 1,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let (_trigger, watcher) = gateway_userspace::drain::channel();
+        let (recorder, handle) = gateway_userspace::recorder::Recorder::start(
+            gateway_userspace::recorder::RecorderConfig::new(dir.path(), "node-1"),
+            watcher,
+        )
+        .expect("recorder");
+        handle
+            .record(gateway_userspace::recorder::RequestRecord {
+                audit_id: "one".into(),
+                node: "node-1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("record");
+        drop(handle);
+        recorder.join().await.expect("join");
+        let tls = upload::tls_for(None).expect("tls");
+        let mut uploader = Uploader::new(dir.path(), settings.clone(), tls).expect("uploader");
+        uploader.round().await.expect("upload");
+    });
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_chaperone"))
+            .args(["verify", "s3://evidence/prod", "--endpoint", &endpoint])
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("run chaperone verify")
+    };
+    let out = run();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("1 manifests, 1 entries, 1 files hashed"),
+        "{stdout}"
+    );
+    // A file planted in the bucket that no manifest lists.
+    std::fs::create_dir_all(
+        dir.path()
+            .join("table=requests/date=2026-01-01/node=node-1"),
+    )
+    .expect("mkdir");
+    std::fs::write(
+        dir.path()
+            .join("table=requests/date=2026-01-01/node=node-1/part-planted.parquet"),
+        b"planted",
+    )
+    .expect("plant");
+    runtime.block_on(async {
+        let tls = upload::tls_for(None).expect("tls");
+        let mut uploader = Uploader::new(dir.path(), settings, tls).expect("uploader");
+        uploader.round().await.expect("upload");
+    });
+    let out = run();
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "FAIL unlisted: table=requests/date=2026-01-01/node=node-1/part-planted.parquet"
+        ),
+        "{stdout}"
+    );
+}

@@ -354,8 +354,8 @@ fn release_check() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// HTTP side by side with nginx, the eBPF connect() overhead, then the policy and recorder
-/// micro-benchmarks, and a summary of all figures against the design targets.
+/// HTTP side by side with nginx, the eBPF connect() overhead, then the policy, recorder and
+/// write-ahead log micro-benchmarks, and a summary of all figures against the design targets.
 fn bench() -> anyhow::Result<()> {
     ensure_apt_tool("nginx", "nginx-light")?;
     ensure_apt_tool("h2load", "nghttp2-client")?;
@@ -391,8 +391,22 @@ fn bench() -> anyhow::Result<()> {
         "approval",
         "--bench",
         "approval_notify",
+        "--bench",
+        "wal",
         "--",
         "--quick",
+    ])?;
+    // Upload throughput to moto's S3 server on loopback (prints MiB/s).
+    cargo(&[
+        "test",
+        "--release",
+        "--package",
+        "chaperone-e2e",
+        "--test",
+        "upload",
+        "upload_throughput",
+        "--",
+        "--nocapture",
     ])?;
     print_bench_summary(&root.join("target"));
     Ok(())
@@ -516,6 +530,16 @@ fn print_bench_summary(target: &Path) {
             rate.map_or("n/a".to_owned(), |r| format!("{:.0}k rows/s", r / 1000.0))
         );
     }
+    let median_us = |id: &str| criterion_figure(target, id).map(|(ns, _)| ns / 1000.0);
+    println!(
+        "  mutation latency added by the write-ahead log (one append + fsync, median): {}; the disk's own pwrite + fdatasync: {}   (target: p50 <= 1000 us)",
+        show(median_us("wal/begin_one_append_fsync"), "us"),
+        show(median_us("wal/disk_baseline_pwrite_fdatasync"), "us")
+    );
+    println!(
+        "  write-ahead log, 16 concurrent mutations (group commit): {} per batch",
+        show(median_us("wal/begin_16_concurrent_group_commit"), "us")
+    );
     println!(
         "  connect() added by the eBPF redirect (median): {}   (target: <= 5 us)",
         show(json_number_after(&connect, "{", "added_median_us"), "us")

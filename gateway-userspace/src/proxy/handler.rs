@@ -314,6 +314,25 @@ impl Proxy {
                 &audit_id,
             );
         }
+        // No mutation without a durable record: a mutating request, and the start of an
+        // exec/attach/port-forward session, is in the write-ahead log (fsynced) before it
+        // is forwarded; if the log cannot take it, it is not forwarded.
+        if (info.is_mutating() || matches!(pending, Pending::Upgrade(..)))
+            && let Err(cause) = self.recorder.begin(&record).await
+        {
+            let why = format!(
+                "chaperone: this request cannot be made durable in the recording's write-ahead log, so it is refused: {cause}"
+            );
+            tracing::warn!(verb = %info.verb, resource = %info.resource, name = %info.name, error = %cause, "refused: write-ahead log failed");
+            record.outcome = Outcome::RecordingDown;
+            record.reason = Some(why.clone());
+            return self.local_response(
+                Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
+                record,
+                started,
+                &audit_id,
+            );
+        }
         if let Some(detectors) = self.stream_masking(&decision) {
             pending.extensions_mut().insert(StreamMasking(detectors));
         }

@@ -17,13 +17,26 @@
 //! audit id of every row it loses, and probes the disk every [`PROBE_EVERY`] until a write
 //! and fsync succeed again. While it is down, producers' rows are refused at once and the
 //! proxy refuses what it must not forward unrecorded (see `proxy`).
+//!
+//! Mutating requests are also made durable *before* they are forwarded: the proxy awaits
+//! [`RecorderHandle::begin`], which appends the row to the write-ahead log (`wal`) and
+//! fsyncs it (group commit). A failing log marks recording down like a failing file. At
+//! start the log is replayed, so every request that was forwarded has a row (outcome
+//! `unknown` when the gateway died before the response).
 
+pub mod manifest;
 mod reader;
 pub mod schema;
+pub mod upload;
+pub mod wal;
 mod writer;
 
 #[cfg(test)]
+mod manifest_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wal_tests;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -31,6 +44,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use std::collections::HashSet;
 
 use jiff::civil::Date;
 use jiff::tz::Offset;
@@ -47,6 +62,9 @@ pub use schema::{
 };
 use writer::{Command, FileWriter};
 
+/// The write-ahead log's directory under the recording root (hidden, so dataset readers
+/// that walk the tree skip it).
+pub const DEFAULT_WAL_DIR: &str = ".wal";
 /// Default [`RecorderConfig::max_rows_per_file`].
 pub const DEFAULT_MAX_ROWS_PER_FILE: usize = 100_000;
 /// Default [`RecorderConfig::max_file_age`]: short, so analysts see recent requests soon.
@@ -63,6 +81,8 @@ const BATCH_ROWS: usize = 4096;
 const WRITER_QUEUE_BATCHES: usize = 2;
 /// How often a recorder that is down checks whether the disk takes writes again.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long [`Recorder::join`] waits for the write-ahead log's thread to finish.
+const WAL_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Longest node name accepted (a Kubernetes node name is a DNS subdomain).
 const MAX_NODE_NAME_LEN: usize = 253;
 
@@ -81,13 +101,24 @@ pub struct RecorderConfig {
     pub queue_capacity: usize,
     /// Maximum rows per Parquet row group.
     pub row_group_rows: usize,
+    /// The write-ahead log's directory (`None`: no log; mutating requests are then only
+    /// recorded when their exchange ends; tests and benchmarks only).
+    pub wal_dir: Option<PathBuf>,
+    /// List every finished file in the node's manifest (`<dir>/_manifests/`).
+    pub manifest: bool,
+    /// The ed25519 key (PKCS#8 PEM) that signs manifest entries; `None`: unsigned.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 impl RecorderConfig {
     /// A configuration with the default limits.
     pub fn new(dir: impl Into<PathBuf>, node: impl Into<String>) -> RecorderConfig {
+        let dir = dir.into();
         RecorderConfig {
-            dir: dir.into(),
+            wal_dir: Some(dir.join(DEFAULT_WAL_DIR)),
+            manifest: true,
+            signing_key_file: None,
+            dir,
             node: node.into(),
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
             max_file_age: DEFAULT_MAX_FILE_AGE,
@@ -199,6 +230,33 @@ pub enum RecorderError {
     /// The writer thread could not be started.
     #[error("recorder: cannot start writer thread: {0}")]
     SpawnThread(Arc<std::io::Error>),
+    /// The write-ahead log refused a row.
+    #[error("write-ahead log: {reason}")]
+    Wal {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A write-ahead log segment holds bytes that are not a record (beyond a torn tail).
+    #[error("write-ahead log segment {} is corrupt at offset {offset}: {reason}; move the file aside (keep it for forensics) to start without it", path.display())]
+    WalCorrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The manifest cannot be read, continued or written.
+    #[error("manifest {}: {reason}", path.display())]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The signing key cannot be used.
+    #[error("recording.signingKeyFile: {0}")]
+    SigningKey(String),
     /// A background task ended without reporting (it panicked or was cancelled).
     #[error("recorder: {0} ended without reporting a result")]
     TaskLost(&'static str),
@@ -228,12 +286,37 @@ pub struct RecorderHealth {
     pub outages: u64,
     /// Rows refused or lost since start.
     pub rows_lost: u64,
+    /// The write-ahead log's counters, when there is one.
+    pub wal: Option<wal::WalStats>,
+    /// Rows rebuilt from the write-ahead log at start.
+    pub replayed: u64,
+    /// The uploader's counters, when files are uploaded.
+    pub upload: Option<UploadHealth>,
+}
+
+/// The uploader's state in [`RecorderHealth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UploadHealth {
+    /// Files (and manifest versions) confirmed uploaded since start.
+    pub uploaded: u64,
+    /// Bytes uploaded since start.
+    pub bytes: u64,
+    /// Upload rounds that failed.
+    pub failures: u64,
+    /// Local files deleted by the retention limit after a confirmed upload.
+    pub deleted: u64,
+    /// Age of the oldest finished file not yet confirmed uploaded, in seconds.
+    pub lag_seconds: u64,
+    /// Files waiting to be uploaded.
+    pub pending: u64,
 }
 
 /// State shared by producers, the writer thread and the admin endpoint: whether
 /// recording is down and why. The proxy reads `down` on every request, so it is an atomic.
 #[derive(Debug, Default)]
 struct Shared {
+    /// The uploader's counters, once one runs.
+    upload: std::sync::OnceLock<Arc<upload::UploadStats>>,
     down: AtomicBool,
     cause: Mutex<Option<RecorderError>>,
     outages: AtomicU64,
@@ -296,6 +379,7 @@ enum Message {
 #[derive(Debug)]
 pub struct Recorder {
     task: JoinHandle<Result<RecorderStats, RecorderError>>,
+    wal_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Cheap, cloneable producer side of the recorder.
@@ -303,6 +387,8 @@ pub struct Recorder {
 pub struct RecorderHandle {
     queue: mpsc::Sender<Message>,
     shared: Arc<Shared>,
+    wal: Option<wal::Wal>,
+    replayed: u64,
 }
 
 impl std::fmt::Debug for RecorderHandle {
@@ -344,9 +430,43 @@ impl Recorder {
         );
 
         let shared = Arc::new(Shared::default());
+        let signing_key = cfg
+            .signing_key_file
+            .as_deref()
+            .map(manifest::load_signing_key)
+            .transpose()
+            .map_err(RecorderError::SigningKey)?;
+        let open_manifest = || {
+            cfg.manifest
+                .then(|| manifest::Manifest::open(&cfg.dir, &cfg.node, signing_key.clone()))
+                .transpose()
+        };
+        let (wal, tracker, wal_thread, replayed) = match &cfg.wal_dir {
+            Some(wal_dir) => {
+                let recovery = wal::recover(wal_dir)?;
+                let replayed = replay(
+                    &table_dir,
+                    &cfg.node,
+                    &props,
+                    &shared,
+                    recovery,
+                    open_manifest()?,
+                )?;
+                let down = Arc::clone(&shared);
+                let (wal, tracker, thread) = wal::Wal::start(
+                    wal_dir,
+                    replayed.next_seq,
+                    Arc::new(move |error| down.set_down(error)),
+                )?;
+                (Some(wal), Some(tracker), Some(thread), replayed.rows)
+            }
+            None => (None, None, None, 0),
+        };
         let (command_tx, command_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
         let (done_tx, done_rx) = oneshot::channel();
-        let file_writer = FileWriter::new(table_dir, cfg.node.clone(), props);
+        let file_writer = FileWriter::new(table_dir, cfg.node.clone(), props)
+            .with_wal(tracker)
+            .with_manifest(open_manifest()?);
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("recorder-writer".into())
@@ -366,15 +486,36 @@ impl Recorder {
             commands: command_tx,
         };
         let task = runtime.spawn(coordinator.run(rows, drain, done_rx));
-        Ok((Recorder { task }, RecorderHandle { queue, shared }))
+        Ok((
+            Recorder { task, wal_thread },
+            RecorderHandle {
+                queue,
+                shared,
+                wal,
+                replayed,
+            },
+        ))
     }
 
     /// Waits until the recorder has stopped (drain signalled, or every handle dropped) and
     /// every row is in a published file; returns what was written or the first failure.
     pub async fn join(self) -> Result<RecorderStats, RecorderError> {
-        self.task
+        let result = self
+            .task
             .await
-            .unwrap_or(Err(RecorderError::TaskLost("recorder coordinator task")))
+            .unwrap_or(Err(RecorderError::TaskLost("recorder coordinator task")));
+        // The log's thread syncs and removes its last segment once every handle is gone;
+        // give it a moment so a clean stop leaves no log behind (a segment left is only
+        // replayed, and its rows deduplicated, at the next start).
+        if let Some(thread) = self.wal_thread {
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(WAL_STOP_GRACE, joined).await.is_err() {
+                tracing::debug!(
+                    "write-ahead log still held open at stop; its segment stays for the next start"
+                );
+            }
+        }
+        result
     }
 }
 
@@ -382,6 +523,11 @@ impl RecorderHandle {
     /// Queues one row, waiting for space; fails at once while recording is down, and once
     /// the recorder has stopped.
     pub async fn record(&self, row: RequestRecord) -> Result<(), RecorderError> {
+        // The final row of a begun request goes to the log first: should it never reach a
+        // Parquet file, the replay still knows the outcome.
+        if let Some(wal) = &self.wal {
+            wal.end(&row);
+        }
         if let Some(error) = self.shared.current_error() {
             self.shared.lose(1);
             return Err(error);
@@ -391,6 +537,31 @@ impl RecorderHandle {
             .send(Message::Row(Box::new(row)))
             .await
             .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Makes `row` durable in the write-ahead log before its request is forwarded (a
+    /// no-op without a log). `Err` means the request must not be forwarded: refuse it.
+    /// If the caller is dropped while waiting, the request is recorded as not forwarded,
+    /// so the log does not keep vouching for it.
+    pub async fn begin(&self, row: &RequestRecord) -> Result<(), RecorderError> {
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
+        if let Some(error) = self.shared.current_error() {
+            return Err(error);
+        }
+        let mut cancelled = CancelledBegin {
+            handle: self,
+            row: Some(row),
+        };
+        let result = wal.begin(row).await;
+        cancelled.row = None;
+        result
+    }
+
+    /// Shows an uploader's counters in the health report and metrics.
+    pub fn attach_upload(&self, stats: Arc<upload::UploadStats>) {
+        let _ = self.shared.upload.set(stats);
     }
 
     /// `Err(cause)` while recording is down. Cheap (one atomic load when up): the proxy
@@ -409,6 +580,8 @@ impl RecorderHandle {
     pub fn status(&self) -> RecorderStatus {
         RecorderStatus {
             shared: Arc::clone(&self.shared),
+            wal: self.wal.as_ref().map(|w| Arc::clone(w.tracker())),
+            replayed: self.replayed,
         }
     }
 
@@ -429,6 +602,8 @@ impl RecorderHandle {
 #[derive(Debug, Clone)]
 pub struct RecorderStatus {
     shared: Arc<Shared>,
+    wal: Option<Arc<wal::Tracker>>,
+    replayed: u64,
 }
 
 impl RecorderStatus {
@@ -445,8 +620,142 @@ impl RecorderStatus {
             cause,
             outages: self.shared.outages.load(Ordering::Relaxed),
             rows_lost: self.shared.rows_lost.load(Ordering::Relaxed),
+            wal: self.wal.as_ref().map(|t| t.stats()),
+            replayed: self.replayed,
+            upload: self.shared.upload.get().map(|u| UploadHealth {
+                uploaded: u.uploaded.load(Ordering::Relaxed),
+                bytes: u.bytes.load(Ordering::Relaxed),
+                failures: u.failures.load(Ordering::Relaxed),
+                deleted: u.deleted.load(Ordering::Relaxed),
+                lag_seconds: u.lag_seconds.load(Ordering::Relaxed),
+                pending: u.pending.load(Ordering::Relaxed),
+            }),
         }
     }
+}
+
+/// Records a begun request as not forwarded when its [`RecorderHandle::begin`] is dropped
+/// before it returned (the client went away while the log synced).
+struct CancelledBegin<'a> {
+    handle: &'a RecorderHandle,
+    row: Option<&'a RequestRecord>,
+}
+
+impl Drop for CancelledBegin<'_> {
+    fn drop(&mut self) {
+        let Some(row) = self.row.take() else {
+            return;
+        };
+        let mut row = row.clone();
+        row.outcome = Outcome::Invalid;
+        row.reason = Some("the client went away before the request was forwarded".into());
+        let handle = self.handle.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let audit_id = row.audit_id.clone();
+                if let Err(error) = handle.record(row).await {
+                    tracing::error!(%audit_id, %error, "request could not be recorded");
+                }
+            });
+        }
+    }
+}
+
+/// What the start-up replay did.
+struct Replayed {
+    rows: u64,
+    next_seq: u64,
+}
+
+/// Writes a row for every request the log holds that no finished Parquet file has yet,
+/// then deletes the log's segments. Fails start-up rather than lose a row.
+fn replay(
+    table_dir: &std::path::Path,
+    node: &str,
+    props: &parquet::file::properties::WriterProperties,
+    shared: &Shared,
+    recovery: wal::Recovery,
+    manifest: Option<manifest::Manifest>,
+) -> Result<Replayed, RecorderError> {
+    let next_seq = recovery.next_seq;
+    if recovery.segments.is_empty() {
+        return Ok(Replayed { rows: 0, next_seq });
+    }
+    let mut rows = recovery.rows;
+    if !rows.is_empty() {
+        // A row already published is in a file finished after its segment was created.
+        let since = recovery.oldest.unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let published = published_ids(table_dir, node, since)?;
+        rows.retain(|row| !published.contains(&row.audit_id));
+    }
+    let count = rows.len() as u64;
+    if !rows.is_empty() {
+        let mut by_date: BTreeMap<Date, Vec<RequestRecord>> = BTreeMap::new();
+        for row in rows {
+            by_date
+                .entry(Offset::UTC.to_datetime(row.request_time).date())
+                .or_default()
+                .push(row);
+        }
+        let mut writer = FileWriter::new(table_dir.to_path_buf(), node.to_owned(), props.clone())
+            .with_manifest(manifest);
+        for (date, rows) in by_date {
+            writer.write(date, rows).map_err(|(error, _)| error)?;
+        }
+        writer.close_all(shared)?;
+    }
+    for segment in &recovery.segments {
+        fs::remove_file(segment).map_err(|e| RecorderError::Io {
+            op: "remove replayed write-ahead log segment",
+            path: segment.clone(),
+            source: Arc::new(e),
+        })?;
+    }
+    tracing::info!(
+        rows = count,
+        segments = recovery.segments.len(),
+        torn = recovery.torn.len(),
+        "write-ahead log replayed"
+    );
+    Ok(Replayed {
+        rows: count,
+        next_seq,
+    })
+}
+
+/// The audit ids in this node's finished files modified at or after `since` (less a
+/// margin for coarse file-system clocks).
+fn published_ids(
+    table_dir: &std::path::Path,
+    node: &str,
+    since: jiff::Timestamp,
+) -> Result<HashSet<String>, RecorderError> {
+    let since = std::time::SystemTime::UNIX_EPOCH
+        + Duration::from_micros(u64::try_from(since.as_microsecond()).unwrap_or(0))
+            .saturating_sub(Duration::from_secs(5));
+    let mut ids = HashSet::new();
+    let root = table_dir.parent().unwrap_or(table_dir);
+    let node_dir = format!("node={node}");
+    for file in list_files(root).map_err(|e| RecorderError::Wal {
+        reason: format!("cannot list recorded files for the replay: {e}"),
+    })? {
+        let ours = file
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n.to_string_lossy() == node_dir);
+        let recent = fs::metadata(&file)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m >= since);
+        if !(ours && recent) {
+            continue;
+        }
+        match reader::read_audit_ids(&file) {
+            Ok(found) => ids.extend(found),
+            // Its rows are written again rather than risk losing them.
+            Err(error) => tracing::warn!(%error, "replay: a recorded file is unreadable"),
+        }
+    }
+    Ok(ids)
 }
 
 /// Fails start-up with one clear sentence rather than at the first request.

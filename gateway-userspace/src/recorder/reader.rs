@@ -10,7 +10,7 @@ use arrow_array::{
     cast::AsArray as _,
     types::{Int32Type, Int64Type, TimestampMicrosecondType},
 };
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ProjectionMask, arrow_reader::ParquetRecordBatchReaderBuilder};
 
 use super::schema::{
     ObjectRef, Outcome, PrincipalRecord, RequestRecord, TABLE_NAME, WorkloadRecord,
@@ -99,6 +99,37 @@ pub fn read_file(path: &Path) -> Result<Vec<RequestRecord>, ReadError> {
         decode_batch(&batch, &mut rows).map_err(format)?;
     }
     Ok(rows)
+}
+
+/// The `audit_id` column of one file (read alone, so it is cheap).
+pub(crate) fn read_audit_ids(path: &Path) -> Result<Vec<String>, ReadError> {
+    let format = |message: String| ReadError::Format {
+        path: path.to_owned(),
+        message,
+    };
+    let file = File::open(path).map_err(|source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format(e.to_string()))?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["audit_id"]);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| format(e.to_string()))?;
+    let mut ids = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| format(e.to_string()))?;
+        let column = batch
+            .column_by_name("audit_id")
+            .ok_or_else(|| format("no audit_id column".into()))?;
+        let strings = column
+            .as_string_opt::<i32>()
+            .ok_or_else(|| format("audit_id is not a string column".into()))?;
+        ids.extend(strings.iter().flatten().map(str::to_owned));
+    }
+    Ok(ids)
 }
 
 struct Columns<'a> {

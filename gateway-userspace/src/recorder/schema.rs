@@ -128,16 +128,21 @@ pub enum Outcome {
     RecordingDown,
     /// Allowed, but the API server could not be reached (503).
     UpstreamFailed,
+    /// Forwarded (or about to be) when the gateway stopped before the response: the row
+    /// was rebuilt from the write-ahead log at start-up, so whether the API server applied
+    /// the request is not known.
+    Unknown,
 }
 
 impl Outcome {
     /// Every outcome, for parsers and tests.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Forwarded,
         Outcome::Denied,
         Outcome::Invalid,
         Outcome::RecordingDown,
         Outcome::UpstreamFailed,
+        Outcome::Unknown,
     ];
 
     /// The outcome as recorded.
@@ -148,6 +153,7 @@ impl Outcome {
             Outcome::Invalid => "invalid",
             Outcome::RecordingDown => "recording_down",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Unknown => "unknown",
         }
     }
 

@@ -16,7 +16,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use tokio::sync::{mpsc, oneshot};
 
+use super::manifest::Manifest;
 use super::schema::{self, RequestRecord};
+use super::wal::Tracker;
 use super::{RecorderError, RecorderStats, Shared};
 
 /// zstd level 3 is zstd's own default: much smaller than level 1 on repetitive request
@@ -50,6 +52,8 @@ struct PartFile {
     path: PathBuf,
     writer: ArrowWriter<File>,
     rows: u64,
+    /// Audit ids of the rows, when the write-ahead log needs to know they are published.
+    ids: Vec<String>,
 }
 
 /// Owns the open files (one per date partition) and the list of published ones.
@@ -60,6 +64,8 @@ pub(super) struct FileWriter {
     open: BTreeMap<Date, PartFile>,
     finished: Vec<PathBuf>,
     rows: u64,
+    wal: Option<Arc<Tracker>>,
+    manifest: Option<Manifest>,
 }
 
 /// Builds the Parquet writer settings used for every file.
@@ -98,7 +104,22 @@ impl FileWriter {
             open: BTreeMap::new(),
             finished: Vec::new(),
             rows: 0,
+            wal: None,
+            manifest: None,
         }
+    }
+
+    /// Lists every published file in the node's manifest (tamper evidence).
+    pub(super) fn with_manifest(mut self, manifest: Option<Manifest>) -> FileWriter {
+        self.manifest = manifest;
+        self
+    }
+
+    /// Tells the write-ahead log which rows each published file holds, so it can drop the
+    /// segments that vouched for them.
+    pub(super) fn with_wal(mut self, wal: Option<Arc<Tracker>>) -> FileWriter {
+        self.wal = wal;
+        self
     }
 
     /// Executes commands until the channel closes, then closes every open file. A failing
@@ -169,7 +190,7 @@ impl FileWriter {
 
     /// Appends `rows` to `date`'s open file; on failure hands the rows back with the error
     /// so their audit ids can be logged.
-    fn write(
+    pub(super) fn write(
         &mut self,
         date: Date,
         mut rows: Vec<RequestRecord>,
@@ -206,12 +227,15 @@ impl FileWriter {
             return Err((error, rows));
         }
         file.rows += rows.len() as u64;
+        if self.wal.is_some() {
+            file.ids.extend(rows.iter().map(|r| r.audit_id.clone()));
+        }
         Ok(())
     }
 
     /// Closes every open file; the first failure is returned (and marks recording down),
     /// the other files are still closed.
-    fn close_all(&mut self, shared: &Shared) -> Result<(), RecorderError> {
+    pub(super) fn close_all(&mut self, shared: &Shared) -> Result<(), RecorderError> {
         let mut first = Ok(());
         while let Some((_, file)) = self.open.pop_first() {
             if let Err(error) = self.close(file) {
@@ -234,8 +258,17 @@ impl FileWriter {
             path,
             writer,
             rows,
+            ids,
         } = file;
-        if let Err(error) = finish_part(&temp, &path, writer) {
+        // The manifest lists the file (hashed from its synced temporary) before it is
+        // renamed into view: a crash in between leaves an entry whose file the manifest
+        // completes at the next start, never a visible file nothing vouches for.
+        let manifest = self.manifest.as_mut();
+        let listed = |temp: &Path| match manifest {
+            Some(manifest) => manifest.append(temp, &path, rows),
+            None => Ok(()),
+        };
+        if let Err(error) = finish_part(&temp, &path, writer, listed) {
             let kept = temp.with_extension("failed");
             match fs::rename(&temp, &kept) {
                 Ok(()) => {
@@ -250,6 +283,9 @@ impl FileWriter {
         tracing::debug!(path = %path.display(), rows, "recording file published");
         self.rows += rows;
         self.finished.push(path);
+        if let Some(wal) = &self.wal {
+            wal.published(ids.iter().map(String::as_str));
+        }
         Ok(())
     }
 }
@@ -297,10 +333,16 @@ fn open_part(
         path,
         writer,
         rows: 0,
+        ids: Vec::new(),
     })
 }
 
-fn finish_part(temp: &Path, path: &Path, writer: ArrowWriter<File>) -> Result<(), RecorderError> {
+fn finish_part(
+    temp: &Path,
+    path: &Path,
+    writer: ArrowWriter<File>,
+    listed: impl FnOnce(&Path) -> Result<(), RecorderError>,
+) -> Result<(), RecorderError> {
     let mut handle = writer
         .into_inner()
         .map_err(|source| RecorderError::Parquet {
@@ -310,6 +352,7 @@ fn finish_part(temp: &Path, path: &Path, writer: ArrowWriter<File>) -> Result<()
     handle.flush().map_err(|e| io_error("write", temp, e))?;
     handle.sync_all().map_err(|e| io_error("sync", temp, e))?;
     drop(handle);
+    listed(temp)?;
     fs::rename(temp, path).map_err(|e| io_error("rename into place", path, e))?;
     // The rename is only durable once the directory entry is.
     if let Some(dir) = path.parent() {

@@ -1,0 +1,444 @@
+//! Off the node: finished Parquet files and the manifests are copied to S3-compatible
+//! object storage (`object_store`, S3 API), at least once, and local files are deleted
+//! only beyond a retention limit and only once their upload is confirmed.
+//!
+//! An [`Uploader`] task scans the recording directory every `every`: each finished file
+//! (`table=*/.../part-*.parquet`) and manifest (`_manifests/*.jsonl`) not yet confirmed is
+//! PUT under `<prefix>/<its path relative to the recording root>`. A PUT is idempotent, so
+//! a retry or a restart only re-sends; after a restart a file is first looked up (HEAD)
+//! and counted as uploaded when the copy has its size. `object_store` retries transient
+//! failures with backoff; a round that still fails waits twice as long before the next
+//! (up to [`MAX_BACKOFF`]). Manifests are sent again whenever they grew.
+//!
+//! HTTP goes through hyper with rustls and ring (the gateway's own stack), not reqwest.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper_util::client::legacy::{Client, connect::HttpConnector as HyperHttp};
+use hyper_util::rt::TokioExecutor;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpRequestBody,
+    HttpResponse, HttpResponseBody, HttpService,
+};
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutPayload, RetryConfig};
+
+use super::manifest::{MANIFEST_DIR, Tree, file_digest};
+use crate::drain::DrainWatcher;
+
+/// Longest wait between failed rounds.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Where and how to upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSettings {
+    /// `http(s)://host:port` of an S3-compatible endpoint; `None`: AWS for `region`.
+    pub endpoint: Option<String>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix (no leading or trailing `/` needed).
+    pub prefix: String,
+    /// Region (signing); S3-compatible servers usually accept any.
+    pub region: String,
+    /// Access key id; `None`: from `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: Option<String>,
+    /// Secret access key; `None`: from `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// How often the directory is scanned.
+    pub every: Duration,
+    /// Keep at most this many bytes of finished files locally: the oldest confirmed
+    /// uploads are deleted beyond it (never one not confirmed, never a manifest).
+    pub max_local_bytes: Option<u64>,
+    /// Retries per request before a round gives up.
+    pub max_retries: usize,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    /// Files (and manifest versions) confirmed uploaded.
+    pub uploaded: AtomicU64,
+    /// Bytes uploaded.
+    pub bytes: AtomicU64,
+    /// Rounds that failed (the object store was unreachable or refused).
+    pub failures: AtomicU64,
+    /// Local files deleted by the retention limit after their upload was confirmed.
+    pub deleted: AtomicU64,
+    /// Age in seconds of the oldest finished file not yet confirmed (0 when none).
+    pub lag_seconds: AtomicU64,
+    /// Files waiting to be uploaded.
+    pub pending: AtomicU64,
+}
+
+/// hyper + rustls (ring) as `object_store`'s HTTP client.
+#[derive(Debug, Clone)]
+struct HyperConnector {
+    tls: rustls::ClientConfig,
+}
+
+#[derive(Debug)]
+struct HyperService {
+    client: Client<hyper_rustls::HttpsConnector<HyperHttp>, HttpRequestBody>,
+}
+
+impl HttpConnector for HyperConnector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let mut http = HyperHttp::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new()).build(https);
+        Ok(HttpClient::new(HyperService { client }))
+    }
+}
+
+#[async_trait]
+impl HttpService for HyperService {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let response = self.client.request(req).await.map_err(|e| {
+            let kind = if e.is_connect() {
+                HttpErrorKind::Connect
+            } else {
+                HttpErrorKind::Request
+            };
+            HttpError::new(kind, e)
+        })?;
+        Ok(response.map(|body| {
+            HttpResponseBody::new(body.map_err(|e| HttpError::new(HttpErrorKind::Decode, e)))
+        }))
+    }
+}
+
+/// The TLS settings for an https endpoint: the roots in `ca_file`, else the system bundle
+/// (`/etc/ssl/certs/ca-certificates.crt`), else none (an https endpoint then fails with a
+/// certificate error naming it).
+pub fn tls_for(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    const SYSTEM: &str = "/etc/ssl/certs/ca-certificates.crt";
+    let roots = match ca_file {
+        Some(file) => crate::tls::root_store_from_file(file).map_err(|e| e.to_string())?,
+        None if Path::new(SYSTEM).exists() => {
+            crate::tls::root_store_from_file(Path::new(SYSTEM)).map_err(|e| e.to_string())?
+        }
+        None => rustls::RootCertStore::empty(),
+    };
+    crate::tls::client_config(roots).map_err(|e| e.to_string())
+}
+
+/// Builds the S3 client for `settings`, with `tls` (roots) for https endpoints.
+pub fn s3_store(settings: &UploadSettings, tls: rustls::ClientConfig) -> Result<AmazonS3, String> {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&settings.bucket)
+        .with_region(&settings.region)
+        .with_http_connector(HyperConnector { tls })
+        .with_retry(RetryConfig {
+            max_retries: settings.max_retries,
+            retry_timeout: Duration::from_secs(30),
+            ..RetryConfig::default()
+        });
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let Some(id) = &settings.access_key_id {
+        builder = builder.with_access_key_id(id);
+    }
+    if let Some(secret) = &settings.secret_access_key {
+        builder = builder.with_secret_access_key(secret);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("object storage bucket {}: {e}", settings.bucket))
+}
+
+fn key(prefix: &str, relative: &str) -> ObjectPath {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        ObjectPath::from(relative)
+    } else {
+        ObjectPath::from(format!("{prefix}/{relative}"))
+    }
+}
+
+/// A local file the uploader knows.
+struct Local {
+    path: PathBuf,
+    relative: String,
+    size: u64,
+    modified: SystemTime,
+    manifest: bool,
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Finished files and manifests under `root`, oldest first.
+fn scan(root: &Path) -> std::io::Result<Vec<Local>> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let in_manifests = dir.file_name().is_some_and(|n| n == MANIFEST_DIR);
+            if name.starts_with('.') {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                if name == MANIFEST_DIR || !name.starts_with('_') {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let manifest = in_manifests && name.ends_with(".jsonl");
+            if manifest || (!in_manifests && name.ends_with(".parquet")) {
+                found.push(Local {
+                    relative: relative(root, &path),
+                    path,
+                    size: meta.len(),
+                    modified: meta.modified()?,
+                    manifest,
+                });
+            }
+        }
+    }
+    found.sort_by_key(|l| l.modified);
+    Ok(found)
+}
+
+/// The background uploader.
+pub struct Uploader {
+    root: PathBuf,
+    settings: UploadSettings,
+    store: AmazonS3,
+    stats: Arc<UploadStats>,
+    /// Confirmed copies: relative path -> size.
+    confirmed: HashMap<String, u64>,
+}
+
+impl std::fmt::Debug for Uploader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uploader")
+            .field("root", &self.root)
+            .field("bucket", &self.settings.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Uploader {
+    /// An uploader of `root` (the recording directory) to `settings`' bucket.
+    pub fn new(
+        root: &Path,
+        settings: UploadSettings,
+        tls: rustls::ClientConfig,
+    ) -> Result<Uploader, String> {
+        let store = s3_store(&settings, tls)?;
+        Ok(Uploader {
+            root: root.to_path_buf(),
+            settings,
+            store,
+            stats: Arc::new(UploadStats::default()),
+            confirmed: HashMap::new(),
+        })
+    }
+
+    /// The counters, shared with `/metrics`.
+    pub fn stats(&self) -> Arc<UploadStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Uploads until the drain, then makes a last round.
+    pub async fn run(mut self, drain: DrainWatcher) {
+        let mut wait = self.settings.every;
+        loop {
+            tokio::select! {
+                () = drain.signaled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = match self.round().await {
+                Ok(()) => self.settings.every,
+                Err(error) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, bucket = %self.settings.bucket, "upload round failed; retrying later");
+                    (wait * 2).clamp(self.settings.every, MAX_BACKOFF)
+                }
+            };
+        }
+        if let Err(error) = self.round().await {
+            tracing::warn!(%error, "last upload round before stopping failed; the next start uploads the rest");
+        }
+    }
+
+    /// One pass: upload what is not confirmed, then apply the retention limit.
+    pub async fn round(&mut self) -> Result<(), String> {
+        let files = scan(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
+        let now = SystemTime::now();
+        let pending: Vec<&Local> = files
+            .iter()
+            .filter(|f| self.confirmed.get(&f.relative) != Some(&f.size))
+            .collect();
+        self.stats
+            .pending
+            .store(pending.len() as u64, Ordering::Relaxed);
+        let oldest = pending
+            .iter()
+            .filter(|f| !f.manifest)
+            .map(|f| f.modified)
+            .min();
+        self.stats.lag_seconds.store(
+            oldest
+                .and_then(|t| now.duration_since(t).ok())
+                .map_or(0, |d| d.as_secs()),
+            Ordering::Relaxed,
+        );
+        let mut result = Ok(());
+        for file in pending {
+            let key = key(&self.settings.prefix, &file.relative);
+            // After a restart the copy may be there already.
+            if !file.manifest
+                && !self.confirmed.contains_key(&file.relative)
+                && let Ok(meta) = self.store.head(&key).await
+                && meta.size == file.size
+            {
+                self.confirmed.insert(file.relative.clone(), file.size);
+                continue;
+            }
+            let bytes = match tokio::fs::read(&file.path).await {
+                Ok(bytes) => bytes,
+                // Gone meanwhile (retention, or a manifest being rewritten): next round.
+                Err(e) => {
+                    tracing::debug!(path = %file.path.display(), error = %e, "skipped");
+                    continue;
+                }
+            };
+            let size = bytes.len() as u64;
+            match self
+                .store
+                .put(&key, PutPayload::from(Bytes::from(bytes)))
+                .await
+            {
+                Ok(_) => {
+                    self.confirmed.insert(file.relative.clone(), size);
+                    self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(size, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    result = Err(format!("upload {} to {key}: {e}", file.path.display()));
+                    break;
+                }
+            }
+        }
+        self.retain(&files);
+        if result.is_ok() {
+            self.stats.pending.store(0, Ordering::Relaxed);
+            self.stats.lag_seconds.store(0, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Deletes the oldest confirmed data files while the local total is over the limit.
+    fn retain(&self, files: &[Local]) {
+        let Some(limit) = self.settings.max_local_bytes else {
+            return;
+        };
+        let mut total: u64 = files.iter().filter(|f| !f.manifest).map(|f| f.size).sum();
+        for file in files.iter().filter(|f| !f.manifest) {
+            if total <= limit {
+                break;
+            }
+            if self.confirmed.get(&file.relative) != Some(&file.size) {
+                // Never delete what is not confirmed uploaded; newer files wait behind it.
+                continue;
+            }
+            match std::fs::remove_file(&file.path) {
+                Ok(()) => {
+                    total -= file.size;
+                    self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %file.path.display(), error = %e, "retention: cannot delete an uploaded file")
+                }
+            }
+        }
+    }
+}
+
+/// Reads the copy of a recording tree in object storage, for `chaperone verify`.
+pub async fn read_remote_tree(
+    settings: &UploadSettings,
+    tls: rustls::ClientConfig,
+) -> Result<Tree, String> {
+    use futures_util::TryStreamExt as _;
+    use sha2::{Digest as _, Sha256};
+    let store = s3_store(settings, tls)?;
+    let prefix = settings.prefix.trim_matches('/');
+    let list_prefix = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
+    let objects: Vec<_> = store
+        .list(list_prefix.as_ref())
+        .try_collect()
+        .await
+        .map_err(|e| format!("list s3://{}/{prefix}: {e}", settings.bucket))?;
+    let mut tree = Tree::default();
+    for object in objects {
+        let full = object.location.to_string();
+        let relative = full
+            .strip_prefix(prefix)
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(&full)
+            .to_owned();
+        let bytes = store
+            .get(&object.location)
+            .await
+            .map_err(|e| format!("get {full}: {e}"))?
+            .bytes()
+            .await
+            .map_err(|e| format!("get {full}: {e}"))?;
+        if let Some(node) = relative
+            .strip_prefix(&format!("{MANIFEST_DIR}/node="))
+            .and_then(|n| n.strip_suffix(".jsonl"))
+        {
+            tree.manifests.insert(
+                node.to_owned(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            );
+        } else if relative.ends_with(".parquet") {
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            let hex = digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>();
+            tree.files.insert(relative, (hex, bytes.len() as u64));
+        }
+    }
+    Ok(tree)
+}
+
+/// Hex SHA-256 and size of a local file (re-exported for tools comparing copies).
+pub fn digest(path: &Path) -> std::io::Result<(String, u64)> {
+    file_digest(path)
+}
