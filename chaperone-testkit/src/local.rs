@@ -57,6 +57,7 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             max_object_bytes: 256 * 1024,
             response_bodies: true,
             reads_while_down: Default::default(),
+            max_session_bytes: gateway_userspace::recorder::DEFAULT_MAX_SESSION_BYTES,
         },
         admin: AdminConfig { address: loopback },
         shutdown_grace: Duration::from_secs(5),

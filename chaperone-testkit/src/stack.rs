@@ -233,6 +233,7 @@ impl Stack {
                 max_object_bytes: 256 * 1024,
                 response_bodies: true,
                 reads_while_down: Default::default(),
+                max_session_bytes: gateway_userspace::recorder::DEFAULT_MAX_SESSION_BYTES,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

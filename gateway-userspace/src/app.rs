@@ -174,6 +174,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         RecorderConfig {
             max_rows_per_file: cfg.recording.max_rows_per_file,
             max_file_age: cfg.recording.max_file_age,
+            max_session_bytes: cfg.recording.max_session_bytes,
             ..RecorderConfig::new(cfg.recording.dir.clone(), node.clone())
         },
         recorder_watch,

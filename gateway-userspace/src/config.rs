@@ -512,6 +512,10 @@ pub struct RecordingConfig {
     /// its audit id). Mutating requests are always refused then, with a `Status` 503.
     #[serde(default)]
     pub reads_while_down: ReadsWhileDown,
+    /// Payload bytes of one exec or attach session stored in `exec_frames`; past it,
+    /// frames are counted but not stored and a `truncated` row marks the point.
+    #[serde(default = "default_max_session_bytes")]
+    pub max_session_bytes: u64,
 }
 
 /// `recording.readsWhileDown`.
@@ -590,6 +594,9 @@ fn default_true() -> bool {
 }
 fn default_max_object_bytes() -> usize {
     256 * 1024
+}
+fn default_max_session_bytes() -> u64 {
+    crate::recorder::DEFAULT_MAX_SESSION_BYTES
 }
 /// The names in-cluster clients use for the API server.
 pub fn default_server_names() -> Vec<String> {

@@ -271,11 +271,24 @@ impl Env {
 
     /// Stops the gateway, returning its rows and the frame totals per audit id.
     async fn stop(
+        self,
+    ) -> (
+        Vec<RequestRecord>,
+        Vec<(String, StreamStats)>,
+        TestApiServer,
+    ) {
+        let (rows, finished, server, _) = self.stop_with_frames().await;
+        (rows, finished, server)
+    }
+
+    /// [`Env::stop`], also returning the `exec_frames` rows.
+    async fn stop_with_frames(
         mut self,
     ) -> (
         Vec<RequestRecord>,
         Vec<(String, StreamStats)>,
         TestApiServer,
+        Vec<recorder::ExecFrameRecord>,
     ) {
         let gw = self.gateway.take().expect("gateway");
         gw.drain.drain(Duration::from_secs(5)).await;
@@ -289,7 +302,10 @@ impl Env {
         let rows = recorder::read_dir(&self.path("recordings")).expect("read recordings");
         assert_eq!(rows.len() as u64, stats.rows);
         let finished = gw.sink.finished.lock().expect("lock").clone();
-        (rows, finished, self.server)
+        let frames =
+            recorder::read_exec_frames(&self.path("recordings")).expect("read exec_frames");
+        assert_eq!(frames.len() as u64, stats.exec_frame_rows);
+        (rows, finished, self.server, frames)
     }
 }
 
@@ -362,7 +378,7 @@ async fn exec_over_websocket_and_spdy_with_exit_codes_and_stdin() {
         );
     }
 
-    let (rows, finished, server) = env.stop().await;
+    let (rows, finished, server, frames) = env.stop_with_frames().await;
     for r in server.requests() {
         assert_ne!(
             r.authorization.as_deref(),
@@ -407,6 +423,56 @@ async fn exec_over_websocket_and_spdy_with_exit_codes_and_stdin() {
         .filter(|(_, s)| s.payload("stdin", Direction::ToServer) == big)
         .count();
     assert_eq!(with_stdin, 2, "{finished:?}");
+
+    // Each session's frames are in exec_frames, joined by audit id, ending with `end`.
+    let session = |audit_id: &str, stream: &str| -> Vec<u8> {
+        frames
+            .iter()
+            .filter(|f| f.audit_id == audit_id && f.stream.as_deref() == Some(stream))
+            .filter(|f| f.event == recorder::FrameEventKind::Frame)
+            .flat_map(|f| f.data.clone().unwrap_or_default())
+            .collect()
+    };
+    let mut exit_3 = 0;
+    let mut stdin_sessions = 0;
+    for row in &execs {
+        let own: Vec<_> = frames
+            .iter()
+            .filter(|f| f.audit_id == row.audit_id)
+            .collect();
+        assert_eq!(
+            own.last().map(|f| f.event),
+            Some(recorder::FrameEventKind::End),
+            "{row:?}: {own:?}"
+        );
+        let seqs: Vec<i64> = own.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, (0..own.len() as i64).collect::<Vec<_>>(), "no gaps");
+        if row.request_uri.contains("exit+3") || row.request_uri.contains("exit%203") {
+            assert_eq!(session(&row.audit_id, "stdout"), b"out\n", "{row:?}");
+            assert_eq!(session(&row.audit_id, "stderr"), b"err\n", "{row:?}");
+            assert!(
+                own.iter()
+                    .any(|f| f.event == recorder::FrameEventKind::Exit && f.exit_code == Some(3)),
+                "{own:?}"
+            );
+            exit_3 += 1;
+        }
+        if session(&row.audit_id, "stdin") == b"line one\nline two\n".repeat(2000) {
+            assert_eq!(
+                session(&row.audit_id, "stdout"),
+                b"line one\nline two\n".repeat(2000),
+                "cat echoes its recorded stdin"
+            );
+            stdin_sessions += 1;
+        }
+    }
+    assert_eq!(
+        exit_3,
+        2,
+        "{:?}",
+        execs.iter().map(|r| &r.request_uri).collect::<Vec<_>>()
+    );
+    assert_eq!(stdin_sessions, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,7 +44,7 @@ use crate::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
     proxy::output_mask::{OutputFraming, OutputMasker},
-    recorder::{Outcome, RequestRecord},
+    recorder::{Outcome, RequestRecord, SessionKind, SessionRecorder},
     status::Status,
 };
 
@@ -281,6 +281,8 @@ pub struct StreamTap {
     sink: Option<Arc<dyn FrameSink>>,
     /// Rewrites stdout/stderr going to the client, when the output is masked.
     output: Option<OutputMasker>,
+    /// Records the session's frames into `exec_frames`, when on.
+    recording: Option<SessionRecorder>,
 }
 
 impl std::fmt::Debug for StreamTap {
@@ -312,7 +314,26 @@ impl StreamTap {
             stats: StreamStats::default(),
             sink,
             output: None,
+            recording: None,
         }
+    }
+
+    /// Records the session's frames (as the receiver gets them: output after masking)
+    /// with `recording`. A frame that cannot be recorded, or a stream the tap cannot
+    /// decode, then ends the stream ([`StreamTap::recording_failure`]).
+    pub fn with_recording(mut self, recording: SessionRecorder) -> Self {
+        self.recording = Some(recording);
+        self
+    }
+
+    /// Why the stream must end because its frames cannot be recorded, once that happened.
+    pub fn recording_failure(&self) -> Option<&str> {
+        self.recording.as_ref().and_then(SessionRecorder::failure)
+    }
+
+    /// Takes the session recorder out of the tap, to record the end of the session.
+    pub fn take_recording(&mut self) -> Option<SessionRecorder> {
+        self.recording.take()
     }
 
     /// Masks the stdout and stderr channels on their way to the client with `detectors`.
@@ -417,6 +438,12 @@ impl StreamTap {
             tracing::debug!(audit_id = %self.audit_id, direction = ?dir, error = %e, "stream tap stopped decoding");
             self.stats.decode_error = Some(format!("{dir:?}: {e}"));
             self.stopped = true;
+            // Frames that cannot be decoded cannot be recorded: a recorded stream ends.
+            if let Some(recording) = &mut self.recording {
+                recording.fail_with(&format!(
+                    "the stream cannot be decoded for recording ({dir:?}: {e}), so it is ended"
+                ));
+            }
         }
     }
 
@@ -536,6 +563,14 @@ impl StreamTap {
         }
         self.stats.add_payload(channel, dir, payload.len());
         tracing::debug!(audit_id = %self.audit_id, direction = ?dir, channel = %channel.name(), bytes = payload.len(), "stream frame");
+        if let Some(recording) = &mut self.recording {
+            let direction = match dir {
+                Direction::ToServer => "to_server",
+                Direction::ToClient => "to_client",
+            };
+            // A failure is kept in the recorder; the pump ends the stream on it.
+            let _ = recording.frame(direction, &channel.name(), payload);
+        }
         if let Some(sink) = &self.sink {
             sink.frame(&FrameEvent {
                 audit_id: &self.audit_id,
@@ -623,10 +658,18 @@ where
             let _ = to.shutdown().await;
             return Ok(());
         }
-        // Fail closed: output that cannot be masked ends the stream.
-        let rewritten = lock().pass(dir, &buf[..n]).map_err(|e| {
-            std::io::Error::other(format!("the output cannot be masked, stream ended: {e}"))
-        })?;
+        // Fail closed: output that cannot be masked, or frames that cannot be recorded,
+        // end the stream before the bytes are sent.
+        let rewritten = {
+            let mut tap = lock();
+            let rewritten = tap.pass(dir, &buf[..n]).map_err(|e| {
+                std::io::Error::other(format!("the output cannot be masked, stream ended: {e}"))
+            })?;
+            if let Some(why) = tap.recording_failure() {
+                return Err(std::io::Error::other(why.to_owned()));
+            }
+            rewritten
+        };
         to.write_all(rewritten.as_deref().unwrap_or(&buf[..n]))
             .await?;
         to.flush().await?;
@@ -863,6 +906,7 @@ impl Proxy {
             .read()
             .ok()
             .and_then(|s| s.as_ref().map(Arc::clone));
+        let opaque = framing == TapFraming::Opaque;
         let mut tap = StreamTap::new(&audit_id, framing, sink.clone());
         // exec and attach output is masked when the decision says so; port-forward never
         // (see the module docs).
@@ -882,6 +926,31 @@ impl Proxy {
                     return self.local_response(status, record, started, &audit_id);
                 }
             };
+        }
+        // Every exec, attach and port-forward session is recorded into `exec_frames`.
+        let session_kind = match subresource.as_str() {
+            "exec" | "attach" => Some(SessionKind::Exec),
+            "portforward" => Some(SessionKind::PortForward),
+            _ => None,
+        };
+        if let Some(kind) = session_kind {
+            if kind == SessionKind::Exec && opaque {
+                // Fail closed: frames the tap cannot decode cannot be recorded.
+                let why = format!(
+                    "chaperone: this {subresource} stream must be recorded, but its protocol ({}) cannot be decoded",
+                    response
+                        .headers()
+                        .get(header::SEC_WEBSOCKET_PROTOCOL)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("unknown")
+                );
+                record.outcome = Outcome::Invalid;
+                record.reason = Some(why.clone());
+                let status =
+                    Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
+                return self.local_response(status, record, started, &audit_id);
+            }
+            tap = tap.with_recording(self.recorder.session(&audit_id, kind));
         }
         let mut headers = switching_headers(response.headers());
         if !headers.contains_key("audit-id") {
@@ -912,10 +981,19 @@ impl Proxy {
                     "stream closed: the reloaded policy denies it".to_owned()
                 });
             }
-            let stats = tap
+            let mut tap = tap
                 .into_inner()
-                .map(|t| t.stats)
-                .unwrap_or_else(|e| e.into_inner().stats);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(why) = tap.recording_failure() {
+                error.get_or_insert_with(|| why.to_owned());
+            }
+            if let Some(recording) = tap.take_recording()
+                && let Err(e) = recording.finish(error.as_deref()).await
+            {
+                tracing::error!(%audit_id, error = %e, "the end of the session could not be recorded");
+                error.get_or_insert_with(|| format!("the end of the session could not be recorded: {e}"));
+            }
+            let stats = tap.stats;
             tracing::debug!(%audit_id, ?stats, ?error, "upgraded stream ended");
             if let Some(sink) = &sink {
                 sink.finished(&audit_id, &stats);

@@ -12,6 +12,7 @@ use arrow_array::{
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use super::exec_frames::{self, ExecFrameRecord};
 use super::schema::{
     ObjectRef, Outcome, PrincipalRecord, RequestRecord, TABLE_NAME, WorkloadRecord,
 };
@@ -41,8 +42,13 @@ pub enum ReadError {
 /// Every finished `requests` Parquet file under `dir`, sorted by path (in-progress files,
 /// which start with a dot, are skipped).
 pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, ReadError> {
+    list_table_files(dir, TABLE_NAME)
+}
+
+/// Every finished Parquet file of the table `table` under `dir`, sorted by path.
+pub fn list_table_files(dir: &Path, table: &str) -> Result<Vec<PathBuf>, ReadError> {
     let mut files = Vec::new();
-    let root = dir.join(format!("table={TABLE_NAME}"));
+    let root = dir.join(format!("table={table}"));
     if !root.exists() {
         return Ok(files);
     }
@@ -78,6 +84,38 @@ pub fn read_dir(dir: &Path) -> Result<Vec<RequestRecord>, ReadError> {
     }
     rows.sort_by_key(|r| r.request_time);
     Ok(rows)
+}
+
+/// Reads every `exec_frames` row under `dir`, ordered by session and sequence number.
+pub fn read_exec_frames(dir: &Path) -> Result<Vec<ExecFrameRecord>, ReadError> {
+    let mut rows = Vec::new();
+    for path in list_table_files(dir, exec_frames::TABLE_NAME)? {
+        let format = |message: String| ReadError::Format {
+            path: path.clone(),
+            message,
+        };
+        for batch in open_batches(&path)? {
+            let batch = batch.map_err(|e| format(e.to_string()))?;
+            exec_frames::decode_batch(&batch, &mut rows).map_err(format)?;
+        }
+    }
+    rows.sort_by(|a, b| (&a.session_id, a.seq).cmp(&(&b.session_id, b.seq)));
+    Ok(rows)
+}
+
+fn open_batches(
+    path: &Path,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader, ReadError> {
+    let file = File::open(path).map_err(|source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| ReadError::Format {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 /// Reads one Parquet file of the `requests` table.
