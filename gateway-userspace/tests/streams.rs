@@ -281,6 +281,21 @@ impl Env {
         (rows, finished, server)
     }
 
+    /// Stops the gateway and keeps the recording: returns the directory that holds it
+    /// (`recordings/` inside) and the gateway's `requests` rows.
+    async fn stop_keep(mut self) -> (tempfile::TempDir, Vec<RequestRecord>) {
+        let gw = self.gateway.take().expect("gateway");
+        gw.drain.drain(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(gw.proxy);
+        tokio::time::timeout(Duration::from_secs(20), gw.recorder.join())
+            .await
+            .expect("recorder did not stop")
+            .expect("recorder");
+        let rows = recorder::read_dir(&self.path("recordings")).expect("read recordings");
+        (self.dir, rows)
+    }
+
     /// [`Env::stop`], also returning the `exec_frames` rows.
     async fn stop_with_frames(
         mut self,
@@ -832,5 +847,208 @@ async fn port_forward_websocket_v4_as_the_python_client_does() {
         stats.payload(&format!("portforward-data:{remote}"), Direction::ToServer),
         b"python ping".len() as u64,
         "{stats:?}"
+    );
+}
+
+/// `chaperone` with arguments; returns its output.
+fn chaperone(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(args)
+        .output()
+        .expect("run chaperone")
+}
+
+/// Masks credentials in everything, exec output included.
+const MASK_ALL: &str = "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: mask-everything\n    action: mask\n    verbs: [\"*\"]\n    resources: [\"*\", \"*/*\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tty_exec_session_replays_as_kubectl_showed_it_and_exports_to_asciicast() {
+    let env = Env::start(true, Some(MASK_ALL)).await;
+    let token = ["gh", "p_u8jzPde0IgxLd6GncfBAepfJBd0Kh8oOOL8d"].concat();
+    let pod_dir = env.server.pod_dir(NS, POD).expect("pod dir");
+    write(
+        &pod_dir.join("env.sh"),
+        &format!("export GITHUB_TOKEN={token}\n"),
+    );
+
+    // Real kubectl exec -it on a pty (script(1)), typed into line by line.
+    let kubectl = format!(
+        "{KUBECTL} --kubeconfig {} --cache-dir {} exec -it {POD} -- sh",
+        env.path("gateway").display(),
+        env.path("cache-gateway").display()
+    );
+    let mut child = Command::new("/usr/bin/script")
+        .args(["-q", "-f", "-e", "-c", &kubectl, "/dev/null"])
+        .env_clear()
+        .env("HOME", env.path(""))
+        .env("PATH", "/usr/bin:/bin")
+        .env("TERM", "xterm")
+        .current_dir(env.path(""))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for line in [
+        "echo hello from the agent\n",
+        "cat env.sh\n",
+        "printf 'caf\\303\\251 %s\\n' done\n",
+        "exit 0\n",
+    ] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stdin.write_all(line.as_bytes()).await.expect("type");
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("kubectl exec -it did not end")
+        .expect("script");
+    drop(stdin);
+    let shown = out.stdout;
+    let shown_text = String::from_utf8_lossy(&shown).into_owned();
+    assert!(
+        shown_text.contains("hello from the agent")
+            && shown_text.contains("GITHUB_TOKEN=**masked:github-token**")
+            && shown_text.contains("café done")
+            && !shown_text.contains(&token),
+        "what kubectl showed: {shown_text:?} (stderr {:?})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (dir, _rows) = env.stop_keep().await;
+    let recordings = dir.path().join("recordings");
+    let recordings = recordings.to_str().expect("utf-8 path");
+
+    // sessions -o json lists it, with its command and exit status.
+    let listed = chaperone(&[
+        "sessions", "--dir", recordings, "-o", "json", "--kind", "exec",
+    ]);
+    assert!(listed.status.success(), "{listed:?}");
+    let sessions: serde_json::Value =
+        serde_json::from_slice(&listed.stdout).expect("sessions JSON");
+    let list = sessions.as_array().expect("a list");
+    assert_eq!(list.len(), 1, "{sessions:#}");
+    assert_eq!(list[0]["command"], "sh", "{sessions:#}");
+    assert_eq!(list[0]["outcome"], "exit 0", "{sessions:#}");
+    assert_eq!(list[0]["target"], "default/box:main", "{sessions:#}");
+    assert!(
+        list[0]["duration_ms"].as_i64().unwrap_or(0) >= 1200,
+        "{sessions:#}"
+    );
+    let id = list[0]["id"].as_str().expect("id").to_owned();
+    let table = chaperone(&["sessions", "--dir", recordings]);
+    assert!(table.status.success(), "{table:?}");
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&id));
+
+    // replay shows exactly what kubectl showed, masked.
+    let replayed = chaperone(&[
+        "replay",
+        &id,
+        "--dir",
+        recordings,
+        "--no-wait",
+        "--no-requests",
+    ]);
+    assert!(replayed.status.success(), "{replayed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&replayed.stdout),
+        shown_text,
+        "the replay shows what kubectl showed"
+    );
+    // With its timing: four lines typed 400 ms apart, played at twice the speed.
+    let started = std::time::Instant::now();
+    let timed = chaperone(&["replay", &id, "--dir", recordings, "--speed", "2"]);
+    assert!(timed.status.success(), "{timed:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "played too fast: {:?}",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&timed.stdout).contains("hello from the agent"));
+
+    // asciicast export that asciinema plays.
+    let cast = dir.path().join("session.cast");
+    let cast_path = cast.to_str().expect("utf-8 path");
+    let exported = chaperone(&[
+        "export",
+        &id,
+        "--dir",
+        recordings,
+        "--format",
+        "asciicast",
+        "-o",
+        cast_path,
+        "--no-requests",
+    ]);
+    assert!(exported.status.success(), "{exported:?}");
+    let asciinema = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+        .join(".cache/chaperone-pytools/bin/asciinema");
+    if asciinema.exists() {
+        let cat = std::process::Command::new(&asciinema)
+            .args(["cat", cast_path])
+            .output()
+            .expect("asciinema cat");
+        assert!(cat.status.success(), "asciinema cat: {cat:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&cat.stdout),
+            shown_text,
+            "asciinema cat"
+        );
+        // play needs a terminal: give it one.
+        let play = std::process::Command::new("/usr/bin/script")
+            .args([
+                "-q",
+                "-e",
+                "-c",
+                &format!("{} play -s 4 {cast_path}", asciinema.display()),
+                "/dev/null",
+            ])
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("asciinema play");
+        assert!(play.status.success(), "asciinema play: {play:?}");
+        assert!(
+            String::from_utf8_lossy(&play.stdout).contains("hello from the agent"),
+            "asciinema play: {play:?}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "asciinema is not installed at {}",
+            asciinema.display()
+        );
+        eprintln!(
+            "skipping the asciinema check: {} is not installed (cargo xtask setup)",
+            asciinema.display()
+        );
+    }
+
+    // Bad input: an unknown session and a corrupted file give errors, not panics.
+    let unknown = chaperone(&[
+        "replay",
+        "no-such-session",
+        "--dir",
+        recordings,
+        "--no-wait",
+    ]);
+    assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no session no-such-session"));
+    let file = recorder::list_table_files(Path::new(recordings), "exec_frames")
+        .expect("list")
+        .into_iter()
+        .next()
+        .expect("an exec_frames file");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
+    let corrupted = chaperone(&["replay", &id, "--dir", recordings, "--no-wait"]);
+    assert_eq!(corrupted.status.code(), Some(1), "{corrupted:?}");
+    let err = String::from_utf8_lossy(&corrupted.stderr);
+    assert!(
+        err.contains(file.file_name().and_then(|n| n.to_str()).unwrap_or("?")),
+        "the error names the file: {err}"
     );
 }

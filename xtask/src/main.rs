@@ -387,6 +387,8 @@ fn bench() -> anyhow::Result<()> {
         "recorder",
         "--bench",
         "masking_streams",
+        "--bench",
+        "exec_recording",
         "--",
         "--quick",
     ])?;

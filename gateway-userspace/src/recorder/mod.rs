@@ -20,8 +20,10 @@
 
 pub mod exec_frames;
 mod reader;
+pub mod replay;
 pub mod schema;
 mod session;
+pub mod sessions;
 pub mod table;
 mod writer;
 
@@ -68,6 +70,9 @@ pub const DEFAULT_MAX_SESSION_BYTES: u64 = 64 * 1024 * 1024;
 /// Rows handed to the writer thread at once: large enough for efficient columnar
 /// encoding, small enough to keep memory bounded (a few MiB per batch).
 const BATCH_ROWS: usize = 4096;
+/// Payload bytes of `exec_frames` rows handed to the writer at once: their rows are large,
+/// so a batch is bounded by bytes too.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Batches queued for the writer thread while it encodes another one.
 const WRITER_QUEUE_BATCHES: usize = 2;
 /// How often a recorder that is down checks whether the disk takes writes again.
@@ -530,6 +535,8 @@ fn probe_writable(dir: &std::path::Path) -> Result<(), RecorderError> {
 /// Rows buffered for one table's and date partition's open file.
 struct Pending {
     rows: Rows,
+    /// Payload bytes in `rows` (exec_frames data).
+    bytes: usize,
     rows_in_file: usize,
     opened_at: Instant,
 }
@@ -635,6 +642,7 @@ impl Coordinator {
         let batch_rows = self.batch_rows;
         self.open.entry((table, date)).or_insert_with(|| Pending {
             rows: Rows::with_capacity(table, batch_rows),
+            bytes: 0,
             rows_in_file: 0,
             opened_at: Instant::now(),
         })
@@ -662,6 +670,10 @@ impl Coordinator {
         }
         for (date, rows) in by_date {
             let count = rows.len();
+            let bytes: usize = rows
+                .iter()
+                .map(|r| r.data.as_ref().map_or(0, Vec::len))
+                .sum();
             let pending = self.pending(Table::ExecFrames, date);
             if let Err(lost) = pending.rows.append(Rows::ExecFrames(rows)) {
                 lost.log_lost();
@@ -669,6 +681,7 @@ impl Coordinator {
                 continue;
             }
             pending.rows_in_file += count;
+            pending.bytes += bytes;
             self.after_push(Table::ExecFrames, date).await?;
         }
         Ok(())
@@ -689,7 +702,8 @@ impl Coordinator {
                 .await?;
                 self.send(Command::Close { table, date }).await?;
             }
-        } else if pending.rows.len() >= self.batch_rows {
+        } else if pending.rows.len() >= self.batch_rows || pending.bytes >= BATCH_BYTES {
+            pending.bytes = 0;
             let rows = std::mem::replace(
                 &mut pending.rows,
                 Rows::with_capacity(table, self.batch_rows),

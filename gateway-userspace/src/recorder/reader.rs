@@ -86,6 +86,17 @@ pub fn read_dir(dir: &Path) -> Result<Vec<RequestRecord>, ReadError> {
     Ok(rows)
 }
 
+/// The value of the hive partition `key=` in `path`, if it has one.
+pub fn partition_value(path: &Path, key: &str) -> Option<String> {
+    path.components().find_map(|c| {
+        c.as_os_str()
+            .to_str()?
+            .strip_prefix(key)?
+            .strip_prefix('=')
+            .map(str::to_owned)
+    })
+}
+
 /// Reads every `exec_frames` row under `dir`, ordered by session and sequence number.
 pub fn read_exec_frames(dir: &Path) -> Result<Vec<ExecFrameRecord>, ReadError> {
     let mut rows = Vec::new();
@@ -131,10 +142,11 @@ pub fn read_file(path: &Path) -> Result<Vec<RequestRecord>, ReadError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| format(e.to_string()))?;
+    let node = partition_value(path, "node").unwrap_or_default();
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| format(e.to_string()))?;
-        decode_batch(&batch, &mut rows).map_err(format)?;
+        decode_batch(&batch, &mut rows, &node).map_err(format)?;
     }
     Ok(rows)
 }
@@ -200,6 +212,7 @@ fn field<'a>(s: &'a StructArray, name: &str) -> Result<&'a dyn Array, String> {
 pub(crate) fn decode_batch(
     batch: &RecordBatch,
     rows: &mut Vec<RequestRecord>,
+    node_from_path: &str,
 ) -> Result<(), String> {
     let c = Columns { batch };
     let workload = c
@@ -257,7 +270,11 @@ pub(crate) fn decode_batch(
             response_time: time_at(c.get("response_time")?, i)?,
             latency_us: int64_at(c.get("latency_us")?, i)?,
             audit_id: req("audit_id", i)?,
-            node: req("node", i)?,
+            // Version 1 files have a node column; later ones only the partition key.
+            node: match added(&c, "node", |a| string_at(a, i))?.flatten() {
+                Some(node) => node,
+                None => node_from_path.to_owned(),
+            },
             cluster: req("cluster", i)?,
             workload: WorkloadRecord {
                 cgroup_id: int64_at(field(workload, "cgroup_id")?, i)?,

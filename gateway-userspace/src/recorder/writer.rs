@@ -13,9 +13,11 @@ use std::sync::Arc;
 use jiff::civil::Date;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use tokio::sync::{mpsc, oneshot};
 
+use super::schema;
 use super::table::{Rows, Table};
 use super::{RecorderError, RecorderStats, Shared};
 
@@ -37,6 +39,10 @@ pub(super) enum Command {
     /// While recording is down: check whether the disk takes a synced write again.
     Probe,
 }
+
+/// A row group is closed once its buffered (encoded, uncompressed) size reaches this, so
+/// a table of large rows (`exec_frames` payloads) never buffers more than this per file.
+pub(super) const MAX_ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
 /// Bytes the recovery probe writes and syncs: enough to need fresh blocks on a full disk.
 const PROBE_BYTES: usize = 64 * 1024;
@@ -202,6 +208,15 @@ impl FileWriter {
             return Err((error, rows));
         }
         file.rows += rows.len() as u64;
+        if file.writer.in_progress_size() >= MAX_ROW_GROUP_BYTES
+            && let Err(source) = file.writer.flush()
+        {
+            let error = RecorderError::Parquet {
+                path: file.temp.clone(),
+                source: Arc::new(source),
+            };
+            return Err((error, rows));
+        }
         Ok(())
     }
 
@@ -289,13 +304,24 @@ fn open_part(
         .create_new(true)
         .open(&temp)
         .map_err(|e| io_error("create file", &temp, e))?;
-    let writer =
+    let mut writer =
         ArrowWriter::try_new(handle, table.schema(), Some(props.clone())).map_err(|source| {
             RecorderError::Parquet {
                 path: temp.clone(),
                 source: Arc::new(source),
             }
         })?;
+    // What a file is, readable without its path (a copy elsewhere keeps it).
+    for (key, value) in [
+        (
+            "chaperone.schema_version",
+            schema::SCHEMA_VERSION.to_string(),
+        ),
+        ("chaperone.table", table.name().to_owned()),
+        ("chaperone.node", node.to_owned()),
+    ] {
+        writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
+    }
     Ok(PartFile {
         table,
         temp,
