@@ -618,7 +618,7 @@ async fn port_forward_over_websocket_tunnel_and_spdy() {
         port_forward_round_trip(&env, via, &[]).await;
         port_forward_round_trip(&env, via, &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")]).await;
     }
-    let (rows, finished, _server) = env.stop().await;
+    let (rows, finished, _server, frames) = env.stop_with_frames().await;
     let pf: Vec<&RequestRecord> = rows
         .iter()
         .filter(|r| r.object_ref.subresource == "portforward" && r.response_code == 101)
@@ -637,6 +637,27 @@ async fn port_forward_over_websocket_tunnel_and_spdy() {
             .sum();
         assert!(data > 0, "{row:?} {stats:?}");
         assert_eq!(stats.decode_error, None, "{stats:?}");
+        // exec_frames holds the byte counts per stream and direction, never a payload.
+        let own: Vec<_> = frames
+            .iter()
+            .filter(|f| f.audit_id == row.audit_id)
+            .collect();
+        assert!(own.iter().all(|f| f.data.is_none()), "{own:?}");
+        let recorded: i64 = own
+            .iter()
+            .filter(|f| {
+                f.event == recorder::FrameEventKind::Bytes
+                    && f.stream
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with("portforward-data"))
+            })
+            .map(|f| f.size)
+            .sum();
+        assert_eq!(recorded as u64, data, "{own:?}");
+        assert_eq!(
+            own.last().map(|f| f.event),
+            Some(recorder::FrameEventKind::End)
+        );
     }
 }
 

@@ -630,7 +630,14 @@ where
             }
             // Output held back for masking has waited long enough: send it masked as is.
             () = hold_expired(deadline) => {
-                let held = lock().flush_held();
+                let held = {
+                    let mut tap = lock();
+                    let held = tap.flush_held();
+                    if let Some(why) = tap.recording_failure() {
+                        return Err(std::io::Error::other(why.to_owned()));
+                    }
+                    held
+                };
                 if !held.is_empty() {
                     to.write_all(&held).await?;
                     to.flush().await?;
