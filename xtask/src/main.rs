@@ -499,6 +499,29 @@ fn print_bench_summary(target: &Path) {
             rate.map_or("n/a".to_owned(), |r| format!("{:.0}k rows/s", r / 1000.0))
         );
     }
+    // Criterion keeps `group/a/b` under `group/a_b/`.
+    for (id, dir) in [
+        (
+            "exec_recording/tap/masked_recorded",
+            "exec_recording/tap_masked_recorded",
+        ),
+        (
+            "exec_recording/parquet/exec_frames",
+            "exec_recording/parquet_exec_frames",
+        ),
+    ] {
+        let path = target.join("criterion").join(dir).join("new");
+        let median_ns = std::fs::read_to_string(path.join("estimates.json"))
+            .ok()
+            .and_then(|e| json_number_after(&e, "\"median\"", "point_estimate"));
+        let bytes = std::fs::read_to_string(path.join("benchmark.json"))
+            .ok()
+            .and_then(|b| json_number_after(&b, "\"throughput\"", "Bytes"));
+        let rate = median_ns
+            .zip(bytes)
+            .map(|(ns, bytes)| bytes / (ns / 1e9) / 1e6);
+        println!("  {id}: {}   (target: >= 200 MB/s per core)", show(rate, "MB/s"));
+    }
     println!(
         "  connect() added by the eBPF redirect (median): {}   (target: <= 5 us)",
         show(json_number_after(&connect, "{", "added_median_us"), "us")
