@@ -520,7 +520,10 @@ fn print_bench_summary(target: &Path) {
         let rate = median_ns
             .zip(bytes)
             .map(|(ns, bytes)| bytes / (ns / 1e9) / 1e6);
-        println!("  {id}: {}   (target: >= 200 MB/s per core)", show(rate, "MB/s"));
+        println!(
+            "  {id}: {}   (target: >= 200 MB/s per core)",
+            show(rate, "MB/s")
+        );
     }
     println!(
         "  connect() added by the eBPF redirect (median): {}   (target: <= 5 us)",
