@@ -60,6 +60,7 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
             wal_dir: None,
             signing_key_file: None,
             upload: None,
+            max_session_bytes: gateway_userspace::recorder::DEFAULT_MAX_SESSION_BYTES,
         },
         admin: AdminConfig { address: loopback },
         shutdown_grace: Duration::from_secs(5),

@@ -260,6 +260,7 @@ impl Stack {
                 wal_dir: None,
                 signing_key_file: None,
                 upload: None,
+                max_session_bytes: gateway_userspace::recorder::DEFAULT_MAX_SESSION_BYTES,
             },
             admin: AdminConfig {
                 address: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -187,6 +187,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                     .unwrap_or_else(|| cfg.recording.dir.join(crate::recorder::DEFAULT_WAL_DIR)),
             ),
             signing_key_file: cfg.recording.signing_key_file.clone(),
+            max_session_bytes: cfg.recording.max_session_bytes,
             ..RecorderConfig::new(cfg.recording.dir.clone(), node.clone())
         },
         recorder_watch,

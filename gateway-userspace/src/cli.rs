@@ -10,6 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     app,
     config::{Config, PolicyConfig},
+    recorder::{
+        ExecFrameRecord, RequestRecord,
+        replay::{PlayOptions, ReplayEvent},
+        sessions::{SessionFilter, SessionType},
+    },
 };
 
 /// Chaperone: a transparent gateway between AI agents in Kubernetes pods and the API
@@ -94,6 +99,74 @@ pub enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
+    /// List recorded sessions: exec, attach and port-forward streams, and each workload's
+    /// runs of requests, with who, when, pod, command, duration and outcome.
+    Sessions {
+        /// The recording directory.
+        #[arg(long, default_value = DEFAULT_RECORDINGS_DIR)]
+        dir: PathBuf,
+        /// Only sessions of pods in this namespace.
+        #[arg(long, short)]
+        namespace: Option<String>,
+        /// Only sessions of this workload: a pod name, a prefix ending in `*`, or a service
+        /// account.
+        #[arg(long, short)]
+        workload: Option<String>,
+        /// Only sessions that started at or after this (RFC 3339, or an age: 30m, 2h, 7d).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<jiff::Timestamp>,
+        /// Only sessions that started before this (RFC 3339, or an age).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<jiff::Timestamp>,
+        /// Only sessions of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// A pause longer than this ends a workload's run of requests.
+        #[arg(long, default_value = "5m", value_parser = parse_age)]
+        gap: std::time::Duration,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = ListFormat::Table)]
+        output: ListFormat,
+    },
+    /// Play a recorded exec or attach session in the terminal with its timing (the output
+    /// the agent received, masked as it was), with the workload's requests made meanwhile
+    /// interleaved; a run of requests plays its requests.
+    Replay {
+        /// The session id (`chaperone sessions` lists them).
+        id: String,
+        /// The recording directory.
+        #[arg(long, default_value = DEFAULT_RECORDINGS_DIR)]
+        dir: PathBuf,
+        /// Speed factor (2 plays twice as fast).
+        #[arg(long, default_value = "1", value_parser = parse_speed)]
+        speed: f64,
+        /// Print at once, without the recorded pauses.
+        #[arg(long)]
+        no_wait: bool,
+        /// Leave out the requests made during the session.
+        #[arg(long)]
+        no_requests: bool,
+        /// Longest pause played (idle time is cut to it).
+        #[arg(long, default_value = "5s", value_parser = parse_age)]
+        max_pause: std::time::Duration,
+    },
+    /// Export a recorded exec or attach session (asciicast v2 for `asciinema play`).
+    Export {
+        /// The session id.
+        id: String,
+        /// The recording directory.
+        #[arg(long, default_value = DEFAULT_RECORDINGS_DIR)]
+        dir: PathBuf,
+        /// The format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Asciicast)]
+        format: ExportFormat,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Leave out the requests made during the session.
+        #[arg(long)]
+        no_requests: bool,
+    },
     /// Check configuration or policy files without starting anything.
     Check {
         /// A config file to validate (with the policy files it names).
@@ -148,6 +221,97 @@ pub enum Command {
         #[command(flatten)]
         connection: crate::approval::client::Connection,
     },
+}
+
+/// Where the DaemonSet writes recordings (deploy/config/chaperone.yaml).
+pub const DEFAULT_RECORDINGS_DIR: &str = "/var/lib/chaperone/recordings";
+
+/// Output formats of `chaperone sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    /// Aligned columns.
+    Table,
+    /// One JSON array.
+    Json,
+}
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// asciicast v2, as `asciinema play` reads it.
+    Asciicast,
+}
+
+/// Session kinds `--kind` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// exec streams.
+    Exec,
+    /// attach streams.
+    Attach,
+    /// port-forward streams.
+    Portforward,
+    /// A workload's run of requests.
+    Requests,
+}
+
+impl From<KindArg> for SessionType {
+    fn from(k: KindArg) -> SessionType {
+        match k {
+            KindArg::Exec => SessionType::Exec,
+            KindArg::Attach => SessionType::Attach,
+            KindArg::Portforward => SessionType::PortForward,
+            KindArg::Requests => SessionType::Requests,
+        }
+    }
+}
+
+/// A point in time: RFC 3339 (`2026-12-03T10:00:00Z`), or an age (`90s`, `30m`, `2h`, `7d`).
+fn parse_time(text: &str) -> Result<jiff::Timestamp, String> {
+    if let Ok(t) = text.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    let age = parse_age(text).map_err(|_| {
+        format!(
+            "{text:?} is neither an RFC 3339 time (2026-12-03T10:00:00Z) nor an age (30m, 2h, 7d)"
+        )
+    })?;
+    jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::try_from(age).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())
+}
+
+/// An age or gap: a number followed by s, m, h or d.
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (s, m, h or d)"))?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use s, m, h or d)"
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{text:?} is not a positive speed factor (e.g. 2 or 0.5)"
+        )),
+    }
 }
 
 /// `chaperone policy` subcommands.
@@ -290,6 +454,47 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy {
             command: PolicyCommand::Test { policy, fixtures },
         } => policy_test(&policy, &fixtures),
+        Command::Sessions {
+            dir,
+            namespace,
+            workload,
+            since,
+            until,
+            kind,
+            gap,
+            output,
+        } => {
+            let filter = SessionFilter {
+                namespace,
+                workload,
+                since,
+                until,
+                kind: kind.map(SessionType::from),
+            };
+            sessions(&dir, &filter, gap, output)
+        }
+        Command::Replay {
+            id,
+            dir,
+            speed,
+            no_wait,
+            no_requests,
+            max_pause,
+        } => {
+            let options = PlayOptions {
+                speed,
+                no_wait,
+                max_pause,
+            };
+            replay(&dir, &id, !no_requests, options)
+        }
+        Command::Export {
+            id,
+            dir,
+            format: ExportFormat::Asciicast,
+            output,
+            no_requests,
+        } => export(&dir, &id, !no_requests, output.as_deref()),
         Command::Uninstall { pin_path } => {
             crate::ebpf::uninstall(&pin_path)?;
             println!(
@@ -327,6 +532,194 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Reads a recording's requests and exec frames, with errors naming the directory.
+fn read_recording(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<RequestRecord>, Vec<ExecFrameRecord>)> {
+    anyhow::ensure!(
+        dir.is_dir(),
+        "recording directory {} does not exist (pass --dir)",
+        dir.display()
+    );
+    let requests = crate::recorder::read_dir(dir)
+        .with_context(|| format!("reading the requests table under {}", dir.display()))?;
+    let frames = crate::recorder::read_exec_frames(dir)
+        .with_context(|| format!("reading the exec_frames table under {}", dir.display()))?;
+    Ok((requests, frames))
+}
+
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// `chaperone sessions`.
+fn sessions(
+    dir: &std::path::Path,
+    filter: &SessionFilter,
+    gap: std::time::Duration,
+    format: ListFormat,
+) -> anyhow::Result<()> {
+    let (requests, frames) = read_recording(dir)?;
+    let list = crate::recorder::sessions::list_sessions(&requests, &frames, gap, filter);
+    if format == ListFormat::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<11} {:<20} {:>9} {:<32} {:<28} {:<24} {:<30} OUTCOME",
+        "ID", "KIND", "START (UTC)", "DURATION", "WHO", "POD", "TARGET", "COMMAND"
+    );
+    for s in &list {
+        let start = jiff::tz::Offset::UTC
+            .to_datetime(s.start)
+            .strftime("%Y-%m-%d %H:%M:%S")
+            .to_string();
+        let pod = match (&s.namespace, &s.pod) {
+            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{:<40} {:<11} {:<20} {:>9} {:<32} {:<28} {:<24} {:<30} {}",
+            s.id,
+            s.kind.as_str(),
+            start,
+            format!("{:.1}s", s.duration_ms as f64 / 1000.0),
+            one_line(&s.who, 32),
+            one_line(&pod, 28),
+            one_line(s.target.as_deref().unwrap_or("-"), 24),
+            one_line(s.command.as_deref().unwrap_or("-"), 30),
+            one_line(&s.outcome, 60),
+        );
+    }
+    eprintln!("{} session(s) in {}", list.len(), dir.display());
+    Ok(())
+}
+
+/// The events of session `id` and its summary line.
+fn session_events(
+    dir: &std::path::Path,
+    id: &str,
+    with_requests: bool,
+) -> anyhow::Result<(Vec<ReplayEvent>, String, jiff::Timestamp)> {
+    use crate::recorder::sessions::{exec_command, requests_during, session_frames};
+    let (requests, frames) = read_recording(dir)?;
+    if let Some(first) = id.strip_prefix("run-") {
+        // A run of requests: its requests, timed from the first.
+        let list = crate::recorder::sessions::list_sessions(
+            &requests,
+            &frames,
+            crate::recorder::sessions::DEFAULT_RUN_GAP,
+            &SessionFilter::default(),
+        );
+        let run = list
+            .iter()
+            .find(|s| s.id == id)
+            .with_context(|| format!("no session {id} in {}", dir.display()))?;
+        let opening = requests
+            .iter()
+            .find(|r| r.audit_id == first)
+            .with_context(|| format!("no request {first} in {}", dir.display()))?;
+        let end = run
+            .start
+            .checked_add(jiff::SignedDuration::from_millis(run.duration_ms))
+            .unwrap_or(run.start);
+        let mut rows = vec![opening];
+        rows.extend(requests_during(&requests, opening, end));
+        rows.truncate(run.requests);
+        let events = rows
+            .iter()
+            .map(|r| ReplayEvent::Request {
+                offset_us: i64::try_from(r.request_time.duration_since(run.start).as_micros())
+                    .unwrap_or(0),
+                line: crate::recorder::sessions::request_line(r),
+            })
+            .collect();
+        let title = format!(
+            "chaperone run of requests by {} ({} requests)",
+            run.who, run.requests
+        );
+        return Ok((events, title, run.start));
+    }
+    let rows = session_frames(&frames, id);
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no session {id} in {} (`chaperone sessions --dir {}` lists them)",
+        dir.display(),
+        dir.display()
+    );
+    let opening = requests.iter().find(|r| r.audit_id == rows[0].audit_id);
+    let last = rows[rows.len() - 1];
+    let around = match (opening, with_requests) {
+        (Some(opening), true) => requests_during(&requests, opening, last.time),
+        _ => Vec::new(),
+    };
+    let events = crate::recorder::replay::replay_events(&rows, &around);
+    let start = rows[0]
+        .time
+        .checked_sub(jiff::SignedDuration::from_micros(rows[0].offset_us))
+        .unwrap_or(rows[0].time);
+    let title = match opening {
+        Some(r) => format!(
+            "chaperone {} {}/{}: {}",
+            r.object_ref.subresource,
+            r.object_ref.namespace,
+            r.object_ref.name,
+            exec_command(&r.request_uri).unwrap_or_default()
+        ),
+        None => format!("chaperone session {id}"),
+    };
+    Ok((events, title, start))
+}
+
+/// `chaperone replay`.
+fn replay(
+    dir: &std::path::Path,
+    id: &str,
+    with_requests: bool,
+    options: PlayOptions,
+) -> anyhow::Result<()> {
+    let (events, title, start) = session_events(dir, id, with_requests)?;
+    eprintln!("[{title}, started {start}]");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    crate::recorder::replay::play(&events, options, &mut out).context("writing the replay")?;
+    drop(out);
+    eprintln!("\r\n[end of session {id}]");
+    Ok(())
+}
+
+/// `chaperone export`.
+fn export(
+    dir: &std::path::Path,
+    id: &str,
+    with_requests: bool,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let (events, title, start) = session_events(dir, id, with_requests)?;
+    let cast = crate::recorder::replay::asciicast(&events, &title, start);
+    match output {
+        Some(path) => {
+            std::fs::write(path, cast).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(cast.as_bytes())
+                .context("writing the export")?;
+        }
+    }
+    Ok(())
 }
 
 /// `chaperone policy test`.

@@ -529,6 +529,10 @@ pub struct RecordingConfig {
     /// Upload finished files and manifests to S3-compatible object storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<UploadConfig>,
+    /// Payload bytes of one exec or attach session stored in `exec_frames`; past it,
+    /// frames are counted but not stored and a `truncated` row marks the point.
+    #[serde(default = "default_max_session_bytes")]
+    pub max_session_bytes: u64,
 }
 
 /// `recording.upload`: copies of finished files and manifests in S3-compatible storage.
@@ -647,6 +651,9 @@ fn default_true() -> bool {
 }
 fn default_max_object_bytes() -> usize {
     256 * 1024
+}
+fn default_max_session_bytes() -> u64 {
+    crate::recorder::DEFAULT_MAX_SESSION_BYTES
 }
 /// The names in-cluster clients use for the API server.
 pub fn default_server_names() -> Vec<String> {

@@ -271,11 +271,39 @@ impl Env {
 
     /// Stops the gateway, returning its rows and the frame totals per audit id.
     async fn stop(
+        self,
+    ) -> (
+        Vec<RequestRecord>,
+        Vec<(String, StreamStats)>,
+        TestApiServer,
+    ) {
+        let (rows, finished, server, _) = self.stop_with_frames().await;
+        (rows, finished, server)
+    }
+
+    /// Stops the gateway and keeps the recording: returns the directory that holds it
+    /// (`recordings/` inside) and the gateway's `requests` rows.
+    async fn stop_keep(mut self) -> (tempfile::TempDir, Vec<RequestRecord>) {
+        let gw = self.gateway.take().expect("gateway");
+        gw.drain.drain(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(gw.proxy);
+        tokio::time::timeout(Duration::from_secs(20), gw.recorder.join())
+            .await
+            .expect("recorder did not stop")
+            .expect("recorder");
+        let rows = recorder::read_dir(&self.path("recordings")).expect("read recordings");
+        (self.dir, rows)
+    }
+
+    /// [`Env::stop`], also returning the `exec_frames` rows.
+    async fn stop_with_frames(
         mut self,
     ) -> (
         Vec<RequestRecord>,
         Vec<(String, StreamStats)>,
         TestApiServer,
+        Vec<recorder::ExecFrameRecord>,
     ) {
         let gw = self.gateway.take().expect("gateway");
         gw.drain.drain(Duration::from_secs(5)).await;
@@ -289,7 +317,10 @@ impl Env {
         let rows = recorder::read_dir(&self.path("recordings")).expect("read recordings");
         assert_eq!(rows.len() as u64, stats.rows);
         let finished = gw.sink.finished.lock().expect("lock").clone();
-        (rows, finished, self.server)
+        let frames =
+            recorder::read_exec_frames(&self.path("recordings")).expect("read exec_frames");
+        assert_eq!(frames.len() as u64, stats.exec_frame_rows);
+        (rows, finished, self.server, frames)
     }
 }
 
@@ -362,7 +393,7 @@ async fn exec_over_websocket_and_spdy_with_exit_codes_and_stdin() {
         );
     }
 
-    let (rows, finished, server) = env.stop().await;
+    let (rows, finished, server, frames) = env.stop_with_frames().await;
     for r in server.requests() {
         assert_ne!(
             r.authorization.as_deref(),
@@ -407,6 +438,56 @@ async fn exec_over_websocket_and_spdy_with_exit_codes_and_stdin() {
         .filter(|(_, s)| s.payload("stdin", Direction::ToServer) == big)
         .count();
     assert_eq!(with_stdin, 2, "{finished:?}");
+
+    // Each session's frames are in exec_frames, joined by audit id, ending with `end`.
+    let session = |audit_id: &str, stream: &str| -> Vec<u8> {
+        frames
+            .iter()
+            .filter(|f| f.audit_id == audit_id && f.stream.as_deref() == Some(stream))
+            .filter(|f| f.event == recorder::FrameEventKind::Frame)
+            .flat_map(|f| f.data.clone().unwrap_or_default())
+            .collect()
+    };
+    let mut exit_3 = 0;
+    let mut stdin_sessions = 0;
+    for row in &execs {
+        let own: Vec<_> = frames
+            .iter()
+            .filter(|f| f.audit_id == row.audit_id)
+            .collect();
+        assert_eq!(
+            own.last().map(|f| f.event),
+            Some(recorder::FrameEventKind::End),
+            "{row:?}: {own:?}"
+        );
+        let seqs: Vec<i64> = own.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, (0..own.len() as i64).collect::<Vec<_>>(), "no gaps");
+        if row.request_uri.contains("exit+3") || row.request_uri.contains("exit%203") {
+            assert_eq!(session(&row.audit_id, "stdout"), b"out\n", "{row:?}");
+            assert_eq!(session(&row.audit_id, "stderr"), b"err\n", "{row:?}");
+            assert!(
+                own.iter()
+                    .any(|f| f.event == recorder::FrameEventKind::Exit && f.exit_code == Some(3)),
+                "{own:?}"
+            );
+            exit_3 += 1;
+        }
+        if session(&row.audit_id, "stdin") == b"line one\nline two\n".repeat(2000) {
+            assert_eq!(
+                session(&row.audit_id, "stdout"),
+                b"line one\nline two\n".repeat(2000),
+                "cat echoes its recorded stdin"
+            );
+            stdin_sessions += 1;
+        }
+    }
+    assert_eq!(
+        exit_3,
+        2,
+        "{:?}",
+        execs.iter().map(|r| &r.request_uri).collect::<Vec<_>>()
+    );
+    assert_eq!(stdin_sessions, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,7 +618,7 @@ async fn port_forward_over_websocket_tunnel_and_spdy() {
         port_forward_round_trip(&env, via, &[]).await;
         port_forward_round_trip(&env, via, &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")]).await;
     }
-    let (rows, finished, _server) = env.stop().await;
+    let (rows, finished, _server, frames) = env.stop_with_frames().await;
     let pf: Vec<&RequestRecord> = rows
         .iter()
         .filter(|r| r.object_ref.subresource == "portforward" && r.response_code == 101)
@@ -556,6 +637,27 @@ async fn port_forward_over_websocket_tunnel_and_spdy() {
             .sum();
         assert!(data > 0, "{row:?} {stats:?}");
         assert_eq!(stats.decode_error, None, "{stats:?}");
+        // exec_frames holds the byte counts per stream and direction, never a payload.
+        let own: Vec<_> = frames
+            .iter()
+            .filter(|f| f.audit_id == row.audit_id)
+            .collect();
+        assert!(own.iter().all(|f| f.data.is_none()), "{own:?}");
+        let recorded: i64 = own
+            .iter()
+            .filter(|f| {
+                f.event == recorder::FrameEventKind::Bytes
+                    && f.stream
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with("portforward-data"))
+            })
+            .map(|f| f.size)
+            .sum();
+        assert_eq!(recorded as u64, data, "{own:?}");
+        assert_eq!(
+            own.last().map(|f| f.event),
+            Some(recorder::FrameEventKind::End)
+        );
     }
 }
 
@@ -766,5 +868,208 @@ async fn port_forward_websocket_v4_as_the_python_client_does() {
         stats.payload(&format!("portforward-data:{remote}"), Direction::ToServer),
         b"python ping".len() as u64,
         "{stats:?}"
+    );
+}
+
+/// `chaperone` with arguments; returns its output.
+fn chaperone(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(args)
+        .output()
+        .expect("run chaperone")
+}
+
+/// Masks credentials in everything, exec output included.
+const MASK_ALL: &str = "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: mask-everything\n    action: mask\n    verbs: [\"*\"]\n    resources: [\"*\", \"*/*\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tty_exec_session_replays_as_kubectl_showed_it_and_exports_to_asciicast() {
+    let env = Env::start(true, Some(MASK_ALL)).await;
+    let token = ["gh", "p_u8jzPde0IgxLd6GncfBAepfJBd0Kh8oOOL8d"].concat();
+    let pod_dir = env.server.pod_dir(NS, POD).expect("pod dir");
+    write(
+        &pod_dir.join("env.sh"),
+        &format!("export GITHUB_TOKEN={token}\n"),
+    );
+
+    // Real kubectl exec -it on a pty (script(1)), typed into line by line.
+    let kubectl = format!(
+        "{KUBECTL} --kubeconfig {} --cache-dir {} exec -it {POD} -- sh",
+        env.path("gateway").display(),
+        env.path("cache-gateway").display()
+    );
+    let mut child = Command::new("/usr/bin/script")
+        .args(["-q", "-f", "-e", "-c", &kubectl, "/dev/null"])
+        .env_clear()
+        .env("HOME", env.path(""))
+        .env("PATH", "/usr/bin:/bin")
+        .env("TERM", "xterm")
+        .current_dir(env.path(""))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for line in [
+        "echo hello from the agent\n",
+        "cat env.sh\n",
+        "printf 'caf\\303\\251 %s\\n' done\n",
+        "exit 0\n",
+    ] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stdin.write_all(line.as_bytes()).await.expect("type");
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("kubectl exec -it did not end")
+        .expect("script");
+    drop(stdin);
+    let shown = out.stdout;
+    let shown_text = String::from_utf8_lossy(&shown).into_owned();
+    assert!(
+        shown_text.contains("hello from the agent")
+            && shown_text.contains("GITHUB_TOKEN=**masked:github-token**")
+            && shown_text.contains("café done")
+            && !shown_text.contains(&token),
+        "what kubectl showed: {shown_text:?} (stderr {:?})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (dir, _rows) = env.stop_keep().await;
+    let recordings = dir.path().join("recordings");
+    let recordings = recordings.to_str().expect("utf-8 path");
+
+    // sessions -o json lists it, with its command and exit status.
+    let listed = chaperone(&[
+        "sessions", "--dir", recordings, "-o", "json", "--kind", "exec",
+    ]);
+    assert!(listed.status.success(), "{listed:?}");
+    let sessions: serde_json::Value =
+        serde_json::from_slice(&listed.stdout).expect("sessions JSON");
+    let list = sessions.as_array().expect("a list");
+    assert_eq!(list.len(), 1, "{sessions:#}");
+    assert_eq!(list[0]["command"], "sh", "{sessions:#}");
+    assert_eq!(list[0]["outcome"], "exit 0", "{sessions:#}");
+    assert_eq!(list[0]["target"], "default/box:main", "{sessions:#}");
+    assert!(
+        list[0]["duration_ms"].as_i64().unwrap_or(0) >= 1200,
+        "{sessions:#}"
+    );
+    let id = list[0]["id"].as_str().expect("id").to_owned();
+    let table = chaperone(&["sessions", "--dir", recordings]);
+    assert!(table.status.success(), "{table:?}");
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&id));
+
+    // replay shows exactly what kubectl showed, masked.
+    let replayed = chaperone(&[
+        "replay",
+        &id,
+        "--dir",
+        recordings,
+        "--no-wait",
+        "--no-requests",
+    ]);
+    assert!(replayed.status.success(), "{replayed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&replayed.stdout),
+        shown_text,
+        "the replay shows what kubectl showed"
+    );
+    // With its timing: four lines typed 400 ms apart, played at twice the speed.
+    let started = std::time::Instant::now();
+    let timed = chaperone(&["replay", &id, "--dir", recordings, "--speed", "2"]);
+    assert!(timed.status.success(), "{timed:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "played too fast: {:?}",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&timed.stdout).contains("hello from the agent"));
+
+    // asciicast export that asciinema plays.
+    let cast = dir.path().join("session.cast");
+    let cast_path = cast.to_str().expect("utf-8 path");
+    let exported = chaperone(&[
+        "export",
+        &id,
+        "--dir",
+        recordings,
+        "--format",
+        "asciicast",
+        "-o",
+        cast_path,
+        "--no-requests",
+    ]);
+    assert!(exported.status.success(), "{exported:?}");
+    let asciinema = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+        .join(".cache/chaperone-pytools/bin/asciinema");
+    if asciinema.exists() {
+        let cat = std::process::Command::new(&asciinema)
+            .args(["cat", cast_path])
+            .output()
+            .expect("asciinema cat");
+        assert!(cat.status.success(), "asciinema cat: {cat:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&cat.stdout),
+            shown_text,
+            "asciinema cat"
+        );
+        // play needs a terminal: give it one.
+        let play = std::process::Command::new("/usr/bin/script")
+            .args([
+                "-q",
+                "-e",
+                "-c",
+                &format!("{} play -s 4 {cast_path}", asciinema.display()),
+                "/dev/null",
+            ])
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("asciinema play");
+        assert!(play.status.success(), "asciinema play: {play:?}");
+        assert!(
+            String::from_utf8_lossy(&play.stdout).contains("hello from the agent"),
+            "asciinema play: {play:?}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "asciinema is not installed at {}",
+            asciinema.display()
+        );
+        eprintln!(
+            "skipping the asciinema check: {} is not installed (cargo xtask setup)",
+            asciinema.display()
+        );
+    }
+
+    // Bad input: an unknown session and a corrupted file give errors, not panics.
+    let unknown = chaperone(&[
+        "replay",
+        "no-such-session",
+        "--dir",
+        recordings,
+        "--no-wait",
+    ]);
+    assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no session no-such-session"));
+    let file = recorder::list_table_files(Path::new(recordings), "exec_frames")
+        .expect("list")
+        .into_iter()
+        .next()
+        .expect("an exec_frames file");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
+    let corrupted = chaperone(&["replay", &id, "--dir", recordings, "--no-wait"]);
+    assert_eq!(corrupted.status.code(), Some(1), "{corrupted:?}");
+    let err = String::from_utf8_lossy(&corrupted.stderr);
+    assert!(
+        err.contains(file.file_name().and_then(|n| n.to_str()).unwrap_or("?")),
+        "the error names the file: {err}"
     );
 }

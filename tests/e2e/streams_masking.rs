@@ -6,7 +6,8 @@
 //! * `kubectl exec -- cat` of a file holding a GitHub token shows it masked, over
 //!   WebSocket (kubectl's default) and SPDY; a binary file comes back byte for byte;
 //! * the recording holds the masked form only (the frames the tap records, and the rows'
-//!   masked counts).
+//!   masked counts), and the `exec_frames` table, read with DuckDB, holds each session's
+//!   stdout as kubectl printed it, masked, with its exit status.
 
 use std::{
     process::Stdio,
@@ -208,5 +209,46 @@ async fn kubectl_logs_and_exec_show_credentials_masked() {
         exec_masks.iter().sum::<i32>(),
         2,
         "one token in each env.sh"
+    );
+
+    // The exec_frames table, as an analyst reads it with DuckDB: each `cat env.sh`
+    // session's stdout (joined with its request row) is what kubectl printed, masked; the
+    // token is in no recorded frame; every session recorded its exit status and its end.
+    let script = format!(
+        r#"
+import duckdb, json
+d = {dir:?}
+con = duckdb.connect()
+con.execute(f"CREATE VIEW requests AS SELECT * FROM read_parquet('{{d}}/table=requests/**/*.parquet', hive_partitioning=true)")
+con.execute(f"CREATE VIEW exec_frames AS SELECT * FROM read_parquet('{{d}}/table=exec_frames/**/*.parquet', hive_partitioning=true)")
+outputs = con.execute('''
+  SELECT string_agg(decode(f.data), '' ORDER BY f.seq)
+  FROM exec_frames f JOIN requests r ON r.audit_id = f.audit_id
+  WHERE f.event = 'frame' AND f.stream = 'stdout' AND r.request_uri LIKE '%env.sh%'
+  GROUP BY f.session_id ORDER BY 1''').fetchall()
+leaks = con.execute("SELECT count(*) FROM exec_frames WHERE contains(CAST(data AS VARCHAR), ?)", [{token:?}]).fetchone()[0]
+exits = con.execute("SELECT count(*) FROM exec_frames WHERE event = 'exit' AND exit_code = 0").fetchone()[0]
+ends = con.execute("SELECT count(DISTINCT session_id) FROM exec_frames WHERE event = 'end'").fetchone()[0]
+print(json.dumps({{"outputs": [o[0] for o in outputs], "leaks": leaks, "exits": exits, "ends": ends}}))
+"#,
+        dir = stopped.recordings.display().to_string(),
+        token = token,
+    );
+    let duck = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    assert!(
+        duck.status.success(),
+        "duckdb query failed: {}",
+        text(&duck.stderr)
+    );
+    let result: serde_json::Value =
+        serde_json::from_slice(&duck.stdout).unwrap_or_else(|e| panic!("duckdb output: {e}"));
+    let masked = "export GITHUB_TOKEN=**masked:github-token**\nexport MODE=fast\n";
+    assert_eq!(
+        result,
+        json!({"outputs": [masked, masked], "leaks": 0, "exits": 4, "ends": 4}),
+        "exec_frames as DuckDB reads it"
     );
 }

@@ -393,6 +393,8 @@ fn bench() -> anyhow::Result<()> {
         "approval_notify",
         "--bench",
         "wal",
+        "--bench",
+        "exec_recording",
         "--",
         "--quick",
     ])?;
@@ -540,6 +542,32 @@ fn print_bench_summary(target: &Path) {
         "  write-ahead log, 16 concurrent mutations (group commit): {} per batch",
         show(median_us("wal/begin_16_concurrent_group_commit"), "us")
     );
+    // Criterion keeps `group/a/b` under `group/a_b/`.
+    for (id, dir) in [
+        (
+            "exec_recording/tap/masked_recorded",
+            "exec_recording/tap_masked_recorded",
+        ),
+        (
+            "exec_recording/parquet/exec_frames",
+            "exec_recording/parquet_exec_frames",
+        ),
+    ] {
+        let path = target.join("criterion").join(dir).join("new");
+        let median_ns = std::fs::read_to_string(path.join("estimates.json"))
+            .ok()
+            .and_then(|e| json_number_after(&e, "\"median\"", "point_estimate"));
+        let bytes = std::fs::read_to_string(path.join("benchmark.json"))
+            .ok()
+            .and_then(|b| json_number_after(&b, "\"throughput\"", "Bytes"));
+        let rate = median_ns
+            .zip(bytes)
+            .map(|(ns, bytes)| bytes / (ns / 1e9) / 1e6);
+        println!(
+            "  {id}: {}   (target: >= 200 MB/s per core)",
+            show(rate, "MB/s")
+        );
+    }
     println!(
         "  connect() added by the eBPF redirect (median): {}   (target: <= 5 us)",
         show(json_number_after(&connect, "{", "added_median_us"), "us")

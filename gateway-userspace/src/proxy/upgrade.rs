@@ -45,7 +45,7 @@ use crate::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
     proxy::output_mask::{OutputFraming, OutputMasker},
-    recorder::{Outcome, RequestRecord},
+    recorder::{Outcome, RequestRecord, SessionKind, SessionRecorder},
     status::Status,
 };
 
@@ -284,6 +284,8 @@ pub struct StreamTap {
     output: Option<OutputMasker>,
     /// Checks the lines typed on stdin, when the policy has line rules for the session.
     stdin: Option<StdinGuard>,
+    /// Records the session's frames into `exec_frames`, when on.
+    recording: Option<SessionRecorder>,
 }
 
 impl std::fmt::Debug for StreamTap {
@@ -316,6 +318,7 @@ impl StreamTap {
             sink,
             output: None,
             stdin: None,
+            recording: None,
         }
     }
 
@@ -351,6 +354,24 @@ impl StreamTap {
             return None;
         }
         Some(guard.closing_frames(&self.framing, &self.spdy_streams))
+    }
+
+    /// Records the session's frames (as the receiver gets them: output after masking)
+    /// with `recording`. A frame that cannot be recorded, or a stream the tap cannot
+    /// decode, then ends the stream ([`StreamTap::recording_failure`]).
+    pub fn with_recording(mut self, recording: SessionRecorder) -> Self {
+        self.recording = Some(recording);
+        self
+    }
+
+    /// Why the stream must end because its frames cannot be recorded, once that happened.
+    pub fn recording_failure(&self) -> Option<&str> {
+        self.recording.as_ref().and_then(SessionRecorder::failure)
+    }
+
+    /// Takes the session recorder out of the tap, to record the end of the session.
+    pub fn take_recording(&mut self) -> Option<SessionRecorder> {
+        self.recording.take()
     }
 
     /// Masks the stdout and stderr channels on their way to the client with `detectors`.
@@ -458,6 +479,12 @@ impl StreamTap {
             // Stdin that cannot be read cannot be checked: fail closed.
             if let Some(guard) = &mut self.stdin {
                 guard.fail(&e.to_string());
+            }
+            // Frames that cannot be decoded cannot be recorded: a recorded stream ends.
+            if let Some(recording) = &mut self.recording {
+                recording.fail_with(&format!(
+                    "the stream cannot be decoded for recording ({dir:?}: {e}), so it is ended"
+                ));
             }
         }
     }
@@ -598,6 +625,14 @@ impl StreamTap {
         }
         self.stats.add_payload(channel, dir, payload.len());
         tracing::debug!(audit_id = %self.audit_id, direction = ?dir, channel = %channel.name(), bytes = payload.len(), "stream frame");
+        if let Some(recording) = &mut self.recording {
+            let direction = match dir {
+                Direction::ToServer => "to_server",
+                Direction::ToClient => "to_client",
+            };
+            // A failure is kept in the recorder; the pump ends the stream on it.
+            let _ = recording.frame(direction, &channel.name(), payload);
+        }
         if let Some(sink) = &self.sink {
             sink.frame(&FrameEvent {
                 audit_id: &self.audit_id,
@@ -657,7 +692,14 @@ where
             }
             // Output held back for masking has waited long enough: send it masked as is.
             () = hold_expired(deadline) => {
-                let held = lock().flush_held();
+                let held = {
+                    let mut tap = lock();
+                    let held = tap.flush_held();
+                    if let Some(why) = tap.recording_failure() {
+                        return Err(std::io::Error::other(why.to_owned()));
+                    }
+                    held
+                };
                 if !held.is_empty() {
                     to.write_all(&held).await?;
                     to.flush().await?;
@@ -685,12 +727,16 @@ where
             let _ = to.shutdown().await;
             return Ok(());
         }
-        // Fail closed: output that cannot be masked ends the stream.
+        // Fail closed: output that cannot be masked, or frames that cannot be recorded,
+        // end the stream before the bytes are sent.
         let (rewritten, stdin_denied) = {
             let mut tap = lock();
             let rewritten = tap.pass(dir, &buf[..n]).map_err(|e| {
                 std::io::Error::other(format!("the output cannot be masked, stream ended: {e}"))
             })?;
+            if let Some(why) = tap.recording_failure() {
+                return Err(std::io::Error::other(why.to_owned()));
+            }
             (rewritten, tap.stdin_violation().is_some())
         };
         // A stdin line rule matched: the chunk that completed the line is not sent, and
@@ -938,6 +984,7 @@ impl Proxy {
             .read()
             .ok()
             .and_then(|s| s.as_ref().map(Arc::clone));
+        let opaque = framing == TapFraming::Opaque;
         let mut tap = StreamTap::new(&audit_id, framing, sink.clone());
         // exec and attach output is masked when the decision says so; port-forward never
         // (see the module docs).
@@ -977,6 +1024,31 @@ impl Proxy {
                 }
             };
         }
+        // Every exec, attach and port-forward session is recorded into `exec_frames`.
+        let session_kind = match subresource.as_str() {
+            "exec" | "attach" => Some(SessionKind::Exec),
+            "portforward" => Some(SessionKind::PortForward),
+            _ => None,
+        };
+        if let Some(kind) = session_kind {
+            if kind == SessionKind::Exec && opaque {
+                // Fail closed: frames the tap cannot decode cannot be recorded.
+                let why = format!(
+                    "chaperone: this {subresource} stream must be recorded, but its protocol ({}) cannot be decoded",
+                    response
+                        .headers()
+                        .get(header::SEC_WEBSOCKET_PROTOCOL)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("unknown")
+                );
+                record.outcome = Outcome::Invalid;
+                record.reason = Some(why.clone());
+                let status =
+                    Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
+                return self.local_response(status, record, started, &audit_id);
+            }
+            tap = tap.with_recording(self.recorder.session(&audit_id, kind));
+        }
         let mut headers = switching_headers(response.headers());
         if !headers.contains_key("audit-id") {
             insert_audit_id(&mut headers, &audit_id);
@@ -1006,9 +1078,18 @@ impl Proxy {
                     "stream closed: the reloaded policy denies it".to_owned()
                 });
             }
-            let tap = tap
+            let mut tap = tap
                 .into_inner()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(why) = tap.recording_failure() {
+                error.get_or_insert_with(|| why.to_owned());
+            }
+            if let Some(recording) = tap.take_recording()
+                && let Err(e) = recording.finish(error.as_deref()).await
+            {
+                tracing::error!(%audit_id, error = %e, "the end of the session could not be recorded");
+                error.get_or_insert_with(|| format!("the end of the session could not be recorded: {e}"));
+            }
             let stdin_violation = tap.stdin_violation().map(str::to_owned);
             let stats = tap.stats;
             tracing::debug!(%audit_id, ?stats, ?error, "upgraded stream ended");

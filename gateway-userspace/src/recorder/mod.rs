@@ -24,9 +24,14 @@
 //! start the log is replayed, so every request that was forwarded has a row (outcome
 //! `unknown` when the gateway died before the response).
 
+pub mod exec_frames;
 pub mod manifest;
 mod reader;
+pub mod replay;
 pub mod schema;
+mod session;
+pub mod sessions;
+pub mod table;
 pub mod upload;
 pub mod wal;
 mod writer;
@@ -55,11 +60,15 @@ use tokio::time::Instant;
 
 use crate::drain::DrainWatcher;
 
-pub use reader::{ReadError, list_files, read_dir, read_file};
+pub use exec_frames::{ExecFrameRecord, FrameEventKind};
+pub use reader::{ReadError, list_files, list_table_files, read_dir, read_exec_frames, read_file};
 pub use schema::{
     ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord, decision_str,
     requests_schema, to_record_batch,
 };
+pub use session::{SessionKind, SessionRecorder};
+use table::Rows;
+pub use table::Table;
 use writer::{Command, FileWriter};
 
 /// The write-ahead log's directory under the recording root (hidden, so dataset readers
@@ -73,10 +82,15 @@ pub const DEFAULT_MAX_FILE_AGE: Duration = Duration::from_secs(60);
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 /// Default [`RecorderConfig::row_group_rows`]: one row group per full file.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 100_000;
+/// Default [`RecorderConfig::max_session_bytes`]: 64 MiB of exec/attach payload.
+pub const DEFAULT_MAX_SESSION_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Rows handed to the writer thread at once: large enough for efficient columnar
 /// encoding, small enough to keep memory bounded (a few MiB per batch).
 const BATCH_ROWS: usize = 4096;
+/// Payload bytes of `exec_frames` rows handed to the writer at once: their rows are large,
+/// so a batch is bounded by bytes too.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Batches queued for the writer thread while it encodes another one.
 const WRITER_QUEUE_BATCHES: usize = 2;
 /// How often a recorder that is down checks whether the disk takes writes again.
@@ -108,6 +122,9 @@ pub struct RecorderConfig {
     pub manifest: bool,
     /// The ed25519 key (PKCS#8 PEM) that signs manifest entries; `None`: unsigned.
     pub signing_key_file: Option<PathBuf>,
+    /// Payload bytes of one exec/attach session stored in `exec_frames`; past it frames
+    /// are counted but not stored, and a `truncated` row says so.
+    pub max_session_bytes: u64,
 }
 
 impl RecorderConfig {
@@ -124,6 +141,7 @@ impl RecorderConfig {
             max_file_age: DEFAULT_MAX_FILE_AGE,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            max_session_bytes: DEFAULT_MAX_SESSION_BYTES,
         }
     }
 
@@ -265,8 +283,10 @@ pub enum RecorderError {
 /// What the recorder wrote before it stopped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecorderStats {
-    /// Rows in published files.
+    /// `requests` rows in published files.
     pub rows: u64,
+    /// `exec_frames` rows in published files.
+    pub exec_frame_rows: u64,
     /// Published files, in the order they were closed.
     pub files: Vec<PathBuf>,
     /// Rows that never reached a published file (each was logged with its audit id).
@@ -372,6 +392,8 @@ type FlushReply = oneshot::Sender<Result<Vec<PathBuf>, RecorderError>>;
 
 enum Message {
     Row(Box<RequestRecord>),
+    /// A chunk of one session's `exec_frames` rows.
+    Frames(Vec<ExecFrameRecord>),
     Flush(FlushReply),
 }
 
@@ -389,6 +411,7 @@ pub struct RecorderHandle {
     shared: Arc<Shared>,
     wal: Option<wal::Wal>,
     replayed: u64,
+    max_session_bytes: u64,
 }
 
 impl std::fmt::Debug for RecorderHandle {
@@ -464,7 +487,7 @@ impl Recorder {
         };
         let (command_tx, command_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
         let (done_tx, done_rx) = oneshot::channel();
-        let file_writer = FileWriter::new(table_dir, cfg.node.clone(), props)
+        let file_writer = FileWriter::new(cfg.dir.clone(), cfg.node.clone(), props)
             .with_wal(tracker)
             .with_manifest(open_manifest()?);
         let thread_shared = Arc::clone(&shared);
@@ -476,6 +499,7 @@ impl Recorder {
             .map_err(|e| RecorderError::SpawnThread(Arc::new(e)))?;
 
         let (queue, rows) = mpsc::channel(cfg.queue_capacity);
+        let max_session_bytes = cfg.max_session_bytes;
         let coordinator = Coordinator {
             shared: Arc::clone(&shared),
             batch_rows: BATCH_ROWS
@@ -493,6 +517,7 @@ impl Recorder {
                 shared,
                 wal,
                 replayed,
+                max_session_bytes,
             },
         ))
     }
@@ -562,6 +587,43 @@ impl RecorderHandle {
     /// Shows an uploader's counters in the health report and metrics.
     pub fn attach_upload(&self, stats: Arc<upload::UploadStats>) {
         let _ = self.shared.upload.set(stats);
+    }
+
+    /// Queues a chunk of `exec_frames` rows if the queue has room now, without waiting
+    /// (the relay calls it inline). `Err(rows)` hands them back when the queue is full;
+    /// an error while recording is down or stopped.
+    pub(crate) fn try_record_frames(
+        &self,
+        rows: Vec<ExecFrameRecord>,
+    ) -> Result<Result<(), Vec<ExecFrameRecord>>, RecorderError> {
+        if let Some(error) = self.shared.current_error() {
+            self.shared.lose(rows.len() as u64);
+            return Err(error);
+        }
+        match self.queue.try_send(Message::Frames(rows)) {
+            Ok(()) => Ok(Ok(())),
+            Err(mpsc::error::TrySendError::Full(Message::Frames(rows))) => Ok(Err(rows)),
+            Err(_) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// Queues a chunk of `exec_frames` rows, waiting for space (used once a session has
+    /// ended, off the relay path).
+    pub async fn record_frames(&self, rows: Vec<ExecFrameRecord>) -> Result<(), RecorderError> {
+        if let Some(error) = self.shared.current_error() {
+            self.shared.lose(rows.len() as u64);
+            return Err(error);
+        }
+        self.queue
+            .send(Message::Frames(rows))
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Starts recording one exec, attach or port-forward session opened by the request
+    /// `audit_id`, with the configured per-session cap.
+    pub fn session(&self, audit_id: &str, kind: SessionKind) -> SessionRecorder {
+        SessionRecorder::new(self.clone(), audit_id, kind, self.max_session_bytes)
     }
 
     /// `Err(cause)` while recording is down. Cheap (one atomic load when up): the proxy
@@ -697,10 +759,14 @@ fn replay(
                 .or_default()
                 .push(row);
         }
-        let mut writer = FileWriter::new(table_dir.to_path_buf(), node.to_owned(), props.clone())
+        // The writer takes the recording root and adds `table=requests/` itself.
+        let root = table_dir.parent().unwrap_or(table_dir);
+        let mut writer = FileWriter::new(root.to_path_buf(), node.to_owned(), props.clone())
             .with_manifest(manifest);
         for (date, rows) in by_date {
-            writer.write(date, rows).map_err(|(error, _)| error)?;
+            writer
+                .write(date, table::Rows::Requests(rows))
+                .map_err(|(error, _)| error)?;
         }
         writer.close_all(shared)?;
     }
@@ -773,9 +839,11 @@ fn probe_writable(dir: &std::path::Path) -> Result<(), RecorderError> {
     fs::remove_file(&probe).map_err(not_writable)
 }
 
-/// Rows buffered for one date partition's open file.
+/// Rows buffered for one table's and date partition's open file.
 struct Pending {
-    rows: Vec<RequestRecord>,
+    rows: Rows,
+    /// Payload bytes in `rows` (exec_frames data).
+    bytes: usize,
     rows_in_file: usize,
     opened_at: Instant,
 }
@@ -785,7 +853,7 @@ struct Coordinator {
     shared: Arc<Shared>,
     cfg: RecorderConfig,
     batch_rows: usize,
-    open: BTreeMap<Date, Pending>,
+    open: BTreeMap<(Table, Date), Pending>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -831,7 +899,8 @@ impl Coordinator {
                     }
                 }
                 message = rows.recv() => match message {
-                    Some(Message::Row(row)) => self.push(*row).await,
+                    Some(Message::Row(row)) => self.push(row).await,
+                    Some(Message::Frames(rows)) => self.push_frames(rows).await,
                     Some(Message::Flush(reply)) => self.flush(reply).await,
                     None => break,
                 },
@@ -844,7 +913,7 @@ impl Coordinator {
         // Hand over what is still buffered; the writer closes every file once the command
         // channel closes. Failures surface through its result below.
         let pending = std::mem::take(&mut self.open);
-        for (date, pending) in pending {
+        for ((_, date), pending) in pending {
             if self
                 .send(Command::Write {
                     date,
@@ -876,27 +945,76 @@ impl Coordinator {
         self.commands.send(command).await.map_err(|_| WriterGone)
     }
 
-    async fn push(&mut self, row: RequestRecord) -> Result<(), WriterGone> {
-        let date = Offset::UTC.to_datetime(row.request_time).date();
+    fn pending(&mut self, table: Table, date: Date) -> &mut Pending {
         let batch_rows = self.batch_rows;
-        let pending = self.open.entry(date).or_insert_with(|| Pending {
-            rows: Vec::with_capacity(batch_rows),
+        self.open.entry((table, date)).or_insert_with(|| Pending {
+            rows: Rows::with_capacity(table, batch_rows),
+            bytes: 0,
             rows_in_file: 0,
             opened_at: Instant::now(),
-        });
-        pending.rows.push(row);
+        })
+    }
+
+    async fn push(&mut self, row: Box<RequestRecord>) -> Result<(), WriterGone> {
+        let date = Offset::UTC.to_datetime(row.request_time).date();
+        let pending = self.pending(Table::Requests, date);
+        if let Err(row) = pending.rows.push_request(row) {
+            // Unreachable: the pending rows are keyed by their table.
+            tracing::error!(audit_id = %row.audit_id, "recording row lost: pending rows of another table");
+            self.shared.lose(1);
+            return Ok(());
+        }
         pending.rows_in_file += 1;
+        self.after_push(Table::Requests, date).await
+    }
+
+    async fn push_frames(&mut self, rows: Vec<ExecFrameRecord>) -> Result<(), WriterGone> {
+        // A chunk rarely spans midnight; when it does, each date gets its part.
+        let mut by_date: BTreeMap<Date, Vec<ExecFrameRecord>> = BTreeMap::new();
+        for row in rows {
+            let date = Offset::UTC.to_datetime(row.time).date();
+            by_date.entry(date).or_default().push(row);
+        }
+        for (date, rows) in by_date {
+            let count = rows.len();
+            let bytes: usize = rows
+                .iter()
+                .map(|r| r.data.as_ref().map_or(0, Vec::len))
+                .sum();
+            let pending = self.pending(Table::ExecFrames, date);
+            if let Err(lost) = pending.rows.append(Rows::ExecFrames(rows)) {
+                lost.log_lost();
+                self.shared.lose(lost.len() as u64);
+                continue;
+            }
+            pending.rows_in_file += count;
+            pending.bytes += bytes;
+            self.after_push(Table::ExecFrames, date).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands a full batch to the writer, and closes a full file.
+    async fn after_push(&mut self, table: Table, date: Date) -> Result<(), WriterGone> {
+        let key = (table, date);
+        let Some(pending) = self.open.get_mut(&key) else {
+            return Ok(());
+        };
         if pending.rows_in_file >= self.cfg.max_rows_per_file {
-            if let Some(pending) = self.open.remove(&date) {
+            if let Some(pending) = self.open.remove(&key) {
                 self.send(Command::Write {
                     date,
                     rows: pending.rows,
                 })
                 .await?;
-                self.send(Command::Close { date }).await?;
+                self.send(Command::Close { table, date }).await?;
             }
-        } else if pending.rows.len() >= batch_rows {
-            let rows = std::mem::replace(&mut pending.rows, Vec::with_capacity(batch_rows));
+        } else if pending.rows.len() >= self.batch_rows || pending.bytes >= BATCH_BYTES {
+            pending.bytes = 0;
+            let rows = std::mem::replace(
+                &mut pending.rows,
+                Rows::with_capacity(table, self.batch_rows),
+            );
             self.send(Command::Write { date, rows }).await?;
         }
         Ok(())
@@ -904,7 +1022,7 @@ impl Coordinator {
 
     async fn rotate_expired(&mut self) -> Result<(), WriterGone> {
         let now = Instant::now();
-        let expired: Vec<Date> = self
+        let expired: Vec<(Table, Date)> = self
             .open
             .iter()
             .filter(|(_, p)| {
@@ -912,16 +1030,16 @@ impl Coordinator {
                     .checked_add(self.cfg.max_file_age)
                     .is_some_and(|due| due <= now)
             })
-            .map(|(date, _)| *date)
+            .map(|(key, _)| *key)
             .collect();
-        for date in expired {
-            if let Some(pending) = self.open.remove(&date) {
+        for (table, date) in expired {
+            if let Some(pending) = self.open.remove(&(table, date)) {
                 self.send(Command::Write {
                     date,
                     rows: pending.rows,
                 })
                 .await?;
-                self.send(Command::Close { date }).await?;
+                self.send(Command::Close { table, date }).await?;
             }
         }
         Ok(())
@@ -929,7 +1047,7 @@ impl Coordinator {
 
     async fn flush(&mut self, reply: FlushReply) -> Result<(), WriterGone> {
         let pending = std::mem::take(&mut self.open);
-        for (date, pending) in pending {
+        for ((_, date), pending) in pending {
             self.send(Command::Write {
                 date,
                 rows: pending.rows,

@@ -12,6 +12,7 @@ use arrow_array::{
 };
 use parquet::arrow::{ProjectionMask, arrow_reader::ParquetRecordBatchReaderBuilder};
 
+use super::exec_frames::{self, ExecFrameRecord};
 use super::schema::{
     ObjectRef, Outcome, PrincipalRecord, RequestRecord, TABLE_NAME, WorkloadRecord,
 };
@@ -41,8 +42,13 @@ pub enum ReadError {
 /// Every finished `requests` Parquet file under `dir`, sorted by path (in-progress files,
 /// which start with a dot, are skipped).
 pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, ReadError> {
+    list_table_files(dir, TABLE_NAME)
+}
+
+/// Every finished Parquet file of the table `table` under `dir`, sorted by path.
+pub fn list_table_files(dir: &Path, table: &str) -> Result<Vec<PathBuf>, ReadError> {
     let mut files = Vec::new();
-    let root = dir.join(format!("table={TABLE_NAME}"));
+    let root = dir.join(format!("table={table}"));
     if !root.exists() {
         return Ok(files);
     }
@@ -80,6 +86,49 @@ pub fn read_dir(dir: &Path) -> Result<Vec<RequestRecord>, ReadError> {
     Ok(rows)
 }
 
+/// The value of the hive partition `key=` in `path`, if it has one.
+pub fn partition_value(path: &Path, key: &str) -> Option<String> {
+    path.components().find_map(|c| {
+        c.as_os_str()
+            .to_str()?
+            .strip_prefix(key)?
+            .strip_prefix('=')
+            .map(str::to_owned)
+    })
+}
+
+/// Reads every `exec_frames` row under `dir`, ordered by session and sequence number.
+pub fn read_exec_frames(dir: &Path) -> Result<Vec<ExecFrameRecord>, ReadError> {
+    let mut rows = Vec::new();
+    for path in list_table_files(dir, exec_frames::TABLE_NAME)? {
+        let format = |message: String| ReadError::Format {
+            path: path.clone(),
+            message,
+        };
+        for batch in open_batches(&path)? {
+            let batch = batch.map_err(|e| format(e.to_string()))?;
+            exec_frames::decode_batch(&batch, &mut rows).map_err(format)?;
+        }
+    }
+    rows.sort_by(|a, b| (&a.session_id, a.seq).cmp(&(&b.session_id, b.seq)));
+    Ok(rows)
+}
+
+fn open_batches(
+    path: &Path,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader, ReadError> {
+    let file = File::open(path).map_err(|source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| ReadError::Format {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+}
+
 /// Reads one Parquet file of the `requests` table.
 pub fn read_file(path: &Path) -> Result<Vec<RequestRecord>, ReadError> {
     let format = |message: String| ReadError::Format {
@@ -93,10 +142,11 @@ pub fn read_file(path: &Path) -> Result<Vec<RequestRecord>, ReadError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| format(e.to_string()))?;
+    let node = partition_value(path, "node").unwrap_or_default();
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| format(e.to_string()))?;
-        decode_batch(&batch, &mut rows).map_err(format)?;
+        decode_batch(&batch, &mut rows, &node).map_err(format)?;
     }
     Ok(rows)
 }
@@ -200,6 +250,7 @@ fn field<'a>(s: &'a StructArray, name: &str) -> Result<&'a dyn Array, String> {
 pub(crate) fn decode_batch(
     batch: &RecordBatch,
     rows: &mut Vec<RequestRecord>,
+    node_from_path: &str,
 ) -> Result<(), String> {
     let c = Columns { batch };
     let workload = c
@@ -257,7 +308,11 @@ pub(crate) fn decode_batch(
             response_time: time_at(c.get("response_time")?, i)?,
             latency_us: int64_at(c.get("latency_us")?, i)?,
             audit_id: req("audit_id", i)?,
-            node: req("node", i)?,
+            // Version 1 files have a node column; later ones only the partition key.
+            node: match added(&c, "node", |a| string_at(a, i))?.flatten() {
+                Some(node) => node,
+                None => node_from_path.to_owned(),
+            },
             cluster: req("cluster", i)?,
             workload: WorkloadRecord {
                 cgroup_id: int64_at(field(workload, "cgroup_id")?, i)?,

@@ -18,6 +18,11 @@ use crate::{policy::Action, request::Verb};
 /// Name of the table, used as the `table=` partition of the layout.
 pub const TABLE_NAME: &str = "requests";
 
+/// Version of the recording's schema, in every file's key-value metadata
+/// (`chaperone.schema_version`). 1: `requests` with a `node` column; 2: `node` only as the
+/// partition key (so pandas and pyarrow read the tree), and the `exec_frames` table.
+pub const SCHEMA_VERSION: u32 = 2;
+
 /// One API request as seen by the gateway: one row of the `requests` table.
 ///
 /// Deliberately carries no HTTP headers and no bodies, so a credential (Authorization,
@@ -33,7 +38,8 @@ pub struct RequestRecord {
     pub latency_us: i64,
     /// UUIDv7 of this request, also returned to the client in the `Audit-Id` header.
     pub audit_id: String,
-    /// Kubernetes node the gateway runs on.
+    /// Kubernetes node the gateway runs on. Not a column: it is the `node=` partition key
+    /// (and the file's `chaperone.node` metadata); readers fill it from there.
     pub node: String,
     /// Cluster name from the gateway configuration.
     pub cluster: String,
@@ -283,7 +289,6 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         timestamp("response_time", true),
         Field::new("latency_us", DataType::Int64, false),
         utf8("audit_id", false),
-        utf8("node", false),
         utf8("cluster", false),
         Field::new("workload", DataType::Struct(workload_fields()), false),
         utf8("source_addr", false),
@@ -419,7 +424,6 @@ pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError
             times(rows, |r| r.response_time),
             int64(rows, |r| r.latency_us),
             strings(rows, |r| Some(&r.audit_id)),
-            strings(rows, |r| Some(&r.node)),
             strings(rows, |r| Some(&r.cluster)),
             Arc::new(workload),
             strings(rows, |r| Some(&r.source_addr)),
@@ -472,7 +476,6 @@ mod tests {
             ("response_time", ts, true),
             ("latency_us", DataType::Int64, false),
             ("audit_id", DataType::Utf8, false),
-            ("node", DataType::Utf8, false),
             ("cluster", DataType::Utf8, false),
             ("workload", DataType::Struct(workload_fields()), false),
             ("source_addr", DataType::Utf8, false),

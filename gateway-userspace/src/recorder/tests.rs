@@ -136,7 +136,8 @@ async fn record_all(handle: &RecorderHandle, rows: &[RequestRecord]) {
 /// `to_record_batch`).
 fn decode(batch: &RecordBatch) -> Vec<RequestRecord> {
     let mut rows = Vec::new();
-    super::reader::decode_batch(batch, &mut rows).unwrap_or_else(|e| panic!("decode: {e}"));
+    super::reader::decode_batch(batch, &mut rows, "node-a")
+        .unwrap_or_else(|e| panic!("decode: {e}"));
     rows
 }
 

@@ -13,11 +13,13 @@ use std::sync::Arc;
 use jiff::civil::Date;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use tokio::sync::{mpsc, oneshot};
 
 use super::manifest::Manifest;
-use super::schema::{self, RequestRecord};
+use super::schema;
+use super::table::{Rows, Table};
 use super::wal::Tracker;
 use super::{RecorderError, RecorderStats, Shared};
 
@@ -27,14 +29,11 @@ const ZSTD_LEVEL: i32 = 3;
 
 /// Work for the writer thread, executed in order.
 pub(super) enum Command {
-    /// Append rows (all with a `request_time` on `date`, UTC) to that date's open file,
-    /// opening one if needed.
-    Write {
-        date: Date,
-        rows: Vec<RequestRecord>,
-    },
-    /// Finish and publish the open file for `date`, if any.
-    Close { date: Date },
+    /// Append rows (all with a time on `date`, UTC) to their table's open file for that
+    /// date, opening one if needed.
+    Write { date: Date, rows: Rows },
+    /// Finish and publish `table`'s open file for `date`, if any.
+    Close { table: Table, date: Date },
     /// Finish and publish every open file, then report all files finished so far.
     Flush {
         reply: oneshot::Sender<Result<Vec<PathBuf>, RecorderError>>,
@@ -43,11 +42,16 @@ pub(super) enum Command {
     Probe,
 }
 
+/// A row group is closed once its buffered (encoded, uncompressed) size reaches this, so
+/// a table of large rows (`exec_frames` payloads) never buffers more than this per file.
+pub(super) const MAX_ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
 /// Bytes the recovery probe writes and syncs: enough to need fresh blocks on a full disk.
 const PROBE_BYTES: usize = 64 * 1024;
 
 /// A Parquet file being written under its hidden temporary name.
 struct PartFile {
+    table: Table,
     temp: PathBuf,
     path: PathBuf,
     writer: ArrowWriter<File>,
@@ -58,14 +62,15 @@ struct PartFile {
 
 /// Owns the open files (one per date partition) and the list of published ones.
 pub(super) struct FileWriter {
-    table_dir: PathBuf,
+    dir: PathBuf,
     node: String,
     props: WriterProperties,
-    open: BTreeMap<Date, PartFile>,
+    open: BTreeMap<(Table, Date), PartFile>,
     finished: Vec<PathBuf>,
     rows: u64,
     wal: Option<Arc<Tracker>>,
     manifest: Option<Manifest>,
+    exec_frame_rows: u64,
 }
 
 /// Builds the Parquet writer settings used for every file.
@@ -95,10 +100,10 @@ fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> RecorderEr
 }
 
 impl FileWriter {
-    /// A writer for `<table_dir>/date=.../node=<node>/` files.
-    pub(super) fn new(table_dir: PathBuf, node: String, props: WriterProperties) -> FileWriter {
+    /// A writer for `<dir>/table=<table>/date=.../node=<node>/` files.
+    pub(super) fn new(dir: PathBuf, node: String, props: WriterProperties) -> FileWriter {
         FileWriter {
-            table_dir,
+            dir,
             node,
             props,
             open: BTreeMap::new(),
@@ -106,6 +111,7 @@ impl FileWriter {
             rows: 0,
             wal: None,
             manifest: None,
+            exec_frame_rows: 0,
         }
     }
 
@@ -136,6 +142,7 @@ impl FileWriter {
         let closed = self.close_all(shared);
         let stats = RecorderStats {
             rows: self.rows,
+            exec_frame_rows: self.exec_frame_rows,
             files: self.finished,
             rows_lost: shared.rows_lost.load(std::sync::atomic::Ordering::Relaxed),
             outages: shared.outages.load(std::sync::atomic::Ordering::Relaxed),
@@ -147,23 +154,22 @@ impl FileWriter {
         match command {
             Command::Write { date, rows } => {
                 let count = rows.len() as u64;
+                let table = rows.table();
                 if let Err((error, rows)) = self.write(date, rows) {
-                    for row in &rows {
-                        tracing::error!(audit_id = %row.audit_id, verb = %row.verb, "recording row lost");
-                    }
+                    rows.log_lost();
                     shared.lose(count);
                     shared.set_down(error);
                     // The file may hold rows from earlier batches: complete it if the disk
                     // still allows, keep it aside otherwise.
-                    if let Some(file) = self.open.remove(&date)
+                    if let Some(file) = self.open.remove(&(table, date))
                         && let Err(error) = self.close(file)
                     {
                         shared.set_down(error);
                     }
                 }
             }
-            Command::Close { date } => {
-                if let Some(file) = self.open.remove(&date)
+            Command::Close { table, date } => {
+                if let Some(file) = self.open.remove(&(table, date))
                     && let Err(error) = self.close(file)
                 {
                     shared.set_down(error);
@@ -178,7 +184,7 @@ impl FileWriter {
                     .map(|()| self.finished.clone());
                 let _ = reply.send(result);
             }
-            Command::Probe => match probe_disk(&self.table_dir) {
+            Command::Probe => match probe_disk(&self.dir) {
                 Ok(()) => shared.set_up(),
                 Err(error) => {
                     tracing::debug!(%error, "recording is still down");
@@ -188,28 +194,28 @@ impl FileWriter {
         }
     }
 
-    /// Appends `rows` to `date`'s open file; on failure hands the rows back with the error
-    /// so their audit ids can be logged.
+    /// Appends `rows` to their table's open file for `date`; on failure hands the rows
+    /// back with the error so their ids can be logged.
     pub(super) fn write(
         &mut self,
         date: Date,
-        mut rows: Vec<RequestRecord>,
-    ) -> Result<(), (RecorderError, Vec<RequestRecord>)> {
+        mut rows: Rows,
+    ) -> Result<(), (RecorderError, Rows)> {
         if rows.is_empty() {
             return Ok(());
         }
-        // Rows arrive almost in order, so this stable sort is close to a linear scan.
-        rows.sort_by_key(|r| r.request_time);
-        let file = match self.open.entry(date) {
+        rows.sort();
+        let table = rows.table();
+        let file = match self.open.entry((table, date)) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::btree_map::Entry::Vacant(entry) => {
-                match open_part(&self.table_dir, &self.node, date, &self.props) {
+                match open_part(&self.dir, table, &self.node, date, &self.props) {
                     Ok(file) => entry.insert(file),
                     Err(error) => return Err((error, rows)),
                 }
             }
         };
-        let batch = match schema::to_record_batch(&rows) {
+        let batch = match rows.to_record_batch() {
             Ok(batch) => batch,
             Err(source) => {
                 let error = RecorderError::Encode {
@@ -227,8 +233,19 @@ impl FileWriter {
             return Err((error, rows));
         }
         file.rows += rows.len() as u64;
-        if self.wal.is_some() {
-            file.ids.extend(rows.iter().map(|r| r.audit_id.clone()));
+        if self.wal.is_some()
+            && let Rows::Requests(requests) = &rows
+        {
+            file.ids.extend(requests.iter().map(|r| r.audit_id.clone()));
+        }
+        if file.writer.in_progress_size() >= MAX_ROW_GROUP_BYTES
+            && let Err(source) = file.writer.flush()
+        {
+            let error = RecorderError::Parquet {
+                path: file.temp.clone(),
+                source: Arc::new(source),
+            };
+            return Err((error, rows));
         }
         Ok(())
     }
@@ -254,6 +271,7 @@ impl FileWriter {
     /// reached the disk stays there for forensic recovery.
     fn close(&mut self, file: PartFile) -> Result<(), RecorderError> {
         let PartFile {
+            table,
             temp,
             path,
             writer,
@@ -281,7 +299,10 @@ impl FileWriter {
             return Err(error);
         }
         tracing::debug!(path = %path.display(), rows, "recording file published");
-        self.rows += rows;
+        match table {
+            Table::Requests => self.rows += rows,
+            Table::ExecFrames => self.exec_frame_rows += rows,
+        }
         self.finished.push(path);
         if let Some(wal) = &self.wal {
             wal.published(ids.iter().map(String::as_str));
@@ -306,12 +327,14 @@ fn probe_disk(dir: &Path) -> Result<(), RecorderError> {
 }
 
 fn open_part(
-    table_dir: &Path,
+    root: &Path,
+    table: Table,
     node: &str,
     date: Date,
     props: &WriterProperties,
 ) -> Result<PartFile, RecorderError> {
-    let dir = table_dir
+    let dir = root
+        .join(format!("table={}", table.name()))
         .join(format!("date={date}"))
         .join(format!("node={node}"));
     fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
@@ -323,12 +346,26 @@ fn open_part(
         .create_new(true)
         .open(&temp)
         .map_err(|e| io_error("create file", &temp, e))?;
-    let writer = ArrowWriter::try_new(handle, schema::requests_schema(), Some(props.clone()))
-        .map_err(|source| RecorderError::Parquet {
-            path: temp.clone(),
-            source: Arc::new(source),
+    let mut writer =
+        ArrowWriter::try_new(handle, table.schema(), Some(props.clone())).map_err(|source| {
+            RecorderError::Parquet {
+                path: temp.clone(),
+                source: Arc::new(source),
+            }
         })?;
+    // What a file is, readable without its path (a copy elsewhere keeps it).
+    for (key, value) in [
+        (
+            "chaperone.schema_version",
+            schema::SCHEMA_VERSION.to_string(),
+        ),
+        ("chaperone.table", table.name().to_owned()),
+        ("chaperone.node", node.to_owned()),
+    ] {
+        writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
+    }
     Ok(PartFile {
+        table,
         temp,
         path,
         writer,
