@@ -70,7 +70,14 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             // Every crate but the eBPF one (it only builds for the BPF target, through
             // gateway-userspace's build.rs); the test kit and tests are not default members.
-            let mut cargo_args = vec!["test", "--workspace", "--exclude", "gateway-ebpf"];
+            // `--no-fail-fast`: one failing test binary must not hide the others' results.
+            let mut cargo_args = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "gateway-ebpf",
+                "--no-fail-fast",
+            ];
             cargo_args.extend(args.iter().map(String::as_str));
             test_with_summary(&cargo_args)
         }

@@ -903,6 +903,10 @@ struct WalRow {
     response_object_truncated: bool,
     outcome: String,
     masked: Option<String>,
+    approval_outcome: Option<String>,
+    access_request: Option<String>,
+    approval_decided_by: Option<String>,
+    approval_wait_ms: Option<i64>,
 }
 
 impl From<&RequestRecord> for WalRow {
@@ -957,6 +961,10 @@ impl From<&RequestRecord> for WalRow {
             response_object_truncated: r.response_object_truncated,
             outcome: r.outcome.as_str().to_owned(),
             masked: r.masked.clone(),
+            approval_outcome: r.approval_outcome.clone(),
+            access_request: r.access_request.clone(),
+            approval_decided_by: r.approval_decided_by.clone(),
+            approval_wait_ms: r.approval_wait_ms,
         }
     }
 }
@@ -1027,6 +1035,10 @@ impl WalRow {
             outcome: Outcome::parse(&self.outcome)
                 .ok_or_else(|| format!("unknown outcome {:?}", self.outcome))?,
             masked: self.masked,
+            approval_outcome: self.approval_outcome,
+            access_request: self.access_request,
+            approval_decided_by: self.approval_decided_by,
+            approval_wait_ms: self.approval_wait_ms,
             ..RequestRecord::default()
         })
     }
