@@ -73,7 +73,7 @@ fn wal(c: &mut Criterion) {
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
     let dir = bench_dir();
-    let (wal, _tracker, _thread) = runtime
+    let (wal, tracker, _thread) = runtime
         .block_on(async { Wal::start(dir.path(), 1, Arc::new(|e| panic!("the log failed: {e}"))) })
         .unwrap_or_else(|e| panic!("start the log: {e}"));
     let mut group = c.benchmark_group("wal");
@@ -107,6 +107,9 @@ fn wal(c: &mut Criterion) {
             runtime
                 .block_on(wal.begin(black_box(&row)))
                 .unwrap_or_else(|e| panic!("begin: {e}"));
+            // The Parquet writer publishes rows soon after; without this every row would
+            // stay outstanding and the log would only grow.
+            tracker.published([row.audit_id.as_str()]);
         });
     });
     const CONCURRENT: u64 = 16;
@@ -119,12 +122,16 @@ fn wal(c: &mut Criterion) {
                     n += 1;
                     let wal = wal.clone();
                     let row = create_row(n);
-                    tasks.push(tokio::spawn(async move { wal.begin(&row).await }));
+                    tasks.push(tokio::spawn(async move {
+                        wal.begin(&row).await.map(|()| row.audit_id)
+                    }));
                 }
                 for task in tasks {
-                    task.await
+                    let id = task
+                        .await
                         .unwrap_or_else(|e| panic!("task: {e}"))
                         .unwrap_or_else(|e| panic!("begin: {e}"));
+                    tracker.published([id.as_str()]);
                 }
             });
         });

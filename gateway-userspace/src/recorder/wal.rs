@@ -366,8 +366,10 @@ pub struct WalStats {
 #[derive(Debug, Default)]
 struct Tracking {
     outstanding: HashMap<String, u64>,
-    /// The begin record of each outstanding request, copied forward into a new segment
-    /// when it has outlived a whole segment (a long exec session), so old segments can go.
+    /// The begin record of each request still open (begun, no end logged), copied forward
+    /// into a new segment when it has outlived a whole segment (a long exec session), so
+    /// old segments can go. A request that ended is never carried: its end record is in a
+    /// segment no older than its begin's, which stays until the row is published.
     records: HashMap<String, Arc<Vec<u8>>>,
     counts: BTreeMap<u64, usize>,
     existing: BTreeSet<u64>,
@@ -459,8 +461,9 @@ type Reply = oneshot::Sender<Result<(), RecorderError>>;
 
 struct Job {
     bytes: Vec<u8>,
-    /// The audit id of a begin record, tracked once it is durable.
-    begin: Option<String>,
+    /// Whose record this is, and which kind: a begin is tracked once it is durable, an end
+    /// stops its request from being carried into new segments.
+    entry: (EntryKind, String),
     /// Someone waits for the record to be durable.
     reply: Option<Reply>,
 }
@@ -545,7 +548,7 @@ impl Wal {
         self.jobs
             .send(Job {
                 bytes,
-                begin: Some(row.audit_id.clone()),
+                entry: (EntryKind::Begin, row.audit_id.clone()),
                 reply: Some(reply),
             })
             .map_err(|_| RecorderError::Stopped)?;
@@ -562,7 +565,7 @@ impl Wal {
             Ok(bytes) => {
                 let _ = self.jobs.send(Job {
                     bytes,
-                    begin: None,
+                    entry: (EntryKind::End, row.audit_id.clone()),
                     reply: None,
                 });
             }
@@ -637,22 +640,26 @@ impl LogWriter {
                 self.tracker
                     .appends
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let mut replies = Vec::with_capacity(batch.len());
                 {
                     let mut state = self.tracker.state();
-                    for job in &batch {
-                        if let Some(id) = &job.begin {
-                            state.outstanding.insert(id.clone(), seq);
-                            state
-                                .records
-                                .insert(id.clone(), Arc::new(job.bytes.clone()));
-                            *state.counts.entry(seq).or_insert(0) += 1;
+                    for job in batch {
+                        let (kind, id) = job.entry;
+                        match kind {
+                            EntryKind::Begin => {
+                                state.outstanding.insert(id.clone(), seq);
+                                state.records.insert(id, Arc::new(job.bytes));
+                                *state.counts.entry(seq).or_insert(0) += 1;
+                            }
+                            EntryKind::End => {
+                                state.records.remove(&id);
+                            }
                         }
+                        replies.extend(job.reply);
                     }
                 }
-                for job in batch {
-                    if let Some(reply) = job.reply {
-                        let _ = reply.send(Ok(()));
-                    }
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
                 }
                 self.rotate_if_full();
             }
@@ -686,12 +693,12 @@ impl LogWriter {
             with_carry = Vec::new();
             {
                 let state = self.tracker.state();
-                for (id, seq) in &state.outstanding {
-                    if *seq < before
-                        && let Some(bytes) = state.records.get(id)
+                for (id, bytes) in &state.records {
+                    if let Some(&seq) = state.outstanding.get(id)
+                        && seq < before
                     {
                         with_carry.extend_from_slice(bytes);
-                        carried.push((id.clone(), *seq));
+                        carried.push((id.clone(), seq));
                     }
                 }
             }

@@ -458,3 +458,57 @@ async fn a_long_running_request_is_carried_forward_and_old_segments_go() {
         "{ids:?}"
     );
 }
+
+/// Requests that ended but whose rows are not yet in Parquet (the writer is behind, or its
+/// disk is full) are not copied into new segments: their segments stay until the rows are
+/// published, and the log grows with what was appended, not with its square.
+#[tokio::test]
+async fn ended_but_unpublished_requests_are_not_carried() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let segment = 8 * 1024;
+    let (wal, tracker, _thread) = Wal::start_sized(dir.path(), 1, segment, no_failure())
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let mut appended = 0;
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let mut row = create_row(i);
+        wal.begin(&row)
+            .await
+            .unwrap_or_else(|e| panic!("begin: {e}"));
+        row.response_code = 202;
+        wal.end(&row);
+        appended += wal::encode(EntryKind::Begin, &row)
+            .map(|b| b.len())
+            .unwrap_or_else(|e| panic!("encode: {e}"))
+            * 2;
+        ids.push(row.audit_id);
+    }
+    // One more durable begin, so every end before it is on disk.
+    let last = create_row(100);
+    wal.begin(&last)
+        .await
+        .unwrap_or_else(|e| panic!("begin: {e}"));
+    let most = appended / (segment as usize - wal::HEADER_LEN) + 2;
+    assert!(
+        segments(dir.path()) <= most,
+        "{} segments for {appended} bytes of records (at most {most} expected)",
+        segments(dir.path())
+    );
+    let recovery = wal::recover(dir.path()).unwrap_or_else(|e| panic!("recover: {e}"));
+    let ended = recovery
+        .rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Forwarded && r.response_code == 202)
+        .count();
+    assert_eq!(ended, 100, "every ended request keeps its final row");
+    tracker.published(
+        ids.iter()
+            .map(String::as_str)
+            .chain([last.audit_id.as_str()]),
+    );
+    assert!(
+        tracker.stats().segments <= 1,
+        "published rows free their segments: {:?}",
+        tracker.stats()
+    );
+}
