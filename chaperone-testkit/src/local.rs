@@ -23,7 +23,10 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
     Ok(Config {
         node: Some("test-node".to_owned()),
         cluster: "test".to_owned(),
-        listen: ListenConfig { address: loopback },
+        listen: ListenConfig {
+            address: loopback,
+            workers: 0,
+        },
         interception: InterceptionConfig {
             mode: InterceptionMode::None,
             ..InterceptionConfig::default()

@@ -215,6 +215,7 @@ impl Stack {
             cluster: "sandbox".to_owned(),
             listen: ListenConfig {
                 address: (pod.host_ip(), PROXY_PORT).into(),
+                workers: 0,
             },
             interception: InterceptionConfig {
                 mode: InterceptionMode::Ebpf,
@@ -322,7 +323,10 @@ impl Stack {
         let mut config = Config::load(&root.join("chaperone.yaml"))?;
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         config.node = Some("node-b".to_owned());
-        config.listen = ListenConfig { address: loopback };
+        config.listen = ListenConfig {
+            address: loopback,
+            workers: 0,
+        };
         config.admin = AdminConfig { address: loopback };
         config.interception = InterceptionConfig {
             mode: InterceptionMode::None,

@@ -263,6 +263,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         max_object_bytes: cfg.recording.max_object_bytes,
         record_responses: cfg.recording.response_bodies,
         reads_while_down: cfg.recording.reads_while_down,
+        workers: cfg.listen.workers,
     });
     let reloader = match &policy_source {
         PolicyConfig::File(path) => {

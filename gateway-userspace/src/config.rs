@@ -191,6 +191,11 @@ pub struct ListenConfig {
     /// A node address reachable from pod network namespaces (never 127.0.0.1 when eBPF
     /// interception is on: a pod's loopback is its own), e.g. `10.0.0.5:15443`.
     pub address: SocketAddr,
+    /// Data-path threads, each with its own single-threaded runtime and upstream
+    /// connections; an accepted connection stays on one of them for its life. `0` (the
+    /// default): one per CPU the process may use.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// How connections reach the proxy.

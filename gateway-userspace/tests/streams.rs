@@ -168,6 +168,7 @@ impl Env {
             max_object_bytes: 256 * 1024,
             record_responses: true,
             reads_while_down: Default::default(),
+            workers: 0,
         });
         let sink = Arc::new(Collect::default());
         proxy.set_frame_sink(sink.clone());

@@ -201,7 +201,7 @@ impl Proxy {
         *request.headers_mut() = headers;
         let response = tokio::time::timeout(
             self.limits.body_read_timeout,
-            self.upstream.request(request),
+            self.upstream().request(request),
         )
         .await
         .map_err(|_| "the API server did not answer in time".to_owned())?

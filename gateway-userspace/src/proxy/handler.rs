@@ -618,7 +618,7 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        match self.upstream.request(upstream_req).await {
+        match self.upstream().request(upstream_req).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 record.response_code = i32::from(parts.status.as_u16());

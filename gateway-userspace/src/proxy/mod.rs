@@ -25,6 +25,7 @@ mod output_mask;
 mod record;
 mod stdin_guard;
 pub mod upgrade;
+mod workers;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -79,7 +80,9 @@ pub struct Proxy {
     pub policy: Arc<ArcSwap<Policy>>,
     /// Open watches and exec/attach/port-forward sessions, re-checked on policy reload.
     live: Arc<LiveStreams>,
-    upstream: UpstreamClient,
+    /// One upstream connection pool per data-path worker, so a request and the upstream
+    /// connection it uses are driven by the same thread ([`Proxy::upstream`]).
+    upstreams: Vec<UpstreamClient>,
     upstream_base: Uri,
     credential: Option<Arc<UpstreamCredential>>,
     recorder: RecorderHandle,
@@ -156,6 +159,8 @@ pub struct ProxySettings {
     pub record_responses: bool,
     /// Whether reads pass while recording is down (`recording.readsWhileDown`).
     pub reads_while_down: ReadsWhileDown,
+    /// Data-path threads (`listen.workers`; `0`: one per CPU).
+    pub workers: usize,
 }
 
 /// Per-connection facts, fixed at accept() time.
@@ -202,14 +207,19 @@ impl Proxy {
             UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
             UpstreamProtocol::Http2 => builder.enable_http1().enable_http2().wrap_connector(http),
         };
-        let upstream = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let workers = workers::resolve(s.workers);
+        let upstreams = (0..workers)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(connector.clone())
+            })
+            .collect();
         Arc::new(Self {
             policy: Arc::new(ArcSwap::from_pointee(s.policy)),
-            upstream,
+            upstreams,
             upstream_base: s.upstream_url,
             credential: s.credential,
             recorder: s.recorder,
@@ -265,6 +275,14 @@ impl Proxy {
     ) {
         let acceptor = TlsAcceptor::from(tls);
         let connections = TaskTracker::new();
+        let workers = match workers::Workers::start(self.upstreams.len()) {
+            Ok(workers) => Some(workers),
+            Err(error) => {
+                // Still serves, on the shared runtime, rather than not at all.
+                tracing::error!(%error, "cannot start the data-path threads; connections are served on the shared runtime");
+                None
+            }
+        };
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = drain.signaled() => break,
@@ -319,9 +337,19 @@ impl Proxy {
             });
             let proxy = self.clone();
             let acceptor = acceptor.clone();
-            connections.spawn(async move {
+            let tracked = connections.token();
+            let serve = move |tcp: TcpStream| async move {
                 proxy.serve_connection(tcp, acceptor, conn_info).await;
-            });
+                drop(tracked);
+            };
+            match &workers {
+                // The socket moves to the worker's own reactor, so its readiness wakes
+                // that thread only.
+                Some(workers) => workers.spawn(tcp, serve),
+                None => {
+                    tokio::spawn(serve(tcp));
+                }
+            }
         }
         drop(listener);
         // Connections finish their in-flight requests and watches end; the caller bounds
@@ -332,7 +360,17 @@ impl Proxy {
         // Upgraded streams saw the same cancellation and close both ends in order.
         self.streams.close();
         self.streams.wait().await;
+        if let Some(workers) = workers {
+            workers.stop().await;
+        }
         drop(drain);
+    }
+
+    /// The upstream connection pool of the data-path worker running the caller (the
+    /// first one elsewhere, e.g. in tests that call the handler directly).
+    fn upstream(&self) -> &UpstreamClient {
+        let index = workers::current().unwrap_or(0) % self.upstreams.len();
+        &self.upstreams[index]
     }
 
     /// Serves one accepted connection until the client leaves, it idles out, or the drain
@@ -365,7 +403,10 @@ impl Proxy {
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();
                 let active = activity.begin();
-                async move {
+                // Boxed: hyper spawns this future as its own task, and the task's cell (and
+                // every move of the stream state) would otherwise copy the whole state
+                // machine of `handle`, several KiB, on each request.
+                Box::pin(async move {
                     let response = proxy.handle(req, &conn_info).await;
                     // The connection counts as busy until the response body is done.
                     Ok::<_, Infallible>(response.map(|body| {
@@ -375,7 +416,7 @@ impl Proxy {
                         }
                         .boxed()
                     }))
-                }
+                })
             })
         };
         let header_bytes = usize::try_from(limits.max_request_header_bytes)

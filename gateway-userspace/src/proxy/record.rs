@@ -94,26 +94,17 @@ impl Drop for RecordGuard {
             record.masked = report.to_json();
         }
         // Drop cannot await; the recorder applies back-pressure inside the task instead.
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    // Decoding and masking happen here, off the response's path.
-                    if let Some(capture) = capture {
-                        record_response_object(
-                            &mut record,
-                            capture,
-                            max_object_bytes,
-                            response_masked,
-                        );
-                    }
-                    if let Err(e) = recorder.record(record).await {
-                        metrics.recording_failures.inc();
-                        tracing::error!(%audit_id, error = %e, "request could not be recorded");
-                    }
-                });
+        let handle = recorder.clone();
+        handle.spawn(async move {
+            // Decoding and masking happen here, off the response's path.
+            if let Some(capture) = capture {
+                record_response_object(&mut record, capture, max_object_bytes, response_masked);
             }
-            Err(_) => tracing::error!(%audit_id, "request could not be recorded: no runtime"),
-        }
+            if let Err(e) = recorder.record(record).await {
+                metrics.recording_failures.inc();
+                tracing::error!(%audit_id, error = %e, "request could not be recorded");
+            }
+        });
     }
 }
 

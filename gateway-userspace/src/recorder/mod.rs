@@ -412,6 +412,9 @@ pub struct RecorderHandle {
     wal: Option<wal::Wal>,
     replayed: u64,
     max_session_bytes: u64,
+    /// The runtime the recorder runs on, which outlives every request: rows sent from a
+    /// destructor go through a task there, not on a data-path thread that may stop first.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for RecorderHandle {
@@ -518,6 +521,7 @@ impl Recorder {
                 wal,
                 replayed,
                 max_session_bytes,
+                runtime: runtime.clone(),
             },
         ))
     }
@@ -547,6 +551,12 @@ impl Recorder {
 impl RecorderHandle {
     /// Queues one row, waiting for space; fails at once while recording is down, and once
     /// the recorder has stopped.
+    /// Runs `work` (which ends by recording a row) on the recorder's runtime, for callers
+    /// that cannot wait: destructors, and data-path threads that stop before the recorder.
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.runtime.spawn(work);
+    }
+
     pub async fn record(&self, row: RequestRecord) -> Result<(), RecorderError> {
         // The final row of a begun request goes to the log first: should it never reach a
         // Parquet file, the replay still knows the outcome.
@@ -712,14 +722,12 @@ impl Drop for CancelledBegin<'_> {
         row.outcome = Outcome::Invalid;
         row.reason = Some("the client went away before the request was forwarded".into());
         let handle = self.handle.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let audit_id = row.audit_id.clone();
-                if let Err(error) = handle.record(row).await {
-                    tracing::error!(%audit_id, %error, "request could not be recorded");
-                }
-            });
-        }
+        self.handle.spawn(async move {
+            let audit_id = row.audit_id.clone();
+            if let Err(error) = handle.record(row).await {
+                tracing::error!(%audit_id, %error, "request could not be recorded");
+            }
+        });
     }
 }
 

@@ -190,12 +190,16 @@ async fn port_forward_records_counts_not_payloads() {
 fn a_full_queue_ends_the_session_once_the_bound_is_reached() {
     // A queue of one that nobody reads: the first chunk fits, the rest waits.
     let (queue, _rows) = mpsc::channel(1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
     let handle = RecorderHandle {
         queue,
         shared: Arc::default(),
         wal: None,
         replayed: 0,
         max_session_bytes: u64::MAX,
+        runtime: runtime.handle().clone(),
     };
     let mut session = handle.session("s-full", SessionKind::Exec);
     let payload = vec![b'x'; 64 * 1024];

@@ -32,6 +32,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The allocator the `chaperone` binary uses, so the in-process gateway costs what the
+/// product does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context as _, bail, ensure};
 use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
 use gateway_userspace::{app, config::Config, tls::CertificateAuthority};
