@@ -258,8 +258,16 @@ async fn oversized_request_headers_get_431_and_never_reach_upstream() {
         )
         .await
         .expect_err("a 256 KiB header was accepted over HTTP/2");
+    // The server sends GOAWAY and closes; a client still writing the header's frames may
+    // see its write fail (broken pipe, reset) before it reads the GOAWAY. Either way the
+    // connection ended and nothing went upstream (checked below).
     let err = format!("{err:?}");
-    assert!(err.contains("ENHANCE_YOUR_CALM"), "{err}");
+    assert!(
+        err.contains("ENHANCE_YOUR_CALM")
+            || err.contains("BrokenPipe")
+            || err.contains("ConnectionReset"),
+        "{err}"
+    );
     assert_eq!(
         h.apiserver.requests().len(),
         1,
