@@ -58,10 +58,25 @@ const THROUGHPUT_SECONDS: u32 = 5;
 const PASSES: usize = 3;
 /// Requests of each CPU-time run (16 connections, one stream each).
 const CPU_REQUESTS: usize = 20_000;
+/// Pods each list scenario returns (~1 MiB of JSON).
+const LIST_PODS: usize = 500;
+const LIST_PATH: &str = "/api/v1/namespaces/bench/pods";
+/// The same pods in a namespace whose reads the policy masks.
+const LIST_MASKED_PATH: &str = "/api/v1/namespaces/bench-masked/pods";
+const CREATE_PATH: &str = "/api/v1/namespaces/bench/configmaps";
+/// Requests per list and create latency run (one connection, one stream).
+const SCENARIO_REQUESTS: usize = 300;
+/// Watches held open at once for the memory-per-watch figure.
+const IDLE_WATCHES: usize = 1000;
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: Policy
 default: allow
 rules:
+  - name: mask-bench-pods
+    action: mask
+    verbs: [get, list]
+    resources: [pods]
+    namespaces: [bench-masked]
   - name: mask-bench-secret
     action: mask
     verbs: [get]
@@ -148,6 +163,11 @@ async fn upstream(dir: &Path) -> anyhow::Result<()> {
         "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
         "status": {"phase": "Running"},
     }))?;
+    for namespace in ["bench", "bench-masked"] {
+        for i in 0..LIST_PODS {
+            server.seed(bench_pod(namespace, i))?;
+        }
+    }
     // ~1.6 KB, the shape of the masking benchmark's Secret.
     for name in ["db-plain", "db-masked"] {
         server.seed(serde_json::json!({
@@ -162,6 +182,57 @@ async fn upstream(dir: &Path) -> anyhow::Result<()> {
     stdin_closed().await;
     server.shutdown().await;
     Ok(())
+}
+
+/// A pod of about 2 KiB of JSON, shaped like a Deployment's replica.
+fn bench_pod(namespace: &str, i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("api-7d9f8b6c5-{i:05}"),
+            "namespace": namespace,
+            "labels": {"app": "api", "pod-template-hash": "7d9f8b6c5", "tier": "backend"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-12-01T10:00:00Z"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "api-7d9f8b6c5", "uid": "6f1c7e0a-3b52-4a57-9a8e-2f9d0c1b2a3e",
+                "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": {
+            "serviceAccountName": "api",
+            "nodeName": format!("node-{}", i % 7),
+            "containers": [{
+                "name": "api",
+                "image": "registry.example.com/team/api:1.42.0",
+                "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                "env": [
+                    {"name": "LOG_LEVEL", "value": "info"},
+                    {"name": "DATABASE_URL", "value": "postgres://api:hunter2hunter2@db.internal:5432/api"},
+                    {"name": "REGION", "value": "eu-west-1"},
+                ],
+                "resources": {"requests": {"cpu": "250m", "memory": "256Mi"},
+                              "limits": {"cpu": "1", "memory": "512Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                                   "periodSeconds": 10},
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/api"}],
+            }],
+            "volumes": [{"name": "config", "configMap": {"name": "api-config"}}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": format!("10.244.{}.{}", i / 250, i % 250 + 2),
+            "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-01T10:00:05Z"},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-12-01T10:00:05Z"},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-01T10:00:00Z"},
+            ],
+            "containerStatuses": [{"name": "api", "ready": true, "restartCount": 0,
+                "image": "registry.example.com/team/api:1.42.0",
+                "imageID": "registry.example.com/team/api@sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+                "containerID": "containerd://9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b",
+                "state": {"running": {"startedAt": "2026-12-01T10:00:03Z"}}}],
+        },
+    })
 }
 
 async fn gateway(dir: &Path) -> anyhow::Result<()> {
@@ -188,6 +259,7 @@ policy:
   file: {d}/policy.yaml
 recording:
   dir: {d}/recordings
+  walDir: {d}/wal
   maxFileAge: 60s
 admin:
   address: 127.0.0.1:0
@@ -300,7 +372,7 @@ daemon off;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 user root;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   # nginx 1.22 closes HTTP/2 and upstream connections after 1,000 requests by default;
@@ -424,33 +496,44 @@ fn h2load(target: &Target, extra: &[String]) -> anyhow::Result<String> {
 
 /// Per-request latency at one connection with one stream: (p50, p99) in microseconds.
 fn latency(target: &Target, dir: &Path) -> anyhow::Result<(f64, f64)> {
+    latency_of(target, dir, LATENCY_REQUESTS, &[])
+}
+
+/// [`latency`] over `requests` requests, with more h2load options (`-d` for a POST body).
+fn latency_of(
+    target: &Target,
+    dir: &Path,
+    requests: usize,
+    extra: &[String],
+) -> anyhow::Result<(f64, f64)> {
     // Warm the connection pools and caches first.
-    h2load(target, &["-c1".into(), "-m1".into(), "-n200".into()])?;
+    let mut warm = vec!["-c1".into(), "-m1".into(), "-n50".into()];
+    warm.extend_from_slice(extra);
+    h2load(target, &warm)?;
     let log = dir.join(format!("latency-{}.tsv", target.name));
     // h2load appends to its log file.
     let _ = std::fs::remove_file(&log);
-    h2load(
-        target,
-        &[
-            "-c1".into(),
-            "-m1".into(),
-            format!("-n{LATENCY_REQUESTS}"),
-            format!("--log-file={}", log.display()),
-        ],
-    )?;
+    let mut args = vec![
+        "-c1".into(),
+        "-m1".into(),
+        format!("-n{requests}"),
+        format!("--log-file={}", log.display()),
+    ];
+    args.extend_from_slice(extra);
+    h2load(target, &args)?;
     let text = std::fs::read_to_string(&log)?;
     let mut us: Vec<f64> = text
         .lines()
         .filter_map(|l| {
             let cols: Vec<&str> = l.split('\t').collect();
-            (cols.len() >= 3 && cols[1] == "200")
+            (cols.len() >= 3 && (cols[1] == "200" || cols[1] == "201"))
                 .then(|| cols[2].trim().parse::<f64>().ok())
                 .flatten()
         })
         .collect();
     ensure!(
-        us.len() == LATENCY_REQUESTS,
-        "{}: {} of {LATENCY_REQUESTS} requests logged with 200",
+        us.len() == requests,
+        "{}: {} of {requests} requests logged with 200 or 201",
         target.name,
         us.len()
     );
@@ -699,6 +782,165 @@ fn print_masked(m: &MaskedLatency) {
     );
 }
 
+/// What agents do besides small GETs, per target: (p50, p99) of a `list` of 500 pods, of
+/// a `create` (through the gateway's write-ahead log), and the memory each of 1,000 open
+/// idle watches costs the proxy's processes.
+#[derive(Debug, Default, Clone)]
+struct Scenarios {
+    list: Vec<[f64; 2]>,
+    list_masked: Vec<[f64; 2]>,
+    create: Vec<[f64; 2]>,
+    watch_kib: Option<f64>,
+}
+
+fn scenarios(target: &Target, dir: &Path, pass: usize) -> anyhow::Result<Scenarios> {
+    let mut out = Scenarios::default();
+    let list = Target {
+        path: LIST_PATH,
+        ..target.clone()
+    };
+    out.list
+        .push(pair(latency_of(&list, dir, SCENARIO_REQUESTS, &[])?));
+    if target.name == "chaperone" {
+        let masked = Target {
+            path: LIST_MASKED_PATH,
+            ..target.clone()
+        };
+        out.list_masked
+            .push(pair(latency_of(&masked, dir, SCENARIO_REQUESTS, &[])?));
+    }
+    // generateName: every create makes a new ConfigMap, so none conflicts.
+    let body = dir.join("create.json");
+    std::fs::write(
+        &body,
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"generateName": format!("bench-{}-{pass}-", target.name), "labels": {"app": "api"}},
+            "data": {"LOG_LEVEL": "info", "FEATURE_FLAGS": "a,b,c,d", "ENDPOINT": "https://api.example.internal:8443/v2", "TIMEOUT": "30s"},
+        }))?,
+    )?;
+    let create = Target {
+        path: CREATE_PATH,
+        ..target.clone()
+    };
+    out.create.push(pair(latency_of(
+        &create,
+        dir,
+        SCENARIO_REQUESTS,
+        &[
+            format!("-d{}", body.display()),
+            "-H".into(),
+            "content-type: application/json".into(),
+        ],
+    )?));
+    eprintln!(
+        "http_bench:   list of {LIST_PODS} pods p50 {:.0} us{}, create p50 {:.0} us",
+        out.list[0][0],
+        out.list_masked
+            .first()
+            .map(|m| format!(" (masked {:.0} us)", m[0]))
+            .unwrap_or_default(),
+        out.create[0][0],
+    );
+    Ok(out)
+}
+
+/// Prints the scenario table and returns it for `summary.json`.
+fn print_scenarios(targets: &[Target], agents: &[Scenarios]) -> serde_json::Value {
+    let col = |xs: &[[f64; 2]], i: usize| xs.iter().map(|x| x[i]).collect::<Vec<f64>>();
+    println!(
+        "What agents do, median [min-max] of {PASSES} passes (h2load -c1 -m1 -n{SCENARIO_REQUESTS}); \
+         memory per idle watch with {IDLE_WATCHES} open"
+    );
+    println!(
+        "  {:<10} {:>22} {:>22} {:>22} {:>22} {:>16}",
+        "target",
+        "list p50 us",
+        "list masked p50 us",
+        "create p50 us",
+        "create p99 us",
+        "KiB/watch"
+    );
+    let mut json = serde_json::Map::new();
+    for (t, a) in targets.iter().zip(agents) {
+        let masked = if a.list_masked.is_empty() {
+            "-".to_owned()
+        } else {
+            spread(&col(&a.list_masked, 0))
+        };
+        println!(
+            "  {:<10} {:>22} {:>22} {:>22} {:>22} {:>16}",
+            t.name,
+            spread(&col(&a.list, 0)),
+            masked,
+            spread(&col(&a.create, 0)),
+            spread(&col(&a.create, 1)),
+            a.watch_kib.map_or("-".to_owned(), |k| format!("{k:.1}")),
+        );
+        let m = |xs: &[[f64; 2]], i: usize| {
+            let c = col(xs, i);
+            (!c.is_empty()).then(|| median(&c).round())
+        };
+        json.insert(
+            t.name.into(),
+            serde_json::json!({
+                "list_500_pods_p50_us": m(&a.list, 0),
+                "list_500_pods_p99_us": m(&a.list, 1),
+                "list_500_pods_masked_p50_us": m(&a.list_masked, 0),
+                "list_500_pods_masked_p99_us": m(&a.list_masked, 1),
+                "create_p50_us": m(&a.create, 0),
+                "create_p99_us": m(&a.create, 1),
+                "idle_watch_kib": a.watch_kib.map(|k| (k * 10.0).round() / 10.0),
+                "passes": {
+                    "list_500_pods_p50_us": col(&a.list, 0),
+                    "create_p50_us": col(&a.create, 0),
+                },
+            }),
+        );
+    }
+    serde_json::Value::Object(json)
+}
+
+fn pair((a, b): (f64, f64)) -> [f64; 2] {
+    [a, b]
+}
+
+/// Memory (KiB) the target's processes hold per open idle watch: `IDLE_WATCHES` watches
+/// with no events (an empty namespace), opened at once by h2load over as many
+/// connections, RSS read while they are all open.
+fn idle_watch_kib(target: &Target) -> anyhow::Result<f64> {
+    let rss = |pids: &[u32]| -> u64 {
+        pids.iter()
+            .filter_map(|p| rss_kib(*p).ok())
+            .map(|(r, _)| r)
+            .sum()
+    };
+    let before = rss(&target.pids);
+    let url = format!(
+        "https://{}/api/v1/namespaces/quiet/configmaps?watch=true&timeoutSeconds=6",
+        target.addr
+    );
+    let mut child = Command::new("h2load")
+        .args([
+            format!("-c{IDLE_WATCHES}"),
+            format!("-n{IDLE_WATCHES}"),
+            "-m1".into(),
+            "-H".into(),
+            format!("authorization: Bearer {}", target.token),
+            url,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("run h2load")?;
+    // The connections open within a second or two; the watches end after 6 s.
+    std::thread::sleep(Duration::from_secs(4));
+    let during = rss(&target.pids);
+    let status = child.wait()?;
+    ensure!(status.success(), "h2load holding watches failed: {status}");
+    Ok(during.saturating_sub(before) as f64 / IDLE_WATCHES as f64)
+}
+
 /// Only the masked vs unmasked `get secret` figure (no nginx, no throughput runs).
 fn masked_only() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -735,6 +977,8 @@ fn orchestrate() -> anyhow::Result<()> {
         .context("gateway address")?;
     let gateway_pid = gateway.child.id();
     let (idle_rss, _) = rss_kib(gateway_pid)?;
+    // Let the gateway finish starting (its first recording file, the log's segment).
+    std::thread::sleep(Duration::from_millis(500));
     let (nginx, nginx_addr) = start_nginx(dir, upstream_addr)?;
 
     let targets = [
@@ -760,6 +1004,12 @@ fn orchestrate() -> anyhow::Result<()> {
             path: PATH,
         },
     ];
+    // Memory per idle watch first, while the proxies are fresh: after the throughput runs
+    // the gateway's allocator holds freed memory it would reuse, hiding what watches cost.
+    let watch_kib: Vec<Option<f64>> = targets
+        .iter()
+        .map(|t| (t.name != "direct").then(|| idle_watch_kib(t)).transpose())
+        .collect::<anyhow::Result<_>>()?;
     let ticks_per_second = clock_ticks_per_second()?;
     let mut figures = vec![Figures::default(); targets.len()];
     for pass in 1..=PASSES {
@@ -780,6 +1030,22 @@ fn orchestrate() -> anyhow::Result<()> {
                 f.cpu_us.last().copied().unwrap_or_default(),
             );
         }
+    }
+    let mut agents = vec![Scenarios::default(); targets.len()];
+    for pass in 1..=PASSES {
+        for (t, a) in targets.iter().zip(agents.iter_mut()) {
+            eprintln!(
+                "http_bench: pass {pass}/{PASSES}: {} (list, create)",
+                t.name
+            );
+            let s = scenarios(t, dir, pass)?;
+            a.list.extend(s.list);
+            a.list_masked.extend(s.list_masked);
+            a.create.extend(s.create);
+        }
+    }
+    for (a, kib) in agents.iter_mut().zip(&watch_kib) {
+        a.watch_kib = *kib;
     }
     let masked = masked_secret_latency(dir, gateway_addr)?;
     let (rss, hwm) = rss_kib(gateway_pid)?;
@@ -864,6 +1130,7 @@ fn orchestrate() -> anyhow::Result<()> {
     // `passes` sorts after the targets, so a reader scanning for a target's first `rps`
     // meets the median, not a per-pass list.
     print_masked(&masked);
+    let agent_json = print_scenarios(&targets, &agents);
     let summary = serde_json::json!({
         "direct": direct_entry,
         "nginx": nginx_entry,
@@ -874,6 +1141,7 @@ fn orchestrate() -> anyhow::Result<()> {
             "chaperone": chaperone_passes,
         },
         "masked_get_secret": masked.json(),
+        "scenarios": agent_json,
     });
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
