@@ -185,10 +185,14 @@ fn bench_decide(c: &mut Criterion) {
         "/api/v1/namespaces/prod/pods/web-0/exec?command=sh",
     );
     let mut group = c.benchmark_group("decide");
-    for n in [10, 100, 1_000] {
+    // 10,000 rules: how the index scales past any policy seen in practice.
+    for n in [10, 100, 1_000, 10_000] {
+        let loading = std::time::Instant::now();
         let policy = Policy::from_yaml(&policy_text(n), "bench.yaml")
             .unwrap_or_else(|e| panic!("bench policy of {n} rules must load: {e}"));
         assert_eq!(policy.rule_count(), n);
+        // What a reload of this policy costs (parse, validate, index), once.
+        eprintln!("decide: loading {n} rules took {:?}", loading.elapsed());
         let d = decide(&policy, &RequestContext::new(&matching));
         assert_eq!(
             (d.action, d.rule.as_deref()),
