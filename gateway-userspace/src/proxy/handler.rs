@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
+use tracing::Instrument as _;
 
 use crate::{
     config::ReadsWhileDown,
@@ -111,10 +112,23 @@ impl Proxy {
         let started = Instant::now();
         let request_time = jiff::Timestamp::now();
         let audit_id = uuid::Uuid::now_v7().to_string();
-        let mut record = self.base_record(&req, conn, request_time, &audit_id);
+        let record = self.base_record(&req, conn, request_time, &audit_id);
+        // Instrumented, not entered: a guard held across the awaits below would mark the
+        // span current on whatever else the thread runs meanwhile.
         let span = tracing::debug_span!("request", %audit_id, cgroup = record.workload.cgroup_id);
-        let _enter = span.enter();
+        self.handle_in_span(req, conn, started, audit_id, record)
+            .instrument(span)
+            .await
+    }
 
+    async fn handle_in_span(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnectionInfo,
+        started: Instant,
+        audit_id: String,
+        mut record: RequestRecord,
+    ) -> Response<ProxyBody> {
         let info = match RequestInfo::parse(req.method(), req.uri()) {
             Ok(info) => info,
             Err(e) => {
