@@ -23,6 +23,8 @@ const SECRET_VALUE: &str = "orig-db-password-7f3a";
 const ENV_VALUE: &str = "orig-env-password-91c2";
 const WATCHED_VALUE: &str = "orig-watched-token-55e0";
 const BULK_PREFIX: &str = "orig-bulk-value-";
+/// An AWS access key id in a ConfigMap: found by the `aws-access-key` detector.
+const AWS_KEY_ID: &str = "AKIAQ3EGRT7NWZ5KXP4M";
 
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: Policy
@@ -38,6 +40,11 @@ rules:
     verbs: ["*"]
     apiGroups: [apps]
     resources: ["*"]
+  - name: mask-configmaps
+    action: mask
+    verbs: ["*"]
+    apiGroups: [""]
+    resources: [configmaps]
 "#;
 
 fn b64(s: &str) -> String {
@@ -52,6 +59,7 @@ fn originals() -> Vec<String> {
         WATCHED_VALUE.to_owned(),
         b64(WATCHED_VALUE),
         BULK_PREFIX.to_owned(),
+        AWS_KEY_ID.to_owned(),
     ];
     // 15 bytes: a whole number of base64 groups, so it prefixes every bulk value's base64.
     all.push(b64("orig-bulk-value"));
@@ -79,6 +87,10 @@ fn seed() -> Vec<Value> {
                                      "spec": {"containers": [{"name": "api", "image": "api:1",
                                         "env": [{"name": "DB_PASSWORD", "value": ENV_VALUE},
                                                 {"name": "LOG_LEVEL", "value": "debug"}]}]}}}}),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "app-config", "namespace": "default"},
+               "data": {"aws.conf": format!("[default]\naws_access_key_id = {AWS_KEY_ID}\nregion = eu-west-1\n"),
+                        "log-level": "debug"}}),
     ];
     // Enough secrets that the list passes the API server's 128 KiB gzip threshold.
     for i in 0..48 {
@@ -185,6 +197,18 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
     assert!(
         deploy.contains("value: debug"),
         "other env values stay: {deploy}"
+    );
+
+    // A ConfigMap holding an AWS access key id: the detector replaces the key, and only
+    // the key, in what kubectl prints.
+    let cm = kubectl(&stack, &["get", "cm", "app-config", "-o", "yaml"]).await;
+    assert!(
+        cm.contains("aws_access_key_id = **masked:aws-access-key**"),
+        "{cm}"
+    );
+    assert!(
+        cm.contains("region = eu-west-1") && cm.contains("log-level: debug"),
+        "the rest of the ConfigMap stays: {cm}"
     );
 
     // A list over 128 KiB: the API server gzips it, the gateway masks it.
