@@ -53,6 +53,33 @@ fn a_bad_policy_fails_with_file_line_and_path() {
 }
 
 #[test]
+fn check_reports_cel_errors_with_file_line_and_rule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.yaml");
+    for (condition, want) in [
+        ("object.spec.", "invalid CEL expression"),
+        ("objekt.spec.hostNetwork == true", "unknown variable 'objekt'"),
+    ] {
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: no-host-network\n    action: deny\n    verbs: [create]\n    resources: [pods]\n    when:\n      - '{condition}'\n"
+            ),
+        )
+        .expect("write policy");
+        let out = chaperone(&["check", "--policy", path.to_str().expect("utf-8 path")]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{condition}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("policy.yaml:10:")
+                && stderr.contains("rules[0].when[0]")
+                && stderr.contains(want),
+            "{condition}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_bad_config_fails_naming_the_key_and_usage_errors_exit_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("chaperone.yaml");
