@@ -783,6 +783,153 @@ async fn crud_status_errors_and_delete_responses() {
     h.server.shutdown().await;
 }
 
+/// `dryRun=All` on every mutating verb: the answer is what would be stored, and nothing is
+/// (no object, no resourceVersion, no watch event), as the API server documents.
+#[tokio::test]
+async fn dry_run_answers_every_mutating_verb_and_stores_nothing() {
+    let h = Http::start().await;
+    let json_ct = [("content-type", "application/json")];
+    let base = "/api/v1/namespaces/default/configmaps";
+    let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"},"data":{"a":"b"}}"#;
+    let created = h.call("POST", base, &json_ct, cm).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let list_rv = |reply: &Reply| reply.json()["metadata"]["resourceVersion"].clone();
+    let before = h.get(base).await;
+    let stored = h.get(&format!("{base}/c")).await.json();
+
+    let cases: [(&str, String, &str, &str, u16, &str); 7] = [
+        (
+            "POST",
+            format!("{base}?dryRun=All"),
+            "application/json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"d"},"data":{"a":"new"}}"#,
+            201,
+            "new",
+        ),
+        (
+            "PUT",
+            format!("{base}/c?dryRun=All"),
+            "application/json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"},"data":{"a":"put"}}"#,
+            200,
+            "put",
+        ),
+        (
+            "PATCH",
+            format!("{base}/c?dryRun=All"),
+            "application/merge-patch+json",
+            r#"{"data":{"a":"merge"}}"#,
+            200,
+            "merge",
+        ),
+        (
+            "PATCH",
+            format!("{base}/c?dryRun=All"),
+            "application/json-patch+json",
+            r#"[{"op":"replace","path":"/data/a","value":"json"}]"#,
+            200,
+            "json",
+        ),
+        (
+            "PATCH",
+            format!("{base}/c?dryRun=All"),
+            "application/strategic-merge-patch+json",
+            r#"{"data":{"a":"strategic"}}"#,
+            200,
+            "strategic",
+        ),
+        (
+            "PATCH",
+            format!("{base}/c?dryRun=All&fieldManager=test&force=true"),
+            "application/apply-patch+yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: applied\n",
+            200,
+            "applied",
+        ),
+        (
+            "DELETE",
+            format!("{base}/c?dryRun=All"),
+            "application/json",
+            "",
+            200,
+            // A ConfigMap's delete answers a Status (only some resources, pods among
+            // them, answer the deleted object).
+            "Success",
+        ),
+    ];
+    for (method, path, content_type, body, code, want) in cases {
+        let reply = h
+            .call(method, &path, &[("content-type", content_type)], body)
+            .await;
+        assert_eq!(
+            reply.status.as_u16(),
+            code,
+            "{method} {path}: {}",
+            reply.body
+        );
+        let answered = reply.json();
+        let got = if method == "DELETE" {
+            &answered["status"]
+        } else {
+            &answered["data"]["a"]
+        };
+        assert_eq!(got, want, "{method} {path}: {answered}");
+        assert_eq!(
+            h.get(&format!("{base}/c")).await.json(),
+            stored,
+            "{method} {path} changed the stored object"
+        );
+    }
+    let collection = h
+        .call("DELETE", &format!("{base}?dryRun=All"), &[], "")
+        .await;
+    assert_eq!(collection.status, StatusCode::OK, "{}", collection.body);
+    assert_eq!(h.get(&format!("{base}/c")).await.json(), stored);
+    assert_eq!(
+        h.get(&format!("{base}/d")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let after = h.get(base).await;
+    assert_eq!(
+        list_rv(&after),
+        list_rv(&before),
+        "a dry run moved the resourceVersion"
+    );
+    assert_eq!(after.json()["items"], before.json()["items"]);
+
+    // No watch event for any of them: a watch from the list's version sees only what
+    // happens next (a real change), never the dry runs.
+    let rv = list_rv(&before);
+    let rv = rv.as_str().expect("list resourceVersion");
+    let real = h
+        .call(
+            "PATCH",
+            &format!("{base}/c"),
+            &[("content-type", "application/merge-patch+json")],
+            r#"{"data":{"a":"real"}}"#,
+        )
+        .await;
+    assert_eq!(real.status, StatusCode::OK, "{}", real.body);
+    let events = h
+        .get(&format!(
+            "{base}?watch=true&resourceVersion={rv}&timeoutSeconds=1"
+        ))
+        .await;
+    let events = lines(&events.body);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["object"]["data"]["a"], "real", "{events:?}");
+
+    let bad = h
+        .call("POST", &format!("{base}?dryRun=Yes"), &json_ct, cm)
+        .await;
+    assert_status(
+        &bad,
+        422,
+        "Invalid",
+        "dryRun: Unsupported value: \"Yes\"",
+    );
+}
+
 #[tokio::test]
 async fn watch_semantics() {
     let h = Http::start().await;
