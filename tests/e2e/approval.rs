@@ -472,8 +472,12 @@ async fn an_approval_on_another_node_releases_the_held_request() {
     assert_eq!(row.access_request.as_deref(), Some(held.as_str()));
 }
 
-/// `kubectl exec` waits for approval too: the AccessRequest shows the command, nothing
-/// runs until it is approved, and then kubectl prints the command's output.
+/// An AWS access key id in an exec's argv: approvers must not read it.
+const AWS_KEY_ID: &str = "AKIAQ3EGRT7NWZ5KXP4M";
+
+/// `kubectl exec` waits for approval too: the AccessRequest shows the command (with the
+/// credential in it masked), nothing runs until it is approved, and then kubectl prints
+/// the command's output.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exec_waits_for_approval_and_then_runs() {
     if !privileged("an_exec_waits_for_approval_and_then_runs") {
@@ -512,7 +516,7 @@ rules:
             "--",
             "sh",
             "-c",
-            "touch ran; echo hello-after-approval",
+            &format!("touch ran; echo hello-after-approval; : {AWS_KEY_ID}"),
         ],
     );
     let held = stack
@@ -523,7 +527,16 @@ rules:
     let summary = ar["spec"]["request"]["summary"].as_str().unwrap_or("");
     assert!(
         summary.contains("pods/exec default/web-0")
-            && summary.contains("touch ran; echo hello-after-approval"),
+            && summary
+                .contains("touch ran; echo hello-after-approval; : **masked:aws-access-key**"),
+        "{ar}"
+    );
+    // The key is in neither the summary nor the path (nor anywhere else approvers read).
+    assert!(!ar.to_string().contains(AWS_KEY_ID), "{ar}");
+    assert!(
+        ar["spec"]["request"]["path"]
+            .as_str()
+            .is_some_and(|p| p.contains("exec")),
         "{ar}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;

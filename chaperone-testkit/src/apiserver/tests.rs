@@ -922,12 +922,7 @@ async fn dry_run_answers_every_mutating_verb_and_stores_nothing() {
     let bad = h
         .call("POST", &format!("{base}?dryRun=Yes"), &json_ct, cm)
         .await;
-    assert_status(
-        &bad,
-        422,
-        "Invalid",
-        "dryRun: Unsupported value: \"Yes\"",
-    );
+    assert_status(&bad, 422, "Invalid", "dryRun: Unsupported value: \"Yes\"");
 }
 
 #[tokio::test]
