@@ -53,6 +53,12 @@ fn demo_runs_end_to_end_and_removes_what_it_created() {
         "privileged containers are not allowed",
         "0 with the pod's token",
         "agents/cursor-agent-0",
+        // Just-in-time approval: held, approved through node B, completed; then expired.
+        "nothing was sent upstream, replicas are still 3",
+        "approved\n  deployment.apps/web scaled",
+        "replicas are now 0",
+        "expired waiting for approval: nobody decided on AccessRequest",
+        "the ConfigMap is still there",
     ] {
         assert!(
             stdout.contains(expected),
