@@ -598,6 +598,32 @@ async fn the_cli_and_the_kubectl_plugin_decide() {
         bin.path().display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    // The requesting agent's own service account, through the plugin: refused, and the
+    // request stays pending.
+    let own = tokio::task::spawn_blocking({
+        let (path, kubeconfig) = (path.clone(), h.kubeconfig("agent"));
+        move || {
+            std::process::Command::new("kubectl")
+                .args(["chaperone", "approve", "ar-plugin"])
+                .env("PATH", path)
+                .env("KUBECONFIG", kubeconfig)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&own.stderr);
+    assert_eq!(own.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Error from server (Forbidden)") && err.contains("its own request"),
+        "{err}"
+    );
+    let status = h.stored("ar-plugin").await.status;
+    assert!(
+        status.as_ref().is_none_or(|s| s.phase == Phase::Pending),
+        "{status:?}"
+    );
     let kubeconfig = h.kubeconfig("bob");
     let plugin = tokio::task::spawn_blocking(move || {
         std::process::Command::new("kubectl")
