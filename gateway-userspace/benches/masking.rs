@@ -1,8 +1,9 @@
 //! Masking throughput (design target: >= 200 MB/s per core for list and watch masking):
 //! parsing, masking and re-serializing a 10 MiB Secret list and a 10 MiB ConfigMap list
 //! (the ConfigMaps have no Secret data, so this is the cost of the walk itself: env
-//! names, paths and detectors over every string), and a watch stream of the same Secrets
-//! fed in 16 KiB chunks.
+//! names, paths and detectors over every string), a 10 MiB Pod list (env values by name,
+//! detectors over the many short strings of a pod), and a watch stream of the same
+//! Secrets fed in 16 KiB chunks.
 
 use std::{hint::black_box, sync::Arc};
 
@@ -41,6 +42,39 @@ fn configmap(i: usize) -> Value {
                     "feature.flags": "a=true,b=false,c=true", "config.yaml": "key: value\n".repeat(60)}})
 }
 
+/// A Deployment's replica as `http_bench`'s list of 500 pods has them: env (one value with
+/// a credential in a connection string), probes, owner references, status.
+fn pod(i: usize) -> Value {
+    json!({"metadata": {"name": format!("api-7d9f8b6c5-{i:05}"), "namespace": "prod",
+                        "uid": format!("uid-{i}"), "resourceVersion": "1",
+                        "labels": {"app": "api", "pod-template-hash": "7d9f8b6c5", "tier": "backend"},
+                        "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-12-01T10:00:00Z"},
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                            "name": "api-7d9f8b6c5", "uid": "6f1c7e0a-3b52-4a57-9a8e-2f9d0c1b2a3e",
+                            "controller": true, "blockOwnerDeletion": true}]},
+           "spec": {"serviceAccountName": "api", "nodeName": format!("node-{}", i % 7),
+                    "containers": [{"name": "api", "image": "registry.example.com/team/api:1.42.0",
+                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                        "env": [{"name": "LOG_LEVEL", "value": "info"},
+                                {"name": "DATABASE_URL", "value": "postgres://api:hunter2hunter2@db.internal:5432/api"},
+                                {"name": "REGION", "value": "eu-west-1"}],
+                        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"},
+                                      "limits": {"cpu": "1", "memory": "512Mi"}},
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10},
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/api"}]}],
+                    "volumes": [{"name": "config", "configMap": {"name": "api-config"}}]},
+           "status": {"phase": "Running", "podIP": format!("10.244.{}.{}", i / 250, i % 250 + 2),
+                      "conditions": [
+                          {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-01T10:00:05Z"},
+                          {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-12-01T10:00:05Z"},
+                          {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-01T10:00:00Z"}],
+                      "containerStatuses": [{"name": "api", "ready": true, "restartCount": 0,
+                          "image": "registry.example.com/team/api:1.42.0",
+                          "imageID": "registry.example.com/team/api@sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+                          "containerID": "containerd://9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b",
+                          "state": {"running": {"startedAt": "2026-12-01T10:00:03Z"}}}]}})
+}
+
 fn masker() -> Arc<Masker> {
     let spec: MaskingSpec = serde_norway::from_str(
         "paths: [{apiGroups: [\"\"], resources: [configmaps], fields: [.data.password]}]",
@@ -65,6 +99,7 @@ fn bench_masking(c: &mut Criterion) {
             "configmaps",
             list("ConfigMapList", configmap),
         ),
+        ("pod_list_10MiB", "pods", list("PodList", pod)),
     ] {
         let target = Target {
             group: "",
