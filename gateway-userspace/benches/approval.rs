@@ -8,6 +8,11 @@
 //! Besides criterion's estimate it prints p50/p99 over every sample it took (goal: under
 //! 100 ms p99).
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},

@@ -3,6 +3,11 @@
 //! must never wait), and sealing and verifying a decision (the approvals API seals once per
 //! decision; every gateway verifies each decided AccessRequest its watch delivers).
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

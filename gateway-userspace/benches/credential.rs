@@ -6,6 +6,11 @@
 //! minute: the cheapest refreshable case; an exec token adds one mutex every request
 //! contends on). Both run on a current-thread runtime, `PER_BLOCK` calls per `block_on`.
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{hint::black_box, time::Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};

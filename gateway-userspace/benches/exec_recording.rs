@@ -14,6 +14,11 @@
 //! * `parquet/exec_frames`: what the writer thread does with the rows: Arrow encoding and
 //!   zstd Parquet, per core.
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     fmt::Write as _,
     hint::black_box,

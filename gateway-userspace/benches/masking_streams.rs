@@ -11,6 +11,11 @@
 //! a `LineMasker` the text in 16 KiB reads cut anywhere, as a `kubectl logs -f` response
 //! arrives.
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{fmt::Write as _, hint::black_box};
 
 use base64::Engine as _;

@@ -29,6 +29,11 @@
 //! (with an `approval` block) and probes the same requests as `decide`: requests that need
 //! no approval must cost what they cost without approve rules.
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{fmt::Write as _, hint::black_box};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};

@@ -5,6 +5,11 @@
 //! and rename). Run with `cargo bench -p gateway-userspace --bench recorder`; criterion
 //! prints the figure as `thrpt: ... Kelem/s` (one element = one row).
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::fs::File;
 use std::hint::black_box;
 use std::time::Duration;

@@ -7,6 +7,11 @@
 //! so the figure is that disk's fsync, not a tmpfs's; set `CHAPERONE_BENCH_DIR` to measure
 //! another disk.
 
+/// The product's allocator (gateway-userspace/src/main.rs): figures with glibc's malloc
+/// would not be the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
