@@ -635,3 +635,88 @@ fn detectors_run_over_every_other_string_value() {
         "{report:?}"
     );
 }
+
+/// A list is masked item by item (`mask_body`'s list path): the output and the report are
+/// those of masking the whole decoded list, for every shape a list path can meet.
+#[test]
+fn lists_masked_item_by_item_equal_the_whole_list_masked() {
+    let spec: MaskingSpec = serde_norway::from_str(
+        "paths: [{apiGroups: [\"\"], resources: [configmaps], fields: [.data.token]}]",
+    )
+    .unwrap();
+    let m = masker_with(spec);
+    let pod = |i: usize| {
+        json!({"kind": "Pod", "metadata": {"name": format!("p{i}"), "annotations": {
+                   super::LAST_APPLIED: json!({"kind": "Pod", "spec": {"containers": [{"name": "c",
+                       "env": [{"name": "DB_PASSWORD", "value": "hunter2"}]}]}}).to_string()}},
+               "spec": {"containers": [{"name": "c", "image": "x",
+                   "env": [{"value": "value-before-name", "name": "API_TOKEN"},
+                           {"name": "DATABASE_URL", "value": "postgres://u:pw-123456@db:5432/x"},
+                           {"name": "LEVEL", "value": "info"}]}]}})
+    };
+    let configmaps = Target {
+        group: "",
+        resource: "configmaps",
+    };
+    let pods = Target {
+        group: "",
+        resource: "pods",
+    };
+    let cases: Vec<(Target<'_>, String)> = vec![
+        (
+            SECRETS,
+            json!({"kind": "SecretList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
+                   "items": [secret("a", "eA=="), secret("b", "not base64 !"), json!({"data": {"x": 1}})]})
+            .to_string(),
+        ),
+        (
+            pods,
+            json!({"kind": "PodList", "items": (0..5).map(pod).collect::<Vec<_>>()}).to_string(),
+        ),
+        (
+            configmaps,
+            json!({"items": [{"kind": "ConfigMap", "data": {"token": "t", "k": "AKIAQ3EGRT7NWZ5KXP4M",
+                                                          "ok": "plain"}},
+                             {"kind": "Secret", "data": {"inner": "eA=="}}],
+                   "metadata": {"continue": "next-page", "remainingItemCount": 3}})
+            .to_string(),
+        ),
+        // Whitespace, escapes and keys out of order, as a hand-written server may send.
+        (
+            SECRETS,
+            "{ \"metadata\" : { \"resourceVersion\" : \"1\" } ,\n \"items\" : [ {\"data\": {\"p\": \"\\u0065A==\"}, \"kind\": \"Secret\"} ],\n \"kind\" : \"SecretList\" }\n"
+                .to_owned(),
+        ),
+        (SECRETS, json!({"kind": "SecretList", "items": []}).to_string()),
+        // Not lists: masked whole, as before.
+        (SECRETS, json!({"kind": "Secret", "items": [1], "data": {"a": "eA=="}}).to_string()),
+        (SECRETS, json!({"kind": "SecretList", "items": "no array"}).to_string()),
+        (SECRETS, json!([secret("a", "eA==")]).to_string()),
+    ];
+    for (target, body) in cases {
+        let mut whole: Value = serde_json::from_str(&body).unwrap();
+        let mut want_report = MaskReport::default();
+        m.mask_value(target, &mut whole, &mut want_report);
+        let mut report = MaskReport::default();
+        let out = m.mask_body(target, body.as_bytes(), &mut report).unwrap();
+        let got: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(got, whole, "{body}");
+        assert_eq!(report, want_report, "{body}");
+        // For a compact body with sorted keys, the same bytes too.
+        let compact = serde_json::from_str::<Value>(&body).unwrap().to_string() == body;
+        if compact {
+            assert_eq!(String::from_utf8(out).unwrap(), whole.to_string(), "{body}");
+        }
+    }
+    // Garbage is refused either way, never passed through.
+    for bad in [
+        &b"{\"items\": [1, "[..],
+        b"{\"kind\":\"SecretList\",\"items\":[{]}",
+        b"nul",
+    ] {
+        assert!(
+            m.mask_body(SECRETS, bad, &mut MaskReport::default())
+                .is_err()
+        );
+    }
+}
