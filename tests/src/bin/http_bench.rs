@@ -68,15 +68,20 @@ const CREATE_PATH: &str = "/api/v1/namespaces/bench/configmaps";
 const SCENARIO_REQUESTS: usize = 300;
 /// Watches held open at once for the memory-per-watch figure.
 const IDLE_WATCHES: usize = 1000;
+/// Events in the watch scenario: pods seeded in `watch` (and `watch-masked`), sent as
+/// ADDED events by a watch from resourceVersion 0.
+const WATCH_EVENTS: usize = 1000;
+/// Bytes an exec writes to stdout in the exec scenario (`head -c N /dev/zero`).
+const EXEC_BYTES: usize = 256 * 1024 * 1024;
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: Policy
 default: allow
 rules:
   - name: mask-bench-pods
     action: mask
-    verbs: [get, list]
+    verbs: [get, list, watch]
     resources: [pods]
-    namespaces: [bench-masked]
+    namespaces: [bench-masked, watch-masked]
   - name: mask-bench-secret
     action: mask
     verbs: [get]
@@ -92,6 +97,21 @@ rules:
     message: no secrets for agents
     verbs: ["*"]
     resources: [secrets]
+  - name: exec-bench
+    action: allow
+    verbs: [create, get]
+    resources: [pods/exec]
+    resourceNames: [web-0]
+  - name: exec-bench-masked
+    action: mask
+    verbs: [create, get]
+    resources: [pods/exec]
+    resourceNames: [web-1]
+  - name: exec-bench-masked-allow
+    action: allow
+    verbs: [create, get]
+    resources: [pods/exec]
+    resourceNames: [web-1]
   - name: no-exec
     action: deny
     message: no interactive access
@@ -156,15 +176,22 @@ async fn upstream(dir: &Path) -> anyhow::Result<()> {
         ..ApiServerConfig::default()
     })
     .await?;
-    server.seed(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "web-0", "namespace": "default", "labels": {"app": "web"}},
-        "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
-        "status": {"phase": "Running"},
-    }))?;
+    for name in ["web-0", "web-1"] {
+        server.seed(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
+            "status": {"phase": "Running"},
+        }))?;
+    }
     for namespace in ["bench", "bench-masked"] {
         for i in 0..LIST_PODS {
+            server.seed(bench_pod(namespace, i))?;
+        }
+    }
+    for namespace in ["watch", "watch-masked"] {
+        for i in 0..WATCH_EVENTS {
             server.seed(bench_pod(namespace, i))?;
         }
     }
@@ -379,6 +406,12 @@ http {{
   # clients of an API server keep theirs open.
   client_body_temp_path {d}/nginx-tmp/body;
   proxy_temp_path {d}/nginx-tmp/proxy;
+  # exec and attach upgrade to WebSocket; every other request keeps its upstream
+  # connection alive.
+  map $http_upgrade $connection_upgrade {{
+    default upgrade;
+    '' '';
+  }}
   upstream apiserver {{
     server {upstream};
     keepalive 64;
@@ -393,7 +426,8 @@ http {{
     location / {{
       proxy_pass https://apiserver;
       proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
       proxy_ssl_session_reuse on;
       proxy_buffering off;
     }}
@@ -791,6 +825,103 @@ struct Scenarios {
     list_masked: Vec<[f64; 2]>,
     create: Vec<[f64; 2]>,
     watch_kib: Option<f64>,
+    /// Milliseconds from sending a watch to its 1,000th event.
+    watch_ms: Vec<f64>,
+    watch_masked_ms: Vec<f64>,
+    /// Exec stdout MB/s.
+    exec: Vec<f64>,
+    exec_masked: Vec<f64>,
+}
+
+/// Exec stdout throughput (MB/s) through the target with real kubectl (WebSocket, as
+/// kubectl 1.32 speaks it): `kubectl exec POD -- head -c EXEC_BYTES /dev/zero` into
+/// /dev/null, timed, less the time of `kubectl exec POD -- true` (kubectl's start-up and
+/// the session's set-up), each the best of two runs.
+fn exec_mb_per_s(target: &Target, dir: &Path, pod: &str) -> anyhow::Result<f64> {
+    let kubeconfig = dir.join(format!("kubeconfig-{}", target.name));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: b\n  cluster:\n    server: https://{}\n    insecure-skip-tls-verify: true\nusers:\n- name: b\n  user:\n    token: {}\ncontexts:\n- name: b\n  context: {{cluster: b, user: b, namespace: default}}\ncurrent-context: b\n",
+            target.addr, target.token
+        ),
+    )?;
+    let timed = |args: &[&str]| -> anyhow::Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..2 {
+            let started = Instant::now();
+            let out = Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["exec", pod, "--"])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .context("run kubectl (is it installed?)")?;
+            ensure!(
+                out.status.success(),
+                "{}: kubectl exec {args:?} failed: {}",
+                target.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let empty = timed(&["true"])?;
+    let full = timed(&["head", "-c", &EXEC_BYTES.to_string(), "/dev/zero"])?;
+    Ok(EXEC_BYTES as f64 / (full - empty).max(1e-3) / 1e6)
+}
+
+/// Milliseconds from starting a watch of `namespace`'s pods from resourceVersion 0 (curl
+/// over HTTP/2, as kubectl would) until its `WATCH_EVENTS`th event has arrived.
+fn watch_events_ms(target: &Target, namespace: &str) -> anyhow::Result<f64> {
+    use std::io::BufRead as _;
+    let url = format!(
+        "https://{}/api/v1/namespaces/{namespace}/pods?watch=true&resourceVersion=0&timeoutSeconds=60",
+        target.addr
+    );
+    let started = Instant::now();
+    // -k: nginx's certificate is self-signed; everything here is on loopback.
+    let mut child = Command::new("curl")
+        .args(["-sSNk", "--http2", "-H"])
+        .arg(format!("authorization: Bearer {}", target.token))
+        .args(["-H", "accept: application/json", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("run curl (is it installed?)")?;
+    let stdout = child.stdout.take().context("curl stdout")?;
+    let mut events = 0;
+    let mut masked_seen = false;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        ensure!(
+            line.starts_with("{\"type\":\"ADDED\""),
+            "{}: unexpected watch line {line:.200}",
+            target.name
+        );
+        masked_seen |= line.contains("**masked");
+        events += 1;
+        if events == WATCH_EVENTS {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    ensure!(
+        events == WATCH_EVENTS,
+        "{}: the watch ended after {events} of {WATCH_EVENTS} events",
+        target.name
+    );
+    ensure!(
+        masked_seen == namespace.ends_with("-masked"),
+        "{}: masking of {namespace} is not what the policy says",
+        target.name
+    );
+    Ok(elapsed.as_secs_f64() * 1000.0)
 }
 
 fn scenarios(target: &Target, dir: &Path, pass: usize) -> anyhow::Result<Scenarios> {
@@ -808,6 +939,13 @@ fn scenarios(target: &Target, dir: &Path, pass: usize) -> anyhow::Result<Scenari
         };
         out.list_masked
             .push(pair(latency_of(&masked, dir, SCENARIO_REQUESTS, &[])?));
+    }
+    out.watch_ms.push(watch_events_ms(target, "watch")?);
+    out.exec.push(exec_mb_per_s(target, dir, "web-0")?);
+    if target.name == "chaperone" {
+        out.watch_masked_ms
+            .push(watch_events_ms(target, "watch-masked")?);
+        out.exec_masked.push(exec_mb_per_s(target, dir, "web-1")?);
     }
     // generateName: every create makes a new ConfigMap, so none conflicts.
     let body = dir.join("create.json");
@@ -834,13 +972,26 @@ fn scenarios(target: &Target, dir: &Path, pass: usize) -> anyhow::Result<Scenari
         ],
     )?));
     eprintln!(
-        "http_bench:   list of {LIST_PODS} pods p50 {:.0} us{}, create p50 {:.0} us",
+        "http_bench:   list of {LIST_PODS} pods p50 {:.0} us{}, create p50 {:.0} us, watch of {WATCH_EVENTS} events {:.1} ms{}",
         out.list[0][0],
         out.list_masked
             .first()
             .map(|m| format!(" (masked {:.0} us)", m[0]))
             .unwrap_or_default(),
         out.create[0][0],
+        out.watch_ms[0],
+        out.watch_masked_ms
+            .first()
+            .map(|m| format!(" (masked {m:.1} ms)"))
+            .unwrap_or_default(),
+    );
+    eprintln!(
+        "http_bench:   exec stdout {:.0} MB/s{}",
+        out.exec[0],
+        out.exec_masked
+            .first()
+            .map(|m| format!(" (masked {m:.0} MB/s)"))
+            .unwrap_or_default(),
     );
     Ok(out)
 }
@@ -853,13 +1004,17 @@ fn print_scenarios(targets: &[Target], agents: &[Scenarios]) -> serde_json::Valu
          memory per idle watch with {IDLE_WATCHES} open"
     );
     println!(
-        "  {:<10} {:>22} {:>22} {:>22} {:>22} {:>16}",
+        "  {:<10} {:>22} {:>22} {:>22} {:>22} {:>16} {:>20} {:>20} {:>16} {:>18}",
         "target",
         "list p50 us",
         "list masked p50 us",
         "create p50 us",
         "create p99 us",
-        "KiB/watch"
+        "KiB/watch",
+        "1k events ms",
+        "1k masked ms",
+        "exec MB/s",
+        "exec masked MB/s"
     );
     let mut json = serde_json::Map::new();
     for (t, a) in targets.iter().zip(agents) {
@@ -868,14 +1023,25 @@ fn print_scenarios(targets: &[Target], agents: &[Scenarios]) -> serde_json::Valu
         } else {
             spread(&col(&a.list_masked, 0))
         };
+        let or_dash = |xs: &[f64]| {
+            if xs.is_empty() {
+                "-".to_owned()
+            } else {
+                spread(xs)
+            }
+        };
         println!(
-            "  {:<10} {:>22} {:>22} {:>22} {:>22} {:>16}",
+            "  {:<10} {:>22} {:>22} {:>22} {:>22} {:>16} {:>20} {:>20} {:>16} {:>18}",
             t.name,
             spread(&col(&a.list, 0)),
             masked,
             spread(&col(&a.create, 0)),
             spread(&col(&a.create, 1)),
             a.watch_kib.map_or("-".to_owned(), |k| format!("{k:.1}")),
+            or_dash(&a.watch_ms),
+            or_dash(&a.watch_masked_ms),
+            or_dash(&a.exec),
+            or_dash(&a.exec_masked),
         );
         let m = |xs: &[[f64; 2]], i: usize| {
             let c = col(xs, i);
@@ -891,9 +1057,15 @@ fn print_scenarios(targets: &[Target], agents: &[Scenarios]) -> serde_json::Valu
                 "create_p50_us": m(&a.create, 0),
                 "create_p99_us": m(&a.create, 1),
                 "idle_watch_kib": a.watch_kib.map(|k| (k * 10.0).round() / 10.0),
+                "watch_1000_events_ms": (!a.watch_ms.is_empty()).then(|| median(&a.watch_ms)),
+                "watch_1000_events_masked_ms": (!a.watch_masked_ms.is_empty()).then(|| median(&a.watch_masked_ms)),
+                "exec_mb_per_s": (!a.exec.is_empty()).then(|| median(&a.exec).round()),
+                "exec_masked_mb_per_s": (!a.exec_masked.is_empty()).then(|| median(&a.exec_masked).round()),
                 "passes": {
                     "list_500_pods_p50_us": col(&a.list, 0),
                     "create_p50_us": col(&a.create, 0),
+                    "watch_1000_events_ms": a.watch_ms,
+                    "exec_mb_per_s": a.exec,
                 },
             }),
         );
@@ -1035,13 +1207,17 @@ fn orchestrate() -> anyhow::Result<()> {
     for pass in 1..=PASSES {
         for (t, a) in targets.iter().zip(agents.iter_mut()) {
             eprintln!(
-                "http_bench: pass {pass}/{PASSES}: {} (list, create)",
+                "http_bench: pass {pass}/{PASSES}: {} (list, watch, create)",
                 t.name
             );
             let s = scenarios(t, dir, pass)?;
             a.list.extend(s.list);
             a.list_masked.extend(s.list_masked);
             a.create.extend(s.create);
+            a.watch_ms.extend(s.watch_ms);
+            a.watch_masked_ms.extend(s.watch_masked_ms);
+            a.exec.extend(s.exec);
+            a.exec_masked.extend(s.exec_masked);
         }
     }
     for (a, kib) in agents.iter_mut().zip(&watch_kib) {
