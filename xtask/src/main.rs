@@ -549,6 +549,53 @@ fn print_bench_summary(target: &Path) {
             100.0 * c / n
         );
     }
+    // What agents do (http_bench's scenarios), chaperone next to nginx.
+    let scenarios = summary
+        .find("\"scenarios\"")
+        .map_or("", |at| &summary[at..]);
+    let scenario = |who: &str, key: &str| json_number_after(scenarios, &format!("\"{who}\""), key);
+    for (label, key, unit, target) in [
+        ("list of 500 pods, p50", "list_500_pods_p50_us", "us", ""),
+        (
+            "the same list masked, p50",
+            "list_500_pods_masked_p50_us",
+            "us",
+            "",
+        ),
+        (
+            "create through the write-ahead log, p50",
+            "create_p50_us",
+            "us",
+            "(target: added <= 1000 us)",
+        ),
+        ("watch, 1,000 events", "watch_1000_events_ms", "ms", ""),
+        (
+            "watch, 1,000 events masked",
+            "watch_1000_events_masked_ms",
+            "ms",
+            "",
+        ),
+        ("exec stdout", "exec_mb_per_s", "MB/s", ""),
+        (
+            "exec stdout masked",
+            "exec_masked_mb_per_s",
+            "MB/s",
+            "(target: >= 200 MB/s)",
+        ),
+        (
+            "memory per idle watch",
+            "idle_watch_kib",
+            "KiB",
+            "(target: <= 32 KiB)",
+        ),
+    ] {
+        println!(
+            "  {label}: chaperone {}, nginx {}, direct {}   {target}",
+            show(scenario("chaperone", key), unit),
+            show(scenario("nginx", key), unit),
+            show(scenario("direct", key), unit),
+        );
+    }
     println!(
         "  gateway RSS after the HTTP runs: {}",
         show(http("chaperone", "rss_kib").map(|k| k / 1024.0), "MiB")

@@ -898,7 +898,7 @@ fn watch_events_ms(target: &Target, namespace: &str) -> anyhow::Result<f64> {
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line?;
         ensure!(
-            line.starts_with("{\"type\":\"ADDED\""),
+            line.starts_with('{') && line.contains("\"type\":\"ADDED\""),
             "{}: unexpected watch line {line:.200}",
             target.name
         );
@@ -1064,7 +1064,9 @@ fn print_scenarios(targets: &[Target], agents: &[Scenarios]) -> serde_json::Valu
                 "passes": {
                     "list_500_pods_p50_us": col(&a.list, 0),
                     "create_p50_us": col(&a.create, 0),
-                    "watch_1000_events_ms": a.watch_ms,
+                    // Not `watch_1000_events_ms`: xtask finds figures by the first
+                    // occurrence of their key after the target's name.
+                    "watch_ms": a.watch_ms,
                     "exec_mb_per_s": a.exec,
                 },
             }),
