@@ -703,8 +703,8 @@ fn lists_masked_item_by_item_equal_the_whole_list_masked() {
         assert_eq!(got, whole, "{body}");
         assert_eq!(report, want_report, "{body}");
         // For a compact body with sorted keys, the same bytes too.
-        let compact = serde_json::from_str::<Value>(&body).unwrap().to_string() == body;
-        if compact {
+        let reencoded = serde_json::from_str::<Value>(&body).unwrap().to_string();
+        if reencoded == body {
             assert_eq!(String::from_utf8(out).unwrap(), whole.to_string(), "{body}");
         }
     }
