@@ -598,21 +598,22 @@ async fn the_cli_and_the_kubectl_plugin_decide() {
         bin.path().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    // The requesting agent's own service account, through the plugin: refused, and the
-    // request stays pending.
-    let own = tokio::task::spawn_blocking({
-        let (path, kubeconfig) = (path.clone(), h.kubeconfig("agent"));
-        move || {
+    let kubectl_plugin = async |args: &'static [&'static str], token: &str| {
+        let (path, kubeconfig) = (path.clone(), h.kubeconfig(token));
+        tokio::task::spawn_blocking(move || {
             std::process::Command::new("kubectl")
-                .args(["chaperone", "approve", "ar-plugin"])
+                .args(args)
                 .env("PATH", path)
                 .env("KUBECONFIG", kubeconfig)
                 .output()
                 .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap()
+    };
+    // The requesting agent's own service account, through the plugin: refused, and the
+    // request stays pending.
+    let own = kubectl_plugin(&["chaperone", "approve", "ar-plugin"], "agent").await;
     let err = String::from_utf8_lossy(&own.stderr);
     assert_eq!(own.status.code(), Some(1), "{err}");
     assert!(
@@ -624,17 +625,11 @@ async fn the_cli_and_the_kubectl_plugin_decide() {
         status.as_ref().is_none_or(|s| s.phase == Phase::Pending),
         "{status:?}"
     );
-    let kubeconfig = h.kubeconfig("bob");
-    let plugin = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("kubectl")
-            .args(["chaperone", "deny", "ar-plugin", "--comment", "not today"])
-            .env("PATH", path)
-            .env("KUBECONFIG", kubeconfig)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let plugin = kubectl_plugin(
+        &["chaperone", "deny", "ar-plugin", "--comment", "not today"],
+        "bob",
+    )
+    .await;
     let out = String::from_utf8_lossy(&plugin.stdout);
     assert!(
         plugin.status.success(),
