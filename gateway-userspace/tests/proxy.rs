@@ -35,6 +35,13 @@ rules:
     message: no secrets for agents
     verbs: ["*"]
     resources: [secrets]
+  - name: big-numbers-only
+    action: deny
+    message: k must be a small number
+    verbs: [create]
+    resources: [configmaps]
+    namespaces: [cel-fails]
+    when: ["int(object.data.k) > 3"]
 "#;
 
 struct Harness {
@@ -1194,4 +1201,75 @@ async fn reads_may_pass_while_recording_is_down_when_configured() {
     repair();
     wait_ready(&h, 200).await;
     let _ = stop(h).await;
+}
+
+/// A `when:` condition that fails at run time (here `int()` of a word) denies the request
+/// with the reason, fails closed (nothing reaches the API server), is recorded as a
+/// denial and is counted in `chaperone_policy_condition_failures_total`; one that
+/// evaluates is not counted.
+#[tokio::test]
+async fn a_condition_that_fails_at_run_time_denies_and_is_counted() {
+    let h = start(None).await;
+    let c = client(&h.ca_pem, true);
+    let create = async |k: &str| {
+        let body = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("k-{k}"), "namespace": "cel-fails"}, "data": {"k": k}});
+        let resp = send(
+            &c,
+            request(&h, Method::POST, "/api/v1/namespaces/cel-fails/configmaps")
+                .header("content-type", "application/json"),
+            Bytes::from(body.to_string()),
+            "create configmap",
+        )
+        .await;
+        (resp.status(), body_json(resp).await)
+    };
+    let failures = async || {
+        let (_, metrics) = admin_get(&h, "/metrics").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("chaperone_policy_condition_failures_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no condition failure counter in {metrics}"))
+    };
+    assert_eq!(failures().await, 0);
+
+    let (code, status) = create("many").await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("big-numbers-only") && message.contains("int(object.data.k) > 3"),
+        "{status}"
+    );
+    assert_eq!(failures().await, 1);
+
+    // Evaluated (true): the rule's own denial, not a failure.
+    let (code, status) = create("7").await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("k must be a small number")),
+        "{status}"
+    );
+    assert_eq!(failures().await, 1);
+
+    let (rows, apiserver, _dir) = stop(h).await;
+    assert!(
+        apiserver
+            .requests()
+            .iter()
+            .all(|r| !r.path_and_query.contains("cel-fails")),
+        "a denied create reached the API server"
+    );
+    let denied: Vec<_> = rows
+        .iter()
+        .filter(|r| r.object_ref.namespace == "cel-fails")
+        .collect();
+    assert_eq!(denied.len(), 2);
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.policy_rule.as_deref() == Some("big-numbers-only"))
+    );
 }
