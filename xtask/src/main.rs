@@ -404,6 +404,8 @@ fn bench() -> anyhow::Result<()> {
         "wal",
         "--bench",
         "exec_recording",
+        "--bench",
+        "identity",
         "--",
         "--quick",
     ])?;
