@@ -9,7 +9,9 @@
 //!   each; a plain directory tree, whose inode numbers stand in for cgroup ids as they do
 //!   on cgroup2), what an unknown cgroup id costs at most once per rescan interval;
 //! * `identity/resolve_cgroup/N`: a known cgroup id to its workload (cache hit), the
-//!   per-connection cost.
+//!   per-connection cost;
+//! * `identity/new_cgroup_by_id`: a cgroup the cache does not know (a new pod) on the host's
+//!   cgroup2 mount, opened by its id instead of a rescan (root only).
 //!
 //! The store's memory at each size is printed (resident set growth of this process).
 //!
@@ -154,5 +156,31 @@ fn bench_identity(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_identity);
+/// A new cgroup's first lookup on the host's cgroup2 mount: opened by its id, whatever
+/// the size of the tree (needs root to create the cgroup; skipped with a reason otherwise).
+fn bench_new_cgroup_by_id(c: &mut Criterion) {
+    let Ok(host) = CgroupResolver::for_host(ResolverLimits::default()) else {
+        println!("identity/new_cgroup_by_id: skipped, no cgroup2 mount");
+        return;
+    };
+    let root = host.root().to_owned();
+    let dir = root.join(format!("chaperone-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir(&dir) {
+        println!("identity/new_cgroup_by_id: skipped, cannot create a cgroup: {e}");
+        return;
+    }
+    let id = std::fs::metadata(&dir).expect("stat").ino();
+    c.bench_function("identity/new_cgroup_by_id", |b| {
+        b.iter(|| {
+            // A fresh resolver: an empty cache, as for a pod's first connection.
+            let resolver = CgroupResolver::new(root.clone(), ResolverLimits::default());
+            let path = resolver.resolve(black_box(id));
+            assert!(path.is_some() && resolver.stats().scans == 0);
+            path
+        });
+    });
+    let _ = std::fs::remove_dir(&dir);
+}
+
+criterion_group!(benches, bench_identity, bench_new_cgroup_by_id);
 criterion_main!(benches);

@@ -48,6 +48,8 @@ pub struct ResolverStats {
     pub rate_limited: u64,
     /// cgroups found by the last scan.
     pub entries: usize,
+    /// Misses resolved by opening the cgroup by its id, without a scan.
+    pub opened_by_id: u64,
 }
 
 /// Maps cgroup ids to paths relative to the cgroup2 mount (`kubepods.slice/...`, no
@@ -93,6 +95,20 @@ impl CgroupResolver {
     /// limit allows. Blocking (a `stat`, and on a miss possibly a directory walk).
     pub fn resolve(&self, id: u64) -> Option<String> {
         if let Some(path) = self.cached(id) {
+            return Some(path);
+        }
+        // A new cgroup (a pod's first connection): open it by its id, which costs a few
+        // system calls whatever the size of the tree, and is not rate-limited.
+        if let Some(path) = path_by_id(&self.root, id, self.limits.max_depth) {
+            self.paths
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id, path.clone());
+            self.scan
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .stats
+                .opened_by_id += 1;
             return Some(path);
         }
         if self.rescan_if_allowed() {
@@ -181,6 +197,59 @@ impl CgroupResolver {
         state.stats.entries = entries;
         Ok(entries)
     }
+}
+
+/// The path (relative to `root`) of the cgroup whose id is `id`, found without walking the
+/// tree: on cgroup2 a file handle is the kernfs node id, which is the cgroup id the kernel
+/// reports, so `open_by_handle_at` opens the cgroup's directory and `/proc/self/fd` names
+/// it. `None` when the id is unknown, the filesystem is not cgroup2 (a plain directory
+/// has other handles), the cgroup is outside `root` or deeper than a scan would go
+/// (`max_depth`), or the process lacks `CAP_DAC_READ_SEARCH`: the caller then scans.
+#[expect(
+    unsafe_code,
+    reason = "open_by_handle_at has no safe wrapper in nix or std"
+)]
+fn path_by_id(root: &Path, id: u64, max_depth: usize) -> Option<String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    /// `struct file_handle` with room for a kernfs handle (`FILEID_KERNFS`: the 8-byte
+    /// node id).
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: libc::c_uint,
+        handle_type: libc::c_int,
+        id: [u8; 8],
+    }
+    const FILEID_KERNFS: libc::c_int = 0xfe;
+    let mount = std::fs::File::open(root).ok()?;
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id: id.to_ne_bytes(),
+    };
+    // SAFETY: `handle` is a `struct file_handle` whose `handle_bytes` (8) is the size of
+    // the array after its header, as the call requires; `mount` is an open fd on the
+    // filesystem the handle belongs to. The returned fd, if any, is owned here.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&raw mut handle).cast(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    let rel = target.strip_prefix(root).ok()?.to_str()?.to_owned();
+    if !rel.is_empty() && rel.split('/').count() > max_depth {
+        return None;
+    }
+    // The same check as a cached entry's: ids are never reused, so a directory with this
+    // inode at this path is this cgroup.
+    let meta = std::fs::symlink_metadata(root.join(&rel)).ok()?;
+    (meta.ino() == id && meta.is_dir()).then_some(rel)
 }
 
 /// Walks the hierarchy below `root` (depth-first, without following symlinks).
@@ -356,19 +425,21 @@ mod tests {
             assert_eq!(parsed.pod_uid, UID);
             assert_eq!(parsed.container_id(), Some(ID));
         }
-        let scans = resolver.stats().scans;
-        assert!(scans >= 1);
+        // Both were opened by their ids: no walk of the host's cgroup tree.
+        let stats = resolver.stats();
+        assert_eq!((stats.scans, stats.opened_by_id), (0, 2), "{stats:?}");
         // Hits do not rescan.
         resolver.resolve(systemd_id);
-        assert_eq!(resolver.stats().scans, scans, "a hit must not rescan");
+        assert_eq!(resolver.stats(), stats, "a hit must cost nothing more");
 
-        // A container created after the scan resolves through the rescan on miss.
+        // A container created later resolves by its id too, however recent the last miss.
         let (late_id, late_path) = tree.mkdir(&format!("kubepods/pod{UID}/{}", "ab".repeat(32)));
         assert_eq!(
             resolver.resolve(late_id).as_deref(),
             Some(late_path.as_str())
         );
-        assert_eq!(resolver.stats().scans, scans + 1);
+        assert_eq!(resolver.stats().opened_by_id, 3);
+        assert_eq!(resolver.stats().scans, 0);
 
         // A removed cgroup stops resolving, even though it is still in the map.
         tree.rmdir(&late_path);
@@ -405,10 +476,49 @@ mod tests {
         assert_eq!(stats.scans, 1, "{stats:?}");
         assert_eq!(stats.rate_limited, 1000, "{stats:?}");
         // A cgroup made during the quiet period is found by an explicit rescan.
+        // A cgroup made during the quiet period is found by its id, without a scan.
         let (id, path) = tree.mkdir("late");
-        assert_eq!(resolver.resolve(id), None);
-        resolver.rescan().unwrap_or_else(|e| panic!("rescan: {e}"));
         assert_eq!(resolver.resolve(id).as_deref(), Some(path.as_str()));
+        assert_eq!(resolver.stats().scans, 1);
+        assert_eq!(resolver.stats().opened_by_id, 1);
+    }
+
+    /// Where a cgroup cannot be opened by its id (here a plain directory tree, whose file
+    /// handles are not kernfs node ids), a miss rescans, and a new directory is found by
+    /// the next allowed rescan; an explicit rescan finds it at once.
+    #[test]
+    fn without_handles_misses_fall_back_to_a_rate_limited_scan() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mkdir = |rel: &str| {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {rel}: {e}"));
+            std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("stat {rel}: {e}"))
+                .ino()
+        };
+        let first = mkdir("kubepods/besteffort/pod1/c1");
+        let resolver = CgroupResolver::new(
+            dir.path().to_owned(),
+            ResolverLimits {
+                min_rescan_interval: Duration::from_secs(3600),
+                ..ResolverLimits::default()
+            },
+        );
+        assert_eq!(
+            resolver.resolve(first).as_deref(),
+            Some("kubepods/besteffort/pod1/c1")
+        );
+        let stats = resolver.stats();
+        assert_eq!((stats.scans, stats.opened_by_id), (1, 0), "{stats:?}");
+        let late = mkdir("kubepods/besteffort/pod2/c1");
+        assert_eq!(resolver.resolve(late), None, "rate-limited");
+        assert_eq!(resolver.stats().rate_limited, 1);
+        resolver.rescan().unwrap_or_else(|e| panic!("rescan: {e}"));
+        assert_eq!(
+            resolver.resolve(late).as_deref(),
+            Some("kubepods/besteffort/pod2/c1")
+        );
     }
 
     #[test]
