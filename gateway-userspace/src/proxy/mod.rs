@@ -83,6 +83,8 @@ pub struct Proxy {
     /// One upstream connection pool per data-path worker, so a request and the upstream
     /// connection it uses are driven by the same thread ([`Proxy::upstream`]).
     upstreams: Vec<UpstreamClient>,
+    /// One batch of finished rows per data-path worker ([`record::RowBatch`]).
+    row_batches: Vec<Arc<record::RowBatch>>,
     upstream_base: Uri,
     credential: Option<Arc<UpstreamCredential>>,
     recorder: RecorderHandle,
@@ -217,9 +219,13 @@ impl Proxy {
                     .build(connector.clone())
             })
             .collect();
+        let row_batches = (0..workers)
+            .map(|_| Arc::new(record::RowBatch::new(s.recorder.clone())))
+            .collect();
         Arc::new(Self {
             policy: Arc::new(ArcSwap::from_pointee(s.policy)),
             upstreams,
+            row_batches,
             upstream_base: s.upstream_url,
             credential: s.credential,
             recorder: s.recorder,

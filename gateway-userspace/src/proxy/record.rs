@@ -1,12 +1,17 @@
 //! The one row per request: sent when the exchange is over, with the masked response
 //! object when one was captured.
+//!
+//! Rows finished on a data-path thread are handed to the recorder's runtime in batches
+//! ([`RowBatch`]): handing each row over on its own woke a parked thread of that runtime
+//! per request (a futex wake, an inter-processor interrupt and two context switches), which
+//! was a fifth of the gateway's CPU time per request (docs/benchmarks.md).
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -15,7 +20,12 @@ use crate::{
     recorder::{RecorderHandle, RequestRecord},
 };
 
-use super::{Proxy, body};
+use super::{Proxy, body, workers};
+
+/// How long a data-path thread keeps its first unsent row before handing the batch over.
+const BATCH_DELAY: Duration = Duration::from_millis(2);
+/// A batch this large is handed over at once.
+const BATCH_ROWS: usize = 64;
 
 /// Sends the row when the exchange is over: when the response body has been fully sent,
 /// or when it is dropped (client went away, watch closed, local response).
@@ -37,6 +47,8 @@ pub(super) struct RecordGuard {
     pub(super) max_object_bytes: usize,
     /// Values masked in a streamed body (pod logs), added to the row's masked count.
     pub(super) masked_streamed: Option<Arc<AtomicU64>>,
+    /// The batch of the data-path thread that made the row (None elsewhere: sent alone).
+    batch: Option<Arc<RowBatch>>,
 }
 
 impl RecordGuard {
@@ -48,6 +60,9 @@ impl RecordGuard {
     ) -> Self {
         Self {
             pending: Some((proxy.recorder.clone(), record)),
+            batch: workers::current()
+                .and_then(|index| proxy.row_batches.get(index))
+                .cloned(),
             metrics: proxy.metrics.clone(),
             started,
             request_bytes,
@@ -77,7 +92,6 @@ impl Drop for RecordGuard {
             let n = i32::try_from(masked.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
             record.masked_fields = record.masked_fields.saturating_add(n);
         }
-        let audit_id = record.audit_id.clone();
         self.metrics.count_request(record.decision, record.outcome);
         let metrics = self.metrics.clone();
         let capture = self.capture.take().filter(|_| self.complete);
@@ -93,18 +107,114 @@ impl Drop for RecordGuard {
                 .saturating_add(i32::try_from(report.total()).unwrap_or(i32::MAX));
             record.masked = report.to_json();
         }
-        // Drop cannot await; the recorder applies back-pressure inside the task instead.
-        let handle = recorder.clone();
-        handle.spawn(async move {
-            // Decoding and masking happen here, off the response's path.
-            if let Some(capture) = capture {
-                record_response_object(&mut record, capture, max_object_bytes, response_masked);
+        let finished = Finished {
+            record,
+            capture,
+            max_object_bytes,
+            response_masked,
+            metrics,
+        };
+        match &self.batch {
+            Some(batch) => batch.push(finished),
+            // Drop cannot await; the recorder applies back-pressure inside the task instead.
+            None => recorder.clone().spawn(finished.send(recorder)),
+        }
+    }
+}
+
+/// A finished exchange's row, before its response object is decoded and masked.
+pub(super) struct Finished {
+    record: RequestRecord,
+    capture: Option<body::Capture>,
+    max_object_bytes: usize,
+    response_masked: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Finished {
+    /// Completes the row (decoding and masking happen here, off the response's path) and
+    /// queues it, waiting for room in the recorder's queue.
+    async fn send(mut self, recorder: RecorderHandle) {
+        if let Some(capture) = self.capture.take() {
+            record_response_object(
+                &mut self.record,
+                capture,
+                self.max_object_bytes,
+                self.response_masked,
+            );
+        }
+        let audit_id = self.record.audit_id.clone();
+        if let Err(e) = recorder.record(self.record).await {
+            self.metrics.recording_failures.inc();
+            tracing::error!(%audit_id, error = %e, "request could not be recorded");
+        }
+    }
+}
+
+/// The rows finished on one data-path thread and not yet handed to the recorder: the
+/// first row of a batch starts a [`BATCH_DELAY`] timer on that thread, and the batch goes
+/// to the recorder's runtime as one task when the timer fires, when it holds
+/// [`BATCH_ROWS`] rows, or when the thread stops (the timer task is dropped with its
+/// runtime and hands the batch over as it goes). Only its own thread touches a batch; the
+/// lock is uncontended and only makes the type shareable.
+pub(super) struct RowBatch {
+    recorder: RecorderHandle,
+    rows: Mutex<Vec<Finished>>,
+}
+
+impl RowBatch {
+    pub(super) fn new(recorder: RecorderHandle) -> Self {
+        Self {
+            recorder,
+            rows: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn push(self: &Arc<Self>, row: Finished) {
+        let len = {
+            let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+            rows.push(row);
+            rows.len()
+        };
+        if len >= BATCH_ROWS {
+            self.hand_over();
+        } else if len == 1 {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let timer = HandOverOnDrop(self.clone());
+                    runtime.spawn(async move {
+                        tokio::time::sleep(BATCH_DELAY).await;
+                        drop(timer);
+                    });
+                }
+                // Outside a runtime (a thread being torn down): no timer to wait for.
+                Err(_) => self.hand_over(),
             }
-            if let Err(e) = recorder.record(record).await {
-                metrics.recording_failures.inc();
-                tracing::error!(%audit_id, error = %e, "request could not be recorded");
+        }
+    }
+
+    /// Sends what the batch holds to the recorder's runtime, as one task.
+    fn hand_over(&self) {
+        let rows = std::mem::take(&mut *self.rows.lock().unwrap_or_else(PoisonError::into_inner));
+        if rows.is_empty() {
+            return;
+        }
+        let recorder = self.recorder.clone();
+        self.recorder.spawn(async move {
+            for row in rows {
+                row.send(recorder.clone()).await;
             }
         });
+    }
+}
+
+/// Hands its batch over when dropped: when its timer fires, or when the runtime it waits
+/// on shuts down.
+struct HandOverOnDrop(Arc<RowBatch>);
+
+impl Drop for HandOverOnDrop {
+    fn drop(&mut self) {
+        self.0.hand_over();
     }
 }
 
@@ -147,4 +257,85 @@ pub(super) fn recorded_json(
         .saturating_add(i32::try_from(masked).unwrap_or(i32::MAX));
     let text = object.to_string();
     (text.len() <= max_bytes).then_some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recorder::{Recorder, RecorderConfig};
+
+    fn finished(audit_id: &str, metrics: &Arc<Metrics>) -> Finished {
+        Finished {
+            record: RequestRecord {
+                audit_id: audit_id.to_owned(),
+                request_time: jiff::Timestamp::now(),
+                ..RequestRecord::default()
+            },
+            capture: None,
+            max_object_bytes: 1024,
+            response_masked: false,
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn queued(batch: &RowBatch) -> usize {
+        batch
+            .rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// A batch goes to the recorder when its timer fires, when it is full, and when the
+    /// data-path thread's runtime stops before the timer fires; every row is recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_handed_over_after_its_delay_when_full_and_when_its_thread_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (trigger, watcher) = crate::drain::channel();
+        let (recorder, handle) =
+            Recorder::start(RecorderConfig::new(dir.path(), "node-a"), watcher)
+                .expect("recorder starts");
+        let metrics = Metrics::new(None, None);
+        let batch = Arc::new(RowBatch::new(handle.clone()));
+        drop(handle);
+        let on_thread = batch.clone();
+        let thread_metrics = metrics.clone();
+        // A data-path thread: its own current-thread runtime, as in `workers`.
+        let handed = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let seen = runtime.block_on(async {
+                on_thread.push(finished("timer", &thread_metrics));
+                let waiting = queued(&on_thread);
+                tokio::time::sleep(BATCH_DELAY * 10).await;
+                let after_delay = queued(&on_thread);
+                for i in 0..BATCH_ROWS {
+                    on_thread.push(finished(&format!("full-{i}"), &thread_metrics));
+                }
+                let after_full = queued(&on_thread);
+                on_thread.push(finished("stopped", &thread_metrics));
+                (waiting, after_delay, after_full, queued(&on_thread))
+            });
+            // The last row's timer task is dropped with the runtime, before it fires.
+            drop(runtime);
+            (seen, queued(&on_thread))
+        })
+        .join()
+        .expect("data-path thread");
+        assert_eq!(handed, ((1, 0, 0, 1), 0), "(while running), after the stop");
+        drop(batch);
+        let stats = recorder.join().await.expect("recorder joins");
+        drop(trigger);
+        assert_eq!(stats.rows, BATCH_ROWS as u64 + 2);
+        let rows = crate::recorder::read_dir(dir.path()).expect("read recording");
+        let mut ids: Vec<&str> = rows.iter().map(|r| r.audit_id.as_str()).collect();
+        ids.sort_unstable();
+        assert!(
+            ids.contains(&"timer") && ids.contains(&"stopped"),
+            "{ids:?}"
+        );
+        assert_eq!(ids.len(), BATCH_ROWS + 2);
+    }
 }
