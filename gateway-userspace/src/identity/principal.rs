@@ -222,7 +222,9 @@ impl PrincipalVerifier {
         if let Some(hit) = self.cached(&key) {
             return hit;
         }
-        let (principal, expires) = match self.check(token).await {
+        // Boxed: the check (an HTTP call) is rare, and its state would otherwise be part
+        // of every request's future.
+        let (principal, expires) = match Box::pin(self.check(token)).await {
             Ok((principal, not_after)) => (principal, not_after),
             Err(TokenError::Invalid(reason)) => (Principal::invalid(reason), None),
             Err(TokenError::Unavailable(reason)) => return Principal::invalid(reason),

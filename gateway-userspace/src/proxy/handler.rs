@@ -219,9 +219,10 @@ impl Proxy {
                             .then_some("the request body is larger than the gateway inspects")
                     }),
                 };
-                let (decision, failed) = self
-                    .decide_with_content(&policy, base, &content, &extensions)
-                    .await;
+                // Rare paths are boxed (here and below) so that the state machine of
+                // every request, allocated and moved on each request, stays small.
+                let (decision, failed) =
+                    Box::pin(self.decide_with_content(&policy, base, &content, &extensions)).await;
                 if failed {
                     self.metrics.condition_failures.inc();
                 }
@@ -264,18 +265,17 @@ impl Proxy {
         let mut decision = decision;
         if decision.action == Action::Approve {
             let (body, summary) = held_body.unwrap_or_default();
-            if let Err(refused) = self
-                .hold_for_approval(
-                    &info,
-                    &decision,
-                    conn,
-                    &principal,
-                    &pending,
-                    body,
-                    summary,
-                    &mut record,
-                )
-                .await
+            if let Err(refused) = Box::pin(self.hold_for_approval(
+                &info,
+                &decision,
+                conn,
+                &principal,
+                &pending,
+                body,
+                summary,
+                &mut record,
+            ))
+            .await
             {
                 return self.local_response(refused, record, started, &audit_id);
             }
@@ -332,7 +332,7 @@ impl Proxy {
         // exec/attach/port-forward session, is in the write-ahead log (fsynced) before it
         // is forwarded; if the log cannot take it, it is not forwarded.
         if (info.is_mutating() || matches!(pending, Pending::Upgrade(..)))
-            && let Err(cause) = self.recorder.begin(&record).await
+            && let Err(cause) = Box::pin(self.recorder.begin(&record)).await
         {
             let why = format!(
                 "chaperone: this request cannot be made durable in the recording's write-ahead log, so it is refused: {cause}"
@@ -373,8 +373,15 @@ impl Proxy {
         }
         match pending {
             Pending::Upgrade(req, protocol) => {
-                self.forward_upgrade(req, protocol, conn.slot.clone(), record, started, audit_id)
-                    .await
+                Box::pin(self.forward_upgrade(
+                    req,
+                    protocol,
+                    conn.slot.clone(),
+                    record,
+                    started,
+                    audit_id,
+                ))
+                .await
             }
             Pending::Plain(req, count) => {
                 self.forward(req, count, record, started, audit_id, decision.masking)
@@ -652,14 +659,14 @@ impl Proxy {
                         resource: &record.object_ref.resource,
                     };
                     response_masked = masker.masks_secrets();
-                    match masked::mask_response(
+                    match Box::pin(masked::mask_response(
                         &mut parts,
                         body,
                         masker.clone(),
                         target,
                         watch,
                         self.metrics.clone(),
-                    )
+                    ))
                     .await
                     {
                         Ok(done) => {
