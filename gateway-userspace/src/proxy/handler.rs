@@ -11,7 +11,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header,
+    uri::{PathAndQuery, Scheme},
+};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use tracing::Instrument as _;
@@ -611,6 +614,9 @@ impl Proxy {
             }
         };
         sanitize_request_headers(&mut parts.headers);
+        if let Some(host) = &self.upstream_host {
+            parts.headers.insert(header::HOST, host.clone());
+        }
         if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
             return self.credential_unavailable(&cause, record, started, &audit_id);
         }
@@ -841,12 +847,32 @@ pub(super) fn approval_summary(
 /// Joins the upstream base (`https://host:port[/prefix]`) with the client's path and query.
 pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error> {
     let prefix = base.path().trim_end_matches('/');
-    let pq = client.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    Uri::builder()
-        .scheme(base.scheme_str().unwrap_or("https"))
-        .authority(base.authority().map(|a| a.as_str()).unwrap_or_default())
-        .path_and_query(format!("{prefix}{pq}"))
-        .build()
+    let path_and_query = match client.path_and_query() {
+        // The usual case (no path prefix): the client's path and query as they are, shared
+        // rather than parsed again.
+        Some(pq) if prefix.is_empty() => pq.clone(),
+        pq => PathAndQuery::try_from(format!("{prefix}{}", pq.map_or("/", PathAndQuery::as_str)))?,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTPS));
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(path_and_query);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// The `Host` header for requests to `base`, as HTTP clients write it (the port only when
+/// it is not the scheme's default); set once, where the client would format it per request.
+pub(super) fn upstream_host(base: &Uri) -> Option<HeaderValue> {
+    let host = base.host()?;
+    let default_port = match base.scheme_str() {
+        Some("http") => 80,
+        _ => 443,
+    };
+    let value = match base.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::try_from(value).ok()
 }
 
 #[cfg(test)]
@@ -862,10 +888,45 @@ mod tests {
             upstream_uri(&base, &client).unwrap().to_string(),
             "https://127.0.0.1:6443/api/v1/namespaces/default/pods?limit=500&watch=1"
         );
+        let bare: Uri = "https://127.0.0.1:6443".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&bare, &"/".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "https://127.0.0.1:6443/"
+        );
         let prefixed: Uri = "https://lb.example:443/k8s/".parse().unwrap();
         assert_eq!(
             upstream_uri(&prefixed, &client).unwrap().path(),
             "/k8s/api/v1/namespaces/default/pods"
         );
+        assert_eq!(
+            upstream_uri(&prefixed, &client).unwrap().query(),
+            Some("limit=500&watch=1")
+        );
+    }
+
+    #[test]
+    fn upstream_host_names_the_port_only_when_it_is_not_the_default() {
+        for (base, want) in [
+            ("https://127.0.0.1:6443", Some("127.0.0.1:6443")),
+            (
+                "https://kubernetes.default.svc:443/",
+                Some("kubernetes.default.svc"),
+            ),
+            (
+                "https://kubernetes.default.svc",
+                Some("kubernetes.default.svc"),
+            ),
+            ("https://[fd00::1]:6443", Some("[fd00::1]:6443")),
+            ("http://127.0.0.1:80", Some("127.0.0.1")),
+        ] {
+            let base: Uri = base.parse().unwrap();
+            assert_eq!(
+                upstream_host(&base).as_ref().map(|v| v.to_str().unwrap()),
+                want,
+                "{base}"
+            );
+        }
     }
 }

@@ -86,6 +86,9 @@ pub struct Proxy {
     /// One batch of finished rows per data-path worker ([`record::RowBatch`]).
     row_batches: Vec<Arc<record::RowBatch>>,
     upstream_base: Uri,
+    /// The `Host` header every forwarded request carries over HTTP/1.1 (None when the
+    /// upstream may speak HTTP/2, whose `:authority` the client sets).
+    upstream_host: Option<http::HeaderValue>,
     credential: Option<Arc<UpstreamCredential>>,
     recorder: RecorderHandle,
     interceptor: Option<Arc<Interceptor>>,
@@ -226,6 +229,9 @@ impl Proxy {
             policy: Arc::new(ArcSwap::from_pointee(s.policy)),
             upstreams,
             row_batches,
+            upstream_host: matches!(s.upstream_protocol, UpstreamProtocol::Http1)
+                .then(|| handler::upstream_host(&s.upstream_url))
+                .flatten(),
             upstream_base: s.upstream_url,
             credential: s.credential,
             recorder: s.recorder,
