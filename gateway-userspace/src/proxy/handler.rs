@@ -614,9 +614,6 @@ impl Proxy {
             }
         };
         sanitize_request_headers(&mut parts.headers);
-        if let Some(host) = &self.upstream_host {
-            parts.headers.insert(header::HOST, host.clone());
-        }
         if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
             return self.credential_unavailable(&cause, record, started, &audit_id);
         }
@@ -641,7 +638,8 @@ impl Proxy {
                 HeaderValue::from_static("identity"),
             );
         }
-        // The upstream connection's protocol is negotiated independently of the client's.
+        // The upstream connection's protocol is negotiated independently of the client's
+        // (the pool sets the version, URI form and `Host` for the connection it picks).
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
@@ -860,21 +858,6 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
     Ok(Uri::from_parts(parts)?)
 }
 
-/// The `Host` header for requests to `base`, as HTTP clients write it (the port only when
-/// it is not the scheme's default); set once, where the client would format it per request.
-pub(super) fn upstream_host(base: &Uri) -> Option<HeaderValue> {
-    let host = base.host()?;
-    let default_port = match base.scheme_str() {
-        Some("http") => 80,
-        _ => 443,
-    };
-    let value = match base.port_u16() {
-        Some(port) if port != default_port => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    };
-    HeaderValue::try_from(value).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,29 +887,5 @@ mod tests {
             upstream_uri(&prefixed, &client).unwrap().query(),
             Some("limit=500&watch=1")
         );
-    }
-
-    #[test]
-    fn upstream_host_names_the_port_only_when_it_is_not_the_default() {
-        for (base, want) in [
-            ("https://127.0.0.1:6443", Some("127.0.0.1:6443")),
-            (
-                "https://kubernetes.default.svc:443/",
-                Some("kubernetes.default.svc"),
-            ),
-            (
-                "https://kubernetes.default.svc",
-                Some("kubernetes.default.svc"),
-            ),
-            ("https://[fd00::1]:6443", Some("[fd00::1]:6443")),
-            ("http://127.0.0.1:80", Some("127.0.0.1")),
-        ] {
-            let base: Uri = base.parse().unwrap();
-            assert_eq!(
-                upstream_host(&base).as_ref().map(|v| v.to_str().unwrap()),
-                want,
-                "{base}"
-            );
-        }
     }
 }

@@ -22,6 +22,7 @@ mod live;
 pub use live::LiveStreams;
 mod masked;
 mod output_mask;
+mod pool;
 mod record;
 mod stdin_guard;
 pub mod upgrade;
@@ -35,7 +36,6 @@ use http::{Request, Uri};
 use http_body_util::{BodyExt as _, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -65,14 +65,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response the proxy sends.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
-
 /// What a request refused while recording is down tells the client to wait before retrying
 /// (the recorder probes the disk every second).
 const RECORDING_RETRY_AFTER_SECONDS: u32 = 1;
 /// How long a connection closed for idleness gets to say goodbye (HTTP/2 GOAWAY) before it
 /// is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long an idle upstream connection is kept for the next request.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
@@ -82,19 +82,17 @@ pub struct Proxy {
     live: Arc<LiveStreams>,
     /// One upstream connection pool per data-path worker, so a request and the upstream
     /// connection it uses are driven by the same thread ([`Proxy::upstream`]).
-    upstreams: Vec<UpstreamClient>,
+    upstreams: Vec<Arc<pool::UpstreamPool>>,
     /// One batch of finished rows per data-path worker ([`record::RowBatch`]).
     row_batches: Vec<Arc<record::RowBatch>>,
     upstream_base: Uri,
-    /// The `Host` header every forwarded request carries over HTTP/1.1 (None when the
-    /// upstream may speak HTTP/2, whose `:authority` the client sets).
-    upstream_host: Option<http::HeaderValue>,
     credential: Option<Arc<UpstreamCredential>>,
     recorder: RecorderHandle,
     interceptor: Option<Arc<Interceptor>>,
     node: String,
     cluster: String,
-    dialer: upgrade::Dialer,
+    /// Opens the dedicated HTTP/1.1 connections of upgrades.
+    dialer: pool::Dialer,
     frame_sink: std::sync::RwLock<Option<Arc<dyn upgrade::FrameSink>>>,
     identity: Option<Arc<Identity>>,
     principals: Arc<PrincipalVerifier>,
@@ -189,37 +187,33 @@ impl Proxy {
 
     /// Builds the proxy and its upstream connection pool.
     pub fn new(s: ProxySettings) -> Arc<Self> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(s.connect_timeout));
-        http.set_nodelay(true);
-        let dialer = upgrade::Dialer::new(
+        // Upgrades are HTTP/1.1 only: h2 has no Upgrade.
+        let dialer = pool::Dialer::new(
             s.upstream_tls.clone(),
             &s.upstream_url,
             s.upstream_server_name.clone(),
             s.connect_timeout,
+            &[b"http/1.1"],
         );
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(s.upstream_tls)
-            .https_only();
-        let builder = match s.upstream_server_name {
-            Some(name) => {
-                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-            }
-            None => builder,
+        let alpn: &[&[u8]] = match s.upstream_protocol {
+            UpstreamProtocol::Http1 => &[b"http/1.1"],
+            UpstreamProtocol::Http2 => &[b"h2", b"http/1.1"],
         };
-        let connector = match s.upstream_protocol {
-            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-            UpstreamProtocol::Http2 => builder.enable_http1().enable_http2().wrap_connector(http),
-        };
+        let forwarding = Arc::new(pool::Dialer::new(
+            s.upstream_tls,
+            &s.upstream_url,
+            s.upstream_server_name,
+            s.connect_timeout,
+            alpn,
+        ));
         let workers = workers::resolve(s.workers);
         let upstreams = (0..workers)
             .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .build(connector.clone())
+                Arc::new(pool::UpstreamPool::new(
+                    forwarding.clone(),
+                    &s.upstream_url,
+                    UPSTREAM_IDLE_TIMEOUT,
+                ))
             })
             .collect();
         let row_batches = (0..workers)
@@ -229,9 +223,6 @@ impl Proxy {
             policy: Arc::new(ArcSwap::from_pointee(s.policy)),
             upstreams,
             row_batches,
-            upstream_host: matches!(s.upstream_protocol, UpstreamProtocol::Http1)
-                .then(|| handler::upstream_host(&s.upstream_url))
-                .flatten(),
             upstream_base: s.upstream_url,
             credential: s.credential,
             recorder: s.recorder,
@@ -380,7 +371,7 @@ impl Proxy {
 
     /// The upstream connection pool of the data-path worker running the caller (the
     /// first one elsewhere, e.g. in tests that call the handler directly).
-    fn upstream(&self) -> &UpstreamClient {
+    fn upstream(&self) -> &Arc<pool::UpstreamPool> {
         let index = workers::current().unwrap_or(0) % self.upstreams.len();
         &self.upstreams[index]
     }

@@ -17,7 +17,7 @@
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -804,66 +804,6 @@ where
         }
     }
     None
-}
-
-/// Opens the dedicated upstream connections for upgrades.
-pub(super) struct Dialer {
-    tls: tokio_rustls::TlsConnector,
-    server_name: Result<rustls_pki_types::ServerName<'static>, String>,
-    authority: String,
-    connect_timeout: Duration,
-}
-
-impl Dialer {
-    pub(super) fn new(
-        mut tls: rustls::ClientConfig,
-        base: &http::Uri,
-        server_name: Option<rustls_pki_types::ServerName<'static>>,
-        connect_timeout: Duration,
-    ) -> Self {
-        // Upgrades are HTTP/1.1 only: h2 has no Upgrade.
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let host = base.host().unwrap_or_default();
-        let port = base.port_u16().unwrap_or(443);
-        let bare = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let server_name = match server_name {
-            Some(n) => Ok(n),
-            None => rustls_pki_types::ServerName::try_from(bare.clone())
-                .map_err(|e| format!("upstream host {host:?} is not a TLS server name: {e}")),
-        };
-        let authority = if bare.contains(':') {
-            format!("[{bare}]:{port}")
-        } else {
-            format!("{bare}:{port}")
-        };
-        Self {
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-            server_name,
-            authority,
-            connect_timeout,
-        }
-    }
-
-    async fn connect(
-        &self,
-    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-        let name = self.server_name.clone()?;
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| format!("connect {}: timed out", self.authority))?
-        .map_err(|e| format!("connect {}: {e}", self.authority))?;
-        let _ = tcp.set_nodelay(true);
-        self.tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake with {}: {e}", self.authority))
-    }
 }
 
 /// Headers of the 101 that go back to the client: the message headers plus the
