@@ -18,8 +18,8 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use gateway_userspace::drain;
 use gateway_userspace::policy::Action;
 use gateway_userspace::recorder::{
-    ObjectRef, Outcome, PrincipalRecord, Recorder, RecorderConfig, RequestRecord, WorkloadRecord,
-    requests_schema, to_record_batch,
+    DEFAULT_ROW_GROUP_ROWS, ObjectRef, Outcome, PrincipalRecord, Recorder, RecorderConfig,
+    RequestRecord, WorkloadRecord, requests_schema, to_record_batch, writer_properties,
 };
 use gateway_userspace::request::Verb;
 use parquet::arrow::ArrowWriter;
@@ -162,30 +162,42 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
         .collect()
 }
 
+/// Arrow encoding, zstd and the file write on one thread, with the recorder's Parquet
+/// settings and, for comparison, with the parquet crate's defaults (dictionary and page
+/// statistics on every column).
 fn encode_write(c: &mut Criterion, rows: &[RequestRecord]) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let level = ZstdLevel::try_new(3).unwrap_or_else(|e| panic!("zstd level: {e}"));
-    let props = WriterProperties::builder()
+    let defaults = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .build();
+    let product =
+        writer_properties(DEFAULT_ROW_GROUP_ROWS).unwrap_or_else(|e| panic!("properties: {e}"));
     let mut group = c.benchmark_group("recorder");
     group.throughput(Throughput::Elements(rows.len() as u64));
     group.sample_size(10);
-    group.bench_function("encode_write_100k_rows_single_thread", |b| {
-        b.iter(|| {
-            let file = File::create(dir.path().join("bench.parquet"))
-                .unwrap_or_else(|e| panic!("create: {e}"));
-            let mut writer = ArrowWriter::try_new(file, requests_schema(), Some(props.clone()))
-                .unwrap_or_else(|e| panic!("writer: {e}"));
-            for chunk in rows.chunks(BATCH) {
-                let batch = to_record_batch(chunk).unwrap_or_else(|e| panic!("encode: {e}"));
-                writer
-                    .write(&batch)
-                    .unwrap_or_else(|e| panic!("write: {e}"));
-            }
-            black_box(writer.close().unwrap_or_else(|e| panic!("close: {e}")));
-        })
-    });
+    for (name, props) in [
+        ("encode_write_100k_rows_single_thread", product),
+        ("encode_write_100k_rows_parquet_defaults", defaults),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let file = File::create(dir.path().join("bench.parquet"))
+                    .unwrap_or_else(|e| panic!("create: {e}"));
+                let mut writer = ArrowWriter::try_new(file, requests_schema(), Some(props.clone()))
+                    .unwrap_or_else(|e| panic!("writer: {e}"));
+                for chunk in rows.chunks(BATCH) {
+                    let batch = to_record_batch(chunk).unwrap_or_else(|e| panic!("encode: {e}"));
+                    writer
+                        .write(&batch)
+                        .unwrap_or_else(|e| panic!("write: {e}"));
+                }
+                black_box(writer.close().unwrap_or_else(|e| panic!("close: {e}")));
+            })
+        });
+        let size = std::fs::metadata(dir.path().join("bench.parquet")).map_or(0, |m| m.len());
+        eprintln!("recorder/{name}: file of {} rows, {size} bytes", rows.len());
+    }
     group.finish();
 }
 

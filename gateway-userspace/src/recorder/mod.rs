@@ -69,6 +69,7 @@ pub use schema::{
 pub use session::{SessionKind, SessionRecorder};
 use table::Rows;
 pub use table::Table;
+pub use writer::writer_properties;
 use writer::{Command, FileWriter};
 
 /// The write-ahead log's directory under the recording root (hidden, so dataset readers
