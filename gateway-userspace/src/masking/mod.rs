@@ -20,6 +20,18 @@ pub const MASK: &str = "**masked**";
 /// The annotation `kubectl apply` stores the applied object in.
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
+/// Whether [`mask_for_recording`] could replace anything in the JSON text `raw` (a request
+/// for `resource`): `false` only when it certainly would not, so the text can be recorded
+/// as it is without being parsed. Conservative: a request to `secrets`, any `"Secret"`, the
+/// last-applied annotation's name, or a `\u` escape (which could spell either) anywhere in
+/// the text says `true`.
+pub fn recording_may_mask(resource: &str, raw: &[u8]) -> bool {
+    resource == "secrets"
+        || memchr::memmem::find(raw, b"\\u").is_some()
+        || memchr::memmem::find(raw, b"\"Secret\"").is_some()
+        || memchr::memmem::find(raw, b"last-applied-configuration").is_some()
+}
+
 /// Masks `object` in place for recording; `resource` is the request's resource (so a
 /// patch to `secrets`, which has no `kind`, is recognised). Returns how many values were
 /// replaced.
@@ -91,6 +103,56 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// The shortcut is taken only where masking would change nothing, and every case that
+    /// masks (or could, through an escape) takes the parse.
+    #[test]
+    fn recording_may_mask_is_false_only_where_masking_changes_nothing() {
+        let cases: [(&str, &str, bool); 8] = [
+            (
+                "pods",
+                r#"{"kind":"Pod","metadata":{"name":"web-0"},"spec":{}}"#,
+                false,
+            ),
+            (
+                "configmaps",
+                r#"{"kind":"ConfigMap","data":{"mode":"fast"}}"#,
+                false,
+            ),
+            ("secrets", r#"{"data":{"password":"eA=="}}"#, true),
+            (
+                "",
+                r#"{"kind":"List","items":[{"kind":"Secret","data":{"k":"dg=="}}]}"#,
+                true,
+            ),
+            (
+                "configmaps",
+                r#"{"metadata":{"annotations":{"kubectl.kubernetes.io/last-applied-configuration":"{}"}}}"#,
+                true,
+            ),
+            ("", r#"{"kind":"\u0053ecret","data":{"k":"dg=="}}"#, true),
+            (
+                "pods",
+                r#"{"metadata":{"name":"a \"quoted\" name"}}"#,
+                false,
+            ),
+            // A Table's rows carry whole objects.
+            (
+                "",
+                r#"{"kind":"Table","rows":[{"object":{"kind":"Secret","data":{}}}]}"#,
+                true,
+            ),
+        ];
+        for (resource, raw, want) in cases {
+            assert_eq!(recording_may_mask(resource, raw.as_bytes()), want, "{raw}");
+            if !want {
+                let mut object: Value = serde_json::from_str(raw).expect("JSON");
+                let before = object.clone();
+                assert_eq!(mask_for_recording(resource, &mut object), 0, "{raw}");
+                assert_eq!(object, before, "{raw}");
+            }
+        }
+    }
 
     #[test]
     fn masks_secret_values_and_last_applied_everywhere_they_occur() {

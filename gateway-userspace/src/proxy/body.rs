@@ -329,6 +329,30 @@ impl Capture {
         }
         Ok(serde_json::from_slice(&self.buf).ok())
     }
+
+    /// The bytes captured so far.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The captured body as the text it was, when it is one JSON value (checked without
+    /// building it), without the trailing newline the API server ends it with; `Err(())`
+    /// when the body was too large to keep.
+    pub(crate) fn finish_text(self) -> Result<Option<String>, ()> {
+        if self.overflowed {
+            return Err(());
+        }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&self.buf).is_err() {
+            return Ok(None);
+        }
+        let mut text = Vec::from(self.buf);
+        let end = text
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        text.truncate(end);
+        Ok(String::from_utf8(text).ok())
+    }
 }
 
 #[cfg(test)]
@@ -373,6 +397,28 @@ mod tests {
         let mut c = Capture::new(64);
         c.push(b"plain text log line");
         assert_eq!(c.finish(), Ok(None));
+    }
+
+    #[test]
+    fn capture_as_text_keeps_the_json_as_sent_and_rejects_what_is_not_json() {
+        let mut c = Capture::new(64);
+        c.push(br#"{"a": [1, "#);
+        c.push(b"2]}\n");
+        assert_eq!(c.finish_text(), Ok(Some(r#"{"a": [1, 2]}"#.to_owned())));
+        for not_json in [
+            &b"plain text"[..],
+            b"{\"a\":",
+            b"{} {}",
+            b"\"\xff\xfe\"",
+            b"",
+        ] {
+            let mut c = Capture::new(64);
+            c.push(not_json);
+            assert_eq!(c.finish_text(), Ok(None), "{not_json:?}");
+        }
+        let mut c = Capture::new(4);
+        c.push(b"{\"a\":1}");
+        assert_eq!(c.finish_text(), Err(()));
     }
 
     #[test]

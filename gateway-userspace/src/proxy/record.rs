@@ -225,6 +225,19 @@ pub(super) fn record_response_object(
     max_bytes: usize,
     already_masked: bool,
 ) {
+    // Most objects hold nothing to mask for recording: their text is kept as the API
+    // server sent it, checked to be JSON but not parsed into a tree and printed again
+    // (that took most of the recorder's CPU per row; docs/benchmarks.md).
+    if !already_masked && !masking::recording_may_mask(&record.object_ref.resource, capture.bytes())
+    {
+        match capture.finish_text() {
+            Err(()) => record.response_object_truncated = true,
+            Ok(None) => {}
+            Ok(Some(text)) if text.len() <= max_bytes => record.response_object = Some(text),
+            Ok(Some(_)) => record.response_object_truncated = true,
+        }
+        return;
+    }
     match capture.finish() {
         Err(()) => record.response_object_truncated = true,
         Ok(None) => {}
