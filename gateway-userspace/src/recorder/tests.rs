@@ -296,6 +296,49 @@ async fn rotates_by_row_count_and_keeps_order() {
     assert_eq!(names, stats.files, "uuidv7 file names sort in write order");
 }
 
+/// Row groups carry a minimum and maximum on the columns analysts filter on (so a query
+/// by time, audit id, namespace or pod skips row groups), and none on the others.
+#[tokio::test]
+async fn row_groups_keep_statistics_on_the_columns_analysts_filter_on() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let t0 = ts("2025-03-04T10:00:00Z");
+    let rows: Vec<_> = (0..5)
+        .map(|i| full_row(i, t0 + Duration::from_millis(i as u64)))
+        .collect();
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    record_all(&handle, &rows).await;
+    drop(handle);
+    let stats = recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"));
+    let metadata = open_reader(&stats.files[0]).metadata().clone();
+    let group = metadata.row_group(0);
+    let has_statistics = |path: &str| {
+        group
+            .columns()
+            .iter()
+            .find(|c| c.column_path().string() == path)
+            .unwrap_or_else(|| panic!("no column {path}"))
+            .statistics()
+            .is_some_and(|s| s.min_bytes_opt().is_some() && s.max_bytes_opt().is_some())
+    };
+    for path in [
+        "request_time",
+        "audit_id",
+        "verb",
+        "workload.namespace",
+        "workload.pod",
+        "object_ref.resource",
+        "object_ref.name",
+    ] {
+        assert!(has_statistics(path), "{path} has no minimum and maximum");
+    }
+    for path in ["request_uri", "user_agent", "response_object", "source_addr"] {
+        assert!(!has_statistics(path), "{path} has statistics");
+    }
+}
+
 #[tokio::test]
 async fn hive_layout_partitions_by_request_date_and_node() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));

@@ -94,23 +94,41 @@ const UNIQUE_COLUMNS: [&str; 14] = [
     "data",
 ];
 
-/// Free text and objects: a minimum and maximum of JSON documents prune nothing and cost
-/// a comparison of every value, so these columns carry no statistics.
-const TEXT_COLUMNS: [&str; 7] = [
-    "request_object",
-    "response_object",
-    "masked",
-    "error",
-    "reason",
-    "access_request",
-    "data",
+/// The columns analysts filter on, which keep a minimum and maximum per row group so
+/// that DuckDB, Spark and pyarrow skip row groups that cannot match. Every other column
+/// (URIs, user agents, addresses, principals, free text, objects) carries none: their
+/// minimum and maximum prune nothing and cost a comparison of every value, often of a long
+/// common prefix.
+const FILTER_COLUMNS: [&[&str]; 21] = [
+    &["request_time"],
+    &["response_time"],
+    &["latency_us"],
+    &["audit_id"],
+    &["cluster"],
+    &["verb"],
+    &["decision"],
+    &["outcome"],
+    &["response_code"],
+    &["policy_rule"],
+    &["approval_outcome"],
+    &["workload", "namespace"],
+    &["workload", "pod"],
+    &["workload", "service_account"],
+    &["object_ref", "resource"],
+    &["object_ref", "namespace"],
+    &["object_ref", "name"],
+    // exec_frames
+    &["session_id"],
+    &["seq"],
+    &["time"],
+    &["event"],
 ];
 
-/// Builds the Parquet writer settings used for every file: zstd, statistics per row group
-/// (what DuckDB, Spark and pyarrow use to skip row groups; per-page statistics cost a
-/// comparison per value for little more pruning), no statistics on free text and objects,
-/// and no dictionary for columns whose values are unique. Measured by the `recorder`
-/// benchmark's `encode_write` rows against the crate's defaults (docs/benchmarks.md).
+/// Builds the Parquet writer settings used for every file: zstd, minimum and maximum per
+/// row group on the columns analysts filter on (per-page statistics, the crate's default
+/// on every column, cost a comparison per value for little more pruning), and no
+/// dictionary for columns whose values are unique. Measured by the `recorder` benchmark's
+/// `encode_write` rows against the crate's defaults (docs/benchmarks.md).
 pub fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, RecorderError> {
     let level = ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| RecorderError::InvalidConfig {
         field: "zstd level",
@@ -125,13 +143,13 @@ pub fn writer_properties(row_group_rows: usize) -> Result<WriterProperties, Reco
     let mut builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .set_max_row_group_row_count(Some(row_group_rows))
-        .set_statistics_enabled(EnabledStatistics::Chunk);
+        .set_statistics_enabled(EnabledStatistics::None);
     for column in UNIQUE_COLUMNS {
         builder = builder.set_column_dictionary_enabled(ColumnPath::from(column), false);
     }
-    for column in TEXT_COLUMNS {
-        builder = builder
-            .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
+    for path in FILTER_COLUMNS {
+        let path = ColumnPath::new(path.iter().map(|p| (*p).to_owned()).collect());
+        builder = builder.set_column_statistics_enabled(path, EnabledStatistics::Chunk);
     }
     Ok(builder.build())
 }
