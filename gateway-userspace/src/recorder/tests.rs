@@ -334,7 +334,12 @@ async fn row_groups_keep_statistics_on_the_columns_analysts_filter_on() {
     ] {
         assert!(has_statistics(path), "{path} has no minimum and maximum");
     }
-    for path in ["request_uri", "user_agent", "response_object", "source_addr"] {
+    for path in [
+        "request_uri",
+        "user_agent",
+        "response_object",
+        "source_addr",
+    ] {
         assert!(!has_statistics(path), "{path} has statistics");
     }
 }
