@@ -141,6 +141,17 @@ fn decode(batch: &RecordBatch) -> Vec<RequestRecord> {
     rows
 }
 
+/// Records `rows` with a recorder started on `cfg`, then stops it and returns its stats.
+async fn record_and_stop(cfg: RecorderConfig, rows: &[RequestRecord]) -> RecorderStats {
+    let (recorder, handle, _trigger) = start(cfg);
+    record_all(&handle, rows).await;
+    drop(handle);
+    recorder
+        .join()
+        .await
+        .unwrap_or_else(|e| panic!("join: {e}"))
+}
+
 fn open_reader(path: &Path) -> ParquetRecordBatchReaderBuilder<File> {
     let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     ParquetRecordBatchReaderBuilder::try_new(file)
@@ -272,13 +283,7 @@ async fn rotates_by_row_count_and_keeps_order() {
     let rows: Vec<_> = (0..25)
         .map(|i| full_row(i, t0 + Duration::from_millis(i as u64)))
         .collect();
-    let (recorder, handle, _trigger) = start(cfg);
-    record_all(&handle, &rows).await;
-    drop(handle);
-    let stats = recorder
-        .join()
-        .await
-        .unwrap_or_else(|e| panic!("join: {e}"));
+    let stats = record_and_stop(cfg, &rows).await;
 
     let per_file: Vec<usize> = stats.files.iter().map(|f| read_rows(f).len()).collect();
     assert_eq!(per_file, vec![10, 10, 5], "files: {:?}", stats.files);
@@ -305,13 +310,7 @@ async fn row_groups_keep_statistics_on_the_columns_analysts_filter_on() {
     let rows: Vec<_> = (0..5)
         .map(|i| full_row(i, t0 + Duration::from_millis(i as u64)))
         .collect();
-    let (recorder, handle, _trigger) = start(config(dir.path()));
-    record_all(&handle, &rows).await;
-    drop(handle);
-    let stats = recorder
-        .join()
-        .await
-        .unwrap_or_else(|e| panic!("join: {e}"));
+    let stats = record_and_stop(config(dir.path()), &rows).await;
     let metadata = open_reader(&stats.files[0]).metadata().clone();
     let group = metadata.row_group(0);
     let has_statistics = |path: &str| {
@@ -843,13 +842,7 @@ async fn duckdb_and_pyarrow_read_the_directory_as_is() {
         sparse_row(2, ts("2025-03-05T00:00:00.000001Z")),
         full_row(3, ts("2025-03-05T08:30:00Z")),
     ];
-    let (recorder, handle, _trigger) = start(config(dir.path()));
-    record_all(&handle, &rows).await;
-    drop(handle);
-    let stats = recorder
-        .join()
-        .await
-        .unwrap_or_else(|e| panic!("join: {e}"));
+    let stats = record_and_stop(config(dir.path()), &rows).await;
     assert_eq!(stats.files.len(), 2);
 
     let script = r#"
