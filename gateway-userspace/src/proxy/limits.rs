@@ -4,7 +4,10 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -110,38 +113,55 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// How many requests a connection has in progress, for the idle timeout.
+/// How many requests a connection has in progress and when it was last busy, for the idle
+/// timeout. A request only touches two atomics and reads the clock once; the idle timer
+/// re-arms itself from them when it fires. (A watch channel here woke the connection's
+/// task, and with it the HTTP/2 connection, twice per request, and armed a fresh timer
+/// each time the connection went quiet.)
 #[derive(Debug)]
 pub(super) struct Activity {
-    pub(super) active: tokio::sync::watch::Sender<usize>,
+    active: AtomicUsize,
+    /// When the last request ended, in nanoseconds after `since`.
+    last_end: AtomicU64,
+    since: tokio::time::Instant,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Self {
-            active: tokio::sync::watch::Sender::new(0),
+            active: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            since: tokio::time::Instant::now(),
         }
     }
 }
 
 impl Activity {
     pub(super) fn begin(self: &Arc<Self>) -> ActiveGuard {
-        self.active.send_modify(|n| *n += 1);
+        self.active.fetch_add(1, Ordering::AcqRel);
         ActiveGuard(self.clone())
+    }
+
+    fn end(&self) {
+        let ended = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_end.fetch_max(ended, Ordering::Relaxed);
+        // Release: whoever sees the count drop also sees the end time stored above.
+        self.active.fetch_sub(1, Ordering::Release);
     }
 
     /// Resolves once no request has been in progress for `timeout`.
     pub(super) async fn idle_for(&self, timeout: Duration) {
-        let mut changes = self.active.subscribe();
         loop {
-            if *changes.borrow_and_update() == 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(timeout) => return,
-                    _ = changes.changed() => {}
-                }
-            } else if changes.changed().await.is_err() {
+            let now = tokio::time::Instant::now();
+            let deadline = if self.active.load(Ordering::Acquire) > 0 {
+                now + timeout
+            } else {
+                self.since + Duration::from_nanos(self.last_end.load(Ordering::Relaxed)) + timeout
+            };
+            if deadline <= now {
                 return;
             }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
@@ -152,7 +172,7 @@ pub(super) struct ActiveGuard(pub(super) Arc<Activity>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.end();
     }
 }
 
@@ -233,6 +253,31 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
             "idle after {waited:?}, expected about 100ms after the request ended"
+        );
+    }
+
+    /// Requests that come and go keep the connection open: the timer counts from the end
+    /// of the last one, not from when it was armed.
+    #[tokio::test]
+    async fn every_finished_request_pushes_the_idle_deadline_back() {
+        let activity = Arc::new(Activity::default());
+        let timeout = Duration::from_millis(200);
+        let idle = activity.idle_for(timeout);
+        tokio::pin!(idle);
+        let mut last_end = Instant::now();
+        for _ in 0..4 {
+            tokio::select! {
+                _ = &mut idle => panic!("idle {:?} after a request ended", last_end.elapsed()),
+                _ = tokio::time::sleep(Duration::from_millis(120)) => {}
+            }
+            drop(activity.begin());
+            last_end = Instant::now();
+        }
+        idle.await;
+        let waited = last_end.elapsed();
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(2),
+            "idle {waited:?} after the last request, expected about {timeout:?}"
         );
     }
 }
