@@ -230,8 +230,9 @@ pub struct RequestInfo {
     pub subresource: String,
     /// Object name, from the path or from a `metadata.name` field selector on list/watch.
     pub name: String,
-    /// Path segments from the resource on: `[resource, name, subresource, ...]`.
-    pub parts: Vec<String>,
+    /// Where [`RequestInfo::parts`] starts among the path's segments (kept as an index:
+    /// the parts are slices of `path`, not copies).
+    pub parts_from: usize,
     /// First raw `fieldSelector` of a list/watch/deletecollection (not for `/watch/` paths).
     pub field_selector: Option<String>,
     /// First raw `labelSelector` of a list/watch/deletecollection (not for `/watch/` paths).
@@ -297,6 +298,17 @@ impl RequestInfo {
             self.subresource.as_str(),
             "exec" | "attach" | "portforward" | "proxy"
         )
+    }
+
+    /// Path segments from the resource on: `[resource, name, subresource, ...]`, the API
+    /// server's `RequestInfo.Parts`; none for a non-resource request.
+    pub fn parts(&self) -> impl Iterator<Item = &str> {
+        let from = if self.is_resource_request {
+            self.parts_from
+        } else {
+            usize::MAX
+        };
+        self.path.trim_matches('/').split('/').skip(from)
     }
 
     /// The resource as RBAC spells it: `pods`, or `pods/exec` with a subresource.
@@ -426,7 +438,7 @@ fn derive(
         }
     }
 
-    info.parts = rest.iter().map(|s| (*s).to_owned()).collect();
+    info.parts_from = segments.len() - rest.len();
     if rest.len() >= 3 && info.verb != Verb::Proxy {
         info.subresource = rest[2].to_owned();
     }
@@ -1528,11 +1540,16 @@ mod tests {
                 resource: want.resource.to_owned(),
                 subresource: want.sub.to_owned(),
                 name: want.name.to_owned(),
-                parts: want.parts.iter().map(|s| (*s).to_owned()).collect(),
+                parts_from: got.parts_from,
                 field_selector: want.field_selector.map(str::to_owned),
                 label_selector: want.label_selector.map(str::to_owned),
             };
             assert_eq!(got, expected, "{method} {uri}");
+            assert_eq!(
+                got.parts().collect::<Vec<_>>(),
+                want.parts,
+                "{method} {uri}: parts"
+            );
         }
     }
 
