@@ -127,7 +127,8 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     ],
                     reason: None,
                     mismatch: None,
-                },
+                }
+                .into(),
                 impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
                 masked: None,
                 approval_outcome: None,

@@ -81,7 +81,8 @@ fn request(i: usize, pod: &str, verb: Verb, resource: &str) -> RequestRecord {
             kind: "serviceaccount".into(),
             subject: Some("system:serviceaccount:agents:cursor".into()),
             ..PrincipalRecord::default()
-        },
+        }
+        .into(),
         ..RequestRecord::default()
     }
 }
@@ -113,7 +114,8 @@ async fn write_recording(dir: &Path) {
     rows[5].outcome = Outcome::RecordingDown;
     rows[5].response_code = 503;
     rows[5].error = Some("recording is down".into());
-    rows[4].principal.mismatch = Some("token names agents:other".into());
+    std::sync::Arc::make_mut(&mut rows[4].principal).mismatch =
+        Some("token names agents:other".into());
     // An exec with a masked credential in its output, and a port-forward.
     rows[6].verb = Verb::Get;
     rows[6].object_ref.subresource = "exec".into();

@@ -336,7 +336,7 @@ async fn a_failed_key_fetch_is_named_as_the_cause_until_the_next_attempt() {
     expect_invalid(&p, "/keys", "the failed fetch");
     let p = verifier.verify(Some(&bearer(&second)), &w).await;
     expect_invalid(&p, "/keys", "within the rate limit, the same cause");
-    let reason = p.reason.unwrap_or_default();
+    let reason = p.reason.clone().unwrap_or_default();
     assert!(
         !reason.contains("no RS256 key"),
         "the cause is hidden: {reason}"
@@ -484,12 +484,24 @@ async fn service_account_tokens_go_to_token_review_and_are_cached_by_hash() {
     assert_eq!(elsewhere.kind, PrincipalKind::ServiceAccount);
     let mismatch = elsewhere
         .mismatch
+        .clone()
         .unwrap_or_else(|| panic!("mismatch not flagged"));
     assert!(
         mismatch.contains("agents/agent") && mismatch.contains("agents/builder"),
         "{mismatch}"
     );
+    assert_eq!(
+        elsewhere.record().mismatch.as_deref(),
+        Some(mismatch.as_str()),
+        "the recorded principal carries the mismatch too"
+    );
     assert_eq!(reviewer.calls(), 1);
+    // The cached principal is shared, not changed by the flag on one request.
+    let back = verifier.verify(Some(&bearer(&sa_token)), &w).await;
+    assert_eq!(
+        (back.mismatch.as_deref(), back.record().mismatch.as_deref()),
+        (None, None)
+    );
 
     let p = verifier
         .verify(Some(&bearer("opaque-static-token")), &w)
@@ -535,7 +547,7 @@ async fn authorization_header_forms() {
     let issuer = TestIssuer::start(&[&key]).await;
     let verifier = verifier_for(&issuer, None).await;
     let w = workload("a", "b");
-    assert_eq!(verifier.verify(None, &w).await, Principal::anonymous());
+    assert_eq!(*verifier.verify(None, &w).await, Principal::anonymous());
     let token = key.sign(&issuer.claims("alice", CLIENT));
     let lower =
         HeaderValue::from_str(&format!("bearer  {token} ")).unwrap_or_else(|e| panic!("{e}"));
@@ -556,7 +568,7 @@ async fn authorization_header_forms() {
         ),
     ];
     for (header, want) in cases {
-        expect_invalid(&verifier.verify(Some(&header), &w).await, want, want);
+        expect_invalid(&*verifier.verify(Some(&header), &w).await, want, want);
     }
 }
 

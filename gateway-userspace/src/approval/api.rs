@@ -686,15 +686,14 @@ impl ApprovalApi {
                 ),
             ));
         }
-        let principal = match headers.get(header::AUTHORIZATION) {
-            None => Principal::anonymous(),
-            Some(value) => {
-                self.s
-                    .principals
-                    .verify(Some(value), &WorkloadIdentity::default())
-                    .await
-            }
-        };
+        let principal = self
+            .s
+            .principals
+            .verify(
+                headers.get(header::AUTHORIZATION),
+                &WorkloadIdentity::default(),
+            )
+            .await;
         let approver = Approver::from_principal(&principal)?;
         ctx.approver = Some(approver.clone());
         match route {
@@ -995,7 +994,8 @@ impl ApprovalApi {
                 .unwrap_or_else(|| PrincipalRecord {
                     kind: PrincipalKind::Anonymous.as_str().to_owned(),
                     ..Default::default()
-                }),
+                })
+                .into(),
             response_object: written.and_then(|s| serde_json::to_string(s).ok()),
             outcome,
             ..RequestRecord::default()

@@ -9,12 +9,14 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use http::HeaderValue;
 use sha2::{Digest as _, Sha256};
+
+use crate::recorder::PrincipalRecord;
 
 use super::{
     IdentityConfig, IdentityError, TokenError, WorkloadIdentity,
@@ -24,6 +26,9 @@ use super::{
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 const MAX_CACHE_ENTRIES: usize = 10_000;
+
+/// The principal of every request without an `Authorization` header.
+static ANONYMOUS: LazyLock<Verified> = LazyLock::new(|| Verified::new(Principal::anonymous()));
 
 /// How the principal was established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,6 +127,50 @@ impl Principal {
     }
 }
 
+/// A verified principal as the request path shares it: the cache hands every request with
+/// the same token the same principal, and its recording form, without copying the subject
+/// and groups into each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    principal: Arc<Principal>,
+    record: Arc<PrincipalRecord>,
+}
+
+impl Verified {
+    /// Shares `principal`.
+    pub fn new(principal: Principal) -> Self {
+        Self {
+            record: Arc::new(PrincipalRecord {
+                kind: principal.kind.as_str().to_owned(),
+                subject: principal.subject.clone(),
+                groups: principal.groups.clone(),
+                reason: principal.reason.clone(),
+                mismatch: principal.mismatch.clone(),
+            }),
+            principal: Arc::new(principal),
+        }
+    }
+
+    /// The `principal` column of the request's recording.
+    pub fn record(&self) -> Arc<PrincipalRecord> {
+        Arc::clone(&self.record)
+    }
+
+    /// Flags a token that belongs to another service account than the workload's.
+    fn set_mismatch(&mut self, mismatch: String) {
+        Arc::make_mut(&mut self.record).mismatch = Some(mismatch.clone());
+        Arc::make_mut(&mut self.principal).mismatch = Some(mismatch);
+    }
+}
+
+impl std::ops::Deref for Verified {
+    type Target = Principal;
+
+    fn deref(&self) -> &Principal {
+        &self.principal
+    }
+}
+
 /// Compares a ServiceAccount principal with the kernel-attributed workload; `Some(reason)`
 /// when they disagree. Unknown workloads are not flagged (there is nothing to compare).
 pub fn service_account_mismatch(
@@ -142,7 +191,7 @@ pub fn service_account_mismatch(
 }
 
 struct CacheEntry {
-    principal: Principal,
+    principal: Verified,
     expires: Instant,
 }
 
@@ -203,21 +252,23 @@ impl PrincipalVerifier {
         &self,
         authorization: Option<&HeaderValue>,
         workload: &WorkloadIdentity,
-    ) -> Principal {
+    ) -> Verified {
         let Some(header) = authorization else {
-            return Principal::anonymous();
+            return ANONYMOUS.clone();
         };
         let token = match bearer_token(header) {
             Ok(token) => token,
-            Err(reason) => return Principal::invalid(reason),
+            Err(reason) => return Verified::new(Principal::invalid(reason)),
         };
         let mut principal = self.verify_token(token).await;
-        principal.mismatch = service_account_mismatch(&principal, workload);
+        if let Some(mismatch) = service_account_mismatch(&principal, workload) {
+            principal.set_mismatch(mismatch);
+        }
         principal
     }
 
     /// Verifies a bare token (no workload check).
-    pub async fn verify_token(&self, token: &str) -> Principal {
+    pub async fn verify_token(&self, token: &str) -> Verified {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.cached(&key) {
             return hit;
@@ -227,8 +278,11 @@ impl PrincipalVerifier {
         let (principal, expires) = match Box::pin(self.check(token)).await {
             Ok((principal, not_after)) => (principal, not_after),
             Err(TokenError::Invalid(reason)) => (Principal::invalid(reason), None),
-            Err(TokenError::Unavailable(reason)) => return Principal::invalid(reason),
+            Err(TokenError::Unavailable(reason)) => {
+                return Verified::new(Principal::invalid(reason));
+            }
         };
+        let principal = Verified::new(principal);
         let mut until = Instant::now() + self.ttl;
         if let Some(not_after) = expires {
             until = until.min(not_after);
@@ -279,7 +333,7 @@ impl PrincipalVerifier {
         Ok((principal, None))
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<Principal> {
+    fn cached(&self, key: &[u8; 32]) -> Option<Verified> {
         let mut cache = self.lock_cache();
         match cache.get(key) {
             Some(entry) if entry.expires > Instant::now() => Some(entry.principal.clone()),
@@ -291,7 +345,7 @@ impl PrincipalVerifier {
         }
     }
 
-    fn store(&self, key: [u8; 32], principal: Principal, expires: Instant) {
+    fn store(&self, key: [u8; 32], principal: Verified, expires: Instant) {
         if self.ttl.is_zero() {
             return;
         }

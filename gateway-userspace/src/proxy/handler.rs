@@ -25,7 +25,7 @@ use crate::{
     masking::detect::Detectors,
     masking::objects::{Masker, Target},
     policy::{self, Action, RequestContext},
-    recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord, WorkloadRecord},
+    recorder::{ObjectRef, Outcome, RequestRecord, WorkloadRecord},
     request::{ExecRequest, RequestInfo, Verb},
     status::Status,
 };
@@ -168,13 +168,7 @@ impl Proxy {
             .principals
             .verify(req.headers().get(header::AUTHORIZATION), &conn.workload)
             .await;
-        record.principal = PrincipalRecord {
-            kind: principal.kind.as_str().to_owned(),
-            subject: principal.subject.clone(),
-            groups: principal.groups.clone(),
-            reason: principal.reason.clone(),
-            mismatch: principal.mismatch.clone(),
-        };
+        record.principal = principal.record();
         if let Some(mismatch) = &principal.mismatch {
             self.metrics.service_account_mismatches.inc();
             tracing::warn!(%mismatch, "service account token does not match the pod");
@@ -205,7 +199,7 @@ impl Proxy {
             let policy = self.policy.load();
             let base = RequestContext::new(&info)
                 .with_workload(&conn.workload)
-                .with_principal(&principal)
+                .with_principal(&*principal)
                 .with_exec(exec.as_ref(), dry_run);
             if policy.reads_content() && info.is_mutating() {
                 let policy = arc_swap::Guard::into_inner(policy);
@@ -366,7 +360,7 @@ impl Proxy {
                 LiveRequest {
                     info: info.clone(),
                     workload: conn.workload.clone(),
-                    principal: principal.clone(),
+                    principal: crate::identity::Principal::clone(&principal),
                     exec: exec.clone(),
                 },
                 &self.draining,
@@ -518,7 +512,7 @@ impl Proxy {
             request_bytes: 0,
             response_bytes: 0,
             error: None,
-            principal: PrincipalRecord::default(),
+            principal: Arc::default(),
             impersonated_user: None,
             request_content_type: None,
             request_object: None,

@@ -3,6 +3,7 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use arrow_array::{
@@ -347,7 +348,7 @@ pub(crate) fn decode_batch(
             request_bytes: int64_at(c.get("request_bytes")?, i)?,
             response_bytes: int64_at(c.get("response_bytes")?, i)?,
             error: s("error", i)?,
-            principal: PrincipalRecord {
+            principal: Arc::new(PrincipalRecord {
                 kind: ps("kind", i)?.unwrap_or_default(),
                 subject: ps("subject", i)?,
                 groups: {
@@ -358,7 +359,7 @@ pub(crate) fn decode_batch(
                 },
                 reason: ps("reason", i)?,
                 mismatch: ps("mismatch", i)?,
-            },
+            }),
             impersonated_user: s("impersonated_user", i)?,
             request_content_type: added(&c, "request_content_type", |a| string_at(a, i))?.flatten(),
             request_object: added(&c, "request_object", |a| string_at(a, i))?.flatten(),

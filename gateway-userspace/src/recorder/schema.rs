@@ -77,7 +77,8 @@ pub struct RequestRecord {
     /// Gateway-side failure, e.g. "upstream unreachable".
     pub error: Option<String>,
     /// Who the presented bearer token says is asking, as verified by the gateway.
-    pub principal: PrincipalRecord,
+    /// Shared with every request that presented the same token.
+    pub principal: Arc<PrincipalRecord>,
     /// The user the gateway impersonated upstream (`Impersonate-User`), if any.
     pub impersonated_user: Option<String>,
     /// `Content-Type` of the request body as the client sent it.
@@ -361,6 +362,9 @@ fn times(
 }
 
 /// Encodes rows into one Arrow batch with [`requests_schema`], preserving their order.
+///
+/// Column by column: filling every column in one pass over the rows measured slower (the
+/// writer thread's CPU per row 2.6 -> 3.2 us), although it reads each record only once.
 pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError> {
     let workload = StructArray::try_new(
         workload_fields(),

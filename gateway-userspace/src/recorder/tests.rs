@@ -63,7 +63,8 @@ pub(super) fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             groups: vec!["dev".into(), "agents".into()],
             reason: None,
             mismatch: Some("token names sa default/x".into()),
-        },
+        }
+        .into(),
         impersonated_user: Some("system:serviceaccount:agents:cursor".into()),
         request_content_type: Some("application/vnd.kubernetes.protobuf".into()),
         request_object: Some(format!(r#"{{"kind":"Scale","spec":{{"replicas":{i}}}}}"#)),
