@@ -403,7 +403,7 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
         };
         table.push([
             r.request_time.strftime("%H:%M:%S").to_string(),
-            r.workload.command.unwrap_or_else(|| "-".to_owned()),
+            r.workload.command.clone().unwrap_or_else(|| "-".to_owned()),
             r.workload.cgroup_id.to_string(),
             match (&r.workload.namespace, &r.workload.pod) {
                 (Some(ns), Some(pod)) => format!("{ns}/{pod}"),

@@ -74,8 +74,9 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     pod_uid: Some(format!("6f1c7e0a-3b52-4a57-9a8e-2f9d0c1b2a{pod:02}")),
                     service_account: Some("agent".into()),
                     container: Some("main".into()),
-                },
-                source_addr: format!("10.244.{}.{}:{}", pod % 4, pod, 40_000 + i % 20_000),
+                }
+                .into(),
+                source_addr: format!("10.244.{}.{}:{}", pod % 4, pod, 40_000 + i % 20_000).into(),
                 original_dst: Some("192.0.2.1:443".into()),
                 user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/70d3cc9".into()),
                 kubectl_command: Some(format!("kubectl {verb}")),

@@ -39,7 +39,8 @@ fn create_row(i: u64) -> RequestRecord {
             pod_uid: Some("6f1c7e0a-3b52-4a57-9a8e-2f9d0c1b2a3e".into()),
             service_account: Some("cursor".into()),
             container: Some("agent".into()),
-        },
+        }
+        .into(),
         source_addr: "10.244.1.7:51234".into(),
         user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef".into()),
         kubectl_command: Some("kubectl create".into()),

@@ -63,7 +63,8 @@ fn request(i: usize, pod: &str, verb: Verb, resource: &str) -> RequestRecord {
             service_account: Some("cursor".into()),
             command: Some("kubectl".into()),
             ..WorkloadRecord::default()
-        },
+        }
+        .into(),
         source_addr: "10.244.0.9:40000".into(),
         verb,
         request_uri: format!("/api/v1/namespaces/default/{resource}"),

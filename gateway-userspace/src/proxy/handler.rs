@@ -25,7 +25,7 @@ use crate::{
     masking::detect::Detectors,
     masking::objects::{Masker, Target},
     policy::{self, Action, RequestContext},
-    recorder::{ObjectRef, Outcome, RequestRecord, WorkloadRecord},
+    recorder::{ObjectRef, Outcome, RequestRecord},
     request::{ExecRequest, RequestInfo, Verb},
     status::Status,
 };
@@ -481,20 +481,16 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let workload = match &conn.origin {
-            Some(origin) => conn.workload.record(origin),
-            None => WorkloadRecord::default(),
-        };
         RequestRecord {
             request_time,
             response_time: None,
             latency_us: 0,
             audit_id: audit_id.to_owned(),
-            node: self.node.clone(),
-            cluster: self.cluster.clone(),
-            workload,
-            source_addr: conn.peer.to_string(),
-            original_dst: conn.origin.as_ref().map(|o| o.original_dst.to_string()),
+            node: Arc::clone(&self.node),
+            cluster: Arc::clone(&self.cluster),
+            workload: Arc::clone(&conn.record.workload),
+            source_addr: Arc::clone(&conn.record.source_addr),
+            original_dst: conn.record.original_dst.clone(),
             user_agent: header("user-agent"),
             kubectl_command: header("kubectl-command"),
             kubectl_session: header("kubectl-session"),

@@ -89,8 +89,8 @@ pub struct Proxy {
     credential: Option<Arc<UpstreamCredential>>,
     recorder: RecorderHandle,
     interceptor: Option<Arc<Interceptor>>,
-    node: String,
-    cluster: String,
+    node: Arc<str>,
+    cluster: Arc<str>,
     /// Opens the dedicated HTTP/1.1 connections of upgrades.
     dialer: pool::Dialer,
     frame_sink: std::sync::RwLock<Option<Arc<dyn upgrade::FrameSink>>>,
@@ -177,6 +177,30 @@ pub struct ConnectionInfo {
     pub workload: WorkloadIdentity,
     /// The workload's connection slot (`limits.maxConnectionsPerWorkload`).
     slot: Option<SlotHold>,
+    /// What every request's record says about the connection, made once per connection:
+    /// `source_addr`, `original_dst` and `workload`.
+    record: ConnectionRecord,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ConnectionRecord {
+    source_addr: Arc<str>,
+    original_dst: Option<Arc<str>>,
+    workload: Arc<crate::recorder::WorkloadRecord>,
+}
+
+impl ConnectionRecord {
+    fn new(
+        peer: SocketAddr,
+        origin: Option<&ConnectionOrigin>,
+        workload: &WorkloadIdentity,
+    ) -> Self {
+        Self {
+            source_addr: peer.to_string().into(),
+            original_dst: origin.map(|o| o.original_dst.to_string().into()),
+            workload: Arc::new(origin.map(|o| workload.record(o)).unwrap_or_default()),
+        }
+    }
 }
 
 impl Proxy {
@@ -227,8 +251,8 @@ impl Proxy {
             credential: s.credential,
             recorder: s.recorder,
             interceptor: s.interceptor,
-            node: s.node,
-            cluster: s.cluster,
+            node: s.node.into(),
+            cluster: s.cluster.into(),
             dialer,
             frame_sink: std::sync::RwLock::new(None),
             identity: s.identity,
@@ -331,6 +355,7 @@ impl Proxy {
             };
             // Released when the connection and every stream upgraded from it are gone.
             let conn_info = Arc::new(ConnectionInfo {
+                record: ConnectionRecord::new(peer, origin.as_ref(), &workload),
                 peer,
                 origin,
                 workload,

@@ -311,11 +311,11 @@ pub(crate) fn decode_batch(
             audit_id: req("audit_id", i)?,
             // Version 1 files have a node column; later ones only the partition key.
             node: match added(&c, "node", |a| string_at(a, i))?.flatten() {
-                Some(node) => node,
-                None => node_from_path.to_owned(),
+                Some(node) => node.into(),
+                None => node_from_path.into(),
             },
-            cluster: req("cluster", i)?,
-            workload: WorkloadRecord {
+            cluster: req("cluster", i)?.into(),
+            workload: Arc::new(WorkloadRecord {
                 cgroup_id: int64_at(field(workload, "cgroup_id")?, i)?,
                 netns_cookie: int64_at(field(workload, "netns_cookie")?, i)?,
                 pid: int64_at(field(workload, "pid")?, i)?,
@@ -325,9 +325,9 @@ pub(crate) fn decode_batch(
                 pod_uid: ws("pod_uid", i)?,
                 service_account: ws("service_account", i)?,
                 container: ws("container", i)?,
-            },
-            source_addr: req("source_addr", i)?,
-            original_dst: s("original_dst", i)?,
+            }),
+            source_addr: req("source_addr", i)?.into(),
+            original_dst: s("original_dst", i)?.map(Arc::from),
             user_agent: s("user_agent", i)?,
             kubectl_command: s("kubectl_command", i)?,
             kubectl_session: s("kubectl_session", i)?,

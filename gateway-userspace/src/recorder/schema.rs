@@ -40,15 +40,15 @@ pub struct RequestRecord {
     pub audit_id: String,
     /// Kubernetes node the gateway runs on. Not a column: it is the `node=` partition key
     /// (and the file's `chaperone.node` metadata); readers fill it from there.
-    pub node: String,
+    pub node: Arc<str>,
     /// Cluster name from the gateway configuration.
-    pub cluster: String,
-    /// The pod/process that made the request.
-    pub workload: WorkloadRecord,
+    pub cluster: Arc<str>,
+    /// The pod/process that made the request; shared by the requests of a connection.
+    pub workload: Arc<WorkloadRecord>,
     /// Client `ip:port` as seen by the proxy.
-    pub source_addr: String,
+    pub source_addr: Arc<str>,
     /// The `ip:port` the pod dialled, from the kernel redirect.
-    pub original_dst: Option<String>,
+    pub original_dst: Option<Arc<str>>,
     /// `User-Agent` header.
     pub user_agent: Option<String>,
     /// `Kubectl-Command` header.

@@ -21,7 +21,8 @@ fn request(audit_id: &str, time: &str, pod: &str, verb: Verb, uri: &str) -> Requ
             pod_uid: Some(format!("uid-{pod}")),
             service_account: Some("cursor".into()),
             ..WorkloadRecord::default()
-        },
+        }
+        .into(),
         object_ref: ObjectRef {
             resource: "pods".into(),
             namespace: "default".into(),

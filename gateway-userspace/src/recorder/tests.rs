@@ -33,7 +33,8 @@ pub(super) fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             pod_uid: Some("6f1c7e0a-3b52-4a57-9a8e-2f9d0c1b2a3e".into()),
             service_account: Some("agent-sa".into()),
             container: Some("main".into()),
-        },
+        }
+        .into(),
         source_addr: "10.244.1.7:51234".into(),
         original_dst: Some("192.0.2.1:443".into()),
         user_agent: Some("kubectl/v1.32.0 (linux/amd64) kubernetes/abcdef".into()),
@@ -90,13 +91,14 @@ pub(super) fn sparse_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord
         latency_us: -1,
         audit_id: format!("sparse-{i}"),
         node: "node-a".into(),
-        cluster: String::new(),
+        cluster: "".into(),
         workload: WorkloadRecord {
             cgroup_id: -5,
             netns_cookie: 0,
             pid: 0,
             ..Default::default()
-        },
+        }
+        .into(),
         source_addr: "[::1]:40000".into(),
         verb: Verb::List,
         request_uri: "/api/v1/pods?limit=500".into(),
@@ -224,8 +226,9 @@ async fn every_field_round_trips_including_nulls_and_structs() {
             policy_rule: None,
             workload: WorkloadRecord {
                 pod: None,
-                ..full_row(3, t0).workload
-            },
+                ..WorkloadRecord::clone(&full_row(3, t0).workload)
+            }
+            .into(),
             ..full_row(3, t0 + Duration::from_millis(5))
         },
     ];
