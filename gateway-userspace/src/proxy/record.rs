@@ -117,7 +117,9 @@ impl Drop for RecordGuard {
         match &self.batch {
             Some(batch) => batch.push(finished),
             // Drop cannot await; the recorder applies back-pressure inside the task instead.
-            None => recorder.clone().spawn(finished.send(recorder)),
+            None => recorder
+                .clone()
+                .spawn(async move { finished.send(&recorder).await }),
         }
     }
 }
@@ -134,7 +136,7 @@ pub(super) struct Finished {
 impl Finished {
     /// Completes the row (decoding and masking happen here, off the response's path) and
     /// queues it, waiting for room in the recorder's queue.
-    async fn send(mut self, recorder: RecorderHandle) {
+    async fn send(mut self, recorder: &RecorderHandle) {
         if let Some(capture) = self.capture.take() {
             record_response_object(
                 &mut self.record,
@@ -202,7 +204,7 @@ impl RowBatch {
         let recorder = self.recorder.clone();
         self.recorder.spawn(async move {
             for row in rows {
-                row.send(recorder.clone()).await;
+                row.send(&recorder).await;
             }
         });
     }
