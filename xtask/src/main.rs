@@ -545,6 +545,12 @@ fn print_bench_summary(target: &Path) {
             100.0 * c / n
         );
     }
+    if let Some(r) = http("chaperone", "cpu_vs_nginx_paired") {
+        println!(
+            "  CPU per request, back-to-back rounds: chaperone = {:.0}% of nginx's   (target: <= 100%)",
+            100.0 * r
+        );
+    }
     if let (Some(n), Some(c)) = (http("nginx", "rps_c16"), http("chaperone", "rps_c16")) {
         println!(
             "  throughput at 16 connections: chaperone {c:.0} req/s = {:.0}% of nginx's {n:.0}   (target: >= 100%)",

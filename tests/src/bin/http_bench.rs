@@ -58,6 +58,9 @@ const THROUGHPUT_SECONDS: u32 = 5;
 const PASSES: usize = 3;
 /// Requests of each CPU-time run (16 connections, one stream each).
 const CPU_REQUESTS: usize = 20_000;
+/// Back-to-back CPU-time runs of nginx then chaperone after the passes: each round's ratio
+/// compares two runs seconds apart, so the machine's drift between passes cancels out.
+const CPU_ROUNDS: usize = 7;
 /// Pods each list scenario returns (~1 MiB of JSON).
 const LIST_PODS: usize = 500;
 const LIST_PATH: &str = "/api/v1/namespaces/bench/pods";
@@ -640,6 +643,25 @@ fn cpu_per_request(target: &Target, ticks_per_second: f64) -> anyhow::Result<f64
     Ok((after - before) as f64 / ticks_per_second * 1e6 / CPU_REQUESTS as f64)
 }
 
+/// Chaperone's CPU per request over nginx's, one ratio per round of two runs back to back.
+fn paired_cpu_ratios(
+    nginx: &Target,
+    chaperone: &Target,
+    ticks_per_second: f64,
+) -> anyhow::Result<Vec<f64>> {
+    (1..=CPU_ROUNDS)
+        .map(|round| {
+            let n = cpu_per_request(nginx, ticks_per_second)?;
+            let c = cpu_per_request(chaperone, ticks_per_second)?;
+            eprintln!(
+                "http_bench: CPU round {round}/{CPU_ROUNDS}: nginx {n:.1} us/req, chaperone {c:.1} us/req"
+            );
+            anyhow::ensure!(n > 0.0, "nginx used no CPU time in round {round}");
+            Ok(c / n)
+        })
+        .collect()
+}
+
 /// nginx's master process and its workers.
 fn nginx_pids(master: u32) -> Vec<u32> {
     let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
@@ -1205,6 +1227,7 @@ fn orchestrate() -> anyhow::Result<()> {
             );
         }
     }
+    let cpu_ratios = paired_cpu_ratios(&targets[1], &targets[2], ticks_per_second)?;
     let mut agents = vec![Scenarios::default(); targets.len()];
     for pass in 1..=PASSES {
         for (t, a) in targets.iter().zip(agents.iter_mut()) {
@@ -1275,6 +1298,12 @@ fn orchestrate() -> anyhow::Result<()> {
         100.0 * chap[4] / ngx[4],
     );
     println!(
+        "  CPU per request, chaperone / nginx in {CPU_ROUNDS} back-to-back rounds: {:.2}x [{:.2}-{:.2}]",
+        median(&cpu_ratios),
+        cpu_ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        cpu_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    println!(
         "  chaperone RSS: {idle_rss} KiB idle, {rss} KiB after the runs (peak {hwm} KiB); \
          nginx (master + workers): {nginx_rss} KiB"
     );
@@ -1304,6 +1333,7 @@ fn orchestrate() -> anyhow::Result<()> {
     chaperone["rss_kib"] = rss.into();
     chaperone["rss_peak_kib"] = hwm.into();
     chaperone["rss_idle_kib"] = idle_rss.into();
+    chaperone["cpu_vs_nginx_paired"] = ((median(&cpu_ratios) * 1000.0).round() / 1000.0).into();
     nginx_entry["rss_kib"] = nginx_rss.into();
     // `passes` sorts after the targets, so a reader scanning for a target's first `rps`
     // meets the median, not a per-pass list.
@@ -1317,6 +1347,7 @@ fn orchestrate() -> anyhow::Result<()> {
             "direct": direct_passes,
             "nginx": nginx_passes,
             "chaperone": chaperone_passes,
+            "cpu_vs_nginx_paired": cpu_ratios,
         },
         "masked_get_secret": masked.json(),
         "scenarios": agent_json,
