@@ -11,7 +11,10 @@
 //! * `identity/resolve_cgroup/N`: a known cgroup id to its workload (cache hit), the
 //!   per-connection cost;
 //! * `identity/new_cgroup_by_id`: a cgroup the cache does not know (a new pod) on the host's
-//!   cgroup2 mount, opened by its id instead of a rescan (root only).
+//!   cgroup2 mount, opened by its id instead of a rescan (root only);
+//! * `identity/verify_token/{cache,connection}`: a request's bearer token (a ServiceAccount
+//!   token is about a kilobyte) to its principal once verified, from the shared token cache
+//!   (SHA-256 of the token, a locked map) and from the connection's memo of its last token.
 //!
 //! The store's memory at each size is printed (resident set growth of this process).
 //!
@@ -22,7 +25,14 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::{hint::black_box, os::unix::fs::MetadataExt as _, path::Path};
+use std::{hint::black_box, os::unix::fs::MetadataExt as _, path::Path, sync::Arc, time::Duration};
+
+use chaperone_testkit::tokenreview::FakeTokenReviewer;
+use gateway_userspace::identity::{
+    TokenReviewer, WorkloadIdentity,
+    principal::{PrincipalVerifier, TokenMemo},
+};
+use http::HeaderValue;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use gateway_userspace::identity::{
@@ -182,5 +192,52 @@ fn bench_new_cgroup_by_id(c: &mut Criterion) {
     let _ = std::fs::remove_dir(&dir);
 }
 
-criterion_group!(benches, bench_identity, bench_new_cgroup_by_id);
+fn bench_verify_token(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let token = format!("sa.{}", "x".repeat(1000));
+    let reviewer = Arc::new(FakeTokenReviewer::new());
+    reviewer.authenticate(
+        &token,
+        "system:serviceaccount:agents:agent",
+        &[
+            "system:serviceaccounts",
+            "system:serviceaccounts:agents",
+            "system:authenticated",
+        ],
+    );
+    let verifier = PrincipalVerifier::new(
+        Vec::new(),
+        Some(reviewer as Arc<dyn TokenReviewer>),
+        Duration::from_secs(600),
+    );
+    let header =
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap_or_else(|e| panic!("header: {e}"));
+    let workload = WorkloadIdentity::default();
+    let memo = TokenMemo::default();
+    let first = runtime.block_on(verifier.verify_on_connection(Some(&header), &workload, &memo));
+    assert!(first.subject.is_some(), "not verified: {first:?}");
+    let mut group = c.benchmark_group("identity/verify_token");
+    group.bench_function("cache", |b| {
+        b.iter(|| runtime.block_on(verifier.verify(Some(black_box(&header)), &workload)));
+    });
+    group.bench_function("connection", |b| {
+        b.iter(|| {
+            runtime.block_on(verifier.verify_on_connection(
+                Some(black_box(&header)),
+                &workload,
+                &memo,
+            ))
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_identity,
+    bench_new_cgroup_by_id,
+    bench_verify_token
+);
 criterion_main!(benches);

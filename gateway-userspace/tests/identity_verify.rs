@@ -13,7 +13,7 @@ use chaperone_testkit::{
 use gateway_userspace::identity::{
     TokenReviewer, WorkloadIdentity,
     oidc::OidcVerifier,
-    principal::{Principal, PrincipalKind, PrincipalVerifier, service_account_mismatch},
+    principal::{Principal, PrincipalKind, PrincipalVerifier, TokenMemo, service_account_mismatch},
 };
 
 const CLIENT: &str = "chaperone";
@@ -624,4 +624,94 @@ fn mismatch_rules() {
             "{principal:?} vs {w:?}"
         );
     }
+}
+
+/// A connection that presents the same token again is answered from its memo, which
+/// never outlives the token cache's entry: once the cache's time is up the token is
+/// reviewed again, a cache turned off means no memo, and another token on the same
+/// connection is verified on its own.
+#[tokio::test]
+async fn a_connection_remembers_its_token_no_longer_than_the_cache_would() {
+    let key = TestKey::rs256("k", 0);
+    let issuer = TestIssuer::start(&[&key]).await;
+    let reviewer = Arc::new(FakeTokenReviewer::new());
+    reviewer.authenticate(
+        "token-a",
+        "system:serviceaccount:agents:agent",
+        &["system:serviceaccounts"],
+    );
+    reviewer.authenticate("token-b", "admin-user", &["system:masters"]);
+    let verifier_with_ttl = |ttl| {
+        let oidc = OidcVerifier::new(issuer.config(CLIENT)).unwrap_or_else(|e| panic!("{e}"));
+        PrincipalVerifier::new(
+            vec![oidc],
+            Some(reviewer.clone() as Arc<dyn TokenReviewer>),
+            ttl,
+        )
+    };
+    let verifier = verifier_with_ttl(Duration::from_millis(300));
+    let memo = TokenMemo::default();
+    let w = workload("agents", "agent");
+
+    let first = verifier
+        .verify_on_connection(Some(&bearer("token-a")), &w, &memo)
+        .await;
+    assert_eq!(
+        first.subject.as_deref(),
+        Some("system:serviceaccount:agents:agent")
+    );
+    let again = verifier
+        .verify_on_connection(Some(&bearer("token-a")), &w, &memo)
+        .await;
+    assert_eq!(again, first);
+    assert_eq!(reviewer.calls(), 1);
+
+    // Another token on the connection, then the first one back.
+    let other = verifier
+        .verify_on_connection(Some(&bearer("token-b")), &w, &memo)
+        .await;
+    assert_eq!(
+        (other.kind, other.subject.as_deref()),
+        (PrincipalKind::User, Some("admin-user"))
+    );
+    let back = verifier
+        .verify_on_connection(Some(&bearer("token-a")), &w, &memo)
+        .await;
+    assert_eq!(back, first);
+    assert_eq!(reviewer.calls(), 2, "token-a still came from the cache");
+
+    // The same token from a pod running as another service account is flagged.
+    let elsewhere = verifier
+        .verify_on_connection(
+            Some(&bearer("token-a")),
+            &workload("agents", "builder"),
+            &TokenMemo::default(),
+        )
+        .await;
+    assert!(elsewhere.mismatch.is_some(), "{elsewhere:?}");
+
+    // Past the cache's time the token is reviewed again, memo or not.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    verifier
+        .verify_on_connection(Some(&bearer("token-a")), &w, &memo)
+        .await;
+    assert_eq!(
+        reviewer.calls(),
+        3,
+        "an expired verdict was served from the memo"
+    );
+
+    // No cache, no memo: every request is reviewed.
+    let uncached = verifier_with_ttl(Duration::ZERO);
+    let memo = TokenMemo::default();
+    for _ in 0..2 {
+        uncached
+            .verify_on_connection(Some(&bearer("token-b")), &w, &memo)
+            .await;
+    }
+    assert_eq!(reviewer.calls(), 5);
+    assert_eq!(
+        *uncached.verify_on_connection(None, &w, &memo).await,
+        Principal::anonymous()
+    );
 }

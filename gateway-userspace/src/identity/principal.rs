@@ -171,6 +171,55 @@ impl std::ops::Deref for Verified {
     }
 }
 
+/// A connection's last `Authorization` header and the principal it verified to, until the
+/// token cache's entry for it expires (see [`PrincipalVerifier::verify_on_connection`]).
+#[derive(Debug, Default)]
+pub struct TokenMemo(Mutex<Option<Remembered>>);
+
+#[derive(Debug, Clone)]
+struct Remembered {
+    header: HeaderValue,
+    principal: Verified,
+    until: Instant,
+}
+
+impl Clone for TokenMemo {
+    fn clone(&self) -> Self {
+        let memo = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        TokenMemo(Mutex::new(memo.clone()))
+    }
+}
+
+impl TokenMemo {
+    fn get(&self, header: &HeaderValue) -> Option<Verified> {
+        let memo = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        memo.as_ref()
+            .filter(|m| m.header == header && m.until > Instant::now())
+            .map(|m| m.principal.clone())
+    }
+
+    fn set(&self, header: &HeaderValue, principal: &Verified, until: Instant) {
+        // A copy: the request's header may share a buffer with the rest of its frame.
+        let Ok(header) = HeaderValue::from_bytes(header.as_bytes()) else {
+            return;
+        };
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Remembered {
+            header,
+            principal: principal.clone(),
+            until,
+        });
+    }
+}
+
 /// Compares a ServiceAccount principal with the kernel-attributed workload; `Some(reason)`
 /// when they disagree. Unknown workloads are not flagged (there is nothing to compare).
 pub fn service_account_mismatch(
@@ -253,22 +302,60 @@ impl PrincipalVerifier {
         authorization: Option<&HeaderValue>,
         workload: &WorkloadIdentity,
     ) -> Verified {
+        match authorization {
+            Some(header) => self.verify_header(header, workload).await.0,
+            None => ANONYMOUS.clone(),
+        }
+    }
+
+    /// [`verify`](Self::verify) for a request on a connection whose workload is
+    /// `workload`: a request with the same `Authorization` header as the connection's
+    /// previous one gets that one's principal while the cache would still hold it, without
+    /// hashing the token (a ServiceAccount token is about a kilobyte) or taking the
+    /// cache's lock.
+    pub async fn verify_on_connection(
+        &self,
+        authorization: Option<&HeaderValue>,
+        workload: &WorkloadIdentity,
+        memo: &TokenMemo,
+    ) -> Verified {
         let Some(header) = authorization else {
             return ANONYMOUS.clone();
         };
-        let token = match bearer_token(header) {
-            Ok(token) => token,
-            Err(reason) => return Verified::new(Principal::invalid(reason)),
-        };
-        let mut principal = self.verify_token(token).await;
-        if let Some(mismatch) = service_account_mismatch(&principal, workload) {
-            principal.set_mismatch(mismatch);
+        if let Some(hit) = memo.get(header) {
+            return hit;
+        }
+        let (principal, until) = self.verify_header(header, workload).await;
+        if let Some(until) = until {
+            memo.set(header, &principal, until);
         }
         principal
     }
 
+    /// The principal behind `header` and until when the cache holds it (`None`: not
+    /// cached).
+    async fn verify_header(
+        &self,
+        header: &HeaderValue,
+        workload: &WorkloadIdentity,
+    ) -> (Verified, Option<Instant>) {
+        let token = match bearer_token(header) {
+            Ok(token) => token,
+            Err(reason) => return (Verified::new(Principal::invalid(reason)), None),
+        };
+        let (mut principal, until) = self.verify_token_until(token).await;
+        if let Some(mismatch) = service_account_mismatch(&principal, workload) {
+            principal.set_mismatch(mismatch);
+        }
+        (principal, until)
+    }
+
     /// Verifies a bare token (no workload check).
     pub async fn verify_token(&self, token: &str) -> Verified {
+        self.verify_token_until(token).await.0
+    }
+
+    async fn verify_token_until(&self, token: &str) -> (Verified, Option<Instant>) {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.cached(&key) {
             return hit;
@@ -279,7 +366,7 @@ impl PrincipalVerifier {
             Ok((principal, not_after)) => (principal, not_after),
             Err(TokenError::Invalid(reason)) => (Principal::invalid(reason), None),
             Err(TokenError::Unavailable(reason)) => {
-                return Verified::new(Principal::invalid(reason));
+                return (Verified::new(Principal::invalid(reason)), None);
             }
         };
         let principal = Verified::new(principal);
@@ -287,8 +374,8 @@ impl PrincipalVerifier {
         if let Some(not_after) = expires {
             until = until.min(not_after);
         }
-        self.store(key, principal.clone(), until);
-        principal
+        let stored = self.store(key, principal.clone(), until);
+        (principal, stored.then_some(until))
     }
 
     /// Number of cached verdicts (tests, metrics).
@@ -333,10 +420,12 @@ impl PrincipalVerifier {
         Ok((principal, None))
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<Verified> {
+    fn cached(&self, key: &[u8; 32]) -> Option<(Verified, Option<Instant>)> {
         let mut cache = self.lock_cache();
         match cache.get(key) {
-            Some(entry) if entry.expires > Instant::now() => Some(entry.principal.clone()),
+            Some(entry) if entry.expires > Instant::now() => {
+                Some((entry.principal.clone(), Some(entry.expires)))
+            }
             Some(_) => {
                 cache.remove(key);
                 None
@@ -345,9 +434,10 @@ impl PrincipalVerifier {
         }
     }
 
-    fn store(&self, key: [u8; 32], principal: Verified, expires: Instant) {
+    /// Caches a verdict; false when the cache is off (`tokenCacheTTL: 0`).
+    fn store(&self, key: [u8; 32], principal: Verified, expires: Instant) -> bool {
         if self.ttl.is_zero() {
-            return;
+            return false;
         }
         let mut cache = self.lock_cache();
         if cache.len() >= MAX_CACHE_ENTRIES {
@@ -358,6 +448,7 @@ impl PrincipalVerifier {
             }
         }
         cache.insert(key, CacheEntry { principal, expires });
+        true
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], CacheEntry>> {

@@ -166,7 +166,11 @@ impl Proxy {
 
         let principal = self
             .principals
-            .verify(req.headers().get(header::AUTHORIZATION), &conn.workload)
+            .verify_on_connection(
+                req.headers().get(header::AUTHORIZATION),
+                &conn.workload,
+                &conn.tokens,
+            )
             .await;
         record.principal = principal.record();
         if let Some(mismatch) = &principal.mismatch {

@@ -180,6 +180,8 @@ pub struct ConnectionInfo {
     /// What every request's record says about the connection, made once per connection:
     /// `source_addr`, `original_dst` and `workload`.
     record: ConnectionRecord,
+    /// The last token presented on the connection and its principal.
+    tokens: crate::identity::principal::TokenMemo,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -356,6 +358,7 @@ impl Proxy {
             // Released when the connection and every stream upgraded from it are gone.
             let conn_info = Arc::new(ConnectionInfo {
                 record: ConnectionRecord::new(peer, origin.as_ref(), &workload),
+                tokens: Default::default(),
                 peer,
                 origin,
                 workload,
