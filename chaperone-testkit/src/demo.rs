@@ -397,7 +397,7 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
                 .unwrap_or_default()
                 .to_owned()
         } else if r.object_ref.subresource.is_empty() {
-            r.object_ref.resource.clone()
+            r.object_ref.resource.to_string()
         } else {
             format!("{}/{}", r.object_ref.resource, r.object_ref.subresource)
         };
@@ -411,8 +411,8 @@ pub fn summary(dir: &Path) -> anyhow::Result<String> {
             },
             r.verb.to_string(),
             target,
-            r.object_ref.namespace,
-            r.object_ref.name,
+            r.object_ref.namespace.into_string(),
+            r.object_ref.name.into_string(),
             recorder::decision_str(r.decision).to_owned(),
             r.outcome.to_string(),
             r.response_code.to_string(),

@@ -91,9 +91,9 @@ fn realistic_rows(n: usize) -> Vec<RequestRecord> {
                     api_group: group.into(),
                     api_version: version.into(),
                     resource: resource.into(),
-                    subresource: String::new(),
-                    namespace: format!("agents-{}", pod % 5),
-                    name: format!("obj-{}", i % 1000),
+                    subresource: Default::default(),
+                    namespace: format!("agents-{}", pod % 5).into(),
+                    name: format!("obj-{}", i % 1000).into(),
                 },
                 decision: Some(if denied { Action::Deny } else { Action::Allow }),
                 outcome: if failed {

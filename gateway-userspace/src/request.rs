@@ -14,7 +14,9 @@
 
 use std::borrow::Cow;
 
+use compact_str::CompactString;
 use http::{Method, Uri};
+use smallvec::SmallVec;
 
 /// Longest accepted request path, in bytes as sent (before percent-decoding).
 pub const MAX_PATH_BYTES: usize = 8 * 1024;
@@ -217,19 +219,19 @@ pub struct RequestInfo {
     /// requests, the lowercase HTTP method.
     pub verb: Verb,
     /// `api` or `apis` (empty for non-resource requests).
-    pub api_prefix: String,
+    pub api_prefix: CompactString,
     /// API group (`""` for the core group).
-    pub api_group: String,
+    pub api_group: CompactString,
     /// API version, e.g. `v1`.
-    pub api_version: String,
+    pub api_version: CompactString,
     /// Namespace (empty for cluster-scoped requests).
-    pub namespace: String,
+    pub namespace: CompactString,
     /// Resource, e.g. `pods`.
-    pub resource: String,
+    pub resource: CompactString,
     /// Subresource, e.g. `exec`.
-    pub subresource: String,
+    pub subresource: CompactString,
     /// Object name, from the path or from a `metadata.name` field selector on list/watch.
-    pub name: String,
+    pub name: CompactString,
     /// Where [`RequestInfo::parts`] starts among the path's segments (kept as an index:
     /// the parts are slices of `path`, not copies).
     pub parts_from: usize,
@@ -272,6 +274,7 @@ impl RequestInfo {
         };
         let is_resource = derive(&mut info, method, &segments, &path, &query)?;
         info.is_resource_request = is_resource;
+        drop(segments);
         info.path = path;
         Ok(info)
     }
@@ -314,7 +317,7 @@ impl RequestInfo {
     /// The resource as RBAC spells it: `pods`, or `pods/exec` with a subresource.
     pub fn resource_with_subresource(&self) -> String {
         if self.subresource.is_empty() {
-            self.resource.clone()
+            self.resource.to_string()
         } else {
             format!("{}/{}", self.resource, self.subresource)
         }
@@ -396,11 +399,11 @@ fn derive(
         if rest.len() < 3 {
             return Ok(false);
         }
-        info.api_group = rest[0].to_owned();
+        info.api_group = rest[0].into();
         rest = &rest[1..];
     }
-    info.api_prefix = prefix.to_owned();
-    info.api_version = rest[0].to_owned();
+    info.api_prefix = prefix.into();
+    info.api_version = rest[0].into();
     rest = &rest[1..];
 
     let mut verb_via_path = false;
@@ -430,7 +433,7 @@ fn derive(
     }
 
     if rest[0] == "namespaces" && rest.len() > 1 {
-        info.namespace = rest[1].to_owned();
+        info.namespace = rest[1].into();
         // `namespaces/<ns>/status` and `/finalize` are subresources of the namespace object;
         // anything else after the name is a namespaced resource.
         if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
@@ -440,12 +443,12 @@ fn derive(
 
     info.parts_from = segments.len() - rest.len();
     if rest.len() >= 3 && info.verb != Verb::Proxy {
-        info.subresource = rest[2].to_owned();
+        info.subresource = rest[2].into();
     }
     if rest.len() >= 2 {
-        info.name = rest[1].to_owned();
+        info.name = rest[1].into();
     }
-    info.resource = rest[0].to_owned();
+    info.resource = rest[0].into();
 
     if info.name.is_empty() && info.verb == Verb::Get {
         let (watch, exact_name) = match query.decode_list_options() {
@@ -458,7 +461,7 @@ fn derive(
         };
         info.verb = if watch { Verb::Watch } else { Verb::List };
         if let Some(name) = exact_name.filter(|n| is_valid_path_segment_name(n)) {
-            info.name = name;
+            info.name = name.into();
         }
     }
     if info.name.is_empty() && info.verb == Verb::Delete {
@@ -636,10 +639,12 @@ fn is_lower_false(v: &str) -> bool {
 }
 
 /// Go `splitPath`: trim slashes at both ends, then split.
-fn split_path(path: &str) -> Vec<&str> {
+/// The path's segments; on the stack for every API path (at most eight segments, the
+/// longest being a namespaced subresource of a group's resource), on the heap past that.
+fn split_path(path: &str) -> SmallVec<[&str; 8]> {
     let trimmed = path.trim_matches('/');
     if trimmed.is_empty() {
-        Vec::new()
+        SmallVec::new()
     } else {
         trimmed.split('/').collect()
     }
@@ -1533,13 +1538,13 @@ mod tests {
                 path: got.path.clone(),
                 verb: Verb::parse(want.verb)
                     .unwrap_or_else(|| panic!("{method} {uri}: unknown verb {:?}", want.verb)),
-                api_prefix: want.prefix.to_owned(),
-                api_group: want.group.to_owned(),
-                api_version: want.version.to_owned(),
-                namespace: want.ns.to_owned(),
-                resource: want.resource.to_owned(),
-                subresource: want.sub.to_owned(),
-                name: want.name.to_owned(),
+                api_prefix: want.prefix.into(),
+                api_group: want.group.into(),
+                api_version: want.version.into(),
+                namespace: want.ns.into(),
+                resource: want.resource.into(),
+                subresource: want.sub.into(),
+                name: want.name.into(),
                 parts_from: got.parts_from,
                 field_selector: want.field_selector.map(str::to_owned),
                 label_selector: want.label_selector.map(str::to_owned),

@@ -72,7 +72,7 @@ fn request(i: usize, pod: &str, verb: Verb, resource: &str) -> RequestRecord {
             api_version: "v1".into(),
             resource: resource.into(),
             namespace: "default".into(),
-            name: format!("obj-{i}"),
+            name: format!("obj-{i}").into(),
             ..ObjectRef::default()
         },
         decision: Some(Action::Allow),

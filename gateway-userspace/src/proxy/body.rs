@@ -63,9 +63,10 @@ pub(crate) struct Inspected {
     /// Bytes the client sent, when the body was read whole here (what is forwarded may
     /// differ: a transcoded body); `None` when it streams through and is counted on the way.
     pub whole_len: Option<u64>,
-    /// Set when a streamed body went past the request's size limit and was cut off, so
-    /// the failed upstream request is answered with 413 rather than 503.
-    pub exceeded: Arc<AtomicBool>,
+    /// For a body that streams through under a size limit: set when it went past the
+    /// limit and was cut off, so the failed upstream request is answered with 413 rather
+    /// than 503. `None` for a body read whole (checked here) or with no limit.
+    pub exceeded: Option<Arc<AtomicBool>>,
 }
 
 /// How a `Content-Type` is decoded.
@@ -129,7 +130,7 @@ pub(crate) async fn inspect(
     if max_bytes == 0 || declared.is_some_and(|n| n > max_bytes as u64) {
         // Known to be too large to inspect: do not read a byte of it here.
         inspected.truncated = true;
-        let body = Limited::wrap(body.map_err(BoxError::from).boxed(), limit, &inspected);
+        let body = Limited::wrap(body.map_err(BoxError::from).boxed(), limit, &mut inspected);
         return Ok((body, inspected));
     }
 
@@ -161,7 +162,7 @@ pub(crate) async fn inspect(
                 );
             let rest = BodyStream::new(body.map_err(BoxError::from));
             let body = BodyExt::boxed(StreamBody::new(StreamExt::chain(head, rest)));
-            return Ok((Limited::wrap(body, limit, &inspected), inspected));
+            return Ok((Limited::wrap(body, limit, &mut inspected), inspected));
         }
         buf.extend_from_slice(&data);
     }
@@ -209,16 +210,20 @@ struct Limited {
 }
 
 impl Limited {
-    fn wrap(inner: ProxyBody, limit: Option<usize>, inspected: &Inspected) -> ProxyBody {
+    fn wrap(inner: ProxyBody, limit: Option<usize>, inspected: &mut Inspected) -> ProxyBody {
         match limit {
             None => inner,
-            Some(limit) => Limited {
-                inner,
-                seen: 0,
-                limit,
-                exceeded: inspected.exceeded.clone(),
+            Some(limit) => {
+                let exceeded = Arc::new(AtomicBool::new(false));
+                inspected.exceeded = Some(exceeded.clone());
+                Limited {
+                    inner,
+                    seen: 0,
+                    limit,
+                    exceeded,
+                }
+                .boxed()
             }
-            .boxed(),
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     masking::detect::Detectors,
     masking::objects::{Masker, Target},
     policy::{self, Action, RequestContext},
-    recorder::{ObjectRef, Outcome, RequestRecord},
+    recorder::{ObjectRef, Outcome, PrincipalRecord, RequestRecord},
     request::{ExecRequest, RequestInfo, Verb},
     status::Status,
 };
@@ -39,9 +39,15 @@ use super::{
     impersonation::impersonation,
     live::{LiveRequest, LiveStop},
     masked,
-    record::{RecordGuard, recorded_json},
+    record::{RecordGuard, RequestBytes, recorded_json},
     upgrade,
 };
+
+thread_local! {
+    /// A row's principal until its token is verified (and for a request refused before
+    /// that): one per thread, shared by the rows it makes, rather than one per row.
+    static UNVERIFIED: Arc<PrincipalRecord> = Arc::default();
+}
 
 /// Set on a streamed request body that was cut off at `limits.maxRequestBodyBytes`.
 #[derive(Clone)]
@@ -72,7 +78,7 @@ pub(super) enum Pending {
     Upgrade(Request<Incoming>, upgrade::UpgradeProtocol),
     /// Everything else, its body already inspected; the counter holds (or will hold, as
     /// the body streams) the bytes the client sent.
-    Plain(Request<ProxyBody>, Arc<AtomicU64>),
+    Plain(Request<ProxyBody>, RequestBytes),
 }
 
 impl Pending {
@@ -114,7 +120,10 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_time = jiff::Timestamp::now();
-        let audit_id = uuid::Uuid::now_v7().to_string();
+        let audit_id = uuid::Uuid::now_v7()
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .to_owned();
         let record = self.base_record(&req, conn, request_time, &audit_id);
         // Instrumented, not entered: a guard held across the awaits below would mark the
         // span current on whatever else the thread runs meanwhile.
@@ -439,21 +448,20 @@ impl Proxy {
         };
         // A body read whole is counted as the client sent it (what is forwarded may be
         // transcoded); one that streams through is counted on the way.
-        let count = Arc::new(AtomicU64::new(0));
-        let body = match inspected.whole_len {
-            Some(n) => {
-                count.store(n, Ordering::Relaxed);
-                body
+        let (body, count) = match inspected.whole_len {
+            Some(n) => (body, RequestBytes::Known(n)),
+            None => {
+                let count = Arc::new(AtomicU64::new(0));
+                let body = CountingBody {
+                    inner: body,
+                    count: count.clone(),
+                };
+                (body.boxed(), RequestBytes::Counted(count))
             }
-            None => CountingBody {
-                inner: body,
-                count: count.clone(),
-            }
-            .boxed(),
         };
-        parts
-            .extensions
-            .insert(BodyLimitExceeded(inspected.exceeded.clone()));
+        if let Some(exceeded) = &inspected.exceeded {
+            parts.extensions.insert(BodyLimitExceeded(exceeded.clone()));
+        }
         Ok((
             Pending::Plain(Request::from_parts(parts, body), count),
             inspected,
@@ -512,7 +520,7 @@ impl Proxy {
             request_bytes: 0,
             response_bytes: 0,
             error: None,
-            principal: Arc::default(),
+            principal: UNVERIFIED.with(Arc::clone),
             impersonated_user: None,
             request_content_type: None,
             request_object: None,
@@ -547,7 +555,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         insert_audit_id(&mut parts.headers, audit_id);
         let body = body.map_err(|never| match never {}).boxed();
-        let guard = RecordGuard::new(self, record, started, Arc::new(AtomicU64::new(0)));
+        let guard = RecordGuard::new(self, record, started, RequestBytes::Known(0));
         Response::from_parts(parts, Metered::new(body, guard).boxed())
     }
 
@@ -576,7 +584,7 @@ impl Proxy {
     pub(super) async fn forward(
         &self,
         req: Request<ProxyBody>,
-        request_bytes: Arc<AtomicU64>,
+        request_bytes: RequestBytes,
         mut record: RequestRecord,
         started: Instant,
         audit_id: String,
@@ -597,7 +605,7 @@ impl Proxy {
         let exceeded = parts
             .extensions
             .get::<BodyLimitExceeded>()
-            .map_or_else(|| Arc::new(AtomicBool::new(false)), |e| e.0.clone());
+            .map(|e| e.0.clone());
         parts.uri = match upstream_uri(&self.upstream_base, &parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
@@ -644,9 +652,7 @@ impl Proxy {
                 record.response_time = Some(jiff::Timestamp::now());
                 record.outcome = Outcome::Forwarded;
                 strip_hop_by_hop(&mut parts.headers);
-                if !parts.headers.contains_key("audit-id") {
-                    insert_audit_id(&mut parts.headers, &audit_id);
-                }
+                keep_or_insert_audit_id(&mut parts.headers, &audit_id);
                 let watch = record.verb == Verb::Watch;
                 let mut body = body.map_err(BoxError::from).boxed();
                 let mut live_report = None;
@@ -732,7 +738,7 @@ impl Proxy {
             }
             Err(e) => {
                 let cause = error_chain(&e);
-                if exceeded.load(Ordering::Relaxed) {
+                if exceeded.is_some_and(|e| e.load(Ordering::Relaxed)) {
                     // The body was cut off at its limit: the client's fault, answered as the
                     // API server would, whatever the upstream connection did meanwhile.
                     let status = request_entity_too_large(&cause);
@@ -757,9 +763,26 @@ impl Proxy {
     }
 }
 
+/// Sets the `Audit-Id` response header, as the API server does.
+///
+/// The value is marked sensitive, which HTTP/2 sends as a literal "never indexed": an id
+/// that never repeats would otherwise be added to the connection's HPACK table on every
+/// response, evicting the headers that do repeat, and the encoder would compare each new id
+/// with the dozens of earlier ones under the same name (a tenth of h2's CPU per request,
+/// docs/benchmarks.md).
 pub(super) fn insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {
-    if let Ok(v) = HeaderValue::from_str(audit_id) {
+    if let Ok(mut v) = HeaderValue::from_str(audit_id) {
+        v.set_sensitive(true);
         headers.insert(HeaderName::from_static("audit-id"), v);
+    }
+}
+
+/// Keeps the API server's `Audit-Id` on a relayed response (never indexed either, see
+/// [`insert_audit_id`]), or sets the gateway's when it sent none.
+pub(super) fn keep_or_insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {
+    match headers.get_mut("audit-id") {
+        Some(theirs) => theirs.set_sensitive(true),
+        None => insert_audit_id(headers, audit_id),
     }
 }
 
@@ -855,6 +878,30 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_ids_are_never_indexed_and_the_api_servers_is_kept() {
+        let mut ours = HeaderMap::new();
+        keep_or_insert_audit_id(&mut ours, "0193d9a8-0000-7000-8000-000000000001");
+        let id = &ours["audit-id"];
+        assert_eq!(id, "0193d9a8-0000-7000-8000-000000000001");
+        assert!(
+            id.is_sensitive(),
+            "a gateway id would churn the HPACK table"
+        );
+
+        let mut relayed = HeaderMap::new();
+        relayed.insert("audit-id", HeaderValue::from_static("from-the-api-server"));
+        keep_or_insert_audit_id(&mut relayed, "0193d9a8-0000-7000-8000-000000000002");
+        assert_eq!(relayed.get_all("audit-id").iter().count(), 1);
+        let id = &relayed["audit-id"];
+        assert_eq!(id, "from-the-api-server");
+        assert!(
+            id.is_sensitive(),
+            "the API server's id churns the table as much"
+        );
+    }
+
     #[test]
     fn upstream_uri_keeps_path_and_query() {
         let base: Uri = "https://127.0.0.1:6443".parse().unwrap();

@@ -94,7 +94,7 @@ impl Proxy {
             service_account: conn.workload.service_account.clone(),
         };
         let resource = if info.api_group.is_empty() {
-            info.resource.clone()
+            info.resource.to_string()
         } else {
             format!("{}/{}", info.api_group, info.resource)
         };
@@ -113,9 +113,9 @@ impl Proxy {
             action: RequestedAction {
                 verb: info.verb.as_str().to_owned(),
                 resource,
-                subresource: (!info.subresource.is_empty()).then(|| info.subresource.clone()),
-                namespace: (!info.namespace.is_empty()).then(|| info.namespace.clone()),
-                name: (!info.name.is_empty()).then(|| info.name.clone()),
+                subresource: (!info.subresource.is_empty()).then(|| info.subresource.to_string()),
+                namespace: (!info.namespace.is_empty()).then(|| info.namespace.to_string()),
+                name: (!info.name.is_empty()).then(|| info.name.to_string()),
                 path,
                 summary: masked(decision, &summary),
             },

@@ -27,13 +27,39 @@ const BATCH_DELAY: Duration = Duration::from_millis(2);
 /// A batch this large is handed over at once.
 const BATCH_ROWS: usize = 64;
 
+/// The bytes of a request body: known when the body was read whole (most requests, so
+/// no shared counter is allocated for them), counted on the way when it streams.
+pub(super) enum RequestBytes {
+    Known(u64),
+    Counted(Arc<AtomicU64>),
+}
+
+impl RequestBytes {
+    pub(super) fn get(&self) -> u64 {
+        match self {
+            RequestBytes::Known(n) => *n,
+            RequestBytes::Counted(count) => count.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds bytes that went past the counter (an upgraded stream's).
+    pub(super) fn add(&mut self, n: u64) {
+        match self {
+            RequestBytes::Known(known) => *known = known.saturating_add(n),
+            RequestBytes::Counted(count) => {
+                count.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Sends the row when the exchange is over: when the response body has been fully sent,
 /// or when it is dropped (client went away, watch closed, local response).
 pub(super) struct RecordGuard {
     pub(super) pending: Option<(RecorderHandle, RequestRecord)>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) started: Instant,
-    pub(super) request_bytes: Arc<AtomicU64>,
+    pub(super) request_bytes: RequestBytes,
     pub(super) response_bytes: u64,
     /// A copy of the response body for `response_object`, when it is recorded.
     pub(super) capture: Option<body::Capture>,
@@ -56,7 +82,7 @@ impl RecordGuard {
         proxy: &Proxy,
         record: RequestRecord,
         started: Instant,
-        request_bytes: Arc<AtomicU64>,
+        request_bytes: RequestBytes,
     ) -> Self {
         Self {
             pending: Some((proxy.recorder.clone(), record)),
@@ -86,7 +112,7 @@ impl Drop for RecordGuard {
         if record.response_time.is_none() {
             record.response_time = Some(jiff::Timestamp::now());
         }
-        record.request_bytes = self.request_bytes.load(Ordering::Relaxed) as i64;
+        record.request_bytes = self.request_bytes.get() as i64;
         record.response_bytes = self.response_bytes as i64;
         if let Some(masked) = &self.masked_streamed {
             let n = i32::try_from(masked.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
@@ -197,7 +223,13 @@ impl RowBatch {
 
     /// Sends what the batch holds to the recorder's runtime, as one task.
     fn hand_over(&self) {
-        let rows = std::mem::take(&mut *self.rows.lock().unwrap_or_else(PoisonError::into_inner));
+        let rows = {
+            let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+            // The next batch starts with room for as many rows as this one had: growing
+            // it row by row would copy the (large) rows again at every doubling.
+            let room = rows.len();
+            std::mem::replace(&mut *rows, Vec::with_capacity(room))
+        };
         if rows.is_empty() {
             return;
         }
@@ -278,6 +310,25 @@ pub(super) fn recorded_json(
 mod tests {
     use super::*;
     use crate::recorder::{Recorder, RecorderConfig};
+
+    #[test]
+    fn request_bytes_add_what_went_past_the_counter() {
+        let mut known = RequestBytes::Known(120);
+        known.add(30);
+        assert_eq!(known.get(), 150);
+
+        let count = Arc::new(AtomicU64::new(0));
+        let mut counted = RequestBytes::Counted(count.clone());
+        count.fetch_add(64, Ordering::Relaxed);
+        assert_eq!(counted.get(), 64, "reads the body's counter as it streams");
+        counted.add(36);
+        assert_eq!(counted.get(), 100);
+        assert_eq!(count.load(Ordering::Relaxed), 100);
+
+        let mut huge = RequestBytes::Known(u64::MAX - 1);
+        huge.add(5);
+        assert_eq!(huge.get(), u64::MAX, "saturates instead of wrapping");
+    }
 
     fn finished(audit_id: &str, metrics: &Arc<Metrics>) -> Finished {
         Finished {

@@ -16,7 +16,7 @@
 //! that masking would corrupt, and policy is the control for it.
 
 use std::{
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -31,11 +31,11 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BoxError, Proxy, ProxyBody,
     bodies::{CountingBody, Metered},
-    handler::{StreamMasking, insert_audit_id, upstream_uri},
+    handler::{StreamMasking, keep_or_insert_audit_id, upstream_uri},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
     live::LiveStop,
-    record::RecordGuard,
+    record::{RecordGuard, RequestBytes},
     stdin_guard::{SessionShape, StdinGuard, StdinLines},
 };
 use crate::{
@@ -907,10 +907,9 @@ impl Proxy {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            if !parts.headers.contains_key("audit-id") {
-                insert_audit_id(&mut parts.headers, &audit_id);
-            }
-            let guard = RecordGuard::new(self, record, started, request_bytes);
+            keep_or_insert_audit_id(&mut parts.headers, &audit_id);
+            let guard =
+                RecordGuard::new(self, record, started, RequestBytes::Counted(request_bytes));
             let body = Metered::new(body.map_err(BoxError::from).boxed(), guard);
             return Response::from_parts(parts, body.boxed());
         }
@@ -990,10 +989,9 @@ impl Proxy {
             tap = tap.with_recording(self.recorder.session(&audit_id, kind));
         }
         let mut headers = switching_headers(response.headers());
-        if !headers.contains_key("audit-id") {
-            insert_audit_id(&mut headers, &audit_id);
-        }
-        let mut guard = RecordGuard::new(self, record, started, request_bytes);
+        keep_or_insert_audit_id(&mut headers, &audit_id);
+        let mut guard =
+            RecordGuard::new(self, record, started, RequestBytes::Counted(request_bytes));
         // Ends on the drain, or when a reloaded policy denies the session.
         let (stop, live_guard) = match live {
             Some(live) => (live.stop, Some(live.guard)),
@@ -1036,9 +1034,7 @@ impl Proxy {
             if let Some(sink) = &sink {
                 sink.finished(&audit_id, &stats);
             }
-            guard
-                .request_bytes
-                .fetch_add(stats.bytes_to_server, Ordering::Relaxed);
+            guard.request_bytes.add(stats.bytes_to_server);
             guard.response_bytes = stats.bytes_to_client;
             if let Some(why) = &stdin_violation {
                 tracing::info!(%audit_id, reason = %why, "stream closed by a stdin line rule");

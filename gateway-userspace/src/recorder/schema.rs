@@ -12,6 +12,7 @@ use arrow_array::builder::{
 };
 use arrow_array::{ArrayRef, RecordBatch, StructArray};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use compact_str::CompactString;
 
 use crate::{policy::Action, request::Verb};
 
@@ -220,17 +221,17 @@ pub struct WorkloadRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObjectRef {
     /// API group, "" for the core group.
-    pub api_group: String,
+    pub api_group: CompactString,
     /// API version, e.g. "v1".
-    pub api_version: String,
+    pub api_version: CompactString,
     /// Resource, e.g. "pods".
-    pub resource: String,
+    pub resource: CompactString,
     /// Subresource, e.g. "exec".
-    pub subresource: String,
+    pub subresource: CompactString,
     /// Namespace, "" for cluster-scoped objects and cluster-wide lists.
-    pub namespace: String,
+    pub namespace: CompactString,
     /// Object name, "" for collections.
-    pub name: String,
+    pub name: CompactString,
 }
 
 fn utf8(name: &str, nullable: bool) -> Field {
@@ -330,7 +331,7 @@ pub fn requests_schema() -> SchemaRef {
 }
 
 fn strings<'a>(
-    rows: &'a [RequestRecord],
+    rows: &[&'a RequestRecord],
     get: impl Fn(&'a RequestRecord) -> Option<&'a str>,
 ) -> ArrayRef {
     // Sizing the value buffer from the data avoids regrowing it on large batches.
@@ -342,7 +343,7 @@ fn strings<'a>(
     Arc::new(builder.finish())
 }
 
-fn int64(rows: &[RequestRecord], get: impl Fn(&RequestRecord) -> i64) -> ArrayRef {
+fn int64(rows: &[&RequestRecord], get: impl Fn(&RequestRecord) -> i64) -> ArrayRef {
     let mut builder = Int64Builder::with_capacity(rows.len());
     for row in rows {
         builder.append_value(get(row));
@@ -351,7 +352,7 @@ fn int64(rows: &[RequestRecord], get: impl Fn(&RequestRecord) -> i64) -> ArrayRe
 }
 
 fn times(
-    rows: &[RequestRecord],
+    rows: &[&RequestRecord],
     get: impl Fn(&RequestRecord) -> Option<jiff::Timestamp>,
 ) -> ArrayRef {
     let mut builder = TimestampMicrosecondBuilder::with_capacity(rows.len()).with_timezone("UTC");
@@ -366,6 +367,12 @@ fn times(
 /// Column by column: filling every column in one pass over the rows measured slower (the
 /// writer thread's CPU per row 2.6 -> 3.2 us), although it reads each record only once.
 pub fn to_record_batch(rows: &[RequestRecord]) -> Result<RecordBatch, ArrowError> {
+    to_record_batch_of(&rows.iter().collect::<Vec<_>>())
+}
+
+/// [`to_record_batch`] of rows given by reference, in the order given: the writer orders
+/// a batch by time through references rather than moving the records themselves.
+pub fn to_record_batch_of(rows: &[&RequestRecord]) -> Result<RecordBatch, ArrowError> {
     let workload = StructArray::try_new(
         workload_fields(),
         vec![

@@ -48,7 +48,7 @@ pub(super) fn full_row(i: i64, request_time: jiff::Timestamp) -> RequestRecord {
             resource: "deployments".into(),
             subresource: "scale".into(),
             namespace: "agents".into(),
-            name: format!("web-{i}"),
+            name: format!("web-{i}").into(),
         },
         decision: Some(Action::Allow),
         outcome: Outcome::Forwarded,

@@ -1009,12 +1009,12 @@ impl WalRow<'_> {
             verb: Verb::parse(&self.verb).ok_or_else(|| format!("unknown verb {:?}", self.verb))?,
             request_uri: self.request_uri.into_owned(),
             object_ref: ObjectRef {
-                api_group: self.api_group.into_owned(),
-                api_version: self.api_version.into_owned(),
-                resource: self.resource.into_owned(),
-                subresource: self.subresource.into_owned(),
-                namespace: self.namespace.into_owned(),
-                name: self.name.into_owned(),
+                api_group: self.api_group.as_ref().into(),
+                api_version: self.api_version.as_ref().into(),
+                resource: self.resource.as_ref().into(),
+                subresource: self.subresource.as_ref().into(),
+                namespace: self.namespace.as_ref().into(),
+                name: self.name.as_ref().into(),
             },
             decision: self
                 .decision

@@ -267,7 +267,6 @@ impl FileWriter {
         if rows.is_empty() {
             return Ok(());
         }
-        rows.sort();
         let table = rows.table();
         let file = match self.open.entry((table, date)) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -278,7 +277,7 @@ impl FileWriter {
                 }
             }
         };
-        let batch = match rows.to_record_batch() {
+        let batch = match rows.encode_in_time_order() {
             Ok(batch) => batch,
             Err(source) => {
                 let error = RecorderError::Encode {
