@@ -4,7 +4,11 @@
 //! It runs on its own listener (loopback by default) and only reads snapshots: nothing here
 //! can slow the proxy's request path.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -51,6 +55,9 @@ pub struct Metrics {
     registry: Registry,
     /// Requests handled, by decision.
     pub requests: Family<RequestLabels, Counter>,
+    /// `requests`' counter of each decision and outcome, looked up in the family once:
+    /// the lookup (a lock and a hash of the labels) ran on every request.
+    request_counters: [[OnceLock<Counter>; 6]; 5],
     /// Rows the recorder refused or lost (each is also logged with its audit id).
     pub recording_failures: Counter,
     /// Requests whose ServiceAccount token names another service account than the pod's.
@@ -176,6 +183,7 @@ impl Metrics {
             policy_reload,
             policy_streams_closed,
             requests,
+            request_counters: Default::default(),
             recording_failures,
             connections_rejected,
             masking_failures,
@@ -188,10 +196,29 @@ impl Metrics {
 
     /// Counts one handled request.
     pub fn count_request(&self, decision: Option<Action>, outcome: Outcome) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                decision: decision_str(decision),
-                outcome: outcome.as_str(),
+        let row = match decision {
+            None => 0,
+            Some(Action::Allow) => 1,
+            Some(Action::Deny) => 2,
+            Some(Action::Mask) => 3,
+            Some(Action::Approve) => 4,
+        };
+        let column = match outcome {
+            Outcome::Forwarded => 0,
+            Outcome::Denied => 1,
+            Outcome::Invalid => 2,
+            Outcome::RecordingDown => 3,
+            Outcome::UpstreamFailed => 4,
+            Outcome::Unknown => 5,
+        };
+        self.request_counters[row][column]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        decision: decision_str(decision),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
             })
             .inc();
     }
@@ -584,5 +611,40 @@ mod tests {
             text.contains("# TYPE chaperone_recording_failures counter"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_decision_and_outcome_is_counted_under_its_own_labels() {
+        let metrics = Metrics::new(None, None);
+        let decisions = [
+            None,
+            Some(Action::Allow),
+            Some(Action::Deny),
+            Some(Action::Mask),
+            Some(Action::Approve),
+        ];
+        // A distinct count per pair, so a counter filed under another pair's labels shows.
+        let mut n = 0;
+        for decision in decisions {
+            for outcome in Outcome::ALL {
+                n += 1;
+                for _ in 0..n {
+                    metrics.count_request(decision, outcome);
+                }
+            }
+        }
+        let text = metrics.encode();
+        let mut n = 0;
+        for decision in decisions {
+            for outcome in Outcome::ALL {
+                n += 1;
+                let line = format!(
+                    "chaperone_requests_total{{decision=\"{}\",outcome=\"{}\"}} {n}\n",
+                    decision_str(decision),
+                    outcome.as_str()
+                );
+                assert!(text.contains(&line), "{line} missing in {text}");
+            }
+        }
     }
 }

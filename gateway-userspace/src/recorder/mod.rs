@@ -643,7 +643,9 @@ impl RecorderHandle {
     /// `Err(cause)` while recording is down. Cheap (one atomic load when up): the proxy
     /// asks before forwarding every request.
     pub fn health(&self) -> Result<(), RecorderError> {
-        self.status().health()
+        // Asked on every request: read the flag in place rather than through `status()`,
+        // whose two reference counts every data-path thread would bump.
+        self.shared.current_error().map_or(Ok(()), Err)
     }
 
     /// What `/readyz`, `/metrics` and `chaperone status` show.
