@@ -120,7 +120,7 @@ impl Body for Metered {
             this.guard.complete = true;
         }
         if let Poll::Ready(Some(Err(e))) = &polled
-            && let Some((_, record)) = this.guard.pending.as_mut()
+            && let Some(record) = this.guard.pending.as_mut()
         {
             record.error = Some(format!("response body: {e}"));
         }

@@ -49,6 +49,25 @@ thread_local! {
     static UNVERIFIED: Arc<PrincipalRecord> = Arc::default();
 }
 
+thread_local! {
+    /// This thread's UUIDv7 clock sequence. `Uuid::now_v7` keeps one for the process behind
+    /// a mutex, which the data-path threads took in turn on every request.
+    static AUDIT_IDS: uuid::timestamp::context::ContextV7 =
+        const { uuid::timestamp::context::ContextV7::new() };
+}
+
+/// A request's audit id: a UUIDv7 of its arrival time, increasing on each thread and
+/// unique across them (the counter within a millisecond starts at a random value).
+fn audit_id(arrived: jiff::Timestamp) -> String {
+    let seconds = u64::try_from(arrived.as_second()).unwrap_or(0);
+    let nanos = u32::try_from(arrived.subsec_nanosecond()).unwrap_or(0);
+    let id =
+        AUDIT_IDS.with(|ids| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(ids, seconds, nanos)));
+    id.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
+}
+
 /// Set on a streamed request body that was cut off at `limits.maxRequestBodyBytes`.
 #[derive(Clone)]
 pub(super) struct BodyLimitExceeded(Arc<AtomicBool>);
@@ -120,10 +139,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_time = jiff::Timestamp::now();
-        let audit_id = uuid::Uuid::now_v7()
-            .hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer())
-            .to_owned();
+        let audit_id = audit_id(request_time);
         let record = self.base_record(&req, conn, request_time, &audit_id);
         // Instrumented, not entered: a guard held across the awaits below would mark the
         // span current on whatever else the thread runs meanwhile.
@@ -878,6 +894,31 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_ids_are_v7_of_the_arrival_increasing_and_unique_across_threads() {
+        let arrived: jiff::Timestamp = "2026-12-04T18:00:00.123456789Z".parse().unwrap();
+        let ids: Vec<Vec<String>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| (0..2000).map(|_| audit_id(arrived)).collect()))
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mut all = std::collections::HashSet::new();
+        for on_thread in &ids {
+            for pair in on_thread.windows(2) {
+                assert!(pair[0] < pair[1], "{} then {}", pair[0], pair[1]);
+            }
+            for id in on_thread {
+                let uuid = uuid::Uuid::parse_str(id).unwrap();
+                assert_eq!(uuid.get_version_num(), 7, "{id}");
+                let (seconds, nanos) = uuid.get_timestamp().unwrap().to_unix();
+                assert_eq!((seconds, nanos / 1_000_000), (1_796_407_200, 123), "{id}");
+                assert!(all.insert(id.clone()), "{id} twice");
+            }
+        }
+        assert_eq!(all.len(), 8000);
+    }
 
     #[test]
     fn audit_ids_are_never_indexed_and_the_api_servers_is_kept() {

@@ -243,7 +243,7 @@ impl Proxy {
             })
             .collect();
         let row_batches = (0..workers)
-            .map(|_| Arc::new(record::RowBatch::new(s.recorder.clone())))
+            .map(|_| Arc::new(record::RowBatch::new(s.recorder.clone(), s.metrics.clone())))
             .collect();
         Arc::new(Self {
             policy: Arc::new(ArcSwap::from_pointee(s.policy)),

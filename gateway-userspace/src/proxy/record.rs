@@ -56,8 +56,9 @@ impl RequestBytes {
 /// Sends the row when the exchange is over: when the response body has been fully sent,
 /// or when it is dropped (client went away, watch closed, local response).
 pub(super) struct RecordGuard {
-    pub(super) pending: Option<(RecorderHandle, RequestRecord)>,
-    pub(super) metrics: Arc<Metrics>,
+    pub(super) pending: Option<RequestRecord>,
+    /// Where the row goes.
+    sink: Sink,
     pub(super) started: Instant,
     pub(super) request_bytes: RequestBytes,
     pub(super) response_bytes: u64,
@@ -73,8 +74,25 @@ pub(super) struct RecordGuard {
     pub(super) max_object_bytes: usize,
     /// Values masked in a streamed body (pod logs), added to the row's masked count.
     pub(super) masked_streamed: Option<Arc<AtomicU64>>,
-    /// The batch of the data-path thread that made the row (None elsewhere: sent alone).
-    batch: Option<Arc<RowBatch>>,
+}
+
+/// Where a finished row goes: into the batch of the data-path thread that made it, or,
+/// made elsewhere, to the recorder on its own. A guard on a data-path thread holds only
+/// that thread's batch, which carries the recorder and the metrics: cloning a recorder
+/// handle and the metrics per row touched half a dozen reference counts that every thread
+/// shares, each a cache line moving between cores.
+enum Sink {
+    Batch(Arc<RowBatch>),
+    Alone(RecorderHandle, Arc<Metrics>),
+}
+
+impl Sink {
+    fn metrics(&self) -> &Metrics {
+        match self {
+            Sink::Batch(batch) => &batch.metrics,
+            Sink::Alone(_, metrics) => metrics,
+        }
+    }
 }
 
 impl RecordGuard {
@@ -84,12 +102,13 @@ impl RecordGuard {
         started: Instant,
         request_bytes: RequestBytes,
     ) -> Self {
+        let sink = match workers::current().and_then(|index| proxy.row_batches.get(index)) {
+            Some(batch) => Sink::Batch(batch.clone()),
+            None => Sink::Alone(proxy.recorder.clone(), proxy.metrics.clone()),
+        };
         Self {
-            pending: Some((proxy.recorder.clone(), record)),
-            batch: workers::current()
-                .and_then(|index| proxy.row_batches.get(index))
-                .cloned(),
-            metrics: proxy.metrics.clone(),
+            pending: Some(record),
+            sink,
             started,
             request_bytes,
             response_bytes: 0,
@@ -105,7 +124,7 @@ impl RecordGuard {
 
 impl Drop for RecordGuard {
     fn drop(&mut self) {
-        let Some((recorder, mut record)) = self.pending.take() else {
+        let Some(mut record) = self.pending.take() else {
             return;
         };
         record.latency_us = i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX);
@@ -118,8 +137,9 @@ impl Drop for RecordGuard {
             let n = i32::try_from(masked.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
             record.masked_fields = record.masked_fields.saturating_add(n);
         }
-        self.metrics.count_request(record.decision, record.outcome);
-        let metrics = self.metrics.clone();
+        self.sink
+            .metrics()
+            .count_request(record.decision, record.outcome);
         let capture = self.capture.take().filter(|_| self.complete);
         let max_object_bytes = self.max_object_bytes;
         let response_masked = self.response_masked;
@@ -138,14 +158,16 @@ impl Drop for RecordGuard {
             capture,
             max_object_bytes,
             response_masked,
-            metrics,
         };
-        match &self.batch {
-            Some(batch) => batch.push(finished),
+        match &self.sink {
+            Sink::Batch(batch) => batch.push(finished),
             // Drop cannot await; the recorder applies back-pressure inside the task instead.
-            None => recorder
-                .clone()
-                .spawn(async move { finished.send(&recorder).await }),
+            Sink::Alone(recorder, metrics) => {
+                let (recorder, metrics) = (recorder.clone(), metrics.clone());
+                recorder
+                    .clone()
+                    .spawn(async move { finished.send(&recorder, &metrics).await });
+            }
         }
     }
 }
@@ -156,13 +178,12 @@ pub(super) struct Finished {
     capture: Option<body::Capture>,
     max_object_bytes: usize,
     response_masked: bool,
-    metrics: Arc<Metrics>,
 }
 
 impl Finished {
     /// Completes the row (decoding and masking happen here, off the response's path) and
     /// queues it, waiting for room in the recorder's queue.
-    async fn send(mut self, recorder: &RecorderHandle) {
+    async fn send(mut self, recorder: &RecorderHandle, metrics: &Metrics) {
         if let Some(capture) = self.capture.take() {
             record_response_object(
                 &mut self.record,
@@ -173,7 +194,7 @@ impl Finished {
         }
         let audit_id = self.record.audit_id.clone();
         if let Err(e) = recorder.record(self.record).await {
-            self.metrics.recording_failures.inc();
+            metrics.recording_failures.inc();
             tracing::error!(%audit_id, error = %e, "request could not be recorded");
         }
     }
@@ -187,13 +208,15 @@ impl Finished {
 /// lock is uncontended and only makes the type shareable.
 pub(super) struct RowBatch {
     recorder: RecorderHandle,
+    metrics: Arc<Metrics>,
     rows: Mutex<Vec<Finished>>,
 }
 
 impl RowBatch {
-    pub(super) fn new(recorder: RecorderHandle) -> Self {
+    pub(super) fn new(recorder: RecorderHandle, metrics: Arc<Metrics>) -> Self {
         Self {
             recorder,
+            metrics,
             rows: Mutex::new(Vec::new()),
         }
     }
@@ -234,9 +257,10 @@ impl RowBatch {
             return;
         }
         let recorder = self.recorder.clone();
+        let metrics = self.metrics.clone();
         self.recorder.spawn(async move {
             for row in rows {
-                row.send(&recorder).await;
+                row.send(&recorder, &metrics).await;
             }
         });
     }
@@ -330,7 +354,7 @@ mod tests {
         assert_eq!(huge.get(), u64::MAX, "saturates instead of wrapping");
     }
 
-    fn finished(audit_id: &str, metrics: &Arc<Metrics>) -> Finished {
+    fn finished(audit_id: &str) -> Finished {
         Finished {
             record: RequestRecord {
                 audit_id: audit_id.to_owned(),
@@ -340,7 +364,6 @@ mod tests {
             capture: None,
             max_object_bytes: 1024,
             response_masked: false,
-            metrics: metrics.clone(),
         }
     }
 
@@ -362,10 +385,9 @@ mod tests {
             Recorder::start(RecorderConfig::new(dir.path(), "node-a"), watcher)
                 .expect("recorder starts");
         let metrics = Metrics::new(None, None);
-        let batch = Arc::new(RowBatch::new(handle.clone()));
+        let batch = Arc::new(RowBatch::new(handle.clone(), metrics.clone()));
         drop(handle);
         let on_thread = batch.clone();
-        let thread_metrics = metrics.clone();
         // A data-path thread: its own current-thread runtime, as in `workers`.
         let handed = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -373,15 +395,15 @@ mod tests {
                 .build()
                 .expect("runtime");
             let seen = runtime.block_on(async {
-                on_thread.push(finished("timer", &thread_metrics));
+                on_thread.push(finished("timer"));
                 let waiting = queued(&on_thread);
                 tokio::time::sleep(BATCH_DELAY * 10).await;
                 let after_delay = queued(&on_thread);
                 for i in 0..BATCH_ROWS {
-                    on_thread.push(finished(&format!("full-{i}"), &thread_metrics));
+                    on_thread.push(finished(&format!("full-{i}")));
                 }
                 let after_full = queued(&on_thread);
-                on_thread.push(finished("stopped", &thread_metrics));
+                on_thread.push(finished("stopped"));
                 (waiting, after_delay, after_full, queued(&on_thread))
             });
             // The last row's timer task is dropped with the runtime, before it fires.

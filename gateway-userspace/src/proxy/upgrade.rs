@@ -1042,7 +1042,7 @@ impl Proxy {
                     "stream closed: a stdin line matched a stdinLines rule".to_owned()
                 });
             }
-            if let Some((_, record)) = guard.pending.as_mut() {
+            if let Some(record) = guard.pending.as_mut() {
                 if let Some(why) = stdin_violation {
                     record.reason = Some(why);
                 }
