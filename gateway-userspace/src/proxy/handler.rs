@@ -49,6 +49,11 @@ thread_local! {
     static UNVERIFIED: Arc<PrincipalRecord> = Arc::default();
 }
 
+/// Headers kubectl sends with each request (recorded), named once rather than parsed from
+/// text on every request.
+const KUBECTL_COMMAND: HeaderName = HeaderName::from_static("kubectl-command");
+const KUBECTL_SESSION: HeaderName = HeaderName::from_static("kubectl-session");
+
 thread_local! {
     /// This thread's UUIDv7 clock sequence. `Uuid::now_v7` keeps one for the process behind
     /// a mutex, which the data-path threads took in turn on every request.
@@ -503,7 +508,7 @@ impl Proxy {
         request_time: jiff::Timestamp,
         audit_id: &str,
     ) -> RequestRecord {
-        let header = |name: &str| {
+        let header = |name: &HeaderName| {
             req.headers()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
@@ -519,9 +524,9 @@ impl Proxy {
             workload: Arc::clone(&conn.record.workload),
             source_addr: Arc::clone(&conn.record.source_addr),
             original_dst: conn.record.original_dst.clone(),
-            user_agent: header("user-agent"),
-            kubectl_command: header("kubectl-command"),
-            kubectl_session: header("kubectl-session"),
+            user_agent: header(&header::USER_AGENT),
+            kubectl_command: header(&KUBECTL_COMMAND),
+            kubectl_session: header(&KUBECTL_SESSION),
             verb: Verb::of_method(req.method()),
             request_uri: req
                 .uri()

@@ -23,9 +23,12 @@ use crate::{
 use super::{Proxy, body, workers};
 
 /// How long a data-path thread keeps its first unsent row before handing the batch over.
-const BATCH_DELAY: Duration = Duration::from_millis(2);
+/// Every hand-over wakes a thread of the shared runtime; at 2 ms (about 28 rows a batch
+/// at 14,000 requests per second per thread) those wake-ups were a third of that
+/// runtime's CPU per request.
+const BATCH_DELAY: Duration = Duration::from_millis(5);
 /// A batch this large is handed over at once.
-const BATCH_ROWS: usize = 64;
+const BATCH_ROWS: usize = 128;
 
 /// The bytes of a request body: known when the body was read whole (most requests, so
 /// no shared counter is allocated for them), counted on the way when it streams.
