@@ -237,7 +237,7 @@ impl Proxy {
         if let Some(credential) = &self.credential {
             credential.apply(headers)?;
         }
-        if let Some(Some(as_whom)) = extensions.get::<Option<Impersonation>>() {
+        if let Some(as_whom) = extensions.get::<Impersonation>() {
             impersonation_headers(headers, as_whom);
         }
         Ok(())
