@@ -396,6 +396,10 @@ pub(crate) fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Names the API server tries for one `generateName` create before it answers
+/// AlreadyExists (`maxNameGenerationCreateAttempts` in the apiserver's generic registry).
+const GENERATE_NAME_ATTEMPTS: u32 = 8;
+
 /// Five characters from the alphabet `generateName` suffixes use (no vowels, no
 /// look-alikes), drawn from a v7 UUID's random bits.
 fn random_suffix() -> String {
@@ -819,8 +823,9 @@ impl Store {
         dry_run: bool,
     ) -> Result<Value, Status> {
         let mut name = str_at(&obj, "/metadata/name").to_owned();
+        let mut generate_from = None;
         if name.is_empty() {
-            let prefix = str_at(&obj, "/metadata/generateName");
+            let prefix = str_at(&obj, "/metadata/generateName").to_owned();
             if prefix.is_empty() {
                 return Err(invalid(
                     res,
@@ -830,6 +835,7 @@ impl Store {
             }
             name = format!("{prefix}{}", random_suffix());
             set_meta(&mut obj, "name", Value::from(name.clone()));
+            generate_from = Some(prefix);
         }
         if !str_at(&obj, "/metadata/resourceVersion").is_empty() {
             return Err(Status::failure(
@@ -848,8 +854,19 @@ impl Store {
         if res.namespaced && !Self::namespace_exists(&inner, namespace) {
             return Err(Status::not_found("", "namespaces", namespace));
         }
-        if inner.objects.contains_key(&key(res, namespace, &name)) {
-            return Err(Status::already_exists(res.group, res.plural, &name));
+        // A generated name that is taken is generated again, up to eight names in all
+        // (the API server's RetryGenerateName, GA in Kubernetes 1.32); a name the client
+        // chose is AlreadyExists at once.
+        let mut attempts = 1;
+        while inner.objects.contains_key(&key(res, namespace, &name)) {
+            match &generate_from {
+                Some(prefix) if attempts < GENERATE_NAME_ATTEMPTS => {
+                    name = format!("{prefix}{}", random_suffix());
+                    set_meta(&mut obj, "name", Value::from(name.clone()));
+                    attempts += 1;
+                }
+                _ => return Err(Status::already_exists(res.group, res.plural, &name)),
+            }
         }
         set_meta(
             &mut obj,
@@ -1506,6 +1523,29 @@ mod tests {
             .expect("generateName");
         let name = generated["metadata"]["name"].as_str().unwrap_or("");
         assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+    }
+
+    /// 20,000 creates from one prefix meet about 14 taken names among the 27^5 suffixes
+    /// (the birthday bound); each must be generated again, not refused.
+    #[test]
+    fn generate_name_tries_again_when_the_name_is_taken() {
+        let store = Store::new();
+        let mut names = std::collections::HashSet::new();
+        for i in 0..20_000 {
+            let created = store
+                .create(
+                    res("configmaps"),
+                    "default",
+                    json!({"metadata": {"generateName": "bench-"}}),
+                    false,
+                )
+                .unwrap_or_else(|e| panic!("create {i}: {}", e.message()));
+            let name = created["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            assert!(names.insert(name.clone()), "{name} handed out twice");
+        }
     }
 
     #[test]
