@@ -157,7 +157,9 @@ impl Drop for RecordGuard {
             record.masked = report.to_json();
         }
         let finished = Finished {
-            record,
+            // Boxed here, once: the row then travels to the recorder's batch and on to the
+            // writer as a pointer, where it was copied at each step.
+            record: Box::new(record),
             capture,
             max_object_bytes,
             response_masked,
@@ -177,7 +179,7 @@ impl Drop for RecordGuard {
 
 /// A finished exchange's row, before its response object is decoded and masked.
 pub(super) struct Finished {
-    record: RequestRecord,
+    record: Box<RequestRecord>,
     capture: Option<body::Capture>,
     max_object_bytes: usize,
     response_masked: bool,
@@ -196,7 +198,7 @@ impl Finished {
             );
         }
         let audit_id = self.record.audit_id.clone();
-        if let Err(e) = recorder.record(self.record).await {
+        if let Err(e) = recorder.record_boxed(self.record).await {
             metrics.recording_failures.inc();
             tracing::error!(%audit_id, error = %e, "request could not be recorded");
         }
@@ -359,11 +361,11 @@ mod tests {
 
     fn finished(audit_id: &str) -> Finished {
         Finished {
-            record: RequestRecord {
+            record: Box::new(RequestRecord {
                 audit_id: audit_id.to_owned(),
                 request_time: jiff::Timestamp::now(),
                 ..RequestRecord::default()
-            },
+            }),
             capture: None,
             max_object_bytes: 1024,
             response_masked: false,

@@ -562,6 +562,12 @@ impl RecorderHandle {
     }
 
     pub async fn record(&self, row: RequestRecord) -> Result<(), RecorderError> {
+        self.record_boxed(Box::new(row)).await
+    }
+
+    /// [`RecorderHandle::record`] of a row already boxed: it reaches the writer without
+    /// being copied again.
+    pub async fn record_boxed(&self, row: Box<RequestRecord>) -> Result<(), RecorderError> {
         // The final row of a begun request goes to the log first: should it never reach a
         // Parquet file, the replay still knows the outcome.
         if let Some(wal) = &self.wal {
@@ -573,7 +579,7 @@ impl RecorderHandle {
         }
         // Boxed so a queued row costs one pointer in the channel's blocks.
         self.queue
-            .send(Message::Row(Box::new(row)))
+            .send(Message::Row(row))
             .await
             .map_err(|_| self.shared.closed_error())
     }
@@ -766,12 +772,12 @@ fn replay(
     }
     let count = rows.len() as u64;
     if !rows.is_empty() {
-        let mut by_date: BTreeMap<Date, Vec<RequestRecord>> = BTreeMap::new();
+        let mut by_date: BTreeMap<Date, Vec<Box<RequestRecord>>> = BTreeMap::new();
         for row in rows {
             by_date
                 .entry(Offset::UTC.to_datetime(row.request_time).date())
                 .or_default()
-                .push(row);
+                .push(Box::new(row));
         }
         // The writer takes the recording root and adds `table=requests/` itself.
         let root = table_dir.parent().unwrap_or(table_dir);

@@ -39,9 +39,17 @@ impl Table {
 }
 
 /// Rows of one table on their way to a file.
+///
+/// Request rows stay in the boxes they arrive in: moving each kilobyte record into a
+/// batch of 4,096 copied it once more, and the batch's 4 MiB of fresh memory cost a page
+/// fault every few rows (half the gateway's page faults under load, docs/benchmarks.md).
 #[derive(Debug)]
+#[expect(
+    clippy::vec_box,
+    reason = "rows arrive boxed and stay in their boxes, see above"
+)]
 pub(super) enum Rows {
-    Requests(Vec<RequestRecord>),
+    Requests(Vec<Box<RequestRecord>>),
     ExecFrames(Vec<ExecFrameRecord>),
 }
 
@@ -79,7 +87,7 @@ impl Rows {
     pub(super) fn encode_in_time_order(&mut self) -> Result<RecordBatch, ArrowError> {
         match self {
             Rows::Requests(rows) => {
-                let mut ordered: Vec<&RequestRecord> = rows.iter().collect();
+                let mut ordered: Vec<&RequestRecord> = rows.iter().map(|r| &**r).collect();
                 ordered.sort_by_key(|r| r.request_time);
                 schema::to_record_batch_of(&ordered)
             }
@@ -108,7 +116,7 @@ impl Rows {
     ) -> Result<(), Box<RequestRecord>> {
         match self {
             Rows::Requests(rows) => {
-                rows.push(*row);
+                rows.push(row);
                 Ok(())
             }
             Rows::ExecFrames(_) => Err(row),
