@@ -8,6 +8,7 @@
 //! gateway's credential for it through kube-rs.
 
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod approval;
 pub mod cli;

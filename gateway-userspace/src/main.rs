@@ -12,6 +12,7 @@ use gateway_userspace::cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    gateway_userspace::alloc::tune();
     // Also run as `kubectl-chaperone` (the kubectl plugin).
     let cli = cli::parse();
     cli::init_logging(cli.log_format);
