@@ -530,6 +530,17 @@ fn print_bench_summary(target: &Path) {
             n - d
         );
     }
+    if let (Some(n), Some(c)) = (
+        http("nginx", "added_p50_paired_us"),
+        http("chaperone", "added_p50_paired_us"),
+    ) {
+        println!(
+            "  added p50 latency, back-to-back rounds: chaperone {c:.0} us, nginx {n:.0} us   (target: <= 150 us and below nginx)"
+        );
+    }
+    if let Some(d) = http("chaperone", "p50_minus_nginx_paired_us") {
+        println!("  p50, chaperone minus nginx in the same rounds: {d:+.0} us   (target: <= 0)");
+    }
     if let (Some(n), Some(c)) = (http("nginx", "rps"), http("chaperone", "rps")) {
         println!(
             "  throughput at 64 connections: chaperone {c:.0} req/s = {:.0}% of nginx's {n:.0}   (target: >= 100%)",

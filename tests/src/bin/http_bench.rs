@@ -61,6 +61,13 @@ const CPU_REQUESTS: usize = 20_000;
 /// Back-to-back CPU-time runs of nginx then chaperone after the passes: each round's ratio
 /// compares two runs seconds apart, so the machine's drift between passes cancels out.
 const CPU_ROUNDS: usize = 7;
+/// Back-to-back latency runs of the three targets after the passes, the order rotating
+/// from round to round: each round's added latency subtracts a `direct` run made seconds
+/// before or after, so neither the machine's drift between passes nor the order of the
+/// targets moves it.
+const LATENCY_ROUNDS: usize = 9;
+/// Requests per target in each latency round (one connection, one stream).
+const ROUND_REQUESTS: usize = 2000;
 /// Pods each list scenario returns (~1 MiB of JSON).
 const LIST_PODS: usize = 500;
 const LIST_PATH: &str = "/api/v1/namespaces/bench/pods";
@@ -136,6 +143,8 @@ rules:
 "#;
 
 fn main() -> anyhow::Result<()> {
+    // As the `chaperone` binary does, so the in-process gateway's memory behaves alike.
+    gateway_userspace::alloc::tune();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
         [role, dir] if role == "upstream" => serve(upstream(Path::new(dir))),
@@ -544,7 +553,7 @@ fn latency_of(
     extra: &[String],
 ) -> anyhow::Result<(f64, f64)> {
     // Warm the connection pools and caches first.
-    let mut warm = vec!["-c1".into(), "-m1".into(), "-n50".into()];
+    let mut warm = vec!["-c1".into(), "-m1".into(), "-n200".into()];
     warm.extend_from_slice(extra);
     h2load(target, &warm)?;
     let log = dir.join(format!("latency-{}.tsv", target.name));
@@ -660,6 +669,40 @@ fn paired_cpu_ratios(
             Ok(c / n)
         })
         .collect()
+}
+
+/// One latency round: (p50, p99) of `direct`, `nginx` and `chaperone`, in target order.
+type LatencyRound = [(f64, f64); 3];
+
+/// [`LATENCY_ROUNDS`] rounds of [`ROUND_REQUESTS`]-request latency runs over `targets`
+/// (direct, nginx, chaperone), each round starting one target later than the last.
+fn latency_rounds(targets: &[Target; 3], dir: &Path) -> anyhow::Result<Vec<LatencyRound>> {
+    (0..LATENCY_ROUNDS)
+        .map(|round| {
+            let mut figures = [(0.0, 0.0); 3];
+            for i in 0..targets.len() {
+                let at = (round + i) % targets.len();
+                figures[at] = latency_of(&targets[at], dir, ROUND_REQUESTS, &[])?;
+            }
+            let [d, n, c] = figures;
+            eprintln!(
+                "http_bench: latency round {}/{LATENCY_ROUNDS}: p50 direct {:.0}, nginx {:.0} (+{:.0}), chaperone {:.0} (+{:.0}) us",
+                round + 1,
+                d.0,
+                n.0,
+                n.0 - d.0,
+                c.0,
+                c.0 - d.0
+            );
+            Ok(figures)
+        })
+        .collect()
+}
+
+/// Each round's added p50 (`p99` false) or p99 of target `at` over the same round's direct.
+fn added_per_round(rounds: &[LatencyRound], at: usize, p99: bool) -> Vec<f64> {
+    let pick = |f: (f64, f64)| if p99 { f.1 } else { f.0 };
+    rounds.iter().map(|r| pick(r[at]) - pick(r[0])).collect()
 }
 
 /// nginx's master process and its workers.
@@ -1228,6 +1271,7 @@ fn orchestrate() -> anyhow::Result<()> {
         }
     }
     let cpu_ratios = paired_cpu_ratios(&targets[1], &targets[2], ticks_per_second)?;
+    let rounds = latency_rounds(&targets, dir)?;
     let mut agents = vec![Scenarios::default(); targets.len()];
     for pass in 1..=PASSES {
         for (t, a) in targets.iter().zip(agents.iter_mut()) {
@@ -1303,6 +1347,23 @@ fn orchestrate() -> anyhow::Result<()> {
         cpu_ratios.iter().copied().fold(f64::INFINITY, f64::min),
         cpu_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     );
+    let added = |at: usize, p99: bool| median(&added_per_round(&rounds, at, p99));
+    println!(
+        "  added latency in {LATENCY_ROUNDS} back-to-back rounds (h2load -c1 -m1 -n{ROUND_REQUESTS}, order rotating): \
+         p50 nginx {} us, chaperone {} us; p99 nginx {} us, chaperone {} us",
+        spread(&added_per_round(&rounds, 1, false)),
+        spread(&added_per_round(&rounds, 2, false)),
+        spread(&added_per_round(&rounds, 1, true)),
+        spread(&added_per_round(&rounds, 2, true)),
+    );
+    // Both proxies against each other round by round: no direct run in the difference, so
+    // direct's own swings (its p50 jumps between about 25 and 55 us with where the
+    // scheduler puts h2load and the server) cancel out.
+    let over_nginx: Vec<f64> = rounds.iter().map(|r| r[2].0 - r[1].0).collect();
+    println!(
+        "  chaperone's p50 minus nginx's, round by round: {} us",
+        spread(&over_nginx)
+    );
     println!(
         "  chaperone RSS: {idle_rss} KiB idle, {rss} KiB after the runs (peak {hwm} KiB); \
          nginx (master + workers): {nginx_rss} KiB"
@@ -1334,6 +1395,11 @@ fn orchestrate() -> anyhow::Result<()> {
     chaperone["rss_peak_kib"] = hwm.into();
     chaperone["rss_idle_kib"] = idle_rss.into();
     chaperone["cpu_vs_nginx_paired"] = ((median(&cpu_ratios) * 1000.0).round() / 1000.0).into();
+    chaperone["p50_minus_nginx_paired_us"] = median(&over_nginx).round().into();
+    for (entry, at) in [(&mut nginx_entry, 1), (&mut chaperone, 2)] {
+        entry["added_p50_paired_us"] = added(at, false).round().into();
+        entry["added_p99_paired_us"] = added(at, true).round().into();
+    }
     nginx_entry["rss_kib"] = nginx_rss.into();
     // `passes` sorts after the targets, so a reader scanning for a target's first `rps`
     // meets the median, not a per-pass list.
@@ -1348,6 +1414,13 @@ fn orchestrate() -> anyhow::Result<()> {
             "nginx": nginx_passes,
             "chaperone": chaperone_passes,
             "cpu_vs_nginx_paired": cpu_ratios,
+            "latency_rounds": rounds
+                .iter()
+                .map(|r| {
+                    let figure = |(p50, p99): (f64, f64)| serde_json::json!({"p50_us": p50, "p99_us": p99});
+                    serde_json::json!({"direct": figure(r[0]), "nginx": figure(r[1]), "chaperone": figure(r[2])})
+                })
+                .collect::<Vec<_>>(),
         },
         "masked_get_secret": masked.json(),
         "scenarios": agent_json,
