@@ -160,7 +160,7 @@ impl Proxy {
         conn: &ConnectionInfo,
         started: Instant,
         audit_id: String,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
     ) -> Response<ProxyBody> {
         let info = match RequestInfo::parse(req.method(), req.uri()) {
             Ok(info) => info,
@@ -511,14 +511,14 @@ impl Proxy {
         conn: &ConnectionInfo,
         request_time: jiff::Timestamp,
         audit_id: &str,
-    ) -> RequestRecord {
+    ) -> Box<RequestRecord> {
         let header = |name: &HeaderName| {
             req.headers()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        RequestRecord {
+        Box::new(RequestRecord {
             request_time,
             response_time: None,
             latency_us: 0,
@@ -559,7 +559,7 @@ impl Proxy {
             access_request: None,
             approval_decided_by: None,
             approval_wait_ms: None,
-        }
+        })
     }
 
     /// The detectors that mask this request's streamed output (`pods/log`, exec/attach
@@ -571,7 +571,7 @@ impl Proxy {
     pub(super) fn local_response(
         &self,
         status: Status,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
         audit_id: &str,
     ) -> Response<ProxyBody> {
@@ -589,7 +589,7 @@ impl Proxy {
     pub(super) fn credential_unavailable(
         &self,
         cause: &str,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
         audit_id: &str,
     ) -> Response<ProxyBody> {
@@ -610,7 +610,7 @@ impl Proxy {
         &self,
         req: Request<ProxyBody>,
         request_bytes: RequestBytes,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
         audit_id: String,
         masking: Option<Arc<Masker>>,

@@ -173,7 +173,10 @@ impl UpstreamPool {
         loop {
             let (conn, fresh) = match self.checkout() {
                 Some(conn) => (conn, false),
-                None => (self.connect().await?, true),
+                // Boxed: dialing is rare (a pooled connection serves most requests),
+                // and its state machine, TLS handshake included, is 6.5 KiB that every
+                // request's future would otherwise carry and copy.
+                None => (Box::pin(self.connect()).await?, true),
             };
             let failed = match conn {
                 Conn::Http1(mut sender) => {

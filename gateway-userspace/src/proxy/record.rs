@@ -59,7 +59,7 @@ impl RequestBytes {
 /// Sends the row when the exchange is over: when the response body has been fully sent,
 /// or when it is dropped (client went away, watch closed, local response).
 pub(super) struct RecordGuard {
-    pub(super) pending: Option<RequestRecord>,
+    pub(super) pending: Option<Box<RequestRecord>>,
     /// Where the row goes.
     sink: Sink,
     pub(super) started: Instant,
@@ -101,7 +101,7 @@ impl Sink {
 impl RecordGuard {
     pub(super) fn new(
         proxy: &Proxy,
-        record: RequestRecord,
+        record: Box<RequestRecord>,
         started: Instant,
         request_bytes: RequestBytes,
     ) -> Self {
@@ -157,9 +157,7 @@ impl Drop for RecordGuard {
             record.masked = report.to_json();
         }
         let finished = Finished {
-            // Boxed here, once: the row then travels to the recorder's batch and on to the
-            // writer as a pointer, where it was copied at each step.
-            record: Box::new(record),
+            record,
             capture,
             max_object_bytes,
             response_masked,

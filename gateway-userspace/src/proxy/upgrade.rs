@@ -826,7 +826,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         protocol: UpgradeProtocol,
         slot: Option<SlotHold>,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
         audit_id: String,
     ) -> Response<ProxyBody> {
