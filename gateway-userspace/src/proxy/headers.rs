@@ -16,8 +16,17 @@ pub(super) static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::UPGRADE || HOP_BY_HOP.contains(name)
+}
+
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named by Connection are hop-by-hop too.
+    // Most messages carry none: one pass over their few names (compared, not hashed) says
+    // so, where removing each of the nine names costs a hash and a probe of the map.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Headers named by Connection are hop-by-hop too (Connection is in `HOP_BY_HOP`).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -39,16 +48,84 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// line of defence), and hop-by-hop headers.
 pub(super) fn sanitize_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    headers.remove(header::COOKIE);
-    let impersonation: Vec<HeaderName> = headers
+    // The rest are rare on a request to the API server: one pass over the names finds
+    // them (`Proxy-Authorization` went with the hop-by-hop headers).
+    let rare: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .filter(|k| {
+            *k == header::HOST || *k == header::COOKIE || k.as_str().starts_with("impersonate-")
+        })
         .cloned()
         .collect();
-    for name in impersonation {
+    for name in rare {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn end_to_end_headers_pass_untouched() {
+        let mut headers = map(&[
+            ("content-type", "application/json"),
+            ("audit-id", "x"),
+            ("x-kubernetes-pf-flowschema-uid", "y"),
+        ]);
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_go() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic eA=="),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["content-type"]);
+        // One of them alone is found too.
+        let mut headers = map(&[("te", "trailers"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["accept"]);
+    }
+
+    #[test]
+    fn sanitizing_removes_credentials_host_cookies_and_impersonation() {
+        let mut headers = map(&[
+            ("authorization", "Bearer agent"),
+            ("host", "kubernetes.default.svc"),
+            ("cookie", "a=b"),
+            ("impersonate-user", "admin"),
+            ("impersonate-extra-scopes", "x"),
+            ("proxy-authorization", "Basic eA=="),
+            ("accept", "application/json"),
+            ("user-agent", "kubectl/v1.32.0"),
+        ]);
+        sanitize_request_headers(&mut headers);
+        assert_eq!(names(&headers), ["accept", "user-agent"]);
     }
 }
