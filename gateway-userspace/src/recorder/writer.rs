@@ -296,9 +296,11 @@ impl FileWriter {
         }
         file.rows += rows.len() as u64;
         if self.wal.is_some()
-            && let Rows::Requests(requests) = &rows
+            && let Rows::Requests(requests) = &mut rows
         {
-            file.ids.extend(requests.iter().map(|r| r.audit_id.clone()));
+            // The rows are written and dropped here: their ids move rather than copy.
+            file.ids
+                .extend(requests.iter_mut().map(|r| std::mem::take(&mut r.audit_id)));
         }
         if file.writer.in_progress_size() >= MAX_ROW_GROUP_BYTES
             && let Err(source) = file.writer.flush()
