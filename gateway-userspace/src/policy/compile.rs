@@ -379,7 +379,7 @@ pub(super) fn compile_url_rule(
                 format!("URL '{url}' must start with '/' (or be '*')"),
             ));
         }
-        if url[..url.len() - 1].contains('*') {
+        if url.strip_suffix('*').unwrap_or(url).contains('*') {
             return Err(invalid(
                 at_url(),
                 format!("URL '{url}' may only have '*' at the end (a prefix match)"),
@@ -720,7 +720,7 @@ pub(super) fn check_pattern(value: &str, what: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{what} must not be empty"));
     }
-    if value[..value.len() - 1].contains('*') {
+    if value.strip_suffix('*').unwrap_or(value).contains('*') {
         return Err(format!(
             "{what} '{value}' may only have '*' at the end (a prefix match)"
         ));

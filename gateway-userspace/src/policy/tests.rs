@@ -905,6 +905,34 @@ fn from_file_reads_and_labels_errors_with_the_path() {
     assert!(matches!(err, PolicyError::TooLarge { .. }), "{err}");
 }
 
+/// A pattern is checked character by character: one ending in a multi-byte character
+/// (a subject `renée`, a URL `/é`) loads, and a `*` before one is still refused.
+#[test]
+fn patterns_ending_in_multibyte_characters_load() {
+    let p = policy(
+        "default: deny\nrules:\n  - name: people\n    action: allow\n    verbs: [get]\n    resources: [pods]\n    principals: {subjects: [renée, \"zoë*\"]}\n  - name: urls\n    action: allow\n    verbs: [get]\n    nonResourceURLs: [/é, \"/ü*\"]\n",
+    );
+    assert_eq!(decided_by(&p, "GET", "/é").0, Action::Allow);
+    assert_eq!(decided_by(&p, "GET", "/üb").0, Action::Allow);
+    assert_eq!(decided_by(&p, "GET", "/e").0, Action::Deny);
+    for (fields, error) in [
+        (
+            "    resources: [pods]\n    principals: {subjects: [\"*é\"]}\n",
+            "rules[0].principals.subjects[0]: subject '*é' may only have '*' at the end",
+        ),
+        (
+            "    nonResourceURLs: [\"/*é\"]\n",
+            "rules[0].nonResourceURLs[0]: URL '/*é' may only have '*' at the end",
+        ),
+    ] {
+        let text = format!(
+            "{HEADER}default: deny\nrules:\n  - name: a\n    action: deny\n    verbs: [get]\n{fields}"
+        );
+        let err = Policy::from_yaml(&text, "policy.yaml").expect_err("must be refused");
+        assert!(err.to_string().contains(error), "{err}");
+    }
+}
+
 #[test]
 fn hostile_yaml_fails_cleanly() {
     let bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n";
