@@ -345,25 +345,36 @@ pub struct ExecRequest {
 }
 
 impl ExecRequest {
-    /// The exec parameters of `uri`, for a request whose subresource is `exec` or `attach`.
+    /// The exec parameters of `uri`, for a request whose subresource is `exec` or `attach`,
+    /// read as the API server reads them: every `command`, and of `container`, `stdin` and
+    /// `tty` the first value only (`runtime.Convert_Slice_string_To_*` take `(*in)[0]`), so
+    /// that `stdin=true&stdin=false` is the interactive session the API server opens.
     pub fn from_uri(uri: &Uri) -> ExecRequest {
-        let mut out = ExecRequest::default();
-        let Some(query) = uri.query() else {
-            return out;
-        };
-        for pair in query.split('&') {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = lossy_form_decode(value);
-            match &*lossy_form_decode(key) {
-                "command" => out.command.push(value.into_owned()),
-                "container" if out.container.is_empty() => out.container = value.into_owned(),
-                "stdin" => out.stdin = parse_go_bool(&value),
-                "tty" => out.tty = parse_go_bool(&value),
-                _ => {}
-            }
+        let query = uri.query().unwrap_or("");
+        ExecRequest {
+            command: exec_command(uri),
+            container: first_query_value(query, "container")
+                .map(Cow::into_owned)
+                .unwrap_or_default(),
+            stdin: query_bool(query, "stdin"),
+            tty: query_bool(query, "tty"),
         }
-        out
     }
+}
+
+/// The first value of the query parameter `name`, form-decoded; `None` when it is absent.
+/// The API server converts a query into options with the first value of each parameter.
+pub fn first_query_value<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (lossy_form_decode(key) == name).then(|| lossy_form_decode(value))
+    })
+}
+
+/// A boolean option of the query (`stdin`, `tty`, `stderr`) as the API server reads it:
+/// its first value by [`parse_go_bool`], false when absent.
+pub fn query_bool(query: &str, name: &str) -> bool {
+    first_query_value(query, name).is_some_and(|v| parse_go_bool(&v))
 }
 
 /// The arguments of a `pods/exec` request: its repeated `command` query parameters,
@@ -1740,6 +1751,50 @@ mod tests {
             let uri: Uri = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
             assert_eq!(exec_command(&uri), want, "{uri}");
         }
+    }
+
+    /// The API server takes the first value of `container`, `stdin` and `tty`; so does the
+    /// policy's view, or `stdin=true&stdin=false` would pass a non-interactive rule while
+    /// the API server opens an interactive shell.
+    #[test]
+    fn exec_options_take_the_first_value_as_the_api_server_does() {
+        for (query, container, stdin, tty) in [
+            ("command=sh&stdin=true&tty=true", "", true, true),
+            (
+                "command=sh&stdin=true&stdin=false&tty=true&tty=false",
+                "",
+                true,
+                true,
+            ),
+            (
+                "command=sh&stdin=false&stdin=true&tty=0&tty=1",
+                "",
+                false,
+                false,
+            ),
+            ("command=sh&container=&container=app", "", false, false),
+            (
+                "container=app&container=debug&stdin=yes&tty=",
+                "app",
+                true,
+                true,
+            ),
+            ("stdin=FALSE&tty=%30", "", false, false),
+            ("command=sh", "", false, false),
+        ] {
+            let uri: Uri = format!("/api/v1/namespaces/d/pods/p/exec?{query}")
+                .parse()
+                .unwrap_or_else(|e| panic!("{query}: {e}"));
+            let exec = ExecRequest::from_uri(&uri);
+            assert_eq!(
+                (exec.container.as_str(), exec.stdin, exec.tty),
+                (container, stdin, tty),
+                "{query}"
+            );
+        }
+        assert_eq!(first_query_value("a=1&b=2&b=3", "b").as_deref(), Some("2"));
+        assert_eq!(first_query_value("a=1&b", "b").as_deref(), Some(""));
+        assert_eq!(first_query_value("ab=1", "a"), None);
     }
 
     #[test]

@@ -42,10 +42,9 @@ pub(super) struct SessionShape {
 impl SessionShape {
     /// Reads the flags from the request's query and the negotiated protocol.
     pub(super) fn new(query: Option<&str>, response: &HeaderMap) -> SessionShape {
-        let flag = |name: &str| {
-            url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-                .any(|(k, v)| k == name && matches!(v.as_ref(), "true" | "1" | "True"))
-        };
+        // As the API server reads them (and the policy did): the first value decides, and
+        // anything but `0` or `false` is true.
+        let flag = |name: &str| crate::request::query_bool(query.unwrap_or(""), name);
         let protocol = [
             http::header::SEC_WEBSOCKET_PROTOCOL.as_str(),
             "x-stream-protocol-version",
@@ -301,6 +300,27 @@ mod tests {
         assert_eq!(status["status"], "Failure");
         assert_eq!(status["reason"], "Forbidden");
         assert_eq!(messages[2].opcode, WsOpcode::Close);
+    }
+
+    /// The guard replays line editing exactly when the API server allocates a tty: the
+    /// first `tty` decides, and any value but `0` or `false` is true (`tty=yes` too).
+    #[test]
+    fn the_session_shape_reads_tty_as_the_api_server_does() {
+        let headers = HeaderMap::new();
+        for (query, tty, stderr) in [
+            ("command=sh&stdin=true&tty=yes", true, false),
+            ("command=sh&stdin=true&tty=TRUE&stderr=", true, true),
+            ("command=sh&stdin=true&tty=false&tty=true", false, false),
+            ("command=sh&stdin=true&tty=true&tty=false", true, false),
+            (
+                "command=sh&stdin=true&tty=0&stderr=false&stderr=true",
+                false,
+                false,
+            ),
+        ] {
+            let shape = SessionShape::new(Some(query), &headers);
+            assert_eq!((shape.tty, shape.stderr), (tty, stderr), "{query}");
+        }
     }
 
     #[test]
