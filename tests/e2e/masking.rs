@@ -434,3 +434,84 @@ for accept in ["application/vnd.kubernetes.protobuf",
         .collect();
     assert!(!masked.is_empty(), "the gets are recorded");
 }
+
+/// Upgrade headers on a request that is not an exec, attach, port-forward or proxy do not
+/// take it down the upgrade path, where the answer would be relayed unmasked: the gateway
+/// refuses it (the API server itself would answer the `get` with the Secret).
+#[tokio::test]
+async fn upgrade_headers_on_a_masked_get_are_refused_not_relayed() {
+    if !privileged("upgrade_headers_on_a_masked_get_are_refused_not_relayed") {
+        return;
+    }
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(POLICY.to_owned()),
+        recordings_dir: None,
+        seed: seed(),
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack");
+    let script = r#"
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+config.load_kube_config()
+api = client.ApiClient()
+path = "/api/v1/namespaces/default/secrets/db-creds"
+for upgrade in ["websocket", "SPDY/3.1"]:
+    headers = {"Accept": "application/json", "Connection": "Upgrade", "Upgrade": upgrade}
+    try:
+        if hasattr(api, "param_serialize"):  # clients generated since v31
+            req = api.param_serialize("GET", path, header_params=headers,
+                                      auth_settings=["BearerToken"])
+            resp = api.call_api(*req)
+            resp.read()
+            status, data = resp.status, resp.data
+        else:
+            resp, status, _ = api.call_api(
+                path, "GET", header_params=headers, auth_settings=["BearerToken"],
+                _preload_content=False, _return_http_data_only=False)
+            data = resp.data
+    except ApiException as e:
+        status, data = e.status, e.body or b""
+    if isinstance(data, str):
+        data = data.encode()
+    print("RESULT", status, upgrade)
+    print(data.decode("latin-1"))
+"#;
+    let out = run(
+        chaperone_e2e::clients::python_in_pod(&stack, script),
+        None,
+        "python get with upgrade headers",
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert_clean("get with upgrade headers", &stdout);
+    let results: Vec<&str> = stdout.lines().filter(|l| l.starts_with("RESULT")).collect();
+    assert_eq!(
+        results,
+        ["RESULT 400 websocket", "RESULT 400 SPDY/3.1"],
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("a protocol upgrade (WebSocket or SPDY) is accepted only for"),
+        "the refusal says why: {stdout}"
+    );
+    let stopped = stack.stop().await.expect("stop the stack");
+    let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
+    let refused = rows
+        .iter()
+        .filter(|r| {
+            r.object_ref.resource == "secrets"
+                && r.response_code == 400
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|w| w.contains("protocol upgrade"))
+        })
+        .count();
+    assert_eq!(refused, 2, "both refusals are recorded");
+}

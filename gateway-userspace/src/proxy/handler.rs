@@ -210,7 +210,22 @@ impl Proxy {
         // The body is read (up to the limit) before the decision so that a denied request's
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
         let (mut pending, inspected) = match upgrade::upgrade_protocol(&req) {
-            Some(protocol) => (Pending::Upgrade(req, protocol), None),
+            Some(protocol) if upgrade::upgrades(&info) => (Pending::Upgrade(req, protocol), None),
+            // Fail closed: the upgrade path relays the answer as it comes, so upgrade
+            // headers on any other request (the API server would answer a `get secrets`
+            // with its object) would skip the body's inspection and the response's masking.
+            Some(_) => {
+                let status = Status::bad_request(format!(
+                    "chaperone: a protocol upgrade (WebSocket or SPDY) is accepted only for \
+                     pods/exec, pods/attach, pods/portforward and proxy subresources, not for \
+                     {} {}; send the request without `Connection: Upgrade`",
+                    info.verb,
+                    info.resource_with_subresource()
+                ));
+                record.outcome = Outcome::Invalid;
+                record.reason = Some(status.message().to_owned());
+                return self.local_response(status, record, started, &audit_id);
+            }
             None => match self.inspect_body(req, &mut record).await {
                 Ok((plain, inspected)) => (plain, Some(inspected)),
                 Err(status) => {
@@ -381,6 +396,12 @@ impl Proxy {
                 started,
                 &audit_id,
             );
+        }
+        if let Some(why) = upgrade::unmaskable(&pending, &info, &decision) {
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why.clone());
+            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
         }
         if let Some(detectors) = self.stream_masking(&decision) {
             pending.extensions_mut().insert(StreamMasking(detectors));

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BoxError, Proxy, ProxyBody,
     bodies::{CountingBody, Metered},
-    handler::{StreamMasking, keep_or_insert_audit_id, upstream_uri},
+    handler::{Pending, StreamMasking, keep_or_insert_audit_id, upstream_uri},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
     live::LiveStop,
@@ -41,11 +41,13 @@ use super::{
 use crate::{
     error_chain,
     masking::detect::Detectors,
+    policy,
     proxy::frames::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
     proxy::output_mask::{OutputFraming, OutputMasker},
     recorder::{Outcome, RequestRecord, SessionKind, SessionRecorder},
+    request::RequestInfo,
     status::Status,
 };
 
@@ -86,6 +88,39 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<UpgradeProtocol> {
     } else {
         None
     }
+}
+
+/// Whether the API server upgrades requests for this target: exec, attach and
+/// port-forward on pods, and the proxy subresources (a WebSocket to a pod or service). The
+/// gateway forwards an upgrade request for nothing else.
+pub(super) fn upgrades(info: &RequestInfo) -> bool {
+    info.is_resource_request
+        && match info.subresource.as_str() {
+            "exec" | "attach" | "portforward" => info.resource == "pods",
+            "proxy" => true,
+            _ => false,
+        }
+}
+
+/// Why an upgrade the policy masks cannot be forwarded, if it cannot: exec and attach
+/// output is masked on the stream and port-forward is never masked (see the module docs),
+/// but a proxied WebSocket carries another program's protocol the gateway cannot mask.
+pub(super) fn unmaskable(
+    pending: &Pending,
+    info: &RequestInfo,
+    decision: &policy::Decision,
+) -> Option<String> {
+    let upgraded = matches!(pending, Pending::Upgrade(..));
+    (upgraded
+        && decision.masking.is_some()
+        && !matches!(info.subresource.as_str(), "exec" | "attach" | "portforward"))
+    .then(|| {
+        format!(
+            "the policy masks {}, and an upgraded {} stream cannot be masked",
+            info.resource_with_subresource(),
+            info.subresource
+        )
+    })
 }
 
 /// Which way a frame went.

@@ -68,6 +68,30 @@ fn upgrade_requests_are_recognised() {
     }
 }
 
+/// Only targets the API server upgrades are forwarded as upgrades: the upgrade path relays
+/// the answer as it comes, past the body's inspection and the response's masking.
+#[test]
+fn only_exec_attach_portforward_and_proxy_are_upgraded() {
+    for (path, want) in [
+        ("/api/v1/namespaces/d/pods/p/exec?command=sh", true),
+        ("/api/v1/namespaces/d/pods/p/attach", true),
+        ("/api/v1/namespaces/d/pods/p/portforward?ports=80", true),
+        ("/api/v1/namespaces/d/pods/p:8080/proxy/ws", true),
+        ("/api/v1/namespaces/d/services/s/proxy/", true),
+        ("/api/v1/nodes/n/proxy/stats", true),
+        ("/api/v1/namespaces/d/secrets/s", false),
+        ("/api/v1/namespaces/d/secrets?watch=true", false),
+        ("/api/v1/namespaces/d/pods/p/log?follow=true", false),
+        ("/api/v1/namespaces/d/pods/p", false),
+        ("/apis/apps/v1/namespaces/d/deployments/x/exec", false),
+        ("/healthz", false),
+    ] {
+        let uri: http::Uri = path.parse().expect("uri");
+        let info = RequestInfo::parse(&http::Method::GET, &uri).expect("request info");
+        assert_eq!(upgrades(&info), want, "{path}");
+    }
+}
+
 fn response_with_protocol(p: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
