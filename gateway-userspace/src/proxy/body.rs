@@ -78,6 +78,9 @@ enum Encoding {
     Other,
 }
 
+/// Server-side apply's media type.
+const APPLY_PATCH_YAML: &str = "application/apply-patch+yaml";
+
 fn encoding(content_type: Option<&str>) -> Encoding {
     let media = content_type
         .and_then(|c| c.split(';').next())
@@ -92,10 +95,58 @@ fn encoding(content_type: Option<&str>) -> Encoding {
         | "application/merge-patch+json"
         | "application/strategic-merge-patch+json"
         | "application/json-patch+json" => Encoding::Json,
-        "application/yaml" | "application/apply-patch+yaml" => Encoding::Yaml,
+        "application/yaml" | APPLY_PATCH_YAML => Encoding::Yaml,
         protobuf::MEDIA_TYPE => Encoding::Protobuf,
         _ => Encoding::Other,
     }
+}
+
+/// Decodes a body read whole: the bytes to forward and the object the policy reads. The
+/// API server must read the same object the policy decided on, so what it cannot read the
+/// same way is forwarded as the JSON of that object (`Content-Type` rewritten):
+/// protobuf, and YAML, which the API server reads by YAML 1.1's rules (`sigs.k8s.io/yaml`:
+/// `yes` and `on` are booleans, `<<` merges mappings) and this parser by YAML 1.2's.
+/// Server-side apply keeps its media type (JSON is YAML). YAML this parser refuses goes as
+/// sent, with no object: a policy that reads content then decides without one.
+fn decode(
+    parts: &mut Parts,
+    content_type: Option<&str>,
+    bytes: Bytes,
+) -> Result<(Bytes, Option<Value>), BodyError> {
+    let json_of = |parts: &mut Parts, object: &Value, media: &'static str| {
+        parts
+            .headers
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+        Bytes::from(object.to_string())
+    };
+    Ok(match encoding(content_type) {
+        Encoding::Json => {
+            let object = serde_json::from_slice(&bytes).ok();
+            (bytes, object)
+        }
+        Encoding::Yaml => match serde_norway::from_slice::<Value>(&bytes) {
+            Ok(object) => {
+                let apply = content_type.is_some_and(|c| {
+                    c.split(';')
+                        .next()
+                        .is_some_and(|m| m.trim().eq_ignore_ascii_case(APPLY_PATCH_YAML))
+                });
+                let media = if apply {
+                    APPLY_PATCH_YAML
+                } else {
+                    "application/json"
+                };
+                (json_of(parts, &object, media), Some(object))
+            }
+            Err(_) => (bytes, None),
+        },
+        Encoding::Protobuf => {
+            let transcoded = protobuf::transcode(&bytes)?;
+            let json = json_of(parts, &transcoded.object, "application/json");
+            (json, Some(transcoded.object))
+        }
+        Encoding::Other => (bytes, None),
+    })
 }
 
 /// Reads and decodes the body of a request whose head is `parts`, returning the body to
@@ -168,27 +219,8 @@ pub(crate) async fn inspect(
     }
     let bytes = buf.freeze();
     inspected.whole_len = Some(bytes.len() as u64);
-    let forward = match encoding(content_type.as_deref()) {
-        Encoding::Json => {
-            inspected.object = serde_json::from_slice(&bytes).ok();
-            bytes
-        }
-        Encoding::Yaml => {
-            inspected.object = serde_norway::from_slice(&bytes).ok();
-            bytes
-        }
-        Encoding::Protobuf => {
-            let transcoded = protobuf::transcode(&bytes)?;
-            let json = Bytes::from(transcoded.object.to_string());
-            parts.headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            inspected.object = Some(transcoded.object);
-            json
-        }
-        Encoding::Other => bytes,
-    };
+    let (forward, object) = decode(parts, content_type.as_deref(), bytes)?;
+    inspected.object = object;
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts
         .headers
@@ -446,6 +478,68 @@ mod tests {
         let deep_yaml = "[".repeat(100_000);
         let parsed: Result<Value, _> = serde_norway::from_slice(deep_yaml.as_bytes());
         assert!(parsed.is_err(), "deep YAML must hit the recursion limit");
+    }
+
+    /// The API server receives the object the policy read: YAML goes as that object's
+    /// JSON, so YAML 1.1's `yes` and `<<` cannot mean one thing to the policy and another
+    /// to the API server.
+    #[test]
+    fn yaml_is_forwarded_as_the_json_the_policy_read() {
+        let head = |ct: &str| {
+            let mut parts = http::Request::new(()).into_parts().0;
+            parts
+                .headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).expect("ct"));
+            parts
+        };
+        let yaml = "kind: Pod\nbase: &b {hostPID: true}\nspec:\n  <<: *b\n  hostNetwork: yes\n";
+        let mut parts = head("application/yaml");
+        let (forward, object) =
+            decode(&mut parts, Some("application/yaml"), Bytes::from(yaml)).expect("decoded");
+        let object = object.expect("an object");
+        assert_eq!(object["spec"]["hostNetwork"], "yes", "YAML 1.2: a string");
+        assert_eq!(object["spec"]["<<"]["hostPID"], true, "no merge: a key");
+        assert_eq!(object["spec"].get("hostPID"), None);
+        let sent: Value = serde_json::from_slice(&forward).expect("JSON is forwarded");
+        assert_eq!(sent, object, "the API server gets what the policy read");
+        assert_eq!(parts.headers[header::CONTENT_TYPE], "application/json");
+
+        let apply = "application/apply-patch+yaml; charset=utf-8";
+        let mut parts = head(apply);
+        let (forward, object) = decode(
+            &mut parts,
+            Some(apply),
+            Bytes::from("kind: ConfigMap\ndata: {a: on}\n"),
+        )
+        .expect("decoded");
+        assert_eq!(&forward[..], br#"{"data":{"a":"on"},"kind":"ConfigMap"}"#);
+        assert_eq!(object.expect("object")["data"]["a"], "on");
+        assert_eq!(
+            parts.headers[header::CONTENT_TYPE],
+            "application/apply-patch+yaml",
+            "server-side apply keeps its media type"
+        );
+
+        // What this parser refuses goes as sent, with no object for the policy.
+        for (ct, body) in [
+            ("application/yaml", "a: [1, 2\n"),
+            ("application/yaml", "---\na: 1\n---\nb: 2\n"),
+            ("application/json", "{not json"),
+        ] {
+            let mut parts = head(ct);
+            let (forward, object) =
+                decode(&mut parts, Some(ct), Bytes::from(body)).expect("decoded");
+            assert_eq!(&forward[..], body.as_bytes(), "{body:?}");
+            assert_eq!(object, None, "{body:?}");
+            assert_eq!(parts.headers[header::CONTENT_TYPE], ct);
+        }
+        // JSON goes byte for byte.
+        let json = r#"{"b": 1,  "a": [true]}"#;
+        let mut parts = head("application/json");
+        let (forward, object) =
+            decode(&mut parts, Some("application/json"), Bytes::from(json)).expect("decoded");
+        assert_eq!(&forward[..], json.as_bytes());
+        assert_eq!(object.expect("object")["a"][0], true);
     }
 
     #[test]
