@@ -34,7 +34,7 @@ use crate::{
 /// Labels of `chaperone_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// allow | deny | none (refused before a decision).
+    /// allow | deny | mask | approve | none (refused before a decision).
     pub decision: &'static str,
     /// forwarded | denied | invalid | recording_down | upstream_failed.
     pub outcome: &'static str,

@@ -112,6 +112,14 @@ async fn write_recording(dir: &Path) {
     rows[2].masked = Some(r#"[{"rule":"mask-secrets","kind":"secretData","count":2}]"#.into());
     rows[3].decision = Some(Action::Mask);
     rows[3].masked = Some(r#"[{"rule":"mask-secrets","kind":"secretData","count":5}]"#.into());
+    // A create that waited for a person's approval.
+    rows[0].decision = Some(Action::Approve);
+    rows[0].policy_rule = Some("approve-configmap-writes".into());
+    rows[0].approval_outcome = Some("approved".into());
+    rows[0].access_request = Some("ar-cursor-agent-0-7f3a".into());
+    rows[0].approval_decided_by = Some("alice@example.com".into());
+    rows[0].approval_wait_ms = Some(41_250);
+    rows[0].response_code = 201;
     rows[5].outcome = Outcome::RecordingDown;
     rows[5].response_code = 503;
     rows[5].error = Some("recording is down".into());
