@@ -1226,6 +1226,10 @@ impl Store {
         if str_at(&obj, "/metadata/creationTimestamp").is_empty() {
             set_meta(&mut obj, "creationTimestamp", Value::from(now_rfc3339()));
         }
+        // As a create would: the kinds whose generation counts spec changes start at 1.
+        if (res.custom || is_replicated(res)) && obj.pointer("/metadata/generation").is_none() {
+            set_meta(&mut obj, "generation", Value::from(1));
+        }
         if std::ptr::eq(res, &discovery::CRDS) {
             self.catalog
                 .register(&obj)

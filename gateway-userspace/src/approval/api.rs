@@ -305,6 +305,18 @@ pub fn decide(
                 .unwrap_or_default()
         )));
     }
+    // The spec is what the approver decides on, and the seal covers it; a spec edited
+    // after the gateway wrote it (a longer grant, another rule or requester, more
+    // approvers) is not decided at all.
+    if request.metadata.generation != Some(1) {
+        return Err(conflict(format!(
+            "its spec was changed after the gateway created it (generation {}); it cannot be decided, and the agent has to ask again",
+            request
+                .metadata
+                .generation
+                .map_or_else(|| "unknown".to_owned(), |g| g.to_string())
+        )));
+    }
     let expires: jiff::Timestamp = request.spec.expires_at.parse().map_err(|e| {
         conflict(format!(
             "its expiresAt {:?} is not a time ({e}); it cannot be decided",
@@ -1112,6 +1124,7 @@ mod tests {
         );
         r.metadata.namespace = Some("chaperone".into());
         r.metadata.uid = Some("u1".into());
+        r.metadata.generation = Some(1);
         r
     }
 
@@ -1285,6 +1298,27 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code(), StatusCode::BAD_REQUEST);
+        // A spec edited after the gateway wrote it (here a ten-year grant) is not decided.
+        r.spec.grant.duration = Some("87600h".into());
+        for generation in [Some(2), None] {
+            r.metadata.generation = generation;
+            let err = decide(
+                &r,
+                &alice,
+                Decision::Approve,
+                &Default::default(),
+                at("2026-12-03T20:01:00Z"),
+                &key(),
+            )
+            .unwrap_err();
+            assert_eq!(err.code(), StatusCode::CONFLICT);
+            assert!(
+                err.message()
+                    .contains("its spec was changed after the gateway created it"),
+                "{}",
+                err.message()
+            );
+        }
     }
 
     #[test]

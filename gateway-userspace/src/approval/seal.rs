@@ -4,9 +4,13 @@
 //! Anyone with RBAC on `accessrequests/status` can write `phase: Approved`. A gateway
 //! therefore acts on a decision only when `status.seal` is a valid HMAC-SHA256, keyed by
 //! a Secret that only the gateways mount, over the object's identity (namespace, name,
-//! uid), its fingerprint and the decision (phase, decider, time, grant, comment). Each
-//! field is length-prefixed, so no two different decisions share a sealed message; the
-//! uid ties a seal to one object, so a status copied onto another request fails.
+//! uid, generation), a digest of its whole `spec` and the decision (phase, decider, time,
+//! grant, comment). Each field is length-prefixed, so no two different decisions share a
+//! sealed message; the uid ties a seal to one object, so a status copied onto another
+//! request fails. The spec digest and the generation (which counts changes to the spec)
+//! make a decision void if anything it decided on is edited afterwards: the grant's length
+//! and scope, the rule, the requester, the approvers. The approvals API decides only on
+//! requests whose spec is as the gateway created it (generation 1).
 
 use std::path::Path;
 
@@ -124,12 +128,19 @@ impl SealKey {
         let uid = request.metadata.uid.as_deref().ok_or(SealError::NoUid)?;
         // `new_from_slice` accepts any key length for HMAC; the error is unreachable.
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).map_err(|_| SealError::Mismatch)?;
-        let fields: [&str; 10] = [
-            "chaperone.dev/v1alpha1 AccessRequest decision",
+        let generation = request
+            .metadata
+            .generation
+            .map(|g| g.to_string())
+            .unwrap_or_default();
+        let spec = spec_digest(request);
+        let fields: [&str; 11] = [
+            "chaperone.dev/v1alpha1 AccessRequest decision v2",
             request.metadata.namespace.as_deref().unwrap_or(""),
             request.metadata.name.as_deref().unwrap_or(""),
             uid,
-            &request.spec.fingerprint,
+            &generation,
+            &spec,
             status.phase.as_str(),
             status.decided_by.as_deref().unwrap_or(""),
             status.decided_at.as_deref().unwrap_or(""),
@@ -142,6 +153,20 @@ impl SealKey {
         }
         Ok(mac)
     }
+}
+
+/// Hex SHA-256 of the spec as this version of the type serialises it: fields in
+/// declaration order, defaults filled in, unknown fields dropped, so a spec read back from
+/// the API server digests as the one the gateway wrote.
+fn spec_digest(request: &AccessRequest) -> String {
+    use sha2::Digest as _;
+    // Serialising plain structs of strings cannot fail; an empty input would still differ
+    // from every real spec's digest.
+    let json = serde_json::to_vec(&request.spec).unwrap_or_default();
+    Sha256::digest(&json)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -166,6 +191,7 @@ mod tests {
         );
         r.metadata.namespace = Some("chaperone".into());
         r.metadata.uid = Some(uid.into());
+        r.metadata.generation = Some(1);
         r
     }
 
@@ -206,12 +232,26 @@ mod tests {
         let mut other_decider = status.clone();
         other_decider.decided_by = Some("mallory".into());
         assert_eq!(key(1).verify(&r, &other_decider), Err(SealError::Mismatch));
-        let mut spec_changed = r.clone();
-        spec_changed.spec.fingerprint = "beef".into();
-        assert_eq!(
-            key(1).verify(&spec_changed, &status),
-            Err(SealError::Mismatch)
-        );
+        // Every part of the spec is sealed: what was asked, the grant, the rule, who asked
+        // and who may decide; and so is the generation that counts edits to it.
+        let edits: [fn(&mut AccessRequest); 7] = [
+            |r| r.spec.fingerprint = "beef".into(),
+            |r| r.spec.grant.duration = Some("87600h".into()),
+            |r| r.spec.grant.scope = crate::approval::resource::GrantScope::Rule,
+            |r| r.spec.rule = "anything-goes".into(),
+            |r| r.spec.requester.principal = Some("someone-else".into()),
+            |r| r.spec.approvers.users.push("mallory".into()),
+            |r| r.metadata.generation = Some(2),
+        ];
+        for (i, edit) in edits.iter().enumerate() {
+            let mut edited = r.clone();
+            edit(&mut edited);
+            assert_eq!(
+                key(1).verify(&edited, &status),
+                Err(SealError::Mismatch),
+                "edit {i}"
+            );
+        }
         // Moving characters between fields must not keep the seal (length prefixes).
         let mut shifted = status.clone();
         shifted.decided_by = Some("alice2026-12-03T20:01:00Z".into());
