@@ -122,6 +122,7 @@ async fn one(env: &Env, i: u64) -> Duration {
                 summary: "bench".into(),
                 ..Default::default()
             },
+            content_type: "application/merge-patch+json",
             body: body.as_bytes(),
         };
         let outcome = holder.hold(&request).await;

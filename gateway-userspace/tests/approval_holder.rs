@@ -158,6 +158,7 @@ fn request<'a>(approval: &'a Approval, pod: &str, body: &'a [u8]) -> HoldRequest
             path: "/apis/apps/v1/namespaces/prod/deployments/web/scale".into(),
             summary: "patch deployments/scale prod/web, replicas=0".into(),
         },
+        content_type: "application/merge-patch+json",
         body,
     }
 }
@@ -552,7 +553,7 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
     assert!(!patched(&apiserver), "a held request was forwarded");
     assert_eq!(flags(&apiserver), Some(serde_json::json!("0")));
 
-    let second = app::build(config).await.expect("restarted gateway");
+    let second = app::build(config.clone()).await.expect("restarted gateway");
     let retry = tokio::spawn(client.request(patch(second.local_addr().port())));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -606,6 +607,34 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
     );
     assert_eq!(flags(&e.apiserver), Some(serde_json::json!("1")));
     second.shutdown().await.expect("stop");
+
+    // A body larger than the gateway reads whole cannot be told from another, so no
+    // approval could cover it: refused at once, and no AccessRequest is created.
+    let mut small = config;
+    small.limits.max_inspected_body_bytes = 8;
+    let third = app::build(small).await.expect("gateway reading 8 bytes");
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(patch(third.local_addr().port())),
+    )
+    .await
+    .expect("answered at once")
+    .expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, http::StatusCode::FORBIDDEN, "{text}");
+    assert!(
+        text.contains("larger than the gateway reads whole"),
+        "{text}"
+    );
+    assert_eq!(e.apiserver.objects("accessrequests", NS).len(), 1);
+    third.shutdown().await.expect("stop");
 }
 
 /// A `once` approval lets exactly one request through, even for a gateway that never saw

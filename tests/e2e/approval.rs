@@ -312,6 +312,42 @@ async fn risky_requests_wait_for_a_person() {
     let (ok, out) = finished(after).await;
     assert!(!ok && out.contains("denied by alice"), "{out}");
 
+    // Two identical requests held together wait on one AccessRequest; a `once` approval
+    // lets one of them through, and the other is refused rather than riding on it.
+    let twice = ["scale", "deployment", "web", "-n", "prod", "--replicas=2"];
+    let first = spawn_kubectl(&stack, &twice);
+    let held = stack
+        .wait_for_access_requests(7)
+        .await
+        .expect("AccessRequest");
+    let second = spawn_kubectl(&stack, &twice);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        stack.access_requests().len(),
+        7,
+        "the identical request waits on the pending AccessRequest"
+    );
+    assert!(!second.is_finished(), "the identical request was not held");
+    stack
+        .decide(&held, approve("alice"), true)
+        .expect("approve");
+    let results = [finished(first).await, finished(second).await];
+    assert_eq!(
+        results.iter().filter(|(ok, _)| *ok).count(),
+        1,
+        "one approval, one request: {results:?}"
+    );
+    let refused = results
+        .iter()
+        .find(|(ok, _)| !ok)
+        .map(|(_, out)| out.as_str())
+        .unwrap_or_default();
+    assert!(
+        refused.contains("Forbidden") && refused.contains("for one request"),
+        "{refused}"
+    );
+    assert_eq!(replicas(&stack), 2);
+
     // The agent cannot decide for itself: writing an AccessRequest's status, or reaching
     // the approvals API through the API server's service proxy, is refused by the
     // built-in rule (a permissive policy cannot change that).
@@ -375,6 +411,7 @@ async fn risky_requests_wait_for_a_person() {
         ("expired", "chaperone"),
         ("pending", ""),
         ("denied", "alice"),
+        ("used", "alice"),
     ] {
         assert!(
             outcomes.contains(&want),

@@ -86,7 +86,9 @@ pub struct HoldRequest<'a> {
     pub target: &'a str,
     /// What was asked (verb, resource, path, summary).
     pub action: RequestedAction,
-    /// The request body as forwarded (empty when none or not read whole).
+    /// The body's `Content-Type` as forwarded (empty when none).
+    pub content_type: &'a str,
+    /// The request body as forwarded, read whole (empty when none).
     pub body: &'a [u8],
 }
 
@@ -126,6 +128,16 @@ pub enum HoldOutcome {
     Queued {
         /// The AccessRequest.
         name: String,
+    },
+    /// Approved for one request (`once`), and an identical request that waited on the
+    /// same AccessRequest went through on it: refuse this one (sending it again asks anew).
+    Used {
+        /// The AccessRequest.
+        name: String,
+        /// Who approved.
+        decided_by: Option<String>,
+        /// How long the request waited.
+        waited: Duration,
     },
     /// The request could not be held (API error, too many pending): refuse it.
     Failed {
@@ -190,15 +202,24 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// Hex SHA-256 over the workload, the method, the path with its query and the body, each
-/// length-prefixed: "the identical request".
-pub fn fingerprint(workload: &WorkloadRef, method: &str, path: &str, body: &[u8]) -> String {
+/// Hex SHA-256 over the workload, the method, the path with its query, the body's
+/// `Content-Type` and the body, each length-prefixed: "the identical request". The media
+/// type belongs to it: the same bytes as a merge patch (which replaces whole lists) and as
+/// a strategic merge patch do different things.
+pub fn fingerprint(
+    workload: &WorkloadRef,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> String {
     let mut h = Sha256::new();
     for field in [
         workload.namespace.as_bytes(),
         workload.pod.as_bytes(),
         method.as_bytes(),
         path.as_bytes(),
+        content_type.as_bytes(),
         body,
     ] {
         h.update((field.len() as u64).to_be_bytes());
@@ -222,6 +243,21 @@ fn now() -> jiff::Timestamp {
 
 fn parse_time(text: Option<&str>) -> Option<jiff::Timestamp> {
     text.and_then(|t| t.parse().ok())
+}
+
+/// Whether an approved `once` request may still be used by a retry (async mode): for as
+/// long after its approval as the approver had to decide (`expiresAt - createdAt`), so an
+/// approval nobody used does not wait for an identical request indefinitely.
+fn once_usable(ar: &AccessRequest, t: jiff::Timestamp) -> bool {
+    let (Some(created), Some(expires), Some(decided)) = (
+        parse_time(Some(ar.spec.created_at.as_str())),
+        parse_time(Some(ar.spec.expires_at.as_str())),
+        parse_time(ar.status.as_ref().and_then(|s| s.decided_at.as_deref())),
+    ) else {
+        return false;
+    };
+    let window = expires.duration_since(created);
+    decided.checked_add(window).is_ok_and(|until| t < until)
 }
 
 fn lasting(grant: GrantSpec) -> Grant {
@@ -384,7 +420,13 @@ impl Holder {
     /// Holds `req` until it is decided (see the module doc).
     pub async fn hold(&self, req: &HoldRequest<'_>) -> HoldOutcome {
         let started = Instant::now();
-        let fp = fingerprint(&req.workload, req.method, req.target, req.body);
+        let fp = fingerprint(
+            &req.workload,
+            req.method,
+            req.target,
+            req.content_type,
+            req.body,
+        );
         let wkey = workload_key(&req.workload);
         if let Some(g) = self.grant_for(&wkey, &fp, req.rule) {
             return HoldOutcome::Approved {
@@ -441,7 +483,11 @@ impl Holder {
                 let usable = match grant_until {
                     // A lasting grant: usable while it runs (observe() records it).
                     Some(until) => until > now(),
-                    None => !self.lock().consumed.contains(&name) && self.consume(ar).await,
+                    None => {
+                        once_usable(ar, now())
+                            && !self.lock().consumed.contains(&name)
+                            && self.consume(ar).await
+                    }
                 };
                 if usable {
                     self.observe(ar);
@@ -499,14 +545,40 @@ impl Holder {
         let waited = started.elapsed();
         match verdict {
             Some(v) if v.phase == Phase::Approved => {
-                self.lock().consumed.insert(name.clone());
-                // Best effort: this request was approved and goes ahead; marking the
-                // approval used keeps a later identical request from reusing it.
-                if let Ok(Ok(ar)) = tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await
-                    && ar.status.as_ref().is_some_and(|s| s.grant_until.is_none())
-                    && !self.consume(&ar).await
-                {
-                    tracing::warn!(access_request = %name, "could not mark the approval used");
+                // Identical requests that arrived together wait on one AccessRequest. A
+                // lasting grant lets them all through; a `once` approval lets one through:
+                // the waiter that marks it used, first on this gateway and then in its
+                // status (written with its resourceVersion, so across gateways too). If it
+                // cannot be marked used, nothing goes through on it (fail closed).
+                let first_here = self.lock().consumed.insert(name.clone());
+                let fetched = tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await;
+                let lasting = |ar: &AccessRequest| {
+                    ar.status.as_ref().is_some_and(|s| s.grant_until.is_some())
+                };
+                match &fetched {
+                    Ok(Ok(ar)) if lasting(ar) => {}
+                    Ok(Ok(ar)) if first_here && self.consume(ar).await => {}
+                    Ok(Ok(_)) => {
+                        return HoldOutcome::Used {
+                            name,
+                            decided_by: v.decided_by,
+                            waited,
+                        };
+                    }
+                    Ok(Err(e)) => {
+                        return HoldOutcome::Failed {
+                            why: format!(
+                                "AccessRequest {name} was approved, but cannot be read back to mark it used: {e}"
+                            ),
+                        };
+                    }
+                    Err(_) => {
+                        return HoldOutcome::Failed {
+                            why: format!(
+                                "AccessRequest {name} was approved, but reading it back to mark it used timed out"
+                            ),
+                        };
+                    }
                 }
                 HoldOutcome::Approved {
                     name,
@@ -674,5 +746,100 @@ impl Holder {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload() -> WorkloadRef {
+        WorkloadRef {
+            namespace: "agents".into(),
+            pod: "agent-0".into(),
+            service_account: None,
+        }
+    }
+
+    #[test]
+    fn the_fingerprint_covers_every_part_of_the_request() {
+        let base = fingerprint(
+            &workload(),
+            "PATCH",
+            "/apis/apps/v1/namespaces/d/deployments/x",
+            "application/strategic-merge-patch+json",
+            br#"{"spec":{}}"#,
+        );
+        let other_pod = WorkloadRef {
+            pod: "agent-1".into(),
+            ..workload()
+        };
+        for changed in [
+            fingerprint(
+                &other_pod,
+                "PATCH",
+                "/apis/apps/v1/namespaces/d/deployments/x",
+                "application/strategic-merge-patch+json",
+                br#"{"spec":{}}"#,
+            ),
+            fingerprint(
+                &workload(),
+                "PUT",
+                "/apis/apps/v1/namespaces/d/deployments/x",
+                "application/strategic-merge-patch+json",
+                br#"{"spec":{}}"#,
+            ),
+            fingerprint(
+                &workload(),
+                "PATCH",
+                "/apis/apps/v1/namespaces/d/deployments/y",
+                "application/strategic-merge-patch+json",
+                br#"{"spec":{}}"#,
+            ),
+            fingerprint(
+                &workload(),
+                "PATCH",
+                "/apis/apps/v1/namespaces/d/deployments/x",
+                "application/merge-patch+json",
+                br#"{"spec":{}}"#,
+            ),
+            fingerprint(
+                &workload(),
+                "PATCH",
+                "/apis/apps/v1/namespaces/d/deployments/x",
+                "application/strategic-merge-patch+json",
+                br#"{"spec":{"replicas":0}}"#,
+            ),
+        ] {
+            assert_ne!(changed, base);
+        }
+    }
+
+    #[test]
+    fn an_unused_once_approval_lasts_as_long_as_the_decision_could_take() {
+        let mut ar = AccessRequest::new(
+            "ar-1",
+            crate::approval::resource::AccessRequestSpec {
+                requester: Default::default(),
+                request: Default::default(),
+                fingerprint: "f00d".into(),
+                rule: "r".into(),
+                approvers: Default::default(),
+                grant: Default::default(),
+                node: "node-a".into(),
+                created_at: "2026-12-03T20:00:00Z".into(),
+                expires_at: "2026-12-03T20:05:00Z".into(),
+            },
+        );
+        let at = |s: &str| s.parse::<jiff::Timestamp>().expect("time");
+        assert!(!once_usable(&ar, at("2026-12-03T20:01:00Z")), "not decided");
+        ar.status = Some(AccessRequestStatus {
+            phase: Phase::Approved,
+            decided_at: Some("2026-12-03T20:04:00Z".into()),
+            ..AccessRequestStatus::default()
+        });
+        assert!(once_usable(&ar, at("2026-12-03T20:08:59Z")));
+        assert!(!once_usable(&ar, at("2026-12-03T20:09:00Z")));
+        assert!(!once_usable(&ar, at("2026-12-10T20:00:00Z")), "days later");
     }
 }

@@ -120,7 +120,7 @@ impl Pending {
         }
     }
 
-    fn headers(&self) -> &HeaderMap {
+    pub(super) fn headers(&self) -> &HeaderMap {
         match self {
             Pending::Upgrade(r, _) => r.headers(),
             Pending::Plain(r, _) => r.headers(),
@@ -292,10 +292,12 @@ impl Proxy {
         };
         // What approval needs of the body: the bytes (fingerprint) and the object (summary).
         let held_body = (decision.action == Action::Approve).then(|| {
-            let bytes = inspected
-                .as_ref()
-                .and_then(|i| i.forwarded.clone())
-                .unwrap_or_default();
+            // `None`: a body too large to read whole, which no approval can cover.
+            let bytes = match &inspected {
+                Some(i) if i.truncated => None,
+                Some(i) => Some(i.forwarded.clone().unwrap_or_default()),
+                None => Some(Bytes::new()),
+            };
             let summary = approval_summary(
                 &info,
                 exec.as_ref(),

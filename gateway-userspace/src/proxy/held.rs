@@ -72,7 +72,7 @@ impl Proxy {
         conn: &ConnectionInfo,
         principal: &Principal,
         pending: &Pending,
-        body: Bytes,
+        body: Option<Bytes>,
         summary: String,
         record: &mut RequestRecord,
     ) -> Result<(), Status> {
@@ -81,6 +81,18 @@ impl Proxy {
         else {
             let why = format!(
                 "{}; this gateway cannot hold requests for approval (approval is not configured), so it is refused",
+                decision.reason()
+            );
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why.clone());
+            note(record, "failed", None, None, None);
+            return Err(forbidden_status(info, &why));
+        };
+        // An approval covers exactly what was sent: a body too large to read whole could
+        // not be told from another, so such a request cannot be held and is refused.
+        let Some(body) = body else {
+            let why = format!(
+                "{}; the request body is larger than the gateway reads whole (limits.maxInspectedBodyBytes), so an approval could not cover exactly what would be forwarded, and the request is refused",
                 decision.reason()
             );
             record.outcome = Outcome::Denied;
@@ -110,6 +122,11 @@ impl Proxy {
             principal: principal.subject.clone(),
             method: pending.method().as_str(),
             target: &target,
+            content_type: pending
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
             action: RequestedAction {
                 verb: info.verb.as_str().to_owned(),
                 resource,
@@ -182,6 +199,29 @@ impl Proxy {
                     "expired",
                     Some(&name),
                     Some(crate::approval::holder::EXPIRY_DECIDER),
+                    Some(ms(waited)),
+                );
+                record.outcome = Outcome::Denied;
+                record.reason = Some(why.clone());
+                Err(forbidden_status(info, &why))
+            }
+            HoldOutcome::Used {
+                name,
+                decided_by,
+                waited,
+            } => {
+                let why = format!(
+                    "AccessRequest {ns}/{name} was approved{} for one request (Chaperone policy rule \"{rule}\"), and an identical request that waited with this one went through on it; send this request again to ask for its own approval",
+                    decided_by
+                        .as_deref()
+                        .map(|by| format!(" by {by}"))
+                        .unwrap_or_default()
+                );
+                note(
+                    record,
+                    "used",
+                    Some(&name),
+                    decided_by.as_deref(),
                     Some(ms(waited)),
                 );
                 record.outcome = Outcome::Denied;

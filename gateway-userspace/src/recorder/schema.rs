@@ -104,8 +104,9 @@ pub struct RequestRecord {
     /// decision carried no masking or nothing was replaced.
     pub masked: Option<String>,
     /// For a request decided `approve`: `approved`, `denied`, `expired`, `pending` (async
-    /// mode: answered at once, a retry passes once approved) or `failed` (could not be
-    /// held); `None` for every other request.
+    /// mode: answered at once, a retry passes once approved), `used` (a `once` approval an
+    /// identical request went through on) or `failed` (could not be held); `None` for
+    /// every other request.
     pub approval_outcome: Option<String>,
     /// The AccessRequest (name, in the gateway's namespace) the request waited on.
     pub access_request: Option<String>,
