@@ -148,7 +148,10 @@
 //! variable names of a Kubernetes ValidatingAdmissionPolicy, plus the caller:
 //!
 //! * `object`: what the API server would store. For a create or update, the request body
-//!   (protobuf bodies transcoded to JSON). For a patch (JSON, merge, strategic) or a
+//!   (protobuf and YAML bodies are transcoded, and the JSON is what is forwarded, so the API
+//!   server reads the object the rule read: YAML is read by YAML 1.2's rules, where `yes` and
+//!   `on` are strings and `<<` is an ordinary key, not by the YAML 1.1 rules the API server
+//!   would apply to the original). For a patch (JSON, merge, strategic) or a
 //!   server-side apply, the result of the same request sent upstream with `dryRun=All` with
 //!   the gateway's credential; the gateway sends that dry run only when a rule that reads
 //!   `object` could match the request, so other requests pay nothing. `null` for a get,
@@ -186,11 +189,13 @@
 //! script of `sh|bash|dash|zsh|ash|ksh|busybox -c SCRIPT`), `programs` (globs over argv[0]'s
 //! base name), `commandRegexes` (regexes, RE2 syntax, over the same strings as `commands`),
 //! `interactive` (`true`: only with stdin or a tty; `false`: only without) and `containers`
-//! (globs over the container name). `commands`, `programs` and `commandRegexes` are
-//! alternatives (any one matching is enough); `interactive` and `containers` must hold as
-//! well. An attach runs no command, so a rule with command matchers never matches it. A
-//! command line assembled at run time (a script that builds `rm` from pieces) is not seen by
-//! any pattern: deny interactive sessions to rule that out.
+//! (globs over the container name). The query is read as the API server reads it: of
+//! `container`, `stdin` and `tty` the first value counts (`stdin=true&stdin=false` is an
+//! interactive session), and any value but `0` or `false` is true. `commands`, `programs`
+//! and `commandRegexes` are alternatives (any one matching is enough); `interactive` and
+//! `containers` must hold as well. An attach runs no command, so a rule with command
+//! matchers never matches it. A command line assembled at run time (a script that builds
+//! `rm` from pieces) is not seen by any pattern: deny interactive sessions to rule that out.
 //!
 //! An `allow` or `mask` rule's `exec` may also carry `stdinLines: {deny: [regex...],
 //! message}`: line rules over what an allowed session types on stdin. A matching line closes
@@ -255,9 +260,12 @@
 //! * `timeout`: how long a decision may take (`30s`, `5m`, `1h`; default `5m`, at most
 //!   `24h`). Nobody deciding in time is a denial: the client gets a 403 `Status` saying the
 //!   request expired.
-//! * `grant`: what an approval lets through. `once` (the default): this request only.
+//! * `grant`: what an approval lets through. `once` (the default): this request only. When
+//!   identical requests waited on one AccessRequest together, one goes through and the
+//!   others are refused (403; sending one again asks anew); an approval an async retry has
+//!   not used lapses as long after the decision as the rule's `timeout`.
 //!   `{for: 15m, scope: identical}`: for 15 minutes, the identical request (same method,
-//!   path and body) from the same workload passes without asking again;
+//!   path, `Content-Type` and body) from the same workload passes without asking again;
 //!   `scope: rule`: any request this rule matches from the same workload. At most 7 days.
 //! * `mode`: `hold` (the default) keeps the agent's request open and sends **nothing**
 //!   upstream until the decision, then forwards it (approved) or answers 403 (denied, with
@@ -269,8 +277,13 @@
 //! gateway's namespace, created with the gateway's credential; an identical request from
 //! the same workload reuses the pending one. A request that cannot be held (the
 //! AccessRequest cannot be created, too many pending for the workload, approvals not
-//! configured on the gateway) is refused, never forwarded. `approval` on another action and
-//! `message` on an approve rule are errors, and `approve` is no `default`.
+//! configured on the gateway) is refused, never forwarded; so is one whose body is larger
+//! than the gateway reads whole (`limits.maxInspectedBodyBytes`: what was approved could not
+//! be told from what would be forwarded). Approvals and grants are tied to the calling pod
+//! (namespace and name); callers the gateway could not identify all count as one workload,
+//! so deny `workloads: {unknown: true}` before approve rules where that matters. `approval`
+//! on another action and `message` on an approve rule are errors, and `approve` is no
+//! `default`.
 //!
 //! A built-in rule, `builtin.protect-approvals`, runs before the identity guards and every
 //! rule and cannot be removed: it denies any write (create, update, patch, delete,
