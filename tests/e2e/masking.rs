@@ -47,6 +47,35 @@ rules:
     resources: [configmaps]
 "#;
 
+/// A `get(path, headers)` for the Python scripts: the official client's `call_api` with
+/// the pod's kubeconfig, returning `(status, content type, body bytes)` for any status,
+/// whichever generation of the client is installed.
+const PY_GET: &str = r#"
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+config.load_kube_config()
+api = client.ApiClient()
+
+def get(path, headers):
+    try:
+        if hasattr(api, "param_serialize"):  # clients generated since v31
+            req = api.param_serialize("GET", path, header_params=headers,
+                                      auth_settings=["BearerToken"])
+            resp = api.call_api(*req)
+            resp.read()
+            status, ctype, data = resp.status, resp.getheader("Content-Type"), resp.data
+        else:
+            resp, status, hdrs = api.call_api(
+                path, "GET", header_params=headers, auth_settings=["BearerToken"],
+                _preload_content=False, _return_http_data_only=False)
+            ctype, data = hdrs.get("Content-Type"), resp.data
+    except ApiException as e:
+        status, ctype, data = e.status, None, e.body or b""
+    if isinstance(data, str):
+        data = data.encode()
+    return status, ctype, data
+"#;
+
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
@@ -379,30 +408,20 @@ async fn protobuf_accepting_clients_receive_masked_json() {
     })
     .await
     .expect("start the stack");
-    let script = r#"
-from kubernetes import client, config
-config.load_kube_config()
-api = client.ApiClient()
+    let script = format!(
+        "{PY_GET}{}",
+        r#"
 for accept in ["application/vnd.kubernetes.protobuf",
                "application/vnd.kubernetes.protobuf, application/json"]:
     for path in ["/api/v1/namespaces/default/secrets/db-creds",
                  "/api/v1/namespaces/default/secrets"]:
-        if hasattr(api, "param_serialize"):  # clients generated since v31
-            req = api.param_serialize("GET", path, header_params={"Accept": accept},
-                                      auth_settings=["BearerToken"])
-            resp = api.call_api(*req)
-            resp.read()
-            status, ctype, data = resp.status, resp.getheader("Content-Type"), resp.data
-        else:
-            resp, status, headers = api.call_api(
-                path, "GET", header_params={"Accept": accept}, auth_settings=["BearerToken"],
-                _preload_content=False, _return_http_data_only=False)
-            ctype, data = headers.get("Content-Type"), resp.data
+        status, ctype, data = get(path, {"Accept": accept})
         print("RESULT", status, ctype, accept, path)
         print(data.decode("latin-1"))
-"#;
+"#
+    );
     let out = run(
-        chaperone_e2e::clients::python_in_pod(&stack, script),
+        chaperone_e2e::clients::python_in_pod(&stack, &script),
         None,
         "python call_api with protobuf accept",
     )
@@ -451,35 +470,18 @@ async fn upgrade_headers_on_a_masked_get_are_refused_not_relayed() {
     })
     .await
     .expect("start the stack");
-    let script = r#"
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
-config.load_kube_config()
-api = client.ApiClient()
-path = "/api/v1/namespaces/default/secrets/db-creds"
+    let script = format!(
+        "{PY_GET}{}",
+        r#"
 for upgrade in ["websocket", "SPDY/3.1"]:
     headers = {"Accept": "application/json", "Connection": "Upgrade", "Upgrade": upgrade}
-    try:
-        if hasattr(api, "param_serialize"):  # clients generated since v31
-            req = api.param_serialize("GET", path, header_params=headers,
-                                      auth_settings=["BearerToken"])
-            resp = api.call_api(*req)
-            resp.read()
-            status, data = resp.status, resp.data
-        else:
-            resp, status, _ = api.call_api(
-                path, "GET", header_params=headers, auth_settings=["BearerToken"],
-                _preload_content=False, _return_http_data_only=False)
-            data = resp.data
-    except ApiException as e:
-        status, data = e.status, e.body or b""
-    if isinstance(data, str):
-        data = data.encode()
+    status, _, data = get("/api/v1/namespaces/default/secrets/db-creds", headers)
     print("RESULT", status, upgrade)
     print(data.decode("latin-1"))
-"#;
+"#
+    );
     let out = run(
-        chaperone_e2e::clients::python_in_pod(&stack, script),
+        chaperone_e2e::clients::python_in_pod(&stack, &script),
         None,
         "python get with upgrade headers",
     )

@@ -58,6 +58,23 @@ fn ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A request that is not let through: its row's approval columns (`outcome`, the
+/// AccessRequest, who decided, the wait), outcome and reason, and the 403 to answer with.
+fn refused(
+    record: &mut RequestRecord,
+    info: &RequestInfo,
+    why: &str,
+    outcome: &str,
+    name: Option<&str>,
+    by: Option<&str>,
+    waited_ms: Option<i64>,
+) -> Status {
+    note(record, outcome, name, by, waited_ms);
+    record.outcome = Outcome::Denied;
+    record.reason = Some(why.to_owned());
+    forbidden_status(info, why)
+}
+
 impl Proxy {
     /// Holds a request decided `approve` until it is decided: `Ok` when approved (forward
     /// it), else the `Status` to answer with. Records the outcome in `record`.
@@ -83,10 +100,7 @@ impl Proxy {
                 "{}; this gateway cannot hold requests for approval (approval is not configured), so it is refused",
                 decision.reason()
             );
-            record.outcome = Outcome::Denied;
-            record.reason = Some(why.clone());
-            note(record, "failed", None, None, None);
-            return Err(forbidden_status(info, &why));
+            return Err(refused(record, info, &why, "failed", None, None, None));
         };
         // An approval covers exactly what was sent: a body too large to read whole could
         // not be told from another, so such a request cannot be held and is refused.
@@ -95,10 +109,7 @@ impl Proxy {
                 "{}; the request body is larger than the gateway reads whole (limits.maxInspectedBodyBytes), so an approval could not cover exactly what would be forwarded, and the request is refused",
                 decision.reason()
             );
-            record.outcome = Outcome::Denied;
-            record.reason = Some(why.clone());
-            note(record, "failed", None, None, None);
-            return Err(forbidden_status(info, &why));
+            return Err(refused(record, info, &why, "failed", None, None, None));
         };
         let workload = WorkloadRef {
             namespace: conn.workload.namespace.clone().unwrap_or_default(),
@@ -178,32 +189,30 @@ impl Proxy {
                         "denied by {by} through AccessRequest {ns}/{name} (Chaperone policy rule \"{rule}\")"
                     ),
                 };
-                note(
+                Err(refused(
                     record,
+                    info,
+                    &why,
                     "denied",
                     Some(&name),
                     decided_by.as_deref(),
                     Some(ms(waited)),
-                );
-                record.outcome = Outcome::Denied;
-                record.reason = Some(why.clone());
-                Err(forbidden_status(info, &why))
+                ))
             }
             HoldOutcome::Expired { name, waited } => {
                 let why = format!(
                     "expired waiting for approval: nobody decided on AccessRequest {ns}/{name} within {}s (Chaperone policy rule \"{rule}\")",
                     approval.timeout.as_secs()
                 );
-                note(
+                Err(refused(
                     record,
+                    info,
+                    &why,
                     "expired",
                     Some(&name),
                     Some(crate::approval::holder::EXPIRY_DECIDER),
                     Some(ms(waited)),
-                );
-                record.outcome = Outcome::Denied;
-                record.reason = Some(why.clone());
-                Err(forbidden_status(info, &why))
+                ))
             }
             HoldOutcome::Used {
                 name,
@@ -217,16 +226,15 @@ impl Proxy {
                         .map(|by| format!(" by {by}"))
                         .unwrap_or_default()
                 );
-                note(
+                Err(refused(
                     record,
+                    info,
+                    &why,
                     "used",
                     Some(&name),
                     decided_by.as_deref(),
                     Some(ms(waited)),
-                );
-                record.outcome = Outcome::Denied;
-                record.reason = Some(why.clone());
-                Err(forbidden_status(info, &why))
+                ))
             }
             HoldOutcome::Queued { name } => {
                 let who: Vec<String> = approval
@@ -240,10 +248,15 @@ impl Proxy {
                     "held for approval (Chaperone policy rule \"{rule}\"): AccessRequest {ns}/{name} waits for a decision by {}; approve it with `kubectl chaperone approve {name}` (or `chaperone approve {name}`), then retry the same request",
                     who.join(", ")
                 );
-                note(record, "pending", Some(&name), None, Some(0));
-                record.outcome = Outcome::Denied;
-                record.reason = Some(why.clone());
-                Err(forbidden_status(info, &why))
+                Err(refused(
+                    record,
+                    info,
+                    &why,
+                    "pending",
+                    Some(&name),
+                    None,
+                    Some(0),
+                ))
             }
             HoldOutcome::Failed { why } => {
                 let why = format!(
