@@ -521,6 +521,16 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
             .body(Full::new(Bytes::from_static(br#"{"data":{"a":"1"}}"#)))
             .expect("request")
     };
+    async fn read(response: http::Response<hyper::body::Incoming>) -> (http::StatusCode, String) {
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
     let flags = |apiserver: &TestApiServer| {
         apiserver
             .object("configmaps", "default", "flags")
@@ -592,19 +602,8 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
         .expect("released in time")
         .expect("task")
         .expect("response");
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    assert_eq!(
-        status,
-        http::StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
+    let (status, text) = read(response).await;
+    assert_eq!(status, http::StatusCode::OK, "{text}");
     assert_eq!(flags(&e.apiserver), Some(serde_json::json!("1")));
     second.shutdown().await.expect("stop");
 
@@ -620,14 +619,7 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
     .await
     .expect("answered at once")
     .expect("response");
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let text = String::from_utf8_lossy(&body);
+    let (status, text) = read(response).await;
     assert_eq!(status, http::StatusCode::FORBIDDEN, "{text}");
     assert!(
         text.contains("larger than the gateway reads whole"),

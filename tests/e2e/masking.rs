@@ -76,6 +76,23 @@ def get(path, headers):
     return status, ctype, data
 "#;
 
+/// Runs a Python script in the agent pod and returns what it printed; it must succeed.
+async fn python_stdout(stack: &Stack, script: &str, what: &str) -> String {
+    let out = run(
+        chaperone_e2e::clients::python_in_pod(stack, script),
+        None,
+        what,
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed: {stdout}\n{}",
+        text(&out.stderr)
+    );
+    stdout
+}
+
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
@@ -420,18 +437,7 @@ for accept in ["application/vnd.kubernetes.protobuf",
         print(data.decode("latin-1"))
 "#
     );
-    let out = run(
-        chaperone_e2e::clients::python_in_pod(&stack, &script),
-        None,
-        "python call_api with protobuf accept",
-    )
-    .await;
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed: {stdout}\n{}",
-        text(&out.stderr)
-    );
+    let stdout = python_stdout(&stack, &script, "python call_api with protobuf accept").await;
     assert_clean("python protobuf accept", &stdout);
     let results: Vec<&str> = stdout.lines().filter(|l| l.starts_with("RESULT")).collect();
     assert_eq!(results.len(), 4, "{stdout}");
@@ -480,18 +486,7 @@ for upgrade in ["websocket", "SPDY/3.1"]:
     print(data.decode("latin-1"))
 "#
     );
-    let out = run(
-        chaperone_e2e::clients::python_in_pod(&stack, &script),
-        None,
-        "python get with upgrade headers",
-    )
-    .await;
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed: {stdout}\n{}",
-        text(&out.stderr)
-    );
+    let stdout = python_stdout(&stack, &script, "python get with upgrade headers").await;
     assert_clean("get with upgrade headers", &stdout);
     let results: Vec<&str> = stdout.lines().filter(|l| l.starts_with("RESULT")).collect();
     assert_eq!(
