@@ -76,6 +76,18 @@ def get(path, headers):
     return status, ctype, data
 "#;
 
+/// The sandbox with the masking policy and the seeded objects.
+async fn masking_stack() -> Stack {
+    Stack::start(StackOptions {
+        policy_yaml: Some(POLICY.to_owned()),
+        recordings_dir: None,
+        seed: seed(),
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack")
+}
+
 /// Runs a Python script in the agent pod and returns what it printed; it must succeed.
 async fn python_stdout(stack: &Stack, script: &str, what: &str) -> String {
     let out = run(
@@ -176,15 +188,7 @@ async fn kubectl_and_python_receive_masked_objects_and_recordings_hold_no_origin
     if !privileged("kubectl_and_python_receive_masked_objects_and_recordings_hold_no_original") {
         return;
     }
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(POLICY.to_owned()),
-        recordings_dir: None,
-        seed: seed(),
-        approval: false,
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = masking_stack().await;
 
     // -o yaml: keys, type and metadata kept; the value is the placeholder.
     let yaml = kubectl(&stack, &["get", "secret", "db-creds", "-o", "yaml"]).await;
@@ -417,14 +421,7 @@ async fn protobuf_accepting_clients_receive_masked_json() {
     if !privileged("protobuf_accepting_clients_receive_masked_json") {
         return;
     }
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(POLICY.to_owned()),
-        recordings_dir: None,
-        seed: seed(),
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = masking_stack().await;
     let script = format!(
         "{PY_GET}{}",
         r#"
@@ -468,14 +465,7 @@ async fn upgrade_headers_on_a_masked_get_are_refused_not_relayed() {
     if !privileged("upgrade_headers_on_a_masked_get_are_refused_not_relayed") {
         return;
     }
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(POLICY.to_owned()),
-        recordings_dir: None,
-        seed: seed(),
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = masking_stack().await;
     let script = format!(
         "{PY_GET}{}",
         r#"
