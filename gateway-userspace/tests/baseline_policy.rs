@@ -72,6 +72,10 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
         json!({"containers": [{"name": "a", "image": "x", "envFrom": [{"secretRef": {"name": "db"}}]}]}),
     );
     let sandbox_pods = "/api/v1/namespaces/ai-sandbox/pods";
+    let external_name = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
+        "spec": {"type": "ExternalName", "externalName": "kubernetes.default.svc.cluster.local"}});
+    let cluster_ip = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}});
     let cases: &[Case<'_>] = &[
         (
             "POST",
@@ -149,6 +153,34 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
             None,
             Action::Deny,
             Some("no-crd-deletes"),
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/ai-sandbox/endpoints",
+            None,
+            Action::Deny,
+            Some("no-endpoint-writes"),
+        ),
+        (
+            "PATCH",
+            "/apis/discovery.k8s.io/v1/namespaces/ai-sandbox/endpointslices/api",
+            None,
+            Action::Deny,
+            Some("no-endpoint-writes"),
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/ai-sandbox/services",
+            Some(&external_name),
+            Action::Deny,
+            Some("no-external-name-services"),
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/ai-sandbox/services",
+            Some(&cluster_ip),
+            Action::Mask,
+            Some("agent-writes"),
         ),
         (
             "POST",

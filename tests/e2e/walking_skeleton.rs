@@ -70,6 +70,30 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         "status column missing: {stdout}"
     );
 
+    // A connection made to the gateway's own address is not redirected, so the kernel
+    // recorded no origin for it: refused, never served as a request from an unknown pod.
+    let direct = format!(
+        "https://{}/api/v1/namespaces/default/pods",
+        stack.app.local_addr()
+    );
+    let mut curl = stack.pod.command("curl");
+    curl.args([
+        "-sk",
+        "-H",
+        &format!("Authorization: Bearer {}", stack.pod_token),
+        &direct,
+    ]);
+    let out = tokio::task::spawn_blocking(move || curl.output())
+        .await
+        .expect("join")
+        .expect("run curl in the pod");
+    let body = text(&out.stdout);
+    assert!(
+        body.contains("\"code\":403") && body.contains("did not come through the node's redirect"),
+        "a direct connection to the gateway was served: {body} {}",
+        text(&out.stderr)
+    );
+
     let delete = stack
         .kubectl(&["delete", "namespace", "production"])
         .await
@@ -110,8 +134,9 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         metrics.contains("chaperone_redirect_connects_total"),
         "{metrics}"
     );
+    // The namespace deletion and the direct connection's request.
     assert!(
-        metrics.contains("chaperone_requests_total{decision=\"deny\",outcome=\"denied\"} 1"),
+        metrics.contains("chaperone_requests_total{decision=\"deny\",outcome=\"denied\"} 2"),
         "{metrics}"
     );
 
@@ -154,6 +179,15 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
         seen.len() + denied.len(),
         "rows: {rows:#?}\nupstream saw: {seen:#?}"
     );
+    // The direct connection's request is recorded, refused, and attributed to nobody.
+    let (direct, rows): (Vec<_>, Vec<_>) = rows.iter().partition(|r| {
+        r.reason
+            .as_deref()
+            .is_some_and(|w| w.contains("did not come through the node's redirect"))
+    });
+    assert_eq!(direct.len(), 1, "{direct:?}");
+    assert_eq!(direct[0].response_code, 403);
+    assert_eq!(direct[0].workload.cgroup_id, 0, "{direct:?}");
     for row in &rows {
         assert_eq!(
             row.workload.cgroup_id, cgroup_id,
@@ -227,7 +261,7 @@ async fn kubectl_in_pod_is_intercepted_policed_forwarded_with_gateway_token_and_
     let query = format!(
         "import duckdb; print(duckdb.connect().execute(\"SELECT count(*), count(*) FILTER (decision = 'deny' AND object_ref.name = 'production'), \
          min(workload.cgroup_id), max(workload.cgroup_id), min(workload.pod) FROM read_parquet('{}/table=requests/**/*.parquet', hive_partitioning=true) \
-         WHERE node = 'sandbox-node'\").fetchone())",
+         WHERE node = 'sandbox-node' AND workload.pod IS NOT NULL\").fetchone())",
         stopped.recordings.display()
     );
     let duck = Command::new("python3")

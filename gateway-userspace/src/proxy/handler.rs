@@ -181,6 +181,20 @@ impl Proxy {
             name: info.name.clone(),
         };
 
+        // Fail closed: with the kernel redirect on, every connection a pod makes to the API
+        // server arrives with the origin the kernel recorded. One without (made to the
+        // gateway's own address, or whose record was lost) cannot be attributed to a pod,
+        // and serving it would let a pod choose to be "unknown" to every workload rule.
+        if self.interceptor.is_some() && conn.origin.is_none() {
+            let why = "the connection did not come through the node's redirect (the kernel \
+                       recorded no origin for it), so the calling pod is unknown"
+                .to_owned();
+            let status = forbidden_status(&info, &why);
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why);
+            return self.local_response(status, record, started, &audit_id);
+        }
         if let Some(h) = req
             .headers()
             .keys()
