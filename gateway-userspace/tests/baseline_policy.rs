@@ -71,6 +71,13 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
     let secret = pod(
         json!({"containers": [{"name": "a", "image": "x", "envFrom": [{"secretRef": {"name": "db"}}]}]}),
     );
+    let init_secret = pod(json!({"initContainers": [{"name": "i", "image": "x",
+        "env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]}],
+        "containers": [{"name": "a", "image": "x"}]}));
+    let init_secret_from = pod(json!({"initContainers": [{"name": "i", "image": "x",
+        "envFrom": [{"secretRef": {"name": "db"}}]}], "containers": [{"name": "a", "image": "x"}]}));
+    let init_plain = pod(json!({"initContainers": [{"name": "i", "image": "x",
+        "env": [{"name": "P", "value": "1"}]}], "containers": [{"name": "a", "image": "x"}]}));
     let sandbox_pods = "/api/v1/namespaces/ai-sandbox/pods";
     let external_name = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
         "spec": {"type": "ExternalName", "externalName": "kubernetes.default.svc.cluster.local"}});
@@ -202,6 +209,27 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
             Some(&secret),
             Action::Deny,
             Some("no-secret-mounts"),
+        ),
+        (
+            "POST",
+            sandbox_pods,
+            Some(&init_secret),
+            Action::Deny,
+            Some("no-secret-mounts"),
+        ),
+        (
+            "POST",
+            sandbox_pods,
+            Some(&init_secret_from),
+            Action::Deny,
+            Some("no-secret-mounts"),
+        ),
+        (
+            "POST",
+            sandbox_pods,
+            Some(&init_plain),
+            Action::Mask,
+            Some("agent-writes"),
         ),
         (
             "POST",

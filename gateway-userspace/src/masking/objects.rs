@@ -15,8 +15,9 @@
 //! * the `value` of container `env` entries whose name contains one of `envNames`
 //!   (case-insensitive) in every pod spec: a Pod's, a workload template's
 //!   (`spec.template.spec`: Deployment, StatefulSet, DaemonSet, ReplicaSet, Job,
-//!   ReplicationController), a CronJob's (`spec.jobTemplate.spec.template.spec`) and a
-//!   PodTemplate's (`template.spec`), across `containers`, `initContainers` and
+//!   ReplicationController), a CronJob's (`spec.jobTemplate.spec.template.spec`), a
+//!   PodTemplate's (`template.spec`) and a ControllerRevision's
+//!   (`data.spec.template.spec`), across `containers`, `initContainers` and
 //!   `ephemeralContainers`;
 //! * configured `paths` (fields per API group and resource), replaced by
 //!   [`PLACEHOLDER_TEXT`];
@@ -847,6 +848,9 @@ impl Masker {
             &["spec", "template", "spec"],
             &["spec", "jobTemplate", "spec", "template", "spec"],
             &["template", "spec"],
+            // A ControllerRevision (a StatefulSet's or DaemonSet's history, what `kubectl
+            // rollout history --revision` prints) keeps the template it recorded here.
+            &["data", "spec", "template", "spec"],
         ];
         for path in SPEC_PATHS {
             let Some((first, rest)) = path.split_first() else {

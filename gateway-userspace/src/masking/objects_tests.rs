@@ -258,6 +258,15 @@ fn env_values_are_masked_in_pods_and_every_workload_template() {
             json!({"kind": "PodTemplate", "template": template}),
             vec!["template", "spec"],
         ),
+        (
+            // What the StatefulSet and DaemonSet controllers store as a revision: a patch
+            // that replaces the template.
+            "controllerrevisions",
+            "apps",
+            json!({"kind": "ControllerRevision", "revision": 1,
+                   "data": {"spec": {"template": {"$patch": "replace", "spec": pod_spec()}}}}),
+            vec!["data", "spec", "template", "spec"],
+        ),
     ];
     for (resource, group, object, path) in cases {
         let target = Target { group, resource };

@@ -233,6 +233,15 @@ pub(super) fn caller_namespaces(identity: Option<&IdentityCond>) -> Option<Vec<u
     }
 }
 
+/// The verbs that read objects, and the writes that answer with one: a mask rule that
+/// masks reads masks those answers as well.
+const MASK_READS: u32 = verb_bits::GET | verb_bits::LIST | verb_bits::WATCH;
+const MASK_WRITES: u32 = verb_bits::CREATE
+    | verb_bits::UPDATE
+    | verb_bits::PATCH
+    | verb_bits::DELETE
+    | verb_bits::DELETECOLLECTION;
+
 pub(super) fn compile_resource_rule(
     rule: &RawRule,
     resources: &[String],
@@ -241,7 +250,13 @@ pub(super) fn compile_resource_rule(
     at: &dyn Fn(&[Seg]) -> Vec<Seg>,
     out: &mut Compiled,
 ) -> Result<Rule, InvalidAt> {
-    let verbs = compile_verbs(&rule.verbs, RESOURCE_VERBS, "resource", at)?;
+    let mut verbs = compile_verbs(&rule.verbs, RESOURCE_VERBS, "resource", at)?;
+    if rule.action == Action::Mask && verbs & MASK_READS != 0 {
+        // An object comes back from a get, a list or a watch alike, and from a write,
+        // which answers with the object it wrote (a dry run writes nothing): masking what
+        // the agent reads covers every answer that carries the objects.
+        verbs |= MASK_READS | MASK_WRITES;
+    }
 
     let groups = match &rule.api_groups {
         None => IdSet::Any,
@@ -307,6 +322,13 @@ pub(super) fn compile_resource_rule(
         );
     }
     let entry = (index, verbs);
+    // A mask rule also covers requests wider than its namespaces (a list or watch across
+    // all of them), which may return its namespaces' objects: it is indexed as a rule of
+    // any namespace, and `first_resource_match` checks the namespace.
+    let index_namespaces = match (&namespaces, rule.action) {
+        (NamespaceSet::Of(_), Action::Mask) => &NamespaceSet::Any,
+        (namespaces, _) => namespaces,
+    };
     for (resource, sub) in parsed {
         let candidates = match (resource, sub) {
             ("*", None) => &mut out.any_resource,
@@ -322,7 +344,7 @@ pub(super) fn compile_resource_rule(
                 .entry(sub.into())
                 .or_default(),
         };
-        candidates.push(entry, &namespaces, callers);
+        candidates.push(entry, index_namespaces, callers);
     }
     out.caller_indexed |= callers.is_some();
 

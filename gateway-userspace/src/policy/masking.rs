@@ -239,6 +239,59 @@ rules:
     }
 
     #[test]
+    fn mask_rules_cover_wider_requests_and_the_writes_that_answer_with_objects() {
+        let p = load(POLICY);
+        let names = |d: &Decision| -> Vec<String> {
+            d.matched_rules().iter().map(|r| r.to_string()).collect()
+        };
+        // A list or watch across all namespaces returns prod's objects too.
+        for uri in ["/api/v1/configmaps", "/api/v1/configmaps?watch=1"] {
+            let d = decide_on(&p, "GET", uri);
+            assert_eq!(d.action, Action::Mask, "{uri}");
+            assert_eq!(names(&d), ["mask-everything-in-prod"], "{uri}");
+        }
+        // Another namespace's do not.
+        let d = decide_on(&p, "GET", "/api/v1/namespaces/dev/configmaps");
+        assert_eq!((d.action, d.masking.is_none()), (Action::Allow, true));
+
+        let p = load(
+            r#"default: allow
+rules:
+  - name: mask-db
+    action: mask
+    verbs: [get]
+    resources: [secrets]
+    resourceNames: [db]
+  - name: mask-prod-reads
+    action: mask
+    verbs: [list]
+    resources: [configmaps]
+    namespaces: ["*"]
+"#,
+        );
+        // A request without a name can return the named object; another name cannot.
+        for (method, uri, masked) in [
+            ("GET", "/api/v1/namespaces/x/secrets/db", true),
+            ("GET", "/api/v1/namespaces/x/secrets", true),
+            ("GET", "/api/v1/secrets", true),
+            ("GET", "/api/v1/namespaces/x/secrets/other", false),
+            // Writes answer with the object: a mask rule on reads covers them.
+            ("PATCH", "/api/v1/namespaces/x/secrets/db?dryRun=All", true),
+            ("PUT", "/api/v1/namespaces/x/secrets/db", true),
+            ("DELETE", "/api/v1/namespaces/x/secrets/db", true),
+            ("DELETE", "/api/v1/namespaces/x/secrets", true),
+            ("POST", "/api/v1/namespaces/x/secrets", true),
+            ("PATCH", "/api/v1/namespaces/x/secrets/other", false),
+            // `namespaces: ["*"]` covers a list across all of them.
+            ("GET", "/api/v1/configmaps", true),
+            ("GET", "/api/v1/namespaces/x/configmaps", true),
+        ] {
+            let d = decide_on(&p, method, uri);
+            assert_eq!(d.masking.is_some(), masked, "{method} {uri}");
+        }
+    }
+
+    #[test]
     fn combinations_are_built_once_and_shared() {
         let p = load(POLICY);
         let a = decide_on(&p, "GET", "/apis/apps/v1/namespaces/prod/deployments");

@@ -358,22 +358,27 @@ impl Compiled {
             {
                 return false;
             }
+            // A mask rule also matches a request wider than its scope: a list or watch
+            // across all namespaces, or one without a name, can return the objects it
+            // names, which must not come back unmasked. (Allow and deny keep RBAC's
+            // reading: a rule for namespace `prod` is not a rule for the whole cluster.)
+            let widen = rule.action == Action::Mask;
             let ns_ok = match &rule.namespaces {
                 NamespaceSet::Any => true,
-                NamespaceSet::AnyNamespaced => !req.namespace.is_empty(),
-                NamespaceSet::Of(ids) => ns.is_some_and(|id| ids.contains(&id)),
+                NamespaceSet::AnyNamespaced => widen || !req.namespace.is_empty(),
+                NamespaceSet::Of(ids) => {
+                    (widen && req.namespace.is_empty()) || ns.is_some_and(|id| ids.contains(&id))
+                }
             };
             if !ns_ok {
                 return false;
             }
             let names_ok = match rule.names {
                 IdSet::Any => true,
-                IdSet::Of(_) => {
-                    !req.name.is_empty()
-                        && rule
-                            .names
-                            .contains(*name.get_or_insert_with(|| self.names.get(&req.name)))
-                }
+                IdSet::Of(_) if req.name.is_empty() => widen,
+                IdSet::Of(_) => rule
+                    .names
+                    .contains(*name.get_or_insert_with(|| self.names.get(&req.name))),
             };
             let matched = names_ok
                 && self.identity_matches(rule, ctx, &mut ids)

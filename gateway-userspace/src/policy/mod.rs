@@ -214,6 +214,17 @@
 //! everything that is allowed, put a `mask` rule with `verbs: ["*"]` and
 //! `resources: ["*"]` first.
 //!
+//! A mask rule covers every answer that can carry the objects it names, which is wider
+//! than an allow or deny rule of the same shape: a mask rule with any of `get`, `list`
+//! or `watch` also masks the others and the writes that answer with the object (`create`,
+//! `update`, `patch`, `delete`, `deletecollection`, dry runs included); one with
+//! `namespaces` also masks lists and watches across all namespaces (which return those
+//! namespaces' objects among the others, all masked alike); one with `resourceNames`
+//! also masks requests without a name (lists, watches, creates). Allow and deny rules
+//! keep RBAC's reading: a deny rule for namespace `prod` does not deny
+//! `kubectl get secrets -A`, so to keep a resource from being read at all, deny it without
+//! `namespaces`.
+//!
 //! A mask rule's settings are the top-level `masking` with the rule's own `masking` over
 //! it: `secrets`, `envNames` and `detectors` set in the rule replace the top level's;
 //! `paths` add to them. When several mask rules apply, everything any of them asks for is
@@ -233,7 +244,9 @@
 //!   `CONNECTION_STRING`, `DSN`; `[]` for none), in `containers`, `initContainers` and
 //!   `ephemeralContainers` of pods and of every pod template: `spec.template.spec`
 //!   (Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job),
-//!   `spec.jobTemplate.spec.template.spec` (CronJob) and `template.spec` (PodTemplate).
+//!   `spec.jobTemplate.spec.template.spec` (CronJob), `template.spec` (PodTemplate) and
+//!   `data.spec.template.spec` (ControllerRevision, the history `kubectl rollout history`
+//!   reads).
 //! * `paths` fields: `.a.b`, `.a["key.with.dots"]`, `.a[0]`, and `.a[*]` or `.a.*` for
 //!   every element or key; the value and everything under it become
 //!   `**masked by chaperone**`.
