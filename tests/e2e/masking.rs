@@ -502,3 +502,69 @@ for upgrade in ["websocket", "SPDY/3.1"]:
         .count();
     assert_eq!(refused, 2, "both refusals are recorded");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_to_masked_objects_answer_masked_and_json_patches_cannot_copy_values_out() {
+    if !privileged("writes_to_masked_objects_answer_masked_and_json_patches_cannot_copy_values_out")
+    {
+        return;
+    }
+    let stack = masking_stack().await;
+    // A write answers with the object it wrote: masked too (a dry run writes nothing).
+    let patched = kubectl(
+        &stack,
+        &[
+            "patch",
+            "secret",
+            "db-creds",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"touched":"yes"}}}"#,
+            "--dry-run=server",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let patched: Value = serde_json::from_str(&patched).expect("kubectl prints the patched secret");
+    assert_eq!(patched["metadata"]["labels"]["touched"], "yes");
+    assert_eq!(patched["data"]["password"], PLACEHOLDER_BASE64);
+
+    // A JSON patch that copies a value where masking does not look is refused.
+    let copy = r#"[{"op":"add","path":"/metadata/annotations/x","value":""},{"op":"copy","from":"/data/password","path":"/metadata/annotations/x"}]"#;
+    let (cmd, _cache) = kubectl_in_pod(
+        &stack,
+        &[
+            "patch",
+            "secret",
+            "db-creds",
+            "--type=json",
+            "-p",
+            copy,
+            "--dry-run=server",
+            "-o",
+            "json",
+        ],
+        &[],
+    );
+    let out = run(cmd, None, "kubectl patch --type=json copy").await;
+    assert!(!out.status.success(), "the copy must be refused");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Forbidden") && stderr.contains("operation 1 is `copy`"),
+        "kubectl shows why: {stderr}"
+    );
+    assert_clean("refused json patch", &text(&out.stdout));
+    assert_clean("refused json patch stderr", &stderr);
+
+    let stopped = stack.stop().await.expect("stop the stack");
+    let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
+    assert!(
+        rows.iter().any(|r| r.object_ref.resource == "secrets"
+            && r.response_code == 403
+            && r.reason
+                .as_deref()
+                .is_some_and(|w| w.contains("JSON patch"))),
+        "the refusal is recorded"
+    );
+}

@@ -260,6 +260,10 @@
 //! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
 //! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
 //! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
+//! A JSON patch (`kubectl patch --type=json`) on a masked request may only `add`,
+//! `remove` and `replace`: `copy` and `move` could put a masked value where masking does
+//! not look (a Secret's `data` into an annotation) and `test` could confirm a guessed
+//! one, so such a patch, or one too large to read, is refused with 403.
 //!
 //! # Approval (`approve`)
 //!

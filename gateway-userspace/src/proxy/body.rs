@@ -392,9 +392,81 @@ impl Capture {
     }
 }
 
+/// Why a JSON patch (`application/json-patch+json`) may not go with a request whose
+/// answer is masked, or `None` when the body is no such patch or its operations are only
+/// `add`, `remove` and `replace`. `copy` and `move` put a value where masking does not
+/// look (a Secret's `data` copied into an annotation would come back in clear, even from
+/// a dry run) and `test` tells whether a guessed value is the masked one. A patch the
+/// gateway could not read whole is refused too: what it cannot see it cannot vouch for.
+pub(crate) fn json_patch_reveals(inspected: &Inspected) -> Option<String> {
+    let media = inspected
+        .content_type
+        .as_deref()
+        .and_then(|c| c.split(';').next())
+        .map(str::trim)?;
+    if !media.eq_ignore_ascii_case("application/json-patch+json") {
+        return None;
+    }
+    let Some(Value::Array(ops)) = &inspected.object else {
+        return Some(
+            "chaperone: this request's answer is masked, and its JSON patch could not be read              whole to check that it only adds, removes or replaces values"
+                .to_owned(),
+        );
+    };
+    ops.iter().enumerate().find_map(|(i, op)| {
+        let name = op.get("op").and_then(Value::as_str);
+        (!matches!(name, Some("add" | "remove" | "replace"))).then(|| {
+            format!(
+                "chaperone: this request's answer is masked, so its JSON patch may only add,                  remove or replace values; operation {i} is {}, which could copy, move or test                  a masked value; send a merge patch or only add, remove and replace",
+                name.map_or_else(|| "not a named operation".to_owned(), |n| format!("`{n}`"))
+            )
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_patches_that_copy_move_or_test_are_refused_when_masked() {
+        let inspected = |content_type: &str, object: Option<Value>| Inspected {
+            object,
+            forwarded: None,
+            truncated: false,
+            content_type: Some(content_type.to_owned()),
+            whole_len: None,
+            exceeded: None,
+        };
+        let patch = "application/json-patch+json";
+        let plain = serde_json::json!([{"op": "add", "path": "/metadata/labels/a", "value": "b"},
+            {"op": "replace", "path": "/spec/replicas", "value": 2}, {"op": "remove", "path": "/x"}]);
+        assert_eq!(json_patch_reveals(&inspected(patch, Some(plain))), None);
+        for op in ["copy", "move", "test", "Copy", "bogus"] {
+            let ops = serde_json::json!([{"op": "add", "path": "/metadata/annotations", "value": {}},
+                {"op": op, "from": "/data/password", "path": "/metadata/annotations/x"}]);
+            let why = json_patch_reveals(&inspected(
+                "Application/JSON-Patch+json; charset=utf-8",
+                Some(ops),
+            ))
+            .unwrap_or_else(|| panic!("{op} must be refused"));
+            assert!(why.contains(&format!("operation 1 is `{op}`")), "{why}");
+        }
+        let why = json_patch_reveals(&inspected(patch, Some(serde_json::json!([{"path": "/a"}]))));
+        assert!(why.is_some_and(|w| w.contains("not a named operation")));
+        // Unread (too large) or not an array: refused.
+        assert!(json_patch_reveals(&inspected(patch, None)).is_some());
+        assert!(
+            json_patch_reveals(&inspected(patch, Some(serde_json::json!({"op": "copy"}))))
+                .is_some()
+        );
+        // Other patch types carry no operations.
+        let copy = serde_json::json!([{"op": "copy", "from": "/a", "path": "/b"}]);
+        assert_eq!(
+            json_patch_reveals(&inspected("application/merge-patch+json", Some(copy))),
+            None
+        );
+    }
 
     #[test]
     fn accept_asks_for_json_in_place_of_protobuf_keeping_parameters() {

@@ -319,11 +319,25 @@ impl Proxy {
             );
             (bytes, summary)
         });
+        // Fail closed: a masked answer cannot hide what a JSON patch copies or tests.
+        let patch_refused = decision
+            .masking
+            .as_ref()
+            .and(inspected.as_ref())
+            .and_then(body::json_patch_reveals);
         if let Some(inspected) = inspected {
             self.record_object(&mut record, inspected);
         }
         record.policy_rule = decision.rule.as_deref().map(str::to_owned);
         record.decision = Some(decision.action);
+        if let Some(why) = patch_refused
+            && decision.action != Action::Deny
+        {
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why.clone());
+            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
+        }
         let mut decision = decision;
         if decision.action == Action::Approve {
             let (body, summary) = held_body.unwrap_or_default();
