@@ -57,7 +57,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `requests`' counter of each decision and outcome, looked up in the family once:
     /// the lookup (a lock and a hash of the labels) ran on every request.
-    request_counters: [[OnceLock<Counter>; 6]; 5],
+    request_counters: [[OnceLock<Counter>; Outcome::ALL.len()]; 5],
     /// Rows the recorder refused or lost (each is also logged with its audit id).
     pub recording_failures: Counter,
     /// Requests whose ServiceAccount token names another service account than the pod's.
@@ -210,6 +210,7 @@ impl Metrics {
             Outcome::RecordingDown => 3,
             Outcome::UpstreamFailed => 4,
             Outcome::Unknown => 5,
+            Outcome::Cancelled => 6,
         };
         self.request_counters[row][column]
             .get_or_init(|| {

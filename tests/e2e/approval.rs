@@ -586,3 +586,55 @@ rules:
     assert!(ok && out.contains("hello-after-approval"), "{out}");
     assert!(marker.exists());
 }
+
+/// A client that gives up while its request is held (kubectl's `--request-timeout`
+/// resets the stream) leaves a row that says so: the handler's future is dropped with the
+/// request, and the row must not go with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_client_abandons_while_held_is_still_recorded() {
+    if !privileged("a_request_the_client_abandons_while_held_is_still_recorded") {
+        return;
+    }
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(POLICY.to_owned()),
+        seed: seed(),
+        approval: true,
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack");
+    let (ok, out) = finished(spawn_kubectl(
+        &stack,
+        &[
+            "scale",
+            "deployment",
+            "web",
+            "-n",
+            "prod",
+            "--replicas=7",
+            "--request-timeout=1s",
+        ],
+    ))
+    .await;
+    assert!(!ok, "kubectl gave up on the held request: {out}");
+    assert_eq!(replicas(&stack), 3, "nothing reached the API server");
+    let stopped = stack.stop().await.expect("stop the stack");
+    let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
+    let abandoned = rows
+        .iter()
+        .find(|r| r.object_ref.resource == "deployments" && r.object_ref.subresource == "scale")
+        .unwrap_or_else(|| panic!("the abandoned scale is recorded: {rows:#?}"));
+    assert_eq!(
+        abandoned.outcome,
+        recorder::Outcome::Cancelled,
+        "{abandoned:?}"
+    );
+    assert_eq!(abandoned.decision, Some(Action::Approve));
+    assert!(
+        abandoned
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("the client went away")),
+        "{abandoned:?}"
+    );
+}

@@ -39,7 +39,7 @@ use super::{
     impersonation::impersonation,
     live::{LiveRequest, LiveStop},
     masked,
-    record::{RecordGuard, RequestBytes, recorded_json},
+    record::{RequestBytes, Row, recorded_json},
     upgrade,
 };
 
@@ -145,11 +145,15 @@ impl Proxy {
         let started = Instant::now();
         let request_time = jiff::Timestamp::now();
         let audit_id = audit_id(request_time);
-        let record = self.base_record(&req, conn, request_time, &audit_id);
+        let record = Row::new(
+            self,
+            self.base_record(&req, conn, request_time, &audit_id),
+            started,
+        );
         // Instrumented, not entered: a guard held across the awaits below would mark the
         // span current on whatever else the thread runs meanwhile.
         let span = tracing::debug_span!("request", %audit_id, cgroup = record.workload.cgroup_id);
-        self.handle_in_span(req, conn, started, audit_id, record)
+        self.handle_in_span(req, conn, audit_id, record)
             .instrument(span)
             .await
     }
@@ -158,9 +162,8 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: &ConnectionInfo,
-        started: Instant,
         audit_id: String,
-        mut record: Box<RequestRecord>,
+        mut record: Row<'_>,
     ) -> Response<ProxyBody> {
         let info = match RequestInfo::parse(req.method(), req.uri()) {
             Ok(info) => info,
@@ -168,7 +171,7 @@ impl Proxy {
                 let status = Status::bad_request(format!("chaperone: {e}"));
                 record.outcome = Outcome::Invalid;
                 record.reason = Some(status.message().to_owned());
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
         };
         record.verb = info.verb;
@@ -193,7 +196,7 @@ impl Proxy {
             record.decision = Some(Action::Deny);
             record.outcome = Outcome::Denied;
             record.reason = Some(why);
-            return self.local_response(status, record, started, &audit_id);
+            return self.local_response(status, record, &audit_id);
         }
         if let Some(h) = req
             .headers()
@@ -205,7 +208,7 @@ impl Proxy {
             record.decision = Some(Action::Deny);
             record.outcome = Outcome::Denied;
             record.reason = Some(why);
-            return self.local_response(status, record, started, &audit_id);
+            return self.local_response(status, record, &audit_id);
         }
 
         let principal = self
@@ -238,14 +241,14 @@ impl Proxy {
                 ));
                 record.outcome = Outcome::Invalid;
                 record.reason = Some(status.message().to_owned());
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
             None => match self.inspect_body(req, &mut record).await {
                 Ok((plain, inspected)) => (plain, Some(inspected)),
                 Err(status) => {
                     record.outcome = Outcome::Invalid;
                     record.reason = Some(status.message().to_owned());
-                    return self.local_response(status, record, started, &audit_id);
+                    return self.local_response(status, record, &audit_id);
                 }
             },
         };
@@ -336,7 +339,7 @@ impl Proxy {
             record.decision = Some(Action::Deny);
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
-            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
+            return self.local_response(forbidden_status(&info, &why), record, &audit_id);
         }
         let mut decision = decision;
         if decision.action == Action::Approve {
@@ -353,7 +356,7 @@ impl Proxy {
             ))
             .await
             {
-                return self.local_response(refused, record, started, &audit_id);
+                return self.local_response(refused, record, &audit_id);
             }
             // Approved: forwarded like an allowed request, masked as the policy says.
             decision.action = if decision.masking.is_some() {
@@ -368,7 +371,7 @@ impl Proxy {
             record.decision = Some(Action::Deny);
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
-            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
+            return self.local_response(forbidden_status(&info, &why), record, &audit_id);
         }
         match as_whom {
             Ok(as_whom) => {
@@ -383,12 +386,7 @@ impl Proxy {
                 record.decision = Some(Action::Deny);
                 record.outcome = Outcome::Denied;
                 record.reason = Some(why.clone());
-                return self.local_response(
-                    forbidden_status(&info, &why),
-                    record,
-                    started,
-                    &audit_id,
-                );
+                return self.local_response(forbidden_status(&info, &why), record, &audit_id);
             }
         }
         // Fail closed: what cannot be recorded is not forwarded (reads per configuration).
@@ -404,7 +402,6 @@ impl Proxy {
             return self.local_response(
                 Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
                 record,
-                started,
                 &audit_id,
             );
         }
@@ -423,7 +420,6 @@ impl Proxy {
             return self.local_response(
                 Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
                 record,
-                started,
                 &audit_id,
             );
         }
@@ -431,7 +427,7 @@ impl Proxy {
             record.decision = Some(Action::Deny);
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
-            return self.local_response(forbidden_status(&info, &why), record, started, &audit_id);
+            return self.local_response(forbidden_status(&info, &why), record, &audit_id);
         }
         if let Some(detectors) = self.stream_masking(&decision) {
             pending.extensions_mut().insert(StreamMasking(detectors));
@@ -459,18 +455,11 @@ impl Proxy {
         }
         match pending {
             Pending::Upgrade(req, protocol) => {
-                Box::pin(self.forward_upgrade(
-                    req,
-                    protocol,
-                    conn.slot.clone(),
-                    record,
-                    started,
-                    audit_id,
-                ))
-                .await
+                Box::pin(self.forward_upgrade(req, protocol, conn.slot.clone(), record, audit_id))
+                    .await
             }
             Pending::Plain(req, count) => {
-                self.forward(req, count, record, started, audit_id, decision.masking)
+                self.forward(req, count, record, audit_id, decision.masking)
                     .await
             }
         }
@@ -622,8 +611,7 @@ impl Proxy {
     pub(super) fn local_response(
         &self,
         status: Status,
-        mut record: Box<RequestRecord>,
-        started: Instant,
+        mut record: Row<'_>,
         audit_id: &str,
     ) -> Response<ProxyBody> {
         let response: Response<Full<Bytes>> = status.into_response();
@@ -631,7 +619,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         insert_audit_id(&mut parts.headers, audit_id);
         let body = body.map_err(|never| match never {}).boxed();
-        let guard = RecordGuard::new(self, record, started, RequestBytes::Known(0));
+        let guard = record.into_guard(RequestBytes::Known(0));
         Response::from_parts(parts, Metered::new(body, guard).boxed())
     }
 
@@ -640,8 +628,7 @@ impl Proxy {
     pub(super) fn credential_unavailable(
         &self,
         cause: &str,
-        mut record: Box<RequestRecord>,
-        started: Instant,
+        mut record: Row<'_>,
         audit_id: &str,
     ) -> Response<ProxyBody> {
         tracing::warn!(upstream = %self.upstream_base, error = %cause, "no gateway credential; request not forwarded");
@@ -654,15 +641,14 @@ impl Proxy {
                 "chaperone: the gateway's credential for the API server is unavailable: {cause}"
             ),
         );
-        self.local_response(status, record, started, audit_id)
+        self.local_response(status, record, audit_id)
     }
 
     pub(super) async fn forward(
         &self,
         req: Request<ProxyBody>,
         request_bytes: RequestBytes,
-        mut record: Box<RequestRecord>,
-        started: Instant,
+        mut record: Row<'_>,
         audit_id: String,
         masking: Option<Arc<Masker>>,
     ) -> Response<ProxyBody> {
@@ -688,12 +674,12 @@ impl Proxy {
                 record.outcome = Outcome::Invalid;
                 let status =
                     Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
         };
         sanitize_request_headers(&mut parts.headers);
         if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
-            return self.credential_unavailable(&cause, record, started, &audit_id);
+            return self.credential_unavailable(&cause, record, &audit_id);
         }
         // Watches stream for as long as they last; they are recorded as requests only.
         let capture = self.record_responses && record.verb != Verb::Watch;
@@ -721,6 +707,10 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
+        record.may_have_applied = !matches!(
+            record.verb,
+            Verb::Get | Verb::List | Verb::Watch | Verb::Head | Verb::Options
+        );
         match self.upstream().request(upstream_req).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
@@ -761,12 +751,7 @@ impl Proxy {
                             self.metrics.masking_failures.inc();
                             tracing::warn!(verb = %record.verb, resource = %record.object_ref.resource, error = %why, "response could not be masked; refused");
                             record.error = Some(why.clone());
-                            return self.local_response(
-                                masked::refusal(&why),
-                                record,
-                                started,
-                                &audit_id,
-                            );
+                            return self.local_response(masked::refusal(&why), record, &audit_id);
                         }
                     }
                 }
@@ -785,9 +770,9 @@ impl Proxy {
                     record.outcome = Outcome::UpstreamFailed;
                     record.reason = Some(why.clone());
                     let status = Status::failure(StatusCode::BAD_GATEWAY, "InternalError", why);
-                    return self.local_response(status, record, started, &audit_id);
+                    return self.local_response(status, record, &audit_id);
                 }
-                let mut guard = RecordGuard::new(self, record, started, request_bytes);
+                let mut guard = record.into_guard(request_bytes);
                 if capture && json {
                     guard.capture = Some(body::Capture::new(self.max_object_bytes));
                 }
@@ -820,7 +805,7 @@ impl Proxy {
                     let status = request_entity_too_large(&cause);
                     record.outcome = Outcome::Invalid;
                     record.reason = Some(status.message().to_owned());
-                    return self.local_response(status, record, started, &audit_id);
+                    return self.local_response(status, record, &audit_id);
                 }
                 tracing::warn!(upstream = %self.upstream_base, error = %cause, "upstream request failed");
                 record.outcome = Outcome::UpstreamFailed;
@@ -833,7 +818,7 @@ impl Proxy {
                         self.upstream_base
                     ),
                 );
-                self.local_response(status, record, started, &audit_id)
+                self.local_response(status, record, &audit_id)
             }
         }
     }

@@ -17,7 +17,7 @@ use std::{
 use crate::{
     admin::Metrics,
     masking::{self, objects::MaskReport},
-    recorder::{RecorderHandle, RequestRecord},
+    recorder::{Outcome, RecorderHandle, RequestRecord},
 };
 
 use super::{Proxy, body, workers};
@@ -55,6 +55,87 @@ impl RequestBytes {
                 count.fetch_add(n, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// The row of a request still being handled, before a [`RecordGuard`] takes it. hyper
+/// drops the handler's future when the client goes away (an HTTP/2 stream reset, a closed
+/// connection: kubectl's timeouts and Ctrl-C do both), and with it whatever the future
+/// holds; a row held in a plain box would vanish, leaving no trace of the request. This
+/// one is written as it is when dropped: `cancelled`, or `unknown` once the request may
+/// have reached the API server.
+pub(super) struct Row<'p> {
+    record: Option<Box<RequestRecord>>,
+    proxy: &'p Proxy,
+    started: Instant,
+    /// A request that can change something (not a read) may have reached the API server.
+    pub(super) may_have_applied: bool,
+}
+
+impl<'p> Row<'p> {
+    pub(super) fn new(proxy: &'p Proxy, record: Box<RequestRecord>, started: Instant) -> Self {
+        Self {
+            record: Some(record),
+            proxy,
+            started,
+            may_have_applied: false,
+        }
+    }
+
+    /// The row, for a guard that sends it when the exchange is over.
+    pub(super) fn into_guard(mut self, request_bytes: RequestBytes) -> RecordGuard {
+        let Some(record) = self.record.take() else {
+            unreachable!("a Row's record is taken only as it is consumed")
+        };
+        RecordGuard::new(self.proxy, record, self.started, request_bytes)
+    }
+}
+
+impl std::ops::Deref for Row<'_> {
+    type Target = RequestRecord;
+
+    fn deref(&self) -> &RequestRecord {
+        match &self.record {
+            Some(record) => record,
+            // Only `into_guard` and `drop` take the row, and both consume the `Row`.
+            None => unreachable!("a Row's record is taken only as it is consumed"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Row<'_> {
+    fn deref_mut(&mut self) -> &mut RequestRecord {
+        match &mut self.record {
+            Some(record) => record,
+            None => unreachable!("a Row's record is taken only as it is consumed"),
+        }
+    }
+}
+
+impl Drop for Row<'_> {
+    fn drop(&mut self) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        let why = if self.may_have_applied {
+            record.outcome = Outcome::Unknown;
+            "the client went away before the API server answered, so whether the API server \
+             applied the request is not known"
+        } else {
+            record.outcome = Outcome::Cancelled;
+            "the client went away before the response began"
+        };
+        record.reason = Some(match record.reason.take() {
+            Some(earlier) => format!("{earlier}; {why}"),
+            None => why.to_owned(),
+        });
+        tracing::debug!(audit_id = %record.audit_id, outcome = %record.outcome, "request cancelled by the client");
+        drop(RecordGuard::new(
+            self.proxy,
+            record,
+            self.started,
+            RequestBytes::Known(0),
+        ));
     }
 }
 

@@ -15,10 +15,7 @@
 //! never masked: its bytes are another program's protocol (TLS, a database's wire format)
 //! that masking would corrupt, and policy is the control for it.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
@@ -35,7 +32,7 @@ use super::{
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
     live::LiveStop,
-    record::{RecordGuard, RequestBytes},
+    record::{RequestBytes, Row},
     stdin_guard::{SessionShape, StdinGuard, StdinLines},
 };
 use crate::{
@@ -46,7 +43,7 @@ use crate::{
         FrameError, SpdyDecoder, SpdyFrame, WsDecoder, WsMessage, WsOpcode, spdy_header, ws_encode,
     },
     proxy::output_mask::{OutputFraming, OutputMasker},
-    recorder::{Outcome, RequestRecord, SessionKind, SessionRecorder},
+    recorder::{Outcome, SessionKind, SessionRecorder},
     request::RequestInfo,
     status::Status,
 };
@@ -861,8 +858,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         protocol: UpgradeProtocol,
         slot: Option<SlotHold>,
-        mut record: Box<RequestRecord>,
-        started: Instant,
+        mut record: Row<'_>,
         audit_id: String,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut req);
@@ -882,7 +878,7 @@ impl Proxy {
                 record.outcome = Outcome::Invalid;
                 let status =
                     Status::bad_request(format!("chaperone: cannot forward {}: {e}", parts.uri));
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
         };
         sanitize_request_headers(&mut parts.headers);
@@ -898,7 +894,7 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
-            return self.credential_unavailable(&cause, record, started, &audit_id);
+            return self.credential_unavailable(&cause, record, &audit_id);
         }
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = CountingBody {
@@ -914,10 +910,12 @@ impl Proxy {
             Err(e) => {
                 record.outcome = Outcome::Invalid;
                 let status = Status::bad_request(format!("chaperone: cannot forward {path}: {e}"));
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
         };
 
+        // exec, attach and port-forward act on the pod as soon as they are sent.
+        record.may_have_applied = true;
         let response = match self.send_upgrade(upstream_req).await {
             Ok(r) => r,
             Err(cause) => {
@@ -932,7 +930,7 @@ impl Proxy {
                         self.upstream_base
                     ),
                 );
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
         };
         record.response_code = i32::from(response.status().as_u16());
@@ -943,8 +941,7 @@ impl Proxy {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             keep_or_insert_audit_id(&mut parts.headers, &audit_id);
-            let guard =
-                RecordGuard::new(self, record, started, RequestBytes::Counted(request_bytes));
+            let guard = record.into_guard(RequestBytes::Counted(request_bytes));
             let body = Metered::new(body.map_err(BoxError::from).boxed(), guard);
             return Response::from_parts(parts, body.boxed());
         }
@@ -975,7 +972,7 @@ impl Proxy {
                     record.reason = Some(why.clone());
                     let status =
                         Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
-                    return self.local_response(status, record, started, &audit_id);
+                    return self.local_response(status, record, &audit_id);
                 }
             };
         }
@@ -994,7 +991,7 @@ impl Proxy {
                     record.reason = Some(why.clone());
                     let status =
                         Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
-                    return self.local_response(status, record, started, &audit_id);
+                    return self.local_response(status, record, &audit_id);
                 }
             };
         }
@@ -1019,14 +1016,13 @@ impl Proxy {
                 record.reason = Some(why.clone());
                 let status =
                     Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
-                return self.local_response(status, record, started, &audit_id);
+                return self.local_response(status, record, &audit_id);
             }
             tap = tap.with_recording(self.recorder.session(&audit_id, kind));
         }
         let mut headers = switching_headers(response.headers());
         keep_or_insert_audit_id(&mut headers, &audit_id);
-        let mut guard =
-            RecordGuard::new(self, record, started, RequestBytes::Counted(request_bytes));
+        let mut guard = record.into_guard(RequestBytes::Counted(request_bytes));
         // Ends on the drain, or when a reloaded policy denies the session.
         let (stop, live_guard) = match live {
             Some(live) => (live.stop, Some(live.guard)),

@@ -141,17 +141,23 @@ pub enum Outcome {
     /// was rebuilt from the write-ahead log at start-up, so whether the API server applied
     /// the request is not known.
     Unknown,
+    /// The client went away (reset its stream, closed its connection) before the
+    /// response began: while the request waited for its body, a decision, an approval or
+    /// the write-ahead log, or, for a read, for the API server. (A write the client gave
+    /// up on once it was sent is `Unknown`.)
+    Cancelled,
 }
 
 impl Outcome {
     /// Every outcome, for parsers and tests.
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Forwarded,
         Outcome::Denied,
         Outcome::Invalid,
         Outcome::RecordingDown,
         Outcome::UpstreamFailed,
         Outcome::Unknown,
+        Outcome::Cancelled,
     ];
 
     /// The outcome as recorded.
@@ -163,6 +169,7 @@ impl Outcome {
             Outcome::RecordingDown => "recording_down",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Unknown => "unknown",
+            Outcome::Cancelled => "cancelled",
         }
     }
 
