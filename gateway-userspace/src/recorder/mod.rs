@@ -880,6 +880,23 @@ struct Coordinator {
 /// The writer thread has stopped (it failed); its result says why.
 struct WriterGone;
 
+/// Marks recording down when the coordinator's task ends without reaching its orderly
+/// end (it panicked): the proxy would otherwise go on forwarding requests whose rows have
+/// nowhere to go while every health surface said recording was up.
+struct DownIfLost {
+    shared: Arc<Shared>,
+    armed: bool,
+}
+
+impl Drop for DownIfLost {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared
+                .set_down(RecorderError::TaskLost("recorder coordinator task"));
+        }
+    }
+}
+
 impl Coordinator {
     async fn run(
         mut self,
@@ -887,6 +904,11 @@ impl Coordinator {
         drain: DrainWatcher,
         done: oneshot::Receiver<Result<RecorderStats, RecorderError>>,
     ) -> Result<RecorderStats, RecorderError> {
+        // A panic here ends this task: recording is then down, not silently gone.
+        let mut lost = DownIfLost {
+            shared: Arc::clone(&self.shared),
+            armed: true,
+        };
         let mut draining = false;
         let mut inbox = Vec::with_capacity(INBOX_MESSAGES);
         let mut probe = tokio::time::interval(PROBE_EVERY);
@@ -942,6 +964,11 @@ impl Coordinator {
                 }
             };
             if step.is_err() {
+                // Fail closed: with the writer gone nothing more is written, so every
+                // request that must be recorded is refused from now on, and /readyz,
+                // `recording_up` and `chaperone status` say so.
+                self.shared
+                    .set_down(RecorderError::TaskLost("recorder writer thread"));
                 rows.close();
                 break;
             }
@@ -962,6 +989,7 @@ impl Coordinator {
             }
         }
         drop(self.commands);
+        lost.armed = false;
         let result = done
             .await
             .unwrap_or(Err(RecorderError::TaskLost("recorder writer thread")));

@@ -801,6 +801,8 @@ async fn a_file_that_cannot_be_completed_is_kept_aside() {
     };
     assert!(error.contains("rename into place"), "{error}");
     assert_eq!(handle.health_report().outages, 1);
+    // The row the file held never reached a published file: counted as lost.
+    assert_eq!(handle.health_report().rows_lost, 1);
     let kept = partition.join(format!(".{published}.failed"));
     let bytes = std::fs::metadata(&kept)
         .unwrap_or_else(|e| panic!("{} should be kept: {e}", kept.display()))
@@ -917,4 +919,48 @@ print(json.dumps({"duckdb": rows, "pyarrow_rows": table.num_rows,
             "pyarrow is missing column {name}: {columns:?}"
         );
     }
+}
+
+/// The writer thread gone (a panic drops its end of the command channel without a
+/// result): recording is down at once, so the proxy refuses what must be recorded and
+/// /readyz says why, instead of forwarding requests whose rows go nowhere.
+#[tokio::test]
+async fn a_lost_writer_thread_marks_recording_down() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shared = Arc::new(Shared::default());
+    let (command_tx, command_rx) = mpsc::channel(4);
+    let (done_tx, done_rx) = oneshot::channel();
+    // What a panicking writer leaves behind: no receiver, no result.
+    drop(command_rx);
+    drop(done_tx);
+    let coordinator = Coordinator {
+        shared: Arc::clone(&shared),
+        cfg: config(dir.path()),
+        batch_rows: 16,
+        open: BTreeMap::new(),
+        commands: command_tx,
+    };
+    let (_queue, rows) = mpsc::channel(4);
+    let (_trigger, drain) = drain::channel();
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        coordinator.run(rows, drain, done_rx),
+    )
+    .await
+    .expect("the coordinator notices the writer is gone");
+    assert!(
+        matches!(result, Err(RecorderError::TaskLost(_))),
+        "{result:?}"
+    );
+    assert!(
+        shared.is_down(),
+        "recording must be down without its writer"
+    );
+    assert!(
+        shared
+            .current_error()
+            .is_some_and(|e| e.to_string().contains("writer thread")),
+        "{:?}",
+        shared.current_error()
+    );
 }

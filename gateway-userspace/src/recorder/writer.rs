@@ -216,16 +216,15 @@ impl FileWriter {
     fn execute(&mut self, command: Command, shared: &Shared) {
         match command {
             Command::Write { date, rows } => {
-                let count = rows.len() as u64;
                 let table = rows.table();
                 if let Err((error, rows)) = self.write(date, rows) {
                     rows.log_lost();
-                    shared.lose(count);
+                    shared.lose(rows.len() as u64);
                     shared.set_down(error);
                     // The file may hold rows from earlier batches: complete it if the disk
-                    // still allows, keep it aside otherwise.
+                    // still allows, keep it aside otherwise (its rows then count as lost).
                     if let Some(file) = self.open.remove(&(table, date))
-                        && let Err(error) = self.close(file)
+                        && let Err(error) = self.close(file, shared)
                     {
                         shared.set_down(error);
                     }
@@ -233,7 +232,7 @@ impl FileWriter {
             }
             Command::Close { table, date } => {
                 if let Some(file) = self.open.remove(&(table, date))
-                    && let Err(error) = self.close(file)
+                    && let Err(error) = self.close(file, shared)
                 {
                     shared.set_down(error);
                 }
@@ -257,8 +256,8 @@ impl FileWriter {
         }
     }
 
-    /// Appends `rows` to their table's open file for `date`; on failure hands the rows
-    /// back with the error so their ids can be logged.
+    /// Appends `rows` to their table's open file for `date`; on failure hands back, with
+    /// the error, the rows that did not reach the file, so their ids can be logged.
     pub(super) fn write(
         &mut self,
         date: Date,
@@ -309,7 +308,9 @@ impl FileWriter {
                 path: file.temp.clone(),
                 source: Arc::new(source),
             };
-            return Err((error, rows));
+            // These rows are the file's now: they are lost (and counted) with it when it
+            // cannot be completed.
+            return Err((error, Rows::with_capacity(table, 0)));
         }
         Ok(())
     }
@@ -319,7 +320,7 @@ impl FileWriter {
     pub(super) fn close_all(&mut self, shared: &Shared) -> Result<(), RecorderError> {
         let mut first = Ok(());
         while let Some((_, file)) = self.open.pop_first() {
-            if let Err(error) = self.close(file) {
+            if let Err(error) = self.close(file, shared) {
                 shared.set_down(error.clone());
                 if first.is_ok() {
                     first = Err(error);
@@ -333,7 +334,9 @@ impl FileWriter {
     /// never sees a partial file and a crash never leaves a visible truncated one. A file
     /// that cannot be completed is kept, hidden, as `.part-<id>.parquet.failed`: what
     /// reached the disk stays there for forensic recovery.
-    fn close(&mut self, file: PartFile) -> Result<(), RecorderError> {
+    /// A file that cannot be completed loses every row it held: they are counted and
+    /// their audit ids logged (when the write-ahead log has them listed).
+    fn close(&mut self, file: PartFile, shared: &Shared) -> Result<(), RecorderError> {
         let PartFile {
             table,
             temp,
@@ -359,6 +362,10 @@ impl FileWriter {
                 Err(e) => {
                     tracing::error!(%error, path = %temp.display(), rename_error = %e, rows, "recording file could not be completed");
                 }
+            }
+            shared.lose(rows);
+            for audit_id in &ids {
+                tracing::error!(%audit_id, "recording row lost: its file could not be completed");
             }
             return Err(error);
         }
