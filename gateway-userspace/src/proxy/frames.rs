@@ -326,12 +326,14 @@ impl SpdyFrame {
     }
 }
 
-/// A header's value by (lowercase) name.
+/// A header's value by (lowercase) name: its first value, as spdystream reads it (it
+/// splits NUL-joined values, and the kubelet takes the first). Reading the whole value
+/// would let `streamtype: "stdout\0"` be stdout to the kubelet and unknown here.
 pub fn spdy_header<'a>(headers: &'a SpdyHeaders, name: &str) -> Option<&'a str> {
     headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+        .and_then(|(_, v)| v.split('\0').next())
 }
 
 /// The SPDY/3 header compression dictionary (SPDY/3 draft section 2.6.10.1; identical to

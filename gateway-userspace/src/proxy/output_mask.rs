@@ -307,6 +307,14 @@ impl OutputMasker {
             let channel = match streams.get(&id) {
                 Some(StreamChannel::Stdout) => Some(0),
                 Some(StreamChannel::Stderr) => Some(1),
+                // Output on a stream whose type the tap did not read (it stopped decoding
+                // the client's frames, or the client named the type in a way it does not
+                // know) may be stdout to the client: fail closed rather than pass it on.
+                None | Some(StreamChannel::Unknown(_)) => {
+                    return Err(FrameError::Spdy(format!(
+                        "output on stream {id}, whose type is not known, cannot be masked"
+                    )));
+                }
                 _ => None,
             };
             match channel {

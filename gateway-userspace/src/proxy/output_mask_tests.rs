@@ -317,6 +317,51 @@ fn spdy_stdout_is_masked_and_reframed_with_control_frames_untouched() {
     assert_eq!(sink.channel("stdout"), b"token: **masked:github-token**\n");
 }
 
+/// spdystream splits NUL-joined header values and the kubelet reads the first, so
+/// `streamtype: "stdout\0"` is stdout to it: it must be stdout to the masker too. And
+/// output on a stream whose type the tap does not know ends the session.
+#[test]
+fn spdy_stream_types_are_read_as_the_kubelet_reads_them_and_unknown_output_fails_closed() {
+    let token = fixtures::github_token();
+    let mut tap = StreamTap::new("m12", TapFraming::Spdy, None)
+        .with_masking(&detectors())
+        .expect("maskable");
+    let mut client = SpdyEncoder::new().expect("encoder");
+    let up = client
+        .syn_stream(3, 0, &[("streamtype", "stdout\0stdin")])
+        .unwrap();
+    assert_eq!(tap.pass(Direction::ToServer, &up).unwrap(), None);
+    let down = SpdyEncoder::data(3, format!("token: {token}\n").as_bytes(), false);
+    let sent = tap.pass(Direction::ToClient, &down).unwrap().unwrap();
+    let frames = SpdyDecoder::new().feed(&sent).expect("decodes");
+    let payload: Vec<u8> = frames
+        .iter()
+        .filter_map(|f| match f {
+            SpdyFrame::Data { payload, .. } => Some(payload.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(payload, b"token: **masked:github-token**\n");
+
+    // A stream type the tap does not know, and a stream it never saw opened.
+    for (streamtype, id) in [(Some("stdoot"), 5), (None, 7)] {
+        let mut tap = StreamTap::new("m13", TapFraming::Spdy, None)
+            .with_masking(&detectors())
+            .expect("maskable");
+        if let Some(kind) = streamtype {
+            let mut client = SpdyEncoder::new().expect("encoder");
+            let up = client.syn_stream(id, 0, &[("streamtype", kind)]).unwrap();
+            assert_eq!(tap.pass(Direction::ToServer, &up).unwrap(), None);
+        }
+        let down = SpdyEncoder::data(id, format!("token: {token}\n").as_bytes(), false);
+        assert!(
+            tap.pass(Direction::ToClient, &down).is_err(),
+            "output on stream {id} ({streamtype:?}) must end the session"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_relay_flushes_a_held_prompt_within_the_hold_delay() {
     let (client, mut client_peer) = tokio::io::duplex(64 * 1024);
