@@ -568,3 +568,60 @@ async fn writes_to_masked_objects_answer_masked_and_json_patches_cannot_copy_val
         "the refusal is recorded"
     );
 }
+
+/// A followed log (`kubectl logs -f`, a `get` that never ends) is a long-lived stream: a
+/// policy reload that masks it ends it, so the client's reconnect is masked, instead of
+/// the stream going on in clear under the new policy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_masks_a_followed_log_ends_it() {
+    if !privileged("a_reload_that_masks_a_followed_log_ends_it") {
+        return;
+    }
+    let policy = "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules: []\n";
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "default"},
+        "spec": {"nodeName": "sandbox-node", "containers": [{"name": "web", "image": "nginx:1.27"}]},
+        "status": {"phase": "Running"}
+    });
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(policy.to_owned()),
+        seed: vec![pod],
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack");
+    stack
+        .apiserver
+        .append_pod_log("default", "web-0", "booted\n");
+    let (mut cmd, _cache) = kubectl_in_pod(&stack, &["logs", "-f", "web-0"], &[]);
+    let mut follow = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl logs -f");
+    let mut stdout = follow.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let started = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        while !text(&seen).contains("booted") {
+            let n = stdout.read(&mut buf).await.expect("read logs -f");
+            assert!(n > 0, "logs -f ended early: {}", text(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "logs -f did not start: {}", text(&seen));
+
+    let masked = policy.replace(
+        "rules: []\n",
+        "rules:\n  - name: mask-logs\n    action: mask\n    verbs: [get]\n    resources: [pods/log]\n",
+    );
+    std::fs::write(stack.dir().join("policy.yaml"), masked).expect("rewrite the policy");
+    let ended = tokio::time::timeout(Duration::from_secs(30), follow.wait()).await;
+    assert!(
+        ended.is_ok(),
+        "the followed log was not ended by the reload that masks it: {}",
+        text(&seen)
+    );
+}

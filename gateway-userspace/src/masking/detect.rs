@@ -77,6 +77,13 @@ pub struct Detectors {
     inner: Arc<Inner>,
 }
 
+impl PartialEq for Detectors {
+    /// Detectors are equal when compiled from equal settings (the built-ins are fixed).
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner) || self.inner.spec == other.inner.spec
+    }
+}
+
 /// One detector's hits in a text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hits {
@@ -140,6 +147,9 @@ struct Inner {
     always: Vec<usize>,
     /// PEM block boundaries, for the line masker's multi-line state (when enabled).
     pem: Option<Pem>,
+    /// What these detectors were compiled from (`None`: no detectors at all): two sets
+    /// compiled from equal specs detect alike.
+    spec: Option<DetectorsSpec>,
 }
 
 /// The start and end lines of a PEM private key block.
@@ -411,6 +421,7 @@ impl Detectors {
                 owners: keyword_index.into_iter().map(|(_, o)| o).collect(),
                 always,
                 pem,
+                spec: Some(spec.clone()),
             }),
         })
     }

@@ -340,9 +340,15 @@ impl Default for MaskLimits {
 }
 
 impl PartialEq for Masker {
-    /// Maskers of one policy are equal when built from the same rules.
+    /// Maskers are equal when they mask alike: the same rules with the same settings (a
+    /// reloaded policy may keep a rule's name and change what it masks).
     fn eq(&self, other: &Self) -> bool {
         self.rules == other.rules
+            && self.secrets == other.secrets
+            && self.env_names == other.env_names
+            && self.paths == other.paths
+            && self.detectors == other.detectors
+            && self.limits == other.limits
     }
 }
 

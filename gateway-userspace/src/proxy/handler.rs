@@ -439,14 +439,22 @@ impl Proxy {
                 .extensions_mut()
                 .insert(super::stdin_guard::StdinLines(rules));
         }
-        // Long-lived streams are re-checked when the policy reloads.
-        if info.verb == Verb::Watch || matches!(pending, Pending::Upgrade(..)) {
+        // Long-lived streams are re-checked when the policy reloads: watches, sessions, and
+        // followed logs (`kubectl logs -f`, a `get` that never ends).
+        let followed_log = info.resource == "pods"
+            && info.subresource == "log"
+            && pending
+                .uri()
+                .query()
+                .is_some_and(|q| crate::request::query_bool(q, "follow"));
+        if info.verb == Verb::Watch || followed_log || matches!(pending, Pending::Upgrade(..)) {
             let live = self.live.register(
                 LiveRequest {
                     info: info.clone(),
                     workload: conn.workload.clone(),
                     principal: crate::identity::Principal::clone(&principal),
                     exec: exec.clone(),
+                    masking: decision.masking.clone(),
                 },
                 &self.draining,
                 &audit_id,
@@ -785,10 +793,11 @@ impl Proxy {
                     guard.masked_streamed = Some(masked.clone());
                     body = MaskedLog::new(body, detectors, masked).boxed();
                 }
-                if watch {
-                    // A watch never ends by itself; on drain, or when a reloaded policy
-                    // denies it, it ends cleanly (the client sees the end of the stream and
-                    // re-lists, and the re-list is decided anew) rather than being reset.
+                if watch || live.is_some() {
+                    // A watch (or a followed log) never ends by itself; on drain, or when a
+                    // reloaded policy denies it or masks it differently, it ends cleanly
+                    // (the client sees the end of the stream and re-lists, and the re-list
+                    // is decided anew) rather than being reset.
                     body = match live {
                         Some(live) => EndOnDrain::live(body, live).boxed(),
                         None => EndOnDrain::new(body, self.draining.clone()).boxed(),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     identity::{WorkloadIdentity, principal::Principal},
+    masking::objects::Masker,
     policy::{Policy, RequestContext, decide},
     request::{ExecRequest, RequestInfo},
 };
@@ -25,6 +26,9 @@ pub(crate) struct LiveRequest {
     pub(crate) workload: WorkloadIdentity,
     pub(crate) principal: Principal,
     pub(crate) exec: Option<ExecRequest>,
+    /// The masking the stream was decided with: a reload that masks it differently ends
+    /// it (what it already sent was masked the old way, and what follows would be too).
+    pub(crate) masking: Option<Arc<Masker>>,
 }
 
 #[derive(Debug)]
@@ -104,8 +108,8 @@ impl LiveStreams {
         self.len() == 0
     }
 
-    /// Decides every open stream again with `policy` and stops those it no longer allows;
-    /// returns how many were stopped.
+    /// Decides every open stream again with `policy` and stops those it no longer allows,
+    /// or masks differently; returns how many were stopped.
     pub fn recheck(&self, policy: &Policy) -> usize {
         let streams = self.lock();
         let mut stopped = 0;
@@ -119,17 +123,24 @@ impl LiveStreams {
                 .with_principal(&r.principal)
                 .with_exec(r.exec.as_ref(), false);
             let decision = decide(policy, &ctx);
-            if !decision.is_allowed() {
-                tracing::warn!(
-                    audit_id = %live.audit_id,
-                    verb = %r.info.verb,
-                    resource = %r.info.resource_with_subresource(),
-                    reason = %decision.reason(),
-                    "the reloaded policy denies an open stream; closing it"
-                );
-                live.stop.cancel();
-                stopped += 1;
-            }
+            let why = if !decision.is_allowed() {
+                "the reloaded policy denies an open stream; closing it"
+            } else if decision.masking.as_deref() != r.masking.as_deref() {
+                // A stream cannot change masking midway: it ends, and the client's
+                // reconnect is masked by the new policy.
+                "the reloaded policy masks an open stream differently; closing it"
+            } else {
+                continue;
+            };
+            tracing::warn!(
+                audit_id = %live.audit_id,
+                verb = %r.info.verb,
+                resource = %r.info.resource_with_subresource(),
+                reason = %decision.reason(),
+                "{why}"
+            );
+            live.stop.cancel();
+            stopped += 1;
         }
         stopped
     }
@@ -152,6 +163,7 @@ mod tests {
             workload: WorkloadIdentity::default(),
             principal: Principal::anonymous(),
             exec,
+            masking: None,
         }
     }
 
@@ -206,5 +218,45 @@ mod tests {
         assert_eq!(registry.len(), 1, "ended streams unregister");
         drain.cancel();
         assert!(pods.stop.is_cancelled(), "the drain stops every stream");
+    }
+
+    #[test]
+    fn a_reload_that_masks_an_open_stream_differently_stops_it() {
+        const MASK: &str = "  - name: mask-config\n    action: mask\n    verbs: ['*']\n    resources: [configmaps]\n";
+        let masked = policy(MASK);
+        let other_settings = policy(&format!("{MASK}    masking: {{envNames: [SECRET]}}\n"));
+        let registry = Arc::new(LiveStreams::default());
+        let drain = CancellationToken::new();
+        // Registered as the handler does: with the masking it was decided with.
+        let register = |policy: &Policy, uri: &str| {
+            let mut request = live("GET", uri);
+            request.masking = decide(policy, &RequestContext::new(&request.info)).masking;
+            registry.register(request, &drain, "x")
+        };
+        let config = "/api/v1/namespaces/default/configmaps?watch=true";
+        let unmasked_watch = register(&policy(""), config);
+        let masked_watch = register(&masked, config);
+        let pods = register(&masked, "/api/v1/namespaces/default/pods?watch=true");
+        assert_eq!(registry.len(), 3);
+        assert_eq!(
+            registry.recheck(&masked),
+            1,
+            "the same masking stops nothing else"
+        );
+        assert!(
+            unmasked_watch.stop.is_cancelled(),
+            "masking added: the stream ends"
+        );
+        assert!(!masked_watch.stop.is_cancelled() && !pods.stop.is_cancelled());
+        assert_eq!(
+            registry.recheck(&other_settings),
+            1,
+            "same rule, other settings"
+        );
+        assert!(masked_watch.stop.is_cancelled());
+        assert!(
+            !pods.stop.is_cancelled(),
+            "an unmasked stream stays unmasked"
+        );
     }
 }
