@@ -339,6 +339,20 @@ impl Default for MaskLimits {
     }
 }
 
+impl CompiledPath {
+    fn applies_to(&self, target: Target<'_>) -> bool {
+        let group_ok = self
+            .groups
+            .as_deref()
+            .is_none_or(|g| g.iter().any(|g| **g == *target.group));
+        let resource_ok = self
+            .resources
+            .as_deref()
+            .is_none_or(|r| r.iter().any(|r| **r == *target.resource));
+        group_ok && resource_ok
+    }
+}
+
 impl PartialEq for Masker {
     /// Maskers are equal when they mask alike: the same rules with the same settings (a
     /// reloaded policy may keep a rule's name and change what it masks).
@@ -640,6 +654,14 @@ impl Masker {
     }
 
     /// Bounds of what is held to mask a response.
+    /// Whether configured `paths` apply to `target`. A `Table` of such a resource cannot
+    /// be masked by them (its cells come from printer columns, and a Table does not say
+    /// which field each column shows): the gateway does not ask for one, and masks every
+    /// cell of one it gets anyway.
+    pub fn paths_apply_to(&self, target: Target<'_>) -> bool {
+        self.paths.iter().any(|path| path.applies_to(target))
+    }
+
     pub fn limits(&self) -> MaskLimits {
         self.limits
     }
@@ -733,7 +755,14 @@ impl Masker {
                         self.mask_response(target, object, report, depth);
                     }
                     if let Some(cells) = row.get_mut("cells") {
-                        self.detect_all(cells, report);
+                        if self.paths_apply_to(target) {
+                            let n = replace_leaves(cells, PLACEHOLDER_TEXT);
+                            if let Some(path) = self.paths.iter().find(|p| p.applies_to(target)) {
+                                report.add(self.rule(path.rule), MaskKind::Path, n);
+                            }
+                        } else {
+                            self.detect_all(cells, report);
+                        }
                     }
                 }
             }
@@ -789,15 +818,7 @@ impl Masker {
         }
         if !self.paths.is_empty() {
             for path in &self.paths {
-                let group_ok = path
-                    .groups
-                    .as_deref()
-                    .is_none_or(|g| g.iter().any(|g| **g == *target.group));
-                let resource_ok = path
-                    .resources
-                    .as_deref()
-                    .is_none_or(|r| r.iter().any(|r| **r == *target.resource));
-                if group_ok && resource_ok {
+                if path.applies_to(target) {
                     let mut n = 0;
                     if let Some((first, rest)) = path.steps.split_first() {
                         mask_steps_in_map(map, first, rest, &mut n);

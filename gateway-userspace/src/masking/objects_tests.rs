@@ -300,6 +300,39 @@ fn env_names_and_secrets_are_configurable() {
     assert_eq!(env[2]["value"], PLACEHOLDER_TEXT);
 }
 
+/// A printer column can show a masked field, and a Table does not say which field each
+/// column shows: the cells of a resource with configured paths are masked whole.
+#[test]
+fn table_cells_of_a_resource_with_configured_paths_are_masked() {
+    let spec: MaskingSpec = serde_norway::from_str(
+        "paths: [{apiGroups: [db.example], resources: [databases], fields: [.spec.password]}]",
+    )
+    .unwrap();
+    let m = masker_with(spec);
+    let table = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+        "columnDefinitions": [{"name": "Name", "type": "string"}, {"name": "Password", "type": "string"}],
+        "rows": [{"cells": ["main", "hunter2"],
+                  "object": {"kind": "Database", "metadata": {"name": "main"}, "spec": {"password": "hunter2"}}}]});
+    let databases = Target {
+        group: "db.example",
+        resource: "databases",
+    };
+    assert!(m.paths_apply_to(databases));
+    let (v, report) = masked(&m, databases, table.clone());
+    assert_eq!(v["rows"][0]["cells"], json!([PLACEHOLDER_TEXT, PLACEHOLDER_TEXT]));
+    assert_eq!(v["rows"][0]["object"]["spec"]["password"], PLACEHOLDER_TEXT);
+    assert!(!v.to_string().contains("hunter2"));
+    assert_eq!(report.total(), 3);
+    // Another resource's Table keeps its cells (the detectors still run over them).
+    let other = Target {
+        group: "db.example",
+        resource: "backups",
+    };
+    assert!(!m.paths_apply_to(other));
+    let (v, _) = masked(&m, other, table);
+    assert_eq!(v["rows"][0]["cells"], json!(["main", "hunter2"]));
+}
+
 #[test]
 fn configured_paths_per_group_and_resource() {
     let spec: MaskingSpec = serde_norway::from_str(

@@ -251,6 +251,9 @@
 //!   every element or key; the value and everything under it become
 //!   `**masked by chaperone**`.
 //! * The credential detectors run over every other string value, `Table` cells included.
+//!   A Table does not say which field each printer column shows, so for a resource that
+//!   `paths` apply to the gateway asks the API server for the objects instead of a Table
+//!   (`kubectl get` then prints names and ages) and masks every cell of a Table it gets.
 //!
 //! A client that accepts protobuf (client-go's typed clients send
 //! `application/vnd.kubernetes.protobuf, application/json`) gets the masked JSON: for a

@@ -691,9 +691,14 @@ impl Proxy {
         }
         // Watches stream for as long as they last; they are recorded as requests only.
         let capture = self.record_responses && record.verb != Verb::Watch;
-        if masking.is_some() {
-            // What is masked must arrive as JSON (see `masked`).
-            let accept = masked::json_only_accept(parts.headers.get(header::ACCEPT));
+        if let Some(masker) = &masking {
+            // What is masked must arrive as JSON (see `masked`), and not as a Table when
+            // configured paths apply (a Table's cells do not say which field they show).
+            let tables = !masker.paths_apply_to(Target {
+                group: &record.object_ref.api_group,
+                resource: &record.object_ref.resource,
+            });
+            let accept = masked::json_only_accept(parts.headers.get(header::ACCEPT), tables);
             parts.headers.insert(header::ACCEPT, accept);
         } else if capture
             && let Some(json) = parts

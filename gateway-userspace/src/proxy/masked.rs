@@ -29,9 +29,10 @@ use crate::{
 use super::{BoxError, ProxyBody};
 
 /// The `Accept` sent upstream when a response must be masked: the client's JSON choices
-/// (protobuf entries become JSON with the same parameters, so `as=Table` stays), never an
-/// encoding the gateway does not mask; `application/json` when nothing is left.
-pub(super) fn json_only_accept(accept: Option<&HeaderValue>) -> HeaderValue {
+/// (protobuf entries become JSON with the same parameters, so `as=Table` stays unless
+/// `tables` is false), never an encoding the gateway does not mask; `application/json`
+/// when nothing is left. Without a Table, kubectl prints the object's name and age.
+pub(super) fn json_only_accept(accept: Option<&HeaderValue>, tables: bool) -> HeaderValue {
     let text = accept.and_then(|v| v.to_str().ok()).unwrap_or_default();
     let mut out: Vec<String> = Vec::new();
     for entry in text.split(',') {
@@ -41,6 +42,14 @@ pub(super) fn json_only_accept(accept: Option<&HeaderValue>) -> HeaderValue {
         let json = media.eq_ignore_ascii_case("application/json")
             || media.eq_ignore_ascii_case(crate::protobuf::MEDIA_TYPE);
         if !json {
+            continue;
+        }
+        let table = params.split(';').any(|p| {
+            p.trim()
+                .split_once('=')
+                .is_some_and(|(k, v)| k.trim() == "as" && v.trim() == "Table")
+        });
+        if table && !tables {
             continue;
         }
         let rewritten = if params.is_empty() {
@@ -359,7 +368,25 @@ mod tests {
             (None, "application/json"),
         ] {
             let header = accept.map(HeaderValue::from_static);
-            assert_eq!(json_only_accept(header.as_ref()), want, "{accept:?}");
+            assert_eq!(json_only_accept(header.as_ref(), true), want, "{accept:?}");
+        }
+        // Without Tables (configured paths apply): kubectl's Table choices are dropped.
+        for (accept, want) in [
+            (
+                "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
+                "application/json",
+            ),
+            (
+                "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io",
+                "application/json",
+            ),
+            (
+                "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io",
+                "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io",
+            ),
+        ] {
+            let header = HeaderValue::from_static(accept);
+            assert_eq!(json_only_accept(Some(&header), false), want, "{accept}");
         }
     }
 
