@@ -319,7 +319,10 @@ fn table_cells_of_a_resource_with_configured_paths_are_masked() {
     };
     assert!(m.paths_apply_to(databases));
     let (v, report) = masked(&m, databases, table.clone());
-    assert_eq!(v["rows"][0]["cells"], json!([PLACEHOLDER_TEXT, PLACEHOLDER_TEXT]));
+    assert_eq!(
+        v["rows"][0]["cells"],
+        json!([PLACEHOLDER_TEXT, PLACEHOLDER_TEXT])
+    );
     assert_eq!(v["rows"][0]["object"]["spec"]["password"], PLACEHOLDER_TEXT);
     assert!(!v.to_string().contains("hunter2"));
     assert_eq!(report.total(), 3);

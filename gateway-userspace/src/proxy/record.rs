@@ -249,10 +249,17 @@ impl Drop for RecordGuard {
             Sink::Batch(batch) => batch.push(finished),
             // Drop cannot await; the recorder applies back-pressure inside the task instead.
             Sink::Alone(recorder, metrics) => {
+                if recorder.overloaded() {
+                    recorder.shed(&finished.record);
+                    metrics.recording_failures.inc();
+                    return;
+                }
                 let (recorder, metrics) = (recorder.clone(), metrics.clone());
-                recorder
-                    .clone()
-                    .spawn(async move { finished.send(&recorder, &metrics).await });
+                recorder.backlog_add(1);
+                recorder.clone().spawn(async move {
+                    finished.send(&recorder, &metrics).await;
+                    recorder.backlog_done(1);
+                });
             }
         }
     }
@@ -342,12 +349,25 @@ impl RowBatch {
         if rows.is_empty() {
             return;
         }
+        if self.recorder.overloaded() {
+            for row in &rows {
+                self.recorder.shed(&row.record);
+                self.metrics.recording_failures.inc();
+            }
+            return;
+        }
         let recorder = self.recorder.clone();
         let metrics = self.metrics.clone();
+        // Counted until queued: a writer that does not keep up makes recording behind (and
+        // requests refused) instead of these tasks piling up without bound. Counted down
+        // once per batch: the count shares a cache line with the flag every request reads.
+        let n = rows.len() as u64;
+        recorder.backlog_add(n);
         self.recorder.spawn(async move {
             for row in rows {
                 row.send(&recorder, &metrics).await;
             }
+            recorder.backlog_done(n);
         });
     }
 }

@@ -81,6 +81,9 @@ pub const DEFAULT_MAX_ROWS_PER_FILE: usize = 100_000;
 pub const DEFAULT_MAX_FILE_AGE: Duration = Duration::from_secs(60);
 /// Default [`RecorderConfig::queue_capacity`].
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
+/// The fewest finished rows that may wait for room in the queue before recording is
+/// *behind* (see [`RecorderHandle::backlog_add`]).
+const MIN_BACKLOG_LIMIT: u64 = 4096;
 /// Default [`RecorderConfig::row_group_rows`]: one row group per full file.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 100_000;
 /// Default [`RecorderConfig::max_session_bytes`]: 64 MiB of exec/attach payload.
@@ -282,6 +285,17 @@ pub enum RecorderError {
     /// A background task ended without reporting (it panicked or was cancelled).
     #[error("recorder: {0} ended without reporting a result")]
     TaskLost(&'static str),
+    /// More finished rows wait for room in the recorder's queue than it may hold: the
+    /// writer does not keep up (a slow or stalled disk).
+    #[error(
+        "recording is behind: {rows} finished rows wait for the writer, more than the {limit} it may hold back"
+    )]
+    Behind {
+        /// Rows waiting.
+        rows: u64,
+        /// The most that may wait.
+        limit: u64,
+    },
 }
 
 /// What the recorder wrote before it stopped.
@@ -345,6 +359,11 @@ struct Shared {
     cause: Mutex<Option<RecorderError>>,
     outages: AtomicU64,
     rows_lost: AtomicU64,
+    /// Finished rows handed to the recorder's runtime and not yet in its queue: they wait
+    /// there while the queue is full. Past `backlog_limit`, recording is *behind*.
+    backlog: AtomicU64,
+    backlog_limit: u64,
+    behind: AtomicBool,
 }
 
 impl Shared {
@@ -373,6 +392,47 @@ impl Shared {
 
     fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
+    }
+
+    /// Why a request that must be recorded is refused now: recording is down, or so far
+    /// behind that the rows waiting for it would grow without bound.
+    fn refusal(&self) -> Option<RecorderError> {
+        if let Some(error) = self.current_error() {
+            return Some(error);
+        }
+        self.behind
+            .load(Ordering::Acquire)
+            .then(|| RecorderError::Behind {
+                rows: self.backlog.load(Ordering::Relaxed),
+                limit: self.backlog_limit,
+            })
+    }
+
+    /// `rows` finished rows now wait to be queued.
+    fn backlog_add(&self, rows: u64) {
+        let now = self.backlog.fetch_add(rows, Ordering::AcqRel) + rows;
+        if now > self.backlog_limit && !self.behind.swap(true, Ordering::AcqRel) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                rows = now,
+                limit = self.backlog_limit,
+                "recording is behind: requests that must be recorded are refused until it catches up"
+            );
+        }
+    }
+
+    /// `rows` waiting rows were queued (or lost, and counted so).
+    fn backlog_done(&self, rows: u64) {
+        let now = self
+            .backlog
+            .fetch_sub(rows, Ordering::AcqRel)
+            .saturating_sub(rows);
+        if now <= self.backlog_limit / 2
+            && self.behind.load(Ordering::Acquire)
+            && self.behind.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!(rows = now, "recording caught up");
+        }
     }
 
     fn current_error(&self) -> Option<RecorderError> {
@@ -459,7 +519,12 @@ impl Recorder {
             "recorder starting"
         );
 
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            // As many rows again as the queue holds may wait for room in it (at least
+            // a few data-path batches' worth, which wait there in normal operation).
+            backlog_limit: (cfg.queue_capacity as u64).max(MIN_BACKLOG_LIMIT),
+            ..Shared::default()
+        });
         let signing_key = cfg
             .signing_key_file
             .as_deref()
@@ -567,6 +632,35 @@ impl RecorderHandle {
 
     /// [`RecorderHandle::record`] of a row already boxed: it reaches the writer without
     /// being copied again.
+    /// `rows` finished rows are on their way to [`RecorderHandle::record_boxed`], which
+    /// may wait for room in the queue: counted until [`RecorderHandle::backlog_done`], so
+    /// that rows piling up outside the queue make recording *behind*.
+    pub fn backlog_add(&self, rows: u64) {
+        self.shared.backlog_add(rows);
+    }
+
+    /// `rows` counted by [`RecorderHandle::backlog_add`] were recorded (or refused).
+    pub fn backlog_done(&self, rows: u64) {
+        self.shared.backlog_done(rows);
+    }
+
+    /// Whether twice as many rows as may wait are waiting already: new rows are then shed
+    /// ([`RecorderHandle::shed`]) so that memory stays bounded while the writer is stuck.
+    pub fn overloaded(&self) -> bool {
+        self.shared.backlog.load(Ordering::Relaxed) >= self.shared.backlog_limit.saturating_mul(2)
+    }
+
+    /// Drops a finished row that recording is too far behind to hold: logged with its
+    /// audit id and counted as lost. A begun request's end still goes to the write-ahead
+    /// log, so its outcome is known at the next start.
+    pub fn shed(&self, row: &RequestRecord) {
+        if let Some(wal) = &self.wal {
+            wal.end(row);
+        }
+        self.shared.lose(1);
+        tracing::error!(audit_id = %row.audit_id, "recording row lost: recording is too far behind to hold it");
+    }
+
     pub async fn record_boxed(&self, row: Box<RequestRecord>) -> Result<(), RecorderError> {
         // The final row of a begun request goes to the log first: should it never reach a
         // Parquet file, the replay still knows the outcome.
@@ -646,12 +740,12 @@ impl RecorderHandle {
         SessionRecorder::new(self.clone(), audit_id, kind, self.max_session_bytes)
     }
 
-    /// `Err(cause)` while recording is down. Cheap (one atomic load when up): the proxy
-    /// asks before forwarding every request.
+    /// `Err(cause)` while recording is down or behind. Cheap (two atomic loads when up):
+    /// the proxy asks before forwarding every request.
     pub fn health(&self) -> Result<(), RecorderError> {
-        // Asked on every request: read the flag in place rather than through `status()`,
+        // Asked on every request: read the flags in place rather than through `status()`,
         // whose two reference counts every data-path thread would bump.
-        self.shared.current_error().map_or(Ok(()), Err)
+        self.shared.refusal().map_or(Ok(()), Err)
     }
 
     /// What `/readyz`, `/metrics` and `chaperone status` show.
@@ -691,14 +785,14 @@ pub struct RecorderStatus {
 }
 
 impl RecorderStatus {
-    /// `Err(cause)` while recording is down.
+    /// `Err(cause)` while recording is down or behind.
     pub fn health(&self) -> Result<(), RecorderError> {
-        self.shared.current_error().map_or(Ok(()), Err)
+        self.shared.refusal().map_or(Ok(()), Err)
     }
 
     /// Up or down, why, and the counters since start.
     pub fn health_report(&self) -> RecorderHealth {
-        let cause = self.shared.current_error().map(|e| e.to_string());
+        let cause = self.shared.refusal().map(|e| e.to_string());
         RecorderHealth {
             up: cause.is_none(),
             cause,

@@ -964,3 +964,46 @@ async fn a_lost_writer_thread_marks_recording_down() {
         shared.current_error()
     );
 }
+
+/// Rows waiting for room in a full queue are bounded: past the limit recording is
+/// behind (requests that must be recorded are refused and /readyz says why), twice past
+/// it new rows are shed, and once half the limit is left it is up again.
+#[tokio::test]
+async fn rows_piling_up_behind_a_slow_writer_make_recording_behind() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (recorder, handle, _trigger) = start(config(dir.path()));
+    let limit = MIN_BACKLOG_LIMIT;
+    assert!(handle.health().is_ok());
+    handle.backlog_add(limit);
+    assert!(handle.health().is_ok(), "up to the limit may wait");
+    handle.backlog_add(1);
+    let why = handle
+        .health()
+        .expect_err("behind past the limit")
+        .to_string();
+    assert!(why.contains("recording is behind"), "{why}");
+    let report = handle.health_report();
+    assert!(!report.up && report.cause.is_some_and(|c| c.contains("behind")));
+    assert_eq!(report.outages, 1);
+    assert!(!handle.overloaded());
+    handle.backlog_add(limit);
+    assert!(handle.overloaded(), "twice the limit: new rows are shed");
+    handle.shed(&full_row(1, ts("2025-03-04T10:00:00Z")));
+    assert_eq!(handle.health_report().rows_lost, 1);
+    handle.backlog_done(limit + 1);
+    assert!(
+        handle.health().is_err(),
+        "still behind above half the limit"
+    );
+    handle.backlog_done(limit / 2);
+    assert!(handle.health().is_ok(), "caught up");
+    // Rows are still recorded while behind: being behind is not being down.
+    handle.backlog_add(2 * limit);
+    record_all(&handle, &[full_row(2, ts("2025-03-04T10:00:01Z"))]).await;
+    handle.backlog_done(2 * limit);
+    let files = handle.flush().await.expect("flush");
+    let rows: Vec<_> = files.iter().flat_map(|f| read_rows(f)).collect();
+    assert_eq!(rows.len(), 1);
+    drop(handle);
+    assert!(recorder.join().await.is_ok());
+}
