@@ -560,7 +560,7 @@ impl Recorder {
         let (command_tx, command_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
         let (done_tx, done_rx) = oneshot::channel();
         let file_writer = FileWriter::new(cfg.dir.clone(), cfg.node.clone(), props)
-            .with_wal(tracker)
+            .with_wal(tracker, cfg.wal_dir.clone())
             .with_manifest(open_manifest()?);
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()

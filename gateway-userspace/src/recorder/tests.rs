@@ -729,9 +729,28 @@ async fn a_write_failure_takes_recording_down_and_it_recovers_when_the_disk_does
     }
     assert_eq!(handle.health_report().rows_lost, 2);
 
-    // The disk comes back: the recorder notices by itself and records again.
+    // The recording's directory comes back but the write-ahead log's cannot take a new
+    // segment: still down (up, the next mutation would take it down again).
+    let wal_dir = dir.path().join(DEFAULT_WAL_DIR);
+    let wal_moved = dir.path().join("wal-moved-away");
+    std::fs::rename(&wal_dir, &wal_moved).unwrap_or_else(|e| panic!("move the log: {e}"));
+    std::fs::write(&wal_dir, b"not a directory").unwrap_or_else(|e| panic!("write: {e}"));
     std::fs::remove_file(&table).unwrap_or_else(|e| panic!("remove: {e}"));
     std::fs::rename(&moved, &table).unwrap_or_else(|e| panic!("restore: {e}"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let still = handle.health_report();
+    assert!(
+        !still.up
+            && still
+                .cause
+                .as_deref()
+                .is_some_and(|c| c.contains(DEFAULT_WAL_DIR)),
+        "the probe covers the log's directory: {still:?}"
+    );
+
+    // The disk comes back: the recorder notices by itself and records again.
+    std::fs::remove_file(&wal_dir).unwrap_or_else(|e| panic!("remove: {e}"));
+    std::fs::rename(&wal_moved, &wal_dir).unwrap_or_else(|e| panic!("restore the log: {e}"));
     wait_for("recording to recover", || handle.health().is_ok()).await;
     record_all(&handle, &[full_row(3, ts("2025-03-04T10:00:02Z"))]).await;
     let after = handle

@@ -70,6 +70,9 @@ pub(super) struct FileWriter {
     finished: Vec<PathBuf>,
     rows: u64,
     wal: Option<Arc<Tracker>>,
+    /// The write-ahead log's directory: recording is up again only once a segment's worth
+    /// can be written there too.
+    wal_dir: Option<PathBuf>,
     manifest: Option<Manifest>,
     exec_frame_rows: u64,
 }
@@ -173,6 +176,7 @@ impl FileWriter {
             finished: Vec::new(),
             rows: 0,
             wal: None,
+            wal_dir: None,
             manifest: None,
             exec_frame_rows: 0,
         }
@@ -186,8 +190,13 @@ impl FileWriter {
 
     /// Tells the write-ahead log which rows each published file holds, so it can drop the
     /// segments that vouched for them.
-    pub(super) fn with_wal(mut self, wal: Option<Arc<Tracker>>) -> FileWriter {
+    pub(super) fn with_wal(
+        mut self,
+        wal: Option<Arc<Tracker>>,
+        dir: Option<PathBuf>,
+    ) -> FileWriter {
         self.wal = wal;
+        self.wal_dir = dir;
         self
     }
 
@@ -246,7 +255,14 @@ impl FileWriter {
                     .map(|()| self.finished.clone());
                 let _ = reply.send(result);
             }
-            Command::Probe => match probe_disk(&self.dir) {
+            // The log's next append may need a whole new segment: a disk with room for the
+            // recording's probe but not for that would bring recording up only for the
+            // next mutation to take it down again.
+            Command::Probe => match probe_disk(&self.dir, PROBE_BYTES).and_then(|()| {
+                self.wal_dir.as_deref().map_or(Ok(()), |dir| {
+                    probe_disk(dir, super::wal::SEGMENT_BYTES as usize)
+                })
+            }) {
                 Ok(()) => shared.set_up(),
                 Err(error) => {
                     tracing::debug!(%error, "recording is still down");
@@ -382,15 +398,22 @@ impl FileWriter {
     }
 }
 
-/// Writes and syncs a scratch file in `dir`, then removes it: the disk takes writes again.
-fn probe_disk(dir: &Path) -> Result<(), RecorderError> {
+/// Writes and syncs a scratch file of `bytes` in `dir`, then removes it: the disk takes
+/// writes again.
+fn probe_disk(dir: &Path, bytes: usize) -> Result<(), RecorderError> {
     let probe = dir.join(format!(".probe-{}", uuid::Uuid::now_v7()));
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&probe)?;
-        file.write_all(&[0u8; PROBE_BYTES])?;
+        let zeros = [0u8; PROBE_BYTES];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            file.write_all(&zeros[..n])?;
+            left -= n;
+        }
         file.sync_all()
     })();
     let _ = fs::remove_file(&probe);
