@@ -88,6 +88,9 @@ pub struct TornTail {
     pub offset: u64,
     /// What was found there.
     pub reason: String,
+    /// Records (or bytes) follow the torn one: possible only in the newest segment, after
+    /// a power loss (see [`parse_newest_segment`]).
+    pub data_after: bool,
 }
 
 /// A segment read back.
@@ -139,6 +142,20 @@ fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> RecorderError
 /// that are not a segment, or a bad record followed by more data, are an error naming the
 /// offset.
 pub fn parse_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError> {
+    parse_segment_as(path, bytes, false)
+}
+
+/// Parses the newest segment, the one being appended to when the gateway stopped. A
+/// record there that is cut short or fails its checksum ends what is read even when bytes
+/// follow it: after a power loss the pages of one group commit (or of ends, which are not
+/// waited for) reach the disk in any order, and nothing past a record that never reached
+/// it whole was acknowledged (a begin is acknowledged only once synced, with everything
+/// before it). A record whose checksum holds but does not decode is still an error.
+pub fn parse_newest_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError> {
+    parse_segment_as(path, bytes, true)
+}
+
+fn parse_segment_as(path: &Path, bytes: &[u8], newest: bool) -> Result<Segment, RecorderError> {
     let mut segment = Segment {
         path: path.to_path_buf(),
         created: None,
@@ -151,6 +168,7 @@ pub fn parse_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError
         let prefix_ok = bytes.iter().zip(MAGIC.iter()).all(|(a, b)| a == b);
         if prefix_ok || bytes.iter().all(|b| *b == 0) {
             segment.torn = Some(TornTail {
+                data_after: false,
                 offset: 0,
                 reason: format!("segment header cut short ({} bytes)", bytes.len()),
             });
@@ -172,7 +190,11 @@ pub fn parse_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError
     while at < bytes.len() {
         let offset = at as u64;
         let rest = &bytes[at..];
-        let torn = |reason: String| TornTail { offset, reason };
+        let torn = |reason: String| TornTail {
+            offset,
+            reason,
+            data_after: false,
+        };
         if rest.iter().all(|b| *b == 0) {
             // The zero-filled space not yet written.
             break;
@@ -187,11 +209,15 @@ pub fn parse_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if len == 0 || len > MAX_RECORD_BYTES {
-            return Err(corrupt(
-                path,
-                offset,
-                format!("record length {len} is impossible (1..={MAX_RECORD_BYTES})"),
-            ));
+            let reason = format!("record length {len} is impossible (1..={MAX_RECORD_BYTES})");
+            if newest {
+                segment.torn = Some(TornTail {
+                    data_after: true,
+                    ..torn(format!("{reason}, with more bytes after it"))
+                });
+                break;
+            }
+            return Err(corrupt(path, offset, reason));
         }
         let Some(payload) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else {
             segment.torn = Some(torn(format!(
@@ -207,6 +233,13 @@ pub fn parse_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError
         if crc32fast::hash(payload) != crc {
             if last {
                 segment.torn = Some(torn("the last record's checksum does not match".into()));
+                break;
+            }
+            if newest {
+                segment.torn = Some(TornTail {
+                    data_after: true,
+                    ..torn("a record's checksum does not match, with more bytes after it".into())
+                });
                 break;
             }
             return Err(corrupt(
@@ -239,11 +272,16 @@ pub fn parse_segment(path: &Path, bytes: &[u8]) -> Result<Segment, RecorderError
 
 /// Reads one segment file (see [`parse_segment`]).
 pub fn read_segment(path: &Path) -> Result<Segment, RecorderError> {
+    let bytes = read_bytes(path)?;
+    parse_segment(path, &bytes)
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, RecorderError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| io_error("read write-ahead log segment", path, e))?;
-    parse_segment(path, &bytes)
+    Ok(bytes)
 }
 
 fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> RecorderError {
@@ -303,9 +341,24 @@ pub fn recover(dir: &Path) -> Result<Recovery, RecorderError> {
     };
     let mut order: Vec<String> = Vec::new();
     let mut rows: HashMap<String, (RequestRecord, bool)> = HashMap::new();
+    let newest = seqs.last().copied();
     for seq in seqs {
         let path = dir.join(segment_name(seq));
-        let segment = read_segment(&path)?;
+        let segment = if Some(seq) == newest {
+            let bytes = read_bytes(&path)?;
+            let segment = parse_newest_segment(&path, &bytes)?;
+            // What follows a torn record is kept for forensics: the segment itself is
+            // deleted once its rows are in Parquet.
+            if segment.torn.as_ref().is_some_and(|t| t.data_after) {
+                let kept = path.with_extension("log.torn");
+                if let Err(e) = fs::write(&kept, &bytes) {
+                    tracing::warn!(path = %kept.display(), error = %e, "could not keep a copy of a torn write-ahead log segment");
+                }
+            }
+            segment
+        } else {
+            read_segment(&path)?
+        };
         if let Some(torn) = &segment.torn {
             let sentence = format!(
                 "{}: torn record at offset {} ({}); the records before it were recovered",

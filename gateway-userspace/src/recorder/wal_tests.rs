@@ -421,6 +421,62 @@ async fn a_corrupt_segment_stops_the_start_with_its_name() {
     );
 }
 
+/// After a power loss, the newest segment can hold a record that never reached the disk
+/// whole with synced records' neighbours after it (pages reach the disk in any order):
+/// nothing after it was acknowledged, so it ends what is read there, with a copy kept for
+/// forensics. In an older, closed segment the same is corruption and stops the start.
+#[test]
+fn a_bad_record_in_the_newest_segment_is_a_torn_tail_in_older_ones_corruption() {
+    let rows = [
+        (EntryKind::Begin, create_row(1)),
+        (EntryKind::Begin, create_row(2)),
+        (EntryKind::Begin, create_row(3)),
+    ];
+    let bytes = segment_bytes(&rows);
+    let first_end = segment_bytes(&rows[..1]).len();
+    let mut middle = bytes.clone();
+    middle[first_end + 20] ^= 0x40;
+    let segment = wal::parse_newest_segment(Path::new("wal-2.log"), &middle)
+        .unwrap_or_else(|e| panic!("newest: {e}"));
+    assert_eq!(segment.entries.len(), 1);
+    let torn = segment.torn.as_ref().expect("torn");
+    assert_eq!((torn.offset, torn.data_after), (first_end as u64, true));
+    // An impossible length with bytes after it, likewise.
+    let mut length = bytes[..first_end].to_vec();
+    length.extend_from_slice(&u32::MAX.to_le_bytes());
+    length.extend_from_slice(&[7; 64]);
+    let segment = wal::parse_newest_segment(Path::new("wal-2.log"), &length)
+        .unwrap_or_else(|e| panic!("newest: {e}"));
+    assert_eq!(segment.entries.len(), 1);
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let newest = dir.path().join("wal-00000000000000000002.log");
+    std::fs::write(dir.path().join("wal-00000000000000000001.log"), &bytes)
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&newest, &middle).unwrap_or_else(|e| panic!("{e}"));
+    let recovery = wal::recover(dir.path()).unwrap_or_else(|e| panic!("recover: {e}"));
+    assert_eq!(
+        recovery.rows.len(),
+        3,
+        "rows 1-3 from the first segment, 1 again from the second"
+    );
+    assert_eq!(recovery.torn.len(), 1);
+    assert_eq!(
+        std::fs::read(newest.with_extension("log.torn")).unwrap_or_default(),
+        middle,
+        "the torn segment is kept whole"
+    );
+    // The same bytes in the older segment: corruption.
+    std::fs::write(dir.path().join("wal-00000000000000000001.log"), &middle)
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&newest, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let error = wal::recover(dir.path())
+        .err()
+        .unwrap_or_else(|| panic!("corruption in a closed segment must stop the start"))
+        .to_string();
+    assert!(error.contains("wal-00000000000000000001.log"), "{error}");
+}
+
 /// A request that stays open (a long exec session) does not pin the log: once it has
 /// outlived a segment its begin record is copied forward, old segments go, and a replay
 /// still finds it exactly once.
