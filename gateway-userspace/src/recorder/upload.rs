@@ -336,6 +336,14 @@ impl Uploader {
                     continue;
                 }
             };
+            if file.manifest
+                && let Err(why) = self.check_extends(&key, &file.relative, &bytes).await
+            {
+                // The other files still go; the round fails, so the failure shows.
+                tracing::error!(path = %file.path.display(), %key, reason = %why, "manifest not uploaded");
+                result = Err(why);
+                continue;
+            }
             let size = bytes.len() as u64;
             match self
                 .store
@@ -359,6 +367,45 @@ impl Uploader {
             self.stats.lag_seconds.store(0, Ordering::Relaxed);
         }
         result
+    }
+
+    /// A manifest is an append-only chain, and its uploaded copy is the evidence that is
+    /// off the node: it is only replaced by a copy that extends it. A local manifest that
+    /// does not (the node's chain was moved aside and restarted, or rewritten by someone
+    /// covering their tracks) is not uploaded over it.
+    async fn check_extends(
+        &self,
+        key: &ObjectPath,
+        relative: &str,
+        local: &[u8],
+    ) -> Result<(), String> {
+        if let Some(&uploaded) = self.confirmed.get(relative) {
+            // Uploaded by this process: the writer only appends to it since.
+            return if local.len() as u64 >= uploaded {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{key}: the local manifest ({} bytes) is shorter than the copy uploaded ({uploaded} bytes); it is not uploaded over it",
+                    local.len()
+                ))
+            };
+        }
+        let remote = match self.store.get(key).await {
+            Ok(found) => found
+                .bytes()
+                .await
+                .map_err(|e| format!("read {key} to compare: {e}"))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(format!("read {key} to compare: {e}")),
+        };
+        if manifest_extends(&remote, local) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{key}: the local manifest does not extend the copy already uploaded ({} bytes), so it is not uploaded over it; keep both, compare them with `chaperone verify`, and move the uploaded one aside to start a new chain",
+                remote.len()
+            ))
+        }
     }
 
     /// Deletes the oldest confirmed data files while the local total is over the limit.
@@ -441,4 +488,39 @@ pub async fn read_remote_tree(
 /// Hex SHA-256 and size of a local file (re-exported for tools comparing copies).
 pub fn digest(path: &Path) -> std::io::Result<(String, u64)> {
     file_digest(path)
+}
+
+/// Whether `local` extends `remote`: every complete line of the uploaded copy (one read
+/// while a line was being appended may end in part of one) starts the local manifest.
+fn manifest_extends(remote: &[u8], local: &[u8]) -> bool {
+    let complete = remote
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(&remote[..0], |end| &remote[..=end]);
+    local.starts_with(complete)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifest_extends;
+
+    #[test]
+    fn a_manifest_is_only_uploaded_over_a_copy_it_extends() {
+        let a = b"{\"seq\":1}\n".as_slice();
+        let ab = b"{\"seq\":1}\n{\"seq\":2}\n".as_slice();
+        assert!(manifest_extends(b"", ab), "nothing uploaded yet");
+        assert!(manifest_extends(a, ab), "appended to");
+        assert!(manifest_extends(ab, ab), "unchanged");
+        assert!(
+            !manifest_extends(ab, a),
+            "shorter: entries would vanish off the node"
+        );
+        assert!(
+            !manifest_extends(a, b"{\"seq\":9}\n"),
+            "a new chain over the old one"
+        );
+        // A copy read while a line was being appended: its complete lines count.
+        assert!(manifest_extends(b"{\"seq\":1}\n{\"se", ab));
+        assert!(manifest_extends(b"{\"seq\":1}\n{\"se", a));
+    }
 }
