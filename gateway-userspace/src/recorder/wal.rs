@@ -51,6 +51,11 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 /// Size of a segment, allocated (zero-filled) when it is created; a new one is started once
 /// it is full.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// How long a segment stays the one appended to once every request it began has its row
+/// published: at a few mutations an hour a segment would otherwise take days to fill, and
+/// at a start all of it is read again (and its rows checked against every Parquet file
+/// written since it was created, which retention may have deleted meanwhile).
+pub const MAX_SEGMENT_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Most appends committed at once (bounds the memory of one group commit).
 const MAX_BATCH: usize = 4096;
 
@@ -558,6 +563,17 @@ impl Wal {
         segment_bytes: u64,
         on_failure: OnFailure,
     ) -> Result<(Wal, Arc<Tracker>, std::thread::JoinHandle<()>), RecorderError> {
+        Wal::start_with(dir, next_seq, segment_bytes, MAX_SEGMENT_AGE, on_failure)
+    }
+
+    /// [`Wal::start_sized`] with another [`MAX_SEGMENT_AGE`] (tests retire segments sooner).
+    pub fn start_with(
+        dir: &Path,
+        next_seq: u64,
+        segment_bytes: u64,
+        max_age: std::time::Duration,
+        on_failure: OnFailure,
+    ) -> Result<(Wal, Arc<Tracker>, std::thread::JoinHandle<()>), RecorderError> {
         fs::create_dir_all(dir).map_err(|e| RecorderError::Directory {
             path: dir.to_path_buf(),
             source: Arc::new(e),
@@ -571,6 +587,7 @@ impl Wal {
         });
         let (jobs, rx) = mpsc::channel();
         let writer = LogWriter {
+            max_age,
             segment_bytes: segment_bytes.max(HEADER_LEN as u64 * 2),
             dir: dir.to_path_buf(),
             next_seq,
@@ -638,6 +655,7 @@ impl Wal {
 /// The open segment.
 struct OpenSegment {
     seq: u64,
+    opened: std::time::Instant,
     path: PathBuf,
     file: File,
     len: u64,
@@ -647,6 +665,8 @@ struct OpenSegment {
 
 /// The writer thread's state.
 struct LogWriter {
+    /// See [`MAX_SEGMENT_AGE`].
+    max_age: std::time::Duration,
     segment_bytes: u64,
     dir: PathBuf,
     next_seq: u64,
@@ -657,7 +677,16 @@ struct LogWriter {
 
 impl LogWriter {
     fn run(mut self, jobs: &mpsc::Receiver<Job>) {
-        while let Ok(first) = jobs.recv() {
+        let idle_check = self.max_age.min(std::time::Duration::from_secs(30));
+        loop {
+            let first = match jobs.recv_timeout(idle_check) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.retire_if_stale();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match jobs.try_recv() {
@@ -683,6 +712,7 @@ impl LogWriter {
     }
 
     fn commit(&mut self, batch: Vec<Job>) {
+        self.retire_if_stale();
         let durable = batch.iter().any(|j| j.reply.is_some());
         let bytes: usize = batch.iter().map(|j| j.bytes.len()).sum();
         let mut buf = Vec::with_capacity(bytes);
@@ -848,6 +878,23 @@ impl LogWriter {
         }
     }
 
+    /// Closes the open segment once it is older than `max_age` and every request it began
+    /// has its row published, so it is deleted; the next begin opens a new one.
+    fn retire_if_stale(&mut self) {
+        let stale = self.open.as_ref().is_some_and(|open| {
+            open.opened.elapsed() >= self.max_age
+                && self
+                    .tracker
+                    .state()
+                    .counts
+                    .get(&open.seq)
+                    .is_none_or(|n| *n == 0)
+        });
+        if stale {
+            self.close_open();
+        }
+    }
+
     fn rotate_if_full(&mut self) {
         if self
             .open
@@ -888,6 +935,7 @@ impl LogWriter {
         }
         Ok(OpenSegment {
             seq,
+            opened: std::time::Instant::now(),
             path,
             file,
             len: HEADER_LEN as u64,

@@ -279,6 +279,54 @@ async fn segments_go_once_their_rows_are_published() {
     );
 }
 
+/// A segment that is old enough and vouches for nothing any more is retired while the
+/// log runs, at a rate of mutations that would take days to fill it: idle, or before the
+/// next begin (which then opens a new one). One that still vouches for a request stays.
+#[tokio::test]
+async fn an_old_segment_that_vouches_for_nothing_is_retired() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (wal, tracker, _thread) = Wal::start_with(
+        dir.path(),
+        1,
+        wal::SEGMENT_BYTES,
+        Duration::from_millis(200),
+        no_failure(),
+    )
+    .unwrap_or_else(|e| panic!("start: {e}"));
+    let begin = async |i| {
+        wal.begin(&create_row(i))
+            .await
+            .unwrap_or_else(|e| panic!("begin: {e}"));
+    };
+    begin(0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(segments(dir.path()), 1, "it still vouches for request 0");
+    tracker.published([create_row(0).audit_id.as_str()]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(segments(dir.path()), 0, "idle and old: retired");
+    assert_eq!(tracker.stats().segments, 0);
+    // The next begin opens a new segment; once it is old and published, the begin after
+    // it retires it first.
+    begin(1).await;
+    tracker.published([create_row(1).audit_id.as_str()]);
+    assert_eq!(segments(dir.path()), 1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    begin(2).await;
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let recovery = wal::recover(dir.path()).unwrap_or_else(|e| panic!("recover: {e}"));
+    assert_eq!(
+        recovery.rows.len(),
+        1,
+        "only the request still outstanding is in the log"
+    );
+    assert_eq!(recovery.rows[0].audit_id, create_row(2).audit_id);
+}
+
 /// A log that cannot be written refuses (and reports) at once, and works again as soon as
 /// the disk does.
 #[tokio::test]
