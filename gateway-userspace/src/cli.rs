@@ -504,6 +504,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config, policies } => {
+            anyhow::ensure!(
+                config.is_some() || !policies.is_empty(),
+                "nothing to check: pass --config FILE and/or --policy FILE"
+            );
             let mut files = policies;
             if let Some(config) = config {
                 let cfg = Config::load(&config)?;

@@ -181,6 +181,9 @@ impl Default for AdminConfig {
     }
 }
 
+/// The shortest `interception.failOpenAfter`: three missed heartbeats.
+const MIN_FAIL_OPEN_AFTER: Duration = Duration::from_secs(3);
+
 /// Default port of the admin endpoint.
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 
@@ -845,6 +848,47 @@ impl Config {
                 ));
             }
         }
+        if self.interception.mode == InterceptionMode::Ebpf {
+            let i = &self.interception;
+            if i.resolve_every.is_zero() {
+                return Err(invalid(
+                    "interception.resolveEvery",
+                    "must be longer than 0s".to_owned(),
+                ));
+            }
+            // The heartbeat is written every second: a shorter window would let pods of
+            // fail-open namespaces bypass a gateway that is up.
+            if i.fail_open_after < MIN_FAIL_OPEN_AFTER {
+                return Err(invalid(
+                    "interception.failOpenAfter",
+                    format!(
+                        "must be at least {}s (the heartbeat is written every second)",
+                        MIN_FAIL_OPEN_AFTER.as_secs()
+                    ),
+                ));
+            }
+            // The scope is decided on workloads' names: without a source of names every
+            // pod stays in scope, whatever the scope says.
+            if !i.scope.is_empty()
+                && !self.identity.watch_pods
+                && self.identity.workloads.is_empty()
+            {
+                return Err(invalid(
+                    "interception.scope",
+                    "needs workloads' names to decide who is in scope: set identity.watchPods: true".to_owned(),
+                ));
+            }
+        } else if !self.listen.address.ip().is_loopback() {
+            // Without the kernel redirect, no connection carries an origin the gateway can
+            // check: anyone who reaches the port would act with the gateway's credential.
+            return Err(invalid(
+                "listen.address",
+                format!(
+                    "{} is not a loopback address; without interception (mode: none) the gateway must listen on loopback only",
+                    self.listen.address
+                ),
+            ));
+        }
         if self.interception.max_connections < 1024 {
             return Err(invalid(
                 "interception.maxConnections",
@@ -975,6 +1019,41 @@ mod tests {
              policy: allowAll\n"
         );
         (dir, yaml)
+    }
+
+    /// The configuration deploy/ ships: every key exists (unknown keys are refused).
+    #[test]
+    fn the_shipped_configuration_parses() {
+        let text = include_str!("../../deploy/config/chaperone.yaml");
+        let config: Config = serde_norway::from_str(text).unwrap();
+        assert_eq!(config.interception.scope.intercept_namespaces, ["ai-agents"]);
+        assert!(config.identity.watch_pods, "the scope needs the pods' names");
+    }
+
+    #[test]
+    fn dangerous_interception_settings_are_refused() {
+        let (_dir, yaml) = fixture();
+        let interception = "interception:\n  targets: [\"169.254.10.100:443\"]\n";
+        assert!(yaml.contains(interception));
+        for (extra, path, says) in [
+            ("  resolveEvery: 0s\n", "interception.resolveEvery", "longer than 0s"),
+            ("  failOpenAfter: 1s\n", "interception.failOpenAfter", "at least 3s"),
+            (
+                "  scope:\n    interceptNamespaces: [ai-agents]\n",
+                "interception.scope",
+                "identity.watchPods",
+            ),
+        ] {
+            let bad = yaml.replace(interception, &format!("{interception}{extra}"));
+            let err = Config::from_yaml(&bad, "c.yaml").unwrap_err().to_string();
+            assert!(err.contains(path) && err.contains(says), "{extra}: {err}");
+        }
+        // Without the redirect, only loopback.
+        let none = yaml.replace(interception, "interception:\n  mode: none\n");
+        let err = Config::from_yaml(&none, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("listen.address") && err.contains("loopback"), "{err}");
+        let local = none.replace("169.254.10.1:15443", "127.0.0.1:15443");
+        assert!(Config::from_yaml(&local, "c.yaml").is_ok());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 
 use crate::{drain::DrainWatcher, ebpf::Interceptor};
 
@@ -98,6 +98,8 @@ pub async fn target_loop(
             api,
             watcher::Config::default().fields("metadata.name=kubernetes"),
         )
+        // A refused or failing watch retries with backoff, not in a loop of LIST calls.
+        .default_backoff()
         .boxed()
     });
     let mut endpoint_slices = sources.client.clone().map(|c| {
@@ -106,6 +108,7 @@ pub async fn target_loop(
             api,
             watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
         )
+        .default_backoff()
         .boxed()
     });
     let mut tick = tokio::time::interval(sources.resolve_every);

@@ -18,10 +18,15 @@ use crate::{
     identity::{Identity, WorkloadIdentity},
 };
 
-/// The `interception.scope` section: what is *not* intercepted. Empty: everything is.
+/// The `interception.scope` section: what is intercepted. Empty: everything is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScopeConfig {
+    /// When not empty, only pods in these namespaces are intercepted (the agents'): every
+    /// other named workload connects directly. A pod not named yet stays intercepted until
+    /// it is (its early connections are relayed untouched once it is out of scope).
+    #[serde(default)]
+    pub intercept_namespaces: Vec<String>,
     /// Pods in these namespaces connect to the API server directly.
     #[serde(default)]
     pub bypass_namespaces: Vec<String>,
@@ -61,8 +66,11 @@ impl ScopeConfig {
                 .bypass_labels
                 .iter()
                 .all(|(k, v)| w.labels.get(k) == Some(v));
+        let outside = !self.intercept_namespaces.is_empty()
+            && !self.intercept_namespaces.iter().any(|n| n == ns);
         Classification {
-            bypass: self.bypass_namespaces.iter().any(|n| n == ns)
+            bypass: outside
+                || self.bypass_namespaces.iter().any(|n| n == ns)
                 || sa.is_some_and(|sa| self.bypass_service_accounts.contains(&sa))
                 || labelled,
             fail_open: self.fail_open_namespaces.iter().any(|n| n == ns),
@@ -71,7 +79,8 @@ impl ScopeConfig {
 
     /// Whether nothing is configured (the loop then has nothing to do).
     pub fn is_empty(&self) -> bool {
-        self.bypass_namespaces.is_empty()
+        self.intercept_namespaces.is_empty()
+            && self.bypass_namespaces.is_empty()
             && self.bypass_service_accounts.is_empty()
             && self.bypass_labels.is_empty()
             && self.fail_open_namespaces.is_empty()
@@ -173,12 +182,27 @@ mod tests {
     }
 
     #[test]
+    fn only_the_agents_namespaces_are_intercepted_when_listed() {
+        let scope = ScopeConfig {
+            intercept_namespaces: vec!["ai-agents".into()],
+            ..ScopeConfig::default()
+        };
+        assert!(!scope.is_empty());
+        assert!(!scope.classify(&workload("ai-agents", "cursor", &[])).bypass);
+        assert!(scope.classify(&workload("kube-system", "coredns", &[])).bypass);
+        assert!(scope.classify(&workload("monitoring", "prometheus", &[])).bypass);
+        // Not named yet: in scope, failing closed.
+        assert!(!scope.classify(&WorkloadIdentity::default()).bypass);
+    }
+
+    #[test]
     fn classification_by_namespace_service_account_and_labels() {
         let scope = ScopeConfig {
             bypass_namespaces: vec!["kube-system".into()],
             bypass_service_accounts: vec!["monitoring/prometheus".into()],
             bypass_labels: [("chaperone.dev/intercept".to_owned(), "false".to_owned())].into(),
             fail_open_namespaces: vec!["ci".into()],
+            ..ScopeConfig::default()
         };
         let cases = [
             (workload("kube-system", "default", &[]), true, false),
