@@ -1026,8 +1026,14 @@ mod tests {
     fn the_shipped_configuration_parses() {
         let text = include_str!("../../deploy/config/chaperone.yaml");
         let config: Config = serde_norway::from_str(text).unwrap();
-        assert_eq!(config.interception.scope.intercept_namespaces, ["ai-agents"]);
-        assert!(config.identity.watch_pods, "the scope needs the pods' names");
+        assert_eq!(
+            config.interception.scope.intercept_namespaces,
+            ["ai-agents"]
+        );
+        assert!(
+            config.identity.watch_pods,
+            "the scope needs the pods' names"
+        );
     }
 
     #[test]
@@ -1036,8 +1042,16 @@ mod tests {
         let interception = "interception:\n  targets: [\"169.254.10.100:443\"]\n";
         assert!(yaml.contains(interception));
         for (extra, path, says) in [
-            ("  resolveEvery: 0s\n", "interception.resolveEvery", "longer than 0s"),
-            ("  failOpenAfter: 1s\n", "interception.failOpenAfter", "at least 3s"),
+            (
+                "  resolveEvery: 0s\n",
+                "interception.resolveEvery",
+                "longer than 0s",
+            ),
+            (
+                "  failOpenAfter: 1s\n",
+                "interception.failOpenAfter",
+                "at least 3s",
+            ),
             (
                 "  scope:\n    interceptNamespaces: [ai-agents]\n",
                 "interception.scope",
@@ -1051,7 +1065,10 @@ mod tests {
         // Without the redirect, only loopback.
         let none = yaml.replace(interception, "interception:\n  mode: none\n");
         let err = Config::from_yaml(&none, "c.yaml").unwrap_err().to_string();
-        assert!(err.contains("listen.address") && err.contains("loopback"), "{err}");
+        assert!(
+            err.contains("listen.address") && err.contains("loopback"),
+            "{err}"
+        );
         let local = none.replace("169.254.10.1:15443", "127.0.0.1:15443");
         assert!(Config::from_yaml(&local, "c.yaml").is_ok());
     }

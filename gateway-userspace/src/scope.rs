@@ -189,8 +189,16 @@ mod tests {
         };
         assert!(!scope.is_empty());
         assert!(!scope.classify(&workload("ai-agents", "cursor", &[])).bypass);
-        assert!(scope.classify(&workload("kube-system", "coredns", &[])).bypass);
-        assert!(scope.classify(&workload("monitoring", "prometheus", &[])).bypass);
+        assert!(
+            scope
+                .classify(&workload("kube-system", "coredns", &[]))
+                .bypass
+        );
+        assert!(
+            scope
+                .classify(&workload("monitoring", "prometheus", &[]))
+                .bypass
+        );
         // Not named yet: in scope, failing closed.
         assert!(!scope.classify(&WorkloadIdentity::default()).bypass);
     }

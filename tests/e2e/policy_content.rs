@@ -291,6 +291,47 @@ async fn content_and_exec_rules_hold_with_real_clients() {
         !stored.to_string().contains("privileged"),
         "no denied patch reached the store: {stored}"
     );
+    // A JSON patch that tests a value is never dry-run: the dry run's answer (a 422 or
+    // not) would tell whether a guess is the stored value, whatever masking hides. A right
+    // and a wrong guess get the same refusal.
+    let dry_runs_before = stack
+        .apiserver
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("dryRun=All"))
+        .count();
+    for guess in ["registry.example.com/web:1", "nginx:wrong"] {
+        let test_patch = format!(
+            r#"[{{"op":"test","path":"/spec/template/spec/containers/0/image","value":"{guess}"}}]"#
+        );
+        let out = kubectl(
+            &stack,
+            &[
+                "patch",
+                "deployment",
+                "web",
+                "--type=json",
+                "-p",
+                &test_patch,
+            ],
+        )
+        .await;
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            !out.status.success() && said.contains("not tried on the API server"),
+            "a test operation ({guess}) must be refused without a dry run: {said}"
+        );
+    }
+    let dry_runs_after = stack
+        .apiserver
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("dryRun=All"))
+        .count();
+    assert_eq!(
+        dry_runs_before, dry_runs_after,
+        "no dry run of a test operation"
+    );
     // A harmless patch passes (its dry run is allowed, then the real request goes through).
     ok(
         &stack,

@@ -250,9 +250,19 @@ rules:
             assert_eq!(d.action, Action::Mask, "{uri}");
             assert_eq!(names(&d), ["mask-everything-in-prod"], "{uri}");
         }
-        // Another namespace's do not.
-        let d = decide_on(&p, "GET", "/api/v1/namespaces/dev/configmaps");
-        assert_eq!((d.action, d.masking.is_none()), (Action::Allow, true));
+        // Another namespace's do not, nor a request on one cluster-scoped object.
+        for uri in [
+            "/api/v1/namespaces/dev/configmaps",
+            "/api/v1/nodes/node-1",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/x.example.com",
+        ] {
+            let d = decide_on(&p, "GET", uri);
+            assert_eq!(
+                (d.action, d.masking.is_none()),
+                (Action::Allow, true),
+                "{uri}"
+            );
+        }
 
         let p = load(
             r#"default: allow

@@ -362,13 +362,18 @@ impl Compiled {
             // across all namespaces, or one without a name, can return the objects it
             // names, which must not come back unmasked. (Allow and deny keep RBAC's
             // reading: a rule for namespace `prod` is not a rule for the whole cluster.)
+            // Only a collection read or delete spans namespaces; a request on a cluster-scoped
+            // resource also has no namespace, and its list (of nodes, say) is widened too:
+            // without discovery the two look alike.
             let widen = rule.action == Action::Mask;
+            let across = widen
+                && req.namespace.is_empty()
+                && req.name.is_empty()
+                && matches!(req.verb, Verb::List | Verb::Watch | Verb::DeleteCollection);
             let ns_ok = match &rule.namespaces {
                 NamespaceSet::Any => true,
-                NamespaceSet::AnyNamespaced => widen || !req.namespace.is_empty(),
-                NamespaceSet::Of(ids) => {
-                    (widen && req.namespace.is_empty()) || ns.is_some_and(|id| ids.contains(&id))
-                }
+                NamespaceSet::AnyNamespaced => across || !req.namespace.is_empty(),
+                NamespaceSet::Of(ids) => across || ns.is_some_and(|id| ids.contains(&id)),
             };
             if !ns_ok {
                 return false;

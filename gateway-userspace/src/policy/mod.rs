@@ -218,12 +218,13 @@
 //! than an allow or deny rule of the same shape: a mask rule with any of `get`, `list`
 //! or `watch` also masks the others and the writes that answer with the object (`create`,
 //! `update`, `patch`, `delete`, `deletecollection`, dry runs included); one with
-//! `namespaces` also masks lists and watches across all namespaces (which return those
-//! namespaces' objects among the others, all masked alike); one with `resourceNames`
-//! also masks requests without a name (lists, watches, creates). Allow and deny rules
-//! keep RBAC's reading: a deny rule for namespace `prod` does not deny
-//! `kubectl get secrets -A`, so to keep a resource from being read at all, deny it without
-//! `namespaces`.
+//! `namespaces` also masks lists, watches and collection deletes across all namespaces
+//! (which return those namespaces' objects among the others, all masked alike; lists of
+//! cluster-scoped resources look the same to the gateway and are masked too); one with
+//! `resourceNames` also masks requests without a name (lists, watches, creates). Allow
+//! and deny rules keep RBAC's reading: a deny rule for namespace `prod` does not deny
+//! `kubectl get secrets -A`, so to keep a resource from being read at all, deny it
+//! without `namespaces`.
 //!
 //! A mask rule's settings are the top-level `masking` with the rule's own `masking` over
 //! it: `secrets`, `envNames` and `detectors` set in the rule replace the top level's;

@@ -409,7 +409,8 @@ pub(crate) fn json_patch_reveals(inspected: &Inspected) -> Option<String> {
     }
     let Some(Value::Array(ops)) = &inspected.object else {
         return Some(
-            "chaperone: this request's answer is masked, and its JSON patch could not be read              whole to check that it only adds, removes or replaces values"
+            "chaperone: this request's answer is masked, and its JSON patch could not be read \
+             whole to check that it only adds, removes or replaces values"
                 .to_owned(),
         );
     };
@@ -417,7 +418,9 @@ pub(crate) fn json_patch_reveals(inspected: &Inspected) -> Option<String> {
         let name = op.get("op").and_then(Value::as_str);
         (!matches!(name, Some("add" | "remove" | "replace"))).then(|| {
             format!(
-                "chaperone: this request's answer is masked, so its JSON patch may only add,                  remove or replace values; operation {i} is {}, which could copy, move or test                  a masked value; send a merge patch or only add, remove and replace",
+                "chaperone: this request's answer is masked, so its JSON patch may only add, \
+                 remove or replace values; operation {i} is {}, which could copy, move or test \
+                 a masked value; send a merge patch or only add, remove and replace",
                 name.map_or_else(|| "not a named operation".to_owned(), |n| format!("`{n}`"))
             )
         })

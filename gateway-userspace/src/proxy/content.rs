@@ -34,6 +34,8 @@ pub(super) struct RequestContent<'a> {
     pub(super) object: Option<&'a Value>,
     /// Why there is no decoded body, when there should be one.
     pub(super) missing: Option<&'a str>,
+    /// Why the request must not be tried on the API server as a dry run, when it must not.
+    pub(super) no_dry_run: Option<&'a str>,
 }
 
 /// A fetched object, or why it could not be.
@@ -118,6 +120,9 @@ impl Proxy {
 
     /// The object a patch would store: the same request upstream with `dryRun=All`.
     async fn dry_run(&self, req: &RequestContent<'_>, extensions: &http::Extensions) -> Fetched {
+        if let Some(why) = req.no_dry_run {
+            return Fetched::Failed(why.to_owned());
+        }
         let Some(body) = req.body else {
             return Fetched::Failed(
                 req.missing

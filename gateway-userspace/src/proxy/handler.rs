@@ -281,6 +281,15 @@ impl Proxy {
                         i.truncated
                             .then_some("the request body is larger than the gateway inspects")
                     }),
+                    // A `test` operation's dry run answers whether a guessed value is the
+                    // stored one (422 or not), whatever masking then hides.
+                    no_dry_run: inspected
+                        .as_ref()
+                        .and_then(body::json_patch_reveals)
+                        .map(|_| {
+                            "a JSON patch that copies, moves or tests values is not tried on \
+                             the API server (its answer could reveal values masking hides)"
+                        }),
                 };
                 // Rare paths are boxed (here and below) so that the state machine of
                 // every request, allocated and moved on each request, stays small.
@@ -342,7 +351,8 @@ impl Proxy {
             return self.local_response(forbidden_status(&info, &why), record, &audit_id);
         }
         let mut decision = decision;
-        if decision.action == Action::Approve {
+        let approved = decision.action == Action::Approve;
+        if approved {
             let (body, summary) = held_body.unwrap_or_default();
             if let Err(refused) = Box::pin(self.hold_for_approval(
                 &info,
@@ -455,6 +465,7 @@ impl Proxy {
                     principal: crate::identity::Principal::clone(&principal),
                     exec: exec.clone(),
                     masking: decision.masking.clone(),
+                    approved,
                 },
                 &self.draining,
                 &audit_id,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     identity::{WorkloadIdentity, principal::Principal},
     masking::objects::Masker,
-    policy::{Policy, RequestContext, decide},
+    policy::{Action, Policy, RequestContext, decide},
     request::{ExecRequest, RequestInfo},
 };
 
@@ -29,6 +29,25 @@ pub(crate) struct LiveRequest {
     /// The masking the stream was decided with: a reload that masks it differently ends
     /// it (what it already sent was masked the old way, and what follows would be too).
     pub(crate) masking: Option<Arc<Masker>>,
+    /// A person approved it (its rule was `approve`): a reload that still asks for approval
+    /// leaves it open, as one that still allows it.
+    pub(crate) approved: bool,
+}
+
+impl LiveRequest {
+    /// Whether `new` masks this stream as its masking does: a port-forward is never
+    /// masked, exec, attach and followed logs only by the credential detectors, a watch
+    /// by everything.
+    fn masked_alike(&self, new: Option<&Masker>) -> bool {
+        let old = self.masking.as_deref();
+        match (self.info.resource.as_str(), self.info.subresource.as_str()) {
+            ("pods", "portforward") => true,
+            ("pods", "exec" | "attach" | "log") => {
+                old.and_then(Masker::stream_detectors) == new.and_then(Masker::stream_detectors)
+            }
+            _ => old == new,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -123,9 +142,11 @@ impl LiveStreams {
                 .with_principal(&r.principal)
                 .with_exec(r.exec.as_ref(), false);
             let decision = decide(policy, &ctx);
-            let why = if !decision.is_allowed() {
+            let allowed =
+                decision.is_allowed() || (r.approved && decision.action == Action::Approve);
+            let why = if !allowed {
                 "the reloaded policy denies an open stream; closing it"
-            } else if decision.masking.as_deref() != r.masking.as_deref() {
+            } else if !r.masked_alike(decision.masking.as_deref()) {
                 // A stream cannot change masking midway: it ends, and the client's
                 // reconnect is masked by the new policy.
                 "the reloaded policy masks an open stream differently; closing it"
@@ -164,6 +185,7 @@ mod tests {
             principal: Principal::anonymous(),
             exec,
             masking: None,
+            approved: false,
         }
     }
 
@@ -218,6 +240,65 @@ mod tests {
         assert_eq!(registry.len(), 1, "ended streams unregister");
         drain.cancel();
         assert!(pods.stop.is_cancelled(), "the drain stops every stream");
+    }
+
+    /// A stream ends only for a masking change that touches it: a port-forward is never
+    /// masked, an exec only by the detectors. An approved session stays open under a
+    /// policy that still asks for approval; one that was never approved does not.
+    #[test]
+    fn a_reload_ends_only_the_streams_its_masking_or_approval_changes_touch() {
+        const MASK_ALL: &str =
+            "  - name: mask-all\n    action: mask\n    verbs: ['*']\n    resources: ['*']\n";
+        let before = policy(MASK_ALL);
+        let paths = policy(&format!(
+            "{MASK_ALL}    masking: {{paths: [{{resources: [widgets], fields: [.spec.x]}}]}}\n"
+        ));
+        let registry = Arc::new(LiveStreams::default());
+        let drain = CancellationToken::new();
+        let register = |policy: &Policy, uri: &str, approved: bool| {
+            let mut request = live("GET", uri);
+            request.masking = decide(policy, &RequestContext::new(&request.info)).masking;
+            request.approved = approved;
+            registry.register(request, &drain, "x")
+        };
+        let forward = register(
+            &before,
+            "/api/v1/namespaces/d/pods/p/portforward?ports=80",
+            false,
+        );
+        let exec = register(
+            &before,
+            "/api/v1/namespaces/d/pods/p/exec?command=ls",
+            false,
+        );
+        let watch = register(&before, "/api/v1/namespaces/d/configmaps?watch=1", false);
+        assert_eq!(
+            registry.recheck(&paths),
+            1,
+            "only the watch is masked by paths"
+        );
+        assert!(watch.stop.is_cancelled());
+        assert!(!forward.stop.is_cancelled() && !exec.stop.is_cancelled());
+
+        const APPROVE: &str = "  - name: approve-exec\n    action: approve\n    verbs: ['*']\n    resources: [pods/exec]\n    approval: {approvers: {groups: [sre]}}\n";
+        let approve = policy(APPROVE);
+        let registry = Arc::new(LiveStreams::default());
+        let register = |approved: bool| {
+            let mut request = live("GET", "/api/v1/namespaces/d/pods/p/exec?command=ls");
+            request.approved = approved;
+            registry.register(request, &drain, "y")
+        };
+        let approved = register(true);
+        let unapproved = register(false);
+        assert_eq!(registry.recheck(&approve), 1);
+        assert!(
+            unapproved.stop.is_cancelled(),
+            "now needs an approval it never had"
+        );
+        assert!(
+            !approved.stop.is_cancelled(),
+            "approved, and still approvable"
+        );
     }
 
     #[test]

@@ -62,8 +62,8 @@ impl RequestBytes {
 /// drops the handler's future when the client goes away (an HTTP/2 stream reset, a closed
 /// connection: kubectl's timeouts and Ctrl-C do both), and with it whatever the future
 /// holds; a row held in a plain box would vanish, leaving no trace of the request. This
-/// one is written as it is when dropped: `cancelled`, or `unknown` once the request may
-/// have reached the API server.
+/// one is written as it is when dropped: `cancelled`, `unknown` once a write may have
+/// reached the API server, or `forwarded` once the API server has answered.
 pub(super) struct Row<'p> {
     record: Option<Box<RequestRecord>>,
     proxy: &'p Proxy,
@@ -117,7 +117,11 @@ impl Drop for Row<'_> {
         let Some(mut record) = self.record.take() else {
             return;
         };
-        let why = if self.may_have_applied {
+        let why = if record.response_code != 0 {
+            // The API server answered (the outcome says so already); the client left while
+            // the answer was being masked.
+            "the client went away before the API server's answer was relayed"
+        } else if self.may_have_applied {
             record.outcome = Outcome::Unknown;
             "the client went away before the API server answered, so whether the API server \
              applied the request is not known"
@@ -255,10 +259,10 @@ impl Drop for RecordGuard {
                     return;
                 }
                 let (recorder, metrics) = (recorder.clone(), metrics.clone());
-                recorder.backlog_add(1);
+                let waiting = Waiting::new(&recorder, 1);
                 recorder.clone().spawn(async move {
                     finished.send(&recorder, &metrics).await;
-                    recorder.backlog_done(1);
+                    drop(waiting);
                 });
             }
         }
@@ -361,14 +365,37 @@ impl RowBatch {
         // Counted until queued: a writer that does not keep up makes recording behind (and
         // requests refused) instead of these tasks piling up without bound. Counted down
         // once per batch: the count shares a cache line with the flag every request reads.
-        let n = rows.len() as u64;
-        recorder.backlog_add(n);
+        let waiting = Waiting::new(&recorder, rows.len() as u64);
         self.recorder.spawn(async move {
             for row in rows {
                 row.send(&recorder, &metrics).await;
             }
-            recorder.backlog_done(n);
+            drop(waiting);
         });
+    }
+}
+
+/// Rows counted as waiting for the recorder's queue until dropped: when they are queued,
+/// or when the task carrying them ends any other way (a panic, a runtime shutting down),
+/// so the count never drifts up into recording being behind for good.
+struct Waiting {
+    recorder: RecorderHandle,
+    rows: u64,
+}
+
+impl Waiting {
+    fn new(recorder: &RecorderHandle, rows: u64) -> Self {
+        recorder.backlog_add(rows);
+        Self {
+            recorder: recorder.clone(),
+            rows,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.recorder.backlog_done(self.rows);
     }
 }
 

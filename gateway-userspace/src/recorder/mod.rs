@@ -630,8 +630,6 @@ impl RecorderHandle {
         self.record_boxed(Box::new(row)).await
     }
 
-    /// [`RecorderHandle::record`] of a row already boxed: it reaches the writer without
-    /// being copied again.
     /// `rows` finished rows are on their way to [`RecorderHandle::record_boxed`], which
     /// may wait for room in the queue: counted until [`RecorderHandle::backlog_done`], so
     /// that rows piling up outside the queue make recording *behind*.
@@ -661,6 +659,8 @@ impl RecorderHandle {
         tracing::error!(audit_id = %row.audit_id, "recording row lost: recording is too far behind to hold it");
     }
 
+    /// [`RecorderHandle::record`] of a row already boxed: it reaches the writer without
+    /// being copied again.
     pub async fn record_boxed(&self, row: Box<RequestRecord>) -> Result<(), RecorderError> {
         // The final row of a begun request goes to the log first: should it never reach a
         // Parquet file, the replay still knows the outcome.
@@ -680,8 +680,9 @@ impl RecorderHandle {
 
     /// Makes `row` durable in the write-ahead log before its request is forwarded (a
     /// no-op without a log). `Err` means the request must not be forwarded: refuse it.
-    /// If the caller is dropped while waiting, the request is recorded as not forwarded,
-    /// so the log does not keep vouching for it.
+    /// A caller dropped while waiting (the client went away) still writes the request's
+    /// row (the proxy's `Row` does, as `cancelled`), whose publication ends the log's
+    /// vouching for it.
     pub async fn begin(&self, row: &RequestRecord) -> Result<(), RecorderError> {
         let Some(wal) = &self.wal else {
             return Ok(());
@@ -689,13 +690,7 @@ impl RecorderHandle {
         if let Some(error) = self.shared.current_error() {
             return Err(error);
         }
-        let mut cancelled = CancelledBegin {
-            handle: self,
-            row: Some(row),
-        };
-        let result = wal.begin(row).await;
-        cancelled.row = None;
-        result
+        wal.begin(row).await
     }
 
     /// Shows an uploader's counters in the health report and metrics.
@@ -809,31 +804,6 @@ impl RecorderStatus {
                 pending: u.pending.load(Ordering::Relaxed),
             }),
         }
-    }
-}
-
-/// Records a begun request as not forwarded when its [`RecorderHandle::begin`] is dropped
-/// before it returned (the client went away while the log synced).
-struct CancelledBegin<'a> {
-    handle: &'a RecorderHandle,
-    row: Option<&'a RequestRecord>,
-}
-
-impl Drop for CancelledBegin<'_> {
-    fn drop(&mut self) {
-        let Some(row) = self.row.take() else {
-            return;
-        };
-        let mut row = row.clone();
-        row.outcome = Outcome::Invalid;
-        row.reason = Some("the client went away before the request was forwarded".into());
-        let handle = self.handle.clone();
-        self.handle.spawn(async move {
-            let audit_id = row.audit_id.clone();
-            if let Err(error) = handle.record(row).await {
-                tracing::error!(%audit_id, %error, "request could not be recorded");
-            }
-        });
     }
 }
 
@@ -1061,8 +1031,10 @@ impl Coordinator {
                 // Fail closed: with the writer gone nothing more is written, so every
                 // request that must be recorded is refused from now on, and /readyz,
                 // `recording_up` and `chaperone status` say so.
-                self.shared
-                    .set_down(RecorderError::TaskLost("recorder writer thread"));
+                if !self.shared.is_down() {
+                    self.shared
+                        .set_down(RecorderError::TaskLost("recorder writer thread"));
+                }
                 rows.close();
                 break;
             }
@@ -1087,6 +1059,12 @@ impl Coordinator {
         let result = done
             .await
             .unwrap_or(Err(RecorderError::TaskLost("recorder writer thread")));
+        if let Err(error) = &result
+            && self.shared.is_down()
+        {
+            // The writer's own account of why it stopped, rather than that it did.
+            self.shared.set_down(error.clone());
+        }
         match &result {
             Ok(stats) => tracing::info!(
                 rows = stats.rows,

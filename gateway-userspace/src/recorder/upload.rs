@@ -30,6 +30,7 @@ use object_store::client::{
 };
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutPayload, RetryConfig};
+use sha2::{Digest as _, Sha256};
 
 use super::manifest::{MANIFEST_DIR, Tree, file_digest};
 use crate::drain::DrainWatcher;
@@ -239,6 +240,9 @@ pub struct Uploader {
     stats: Arc<UploadStats>,
     /// Confirmed copies: relative path -> size.
     confirmed: HashMap<String, u64>,
+    /// Of each manifest uploaded by this process: the SHA-256 of what was uploaded, which
+    /// the local manifest must still start with before it goes up again.
+    manifest_digests: HashMap<String, [u8; 32]>,
 }
 
 impl std::fmt::Debug for Uploader {
@@ -264,6 +268,7 @@ impl Uploader {
             store,
             stats: Arc::new(UploadStats::default()),
             confirmed: HashMap::new(),
+            manifest_digests: HashMap::new(),
         })
     }
 
@@ -345,6 +350,7 @@ impl Uploader {
                 continue;
             }
             let size = bytes.len() as u64;
+            let digest: Option<[u8; 32]> = file.manifest.then(|| Sha256::digest(&bytes).into());
             match self
                 .store
                 .put(&key, PutPayload::from(Bytes::from(bytes)))
@@ -352,6 +358,9 @@ impl Uploader {
             {
                 Ok(_) => {
                     self.confirmed.insert(file.relative.clone(), size);
+                    if let Some(digest) = digest {
+                        self.manifest_digests.insert(file.relative.clone(), digest);
+                    }
                     self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes.fetch_add(size, Ordering::Relaxed);
                 }
@@ -379,13 +388,16 @@ impl Uploader {
         relative: &str,
         local: &[u8],
     ) -> Result<(), String> {
-        if let Some(&uploaded) = self.confirmed.get(relative) {
-            // Uploaded by this process: the writer only appends to it since.
-            return if local.len() as u64 >= uploaded {
+        if let (Some(&uploaded), Some(digest)) = (
+            self.confirmed.get(relative),
+            self.manifest_digests.get(relative),
+        ) {
+            // Uploaded by this process: what went up must still start the local copy.
+            return if starts_with_uploaded(local, uploaded, digest) {
                 Ok(())
             } else {
                 Err(format!(
-                    "{key}: the local manifest ({} bytes) is shorter than the copy uploaded ({uploaded} bytes); it is not uploaded over it",
+                    "{key}: the local manifest ({} bytes) no longer starts with the {uploaded} bytes uploaded; it is not uploaded over them",
                     local.len()
                 ))
             };
@@ -490,6 +502,14 @@ pub fn digest(path: &Path) -> std::io::Result<(String, u64)> {
     file_digest(path)
 }
 
+/// Whether `local` still starts with the `len` bytes whose SHA-256 is `digest`.
+fn starts_with_uploaded(local: &[u8], len: u64, digest: &[u8; 32]) -> bool {
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| local.get(..n))
+        .is_some_and(|start| <[u8; 32]>::from(Sha256::digest(start)) == *digest)
+}
+
 /// Whether `local` extends `remote`: every complete line of the uploaded copy (one read
 /// while a line was being appended may end in part of one) starts the local manifest.
 fn manifest_extends(remote: &[u8], local: &[u8]) -> bool {
@@ -502,7 +522,29 @@ fn manifest_extends(remote: &[u8], local: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::manifest_extends;
+    use sha2::{Digest as _, Sha256};
+
+    use super::{manifest_extends, starts_with_uploaded};
+
+    #[test]
+    fn a_manifest_uploaded_by_this_process_must_still_start_the_local_one() {
+        let uploaded = b"{\"seq\":1}\n".as_slice();
+        let digest: [u8; 32] = Sha256::digest(uploaded).into();
+        let len = uploaded.len() as u64;
+        assert!(starts_with_uploaded(
+            b"{\"seq\":1}\n{\"seq\":2}\n",
+            len,
+            &digest
+        ));
+        assert!(starts_with_uploaded(uploaded, len, &digest));
+        // Rewritten to the same length or longer: refused.
+        assert!(!starts_with_uploaded(
+            b"{\"seq\":9}\n{\"seq\":2}\n",
+            len,
+            &digest
+        ));
+        assert!(!starts_with_uploaded(b"{\"seq\":", len, &digest));
+    }
 
     #[test]
     fn a_manifest_is_only_uploaded_over_a_copy_it_extends() {

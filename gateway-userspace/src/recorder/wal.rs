@@ -51,9 +51,8 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 /// Size of a segment, allocated (zero-filled) when it is created; a new one is started once
 /// it is full.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-/// How long a segment stays the one appended to once every request it began has its row
-/// published: at a few mutations an hour a segment would otherwise take days to fill, and
-/// at a start all of it is read again (and its rows checked against every Parquet file
+/// How long a segment stays the one appended to: at a few mutations an hour a segment
+/// would otherwise take days to fill, and at a start all of it is read again (and its rows checked against every Parquet file
 /// written since it was created, which retention may have deleted meanwhile).
 pub const MAX_SEGMENT_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Most appends committed at once (bounds the memory of one group commit).
@@ -878,19 +877,16 @@ impl LogWriter {
         }
     }
 
-    /// Closes the open segment once it is older than `max_age` and every request it began
-    /// has its row published, so it is deleted; the next begin opens a new one.
+    /// Closes the open segment once it is older than `max_age`: it is deleted as soon as
+    /// every request it began has its row published, and begins still open then (a long
+    /// session, a row that was lost) are carried into a later segment like those of a full
+    /// one, so none pins a segment that keeps growing. The next begin opens a new one.
     fn retire_if_stale(&mut self) {
-        let stale = self.open.as_ref().is_some_and(|open| {
-            open.opened.elapsed() >= self.max_age
-                && self
-                    .tracker
-                    .state()
-                    .counts
-                    .get(&open.seq)
-                    .is_none_or(|n| *n == 0)
-        });
-        if stale {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|open| open.opened.elapsed() >= self.max_age)
+        {
             self.close_open();
         }
     }

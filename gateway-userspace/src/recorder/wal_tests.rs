@@ -327,6 +327,51 @@ async fn an_old_segment_that_vouches_for_nothing_is_retired() {
     assert_eq!(recovery.rows[0].audit_id, create_row(2).audit_id);
 }
 
+/// A begin whose row never comes (a long session, a lost row) does not pin an old
+/// segment that keeps taking new begins: the segment is retired by age all the same, and
+/// the begin is carried forward while the old segments go.
+#[tokio::test]
+async fn an_open_request_does_not_keep_an_old_segment_growing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (wal, tracker, _thread) = Wal::start_with(
+        dir.path(),
+        1,
+        wal::SEGMENT_BYTES,
+        Duration::from_millis(200),
+        no_failure(),
+    )
+    .unwrap_or_else(|e| panic!("start: {e}"));
+    for i in 0..3 {
+        wal.begin(&create_row(i))
+            .await
+            .unwrap_or_else(|e| panic!("begin: {e}"));
+        if i > 0 {
+            tracker.published([create_row(i).audit_id.as_str()]);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wal.begin(&create_row(3))
+        .await
+        .unwrap_or_else(|e| panic!("begin: {e}"));
+    assert!(
+        segments(dir.path()) <= 2,
+        "old segments go: {}",
+        segments(dir.path())
+    );
+    let recovery = wal::recover(dir.path()).unwrap_or_else(|e| panic!("recover: {e}"));
+    let ids: Vec<&str> = recovery.rows.iter().map(|r| r.audit_id.as_str()).collect();
+    for i in [0, 3] {
+        assert!(
+            ids.contains(&create_row(i).audit_id.as_str()),
+            "request {i}: {ids:?}"
+        );
+    }
+    assert!(
+        !ids.contains(&create_row(1).audit_id.as_str()),
+        "request 1's segment went: {ids:?}"
+    );
+}
+
 /// A log that cannot be written refuses (and reports) at once, and works again as soon as
 /// the disk does.
 #[tokio::test]
