@@ -294,12 +294,15 @@ async fn content_and_exec_rules_hold_with_real_clients() {
     // A JSON patch that tests a value is never dry-run: the dry run's answer (a 422 or
     // not) would tell whether a guess is the stored value, whatever masking hides. A right
     // and a wrong guess get the same refusal.
-    let dry_runs_before = stack
-        .apiserver
-        .requests()
-        .iter()
-        .filter(|r| r.path_and_query.contains("dryRun=All"))
-        .count();
+    let dry_runs = |stack: &Stack| {
+        stack
+            .apiserver
+            .requests()
+            .iter()
+            .filter(|r| r.path_and_query.contains("dryRun=All"))
+            .count()
+    };
+    let dry_runs_before = dry_runs(&stack);
     for guess in ["registry.example.com/web:1", "nginx:wrong"] {
         let test_patch = format!(
             r#"[{{"op":"test","path":"/spec/template/spec/containers/0/image","value":"{guess}"}}]"#
@@ -322,12 +325,7 @@ async fn content_and_exec_rules_hold_with_real_clients() {
             "a test operation ({guess}) must be refused without a dry run: {said}"
         );
     }
-    let dry_runs_after = stack
-        .apiserver
-        .requests()
-        .iter()
-        .filter(|r| r.path_and_query.contains("dryRun=All"))
-        .count();
+    let dry_runs_after = dry_runs(&stack);
     assert_eq!(
         dry_runs_before, dry_runs_after,
         "no dry run of a test operation"

@@ -279,20 +279,25 @@ async fn segments_go_once_their_rows_are_published() {
     );
 }
 
+/// A log whose open segment is retired after 200 ms.
+fn aging_wal(dir: &Path) -> (Wal, Arc<wal::Tracker>, std::thread::JoinHandle<()>) {
+    Wal::start_with(
+        dir,
+        1,
+        wal::SEGMENT_BYTES,
+        Duration::from_millis(200),
+        no_failure(),
+    )
+    .unwrap_or_else(|e| panic!("start: {e}"))
+}
+
 /// A segment that is old enough and vouches for nothing any more is retired while the
 /// log runs, at a rate of mutations that would take days to fill it: idle, or before the
 /// next begin (which then opens a new one). One that still vouches for a request stays.
 #[tokio::test]
 async fn an_old_segment_that_vouches_for_nothing_is_retired() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (wal, tracker, _thread) = Wal::start_with(
-        dir.path(),
-        1,
-        wal::SEGMENT_BYTES,
-        Duration::from_millis(200),
-        no_failure(),
-    )
-    .unwrap_or_else(|e| panic!("start: {e}"));
+    let (wal, tracker, _thread) = aging_wal(dir.path());
     let begin = async |i| {
         wal.begin(&create_row(i))
             .await
@@ -333,14 +338,7 @@ async fn an_old_segment_that_vouches_for_nothing_is_retired() {
 #[tokio::test]
 async fn an_open_request_does_not_keep_an_old_segment_growing() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (wal, tracker, _thread) = Wal::start_with(
-        dir.path(),
-        1,
-        wal::SEGMENT_BYTES,
-        Duration::from_millis(200),
-        no_failure(),
-    )
-    .unwrap_or_else(|e| panic!("start: {e}"));
+    let (wal, tracker, _thread) = aging_wal(dir.path());
     for i in 0..3 {
         wal.begin(&create_row(i))
             .await
