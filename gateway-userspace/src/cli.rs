@@ -520,6 +520,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                     .with_context(|| format!("checking {}", config.display()))?;
                 }
+                // The keys `run` loads at start, after the redirect is attached: a key that
+                // does not load there takes the node's agents down with it.
+                if let Some(approval) = &cfg.approval {
+                    crate::approval::seal::SealKey::from_file(&approval.seal_key_file).map_err(
+                        |e| {
+                            anyhow::anyhow!(
+                                "checking {}: approval.sealKeyFile: {e}",
+                                config.display()
+                            )
+                        },
+                    )?;
+                }
+                if let Some(key) = &cfg.recording.signing_key_file {
+                    crate::recorder::manifest::load_signing_key(key).map_err(|e| {
+                        anyhow::anyhow!(
+                            "checking {}: recording.signingKeyFile: {e}",
+                            config.display()
+                        )
+                    })?;
+                }
                 println!("{}: ok", config.display());
                 match &cfg.policy {
                     Some(PolicyConfig::File(file)) => files.push(file.clone()),

@@ -182,6 +182,42 @@ fn check_loads_the_ca_key_in_the_formats_clusters_use() {
     );
 }
 
+/// `check` loads the keys `run` would load at start: a manifest signing key that does
+/// not load is found before a node's gateway fails on it.
+#[test]
+fn check_loads_the_signing_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (ca, key) = gateway_userspace::tls::CertificateAuthority::generate("check-ca").expect("ca");
+    std::fs::write(d.join("ca.crt"), ca.cert_pem()).expect("ca.crt");
+    std::fs::write(d.join("ca.key"), key).expect("ca.key");
+    std::fs::write(d.join("token"), "t").expect("token");
+    std::fs::write(d.join("signing.pem"), "not a key").expect("signing key");
+    let config = d.join("chaperone.yaml");
+    let p = d.display();
+    std::fs::write(
+        &config,
+        format!(
+            "listen:\n  address: 127.0.0.1:15443\ninterception:\n  mode: none\n\
+             upstream:\n  url: https://127.0.0.1:6443\n  caFile: {p}/ca.crt\n  tokenFile: {p}/token\n\
+             tls:\n  caCertFile: {p}/ca.crt\n  caKeyFile: {p}/ca.key\n\
+             recording:\n  dir: {p}/rec\n  signingKeyFile: {p}/signing.pem\npolicy: allowAll\n"
+        ),
+    )
+    .expect("config");
+    let out = chaperone(&["check", "--config", config.to_str().expect("utf-8 path")]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("recording.signingKeyFile") && stderr.contains("ed25519"),
+        "{stderr}"
+    );
+    let out = chaperone(&["check"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nothing to check"), "{stderr}");
+}
+
 /// The released binary is the product alone: no demo, no test server.
 #[test]
 fn the_binary_ships_no_test_code() {
