@@ -111,6 +111,7 @@ async fn one(env: &Env, i: u64) -> Duration {
                 namespace: "agents".into(),
                 pod: "agent-0".into(),
                 service_account: None,
+                uid: None,
             },
             principal: None,
             method: "PATCH",

@@ -145,6 +145,7 @@ fn request<'a>(approval: &'a Approval, pod: &str, body: &'a [u8]) -> HoldRequest
             namespace: "agents".into(),
             pod: pod.into(),
             service_account: Some("agent".into()),
+            uid: None,
         },
         principal: Some("system:serviceaccount:agents:agent".into()),
         method: "PATCH",
@@ -370,6 +371,116 @@ async fn a_grant_window_lets_identical_requests_through_until_it_ends() {
     e.access_requests(3).await;
     assert!(!after.is_finished());
     after.abort();
+}
+
+/// A lasting grant covers the pod it was given to: not a pod created again under the same
+/// name (another UID), and never a caller the kernel could not attribute to a pod (they
+/// would all share it).
+#[tokio::test]
+async fn a_grant_covers_only_the_pod_it_was_given_to() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(
+        LONG,
+        GrantSpec::For {
+            duration: Duration::from_secs(60),
+            scope: GrantScope::Rule,
+        },
+        ApprovalMode::Hold,
+    );
+    let from = |pod: &'static str, uid: Option<&'static str>| {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move {
+            let mut req = request(&a, pod, b"{}");
+            req.workload.uid = uid.map(str::to_owned);
+            if pod.is_empty() {
+                req.workload.namespace.clear();
+            }
+            holder.hold(&req).await
+        })
+    };
+    let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60)).to_string();
+    let mut created = 0;
+    for (pod, uid, covered_after) in [
+        (
+            "agent-0",
+            Some("7c1f6a2e-0000-4000-8000-000000000001"),
+            true,
+        ),
+        ("", None, false),
+    ] {
+        let held = from(pod, uid);
+        created += 1;
+        let name = e
+            .access_requests(created)
+            .await
+            .into_iter()
+            .find(|ar| {
+                ar.spec.requester.workload.pod == pod
+                    && ar.spec.requester.workload.uid.as_deref() == uid
+                    && ar.status.as_ref().is_none_or(|s| s.phase == Phase::Pending)
+            })
+            .and_then(|ar| ar.metadata.name)
+            .expect("the new AccessRequest");
+        e.decide(
+            &name,
+            Phase::Approved,
+            "alice",
+            None,
+            Some(until.clone()),
+            true,
+        )
+        .await;
+        let first = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(
+            matches!(
+                first,
+                HoldOutcome::Approved {
+                    via_grant: false,
+                    ..
+                }
+            ),
+            "{pod:?}: {first:?}"
+        );
+        let again = from(pod, uid);
+        if covered_after {
+            let again = tokio::time::timeout(Duration::from_secs(10), again)
+                .await
+                .expect("in time")
+                .expect("task");
+            assert!(
+                matches!(&again, HoldOutcome::Approved { via_grant: true, name: n, .. } if *n == name),
+                "{pod:?}: {again:?}"
+            );
+            // The same name with another UID is a new pod: it waits for its own decision.
+            let recreated = from(pod, Some("7c1f6a2e-0000-4000-8000-000000000002"));
+            created += 1;
+            let ars = e.access_requests(created).await;
+            assert!(
+                ars.iter()
+                    .any(|ar| ar.spec.requester.workload.uid.as_deref()
+                        == Some("7c1f6a2e-0000-4000-8000-000000000002")),
+                "the recreated pod's AccessRequest names its UID"
+            );
+            assert!(
+                !recreated.is_finished(),
+                "the recreated pod was let through"
+            );
+            recreated.abort();
+        } else {
+            // An unattributed caller's approval opens no window.
+            created += 1;
+            e.access_requests(created).await;
+            assert!(
+                !again.is_finished(),
+                "an unattributed retry was let through"
+            );
+            again.abort();
+        }
+    }
 }
 
 #[tokio::test]

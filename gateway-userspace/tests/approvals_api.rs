@@ -164,6 +164,7 @@ impl Harness {
                         namespace: "agents".into(),
                         pod: "cursor-agent-0".into(),
                         service_account: Some("cursor".into()),
+                        uid: None,
                     },
                     principal: Some(AGENT_SA.into()),
                 },

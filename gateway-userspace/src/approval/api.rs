@@ -1103,6 +1103,7 @@ mod tests {
                         namespace: "agents".into(),
                         pod: "agent-0".into(),
                         service_account: Some("cursor".into()),
+                        uid: None,
                     },
                     principal: Some("system:serviceaccount:agents:cursor".into()),
                 },

@@ -205,7 +205,9 @@ fn hex(bytes: &[u8]) -> String {
 /// Hex SHA-256 over the workload, the method, the path with its query, the body's
 /// `Content-Type` and the body, each length-prefixed: "the identical request". The media
 /// type belongs to it: the same bytes as a merge patch (which replaces whole lists) and as
-/// a strategic merge patch do different things.
+/// a strategic merge patch do different things. The pod's UID, when known, is part of the
+/// workload: the same request from a pod created again under the same name is another
+/// request.
 pub fn fingerprint(
     workload: &WorkloadRef,
     method: &str,
@@ -225,11 +227,27 @@ pub fn fingerprint(
         h.update((field.len() as u64).to_be_bytes());
         h.update(field);
     }
+    if let Some(uid) = &workload.uid {
+        // After the six fields, so a fingerprint without a UID is what it always was.
+        h.update((uid.len() as u64).to_be_bytes());
+        h.update(uid.as_bytes());
+    }
     hex(&h.finalize())
 }
 
+/// `namespace/pod`, and the pod's UID when known: what pending counts and grants are
+/// kept by.
 fn workload_key(w: &WorkloadRef) -> String {
-    format!("{}/{}", w.namespace, w.pod)
+    match &w.uid {
+        Some(uid) => format!("{}/{} (uid {uid})", w.namespace, w.pod),
+        None => format!("{}/{}", w.namespace, w.pod),
+    }
+}
+
+/// Whether the kernel attributed the request to a pod. Lasting grants apply only then:
+/// every caller the gateway could not attribute would share one.
+fn identified(w: &WorkloadRef) -> bool {
+    !w.namespace.is_empty() && !w.pod.is_empty()
 }
 
 fn workload_label(w: &WorkloadRef) -> String {
@@ -359,6 +377,7 @@ impl Holder {
         };
         let mut state = self.lock();
         if verdict.phase == Phase::Approved
+            && identified(&ar.spec.requester.workload)
             && let Some(until) =
                 parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()))
             && until > now()
@@ -428,7 +447,9 @@ impl Holder {
             req.body,
         );
         let wkey = workload_key(&req.workload);
-        if let Some(g) = self.grant_for(&wkey, &fp, req.rule) {
+        if identified(&req.workload)
+            && let Some(g) = self.grant_for(&wkey, &fp, req.rule)
+        {
             return HoldOutcome::Approved {
                 name: g.name,
                 decided_by: g.decided_by,
@@ -480,9 +501,12 @@ impl Holder {
                 let name = ar.metadata.name.clone().unwrap_or_default();
                 let grant_until =
                     parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()));
-                let usable = match grant_until {
+                let lasting = grant_until.filter(|_| identified(&req.workload));
+                let usable = match lasting {
                     // A lasting grant: usable while it runs (observe() records it).
                     Some(until) => until > now(),
+                    // A grant to a caller no pod was found for lets one request through,
+                    // as a `once` approval does: every such caller would share it.
                     None => {
                         once_usable(ar, now())
                             && !self.lock().consumed.contains(&name)
@@ -496,7 +520,7 @@ impl Holder {
                         name,
                         decided_by: v.decided_by,
                         waited: started.elapsed(),
-                        via_grant: grant_until.is_some(),
+                        via_grant: lasting.is_some(),
                     };
                 }
             } else if live(&ar) && pending(&ar) {
@@ -758,6 +782,7 @@ mod tests {
             namespace: "agents".into(),
             pod: "agent-0".into(),
             service_account: None,
+            uid: None,
         }
     }
 

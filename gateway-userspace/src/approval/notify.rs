@@ -722,6 +722,7 @@ mod tests {
                         namespace: "agents".into(),
                         pod: "agent-0".into(),
                         service_account: Some("cursor".into()),
+                        uid: None,
                     },
                     principal: None,
                 },

@@ -79,6 +79,11 @@ pub struct WorkloadRef {
     /// The pod's service account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// The pod's UID (`metadata.uid`), from its cgroup: a pod deleted and created again
+    /// under the same name is another pod, and an approval given to one does not carry
+    /// over to the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// The request held for approval.

@@ -115,6 +115,7 @@ impl Proxy {
             namespace: conn.workload.namespace.clone().unwrap_or_default(),
             pod: conn.workload.pod.clone().unwrap_or_default(),
             service_account: conn.workload.service_account.clone(),
+            uid: conn.workload.pod_uid.clone(),
         };
         let resource = if info.api_group.is_empty() {
             info.resource.to_string()
