@@ -174,7 +174,8 @@ impl Manifest {
         key: Option<SigningKey>,
     ) -> Result<Manifest, RecorderError> {
         let dir = root.join(MANIFEST_DIR);
-        fs::create_dir_all(&dir).map_err(|e| io_error("create manifest directory", &dir, e))?;
+        super::durable::create_dir_all(&dir)
+            .map_err(|e| io_error("create manifest directory", &dir, e))?;
         let path = dir.join(format!("node={node}.jsonl"));
         let mut seq = 0;
         let mut prev = GENESIS.to_owned();
@@ -242,6 +243,13 @@ impl Manifest {
                 tracing::warn!(path = %self.path.display(), error = %cut, "cannot cut a failed entry off the manifest; it is dropped at the next start");
             }
             return Err(io_error("append to manifest", &self.path, e));
+        }
+        if before == 0
+            && let Some(dir) = self.path.parent()
+        {
+            // The chain's first entry must not vanish with the file's name after a crash.
+            super::durable::sync_dir(dir)
+                .map_err(|e| io_error("sync manifest directory", dir, e))?;
         }
         self.seq = entry.seq;
         self.prev = entry.hash;
@@ -323,9 +331,7 @@ fn complete_rename(root: &Path, entry: &Entry) -> Result<(), RecorderError> {
     match file_digest(&temp) {
         Ok((sha256, _)) if sha256 == entry.sha256 => {
             fs::rename(&temp, &path).map_err(|e| io_error("complete a listed file", &path, e))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_error("sync directory", dir, e))?;
+            super::durable::sync_dir(dir).map_err(|e| io_error("sync directory", dir, e))?;
             tracing::info!(path = %path.display(), "completed the publication of a listed file");
             Ok(())
         }

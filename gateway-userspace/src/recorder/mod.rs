@@ -24,6 +24,7 @@
 //! start the log is replayed, so every request that was forwarded has a row (outcome
 //! `unknown` when the gateway died before the response).
 
+mod durable;
 pub mod exec_frames;
 pub mod manifest;
 mod reader;
@@ -504,7 +505,7 @@ impl Recorder {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| RecorderError::NoRuntime)?;
         let table_dir = cfg.dir.join(format!("table={}", schema::TABLE_NAME));
-        fs::create_dir_all(&table_dir).map_err(|e| RecorderError::Directory {
+        durable::create_dir_all(&table_dir).map_err(|e| RecorderError::Directory {
             path: table_dir.clone(),
             source: Arc::new(e),
         })?;

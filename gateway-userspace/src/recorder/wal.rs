@@ -326,7 +326,7 @@ pub struct Recovery {
 
 /// Reads every segment in `dir` (created if missing). Errors name the segment and offset.
 pub fn recover(dir: &Path) -> Result<Recovery, RecorderError> {
-    fs::create_dir_all(dir).map_err(|e| RecorderError::Directory {
+    super::durable::create_dir_all(dir).map_err(|e| RecorderError::Directory {
         path: dir.to_path_buf(),
         source: Arc::new(e),
     })?;
@@ -573,7 +573,7 @@ impl Wal {
         max_age: std::time::Duration,
         on_failure: OnFailure,
     ) -> Result<(Wal, Arc<Tracker>, std::thread::JoinHandle<()>), RecorderError> {
-        fs::create_dir_all(dir).map_err(|e| RecorderError::Directory {
+        super::durable::create_dir_all(dir).map_err(|e| RecorderError::Directory {
             path: dir.to_path_buf(),
             source: Arc::new(e),
         })?;
@@ -918,7 +918,7 @@ impl LogWriter {
             .write_all(&header)
             .and_then(|()| zero_fill(&mut file, self.segment_bytes - HEADER_LEN as u64))
             .and_then(|()| file.sync_all())
-            .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
+            .and_then(|()| super::durable::sync_dir(&self.dir));
         if let Err(e) = written {
             drop(file);
             let _ = fs::remove_file(&path);

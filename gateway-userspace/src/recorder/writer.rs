@@ -431,7 +431,7 @@ fn open_part(
         .join(format!("table={}", table.name()))
         .join(format!("date={date}"))
         .join(format!("node={node}"));
-    fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
+    super::durable::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
     let id = uuid::Uuid::now_v7();
     let temp = dir.join(format!(".part-{id}.parquet.inprogress"));
     let path = dir.join(format!("part-{id}.parquet"));
@@ -487,9 +487,7 @@ fn finish_part(
     fs::rename(temp, path).map_err(|e| io_error("rename into place", path, e))?;
     // The rename is only durable once the directory entry is.
     if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error("sync directory", dir, e))?;
+        super::durable::sync_dir(dir).map_err(|e| io_error("sync directory", dir, e))?;
     }
     Ok(())
 }
