@@ -679,7 +679,11 @@ fn ensure_bpffs(pin_path: &Path) -> Result<(), EbpfError> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|e| kernel("mount bpffs at /sys/fs/bpf")(e.to_string()))
+    .map_err(|e| {
+        kernel("mount bpffs at /sys/fs/bpf")(format!(
+            "{e}; mount it on the node (`mount -t bpf bpf /sys/fs/bpf`, which systemd does at boot) and mount the node's /sys/fs/bpf into the container"
+        ))
+    })
 }
 
 /// Finds the cgroup2 mount point in /proc/self/mountinfo (it is `/sys/fs/cgroup` on most
