@@ -388,7 +388,9 @@ async fn a_grant_covers_only_the_pod_it_was_given_to() {
         },
         ApprovalMode::Hold,
     );
-    let from = |pod: &'static str, uid: Option<&'static str>| {
+    // Another gateway, which has seen none of this holder's in-memory state.
+    let other_node = e.holder("node-b", 10);
+    let from_node = |holder: &Arc<Holder>, pod: &'static str, uid: Option<&'static str>| {
         let (holder, a) = (holder.clone(), a.clone());
         tokio::spawn(async move {
             let mut req = request(&a, pod, b"{}");
@@ -399,6 +401,7 @@ async fn a_grant_covers_only_the_pod_it_was_given_to() {
             holder.hold(&req).await
         })
     };
+    let from = |pod, uid| from_node(&holder, pod, uid);
     let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60)).to_string();
     let mut created = 0;
     for (pod, uid, covered_after) in [
@@ -411,7 +414,7 @@ async fn a_grant_covers_only_the_pod_it_was_given_to() {
     ] {
         let held = from(pod, uid);
         created += 1;
-        let name = e
+        let ar = e
             .access_requests(created)
             .await
             .into_iter()
@@ -420,8 +423,13 @@ async fn a_grant_covers_only_the_pod_it_was_given_to() {
                     && ar.spec.requester.workload.uid.as_deref() == uid
                     && ar.status.as_ref().is_none_or(|s| s.phase == Phase::Pending)
             })
-            .and_then(|ar| ar.metadata.name)
             .expect("the new AccessRequest");
+        assert_eq!(
+            ar.spec.grant.duration.is_some(),
+            covered_after,
+            "{pod:?}: a window is offered to approvers only for an identified pod"
+        );
+        let name = ar.metadata.name.expect("name");
         e.decide(
             &name,
             Phase::Approved,
@@ -445,7 +453,8 @@ async fn a_grant_covers_only_the_pod_it_was_given_to() {
             ),
             "{pod:?}: {first:?}"
         );
-        let again = from(pod, uid);
+        // Retried through another gateway, as a restarted or second node would see it.
+        let again = from_node(&other_node, pod, uid);
         if covered_after {
             let again = tokio::time::timeout(Duration::from_secs(10), again)
                 .await

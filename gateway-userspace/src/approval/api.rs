@@ -400,6 +400,12 @@ fn grant_until(
     let max = parse_duration(granted).map_err(|e| {
         Status::bad_request(format!("the request's grant.duration is unusable: {e}"))
     })?;
+    if max > crate::policy::MAX_GRANT {
+        // No policy grants this long: the spec was not written by a gateway.
+        return Err(Status::bad_request(format!(
+            "the request's grant.duration {granted} is longer than any policy may grant (7 days)"
+        )));
+    }
     let length = match wanted {
         None => max,
         Some(text) => {

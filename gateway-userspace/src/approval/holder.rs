@@ -250,9 +250,19 @@ fn identified(w: &WorkloadRef) -> bool {
     !w.namespace.is_empty() && !w.pod.is_empty()
 }
 
+/// The label AccessRequests are listed by: a hash of `namespace/pod` (not the UID, so the
+/// pending cap holds for a pod created again under the same name; the fingerprint, which
+/// includes the UID, tells their requests apart).
 fn workload_label(w: &WorkloadRef) -> String {
-    let digest = Sha256::digest(workload_key(w).as_bytes());
+    let digest = Sha256::digest(format!("{}/{}", w.namespace, w.pod).as_bytes());
     hex(&digest)[..40].to_owned()
+}
+
+/// The latest a grant seen now may run to: the longest grant a policy may give
+/// (`policy::MAX_GRANT`) from now, whatever an AccessRequest's status says.
+fn grant_cap() -> jiff::Timestamp {
+    let max = jiff::SignedDuration::try_from(crate::policy::MAX_GRANT).unwrap_or_default();
+    now().checked_add(max).unwrap_or_else(|_| now())
 }
 
 fn now() -> jiff::Timestamp {
@@ -380,6 +390,7 @@ impl Holder {
             && identified(&ar.spec.requester.workload)
             && let Some(until) =
                 parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()))
+                    .map(|until| until.min(grant_cap()))
             && until > now()
             && !state.grants.iter().any(|g| g.name == name)
         {
@@ -576,8 +587,10 @@ impl Holder {
                 // cannot be marked used, nothing goes through on it (fail closed).
                 let first_here = self.lock().consumed.insert(name.clone());
                 let fetched = tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await;
+                // A grant to a caller no pod was found for counts as `once` (see `identified`).
                 let lasting = |ar: &AccessRequest| {
-                    ar.status.as_ref().is_some_and(|s| s.grant_until.is_some())
+                    identified(&req.workload)
+                        && ar.status.as_ref().is_some_and(|s| s.grant_until.is_some())
                 };
                 match &fetched {
                     Ok(Ok(ar)) if lasting(ar) => {}
@@ -677,7 +690,13 @@ impl Holder {
                 fingerprint: fp.to_owned(),
                 rule: req.rule.to_owned(),
                 approvers: req.approval.approvers.clone(),
-                grant: lasting(req.approval.grant),
+                // An unattributed caller is offered no window: approvers then cannot give
+                // one (the approvals API refuses `for` on a `once` request).
+                grant: if identified(&req.workload) {
+                    lasting(req.approval.grant)
+                } else {
+                    Grant::default()
+                },
                 node: self.cfg.node.clone(),
                 created_at: t.to_string(),
                 expires_at: expires.to_string(),

@@ -301,8 +301,11 @@
 //! configured on the gateway) is refused, never forwarded; so is one whose body is larger
 //! than the gateway reads whole (`limits.maxInspectedBodyBytes`: what was approved could not
 //! be told from what would be forwarded). Approvals and grants are tied to the calling pod
-//! (namespace and name); callers the gateway could not identify all count as one workload,
-//! so deny `workloads: {unknown: true}` before approve rules where that matters. `approval`
+//! (namespace, name and UID: a pod deleted and created again under the same name asks
+//! anew). Callers the gateway could not identify all count as one workload, and their
+//! requests are held as `once` whatever the rule's `grant` (a window would open for every
+//! unidentified caller). Deny `workloads: {unknown: true}` before approve rules where that
+//! matters. `approval`
 //! on another action and `message` on an approve rule are errors, and `approve` is no
 //! `default`.
 //!
@@ -356,7 +359,7 @@ mod tests;
 
 pub use approve::{
     APPROVALS_SERVICE, Approval, ApprovalMode, BUILTIN_PROTECT_APPROVALS, DEFAULT_TIMEOUT,
-    GrantSpec, PROTECTED_GROUP,
+    GrantSpec, MAX_GRANT, PROTECTED_GROUP,
 };
 pub use cel::{COST_LIMIT, Content};
 use cel::{Condition, Variables};
