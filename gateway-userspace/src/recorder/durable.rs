@@ -33,12 +33,22 @@ pub(crate) fn create_dir_all(dir: &Path) -> io::Result<()> {
         .rev()
         .collect();
     fs::create_dir_all(dir)?;
-    for created in missing {
-        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
+    let synced = missing.iter().try_for_each(|created| {
+        let parent = match created.parent() {
+            Some(p) if p.as_os_str().is_empty() => Path::new("."),
+            Some(p) => p,
+            None => return Ok(()),
+        };
+        sync_dir(parent)
+    });
+    if synced.is_err() {
+        // Take the new (still empty) directories away again, deepest first, so the next
+        // call creates and syncs them rather than finding them and trusting them.
+        for created in missing.iter().rev() {
+            let _ = fs::remove_dir(created);
         }
     }
-    Ok(())
+    synced
 }
 
 #[cfg(test)]

@@ -236,20 +236,19 @@ impl Manifest {
             .len();
         let written = file
             .write_all(format!("{line}\n").as_bytes())
-            .and_then(|()| file.sync_data());
+            .and_then(|()| file.sync_data())
+            .and_then(|()| match self.path.parent() {
+                // The chain's first entry must not vanish with the file's name after a
+                // crash; a failure here is a failed append like any other.
+                Some(dir) if before == 0 => super::durable::sync_dir(dir),
+                _ => Ok(()),
+            });
         if let Err(e) = written {
             // A partial line (disk full) must not stay in front of the next entry.
             if let Err(cut) = file.set_len(before).and_then(|()| file.sync_data()) {
                 tracing::warn!(path = %self.path.display(), error = %cut, "cannot cut a failed entry off the manifest; it is dropped at the next start");
             }
             return Err(io_error("append to manifest", &self.path, e));
-        }
-        if before == 0
-            && let Some(dir) = self.path.parent()
-        {
-            // The chain's first entry must not vanish with the file's name after a crash.
-            super::durable::sync_dir(dir)
-                .map_err(|e| io_error("sync manifest directory", dir, e))?;
         }
         self.seq = entry.seq;
         self.prev = entry.hash;
