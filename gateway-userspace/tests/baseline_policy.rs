@@ -78,6 +78,19 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
         "envFrom": [{"secretRef": {"name": "db"}}]}], "containers": [{"name": "a", "image": "x"}]}));
     let init_plain = pod(json!({"initContainers": [{"name": "i", "image": "x",
         "env": [{"name": "P", "value": "1"}]}], "containers": [{"name": "a", "image": "x"}]}));
+    // No `kind` (or one the URL contradicts): the API server reads the body as the URL's
+    // resource, so the policy must too.
+    let without_kind = |mut object: Value| {
+        let map = object.as_object_mut().expect("an object");
+        map.remove("kind");
+        map.remove("apiVersion");
+        object
+    };
+    let privileged_kindless = without_kind(privileged.clone());
+    let host_kindless_deployment = json!({"metadata": {"name": "d"}, "spec": {"template":
+        {"spec": {"hostNetwork": true, "containers": [{"name": "a", "image": "x"}]}}}});
+    let mut privileged_as_configmap = privileged.clone();
+    privileged_as_configmap["kind"] = json!("ConfigMap");
     let sandbox_pods = "/api/v1/namespaces/ai-sandbox/pods";
     let external_name = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
         "spec": {"type": "ExternalName", "externalName": "kubernetes.default.svc.cluster.local"}});
@@ -200,6 +213,27 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
             "POST",
             sandbox_pods,
             Some(&host),
+            Action::Deny,
+            Some("no-host-access"),
+        ),
+        (
+            "POST",
+            sandbox_pods,
+            Some(&privileged_kindless),
+            Action::Deny,
+            Some("no-privileged-workloads"),
+        ),
+        (
+            "PUT",
+            "/api/v1/namespaces/ai-sandbox/pods/p",
+            Some(&privileged_as_configmap),
+            Action::Deny,
+            Some("no-privileged-workloads"),
+        ),
+        (
+            "PUT",
+            "/apis/apps/v1/namespaces/ai-sandbox/deployments/d",
+            Some(&host_kindless_deployment),
             Action::Deny,
             Some("no-host-access"),
         ),

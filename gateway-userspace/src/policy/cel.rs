@@ -410,7 +410,14 @@ impl<'c> Variables<'c> {
             let value = match *name {
                 "object" => content_value(&self.ctx.object)?,
                 "oldObject" => content_value(&self.ctx.old_object)?,
-                "podSpec" => pod_spec_value(&self.ctx.object)?,
+                "podSpec" => pod_spec_value(
+                    &self.ctx.object,
+                    kind_of(
+                        &self.ctx.request.api_group,
+                        &self.ctx.request.resource,
+                        &self.ctx.request.subresource,
+                    ),
+                )?,
                 "request" => request_value(self.ctx),
                 "workload" => workload_value(self.ctx),
                 _ => principal_value(self.ctx),
@@ -451,10 +458,38 @@ fn content_value(c: &Content<'_>) -> Result<CelValue, String> {
     }
 }
 
+/// The kind of object a request's body is for the API server, when the request's URL says
+/// so: a create or update on a workload resource (or its `status` or
+/// `ephemeralcontainers`, whose bodies are the whole object). The API server reads a
+/// body without `kind` as the resource's kind, and refuses a body of another kind, so the
+/// URL, not the body, says where the pods are.
+pub fn kind_of(api_group: &str, resource: &str, subresource: &str) -> Option<&'static str> {
+    if !matches!(subresource, "" | "status" | "ephemeralcontainers") {
+        return None;
+    }
+    Some(match (api_group, resource) {
+        ("", "pods") => "Pod",
+        ("", "podtemplates") => "PodTemplate",
+        ("", "replicationcontrollers") => "ReplicationController",
+        ("apps", "deployments") => "Deployment",
+        ("apps", "replicasets") => "ReplicaSet",
+        ("apps", "statefulsets") => "StatefulSet",
+        ("apps", "daemonsets") => "DaemonSet",
+        ("batch", "jobs") => "Job",
+        ("batch", "cronjobs") => "CronJob",
+        _ => return None,
+    })
+}
+
 /// The pod template's `spec` of a workload object, whatever its kind: `podSpec` saves
-/// every rule from spelling out where each kind keeps its pods.
-pub fn pod_spec(object: &Value) -> Option<&Value> {
-    let path: &[&str] = match object.get("kind")?.as_str()? {
+/// every rule from spelling out where each kind keeps its pods. `kind` is the object's
+/// kind as the request's URL makes it ([`kind_of`]), else the body's own `kind`.
+pub fn pod_spec<'a>(object: &'a Value, kind: Option<&str>) -> Option<&'a Value> {
+    let kind = match kind {
+        Some(kind) => kind,
+        None => object.get("kind")?.as_str()?,
+    };
+    let path: &[&str] = match kind {
         "Pod" => &["spec"],
         "PodTemplate" => &["template", "spec"],
         "Deployment"
@@ -469,9 +504,9 @@ pub fn pod_spec(object: &Value) -> Option<&Value> {
     path.iter().try_fold(object, |v, key| v.get(key))
 }
 
-fn pod_spec_value(c: &Content<'_>) -> Result<CelValue, String> {
+fn pod_spec_value(c: &Content<'_>, kind: Option<&str>) -> Result<CelValue, String> {
     match c {
-        Content::Known(v) => match pod_spec(v) {
+        Content::Known(v) => match pod_spec(v, kind) {
             Some(spec) => Ok(json_to_cel(spec)),
             None => Ok(CelValue::Null),
         },

@@ -160,7 +160,11 @@
 //!   the same terms); `null` for a create or when there is none.
 //! * `podSpec`: the pod template's `spec` of `object` whatever its kind (`Pod`,
 //!   `Deployment`, `ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, `CronJob`,
-//!   `ReplicationController`, `PodTemplate`); `null` for other kinds.
+//!   `ReplicationController`, `PodTemplate`); `null` for other kinds. On a create or update
+//!   of one of these resources the kind is the URL's, not the body's: the API server reads a
+//!   body without `kind` as the resource it was sent to (and refuses another kind).
+//!   A JSON body with a key twice in one object is refused (400): the API server would
+//!   merge the repeats where a JSON parser keeps the last one.
 //! * `request`: `verb`, `operation` (`CREATE`, `UPDATE`, `DELETE` or `""`),
 //!   `resource.{group,version,resource}`, `subResource`, `namespace`, `name`, `path`,
 //!   `dryRun` (bool), `userInfo.{username,groups}` (the verified principal).

@@ -46,6 +46,13 @@ pub(crate) enum BodyError {
     /// A protobuf body that cannot be transcoded faithfully.
     #[error("cannot decode the protobuf request body: {0}")]
     Protobuf(#[from] protobuf::ProtobufError),
+    /// A JSON body with a key twice in one object: the API server decodes the repeats
+    /// into one another (a second `spec` merges into the first), a JSON parser keeps the
+    /// last, so what the policy reads could differ from what is stored.
+    #[error(
+        "the JSON request body has a {0}; the API server would merge the repeats, so the gateway cannot tell what it would store"
+    )]
+    DuplicateKey(String),
 }
 
 /// What inspection learned about a request body.
@@ -121,7 +128,7 @@ fn decode(
     };
     Ok(match encoding(content_type) {
         Encoding::Json => {
-            let object = serde_json::from_slice(&bytes).ok();
+            let object = unique_json(&bytes)?;
             (bytes, object)
         }
         Encoding::Yaml => match serde_norway::from_slice::<Value>(&bytes) {
@@ -147,6 +154,81 @@ fn decode(
         }
         Encoding::Other => (bytes, None),
     })
+}
+
+/// Parses a JSON body, refusing one that repeats a key within an object (the bytes are
+/// forwarded as sent, so the API server must read the object the policy read). Text that
+/// is not JSON is `None`, as before: content conditions then fail closed.
+fn unique_json(bytes: &[u8]) -> Result<Option<Value>, BodyError> {
+    match serde_json::from_slice::<Unique>(bytes) {
+        Ok(Unique(value)) => Ok(Some(value)),
+        // The one data error `Unique` raises; syntax and end-of-input errors are not JSON.
+        Err(e) if e.is_data() => Err(BodyError::DuplicateKey(e.to_string())),
+        Err(_) => Ok(None),
+    }
+}
+
+/// A JSON value whose objects have no key twice.
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Unique;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Unique, E> {
+                Ok(Unique(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Unique, E> {
+                Ok(Unique(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Unique, E> {
+                Ok(Unique(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Unique, E> {
+                Ok(Unique(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Unique, E> {
+                Ok(Unique(Value::String(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Unique, E> {
+                Ok(Unique(Value::String(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Unique, E> {
+                Ok(Unique(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Unique, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(Unique(item)) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Unique(Value::Array(items)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Unique, A::Error> {
+                let mut object = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let Unique(value) = map.next_value()?;
+                    if object.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "key {key:?} twice in one object"
+                        )));
+                    }
+                    object.insert(key, value);
+                }
+                Ok(Unique(Value::Object(object)))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Reads and decodes the body of a request whose head is `parts`, returning the body to
@@ -430,6 +512,27 @@ pub(crate) fn json_patch_reveals(inspected: &Inspected) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_body_with_a_key_twice_in_one_object_is_refused() {
+        // A second `spec` hides a privileged container from a parser that keeps the last.
+        let hidden = br#"{"kind":"Pod","spec":{"hostPID":true,"containers":[{"name":"c","securityContext":{"privileged":true}}]},"spec":{"containers":[{"name":"c"}]}}"#;
+        let err = unique_json(hidden).expect_err("a repeated key");
+        assert!(matches!(err, BodyError::DuplicateKey(_)), "{err:?}");
+        assert!(err.to_string().contains(r#"key "spec" twice"#), "{err}");
+        let nested = br#"{"a":[{"b":1,"c":{"d":1,"d":2}}]}"#;
+        assert!(unique_json(nested).is_err(), "nested objects too");
+        // The same key in two different objects is fine, and values are kept exactly.
+        let fine = br#"{"a":{"x":1},"b":{"x":[1,2.5,-3,"s",null,true]},"c":18446744073709551615}"#;
+        assert_eq!(
+            unique_json(fine).expect("unique"),
+            serde_json::from_slice::<Value>(fine).ok()
+        );
+        // Not JSON at all: no object, as before (content conditions then fail closed).
+        for garbage in [&b"{"[..], b"{\"a\":}", b"", b"\xff"] {
+            assert!(matches!(unique_json(garbage), Ok(None)), "{garbage:?}");
+        }
+    }
 
     #[test]
     fn json_patches_that_copy_move_or_test_are_refused_when_masked() {

@@ -520,7 +520,9 @@ impl Proxy {
                         "Timeout",
                         format!("chaperone: {e}"),
                     ),
-                    body::BodyError::Read(_) => Status::bad_request(format!("chaperone: {e}")),
+                    body::BodyError::Read(_) | body::BodyError::DuplicateKey(_) => {
+                        Status::bad_request(format!("chaperone: {e}"))
+                    }
                     body::BodyError::TooLarge { .. } => request_entity_too_large(&e),
                     body::BodyError::Protobuf(_) => Status::failure(
                         StatusCode::UNSUPPORTED_MEDIA_TYPE,
