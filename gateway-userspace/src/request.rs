@@ -596,7 +596,7 @@ fn split_selector_terms(selector: &str) -> Vec<&str> {
 
 /// Go `fields.splitTerm`: the first position where `!=`, `==` or `=` starts.
 fn split_selector_term(term: &str) -> Option<(&str, &'static str, &str)> {
-    (0..term.len()).find_map(|i| {
+    term.char_indices().find_map(|(i, _)| {
         let rest = &term[i..];
         ["!=", "==", "="]
             .into_iter()
@@ -1383,6 +1383,18 @@ mod tests {
                 Want {
                     parts: &["pods"],
                     field_selector: Some("metadata.name!=web"),
+                    ..core("list", "", "pods")
+                },
+            ),
+            // Multi-byte characters before the operator (Go walks the string by bytes too,
+            // and a UTF-8 continuation byte is never `=` or `!`).
+            (
+                "GET",
+                "/api/v1/pods?fieldSelector=%C3%A9%3D1%2Cmetadata.name%3Dw%C3%A9b",
+                Want {
+                    name: "wéb",
+                    parts: &["pods"],
+                    field_selector: Some("é=1,metadata.name=wéb"),
                     ..core("list", "", "pods")
                 },
             ),

@@ -238,7 +238,7 @@ impl Proxy {
             credential.apply(headers)?;
         }
         if let Some(as_whom) = extensions.get::<Impersonation>() {
-            impersonation_headers(headers, as_whom);
+            impersonation_headers(headers, as_whom).map_err(Arc::from)?;
         }
         Ok(())
     }

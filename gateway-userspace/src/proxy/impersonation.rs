@@ -61,24 +61,39 @@ pub(super) fn impersonation(
 }
 
 /// Writes `Impersonate-User`, one `Impersonate-Group` per group and `Impersonate-Uid`.
-pub(super) fn impersonation_headers(headers: &mut HeaderMap, as_whom: &Impersonation) {
-    let Ok(user) = HeaderValue::from_str(&as_whom.user) else {
-        tracing::warn!(user = %as_whom.user, "impersonated user is not a valid header value");
-        return;
+/// A name that cannot be a header value (a control character in an OIDC claim) is an
+/// error, never left out: without `Impersonate-User` the request would run as the
+/// gateway's own identity, and without a group as someone the API server never saw.
+pub(super) fn impersonation_headers(
+    headers: &mut HeaderMap,
+    as_whom: &Impersonation,
+) -> Result<(), String> {
+    let value = |what: &str, text: &str| {
+        HeaderValue::from_str(text).map_err(|_| {
+            format!(
+                "cannot impersonate {what} {text:?}: it is not a valid HTTP header value, so the request is refused rather than sent as the gateway"
+            )
+        })
     };
-    headers.insert(HeaderName::from_static("impersonate-user"), user);
-    for group in &as_whom.groups {
-        if let Ok(g) = HeaderValue::from_str(group) {
-            headers.append(HeaderName::from_static("impersonate-group"), g);
-        }
-    }
-    if let Some(uid) = as_whom
+    let user = value("user", &as_whom.user)?;
+    let groups = as_whom
+        .groups
+        .iter()
+        .map(|g| value("group", g))
+        .collect::<Result<Vec<_>, _>>()?;
+    let uid = as_whom
         .uid
         .as_deref()
-        .and_then(|u| HeaderValue::from_str(u).ok())
-    {
+        .map(|u| value("uid", u))
+        .transpose()?;
+    headers.insert(HeaderName::from_static("impersonate-user"), user);
+    for group in groups {
+        headers.append(HeaderName::from_static("impersonate-group"), group);
+    }
+    if let Some(uid) = uid {
         headers.insert(HeaderName::from_static("impersonate-uid"), uid);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -132,7 +147,7 @@ mod tests {
             .expect("principal mode with a verified principal")
             .expect("an impersonated identity");
         let mut h = HeaderMap::new();
-        impersonation_headers(&mut h, &as_whom);
+        impersonation_headers(&mut h, &as_whom).expect("valid names");
         let written: Vec<(&str, &str)> = h
             .iter()
             .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("<binary>")))
@@ -153,7 +168,20 @@ mod tests {
             .expect("ok")
             .expect("identity");
         let mut h = HeaderMap::new();
-        impersonation_headers(&mut h, &as_whom);
+        impersonation_headers(&mut h, &as_whom).expect("valid names");
         assert!(!h.contains_key("impersonate-uid"));
+
+        // A name that cannot be a header value refuses the request, writing nothing.
+        for (user, group) in [("alice\u{1}", "sre"), ("alice", "sre\n")] {
+            let as_whom = Impersonation {
+                user: user.to_owned(),
+                groups: vec![group.to_owned()],
+                uid: None,
+            };
+            let mut h = HeaderMap::new();
+            let why = impersonation_headers(&mut h, &as_whom).expect_err("refused");
+            assert!(why.contains("not a valid HTTP header value"), "{why}");
+            assert!(h.is_empty(), "{h:?}");
+        }
     }
 }
