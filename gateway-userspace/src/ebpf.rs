@@ -72,7 +72,7 @@ pub enum EbpfError {
     },
     /// The process lacks the privileges to load eBPF programs.
     #[error(
-        "loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run chaperone as root or in a privileged DaemonSet pod"
+        "loading eBPF programs needs uid 0 with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; run chaperone as root, or in the DaemonSet of deploy/ (which grants those)"
     )]
     NotPrivileged,
     /// The proxy listener is not an IPv4 address.
