@@ -1277,3 +1277,42 @@ async fn a_condition_that_fails_at_run_time_denies_and_is_counted() {
             .all(|r| r.policy_rule.as_deref() == Some("big-numbers-only"))
     );
 }
+
+/// An upgrade request (WebSocket or SPDY) carries no body: one that does would reach a
+/// proxied service uninspected and unrecorded, so it is refused before anything is sent.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_is_refused() {
+    let h = start(None).await;
+    let http1 = client(&h.ca_pem, false);
+    let resp = send(
+        &http1,
+        request(
+            &h,
+            Method::POST,
+            "/api/v1/namespaces/default/services/admin/proxy/reset",
+        )
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("content-type", "application/json"),
+        Bytes::from_static(br#"{"drop":"everything"}"#),
+        "upgrade with a body",
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let status = body_json(resp).await;
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("must not carry a body")),
+        "{status}"
+    );
+    assert!(h.apiserver.requests().is_empty(), "forwarded");
+    let (rows, _, _dir) = stop(h).await;
+    assert!(
+        rows.iter()
+            .any(|r| r.outcome == recorder::Outcome::Invalid && r.response_code == 400),
+        "the refusal is recorded"
+    );
+}

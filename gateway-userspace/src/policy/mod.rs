@@ -167,7 +167,9 @@
 //!   merge the repeats where a JSON parser keeps the last one.
 //! * `request`: `verb`, `operation` (`CREATE`, `UPDATE`, `DELETE` or `""`),
 //!   `resource.{group,version,resource}`, `subResource`, `namespace`, `name`, `path`,
-//!   `dryRun` (bool), `userInfo.{username,groups}` (the verified principal).
+//!   `dryRun` (bool: the query's `dryRun`, or for a delete with a body its
+//!   `DeleteOptions`, which the API server then reads instead), `userInfo.{username,groups}`
+//!   (the verified principal).
 //! * `workload`: the calling pod, from the kernel: `known`, `namespace`, `name`,
 //!   `serviceAccount`, `labels`.
 //! * `principal`: the verified bearer token: `kind`, `username`, `groups`.

@@ -227,6 +227,17 @@ impl Proxy {
         // The body is read (up to the limit) before the decision so that a denied request's
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
         let (mut pending, inspected) = match upgrade::upgrade_protocol(&req) {
+            // An upgrade request carries no body; one that does would reach the backend
+            // (a proxied service) uninspected and unrecorded, and one approval would cover
+            // any body. Refused, as any other malformed upgrade.
+            Some(_) if upgrade::upgrades(&info) && !http_body::Body::is_end_stream(req.body()) => {
+                let status = Status::bad_request(
+                    "chaperone: a protocol upgrade (WebSocket or SPDY) request must not carry a body",
+                );
+                record.outcome = Outcome::Invalid;
+                record.reason = Some(status.message().to_owned());
+                return self.local_response(status, record, &audit_id);
+            }
             Some(protocol) if upgrade::upgrades(&info) => (Pending::Upgrade(req, protocol), None),
             // Fail closed: the upgrade path relays the answer as it comes, so upgrade
             // headers on any other request (the API server would answer a `get secrets`
@@ -257,10 +268,7 @@ impl Proxy {
         let exec = (info.resource == "pods"
             && matches!(info.subresource.as_str(), "exec" | "attach"))
         .then(|| ExecRequest::from_uri(pending.uri()));
-        let dry_run = pending.uri().query().is_some_and(|q| {
-            q.split('&')
-                .any(|p| p.starts_with("dryRun=") && p != "dryRun=")
-        });
+        let dry_run = dry_run(&info, pending.uri(), inspected.as_ref());
         let decision = {
             let policy = self.policy.load();
             let base = RequestContext::new(&info)
@@ -851,6 +859,29 @@ impl Proxy {
     }
 }
 
+/// Whether the API server will only dry-run the request. Its options come from the query,
+/// except for a delete with a body: the API server then decodes `DeleteOptions` from the
+/// body and ignores the query. A body the gateway could not read says "not a dry run"
+/// (rules that let dry runs through must not let a real delete through).
+fn dry_run(info: &RequestInfo, uri: &Uri, inspected: Option<&body::Inspected>) -> bool {
+    let deletes = matches!(info.verb, Verb::Delete | Verb::DeleteCollection);
+    if deletes
+        && let Some(inspected) = inspected
+        && (inspected.truncated || inspected.forwarded.as_ref().is_some_and(|b| !b.is_empty()))
+    {
+        return inspected
+            .object
+            .as_ref()
+            .and_then(|o| o.get("dryRun"))
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|modes| !modes.is_empty());
+    }
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p.starts_with("dryRun=") && p != "dryRun=")
+    })
+}
+
 /// Sets the `Audit-Id` response header, as the API server does.
 ///
 /// The value is marked sensitive, which HTTP/2 sends as a literal "never indexed": an id
@@ -966,6 +997,67 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delete_with_a_body_is_a_dry_run_only_when_its_delete_options_say_so() {
+        let at = |method: &str, uri: &str| {
+            let uri: Uri = uri.parse().expect("uri");
+            let info = RequestInfo::parse(&method.parse().expect("method"), &uri).expect("info");
+            (info, uri)
+        };
+        let body = |json: &str, object: Option<serde_json::Value>| body::Inspected {
+            object,
+            forwarded: Some(Bytes::from(json.to_owned())),
+            ..body::Inspected::default()
+        };
+        let empty = body::Inspected {
+            forwarded: Some(Bytes::new()),
+            ..body::Inspected::default()
+        };
+        let options = r#"{"kind":"DeleteOptions","apiVersion":"v1"}"#;
+        let dry = r#"{"kind":"DeleteOptions","apiVersion":"v1","dryRun":["All"]}"#;
+        let parsed = |s: &str| serde_json::from_str(s).ok();
+        for (method, uri, inspected, want) in [
+            // The query decides without a body, for deletes and everything else.
+            (
+                "DELETE",
+                "/api/v1/namespaces/d/pods/p?dryRun=All",
+                Some(&empty),
+                true,
+            ),
+            ("DELETE", "/api/v1/namespaces/d/pods/p", Some(&empty), false),
+            ("POST", "/api/v1/namespaces/d/pods?dryRun=All", None, true),
+            // With a body the API server reads DeleteOptions and ignores the query.
+            (
+                "DELETE",
+                "/api/v1/namespaces/d/pods/p?dryRun=All",
+                Some(&body(options, parsed(options))),
+                false,
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/d/pods/p",
+                Some(&body(dry, parsed(dry))),
+                true,
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/d/pods?dryRun=All",
+                Some(&body(options, parsed(options))),
+                false,
+            ),
+            // A body the gateway could not read is no dry run.
+            (
+                "DELETE",
+                "/api/v1/namespaces/d/pods/p?dryRun=All",
+                Some(&body("{not json", None)),
+                false,
+            ),
+        ] {
+            let (info, uri) = at(method, uri);
+            assert_eq!(dry_run(&info, &uri, inspected), want, "{method} {uri}");
+        }
+    }
 
     #[test]
     fn audit_ids_are_v7_of_the_arrival_increasing_and_unique_across_threads() {
