@@ -490,6 +490,7 @@ async fn start_approvals_api(
         principals,
         seal,
         identity: Some(parts.identity),
+        pods_watched: cfg.identity.watch_pods,
         scope: cfg.interception.scope.clone(),
         interceptor: parts.interceptor,
         recorder: Some(parts.recorder),

@@ -42,7 +42,7 @@ use futures_util::TryStreamExt as _;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -83,6 +83,16 @@ pub const MAX_COMMENT_CHARS: usize = 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers (HTTP/1.1), and the HTTP/2
+/// keep-alive ping interval and timeout.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head, either protocol.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent streams per HTTP/2 connection.
+const MAX_STREAMS: u32 = 64;
+/// Connections served at once; more are closed as they arrive, so nobody can use up the
+/// file descriptors the agents' proxy in the same process needs.
+const MAX_CONNECTIONS: usize = 512;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -99,6 +109,10 @@ pub struct ApiSettings {
     pub seal: SealKey,
     /// Workload identity (its pod store knows this node's pods and their addresses).
     pub identity: Option<Arc<Identity>>,
+    /// Whether the pod store is filled by a watch (`identity.watchPods`): until its first
+    /// complete list, no address can be told to be an approver's, and every request is
+    /// refused.
+    pub pods_watched: bool,
     /// Which workloads are intercepted.
     pub scope: ScopeConfig,
     /// The kernel redirect, whose map knows redirected connections.
@@ -532,6 +546,12 @@ impl ApprovalApi {
             ));
         }
         let identity = self.s.identity.as_ref()?;
+        if self.s.pods_watched && !identity.pods().is_synced() {
+            return Some(format!(
+                "the gateway has not yet listed this node's pods, so it cannot tell whether {} is an intercepted pod; try again in a moment",
+                peer.ip()
+            ));
+        }
         // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; pods are indexed by
         // their plain addresses.
         let pod = identity.pods().by_ip(peer.ip().to_canonical())?;
@@ -563,6 +583,7 @@ impl ApprovalApi {
         drain: DrainWatcher,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = drain.signaled() => return,
@@ -579,6 +600,10 @@ impl ApprovalApi {
                 Ok(a) => a,
                 Err(_) => continue,
             };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "approvals API connection refused: too many open");
+                continue;
+            };
             let api = self.clone();
             let acceptor = acceptor.clone();
             let drain = drain.clone();
@@ -592,16 +617,35 @@ impl ApprovalApi {
                     }
                     Err(_) => return,
                 };
-                let refused = api.intercepted_peer(peer, local);
                 let stop = drain.clone();
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let api = api.clone();
-                    let refused = refused.clone();
                     let drain = drain.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req, peer, refused, drain).await) }
+                    async move {
+                        // Checked per request: a pod that was not known yet when the
+                        // connection opened is refused as soon as the watch names it.
+                        let refused = api.intercepted_peer(peer, local);
+                        Ok::<_, Infallible>(api.handle(req, peer, refused, drain).await)
+                    }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // Without a timer hyper enforces no header timeout at all: a client that
+                // sends nothing would hold its connection (and a permit) for good.
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BYTES);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(MAX_STREAMS)
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
+                    .keep_alive_interval(Some(HEADER_READ_TIMEOUT))
+                    .keep_alive_timeout(HEADER_READ_TIMEOUT);
                 let connection = builder.serve_connection(TokioIo::new(tls), service);
+                let _permit = permit;
                 // Open connections (a watch, keep-alive) end with the gateway.
                 tokio::select! {
                     _ = connection => {}

@@ -213,6 +213,27 @@ fn request(
         .context("building the request")
 }
 
+/// `text` with control characters written as escapes: an AccessRequest's fields come
+/// partly from what an agent sent, and an escape sequence printed raw could redraw the
+/// approver's terminal (hide `rm -rf` behind `get pods`).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
 /// One table row for a request.
 pub fn row(r: &AccessRequest) -> String {
     let status = r.status.clone().unwrap_or_default();
@@ -230,15 +251,15 @@ pub fn row(r: &AccessRequest) -> String {
     );
     format!(
         "{:<28} {:<9} {:<32} {:<40} {:<21} {}",
-        r.metadata.name.as_deref().unwrap_or(""),
+        printable(r.metadata.name.as_deref().unwrap_or("")),
         status.phase.as_str(),
-        format!(
+        printable(&format!(
             "{}/{}",
             s.requester.workload.namespace, s.requester.workload.pod
-        ),
-        target,
-        s.expires_at,
-        s.request.summary
+        )),
+        printable(&target),
+        printable(&s.expires_at),
+        printable(&s.request.summary)
     )
 }
 
@@ -398,4 +419,36 @@ pub async fn decide(
         status.phase.as_str().to_lowercase()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_print_control_characters_as_escapes() {
+        assert_eq!(printable("get pods"), "get pods");
+        assert_eq!(
+            printable("rm -rf /\u{1b}[2K\rget pods"),
+            "rm -rf /\\u{1b}[2K\\rget pods"
+        );
+        let mut ar = AccessRequest::new(
+            "ar-1",
+            super::super::resource::AccessRequestSpec {
+                requester: Default::default(),
+                request: Default::default(),
+                fingerprint: String::new(),
+                rule: String::new(),
+                approvers: Default::default(),
+                grant: Default::default(),
+                node: String::new(),
+                created_at: String::new(),
+                expires_at: String::new(),
+            },
+        );
+        ar.spec.request.summary = "exec rm -rf /\u{1b}[1A\u{7}".to_owned();
+        let line = row(&ar);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("\\u{1b}[1A\\u{7}"), "{line}");
+    }
 }

@@ -975,7 +975,33 @@ pub(super) fn approval_summary(
             }
         }
     }
-    line.chars().take(512).collect()
+    summary_line(&line)
+}
+
+/// Longest approval summary, in characters.
+const MAX_SUMMARY_CHARS: usize = 512;
+
+/// `line` as an approver may safely read it: control characters (an escape sequence in an
+/// exec argument could redraw the approver's terminal) written as escapes, and a cut
+/// marked with `…` so padding cannot push the end of a command out of sight unnoticed.
+fn summary_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len().min(MAX_SUMMARY_CHARS * 4));
+    let mut chars = 0;
+    for c in line.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        let n = piece.chars().count();
+        if chars + n > MAX_SUMMARY_CHARS - 1 {
+            out.push('…');
+            return out;
+        }
+        out.push_str(&piece);
+        chars += n;
+    }
+    out
 }
 
 /// Joins the upstream base (`https://host:port[/prefix]`) with the client's path and query.
@@ -997,6 +1023,21 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summaries_escape_control_characters_and_mark_a_cut() {
+        assert_eq!(summary_line("exec sh -c ls"), "exec sh -c ls");
+        assert_eq!(
+            summary_line("exec rm -rf /\u{1b}[2K\r get pods"),
+            "exec rm -rf /\\u{1b}[2K\\r get pods"
+        );
+        let long = format!("exec {} rm -rf /", "x".repeat(600));
+        let cut = summary_line(&long);
+        assert_eq!(cut.chars().count(), MAX_SUMMARY_CHARS);
+        assert!(cut.ends_with('…'), "{cut}");
+        let exact = "y".repeat(MAX_SUMMARY_CHARS - 1);
+        assert_eq!(summary_line(&exact), exact, "no marker when nothing is cut");
+    }
 
     #[test]
     fn a_delete_with_a_body_is_a_dry_run_only_when_its_delete_options_say_so() {
