@@ -242,6 +242,9 @@ const MASK_WRITES: u32 = verb_bits::CREATE
     | verb_bits::DELETE
     | verb_bits::DELETECOLLECTION;
 
+/// Subresources whose reads and writes answer with the whole object of their resource.
+const MASK_SUBRESOURCES: &[&str] = &["status", "ephemeralcontainers", "resize"];
+
 pub(super) fn compile_resource_rule(
     rule: &RawRule,
     resources: &[String],
@@ -329,6 +332,18 @@ pub(super) fn compile_resource_rule(
         (NamespaceSet::Of(_), Action::Mask) => &NamespaceSet::Any,
         (namespaces, _) => namespaces,
     };
+    if rule.action == Action::Mask {
+        // These subresources answer with the whole object (a pod's env values in
+        // `pods/status`): a mask rule on a resource masks them too.
+        let whole: Vec<(&str, Option<&str>)> = parsed
+            .iter()
+            .filter(|(_, sub)| sub.is_none())
+            .flat_map(|(res, _)| MASK_SUBRESOURCES.iter().map(|sub| (*res, Some(*sub))))
+            .collect();
+        parsed.extend(whole);
+        parsed.sort_unstable();
+        parsed.dedup();
+    }
     for (resource, sub) in parsed {
         let candidates = match (resource, sub) {
             ("*", None) => &mut out.any_resource,

@@ -277,6 +277,10 @@ rules:
     verbs: [list]
     resources: [configmaps]
     namespaces: ["*"]
+  - name: mask-pods
+    action: mask
+    verbs: [get]
+    resources: [pods, pods/status]
 "#,
         );
         // A request without a name can return the named object; another name cannot.
@@ -295,6 +299,18 @@ rules:
             // `namespaces: ["*"]` covers a list across all of them.
             ("GET", "/api/v1/configmaps", true),
             ("GET", "/api/v1/namespaces/x/configmaps", true),
+            // Subresources that answer with the whole object are masked with it (once,
+            // though the rule names one of them itself); others are not.
+            ("GET", "/api/v1/namespaces/x/pods/p/status", true),
+            (
+                "PATCH",
+                "/api/v1/namespaces/x/pods/p/ephemeralcontainers",
+                true,
+            ),
+            ("PATCH", "/api/v1/namespaces/x/pods/p/resize", true),
+            ("GET", "/api/v1/namespaces/x/secrets/db/status", true),
+            ("GET", "/api/v1/namespaces/x/pods/p/log", false),
+            ("POST", "/api/v1/namespaces/x/pods/p/eviction", false),
         ] {
             let d = decide_on(&p, method, uri);
             assert_eq!(d.masking.is_some(), masked, "{method} {uri}");

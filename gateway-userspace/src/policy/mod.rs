@@ -227,7 +227,9 @@
 //! `namespaces` also masks lists, watches and collection deletes across all namespaces
 //! (which return those namespaces' objects among the others, all masked alike; lists of
 //! cluster-scoped resources look the same to the gateway and are masked too); one with
-//! `resourceNames` also masks requests without a name (lists, watches, creates). Allow
+//! `resourceNames` also masks requests without a name (lists, watches, creates); one on a
+//! resource also masks its `status`, `ephemeralcontainers` and `resize` subresources, which
+//! answer with the whole object (a pod's env values in `pods/status`). Allow
 //! and deny rules keep RBAC's reading: a deny rule for namespace `prod` does not deny
 //! `kubectl get secrets -A`, so to keep a resource from being read at all, deny it
 //! without `namespaces`.
