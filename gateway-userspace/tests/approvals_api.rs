@@ -20,7 +20,7 @@ use gateway_userspace::{
         resource::{
             AccessRequest, AccessRequestSpec, Approvers, Grant, Phase, Requester, WorkloadRef,
         },
-        seal::SealKey,
+        seal::{SPEC_SEAL_ANNOTATION, SealKey},
     },
     recorder,
     tls::CertificateAuthority,
@@ -193,6 +193,14 @@ impl Harness {
             },
         );
         r.metadata.namespace = Some(NS.into());
+        // As a gateway creates it: its spec sealed.
+        r.metadata.annotations = Some(
+            [(
+                SPEC_SEAL_ANNOTATION.to_owned(),
+                self.key.seal_spec(&r).unwrap(),
+            )]
+            .into(),
+        );
         let api: Api<AccessRequest> = Api::namespaced(self.admin.clone(), NS);
         api.create(&PostParams::default(), &r).await.unwrap()
     }

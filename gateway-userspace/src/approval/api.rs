@@ -331,6 +331,17 @@ pub fn decide(
                 .map_or_else(|| "unknown".to_owned(), |g| g.to_string())
         )));
     }
+    // Anyone who may create AccessRequests could otherwise write a spec to decide on
+    // (themselves as approvers, a grant of years, any workload).
+    if let Err(e) = seal.verify_spec(request) {
+        return Err(conflict(format!(
+            "it was not created by a Chaperone gateway (its spec seal is {}); it cannot be decided",
+            match e {
+                super::seal::SealError::Missing => "missing",
+                _ => "wrong",
+            }
+        )));
+    }
     let expires: jiff::Timestamp = request.spec.expires_at.parse().map_err(|e| {
         conflict(format!(
             "its expiresAt {:?} is not a time ({e}); it cannot be decided",
@@ -1176,6 +1187,7 @@ mod tests {
         r.metadata.namespace = Some("chaperone".into());
         r.metadata.uid = Some("u1".into());
         r.metadata.generation = Some(1);
+        reseal(&mut r);
         r
     }
 
@@ -1190,6 +1202,13 @@ mod tests {
 
     fn key() -> SealKey {
         SealKey::new(vec![9; 32]).unwrap()
+    }
+
+    /// Seals `r`'s spec as a gateway creating it would.
+    fn reseal(r: &mut AccessRequest) {
+        let seal = key().seal_spec(r).unwrap();
+        r.metadata.annotations =
+            Some([(super::super::seal::SPEC_SEAL_ANNOTATION.to_owned(), seal)].into());
     }
 
     fn at(s: &str) -> jiff::Timestamp {
@@ -1268,6 +1287,7 @@ mod tests {
 
         let mut once = r.clone();
         once.spec.grant.duration = None;
+        reseal(&mut once);
         let err = decide(&once, &alice, Decision::Approve, &body, now, &key()).unwrap_err();
         assert!(err.message().contains("grant: once"), "{}", err.message());
         let status = decide(
@@ -1366,6 +1386,35 @@ mod tests {
             assert!(
                 err.message()
                     .contains("its spec was changed after the gateway created it"),
+                "{}",
+                err.message()
+            );
+        }
+        // A request created by someone else (generation 1, but a spec no gateway sealed:
+        // alice as the only approver, a grant of ten years) is not decided either.
+        let mut forged = request();
+        forged.spec.approvers = Approvers {
+            groups: vec![],
+            users: vec!["alice".into()],
+        };
+        forged.spec.grant.duration = Some("87600h".into());
+        let mut unsealed = forged.clone();
+        unsealed.metadata.annotations = None;
+        for (r, says) in [(&forged, "wrong"), (&unsealed, "missing")] {
+            let err = decide(
+                r,
+                &alice,
+                Decision::Approve,
+                &Default::default(),
+                at("2026-12-03T20:01:00Z"),
+                &key(),
+            )
+            .unwrap_err();
+            assert_eq!(err.code(), StatusCode::CONFLICT);
+            assert!(
+                err.message().contains(&format!(
+                    "not created by a Chaperone gateway (its spec seal is {says})"
+                )),
                 "{}",
                 err.message()
             );

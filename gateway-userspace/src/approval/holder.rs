@@ -351,7 +351,12 @@ impl Holder {
         if !status.phase.is_decided() {
             return None;
         }
-        if let Err(e) = self.cfg.seal_key.verify(ar, status) {
+        if let Err(e) = self
+            .cfg
+            .seal_key
+            .verify_spec(ar)
+            .and_then(|()| self.cfg.seal_key.verify(ar, status))
+        {
             self.tampering.fetch_add(1, Ordering::Relaxed);
             if let Some(counter) = &*self
                 .tampering_metric
@@ -534,7 +539,8 @@ impl Holder {
                         via_grant: lasting.is_some(),
                     };
                 }
-            } else if live(&ar) && pending(&ar) {
+            } else if live(&ar) && pending(&ar) && self.cfg.seal_key.verify_spec(ar).is_ok() {
+                // Only a request a gateway created: any other spec is someone else's.
                 reuse = Some(ar.clone());
             }
         }
@@ -708,6 +714,14 @@ impl Holder {
             pod => pod.chars().take(40).collect::<String>(),
         };
         ar.metadata.generate_name = Some(format!("{}-", prefix.trim_end_matches('-')));
+        ar.metadata.namespace = Some(self.cfg.namespace.clone());
+        let spec_seal = self
+            .cfg
+            .seal_key
+            .seal_spec(&ar)
+            .map_err(|e| format!("cannot seal the AccessRequest's spec: {e}"))?;
+        ar.metadata.annotations =
+            Some([(super::seal::SPEC_SEAL_ANNOTATION.to_owned(), spec_seal)].into());
         ar.metadata.labels = Some(
             [
                 (FINGERPRINT_LABEL.to_owned(), fp[..40].to_owned()),

@@ -10,7 +10,9 @@
 //! request fails. The spec digest and the generation (which counts changes to the spec)
 //! make a decision void if anything it decided on is edited afterwards: the grant's length
 //! and scope, the rule, the requester, the approvers. The approvals API decides only on
-//! requests whose spec is as the gateway created it (generation 1).
+//! requests whose spec is as the gateway created it (generation 1) and carries the
+//! gateway's creation seal ([`SPEC_SEAL_ANNOTATION`]), so a request created by anyone
+//! else, with a spec of their own, is never decided.
 
 use std::path::Path;
 
@@ -19,6 +21,10 @@ use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
 use super::resource::{AccessRequest, AccessRequestStatus};
+
+/// The annotation holding the seal a gateway puts on the spec of an AccessRequest it
+/// creates ([`SealKey::seal_spec`]).
+pub const SPEC_SEAL_ANNOTATION: &str = "chaperone.dev/spec-seal";
 
 /// The shortest key accepted: 256 bits, the output size of the MAC.
 pub const MIN_KEY_BYTES: usize = 32;
@@ -118,6 +124,46 @@ impl SealKey {
         self.mac(request, status)?
             .verify_slice(&tag)
             .map_err(|_| SealError::Mismatch)
+    }
+
+    /// The seal a gateway puts on an AccessRequest it creates
+    /// ([`SPEC_SEAL_ANNOTATION`]): an HMAC over its namespace and a digest of its spec.
+    /// Without it, anyone allowed to create AccessRequests could write a spec of their own
+    /// (themselves as approvers, a grant of years, another workload) and decide it.
+    pub fn seal_spec(&self, request: &AccessRequest) -> Result<String, SealError> {
+        Ok(base64::engine::general_purpose::STANDARD
+            .encode(self.spec_mac(request)?.finalize().into_bytes()))
+    }
+
+    /// Checks [`Self::seal_spec`]'s annotation on `request`, in constant time.
+    pub fn verify_spec(&self, request: &AccessRequest) -> Result<(), SealError> {
+        let seal = request
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SPEC_SEAL_ANNOTATION))
+            .ok_or(SealError::Missing)?;
+        let tag = base64::engine::general_purpose::STANDARD
+            .decode(seal)
+            .map_err(|_| SealError::Mismatch)?;
+        self.spec_mac(request)?
+            .verify_slice(&tag)
+            .map_err(|_| SealError::Mismatch)
+    }
+
+    fn spec_mac(&self, request: &AccessRequest) -> Result<Hmac<Sha256>, SealError> {
+        // `new_from_slice` accepts any key length for HMAC; the error is unreachable.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).map_err(|_| SealError::Mismatch)?;
+        let spec = spec_digest(request);
+        for field in [
+            "chaperone.dev/v1alpha1 AccessRequest spec v1",
+            request.metadata.namespace.as_deref().unwrap_or(""),
+            spec.as_str(),
+        ] {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field.as_bytes());
+        }
+        Ok(mac)
     }
 
     fn mac(
