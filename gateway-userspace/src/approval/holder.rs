@@ -173,6 +173,42 @@ struct State {
     grants: Vec<GrantEntry>,
     /// `once` approvals already used (async retries).
     consumed: HashSet<String>,
+    /// When each AccessRequest seen expires, to forget it a day after (see `forget_old`).
+    expiry: HashMap<String, jiff::Timestamp>,
+    /// Decisions observed since the last `forget_old`.
+    observed: usize,
+}
+
+/// How long past its expiry an AccessRequest is remembered: longer than any `once`
+/// approval stays usable (decided before the expiry, usable for the rule's timeout, at
+/// most a day, after the decision).
+const REMEMBER_AFTER_EXPIRY: jiff::SignedDuration = jiff::SignedDuration::from_hours(25);
+
+impl State {
+    /// Forgets AccessRequests long expired that nobody waits on, so the maps do not grow
+    /// with every request the namespace ever held.
+    fn forget_old(&mut self, now: jiff::Timestamp) {
+        let Some(cutoff) = now.checked_sub(REMEMBER_AFTER_EXPIRY).ok() else {
+            return;
+        };
+        let old: Vec<String> = self
+            .expiry
+            .iter()
+            .filter(|(name, expires)| {
+                **expires < cutoff
+                    && self
+                        .verdicts
+                        .get(*name)
+                        .is_none_or(|tx| tx.receiver_count() == 0)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in old {
+            self.expiry.remove(&name);
+            self.verdicts.remove(&name);
+            self.consumed.remove(&name);
+        }
+    }
 }
 
 /// Holds requests for approval and releases them on sealed decisions.
@@ -409,11 +445,19 @@ impl Holder {
                 until,
             });
         }
+        if let Some(expires) = parse_time(Some(ar.spec.expires_at.as_str())) {
+            state.expiry.insert(name.clone(), expires);
+        }
         state
             .verdicts
             .entry(name)
             .or_insert_with(|| watch::channel(None).0)
             .send_replace(Some(verdict));
+        state.observed += 1;
+        if state.observed >= 1024 {
+            state.observed = 0;
+            state.forget_old(now());
+        }
     }
 
     /// Watches the namespace's AccessRequests until the stream ends (it retries with
@@ -871,6 +915,34 @@ mod tests {
         ] {
             assert_ne!(changed, base);
         }
+    }
+
+    #[test]
+    fn requests_long_expired_are_forgotten_unless_someone_waits() {
+        let at = |s: &str| s.parse::<jiff::Timestamp>().expect("time");
+        let mut state = State::default();
+        for name in ["old", "waited-on", "recent"] {
+            state
+                .verdicts
+                .insert(name.to_owned(), watch::channel(None).0);
+            state.consumed.insert(name.to_owned());
+        }
+        state
+            .expiry
+            .insert("old".into(), at("2026-12-01T00:00:00Z"));
+        state
+            .expiry
+            .insert("waited-on".into(), at("2026-12-01T00:00:00Z"));
+        state
+            .expiry
+            .insert("recent".into(), at("2026-12-04T12:00:00Z"));
+        let _waiter = state.verdicts["waited-on"].subscribe();
+        state.forget_old(at("2026-12-05T00:00:00Z"));
+        let mut kept: Vec<&str> = state.verdicts.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["recent", "waited-on"]);
+        assert!(!state.consumed.contains("old") && state.consumed.contains("recent"));
+        assert!(!state.expiry.contains_key("old"));
     }
 
     #[test]

@@ -30,6 +30,8 @@ use crate::drain::DrainWatcher;
 const QUEUE: usize = 256;
 /// Deliveries in flight at once.
 const CONCURRENT_DELIVERIES: usize = 16;
+/// The most of a receiver's answer read (and thrown away).
+const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// The signature header of the generic webhook.
 pub const SIGNATURE_HEADER: &str = "x-chaperone-signature";
 
@@ -675,27 +677,33 @@ async fn deliver(
         let request = request
             .body(Full::new(body.clone()))
             .map_err(|e| format!("building the request: {e}"))?;
-        let retryable =
-            match tokio::time::timeout(retry.timeout, target.client.request(request)).await {
-                Ok(Ok(response)) => {
-                    let code = response.status();
-                    // Drain the body so the connection can be reused.
-                    let _ = response.into_body().collect().await;
-                    if code.is_success() {
-                        return Ok(attempt);
-                    }
-                    last = format!("answered {code}");
-                    code.is_server_error() || code == http::StatusCode::TOO_MANY_REQUESTS
+        let retryable = match tokio::time::timeout(retry.timeout, target.client.request(request))
+            .await
+        {
+            Ok(Ok(response)) => {
+                let code = response.status();
+                // Drain a short answer so the connection can be reused; a long or slow
+                // one is dropped with its connection (it must not hold a delivery slot).
+                let _ = tokio::time::timeout(
+                    retry.timeout,
+                    http_body_util::Limited::new(response.into_body(), MAX_REPLY_BYTES).collect(),
+                )
+                .await;
+                if code.is_success() {
+                    return Ok(attempt);
                 }
-                Ok(Err(e)) => {
-                    last = format!("request failed: {e}");
-                    true
-                }
-                Err(_) => {
-                    last = format!("no answer within {:?}", retry.timeout);
-                    true
-                }
-            };
+                last = format!("answered {code}");
+                code.is_server_error() || code == http::StatusCode::TOO_MANY_REQUESTS
+            }
+            Ok(Err(e)) => {
+                last = format!("request failed: {e}");
+                true
+            }
+            Err(_) => {
+                last = format!("no answer within {:?}", retry.timeout);
+                true
+            }
+        };
         if !retryable {
             return Err(format!("{last} (not retried)"));
         }
