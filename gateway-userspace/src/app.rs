@@ -484,6 +484,11 @@ async fn start_approvals_api(
         addr: api.listen,
         source,
     })?;
+    if cfg.interception.mode == crate::config::InterceptionMode::Ebpf && !cfg.identity.watch_pods {
+        tracing::warn!(
+            "the approvals API recognises intercepted pods only by redirected connections: without identity.watchPods it does not know their addresses, so a pod dialling it directly is not refused by address"
+        );
+    }
     let server = ApprovalApi::new(crate::approval::api::ApiSettings {
         namespace: approval.namespace.clone(),
         client: parts.client,

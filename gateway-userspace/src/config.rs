@@ -867,15 +867,6 @@ impl Config {
                     ),
                 ));
             }
-            // The approvals API refuses intercepted pods by their address, which only the
-            // pod watch knows.
-            if self.approval.as_ref().is_some_and(|a| a.api.is_some()) && !self.identity.watch_pods
-            {
-                return Err(invalid(
-                    "approval.api",
-                    "refuses connections from intercepted pods by their addresses, which needs identity.watchPods: true".to_owned(),
-                ));
-            }
             // The scope is decided on workloads' names: without a source of names every
             // pod stays in scope, whatever the scope says.
             if !i.scope.is_empty()
@@ -1047,7 +1038,7 @@ mod tests {
 
     #[test]
     fn dangerous_interception_settings_are_refused() {
-        let (dir, yaml) = fixture();
+        let (_dir, yaml) = fixture();
         let interception = "interception:\n  targets: [\"169.254.10.100:443\"]\n";
         assert!(yaml.contains(interception));
         for (extra, path, says) in [
@@ -1080,20 +1071,6 @@ mod tests {
         );
         let local = none.replace("169.254.10.1:15443", "127.0.0.1:15443");
         assert!(Config::from_yaml(&local, "c.yaml").is_ok());
-        // The approvals API tells intercepted pods by their addresses: it needs the pods.
-        let key = dir.path().join("seal.key");
-        std::fs::write(&key, [7u8; 48]).expect("seal key");
-        let approvals = format!(
-            "{yaml}approval:\n  sealKeyFile: {}\n  api:\n    listen: 127.0.0.1:15444\n",
-            key.display()
-        );
-        let err = Config::from_yaml(&approvals, "c.yaml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("approval.api") && err.contains("identity.watchPods"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -1386,8 +1386,8 @@ mod tests {
                     ..core("list", "", "pods")
                 },
             ),
-            // Multi-byte characters before the operator (Go walks the string by bytes too,
-            // and a UTF-8 continuation byte is never `=` or `!`).
+            // Multi-byte characters before the operator (Go's `range` walks runes, as
+            // `char_indices` does).
             (
                 "GET",
                 "/api/v1/pods?fieldSelector=%C3%A9%3D1%2Cmetadata.name%3Dw%C3%A9b",

@@ -93,6 +93,8 @@ const MAX_STREAMS: u32 = 64;
 /// Connections served at once; more are closed as they arrive, so nobody can use up the
 /// file descriptors the agents' proxy in the same process needs.
 const MAX_CONNECTIONS: usize = 512;
+/// Connections from intercepted pods served at once (each only ever gets a 403).
+const MAX_AGENT_CONNECTIONS: usize = 16;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -534,6 +536,15 @@ fn status_response(status: &Status) -> Response<Body> {
     json_response(status.code(), status.to_json().to_vec())
 }
 
+/// Why the approvals API refuses a caller before looking at its credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The caller is an intercepted workload (403).
+    Intercepted(String),
+    /// The gateway cannot tell yet whether it is (503: this node's pods are not listed).
+    NotReady(String),
+}
+
 impl ApprovalApi {
     /// An approvals API over these settings.
     pub fn new(settings: ApiSettings) -> Arc<Self> {
@@ -548,20 +559,20 @@ impl ApprovalApi {
     /// the gateway intercepts. Known from the kernel redirect's map (a redirected
     /// connection) or from the pod store (a pod on this node with that address that is not
     /// out of scope). `None` for everything else (approvers' machines, port-forwards).
-    pub fn intercepted_peer(&self, peer: SocketAddr, local: SocketAddr) -> Option<String> {
+    pub fn intercepted_peer(&self, peer: SocketAddr, local: SocketAddr) -> Option<Refusal> {
         if let Some(interceptor) = &self.s.interceptor
             && interceptor.origin(peer, local).is_some()
         {
-            return Some(format!(
+            return Some(Refusal::Intercepted(format!(
                 "the connection from {peer} was redirected from an intercepted workload"
-            ));
+            )));
         }
         let identity = self.s.identity.as_ref()?;
         if self.s.pods_watched && !identity.pods().is_synced() {
-            return Some(format!(
+            return Some(Refusal::NotReady(format!(
                 "the gateway has not yet listed this node's pods, so it cannot tell whether {} is an intercepted pod; try again in a moment",
                 peer.ip()
-            ));
+            )));
         }
         // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; pods are indexed by
         // their plain addresses.
@@ -577,12 +588,12 @@ impl ApprovalApi {
             ..WorkloadIdentity::default()
         };
         (!self.s.scope.classify(&workload).bypass).then(|| {
-            format!(
+            Refusal::Intercepted(format!(
                 "{} is pod {}/{}, which the gateway intercepts",
                 peer.ip(),
                 pod.namespace,
                 pod.name
-            )
+            ))
         })
     }
 
@@ -595,6 +606,7 @@ impl ApprovalApi {
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let agent_permits = Arc::new(tokio::sync::Semaphore::new(MAX_AGENT_CONNECTIONS));
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = drain.signaled() => return,
@@ -611,8 +623,14 @@ impl ApprovalApi {
                 Ok(a) => a,
                 Err(_) => continue,
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "approvals API connection refused: too many open");
+            // Intercepted pods get their 403s from a small pool of their own, so they
+            // cannot use up the connections approvers need.
+            let pool = match self.intercepted_peer(peer, local) {
+                Some(Refusal::Intercepted(_)) => &agent_permits,
+                _ => &permits,
+            };
+            let Ok(permit) = pool.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "approvals API connection refused: too many open");
                 continue;
             };
             let api = self.clone();
@@ -670,7 +688,7 @@ impl ApprovalApi {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        refused: Option<String>,
+        refused: Option<Refusal>,
         drain: DrainWatcher,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -745,19 +763,29 @@ impl ApprovalApi {
         route: &Route,
         headers: &HeaderMap,
         body: Incoming,
-        refused: Option<String>,
+        refused: Option<Refusal>,
         ctx: &mut CallContext,
         drain: DrainWatcher,
     ) -> Result<Response<Body>, Status> {
-        if let Some(why) = refused {
-            return Err(Status::forbidden(
-                GROUP,
-                PLURAL,
-                route_name(route),
-                &format!(
-                    "intercepted workloads may not use the approvals API ({why}); an agent cannot take decisions on its own requests"
-                ),
-            ));
+        match refused {
+            Some(Refusal::Intercepted(why)) => {
+                return Err(Status::forbidden(
+                    GROUP,
+                    PLURAL,
+                    route_name(route),
+                    &format!(
+                        "intercepted workloads may not use the approvals API ({why}); an agent cannot take decisions on its own requests"
+                    ),
+                ));
+            }
+            Some(Refusal::NotReady(why)) => {
+                return Err(Status::failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    format!("chaperone: {why}"),
+                ));
+            }
+            None => {}
         }
         let principal = self
             .s

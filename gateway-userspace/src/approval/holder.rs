@@ -294,11 +294,14 @@ fn workload_label(w: &WorkloadRef) -> String {
     hex(&digest)[..40].to_owned()
 }
 
-/// The latest a grant seen now may run to: the longest grant a policy may give
-/// (`policy::MAX_GRANT`) from now, whatever an AccessRequest's status says.
-fn grant_cap() -> jiff::Timestamp {
+/// The latest a grant decided at `decided_at` (sealed) may run to: the longest grant a
+/// policy may give (`policy::MAX_GRANT`) after the decision, whatever the status says. A
+/// decision without a time gets no window.
+fn grant_cap(decided_at: Option<&str>) -> jiff::Timestamp {
     let max = jiff::SignedDuration::try_from(crate::policy::MAX_GRANT).unwrap_or_default();
-    now().checked_add(max).unwrap_or_else(|_| now())
+    parse_time(decided_at)
+        .and_then(|t| t.checked_add(max).ok())
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
 
 fn now() -> jiff::Timestamp {
@@ -387,12 +390,19 @@ impl Holder {
         if !status.phase.is_decided() {
             return None;
         }
-        if let Err(e) = self
-            .cfg
-            .seal_key
-            .verify_spec(ar)
-            .and_then(|()| self.cfg.seal_key.verify(ar, status))
+        let decision = self.cfg.seal_key.verify(ar, status);
+        if decision.is_ok()
+            && self.cfg.seal_key.verify_spec(ar) == Err(super::seal::SealError::Missing)
         {
+            // Decided by a gateway on a request created before specs were sealed: not
+            // honoured (its spec cannot be vouched for), but not tampering either.
+            tracing::debug!(
+                access_request = ar.metadata.name.as_deref().unwrap_or(""),
+                "an AccessRequest from before spec seals is ignored"
+            );
+            return None;
+        }
+        if let Err(e) = decision.and_then(|()| self.cfg.seal_key.verify_spec(ar)) {
             self.tampering.fetch_add(1, Ordering::Relaxed);
             if let Some(counter) = &*self
                 .tampering_metric
@@ -430,8 +440,11 @@ impl Holder {
         if verdict.phase == Phase::Approved
             && identified(&ar.spec.requester.workload)
             && let Some(until) =
-                parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()))
-                    .map(|until| until.min(grant_cap()))
+                parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref())).map(|until| {
+                    until.min(grant_cap(
+                        ar.status.as_ref().and_then(|s| s.decided_at.as_deref()),
+                    ))
+                })
             && until > now()
             && !state.grants.iter().any(|g| g.name == name)
         {
@@ -559,8 +572,14 @@ impl Holder {
                     continue;
                 }
                 let name = ar.metadata.name.clone().unwrap_or_default();
-                let grant_until =
-                    parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref()));
+                let grant_until = parse_time(
+                    ar.status.as_ref().and_then(|s| s.grant_until.as_deref()),
+                )
+                .map(|until| {
+                    until.min(grant_cap(
+                        ar.status.as_ref().and_then(|s| s.decided_at.as_deref()),
+                    ))
+                });
                 let lasting = grant_until.filter(|_| identified(&req.workload));
                 let usable = match lasting {
                     // A lasting grant: usable while it runs (observe() records it).
@@ -591,7 +610,13 @@ impl Holder {
         let ar = match reuse {
             Some(ar) => ar,
             None => {
-                let pending_count = existing.iter().filter(live).filter(pending).count();
+                // Only requests a gateway created count: forged ones must not use up the cap.
+                let pending_count = existing
+                    .iter()
+                    .filter(live)
+                    .filter(pending)
+                    .filter(|ar| self.cfg.seal_key.verify_spec(ar).is_ok())
+                    .count();
                 if pending_count >= self.cfg.max_pending_per_workload {
                     return HoldOutcome::Failed {
                         why: format!(

@@ -119,6 +119,7 @@ fn decode(
     parts: &mut Parts,
     content_type: Option<&str>,
     bytes: Bytes,
+    strict: Strictness,
 ) -> Result<(Bytes, Option<Value>), BodyError> {
     let json_of = |parts: &mut Parts, object: &Value, media: &'static str| {
         parts
@@ -128,7 +129,12 @@ fn decode(
     };
     Ok(match encoding(content_type) {
         Encoding::Json => {
-            let object = unique_json(&bytes)?;
+            let object = match strict {
+                Strictness::ApiObject => unique_json(&bytes)?,
+                // Another program's JSON (a proxied service's): the API server does not
+                // decode it, so neither repeats nor anything else are refused here.
+                Strictness::Passthrough => serde_json::from_slice(&bytes).ok(),
+            };
             (bytes, object)
         }
         Encoding::Yaml => match serde_norway::from_slice::<Value>(&bytes) {
@@ -154,6 +160,15 @@ fn decode(
         }
         Encoding::Other => (bytes, None),
     })
+}
+
+/// Whether a request body is one the API server decodes as an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Strictness {
+    /// A Kubernetes object: a JSON body with a repeated key is refused.
+    ApiObject,
+    /// Passed to another program (a `proxy` subresource).
+    Passthrough,
 }
 
 /// Parses a JSON body, refusing one that repeats a key within an object (the bytes are
@@ -240,6 +255,7 @@ pub(crate) async fn inspect(
     max_bytes: usize,
     limit: Option<usize>,
     timeout: Duration,
+    strict: Strictness,
 ) -> Result<(ProxyBody, Inspected), BodyError> {
     let content_type = parts
         .headers
@@ -301,7 +317,7 @@ pub(crate) async fn inspect(
     }
     let bytes = buf.freeze();
     inspected.whole_len = Some(bytes.len() as u64);
-    let (forward, object) = decode(parts, content_type.as_deref(), bytes)?;
+    let (forward, object) = decode(parts, content_type.as_deref(), bytes, strict)?;
     inspected.object = object;
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts
@@ -528,6 +544,20 @@ mod tests {
             unique_json(fine).expect("unique"),
             serde_json::from_slice::<Value>(fine).ok()
         );
+        // A proxied program's JSON is its own business.
+        let mut parts = http::Request::post("/")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let (_, object) = decode(
+            &mut parts,
+            Some("application/json"),
+            Bytes::from_static(hidden),
+            Strictness::Passthrough,
+        )
+        .expect("passed through");
+        assert!(object.is_some());
         // Not JSON at all: no object, as before (content conditions then fail closed).
         for garbage in [&b"{"[..], b"{\"a\":}", b"", b"\xff"] {
             assert!(matches!(unique_json(garbage), Ok(None)), "{garbage:?}");
@@ -672,8 +702,13 @@ mod tests {
         };
         let yaml = "kind: Pod\nbase: &b {hostPID: true}\nspec:\n  <<: *b\n  hostNetwork: yes\n";
         let mut parts = head("application/yaml");
-        let (forward, object) =
-            decode(&mut parts, Some("application/yaml"), Bytes::from(yaml)).expect("decoded");
+        let (forward, object) = decode(
+            &mut parts,
+            Some("application/yaml"),
+            Bytes::from(yaml),
+            Strictness::ApiObject,
+        )
+        .expect("decoded");
         let object = object.expect("an object");
         assert_eq!(object["spec"]["hostNetwork"], "yes", "YAML 1.2: a string");
         assert_eq!(object["spec"]["<<"]["hostPID"], true, "no merge: a key");
@@ -688,6 +723,7 @@ mod tests {
             &mut parts,
             Some(apply),
             Bytes::from("kind: ConfigMap\ndata: {a: on}\n"),
+            Strictness::ApiObject,
         )
         .expect("decoded");
         assert_eq!(&forward[..], br#"{"data":{"a":"on"},"kind":"ConfigMap"}"#);
@@ -705,8 +741,13 @@ mod tests {
             ("application/json", "{not json"),
         ] {
             let mut parts = head(ct);
-            let (forward, object) =
-                decode(&mut parts, Some(ct), Bytes::from(body)).expect("decoded");
+            let (forward, object) = decode(
+                &mut parts,
+                Some(ct),
+                Bytes::from(body),
+                Strictness::ApiObject,
+            )
+            .expect("decoded");
             assert_eq!(&forward[..], body.as_bytes(), "{body:?}");
             assert_eq!(object, None, "{body:?}");
             assert_eq!(parts.headers[header::CONTENT_TYPE], ct);
@@ -714,8 +755,13 @@ mod tests {
         // JSON goes byte for byte.
         let json = r#"{"b": 1,  "a": [true]}"#;
         let mut parts = head("application/json");
-        let (forward, object) =
-            decode(&mut parts, Some("application/json"), Bytes::from(json)).expect("decoded");
+        let (forward, object) = decode(
+            &mut parts,
+            Some("application/json"),
+            Bytes::from(json),
+            Strictness::ApiObject,
+        )
+        .expect("decoded");
         assert_eq!(&forward[..], json.as_bytes());
         assert_eq!(object.expect("object")["a"][0], true);
     }

@@ -512,6 +512,11 @@ impl Proxy {
             self.limits.max_inspected_body_bytes as usize,
             limit,
             self.limits.body_read_timeout,
+            if record.object_ref.subresource == "proxy" {
+                body::Strictness::Passthrough
+            } else {
+                body::Strictness::ApiObject
+            },
         )
         .await;
         let (body, inspected) = match inspected {
@@ -985,23 +990,23 @@ const MAX_SUMMARY_CHARS: usize = 512;
 /// exec argument could redraw the approver's terminal) written as escapes, and a cut
 /// marked with `…` so padding cannot push the end of a command out of sight unnoticed.
 fn summary_line(line: &str) -> String {
-    let mut out = String::with_capacity(line.len().min(MAX_SUMMARY_CHARS * 4));
-    let mut chars = 0;
-    for c in line.chars() {
-        let piece: String = if c.is_control() {
-            c.escape_default().collect()
-        } else {
-            c.to_string()
-        };
-        let n = piece.chars().count();
-        if chars + n > MAX_SUMMARY_CHARS - 1 {
-            out.push('…');
-            return out;
-        }
-        out.push_str(&piece);
-        chars += n;
+    let printable: Vec<char> = line
+        .chars()
+        .flat_map(|c| {
+            let piece: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            piece
+        })
+        .collect();
+    if printable.len() <= MAX_SUMMARY_CHARS {
+        return printable.into_iter().collect();
     }
-    out
+    let mut cut: String = printable[..MAX_SUMMARY_CHARS - 1].iter().collect();
+    cut.push('…');
+    cut
 }
 
 /// Joins the upstream base (`https://host:port[/prefix]`) with the client's path and query.
@@ -1035,8 +1040,12 @@ mod tests {
         let cut = summary_line(&long);
         assert_eq!(cut.chars().count(), MAX_SUMMARY_CHARS);
         assert!(cut.ends_with('…'), "{cut}");
-        let exact = "y".repeat(MAX_SUMMARY_CHARS - 1);
+        let exact = "y".repeat(MAX_SUMMARY_CHARS);
         assert_eq!(summary_line(&exact), exact, "no marker when nothing is cut");
+        let one_more = format!("{exact}z");
+        let cut = summary_line(&one_more);
+        assert_eq!(cut.chars().count(), MAX_SUMMARY_CHARS);
+        assert!(cut.ends_with("y…"), "{cut}");
     }
 
     #[test]

@@ -32,18 +32,20 @@ pub(crate) fn create_dir_all(dir: &Path) -> io::Result<()> {
         .into_iter()
         .rev()
         .collect();
-    fs::create_dir_all(dir)?;
-    let synced = missing.iter().try_for_each(|created| {
-        let parent = match created.parent() {
-            Some(p) if p.as_os_str().is_empty() => Path::new("."),
-            Some(p) => p,
-            None => return Ok(()),
-        };
-        sync_dir(parent)
+    let synced = fs::create_dir_all(dir).and_then(|()| {
+        missing.iter().try_for_each(|created| {
+            let parent = match created.parent() {
+                Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                Some(p) => p,
+                None => return Ok(()),
+            };
+            sync_dir(parent)
+        })
     });
     if synced.is_err() {
         // Take the new (still empty) directories away again, deepest first, so the next
-        // call creates and syncs them rather than finding them and trusting them.
+        // call creates and syncs them rather than finding them and trusting them (also
+        // when creating failed halfway).
         for created in missing.iter().rev() {
             let _ = fs::remove_dir(created);
         }
