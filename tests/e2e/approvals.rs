@@ -7,11 +7,15 @@ use chaperone_testkit::{
     apiserver::UserInfo,
     stack::{APPROVAL_NAMESPACE, APPROVALS_PORT, Stack, StackOptions},
 };
-use gateway_userspace::approval::{resource::AccessRequest, seal::SealKey};
+use gateway_userspace::approval::{
+    resource::AccessRequest,
+    seal::{SPEC_SEAL_ANNOTATION, SealKey},
+};
 
-fn access_request() -> serde_json::Value {
+/// A pending AccessRequest as a gateway creates it: its spec sealed with `key`.
+fn access_request(key: &SealKey) -> serde_json::Value {
     let now = jiff::Timestamp::now();
-    serde_json::json!({
+    let mut request = serde_json::json!({
         "apiVersion": "chaperone.dev/v1alpha1", "kind": "AccessRequest",
         "metadata": {"name": "ar-e2e", "namespace": APPROVAL_NAMESPACE},
         "spec": {
@@ -23,7 +27,11 @@ fn access_request() -> serde_json::Value {
             "createdAt": now.to_string(),
             "expiresAt": (now + jiff::SignedDuration::from_mins(5)).to_string()
         }
-    })
+    });
+    let typed: AccessRequest = serde_json::from_value(request.clone()).expect("an AccessRequest");
+    let seal = key.seal_spec(&typed).expect("seal the spec");
+    request["metadata"]["annotations"] = serde_json::json!({ SPEC_SEAL_ANNOTATION: seal });
+    request
 }
 
 fn curl_args(stack: &Stack, host: std::net::Ipv4Addr) -> Vec<String> {
@@ -60,7 +68,7 @@ async fn an_agent_pod_cannot_approve_even_with_an_approver_token() {
     .expect("start the stack");
     stack
         .apiserver
-        .seed(access_request())
+        .seed(access_request(stack.seal_key().expect("seal key")))
         .expect("seed the AccessRequest");
     let host = stack.pod.host_ip();
 

@@ -990,17 +990,7 @@ const MAX_SUMMARY_CHARS: usize = 512;
 /// exec argument could redraw the approver's terminal) written as escapes, and a cut
 /// marked with `…` so padding cannot push the end of a command out of sight unnoticed.
 fn summary_line(line: &str) -> String {
-    let printable: Vec<char> = line
-        .chars()
-        .flat_map(|c| {
-            let piece: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            piece
-        })
-        .collect();
+    let printable: Vec<char> = crate::approval::client::printable(line).chars().collect();
     if printable.len() <= MAX_SUMMARY_CHARS {
         return printable.into_iter().collect();
     }
