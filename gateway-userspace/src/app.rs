@@ -354,6 +354,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         // Requests decided `approve` are held here; the watcher releases them.
         let seal_key = crate::approval::seal::SealKey::from_file(&approval.seal_key_file)
             .map_err(|e| AppError::Config(format!("approval.sealKeyFile: {e}")))?;
+        // Kept beside the recordings: the node's own disk, outlasting the gateway's pod.
+        let used = crate::approval::used::UsedLog::open(
+            &cfg.recording.dir.join(crate::approval::used::USED_LOG_PATH),
+            jiff::Timestamp::now(),
+        )
+        .map_err(|e| AppError::Config(format!("approval: the record of used approvals: {e}")))?;
         let holder = crate::approval::holder::Holder::with_notifier(
             client,
             crate::approval::holder::HolderConfig {
@@ -361,6 +367,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 node: node.clone(),
                 seal_key,
                 max_pending_per_workload: approval.max_pending_per_workload,
+                used: Some(used),
             },
             notifier.clone(),
         );

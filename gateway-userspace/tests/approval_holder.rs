@@ -14,6 +14,7 @@ use gateway_userspace::{
             WorkloadRef, crd_yaml,
         },
         seal::SealKey,
+        used::UsedLog,
     },
     policy::{Approval, ApprovalMode, GrantSpec},
     upstream::{Settings, Upstream},
@@ -65,6 +66,16 @@ async fn env(with_crd: bool) -> Env {
 
 impl Env {
     fn holder(&self, node: &str, max_pending: usize) -> Arc<Holder> {
+        self.holder_recording_in(node, max_pending, None)
+    }
+
+    /// A holder that records the `once` approvals it uses in `used`.
+    fn holder_recording_in(
+        &self,
+        node: &str,
+        max_pending: usize,
+        used: Option<Arc<UsedLog>>,
+    ) -> Arc<Holder> {
         let holder = Holder::new(
             self.client.clone(),
             HolderConfig {
@@ -72,6 +83,7 @@ impl Env {
                 node: node.into(),
                 seal_key: self.key.clone(),
                 max_pending_per_workload: max_pending,
+                used,
             },
         );
         tokio::spawn(holder.clone().run_watcher());
@@ -784,5 +796,56 @@ async fn a_once_approval_is_used_once_across_gateways() {
     assert!(
         matches!(&again, HoldOutcome::Queued { name: n } if *n != name),
         "{again:?}"
+    );
+}
+
+/// The `Consumed` mark is outside the seal: whoever may write the status can put the
+/// approved status back without it. The node's own record still keeps the approval to one
+/// use, across a restart of the gateway; without the record the approval would pass again.
+#[tokio::test]
+async fn a_once_approval_stays_used_on_its_node_when_the_mark_is_undone() {
+    let e = env(true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("used");
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    let log = UsedLog::open(&path, jiff::Timestamp::now()).expect("open the record");
+    let node_a = e.holder_recording_in("node-a", 10, Some(log.clone()));
+    let HoldOutcome::Queued { name } = node_a.hold(&request(&a, "agent-0", b"{}")).await else {
+        panic!("expected queued");
+    };
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let used = node_a.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&used, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{used:?}"
+    );
+    let mut ar = e.api().get(&name).await.expect("get");
+    let uid = ar.metadata.uid.clone().expect("uid");
+    assert!(log.contains(&uid), "the use is on the node's disk");
+    drop(node_a);
+    // Someone with accessrequests/status write removes the mark; the seal still holds.
+    let mut status = ar.status.clone().expect("status");
+    status.conditions.retain(|c| c.type_ != "Consumed");
+    assert_eq!(e.key.verify(&ar, &status), Ok(()));
+    ar.status = Some(status);
+    e.api()
+        .replace_status(&name, &PostParams::default(), &ar)
+        .await
+        .expect("undo the mark");
+    // The gateway restarts: it reads its record back and asks again.
+    let reopened = UsedLog::open(&path, jiff::Timestamp::now()).expect("reopen the record");
+    let restarted = e.holder_recording_in("node-a", 10, Some(reopened));
+    let again = restarted.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&again, HoldOutcome::Queued { name: n } if *n != name),
+        "{again:?}"
+    );
+    // What the record closes: a gateway without it lets the request through again.
+    let forgetful = e.holder("node-a", 10);
+    let reused = forgetful.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&reused, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{reused:?}"
     );
 }

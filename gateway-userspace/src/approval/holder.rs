@@ -66,6 +66,9 @@ pub struct HolderConfig {
     pub seal_key: SealKey,
     /// Most AccessRequests pending at once for one workload; more are refused.
     pub max_pending_per_workload: usize,
+    /// This node's durable record of the `once` approvals it used (see
+    /// [`super::used`]); `None` keeps only the status mark and memory.
+    pub used: Option<Arc<super::used::UsedLog>>,
 }
 
 /// One request decided `approve`, as the holder needs it.
@@ -589,9 +592,16 @@ impl Holder {
                     None => {
                         once_usable(ar, now())
                             && !self.lock().consumed.contains(&name)
+                            && !self.used_here(ar)
                             && self.consume(ar).await
                     }
                 };
+                if usable && lasting.is_none() {
+                    self.lock().consumed.insert(name.clone());
+                    if let Err(why) = self.record_used(ar).await {
+                        return HoldOutcome::Failed { why };
+                    }
+                }
                 if usable {
                     self.observe(ar);
                     self.lock().consumed.insert(name.clone());
@@ -669,7 +679,11 @@ impl Holder {
                 };
                 match &fetched {
                     Ok(Ok(ar)) if lasting(ar) => {}
-                    Ok(Ok(ar)) if first_here && self.consume(ar).await => {}
+                    Ok(Ok(ar)) if first_here && !self.used_here(ar) && self.consume(ar).await => {
+                        if let Err(why) = self.record_used(ar).await {
+                            return HoldOutcome::Failed { why };
+                        }
+                    }
                     Ok(Ok(_)) => {
                         return HoldOutcome::Used {
                             name,
@@ -706,6 +720,39 @@ impl Holder {
                 waited,
             },
             _ => HoldOutcome::Expired { name, waited },
+        }
+    }
+
+    /// Whether this node's record says `ar` was used here (the status mark can be undone
+    /// by whoever may write the status; this record cannot).
+    fn used_here(&self, ar: &AccessRequest) -> bool {
+        let uid = ar.metadata.uid.as_deref().unwrap_or_default();
+        self.cfg.used.as_ref().is_some_and(|log| log.contains(uid))
+    }
+
+    /// Writes `ar`'s use into this node's record, synced, before the request goes on;
+    /// the error says why the request must not.
+    async fn record_used(&self, ar: &AccessRequest) -> Result<(), String> {
+        let Some(log) = self.cfg.used.clone() else {
+            return Ok(());
+        };
+        let name = ar.metadata.name.clone().unwrap_or_default();
+        let uid = ar.metadata.uid.clone().unwrap_or_default();
+        let forget_after = parse_time(Some(ar.spec.expires_at.as_str()))
+            .and_then(|e| e.checked_add(REMEMBER_AFTER_EXPIRY).ok())
+            .unwrap_or(jiff::Timestamp::MAX);
+        let written = tokio::task::spawn_blocking(move || log.record(&uid, forget_after)).await;
+        match written {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(format!(
+                "AccessRequest {name} was approved once and has been used on this node already"
+            )),
+            Ok(Err(e)) => Err(format!(
+                "AccessRequest {name} was approved, but its use cannot be recorded on this node: {e}"
+            )),
+            Err(e) => Err(format!(
+                "AccessRequest {name} was approved, but recording its use failed: {e}"
+            )),
         }
     }
 

@@ -21,5 +21,6 @@ pub mod holder;
 pub mod notify;
 pub mod resource;
 pub mod seal;
+pub mod used;
 
 pub use config::ApprovalConfig;

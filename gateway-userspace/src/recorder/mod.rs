@@ -24,7 +24,7 @@
 //! start the log is replayed, so every request that was forwarded has a row (outcome
 //! `unknown` when the gateway died before the response).
 
-mod durable;
+pub(crate) mod durable;
 pub mod exec_frames;
 pub mod manifest;
 mod reader;

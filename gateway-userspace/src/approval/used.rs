@@ -1,0 +1,252 @@
+//! The `once` approvals this node has let a request through on, kept on the node's disk.
+//!
+//! A `once` approval is marked used in its AccessRequest's status (the `Consumed`
+//! condition), which any gateway reads. The status is outside the seal, though: whoever
+//! may write `accessrequests/status` can put the approved status back without the mark,
+//! seal and all, and the approval would let a second request through. A `once` approval
+//! of an identified caller can only ever be used on the node its pod runs on (the pod's
+//! uid is part of the request's fingerprint), so this node's own record of what it used
+//! closes that, across restarts too. The gateway writes the record, and syncs it, before
+//! the request goes on; when it cannot, the request is refused.
+//!
+//! The file holds one line per used AccessRequest, `<uid> <forget-after>\n`, the second an
+//! RFC 3339 time after which the approval is unusable anyway and the line is dropped the
+//! next time the file is opened.
+
+use std::{
+    collections::HashMap,
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use crate::recorder::durable;
+
+/// Where the record is kept, under the recording directory (`recording.dir`, a host path
+/// in the DaemonSet); a dot directory, which the uploader and readers skip.
+pub const USED_LOG_PATH: &str = ".approvals/used";
+
+/// The record of used `once` approvals (see the module documentation).
+#[derive(Debug)]
+pub struct UsedLog {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    file: File,
+    used: HashMap<String, jiff::Timestamp>,
+}
+
+/// Why the record cannot be opened: the gateway does not start (it could not keep a
+/// `once` approval to one use).
+#[derive(Debug, thiserror::Error)]
+pub enum UsedLogError {
+    /// Reading, writing or creating the file or its directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A complete line is not `<uid> <time>`.
+    #[error(
+        "{path}:{line}: not a used-approval record (expected '<uid> <RFC 3339 time>'); the file is written only by the gateway, delete it to start afresh"
+    )]
+    Garbage {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+    },
+}
+
+impl UsedLog {
+    /// Opens (or creates) the record at `path`, dropping lines whose time has passed by
+    /// `now`. A last line without its newline (a write cut off by a crash, whose request
+    /// never went on) is dropped too.
+    pub fn open(path: &Path, now: jiff::Timestamp) -> Result<Arc<Self>, UsedLogError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| UsedLogError::Io { path, source }
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        durable::create_dir_all(dir).map_err(io_err(dir))?;
+        let text = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let complete = text
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |end| end + 1);
+        let mut used = HashMap::new();
+        let mut stale = complete != text.len();
+        for (i, line) in text[..complete].split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let Some((uid, until)) = parse_line(line) else {
+                return Err(UsedLogError::Garbage {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                });
+            };
+            if until > now {
+                used.insert(uid.to_owned(), until);
+            } else {
+                stale = true;
+            }
+        }
+        if stale {
+            rewrite(path, &used).map_err(io_err(path))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        if text.is_empty() {
+            durable::sync_dir(dir).map_err(io_err(dir))?;
+        }
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            inner: Mutex::new(Inner { file, used }),
+        }))
+    }
+
+    /// Whether the AccessRequest with `uid` has let a request through on this node.
+    pub fn contains(&self, uid: &str) -> bool {
+        self.lock().used.contains_key(uid)
+    }
+
+    /// Records that the AccessRequest with `uid` lets a request through now, durably,
+    /// before it goes on. `Ok(false)`: it was recorded already (used before). Blocks on
+    /// the disk: call it off the async threads.
+    pub fn record(&self, uid: &str, forget_after: jiff::Timestamp) -> io::Result<bool> {
+        if uid.is_empty()
+            || uid
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{uid:?} is not an AccessRequest uid"),
+            ));
+        }
+        let mut inner = self.lock();
+        if inner.used.contains_key(uid) {
+            return Ok(false);
+        }
+        let line = format!("{uid} {forget_after}\n");
+        inner.file.write_all(line.as_bytes())?;
+        inner.file.sync_data()?;
+        inner.used.insert(uid.to_owned(), forget_after);
+        Ok(true)
+    }
+
+    /// Where the record is kept.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn parse_line(line: &[u8]) -> Option<(&str, jiff::Timestamp)> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (uid, until) = line.split_once(' ')?;
+    if uid.is_empty() {
+        return None;
+    }
+    Some((uid, until.parse().ok()?))
+}
+
+/// Replaces the file with `used`'s lines: written beside it, synced, renamed over it.
+fn rewrite(path: &Path, used: &HashMap<String, jiff::Timestamp>) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    for (uid, until) in used {
+        writeln!(file, "{uid} {until}")?;
+    }
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> jiff::Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_recorded_use_survives_a_reopen_until_its_time_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/used");
+        let log = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap();
+        assert!(!log.contains("uid-1"));
+        assert!(log.record("uid-1", at("2026-12-06T10:00:00Z")).unwrap());
+        assert!(log.record("uid-2", at("2026-12-05T11:00:00Z")).unwrap());
+        assert!(
+            !log.record("uid-1", at("2026-12-06T10:00:00Z")).unwrap(),
+            "used before"
+        );
+        assert!(log.contains("uid-1"));
+        drop(log);
+        let reopened = UsedLog::open(&path, at("2026-12-05T10:30:00Z")).unwrap();
+        assert!(reopened.contains("uid-1") && reopened.contains("uid-2"));
+        drop(reopened);
+        // Past uid-2's time: dropped, and the file is rewritten without it.
+        let later = UsedLog::open(&path, at("2026-12-05T12:00:00Z")).unwrap();
+        assert!(later.contains("uid-1") && !later.contains("uid-2"));
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "uid-1 2026-12-06T10:00:00Z\n");
+    }
+
+    #[test]
+    fn a_cut_off_last_line_is_dropped_and_garbage_is_refused_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("used");
+        fs::write(&path, "uid-1 2026-12-06T10:00:00Z\nuid-2 2026-12-0").unwrap();
+        let log = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap();
+        assert!(log.contains("uid-1") && !log.contains("uid-2"));
+        assert!(log.record("uid-3", at("2026-12-06T10:00:00Z")).unwrap());
+        drop(log);
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "uid-1 2026-12-06T10:00:00Z\nuid-3 2026-12-06T10:00:00Z\n",
+            "the cut-off line is gone and new lines start on their own"
+        );
+        fs::write(&path, "uid-1 2026-12-06T10:00:00Z\nnot a record\n").unwrap();
+        let err = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap_err();
+        assert!(
+            matches!(err, UsedLogError::Garbage { line: 2, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(":2: not a used-approval record"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn uids_that_would_break_a_line_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = UsedLog::open(&dir.path().join("used"), at("2026-12-05T10:00:00Z")).unwrap();
+        for bad in ["", "a b", "a\nb"] {
+            assert!(
+                log.record(bad, at("2026-12-06T10:00:00Z")).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+}
