@@ -689,6 +689,43 @@ async fn requests_watch_streams_decisions() {
     child.kill().await.unwrap();
 }
 
+/// A watch ends when its time is up, as the API server's do (`timeoutSeconds`, or half an
+/// hour to an hour): the caller then watches again and is authorised again. Garbage in
+/// `timeoutSeconds` is a 400 naming it.
+#[tokio::test]
+async fn a_watch_ends_when_its_time_is_up() {
+    let h = Harness::start().await;
+    h.pending("ar-timed", None).await;
+    let alice = h.approver("alice").await;
+    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=1"))
+        .body(Vec::new())
+        .unwrap();
+    let text = tokio::time::timeout(std::time::Duration::from_secs(30), alice.request_text(req))
+        .await
+        .expect("the watch did not end")
+        .expect("watch");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "ADDED" && e["object"]["metadata"]["name"] == "ar-timed"),
+        "{text}"
+    );
+    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=soon"))
+        .body(Vec::new())
+        .unwrap();
+    match alice.request_text(req).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 400);
+            assert!(s.message.contains("timeoutSeconds"), "{}", s.message);
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+}
+
 /// The signature checks the approver guide shows (Python and shell) accept what the
 /// notifier sends, and the Python one rejects another key.
 #[test]

@@ -5,7 +5,8 @@
 //! Kubernetes `Status` objects):
 //!
 //! * `GET /v1/accessrequests` lists the AccessRequests (`?watch=true` streams changes as
-//!   one JSON watch event per line: `{"type":"ADDED","object":{...}}`);
+//!   one JSON watch event per line: `{"type":"ADDED","object":{...}}`, until
+//!   `timeoutSeconds` or 30 to 60 minutes have passed);
 //! * `GET /v1/accessrequests/{name}` reads one;
 //! * `POST /v1/accessrequests/{name}/approve` with `{"for":"15m","comment":"..."}`;
 //! * `POST /v1/accessrequests/{name}/deny` with `{"comment":"..."}`;
@@ -81,6 +82,11 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_COMMENT_CHARS: usize = 1024;
 /// How long one call may take to produce its answer (a watch: its first byte).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A watch ends after a random time between this and twice this, as the API server ends
+/// its watches (`--min-request-timeout`), or sooner when the caller asks
+/// (`timeoutSeconds`): the caller watches again and is authorised again, so an approver
+/// whose access was taken away stops seeing requests.
+const MIN_WATCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How long the TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers (HTTP/1.1), and the HTTP/2
@@ -457,11 +463,28 @@ fn grant_until(
     Ok(Some(rfc3339(until)))
 }
 
+/// How long one watch runs: what the caller asked, at most a random time between
+/// [`MIN_WATCH_TIMEOUT`] and twice it (spread, so watches opened together do not all
+/// come back at once).
+fn watch_timeout(asked: Option<Duration>) -> Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let spread = Duration::from_secs(random % MIN_WATCH_TIMEOUT.as_secs().max(1));
+    let most = MIN_WATCH_TIMEOUT + spread;
+    asked.map_or(most, |asked| asked.min(most))
+}
+
 /// One request to the API as routed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
     Health,
-    List { watch: bool },
+    List {
+        watch: bool,
+        /// `timeoutSeconds`, if given (not zero).
+        timeout: Option<Duration>,
+    },
     Get(String),
     Decide(String, Decision),
 }
@@ -493,11 +516,22 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Stat
     match parts.as_slice() {
         [] => {
             allow(Method::GET)?;
-            let watch = query.is_some_and(|q| {
-                q.split('&')
-                    .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch"))
-            });
-            Ok(Route::List { watch })
+            let params = || query.into_iter().flat_map(|q| q.split('&'));
+            let watch = params().any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch"));
+            let timeout = match params().find_map(|kv| kv.strip_prefix("timeoutSeconds=")) {
+                None => None,
+                Some(n) => match n.parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(n) => Some(Duration::from_secs(n)),
+                    Err(_) => {
+                        return Err(Status::bad_request(format!(
+                            "timeoutSeconds: {:?} is not a whole number of seconds",
+                            n.chars().take(32).collect::<String>()
+                        )));
+                    }
+                },
+            };
+            Ok(Route::List { watch, timeout })
         }
         [name] => {
             allow(Method::GET)?;
@@ -799,11 +833,11 @@ impl ApprovalApi {
         ctx.approver = Some(approver.clone());
         match route {
             Route::Health => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
-            Route::List { watch } => {
+            Route::List { watch, timeout } => {
                 let verb = if *watch { "watch" } else { "list" };
                 self.authorize(&approver, verb, "").await?;
                 if *watch {
-                    self.watch(drain).await
+                    self.watch(drain, watch_timeout(*timeout)).await
                 } else {
                     let list = self
                         .api()
@@ -965,7 +999,13 @@ impl ApprovalApi {
         Err(Status::forbidden(GROUP, PLURAL, name, &why))
     }
 
-    async fn watch(&self, drain: DrainWatcher) -> Result<Response<Body>, Status> {
+    /// Streams AccessRequest events until `timeout` has passed (then the body ends and
+    /// the caller watches again), the caller goes away or the gateway drains.
+    async fn watch(
+        &self,
+        drain: DrainWatcher,
+        timeout: Duration,
+    ) -> Result<Response<Body>, Status> {
         use kube::runtime::watcher;
         // Fail before answering 200 when the API server refuses (RBAC, unreachable).
         self.api()
@@ -976,10 +1016,13 @@ impl ApprovalApi {
         let stream = watcher(self.api(), watcher::Config::default());
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            let ends = tokio::time::sleep(timeout);
+            tokio::pin!(ends);
             loop {
                 let next = tokio::select! {
                     _ = drain.signaled() => return,
                     _ = tx.closed() => return,
+                    () = &mut ends => return,
                     next = stream.try_next() => next,
                 };
                 let (kind, object) = match next {
@@ -1450,18 +1493,47 @@ mod tests {
     }
 
     #[test]
+    fn watches_end_within_twice_the_minimum_or_when_asked() {
+        let most = MIN_WATCH_TIMEOUT * 2;
+        for _ in 0..100 {
+            let t = watch_timeout(None);
+            assert!(t >= MIN_WATCH_TIMEOUT && t < most, "{t:?}");
+        }
+        assert_eq!(
+            watch_timeout(Some(Duration::from_secs(5))),
+            Duration::from_secs(5)
+        );
+        assert!(watch_timeout(Some(Duration::from_secs(u64::MAX / 4))) < most);
+    }
+
+    #[test]
     fn routes() {
         let get = Method::GET;
         let post = Method::POST;
         assert_eq!(route(&get, "/healthz", None).unwrap(), Route::Health);
         assert_eq!(
             route(&get, BASE_PATH, Some("watch=true")).unwrap(),
-            Route::List { watch: true }
+            Route::List {
+                watch: true,
+                timeout: None
+            }
+        );
+        assert_eq!(
+            route(&get, BASE_PATH, Some("timeoutSeconds=5&watch=1")).unwrap(),
+            Route::List {
+                watch: true,
+                timeout: Some(Duration::from_secs(5))
+            }
         );
         assert_eq!(
             route(&get, "/v1/accessrequests/", None).unwrap(),
-            Route::List { watch: false }
+            Route::List {
+                watch: false,
+                timeout: None
+            }
         );
+        let bad = route(&get, BASE_PATH, Some("watch=true&timeoutSeconds=soon")).unwrap_err();
+        assert!(format!("{bad:?}").contains("timeoutSeconds"), "{bad:?}");
         assert_eq!(
             route(&get, "/v1/accessrequests/ar-1", None).unwrap(),
             Route::Get("ar-1".into())

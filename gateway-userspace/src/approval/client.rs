@@ -10,7 +10,7 @@
 //! `tls-server-name`); the CA from `--certificate-authority`, the extension, or else the
 //! cluster's own CA (the gateway's CA is usually the cluster's).
 
-use std::{io::Write as _, path::PathBuf};
+use std::{collections::HashMap, io::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use base64::Engine as _;
@@ -293,6 +293,30 @@ fn print_objects(value: &serde_json::Value, output: Output) -> anyhow::Result<()
     Ok(())
 }
 
+/// Whether a watch event shows something not printed yet: a watch opened again starts
+/// with every AccessRequest as `ADDED`, and those whose resourceVersion was printed
+/// already are left out. Remembers what it lets through; deletions always show.
+fn changed(printed: &mut HashMap<String, String>, event: &serde_json::Value) -> bool {
+    let meta = &event["object"]["metadata"];
+    let key = meta["uid"]
+        .as_str()
+        .or_else(|| meta["name"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let version = meta["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if event["type"] == "DELETED" {
+        printed.remove(&key);
+        return true;
+    }
+    if version.is_empty() {
+        return true;
+    }
+    printed.insert(key, version.clone()).as_deref() != Some(version.as_str())
+}
+
 /// `requests [NAME] [-w] [-o json|yaml|name]`.
 pub async fn requests(
     conn: &Connection,
@@ -306,57 +330,72 @@ pub async fn requests(
             name.is_none(),
             "-w watches every request; leave out the name"
         );
-        let req = request(
-            http::Method::GET,
-            &format!("{BASE_PATH}{}", conn.query(&["watch=true"])),
-            Vec::new(),
-        )?;
-        let response = client
-            .send(req.map(kube::client::Body::from))
-            .await
-            .map_err(explain)?;
-        let code = response.status();
-        let mut body = response.into_body();
-        if !code.is_success() {
-            let bytes = http_body_util::BodyExt::collect(body)
+        // The approvals API ends a watch after half an hour or so (the caller is then
+        // authorised again); watch again, printing only what changed since.
+        let mut printed: HashMap<String, String> = HashMap::new();
+        let mut first = true;
+        loop {
+            let opened = std::time::Instant::now();
+            let req = request(
+                http::Method::GET,
+                &format!("{BASE_PATH}{}", conn.query(&["watch=true"])),
+                Vec::new(),
+            )?;
+            let response = client
+                .send(req.map(kube::client::Body::from))
                 .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            return Err(match serde_json::from_slice::<kube::core::Status>(&bytes) {
-                Ok(status) => explain(kube::Error::Api(Box::new(status))),
-                Err(_) => anyhow!("the approvals API answered {code}"),
-            });
-        }
-        if output.is_none() {
-            println!("{}", header());
-        }
-        let mut pending: Vec<u8> = Vec::new();
-        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-            let frame = frame.map_err(|e| anyhow!("the watch broke off: {e}"))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            pending.extend_from_slice(&data);
-            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
+                .map_err(explain)?;
+            let code = response.status();
+            let mut body = response.into_body();
+            if !code.is_success() {
+                let bytes = http_body_util::BodyExt::collect(body)
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                return Err(match serde_json::from_slice::<kube::core::Status>(&bytes) {
+                    Ok(status) => explain(kube::Error::Api(Box::new(status))),
+                    Err(_) => anyhow!("the approvals API answered {code}"),
+                });
+            }
+            if std::mem::take(&mut first) && output.is_none() {
+                println!("{}", header());
+            }
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                let frame = frame.map_err(|e| anyhow!("the watch broke off: {e}"))?;
+                let Ok(data) = frame.into_data() else {
                     continue;
-                }
-                let event: serde_json::Value = serde_json::from_slice(&line)
-                    .context("the watch sent something that is not JSON")?;
-                match output {
-                    Some(Output::Json) => println!("{}", serde_json::to_string(&event)?),
-                    Some(o) => print_objects(&event["object"], o)?,
-                    None => {
-                        let object: AccessRequest = serde_json::from_value(event["object"].clone())
-                            .context("the watch sent an object that is not an AccessRequest")?;
-                        println!("{}", row(&object));
+                };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
                     }
+                    let event: serde_json::Value = serde_json::from_slice(&line)
+                        .context("the watch sent something that is not JSON")?;
+                    if !changed(&mut printed, &event) {
+                        continue;
+                    }
+                    match output {
+                        Some(Output::Json) => println!("{}", serde_json::to_string(&event)?),
+                        Some(o) => print_objects(&event["object"], o)?,
+                        None => {
+                            let object: AccessRequest = serde_json::from_value(
+                                event["object"].clone(),
+                            )
+                            .context("the watch sent an object that is not an AccessRequest")?;
+                            println!("{}", row(&object));
+                        }
+                    }
+                    std::io::stdout().flush()?;
                 }
-                std::io::stdout().flush()?;
+            }
+            // A watch that ended at once (a gateway going away) is not retried in a loop.
+            if opened.elapsed() < std::time::Duration::from_secs(1) {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
-        return Ok(());
     }
     let path = match name {
         Some(n) => format!("{BASE_PATH}/{n}{}", conn.query(&[])),
@@ -424,6 +463,29 @@ pub async fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_opened_again_prints_only_what_changed() {
+        let event = |kind: &str, uid: &str, version: &str| {
+            serde_json::json!({"type": kind, "object": {"metadata": {
+                "name": format!("ar-{uid}"), "uid": uid, "resourceVersion": version}}})
+        };
+        let mut printed = HashMap::new();
+        assert!(changed(&mut printed, &event("ADDED", "1", "10")));
+        assert!(changed(&mut printed, &event("ADDED", "2", "11")));
+        assert!(changed(&mut printed, &event("MODIFIED", "1", "12")));
+        // The watch is opened again: its first events repeat what is known.
+        assert!(!changed(&mut printed, &event("ADDED", "1", "12")));
+        assert!(!changed(&mut printed, &event("ADDED", "2", "11")));
+        assert!(changed(&mut printed, &event("ADDED", "3", "13")));
+        assert!(changed(&mut printed, &event("DELETED", "2", "14")));
+        // A request deleted and created again under its name is a new object.
+        assert!(changed(&mut printed, &event("ADDED", "4", "15")));
+        assert!(changed(
+            &mut printed,
+            &serde_json::json!({"type": "ADDED", "object": {}})
+        ));
+    }
 
     #[test]
     fn rows_print_control_characters_as_escapes() {
