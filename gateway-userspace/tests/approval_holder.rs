@@ -849,3 +849,55 @@ async fn a_once_approval_stays_used_on_its_node_when_the_mark_is_undone() {
         "{reused:?}"
     );
 }
+
+/// A held request goes through only on the decision its AccessRequest holds, sealed, when
+/// it is read back: a status written back to `Pending` by hand (with a `grantUntil`, once
+/// the request was approved and used) picks the request up again, and the verdict seen
+/// earlier must not release the new one.
+#[tokio::test]
+async fn a_status_written_back_to_pending_releases_nothing() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let hold = |holder: Arc<Holder>, a: Approval| {
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let held = hold(holder.clone(), a.clone());
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let first = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("released in time")
+        .expect("task");
+    assert!(matches!(first, HoldOutcome::Approved { .. }), "{first:?}");
+    // Someone with accessrequests/status write: back to Pending, with a grant window.
+    let mut ar = e.api().get(&name).await.expect("get");
+    ar.status = Some(AccessRequestStatus {
+        phase: Phase::Pending,
+        decided_by: Some("alice".into()),
+        decided_at: Some(jiff::Timestamp::now().to_string()),
+        grant_until: Some(
+            jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::from_hours(1))
+                .unwrap()
+                .to_string(),
+        ),
+        ..Default::default()
+    });
+    e.api()
+        .replace_status(&name, &PostParams::default(), &ar)
+        .await
+        .expect("rewrite the status");
+    let again = tokio::time::timeout(Duration::from_secs(10), hold(holder.clone(), a.clone()))
+        .await
+        .map(|r| r.expect("task"));
+    assert!(
+        !matches!(again, Ok(HoldOutcome::Approved { .. })),
+        "released again on a status nobody sealed: {again:?}"
+    );
+}

@@ -697,7 +697,7 @@ async fn a_watch_ends_when_its_time_is_up() {
     let h = Harness::start().await;
     h.pending("ar-timed", None).await;
     let alice = h.approver("alice").await;
-    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=1"))
+    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=3"))
         .body(Vec::new())
         .unwrap();
     let text = tokio::time::timeout(std::time::Duration::from_secs(30), alice.request_text(req))

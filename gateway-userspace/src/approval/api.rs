@@ -1041,7 +1041,13 @@ impl ApprovalApi {
                     serde_json::to_vec(&serde_json::json!({"type": kind, "object": object}))
                         .unwrap_or_default();
                 line.push(b'\n');
-                if tx.send(Bytes::from(line)).await.is_err() {
+                // A caller that stops reading must not hold the watch past its end.
+                let sent = tokio::select! {
+                    _ = drain.signaled() => return,
+                    () = &mut ends => return,
+                    sent = tx.send(Bytes::from(line)) => sent,
+                };
+                if sent.is_err() {
                     return;
                 }
             }

@@ -480,7 +480,9 @@ mod tests {
         assert!(changed(&mut printed, &event("ADDED", "3", "13")));
         assert!(changed(&mut printed, &event("DELETED", "2", "14")));
         // A request deleted and created again under its name is a new object.
-        assert!(changed(&mut printed, &event("ADDED", "4", "15")));
+        let mut again = event("ADDED", "5", "15");
+        again["object"]["metadata"]["name"] = "ar-2".into();
+        assert!(changed(&mut printed, &again));
         assert!(changed(
             &mut printed,
             &serde_json::json!({"type": "ADDED", "object": {}})

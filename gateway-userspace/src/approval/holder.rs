@@ -300,6 +300,14 @@ fn workload_label(w: &WorkloadRef) -> String {
 /// The latest a grant decided at `decided_at` (sealed) may run to: the longest grant a
 /// policy may give (`policy::MAX_GRANT`) after the decision, whatever the status says. A
 /// decision without a time gets no window.
+/// Until when the (sealed) decision in `ar`'s status lets identical requests through: its
+/// `grantUntil`, at most [`crate::policy::MAX_GRANT`] after the decision. `None`: `once`.
+fn grant_until(ar: &AccessRequest) -> Option<jiff::Timestamp> {
+    let status = ar.status.as_ref()?;
+    parse_time(status.grant_until.as_deref())
+        .map(|until| until.min(grant_cap(status.decided_at.as_deref())))
+}
+
 fn grant_cap(decided_at: Option<&str>) -> jiff::Timestamp {
     let max = jiff::SignedDuration::try_from(crate::policy::MAX_GRANT).unwrap_or_default();
     parse_time(decided_at)
@@ -406,20 +414,13 @@ impl Holder {
             return None;
         }
         if let Err(e) = decision.and_then(|()| self.cfg.seal_key.verify_spec(ar)) {
-            self.tampering.fetch_add(1, Ordering::Relaxed);
-            if let Some(counter) = &*self
-                .tampering_metric
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-            {
-                counter.inc();
-            }
-            tracing::warn!(
-                access_request = ar.metadata.name.as_deref().unwrap_or(""),
-                phase = status.phase.as_str(),
-                decided_by = status.decided_by.as_deref().unwrap_or(""),
-                error = %e,
-                "tampering attempt: an AccessRequest decision without a valid seal is ignored"
+            self.tampered(
+                ar,
+                &format!(
+                    "a {} decision by {:?} without a valid seal is ignored ({e})",
+                    status.phase.as_str(),
+                    status.decided_by.as_deref().unwrap_or("")
+                ),
             );
             return None;
         }
@@ -575,15 +576,7 @@ impl Holder {
                     continue;
                 }
                 let name = ar.metadata.name.clone().unwrap_or_default();
-                let grant_until = parse_time(
-                    ar.status.as_ref().and_then(|s| s.grant_until.as_deref()),
-                )
-                .map(|until| {
-                    until.min(grant_cap(
-                        ar.status.as_ref().and_then(|s| s.decided_at.as_deref()),
-                    ))
-                });
-                let lasting = grant_until.filter(|_| identified(&req.workload));
+                let lasting = grant_until(ar).filter(|_| identified(&req.workload));
                 let usable = match lasting {
                     // A lasting grant: usable while it runs (observe() records it).
                     Some(until) => until > now(),
@@ -598,8 +591,10 @@ impl Holder {
                 };
                 if usable && lasting.is_none() {
                     self.lock().consumed.insert(name.clone());
-                    if let Err(why) = self.record_used(ar).await {
-                        return HoldOutcome::Failed { why };
+                    match self.record_used(ar).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(why) => return HoldOutcome::Failed { why },
                     }
                 }
                 if usable {
@@ -672,16 +667,37 @@ impl Holder {
                 // cannot be marked used, nothing goes through on it (fail closed).
                 let first_here = self.lock().consumed.insert(name.clone());
                 let fetched = tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await;
+                // What the request goes through on is the object as read now, its decision
+                // sealed: the verdict waited on may be an earlier one, of a request whose
+                // status was since written back to `Pending` by hand (and picked up again).
+                let approved = |ar: &AccessRequest| {
+                    self.verified(ar)
+                        .is_some_and(|v| v.phase == Phase::Approved)
+                };
                 // A grant to a caller no pod was found for counts as `once` (see `identified`).
                 let lasting = |ar: &AccessRequest| {
-                    identified(&req.workload)
-                        && ar.status.as_ref().is_some_and(|s| s.grant_until.is_some())
+                    identified(&req.workload) && grant_until(ar).is_some_and(|until| until > now())
                 };
                 match &fetched {
+                    Ok(Ok(ar)) if !approved(ar) => {
+                        return HoldOutcome::Failed {
+                            why: format!(
+                                "AccessRequest {name} no longer holds a sealed approval; the request is not forwarded"
+                            ),
+                        };
+                    }
                     Ok(Ok(ar)) if lasting(ar) => {}
                     Ok(Ok(ar)) if first_here && !self.used_here(ar) && self.consume(ar).await => {
-                        if let Err(why) = self.record_used(ar).await {
-                            return HoldOutcome::Failed { why };
+                        match self.record_used(ar).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                return HoldOutcome::Used {
+                                    name,
+                                    decided_by: v.decided_by,
+                                    waited,
+                                };
+                            }
+                            Err(why) => return HoldOutcome::Failed { why },
                         }
                     }
                     Ok(Ok(_)) => {
@@ -724,17 +740,46 @@ impl Holder {
     }
 
     /// Whether this node's record says `ar` was used here (the status mark can be undone
-    /// by whoever may write the status; this record cannot).
+    /// by whoever may write the status; this record cannot). A use recorded here on a
+    /// request whose status lacks the mark is counted as tampering.
     fn used_here(&self, ar: &AccessRequest) -> bool {
         let uid = ar.metadata.uid.as_deref().unwrap_or_default();
-        self.cfg.used.as_ref().is_some_and(|log| log.contains(uid))
+        let used = self.cfg.used.as_ref().is_some_and(|log| log.contains(uid));
+        let marked = ar
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == CONSUMED));
+        if used && !marked {
+            self.tampered(
+                ar,
+                "the Consumed mark of a once approval used on this node was removed",
+            );
+        }
+        used
     }
 
-    /// Writes `ar`'s use into this node's record, synced, before the request goes on;
-    /// the error says why the request must not.
-    async fn record_used(&self, ar: &AccessRequest) -> Result<(), String> {
+    /// Counts and logs an attempt to make the gateway honour what nobody decided.
+    fn tampered(&self, ar: &AccessRequest, what: &str) {
+        self.tampering.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = &*self
+            .tampering_metric
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            counter.inc();
+        }
+        tracing::warn!(
+            access_request = ar.metadata.name.as_deref().unwrap_or(""),
+            "tampering attempt: {what}"
+        );
+    }
+
+    /// Writes `ar`'s use into this node's record, synced, before the request goes on:
+    /// `Ok(false)` when the record has it already (used before: refuse), the error when it
+    /// cannot be written (refuse too).
+    async fn record_used(&self, ar: &AccessRequest) -> Result<bool, String> {
         let Some(log) = self.cfg.used.clone() else {
-            return Ok(());
+            return Ok(true);
         };
         let name = ar.metadata.name.clone().unwrap_or_default();
         let uid = ar.metadata.uid.clone().unwrap_or_default();
@@ -743,10 +788,7 @@ impl Holder {
             .unwrap_or(jiff::Timestamp::MAX);
         let written = tokio::task::spawn_blocking(move || log.record(&uid, forget_after)).await;
         match written {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err(format!(
-                "AccessRequest {name} was approved once and has been used on this node already"
-            )),
+            Ok(Ok(fresh)) => Ok(fresh),
             Ok(Err(e)) => Err(format!(
                 "AccessRequest {name} was approved, but its use cannot be recorded on this node: {e}"
             )),

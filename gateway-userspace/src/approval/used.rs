@@ -31,13 +31,18 @@ pub const USED_LOG_PATH: &str = ".approvals/used";
 #[derive(Debug)]
 pub struct UsedLog {
     path: PathBuf,
-    inner: Mutex<Inner>,
+    /// Held across the disk's write and sync: only [`UsedLog::record`] takes it.
+    file: Mutex<Appender>,
+    /// Never held across I/O: [`UsedLog::contains`] runs on the async threads.
+    used: Mutex<HashMap<String, jiff::Timestamp>>,
 }
 
 #[derive(Debug)]
-struct Inner {
+struct Appender {
     file: File,
-    used: HashMap<String, jiff::Timestamp>,
+    /// A failed append could not be cut off again: the file's end is unknown, so no
+    /// more lines are written to it (every later use is refused) until a restart.
+    broken: bool,
 }
 
 /// Why the record cannot be opened: the gateway does not start (it could not keep a
@@ -115,13 +120,17 @@ impl UsedLog {
         }
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
-            inner: Mutex::new(Inner { file, used }),
+            file: Mutex::new(Appender {
+                file,
+                broken: false,
+            }),
+            used: Mutex::new(used),
         }))
     }
 
     /// Whether the AccessRequest with `uid` has let a request through on this node.
     pub fn contains(&self, uid: &str) -> bool {
-        self.lock().used.contains_key(uid)
+        lock(&self.used).contains_key(uid)
     }
 
     /// Records that the AccessRequest with `uid` lets a request through now, durably,
@@ -138,14 +147,29 @@ impl UsedLog {
                 format!("{uid:?} is not an AccessRequest uid"),
             ));
         }
-        let mut inner = self.lock();
-        if inner.used.contains_key(uid) {
+        let mut appender = lock(&self.file);
+        if self.contains(uid) {
             return Ok(false);
         }
+        if appender.broken {
+            return Err(io::Error::other(
+                "an earlier write to the record failed and could not be undone",
+            ));
+        }
+        let end = appender.file.metadata()?.len();
         let line = format!("{uid} {forget_after}\n");
-        inner.file.write_all(line.as_bytes())?;
-        inner.file.sync_data()?;
-        inner.used.insert(uid.to_owned(), forget_after);
+        let written = appender
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| appender.file.sync_data());
+        if let Err(e) = written {
+            // A part of the line would run into the next one: cut it off.
+            if appender.file.set_len(end).is_err() {
+                appender.broken = true;
+            }
+            return Err(e);
+        }
+        lock(&self.used).insert(uid.to_owned(), forget_after);
         Ok(true)
     }
 
@@ -153,10 +177,10 @@ impl UsedLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn parse_line(line: &[u8]) -> Option<(&str, jiff::Timestamp)> {
