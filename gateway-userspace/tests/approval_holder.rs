@@ -897,7 +897,8 @@ async fn a_status_written_back_to_pending_releases_nothing() {
         .await
         .map(|r| r.expect("task"));
     assert!(
-        !matches!(again, Ok(HoldOutcome::Approved { .. })),
+        matches!(again, Ok(HoldOutcome::Failed { .. })),
         "released again on a status nobody sealed: {again:?}"
     );
+    assert_eq!(holder.tampering_attempts(), 1, "the rewrite is counted");
 }

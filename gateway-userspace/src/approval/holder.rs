@@ -297,9 +297,6 @@ fn workload_label(w: &WorkloadRef) -> String {
     hex(&digest)[..40].to_owned()
 }
 
-/// The latest a grant decided at `decided_at` (sealed) may run to: the longest grant a
-/// policy may give (`policy::MAX_GRANT`) after the decision, whatever the status says. A
-/// decision without a time gets no window.
 /// Until when the (sealed) decision in `ar`'s status lets identical requests through: its
 /// `grantUntil`, at most [`crate::policy::MAX_GRANT`] after the decision. `None`: `once`.
 fn grant_until(ar: &AccessRequest) -> Option<jiff::Timestamp> {
@@ -308,6 +305,9 @@ fn grant_until(ar: &AccessRequest) -> Option<jiff::Timestamp> {
         .map(|until| until.min(grant_cap(status.decided_at.as_deref())))
 }
 
+/// The latest a grant decided at `decided_at` (sealed) may run to: the longest grant a
+/// policy may give (`policy::MAX_GRANT`) after the decision, whatever the status says. A
+/// decision without a time gets no window.
 fn grant_cap(decided_at: Option<&str>) -> jiff::Timestamp {
     let max = jiff::SignedDuration::try_from(crate::policy::MAX_GRANT).unwrap_or_default();
     parse_time(decided_at)
@@ -443,12 +443,7 @@ impl Holder {
         let mut state = self.lock();
         if verdict.phase == Phase::Approved
             && identified(&ar.spec.requester.workload)
-            && let Some(until) =
-                parse_time(ar.status.as_ref().and_then(|s| s.grant_until.as_deref())).map(|until| {
-                    until.min(grant_cap(
-                        ar.status.as_ref().and_then(|s| s.decided_at.as_deref()),
-                    ))
-                })
+            && let Some(until) = grant_until(ar)
             && until > now()
             && !state.grants.iter().any(|g| g.name == name)
         {
@@ -583,8 +578,10 @@ impl Holder {
                     // A grant to a caller no pod was found for lets one request through,
                     // as a `once` approval does: every such caller would share it.
                     None => {
+                        // Taken here first (as a waiter takes it), so that two holds on
+                        // this gateway cannot both get past the checks below.
                         once_usable(ar, now())
-                            && !self.lock().consumed.contains(&name)
+                            && self.lock().consumed.insert(name.clone())
                             && !self.used_here(ar)
                             && self.consume(ar).await
                     }
@@ -593,7 +590,12 @@ impl Holder {
                     self.lock().consumed.insert(name.clone());
                     match self.record_used(ar).await {
                         Ok(true) => {}
-                        Ok(false) => continue,
+                        Ok(false) => {
+                            // Marked used in the status just now, yet used here before:
+                            // the mark had been removed.
+                            self.tampered(ar, "the Consumed mark of a once approval used on this node was removed");
+                            continue;
+                        }
                         Err(why) => return HoldOutcome::Failed { why },
                     }
                 }
@@ -680,6 +682,12 @@ impl Holder {
                 };
                 match &fetched {
                     Ok(Ok(ar)) if !approved(ar) => {
+                        if ar.status.as_ref().is_none_or(|s| !s.phase.is_decided()) {
+                            self.tampered(
+                                ar,
+                                "an approved AccessRequest was written back to undecided",
+                            );
+                        }
                         return HoldOutcome::Failed {
                             why: format!(
                                 "AccessRequest {name} no longer holds a sealed approval; the request is not forwarded"
