@@ -16,6 +16,7 @@ pub mod objects;
 #[cfg(test)]
 mod objects_tests;
 pub mod stream;
+mod tree;
 
 /// What a masked value is replaced with.
 pub const MASK: &str = "**masked**";

@@ -33,11 +33,12 @@ use serde::de::{self as de, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{
     LAST_APPLIED,
     detect::{Detectors, DetectorsSpec, Hits},
+    tree::{Fields, Node, field, field_mut},
 };
 
 /// The text every masked value is replaced with (or, in Secret `data`, the text its
@@ -687,21 +688,21 @@ impl Masker {
         if let Some(out) = self.mask_list(target, body, report)? {
             return Ok(out);
         }
-        let mut value: Value = serde_json::from_slice(body)?;
-        self.mask_value(target, &mut value, report);
+        let mut node = Node::parse(body)?;
+        self.mask_response(target, &mut node, report, 0);
         let mut out = Vec::with_capacity(body.len());
-        serde_json::to_writer(&mut out, &value)?;
+        node.write(&mut out);
         Ok(out)
     }
 
     /// A list (`items` an array, `kind` absent or `...List`) masked one item at a time,
-    /// in one pass over the body: each item is decoded, masked as [`Masker::mask_value`]
-    /// masks a list's items, and written out before the next is decoded, so the work stays
-    /// in the cache and the decoded tree of a 10 MiB list never exists whole (a Pod list
-    /// masks 2x faster than decoding it whole). The list's own fields are copied as they
-    /// came (a list's metadata is not masked), in the order they came. The output decodes
-    /// to what [`Masker::mask_value`] gives for the same list. `None`: not a list, or not
-    /// one this path is sure of (a duplicate `items`, anything unexpected): masked whole.
+    /// in one pass over the body: each item is read, masked as [`Masker::mask_body`]
+    /// masks a list's items, and written out before the next is read, so the work stays
+    /// in the cache and the tree of a 10 MiB list never exists whole (a Pod list masks 2x
+    /// faster than reading it whole). The list's own fields are copied as they came (a
+    /// list's metadata is not masked), in the order they came. The output decodes to what
+    /// masking the list whole gives. `None`: not a list, or not one this path is sure of (a
+    /// duplicate `items`, anything unexpected): masked whole.
     fn mask_list(
         &self,
         target: Target<'_>,
@@ -730,26 +731,33 @@ impl Masker {
         Ok(Some(out))
     }
 
-    /// Masks a decoded response in place: an object, a list (`items`), a `Table` (rows'
-    /// objects and cells) or a watch event (`{"type","object"}`).
+    /// Masks a decoded response in place, as [`Masker::mask_body`] masks its text: an
+    /// object, a list (`items`), a `Table` (rows' objects and cells) or a watch event
+    /// (`{"type","object"}`). A value nested deeper than the parser reads (128) is
+    /// replaced whole by the placeholder.
     pub fn mask_value(&self, target: Target<'_>, value: &mut Value, report: &mut MaskReport) {
-        self.mask_response(target, value, report, 0);
+        let text = value.to_string();
+        let masked = Node::parse(text.as_bytes()).ok().and_then(|mut node| {
+            self.mask_response(target, &mut node, report, 0);
+            serde_json::from_str(&node.to_json_string()).ok()
+        });
+        *value = masked.unwrap_or_else(|| Value::String(PLACEHOLDER_TEXT.to_owned()));
     }
 
-    fn mask_response(
+    fn mask_response<'a>(
         &self,
         target: Target<'_>,
-        value: &mut Value,
+        value: &mut Node<'a>,
         report: &mut MaskReport,
         depth: u8,
     ) {
-        let Value::Object(map) = value else {
+        let Node::Object(map) = value else {
             self.detect_all(value, report);
             return;
         };
-        let kind = map.get("kind").and_then(Value::as_str);
-        if kind == Some("Table") && map.get("rows").is_some_and(Value::is_array) {
-            if let Some(Value::Array(rows)) = map.get_mut("rows") {
+        let kind = field(map, "kind").and_then(Node::as_str);
+        if kind == Some("Table") && field(map, "rows").is_some_and(Node::is_array) {
+            if let Some(Node::Array(rows)) = field_mut(map, "rows") {
                 for row in rows {
                     if let Some(object) = row.get_mut("object") {
                         self.mask_response(target, object, report, depth);
@@ -768,10 +776,10 @@ impl Masker {
             }
             return;
         }
-        let is_list = map.get("items").is_some_and(Value::is_array)
+        let is_list = field(map, "items").is_some_and(Node::is_array)
             && kind.is_none_or(|k| k.ends_with("List"));
         if is_list {
-            if let Some(Value::Array(items)) = map.get_mut("items") {
+            if let Some(Node::Array(items)) = field_mut(map, "items") {
                 for item in items {
                     self.mask_response(target, item, report, depth);
                 }
@@ -780,8 +788,8 @@ impl Masker {
         }
         if kind.is_none()
             && map.len() == 2
-            && map.get("type").is_some_and(Value::is_string)
-            && let Some(object) = map.get_mut("object")
+            && field(map, "type").is_some_and(Node::is_string)
+            && let Some(object) = field_mut(map, "object")
         {
             self.mask_response(target, object, report, depth);
             return;
@@ -790,24 +798,24 @@ impl Masker {
     }
 
     /// Masks one Kubernetes object.
-    fn mask_object(
+    fn mask_object<'a>(
         &self,
         target: Target<'_>,
-        map: &mut Map<String, Value>,
+        map: &mut Fields<'a>,
         report: &mut MaskReport,
         depth: u8,
     ) {
-        let kind = map.get("kind").and_then(Value::as_str);
+        let kind = field(map, "kind").and_then(Node::as_str);
         if let Some(rule) = self.secrets {
             let is_secret = kind == Some("Secret")
                 || (target.is_secrets()
                     && kind.is_none_or(|k| k != "Status" && !k.ends_with("List")));
             if is_secret {
                 let mut n = 0;
-                if let Some(data) = map.get_mut("data") {
+                if let Some(data) = field_mut(map, "data") {
                     n += replace_leaves(data, PLACEHOLDER_BASE64);
                 }
-                if let Some(data) = map.get_mut("stringData") {
+                if let Some(data) = field_mut(map, "stringData") {
                     n += replace_leaves(data, PLACEHOLDER_TEXT);
                 }
                 report.add(self.rule(rule), MaskKind::SecretData, n);
@@ -828,34 +836,33 @@ impl Masker {
             }
         }
         // The annotation repeats the applied object: mask it by the same rules.
-        let annotation = map
-            .get_mut("metadata")
+        let annotation = field_mut(map, "metadata")
             .and_then(|m| m.get_mut("annotations"))
             .and_then(|a| a.get_mut(LAST_APPLIED));
         if let Some(slot) = annotation
-            && let Value::String(text) = slot
+            && let Node::String(text) = slot
         {
-            let inner = (depth < MAX_ANNOTATION_DEPTH)
-                .then(|| serde_json::from_str::<Value>(text).ok())
-                .flatten();
-            match inner {
-                Some(mut inner) => {
+            let masked: Option<String> = (depth < MAX_ANNOTATION_DEPTH)
+                .then(|| Node::parse(text.as_bytes()).ok())
+                .flatten()
+                .map(|mut inner| {
                     // The inner object is masked as the object it describes.
                     self.mask_response(target, &mut inner, report, depth + 1);
-                    *text = inner.to_string();
-                }
+                    inner.to_json_string()
+                });
+            match masked {
+                Some(masked) => *text = Cow::Owned(masked),
                 None => {
-                    *text = PLACEHOLDER_TEXT.to_owned();
+                    *text = Cow::Borrowed(PLACEHOLDER_TEXT);
                     report.add(&self.rules[0], MaskKind::LastApplied, 1);
                 }
             }
             // Already masked, and the detectors must not see the serialized copy again.
             let skip = std::mem::take(slot);
-            for v in map.values_mut() {
+            for (_, v) in map.iter_mut() {
                 self.detect_all(v, report);
             }
-            if let Some(slot) = map
-                .get_mut("metadata")
+            if let Some(slot) = field_mut(map, "metadata")
                 .and_then(|m| m.get_mut("annotations"))
                 .and_then(|a| a.get_mut(LAST_APPLIED))
             {
@@ -863,13 +870,13 @@ impl Masker {
             }
             return;
         }
-        for v in map.values_mut() {
+        for (_, v) in map.iter_mut() {
             self.detect_all(v, report);
         }
     }
 
     /// Env values by name in every pod spec the object holds.
-    fn mask_pod_specs(&self, map: &mut Map<String, Value>, report: &mut MaskReport) {
+    fn mask_pod_specs(&self, map: &mut Fields<'_>, report: &mut MaskReport) {
         const SPEC_PATHS: &[&[&str]] = &[
             &["spec"],
             &["spec", "template", "spec"],
@@ -883,26 +890,26 @@ impl Masker {
             let Some((first, rest)) = path.split_first() else {
                 continue;
             };
-            let mut at = map.get_mut(*first);
+            let mut at = field_mut(map, first);
             for key in rest {
-                at = at.and_then(|v| v.get_mut(*key));
+                at = at.and_then(|v| v.get_mut(key));
             }
-            let Some(Value::Object(spec)) = at else {
+            let Some(Node::Object(spec)) = at else {
                 continue;
             };
             for list in ["containers", "initContainers", "ephemeralContainers"] {
-                let Some(Value::Array(containers)) = spec.get_mut(list) else {
+                let Some(Node::Array(containers)) = field_mut(spec, list) else {
                     continue;
                 };
                 for container in containers {
-                    let Some(Value::Array(env)) = container.get_mut("env") else {
+                    let Some(Node::Array(env)) = container.get_mut("env") else {
                         continue;
                     };
                     for var in env {
-                        let Some(var) = var.as_object_mut() else {
+                        let Node::Object(var) = var else {
                             continue;
                         };
-                        let Some(name) = var.get("name").and_then(Value::as_str) else {
+                        let Some(name) = field(var, "name").and_then(Node::as_str) else {
                             continue;
                         };
                         let Some(rule) = self
@@ -913,10 +920,10 @@ impl Masker {
                         else {
                             continue;
                         };
-                        if let Some(value) = var.get_mut("value")
-                            && !value.is_null()
+                        if let Some(value) = field_mut(var, "value")
+                            && *value != Node::Null
                         {
-                            *value = Value::String(PLACEHOLDER_TEXT.to_owned());
+                            *value = Node::String(Cow::Borrowed(PLACEHOLDER_TEXT));
                             report.add(self.rule(rule), MaskKind::Env, 1);
                         }
                     }
@@ -926,16 +933,16 @@ impl Masker {
     }
 
     /// Runs the detectors over every string under `value`.
-    fn detect_all(&self, value: &mut Value, report: &mut MaskReport) {
+    fn detect_all(&self, value: &mut Node<'_>, report: &mut MaskReport) {
         if self.detectors.is_empty() {
             return;
         }
         match value {
-            Value::String(text) => {
+            Node::String(text) => {
                 for (detectors, rule) in &self.detectors {
                     let mut hits: Vec<Hits> = Vec::new();
                     if let Cow::Owned(redacted) = detectors.redact(text, &mut hits) {
-                        *text = redacted;
+                        *text = Cow::Owned(redacted);
                     }
                     for hit in hits {
                         report.add(
@@ -946,13 +953,13 @@ impl Masker {
                     }
                 }
             }
-            Value::Array(items) => {
+            Node::Array(items) => {
                 for v in items {
                     self.detect_all(v, report);
                 }
             }
-            Value::Object(map) => {
-                for v in map.values_mut() {
+            Node::Object(map) => {
+                for (_, v) in map.iter_mut() {
                     self.detect_all(v, report);
                 }
             }
@@ -970,28 +977,29 @@ fn contains_ignore_case(haystack: &[u8], upper_needle: &[u8]) -> bool {
         .any(|w| w.eq_ignore_ascii_case(upper_needle))
 }
 
-/// Replaces every non-null scalar under `v` with `with`.
-fn replace_leaves(v: &mut Value, with: &str) -> u32 {
+/// Replaces every non-null scalar under `v` with `with` (a placeholder: nothing in it is
+/// escaped in JSON).
+fn replace_leaves(v: &mut Node<'_>, with: &'static str) -> u32 {
     match v {
-        Value::Object(map) => map.values_mut().map(|v| replace_leaves(v, with)).sum(),
-        Value::Array(items) => items.iter_mut().map(|v| replace_leaves(v, with)).sum(),
-        Value::Null => 0,
+        Node::Object(map) => map.iter_mut().map(|(_, v)| replace_leaves(v, with)).sum(),
+        Node::Array(items) => items.iter_mut().map(|v| replace_leaves(v, with)).sum(),
+        Node::Null => 0,
         other => {
-            *other = Value::String(with.to_owned());
+            *other = Node::String(Cow::Borrowed(with));
             1
         }
     }
 }
 
-fn mask_steps_in_map(map: &mut Map<String, Value>, step: &Step, rest: &[Step], n: &mut u32) {
+fn mask_steps_in_map(map: &mut Fields<'_>, step: &Step, rest: &[Step], n: &mut u32) {
     match step {
         Step::Key(k) => {
-            if let Some(v) = map.get_mut(&**k) {
+            if let Some(v) = field_mut(map, k) {
                 mask_steps(v, rest, n);
             }
         }
         Step::Any => {
-            for v in map.values_mut() {
+            for (_, v) in map.iter_mut() {
                 mask_steps(v, rest, n);
             }
         }
@@ -999,19 +1007,19 @@ fn mask_steps_in_map(map: &mut Map<String, Value>, step: &Step, rest: &[Step], n
     }
 }
 
-fn mask_steps(value: &mut Value, steps: &[Step], n: &mut u32) {
+fn mask_steps(value: &mut Node<'_>, steps: &[Step], n: &mut u32) {
     let Some((step, rest)) = steps.split_first() else {
         *n += replace_leaves(value, PLACEHOLDER_TEXT);
         return;
     };
     match (value, step) {
-        (Value::Object(map), step) => mask_steps_in_map(map, step, rest, n),
-        (Value::Array(items), Step::Any) => {
+        (Node::Object(map), step) => mask_steps_in_map(map, step, rest, n),
+        (Node::Array(items), Step::Any) => {
             for v in items {
                 mask_steps(v, rest, n);
             }
         }
-        (Value::Array(items), Step::Index(i)) => {
+        (Node::Array(items), Step::Index(i)) => {
             if let Some(v) = items.get_mut(*i) {
                 mask_steps(v, rest, n);
             }
@@ -1098,10 +1106,10 @@ impl WatchMasker {
             group: &self.group,
             resource: &self.resource,
         };
-        for value in serde_json::Deserializer::from_slice(line).into_iter::<Value>() {
+        for value in serde_json::Deserializer::from_slice(line).into_iter::<Node>() {
             let mut value = value?;
-            self.masker.mask_value(target, &mut value, report);
-            serde_json::to_writer(&mut *out, &value)?;
+            self.masker.mask_response(target, &mut value, report, 0);
+            value.write(out);
             out.push(b'\n');
         }
         Ok(())
@@ -1217,13 +1225,13 @@ impl<'de> Visitor<'de> for ItemsSeed<'_, '_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         self.out.push(b'[');
         let mut first = true;
-        while let Some(mut item) = seq.next_element::<Value>()? {
+        while let Some(mut item) = seq.next_element::<Node<'de>>()? {
             if !std::mem::take(&mut first) {
                 self.out.push(b',');
             }
             self.masker
                 .mask_response(self.target, &mut item, self.report, 0);
-            serde_json::to_writer(&mut *self.out, &item).map_err(de::Error::custom)?;
+            item.write(self.out);
         }
         self.out.push(b']');
         Ok(())

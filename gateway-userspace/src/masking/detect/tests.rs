@@ -218,6 +218,33 @@ fn ordinary_text_is_left_alone() {
     }
 }
 
+/// Values are masked whole however long they are (the patterns once stopped at 256
+/// characters, and a longer password was shown); a `containerd://` id, in every Pod's
+/// status, holds no `@` and is left alone.
+#[test]
+fn long_values_are_masked_whole_and_container_ids_left_alone() {
+    let d = builtin();
+    let long = "x7Q".repeat(120);
+    for (input, want) in [
+        (
+            format!("postgres://api:{long}@db:5432/app"),
+            "postgres://api:**masked:connection-string**@db:5432/app".to_owned(),
+        ),
+        (
+            format!("password=\"{long}\""),
+            "password=\"**masked:password-assignment**\"".to_owned(),
+        ),
+        (
+            format!("db_password: {long}"),
+            "db_password: **masked:password-assignment**".to_owned(),
+        ),
+    ] {
+        assert_eq!(redact(&d, &input).0, want, "{input}");
+    }
+    let id = "containerd://9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b";
+    assert_eq!(redact(&d, id), (id.to_owned(), Vec::new()));
+}
+
 #[test]
 fn weak_real_passwords_are_still_masked() {
     // Low entropy is no reason to show a password: an agent could log in with it.
