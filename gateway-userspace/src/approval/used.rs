@@ -80,6 +80,14 @@ impl UsedLog {
         };
         let dir = path.parent().unwrap_or(Path::new("."));
         durable::create_dir_all(dir).map_err(io_err(dir))?;
+        // A device or pipe in its place would never end a read (`/dev/zero`) or keep no
+        // record at all (`/dev/null`, every `once` approval reusable after a restart).
+        if fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(io_err(path)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
         let text = match fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -260,6 +268,48 @@ mod tests {
             err.to_string().contains(":2: not a used-approval record"),
             "{err}"
         );
+    }
+
+    /// A use whose record cannot be written is not counted as recorded (the holder then
+    /// refuses the request); when the half-written line cannot be cut off either, every
+    /// later use is refused until a restart, which starts from what the file holds.
+    #[test]
+    fn a_write_that_fails_records_nothing_and_one_that_cannot_be_undone_stops_all_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("used");
+        let log = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap();
+        assert!(log.record("uid-1", at("2026-12-06T10:00:00Z")).unwrap());
+        // A descriptor that can neither write nor truncate: the append fails, and so does
+        // cutting it back.
+        lock(&log.file).file = File::open(&path).unwrap();
+        assert!(log.record("uid-2", at("2026-12-06T10:00:00Z")).is_err());
+        assert!(!log.contains("uid-2"), "a failed write is no record");
+        assert!(lock(&log.file).broken);
+        let err = log.record("uid-3", at("2026-12-06T10:00:00Z")).unwrap_err();
+        assert!(err.to_string().contains("could not be undone"), "{err}");
+        assert!(log.contains("uid-1") && !log.contains("uid-3"));
+        drop(log);
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "uid-1 2026-12-06T10:00:00Z\n"
+        );
+        let reopened = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap();
+        assert!(
+            reopened
+                .record("uid-2", at("2026-12-06T10:00:00Z"))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn a_device_in_the_records_place_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for device in ["/dev/null", "/dev/zero"] {
+            let path = dir.path().join(device.trim_start_matches("/dev/"));
+            std::os::unix::fs::symlink(device, &path).unwrap();
+            let err = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap_err();
+            assert!(err.to_string().ends_with(": not a regular file"), "{err}");
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub(crate) use builtin::PEM_ID;
 
 /// Most detectors (built-in plus extra) one set may hold; candidates are a fixed bitset.
 const MAX_DETECTORS: usize = 256;
+/// How much of a found value [`Detector::accept`] looks at.
+const JUDGED_BYTES: usize = 256;
 /// Compiled-size limit for a custom regex (the `regex` crate's default is 10 MiB).
 const EXTRA_REGEX_SIZE_LIMIT: usize = 1 << 20;
 
@@ -220,19 +222,26 @@ pub fn shannon_entropy(bytes: &[u8]) -> f64 {
 impl Detector {
     /// Whether a found value is a credential by this detector's controls.
     fn accept(&self, value: &[u8]) -> bool {
-        if value.len() < self.min_len
-            || memchr::memmem::find(value, b"**masked").is_some()
-            || (self.builtin && memchr::memmem::find(value, b"EXAMPLE").is_some())
+        if value.len() < self.min_len {
+            return false;
+        }
+        // What a value looks like (an example, a placeholder, random enough) is judged by its
+        // first bytes, as far as the patterns once reached: text further on cannot make a
+        // long credential pass for an example and be shown.
+        // (A JWT's structure is checked whole.)
+        let head = &value[..value.len().min(JUDGED_BYTES)];
+        if memchr::memmem::find(head, b"**masked").is_some()
+            || (self.builtin && memchr::memmem::find(head, b"EXAMPLE").is_some())
         {
             return false;
         }
-        if self.min_entropy > 0.0 && shannon_entropy(value) < self.min_entropy {
+        if self.min_entropy > 0.0 && shannon_entropy(head) < self.min_entropy {
             return false;
         }
         match self.check {
             Check::None => true,
             Check::Jwt => builtin::is_jwt(value),
-            Check::Value => !builtin::is_placeholder(value),
+            Check::Value => !builtin::is_placeholder(head),
         }
     }
 

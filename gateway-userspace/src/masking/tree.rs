@@ -147,6 +147,10 @@ pub(crate) fn field_mut<'n, 'a>(
 fn write_str(s: &Cow<'_, str>, out: &mut Vec<u8>) {
     match s {
         Cow::Borrowed(raw) => {
+            debug_assert!(
+                !raw.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
+                "a borrowed string that JSON escapes: {raw:?}"
+            );
             out.push(b'"');
             out.extend_from_slice(raw.as_bytes());
             out.push(b'"');
@@ -185,6 +189,9 @@ fn keep_last_of_repeated(fields: &mut Fields<'_>) {
     });
 }
 
+/// Only for serde_json's readers of bytes (`from_slice`, its stream and seq access), which
+/// borrow a string only when it had no escapes: a deserializer that hands out decoded
+/// text as borrowed (`&Value`'s) would break [`Node`]'s invariant.
 impl<'de> Deserialize<'de> for Node<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(NodeVisitor)

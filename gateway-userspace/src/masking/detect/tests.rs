@@ -225,6 +225,15 @@ fn ordinary_text_is_left_alone() {
 fn long_values_are_masked_whole_and_container_ids_left_alone() {
     let d = builtin();
     let long = "x7Q".repeat(120);
+    // 300 characters, every letter and digit alike often: random enough for any detector.
+    let random: String = (0..300u32)
+        .map(|i| {
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                    [(i * 37 % 62) as usize],
+            )
+        })
+        .collect();
     for (input, want) in [
         (
             format!("postgres://api:{long}@db:5432/app"),
@@ -237,6 +246,16 @@ fn long_values_are_masked_whole_and_container_ids_left_alone() {
         (
             format!("db_password: {long}"),
             "db_password: **masked:password-assignment**".to_owned(),
+        ),
+        // Only a value's first 256 bytes decide whether it is an example or a
+        // placeholder: text further on does not let it through.
+        (
+            format!("api_key={random}EXAMPLE"),
+            "api_key=**masked:secret-assignment**".to_owned(),
+        ),
+        (
+            format!("password=<{long}>"),
+            "password=**masked:password-assignment**".to_owned(),
         ),
     ] {
         assert_eq!(redact(&d, &input).0, want, "{input}");
