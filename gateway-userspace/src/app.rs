@@ -38,6 +38,10 @@ const CREDENTIAL_REFRESH: Duration = Duration::from_secs(1);
 const CLASSIFY_EVERY: Duration = Duration::from_secs(2);
 /// How often the daemon tells the kernel side it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a starting gateway waits for another one to let go of its recording directory
+/// (the pod it replaces, still draining) before it gives up: less than the liveness
+/// probe's three failed checks, so the kubelet restarts it with the reason in its log.
+const RECORDING_DIR_LOCK_WAIT: Duration = Duration::from_secs(25);
 
 /// Errors building or running the app; each names the subsystem at fault.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,9 @@ pub enum AppError {
     /// The recorder cannot start or failed.
     #[error("recording: {0}")]
     Recorder(#[from] RecorderError),
+    /// The recording directory cannot be had for this gateway alone.
+    #[error("recording: {0}")]
+    RecordingDir(#[from] crate::recorder::DirLockError),
     /// The kernel redirect cannot be attached.
     #[error("eBPF interception: {0}")]
     Ebpf(#[from] EbpfError),
@@ -93,6 +100,8 @@ pub struct App {
     /// The uploader's drain trigger and task, when files are uploaded.
     upload: Option<(DrainTrigger, JoinHandle<()>)>,
     recording_dir: PathBuf,
+    /// This gateway's hold on `recording_dir`, let go last.
+    _recording_lock: crate::recorder::DirLock,
     grace: Duration,
     /// Removes the pins when the app goes away (shut down, or dropped in a failing test).
     detach_on_exit: PinGuard,
@@ -175,6 +184,9 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     };
     let (identity, principals) = build_identity(&cfg, &node, kube_client.as_ref())?;
 
+    // Before anything in the directory is opened; held until the app is dropped.
+    let recording_lock =
+        crate::recorder::lock_dir(&cfg.recording.dir, RECORDING_DIR_LOCK_WAIT).await?;
     let (recorder_drain, recorder_watch) = drain::channel();
     let (recorder, recorder_handle) = Recorder::start(
         RecorderConfig {
@@ -428,6 +440,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         recorder_drain,
         upload,
         recording_dir: cfg.recording.dir,
+        _recording_lock: recording_lock,
         grace: cfg.shutdown_grace,
         detach_on_exit,
     })

@@ -1037,3 +1037,24 @@ async fn open_exec(
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     ws
 }
+
+/// Two gateways never write one recording directory (their write-ahead logs, manifests and
+/// used-approval records would interleave): a second one, as a DaemonSet rolled with
+/// `maxSurge` starts, waits for the first to let go and only then starts.
+#[tokio::test]
+async fn a_second_gateway_on_one_recording_directory_waits_for_the_first() {
+    let h = start(LimitsConfig::default(), None).await;
+    let mut config = local_config(h.dir.path(), &h.apiserver.url()).expect("config");
+    config.shutdown_grace = SHUTDOWN_GRACE;
+    let waited = tokio::time::timeout(Duration::from_secs(1), app::build(config.clone())).await;
+    assert!(
+        waited.is_err(),
+        "a second gateway started on the first one's recording directory"
+    );
+    h.app.shutdown().await.expect("stop the first gateway");
+    let second = tokio::time::timeout(Duration::from_secs(10), app::build(config))
+        .await
+        .expect("started once the first let go")
+        .expect("the second gateway");
+    second.shutdown().await.expect("stop the second gateway");
+}

@@ -24,6 +24,7 @@
 //! start the log is replayed, so every request that was forwarded has a row (outcome
 //! `unknown` when the gateway died before the response).
 
+mod dir_lock;
 pub(crate) mod durable;
 pub mod exec_frames;
 pub mod manifest;
@@ -61,6 +62,7 @@ use tokio::time::Instant;
 
 use crate::drain::DrainWatcher;
 
+pub use dir_lock::{DirLock, DirLockError, LOCK_FILE, lock_dir};
 pub use exec_frames::{ExecFrameRecord, FrameEventKind};
 pub use reader::{ReadError, list_files, list_table_files, read_dir, read_exec_frames, read_file};
 pub use schema::{
