@@ -100,8 +100,9 @@ pub struct App {
     /// The uploader's drain trigger and task, when files are uploaded.
     upload: Option<(DrainTrigger, JoinHandle<()>)>,
     recording_dir: PathBuf,
-    /// This gateway's hold on `recording_dir`, let go last.
-    _recording_lock: crate::recorder::DirLock,
+    /// This gateway's hold on `recording_dir`: let go when the app is dropped, or, after a
+    /// signal, when the process exits.
+    recording_lock: Option<crate::recorder::DirLock>,
     grace: Duration,
     /// Removes the pins when the app goes away (shut down, or dropped in a failing test).
     detach_on_exit: PinGuard,
@@ -185,8 +186,13 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (identity, principals) = build_identity(&cfg, &node, kube_client.as_ref())?;
 
     // Before anything in the directory is opened; held until the app is dropped.
+    let holder = format!(
+        "node {node}, pod {}, pid {}",
+        std::env::var("POD_NAME").unwrap_or_else(|_| "unnamed".to_owned()),
+        std::process::id()
+    );
     let recording_lock =
-        crate::recorder::lock_dir(&cfg.recording.dir, RECORDING_DIR_LOCK_WAIT).await?;
+        crate::recorder::lock_dir(&cfg.recording.dir, RECORDING_DIR_LOCK_WAIT, &holder).await?;
     let (recorder_drain, recorder_watch) = drain::channel();
     let (recorder, recorder_handle) = Recorder::start(
         RecorderConfig {
@@ -440,7 +446,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         recorder_drain,
         upload,
         recording_dir: cfg.recording.dir,
-        _recording_lock: recording_lock,
+        recording_lock: Some(recording_lock),
         grace: cfg.shutdown_grace,
         detach_on_exit,
     })
@@ -661,8 +667,15 @@ impl App {
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down cleanly.
-    pub async fn wait_termination(self) -> Result<RecorderStats, AppError> {
+    pub async fn wait_termination(mut self) -> Result<RecorderStats, AppError> {
         wait_for_signal().await;
+        // Held until the process exits, when the kernel lets go of it: a connection task
+        // past the grace period, the write-ahead log's thread or the uploader may still be
+        // writing to the directory when `shutdown` returns, and a gateway waiting to take
+        // over must not start writing beside them.
+        if let Some(lock) = self.recording_lock.take() {
+            std::mem::forget(lock);
+        }
         tracing::info!(grace = ?self.grace, "shutting down");
         self.shutdown().await
     }

@@ -1046,6 +1046,11 @@ async fn a_second_gateway_on_one_recording_directory_waits_for_the_first() {
     let h = start(LimitsConfig::default(), None).await;
     let mut config = local_config(h.dir.path(), &h.apiserver.url()).expect("config");
     config.shutdown_grace = SHUTDOWN_GRACE;
+    let locked = recorder::lock_dir(&config.recording.dir, Duration::ZERO, "a test").await;
+    assert!(
+        matches!(locked, Err(recorder::DirLockError::InUse { .. })),
+        "the running gateway does not hold its recording directory: {locked:?}"
+    );
     let waited = tokio::time::timeout(Duration::from_secs(1), app::build(config.clone())).await;
     assert!(
         waited.is_err(),

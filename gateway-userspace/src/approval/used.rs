@@ -81,8 +81,9 @@ impl UsedLog {
         let dir = path.parent().unwrap_or(Path::new("."));
         durable::create_dir_all(dir).map_err(io_err(dir))?;
         // A device or pipe in its place would never end a read (`/dev/zero`) or keep no
-        // record at all (`/dev/null`, every `once` approval reusable after a restart).
-        if fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        // record at all (`/dev/null`, every `once` approval reusable after a restart); a
+        // link could point anywhere, a tmpfs included. The gateway writes a plain file.
+        if fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
             return Err(io_err(path)(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a regular file",
@@ -310,6 +311,13 @@ mod tests {
             let err = UsedLog::open(&path, at("2026-12-05T10:00:00Z")).unwrap_err();
             assert!(err.to_string().ends_with(": not a regular file"), "{err}");
         }
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &dangling).unwrap();
+        assert!(UsedLog::open(&dangling, at("2026-12-05T10:00:00Z")).is_err());
+        assert!(
+            !dir.path().join("elsewhere").exists(),
+            "the link's target was created"
+        );
     }
 
     #[test]

@@ -235,13 +235,17 @@ impl Detector {
         {
             return false;
         }
-        if self.min_entropy > 0.0 && shannon_entropy(head) < self.min_entropy {
+        // Too plain, or a placeholder, only if the start and the whole value both say so.
+        if self.min_entropy > 0.0
+            && shannon_entropy(head) < self.min_entropy
+            && shannon_entropy(value) < self.min_entropy
+        {
             return false;
         }
         match self.check {
             Check::None => true,
             Check::Jwt => builtin::is_jwt(value),
-            Check::Value => !builtin::is_placeholder(head),
+            Check::Value => !(builtin::is_placeholder(head) && builtin::is_placeholder(value)),
         }
     }
 

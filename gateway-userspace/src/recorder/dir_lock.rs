@@ -8,7 +8,7 @@
 //! `<dir>/.lock` before it opens anything else there; the kernel drops it when the process
 //! exits, however it exits, so a crashed gateway never leaves a stale lock. A second
 //! gateway waits for the first to finish draining, then refuses to start, naming the
-//! holder (the lock file says which process took it).
+//! holder (the lock file says which node, pod and process took it).
 
 use std::{
     fs::{File, OpenOptions, TryLockError},
@@ -59,8 +59,9 @@ pub enum DirLockError {
 }
 
 /// Locks `dir` (creating it) for this process, waiting up to `wait` for another holder to
-/// let go.
-pub async fn lock_dir(dir: &Path, wait: Duration) -> Result<DirLock, DirLockError> {
+/// let go; `holder` (which node, pod and process) is written into the lock file for the
+/// message of the next one that tries.
+pub async fn lock_dir(dir: &Path, wait: Duration, holder: &str) -> Result<DirLock, DirLockError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DirLockError::Io { path, source }
@@ -79,7 +80,7 @@ pub async fn lock_dir(dir: &Path, wait: Duration) -> Result<DirLock, DirLockErro
         match file.try_lock() {
             Ok(()) => break,
             Err(TryLockError::WouldBlock) => {
-                let holder = holder(&mut file);
+                let holder = current_holder(&mut file);
                 if started.elapsed() >= wait {
                     return Err(DirLockError::InUse {
                         dir: dir.to_path_buf(),
@@ -97,12 +98,18 @@ pub async fn lock_dir(dir: &Path, wait: Duration) -> Result<DirLock, DirLockErro
                 }
                 tokio::time::sleep(RETRY).await;
             }
-            Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+            Err(TryLockError::Error(e)) => {
+                // ENOLCK: a network filesystem without lock support.
+                return Err(io_err(&path)(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot lock it ({e}); recording.dir must be on a filesystem with flock(2) locks, a node's local disk"
+                    ),
+                )));
+            }
         }
     }
-    // Say who holds it, for the message of the next one that tries.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let note = format!("pid {} on {}\n", std::process::id(), host.trim());
+    let note = format!("{}\n", holder.trim());
     file.set_len(0)
         .and_then(|()| file.rewind())
         .and_then(|()| file.write_all(note.as_bytes()))
@@ -111,7 +118,7 @@ pub async fn lock_dir(dir: &Path, wait: Duration) -> Result<DirLock, DirLockErro
 }
 
 /// What the current holder wrote into the lock file (at most a line of it).
-fn holder(file: &mut File) -> String {
+fn current_holder(file: &mut File) -> String {
     let mut text = String::new();
     let read = file
         .rewind()
@@ -130,21 +137,30 @@ mod tests {
     async fn a_second_gateway_waits_for_the_first_then_refuses_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let recording = dir.path().join("recording");
-        let first = lock_dir(&recording, Duration::ZERO).await.unwrap();
-        let err = lock_dir(&recording, Duration::from_millis(300))
-            .await
-            .unwrap_err();
+        let first = lock_dir(
+            &recording,
+            Duration::ZERO,
+            "node n1, pod chaperone-abc, pid 1",
+        )
+        .await
+        .unwrap();
+        let err = lock_dir(
+            &recording,
+            Duration::from_millis(300),
+            "node n1, pod chaperone-def, pid 1",
+        )
+        .await
+        .unwrap_err();
         let text = err.to_string();
         assert!(
             matches!(err, DirLockError::InUse { .. })
-                && text.contains(&format!("pid {} on ", std::process::id()))
-                && text.contains("in use by another gateway"),
+                && text.contains("in use by another gateway (node n1, pod chaperone-abc, pid 1)"),
             "{text}"
         );
         // Let go while the next one waits: it gets the lock.
         let next = tokio::spawn({
             let recording = recording.clone();
-            async move { lock_dir(&recording, Duration::from_secs(30)).await }
+            async move { lock_dir(&recording, Duration::from_secs(30), "the next").await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(first);
@@ -155,12 +171,11 @@ mod tests {
     async fn a_lock_file_left_behind_is_no_lock() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(LOCK_FILE), "pid 1 on gone\n").unwrap();
-        let lock = lock_dir(dir.path(), Duration::ZERO).await.unwrap();
+        let lock = lock_dir(dir.path(), Duration::ZERO, "node n2, pod p, pid 7")
+            .await
+            .unwrap();
         let note = std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap();
-        assert!(
-            note.starts_with(&format!("pid {} on ", std::process::id())),
-            "{note}"
-        );
+        assert_eq!(note, "node n2, pod p, pid 7\n");
         drop(lock);
     }
 }

@@ -257,6 +257,15 @@ fn long_values_are_masked_whole_and_container_ids_left_alone() {
             format!("password=<{long}>"),
             "password=**masked:password-assignment**".to_owned(),
         ),
+        // ...nor what comes after a plain start.
+        (
+            format!("api_key={}{random}", "a".repeat(256)),
+            "api_key=**masked:secret-assignment**".to_owned(),
+        ),
+        (
+            format!("password={}{random}", "$".repeat(300)),
+            "password=**masked:password-assignment**".to_owned(),
+        ),
     ] {
         assert_eq!(redact(&d, &input).0, want, "{input}");
     }
