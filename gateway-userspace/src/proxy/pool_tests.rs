@@ -27,6 +27,8 @@ enum Serve {
     /// One keep-alive response; the connection closes when `.0` is notified, which the
     /// server confirms through `.1`.
     CloseWhenTold(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>),
+    /// Keep-alive responses of this many bytes (`x`), far more than socket buffers hold.
+    Big(usize),
 }
 
 struct Server {
@@ -96,6 +98,25 @@ async fn server(serve: Serve, alpn: &[&[u8]]) -> Server {
                         let _ = tls.shutdown().await;
                         drop(tls);
                         closed.notify_one();
+                    }
+                    Serve::Big(len) => {
+                        let mut tls = tls;
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                        let chunk = vec![b'x'; 64 * 1024];
+                        loop {
+                            respond(&mut tls, head.as_bytes()).await;
+                            let mut left = len;
+                            while left > 0 {
+                                let n = left.min(chunk.len());
+                                if tls.write_all(&chunk[..n]).await.is_err() {
+                                    return;
+                                }
+                                left -= n;
+                            }
+                            if tls.flush().await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
             });
@@ -265,6 +286,67 @@ async fn a_request_that_meets_a_connection_closing_under_it_is_sent_again() {
         .unwrap_or_else(|e| panic!("second request: {e}"));
     assert_eq!(text(second).await, "ok");
     assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// A body many times the socket buffers (read while the connection keeps filling them)
+/// arrives whole, and the connection then carries the next request.
+#[tokio::test]
+async fn a_body_larger_than_the_socket_buffers_arrives_whole_and_its_connection_is_reused() {
+    const LEN: usize = 8 * 1024 * 1024;
+    let server = server(Serve::Big(LEN), &[b"http/1.1"]).await;
+    let pool = pool(&server, &[b"http/1.1"]);
+    for i in 0..2 {
+        let exchange = async {
+            let response = pool.request(get(&server.base, "/big")).await.expect("head");
+            response.into_body().collect().await.expect("body").to_bytes()
+        };
+        let body = tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .expect("the body stalled");
+        assert_eq!(body.len(), LEN, "request {i}");
+        assert!(body.iter().all(|&b| b == b'x'), "request {i}");
+        assert_eq!(pool.idle_http1(), 1, "request {i}");
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A parked connection the server closed leaves the pool at the reaper's next round, well
+/// before it would time out, rather than waiting in the pool for a request to find it.
+#[tokio::test]
+async fn the_reaper_drops_a_parked_connection_the_server_closed() {
+    let close = Arc::new(tokio::sync::Notify::new());
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let server = server(
+        Serve::CloseWhenTold(close.clone(), closed.clone()),
+        &[b"http/1.1"],
+    )
+    .await;
+    let dialer = Dialer::new(
+        server.client_tls.clone(),
+        &server.base,
+        None,
+        Duration::from_secs(2),
+        &[b"http/1.1"],
+    );
+    // Reaped every 2 s, timed out after 8 s.
+    let pool = Arc::new(UpstreamPool::new(
+        Arc::new(dialer),
+        &server.base,
+        Duration::from_secs(8),
+    ));
+    let first = pool.request(get(&server.base, "/a")).await.expect("first");
+    assert_eq!(text(first).await, "ok");
+    assert_eq!(pool.idle_http1(), 1);
+    close.notify_one();
+    closed.notified().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.idle_http1() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection is still parked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A response dropped before its end (the client went away) takes its connection with it:
