@@ -908,6 +908,25 @@ impl Config {
                 "is required when mode is fixed".to_owned(),
             ));
         }
+        if self.upstream.impersonate.mode == ImpersonationMode::Fixed {
+            let fixed = &self.upstream.impersonate;
+            let names = fixed.user.iter().map(|u| ("upstream.impersonate.user", u));
+            let groups = fixed
+                .groups
+                .iter()
+                .map(|g| ("upstream.impersonate.groups", g));
+            if let Some((field, name)) = names
+                .chain(groups)
+                .find(|(_, name)| http::HeaderValue::from_bytes(name.as_bytes()).is_err())
+            {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{name:?} holds a control character, so it cannot be sent as an Impersonate header"
+                    ),
+                ));
+            }
+        }
         if let Err(e) = self.identity.validate() {
             return Err(invalid("identity", e.to_string()));
         }
@@ -1071,6 +1090,35 @@ mod tests {
         );
         let local = none.replace("169.254.10.1:15443", "127.0.0.1:15443");
         assert!(Config::from_yaml(&local, "c.yaml").is_ok());
+    }
+
+    /// A fixed impersonation is checked at load: every request would otherwise be refused
+    /// for a name that cannot be a header value.
+    #[test]
+    fn a_fixed_impersonation_needs_names_that_can_be_headers() {
+        let (_dir, yaml) = fixture();
+        let upstream = "upstream:\n";
+        let with = |user: &str, group: &str| {
+            yaml.replace(
+                upstream,
+                &format!(
+                    "{upstream}  impersonate:\n    mode: fixed\n    user: {user}\n    groups: [{group}]\n"
+                ),
+            )
+        };
+        Config::from_yaml(&with("agents", "\"équipe\""), "c.yaml").expect("valid names");
+        for (user, group, field) in [
+            ("\"agent\\u0001\"", "sre", "upstream.impersonate.user"),
+            ("agent", "\"sre\\nx\"", "upstream.impersonate.groups"),
+        ] {
+            let err = Config::from_yaml(&with(user, group), "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(field) && err.contains("control character"),
+                "{user} {group}: {err}"
+            );
+        }
     }
 
     #[test]

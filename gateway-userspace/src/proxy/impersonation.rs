@@ -23,76 +23,93 @@ pub struct Impersonation {
 }
 
 /// Decides the impersonated identity; an identity that cannot be established is a refusal,
-/// never a silent fallback to the gateway's own (broad) identity.
+/// never a silent fallback to the gateway's own (broad) identity. So is one whose names
+/// cannot be sent as headers (a control character in an OIDC claim): the request is denied
+/// here, with the reason, rather than failing later as if the credential were unavailable.
 pub(super) fn impersonation(
     cfg: &ImpersonationConfig,
     workload: &WorkloadIdentity,
     principal: &Principal,
 ) -> Result<Option<Impersonation>, String> {
-    match cfg.mode {
-        ImpersonationMode::None => Ok(None),
-        ImpersonationMode::Fixed => Ok(Some(Impersonation {
+    let as_whom = match cfg.mode {
+        ImpersonationMode::None => return Ok(None),
+        ImpersonationMode::Fixed => Impersonation {
             user: cfg.user.clone().unwrap_or_default(),
             groups: cfg.groups.clone(),
             uid: None,
-        })),
+        },
         ImpersonationMode::Workload => match (&workload.namespace, &workload.service_account, workload.is_known()) {
-            (Some(ns), Some(sa), true) => Ok(Some(Impersonation {
+            (Some(ns), Some(sa), true) => Impersonation {
                 user: format!("system:serviceaccount:{ns}:{sa}"),
                 groups: vec!["system:serviceaccounts".to_owned(), format!("system:serviceaccounts:{ns}")],
                 uid: None,
-            })),
-            _ => Err("the gateway impersonates workloads, and this connection's workload is not identified".to_owned()),
+            },
+            _ => return Err("the gateway impersonates workloads, and this connection's workload is not identified".to_owned()),
         },
         ImpersonationMode::Principal => match (principal.kind, &principal.subject) {
             (PrincipalKind::Oidc | PrincipalKind::ServiceAccount | PrincipalKind::User, Some(subject)) => {
-                Ok(Some(Impersonation {
+                Impersonation {
                     user: subject.clone(),
                     groups: principal.groups.clone(),
                     uid: principal.uid.clone(),
-                }))
+                }
             }
-            _ => Err(format!(
+            _ => return Err(format!(
                 "the gateway impersonates the presented principal, and this request has none it could verify ({})",
                 principal.reason.as_deref().unwrap_or(principal.kind.as_str())
             )),
         },
+    };
+    as_whom.header_values()?;
+    Ok(Some(as_whom))
+}
+
+/// The `Impersonate-*` header values of an identity.
+struct HeaderValues {
+    user: HeaderValue,
+    groups: Vec<HeaderValue>,
+    uid: Option<HeaderValue>,
+}
+
+impl Impersonation {
+    /// Its names as header values; a name that cannot be one is an error naming it.
+    fn header_values(&self) -> Result<HeaderValues, String> {
+        let value = |what: &str, text: &str| {
+            // UTF-8 names pass (as obs-text, which the API server accepts); control
+            // characters do not.
+            HeaderValue::from_bytes(text.as_bytes()).map_err(|_| {
+                format!(
+                    "cannot impersonate {what} {text:?}: it is not a valid HTTP header value, so the request is refused rather than sent as the gateway"
+                )
+            })
+        };
+        Ok(HeaderValues {
+            user: value("user", &self.user)?,
+            groups: self
+                .groups
+                .iter()
+                .map(|g| value("group", g))
+                .collect::<Result<Vec<_>, _>>()?,
+            uid: self.uid.as_deref().map(|u| value("uid", u)).transpose()?,
+        })
     }
 }
 
 /// Writes `Impersonate-User`, one `Impersonate-Group` per group and `Impersonate-Uid`.
-/// A name that cannot be a header value (a control character in an OIDC claim) is an
-/// error, never left out: without `Impersonate-User` the request would run as the
-/// gateway's own identity, and without a group as someone the API server never saw.
+/// A name that cannot be a header value is an error, never left out: without
+/// `Impersonate-User` the request would run as the gateway's own identity, and without a
+/// group as someone the API server never saw. ([`impersonation`] already refused such a
+/// name; this holds for any caller.)
 pub(super) fn impersonation_headers(
     headers: &mut HeaderMap,
     as_whom: &Impersonation,
 ) -> Result<(), String> {
-    let value = |what: &str, text: &str| {
-        // UTF-8 names pass (as obs-text, which the API server accepts); control
-        // characters do not.
-        HeaderValue::from_bytes(text.as_bytes()).map_err(|_| {
-            format!(
-                "cannot impersonate {what} {text:?}: it is not a valid HTTP header value, so the request is refused rather than sent as the gateway"
-            )
-        })
-    };
-    let user = value("user", &as_whom.user)?;
-    let groups = as_whom
-        .groups
-        .iter()
-        .map(|g| value("group", g))
-        .collect::<Result<Vec<_>, _>>()?;
-    let uid = as_whom
-        .uid
-        .as_deref()
-        .map(|u| value("uid", u))
-        .transpose()?;
-    headers.insert(HeaderName::from_static("impersonate-user"), user);
-    for group in groups {
+    let values = as_whom.header_values()?;
+    headers.insert(HeaderName::from_static("impersonate-user"), values.user);
+    for group in values.groups {
         headers.append(HeaderName::from_static("impersonate-group"), group);
     }
-    if let Some(uid) = uid {
+    if let Some(uid) = values.uid {
         headers.insert(HeaderName::from_static("impersonate-uid"), uid);
     }
     Ok(())
@@ -192,6 +209,47 @@ mod tests {
             let why = impersonation_headers(&mut h, &as_whom).expect_err("refused");
             assert!(why.contains("not a valid HTTP header value"), "{why}");
             assert!(h.is_empty(), "{h:?}");
+        }
+    }
+
+    /// A verified principal whose subject, group or UID cannot travel as a header is
+    /// refused when the identity is decided (the handler answers 403 and records why), not
+    /// when the credential is put on (which answers 503, as if the gateway were broken).
+    #[test]
+    fn a_principal_whose_names_cannot_be_headers_is_refused_at_the_decision() {
+        let cfg = ImpersonationConfig {
+            mode: ImpersonationMode::Principal,
+            ..ImpersonationConfig::default()
+        };
+        let verified = |subject: &str, group: &str, uid: &str| {
+            let mut principal = Principal::anonymous();
+            principal.kind = PrincipalKind::Oidc;
+            principal.subject = Some(subject.to_owned());
+            principal.groups = vec![group.to_owned()];
+            principal.uid = Some(uid.to_owned());
+            principal
+        };
+        let ok = impersonation(
+            &cfg,
+            &WorkloadIdentity::default(),
+            &verified("José", "sre", "1"),
+        )
+        .expect("a UTF-8 subject is a valid header value");
+        assert_eq!(ok.expect("an identity").user, "José");
+        for (principal, named) in [
+            (
+                verified("alice\r\nimpersonate-group: system:masters", "sre", "1"),
+                "user",
+            ),
+            (verified("alice", "sre\u{0}", "1"), "group"),
+            (verified("alice", "sre", "1\n"), "uid"),
+        ] {
+            let why =
+                impersonation(&cfg, &WorkloadIdentity::default(), &principal).expect_err("refused");
+            assert!(
+                why.starts_with(&format!("cannot impersonate {named} ")),
+                "{why}"
+            );
         }
     }
 }

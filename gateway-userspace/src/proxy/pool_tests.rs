@@ -298,7 +298,12 @@ async fn a_body_larger_than_the_socket_buffers_arrives_whole_and_its_connection_
     for i in 0..2 {
         let exchange = async {
             let response = pool.request(get(&server.base, "/big")).await.expect("head");
-            response.into_body().collect().await.expect("body").to_bytes()
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
         };
         let body = tokio::time::timeout(Duration::from_secs(30), exchange)
             .await
