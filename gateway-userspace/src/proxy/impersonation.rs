@@ -60,39 +60,38 @@ pub(super) fn impersonation(
             )),
         },
     };
-    as_whom.header_values()?;
+    as_whom.check_names()?;
     Ok(Some(as_whom))
 }
 
-/// The `Impersonate-*` header values of an identity.
-struct HeaderValues {
-    user: HeaderValue,
-    groups: Vec<HeaderValue>,
-    uid: Option<HeaderValue>,
+impl Impersonation {
+    /// Every name, with what it is.
+    fn names(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        std::iter::once(("user", self.user.as_str()))
+            .chain(self.groups.iter().map(|g| ("group", g.as_str())))
+            .chain(self.uid.iter().map(|u| ("uid", u.as_str())))
+    }
+
+    /// Whether every name can be a header value, without building one (the credential
+    /// step builds them once the request is allowed).
+    fn check_names(&self) -> Result<(), String> {
+        match self.names().find(|(_, text)| !is_header_value(text)) {
+            Some((what, text)) => Err(not_a_header_value(what, text)),
+            None => Ok(()),
+        }
+    }
 }
 
-impl Impersonation {
-    /// Its names as header values; a name that cannot be one is an error naming it.
-    fn header_values(&self) -> Result<HeaderValues, String> {
-        let value = |what: &str, text: &str| {
-            // UTF-8 names pass (as obs-text, which the API server accepts); control
-            // characters do not.
-            HeaderValue::from_bytes(text.as_bytes()).map_err(|_| {
-                format!(
-                    "cannot impersonate {what} {text:?}: it is not a valid HTTP header value, so the request is refused rather than sent as the gateway"
-                )
-            })
-        };
-        Ok(HeaderValues {
-            user: value("user", &self.user)?,
-            groups: self
-                .groups
-                .iter()
-                .map(|g| value("group", g))
-                .collect::<Result<Vec<_>, _>>()?,
-            uid: self.uid.as_deref().map(|u| value("uid", u)).transpose()?,
-        })
-    }
+/// `HeaderValue::from_bytes`'s rule: visible ASCII, space, tab and obs-text (so UTF-8 names,
+/// which the API server accepts, pass); no other control character.
+fn is_header_value(text: &str) -> bool {
+    text.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f))
+}
+
+fn not_a_header_value(what: &str, text: &str) -> String {
+    format!(
+        "cannot impersonate {what} {text:?}: it is not a valid HTTP header value, so the request is refused rather than sent as the gateway"
+    )
 }
 
 /// Writes `Impersonate-User`, one `Impersonate-Group` per group and `Impersonate-Uid`.
@@ -104,12 +103,25 @@ pub(super) fn impersonation_headers(
     headers: &mut HeaderMap,
     as_whom: &Impersonation,
 ) -> Result<(), String> {
-    let values = as_whom.header_values()?;
-    headers.insert(HeaderName::from_static("impersonate-user"), values.user);
-    for group in values.groups {
+    let value = |what: &str, text: &str| {
+        HeaderValue::from_bytes(text.as_bytes()).map_err(|_| not_a_header_value(what, text))
+    };
+    let user = value("user", &as_whom.user)?;
+    let groups = as_whom
+        .groups
+        .iter()
+        .map(|g| value("group", g))
+        .collect::<Result<Vec<_>, _>>()?;
+    let uid = as_whom
+        .uid
+        .as_deref()
+        .map(|u| value("uid", u))
+        .transpose()?;
+    headers.insert(HeaderName::from_static("impersonate-user"), user);
+    for group in groups {
         headers.append(HeaderName::from_static("impersonate-group"), group);
     }
-    if let Some(uid) = values.uid {
+    if let Some(uid) = uid {
         headers.insert(HeaderName::from_static("impersonate-uid"), uid);
     }
     Ok(())
@@ -209,6 +221,20 @@ mod tests {
             let why = impersonation_headers(&mut h, &as_whom).expect_err("refused");
             assert!(why.contains("not a valid HTTP header value"), "{why}");
             assert!(h.is_empty(), "{h:?}");
+        }
+    }
+
+    /// The decision's byte check and the header values the credential step builds agree on
+    /// every byte, so nothing the decision let through fails later.
+    #[test]
+    fn the_name_check_agrees_with_header_values_on_every_byte() {
+        for b in 0..=255u8 {
+            let text = String::from_utf8_lossy(&[b'a', b, b'z']).into_owned();
+            assert_eq!(
+                is_header_value(&text),
+                HeaderValue::from_bytes(text.as_bytes()).is_ok(),
+                "byte {b:#04x}"
+            );
         }
     }
 
