@@ -65,19 +65,40 @@ pub struct WsMessage {
 #[derive(Debug, Default)]
 pub struct WsDecoder {
     buf: Vec<u8>,
+    /// Where the next frame starts in `buf`; what is before it is cut off once per feed, not
+    /// once per frame (which copied the rest of a read for every tiny frame).
+    start: usize,
     fragments: Option<(WsOpcode, Vec<u8>)>,
+    /// Reads every data frame as a message of its own ([`WsDecoder::per_frame`]); holds the
+    /// type of the last data frame, which a continuation frame takes.
+    per_frame: Option<Option<WsOpcode>>,
     failed: bool,
 }
 
 impl WsDecoder {
-    /// A decoder at the start of a stream (right after the 101 response).
+    /// A decoder at the start of a stream (right after the 101 response) that reassembles
+    /// fragmented messages, as a client (gorilla/websocket's `NextReader`) reads them.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A decoder that reads each data frame as a message of its own, a continuation frame
+    /// as one of the type the last data frame had. That is how the API server reads what
+    /// a client sends on the `channel.k8s.io` protocols (`golang.org/x/net/websocket`
+    /// receives single frames, and `wsstream` takes every frame's first byte as its
+    /// channel), so the tap must read the client's frames the same way: a message
+    /// reassembled from `[1]x` and `[0]rm -rf /` would look like stdout to the tap while
+    /// the server writes the second frame to stdin.
+    pub fn per_frame() -> Self {
+        Self {
+            per_frame: Some(None),
+            ..Self::default()
+        }
+    }
+
     /// Whether everything fed so far formed whole frames, so a frame may be inserted here.
     pub fn at_frame_boundary(&self) -> bool {
-        !self.failed && self.buf.is_empty()
+        !self.failed && self.buf.len() == self.start
     }
 
     /// Feeds bytes and returns every message they complete.
@@ -94,10 +115,15 @@ impl WsDecoder {
                         out.push(m);
                     }
                 }
-                Ok(None) => return Ok(out),
+                Ok(None) => {
+                    self.buf.drain(..self.start);
+                    self.start = 0;
+                    return Ok(out);
+                }
                 Err(e) => {
                     self.failed = true;
                     self.buf = Vec::new();
+                    self.start = 0;
                     return Err(e);
                 }
             }
@@ -107,7 +133,8 @@ impl WsDecoder {
     /// Parses one frame from the buffer: `Ok(None)` = need more bytes; `Ok(Some(None))` =
     /// a fragment was consumed without completing a message.
     fn next_frame(&mut self) -> Result<Option<Option<WsMessage>>, FrameError> {
-        let Some(head) = WsHead::parse(&self.buf)? else {
+        let buf = &self.buf[self.start..];
+        let Some(head) = WsHead::parse(buf)? else {
             return Ok(None);
         };
         let WsHead {
@@ -117,11 +144,11 @@ impl WsDecoder {
             header_len: pos,
             payload_len: len,
         } = head;
-        if self.buf.len() < pos + len {
+        if buf.len() < pos + len {
             return Ok(None);
         }
-        let mut payload: Vec<u8> = self.buf[pos..pos + len].to_vec();
-        self.buf.drain(..pos + len);
+        let mut payload: Vec<u8> = buf[pos..pos + len].to_vec();
+        self.start += pos + len;
         if let Some(m) = mask {
             for (i, byte) in payload.iter_mut().enumerate() {
                 *byte ^= m[i % 4];
@@ -133,6 +160,22 @@ impl WsDecoder {
             0xA => Some(WsOpcode::Pong),
             _ => None,
         };
+        if let Some(last) = &mut self.per_frame
+            && opcode <= 0x2
+        {
+            let op = match opcode {
+                0x1 => WsOpcode::Text,
+                0x2 => WsOpcode::Binary,
+                _ => last.ok_or_else(|| {
+                    FrameError::WebSocket("continuation frame before any data frame".into())
+                })?,
+            };
+            *last = Some(op);
+            return Ok(Some(Some(WsMessage {
+                opcode: op,
+                payload,
+            })));
+        }
         match opcode {
             0x0 => {
                 let Some((op, mut acc)) = self.fragments.take() else {
@@ -429,6 +472,8 @@ max-age=gzip,deflate,sdchcharset=utf-8charset=iso-8859-1,utf-,*,enq=0.";
 /// context for header blocks.
 pub struct SpdyDecoder {
     buf: Vec<u8>,
+    /// Where the next frame starts in `buf` (cut off once per feed, as in [`WsDecoder`]).
+    start: usize,
     inflate: Decompress,
     dictionary_set: bool,
     failed: bool,
@@ -454,6 +499,7 @@ impl SpdyDecoder {
     pub fn new() -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             inflate: Decompress::new(true),
             dictionary_set: false,
             failed: false,
@@ -462,7 +508,7 @@ impl SpdyDecoder {
 
     /// Whether the bytes fed so far end exactly at a frame boundary.
     pub fn at_frame_boundary(&self) -> bool {
-        self.buf.is_empty() && !self.failed
+        self.buf.len() == self.start && !self.failed
     }
 
     /// Feeds bytes and returns every frame they complete.
@@ -475,10 +521,15 @@ impl SpdyDecoder {
         loop {
             match self.next_frame() {
                 Ok(Some(f)) => out.push(f),
-                Ok(None) => return Ok(out),
+                Ok(None) => {
+                    self.buf.drain(..self.start);
+                    self.start = 0;
+                    return Ok(out);
+                }
                 Err(e) => {
                     self.failed = true;
                     self.buf = Vec::new();
+                    self.start = 0;
                     return Err(e);
                 }
             }
@@ -486,10 +537,10 @@ impl SpdyDecoder {
     }
 
     fn next_frame(&mut self) -> Result<Option<SpdyFrame>, FrameError> {
-        if self.buf.len() < 8 {
+        let b = &self.buf[self.start..];
+        if b.len() < 8 {
             return Ok(None);
         }
-        let b = &self.buf;
         let flags = b[4];
         let len = (usize::from(b[5]) << 16) | (usize::from(b[6]) << 8) | usize::from(b[7]);
         if b.len() < 8 + len {
@@ -498,7 +549,7 @@ impl SpdyDecoder {
         let body: Vec<u8> = b[8..8 + len].to_vec();
         let control = b[0] & 0x80 != 0;
         let word = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        self.buf.drain(..8 + len);
+        self.start += 8 + len;
         if !control {
             return Ok(Some(SpdyFrame::Data {
                 id: word & 0x7fff_ffff,

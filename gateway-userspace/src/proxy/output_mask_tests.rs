@@ -344,6 +344,20 @@ fn spdy_stream_types_are_read_as_the_kubelet_reads_them_and_unknown_output_fails
         .collect();
     assert_eq!(payload, b"token: **masked:github-token**\n");
 
+    // A second SYN_STREAM for the stdout stream, calling it `error`, is refused by
+    // spdystream (its id is not above the last one opened): stdout stays masked.
+    let relabel = client.syn_stream(3, 0, &[("streamtype", "error")]).unwrap();
+    assert_eq!(tap.pass(Direction::ToServer, &relabel).unwrap(), None);
+    let sent = tap.pass(Direction::ToClient, &down).unwrap().unwrap();
+    let frames = SpdyDecoder::new().feed(&sent).expect("decodes");
+    assert!(
+        frames.iter().all(|f| match f {
+            SpdyFrame::Data { payload, .. } => !String::from_utf8_lossy(payload).contains(&token),
+            _ => true,
+        }),
+        "stdout relabelled as error went out unmasked"
+    );
+
     // A stream type the tap does not know, and a stream it never saw opened.
     for (streamtype, id) in [(Some("stdoot"), 5), (None, 7)] {
         let mut tap = StreamTap::new("m13", TapFraming::Spdy, None)

@@ -4,7 +4,9 @@
 //! `channel.k8s.io` channel 0, or the SPDY stream whose type is `stdin`). When a completed
 //! line matches a rule, the relay drops the chunk that completed it (so the process never
 //! receives that line's end), stops forwarding to the API server and closes the upstream
-//! connection (the API server ends the process), and closes the client side with frames of
+//! connection (the API server ends the session: the process's stdin closes, so a shell
+//! reading it exits, but a process that does not read stdin may run on), and closes the
+//! client side with frames of
 //! the client's own protocol: the reason on stderr (stdout for a tty session, which has no
 //! stderr stream), a `Failure` Status on the error channel (plain text before protocol
 //! v4), then a WebSocket Close or SPDY FINs. kubectl prints the stderr text and
@@ -300,6 +302,106 @@ mod tests {
         assert_eq!(status["status"], "Failure");
         assert_eq!(status["reason"], "Forbidden");
         assert_eq!(messages[2].opcode, WsOpcode::Close);
+    }
+
+    /// A masked client frame with any FIN bit and opcode (the payload is short).
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [9, 8, 7, 6];
+        let mut frame = vec![
+            if fin { 0x80 } else { 0 } | opcode,
+            0x80 | u8::try_from(payload.len()).expect("short"),
+        ];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    fn guarded(framing: TapFraming, protocol: &'static str) -> StreamTap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            http::HeaderValue::from_static(protocol),
+        );
+        let shape = SessionShape::new(Some("command=sh&stdin=true&stdout=true"), &headers);
+        StreamTap::new("a", framing, None)
+            .with_stdin_lines(rules(), shape)
+            .expect("readable stdin")
+    }
+
+    /// The tap reads the client's frames as the API server does, so stdin cannot be framed
+    /// past the line rules: `x/net/websocket` (behind `wsstream`) takes every frame on its
+    /// own, a continuation frame included, and a text frame like a binary one.
+    #[test]
+    fn stdin_is_checked_however_the_client_frames_it() {
+        let channels = TapFraming::WebSocketChannels {
+            base64: false,
+            ports: None,
+        };
+        let cases: [(&str, Vec<u8>); 3] = [
+            (
+                // Reassembled, this is one stdout message; the server writes the second
+                // frame to stdin.
+                "a fragmented message",
+                [
+                    client_frame(false, 0x2, b"\x01x"),
+                    client_frame(true, 0x0, b"\x00rm -rf /\n"),
+                ]
+                .concat(),
+            ),
+            (
+                "a text frame on a binary protocol",
+                client_frame(true, 0x1, b"\x00rm -rf /\n"),
+            ),
+            (
+                "a continuation after a whole message",
+                [
+                    client_frame(true, 0x2, b"\x00ls\n"),
+                    client_frame(true, 0x0, b"\x00rm -rf /\n"),
+                ]
+                .concat(),
+            ),
+        ];
+        for (what, bytes) in cases {
+            let mut tap = guarded(channels.clone(), "v5.channel.k8s.io");
+            let _ = tap.pass(Direction::ToServer, &bytes);
+            assert!(tap.stdin_violation().is_some(), "{what}: not caught");
+        }
+        // The same frames with a harmless line pass.
+        let mut tap = guarded(channels, "v5.channel.k8s.io");
+        tap.pass(
+            Direction::ToServer,
+            &[
+                client_frame(false, 0x2, b"\x01x"),
+                client_frame(true, 0x0, b"\x00ls /\n"),
+            ]
+            .concat(),
+        )
+        .expect("passes");
+        assert_eq!(tap.stdin_violation(), None);
+    }
+
+    /// spdystream refuses a SYN_STREAM whose id is not above every id opened before and
+    /// keeps the stream: a second SYN_STREAM for the stdin stream, calling it stdout, does
+    /// not make what follows on it unchecked.
+    #[test]
+    fn a_repeated_spdy_stream_id_keeps_its_first_type() {
+        use chaperone_testkit::spdy_frames::SpdyEncoder;
+        let mut tap = guarded(TapFraming::Spdy, "v4.channel.k8s.io");
+        let mut client = SpdyEncoder::new().expect("encoder");
+        let mut up = Vec::new();
+        for (id, kind) in [(1, "error"), (3, "stdin"), (5, "stdout"), (3, "stdout")] {
+            up.extend(
+                client
+                    .syn_stream(id, 0, &[("streamtype", kind)])
+                    .expect("syn"),
+            );
+        }
+        up.extend(SpdyEncoder::data(3, b"rm -rf /\n", false));
+        let _ = tap.pass(Direction::ToServer, &up);
+        assert!(
+            tap.stdin_violation().is_some(),
+            "stdin relabelled as stdout"
+        );
     }
 
     /// The guard replays line editing exactly when the API server allocates a tty: the

@@ -309,6 +309,8 @@ pub struct StreamTap {
     ws: [WsDecoder; 2],
     spdy: [SpdyDecoder; 2],
     spdy_streams: std::collections::HashMap<u32, StreamChannel>,
+    /// The highest stream id each direction has opened (SYN_STREAM), by [`index`].
+    spdy_last_opened: [u32; 2],
     stopped: bool,
     stats: StreamStats,
     sink: Option<Arc<dyn FrameSink>>,
@@ -339,12 +341,21 @@ fn index(dir: Direction) -> usize {
 impl StreamTap {
     /// A tap at the start of the stream.
     pub fn new(audit_id: &str, framing: TapFraming, sink: Option<Arc<dyn FrameSink>>) -> Self {
+        let client_decoder = if matches!(framing, TapFraming::WebSocketChannels { .. }) {
+            WsDecoder::per_frame()
+        } else {
+            WsDecoder::new()
+        };
         Self {
             audit_id: audit_id.to_owned(),
             framing,
-            ws: [WsDecoder::new(), WsDecoder::new()],
+            // The API server reads the client's channel frames one by one; the client
+            // reassembles the server's messages (and both sides of the SPDY tunnel are
+            // gorilla/websocket, which reassembles).
+            ws: [client_decoder, WsDecoder::new()],
             spdy: [SpdyDecoder::new(), SpdyDecoder::new()],
             spdy_streams: std::collections::HashMap::new(),
+            spdy_last_opened: [0; 2],
             stopped: false,
             stats: StreamStats::default(),
             sink,
@@ -558,6 +569,10 @@ impl StreamTap {
         ports: Option<&[u16]>,
     ) {
         let data_message = match msg.opcode {
+            // The API server takes a text and a binary message alike (x/net/websocket
+            // ignores the type when it receives into bytes): a client cannot hide stdin
+            // from the tap by sending it with the other type.
+            WsOpcode::Binary | WsOpcode::Text if dir == Direction::ToServer => true,
             WsOpcode::Binary => !base64,
             WsOpcode::Text => base64,
             _ => false,
@@ -609,6 +624,15 @@ impl StreamTap {
             match frame {
                 SpdyFrame::SynStream { id, headers, .. } => {
                     self.stats.control_frames += 1;
+                    // spdystream refuses (RST_STREAM) a SYN_STREAM whose id is not above
+                    // every id the peer opened before, and keeps the stream that id names:
+                    // so must the tap, or a repeated SYN_STREAM would relabel stdin as
+                    // stdout (unchecked) or stdout as error (unmasked).
+                    let last = &mut self.spdy_last_opened[index(dir)];
+                    if id <= *last {
+                        continue;
+                    }
+                    *last = id;
                     let port = spdy_header(&headers, "port").and_then(|p| p.parse().ok());
                     let portforward = spdy_header(&headers, "requestid").is_some();
                     let channel = match spdy_header(&headers, "streamtype") {
