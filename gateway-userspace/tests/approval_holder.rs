@@ -317,6 +317,47 @@ async fn async_mode_queues_then_a_retry_passes_once_approved() {
     );
 }
 
+/// An approval is for the principal it was shown with and the rule that asked for it: the
+/// same request sent with another principal's token (the API server would see that
+/// principal under principal impersonation), or held by another rule after a policy
+/// reload, neither reuses the request nor passes on its approval.
+#[tokio::test]
+async fn an_approval_covers_only_the_principal_and_rule_it_was_asked_for() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    let sent = |principal: &str, rule: &'static str| HoldRequest {
+        principal: Some(principal.to_owned()),
+        rule,
+        ..request(&a, "agent-0", b"{}")
+    };
+    let queued = |outcome: HoldOutcome| match outcome {
+        HoldOutcome::Queued { name } => name,
+        other => panic!("expected queued, got {other:?}"),
+    };
+    let bob = queued(holder.hold(&sent("bob", "scale-prod")).await);
+    let mallory = queued(holder.hold(&sent("mallory", "scale-prod")).await);
+    let other_rule = queued(holder.hold(&sent("bob", "scale-anything")).await);
+    assert_ne!(bob, mallory);
+    assert_ne!(bob, other_rule);
+    assert_eq!(e.access_requests(3).await.len(), 3);
+    e.decide(&bob, Phase::Approved, "alice", None, None, true)
+        .await;
+    assert_eq!(
+        holder.hold(&sent("mallory", "scale-prod")).await,
+        HoldOutcome::Queued { name: mallory }
+    );
+    assert_eq!(
+        holder.hold(&sent("bob", "scale-anything")).await,
+        HoldOutcome::Queued { name: other_rule }
+    );
+    let approved = holder.hold(&sent("bob", "scale-prod")).await;
+    assert!(
+        matches!(&approved, HoldOutcome::Approved { name, .. } if *name == bob),
+        "{approved:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_grant_window_lets_identical_requests_through_until_it_ends() {
     let e = env(true).await;
@@ -491,6 +532,29 @@ async fn a_grant_covers_only_the_pod_it_was_given_to() {
                 "the recreated pod was let through"
             );
             recreated.abort();
+            // The same pod with another principal's token, through the gateway that
+            // holds the grant: its own decision too.
+            let other_principal = {
+                let (holder, a) = (other_node.clone(), a.clone());
+                tokio::spawn(async move {
+                    let mut req = request(&a, pod, b"{}");
+                    req.workload.uid = uid.map(str::to_owned);
+                    req.principal = Some("mallory".into());
+                    holder.hold(&req).await
+                })
+            };
+            created += 1;
+            let ars = e.access_requests(created).await;
+            assert!(
+                ars.iter()
+                    .any(|ar| ar.spec.requester.principal.as_deref() == Some("mallory")),
+                "another principal's request asks for its own approval"
+            );
+            assert!(
+                !other_principal.is_finished(),
+                "another principal was let through"
+            );
+            other_principal.abort();
         } else {
             // An unattributed caller's approval opens no window.
             created += 1;

@@ -162,7 +162,8 @@ struct Verdict {
 struct GrantEntry {
     name: String,
     decided_by: Option<String>,
-    workload: String,
+    /// [`grantee_key`]: the workload and the principal it was approved for.
+    grantee: String,
     fingerprint: String,
     rule: String,
     scope: GrantScope,
@@ -241,37 +242,59 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// Hex SHA-256 over the workload, the method, the path with its query, the body's
-/// `Content-Type` and the body, each length-prefixed: "the identical request". The media
-/// type belongs to it: the same bytes as a merge patch (which replaces whole lists) and as
-/// a strategic merge patch do different things. The pod's UID, when known, is part of the
-/// workload: the same request from a pod created again under the same name is another
-/// request.
+/// What makes two requests "the identical request" for an approval.
+pub struct Identity<'a> {
+    /// The calling workload; the pod's UID, when known, is part of it: the same request
+    /// from a pod created again under the same name is another request.
+    pub workload: &'a WorkloadRef,
+    /// The verified principal behind the token, when there is one: under principal
+    /// impersonation it is whom the API server sees, so an approval shown for one
+    /// principal must not let through the same request sent with another's token.
+    pub principal: Option<&'a str>,
+    /// The rule that asked for approval: after a policy reload, a request another rule
+    /// holds (with other approvers) is another request.
+    pub rule: &'a str,
+}
+
+/// Hex SHA-256 over the workload, the principal, the rule, the method, the path with its
+/// query, the body's `Content-Type` and the body, each length-prefixed: "the identical
+/// request". The media type belongs to it: the same bytes as a merge patch (which replaces
+/// whole lists) and as a strategic merge patch do different things.
 pub fn fingerprint(
-    workload: &WorkloadRef,
+    who: &Identity<'_>,
     method: &str,
     path: &str,
     content_type: &str,
     body: &[u8],
 ) -> String {
     let mut h = Sha256::new();
+    let absent: &[u8] = &[];
     for field in [
-        workload.namespace.as_bytes(),
-        workload.pod.as_bytes(),
+        who.workload.namespace.as_bytes(),
+        who.workload.pod.as_bytes(),
         method.as_bytes(),
         path.as_bytes(),
         content_type.as_bytes(),
         body,
+        // Optional fields as a presence byte and the value, so "none" and "" differ.
+        &[u8::from(who.workload.uid.is_some())],
+        who.workload.uid.as_deref().map_or(absent, str::as_bytes),
+        &[u8::from(who.principal.is_some())],
+        who.principal.map_or(absent, str::as_bytes),
+        who.rule.as_bytes(),
     ] {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field);
     }
-    if let Some(uid) = &workload.uid {
-        // After the six fields, so a fingerprint without a UID is what it always was.
-        h.update((uid.len() as u64).to_be_bytes());
-        h.update(uid.as_bytes());
-    }
     hex(&h.finalize())
+}
+
+/// Whom a lasting grant is for: the workload and the principal it was approved for.
+fn grantee_key(w: &WorkloadRef, principal: Option<&str>) -> String {
+    match principal {
+        Some(p) => format!("{} as {p:?}", workload_key(w)),
+        None => workload_key(w),
+    }
 }
 
 /// `namespace/pod`, and the pod's UID when known: what pending counts and grants are
@@ -450,7 +473,10 @@ impl Holder {
             state.grants.push(GrantEntry {
                 name: name.clone(),
                 decided_by: verdict.decided_by.clone(),
-                workload: workload_key(&ar.spec.requester.workload),
+                grantee: grantee_key(
+                    &ar.spec.requester.workload,
+                    ar.spec.requester.principal.as_deref(),
+                ),
                 fingerprint: ar.spec.fingerprint.clone(),
                 rule: ar.spec.rule.clone(),
                 scope: ar.spec.grant.scope,
@@ -491,7 +517,7 @@ impl Holder {
         }
     }
 
-    fn grant_for(&self, workload: &str, fingerprint: &str, rule: &str) -> Option<GrantEntry> {
+    fn grant_for(&self, grantee: &str, fingerprint: &str, rule: &str) -> Option<GrantEntry> {
         let mut state = self.lock();
         let t = now();
         state.grants.retain(|g| g.until > t);
@@ -499,7 +525,7 @@ impl Holder {
             .grants
             .iter()
             .find(|g| {
-                g.workload == workload
+                g.grantee == grantee
                     && match g.scope {
                         GrantScope::Identical => g.fingerprint == fingerprint,
                         GrantScope::Rule => g.rule == rule,
@@ -512,7 +538,11 @@ impl Holder {
     pub async fn hold(&self, req: &HoldRequest<'_>) -> HoldOutcome {
         let started = Instant::now();
         let fp = fingerprint(
-            &req.workload,
+            &Identity {
+                workload: &req.workload,
+                principal: req.principal.as_deref(),
+                rule: req.rule,
+            },
             req.method,
             req.target,
             req.content_type,
@@ -520,7 +550,11 @@ impl Holder {
         );
         let wkey = workload_key(&req.workload);
         if identified(&req.workload)
-            && let Some(g) = self.grant_for(&wkey, &fp, req.rule)
+            && let Some(g) = self.grant_for(
+                &grantee_key(&req.workload, req.principal.as_deref()),
+                &fp,
+                req.rule,
+            )
         {
             return HoldOutcome::Approved {
                 name: g.name,
@@ -987,56 +1021,101 @@ mod tests {
 
     #[test]
     fn the_fingerprint_covers_every_part_of_the_request() {
-        let base = fingerprint(
-            &workload(),
-            "PATCH",
-            "/apis/apps/v1/namespaces/d/deployments/x",
-            "application/strategic-merge-patch+json",
-            br#"{"spec":{}}"#,
-        );
+        let agent = workload();
+        let who = Identity {
+            workload: &agent,
+            principal: Some("bob"),
+            rule: "scale-down",
+        };
+        let path = "/apis/apps/v1/namespaces/d/deployments/x";
+        let smp = "application/strategic-merge-patch+json";
+        let body: &[u8] = br#"{"spec":{}}"#;
+        let base = fingerprint(&who, "PATCH", path, smp, body);
         let other_pod = WorkloadRef {
             pod: "agent-1".into(),
             ..workload()
         };
-        for changed in [
-            fingerprint(
-                &other_pod,
-                "PATCH",
-                "/apis/apps/v1/namespaces/d/deployments/x",
-                "application/strategic-merge-patch+json",
-                br#"{"spec":{}}"#,
+        let recreated = WorkloadRef {
+            uid: Some("a2".into()),
+            ..workload()
+        };
+        let same = |f: fn(&mut Identity<'_>)| {
+            let mut changed = Identity { ..who };
+            f(&mut changed);
+            changed
+        };
+        for (what, changed) in [
+            (
+                "pod",
+                fingerprint(
+                    &Identity {
+                        workload: &other_pod,
+                        ..same(|_| {})
+                    },
+                    "PATCH",
+                    path,
+                    smp,
+                    body,
+                ),
             ),
-            fingerprint(
-                &workload(),
-                "PUT",
-                "/apis/apps/v1/namespaces/d/deployments/x",
-                "application/strategic-merge-patch+json",
-                br#"{"spec":{}}"#,
+            (
+                "pod UID",
+                fingerprint(
+                    &Identity {
+                        workload: &recreated,
+                        ..same(|_| {})
+                    },
+                    "PATCH",
+                    path,
+                    smp,
+                    body,
+                ),
             ),
-            fingerprint(
-                &workload(),
-                "PATCH",
-                "/apis/apps/v1/namespaces/d/deployments/y",
-                "application/strategic-merge-patch+json",
-                br#"{"spec":{}}"#,
+            (
+                "principal",
+                fingerprint(
+                    &same(|w| w.principal = Some("mallory")),
+                    "PATCH",
+                    path,
+                    smp,
+                    body,
+                ),
             ),
-            fingerprint(
-                &workload(),
-                "PATCH",
-                "/apis/apps/v1/namespaces/d/deployments/x",
-                "application/merge-patch+json",
-                br#"{"spec":{}}"#,
+            (
+                "no principal",
+                fingerprint(&same(|w| w.principal = None), "PATCH", path, smp, body),
             ),
-            fingerprint(
-                &workload(),
-                "PATCH",
-                "/apis/apps/v1/namespaces/d/deployments/x",
-                "application/strategic-merge-patch+json",
-                br#"{"spec":{"replicas":0}}"#,
+            (
+                "empty principal",
+                fingerprint(&same(|w| w.principal = Some("")), "PATCH", path, smp, body),
+            ),
+            (
+                "rule",
+                fingerprint(&same(|w| w.rule = "other-rule"), "PATCH", path, smp, body),
+            ),
+            ("method", fingerprint(&who, "PUT", path, smp, body)),
+            (
+                "path",
+                fingerprint(
+                    &who,
+                    "PATCH",
+                    "/apis/apps/v1/namespaces/d/deployments/y",
+                    smp,
+                    body,
+                ),
+            ),
+            (
+                "content type",
+                fingerprint(&who, "PATCH", path, "application/merge-patch+json", body),
+            ),
+            (
+                "body",
+                fingerprint(&who, "PATCH", path, smp, br#"{"spec":{"replicas":0}}"#),
             ),
         ] {
-            assert_ne!(changed, base);
+            assert_ne!(changed, base, "{what}");
         }
+        assert_eq!(fingerprint(&who, "PATCH", path, smp, body), base);
     }
 
     #[test]
