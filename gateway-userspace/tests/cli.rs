@@ -258,7 +258,7 @@ fn policy_test_decides_fixtures_and_fails_on_a_denial() {
         Some(0),
         "the shipped fixtures pass:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("14 passed, 0 failed"), "{stdout}");
     assert!(
         stdout.contains("PASS  a privileged Deployment: deny")
             && stdout.contains(

@@ -162,6 +162,32 @@ async fn stop(h: Harness) -> (Vec<RequestRecord>, TestApiServer, tempfile::TempD
     (rows, h.apiserver, h.dir)
 }
 
+/// The API server takes a request's `Audit-ID` header as its audit event's id. The agent's
+/// never reaches it; the gateway's does, so the API server's audit log, the response the
+/// agent gets and the recording all name the request alike.
+#[tokio::test]
+async fn the_api_server_audits_the_gateways_audit_id_not_the_agents() {
+    let h = start(None).await;
+    let c = client(&h.ca_pem, true);
+    let resp = send(
+        &c,
+        request(&h, Method::GET, "/api/v1/namespaces/default/pods")
+            .header("audit-id", "another-requests-id"),
+        Bytes::new(),
+        "GET with a forged audit id",
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let returned = resp.headers()["audit-id"]
+        .to_str()
+        .expect("text")
+        .to_owned();
+    let _ = body_json(resp).await;
+    let (rows, _apiserver, _dir) = stop(h).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(returned, rows[0].audit_id, "the API server audited another id");
+}
+
 #[tokio::test]
 async fn forwards_with_gateway_token_over_http1_and_http2_and_records_each_request() {
     let h = start(None).await;

@@ -446,7 +446,14 @@ async fn serve_connection(
         let drain = service_drain.clone();
         async move {
             let gzip = accepts_gzip(req.headers());
-            let response = handle(state, req, drain).await;
+            // As the API server's audit filter does (before authentication): the client's
+            // `Audit-ID` is the event's id, else a new one; every response carries it.
+            let audit_id = req.headers().get("audit-id").cloned().unwrap_or_else(|| {
+                HeaderValue::try_from(uuid::Uuid::now_v7().to_string())
+                    .expect("a UUID is a header value")
+            });
+            let mut response = handle(state, req, drain).await;
+            response.headers_mut().insert("audit-id", audit_id);
             Ok::<_, Infallible>(if gzip {
                 gzip_large(response).await
             } else {

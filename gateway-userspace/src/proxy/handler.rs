@@ -712,6 +712,9 @@ impl Proxy {
             }
         };
         sanitize_request_headers(&mut parts.headers);
+        // The API server takes it as its audit event's id and sends it back: its audit log
+        // and the recording name the request alike.
+        insert_audit_id(&mut parts.headers, &audit_id);
         if let Err(cause) = self.upstream_credentials(&mut parts.headers, &parts.extensions) {
             return self.credential_unavailable(&cause, record, &audit_id);
         }
@@ -762,6 +765,15 @@ impl Proxy {
                 let mut body = body.map_err(BoxError::from).boxed();
                 let mut live_report = None;
                 let mut response_masked = false;
+                if masking.is_some()
+                    && record.object_ref.subresource == "proxy"
+                    && let Some(why) = masked::unmaskable_proxied(parts.status, &parts.headers)
+                {
+                    self.metrics.masking_failures.inc();
+                    tracing::warn!(resource = %record.object_ref.resource, error = %why, "proxied response could not be masked; refused");
+                    record.error = Some(why.clone());
+                    return self.local_response(masked::refusal(&why), record, &audit_id);
+                }
                 if let Some(masker) = masking {
                     let target = Target {
                         group: &record.object_ref.api_group,
@@ -867,8 +879,22 @@ impl Proxy {
 /// Whether the API server will only dry-run the request. Its options come from the query,
 /// except for a delete with a body: the API server then decodes `DeleteOptions` from the
 /// body and ignores the query. A body the gateway could not read says "not a dry run"
-/// (rules that let dry runs through must not let a real delete through).
+/// (rules that let dry runs through must not let a real delete through). Only writes of
+/// objects have a dry run: exec, attach, port-forward and proxies ignore `dryRun` and act,
+/// and reads have none, so for them it is never one.
 fn dry_run(info: &RequestInfo, uri: &Uri, inspected: Option<&body::Inspected>) -> bool {
+    let writes = matches!(
+        info.verb,
+        Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection
+    );
+    if !writes
+        || matches!(
+            info.subresource.as_str(),
+            "exec" | "attach" | "portforward" | "proxy"
+        )
+    {
+        return false;
+    }
     let deletes = matches!(info.verb, Verb::Delete | Verb::DeleteCollection);
     if deletes
         && let Some(inspected) = inspected
@@ -1085,6 +1111,32 @@ mod tests {
                 "/api/v1/namespaces/d/pods?dryRun=All",
                 Some(&body(options, parsed(options))),
                 false,
+            ),
+            // Sessions and proxies ignore `dryRun` and act; reads have no dry run.
+            (
+                "POST",
+                "/api/v1/namespaces/d/pods/p/exec?command=rm&dryRun=All",
+                None,
+                false,
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/d/pods/p/exec?command=rm&dryRun=All",
+                None,
+                false,
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/d/services/s/proxy/reset?dryRun=All",
+                None,
+                false,
+            ),
+            ("GET", "/api/v1/namespaces/d/pods/p?dryRun=All", None, false),
+            (
+                "PATCH",
+                "/api/v1/namespaces/d/pods/p/status?dryRun=All",
+                None,
+                true,
             ),
             // A body the gateway could not read is no dry run.
             (

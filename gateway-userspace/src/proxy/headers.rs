@@ -45,7 +45,8 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes everything the agent must not be able to pass upstream: its own credentials
 /// (the gateway injects its own), impersonation (refused earlier; removed again as a second
-/// line of defence), and hop-by-hop headers.
+/// line of defence), its `Audit-ID` (the API server would take it as the audit id of its
+/// event; the gateway sends its own), and hop-by-hop headers.
 pub(super) fn sanitize_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
@@ -54,7 +55,10 @@ pub(super) fn sanitize_request_headers(headers: &mut HeaderMap) {
     let rare: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
-            *k == header::HOST || *k == header::COOKIE || k.as_str().starts_with("impersonate-")
+            *k == header::HOST
+                || *k == header::COOKIE
+                || k.as_str() == "audit-id"
+                || k.as_str().starts_with("impersonate-")
         })
         .cloned()
         .collect();
@@ -114,7 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn sanitizing_removes_credentials_host_cookies_and_impersonation() {
+    fn sanitizing_removes_credentials_host_cookies_impersonation_and_audit_ids() {
         let mut headers = map(&[
             ("authorization", "Bearer agent"),
             ("host", "kubernetes.default.svc"),
@@ -124,6 +128,7 @@ mod tests {
             ("proxy-authorization", "Basic eA=="),
             ("accept", "application/json"),
             ("user-agent", "kubectl/v1.32.0"),
+            ("audit-id", "another-requests-id"),
         ]);
         sanitize_request_headers(&mut headers);
         assert_eq!(names(&headers), ["accept", "user-agent"]);

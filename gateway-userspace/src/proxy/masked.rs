@@ -78,6 +78,28 @@ enum BodyKind {
     Other,
 }
 
+/// Why a masked proxied response (`pods/proxy`, `services/proxy`, `nodes/proxy`) cannot be
+/// passed on, if it cannot: a proxy answers with whatever the pod or node serves, and only
+/// JSON is read and masked here. Other content with a body (text, HTML, binary) would pass
+/// unread, so it is refused.
+pub(super) fn unmaskable_proxied(status: StatusCode, headers: &HeaderMap) -> Option<String> {
+    let empty = matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    if empty || body_kind(headers) == BodyKind::Json {
+        return None;
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .map_or("no Content-Type".into(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        });
+    Some(format!(
+        "the policy masks this proxied request, and the answer ({ct}) is not JSON, which is the only proxied content the gateway masks"
+    ))
+}
+
 fn body_kind(headers: &HeaderMap) -> BodyKind {
     let Some(ct) = headers
         .get(header::CONTENT_TYPE)
@@ -339,6 +361,42 @@ impl Body for MaskedWatch {
 
 #[cfg(test)]
 mod tests {
+
+    /// A masked proxy passes JSON (masked like any object) and empty answers; text, HTML,
+    /// binary and untyped content would pass unread, so it is refused.
+    #[test]
+    fn masked_proxied_answers_pass_only_as_json_or_empty() {
+        let with = |pairs: &[(header::HeaderName, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(k.clone(), HeaderValue::from_static(v));
+            }
+            h
+        };
+        let json = with(&[(header::CONTENT_TYPE, "application/json; charset=utf-8")]);
+        assert_eq!(unmaskable_proxied(StatusCode::OK, &json), None);
+        assert_eq!(
+            unmaskable_proxied(StatusCode::NO_CONTENT, &HeaderMap::new()),
+            None
+        );
+        let empty = with(&[
+            (header::CONTENT_TYPE, "text/plain"),
+            (header::CONTENT_LENGTH, "0"),
+        ]);
+        assert_eq!(unmaskable_proxied(StatusCode::OK, &empty), None);
+        for (headers, named) in [
+            (with(&[(header::CONTENT_TYPE, "text/plain")]), "text/plain"),
+            (with(&[(header::CONTENT_TYPE, "text/html")]), "text/html"),
+            (
+                with(&[(header::CONTENT_TYPE, "application/octet-stream")]),
+                "application/octet-stream",
+            ),
+            (HeaderMap::new(), "no Content-Type"),
+        ] {
+            let why = unmaskable_proxied(StatusCode::OK, &headers).expect("refused");
+            assert!(why.contains(named), "{why}");
+        }
+    }
     use super::*;
 
     #[test]

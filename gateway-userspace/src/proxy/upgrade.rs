@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BoxError, Proxy, ProxyBody,
     bodies::{CountingBody, Metered},
-    handler::{Pending, StreamMasking, keep_or_insert_audit_id, upstream_uri},
+    handler::{Pending, StreamMasking, insert_audit_id, keep_or_insert_audit_id, upstream_uri},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     limits::SlotHold,
     live::LiveStop,
@@ -906,6 +906,7 @@ impl Proxy {
             }
         };
         sanitize_request_headers(&mut parts.headers);
+        insert_audit_id(&mut parts.headers, &audit_id);
         // The tap cannot read compressed messages; without the offer none is negotiated.
         parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
         parts

@@ -408,6 +408,16 @@ impl Uploader {
                 .await
                 .map_err(|e| format!("read {key} to compare: {e}"))?,
             Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => {
+                return Err(format!(
+                    "read {key} to compare: {e}; the uploader needs s3:GetObject on the prefix \
+                     and s3:ListBucket on the bucket (S3 answers a missing key with 403 \
+                     without it) to check that the local manifest extends the uploaded one"
+                ));
+            }
             Err(e) => return Err(format!("read {key} to compare: {e}")),
         };
         if manifest_extends(&remote, local) {
