@@ -294,8 +294,9 @@
 //!   others are refused (403; sending one again asks anew); an approval an async retry has
 //!   not used lapses as long after the decision as the rule's `timeout`.
 //!   `{for: 15m, scope: identical}`: for 15 minutes, the identical request (same method,
-//!   path, `Content-Type` and body) from the same workload passes without asking again;
-//!   `scope: rule`: any request this rule matches from the same workload. At most 7 days.
+//!   path, `Content-Type` and body, held by the same rule) from the same workload and
+//!   principal passes without asking again; `scope: rule`: any request this rule matches
+//!   from the same workload and principal. At most 7 days.
 //! * `mode`: `hold` (the default) keeps the agent's request open and sends **nothing**
 //!   upstream until the decision, then forwards it (approved) or answers 403 (denied, with
 //!   the approver's comment; expired). `async` answers at once with a 403 `Status` naming
@@ -310,7 +311,9 @@
 //! than the gateway reads whole (`limits.maxInspectedBodyBytes`: what was approved could not
 //! be told from what would be forwarded). Approvals and grants are tied to the calling pod
 //! (namespace, name and UID: a pod deleted and created again under the same name asks
-//! anew). Callers the gateway could not identify all count as one workload, and their
+//! anew), to the verified principal behind its token (the one the approver was shown; the
+//! same request with another principal's token asks anew) and to the rule that asked (after
+//! a policy reload, a request another rule holds asks its own approvers). Callers the gateway could not identify all count as one workload, and their
 //! requests are held as `once` whatever the rule's `grant` (a window would open for every
 //! unidentified caller). Deny `workloads: {unknown: true}` before approve rules where that
 //! matters. `approval`
