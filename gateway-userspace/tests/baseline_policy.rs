@@ -319,7 +319,52 @@ fn the_baseline_denies_escalation_and_allows_agent_work() {
             "/api/v1/namespaces/production/pods/p/exec?command=ls&stdout=true",
             None,
             Action::Deny,
+            Some("no-sessions-elsewhere"),
+        ),
+        // A WebSocket session is a GET, which `reads` ("*", subresources included) would
+        // allow anywhere: sessions outside the agent namespaces and proxies are denied
+        // before it.
+        (
+            "GET",
+            "/api/v1/namespaces/production/pods/p/exec?command=ls&stdout=true",
             None,
+            Action::Deny,
+            Some("no-sessions-elsewhere"),
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/production/pods/p/attach?stdout=true",
+            None,
+            Action::Deny,
+            Some("no-sessions-elsewhere"),
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/production/pods/db/portforward?ports=5432",
+            None,
+            Action::Deny,
+            Some("no-sessions-elsewhere"),
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/ai-sandbox/pods/p/portforward?ports=8080",
+            None,
+            Action::Mask,
+            Some("agent-exec"),
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/ai-sandbox/pods/p/proxy/env",
+            None,
+            Action::Deny,
+            Some("no-sessions-elsewhere"),
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/production/services/web:80/proxy/",
+            None,
+            Action::Deny,
+            Some("no-sessions-elsewhere"),
         ),
         (
             "GET",

@@ -185,7 +185,10 @@ async fn the_api_server_audits_the_gateways_audit_id_not_the_agents() {
     let _ = body_json(resp).await;
     let (rows, _apiserver, _dir) = stop(h).await;
     assert_eq!(rows.len(), 1);
-    assert_eq!(returned, rows[0].audit_id, "the API server audited another id");
+    assert_eq!(
+        returned, rows[0].audit_id,
+        "the API server audited another id"
+    );
 }
 
 #[tokio::test]
