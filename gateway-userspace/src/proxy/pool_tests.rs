@@ -174,6 +174,14 @@ async fn raw(mut tls: ServerTls, response: &[u8], close: bool) {
 }
 
 fn pool(server: &Server, alpn: &[&[u8]]) -> Arc<UpstreamPool> {
+    pool_closing_idle_after(server, alpn, Duration::from_secs(90))
+}
+
+fn pool_closing_idle_after(
+    server: &Server,
+    alpn: &[&[u8]],
+    idle_timeout: Duration,
+) -> Arc<UpstreamPool> {
     let dialer = Dialer::new(
         server.client_tls.clone(),
         &server.base,
@@ -184,8 +192,29 @@ fn pool(server: &Server, alpn: &[&[u8]]) -> Arc<UpstreamPool> {
     Arc::new(UpstreamPool::new(
         Arc::new(dialer),
         &server.base,
-        Duration::from_secs(90),
+        idle_timeout,
     ))
+}
+
+/// A pool (closing connections idle for `idle_timeout`) with one parked HTTP/1.1
+/// connection, which its server has just closed.
+async fn parked_connection_the_server_closed(
+    idle_timeout: Duration,
+) -> (Server, Arc<UpstreamPool>) {
+    let close = Arc::new(tokio::sync::Notify::new());
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let server = server(
+        Serve::CloseWhenTold(close.clone(), closed.clone()),
+        &[b"http/1.1"],
+    )
+    .await;
+    let pool = pool_closing_idle_after(&server, &[b"http/1.1"], idle_timeout);
+    let first = pool.request(get(&server.base, "/a")).await.expect("first");
+    assert_eq!(text(first).await, "ok");
+    assert_eq!(pool.idle_http1(), 1);
+    close.notify_one();
+    closed.notified().await;
+    (server, pool)
 }
 
 fn get(base: &Uri, path: &str) -> Request<ProxyBody> {
@@ -267,19 +296,7 @@ async fn a_pooled_connection_the_server_closed_is_replaced_not_failed() {
 /// back unsent and goes again on a new connection.
 #[tokio::test]
 async fn a_request_that_meets_a_connection_closing_under_it_is_sent_again() {
-    let close = Arc::new(tokio::sync::Notify::new());
-    let closed = Arc::new(tokio::sync::Notify::new());
-    let server = server(
-        Serve::CloseWhenTold(close.clone(), closed.clone()),
-        &[b"http/1.1"],
-    )
-    .await;
-    let pool = pool(&server, &[b"http/1.1"]);
-    let first = pool.request(get(&server.base, "/a")).await.expect("first");
-    assert_eq!(text(first).await, "ok");
-    assert_eq!(pool.idle_http1(), 1);
-    close.notify_one();
-    closed.notified().await;
+    let (server, pool) = parked_connection_the_server_closed(Duration::from_secs(90)).await;
     let second = pool
         .request(get(&server.base, "/b"))
         .await
@@ -319,31 +336,8 @@ async fn a_body_larger_than_the_socket_buffers_arrives_whole_and_its_connection_
 /// before it would time out, rather than waiting in the pool for a request to find it.
 #[tokio::test]
 async fn the_reaper_drops_a_parked_connection_the_server_closed() {
-    let close = Arc::new(tokio::sync::Notify::new());
-    let closed = Arc::new(tokio::sync::Notify::new());
-    let server = server(
-        Serve::CloseWhenTold(close.clone(), closed.clone()),
-        &[b"http/1.1"],
-    )
-    .await;
-    let dialer = Dialer::new(
-        server.client_tls.clone(),
-        &server.base,
-        None,
-        Duration::from_secs(2),
-        &[b"http/1.1"],
-    );
     // Reaped every 2 s, timed out after 8 s.
-    let pool = Arc::new(UpstreamPool::new(
-        Arc::new(dialer),
-        &server.base,
-        Duration::from_secs(8),
-    ));
-    let first = pool.request(get(&server.base, "/a")).await.expect("first");
-    assert_eq!(text(first).await, "ok");
-    assert_eq!(pool.idle_http1(), 1);
-    close.notify_one();
-    closed.notified().await;
+    let (_server, pool) = parked_connection_the_server_closed(Duration::from_secs(8)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while pool.idle_http1() > 0 {
         assert!(
