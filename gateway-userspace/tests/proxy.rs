@@ -42,6 +42,25 @@ rules:
     resources: [configmaps]
     namespaces: [cel-fails]
     when: ["int(object.data.k) > 3"]
+  - name: protected-stays
+    action: deny
+    message: protected configuration stays
+    verbs: [update, patch, delete]
+    resources: [configmaps]
+    namespaces: [bound]
+    when: ["has(oldObject.metadata.labels) && 'protected' in oldObject.metadata.labels"]
+  - name: open-is-never-exposed
+    action: deny
+    message: an open configuration may not be exposed
+    verbs: [patch]
+    resources: [configmaps]
+    namespaces: [bound]
+    when: ["has(object.data.mode) && object.data.mode == 'open' && has(object.data.exposed)"]
+  - name: mask-applied
+    action: mask
+    verbs: ["*"]
+    resources: [configmaps]
+    namespaces: [masked-apply]
 "#;
 
 struct Harness {
@@ -1344,4 +1363,196 @@ async fn an_upgrade_request_with_a_body_is_refused() {
             .any(|r| r.outcome == recorder::Outcome::Invalid && r.response_code == 400),
         "the refusal is recorded"
     );
+}
+
+/// A write judged by the stored object goes bound to the version the policy read: another
+/// write that lands between the gateway's read and the API server's turns the request
+/// into a 409 Conflict, instead of a change applied to an object no decision covered.
+#[tokio::test]
+async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
+    use serde_json::json;
+    let h = start(None).await;
+    let c = client(&h.ca_pem, true);
+    let api = &h.apiserver;
+    let cm = |name: &str, labels: serde_json::Value, data: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "bound", "labels": labels}, "data": data})
+    };
+    let stored = |name: &str| api.object("configmaps", "bound", name);
+    let real = |method: &'static str, name: &str| {
+        let path = format!("/api/v1/namespaces/bound/configmaps/{name}");
+        move |r: &chaperone_testkit::apiserver::SeenRequest| {
+            r.method == method
+                && r.path_and_query.starts_with(&path)
+                && !r.path_and_query.contains("dryRun")
+        }
+    };
+    let call = async |method: Method, name: &str, content_type: &str, body: String| {
+        let mut req = request(
+            &h,
+            method,
+            &format!("/api/v1/namespaces/bound/configmaps/{name}"),
+        );
+        if !content_type.is_empty() {
+            req = req.header("content-type", content_type);
+        }
+        let resp = send(&c, req, Bytes::from(body), "write").await;
+        (resp.status(), body_json(resp).await)
+    };
+
+    // A delete judged on an unprotected object; the label lands just before the delete.
+    let doomed = api
+        .seed(cm("doomed", json!({}), json!({"k": "v"})))
+        .expect("seed");
+    let mut protected = doomed.clone();
+    protected["metadata"]["labels"] = json!({"protected": "yes"});
+    api.seed_on(real("DELETE", "doomed"), protected);
+    let (code, status) = call(Method::DELETE, "doomed", "", String::new()).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Precondition failed: ResourceVersion")),
+        "the API server's own precondition refused it: {status}"
+    );
+    let kept = stored("doomed").expect("the protected object is still there");
+    assert_eq!(kept["metadata"]["labels"]["protected"], "yes");
+    // Judged again, it is protected now.
+    let (code, status) = call(Method::DELETE, "doomed", "", String::new()).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{status}");
+
+    // Patches judged by their dry run; `mode: open` lands before the real patch.
+    let closed = api
+        .seed(cm("cfg", json!({}), json!({"mode": "closed"})))
+        .expect("seed");
+    for (content_type, patch) in [
+        (
+            "application/merge-patch+json",
+            json!({"data": {"exposed": "yes"}}),
+        ),
+        (
+            "application/json-patch+json",
+            json!([{"op": "add", "path": "/data/exposed", "value": "yes"}]),
+        ),
+        (
+            "application/strategic-merge-patch+json",
+            json!({"data": {"exposed": "yes"}}),
+        ),
+    ] {
+        let mut reset = closed.clone();
+        reset["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("resourceVersion");
+        api.seed(reset).expect("reset");
+        let mut open = stored("cfg").expect("cfg");
+        open["data"]["mode"] = json!("open");
+        api.seed_on(real("PATCH", "cfg"), open);
+        let (code, status) = call(Method::PATCH, "cfg", content_type, patch.to_string()).await;
+        assert_eq!(code, StatusCode::CONFLICT, "{content_type}: {status}");
+        let now = stored("cfg").expect("cfg");
+        assert_eq!(
+            now["data"],
+            json!({"mode": "open"}),
+            "{content_type}: {now}"
+        );
+    }
+
+    // Without a race the same requests go through, bound or not.
+    let (code, status) = call(
+        Method::PATCH,
+        "cfg",
+        "application/json-patch+json",
+        json!([{"op": "add", "path": "/data/note", "value": "n"}]).to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{status}");
+    assert_eq!(stored("cfg").expect("cfg")["data"]["note"], "n");
+    let (code, status) = call(
+        Method::PUT,
+        "cfg",
+        "application/json",
+        cm("cfg", json!({}), json!({"mode": "closed"})).to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "an unconditional update: {status}");
+    api.seed(cm("plain", json!({}), json!({}))).expect("seed");
+    let (code, status) = call(Method::DELETE, "plain", "", String::new()).await;
+    assert_eq!(code, StatusCode::OK, "{status}");
+    assert!(stored("plain").is_none());
+
+    // Under masking, a server-side apply must be forced.
+    api.seed(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "masked-apply"}}),
+    )
+    .expect("seed");
+    let apply = async |query: &str| {
+        let resp = send(
+            &c,
+            request(
+                &h,
+                Method::PATCH,
+                &format!("/api/v1/namespaces/masked-apply/configmaps/applied?{query}"),
+            )
+            .header("content-type", "application/apply-patch+yaml"),
+            Bytes::from(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\ndata:\n  k: guess\n",
+            ),
+            "apply",
+        )
+        .await;
+        (resp.status(), body_json(resp).await)
+    };
+    let (code, status) = apply("fieldManager=agent&force=false").await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--force-conflicts")),
+        "{status}"
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .all(|r| !r.path_and_query.contains("masked-apply")),
+        "an unforced apply under masking reached the API server"
+    );
+    let (code, status) = apply("fieldManager=agent&force=true").await;
+    assert!(code.is_success(), "{code}: {status}");
+
+    let (rows, apiserver, _dir) = stop(h).await;
+    // The dry runs and reads happened, and the writes went bound.
+    let seen = apiserver.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "PATCH" && r.path_and_query.ends_with("cfg?dryRun=All")),
+        "{seen:?}"
+    );
+    let bound: Vec<_> = rows
+        .iter()
+        .filter(|r| r.object_ref.namespace == "bound" && r.object_ref.name == "cfg")
+        .collect();
+    let refused = bound.iter().filter(|r| r.response_code == 409).count();
+    assert_eq!(refused, 3, "three patches raced");
+    let note = bound
+        .iter()
+        .find(|r| {
+            r.request_object
+                .as_deref()
+                .is_some_and(|o| o.contains("/data/note"))
+        })
+        .expect("the JSON patch's row");
+    assert!(
+        note.request_object
+            .as_deref()
+            .is_some_and(|o| o.contains("/metadata/resourceVersion")),
+        "the row records the request as sent: {:?}",
+        note.request_object
+    );
+    let masked_apply: Vec<_> = rows
+        .iter()
+        .filter(|r| r.object_ref.namespace == "masked-apply")
+        .collect();
+    assert_eq!(masked_apply.len(), 2);
+    assert_eq!(masked_apply[0].decision, Some(Action::Deny));
 }

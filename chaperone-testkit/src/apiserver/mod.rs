@@ -184,8 +184,13 @@ pub struct SeenRequest {
     pub http_version: String,
 }
 
+/// Whether a request is the one a [`TestApiServer::seed_on`] change waits for.
+type RequestMatch = Box<dyn Fn(&SeenRequest) -> bool + Send + Sync>;
+
 struct State {
     store: Store,
+    /// Changes to make just before the first request each one waits for is handled.
+    races: Mutex<Vec<(RequestMatch, Value)>>,
     tokens: Vec<String>,
     token_users: BTreeMap<String, UserInfo>,
     authorizer: Mutex<Authorizer>,
@@ -245,6 +250,7 @@ impl TestApiServer {
             })?;
         let state = Arc::new(State {
             store: Store::new(),
+            races: Mutex::new(Vec::new()),
             tokens: cfg.tokens,
             token_users: cfg.token_users,
             authorizer: Mutex::new(cfg.authorizer),
@@ -311,6 +317,18 @@ impl TestApiServer {
     /// created; status is kept as given), returning it as stored.
     pub fn seed(&self, obj: Value) -> Result<Value, ApiServerError> {
         self.state.store.seed(obj).map_err(ApiServerError::Seed)
+    }
+
+    /// Seeds `obj` (as [`seed`](Self::seed) does) once, just before the server handles
+    /// the first request `when` matches: another client's write landing between two
+    /// requests of the gateway's, a race a test could not otherwise time. A seed that
+    /// fails panics the request's task (the request then fails), so a test notices.
+    pub fn seed_on(&self, when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static, obj: Value) {
+        self.state
+            .races
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Box::new(when), obj));
     }
 
     /// A stored object: `resource` is the plural (`pods`, `deployments`), `namespace` is
@@ -601,10 +619,22 @@ impl State {
             content_type: headers.get(header::CONTENT_TYPE).map(lossy),
             http_version: format!("{:?}", req.version()),
         };
+        let race = {
+            let mut races = self.races.lock().unwrap_or_else(|e| e.into_inner());
+            races
+                .iter()
+                .position(|(when, _)| when(&seen))
+                .map(|i| races.remove(i).1)
+        };
         self.seen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(seen);
+        if let Some(obj) = race
+            && let Err(e) = self.store.seed(obj)
+        {
+            panic!("seed_on: {e}");
+        }
     }
 
     /// Bearer-token authentication (scheme case-insensitive, token whitespace-trimmed):

@@ -174,6 +174,21 @@
 //!   `serviceAccount`, `labels`.
 //! * `principal`: the verified bearer token: `kind`, `username`, `groups`.
 //!
+//! A decision that read the stored object (as `oldObject`, or as the base of a dry run)
+//! judged one version of it, and the API server applies the real request a moment later to
+//! whatever is stored then. So the gateway sends the request bound to the version it read,
+//! with the API server's own preconditions: a JSON patch gets a last operation setting
+//! `/metadata/resourceVersion`, a merge, strategic-merge or apply patch and an update carry
+//! `metadata.resourceVersion`, and a delete carries `DeleteOptions.preconditions`. If another
+//! write lands in between, the API server answers 409 Conflict, as to any client whose view
+//! is stale, and nothing is applied that no decision covered; clients read again and retry
+//! (`kubectl apply` does so itself). A request that already names the version read goes as
+//! sent; one that names another version is answered 409 by the gateway, and one whose body
+//! cannot carry the precondition (not read whole, not JSON-shaped) 400. The recording
+//! holds the request as it was sent, precondition included. A server-side apply's dry run
+//! is sent with `force=true`, so that it shows what the apply would store even where it
+//! would conflict (the real apply, unforced, then stores exactly that or nothing).
+//!
 //! A field that is not set is an error to read, as in Kubernetes: test it with `has()` first
 //! (`has(c.securityContext) && c.securityContext.privileged`). A condition that cannot be
 //! evaluated (an error, a result that is not a boolean, content that could not be read or
@@ -275,7 +290,11 @@
 //! A JSON patch (`kubectl patch --type=json`) on a masked request may only `add`,
 //! `remove` and `replace`: `copy` and `move` could put a masked value where masking does
 //! not look (a Secret's `data` into an annotation) and `test` could confirm a guessed
-//! one, so such a patch, or one too large to read, is refused with 403.
+//! one, so such a patch, or one too large to read, is refused with 403. For the same reason
+//! a server-side apply on a masked request must be forced (`force=true`, `kubectl apply
+//! --server-side --force-conflicts`): unforced, the API server's 409 for a field another
+//! manager owns with a different value, or its 200 for the same value, would confirm a
+//! guess. An unforced apply there is refused with 403.
 //!
 //! # Approval (`approve`)
 //!

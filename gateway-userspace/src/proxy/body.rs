@@ -19,7 +19,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::{HeaderValue, header, request::Parts};
+use http::{HeaderValue, Uri, header, request::Parts};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
@@ -525,9 +525,119 @@ pub(crate) fn json_patch_reveals(inspected: &Inspected) -> Option<String> {
     })
 }
 
+/// Whether a request is a server-side apply (`application/apply-patch+yaml`, `+json` or
+/// `+cbor`).
+pub(crate) fn is_apply(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .is_some_and(|media| {
+            media
+                .trim()
+                .get(..24)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/apply-patch+"))
+        })
+}
+
+/// Why a server-side apply may not go with a request whose answer is masked, or `None`
+/// when the request is no apply or is forced. Unforced, the API server answers 409 when
+/// the apply sets a field another manager owns to a different value and 200 when the
+/// value is the same, so an apply of a guessed value tells whether it is the one masking
+/// hides. Forced (`force=true`, `kubectl apply --server-side --force-conflicts`), it
+/// takes the field either way.
+pub(crate) fn unforced_apply_reveals(headers: &http::HeaderMap, uri: &Uri) -> Option<String> {
+    if !is_apply(headers) {
+        return None;
+    }
+    // The API server reads the flag with Go's `strconv.ParseBool`.
+    let mut forces = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| match kv.split_once('=') {
+            Some(("force", v)) => Some(v),
+            None if kv == "force" => Some(""),
+            _ => None,
+        })
+        .peekable();
+    let forced = forces.peek().is_some()
+        && forces.all(|v| matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True"));
+    (!forced).then(|| {
+        "chaperone: this request's answer is masked, so a server-side apply must be forced: \
+         unforced, its conflict or success would tell whether a value it sets equals one \
+         masking hides; send it with force=true (kubectl apply --server-side \
+         --force-conflicts) or as a merge patch"
+            .to_owned()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_apply_under_masking_must_be_forced() {
+        let headers = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(ct).expect("value"),
+            );
+            h
+        };
+        let apply = headers("application/apply-patch+yaml");
+        let uri = |q: &str| {
+            format!("/api/v1/namespaces/d/secrets/s?{q}")
+                .parse::<Uri>()
+                .expect("uri")
+        };
+        for refused in [
+            "fieldManager=k",
+            "fieldManager=k&force=false",
+            "force=&fieldManager=k",
+            "force",
+            "force=yes",
+            "force=true&force=false",
+        ] {
+            let why = unforced_apply_reveals(&apply, &uri(refused));
+            assert!(
+                why.as_deref().is_some_and(|w| w.contains("force=true")),
+                "{refused}: {why:?}"
+            );
+        }
+        for forced in [
+            "fieldManager=k&force=true",
+            "force=1",
+            "force=True&fieldManager=k",
+        ] {
+            assert_eq!(
+                unforced_apply_reveals(&apply, &uri(forced)),
+                None,
+                "{forced}"
+            );
+        }
+        let merge = headers("application/merge-patch+json");
+        assert_eq!(unforced_apply_reveals(&merge, &uri("fieldManager=k")), None);
+    }
+
+    #[test]
+    fn apply_is_told_by_its_media_type() {
+        let with = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(ct).expect("value"),
+            );
+            is_apply(&h)
+        };
+        assert!(with("application/apply-patch+yaml"));
+        assert!(with("Application/Apply-Patch+JSON; charset=utf-8"));
+        assert!(with("application/apply-patch+cbor"));
+        assert!(!with("application/merge-patch+json"));
+        assert!(!with("application/json"));
+        assert!(!is_apply(&http::HeaderMap::new()));
+    }
 
     #[test]
     fn a_json_body_with_a_key_twice_in_one_object_is_refused() {

@@ -3,6 +3,13 @@
 //! from the same request sent upstream with `dryRun=All`, and the stored object of an
 //! update, patch or delete (CEL `oldObject`), both with the gateway's credential. Plain
 //! requests, and requests no content rule applies to, pay nothing.
+//!
+//! What was read is a version of the stored object, and the API server applies the real
+//! request moments later to whatever is stored then. A decision therefore also reports
+//! the version it read ([`ReadVersion`]), and the request is forwarded bound to it
+//! (`bind`): another write landing in between makes the API server answer 409 Conflict,
+//! as it does for any client whose view is stale, instead of applying a change nobody
+//! judged.
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
@@ -14,7 +21,7 @@ use crate::{
     request::{RequestInfo, Verb},
 };
 
-use super::{BoxError, Proxy, handler::upstream_uri, headers::sanitize_request_headers};
+use super::{BoxError, Proxy, body, handler::upstream_uri, headers::sanitize_request_headers};
 
 /// Largest fetched object the gateway reads (a dry-run answer or a stored object).
 const MAX_FETCHED_BYTES: usize = 8 * 1024 * 1024;
@@ -43,6 +50,41 @@ enum Fetched {
     Object(Value),
     Absent,
     Failed(String),
+}
+
+/// The version of the stored object a decision read: the one a patch's dry run was applied
+/// to (the API server answers a dry run with the stored `resourceVersion`), the one read as
+/// `oldObject`, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) enum ReadVersion {
+    /// The decision read no stored object (or none existed).
+    #[default]
+    Nothing,
+    /// It read this `resourceVersion`.
+    Version(String),
+    /// The object changed between the two reads (`oldObject`'s version, then the dry
+    /// run's): the decision mixed two versions, and no request can be bound to both.
+    Moved { old_object: String, object: String },
+}
+
+impl ReadVersion {
+    fn of(object: Option<&Fetched>, old_object: Option<&Fetched>) -> Self {
+        let version = |fetched: Option<&Fetched>| match fetched {
+            Some(Fetched::Object(v)) => v
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .filter(|rv| !rv.is_empty())
+                .map(str::to_owned),
+            _ => None,
+        };
+        match (version(object), version(old_object)) {
+            (Some(object), Some(old_object)) if object != old_object => {
+                ReadVersion::Moved { old_object, object }
+            }
+            (Some(v), _) | (None, Some(v)) => ReadVersion::Version(v),
+            (None, None) => ReadVersion::Nothing,
+        }
+    }
 }
 
 impl Fetched {
@@ -76,14 +118,15 @@ fn initial<'a>(info: &RequestInfo, req: &RequestContent<'a>) -> (Content<'a>, Co
 
 impl Proxy {
     /// Evaluates the policy for a request, fetching the content its conditions read.
-    /// Returns the decision and whether a condition failed (for the metric).
+    /// Returns the decision, whether a condition failed (for the metric) and the version
+    /// of the stored object the decision read.
     pub(super) async fn decide_with_content(
         &self,
         policy: &Policy,
         base: RequestContext<'_>,
         req: &RequestContent<'_>,
         extensions: &http::Extensions,
-    ) -> (Decision, bool) {
+    ) -> (Decision, bool, ReadVersion) {
         let info = base.request;
         let (object, old_object) = initial(info, req);
         let mut fetched_object: Option<Fetched> = None;
@@ -93,9 +136,10 @@ impl Proxy {
                 fetched_object.as_ref().map_or(object, Fetched::content),
                 fetched_old.as_ref().map_or(old_object, Fetched::content),
             );
+            let read = || ReadVersion::of(fetched_object.as_ref(), fetched_old.as_ref());
             match policy::evaluate(policy, &ctx) {
-                Evaluation::Decided(d) => return (d, false),
-                Evaluation::ConditionFailed(d) => return (d, true),
+                Evaluation::Decided(d) => return (d, false, read()),
+                Evaluation::ConditionFailed(d) => return (d, true, read()),
                 Evaluation::NeedsContent {
                     object: want_object,
                     old_object: want_old,
@@ -115,7 +159,8 @@ impl Proxy {
             Content::Unavailable("not fetched"),
             Content::Unavailable("not fetched"),
         );
-        (policy::decide(policy, &ctx), true)
+        let read = ReadVersion::of(fetched_object.as_ref(), fetched_old.as_ref());
+        (policy::decide(policy, &ctx), true, read)
     }
 
     /// The object a patch would store: the same request upstream with `dryRun=All`.
@@ -130,9 +175,7 @@ impl Proxy {
                     .to_owned(),
             );
         };
-        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let sep = if req.uri.query().is_some() { '&' } else { '?' };
-        let uri: Uri = match format!("{pq}{sep}dryRun=All").parse() {
+        let uri: Uri = match dry_run_uri(req.uri, body::is_apply(req.headers)).parse() {
             Ok(uri) => uri,
             Err(e) => return Fetched::Failed(format!("cannot build the dry-run URL: {e}")),
         };
@@ -224,9 +267,103 @@ impl Proxy {
     }
 }
 
+/// The URI of a request's dry run. A server-side apply's is forced: without `force` the
+/// API server answers 409 when the apply sets a field another manager owns to another
+/// value and 200 when the value is the same, which would tell (through the decision)
+/// whether a guess equals a value masking hides. Forced, the dry run answers with what
+/// the apply would store; the real apply, unforced, then stores exactly that or nothing.
+fn dry_run_uri(uri: &Uri, apply: bool) -> String {
+    let mut query: Vec<&str> = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|kv| !kv.is_empty())
+        .filter(|kv| !(apply && (*kv == "force" || kv.starts_with("force="))))
+        .collect();
+    if apply {
+        query.push("force=true");
+    }
+    query.push("dryRun=All");
+    format!("{}?{}", uri.path(), query.join("&"))
+}
+
 /// The `message` of a `Status`, or the status itself.
 fn status_message(v: &Value) -> String {
     v.get("message")
         .and_then(Value::as_str)
         .map_or_else(|| v.to_string(), str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_run_keeps_the_query_and_an_apply_is_forced() {
+        let uri = |s: &str| s.parse::<Uri>().expect("uri");
+        assert_eq!(
+            dry_run_uri(&uri("/api/v1/namespaces/d/pods/p"), false),
+            "/api/v1/namespaces/d/pods/p?dryRun=All"
+        );
+        assert_eq!(
+            dry_run_uri(
+                &uri("/api/v1/namespaces/d/pods/p?fieldManager=k&force=false"),
+                false
+            ),
+            "/api/v1/namespaces/d/pods/p?fieldManager=k&force=false&dryRun=All",
+            "only an apply takes force"
+        );
+        assert_eq!(
+            dry_run_uri(
+                &uri(
+                    "/api/v1/namespaces/d/secrets/s?fieldManager=k&force=false&fieldValidation=Strict"
+                ),
+                true
+            ),
+            "/api/v1/namespaces/d/secrets/s?fieldManager=k&fieldValidation=Strict&force=true&dryRun=All"
+        );
+        assert_eq!(
+            dry_run_uri(
+                &uri("/api/v1/namespaces/d/secrets/s?force&fieldManager=k"),
+                true
+            ),
+            "/api/v1/namespaces/d/secrets/s?fieldManager=k&force=true&dryRun=All"
+        );
+    }
+
+    #[test]
+    fn the_read_version_is_the_one_both_reads_saw_or_a_move() {
+        let at =
+            |rv: &str| Fetched::Object(serde_json::json!({"metadata": {"resourceVersion": rv}}));
+        assert_eq!(ReadVersion::of(None, None), ReadVersion::Nothing);
+        assert_eq!(
+            ReadVersion::of(Some(&at("7")), None),
+            ReadVersion::Version("7".into())
+        );
+        assert_eq!(
+            ReadVersion::of(Some(&Fetched::Absent), Some(&at("9"))),
+            ReadVersion::Version("9".into())
+        );
+        assert_eq!(
+            ReadVersion::of(Some(&at("9")), Some(&at("9"))),
+            ReadVersion::Version("9".into())
+        );
+        assert_eq!(
+            ReadVersion::of(Some(&at("10")), Some(&at("9"))),
+            ReadVersion::Moved {
+                old_object: "9".into(),
+                object: "10".into()
+            }
+        );
+        // A dry run that creates (an apply of a missing object) has no version yet.
+        let created = Fetched::Object(serde_json::json!({"metadata": {"name": "n"}}));
+        assert_eq!(
+            ReadVersion::of(Some(&created), Some(&Fetched::Absent)),
+            ReadVersion::Nothing
+        );
+        assert_eq!(
+            ReadVersion::of(Some(&Fetched::Failed("x".into())), None),
+            ReadVersion::Nothing
+        );
+    }
 }

@@ -31,10 +31,10 @@ use crate::{
 };
 
 use super::{
-    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
+    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS, bind,
     bodies::{CountingBody, EndOnDrain, MaskedLog, Metered},
     body,
-    content::RequestContent,
+    content::{ReadVersion, RequestContent},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     impersonation::impersonation,
     live::{LiveRequest, LiveStop},
@@ -226,7 +226,7 @@ impl Proxy {
         }
         // The body is read (up to the limit) before the decision so that a denied request's
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
-        let (mut pending, inspected) = match upgrade::upgrade_protocol(&req) {
+        let (mut pending, mut inspected) = match upgrade::upgrade_protocol(&req) {
             // An upgrade request carries no body; one that does would reach the backend
             // (a proxied service) uninspected and unrecorded, and one approval would cover
             // any body. Refused, as any other malformed upgrade.
@@ -269,7 +269,7 @@ impl Proxy {
             && matches!(info.subresource.as_str(), "exec" | "attach"))
         .then(|| ExecRequest::from_uri(pending.uri()));
         let dry_run = dry_run(&info, pending.uri(), inspected.as_ref());
-        let decision = {
+        let (decision, read_version) = {
             let policy = self.policy.load();
             let base = RequestContext::new(&info)
                 .with_workload(&conn.workload)
@@ -301,18 +301,18 @@ impl Proxy {
                 };
                 // Rare paths are boxed (here and below) so that the state machine of
                 // every request, allocated and moved on each request, stays small.
-                let (decision, failed) =
+                let (decision, failed, read) =
                     Box::pin(self.decide_with_content(&policy, base, &content, &extensions)).await;
                 if failed {
                     self.metrics.condition_failures.inc();
                 }
-                decision
+                (decision, read)
             } else {
                 let evaluation = policy::evaluate(&policy, &base);
                 if let policy::Evaluation::ConditionFailed(_) = &evaluation {
                     self.metrics.condition_failures.inc();
                 }
-                match evaluation {
+                let decision = match evaluation {
                     policy::Evaluation::Decided(d) | policy::Evaluation::ConditionFailed(d) => d,
                     policy::Evaluation::NeedsContent { .. } => policy::decide(
                         &policy,
@@ -321,7 +321,8 @@ impl Proxy {
                             policy::Content::Unavailable("not fetched"),
                         ),
                     ),
-                }
+                };
+                (decision, ReadVersion::Nothing)
             }
         };
         // What approval needs of the body: the bytes (fingerprint) and the object (summary).
@@ -339,12 +340,35 @@ impl Proxy {
             );
             (bytes, summary)
         });
-        // Fail closed: a masked answer cannot hide what a JSON patch copies or tests.
-        let patch_refused = decision
-            .masking
-            .as_ref()
-            .and(inspected.as_ref())
-            .and_then(body::json_patch_reveals);
+        // Fail closed: a masked answer cannot hide what a JSON patch copies or tests, or
+        // whether an unforced apply conflicts.
+        let patch_refused = decision.masking.as_ref().and_then(|_| {
+            inspected
+                .as_ref()
+                .and_then(body::json_patch_reveals)
+                .or_else(|| body::unforced_apply_reveals(pending.headers(), pending.uri()))
+        });
+        // A write judged by the stored object goes bound to the version that was read
+        // (recorded as it is sent).
+        let unbound = match (&read_version, &mut pending) {
+            (ReadVersion::Nothing, _) => None,
+            _ if decision.action == Action::Deny || patch_refused.is_some() => None,
+            (read, Pending::Plain(req, _)) => {
+                let content_type = req
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                match bind::to_read_version(&info, read, content_type, inspected.as_ref()) {
+                    Ok(None) => None,
+                    Ok(Some(rewrite)) => {
+                        rebind_body(req, inspected.as_mut(), rewrite);
+                        None
+                    }
+                    Err(status) => Some(status),
+                }
+            }
+            (_, Pending::Upgrade(..)) => None,
+        };
         if let Some(inspected) = inspected {
             self.record_object(&mut record, inspected);
         }
@@ -357,6 +381,11 @@ impl Proxy {
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
             return self.local_response(forbidden_status(&info, &why), record, &audit_id);
+        }
+        if let Some(status) = unbound {
+            record.outcome = Outcome::Invalid;
+            record.reason = Some(status.message().to_owned());
+            return self.local_response(*status, record, &audit_id);
         }
         let mut decision = decision;
         let approved = decision.action == Action::Approve;
@@ -937,6 +966,31 @@ pub(super) fn keep_or_insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {
 }
 
 /// The 403 the API server's authorizer would send, carrying Chaperone's reason.
+/// Puts a body bound to the version its decision read in place of the client's.
+fn rebind_body(
+    req: &mut Request<ProxyBody>,
+    inspected: Option<&mut body::Inspected>,
+    rewrite: bind::Rewrite,
+) {
+    let bytes = Bytes::from(rewrite.object.to_string());
+    let headers = req.headers_mut();
+    if let Some(media) = rewrite.content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    *req.body_mut() = Full::new(bytes.clone())
+        .map_err(|never| match never {})
+        .boxed();
+    if let Some(inspected) = inspected {
+        inspected.forwarded = Some(bytes);
+        if inspected.content_type.is_none() {
+            inspected.content_type = rewrite.content_type.map(str::to_owned);
+        }
+        inspected.object = Some(rewrite.object);
+    }
+}
+
 pub(super) fn forbidden_status(info: &RequestInfo, why: &str) -> Status {
     if info.is_resource_request {
         Status::forbidden(

@@ -8,6 +8,7 @@
 //! row when the exchange ends. Upgraded connections (exec, attach, port-forward) are
 //! relayed by [`upgrade`], whose taps decode the stream framing ([`frames`]).
 
+mod bind;
 mod bodies;
 mod body;
 mod content;

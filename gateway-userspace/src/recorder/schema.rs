@@ -130,7 +130,9 @@ pub enum Outcome {
     /// Refused by the policy or an identity guard (403).
     Denied,
     /// Refused before a decision: a malformed request, or a body the gateway could not
-    /// read or decode. The default, so a row never claims a forward it did not see.
+    /// read or decode; or a write that could not be bound to the version of the object its
+    /// decision read (409, 400). The default, so a row never claims a forward it did not
+    /// see.
     #[default]
     Invalid,
     /// Refused because it could not be recorded (503 while recording is down).
