@@ -463,6 +463,25 @@ fn grant_until(
     Ok(Some(rfc3339(until)))
 }
 
+/// What became of a decision call, for its row and the metric's `result`. A call that ran
+/// out of time may have written the decision (the API server took it, the answer was
+/// late): that is `unknown`, not refused, so the evidence does not claim an approval
+/// failed when it may have let a request through.
+fn decision_outcome(written: bool, result: &Status) -> (Outcome, &'static str) {
+    match (written, result.code()) {
+        (true, _) => (Outcome::Forwarded, "written"),
+        (false, StatusCode::GATEWAY_TIMEOUT) => (Outcome::Unknown, "unknown"),
+        (false, StatusCode::SERVICE_UNAVAILABLE) if result.message().contains("recording") => {
+            (Outcome::RecordingDown, "refused")
+        }
+        (false, StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY) => {
+            (Outcome::UpstreamFailed, "refused")
+        }
+        (false, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => (Outcome::Denied, "refused"),
+        (false, _) => (Outcome::Invalid, "refused"),
+    }
+}
+
 /// How long one watch runs: what the caller asked, at most a random time between
 /// [`MIN_WATCH_TIMEOUT`] and twice it (spread, so watches opened together do not all
 /// come back at once).
@@ -1075,12 +1094,13 @@ impl ApprovalApi {
         written: Option<&AccessRequestStatus>,
     ) {
         let ok = written.is_some();
+        let (outcome, result_label) = decision_outcome(ok, result);
         if let Some(metrics) = &self.s.metrics {
             metrics
                 .approval_decisions
                 .get_or_create(&crate::admin::ApprovalDecisionLabels {
                     verb: decision.verb().as_str(),
-                    result: if ok { "written" } else { "refused" },
+                    result: result_label,
                 })
                 .inc();
         }
@@ -1102,17 +1122,6 @@ impl ApprovalApi {
                     .unwrap_or_default()
             ),
             None => result.message().to_owned(),
-        };
-        let outcome = match (ok, result.code()) {
-            (true, _) => Outcome::Forwarded,
-            (false, StatusCode::SERVICE_UNAVAILABLE) if result.message().contains("recording") => {
-                Outcome::RecordingDown
-            }
-            (false, StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY) => {
-                Outcome::UpstreamFailed
-            }
-            (false, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => Outcome::Denied,
-            (false, _) => Outcome::Invalid,
         };
         let row = RequestRecord {
             request_time: ctx.request_time,
@@ -1290,6 +1299,34 @@ mod tests {
 
     fn at(s: &str) -> jiff::Timestamp {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_decision_that_timed_out_is_unknown_not_refused() {
+        let timed_out = Status::failure(StatusCode::GATEWAY_TIMEOUT, "Timeout", "no answer");
+        assert_eq!(
+            decision_outcome(false, &timed_out),
+            (Outcome::Unknown, "unknown")
+        );
+        assert_eq!(
+            decision_outcome(true, &Status::success()),
+            (Outcome::Forwarded, "written")
+        );
+        let forbidden = Status::failure(StatusCode::FORBIDDEN, "Forbidden", "no");
+        assert_eq!(
+            decision_outcome(false, &forbidden),
+            (Outcome::Denied, "refused")
+        );
+        let conflict = Status::failure(StatusCode::CONFLICT, "Conflict", "decided");
+        assert_eq!(
+            decision_outcome(false, &conflict),
+            (Outcome::Invalid, "refused")
+        );
+        let down = Status::service_unavailable("recording is down", 5);
+        assert_eq!(
+            decision_outcome(false, &down),
+            (Outcome::RecordingDown, "refused")
+        );
     }
 
     #[test]
