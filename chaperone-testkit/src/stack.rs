@@ -277,6 +277,7 @@ impl Stack {
                         key_file: None,
                         server_names: gateway_userspace::approval::config::default_api_names(),
                         server_ips: vec![pod.host_ip().into()],
+                        idle_timeout: gateway_userspace::approval::config::DEFAULT_API_IDLE_TIMEOUT,
                     });
                 }
                 config
@@ -343,6 +344,7 @@ impl Stack {
             key_file: None,
             server_names: vec!["localhost".to_owned()],
             server_ips: vec![loopback.ip()],
+            idle_timeout: gateway_userspace::approval::config::DEFAULT_API_IDLE_TIMEOUT,
         });
         Ok(app::build(config).await?)
     }

@@ -529,6 +529,7 @@ async fn start_approvals_api(
         cluster: cfg.cluster.clone(),
         notifier: parts.notifier,
         metrics: Some(parts.metrics),
+        idle_timeout: api.idle_timeout,
     });
     tokio::spawn(server.serve(listener, tls, drain));
     tracing::info!(%addr, namespace = %approval.namespace, "approvals API listening");

@@ -371,6 +371,22 @@ pub fn first_query_value<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>>
     })
 }
 
+/// Every value of a query parameter, form-decoded, in order (`dryRun=All&dryRun=All`).
+pub fn query_values<'q>(query: &'q str, name: &str) -> Vec<Cow<'q, str>> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (lossy_form_decode(key) == name).then(|| lossy_form_decode(value))
+        })
+        .collect()
+}
+
+/// Whether a query parameter's form-decoded name is `name` (`%66orce` is `force`).
+pub fn is_query_key(pair: &str, name: &str) -> bool {
+    lossy_form_decode(pair.split_once('=').map_or(pair, |(k, _)| k)) == name
+}
+
 /// A boolean option of the query (`stdin`, `tty`, `stderr`) as the API server reads it:
 /// its first value by [`parse_go_bool`], false when absent.
 pub fn query_bool(query: &str, name: &str) -> bool {
@@ -380,16 +396,14 @@ pub fn query_bool(query: &str, name: &str) -> bool {
 /// The arguments of a `pods/exec` request: its repeated `command` query parameters,
 /// form-decoded, in order. Undecodable escapes are kept as sent (`parse` rejects them).
 pub fn exec_command(uri: &Uri) -> Vec<String> {
-    let Some(query) = uri.query() else {
-        return Vec::new();
-    };
-    query
-        .split('&')
-        .filter_map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (lossy_form_decode(key) == "command").then(|| lossy_form_decode(value).into_owned())
+    uri.query()
+        .map(|query| {
+            query_values(query, "command")
+                .into_iter()
+                .map(Cow::into_owned)
+                .collect()
         })
-        .collect()
+        .unwrap_or_default()
 }
 
 /// Steps 2 to 10 of `NewRequestInfo`; returns whether this is a resource request.

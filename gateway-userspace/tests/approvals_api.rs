@@ -58,6 +58,11 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_idle(gateway_userspace::approval::config::DEFAULT_API_IDLE_TIMEOUT).await
+    }
+
+    /// [`Harness::start`] with `approval.api.idleTimeout` set to `idle_timeout`.
+    async fn start_idle(idle_timeout: std::time::Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (ca, ca_key) = CertificateAuthority::generate("approvals-test-ca").unwrap();
         std::fs::write(dir.path().join(local::CA_CERT), ca.cert_pem()).unwrap();
@@ -97,6 +102,7 @@ impl Harness {
                 key_file: None,
                 server_names: vec!["localhost".to_owned()],
                 server_ips: vec!["127.0.0.1".parse().unwrap()],
+                idle_timeout,
             }),
             notify: Default::default(),
             max_pending_per_workload: 10,
@@ -799,4 +805,64 @@ async fn approval_round_trip_latency() {
         times.len()
     );
     assert!(max < std::time::Duration::from_secs(2), "{times:?}");
+}
+
+/// A connection with no call in progress is closed after `approval.api.idleTimeout`, so
+/// connections left open (HTTP/2 keeps itself alive with pings) cannot hold the slots
+/// approvers need; a watch is a call in progress and runs its full time.
+#[tokio::test]
+async fn idle_connections_are_closed_and_watches_run_on() {
+    use http_body_util::{BodyExt as _, Empty};
+    use std::time::{Duration, Instant};
+    let h = Harness::start_idle(Duration::from_secs(1)).await;
+    h.pending("ar-idle", None).await;
+
+    // An HTTP/2 connection that made one call and then sat idle.
+    let addr = h.app.approvals_addr().unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let roots =
+        gateway_userspace::tls::root_store_from_file(&h.dir.path().join(local::CA_CERT)).unwrap();
+    let mut tls = gateway_userspace::tls::client_config(roots).unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(conn);
+    let req = http::Request::get(format!("https://127.0.0.1{BASE_PATH}"))
+        .header("authorization", "Bearer alice")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    // Closed by the idle timer: long before the 30 s keep-alive ping, or ever.
+    tokio::time::timeout(Duration::from_secs(20), closed)
+        .await
+        .expect("an idle HTTP/2 connection was left open")
+        .unwrap()
+        .expect("the connection closed cleanly (GOAWAY)");
+
+    // A watch outlasts the idle timeout: it ends at its own timeoutSeconds, whole.
+    let alice = h.approver("alice").await;
+    let started = Instant::now();
+    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=4"))
+        .body(Vec::new())
+        .unwrap();
+    let text = alice
+        .request_text(req)
+        .await
+        .expect("the watch ran to its end");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the watch ended after {:?}, before its timeoutSeconds",
+        started.elapsed()
+    );
+    assert!(text.contains("ar-idle"), "{text}");
 }

@@ -1450,6 +1450,11 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
         api.seed_on(real("PATCH", "cfg"), open);
         let (code, status) = call(Method::PATCH, "cfg", content_type, patch.to_string()).await;
         assert_eq!(code, StatusCode::CONFLICT, "{content_type}: {status}");
+        let message = status["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("has been modified") && !message.contains("chaperone"),
+            "the API server's own precondition refused it: {status}"
+        );
         let now = stored("cfg").expect("cfg");
         assert_eq!(
             now["data"],
@@ -1457,6 +1462,56 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
             "{content_type}: {now}"
         );
     }
+
+    // An update judged by oldObject; the label lands before the real update.
+    let mut protect = stored("cfg").expect("cfg");
+    protect["metadata"]["labels"] = json!({"protected": "yes"});
+    api.seed_on(real("PUT", "cfg"), protect);
+    let (code, status) = call(
+        Method::PUT,
+        "cfg",
+        "application/json",
+        cm("cfg", json!({}), json!({"mode": "replaced"})).to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{status}");
+    assert_eq!(stored("cfg").expect("cfg")["data"]["mode"], "open");
+    let mut unprotect = stored("cfg").expect("cfg");
+    unprotect["metadata"]["labels"] = json!({});
+    api.seed(unprotect).expect("unprotect");
+
+    // An apply judged as a change of one object, which is deleted before the real apply:
+    // unbound, the apply would create a new object from its body alone.
+    api.delete_on(real("PATCH", "cfg"), "configmaps", "bound", "cfg");
+    let (code, status) = call(
+        Method::PATCH,
+        "cfg?fieldManager=agent&force=true",
+        "application/apply-patch+yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\n  namespace: bound\ndata:\n  applied: \"yes\"\n".to_owned(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid mismatch")),
+        "{status}"
+    );
+    assert!(
+        stored("cfg").is_none(),
+        "the apply created the deleted object again"
+    );
+    api.seed(cm("cfg", json!({}), json!({"mode": "open"})))
+        .expect("seed");
+
+    // A bodiless delete keeps its query's options in the body it gains: still a dry run.
+    api.seed(cm("kept", json!({}), json!({}))).expect("seed");
+    let (code, status) = call(Method::DELETE, "kept?dryRun=All", "", String::new()).await;
+    assert_eq!(code, StatusCode::OK, "{status}");
+    assert!(
+        stored("kept").is_some(),
+        "a dry-run delete deleted the object"
+    );
 
     // Without a race the same requests go through, bound or not.
     let (code, status) = call(
@@ -1533,7 +1588,7 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
         .filter(|r| r.object_ref.namespace == "bound" && r.object_ref.name == "cfg")
         .collect();
     let refused = bound.iter().filter(|r| r.response_code == 409).count();
-    assert_eq!(refused, 3, "three patches raced");
+    assert_eq!(refused, 5, "three patches, an update and an apply raced");
     let note = bound
         .iter()
         .find(|r| {

@@ -27,6 +27,19 @@ rules:
     resources: [deployments/scale]
     namespaces: [prod]
     approval: {approvers: {groups: [sre]}, timeout: 60s}
+  - name: frozen-config
+    action: deny
+    message: this configuration is frozen
+    verbs: [patch]
+    resources: [configmaps]
+    namespaces: [prod]
+    when: ["has(oldObject.metadata.labels) && 'frozen' in oldObject.metadata.labels"]
+  - name: patch-prod-config
+    action: approve
+    verbs: [patch]
+    resources: [configmaps]
+    namespaces: [prod]
+    approval: {approvers: {groups: [sre]}, timeout: 60s}
   - name: delete-prod-config
     action: approve
     verbs: [delete]
@@ -637,4 +650,78 @@ async fn a_request_the_client_abandons_while_held_is_still_recorded() {
             .is_some_and(|r| r.contains("the client went away")),
         "{abandoned:?}"
     );
+}
+
+/// A held write whose decision read the stored object is judged again on what is stored
+/// when it is approved (the wait was minutes): it goes bound to that version, so a change
+/// made while it waited neither turns it into a conflict nor lets through what the policy
+/// now denies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_write_is_judged_again_on_what_is_stored_when_approved() {
+    if !privileged("a_held_write_is_judged_again_on_what_is_stored_when_approved") {
+        return;
+    }
+    let stack = Stack::start(StackOptions {
+        policy_yaml: Some(POLICY.to_owned()),
+        seed: seed(),
+        approval: true,
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack");
+    let settings = || {
+        stack
+            .apiserver
+            .object("configmaps", "prod", "settings")
+            .expect("settings")
+    };
+    let label = |labels: serde_json::Value| {
+        let mut cm = settings();
+        cm["metadata"]["labels"] = labels;
+        stack.apiserver.seed(cm).expect("label settings");
+    };
+    let patch = |mode: &str| {
+        spawn_kubectl(
+            &stack,
+            &[
+                "patch",
+                "configmap",
+                "settings",
+                "-n",
+                "prod",
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"data":{{"mode":"{mode}"}}}}"#),
+            ],
+        )
+    };
+
+    // Changed (not frozen) while held: approved, it applies to what is stored now.
+    let first = patch("maintenance");
+    let held = stack
+        .wait_for_access_requests(1)
+        .await
+        .expect("AccessRequest");
+    label(json!({"team": "web"}));
+    stack
+        .decide(&held, approve("alice"), true)
+        .expect("approve");
+    let (ok, out) = finished(first).await;
+    assert!(ok && out.contains("patched"), "{out}");
+    assert_eq!(settings()["data"]["mode"], "maintenance");
+    assert_eq!(settings()["metadata"]["labels"]["team"], "web");
+
+    // Frozen while held: the approval does not override what the policy now denies.
+    let second = patch("off");
+    let held = stack
+        .wait_for_access_requests(2)
+        .await
+        .expect("AccessRequest");
+    label(json!({"frozen": "yes"}));
+    stack
+        .decide(&held, approve("alice"), true)
+        .expect("approve");
+    let (ok, out) = finished(second).await;
+    assert!(!ok && out.contains("this configuration is frozen"), "{out}");
+    assert_eq!(settings()["data"]["mode"], "maintenance");
 }

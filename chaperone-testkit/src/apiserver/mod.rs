@@ -187,10 +187,21 @@ pub struct SeenRequest {
 /// Whether a request is the one a [`TestApiServer::seed_on`] change waits for.
 type RequestMatch = Box<dyn Fn(&SeenRequest) -> bool + Send + Sync>;
 
+/// A change another client makes, timed by [`TestApiServer::seed_on`] or
+/// [`TestApiServer::delete_on`].
+enum Race {
+    Seed(Value),
+    Delete {
+        plural: String,
+        namespace: String,
+        name: String,
+    },
+}
+
 struct State {
     store: Store,
     /// Changes to make just before the first request each one waits for is handled.
-    races: Mutex<Vec<(RequestMatch, Value)>>,
+    races: Mutex<Vec<(RequestMatch, Race)>>,
     tokens: Vec<String>,
     token_users: BTreeMap<String, UserInfo>,
     authorizer: Mutex<Authorizer>,
@@ -328,7 +339,30 @@ impl TestApiServer {
             .races
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((Box::new(when), obj));
+            .push((Box::new(when), Race::Seed(obj)));
+    }
+
+    /// Deletes an object (`resource` is the plural) once, just before the server handles
+    /// the first request `when` matches, as [`seed_on`](Self::seed_on) seeds one.
+    pub fn delete_on(
+        &self,
+        when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) {
+        self.state
+            .races
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((
+                Box::new(when),
+                Race::Delete {
+                    plural: resource.to_owned(),
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                },
+            ));
     }
 
     /// A stored object: `resource` is the plural (`pods`, `deployments`), `namespace` is
@@ -630,10 +664,32 @@ impl State {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(seen);
-        if let Some(obj) = race
-            && let Err(e) = self.store.seed(obj)
-        {
-            panic!("seed_on: {e}");
+        match race {
+            None => {}
+            Some(Race::Seed(obj)) => {
+                if let Err(e) = self.store.seed(obj) {
+                    panic!("seed_on: {e}");
+                }
+            }
+            Some(Race::Delete {
+                plural,
+                namespace,
+                name,
+            }) => {
+                let res = self
+                    .store
+                    .catalog
+                    .stored()
+                    .into_iter()
+                    .find(|r| r.plural == plural)
+                    .unwrap_or_else(|| panic!("delete_on: no resource {plural}"));
+                if let Err(e) =
+                    self.store
+                        .delete(res, &namespace, &name, &Preconditions::default(), false)
+                {
+                    panic!("delete_on: {}", e.message());
+                }
+            }
         }
     }
 
@@ -1551,13 +1607,14 @@ impl ResourceRequest<'_> {
         })
     }
 
-    /// DeleteOptions from the body (JSON) and query.
+    /// DeleteOptions from the body (JSON) or, when there is none, the query: as
+    /// `DeleteResource` reads them, a body's options replace the query's entirely.
     fn delete_options(&self) -> Result<(Preconditions, bool), Status> {
-        let mut dry_run = self.dry_run()?;
         let mut pre = Preconditions::default();
         if self.body.iter().all(u8::is_ascii_whitespace) {
-            return Ok((pre, dry_run));
+            return Ok((pre, self.dry_run()?));
         }
+        let mut dry_run = false;
         let ct = self.content_type();
         if !matches!(ct.as_str(), "" | "application/json") {
             return Err(unsupported_media_type(&ct, "application/json"));

@@ -1032,6 +1032,16 @@ impl Store {
         let mut inner = self.lock();
         let Some(old) = inner.objects.get(&key(res, namespace, name)).cloned() else {
             return match apply_create {
+                // patch.go: an apply naming a uid is for an existing object, not a create.
+                Some(obj) if !str_at(&obj, "/metadata/uid").is_empty() => Err(Status::conflict(
+                    res.group,
+                    res.plural,
+                    name,
+                    &format!(
+                        "uid mismatch: the provided object specified uid {}, and no existing object was found",
+                        str_at(&obj, "/metadata/uid")
+                    ),
+                )),
                 Some(obj) if part == Part::Main => {
                     drop(inner);
                     self.create(res, namespace, obj, dry_run).map(|o| (o, true))

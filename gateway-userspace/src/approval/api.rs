@@ -63,6 +63,7 @@ use crate::{
     ebpf::Interceptor,
     identity::{Identity, Principal, PrincipalKind, PrincipalVerifier, WorkloadIdentity},
     policy::Action,
+    proxy::limits::{ActiveBody, Activity},
     recorder::{
         Outcome, RecorderHandle,
         schema::{ObjectRef, PrincipalRecord, RequestRecord},
@@ -99,6 +100,8 @@ const MAX_STREAMS: u32 = 64;
 /// Connections served at once; more are closed as they arrive, so nobody can use up the
 /// file descriptors the agents' proxy in the same process needs.
 const MAX_CONNECTIONS: usize = 512;
+/// How long a connection told to close may take to finish its calls.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Connections from intercepted pods served at once (each only ever gets a 403).
 const MAX_AGENT_CONNECTIONS: usize = 16;
 
@@ -135,6 +138,11 @@ pub struct ApiSettings {
     pub notifier: Option<Notifier>,
     /// The gateway's metrics (decisions counted by verb and result).
     pub metrics: Option<Arc<crate::admin::Metrics>>,
+    /// A connection with no call in progress for this long is closed (gracefully), so
+    /// connections opened and left idle, however they keep themselves alive (HTTP/2
+    /// pings), cannot hold the [`MAX_CONNECTIONS`] slots approvers need. A watch is a call
+    /// in progress; a client opens a new connection when it needs one.
+    pub idle_timeout: Duration,
 }
 
 /// The approvals API server.
@@ -700,14 +708,26 @@ impl ApprovalApi {
                     Err(_) => return,
                 };
                 let stop = drain.clone();
+                let idle_timeout = api.s.idle_timeout;
+                let activity = Arc::new(Activity::default());
+                let busy = activity.clone();
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let api = api.clone();
                     let drain = drain.clone();
+                    let active = busy.begin();
                     async move {
                         // Checked per request: a pod that was not known yet when the
                         // connection opened is refused as soon as the watch names it.
                         let refused = api.intercepted_peer(peer, local);
-                        Ok::<_, Infallible>(api.handle(req, peer, refused, drain).await)
+                        let response = api.handle(req, peer, refused, drain).await;
+                        // Busy until the body is done (a watch: until it ends).
+                        Ok::<_, Infallible>(response.map(|inner| {
+                            ActiveBody {
+                                inner,
+                                _active: active,
+                            }
+                            .boxed()
+                        }))
                     }
                 });
                 let mut builder =
@@ -727,11 +747,21 @@ impl ApprovalApi {
                     .keep_alive_interval(Some(HEADER_READ_TIMEOUT))
                     .keep_alive_timeout(HEADER_READ_TIMEOUT);
                 let connection = builder.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(connection);
                 let _permit = permit;
                 // Open connections (a watch, keep-alive) end with the gateway.
                 tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = stop.signaled() => return,
+                    () = activity.idle_for(idle_timeout) => {
+                        tracing::debug!(%peer, "approvals API: closing an idle connection");
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+                tokio::select! {
                     _ = connection => {}
                     _ = stop.signaled() => {}
+                    () = tokio::time::sleep(CLOSE_GRACE) => {}
                 }
             });
         }

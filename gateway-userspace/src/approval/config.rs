@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,17 @@ pub struct ApprovalApiConfig {
     /// IP addresses of a minted certificate (the Service's ClusterIP, the node address).
     #[serde(default)]
     pub server_ips: Vec<IpAddr>,
+    /// A connection with no call in progress (a watch is one) for this long is closed, so
+    /// connections left open cannot hold the API's connection slots.
+    #[serde(default = "default_api_idle_timeout", with = "crate::config::duration")]
+    pub idle_timeout: Duration,
+}
+
+/// Default of `approval.api.idleTimeout`.
+pub const DEFAULT_API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn default_api_idle_timeout() -> Duration {
+    DEFAULT_API_IDLE_TIMEOUT
 }
 
 /// The names of the `chaperone-approvals` Service shipped in deploy/.
@@ -114,6 +126,12 @@ impl ApprovalConfig {
                     return Err((key, format!("{}: {e}", file.display())));
                 }
             }
+            if api.idle_timeout.is_zero() {
+                return Err((
+                    "approval.api.idleTimeout",
+                    "must be above 0 (0 would close every connection at once)".to_owned(),
+                ));
+            }
             if api.cert_file.is_none() && api.server_names.is_empty() && api.server_ips.is_empty() {
                 return Err((
                     "approval.api.serverNames",
@@ -123,5 +141,37 @@ impl ApprovalConfig {
             }
         }
         self.notify.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(api: &str, seal: &std::path::Path) -> Result<ApprovalConfig, String> {
+        let text = format!(
+            "sealKeyFile: {}\napi:\n  listen: 127.0.0.1:15444\n{api}",
+            seal.display()
+        );
+        serde_norway::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_api_idle_timeout_defaults_parses_and_must_be_above_zero() {
+        let seal = tempfile::NamedTempFile::new().expect("seal file");
+        let api = |c: &ApprovalConfig| c.api.clone().expect("api");
+        let default = parse("", seal.path()).expect("default");
+        assert_eq!(api(&default).idle_timeout, DEFAULT_API_IDLE_TIMEOUT);
+        assert_eq!(default.validate(), Ok(()));
+        let set = parse("  idleTimeout: 5m\n", seal.path()).expect("5m");
+        assert_eq!(api(&set).idle_timeout, Duration::from_secs(300));
+        let zero = parse("  idleTimeout: 0s\n", seal.path()).expect("0s parses");
+        assert_eq!(
+            zero.validate().map_err(|(key, _)| key),
+            Err("approval.api.idleTimeout")
+        );
+        let negative = parse("  idleTimeout: -1s\n", seal.path()).expect_err("-1s");
+        assert!(negative.contains("must not be negative"), "{negative}");
+        parse("  idleTimeout: soon\n", seal.path()).expect_err("not a duration");
     }
 }

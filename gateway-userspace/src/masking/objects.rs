@@ -805,6 +805,13 @@ impl Masker {
         report: &mut MaskReport,
         depth: u8,
     ) {
+        // Field ownership changes with values: a write (or its dry run) that sets a field
+        // another manager owns to the value it has leaves it co-owned, to another value
+        // takes it over. The answer's `managedFields` would tell a guess of a masked value
+        // from the truth, so a masked answer has none (kubectl hides them anyway).
+        if let Some(Node::Object(metadata)) = field_mut(map, "metadata") {
+            metadata.retain(|(key, _)| key != "managedFields");
+        }
         let kind = field(map, "kind").and_then(Node::as_str);
         if let Some(rule) = self.secrets {
             let is_secret = kind == Some("Secret")

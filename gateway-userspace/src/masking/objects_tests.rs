@@ -765,3 +765,40 @@ fn lists_masked_item_by_item_equal_the_whole_list_masked() {
         );
     }
 }
+
+/// Field ownership would tell whether a write's guessed value equals the masked one (an
+/// equal value leaves the field co-owned, another takes it over), so masked answers carry
+/// no `managedFields`: objects, list items (the streaming list path) and watch events.
+#[test]
+fn masked_answers_carry_no_managed_fields() {
+    let m = masker();
+    let mut owned = secret("s", "c2VjcmV0");
+    owned["metadata"]["managedFields"] = json!([
+        {"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:data": {"f:password": {}}}}
+    ]);
+    let (object, _) = masked(&m, SECRETS, owned.clone());
+    assert!(
+        object["metadata"].get("managedFields").is_none(),
+        "{object}"
+    );
+    assert_eq!(
+        object["metadata"]["labels"]["app"], "db",
+        "the rest of metadata stays"
+    );
+    let list = json!({"kind": "SecretList", "apiVersion": "v1", "metadata": {"resourceVersion": "5"},
+                      "items": [owned.clone(), owned.clone()]});
+    let mut report = MaskReport::default();
+    let body = m
+        .mask_body(SECRETS, list.to_string().as_bytes(), &mut report)
+        .expect("masked list");
+    let list: Value = serde_json::from_slice(&body).expect("JSON");
+    for item in list["items"].as_array().expect("items") {
+        assert!(item["metadata"].get("managedFields").is_none(), "{item}");
+    }
+    let event = json!({"type": "MODIFIED", "object": owned});
+    let (event, _) = masked(&m, SECRETS, event);
+    assert!(
+        event["object"]["metadata"].get("managedFields").is_none(),
+        "{event}"
+    );
+}

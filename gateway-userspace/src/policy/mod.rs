@@ -177,17 +177,28 @@
 //! A decision that read the stored object (as `oldObject`, or as the base of a dry run)
 //! judged one version of it, and the API server applies the real request a moment later to
 //! whatever is stored then. So the gateway sends the request bound to the version it read,
-//! with the API server's own preconditions: a JSON patch gets a last operation setting
-//! `/metadata/resourceVersion`, a merge, strategic-merge or apply patch and an update carry
-//! `metadata.resourceVersion`, and a delete carries `DeleteOptions.preconditions`. If another
-//! write lands in between, the API server answers 409 Conflict, as to any client whose view
-//! is stale, and nothing is applied that no decision covered; clients read again and retry
-//! (`kubectl apply` does so itself). A request that already names the version read goes as
-//! sent; one that names another version is answered 409 by the gateway, and one whose body
-//! cannot carry the precondition (not read whole, not JSON-shaped) 400. The recording
-//! holds the request as it was sent, precondition included. A server-side apply's dry run
-//! is sent with `force=true`, so that it shows what the apply would store even where it
-//! would conflict (the real apply, unforced, then stores exactly that or nothing).
+//! with the API server's own preconditions on its `resourceVersion` and `uid`: a JSON patch
+//! gets last operations setting `/metadata/resourceVersion` and `/metadata/uid`, a merge,
+//! strategic-merge or apply patch and an update carry them in `metadata`, and a delete in
+//! `DeleteOptions.preconditions` (a delete sent without a body gets one, holding the options
+//! of its query, which the API server reads only when there is no body). Every other value
+//! of the body keeps the text the dry run judged. If another write lands in between, or the
+//! object is deleted (an apply would otherwise create it again from its body alone), the API
+//! server answers 409 Conflict, as to any client whose view is stale, and nothing is applied
+//! that no decision covered; the client reads again and retries (client-side `kubectl apply`
+//! does so itself; `kubectl patch`, `edit`, `delete` and `apply --server-side` report the
+//! conflict). A request that already names the version read goes as sent; one that names
+//! another version is answered 409 by the gateway, and one whose body cannot carry the
+//! precondition (not read whole, not JSON-shaped) 400. The recording holds the request as it
+//! was sent, precondition included. A request held for approval is judged again on what is
+//! stored when it is approved, and bound to that: a change made while it waited is denied if
+//! a rule now denies it. An apply judged as a create (the object did not exist) cannot be
+//! bound: if the object is created in between, the apply changes it. A server-side apply's
+//! dry run is sent with `force=true`, so that it shows what the apply would store even where
+//! it would conflict (the real apply, unforced, then stores exactly that or nothing). A
+//! proxied request (`pods/proxy`, `services/proxy`) is never tried as a dry run: the program
+//! it reaches ignores `dryRun` and acts, so a rule that reads its `object` cannot be
+//! evaluated and denies.
 //!
 //! A field that is not set is an error to read, as in Kubernetes: test it with `has()` first
 //! (`has(c.securityContext) && c.securityContext.privileged`). A condition that cannot be
@@ -294,7 +305,10 @@
 //! a server-side apply on a masked request must be forced (`force=true`, `kubectl apply
 //! --server-side --force-conflicts`): unforced, the API server's 409 for a field another
 //! manager owns with a different value, or its 200 for the same value, would confirm a
-//! guess. An unforced apply there is refused with 403.
+//! guess. An unforced apply there is refused with 403. Masked answers carry no
+//! `metadata.managedFields` either: a write, or its dry run, that sets a field another
+//! manager owns leaves it co-owned when the value is the same and takes it over when it is
+//! not, which the field ownership in the answer would show.
 //!
 //! # Approval (`approve`)
 //!

@@ -5,207 +5,339 @@
 //! moments later to whatever is stored then, so a write landing in between (another
 //! client's, or the agent's own second request) would have the API server apply a change
 //! to an object nobody judged: a JSON patch's `/spec/containers/0` naming another
-//! container, a delete removing an object that turned protected. Admission control never
-//! has this gap because it runs inside the API server's own transaction; the gateway
-//! closes it with the API server's own preconditions, so such a request is answered 409
-//! Conflict, as any client with a stale view is:
+//! container, a delete removing an object that turned protected, an apply recreating an
+//! object deleted meanwhile. Admission control never has this gap because it runs inside
+//! the API server's own transaction; the gateway closes it with the API server's own
+//! preconditions on the `resourceVersion` and `uid` it read, so such a request is
+//! answered 409 Conflict, as any client with a stale view is:
 //!
-//! * a JSON patch gets a last operation setting `/metadata/resourceVersion`;
-//! * a merge, strategic-merge or apply patch, and an update, carry
-//!   `metadata.resourceVersion`;
-//! * a delete carries `DeleteOptions.preconditions.resourceVersion`.
+//! * a JSON patch gets last operations setting `/metadata/resourceVersion` and
+//!   `/metadata/uid`;
+//! * a merge, strategic-merge or apply patch, and an update, carry them in `metadata`
+//!   (a patch or update naming a uid that no stored object has is a conflict too, not a
+//!   create);
+//! * a delete carries them in `DeleteOptions.preconditions`; a delete that had no body
+//!   gets one holding the options its query gave, which the API server reads only when
+//!   there is no body.
 //!
-//! A request that already names the version is forwarded as sent. One that names another
-//! version is refused with 409 (the API server would refuse it too, or apply it to a
-//! version the policy did not read). Bodies that cannot carry the precondition are refused.
+//! The body is edited, not rebuilt: every other value keeps the bytes the dry run
+//! judged (a number that `serde_json::Value` would round stays as sent). A request that
+//! already names the version goes as sent; one that names another is refused with 409
+//! (the API server would refuse it, or apply it to a version the policy did not read).
+//! A body that cannot carry the precondition is refused with 400.
 
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
 use http::StatusCode;
-use serde_json::{Map, Value, json};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json, value::RawValue};
 
 use crate::{
-    request::{RequestInfo, Verb},
+    recorder::RequestRecord,
+    request::{self, RequestInfo, Verb},
     status::Status,
 };
 
-use super::{body::Inspected, content::ReadVersion};
+use super::{
+    Proxy,
+    content::{ContentBody, ObjectVersion, ReadVersion},
+    handler::Pending,
+    record::recorded_json,
+};
 
-/// The body to forward in place of the client's, bound to the version read.
+/// The request body as the gateway holds it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum SentBody<'a> {
+    /// No body at all.
+    Empty,
+    /// The body as forwarded, read whole.
+    Whole(&'a [u8]),
+    /// Not read whole (over the inspection limit): it cannot be edited.
+    Unread,
+}
+
+/// The body to forward in place of the client's.
 #[derive(Debug, PartialEq)]
 pub(super) struct Rewrite {
-    /// The JSON object (or JSON patch) to send.
-    pub(super) object: Value,
+    /// The JSON to send.
+    pub(super) bytes: Bytes,
     /// The `Content-Type` to set, when the request had no body before.
     pub(super) content_type: Option<&'static str>,
 }
 
-/// How a request is bound to `read`: `Ok(None)` when it goes as sent (it reads no stored
-/// object, or already names the version), `Ok(Some(_))` with the body to send instead, or
-/// the refusal.
-pub(super) fn to_read_version(
+/// Why a request cannot go bound.
+#[derive(Debug, PartialEq)]
+enum BindError {
+    /// It names another version (or uid) than the one read.
+    Names { field: &'static str, named: String },
+    /// Its body is not of a shape that can carry the precondition.
+    Shape(String),
+}
+
+impl Proxy {
+    /// Binds `pending` to the version its decision read: its body is replaced when it
+    /// must carry the precondition, and the recorded request object follows.
+    pub(super) fn bind(
+        &self,
+        info: &RequestInfo,
+        read: &ReadVersion,
+        pending: &mut Pending,
+        body: &ContentBody<'_>,
+        record: &mut RequestRecord,
+    ) -> Result<(), Box<Status>> {
+        let Pending::Plain(req, _) = pending else {
+            // Sessions read no stored object; one that did could not carry its version.
+            return Err(Box::new(Status::bad_request(
+                "chaperone: a policy rule read the stored object, and a protocol upgrade \
+                 cannot be bound to the version it read",
+            )));
+        };
+        let sent = match &body.forwarded {
+            _ if body.truncated => SentBody::Unread,
+            Some(bytes) if !bytes.is_empty() => SentBody::Whole(bytes),
+            _ => SentBody::Empty,
+        };
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let Some(rewrite) = bind_to_read(info, read, req.uri().query(), content_type, sent)? else {
+            return Ok(());
+        };
+        let headers = req.headers_mut();
+        if let Some(media) = rewrite.content_type {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(media),
+            );
+            record.request_content_type = Some(media.to_owned());
+        }
+        headers.remove(http::header::TRANSFER_ENCODING);
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(rewrite.bytes.len()),
+        );
+        if let Ok(object) = serde_json::from_slice(&rewrite.bytes) {
+            // The fields the first recording masked are counted once.
+            let counted = record.masked_fields;
+            record.request_object = recorded_json(record, object, self.max_object_bytes);
+            record.request_object_truncated = record.request_object.is_none();
+            record.masked_fields = counted;
+        }
+        *req.body_mut() = http_body_util::Full::new(rewrite.bytes)
+            .map_err(|never| match never {})
+            .boxed();
+        Ok(())
+    }
+}
+
+/// How a request is bound to what its decision read: `Ok(None)` when it goes as sent (it
+/// read no stored object, or the request names its version already), `Ok(Some(_))` with
+/// the body to send instead, or the refusal.
+pub(super) fn bind_to_read(
     info: &RequestInfo,
     read: &ReadVersion,
+    query: Option<&str>,
     content_type: Option<&str>,
-    inspected: Option<&Inspected>,
+    body: SentBody<'_>,
 ) -> Result<Option<Rewrite>, Box<Status>> {
     let version = match read {
         ReadVersion::Nothing => return Ok(None),
-        ReadVersion::Version(v) => v.as_str(),
+        ReadVersion::Read(v) => v,
         ReadVersion::Moved { old_object, object } => {
             return Err(conflict(
                 info,
                 &format!(
                     "chaperone: the object changed while the policy read it (resourceVersion \
-                     {old_object} as oldObject, {object} under the dry run), so no decision \
-                     covers this request; send it again"
+                     {} as oldObject, {} under the dry run), so no decision covers this \
+                     request; send it again",
+                    old_object.resource_version, object.resource_version
                 ),
             ));
         }
     };
-    let object = inspected.and_then(|i| i.object.as_ref());
     let media = content_type
         .and_then(|c| c.split(';').next())
         .map(|m| m.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let unbindable = |what: &str| {
-        Box::new(Status::bad_request(format!(
-            "chaperone: a policy rule read the stored object at resourceVersion {version}, so \
-             this request is sent bound to that version; {what}, which cannot carry that \
-             precondition"
-        )))
-    };
-    match info.verb {
-        Verb::Patch if media == "application/json-patch+json" => match object {
-            Some(Value::Array(ops)) => {
-                let mut ops = ops.clone();
-                ops.push(
-                    json!({"op": "add", "path": "/metadata/resourceVersion", "value": version}),
-                );
-                Ok(Some(Rewrite {
-                    object: Value::Array(ops),
-                    content_type: None,
-                }))
-            }
-            _ => Err(unbindable(
-                "its JSON patch was not read as a list of operations",
-            )),
-        },
-        Verb::Patch
+    let bound = match (info.verb, body) {
+        (Verb::Patch | Verb::Update | Verb::Delete, SentBody::Unread) => Err(BindError::Shape(
+            "its body is larger than the gateway reads".to_owned(),
+        )),
+        (Verb::Patch, SentBody::Whole(bytes)) if media == "application/json-patch+json" => {
+            append_operations(bytes, version).map(Some)
+        }
+        (Verb::Patch, SentBody::Whole(bytes))
             if matches!(
                 media.as_str(),
                 "application/merge-patch+json" | "application/strategic-merge-patch+json"
             ) || media.starts_with("application/apply-patch+") =>
         {
-            match object {
-                Some(Value::Object(patch)) => in_object(patch, "metadata", version)
-                    .map_err(|e| e.status(info, version, &unbindable)),
-                _ => Err(unbindable("its patch was not read as a JSON object")),
-            }
+            set_in(bytes, "metadata", version)
         }
-        Verb::Patch => Err(unbindable(&format!(
-            "its patch type {media:?} is not one the gateway binds"
+        (Verb::Patch, _) => Err(BindError::Shape(format!(
+            "its patch type {media:?} is not one the gateway can bind"
         ))),
-        Verb::Update => match object {
-            Some(Value::Object(new)) => in_object(new, "metadata", version)
-                .map_err(|e| e.status(info, version, &unbindable)),
-            _ => Err(unbindable("its body was not read as a JSON object")),
-        },
-        Verb::Delete => match (object, inspected.and_then(|i| i.whole_len)) {
-            (Some(Value::Object(options)), _) => in_object(options, "preconditions", version)
-                .map_err(|e| e.status(info, version, &unbindable)),
-            // No body: DeleteOptions of its own.
-            (None, Some(0)) => Ok(Some(Rewrite {
-                object: json!({
-                    "apiVersion": "v1",
-                    "kind": "DeleteOptions",
-                    "preconditions": {"resourceVersion": version},
-                }),
-                content_type: Some("application/json"),
-            })),
-            _ => Err(unbindable(
-                "its DeleteOptions were not read as a JSON object",
-            )),
-        },
-        _ => Ok(None),
+        (Verb::Update, SentBody::Whole(bytes)) => set_in(bytes, "metadata", version),
+        (Verb::Delete, SentBody::Whole(bytes)) => set_in(bytes, "preconditions", version),
+        (Verb::Delete, SentBody::Empty) => options_of_query(query, version).map(Some),
+        (Verb::Update, SentBody::Empty) => Err(BindError::Shape("it has no body".to_owned())),
+        _ => return Ok(None),
+    };
+    match bound {
+        Ok(Some(bytes)) => Ok(Some(Rewrite {
+            bytes: Bytes::from(bytes),
+            content_type: matches!(body, SentBody::Empty).then_some("application/json"),
+        })),
+        Ok(None) => Ok(None),
+        Err(BindError::Names { field, named }) => Err(conflict(
+            info,
+            &format!(
+                "chaperone: this request is for {field} {named}, but the stored object the \
+                 policy read has {field} {}: the object has been modified; please apply your \
+                 changes to the latest version and try again",
+                match field {
+                    "uid" => &version.uid,
+                    _ => &version.resource_version,
+                }
+            ),
+        )),
+        Err(BindError::Shape(what)) => Err(Box::new(Status::bad_request(format!(
+            "chaperone: a policy rule read the stored object at resourceVersion {}, so this \
+             request is sent bound to that version; {what}, which cannot carry that \
+             precondition",
+            version.resource_version
+        )))),
     }
 }
 
-/// Why `resourceVersion` could not be set under a key of the body.
-enum Unset {
-    /// The body names another version.
-    Names(String),
-    /// The key holds something other than an object.
-    NotAnObject(&'static str),
+/// The precondition fields and their values (`uid` only when the read object had one).
+fn fields(version: &ObjectVersion) -> impl Iterator<Item = (&'static str, &str)> {
+    [
+        ("resourceVersion", version.resource_version.as_str()),
+        ("uid", version.uid.as_str()),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
 }
 
-impl Unset {
-    fn status(
-        self,
-        info: &RequestInfo,
-        version: &str,
-        unbindable: &dyn Fn(&str) -> Box<Status>,
-    ) -> Box<Status> {
-        match self {
-            Unset::Names(named) => conflict(
-                info,
-                &format!(
-                    "chaperone: this request is for resourceVersion {named}, but the stored \
-                     object the policy read is at {version}: the object has been modified; \
-                     please apply your changes to the latest version and try again"
-                ),
-            ),
-            Unset::NotAnObject(key) => unbindable(&format!("its `{key}` is not an object")),
+/// A JSON patch with operations setting the version read appended, as text.
+fn append_operations(bytes: &[u8], version: &ObjectVersion) -> Result<Vec<u8>, BindError> {
+    let shape = || BindError::Shape("its JSON patch is not a list of operations".to_owned());
+    let text = std::str::from_utf8(bytes).map_err(|_| shape())?.trim();
+    let inner = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .ok_or_else(shape)?;
+    let ops: Vec<String> = fields(version)
+        .map(|(field, value)| {
+            json!({"op": "add", "path": format!("/metadata/{field}"), "value": value}).to_string()
+        })
+        .collect();
+    let ops = ops.join(",");
+    Ok(if inner.trim().is_empty() {
+        format!("[{ops}]")
+    } else {
+        format!("[{inner},{ops}]")
+    }
+    .into_bytes())
+}
+
+/// An object's members with their values as sent.
+type RawObject = BTreeMap<String, Box<RawValue>>;
+
+/// Sets the precondition fields under `key` of a JSON object, keeping every other value's
+/// text; `None` when the body names the version read already.
+fn set_in(
+    bytes: &[u8],
+    key: &'static str,
+    version: &ObjectVersion,
+) -> Result<Option<Vec<u8>>, BindError> {
+    let mut body: RawObject = serde_json::from_slice(bytes)
+        .map_err(|_| BindError::Shape("its body is not a JSON object".to_owned()))?;
+    let mut inner: RawObject = match body.get(key).map(|raw| raw.get()) {
+        None | Some("null") => RawObject::new(),
+        Some(raw) => serde_json::from_str(raw)
+            .map_err(|_| BindError::Shape(format!("its `{key}` is not an object")))?,
+    };
+    let mut changed = false;
+    for (field, want) in fields(version) {
+        let named = match inner.get(field).map(|raw| raw.get()) {
+            None | Some("null") => None,
+            Some(raw) => match serde_json::from_str::<String>(raw) {
+                Ok(named) if named.is_empty() => None,
+                Ok(named) => Some(named),
+                Err(_) => {
+                    return Err(BindError::Shape(format!(
+                        "its `{key}.{field}` is not a string"
+                    )));
+                }
+            },
+        };
+        match named {
+            Some(named) if named == want => {}
+            Some(named) => return Err(BindError::Names { field, named }),
+            None => {
+                inner.insert(field.to_owned(), raw(&want)?);
+                changed = true;
+            }
         }
     }
+    if !changed {
+        return Ok(None);
+    }
+    body.insert(key.to_owned(), raw(&inner)?);
+    serde_json::to_vec(&body)
+        .map(Some)
+        .map_err(|e| BindError::Shape(format!("its body could not be written again: {e}")))
 }
 
-/// Sets `<key>.resourceVersion` in `body` when it names none; `None` when it names
-/// `version` already.
-fn in_object(
-    body: &Map<String, Value>,
-    key: &'static str,
-    version: &str,
-) -> Result<Option<Rewrite>, Unset> {
-    match body.get(key) {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(inner)) => match inner.get("resourceVersion") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(named)) if named.is_empty() => {}
-            Some(Value::String(named)) if named == version => return Ok(None),
-            Some(other) => {
-                return Err(Unset::Names(match other {
-                    Value::String(s) => s.clone(),
-                    v => v.to_string(),
-                }));
-            }
-        },
-        Some(_) => return Err(Unset::NotAnObject(key)),
+fn raw(value: &impl serde::Serialize) -> Result<Box<RawValue>, BindError> {
+    serde_json::value::to_raw_value(value)
+        .map_err(|e| BindError::Shape(format!("its body could not be written again: {e}")))
+}
+
+/// DeleteOptions for a delete that had no body: the options its query gave (the API
+/// server reads the query only when there is no body), and the precondition.
+fn options_of_query(query: Option<&str>, version: &ObjectVersion) -> Result<Vec<u8>, BindError> {
+    let query = query.unwrap_or("");
+    let mut options = serde_json::Map::new();
+    options.insert("apiVersion".into(), "meta.k8s.io/v1".into());
+    options.insert("kind".into(), "DeleteOptions".into());
+    let dry_run = request::query_values(query, "dryRun");
+    if !dry_run.is_empty() {
+        options.insert("dryRun".into(), json!(dry_run));
     }
-    let mut body = body.clone();
-    let inner = body
-        .entry(key)
-        .and_modify(|v| {
-            if v.is_null() {
-                *v = Value::Object(Map::new());
-            }
-        })
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(inner) = inner {
-        inner.insert("resourceVersion".to_owned(), Value::from(version));
+    if let Some(v) = request::first_query_value(query, "gracePeriodSeconds") {
+        let seconds: i64 = v.parse().map_err(|_| {
+            BindError::Shape(format!(
+                "its gracePeriodSeconds {v:?} is not a whole number"
+            ))
+        })?;
+        options.insert("gracePeriodSeconds".into(), seconds.into());
     }
-    Ok(Some(Rewrite {
-        object: Value::Object(body),
-        content_type: None,
-    }))
+    if let Some(v) = request::first_query_value(query, "propagationPolicy") {
+        options.insert("propagationPolicy".into(), v.as_ref().into());
+    }
+    for flag in [
+        "orphanDependents",
+        "ignoreStoreReadErrorWithClusterBreakingPotential",
+    ] {
+        if let Some(v) = request::first_query_value(query, flag) {
+            options.insert(flag.into(), request::parse_go_bool(&v).into());
+        }
+    }
+    let preconditions: serde_json::Map<String, Value> = fields(version)
+        .map(|(field, value)| (field.to_owned(), Value::from(value)))
+        .collect();
+    options.insert("preconditions".into(), preconditions.into());
+    serde_json::to_vec(&options).map_err(|e| BindError::Shape(e.to_string()))
 }
 
 fn conflict(info: &RequestInfo, why: &str) -> Box<Status> {
     Box::new(if info.is_resource_request {
-        Status::conflict(
-            &info.api_group,
-            &info.resource_with_subresource(),
-            &info.name,
-            why,
-        )
+        Status::conflict(&info.api_group, &info.resource, &info.name, why)
     } else {
         Status::failure(StatusCode::CONFLICT, "Conflict", why.to_owned())
     })
@@ -226,198 +358,280 @@ mod tests {
         .expect("request info")
     }
 
-    fn body(object: Option<Value>) -> Inspected {
-        let len = object.as_ref().map_or(0, |o| o.to_string().len() as u64);
-        Inspected {
-            object,
-            whole_len: Some(len),
-            ..Inspected::default()
-        }
-    }
-
-    fn at(rv: &str) -> ReadVersion {
-        ReadVersion::Version(rv.to_owned())
+    fn at(rv: &str, uid: &str) -> ReadVersion {
+        ReadVersion::Read(ObjectVersion {
+            resource_version: rv.to_owned(),
+            uid: uid.to_owned(),
+        })
     }
 
     const POD: &str = "/api/v1/namespaces/d/pods/p";
 
+    /// The body bound to `read`, as JSON, or the refusal's code and message.
+    fn bound(
+        method: &str,
+        read: &ReadVersion,
+        query: Option<&str>,
+        content_type: Option<&str>,
+        body: SentBody<'_>,
+    ) -> Result<Option<Value>, (StatusCode, String)> {
+        bind_to_read(&info(method, POD), read, query, content_type, body)
+            .map(|r| r.map(|r| serde_json::from_slice(&r.bytes).expect("JSON")))
+            .map_err(|s| (s.code(), s.message().to_owned()))
+    }
+
     #[test]
-    fn patches_carry_the_version_read() {
-        let patch = info("PATCH", POD);
-        // A JSON patch ends by setting the version, whatever its operations did to it.
-        let ops = json!([{"op": "replace", "path": "/spec/containers/0/image", "value": "x"}]);
-        let bound = to_read_version(
-            &patch,
-            &at("41"),
-            Some("application/json-patch+json"),
-            Some(&body(Some(ops))),
-        )
-        .expect("bound")
-        .expect("rewritten");
+    fn patches_carry_the_version_and_uid_read() {
+        // A JSON patch ends by setting both, whatever its operations did to them.
+        let ops = br#"[{"op": "replace", "path": "/spec/containers/0/image", "value": "x"}]"#;
         assert_eq!(
-            bound.object,
-            json!([
+            bound(
+                "PATCH",
+                &at("41", "u-1"),
+                None,
+                Some("application/json-patch+json"),
+                SentBody::Whole(ops)
+            ),
+            Ok(Some(json!([
                 {"op": "replace", "path": "/spec/containers/0/image", "value": "x"},
                 {"op": "add", "path": "/metadata/resourceVersion", "value": "41"},
-            ])
+                {"op": "add", "path": "/metadata/uid", "value": "u-1"},
+            ])))
         );
-        assert_eq!(bound.content_type, None);
-        // Merge, strategic and apply patches name it in their metadata.
+        assert_eq!(
+            bound(
+                "PATCH",
+                &at("41", ""),
+                None,
+                Some("application/json-patch+json"),
+                SentBody::Whole(b" [ ] ")
+            ),
+            Ok(Some(
+                json!([{"op": "add", "path": "/metadata/resourceVersion", "value": "41"}])
+            ))
+        );
+        // Merge, strategic and apply patches name them in their metadata.
         for media in [
             "application/merge-patch+json",
             "application/strategic-merge-patch+json; charset=utf-8",
             "application/apply-patch+yaml",
         ] {
-            let sent = json!({"metadata": {"labels": {"a": "b"}}, "spec": {"replicas": 3}});
-            let bound = to_read_version(&patch, &at("41"), Some(media), Some(&body(Some(sent))))
-                .expect("bound")
-                .expect("rewritten");
+            let sent = br#"{"metadata": {"labels": {"a": "b"}}, "spec": {"replicas": 3}}"#;
             assert_eq!(
-                bound.object,
-                json!({"metadata": {"labels": {"a": "b"}, "resourceVersion": "41"}, "spec": {"replicas": 3}}),
+                bound(
+                    "PATCH",
+                    &at("41", "u-1"),
+                    None,
+                    Some(media),
+                    SentBody::Whole(sent)
+                ),
+                Ok(Some(json!({
+                    "metadata": {"labels": {"a": "b"}, "resourceVersion": "41", "uid": "u-1"},
+                    "spec": {"replicas": 3}
+                }))),
                 "{media}"
             );
-            let bare = to_read_version(
-                &patch,
-                &at("41"),
-                Some(media),
-                Some(&body(Some(json!({"spec": {}})))),
-            )
-            .expect("bound")
-            .expect("rewritten");
             assert_eq!(
-                bare.object,
-                json!({"spec": {}, "metadata": {"resourceVersion": "41"}})
+                bound(
+                    "PATCH",
+                    &at("41", "u-1"),
+                    None,
+                    Some(media),
+                    SentBody::Whole(br#"{"spec": {}, "metadata": null}"#)
+                ),
+                Ok(Some(
+                    json!({"spec": {}, "metadata": {"resourceVersion": "41", "uid": "u-1"}})
+                ))
             );
         }
-        // One that names the version read goes as sent; another version is a conflict.
-        let named = json!({"metadata": {"resourceVersion": "41"}});
+        // One that names what was read goes as sent; another version or uid is a conflict.
+        let merge = Some("application/merge-patch+json");
+        let named = br#"{"metadata": {"resourceVersion": "41", "uid": "u-1"}}"#;
         assert_eq!(
-            to_read_version(
-                &patch,
-                &at("41"),
-                Some("application/merge-patch+json"),
-                Some(&body(Some(named)))
+            bound(
+                "PATCH",
+                &at("41", "u-1"),
+                None,
+                merge,
+                SentBody::Whole(named)
             ),
             Ok(None)
         );
-        let stale = json!({"metadata": {"resourceVersion": "40"}});
-        let err = to_read_version(
-            &patch,
-            &at("41"),
-            Some("application/merge-patch+json"),
-            Some(&body(Some(stale))),
+        let (code, _) = bound(
+            "PATCH",
+            &at("41", "u-1"),
+            None,
+            merge,
+            SentBody::Whole(br#"{"metadata": {"resourceVersion": 41}}"#),
         )
-        .expect_err("conflict");
-        assert_eq!(err.code(), StatusCode::CONFLICT);
-        assert!(
-            err.message().contains("resourceVersion 40") && err.message().contains("at 41"),
-            "{}",
-            err.message()
-        );
+        .expect_err("not a string");
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        for stale in [
+            &br#"{"metadata": {"resourceVersion": "40"}}"#[..],
+            br#"{"metadata": {"uid": "u-0"}}"#,
+        ] {
+            let (code, message) = bound(
+                "PATCH",
+                &at("41", "u-1"),
+                None,
+                merge,
+                SentBody::Whole(stale),
+            )
+            .expect_err("conflict");
+            assert_eq!(code, StatusCode::CONFLICT, "{message}");
+            assert!(message.contains("has been modified"), "{message}");
+        }
+    }
+
+    #[test]
+    fn every_other_value_keeps_the_text_the_dry_run_judged() {
+        // serde_json's Value would turn the first into a float and drop the last digits.
+        let sent = br#"{"data": {"big": 123456789012345678901234567890, "f": 1.10, "e": 1e3}}"#;
+        let rewrite = bind_to_read(
+            &info("PATCH", POD),
+            &at("9", ""),
+            None,
+            Some("application/merge-patch+json"),
+            SentBody::Whole(sent),
+        )
+        .expect("bound")
+        .expect("rewritten");
+        let text = String::from_utf8(rewrite.bytes.to_vec()).expect("utf-8");
+        for kept in ["123456789012345678901234567890", "1.10", "1e3"] {
+            assert!(text.contains(kept), "{kept} not kept in {text}");
+        }
+        assert!(text.contains(r#""resourceVersion":"9""#), "{text}");
     }
 
     #[test]
     fn updates_and_deletes_carry_the_version_read() {
-        let update = info("PUT", POD);
-        let bound = to_read_version(
-            &update,
-            &at("7"),
-            Some("application/json"),
-            Some(&body(Some(
-                json!({"kind": "Pod", "metadata": {"name": "p"}}),
-            ))),
+        let put = Some("application/json");
+        assert_eq!(
+            bound(
+                "PUT",
+                &at("7", "u"),
+                None,
+                put,
+                SentBody::Whole(br#"{"kind": "Pod", "metadata": {"name": "p"}}"#)
+            ),
+            Ok(Some(
+                json!({"kind": "Pod", "metadata": {"name": "p", "resourceVersion": "7", "uid": "u"}})
+            ))
+        );
+        let stale = br#"{"kind": "Pod", "metadata": {"name": "p", "resourceVersion": "6"}}"#;
+        assert_eq!(
+            bound("PUT", &at("7", "u"), None, put, SentBody::Whole(stale)).map_err(|e| e.0),
+            Err(StatusCode::CONFLICT)
+        );
+
+        // No body: DeleteOptions of the gateway's own, with the options of the query
+        // (which the API server stops reading once there is a body).
+        let rewrite = bind_to_read(
+            &info("DELETE", POD),
+            &at("7", "u"),
+            Some("dryRun=All&propagationPolicy=Orphan&gracePeriodSeconds=0&pretty=true&orphanDependents=0"),
+            None,
+            SentBody::Empty,
         )
         .expect("bound")
         .expect("rewritten");
+        assert_eq!(rewrite.content_type, Some("application/json"));
         assert_eq!(
-            bound.object,
-            json!({"kind": "Pod", "metadata": {"name": "p", "resourceVersion": "7"}})
+            serde_json::from_slice::<Value>(&rewrite.bytes).expect("JSON"),
+            json!({
+                "apiVersion": "meta.k8s.io/v1", "kind": "DeleteOptions", "dryRun": ["All"],
+                "propagationPolicy": "Orphan", "gracePeriodSeconds": 0,
+                "orphanDependents": false,
+                "preconditions": {"resourceVersion": "7", "uid": "u"},
+            })
         );
-        let stale = json!({"kind": "Pod", "metadata": {"name": "p", "resourceVersion": "6"}});
         assert_eq!(
-            to_read_version(&update, &at("7"), None, Some(&body(Some(stale))))
-                .expect_err("conflict")
-                .code(),
-            StatusCode::CONFLICT
+            bound("DELETE", &at("7", ""), None, None, SentBody::Empty),
+            Ok(Some(json!({
+                "apiVersion": "meta.k8s.io/v1", "kind": "DeleteOptions",
+                "preconditions": {"resourceVersion": "7"},
+            })))
         );
-
-        let delete = info("DELETE", POD);
-        // No body: DeleteOptions of the gateway's own.
-        let bound = to_read_version(&delete, &at("7"), None, Some(&body(None)))
-            .expect("bound")
-            .expect("rewritten");
-        assert_eq!(
-            bound.object,
-            json!({"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"resourceVersion": "7"}})
-        );
-        assert_eq!(bound.content_type, Some("application/json"));
+        let (code, message) = bound(
+            "DELETE",
+            &at("7", ""),
+            Some("gracePeriodSeconds=soon"),
+            None,
+            SentBody::Empty,
+        )
+        .expect_err("not a number");
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(message.contains("gracePeriodSeconds"), "{message}");
         // kubectl's DeleteOptions keep what they say and gain the precondition.
-        let options = json!({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background", "preconditions": {"uid": "u"}});
-        let bound = to_read_version(&delete, &at("7"), None, Some(&body(Some(options))))
-            .expect("bound")
-            .expect("rewritten");
+        let options = br#"{"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background", "preconditions": {"uid": "u"}}"#;
         assert_eq!(
-            bound.object,
-            json!({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background", "preconditions": {"uid": "u", "resourceVersion": "7"}})
+            bound("DELETE", &at("7", "u"), None, put, SentBody::Whole(options)),
+            Ok(Some(json!({
+                "kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+                "preconditions": {"uid": "u", "resourceVersion": "7"},
+            })))
         );
-        let stale = json!({"preconditions": {"resourceVersion": "5"}});
+        let stale = br#"{"preconditions": {"resourceVersion": "5"}}"#;
         assert_eq!(
-            to_read_version(&delete, &at("7"), None, Some(&body(Some(stale))))
-                .expect_err("conflict")
-                .code(),
-            StatusCode::CONFLICT
+            bound("DELETE", &at("7", ""), None, put, SentBody::Whole(stale)).map_err(|e| e.0),
+            Err(StatusCode::CONFLICT)
         );
     }
 
     #[test]
     fn what_cannot_carry_the_version_is_refused() {
-        let patch = info("PATCH", POD);
         for (media, sent) in [
-            ("application/json-patch+json", Some(json!({"op": "add"}))),
-            ("application/merge-patch+json", Some(json!(["x"]))),
-            (
-                "application/merge-patch+json",
-                Some(json!({"metadata": "x"})),
-            ),
-            ("application/merge-patch+json", None),
-            ("application/apply-patch+cbor", None),
-            ("text/plain", Some(json!({}))),
+            ("application/json-patch+json", &br#"{"op": "add"}"#[..]),
+            ("application/merge-patch+json", br#"["x"]"#),
+            ("application/merge-patch+json", br#"{"metadata": "x"}"#),
+            ("application/merge-patch+json", b"not json"),
+            ("application/apply-patch+cbor", b"\xa1"),
+            ("text/plain", b"{}"),
         ] {
-            let err = to_read_version(&patch, &at("3"), Some(media), Some(&body(sent.clone())))
-                .expect_err("refused");
-            assert_eq!(err.code(), StatusCode::BAD_REQUEST, "{media} {sent:?}");
-            assert!(
-                err.message().contains("resourceVersion 3"),
-                "{}",
-                err.message()
+            let (code, message) = bound(
+                "PATCH",
+                &at("3", ""),
+                None,
+                Some(media),
+                SentBody::Whole(sent),
+            )
+            .expect_err("refused");
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{media}: {message}");
+            assert!(message.contains("resourceVersion 3"), "{message}");
+        }
+        for method in ["PATCH", "PUT", "DELETE"] {
+            let refused = bound(method, &at("3", ""), None, None, SentBody::Unread);
+            assert_eq!(
+                refused.map_err(|e| e.0),
+                Err(StatusCode::BAD_REQUEST),
+                "{method}"
             );
         }
-        // A delete whose body was not read (too large, or not JSON).
-        let truncated = Inspected {
-            truncated: true,
-            ..Inspected::default()
-        };
-        let delete = info("DELETE", POD);
-        assert!(to_read_version(&delete, &at("3"), None, Some(&truncated)).is_err());
         // Decisions that mixed two versions cover nothing.
-        let moved = ReadVersion::Moved {
-            old_object: "3".into(),
-            object: "4".into(),
+        let v = |rv: &str| ObjectVersion {
+            resource_version: rv.into(),
+            uid: String::new(),
         };
-        let err = to_read_version(&patch, &moved, None, None).expect_err("moved");
-        assert_eq!(err.code(), StatusCode::CONFLICT);
-        // Nothing read, nothing bound; nor are creates and reads.
+        let moved = ReadVersion::Moved {
+            old_object: v("3"),
+            object: v("4"),
+        };
         assert_eq!(
-            to_read_version(&patch, &ReadVersion::Nothing, None, None),
+            bound("PATCH", &moved, None, None, SentBody::Empty).map_err(|e| e.0),
+            Err(StatusCode::CONFLICT)
+        );
+        // Nothing read, nothing bound; nor are creates.
+        assert_eq!(
+            bound("PATCH", &ReadVersion::Nothing, None, None, SentBody::Unread),
             Ok(None)
         );
         assert_eq!(
-            to_read_version(
+            bind_to_read(
                 &info("POST", "/api/v1/namespaces/d/pods"),
-                &at("3"),
+                &at("3", ""),
                 None,
-                None
+                None,
+                SentBody::Empty
             ),
             Ok(None)
         );

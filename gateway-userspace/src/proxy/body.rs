@@ -550,19 +550,12 @@ pub(crate) fn unforced_apply_reveals(headers: &http::HeaderMap, uri: &Uri) -> Op
     if !is_apply(headers) {
         return None;
     }
-    // The API server reads the flag with Go's `strconv.ParseBool`.
-    let mut forces = uri
+    // The API server reads the first `force` (its name form-decoded) the Go way: `0` and
+    // `false` are false, anything else (even empty) is true.
+    let forced = uri
         .query()
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .filter_map(|kv| match kv.split_once('=') {
-            Some(("force", v)) => Some(v),
-            None if kv == "force" => Some(""),
-            _ => None,
-        })
-        .peekable();
-    let forced = forces.peek().is_some()
-        && forces.all(|v| matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True"));
+        .and_then(|q| crate::request::first_query_value(q, "force"))
+        .is_some_and(|v| crate::request::parse_go_bool(&v));
     (!forced).then(|| {
         "chaperone: this request's answer is masked, so a server-side apply must be forced: \
          unforced, its conflict or success would tell whether a value it sets equals one \
@@ -595,10 +588,10 @@ mod tests {
         for refused in [
             "fieldManager=k",
             "fieldManager=k&force=false",
-            "force=&fieldManager=k",
-            "force",
-            "force=yes",
-            "force=true&force=false",
+            "force=FALSE&fieldManager=k",
+            "force=0",
+            "force=false&force=true",
+            "%66orce=false&force=true",
         ] {
             let why = unforced_apply_reveals(&apply, &uri(refused));
             assert!(
@@ -610,6 +603,10 @@ mod tests {
             "fieldManager=k&force=true",
             "force=1",
             "force=True&fieldManager=k",
+            "force",
+            "force=yes",
+            "force=true&force=false",
+            "%66orce=true",
         ] {
             assert_eq!(
                 unforced_apply_reveals(&apply, &uri(forced)),

@@ -11,17 +11,24 @@
 //! as it does for any client whose view is stale, instead of applying a change nobody
 //! judged.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 
 use crate::{
-    policy::{self, Content, Decision, Evaluation, Policy, RequestContext},
+    policy::{self, Action, Content, Decision, Evaluation, Policy, RequestContext},
     request::{RequestInfo, Verb},
 };
 
-use super::{BoxError, Proxy, body, handler::upstream_uri, headers::sanitize_request_headers};
+use super::{
+    BoxError, Proxy, body,
+    handler::{Pending, upstream_uri},
+    headers::sanitize_request_headers,
+    impersonation::Impersonation,
+};
 
 /// Largest fetched object the gateway reads (a dry-run answer or a stored object).
 const MAX_FETCHED_BYTES: usize = 8 * 1024 * 1024;
@@ -45,6 +52,65 @@ pub(super) struct RequestContent<'a> {
     pub(super) no_dry_run: Option<&'a str>,
 }
 
+/// What a content decision reads of a request's body. Borrowed from the inspected body for
+/// the first decision; kept (owned) past it for the binding and, after an approval, a
+/// second decision.
+#[derive(Debug, Default)]
+pub(super) struct ContentBody<'a> {
+    /// The body as forwarded, when read whole.
+    pub(super) forwarded: Option<Cow<'a, Bytes>>,
+    /// The decoded object (create and update send the object itself).
+    object: Option<Cow<'a, Value>>,
+    /// The body was larger than the gateway reads.
+    pub(super) truncated: bool,
+    /// Why the request must not be tried on the API server as a dry run.
+    no_dry_run: Option<&'static str>,
+}
+
+impl<'a> ContentBody<'a> {
+    /// The body of a request as a content decision reads it (nothing for reads, which no
+    /// condition reads the content of).
+    pub(super) fn of(info: &RequestInfo, inspected: Option<&'a body::Inspected>) -> Self {
+        let Some(inspected) = inspected.filter(|_| info.is_mutating()) else {
+            return Self::default();
+        };
+        let no_dry_run = if info.subresource == "proxy" {
+            Some("a proxied request has no dry run: the program it reaches ignores dryRun and acts")
+        } else {
+            // A `test` operation's dry run answers whether a guessed value is the stored
+            // one (422 or not), whatever masking then hides.
+            body::json_patch_reveals(inspected).map(|_| {
+                "a JSON patch that copies, moves or tests values is not tried on the API \
+                 server (its answer could reveal values masking hides)"
+            })
+        };
+        Self {
+            forwarded: inspected.forwarded.as_ref().map(Cow::Borrowed),
+            object: inspected.object.as_ref().map(Cow::Borrowed),
+            truncated: inspected.truncated,
+            no_dry_run,
+        }
+    }
+
+    /// What stays once the inspected body is recorded: nothing when the decision read no
+    /// stored object; the body for the binding; the object too when an approval will be
+    /// followed by a second decision.
+    pub(super) fn kept(self, read: &ReadVersion, action: Action) -> ContentBody<'static> {
+        if *read == ReadVersion::Nothing {
+            return ContentBody::default();
+        }
+        ContentBody {
+            forwarded: self.forwarded.map(|b| Cow::Owned(b.into_owned())),
+            object: self
+                .object
+                .filter(|_| action == Action::Approve)
+                .map(|o| Cow::Owned(o.into_owned())),
+            truncated: self.truncated,
+            no_dry_run: self.no_dry_run,
+        }
+    }
+}
+
 /// A fetched object, or why it could not be.
 enum Fetched {
     Object(Value),
@@ -53,35 +119,55 @@ enum Fetched {
 }
 
 /// The version of the stored object a decision read: the one a patch's dry run was applied
-/// to (the API server answers a dry run with the stored `resourceVersion`), the one read as
-/// `oldObject`, or both.
+/// to (the API server answers a dry run with the stored `resourceVersion` and `uid`), the
+/// one read as `oldObject`, or both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) enum ReadVersion {
     /// The decision read no stored object (or none existed).
     #[default]
     Nothing,
-    /// It read this `resourceVersion`.
-    Version(String),
-    /// The object changed between the two reads (`oldObject`'s version, then the dry
-    /// run's): the decision mixed two versions, and no request can be bound to both.
-    Moved { old_object: String, object: String },
+    /// It read this version.
+    Read(ObjectVersion),
+    /// The object changed between the two reads (`oldObject`, then the dry run): the
+    /// decision mixed two versions, and no request can be bound to both.
+    Moved {
+        old_object: ObjectVersion,
+        object: ObjectVersion,
+    },
+}
+
+/// One version of one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ObjectVersion {
+    pub(super) resource_version: String,
+    /// Empty when the answer had none.
+    pub(super) uid: String,
 }
 
 impl ReadVersion {
     fn of(object: Option<&Fetched>, old_object: Option<&Fetched>) -> Self {
         let version = |fetched: Option<&Fetched>| match fetched {
-            Some(Fetched::Object(v)) => v
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .filter(|rv| !rv.is_empty())
-                .map(str::to_owned),
+            Some(Fetched::Object(v)) => {
+                let text = |field: &str| {
+                    v.pointer(field)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                let resource_version = text("/metadata/resourceVersion");
+                // A dry run that creates (an apply of a missing object) has no version.
+                (!resource_version.is_empty()).then(|| ObjectVersion {
+                    resource_version,
+                    uid: text("/metadata/uid"),
+                })
+            }
             _ => None,
         };
         match (version(object), version(old_object)) {
             (Some(object), Some(old_object)) if object != old_object => {
                 ReadVersion::Moved { old_object, object }
             }
-            (Some(v), _) | (None, Some(v)) => ReadVersion::Version(v),
+            (Some(v), _) | (None, Some(v)) => ReadVersion::Read(v),
             (None, None) => ReadVersion::Nothing,
         }
     }
@@ -117,6 +203,38 @@ fn initial<'a>(info: &RequestInfo, req: &RequestContent<'a>) -> (Content<'a>, Co
 }
 
 impl Proxy {
+    /// The decision on a mutating request under a policy whose conditions read content,
+    /// and the version of the stored object it read.
+    pub(super) async fn decide_by_content(
+        &self,
+        policy: &Policy,
+        base: RequestContext<'_>,
+        pending: &Pending,
+        body: &ContentBody<'_>,
+        as_whom: &Result<Option<Impersonation>, String>,
+    ) -> (Decision, ReadVersion) {
+        let mut extensions = http::Extensions::new();
+        extensions.insert(as_whom.clone().unwrap_or(None));
+        let content = RequestContent {
+            method: pending.method(),
+            uri: pending.uri(),
+            headers: pending.headers(),
+            body: body.forwarded.as_deref(),
+            object: body.object.as_deref(),
+            missing: body
+                .truncated
+                .then_some("the request body is larger than the gateway inspects"),
+            no_dry_run: body.no_dry_run,
+        };
+        let (decision, failed, read) = self
+            .decide_with_content(policy, base, &content, &extensions)
+            .await;
+        if failed {
+            self.metrics.condition_failures.inc();
+        }
+        (decision, read)
+    }
+
     /// Evaluates the policy for a request, fetching the content its conditions read.
     /// Returns the decision, whether a condition failed (for the metric) and the version
     /// of the stored object the decision read.
@@ -278,7 +396,8 @@ fn dry_run_uri(uri: &Uri, apply: bool) -> String {
         .into_iter()
         .flat_map(|q| q.split('&'))
         .filter(|kv| !kv.is_empty())
-        .filter(|kv| !(apply && (*kv == "force" || kv.starts_with("force="))))
+        // Every spelling of `force` (`%66orce=false`): the API server reads the first.
+        .filter(|kv| !(apply && crate::request::is_query_key(kv, "force")))
         .collect();
     if apply {
         query.push("force=true");
@@ -329,31 +448,44 @@ mod tests {
             ),
             "/api/v1/namespaces/d/secrets/s?fieldManager=k&force=true&dryRun=All"
         );
+        assert_eq!(
+            dry_run_uri(
+                &uri("/api/v1/namespaces/d/secrets/s?%66orce=false&force=true&fieldManager=k"),
+                true
+            ),
+            "/api/v1/namespaces/d/secrets/s?fieldManager=k&force=true&dryRun=All",
+            "every spelling of force goes"
+        );
     }
 
     #[test]
     fn the_read_version_is_the_one_both_reads_saw_or_a_move() {
-        let at =
-            |rv: &str| Fetched::Object(serde_json::json!({"metadata": {"resourceVersion": rv}}));
+        let at = |rv: &str, uid: &str| {
+            Fetched::Object(serde_json::json!({"metadata": {"resourceVersion": rv, "uid": uid}}))
+        };
+        let read = |rv: &str, uid: &str| {
+            ReadVersion::Read(ObjectVersion {
+                resource_version: rv.into(),
+                uid: uid.into(),
+            })
+        };
         assert_eq!(ReadVersion::of(None, None), ReadVersion::Nothing);
+        assert_eq!(ReadVersion::of(Some(&at("7", "u")), None), read("7", "u"));
         assert_eq!(
-            ReadVersion::of(Some(&at("7")), None),
-            ReadVersion::Version("7".into())
+            ReadVersion::of(Some(&Fetched::Absent), Some(&at("9", "u"))),
+            read("9", "u")
         );
         assert_eq!(
-            ReadVersion::of(Some(&Fetched::Absent), Some(&at("9"))),
-            ReadVersion::Version("9".into())
+            ReadVersion::of(Some(&at("9", "u")), Some(&at("9", "u"))),
+            read("9", "u")
         );
-        assert_eq!(
-            ReadVersion::of(Some(&at("9")), Some(&at("9"))),
-            ReadVersion::Version("9".into())
-        );
-        assert_eq!(
-            ReadVersion::of(Some(&at("10")), Some(&at("9"))),
-            ReadVersion::Moved {
-                old_object: "9".into(),
-                object: "10".into()
-            }
+        let moved = ReadVersion::of(Some(&at("10", "u")), Some(&at("9", "u")));
+        assert!(matches!(moved, ReadVersion::Moved { .. }), "{moved:?}");
+        // Deleted and created again under the same name between the reads.
+        let recreated = ReadVersion::of(Some(&at("9", "v")), Some(&at("9", "u")));
+        assert!(
+            matches!(recreated, ReadVersion::Moved { .. }),
+            "{recreated:?}"
         );
         // A dry run that creates (an apply of a missing object) has no version yet.
         let created = Fetched::Object(serde_json::json!({"metadata": {"name": "n"}}));

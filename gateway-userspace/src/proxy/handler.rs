@@ -31,10 +31,10 @@ use crate::{
 };
 
 use super::{
-    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS, bind,
+    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
     bodies::{CountingBody, EndOnDrain, MaskedLog, Metered},
     body,
-    content::{ReadVersion, RequestContent},
+    content::{ContentBody, ReadVersion},
     headers::{sanitize_request_headers, strip_hop_by_hop},
     impersonation::impersonation,
     live::{LiveRequest, LiveStop},
@@ -226,7 +226,7 @@ impl Proxy {
         }
         // The body is read (up to the limit) before the decision so that a denied request's
         // object is recorded too. Upgrade requests (exec, attach, port-forward) have none.
-        let (mut pending, mut inspected) = match upgrade::upgrade_protocol(&req) {
+        let (mut pending, inspected) = match upgrade::upgrade_protocol(&req) {
             // An upgrade request carries no body; one that does would reach the backend
             // (a proxied service) uninspected and unrecorded, and one approval would cover
             // any body. Refused, as any other malformed upgrade.
@@ -269,45 +269,22 @@ impl Proxy {
             && matches!(info.subresource.as_str(), "exec" | "attach"))
         .then(|| ExecRequest::from_uri(pending.uri()));
         let dry_run = dry_run(&info, pending.uri(), inspected.as_ref());
-        let (decision, read_version) = {
-            let policy = self.policy.load();
-            let base = RequestContext::new(&info)
+        let judged = ContentBody::of(&info, inspected.as_ref());
+        let base = || {
+            RequestContext::new(&info)
                 .with_workload(&conn.workload)
                 .with_principal(&*principal)
-                .with_exec(exec.as_ref(), dry_run);
+                .with_exec(exec.as_ref(), dry_run)
+        };
+        let (decision, mut read_version) = {
+            let policy = self.policy.load();
             if policy.reads_content() && info.is_mutating() {
                 let policy = arc_swap::Guard::into_inner(policy);
-                let mut extensions = http::Extensions::new();
-                extensions.insert(as_whom.clone().unwrap_or(None));
-                let content = RequestContent {
-                    method: pending.method(),
-                    uri: pending.uri(),
-                    headers: pending.headers(),
-                    body: inspected.as_ref().and_then(|i| i.forwarded.as_ref()),
-                    object: inspected.as_ref().and_then(|i| i.object.as_ref()),
-                    missing: inspected.as_ref().and_then(|i| {
-                        i.truncated
-                            .then_some("the request body is larger than the gateway inspects")
-                    }),
-                    // A `test` operation's dry run answers whether a guessed value is the
-                    // stored one (422 or not), whatever masking then hides.
-                    no_dry_run: inspected
-                        .as_ref()
-                        .and_then(body::json_patch_reveals)
-                        .map(|_| {
-                            "a JSON patch that copies, moves or tests values is not tried on \
-                             the API server (its answer could reveal values masking hides)"
-                        }),
-                };
                 // Rare paths are boxed (here and below) so that the state machine of
                 // every request, allocated and moved on each request, stays small.
-                let (decision, failed, read) =
-                    Box::pin(self.decide_with_content(&policy, base, &content, &extensions)).await;
-                if failed {
-                    self.metrics.condition_failures.inc();
-                }
-                (decision, read)
+                Box::pin(self.decide_by_content(&policy, base(), &pending, &judged, &as_whom)).await
             } else {
+                let base = base();
                 let evaluation = policy::evaluate(&policy, &base);
                 if let policy::Evaluation::ConditionFailed(_) = &evaluation {
                     self.metrics.condition_failures.inc();
@@ -348,27 +325,9 @@ impl Proxy {
                 .and_then(body::json_patch_reveals)
                 .or_else(|| body::unforced_apply_reveals(pending.headers(), pending.uri()))
         });
-        // A write judged by the stored object goes bound to the version that was read
-        // (recorded as it is sent).
-        let unbound = match (&read_version, &mut pending) {
-            (ReadVersion::Nothing, _) => None,
-            _ if decision.action == Action::Deny || patch_refused.is_some() => None,
-            (read, Pending::Plain(req, _)) => {
-                let content_type = req
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok());
-                match bind::to_read_version(&info, read, content_type, inspected.as_ref()) {
-                    Ok(None) => None,
-                    Ok(Some(rewrite)) => {
-                        rebind_body(req, inspected.as_mut(), rewrite);
-                        None
-                    }
-                    Err(status) => Some(status),
-                }
-            }
-            (_, Pending::Upgrade(..)) => None,
-        };
+        // What the content decision read stays for the approval's second look and the
+        // binding (`record_object` takes the inspected body).
+        let judged = judged.kept(&read_version, decision.action);
         if let Some(inspected) = inspected {
             self.record_object(&mut record, inspected);
         }
@@ -381,11 +340,6 @@ impl Proxy {
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
             return self.local_response(forbidden_status(&info, &why), record, &audit_id);
-        }
-        if let Some(status) = unbound {
-            record.outcome = Outcome::Invalid;
-            record.reason = Some(status.message().to_owned());
-            return self.local_response(*status, record, &audit_id);
         }
         let mut decision = decision;
         let approved = decision.action == Action::Approve;
@@ -411,6 +365,19 @@ impl Proxy {
             } else {
                 Action::Allow
             };
+            // A decision that read the stored object is taken again on what is stored now
+            // (the wait was minutes): the request is bound to that version, and denied if
+            // the object changed so that a rule denies it.
+            if read_version != ReadVersion::Nothing {
+                let policy = arc_swap::Guard::into_inner(self.policy.load());
+                let (again, read) =
+                    Box::pin(self.decide_by_content(&policy, base(), &pending, &judged, &as_whom))
+                        .await;
+                read_version = read;
+                if again.action == Action::Deny {
+                    decision = again;
+                }
+            }
         }
         if decision.action == Action::Deny {
             let why = decision.reason();
@@ -419,6 +386,15 @@ impl Proxy {
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());
             return self.local_response(forbidden_status(&info, &why), record, &audit_id);
+        }
+        // A write judged by the stored object goes bound to the version that was read, and
+        // is recorded as it is sent.
+        if read_version != ReadVersion::Nothing
+            && let Err(status) = self.bind(&info, &read_version, &mut pending, &judged, &mut record)
+        {
+            record.outcome = Outcome::Invalid;
+            record.reason = Some(status.message().to_owned());
+            return self.local_response(*status, record, &audit_id);
         }
         match as_whom {
             Ok(as_whom) => {
@@ -966,31 +942,6 @@ pub(super) fn keep_or_insert_audit_id(headers: &mut HeaderMap, audit_id: &str) {
 }
 
 /// The 403 the API server's authorizer would send, carrying Chaperone's reason.
-/// Puts a body bound to the version its decision read in place of the client's.
-fn rebind_body(
-    req: &mut Request<ProxyBody>,
-    inspected: Option<&mut body::Inspected>,
-    rewrite: bind::Rewrite,
-) {
-    let bytes = Bytes::from(rewrite.object.to_string());
-    let headers = req.headers_mut();
-    if let Some(media) = rewrite.content_type {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    *req.body_mut() = Full::new(bytes.clone())
-        .map_err(|never| match never {})
-        .boxed();
-    if let Some(inspected) = inspected {
-        inspected.forwarded = Some(bytes);
-        if inspected.content_type.is_none() {
-            inspected.content_type = rewrite.content_type.map(str::to_owned);
-        }
-        inspected.object = Some(rewrite.object);
-    }
-}
-
 pub(super) fn forbidden_status(info: &RequestInfo, why: &str) -> Status {
     if info.is_resource_request {
         Status::forbidden(

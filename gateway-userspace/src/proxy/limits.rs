@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::ebpf::ConnectionOrigin;
 
-use super::{BoxError, ProxyBody};
+use super::ProxyBody;
 
 /// A share of a connection slot: an upgraded stream outlives its HTTP connection and keeps
 /// counting against the workload's limit until it ends.
@@ -119,7 +119,7 @@ impl Drop for ConnectionSlot {
 /// task, and with it the HTTP/2 connection, twice per request, and armed a fresh timer
 /// each time the connection went quiet.)
 #[derive(Debug)]
-pub(super) struct Activity {
+pub(crate) struct Activity {
     active: AtomicUsize,
     /// When the last request ended, in nanoseconds after `since`.
     last_end: AtomicU64,
@@ -137,7 +137,7 @@ impl Default for Activity {
 }
 
 impl Activity {
-    pub(super) fn begin(self: &Arc<Self>) -> ActiveGuard {
+    pub(crate) fn begin(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
         ActiveGuard(self.clone())
     }
@@ -150,7 +150,7 @@ impl Activity {
     }
 
     /// Resolves once no request has been in progress for `timeout`.
-    pub(super) async fn idle_for(&self, timeout: Duration) {
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
         loop {
             let now = tokio::time::Instant::now();
             let deadline = if self.active.load(Ordering::Acquire) > 0 {
@@ -168,7 +168,7 @@ impl Activity {
 
 /// One request in progress; dropped when its response body is done or abandoned.
 #[derive(Debug)]
-pub(super) struct ActiveGuard(pub(super) Arc<Activity>);
+pub(crate) struct ActiveGuard(Arc<Activity>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -177,19 +177,19 @@ impl Drop for ActiveGuard {
 }
 
 /// A response body that keeps its connection counted as busy.
-pub(super) struct ActiveBody {
-    pub(super) inner: ProxyBody,
-    pub(super) _active: ActiveGuard,
+pub(crate) struct ActiveBody<B = ProxyBody> {
+    pub(crate) inner: B,
+    pub(crate) _active: ActiveGuard,
 }
 
-impl Body for ActiveBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for ActiveBody<B> {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

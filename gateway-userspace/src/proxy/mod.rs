@@ -18,7 +18,7 @@ mod handler;
 mod headers;
 mod held;
 mod impersonation;
-mod limits;
+pub(crate) mod limits;
 mod live;
 pub use live::LiveStreams;
 mod masked;
