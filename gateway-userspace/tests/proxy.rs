@@ -1475,6 +1475,12 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
     )
     .await;
     assert_eq!(code, StatusCode::CONFLICT, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("has been modified") && !m.contains("chaperone")),
+        "the API server's own precondition refused it: {status}"
+    );
     assert_eq!(stored("cfg").expect("cfg")["data"]["mode"], "open");
     let mut unprotect = stored("cfg").expect("cfg");
     unprotect["metadata"]["labels"] = json!({});
@@ -1530,7 +1536,11 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
         cm("cfg", json!({}), json!({"mode": "closed"})).to_string(),
     )
     .await;
-    assert_eq!(code, StatusCode::OK, "an unconditional update: {status}");
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "an update sent without a version: {status}"
+    );
     api.seed(cm("plain", json!({}), json!({}))).expect("seed");
     let (code, status) = call(Method::DELETE, "plain", "", String::new()).await;
     assert_eq!(code, StatusCode::OK, "{status}");

@@ -812,6 +812,9 @@ impl Masker {
         if let Some(Node::Object(metadata)) = field_mut(map, "metadata") {
             metadata.retain(|(key, _)| key != "managedFields");
         }
+        if field(map, "kind").and_then(Node::as_str) == Some("Status") {
+            cut_status_messages(map);
+        }
         let kind = field(map, "kind").and_then(Node::as_str);
         if let Some(rule) = self.secrets {
             let is_secret = kind == Some("Secret")
@@ -1120,6 +1123,29 @@ impl WatchMasker {
             out.push(b'\n');
         }
         Ok(())
+    }
+}
+
+/// What a masked request's error keeps of a message: its first line. The API server
+/// prints the objects a refused update differs in after it (a pod update's refusal shows
+/// the old and new spec, env values included), which no detector reliably finds.
+pub(crate) const WITHHELD: &str =
+    " [the rest is withheld: on a masked request it may quote masked values]";
+
+/// Cuts a `Status`'s `message`, and its causes' messages, at their first line break.
+fn cut_status_messages(map: &mut Fields<'_>) {
+    fn cut(node: Option<&mut Node<'_>>) {
+        if let Some(Node::String(text)) = node
+            && let Some(end) = text.find('\n')
+        {
+            *text = Cow::Owned(format!("{}{WITHHELD}", &text[..end]));
+        }
+    }
+    cut(field_mut(map, "message"));
+    if let Some(Node::Array(causes)) = field_mut(map, "details").and_then(|d| d.get_mut("causes")) {
+        for cause in causes {
+            cut(cause.get_mut("message"));
+        }
     }
 }
 

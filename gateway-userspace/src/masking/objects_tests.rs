@@ -802,3 +802,25 @@ fn masked_answers_carry_no_managed_fields() {
         "{event}"
     );
 }
+
+/// A masked request's error keeps only the first line of its messages: the API server
+/// prints the specs a refused pod update differs in after it, env values included.
+#[test]
+fn a_masked_error_keeps_the_first_line_of_its_messages() {
+    let m = masker();
+    let refusal = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422,
+        "reason": "Invalid",
+        "message": "Pod \"p\" is invalid: spec: Forbidden: pod updates may not change fields\n  core.PodSpec{Env: {Name: \"DB\", Value: \"hunter2\"}}",
+        "details": {"causes": [{"field": "spec", "message": "Forbidden\nValue: hunter2"},
+                               {"field": "metadata.name", "message": "one line"}]}});
+    let (status, _) = masked(&m, SECRETS, refusal);
+    let text = status.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Pod \"p\" is invalid") && m.ends_with(WITHHELD)),
+        "{status}"
+    );
+    assert_eq!(status["details"]["causes"][1]["message"], "one line");
+}

@@ -191,9 +191,13 @@
 //! another version is answered 409 by the gateway, and one whose body cannot carry the
 //! precondition (not read whole, not JSON-shaped) 400. The recording holds the request as it
 //! was sent, precondition included. A request held for approval is judged again on what is
-//! stored when it is approved, and bound to that: a change made while it waited is denied if
-//! a rule now denies it. An apply judged as a create (the object did not exist) cannot be
-//! bound: if the object is created in between, the apply changes it. A server-side apply's
+//! stored when it is approved (also when the first decision found no object), and bound to
+//! that: a change made while it waited is denied if a rule now denies it, and answered 409
+//! if another rule now asks for approval or the masking of its answer changed. A body that
+//! cannot be bound is refused before it is held. An apply judged as a create (the object
+//! did not exist) cannot be bound: if the object is created in between, the apply changes
+//! it. When the API server refuses a dry run, the denial names its reason and the fields its
+//! causes name, not its message, which can quote stored values. A server-side apply's
 //! dry run is sent with `force=true`, so that it shows what the apply would store even where
 //! it would conflict (the real apply, unforced, then stores exactly that or nothing). A
 //! proxied request (`pods/proxy`, `services/proxy`) is never tried as a dry run: the program
@@ -308,7 +312,12 @@
 //! guess. An unforced apply there is refused with 403. Masked answers carry no
 //! `metadata.managedFields` either: a write, or its dry run, that sets a field another
 //! manager owns leaves it co-owned when the value is the same and takes it over when it is
-//! not, which the field ownership in the answer would show.
+//! not, which the field ownership in the answer would show. An error `Status` in a masked
+//! answer keeps the first line of its `message` (and of its causes' messages): the API
+//! server prints the objects a refused update differs in after it, a pod's env values
+//! included. A write's answer (a dry run's too) still shows by its `generation`, and a real
+//! write's by its `resourceVersion`, whether it changed anything: deny writes that set what
+//! a rule masks (the baseline policy denies Secret writes).
 //!
 //! # Approval (`approve`)
 //!

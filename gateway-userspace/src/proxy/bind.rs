@@ -75,6 +75,33 @@ enum BindError {
     Shape(String),
 }
 
+/// Whether `pending` can be bound to `read` (it would be refused otherwise): checked
+/// before a request is held for approval, so that nobody approves what cannot be sent.
+pub(super) fn check(
+    info: &RequestInfo,
+    read: &ReadVersion,
+    pending: &Pending,
+    body: &ContentBody<'_>,
+) -> Result<(), Box<Status>> {
+    let Pending::Plain(req, _) = pending else {
+        return Ok(());
+    };
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    bind_to_read(info, read, req.uri().query(), content_type, sent_body(body)).map(|_| ())
+}
+
+/// The body as [`bind_to_read`] reads it.
+fn sent_body<'b>(body: &'b ContentBody<'_>) -> SentBody<'b> {
+    match &body.forwarded {
+        _ if body.truncated => SentBody::Unread,
+        Some(bytes) if !bytes.is_empty() => SentBody::Whole(bytes),
+        _ => SentBody::Empty,
+    }
+}
+
 impl Proxy {
     /// Binds `pending` to the version its decision read: its body is replaced when it
     /// must carry the precondition, and the recorded request object follows.
@@ -93,11 +120,7 @@ impl Proxy {
                  cannot be bound to the version it read",
             )));
         };
-        let sent = match &body.forwarded {
-            _ if body.truncated => SentBody::Unread,
-            Some(bytes) if !bytes.is_empty() => SentBody::Whole(bytes),
-            _ => SentBody::Empty,
-        };
+        let sent = sent_body(body);
         let content_type = req
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -143,16 +166,23 @@ pub(super) fn bind_to_read(
     body: SentBody<'_>,
 ) -> Result<Option<Rewrite>, Box<Status>> {
     let version = match read {
-        ReadVersion::Nothing => return Ok(None),
+        // Nothing read, or that nothing is stored: no precondition says "must not exist".
+        ReadVersion::Nothing | ReadVersion::Absent => return Ok(None),
         ReadVersion::Read(v) => v,
         ReadVersion::Moved { old_object, object } => {
+            let rv = |v: &Option<ObjectVersion>| {
+                v.as_ref()
+                    .map_or("none", |v| v.resource_version.as_str())
+                    .to_owned()
+            };
             return Err(conflict(
                 info,
                 &format!(
                     "chaperone: the object changed while the policy read it (resourceVersion \
                      {} as oldObject, {} under the dry run), so no decision covers this \
                      request; send it again",
-                    old_object.resource_version, object.resource_version
+                    rv(old_object),
+                    rv(object)
                 ),
             ));
         }
@@ -222,21 +252,43 @@ fn fields(version: &ObjectVersion) -> impl Iterator<Item = (&'static str, &str)>
     .filter(|(_, v)| !v.is_empty())
 }
 
-/// A JSON patch with operations setting the version read appended, as text.
+/// A JSON patch with operations setting the version read appended, as text. Operations of
+/// its own that set the version or uid must set the ones read (they would otherwise be a
+/// precondition the appended ones override).
 fn append_operations(bytes: &[u8], version: &ObjectVersion) -> Result<Vec<u8>, BindError> {
     let shape = || BindError::Shape("its JSON patch is not a list of operations".to_owned());
-    let text = std::str::from_utf8(bytes).map_err(|_| shape())?.trim();
+    let sent: Vec<Value> = serde_json::from_slice(bytes).map_err(|_| shape())?;
+    for op in &sent {
+        for (field, want) in fields(version) {
+            let path = op.get("path").and_then(Value::as_str);
+            if path == Some(&format!("/metadata/{field}"))
+                && let Some(value) = op.get("value")
+                && value.as_str() != Some(want)
+            {
+                return Err(BindError::Names {
+                    field,
+                    named: value
+                        .as_str()
+                        .map_or_else(|| value.to_string(), str::to_owned),
+                });
+            }
+        }
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| shape())?
+        .trim_matches(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
     let inner = text
         .strip_prefix('[')
         .and_then(|t| t.strip_suffix(']'))
         .ok_or_else(shape)?;
+    // An empty list's inner text is whitespace only (it parsed as JSON).
     let ops: Vec<String> = fields(version)
         .map(|(field, value)| {
             json!({"op": "add", "path": format!("/metadata/{field}"), "value": value}).to_string()
         })
         .collect();
     let ops = ops.join(",");
-    Ok(if inner.trim().is_empty() {
+    Ok(if sent.is_empty() {
         format!("[{ops}]")
     } else {
         format!("[{inner},{ops}]")
@@ -410,6 +462,17 @@ mod tests {
                 json!([{"op": "add", "path": "/metadata/resourceVersion", "value": "41"}])
             ))
         );
+        // Its own operation setting another version is a conflict, not overridden.
+        let own = br#"[{"op": "replace", "path": "/metadata/resourceVersion", "value": "40"}]"#;
+        let (code, message) = bound(
+            "PATCH",
+            &at("41", "u-1"),
+            None,
+            Some("application/json-patch+json"),
+            SentBody::Whole(own),
+        )
+        .expect_err("conflict");
+        assert_eq!(code, StatusCode::CONFLICT, "{message}");
         // Merge, strategic and apply patches name them in their metadata.
         for media in [
             "application/merge-patch+json",
@@ -613,8 +676,8 @@ mod tests {
             uid: String::new(),
         };
         let moved = ReadVersion::Moved {
-            old_object: v("3"),
-            object: v("4"),
+            old_object: Some(v("3")),
+            object: None,
         };
         assert_eq!(
             bound("PATCH", &moved, None, None, SentBody::Empty).map_err(|e| e.0),

@@ -123,16 +123,19 @@ enum Fetched {
 /// one read as `oldObject`, or both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) enum ReadVersion {
-    /// The decision read no stored object (or none existed).
+    /// The decision read no content of the stored object.
     #[default]
     Nothing,
+    /// It read that there is no stored object (a create by apply, a missing `oldObject`):
+    /// nothing to bind to, but a held request is decided again when approved.
+    Absent,
     /// It read this version.
     Read(ObjectVersion),
-    /// The object changed between the two reads (`oldObject`, then the dry run): the
-    /// decision mixed two versions, and no request can be bound to both.
+    /// The object changed between the two reads (`oldObject`, then the dry run; `None`:
+    /// there was none): the decision mixed two states, and no request can be bound to both.
     Moved {
-        old_object: ObjectVersion,
-        object: ObjectVersion,
+        old_object: Option<ObjectVersion>,
+        object: Option<ObjectVersion>,
     },
 }
 
@@ -146,6 +149,8 @@ pub(super) struct ObjectVersion {
 
 impl ReadVersion {
     fn of(object: Option<&Fetched>, old_object: Option<&Fetched>) -> Self {
+        // `None`: not read (or the read failed, which denies); `Some(None)`: read, and
+        // there was no stored object (or the dry run created one).
         let version = |fetched: Option<&Fetched>| match fetched {
             Some(Fetched::Object(v)) => {
                 let text = |field: &str| {
@@ -156,19 +161,22 @@ impl ReadVersion {
                 };
                 let resource_version = text("/metadata/resourceVersion");
                 // A dry run that creates (an apply of a missing object) has no version.
-                (!resource_version.is_empty()).then(|| ObjectVersion {
+                Some((!resource_version.is_empty()).then(|| ObjectVersion {
                     resource_version,
                     uid: text("/metadata/uid"),
-                })
+                }))
             }
-            _ => None,
+            Some(Fetched::Absent) => Some(None),
+            Some(Fetched::Failed(_)) | None => None,
         };
         match (version(object), version(old_object)) {
-            (Some(object), Some(old_object)) if object != old_object => {
-                ReadVersion::Moved { old_object, object }
-            }
-            (Some(v), _) | (None, Some(v)) => ReadVersion::Read(v),
             (None, None) => ReadVersion::Nothing,
+            (Some(None), None | Some(None)) | (None, Some(None)) => ReadVersion::Absent,
+            (Some(Some(v)), None) | (None, Some(Some(v))) => ReadVersion::Read(v),
+            (Some(object), Some(old_object)) if object == old_object => {
+                object.map_or(ReadVersion::Absent, ReadVersion::Read)
+            }
+            (Some(object), Some(old_object)) => ReadVersion::Moved { old_object, object },
         }
     }
 }
@@ -306,7 +314,7 @@ impl Proxy {
             Ok((status, v)) if status.is_success() => Fetched::Object(v),
             Ok((status, v)) => Fetched::Failed(format!(
                 "the API server refused a dry run of the request ({status}): {}",
-                status_message(&v)
+                status_summary(&v)
             )),
             Err(why) => Fetched::Failed(format!("the dry run of the request failed: {why}")),
         }
@@ -406,6 +414,32 @@ fn dry_run_uri(uri: &Uri, apply: bool) -> String {
     format!("{}?{}", uri.path(), query.join("&"))
 }
 
+/// A dry run's refusal without its message: the `reason` and the fields its causes name.
+/// The message is the API server's and can quote stored values (a pod update's refusal
+/// prints the old and new spec, env values included), and it would reach the agent in the
+/// denial's reason, past masking.
+fn status_summary(v: &Value) -> String {
+    let reason = v
+        .get("reason")
+        .and_then(Value::as_str)
+        .unwrap_or("no reason");
+    let fields: Vec<&str> = v
+        .pointer("/details/causes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("field").and_then(Value::as_str))
+        .collect();
+    if fields.is_empty() {
+        format!("{reason} (its message is not repeated here: it may quote stored values)")
+    } else {
+        format!(
+            "{reason} at {} (its message is not repeated here: it may quote stored values)",
+            fields.join(", ")
+        )
+    }
+}
+
 /// The `message` of a `Status`, or the status itself.
 fn status_message(v: &Value) -> String {
     v.get("message")
@@ -459,6 +493,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_dry_run_is_summarised_without_its_message() {
+        let refusal = serde_json::json!({"kind": "Status", "reason": "Invalid", "code": 422,
+            "message": "Pod \"p\" is invalid: spec: Forbidden: pod updates may not change fields\n  Env: {Name: PASSWORD, Value: hunter2}",
+            "details": {"causes": [{"field": "spec", "message": "Value: hunter2"}]}});
+        let summary = status_summary(&refusal);
+        assert!(summary.starts_with("Invalid at spec"), "{summary}");
+        assert!(!summary.contains("hunter2"), "{summary}");
+        assert!(status_summary(&serde_json::json!({})).starts_with("no reason"));
+    }
+
+    #[test]
     fn the_read_version_is_the_one_both_reads_saw_or_a_move() {
         let at = |rv: &str, uid: &str| {
             Fetched::Object(serde_json::json!({"metadata": {"resourceVersion": rv, "uid": uid}}))
@@ -471,10 +516,7 @@ mod tests {
         };
         assert_eq!(ReadVersion::of(None, None), ReadVersion::Nothing);
         assert_eq!(ReadVersion::of(Some(&at("7", "u")), None), read("7", "u"));
-        assert_eq!(
-            ReadVersion::of(Some(&Fetched::Absent), Some(&at("9", "u"))),
-            read("9", "u")
-        );
+        assert_eq!(ReadVersion::of(None, Some(&at("9", "u"))), read("9", "u"));
         assert_eq!(
             ReadVersion::of(Some(&at("9", "u")), Some(&at("9", "u"))),
             read("9", "u")
@@ -487,12 +529,22 @@ mod tests {
             matches!(recreated, ReadVersion::Moved { .. }),
             "{recreated:?}"
         );
-        // A dry run that creates (an apply of a missing object) has no version yet.
+        // A dry run that creates (an apply of a missing object) has no version: what was
+        // read is that there is none.
         let created = Fetched::Object(serde_json::json!({"metadata": {"name": "n"}}));
         assert_eq!(
             ReadVersion::of(Some(&created), Some(&Fetched::Absent)),
-            ReadVersion::Nothing
+            ReadVersion::Absent
         );
+        assert_eq!(
+            ReadVersion::of(None, Some(&Fetched::Absent)),
+            ReadVersion::Absent
+        );
+        // ... and when the other read found one, the decision mixed two states.
+        let mixed = ReadVersion::of(Some(&created), Some(&at("9", "u")));
+        assert!(matches!(mixed, ReadVersion::Moved { .. }), "{mixed:?}");
+        let mixed = ReadVersion::of(Some(&at("9", "u")), Some(&Fetched::Absent));
+        assert!(matches!(mixed, ReadVersion::Moved { .. }), "{mixed:?}");
         assert_eq!(
             ReadVersion::of(Some(&Fetched::Failed("x".into())), None),
             ReadVersion::Nothing

@@ -31,7 +31,7 @@ use crate::{
 };
 
 use super::{
-    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS,
+    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS, bind,
     bodies::{CountingBody, EndOnDrain, MaskedLog, Metered},
     body,
     content::{ContentBody, ReadVersion},
@@ -343,6 +343,12 @@ impl Proxy {
         }
         let mut decision = decision;
         let approved = decision.action == Action::Approve;
+        // A body that cannot be bound is refused now, not after a person approved it.
+        if approved && let Err(status) = bind::check(&info, &read_version, &pending, &judged) {
+            record.outcome = Outcome::Invalid;
+            record.reason = Some(status.message().to_owned());
+            return self.local_response(*status, record, &audit_id);
+        }
         if approved {
             let (body, summary) = held_body.unwrap_or_default();
             if let Err(refused) = Box::pin(self.hold_for_approval(
@@ -374,8 +380,39 @@ impl Proxy {
                     Box::pin(self.decide_by_content(&policy, base(), &pending, &judged, &as_whom))
                         .await;
                 read_version = read;
+                // What the approval does not cover: another rule asking for approval, or
+                // masking that now applies (or no longer does); the client sends it again
+                // and it is decided afresh.
+                let changed = match again.action {
+                    Action::Deny => None,
+                    Action::Approve if again.rule != decision.rule => Some(format!(
+                        "now rule {:?} asks for approval",
+                        again.rule.as_deref().unwrap_or("?")
+                    )),
+                    _ if again.masking.is_some() != decision.masking.is_some() => {
+                        Some("what the policy masks in its answer changed".to_owned())
+                    }
+                    _ => None,
+                };
+                if let Some(changed) = changed {
+                    let status = Status::conflict(
+                        &info.api_group,
+                        &info.resource,
+                        &info.name,
+                        &format!(
+                            "chaperone: the object changed while this request waited for \
+                             approval, and {changed}; send it again"
+                        ),
+                    );
+                    record.outcome = Outcome::Invalid;
+                    record.reason = Some(status.message().to_owned());
+                    return self.local_response(status, record, &audit_id);
+                }
                 if again.action == Action::Deny {
+                    record.policy_rule = again.rule.as_deref().map(str::to_owned);
                     decision = again;
+                } else if again.masking.is_some() {
+                    decision.masking = again.masking;
                 }
             }
         }
