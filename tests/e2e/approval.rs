@@ -85,6 +85,18 @@ fn replicas(stack: &Stack) -> i64 {
         .unwrap_or(-1)
 }
 
+/// The sandbox stack with `policy`, the seeded objects and approvals.
+async fn approval_stack(policy: String) -> Stack {
+    Stack::start(StackOptions {
+        policy_yaml: Some(policy),
+        seed: seed(),
+        approval: true,
+        ..Default::default()
+    })
+    .await
+    .expect("start the stack")
+}
+
 /// Starts kubectl in the pod without waiting for it.
 fn spawn_kubectl(stack: &Stack, args: &[&str]) -> tokio::task::JoinHandle<(bool, String)> {
     let (cmd, cache) = kubectl_in_pod(stack, args, &[]);
@@ -120,15 +132,7 @@ async fn risky_requests_wait_for_a_person() {
     if !privileged("risky_requests_wait_for_a_person") {
         return;
     }
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(POLICY.to_owned()),
-        recordings_dir: None,
-        seed: seed(),
-        approval: true,
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = approval_stack(POLICY.to_owned()).await;
 
     // Held, then approved: kubectl prints the normal result, and only then the API server
     // sees the change.
@@ -465,15 +469,7 @@ async fn an_approval_on_another_node_releases_the_held_request() {
         "approval: {approvers: {groups: [sre]}, timeout: 60s}",
         "approval: {approvers: {groups: [\"system:masters\"]}, timeout: 60s}",
     );
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(policy),
-        recordings_dir: None,
-        seed: seed(),
-        approval: true,
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = approval_stack(policy).await;
     let node_b = stack.second_gateway().await.expect("node B");
     let api_b = node_b.approvals_addr().expect("node B's approvals API");
 
@@ -608,14 +604,7 @@ async fn a_request_the_client_abandons_while_held_is_still_recorded() {
     if !privileged("a_request_the_client_abandons_while_held_is_still_recorded") {
         return;
     }
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(POLICY.to_owned()),
-        seed: seed(),
-        approval: true,
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = approval_stack(POLICY.to_owned()).await;
     let (ok, out) = finished(spawn_kubectl(
         &stack,
         &[
@@ -661,14 +650,7 @@ async fn a_held_write_is_judged_again_on_what_is_stored_when_approved() {
     if !privileged("a_held_write_is_judged_again_on_what_is_stored_when_approved") {
         return;
     }
-    let stack = Stack::start(StackOptions {
-        policy_yaml: Some(POLICY.to_owned()),
-        seed: seed(),
-        approval: true,
-        ..Default::default()
-    })
-    .await
-    .expect("start the stack");
+    let stack = approval_stack(POLICY.to_owned()).await;
     let settings = || {
         stack
             .apiserver
