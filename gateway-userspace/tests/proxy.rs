@@ -59,7 +59,8 @@ rules:
   - name: mask-applied
     action: mask
     verbs: ["*"]
-    resources: [configmaps]
+    resources: [configmaps, deployments]
+    apiGroups: ["", apps]
     namespaces: [masked-apply]
 "#;
 
@@ -1584,6 +1585,29 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
     );
     let (code, status) = apply("fieldManager=agent&force=true").await;
     assert!(code.is_success(), "{code}: {status}");
+    // A masked dry-run write's answer has no generation (it would tell whether the write
+    // changes the spec) and no managedFields.
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - name: web\n        image: nginx\n        env:\n        - {name: PASSWORD, value: guess}\n";
+    let resp = send(
+        &c,
+        request(
+            &h,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/masked-apply/deployments/web?fieldManager=agent&force=true&dryRun=All",
+        )
+        .header("content-type", "application/apply-patch+yaml"),
+        Bytes::from(deployment),
+        "dry-run apply",
+    )
+    .await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let answer = body_json(resp).await;
+    assert_eq!(answer["kind"], "Deployment", "{answer}");
+    assert!(answer["metadata"].get("generation").is_none(), "{answer}");
+    assert!(
+        answer["metadata"].get("managedFields").is_none(),
+        "{answer}"
+    );
 
     let (rows, apiserver, _dir) = stop(h).await;
     // The dry runs and reads happened, and the writes went bound.
@@ -1618,6 +1642,6 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
         .iter()
         .filter(|r| r.object_ref.namespace == "masked-apply")
         .collect();
-    assert_eq!(masked_apply.len(), 2);
+    assert_eq!(masked_apply.len(), 3);
     assert_eq!(masked_apply[0].decision, Some(Action::Deny));
 }

@@ -1126,6 +1126,23 @@ impl WatchMasker {
     }
 }
 
+/// A masked dry-run write's answer without `metadata.generation`: the API server bumps it
+/// in the answer when the write would change the spec and not when it would not, so a dry
+/// run setting a guessed value would tell whether it is the masked one. `None` when the
+/// body is not a JSON object (it is sent as masked).
+pub fn without_generation(body: &[u8]) -> Option<Vec<u8>> {
+    let mut node = Node::parse(body).ok()?;
+    let Node::Object(map) = &mut node else {
+        return None;
+    };
+    if let Some(Node::Object(metadata)) = field_mut(map, "metadata") {
+        metadata.retain(|(key, _)| key != "generation");
+    }
+    let mut out = Vec::with_capacity(body.len());
+    node.write(&mut out);
+    Some(out)
+}
+
 /// What a masked request's error keeps of a message: its first line. The API server
 /// prints the objects a refused update differs in after it (a pod update's refusal shows
 /// the old and new spec, env values included), which no detector reliably finds.

@@ -824,3 +824,16 @@ fn a_masked_error_keeps_the_first_line_of_its_messages() {
     );
     assert_eq!(status["details"]["causes"][1]["message"], "one line");
 }
+
+/// A masked dry-run write's answer loses `metadata.generation` and nothing else.
+#[test]
+fn a_dry_run_answer_loses_its_generation_only() {
+    let answer = br#"{"kind":"Deployment","metadata":{"name":"web","generation":2,"labels":{"a":"b"}},"spec":{"replicas":1.50}}"#;
+    let out = without_generation(answer).expect("an object");
+    let out: Value = serde_json::from_slice(&out).expect("JSON");
+    assert!(out["metadata"].get("generation").is_none(), "{out}");
+    assert_eq!(out["metadata"]["labels"]["a"], "b");
+    assert_eq!(out["spec"]["replicas"], 1.5);
+    assert_eq!(without_generation(b"[1]"), None);
+    assert_eq!(without_generation(b"not json"), None);
+}

@@ -315,9 +315,11 @@
 //! not, which the field ownership in the answer would show. An error `Status` in a masked
 //! answer keeps the first line of its `message` (and of its causes' messages): the API
 //! server prints the objects a refused update differs in after it, a pod's env values
-//! included. A write's answer (a dry run's too) still shows by its `generation`, and a real
-//! write's by its `resourceVersion`, whether it changed anything: deny writes that set what
-//! a rule masks (the baseline policy denies Secret writes).
+//! included. A masked dry-run write's answer has no `metadata.generation` either: the API
+//! server bumps it when the write would change the spec. A real write's answer still shows
+//! by its `generation` and `resourceVersion` whether it changed anything (at the cost of
+//! writing the guess): deny writes that set what a rule masks (the baseline policy denies
+//! Secret writes).
 //!
 //! # Approval (`approve`)
 //!

@@ -822,12 +822,18 @@ impl Proxy {
                         resource: &record.object_ref.resource,
                     };
                     response_masked = masker.masks_secrets();
+                    let dry_run_write =
+                        matches!(record.verb, Verb::Create | Verb::Update | Verb::Patch)
+                            && record.request_uri.split_once('?').is_some_and(|(_, q)| {
+                                !crate::request::query_values(q, "dryRun").is_empty()
+                            });
                     match Box::pin(masked::mask_response(
                         &mut parts,
                         body,
                         masker.clone(),
                         target,
                         watch,
+                        dry_run_write,
                         self.metrics.clone(),
                     ))
                     .await

@@ -153,6 +153,7 @@ pub(super) async fn mask_response(
     masker: Arc<Masker>,
     target: Target<'_>,
     watch: bool,
+    dry_run_write: bool,
     metrics: Arc<Metrics>,
 ) -> Result<Masked, String> {
     let kind = body_kind(&parts.headers);
@@ -219,9 +220,14 @@ pub(super) async fn mask_response(
     let masked = if plain.is_empty() {
         Vec::new()
     } else {
-        masker
+        let masked = masker
             .mask_body(target, &plain, &mut report)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if dry_run_write {
+            crate::masking::objects::without_generation(&masked).unwrap_or(masked)
+        } else {
+            masked
+        }
     };
     // Sent uncompressed: the agent is on this node, so compression would cost CPU and
     // latency for bandwidth that is not scarce, and the recording keeps the same bytes.
