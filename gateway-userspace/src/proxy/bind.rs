@@ -252,12 +252,24 @@ fn fields(version: &ObjectVersion) -> impl Iterator<Item = (&'static str, &str)>
     .filter(|(_, v)| !v.is_empty())
 }
 
+/// The most operations the API server takes in one JSON patch (`maxJSONPatchOperations`
+/// in its patch handler); more are refused with 413.
+const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
+
 /// A JSON patch with operations setting the version read appended, as text. Operations of
 /// its own that set the version or uid must set the ones read (they would otherwise be a
 /// precondition the appended ones override).
 fn append_operations(bytes: &[u8], version: &ObjectVersion) -> Result<Vec<u8>, BindError> {
     let shape = || BindError::Shape("its JSON patch is not a list of operations".to_owned());
     let sent: Vec<Value> = serde_json::from_slice(bytes).map_err(|_| shape())?;
+    let added = fields(version).count();
+    if sent.len() + added > MAX_JSON_PATCH_OPERATIONS {
+        return Err(BindError::Shape(format!(
+            "its JSON patch has {} operations, and with the {added} the binding adds it would \
+             pass the API server's limit of {MAX_JSON_PATCH_OPERATIONS}",
+            sent.len()
+        )));
+    }
     for op in &sent {
         for (field, want) in fields(version) {
             let path = op.get("path").and_then(Value::as_str);
@@ -473,6 +485,27 @@ mod tests {
         )
         .expect_err("conflict");
         assert_eq!(code, StatusCode::CONFLICT, "{message}");
+        // The appended operations may not take a patch past the API server's limit, whose
+        // refusal would not say why.
+        let op = r#"{"op": "add", "path": "/metadata/labels/a", "value": "b"}"#;
+        for (count, fits) in [(9_998, true), (9_999, false)] {
+            let many = format!("[{}]", vec![op; count].join(","));
+            let result = bound(
+                "PATCH",
+                &at("41", "u-1"),
+                None,
+                Some("application/json-patch+json"),
+                SentBody::Whole(many.as_bytes()),
+            );
+            match result {
+                Ok(Some(Value::Array(ops))) if fits => assert_eq!(ops.len(), 10_000),
+                Err((code, message)) if !fits => {
+                    assert_eq!(code, StatusCode::BAD_REQUEST, "{message}");
+                    assert!(message.contains("limit of 10000"), "{message}");
+                }
+                other => panic!("{count} operations: {other:?}"),
+            }
+        }
         // Merge, strategic and apply patches name them in their metadata.
         for media in [
             "application/merge-patch+json",
