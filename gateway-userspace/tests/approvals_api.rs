@@ -488,6 +488,62 @@ async fn connections_from_intercepted_pods_are_refused() {
     assert_eq!(code, 200, "{body}");
 }
 
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt as _;
+    let h = Harness::start().await;
+    h.pending("ar-cap", None).await;
+    let addr = h.app.approvals_addr().unwrap();
+    let ca = h.dir.path().join(local::CA_CERT);
+    let tcp_from = |from: &str| {
+        let from: std::net::IpAddr = from.parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(from, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
+    // Whether the server closes a fresh connection at once rather than wait for its
+    // handshake.
+    let closed_at_once = |mut tcp: tokio::net::TcpStream| async move {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    };
+    // One address opens connections and says nothing: 128 are held, the next is closed.
+    let mut held = Vec::new();
+    for _ in 0..128 {
+        held.push(tcp_from("127.0.0.7").await);
+    }
+    assert!(
+        closed_at_once(tcp_from("127.0.0.7").await).await,
+        "a 129th connection from one address was kept open"
+    );
+    // An approver at another address is served meanwhile.
+    let (code, body) = raw_post_from(
+        "127.0.0.8".parse().unwrap(),
+        addr,
+        &ca,
+        "alice",
+        "/v1/accessrequests/ar-cap/approve",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // Closed connections give their slots back.
+    drop(held);
+    let mut reopened = false;
+    for _ in 0..20 {
+        if !closed_at_once(tcp_from("127.0.0.7").await).await {
+            reopened = true;
+            break;
+        }
+    }
+    assert!(reopened, "the address's slots were not given back");
+}
+
 /// A TLS POST to the approvals API from source address `from`.
 async fn raw_post_from(
     from: std::net::IpAddr,

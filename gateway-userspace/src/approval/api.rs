@@ -32,9 +32,10 @@
 #![allow(clippy::result_large_err)]
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
-    sync::Arc,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -104,6 +105,10 @@ const MAX_CONNECTIONS: usize = 512;
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Connections from intercepted pods served at once (each only ever gets a 403).
 const MAX_AGENT_CONNECTIONS: usize = 16;
+/// Connections served at once from one address, so one peer opening connections faster
+/// than they time out cannot take every slot (approvers who come through `kubectl
+/// port-forward` share the node's loopback address, and this leaves them plenty).
+const MAX_CONNECTIONS_PER_PEER: usize = 128;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -143,6 +148,59 @@ pub struct ApiSettings {
     /// pings), cannot hold the [`MAX_CONNECTIONS`] slots approvers need. A watch is a call
     /// in progress; a client opens a new connection when it needs one.
     pub idle_timeout: Duration,
+}
+
+/// Connections open per peer address, each held by a [`PeerSlot`].
+struct PeerSlots {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    limit: usize,
+}
+
+/// One open connection from an address; released when dropped.
+struct PeerSlot {
+    slots: Arc<PeerSlots>,
+    ip: IpAddr,
+}
+
+impl PeerSlots {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            open: Mutex::new(HashMap::new()),
+            limit,
+        })
+    }
+
+    /// A slot for one more connection from `ip`, unless it has `limit` open already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The approvals API server.
@@ -668,6 +726,7 @@ impl ApprovalApi {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let agent_permits = Arc::new(tokio::sync::Semaphore::new(MAX_AGENT_CONNECTIONS));
+        let peers = PeerSlots::new(MAX_CONNECTIONS_PER_PEER);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = drain.signaled() => return,
@@ -689,6 +748,10 @@ impl ApprovalApi {
             let pool = match self.intercepted_peer(peer, local) {
                 Some(Refusal::Intercepted(_)) => &agent_permits,
                 _ => &permits,
+            };
+            let Some(peer_slot) = peers.take(peer.ip()) else {
+                tracing::warn!(%peer, "approvals API connection refused: too many open from this address");
+                continue;
             };
             let Ok(permit) = pool.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "approvals API connection refused: too many open");
@@ -748,7 +811,7 @@ impl ApprovalApi {
                     .keep_alive_timeout(HEADER_READ_TIMEOUT);
                 let connection = builder.serve_connection(TokioIo::new(tls), service);
                 tokio::pin!(connection);
-                let _permit = permit;
+                let _permits = (permit, peer_slot);
                 // Open connections (a watch, keep-alive) end with the gateway.
                 tokio::select! {
                     _ = connection.as_mut() => return,
