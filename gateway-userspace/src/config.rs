@@ -183,6 +183,8 @@ impl Default for AdminConfig {
 
 /// The shortest `interception.failOpenAfter`: three missed heartbeats.
 const MIN_FAIL_OPEN_AFTER: Duration = Duration::from_secs(3);
+/// The shortest `identity.cgroupRescanInterval`.
+const MIN_CGROUP_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Default port of the admin endpoint.
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
@@ -936,6 +938,32 @@ impl Config {
                 "must be at least 1".to_owned(),
             ));
         }
+        if self
+            .recording
+            .upload
+            .as_ref()
+            .is_some_and(|u| u.every.is_zero())
+        {
+            return Err(invalid(
+                "recording.upload.every",
+                "must be longer than 0s".to_owned(),
+            ));
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            return Err(invalid(
+                "upstream.connectTimeout",
+                "must be longer than 0s (every connection to the API server would time out)"
+                    .to_owned(),
+            ));
+        }
+        if self.identity.cgroup_rescan_interval < MIN_CGROUP_RESCAN_INTERVAL {
+            return Err(invalid(
+                "identity.cgroupRescanInterval",
+                format!(
+                    "must be at least {MIN_CGROUP_RESCAN_INTERVAL:?}: it bounds how often connections from unknown cgroups make the gateway walk the cgroup tree"
+                ),
+            ));
+        }
         self.limits
             .validate()
             .map_err(|(path, message)| invalid(path, message))?;
@@ -1090,6 +1118,41 @@ mod tests {
         );
         let local = none.replace("169.254.10.1:15443", "127.0.0.1:15443");
         assert!(Config::from_yaml(&local, "c.yaml").is_ok());
+    }
+
+    /// Durations that parse but would break a part of the gateway (every connect timing
+    /// out, the cgroup rescan guard off, an upload loop without a pause).
+    #[test]
+    fn durations_that_break_a_part_are_refused() {
+        let (_dir, yaml) = fixture();
+        for (from, to, path) in [
+            (
+                "connectTimeout: 250ms",
+                "connectTimeout: 0s",
+                "upstream.connectTimeout",
+            ),
+            (
+                "policy: allowAll\n",
+                "policy: allowAll\nidentity:\n  cgroupRescanInterval: 10ms\n",
+                "identity.cgroupRescanInterval",
+            ),
+            (
+                "maxFileAge: 1m 30s\n",
+                "maxFileAge: 1m 30s\n  upload:\n    bucket: b\n    every: 0s\n",
+                "recording.upload.every",
+            ),
+        ] {
+            assert!(yaml.contains(from), "{from}");
+            let bad = yaml.replace(from, to);
+            let err = Config::from_yaml(&bad, "c.yaml").unwrap_err().to_string();
+            assert!(err.contains(path), "{to}: {err}");
+        }
+        // Five minutes between uploads is fine (its backoff once panicked on it).
+        let upload = yaml.replace(
+            "maxFileAge: 1m 30s\n",
+            "maxFileAge: 1m 30s\n  upload:\n    bucket: b\n    every: 5m\n",
+        );
+        assert!(Config::from_yaml(&upload, "c.yaml").is_ok());
     }
 
     /// A fixed impersonation is checked at load: every request would otherwise be refused

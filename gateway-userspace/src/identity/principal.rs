@@ -482,6 +482,7 @@ fn instant_of(exp: u64) -> Option<Instant> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()?
         .as_secs();
-    // exp may lie up to CLOCK_SKEW in the past for a token that verified.
-    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)))
+    // exp may lie up to CLOCK_SKEW in the past for a token that verified; one absurdly
+    // far ahead (a signed token may say anything) is as if it had none.
+    Instant::now().checked_add(Duration::from_secs(exp.saturating_sub(now)))
 }

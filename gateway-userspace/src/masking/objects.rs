@@ -369,6 +369,9 @@ impl PartialEq for Masker {
 
 impl Eq for Masker {}
 
+/// The largest `maxResponseBytes` and `maxWatchEventBytes` a policy may set.
+const MAX_MASKED_BYTES: u64 = 1 << 30;
+
 /// Validates the top-level settings and returns the response bounds they set.
 pub fn compile_limits(top: &MaskingSpec) -> Result<MaskLimits, SpecError> {
     let mut limits = MaskLimits::default();
@@ -389,6 +392,15 @@ pub fn compile_limits(top: &MaskingSpec) -> Result<MaskLimits, SpecError> {
                 return Err(spec_error(
                     vec![SpecPathPart::Key(key)],
                     format!("{v} is too small to hold a Kubernetes object; give at least 1024"),
+                ));
+            }
+            // A masked answer is held whole in memory.
+            if v > MAX_MASKED_BYTES {
+                return Err(spec_error(
+                    vec![SpecPathPart::Key(key)],
+                    format!(
+                        "{v} is more than a gateway should hold in memory for one answer; give at most {MAX_MASKED_BYTES} (1 GiB)"
+                    ),
                 ));
             }
             *slot = v;

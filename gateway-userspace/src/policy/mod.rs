@@ -267,7 +267,8 @@
 //! A mask rule's settings are the top-level `masking` with the rule's own `masking` over
 //! it: `secrets`, `envNames` and `detectors` set in the rule replace the top level's;
 //! `paths` add to them. When several mask rules apply, everything any of them asks for is
-//! masked. `maxResponseBytes` and `maxWatchEventBytes` belong to the top level only;
+//! masked. `maxResponseBytes` and `maxWatchEventBytes` belong to the top level only and
+//! lie between 1024 bytes and 1 GiB (a masked answer is held whole in memory);
 //! `masking` on an allow or deny rule and `message` on a mask rule are errors.
 //!
 //! Masking applies to every JSON object the agent reads (get, list, `Table`, watch, and

@@ -607,7 +607,10 @@ impl SpdyDecoder {
 
     /// Inflates one header block with the session's shared zlib context and parses it.
     fn headers(&mut self, compressed: &[u8]) -> Result<SpdyHeaders, FrameError> {
-        let mut plain: Vec<u8> = Vec::with_capacity(compressed.len() * 4 + 64);
+        // Sized for the usual ratio, never beyond the bound checked below: a large frame
+        // must not reserve memory before it is known to inflate within it.
+        let mut plain: Vec<u8> =
+            Vec::with_capacity((compressed.len() * 4 + 64).min(MAX_HEADER_BLOCK + 1024));
         let mut input = compressed;
         loop {
             if plain.capacity() - plain.len() < 256 {

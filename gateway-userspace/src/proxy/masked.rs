@@ -269,7 +269,7 @@ async fn collect(mut body: ProxyBody, limit: u64) -> Result<Vec<u8>, String> {
 pub(super) fn gunzip(raw: &[u8], limit: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     flate2::read::MultiGzDecoder::new(raw)
-        .take(limit + 1)
+        .take(limit.saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| format!("the gzip response could not be decompressed: {e}"))?;
     if out.len() as u64 > limit {

@@ -215,18 +215,26 @@ pub struct StreamStats {
     pub decode_error: Option<String>,
     /// Credentials masked in the output sent to the client.
     pub masked_values: u64,
+    /// Where each channel and direction is in `payload_bytes`: a client can open many
+    /// streams (SPDY ids, port-forward ports), and a scan per frame would grow with them.
+    payload_index: std::collections::HashMap<(String, Direction), usize>,
 }
 
 impl StreamStats {
     fn add_payload(&mut self, channel: &StreamChannel, dir: Direction, n: usize) {
-        let name = channel.name();
-        match self
-            .payload_bytes
-            .iter_mut()
-            .find(|(c, d, _)| *c == name && *d == dir)
-        {
-            Some((_, _, total)) => *total += n as u64,
-            None => self.payload_bytes.push((name, dir, n as u64)),
+        // Streams the tap does not know share one total, however many ids a client uses.
+        let name = match channel {
+            StreamChannel::Unknown(_) => "unknown".to_owned(),
+            known => known.name(),
+        };
+        match self.payload_index.entry((name, dir)) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                self.payload_bytes[*at.get()].2 += n as u64;
+            }
+            std::collections::hash_map::Entry::Vacant(at) => {
+                self.payload_bytes.push((at.key().0.clone(), dir, n as u64));
+                at.insert(self.payload_bytes.len() - 1);
+            }
         }
     }
 

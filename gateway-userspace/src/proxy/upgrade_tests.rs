@@ -307,6 +307,25 @@ fn spdy_streams_are_attributed_by_streamtype_across_directions() {
 }
 
 #[test]
+fn data_on_streams_never_opened_share_one_total() {
+    // Every DATA frame on a new id: the totals stay one entry, not one per id.
+    let mut tap = StreamTap::new("a3u", TapFraming::Spdy, None);
+    let flood: Vec<u8> = (1..=5_000u32)
+        .flat_map(|id| SpdyEncoder::data(id * 2 + 1, b"x", false))
+        .collect();
+    tap.feed(Direction::ToServer, &flood);
+    assert_eq!(tap.stats().decode_error, None);
+    assert_eq!(tap.stats().frames_to_server, 5_000);
+    assert_eq!(
+        tap.stats().payload_bytes.len(),
+        1,
+        "{:?}",
+        &tap.stats().payload_bytes[..3]
+    );
+    assert_eq!(tap.stats().payload("unknown", Direction::ToServer), 5_000);
+}
+
+#[test]
 fn spdy_inside_websocket_tunnel_is_decoded_across_messages() {
     let sink = Arc::new(Recording::default());
     let mut tap = StreamTap::new("a4", TapFraming::WebSocketSpdyTunnel, Some(sink.clone()));

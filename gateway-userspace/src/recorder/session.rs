@@ -16,6 +16,7 @@
 //! are counted, not stored, and one `truncated` row marks the point. Port-forward
 //! sessions store no payload at all, only byte counts per stream and direction.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::exec_frames::{ExecFrameRecord, FrameEventKind, exit_code_of};
@@ -30,6 +31,10 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 pub const CHUNK_AGE: Duration = Duration::from_millis(200);
 /// Rows a session may hold while the recorder's queue is full; past it the stream ends.
 pub const MAX_WAITING_BYTES: usize = 8 * 1024 * 1024;
+/// What a row costs in memory besides its payload (the record and its strings), counted
+/// toward [`CHUNK_BYTES`] and [`MAX_WAITING_BYTES`]: a flood of empty frames, a row each,
+/// must reach the bound too.
+const ROW_OVERHEAD: usize = 256;
 
 /// What kind of session is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +66,11 @@ pub struct SessionRecorder {
     chunk_started: Option<Instant>,
     waiting: Vec<ExecFrameRecord>,
     waiting_bytes: usize,
-    /// Port-forward totals per (stream, direction).
+    /// Port-forward totals per (stream, direction), in the order first seen.
     counts: Vec<(String, &'static str, u64)>,
+    /// Where each stream is in `counts`, to the server and to the client (a port-forward
+    /// can use many ports, and a scan per frame would grow with them).
+    count_index: [HashMap<String, usize>; 2],
     failed: Option<String>,
 }
 
@@ -106,6 +114,7 @@ impl SessionRecorder {
             waiting: Vec::new(),
             waiting_bytes: 0,
             counts: Vec::new(),
+            count_index: Default::default(),
             failed: None,
         }
     }
@@ -159,15 +168,14 @@ impl SessionRecorder {
         self.frames += 1;
         self.relayed += payload.len() as u64;
         if self.kind == SessionKind::PortForward {
-            match self
-                .counts
-                .iter_mut()
-                .find(|(s, d, _)| s == stream && *d == direction)
-            {
-                Some((_, _, total)) => *total += payload.len() as u64,
-                None => self
-                    .counts
-                    .push((stream.to_owned(), direction, payload.len() as u64)),
+            let index = &mut self.count_index[usize::from(direction == "to_client")];
+            match index.get(stream) {
+                Some(&at) => self.counts[at].2 += payload.len() as u64,
+                None => {
+                    index.insert(stream.to_owned(), self.counts.len());
+                    self.counts
+                        .push((stream.to_owned(), direction, payload.len() as u64));
+                }
             }
             return Ok(());
         }
@@ -218,7 +226,7 @@ impl SessionRecorder {
             self.chunk.reserve(CHUNK_ROWS.min(64));
         }
         self.chunk.push(row);
-        self.chunk_bytes += bytes;
+        self.chunk_bytes += bytes + ROW_OVERHEAD;
     }
 
     /// Offers the chunk (and rows still waiting) to the recorder when it is due.

@@ -224,6 +224,32 @@ fn a_full_queue_ends_the_session_once_the_bound_is_reached() {
     );
 }
 
+#[test]
+fn a_flood_of_empty_frames_reaches_the_bound_too() {
+    // Each empty frame is a row (an empty stdin frame means something); rows cost memory
+    // whatever their payload.
+    let (queue, _rows) = mpsc::channel(1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let handle = RecorderHandle {
+        queue,
+        shared: Arc::default(),
+        wal: None,
+        replayed: 0,
+        max_session_bytes: u64::MAX,
+        runtime: runtime.handle().clone(),
+    };
+    let mut session = handle.session("s-empty", SessionKind::Exec);
+    let failed_at = (0..1_000_000)
+        .find(|_| session.frame("to_server", "stdin", b"").is_err())
+        .unwrap_or_else(|| panic!("a million empty frames were held"));
+    assert!(
+        failed_at * ROW_OVERHEAD <= MAX_WAITING_BYTES + CHUNK_BYTES + ROW_OVERHEAD,
+        "rows held before failing are bounded: {failed_at}"
+    );
+}
+
 #[tokio::test]
 async fn a_stopped_recorder_ends_the_session() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));

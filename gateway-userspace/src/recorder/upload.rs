@@ -290,7 +290,7 @@ impl Uploader {
                 Err(error) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, bucket = %self.settings.bucket, "upload round failed; retrying later");
-                    (wait * 2).clamp(self.settings.every, MAX_BACKOFF)
+                    backoff(wait, self.settings.every)
                 }
             };
         }
@@ -530,11 +530,32 @@ fn manifest_extends(remote: &[u8], local: &[u8]) -> bool {
     local.starts_with(complete)
 }
 
+/// The pause after a failed round: twice the last one, at most [`MAX_BACKOFF`], but never
+/// shorter than the configured interval (which may be longer than `MAX_BACKOFF`).
+fn backoff(last: Duration, every: Duration) -> Duration {
+    (last * 2).min(MAX_BACKOFF).max(every)
+}
+
 #[cfg(test)]
 mod tests {
     use sha2::{Digest as _, Sha256};
 
-    use super::{manifest_extends, starts_with_uploaded};
+    use std::time::Duration;
+
+    use super::{backoff, manifest_extends, starts_with_uploaded};
+
+    #[test]
+    fn a_failed_round_backs_off_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(30), s(30)), s(60));
+        assert_eq!(backoff(s(60), s(30)), s(60));
+        // An interval above the cap is kept, not a panic of `clamp` (min above max).
+        assert_eq!(backoff(s(300), s(300)), s(300));
+        assert_eq!(
+            backoff(Duration::ZERO, Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
+    }
 
     #[test]
     fn a_manifest_uploaded_by_this_process_must_still_start_the_local_one() {
