@@ -83,6 +83,11 @@ pub struct Metrics {
     pub approval_notifications_dropped: Counter,
     /// Notifications not delivered after every attempt.
     pub approval_notifications_failed: Counter,
+    /// Failures to learn the API server's addresses (DNS, the Service and EndpointSlice
+    /// watches) or to write them into the kernel's target maps.
+    pub redirect_target_errors: Counter,
+    /// Pod watch errors (the store keeps serving what it has).
+    pub pod_watch_errors: Counter,
 }
 
 impl Metrics {
@@ -170,6 +175,18 @@ impl Metrics {
             "AccessRequest notifications not delivered after every retry",
             approval_notifications_failed.clone(),
         );
+        let redirect_target_errors = Counter::default();
+        registry.register(
+            "redirect_target_errors",
+            "Failures to learn the API server's addresses (DNS, the kubernetes Service and EndpointSlice watches) or to write them into the kernel's maps; the last addresses learnt stay redirected",
+            redirect_target_errors.clone(),
+        );
+        let pod_watch_errors = Counter::default();
+        registry.register(
+            "pod_watch_errors",
+            "Errors of the watch on this node's pods; until it recovers, new pods are not named",
+            pod_watch_errors.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -191,6 +208,8 @@ impl Metrics {
             approval_decisions,
             approval_notifications_dropped,
             approval_notifications_failed,
+            redirect_target_errors,
+            pod_watch_errors,
         })
     }
 

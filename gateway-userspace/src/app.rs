@@ -318,7 +318,8 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     tokio::spawn(credential.refresh_loop(CREDENTIAL_REFRESH, proxy_watch.clone()));
     tokio::spawn(serving_cert.renewal_loop(CERT_RENEWAL_CHECK, proxy_watch.clone()));
     if let (true, Some(client)) = (cfg.identity.watch_pods, kube_client.clone()) {
-        let source = KubePodSource::new(client, node.clone());
+        let source = KubePodSource::new(client, node.clone())
+            .counting_errors_in(metrics.pod_watch_errors.clone());
         let store = identity.pods().clone();
         let drain = proxy_watch.clone();
         tokio::spawn(async move {
@@ -341,6 +342,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             client: kube_client
                 .clone()
                 .filter(|_| cfg.interception.discover_kubernetes_service),
+            errors: metrics.redirect_target_errors.clone(),
         };
         tokio::spawn(crate::k8s::target_loop(
             sources,

@@ -284,6 +284,7 @@ pub trait PodSource: Send + 'static {
 pub struct KubePodSource {
     client: kube::Client,
     node: String,
+    errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for KubePodSource {
@@ -300,7 +301,17 @@ impl KubePodSource {
         Self {
             client,
             node: node.into(),
+            errors: Default::default(),
         }
+    }
+
+    /// Counts the watch's errors in `errors` (`chaperone_pod_watch_errors`).
+    pub fn counting_errors_in(
+        mut self,
+        errors: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        self.errors = errors;
+        self
     }
 
     /// The watcher configuration (exposed for tests).
@@ -335,7 +346,10 @@ impl PodSource for KubePodSource {
                 Ok(watcher::Event::Apply(pod)) => store.apply(&pod),
                 Ok(watcher::Event::Delete(pod)) => store.delete(&pod),
                 // The watcher retries with backoff; the store keeps serving what it has.
-                Err(e) => tracing::warn!(node = %self.node, error = %e, "pod watch error"),
+                Err(e) => {
+                    self.errors.inc();
+                    tracing::warn!(node = %self.node, error = %e, "pod watch error");
+                }
             }
         }
         Err(IdentityError::PodWatchEnded {

@@ -461,10 +461,17 @@ fn bad_settings_name_the_field() {
     let err = compile_limits(&spec).unwrap_err();
     assert!(err.message.contains("too small"), "{}", err.message);
     // A masked answer is held whole: no bound past 1 GiB (u64::MAX once wrapped to 0).
-    for huge in ["maxResponseBytes: 18446744073709551615", "maxWatchEventBytes: 1073741825"] {
+    for huge in [
+        "maxResponseBytes: 18446744073709551615",
+        "maxWatchEventBytes: 1073741825",
+    ] {
         let spec: MaskingSpec = serde_norway::from_str(huge).unwrap();
         let err = compile_limits(&spec).unwrap_err();
-        assert!(err.message.contains("at most 1073741824"), "{huge}: {}", err.message);
+        assert!(
+            err.message.contains("at most 1073741824"),
+            "{huge}: {}",
+            err.message
+        );
     }
     let spec: MaskingSpec = serde_norway::from_str("maxResponseBytes: 1073741824").unwrap();
     assert_eq!(compile_limits(&spec).unwrap().max_response_bytes, 1 << 30);
