@@ -103,6 +103,8 @@ pub struct Stack {
     pub gateway_token: String,
     /// The token the pod presents (never valid upstream).
     pub pod_token: String,
+    /// The Pod object the sandbox stands for (as the pod watch would list it).
+    pub pod_object: k8s_openapi::api::core::v1::Pod,
     dir: tempfile::TempDir,
     recordings: PathBuf,
     seal_key: Option<gateway_userspace::approval::seal::SealKey>,
@@ -290,9 +292,8 @@ impl Stack {
         write(&config_file, &yaml)?;
         let config = Config::load(&config_file)?;
         let app = app::build(config).await?;
-        app.identity()
-            .pods()
-            .apply(&sandbox_pod_object(&pod_uid, &container_id, pod.pod_ip())?);
+        let pod_object = sandbox_pod_object(&pod_uid, &container_id, pod.pod_ip())?;
+        app.identity().pods().apply(&pod_object);
 
         // What an in-cluster agent sees: the API server's virtual address, the cluster CA
         // it already trusts, and its own (useless upstream) token.
@@ -310,6 +311,7 @@ impl Stack {
             pod,
             gateway_token,
             pod_token,
+            pod_object,
             dir,
             recordings,
             seal_key: approval.map(|(_, key)| key),
@@ -501,6 +503,7 @@ impl Stack {
             pod,
             gateway_token,
             pod_token,
+            pod_object: _,
             dir,
             recordings,
             seal_key: _,

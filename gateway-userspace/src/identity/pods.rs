@@ -163,6 +163,10 @@ pub struct PodStore {
     // Set once a first complete list has been applied; lookups before that are not misses
     // worth alarming about.
     synced: Arc<std::sync::atomic::AtomicBool>,
+    // Set when a watch feeds the store, so a list is to come.
+    watched: Arc<std::sync::atomic::AtomicBool>,
+    // Woken on every change, for connections waiting to name their pod.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl PodStore {
@@ -187,6 +191,7 @@ impl PodStore {
             return;
         };
         self.write().insert(info);
+        self.changed.notify_waiters();
     }
 
     /// Removes a pod.
@@ -205,6 +210,7 @@ impl PodStore {
         *self.write() = fresh;
         self.synced
             .store(true, std::sync::atomic::Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     /// Whether a complete list has been applied.
@@ -263,6 +269,39 @@ impl PodStore {
         self.index
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Says that a watch feeds this store: until its first list arrives
+    /// ([`PodStore::awaits_list`]), a pod missing from it may just not be listed yet.
+    pub fn expect_list(&self) {
+        self.watched
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a watch feeds this store and its first complete list has not arrived.
+    pub fn awaits_list(&self) -> bool {
+        self.watched.load(std::sync::atomic::Ordering::Acquire) && !self.is_synced()
+    }
+
+    /// Whether a watch feeds this store.
+    pub fn is_watched(&self) -> bool {
+        self.watched.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits up to `wait`, rechecking on every change of the store, until `ready` holds;
+    /// returns whether it does.
+    pub async fn wait_until(&self, ready: impl Fn() -> bool, wait: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so a change in between is not missed.
+            let changed = self.changed.notified();
+            if ready() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return ready();
+            }
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
@@ -327,6 +366,7 @@ impl PodSource for KubePodSource {
         let mut events = watcher(api, Self::watcher_config(&self.node))
             .default_backoff()
             .boxed();
+        store.expect_list();
         let mut relist: Option<Vec<Pod>> = None;
         while let Some(event) = events.next().await {
             match event {
@@ -573,6 +613,31 @@ mod tests {
             (pod.name.as_str(), container.as_deref()),
             ("p", Some("app"))
         );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_pod_ends_when_the_list_names_it_or_at_the_deadline() {
+        use std::time::Duration;
+        let store = PodStore::new();
+        assert!(!store.awaits_list(), "no watch: nothing to wait for");
+        store.expect_list();
+        assert!(store.awaits_list());
+        let known = |s: &PodStore| s.is_synced() && s.by_uid(UID).is_some();
+        // Nothing comes: false at the deadline.
+        let started = tokio::time::Instant::now();
+        assert!(!store.wait_until(|| known(&store), Duration::from_millis(200)).await);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // The list comes while it waits: true at once, long before the deadline.
+        let listing = store.clone();
+        let list = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            listing.resync(&[pod("ns", "p", UID, "sa", &[])]);
+        });
+        let started = tokio::time::Instant::now();
+        assert!(store.wait_until(|| known(&store), Duration::from_secs(30)).await);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        list.await.unwrap();
+        assert!(!store.awaits_list());
     }
 
     #[test]

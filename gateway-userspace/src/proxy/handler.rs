@@ -31,7 +31,8 @@ use crate::{
 };
 
 use super::{
-    BoxError, ConnectionInfo, Proxy, ProxyBody, RECORDING_RETRY_AFTER_SECONDS, bind,
+    BoxError, ConnectionInfo, IDENTITY_RETRY_AFTER_SECONDS, Proxy, ProxyBody,
+    RECORDING_RETRY_AFTER_SECONDS, bind,
     bodies::{CountingBody, EndOnDrain, MaskedLog, Metered},
     body,
     content::{ContentBody, ReadVersion},
@@ -197,6 +198,24 @@ impl Proxy {
             record.outcome = Outcome::Denied;
             record.reason = Some(why);
             return self.local_response(status, record, &audit_id);
+        }
+        // Fail closed: a pod that cannot be named yet is not decided as an unknown
+        // workload (rules for its workload would not apply); it is asked to come back.
+        if let Some(close) = &conn.identity_pending {
+            close.notify_one();
+            let why = "chaperone: this node's pods are not listed yet (the gateway's pod \
+                       watch has not synced), so the workload behind this connection cannot \
+                       be named and no policy decision is possible; the connection closes, \
+                       retry"
+                .to_owned();
+            record.decision = Some(Action::Deny);
+            record.outcome = Outcome::Denied;
+            record.reason = Some(why.clone());
+            return self.local_response(
+                Status::service_unavailable(why, IDENTITY_RETRY_AFTER_SECONDS),
+                record,
+                &audit_id,
+            );
         }
         if let Some(h) = req
             .headers()

@@ -69,9 +69,14 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// What a request refused while recording is down tells the client to wait before retrying
 /// (the recorder probes the disk every second).
 const RECORDING_RETRY_AFTER_SECONDS: u32 = 1;
+/// What a request refused because its pod cannot be named yet tells the client to wait.
+const IDENTITY_RETRY_AFTER_SECONDS: u32 = 1;
 /// How long a connection closed for idleness gets to say goodbye (HTTP/2 GOAWAY) before it
 /// is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a new connection from a pod the pod store does not know yet waits for it
+/// (the gateway's first list after a start, or a watch event a moment late).
+const IDENTITY_WAIT: Duration = Duration::from_secs(5);
 /// How long an idle upstream connection is kept for the next request.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -183,6 +188,10 @@ pub struct ConnectionInfo {
     record: ConnectionRecord,
     /// The last token presented on the connection and its principal.
     tokens: crate::identity::principal::TokenMemo,
+    /// Set when the workload could not be named because this node's pods are not listed
+    /// yet: every request is refused (503), and notifying it closes the connection, so the
+    /// client's next one is named afresh.
+    identity_pending: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -366,6 +375,7 @@ impl Proxy {
                 slot: Some(SlotHold {
                     _slot: Arc::new(slot),
                 }),
+                identity_pending: None,
             });
             let proxy = self.clone();
             let acceptor = acceptor.clone();
@@ -411,9 +421,18 @@ impl Proxy {
         self: Arc<Self>,
         tcp: TcpStream,
         acceptor: TlsAcceptor,
-        conn_info: Arc<ConnectionInfo>,
+        mut conn_info: Arc<ConnectionInfo>,
     ) {
+        if let Some(settled) = Arc::get_mut(&mut conn_info)
+            && !self.settle_identity(settled).await
+            && let Some(origin) = &conn_info.origin
+        {
+            // Named now, and out of scope: its bytes pass untouched.
+            relay_l4(tcp, origin.original_dst).await;
+            return;
+        }
         let peer = conn_info.peer;
+        let pending = conn_info.identity_pending.clone();
         let limits = &self.limits;
         let tls =
             match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
@@ -489,6 +508,13 @@ impl Proxy {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
+                () = pending_closed(pending.as_deref()), if !closing => {
+                    // Its requests were refused: the client's next connection is named
+                    // afresh.
+                    closing = true;
+                    hard_deadline = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                    conn.as_mut().graceful_shutdown();
+                }
                 _ = &mut idle, if !closing => {
                     tracing::debug!(%peer, timeout = ?limits.idle_timeout, "closing an idle connection");
                     closing = true;
@@ -504,6 +530,40 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Names the workload of a connection from a pod the pod store does not know yet,
+    /// waiting up to [`IDENTITY_WAIT`] for the store to be listed or to learn the pod.
+    /// Returns `false` when the pod, once named, is out of scope (relay it untouched).
+    async fn settle_identity(&self, conn: &mut ConnectionInfo) -> bool {
+        let (Some(identity), Some(origin)) = (&self.identity, &conn.origin) else {
+            return true;
+        };
+        let pods = identity.pods();
+        let Some(uid) = conn.workload.pod_uid.as_deref() else {
+            return true;
+        };
+        if conn.workload.is_known() || !pods.is_watched() {
+            return true;
+        }
+        let named = || pods.is_synced() && identity.resolve(origin).is_known();
+        if !pods.wait_until(named, IDENTITY_WAIT).await {
+            if pods.awaits_list() {
+                tracing::warn!(peer = %conn.peer, pod_uid = %uid, "this node's pods are not listed yet: the connection's requests are refused until it reconnects");
+                conn.identity_pending = Some(Arc::default());
+            }
+            // Listed, and the pod is not there: an unknown workload, as the policy says.
+            return true;
+        }
+        let workload = identity.resolve(origin);
+        if self.scope.classify(&workload).bypass {
+            return false;
+        }
+        conn.record = ConnectionRecord::new(conn.peer, Some(origin), &workload);
+        conn.workload = workload;
+        true
+    }
+}
+
 /// Relays an out-of-scope connection to where it was going, without looking inside.
 async fn relay_l4(mut client: tokio::net::TcpStream, original_dst: SocketAddr) {
     match tokio::net::TcpStream::connect(original_dst).await {
@@ -515,6 +575,15 @@ async fn relay_l4(mut client: tokio::net::TcpStream, original_dst: SocketAddr) {
         Err(e) => {
             tracing::warn!(%original_dst, error = %e, "L4 relay: cannot reach the original destination")
         }
+    }
+}
+
+/// Waits until a connection whose workload is pending is told to close; forever when it
+/// is not pending.
+async fn pending_closed(pending: Option<&tokio::sync::Notify>) {
+    match pending {
+        Some(close) => close.notified().await,
+        None => std::future::pending().await,
     }
 }
 
