@@ -62,6 +62,13 @@ rules:
     resources: [configmaps, deployments]
     apiGroups: ["", apps]
     namespaces: [masked-apply]
+  - name: held-for-a-person
+    action: approve
+    verbs: [create]
+    resources: [configmaps]
+    namespaces: [held]
+    approval:
+      approvers: {users: [alice]}
 "#;
 
 struct Harness {
@@ -1183,6 +1190,38 @@ async fn while_recording_is_down_requests_are_refused_and_it_recovers() {
     )
     .await;
     assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // A write a content rule judges is refused before the rule reads anything: no dry run
+    // or read of the stored object reaches the API server for a request refused anyway.
+    let judged = send(
+        &c,
+        request(&h, Method::PATCH, "/api/v1/namespaces/bound/configmaps/cm")
+            .header("content-type", "application/merge-patch+json"),
+        Bytes::from_static(br#"{"data": {"k": "1"}}"#),
+        "patch judged by content",
+    )
+    .await;
+    assert_eq!(judged.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let asked: Vec<_> = h
+        .apiserver
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.contains("/namespaces/bound/"))
+        .collect();
+    assert!(
+        asked.is_empty(),
+        "the content rule asked the API server: {asked:?}"
+    );
+    // Nor is anyone asked to approve what could not be recorded once approved (this
+    // gateway has no approvals configured: a held request would be refused with 403).
+    let held = send(
+        &c,
+        request(&h, Method::POST, "/api/v1/namespaces/held/configmaps")
+            .header("content-type", "application/json"),
+        configmap("held"),
+        "create held for approval",
+    )
+    .await;
+    assert_eq!(held.status(), StatusCode::SERVICE_UNAVAILABLE);
 
     let (_, metrics) = admin_get(&h, "/metrics").await;
     assert!(metrics.contains("chaperone_recording_up 0"), "{metrics}");
@@ -1202,9 +1241,9 @@ async fn while_recording_is_down_requests_are_refused_and_it_recovers() {
     repair();
     wait_ready(&h, 200).await;
     let (_, metrics) = admin_get(&h, "/metrics").await;
-    // The forwarded "lost-row" and the two refusals: each logged with its audit id.
+    // The forwarded "lost-row" and the four refusals: each logged with its audit id.
     assert!(
-        metrics.contains("chaperone_recording_rows_lost_total 3"),
+        metrics.contains("chaperone_recording_rows_lost_total 5"),
         "{metrics}"
     );
     let (code, _) = create_configmap(&h, &c, "after").await;

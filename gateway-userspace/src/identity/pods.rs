@@ -625,7 +625,11 @@ mod tests {
         let known = |s: &PodStore| s.is_synced() && s.by_uid(UID).is_some();
         // Nothing comes: false at the deadline.
         let started = tokio::time::Instant::now();
-        assert!(!store.wait_until(|| known(&store), Duration::from_millis(200)).await);
+        assert!(
+            !store
+                .wait_until(|| known(&store), Duration::from_millis(200))
+                .await
+        );
         assert!(started.elapsed() >= Duration::from_millis(200));
         // The list comes while it waits: true at once, long before the deadline.
         let listing = store.clone();
@@ -634,7 +638,11 @@ mod tests {
             listing.resync(&[pod("ns", "p", UID, "sa", &[])]);
         });
         let started = tokio::time::Instant::now();
-        assert!(store.wait_until(|| known(&store), Duration::from_secs(30)).await);
+        assert!(
+            store
+                .wait_until(|| known(&store), Duration::from_secs(30))
+                .await
+        );
         assert!(started.elapsed() < Duration::from_secs(10));
         list.await.unwrap();
         assert!(!store.awaits_list());

@@ -298,6 +298,11 @@ impl Proxy {
         let (decision, mut read_version) = {
             let policy = self.policy.load();
             if policy.reads_content() && info.is_mutating() {
+                // A content rule's dry run is a request to the API server: not made for a
+                // request that would be refused as unrecordable anyway.
+                if let Some(why) = self.unrecordable(&info) {
+                    return self.refuse_unrecordable(why, &info, record, &audit_id);
+                }
                 let policy = arc_swap::Guard::into_inner(policy);
                 // Rare paths are boxed (here and below) so that the state machine of
                 // every request, allocated and moved on each request, stays small.
@@ -367,6 +372,11 @@ impl Proxy {
             record.outcome = Outcome::Invalid;
             record.reason = Some(status.message().to_owned());
             return self.local_response(*status, record, &audit_id);
+        }
+        // Nobody is asked to approve (an AccessRequest, notifications, a `once` approval
+        // used up) what could not be recorded once approved.
+        if approved && let Some(why) = self.unrecordable(&info) {
+            return self.refuse_unrecordable(why, &info, record, &audit_id);
         }
         if approved {
             let (body, summary) = held_body.unwrap_or_default();
@@ -469,20 +479,8 @@ impl Proxy {
             }
         }
         // Fail closed: what cannot be recorded is not forwarded (reads per configuration).
-        if let Err(cause) = self.recorder.health()
-            && (info.is_mutating() || self.reads_while_down == ReadsWhileDown::Refuse)
-        {
-            let why = format!(
-                "chaperone: recording is down, so this request cannot be recorded and is refused: {cause}"
-            );
-            tracing::warn!(verb = %info.verb, resource = %info.resource, name = %info.name, "refused while recording is down");
-            record.outcome = Outcome::RecordingDown;
-            record.reason = Some(why.clone());
-            return self.local_response(
-                Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
-                record,
-                &audit_id,
-            );
+        if let Some(why) = self.unrecordable(&info) {
+            return self.refuse_unrecordable(why, &info, record, &audit_id);
         }
         // No mutation without a durable record: a mutating request, and the start of an
         // exec/attach/port-forward session, is in the write-ahead log (fsynced) before it
@@ -1106,6 +1104,37 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
     parts.authority = base.authority().cloned();
     parts.path_and_query = Some(path_and_query);
     Ok(Uri::from_parts(parts)?)
+}
+
+impl Proxy {
+    /// Why `info` must be refused because recording is down: every mutating request, and
+    /// reads unless `recording.readsWhileDown` lets them pass.
+    fn unrecordable(&self, info: &RequestInfo) -> Option<String> {
+        let cause = self.recorder.health().err()?;
+        (info.is_mutating() || self.reads_while_down == ReadsWhileDown::Refuse).then(|| {
+            format!(
+                "chaperone: recording is down, so this request cannot be recorded and is refused: {cause}"
+            )
+        })
+    }
+
+    /// The 503 for a request [`Proxy::unrecordable`] refuses.
+    fn refuse_unrecordable(
+        &self,
+        why: String,
+        info: &RequestInfo,
+        mut record: Row<'_>,
+        audit_id: &str,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(verb = %info.verb, resource = %info.resource, name = %info.name, "refused while recording is down");
+        record.outcome = Outcome::RecordingDown;
+        record.reason = Some(why.clone());
+        self.local_response(
+            Status::service_unavailable(why, RECORDING_RETRY_AFTER_SECONDS),
+            record,
+            audit_id,
+        )
+    }
 }
 
 #[cfg(test)]
