@@ -367,6 +367,9 @@ struct Shared {
     backlog: AtomicU64,
     backlog_limit: u64,
     behind: AtomicBool,
+    /// A part recording needs is gone for good (a thread that panicked): no probe brings
+    /// recording back up.
+    broken: AtomicBool,
 }
 
 impl Shared {
@@ -384,8 +387,17 @@ impl Shared {
         *cause = Some(error);
     }
 
-    /// A probe wrote and synced a file: recording works again.
+    /// Recording is down for good: `error` says which part is gone.
+    fn set_broken(&self, error: RecorderError) {
+        self.broken.store(true, Ordering::Release);
+        self.set_down(error);
+    }
+
+    /// A probe wrote and synced a file: recording works again (unless a part is gone).
     fn set_up(&self) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
         let mut cause = self.cause();
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!(previous = ?cause.as_ref().map(ToString::to_string), "recording recovered");
@@ -554,7 +566,11 @@ impl Recorder {
                 let (wal, tracker, thread) = wal::Wal::start(
                     wal_dir,
                     replayed.next_seq,
-                    Arc::new(move |error| down.set_down(error)),
+                    Arc::new(move |error| match error {
+                        // Its thread is gone: every mutation is refused from now on.
+                        RecorderError::TaskLost(_) => down.set_broken(error),
+                        error => down.set_down(error),
+                    }),
                 )?;
                 (Some(wal), Some(tracker), Some(thread), replayed.rows)
             }

@@ -1026,3 +1026,19 @@ async fn rows_piling_up_behind_a_slow_writer_make_recording_behind() {
     drop(handle);
     assert!(recorder.join().await.is_ok());
 }
+
+#[test]
+fn a_part_gone_for_good_keeps_recording_down_whatever_the_probes_say() {
+    let shared = Shared::default();
+    shared.set_down(RecorderError::Stopped);
+    shared.set_up();
+    assert!(
+        shared.current_error().is_none(),
+        "a passing probe brings it up"
+    );
+    // The write-ahead log's thread panicked: the disk is fine, the log is not.
+    shared.set_broken(RecorderError::TaskLost("the write-ahead log's thread"));
+    shared.set_up();
+    let error = shared.current_error().expect("still down");
+    assert!(error.to_string().contains("write-ahead log"), "{error}");
+}

@@ -594,9 +594,17 @@ impl Wal {
             tracker: Arc::clone(&tracker),
             on_failure,
         };
+        let lost = Arc::clone(&writer.on_failure);
         let thread = std::thread::Builder::new()
             .name("recorder-wal".into())
-            .spawn(move || writer.run(&rx))
+            .spawn(move || {
+                // A panic would otherwise leave recording "up" while every mutating
+                // request is refused for want of the log: say it is down.
+                let run = std::panic::AssertUnwindSafe(|| writer.run(&rx));
+                if std::panic::catch_unwind(run).is_err() {
+                    lost(RecorderError::TaskLost("the write-ahead log's thread"));
+                }
+            })
             .map_err(|e| RecorderError::SpawnThread(Arc::new(e)))?;
         Ok((
             Wal {
