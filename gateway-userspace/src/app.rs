@@ -172,8 +172,13 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         || cfg.approval.is_some()
     {
         // The same kube-rs config as the forwarding path: one server, one credential.
+        // Without kube-rs's own retries (up to 15, backing off for minutes on 429 and
+        // 503): a TokenReview on the request path must fail fast, and the watches back
+        // off by themselves.
+        let mut config = upstream.config.clone();
+        config.default_retry = false;
         Some(
-            kube::Client::try_from(upstream.config.clone()).map_err(|e| {
+            kube::Client::try_from(config).map_err(|e| {
                 AppError::Config(format!(
                     "connecting to the API server ({}) for pods, TokenReview, targets or approvals: {e}",
                     upstream.source

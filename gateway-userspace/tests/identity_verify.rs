@@ -194,6 +194,7 @@ async fn oidc_tokens_are_verified_not_trusted() {
     for (case, token, want) in cases {
         let p = verifier.verify(Some(&bearer(&token)), &w).await;
         expect_invalid(&p, want, case);
+        assert!(!p.is_unverifiable(), "{case}: refused, not unverifiable");
     }
 
     // Within the 60 s skew, a just-expired token is still accepted.
@@ -298,6 +299,7 @@ async fn unreachable_issuer_is_invalid_but_not_cached() {
         .verify(Some(&bearer(&token)), &workload("a", "b"))
         .await;
     expect_invalid(&p, "/keys", "broken JWKS");
+    assert!(p.is_unverifiable(), "the issuer's keys could not be read: {p:?}");
     assert_eq!(
         verifier.cached_entries(),
         0,

@@ -1684,3 +1684,50 @@ async fn writes_judged_by_the_stored_object_apply_only_to_the_version_read() {
     assert_eq!(masked_apply.len(), 3);
     assert_eq!(masked_apply[0].decision, Some(Action::Deny));
 }
+
+/// Fail closed: a token the gateway cannot check now (TokenReview refused or out of reach)
+/// is not decided as an invalid token, which rules for its principal would not match.
+#[tokio::test]
+async fn a_token_that_cannot_be_checked_now_is_refused_not_decided() {
+    let h = start_configured(None, |c| c.identity.token_review = true).await;
+    let c = client(&h.ca_pem, false);
+    let list = |h: &Harness| request(h, Method::GET, "/api/v1/namespaces/default/configmaps");
+    // Every review while `down` (the client behind the reviewer retries some).
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    for _ in 0..10 {
+        let down = down.clone();
+        h.apiserver.refuse_on(
+            move |r| {
+                down.load(std::sync::atomic::Ordering::SeqCst)
+                    && r.path_and_query.contains("/tokenreviews")
+            },
+            gateway_userspace::status::Status::service_unavailable("etcd is overloaded", 1),
+        );
+    }
+    let resp = send(&c, list(&h), Bytes::new(), "list").await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let status = body_json(resp).await;
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cannot be verified now") && message.contains("TokenReview"),
+        "{status}"
+    );
+    // Reviews work again: the token is checked (the API server does not know it: invalid),
+    // and the policy decides (default allow).
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let resp = send(&c, list(&h), Bytes::new(), "list").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (rows, apiserver, _dir) = stop(h).await;
+    let listed: Vec<_> = apiserver
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.contains("/configmaps"))
+        .collect();
+    assert_eq!(
+        listed.len(),
+        1,
+        "only the second list was forwarded: {listed:?}"
+    );
+    assert_eq!(rows.len(), 2, "both are recorded: {rows:?}");
+    assert_eq!(rows[0].response_code, 503);
+}

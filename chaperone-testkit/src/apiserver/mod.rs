@@ -191,6 +191,8 @@ type RequestMatch = Box<dyn Fn(&SeenRequest) -> bool + Send + Sync>;
 /// [`TestApiServer::delete_on`].
 enum Race {
     Seed(Value),
+    /// Answer the request with this Status instead of serving it.
+    Refuse(Box<Status>),
     Delete {
         plural: String,
         namespace: String,
@@ -340,6 +342,20 @@ impl TestApiServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((Box::new(when), Race::Seed(obj)));
+    }
+
+    /// Answers the first request `when` matches with `status` instead of serving it: a
+    /// review or read the API server cannot answer now (overloaded, a webhook down).
+    pub fn refuse_on(
+        &self,
+        when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static,
+        status: Status,
+    ) {
+        self.state
+            .races
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Box::new(when), Race::Refuse(Box::new(status))));
     }
 
     /// Deletes an object (`resource` is the plural) once, just before the server handles
@@ -632,7 +648,9 @@ fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&s
 }
 
 impl State {
-    fn record(&self, req: &Request<Incoming>) {
+    /// Notes the request and runs the race it triggers; `Some` is the answer to give
+    /// instead of serving it.
+    fn record(&self, req: &Request<Incoming>) -> Option<Status> {
         let headers = req.headers();
         let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
         let seen = SeenRequest {
@@ -666,6 +684,7 @@ impl State {
             .push(seen);
         match race {
             None => {}
+            Some(Race::Refuse(status)) => return Some(*status),
             Some(Race::Seed(obj)) => {
                 if let Err(e) = self.store.seed(obj) {
                     panic!("seed_on: {e}");
@@ -691,6 +710,7 @@ impl State {
                 }
             }
         }
+        None
     }
 
     /// Bearer-token authentication (scheme case-insensitive, token whitespace-trimmed):
@@ -879,7 +899,9 @@ async fn handle(
     mut req: Request<Incoming>,
     drain: DrainWatcher,
 ) -> Response<Body> {
-    state.record(&req);
+    if let Some(refused) = state.record(&req) {
+        return status_response(refused);
+    }
     let Some(user) = state.authenticate(req.headers()) else {
         return status_response(Status::failure(
             StatusCode::UNAUTHORIZED,

@@ -134,6 +134,9 @@ impl Principal {
 pub struct Verified {
     principal: Arc<Principal>,
     record: Arc<PrincipalRecord>,
+    /// The token could not be checked now (TokenReview or the issuer's keys unreachable);
+    /// the principal says `invalid` with the cause, and is never cached.
+    unverifiable: bool,
 }
 
 impl Verified {
@@ -148,7 +151,22 @@ impl Verified {
                 mismatch: principal.mismatch.clone(),
             }),
             principal: Arc::new(principal),
+            unverifiable: false,
         }
+    }
+
+    /// A token that could not be checked now, for `reason`.
+    fn unverifiable(reason: String) -> Self {
+        Self {
+            unverifiable: true,
+            ..Self::new(Principal::invalid(reason))
+        }
+    }
+
+    /// Whether the token could not be checked now (not that it was refused): a decision
+    /// cannot rest on who presented it.
+    pub fn is_unverifiable(&self) -> bool {
+        self.unverifiable
     }
 
     /// The `principal` column of the request's recording.
@@ -366,7 +384,7 @@ impl PrincipalVerifier {
             Ok((principal, not_after)) => (principal, not_after),
             Err(TokenError::Invalid(reason)) => (Principal::invalid(reason), None),
             Err(TokenError::Unavailable(reason)) => {
-                return (Verified::new(Principal::invalid(reason)), None);
+                return (Verified::unverifiable(reason), None);
             }
         };
         let principal = Verified::new(principal);

@@ -84,17 +84,25 @@ impl KubeTokenReviewer {
     }
 }
 
+/// How long a request waits for the API server to review its token.
+const REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl TokenReviewer for KubeTokenReviewer {
     fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewResult, TokenError>> {
         Box::pin(async move {
             let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
-            let created = api
-                .create(
-                    &kube::api::PostParams::default(),
-                    &Self::request(token, &self.audiences),
-                )
-                .await
-                .map_err(|e| TokenError::Unavailable(format!("TokenReview failed: {e}")))?;
+            let review = Self::request(token, &self.audiences);
+            let created = tokio::time::timeout(
+                REVIEW_TIMEOUT,
+                api.create(&kube::api::PostParams::default(), &review),
+            )
+            .await
+            .map_err(|_| {
+                TokenError::Unavailable(format!(
+                    "TokenReview failed: no answer within {REVIEW_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| TokenError::Unavailable(format!("TokenReview failed: {e}")))?;
             Ok(Self::result(&created))
         })
     }

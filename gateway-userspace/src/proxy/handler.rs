@@ -239,6 +239,26 @@ impl Proxy {
             )
             .await;
         record.principal = principal.record();
+        // Fail closed: a token that cannot be checked now (the API server's TokenReview or
+        // an issuer's keys out of reach) is not decided as an invalid one, which rules for
+        // its principal would not match.
+        if principal.is_unverifiable() {
+            let why = format!(
+                "chaperone: the bearer token cannot be verified now, so no policy decision \
+                 is possible: {}; retry",
+                principal
+                    .reason
+                    .as_deref()
+                    .unwrap_or("the verifier is unavailable")
+            );
+            record.outcome = Outcome::Invalid;
+            record.reason = Some(why.clone());
+            return self.local_response(
+                Status::service_unavailable(why, IDENTITY_RETRY_AFTER_SECONDS),
+                record,
+                &audit_id,
+            );
+        }
         if let Some(mismatch) = &principal.mismatch {
             self.metrics.service_account_mismatches.inc();
             tracing::warn!(%mismatch, "service account token does not match the pod");
