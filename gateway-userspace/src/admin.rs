@@ -18,7 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
+    metrics::{
+        counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+    },
     registry::Registry,
 };
 use serde::Serialize;
@@ -88,6 +90,8 @@ pub struct Metrics {
     pub redirect_target_errors: Counter,
     /// Pod watch errors (the store keeps serving what it has).
     pub pod_watch_errors: Counter,
+    /// 1 while the gateway has a credential for the API server (set at each scrape).
+    pub upstream_credential_up: Gauge,
 }
 
 impl Metrics {
@@ -187,6 +191,13 @@ impl Metrics {
             "Errors of the watch on this node's pods; until it recovers, new pods are not named",
             pod_watch_errors.clone(),
         );
+        let upstream_credential_up = Gauge::default();
+        upstream_credential_up.set(1);
+        registry.register(
+            "upstream_credential_up",
+            "1 while the gateway has its credential for the API server; 0 while it cannot get one (requests are refused with 503)",
+            upstream_credential_up.clone(),
+        );
         if let Some(interceptor) = interceptor {
             registry.register_collector(Box::new(KernelCounters(interceptor)));
         }
@@ -210,6 +221,7 @@ impl Metrics {
             approval_notifications_failed,
             redirect_target_errors,
             pod_watch_errors,
+            upstream_credential_up,
         })
     }
 
@@ -470,12 +482,22 @@ pub struct StatusReport {
     pub listen: SocketAddr,
     /// The upstream API server.
     pub upstream: String,
+    /// The gateway's credential for it.
+    pub credential: CredentialReport,
     /// The policy in force.
     pub policy: PolicyReport,
     /// Whether recording works.
     pub recording: RecorderHealth,
     /// The kernel side, when eBPF interception is on.
     pub interception: Option<InterceptionStatus>,
+}
+
+/// The credential part of `/status`.
+#[derive(Debug, Serialize)]
+pub struct CredentialReport {
+    /// Why the gateway has no credential for the API server now (requests are refused
+    /// with 503 until it is back); `None` while it has one.
+    pub error: Option<String>,
 }
 
 /// The policy part of `/status`.
@@ -524,9 +546,15 @@ pub struct Admin {
     pub reloader: Option<Arc<crate::policy::reload::Reloader>>,
     /// The recorder's health, for readiness.
     pub recorder: RecorderStatus,
+    /// The gateway's credential for the API server (`None` in tests without one).
+    pub credential: Option<Arc<crate::proxy::credential::UpstreamCredential>>,
 }
 
 impl Admin {
+    fn credential_failure(&self) -> Option<Arc<str>> {
+        self.credential.as_ref().and_then(|c| c.failure())
+    }
+
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let text = |code: StatusCode, ct: &'static str, body: String| {
             let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -543,25 +571,42 @@ impl Admin {
             );
         }
         match req.uri().path() {
-            "/metrics" => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.encode(),
-            ),
+            "/metrics" => {
+                let up = self.credential_failure().is_none();
+                self.metrics.upstream_credential_up.set(i64::from(up));
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
-            // Not ready while recording is down: requests that must be recorded are refused.
-            "/readyz" => match self.recorder.health() {
-                Ok(()) => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                Err(cause) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("recording is down: {cause}\n"),
-                ),
-            },
+            // Not ready while recording is down or the gateway has no credential: requests
+            // that must be recorded, or forwarded, are refused.
+            "/readyz" => {
+                let not_ready = match (self.recorder.health(), self.credential_failure()) {
+                    (Err(cause), _) => Some(format!("recording is down: {cause}")),
+                    (Ok(()), Some(reason)) => Some(format!(
+                        "the gateway's credential for the API server is unavailable: {reason}"
+                    )),
+                    (Ok(()), None) => None,
+                };
+                match not_ready {
+                    None => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                    Some(why) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("{why}\n"),
+                    ),
+                }
+            }
             "/status" => {
                 let report = StatusReport {
                     listen: self.listen,
                     upstream: self.upstream.clone(),
+                    credential: CredentialReport {
+                        error: self.credential_failure().map(|r| r.to_string()),
+                    },
                     policy: PolicyReport::of(
                         &self.policy.load(),
                         self.reloader.as_ref().and_then(|r| r.last_error()),

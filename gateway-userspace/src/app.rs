@@ -315,6 +315,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         policy: proxy.policy.clone(),
         reloader: reloader.clone(),
         recorder: recorder_status,
+        credential: Some(credential.clone()),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(reloader) = reloader {

@@ -816,6 +816,9 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_slice(&body).context("parsing /status")?;
     println!("listen:    {}", v["listen"].as_str().unwrap_or("?"));
     println!("upstream:  {}", v["upstream"].as_str().unwrap_or("?"));
+    if let Some(error) = v["credential"]["error"].as_str() {
+        println!("           CREDENTIAL UNAVAILABLE, requests are refused: {error}");
+    }
     let p = &v["policy"];
     println!(
         "policy:    {} ({} rules, default {})",
@@ -846,10 +849,26 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         "           {} outages, {} rows lost",
         r["outages"], r["rows_lost"]
     );
+    let w = &r["wal"];
+    if !w.is_null() {
+        println!(
+            "           write-ahead log: {} outstanding, {} segments, {} failed commits; {} rows replayed at start",
+            w["outstanding"], w["segments"], w["failures"], r["replayed"]
+        );
+    }
+    let u = &r["upload"];
+    if !u.is_null() {
+        println!(
+            "           upload: {} files confirmed, {} pending (oldest {} s), {} failed rounds",
+            u["uploaded"], u["pending"], u["lag_seconds"], u["failures"]
+        );
+    }
+    // Scripts and probes can tell a degraded gateway by the exit code.
+    let degraded = r["up"].as_bool() != Some(true) || !v["credential"]["error"].is_null();
     let i = &v["interception"];
     if i.is_null() {
         println!("interception: off (mode none)");
-        return Ok(());
+        return degraded_result(degraded);
     }
     let list = |key: &str| -> String {
         i[key]
@@ -877,6 +896,16 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
             println!("  {name:<15} {value}");
         }
     }
+    degraded_result(degraded)
+}
+
+/// `chaperone status`'s result: an error (exit code 1) when the gateway refuses requests
+/// because recording is down or it has no credential.
+fn degraded_result(degraded: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !degraded,
+        "the gateway is degraded: it refuses requests it cannot record or forward (see above)"
+    );
     Ok(())
 }
 

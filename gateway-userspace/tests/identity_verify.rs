@@ -299,7 +299,10 @@ async fn unreachable_issuer_is_invalid_but_not_cached() {
         .verify(Some(&bearer(&token)), &workload("a", "b"))
         .await;
     expect_invalid(&p, "/keys", "broken JWKS");
-    assert!(p.is_unverifiable(), "the issuer's keys could not be read: {p:?}");
+    assert!(
+        p.is_unverifiable(),
+        "the issuer's keys could not be read: {p:?}"
+    );
     assert_eq!(
         verifier.cached_entries(),
         0,

@@ -664,10 +664,35 @@ async fn an_exec_plugin_supplies_the_credential_and_its_failure_fails_closed() {
     .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.apiserver.requests().is_empty(), "upgrade forwarded bare");
+    // The state shows in /readyz, a metric and /status (what `chaperone status` prints).
+    let ready = wait_ready(&h, 503).await;
+    assert!(
+        ready.contains("credential") && ready.contains("exit status: 3"),
+        "{ready}"
+    );
+    let (_, metrics) = admin_get(&h, "/metrics").await;
+    assert!(
+        metrics.contains("chaperone_upstream_credential_up 0"),
+        "{metrics}"
+    );
+    let (_, status) = admin_get(&h, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert!(
+        status["credential"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exit status: 3")),
+        "{status}"
+    );
 
     // Fixed, it recovers without a restart.
     std::fs::remove_file(plugin_dir.path().join("fail")).expect("fix the plugin");
     until_upstream_sees(&h, &c, "Bearer gateway-token-2").await;
+    wait_ready(&h, 200).await;
+    let (_, metrics) = admin_get(&h, "/metrics").await;
+    assert!(
+        metrics.contains("chaperone_upstream_credential_up 1"),
+        "{metrics}"
+    );
     let (rows, _, _dir) = stop(h).await;
     assert!(
         rows.iter()
@@ -1237,9 +1262,33 @@ async fn while_recording_is_down_requests_are_refused_and_it_recovers() {
         .filter(|l| l.trim_start().starts_with("- name: "))
         .count();
     assert_eq!(status["policy"]["rules"], rules, "{status}");
+    // `chaperone status` says so, and exits 1 for scripts and probes.
+    // Off the test's runtime thread, which also serves the admin endpoint.
+    let admin = h.app.admin_addr().to_string();
+    let cli_status = move || {
+        let admin = admin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+                    .args(["status", "--admin", &admin])
+                    .output()
+                    .expect("run chaperone status")
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let out = cli_status().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("recording: DOWN"), "{stdout}");
 
     repair();
     wait_ready(&h, 200).await;
+    let out = cli_status().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("recording: up"), "{stdout}");
     let (_, metrics) = admin_get(&h, "/metrics").await;
     // The forwarded "lost-row" and the four refusals: each logged with its audit id.
     assert!(
@@ -1730,4 +1779,33 @@ async fn a_token_that_cannot_be_checked_now_is_refused_not_decided() {
     );
     assert_eq!(rows.len(), 2, "both are recorded: {rows:?}");
     assert_eq!(rows[0].response_code, 503);
+}
+
+/// Fail closed: an answer the policy masks that is not JSON (text from an aggregated API or
+/// an error page) cannot be read, so it does not pass.
+#[tokio::test]
+async fn a_masked_answer_that_is_not_json_is_refused() {
+    let h = start(None).await;
+    let c = client(&h.ca_pem, false);
+    let path = "/api/v1/namespaces/masked-apply/configmaps/settings";
+    h.apiserver.answer_on(
+        move |r| r.path_and_query.starts_with(path),
+        StatusCode::OK,
+        "text/plain; charset=utf-8",
+        "password=hunter2\n",
+    );
+    let resp = send(&c, request(&h, Method::GET, path), Bytes::new(), "get").await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let text =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("text/plain") && text.contains("not JSON"),
+        "{text}"
+    );
+    let (_, metrics) = admin_get(&h, "/metrics").await;
+    assert!(
+        metrics.contains("chaperone_masking_failures_total 1"),
+        "{metrics}"
+    );
 }

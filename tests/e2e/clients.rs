@@ -1161,3 +1161,74 @@ resp.close()
         assert_eq!(row.kubectl_command, None, "{row:?}");
     }
 }
+
+/// `curl` from the sandbox pod to the API server's virtual address: (HTTP code, body).
+async fn curl_in_pod(stack: &Stack, path: &str) -> (String, String) {
+    let url = format!("https://{}{path}", stack.pod.virtual_api_server());
+    let mut curl = stack.pod.command("curl");
+    curl.args([
+        "-sk",
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        &format!("Authorization: Bearer {}", stack.pod_token),
+        &url,
+    ]);
+    let out = tokio::task::spawn_blocking(move || curl.output())
+        .await
+        .expect("join")
+        .expect("run curl in the pod");
+    let stdout = text(&out.stdout);
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    (code.to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_not_listed_yet_is_waited_for_never_decided_as_unknown() {
+    if !privileged("a_pod_not_listed_yet_is_waited_for_never_decided_as_unknown") {
+        return;
+    }
+    let stack = start().await;
+    let pods = stack.app.identity().pods().clone();
+    // As right after a start: a watch feeds the store and has not listed this node's pods.
+    pods.expect_list();
+    pods.delete(&stack.pod_object);
+    let path = "/api/v1/namespaces/default/pods";
+    let (code, body) = curl_in_pod(&stack, path).await;
+    assert_eq!(code, "503", "{body}");
+    assert!(
+        body.contains("\"kind\":\"Status\"") && body.contains("pods are not listed yet"),
+        "{body}"
+    );
+    // The list arrives while a connection waits for it: the pod is named and served.
+    let listed = pods.clone();
+    let pod = stack.pod_object.clone();
+    let list = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        listed.resync(&[pod]);
+    });
+    let (code, body) = curl_in_pod(&stack, path).await;
+    list.await.expect("the list task");
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("web-0"), "{body}");
+    // Both are recorded: the refusal with no pod named, the answer with the pod's name.
+    let stopped = stack.stop().await.expect("stop the stack");
+    let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let (refused, served) = (&rows[0], &rows[1]);
+    assert_eq!(refused.response_code, 503, "{refused:#?}");
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("not listed yet"),
+        "{refused:#?}"
+    );
+    assert_eq!(served.response_code, 200, "{served:#?}");
+    assert_eq!(
+        served.workload.pod.as_deref(),
+        Some(SANDBOX_POD),
+        "{served:#?}"
+    );
+}

@@ -193,6 +193,8 @@ enum Race {
     Seed(Value),
     /// Answer the request with this Status instead of serving it.
     Refuse(Box<Status>),
+    /// Answer the request with this code, content type and body instead of serving it.
+    Answer(StatusCode, &'static str, Bytes),
     Delete {
         plural: String,
         namespace: String,
@@ -356,6 +358,26 @@ impl TestApiServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((Box::new(when), Race::Refuse(Box::new(status))));
+    }
+
+    /// Answers the first request `when` matches with `code`, `content_type` and `body`
+    /// instead of serving it: what an aggregated API or a proxy in front of the API server
+    /// may send.
+    pub fn answer_on(
+        &self,
+        when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static,
+        code: StatusCode,
+        content_type: &'static str,
+        body: impl Into<Bytes>,
+    ) {
+        self.state
+            .races
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((
+                Box::new(when),
+                Race::Answer(code, content_type, body.into()),
+            ));
     }
 
     /// Deletes an object (`resource` is the plural) once, just before the server handles
@@ -650,7 +672,7 @@ fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&s
 impl State {
     /// Notes the request and runs the race it triggers; `Some` is the answer to give
     /// instead of serving it.
-    fn record(&self, req: &Request<Incoming>) -> Option<Status> {
+    fn record(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
         let headers = req.headers();
         let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
         let seen = SeenRequest {
@@ -684,7 +706,15 @@ impl State {
             .push(seen);
         match race {
             None => {}
-            Some(Race::Refuse(status)) => return Some(*status),
+            Some(Race::Refuse(status)) => return Some(status_response(*status)),
+            Some(Race::Answer(code, content_type, body)) => {
+                let mut response = Response::new(Full::new(body).boxed_unsync());
+                *response.status_mut() = code;
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                return Some(response);
+            }
             Some(Race::Seed(obj)) => {
                 if let Err(e) = self.store.seed(obj) {
                     panic!("seed_on: {e}");
@@ -899,8 +929,8 @@ async fn handle(
     mut req: Request<Incoming>,
     drain: DrainWatcher,
 ) -> Response<Body> {
-    if let Some(refused) = state.record(&req) {
-        return status_response(refused);
+    if let Some(answer) = state.record(&req) {
+        return answer;
     }
     let Some(user) = state.authenticate(req.headers()) else {
         return status_response(Status::failure(

@@ -299,8 +299,10 @@
 //! `application/vnd.kubernetes.protobuf, application/json`) gets the masked JSON: for a
 //! masked request the gateway asks the API server for JSON only (protobuf entries of `Accept`
 //! become JSON with the same parameters, so `as=Table` stays), and clients decode by the
-//! response's `Content-Type`. A response that must be masked and cannot be (not JSON; protobuf, YAML or CBOR sent
-//! although the gateway asked for JSON; over `maxResponseBytes`) is refused with a
+//! response's `Content-Type`. A response that must be masked and cannot be (not JSON: text,
+//! HTML or binary with a body, from a proxy subresource, an aggregated API or an error page,
+//! except pod logs, which are masked line by line; protobuf, YAML or CBOR sent although the
+//! gateway asked for JSON; over `maxResponseBytes`) is refused with a
 //! `Status` 500 and counted in `chaperone_masking_failures_total`; a watch event that
 //! cannot be masked or is over `maxWatchEventBytes` ends the watch with an `ERROR` event.
 //! A JSON patch (`kubectl patch --type=json`) on a masked request may only `add`,

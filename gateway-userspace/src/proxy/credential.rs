@@ -198,6 +198,14 @@ impl UpstreamCredential {
         }
     }
 
+    /// Why there is no credential now, if there is none (requests are refused meanwhile).
+    pub fn failure(&self) -> Option<Arc<str>> {
+        match &**self.current.load() {
+            Current::Failed(reason) => Some(reason.clone()),
+            Current::Header(_) | Current::Certificate => None,
+        }
+    }
+
     /// What the request path would cost if it asked kube-rs itself (for the benchmark).
     #[doc(hidden)]
     pub async fn apply_through_kube(&self, headers: &mut HeaderMap) -> Result<(), Arc<str>> {

@@ -844,12 +844,17 @@ impl Proxy {
                 let mut body = body.map_err(BoxError::from).boxed();
                 let mut live_report = None;
                 let mut response_masked = false;
+                // Pod logs are masked as they stream; anything else that is not JSON
+                // cannot be read here, so it does not pass.
+                let log =
+                    record.object_ref.resource == "pods" && record.object_ref.subresource == "log";
                 if masking.is_some()
-                    && record.object_ref.subresource == "proxy"
-                    && let Some(why) = masked::unmaskable_proxied(parts.status, &parts.headers)
+                    && !log
+                    && record.verb != Verb::Head
+                    && let Some(why) = masked::unmaskable_other(parts.status, &parts.headers)
                 {
                     self.metrics.masking_failures.inc();
-                    tracing::warn!(resource = %record.object_ref.resource, error = %why, "proxied response could not be masked; refused");
+                    tracing::warn!(resource = %record.object_ref.resource, error = %why, "response could not be masked; refused");
                     record.error = Some(why.clone());
                     return self.local_response(masked::refusal(&why), record, &audit_id);
                 }

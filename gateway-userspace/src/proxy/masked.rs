@@ -78,11 +78,11 @@ enum BodyKind {
     Other,
 }
 
-/// Why a masked proxied response (`pods/proxy`, `services/proxy`, `nodes/proxy`) cannot be
-/// passed on, if it cannot: a proxy answers with whatever the pod or node serves, and only
-/// JSON is read and masked here. Other content with a body (text, HTML, binary) would pass
-/// unread, so it is refused.
-pub(super) fn unmaskable_proxied(status: StatusCode, headers: &HeaderMap) -> Option<String> {
+/// Why a masked response that is not a pod log cannot be passed on, if it cannot: only
+/// JSON is read and masked here (pod logs line by line elsewhere). Other content with a
+/// body (text, HTML, binary, from a proxy subresource, an aggregated API or an error page)
+/// would pass unread, so it is refused.
+pub(super) fn unmaskable_other(status: StatusCode, headers: &HeaderMap) -> Option<String> {
     let empty = matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
         || headers
             .get(header::CONTENT_LENGTH)
@@ -96,7 +96,7 @@ pub(super) fn unmaskable_proxied(status: StatusCode, headers: &HeaderMap) -> Opt
             String::from_utf8_lossy(v.as_bytes()).into_owned()
         });
     Some(format!(
-        "the policy masks this proxied request, and the answer ({ct}) is not JSON, which is the only proxied content the gateway masks"
+        "the policy masks this answer, and it ({ct}) is not JSON: the gateway masks JSON objects (and pod logs, line by line), and passes nothing else unread"
     ))
 }
 
@@ -380,16 +380,16 @@ mod tests {
             h
         };
         let json = with(&[(header::CONTENT_TYPE, "application/json; charset=utf-8")]);
-        assert_eq!(unmaskable_proxied(StatusCode::OK, &json), None);
+        assert_eq!(unmaskable_other(StatusCode::OK, &json), None);
         assert_eq!(
-            unmaskable_proxied(StatusCode::NO_CONTENT, &HeaderMap::new()),
+            unmaskable_other(StatusCode::NO_CONTENT, &HeaderMap::new()),
             None
         );
         let empty = with(&[
             (header::CONTENT_TYPE, "text/plain"),
             (header::CONTENT_LENGTH, "0"),
         ]);
-        assert_eq!(unmaskable_proxied(StatusCode::OK, &empty), None);
+        assert_eq!(unmaskable_other(StatusCode::OK, &empty), None);
         for (headers, named) in [
             (with(&[(header::CONTENT_TYPE, "text/plain")]), "text/plain"),
             (with(&[(header::CONTENT_TYPE, "text/html")]), "text/html"),
@@ -399,7 +399,7 @@ mod tests {
             ),
             (HeaderMap::new(), "no Content-Type"),
         ] {
-            let why = unmaskable_proxied(StatusCode::OK, &headers).expect("refused");
+            let why = unmaskable_other(StatusCode::OK, &headers).expect("refused");
             assert!(why.contains(named), "{why}");
         }
     }

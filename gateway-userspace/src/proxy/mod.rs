@@ -12,7 +12,7 @@ mod bind;
 mod bodies;
 mod body;
 mod content;
-mod credential;
+pub mod credential;
 pub mod frames;
 mod handler;
 mod headers;
