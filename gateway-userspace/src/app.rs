@@ -136,6 +136,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         AppError::Config("policy: is required (a file, or allowAll said explicitly)".to_owned())
     })?;
     let policy = load_policy(&policy_source)?;
+    if cfg.approval.is_none() {
+        let asking: Vec<&str> = policy.approve_rules().collect();
+        if !asking.is_empty() {
+            tracing::warn!(rules = ?asking, "these rules ask for approval, but the config has no `approval` section: every request they match is refused (403)");
+        }
+    }
     if cfg.tls.create_ca_if_missing && !cfg.tls.ca_cert_file.exists() {
         tls::create_ca_files(
             &cfg.tls.ca_cert_file,

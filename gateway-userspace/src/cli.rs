@@ -509,8 +509,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "nothing to check: pass --config FILE and/or --policy FILE"
             );
             let mut files = policies;
+            // With a config: whether it can hold requests for approval.
+            let mut approvals = None;
             if let Some(config) = config {
                 let cfg = Config::load(&config)?;
+                approvals = Some(cfg.approval.is_some());
                 // The CA key is what a cluster hands over in whatever format it has: load it
                 // now, as `run` would, rather than fail at start-up.
                 if !cfg.tls.create_ca_if_missing || cfg.tls.ca_cert_file.exists() {
@@ -551,6 +554,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             for file in &files {
                 let policy = crate::policy::Policy::from_file(file)
                     .with_context(|| format!("checking {}", file.display()))?;
+                let asking: Vec<&str> = policy.approve_rules().collect();
+                anyhow::ensure!(
+                    asking.is_empty() || approvals != Some(false),
+                    "checking {}: rules {asking:?} ask for approval, but the config has no \
+                     `approval` section, so every request they match would be refused (403)",
+                    file.display()
+                );
                 println!("{}: ok ({} rules)", file.display(), policy.rule_count());
             }
             Ok(())

@@ -741,6 +741,15 @@ impl Policy {
         self.inner.rules.len()
     }
 
+    /// The names of the rules that ask a person to approve (`action: approve`).
+    pub fn approve_rules(&self) -> impl Iterator<Item = &str> {
+        self.inner
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Approve)
+            .map(|r| &*r.name)
+    }
+
     /// The action when no rule matches.
     pub fn default_action(&self) -> Action {
         self.inner.default

@@ -908,6 +908,7 @@ impl Proxy {
                 if mask_log.is_some() && encoded {
                     // Fail closed: a log the gateway cannot read is not passed on.
                     let why = "chaperone: this pod log must be masked, but the API server sent it compressed".to_owned();
+                    self.metrics.masking_failures.inc();
                     record.outcome = Outcome::UpstreamFailed;
                     record.reason = Some(why.clone());
                     let status = Status::failure(StatusCode::BAD_GATEWAY, "InternalError", why);

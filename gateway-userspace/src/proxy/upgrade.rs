@@ -1001,7 +1001,10 @@ impl Proxy {
                     let why = format!(
                         "chaperone: this {subresource} stream's output must be masked, but {why}"
                     );
-                    record.outcome = Outcome::Invalid;
+                    self.metrics.masking_failures.inc();
+                    // The API server had answered 101: the command may have started
+                    // before the stream was closed.
+                    record.outcome = Outcome::Unknown;
                     record.reason = Some(why.clone());
                     let status =
                         Status::failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", why);
