@@ -92,6 +92,8 @@ pub struct Metrics {
     pub pod_watch_errors: Counter,
     /// 1 while the gateway has a credential for the API server (set at each scrape).
     pub upstream_credential_up: Gauge,
+    /// Requests needing approval that could not be held (the AccessRequest store failed).
+    pub approval_hold_failures: Counter,
 }
 
 impl Metrics {
@@ -191,6 +193,12 @@ impl Metrics {
             "Errors of the watch on this node's pods; until it recovers, new pods are not named",
             pod_watch_errors.clone(),
         );
+        let approval_hold_failures = Counter::default();
+        registry.register(
+            "approval_hold_failures",
+            "Requests needing approval refused (503) because they could not be held: the AccessRequest store (the API server) failed or timed out, or a used approval could not be recorded",
+            approval_hold_failures.clone(),
+        );
         let upstream_credential_up = Gauge::default();
         upstream_credential_up.set(1);
         registry.register(
@@ -222,6 +230,7 @@ impl Metrics {
             redirect_target_errors,
             pod_watch_errors,
             upstream_credential_up,
+            approval_hold_failures,
         })
     }
 

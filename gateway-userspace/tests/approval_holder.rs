@@ -966,3 +966,64 @@ async fn a_status_written_back_to_pending_releases_nothing() {
     );
     assert_eq!(holder.tampering_attempts(), 1, "the rewrite is counted");
 }
+
+/// A `once` approval whose use cannot be marked (the API server errs on the write) is not
+/// used: that request is refused, and the identical retry goes through on the same
+/// approval, without asking anyone again.
+#[tokio::test]
+async fn an_approval_that_cannot_be_marked_used_stays_for_the_retry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let e = env(true).await;
+    let holder = e.holder("node-a", 10);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let hold = |holder: Arc<Holder>, a: Approval| {
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let first = hold(holder.clone(), a.clone());
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    // The status writes: the approval first, then the gateway's `Consumed` mark, which fails.
+    let writes = Arc::new(AtomicUsize::new(0));
+    let status_path = format!("accessrequests/{name}/status");
+    e.apiserver.refuse_on(
+        move |r| {
+            r.method == "PUT"
+                && r.path_and_query.contains(&status_path)
+                && writes.fetch_add(1, Ordering::SeqCst) == 1
+        },
+        gateway_userspace::status::Status::failure(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: request timed out",
+        ),
+    );
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let outcome = first.await.expect("hold task");
+    assert!(
+        matches!(&outcome, HoldOutcome::Failed { why } if why.contains("cannot be marked used")),
+        "{outcome:?}"
+    );
+    // The retry: the same approval, now marked used, and no new AccessRequest.
+    let retry = hold(holder.clone(), a.clone()).await.expect("hold task");
+    assert!(
+        matches!(&retry, HoldOutcome::Approved { name: n, .. } if *n == name),
+        "{retry:?}"
+    );
+    assert_eq!(e.access_requests(1).await.len(), 1);
+    // Used now: a third identical request is asked for again.
+    let third = {
+        let holder = holder.clone();
+        let a = approval(
+            Duration::from_millis(300),
+            GrantSpec::Once,
+            ApprovalMode::Hold,
+        );
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let _ = e.access_requests(2).await;
+    let _ = third.await;
+}

@@ -707,3 +707,41 @@ async fn a_held_write_is_judged_again_on_what_is_stored_when_approved() {
     assert!(!ok && out.contains("this configuration is frozen"), "{out}");
     assert_eq!(settings()["data"]["mode"], "maintenance");
 }
+
+/// A request held for approval is decided again under the policy in force when it is
+/// approved: a rule added meanwhile (a change freeze) stops it, the approval
+/// notwithstanding.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_added_while_a_request_is_held_stops_it_when_approved() {
+    if !privileged("a_rule_added_while_a_request_is_held_stops_it_when_approved") {
+        return;
+    }
+    let stack = approval_stack(POLICY.to_owned()).await;
+    let scale = spawn_kubectl(
+        &stack,
+        &["scale", "deployment", "web", "-n", "prod", "--replicas=7"],
+    );
+    let held = stack
+        .wait_for_access_requests(1)
+        .await
+        .expect("AccessRequest");
+    let frozen = POLICY.replacen(
+        "rules:\n",
+        "rules:\n  - name: change-freeze\n    action: deny\n    message: a change freeze is on\n    verbs: [patch, update]\n    apiGroups: [apps]\n    resources: [deployments/scale]\n",
+        1,
+    );
+    stack.app.set_policy(
+        gateway_userspace::policy::Policy::from_yaml(&frozen, "frozen.yaml")
+            .expect("the frozen policy"),
+    );
+    stack
+        .decide(&held, approve("alice"), true)
+        .expect("approve");
+    let (ok, out) = finished(scale).await;
+    assert!(!ok && out.contains("a change freeze is on"), "{out}");
+    assert_eq!(
+        replicas(&stack),
+        3,
+        "the frozen change reached the API server"
+    );
+}

@@ -203,6 +203,55 @@ async fn files_reach_object_storage_and_survive_the_server_going_away() {
     assert_eq!(remote.manifests.len(), 1, "the manifest is uploaded again");
 }
 
+/// A published file never changes: one modified on the node after its upload is not
+/// uploaded over the copy in object storage, which stays the evidence.
+#[tokio::test]
+async fn a_file_changed_after_its_upload_is_not_uploaded_over_the_copy() {
+    let port = free_port();
+    let _moto = start_moto(port).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    record_files(dir.path(), 1, 0).await;
+    let tls = upload::tls_for(None).unwrap_or_else(|e| panic!("tls: {e}"));
+    let mut uploader = Uploader::new(dir.path(), settings(port, None), tls.clone())
+        .unwrap_or_else(|e| panic!("uploader: {e}"));
+    uploader
+        .round()
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    let file = recorder::list_files(dir.path()).unwrap_or_else(|e| panic!("{e}"))[0].clone();
+    let uploaded = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let mut bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("read: {e}"));
+    bytes.extend_from_slice(b"forged rows");
+    std::fs::write(&file, &bytes).unwrap_or_else(|e| panic!("tamper: {e}"));
+    let error = uploader
+        .round()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a changed file must fail the round"));
+    assert!(error.contains("changed after its upload"), "{error}");
+    // A new uploader (a restart) finds the copy and keeps it too.
+    let mut restarted = Uploader::new(dir.path(), settings(port, None), tls.clone())
+        .unwrap_or_else(|e| panic!("uploader: {e}"));
+    let error = restarted
+        .round()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a changed file must fail the round after a restart"));
+    assert!(error.contains("not uploaded over it"), "{error}");
+    let remote = upload::read_remote_tree(&settings(port, None), tls)
+        .await
+        .unwrap_or_else(|e| panic!("read the copy: {e}"));
+    let name = file
+        .strip_prefix(dir.path())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert_eq!(
+        remote.files.get(&name).map(|(_, size)| *size),
+        Some(uploaded),
+        "the copy in object storage is the one uploaded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_throughput() {
     let port = free_port();

@@ -95,6 +95,17 @@ pub struct HoldRequest<'a> {
     pub body: &'a [u8],
 }
 
+/// What marking a `once` approval used came to.
+enum Consumption {
+    /// This call marked it: the request goes through on it.
+    Done,
+    /// It was used already (here or by another gateway), or no longer holds an approval.
+    Taken,
+    /// It could not be marked (an API error or timeout): not used, and nothing goes
+    /// through on it now.
+    Failed(String),
+}
+
 /// How holding a request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HoldOutcome {
@@ -614,10 +625,22 @@ impl Holder {
                     None => {
                         // Taken here first (as a waiter takes it), so that two holds on
                         // this gateway cannot both get past the checks below.
-                        once_usable(ar, now())
+                        if once_usable(ar, now())
                             && self.lock().consumed.insert(name.clone())
                             && !self.used_here(ar)
-                            && self.consume(ar).await
+                        {
+                            match self.consume(ar).await {
+                                Consumption::Done => true,
+                                Consumption::Taken => false,
+                                // Not used: a retry may still go through on it.
+                                Consumption::Failed(why) => {
+                                    self.lock().consumed.remove(&name);
+                                    return HoldOutcome::Failed { why };
+                                }
+                            }
+                        } else {
+                            false
+                        }
                     }
                 };
                 if usable && lasting.is_none() {
@@ -729,7 +752,22 @@ impl Holder {
                         };
                     }
                     Ok(Ok(ar)) if lasting(ar) => {}
-                    Ok(Ok(ar)) if first_here && !self.used_here(ar) && self.consume(ar).await => {
+                    Ok(Ok(ar)) if first_here && !self.used_here(ar) => {
+                        match self.consume(ar).await {
+                            Consumption::Done => {}
+                            Consumption::Taken => {
+                                return HoldOutcome::Used {
+                                    name,
+                                    decided_by: v.decided_by,
+                                    waited,
+                                };
+                            }
+                            // Not used: an identical retry may still go through on it.
+                            Consumption::Failed(why) => {
+                                self.lock().consumed.remove(&name);
+                                return HoldOutcome::Failed { why };
+                            }
+                        }
                         match self.record_used(ar).await {
                             Ok(true) => {}
                             Ok(false) => {
@@ -750,6 +788,9 @@ impl Holder {
                         };
                     }
                     Ok(Err(e)) => {
+                        if first_here {
+                            self.lock().consumed.remove(&name);
+                        }
                         return HoldOutcome::Failed {
                             why: format!(
                                 "AccessRequest {name} was approved, but cannot be read back to mark it used: {e}"
@@ -757,6 +798,9 @@ impl Holder {
                         };
                     }
                     Err(_) => {
+                        if first_here {
+                            self.lock().consumed.remove(&name);
+                        }
                         return HoldOutcome::Failed {
                             why: format!(
                                 "AccessRequest {name} was approved, but reading it back to mark it used timed out"
@@ -840,39 +884,76 @@ impl Holder {
         }
     }
 
-    /// Marks a `once` approval used (condition `Consumed` in its status, written with the
-    /// object's resourceVersion): `true` when this call did, `false` when it was used
-    /// already, changed meanwhile or cannot be written (then it is not used: fail closed).
-    async fn consume(&self, ar: &AccessRequest) -> bool {
-        let Some(status) = ar.status.clone() else {
-            return false;
-        };
-        if status.conditions.iter().any(|c| c.type_ == CONSUMED) {
-            return false;
-        }
-        let mut updated = ar.clone();
-        let mut status = status;
-        status.conditions.push(StatusCondition {
-            type_: CONSUMED.to_owned(),
-            status: "True".to_owned(),
-            reason: "Used".to_owned(),
-            message: format!(
-                "the approved request went through on node {}",
-                self.cfg.node
-            ),
-            last_transition_time: now().to_string(),
-        });
-        updated.status = Some(status);
+    /// Marks a `once` approval used: condition `Consumed` in its status, written with the
+    /// object's resourceVersion, so one gateway wins across all of them. A conflict from
+    /// another change of the object (a label, an annotation) is retried on the object as
+    /// read again; an error leaves it unused (fail closed: nothing goes through on it now,
+    /// an identical retry may).
+    async fn consume(&self, ar: &AccessRequest) -> Consumption {
         let name = ar.metadata.name.clone().unwrap_or_default();
-        matches!(
-            tokio::time::timeout(
+        let mut ar = ar.clone();
+        for _ in 0..3 {
+            let Some(mut status) = ar.status.clone() else {
+                return Consumption::Taken;
+            };
+            if status.conditions.iter().any(|c| c.type_ == CONSUMED)
+                || self
+                    .verified(&ar)
+                    .is_none_or(|v| v.phase != Phase::Approved)
+            {
+                return Consumption::Taken;
+            }
+            status.conditions.push(StatusCondition {
+                type_: CONSUMED.to_owned(),
+                status: "True".to_owned(),
+                reason: "Used".to_owned(),
+                message: format!(
+                    "the approved request went through on node {}",
+                    self.cfg.node
+                ),
+                last_transition_time: now().to_string(),
+            });
+            let mut updated = ar.clone();
+            updated.status = Some(status);
+            let written = tokio::time::timeout(
                 API_TIMEOUT,
                 self.api
                     .replace_status(&name, &PostParams::default(), &updated),
             )
-            .await,
-            Ok(Ok(_))
-        )
+            .await;
+            match written {
+                Ok(Ok(_)) => return Consumption::Done,
+                // Changed meanwhile: read it again and look once more.
+                Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
+                    match tokio::time::timeout(API_TIMEOUT, self.api.get(&name)).await {
+                        Ok(Ok(fresh)) => ar = fresh,
+                        Ok(Err(e)) => {
+                            return Consumption::Failed(format!(
+                                "AccessRequest {name} was approved, but cannot be read again to mark it used: {e}"
+                            ));
+                        }
+                        Err(_) => {
+                            return Consumption::Failed(format!(
+                                "AccessRequest {name} was approved, but reading it again to mark it used timed out"
+                            ));
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    return Consumption::Failed(format!(
+                        "AccessRequest {name} was approved, but it cannot be marked used: {e}"
+                    ));
+                }
+                Err(_) => {
+                    return Consumption::Failed(format!(
+                        "AccessRequest {name} was approved, but marking it used timed out"
+                    ));
+                }
+            }
+        }
+        Consumption::Failed(format!(
+            "AccessRequest {name} was approved, but it kept changing while being marked used"
+        ))
     }
 
     async fn create(

@@ -190,9 +190,11 @@
 //! conflict). A request that already names the version read goes as sent; one that names
 //! another version is answered 409 by the gateway, and one whose body cannot carry the
 //! precondition (not read whole, not JSON-shaped) 400. The recording holds the request as it
-//! was sent, precondition included. A request held for approval is judged again on what is
-//! stored when it is approved (also when the first decision found no object), and bound to
-//! that: a change made while it waited is denied if a rule now denies it, and answered 409
+//! was sent, precondition included. A request held for approval is decided again when it is
+//! approved, under the policy in force then (a rule added meanwhile, such as a change
+//! freeze, denies it; another rule asking for approval, or changed masking, answers 409),
+//! and judged again on what is stored then (also when the first decision found no object),
+//! and bound to that: a change made while it waited is denied if a rule now denies it, and answered 409
 //! if another rule now asks for approval or the masking of its answer changed. A body that
 //! cannot be bound is refused before it is held. An apply judged as a create (the object
 //! did not exist) cannot be bound: if the object is created in between, the apply changes

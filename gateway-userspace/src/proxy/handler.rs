@@ -328,22 +328,7 @@ impl Proxy {
                 // every request, allocated and moved on each request, stays small.
                 Box::pin(self.decide_by_content(&policy, base(), &pending, &judged, &as_whom)).await
             } else {
-                let base = base();
-                let evaluation = policy::evaluate(&policy, &base);
-                if let policy::Evaluation::ConditionFailed(_) = &evaluation {
-                    self.metrics.condition_failures.inc();
-                }
-                let decision = match evaluation {
-                    policy::Evaluation::Decided(d) | policy::Evaluation::ConditionFailed(d) => d,
-                    policy::Evaluation::NeedsContent { .. } => policy::decide(
-                        &policy,
-                        &base.with_content(
-                            policy::Content::Unavailable("not fetched"),
-                            policy::Content::Unavailable("not fetched"),
-                        ),
-                    ),
-                };
-                (decision, ReadVersion::Nothing)
+                (self.decide_plain(&policy, &base()), ReadVersion::Nothing)
             }
         };
         // What approval needs of the body: the bytes (fingerprint) and the object (summary).
@@ -420,14 +405,18 @@ impl Proxy {
             } else {
                 Action::Allow
             };
-            // A decision that read the stored object is taken again on what is stored now
-            // (the wait was minutes): the request is bound to that version, and denied if
-            // the object changed so that a rule denies it.
-            if read_version != ReadVersion::Nothing {
+            // The decision is taken again under the policy in force now, on what is stored
+            // now (the wait was minutes): a rule added meanwhile (an emergency deny) stops
+            // it, and a request whose decision read the stored object is bound to the
+            // version read now, and denied if the object changed so that a rule denies it.
+            {
                 let policy = arc_swap::Guard::into_inner(self.policy.load());
-                let (again, read) =
+                let (again, read) = if policy.reads_content() && info.is_mutating() {
                     Box::pin(self.decide_by_content(&policy, base(), &pending, &judged, &as_whom))
-                        .await;
+                        .await
+                } else {
+                    (self.decide_plain(&policy, &base()), ReadVersion::Nothing)
+                };
                 read_version = read;
                 // What the approval does not cover: another rule asking for approval, or
                 // masking that now applies (or no longer does); the client sends it again
@@ -1133,6 +1122,26 @@ pub(super) fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error>
 }
 
 impl Proxy {
+    /// The decision of a request whose content is not read (reads, and every request
+    /// under a policy without content conditions): a condition that would need it is
+    /// decided as unavailable.
+    fn decide_plain(&self, policy: &policy::Policy, base: &RequestContext<'_>) -> policy::Decision {
+        let evaluation = policy::evaluate(policy, base);
+        if let policy::Evaluation::ConditionFailed(_) = &evaluation {
+            self.metrics.condition_failures.inc();
+        }
+        match evaluation {
+            policy::Evaluation::Decided(d) | policy::Evaluation::ConditionFailed(d) => d,
+            policy::Evaluation::NeedsContent { .. } => policy::decide(
+                policy,
+                &(*base).with_content(
+                    policy::Content::Unavailable("not fetched"),
+                    policy::Content::Unavailable("not fetched"),
+                ),
+            ),
+        }
+    }
+
     /// Why `info` must be refused because recording is down: every mutating request, and
     /// reads unless `recording.readsWhileDown` lets them pass.
     fn unrecordable(&self, info: &RequestInfo) -> Option<String> {

@@ -264,8 +264,11 @@ impl Proxy {
                     "chaperone: this request needs approval (Chaperone policy rule \"{rule}\") and cannot be held for it, so it is refused: {why}"
                 );
                 tracing::warn!(%why, "request needing approval refused");
+                self.metrics.approval_hold_failures.inc();
                 note(record, "failed", None, None, None);
-                record.outcome = Outcome::Denied;
+                // Not a person's or the policy's denial: the AccessRequest store (the API
+                // server) or the node's record of used approvals failed.
+                record.outcome = Outcome::UpstreamFailed;
                 record.reason = Some(why.clone());
                 Err(Status::service_unavailable(why, HOLD_RETRY_AFTER_SECONDS))
             }

@@ -397,11 +397,14 @@ pub fn read_tree(dir: &Path) -> Result<Tree, String> {
             let entry = entry.map_err(|e| format!("{}: {e}", d.display()))?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.starts_with('_') {
-                continue;
-            }
+            // Every `*.parquet` is looked at, hidden or not: DuckDB's and pyarrow's globs
+            // read `_x.parquet` and `.x.parquet` too, so a planted one must show as
+            // unlisted. (Files being written end in `.inprogress`, kept failures in
+            // `.failed`.)
             if path.is_dir() {
-                stack.push(path);
+                if path != manifests {
+                    stack.push(path);
+                }
             } else if name.ends_with(".parquet") {
                 let digest = file_digest(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let relative = path

@@ -151,6 +151,24 @@ async fn an_unlisted_file_is_reported() {
 }
 
 #[tokio::test]
+async fn a_hidden_planted_file_is_reported_too() {
+    // DuckDB's `**/*.parquet` reads hidden and underscore names: so must verify.
+    for planted in ["_planted.parquet", ".planted.parquet", ".hidden/x.parquet"] {
+        let tree = recorded_tree().await;
+        let dir = files_of(tree.path(), "node-a")[0]
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let path = dir.join(planted);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(&path, b"PAR1 planted PAR1").unwrap_or_else(|e| panic!("{e}"));
+        assert_reports(&verify(tree.path(), None), "unlisted: ");
+    }
+}
+
+#[tokio::test]
 async fn a_file_swapped_between_nodes_is_reported() {
     let tree = recorded_tree().await;
     let a = files_of(tree.path(), "node-a")[0].clone();

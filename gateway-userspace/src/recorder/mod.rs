@@ -672,7 +672,7 @@ impl RecorderHandle {
     /// log, so its outcome is known at the next start.
     pub fn shed(&self, row: &RequestRecord) {
         if let Some(wal) = &self.wal {
-            wal.end(row);
+            wal.end_lost(row);
         }
         self.shared.lose(1);
         tracing::error!(audit_id = %row.audit_id, "recording row lost: recording is too far behind to hold it");
@@ -683,12 +683,15 @@ impl RecorderHandle {
     pub async fn record_boxed(&self, row: Box<RequestRecord>) -> Result<(), RecorderError> {
         // The final row of a begun request goes to the log first: should it never reach a
         // Parquet file, the replay still knows the outcome.
-        if let Some(wal) = &self.wal {
-            wal.end(&row);
-        }
         if let Some(error) = self.shared.current_error() {
+            if let Some(wal) = &self.wal {
+                wal.end_lost(&row);
+            }
             self.shared.lose(1);
             return Err(error);
+        }
+        if let Some(wal) = &self.wal {
+            wal.end(&row);
         }
         // Boxed so a queued row costs one pointer in the channel's blocks.
         self.queue

@@ -324,16 +324,48 @@ impl Uploader {
         let mut result = Ok(());
         for file in pending {
             let key = key(&self.settings.prefix, &file.relative);
-            // After a restart the copy may be there already.
-            if !file.manifest
-                && !self.confirmed.contains_key(&file.relative)
-                && let Ok(meta) = self.store.head(&key).await
-                && meta.size == file.size
-            {
-                self.confirmed.insert(file.relative.clone(), file.size);
-                continue;
+            // A published data file never changes: one whose size moved after its upload
+            // was confirmed was modified on the node, and the copy in object storage is the
+            // evidence. It is not uploaded over (`chaperone verify` names the local file).
+            if !file.manifest {
+                if let Some(size) = self.confirmed.get(&file.relative) {
+                    let why = format!(
+                        "{} is {} bytes, but {size} were uploaded to {key}: it changed after its upload, so it is not uploaded over the copy in object storage",
+                        file.path.display(),
+                        file.size
+                    );
+                    tracing::error!("{why}");
+                    result = Err(why);
+                    continue;
+                }
+                // After a restart the copy may be there already; a different one is kept.
+                match self.store.head(&key).await {
+                    Ok(meta) if meta.size == file.size => {
+                        self.confirmed.insert(file.relative.clone(), file.size);
+                        continue;
+                    }
+                    Ok(meta) => {
+                        let why = format!(
+                            "{} is {} bytes, but {key} holds {} bytes already: not uploaded over it",
+                            file.path.display(),
+                            file.size,
+                            meta.size
+                        );
+                        tracing::error!("{why}");
+                        result = Err(why);
+                        continue;
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        result = Err(format!(
+                            "upload {}: cannot look up {key}: {e}",
+                            file.path.display()
+                        ));
+                        break;
+                    }
+                }
             }
-            let bytes = match tokio::fs::read(&file.path).await {
+            let mut bytes = match tokio::fs::read(&file.path).await {
                 Ok(bytes) => bytes,
                 // Gone meanwhile (retention, or a manifest being rewritten): next round.
                 Err(e) => {
@@ -341,6 +373,13 @@ impl Uploader {
                     continue;
                 }
             };
+            // A manifest is read up to its last complete line: an entry being appended
+            // (and possibly cut back) is not shipped half-written, which would leave the
+            // local manifest no longer extending the uploaded copy.
+            if file.manifest {
+                let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                bytes.truncate(complete);
+            }
             if file.manifest
                 && let Err(why) = self.check_extends(&key, &file.relative, &bytes).await
             {

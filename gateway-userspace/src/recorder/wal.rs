@@ -426,8 +426,10 @@ struct Tracking {
     outstanding: HashMap<String, u64>,
     /// The begin record of each request still open (begun, no end logged), copied forward
     /// into a new segment when it has outlived a whole segment (a long exec session), so
-    /// old segments can go. A request that ended is never carried: its end record is in a
-    /// segment no older than its begin's, which stays until the row is published.
+    /// old segments can go. A request that ended is not carried: its end record is in a
+    /// segment no older than its begin's, which stays until the row is published. One
+    /// whose row was lost (shed, or refused while recording was down) is carried with
+    /// its end record: it will not be published before the next start.
     records: HashMap<String, Arc<Vec<u8>>>,
     counts: BTreeMap<u64, usize>,
     existing: BTreeSet<u64>,
@@ -517,11 +519,22 @@ impl Tracking {
 
 type Reply = oneshot::Sender<Result<(), RecorderError>>;
 
+/// What a queued record does to the tracking once it is written.
+#[derive(Debug, Clone, Copy)]
+enum JobKind {
+    /// A begin: tracked once it is durable, carried into new segments while open.
+    Begin,
+    /// An end: its request is no longer carried (its row is about to be published).
+    End,
+    /// An end whose row will not be published before the next start: the request's begin
+    /// and end are carried together.
+    LostEnd,
+}
+
 struct Job {
     bytes: Vec<u8>,
-    /// Whose record this is, and which kind: a begin is tracked once it is durable, an end
-    /// stops its request from being carried into new segments.
-    entry: (EntryKind, String),
+    /// Whose record this is, and what it does to the tracking.
+    entry: (JobKind, String),
     /// Someone waits for the record to be durable.
     reply: Option<Reply>,
 }
@@ -626,7 +639,7 @@ impl Wal {
         self.jobs
             .send(Job {
                 bytes,
-                entry: (EntryKind::Begin, row.audit_id.clone()),
+                entry: (JobKind::Begin, row.audit_id.clone()),
                 reply: Some(reply),
             })
             .map_err(|_| RecorderError::Stopped)?;
@@ -636,6 +649,18 @@ impl Wal {
     /// Appends the final row of a request that was begun (others are ignored); not waited
     /// for: if it is lost, the begin record still yields an `unknown` row.
     pub fn end(&self, row: &RequestRecord) {
+        self.end_as(row, JobKind::End);
+    }
+
+    /// [`Wal::end`] for a row that will not reach a Parquet file before the next start (it
+    /// was shed, or refused while recording is down): the log is then its only record, so
+    /// its begin and end are carried into new segments like an open request's, rather
+    /// than keeping their segment, and every later one, until the next start.
+    pub fn end_lost(&self, row: &RequestRecord) {
+        self.end_as(row, JobKind::LostEnd);
+    }
+
+    fn end_as(&self, row: &RequestRecord, kind: JobKind) {
         if !self.tracker.is_outstanding(&row.audit_id) {
             return;
         }
@@ -643,7 +668,7 @@ impl Wal {
             Ok(bytes) => {
                 let _ = self.jobs.send(Job {
                     bytes,
-                    entry: (EntryKind::End, row.audit_id.clone()),
+                    entry: (kind, row.audit_id.clone()),
                     reply: None,
                 });
             }
@@ -737,13 +762,26 @@ impl LogWriter {
                     for job in batch {
                         let (kind, id) = job.entry;
                         match kind {
-                            EntryKind::Begin => {
+                            JobKind::Begin => {
                                 state.outstanding.insert(id.clone(), seq);
                                 state.records.insert(id, Arc::new(job.bytes));
                                 *state.counts.entry(seq).or_insert(0) += 1;
                             }
-                            EntryKind::End => {
+                            JobKind::End => {
                                 state.records.remove(&id);
+                            }
+                            // Its row will not be published before the next start: its
+                            // begin and end travel on together as old segments go.
+                            JobKind::LostEnd => {
+                                if let Some(begin) = state.records.get(&id) {
+                                    let mut both =
+                                        Vec::with_capacity(begin.len() + job.bytes.len());
+                                    both.extend_from_slice(begin);
+                                    both.extend_from_slice(&job.bytes);
+                                    state.records.insert(id, Arc::new(both));
+                                } else {
+                                    state.records.remove(&id);
+                                }
                             }
                         }
                         replies.extend(job.reply);

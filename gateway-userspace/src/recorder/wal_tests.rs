@@ -659,3 +659,46 @@ async fn ended_but_unpublished_requests_are_not_carried() {
         tracker.stats()
     );
 }
+
+/// A request whose row was lost (shed, or refused while recording was down) is never
+/// published before the next start: it travels with new segments, its final row included,
+/// instead of keeping its segment and every later one on disk.
+#[tokio::test]
+async fn a_lost_row_is_carried_forward_with_its_final_row() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (wal, tracker, _thread) = Wal::start_sized(dir.path(), 1, 8 * 1024, no_failure())
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let mut lost = create_row(0);
+    wal.begin(&lost)
+        .await
+        .unwrap_or_else(|e| panic!("begin: {e}"));
+    lost.response_code = 201;
+    lost.outcome = Outcome::Forwarded;
+    wal.end_lost(&lost);
+    // Many short requests, each published right away, rotate through many segments.
+    for i in 1..200 {
+        let row = create_row(i);
+        wal.begin(&row)
+            .await
+            .unwrap_or_else(|e| panic!("begin: {e}"));
+        tracker.published([row.audit_id.as_str()]);
+    }
+    let stats = tracker.stats();
+    assert_eq!(stats.outstanding, 1, "only the lost row waits: {stats:?}");
+    assert!(
+        stats.segments <= 3,
+        "old segments go although a row was lost: {stats:?}"
+    );
+    let recovery = wal::recover(dir.path()).unwrap_or_else(|e| panic!("recover: {e}"));
+    let found: Vec<&RequestRecord> = recovery
+        .rows
+        .iter()
+        .filter(|r| r.audit_id == lost.audit_id)
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].outcome, found[0].response_code),
+        (Outcome::Forwarded, 201),
+        "the final row, not an unknown begin"
+    );
+}
