@@ -188,23 +188,12 @@ fn check_loads_the_ca_key_in_the_formats_clusters_use() {
 fn check_loads_the_signing_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let (ca, key) = gateway_userspace::tls::CertificateAuthority::generate("check-ca").expect("ca");
-    std::fs::write(d.join("ca.crt"), ca.cert_pem()).expect("ca.crt");
-    std::fs::write(d.join("ca.key"), key).expect("ca.key");
-    std::fs::write(d.join("token"), "t").expect("token");
     std::fs::write(d.join("signing.pem"), "not a key").expect("signing key");
-    let config = d.join("chaperone.yaml");
     let p = d.display();
-    std::fs::write(
-        &config,
-        format!(
-            "listen:\n  address: 127.0.0.1:15443\ninterception:\n  mode: none\n\
-             upstream:\n  url: https://127.0.0.1:6443\n  caFile: {p}/ca.crt\n  tokenFile: {p}/token\n\
-             tls:\n  caCertFile: {p}/ca.crt\n  caKeyFile: {p}/ca.key\n\
-             recording:\n  dir: {p}/rec\n  signingKeyFile: {p}/signing.pem\npolicy: allowAll\n"
-        ),
-    )
-    .expect("config");
+    let config = check_config(
+        d,
+        &format!("  signingKeyFile: {p}/signing.pem\npolicy: allowAll\n"),
+    );
     let out = chaperone(&["check", "--config", config.to_str().expect("utf-8 path")]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
@@ -539,27 +528,13 @@ fn verify_checks_the_copy_in_object_storage() {
 fn check_finds_approve_rules_without_an_approval_section() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let (ca, key) = gateway_userspace::tls::CertificateAuthority::generate("check-ca").expect("ca");
-    std::fs::write(d.join("ca.crt"), ca.cert_pem()).expect("ca.crt");
-    std::fs::write(d.join("ca.key"), key).expect("ca.key");
-    std::fs::write(d.join("token"), "t").expect("token");
     std::fs::write(
         d.join("policy.yaml"),
         "apiVersion: chaperone.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: scale-needs-a-person\n    action: approve\n    verbs: [patch]\n    apiGroups: [apps]\n    resources: [deployments/scale]\n    approval:\n      approvers: {users: [alice]}\n",
     )
     .expect("policy");
-    let config = d.join("chaperone.yaml");
     let p = d.display();
-    std::fs::write(
-        &config,
-        format!(
-            "listen:\n  address: 127.0.0.1:15443\ninterception:\n  mode: none\n\
-             upstream:\n  url: https://127.0.0.1:6443\n  caFile: {p}/ca.crt\n  tokenFile: {p}/token\n\
-             tls:\n  caCertFile: {p}/ca.crt\n  caKeyFile: {p}/ca.key\n\
-             recording:\n  dir: {p}/rec\npolicy:\n  file: {p}/policy.yaml\n"
-        ),
-    )
-    .expect("config");
+    let config = check_config(d, &format!("policy:\n  file: {p}/policy.yaml\n"));
     let out = chaperone(&["check", "--config", config.to_str().expect("utf-8 path")]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
@@ -571,4 +546,26 @@ fn check_finds_approve_rules_without_an_approval_section() {
     let policy = d.join("policy.yaml");
     let out = chaperone(&["check", "--policy", policy.to_str().expect("utf-8 path")]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
+
+/// A config for `check` in `d` (with a fresh CA and a token), `rest` appended after
+/// `recording.dir`; returns its path.
+fn check_config(d: &std::path::Path, rest: &str) -> std::path::PathBuf {
+    let (ca, key) = gateway_userspace::tls::CertificateAuthority::generate("check-ca").expect("ca");
+    std::fs::write(d.join("ca.crt"), ca.cert_pem()).expect("ca.crt");
+    std::fs::write(d.join("ca.key"), key).expect("ca.key");
+    std::fs::write(d.join("token"), "t").expect("token");
+    let config = d.join("chaperone.yaml");
+    let p = d.display();
+    std::fs::write(
+        &config,
+        format!(
+            "listen:\n  address: 127.0.0.1:15443\ninterception:\n  mode: none\n\
+             upstream:\n  url: https://127.0.0.1:6443\n  caFile: {p}/ca.crt\n  tokenFile: {p}/token\n\
+             tls:\n  caCertFile: {p}/ca.crt\n  caKeyFile: {p}/ca.key\n\
+             recording:\n  dir: {p}/rec\n{rest}"
+        ),
+    )
+    .expect("config");
+    config
 }

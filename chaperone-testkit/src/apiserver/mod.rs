@@ -328,6 +328,15 @@ impl TestApiServer {
             .clear();
     }
 
+    /// Runs `race` just before the server handles the first request `when` matches.
+    fn race(&self, when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static, race: Race) {
+        self.state
+            .races
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Box::new(when), race));
+    }
+
     /// Inserts or replaces an object directly (no validation; missing namespaces are
     /// created; status is kept as given), returning it as stored.
     pub fn seed(&self, obj: Value) -> Result<Value, ApiServerError> {
@@ -339,11 +348,7 @@ impl TestApiServer {
     /// requests of the gateway's, a race a test could not otherwise time. A seed that
     /// fails panics the request's task (the request then fails), so a test notices.
     pub fn seed_on(&self, when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static, obj: Value) {
-        self.state
-            .races
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((Box::new(when), Race::Seed(obj)));
+        self.race(when, Race::Seed(obj));
     }
 
     /// Answers the first request `when` matches with `status` instead of serving it: a
@@ -353,11 +358,7 @@ impl TestApiServer {
         when: impl Fn(&SeenRequest) -> bool + Send + Sync + 'static,
         status: Status,
     ) {
-        self.state
-            .races
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((Box::new(when), Race::Refuse(Box::new(status))));
+        self.race(when, Race::Refuse(Box::new(status)));
     }
 
     /// Answers the first request `when` matches with `code`, `content_type` and `body`
@@ -370,14 +371,7 @@ impl TestApiServer {
         content_type: &'static str,
         body: impl Into<Bytes>,
     ) {
-        self.state
-            .races
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((
-                Box::new(when),
-                Race::Answer(code, content_type, body.into()),
-            ));
+        self.race(when, Race::Answer(code, content_type, body.into()));
     }
 
     /// Deletes an object (`resource` is the plural) once, just before the server handles
@@ -389,18 +383,14 @@ impl TestApiServer {
         namespace: &str,
         name: &str,
     ) {
-        self.state
-            .races
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((
-                Box::new(when),
-                Race::Delete {
-                    plural: resource.to_owned(),
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                },
-            ));
+        self.race(
+            when,
+            Race::Delete {
+                plural: resource.to_owned(),
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            },
+        );
     }
 
     /// A stored object: `resource` is the plural (`pods`, `deployments`), `namespace` is

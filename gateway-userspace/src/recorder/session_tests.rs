@@ -186,10 +186,14 @@ async fn port_forward_records_counts_not_payloads() {
     assert_eq!(rows.last().map(|r| r.event), Some(FrameEventKind::End));
 }
 
-#[test]
-fn a_full_queue_ends_the_session_once_the_bound_is_reached() {
-    // A queue of one that nobody reads: the first chunk fits, the rest waits.
-    let (queue, _rows) = mpsc::channel(1);
+/// A handle whose queue holds one message and is never read: the first chunk fits, the
+/// rest waits. The receiver and runtime must outlive the handle.
+fn stuck_handle() -> (
+    RecorderHandle,
+    mpsc::Receiver<crate::recorder::Message>,
+    tokio::runtime::Runtime,
+) {
+    let (queue, rows) = mpsc::channel(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
@@ -201,6 +205,12 @@ fn a_full_queue_ends_the_session_once_the_bound_is_reached() {
         max_session_bytes: u64::MAX,
         runtime: runtime.handle().clone(),
     };
+    (handle, rows, runtime)
+}
+
+#[test]
+fn a_full_queue_ends_the_session_once_the_bound_is_reached() {
+    let (handle, _rows, _runtime) = stuck_handle();
     let mut session = handle.session("s-full", SessionKind::Exec);
     let payload = vec![b'x'; 64 * 1024];
     let mut failed_at = None;
@@ -228,18 +238,7 @@ fn a_full_queue_ends_the_session_once_the_bound_is_reached() {
 fn a_flood_of_empty_frames_reaches_the_bound_too() {
     // Each empty frame is a row (an empty stdin frame means something); rows cost memory
     // whatever their payload.
-    let (queue, _rows) = mpsc::channel(1);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap_or_else(|e| panic!("runtime: {e}"));
-    let handle = RecorderHandle {
-        queue,
-        shared: Arc::default(),
-        wal: None,
-        replayed: 0,
-        max_session_bytes: u64::MAX,
-        runtime: runtime.handle().clone(),
-    };
+    let (handle, _rows, _runtime) = stuck_handle();
     let mut session = handle.session("s-empty", SessionKind::Exec);
     let failed_at = (0..1_000_000)
         .find(|_| session.frame("to_server", "stdin", b"").is_err())
