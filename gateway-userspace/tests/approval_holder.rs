@@ -1027,3 +1027,52 @@ async fn an_approval_that_cannot_be_marked_used_stays_for_the_retry() {
     let _ = e.access_requests(2).await;
     let _ = third.await;
 }
+
+/// Holds that arrive together for one workload are taken in turn: identical ones share one
+/// AccessRequest (approvers are asked once), and the pending cap holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_arriving_together_ask_once_and_keep_the_cap() {
+    let e = env(true).await;
+    let holder = e.holder("node-a", 2);
+    let a = approval(Duration::from_secs(2), GrantSpec::Once, ApprovalMode::Hold);
+    let spawn = |body: &'static [u8]| {
+        let holder = holder.clone();
+        let a = a.clone();
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", body)).await })
+    };
+    let identical: Vec<_> = (0..6).map(|_| spawn(b"{}")).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        e.api()
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1,
+        "identical requests arriving together ask once"
+    );
+    // Distinct requests: one more fits under the cap of 2, the others are refused.
+    let bodies: [&'static [u8]; 4] = [b"{\"a\":1}", b"{\"a\":2}", b"{\"a\":3}", b"{\"a\":4}"];
+    let distinct: Vec<_> = bodies.into_iter().map(spawn).collect();
+    let mut refused = 0;
+    for task in distinct {
+        if matches!(task.await.expect("hold task"), HoldOutcome::Failed { why } if why.contains("already has"))
+        {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3, "the cap of 2 pending held");
+    assert_eq!(
+        e.api()
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        2
+    );
+    for task in identical {
+        let _ = task.await;
+    }
+}

@@ -233,6 +233,9 @@ async fn client_for(dir: &std::path::Path, server: &str, token: &str) -> kube::C
     )
     .await
     .unwrap();
+    // As `chaperone approve` builds it: a decision is not retried behind the user's back.
+    let mut config = config;
+    config.default_retry = false;
     kube::Client::try_from(config).unwrap()
 }
 
@@ -922,4 +925,27 @@ async fn idle_connections_are_closed_and_watches_run_on() {
         started.elapsed()
     );
     assert!(text.contains("ar-idle"), "{text}");
+}
+
+/// A decision write the API server fails with a 5xx may have been applied: it is answered
+/// 504 ("may or may not have been written"), not refused, and recorded `unknown`.
+#[tokio::test]
+async fn a_decision_write_that_failed_midway_is_unknown_not_refused() {
+    let h = Harness::start().await;
+    h.pending("ar-5xx", None).await;
+    h.apiserver.refuse_on(
+        |r| r.method == "PUT" && r.path_and_query.contains("accessrequests/ar-5xx/status"),
+        gateway_userspace::status::Status::failure(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: leader changed",
+        ),
+    );
+    let (code, body) = post(&h.approver("alice").await, "ar-5xx", "approve", "{}").await;
+    assert_eq!(code, 504, "{body}");
+    assert!(
+        message(&body).contains("may or may not have been written")
+            && message(&body).contains("chaperone requests ar-5xx"),
+        "{body}"
+    );
 }

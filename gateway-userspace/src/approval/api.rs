@@ -1001,7 +1001,17 @@ impl ApprovalApi {
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 Err(Status::not_found(GROUP, PLURAL, name))
             }
-            Err(e) => Err(upstream(e)),
+            // Refused before it was written (the API server's other 4xx answers).
+            Err(kube::Error::Api(s)) if s.code < 500 => Err(upstream(kube::Error::Api(s))),
+            // A 5xx, or a connection lost after the write was sent: it may have been
+            // written (etcd applied it, the answer was lost), so not "refused".
+            Err(e) => Err(Status::failure(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                format!(
+                    "the API server failed while the decision was being written ({e}); it may or may not have been written: check with `chaperone requests {name}`"
+                ),
+            )),
         }
     }
 
@@ -1055,7 +1065,17 @@ impl ApprovalApi {
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 Err(Status::not_found(GROUP, PLURAL, name))
             }
-            Err(e) => Err(upstream(e)),
+            // Refused before it was written (the API server's other 4xx answers).
+            Err(kube::Error::Api(s)) if s.code < 500 => Err(upstream(kube::Error::Api(s))),
+            // A 5xx, or a connection lost after the write was sent: it may have been
+            // written (etcd applied it, the answer was lost), so not "refused".
+            Err(e) => Err(Status::failure(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                format!(
+                    "the API server failed while the decision was being written ({e}); it may or may not have been written: check with `chaperone requests {name}`"
+                ),
+            )),
         }
     }
 

@@ -167,6 +167,10 @@ impl Connection {
                 ..Default::default()
             };
         }
+        // A decision is not sent again behind the user's back: a 504 ("it may have been
+        // written") is for the user to look at (`chaperone requests`), and kube-rs's
+        // retries would back off for minutes.
+        config.default_retry = false;
         kube::Client::try_from(config).context("building the client for the approvals API")
     }
 

@@ -192,6 +192,10 @@ struct State {
     expiry: HashMap<String, jiff::Timestamp>,
     /// Decisions observed since the last `forget_old`.
     observed: usize,
+    /// One lock per workload, held from listing its AccessRequests to creating one, so
+    /// that concurrent holds neither pass the pending cap together nor create duplicates
+    /// of one request (and page approvers twice).
+    creating: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// How long past its expiry an AccessRequest is remembered: longer than any `once`
@@ -428,6 +432,18 @@ impl Holder {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Waits for `wkey`'s turn to look up and create AccessRequests (see
+    /// `State::creating`); the turn ends when the guard is dropped.
+    async fn turn(&self, wkey: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut state = self.lock();
+            // Locks nobody holds or waits for are dropped as others are taken.
+            state.creating.retain(|_, l| Arc::strong_count(l) > 1);
+            state.creating.entry(wkey.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
     /// The verified decision on `ar`, if it is decided and sealed; a decided status
     /// without a valid seal is counted as tampering and ignored.
     fn verified(&self, ar: &AccessRequest) -> Option<Verdict> {
@@ -575,6 +591,7 @@ impl Holder {
             };
         }
         let wlabel = workload_label(&req.workload);
+        let turn = self.turn(&wkey).await;
         let listed = tokio::time::timeout(
             API_TIMEOUT,
             self.api
@@ -695,6 +712,8 @@ impl Holder {
                 }
             }
         };
+        // Created or found: the next hold of this workload lists it.
+        drop(turn);
         let name = ar.metadata.name.clone().unwrap_or_default();
         if req.approval.mode == ApprovalMode::Async {
             return HoldOutcome::Queued { name };
