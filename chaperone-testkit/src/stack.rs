@@ -579,6 +579,7 @@ fn approval_setup(
             api: None,
             notify: Default::default(),
             max_pending_per_workload: 10,
+            max_waiting_per_workload: 32,
         },
         key,
     ))

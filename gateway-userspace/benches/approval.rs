@@ -77,6 +77,7 @@ async fn env() -> Env {
             node: "bench".into(),
             seal_key: key.clone(),
             max_pending_per_workload: 1_000_000,
+            max_waiting_per_workload: 1_000_000,
             used: None,
         },
     );

@@ -94,6 +94,11 @@ pub struct Metrics {
     pub upstream_credential_up: Gauge,
     /// Requests needing approval that could not be held (the AccessRequest store failed).
     pub approval_hold_failures: Counter,
+    /// Requests needing approval refused (429) because their workload had
+    /// `approval.maxWaitingPerWorkload` requests held already.
+    pub approval_busy: Counter,
+    /// Requests held for approval on this gateway right now.
+    pub approval_waiting: Gauge,
 }
 
 impl Metrics {
@@ -199,6 +204,18 @@ impl Metrics {
             "Requests needing approval refused (503) because they could not be held: the AccessRequest store (the API server) failed or timed out, or a used approval could not be recorded",
             approval_hold_failures.clone(),
         );
+        let approval_busy = Counter::default();
+        registry.register(
+            "approval_busy",
+            "Requests needing approval refused (429) because their workload already had approval.maxWaitingPerWorkload requests held on this node",
+            approval_busy.clone(),
+        );
+        let approval_waiting = Gauge::default();
+        registry.register(
+            "approval_waiting",
+            "Requests held for approval on this node right now (waiting for a decision, or for their workload's turn to ask for one)",
+            approval_waiting.clone(),
+        );
         let upstream_credential_up = Gauge::default();
         upstream_credential_up.set(1);
         registry.register(
@@ -231,6 +248,8 @@ impl Metrics {
             pod_watch_errors,
             upstream_credential_up,
             approval_hold_failures,
+            approval_busy,
+            approval_waiting,
         })
     }
 
@@ -499,6 +518,41 @@ pub struct StatusReport {
     pub recording: RecorderHealth,
     /// The kernel side, when eBPF interception is on.
     pub interception: Option<InterceptionStatus>,
+    /// This node's pods, when a watch names them (`identity.watchPods`).
+    pub pods: Option<PodsReport>,
+}
+
+/// The pod watch part of `/status`.
+#[derive(Debug, Serialize)]
+pub struct PodsReport {
+    /// Whether the first complete list has arrived (until then, connections from pods
+    /// are refused with 503).
+    pub listed: bool,
+    /// Pods known.
+    pub count: usize,
+    /// The watch's error while it fails (connections from pods it does not know are
+    /// refused with 503 until it is back).
+    pub watch_error: Option<String>,
+}
+
+impl PodsReport {
+    fn of(pods: &crate::identity::pods::PodStore) -> Option<Self> {
+        pods.is_watched().then(|| Self {
+            listed: pods.is_synced(),
+            count: pods.len(),
+            watch_error: pods.watch_error(),
+        })
+    }
+
+    /// Why the gateway cannot name new pods now, if so.
+    fn problem(&self) -> Option<String> {
+        if !self.listed {
+            return Some("this node's pods are not listed yet".to_owned());
+        }
+        self.watch_error
+            .as_ref()
+            .map(|e| format!("the watch of this node's pods is failing: {e}"))
+    }
 }
 
 /// The credential part of `/status`.
@@ -557,6 +611,8 @@ pub struct Admin {
     pub recorder: RecorderStatus,
     /// The gateway's credential for the API server (`None` in tests without one).
     pub credential: Option<Arc<crate::proxy::credential::UpstreamCredential>>,
+    /// This node's pods (the identity's store).
+    pub pods: Option<crate::identity::pods::PodStore>,
 }
 
 impl Admin {
@@ -598,7 +654,12 @@ impl Admin {
                     (Ok(()), Some(reason)) => Some(format!(
                         "the gateway's credential for the API server is unavailable: {reason}"
                     )),
-                    (Ok(()), None) => None,
+                    (Ok(()), None) => self
+                        .pods
+                        .as_ref()
+                        .and_then(PodsReport::of)
+                        .and_then(|p| p.problem())
+                        .map(|p| format!("{p}: requests from pods it does not know are refused")),
                 };
                 match not_ready {
                     None => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
@@ -622,6 +683,7 @@ impl Admin {
                     ),
                     recording: self.recorder.health_report(),
                     interception: self.interceptor.as_ref().map(|i| i.status()),
+                    pods: self.pods.as_ref().and_then(PodsReport::of),
                 };
                 let body = serde_json::to_string_pretty(&report).unwrap_or_default();
                 text(StatusCode::OK, "application/json", body)

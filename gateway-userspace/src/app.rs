@@ -322,6 +322,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         reloader: reloader.clone(),
         recorder: recorder_status,
         credential: Some(credential.clone()),
+        pods: Some(identity.pods().clone()),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(reloader) = reloader {
@@ -399,11 +400,13 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 node: node.clone(),
                 seal_key,
                 max_pending_per_workload: approval.max_pending_per_workload,
+                max_waiting_per_workload: approval.max_waiting_per_workload,
                 used: Some(used),
             },
             notifier.clone(),
         );
         holder.count_tampering_in(metrics.approval_tampering.clone());
+        holder.count_waiting_in(metrics.approval_waiting.clone());
         let watch_drain = proxy_watch.clone();
         let watcher = holder.clone();
         tokio::spawn(async move {

@@ -873,8 +873,25 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
             u["uploaded"], u["pending"], u["lag_seconds"], u["failures"]
         );
     }
+    let pods = &v["pods"];
+    let mut pods_degraded = false;
+    if !pods.is_null() {
+        if pods["listed"].as_bool() != Some(true) {
+            pods_degraded = true;
+            println!("pods:      NOT LISTED YET; connections from pods are refused until they are");
+        } else if let Some(error) = pods["watch_error"].as_str() {
+            pods_degraded = true;
+            println!(
+                "pods:      {} known; WATCH FAILING, connections from pods it does not know are refused: {error}",
+                pods["count"]
+            );
+        } else {
+            println!("pods:      {} known, watch current", pods["count"]);
+        }
+    }
     // Scripts and probes can tell a degraded gateway by the exit code.
-    let degraded = r["up"].as_bool() != Some(true) || !v["credential"]["error"].is_null();
+    let degraded =
+        r["up"].as_bool() != Some(true) || !v["credential"]["error"].is_null() || pods_degraded;
     let i = &v["interception"];
     if i.is_null() {
         println!("interception: off (mode none)");
@@ -910,11 +927,11 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
 }
 
 /// `chaperone status`'s result: an error (exit code 1) when the gateway refuses requests
-/// because recording is down or it has no credential.
+/// because recording is down, it has no credential or it cannot name new pods.
 fn degraded_result(degraded: bool) -> anyhow::Result<()> {
     anyhow::ensure!(
         !degraded,
-        "the gateway is degraded: it refuses requests it cannot record or forward (see above)"
+        "the gateway is degraded: it refuses requests it cannot record, forward or attribute (see above)"
     );
     Ok(())
 }

@@ -169,6 +169,16 @@ impl Status {
         })
     }
 
+    /// 429 `TooManyRequests` with a `retryAfterSeconds` hint (client-go waits and retries).
+    pub fn too_many_requests(message: impl Into<String>, retry_after_seconds: u32) -> Self {
+        Self::failure(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message).with_details(
+            StatusDetails {
+                retry_after_seconds: Some(retry_after_seconds),
+                ..Default::default()
+            },
+        )
+    }
+
     /// Replaces the details.
     pub fn with_details(mut self, details: StatusDetails) -> Self {
         self.details = Some(details);

@@ -8,7 +8,9 @@ use std::{sync::Arc, time::Duration};
 use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
 use gateway_userspace::{
     approval::{
-        holder::{HoldOutcome, HoldRequest, Holder, HolderConfig},
+        holder::{
+            DEFAULT_MAX_WAITING_PER_WORKLOAD, HoldOutcome, HoldRequest, Holder, HolderConfig,
+        },
         resource::{
             AccessRequest, AccessRequestStatus, Approvers, GrantScope, Phase, RequestedAction,
             WorkloadRef, crd_yaml,
@@ -69,6 +71,14 @@ impl Env {
         self.holder_recording_in(node, max_pending, None)
     }
 
+    /// A holder holding at most `max_waiting` requests of one workload at once.
+    fn holder_waiting(&self, node: &str, max_waiting: usize) -> Arc<Holder> {
+        self.holder_with(HolderConfig {
+            max_waiting_per_workload: max_waiting,
+            ..self.config(node, 10, None)
+        })
+    }
+
     /// A holder that records the `once` approvals it uses in `used`.
     fn holder_recording_in(
         &self,
@@ -76,16 +86,22 @@ impl Env {
         max_pending: usize,
         used: Option<Arc<UsedLog>>,
     ) -> Arc<Holder> {
-        let holder = Holder::new(
-            self.client.clone(),
-            HolderConfig {
-                namespace: NS.into(),
-                node: node.into(),
-                seal_key: self.key.clone(),
-                max_pending_per_workload: max_pending,
-                used,
-            },
-        );
+        self.holder_with(self.config(node, max_pending, used))
+    }
+
+    fn config(&self, node: &str, max_pending: usize, used: Option<Arc<UsedLog>>) -> HolderConfig {
+        HolderConfig {
+            namespace: NS.into(),
+            node: node.into(),
+            seal_key: self.key.clone(),
+            max_pending_per_workload: max_pending,
+            max_waiting_per_workload: DEFAULT_MAX_WAITING_PER_WORKLOAD,
+            used,
+        }
+    }
+
+    fn holder_with(&self, config: HolderConfig) -> Arc<Holder> {
+        let holder = Holder::new(self.client.clone(), config);
         tokio::spawn(holder.clone().run_watcher());
         holder
     }
@@ -643,6 +659,67 @@ async fn pending_requests_are_capped_per_workload_and_api_errors_fail_closed() {
     drop(bare.apiserver);
 }
 
+/// Identical requests share one AccessRequest, so the pending cap does not bound how many
+/// wait: the waiting cap does, per workload, without asking the API server; a slot comes
+/// back when its request is decided or its client goes away.
+#[tokio::test]
+async fn held_requests_are_capped_per_workload_and_slots_come_back() {
+    let e = env(true).await;
+    let holder = e.holder_waiting("node-a", 2);
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let hold = |pod: &'static str| {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move { holder.hold(&request(&a, pod, b"{}")).await })
+    };
+    let first = hold("agent-0");
+    let second = hold("agent-0");
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    for _ in 0..200 {
+        if holder.waiting() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(holder.waiting(), 2);
+    let third = holder.hold(&request(&a, "agent-0", b"{}")).await;
+    assert!(
+        matches!(&third, HoldOutcome::Busy { why } if why.contains("already has 2 requests held")),
+        "{third:?}"
+    );
+    // Another workload has its own slots.
+    let other = hold("agent-1");
+    e.access_requests(2).await;
+    // A client that goes away gives its slot back.
+    second.abort();
+    let _ = second.await;
+    assert_eq!(holder.waiting(), 2, "agent-0's first and agent-1's");
+    let again = hold("agent-0");
+    for _ in 0..200 {
+        if holder.waiting() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(holder.waiting(), 3);
+    e.decide(&name, Phase::Denied, "bob", None, None, true)
+        .await;
+    for task in [first, again] {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("released")
+            .expect("task");
+        assert!(matches!(outcome, HoldOutcome::Denied { .. }), "{outcome:?}");
+    }
+    assert_eq!(holder.waiting(), 1, "agent-1's only");
+    other.abort();
+    let _ = other.await;
+    assert_eq!(holder.waiting(), 0);
+}
+
 /// The gateway restarts while a request is held: nothing was forwarded, and the client's
 /// retry through the restarted gateway finds the pending AccessRequest instead of creating
 /// another; once approved, it goes through.
@@ -697,6 +774,7 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
         api: None,
         notify: Default::default(),
         max_pending_per_workload: 10,
+        max_waiting_per_workload: 1,
     });
 
     let roots = tls::root_store_from_pem(&ca_pem, "test CA").expect("roots");
@@ -769,6 +847,24 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
     );
     assert!(!retry.is_finished(), "released without a decision");
     assert!(!patched(&apiserver));
+    // The workload's one hold slot is taken: another request needing approval is refused
+    // with 429 and a Retry-After (client-go waits and retries), not held.
+    let busy = client
+        .request(patch(second.local_addr().port()))
+        .await
+        .expect("response");
+    assert_eq!(
+        busy.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    let (status, text) = read(busy).await;
+    assert_eq!(status, http::StatusCode::TOO_MANY_REQUESTS, "{text}");
+    assert!(
+        text.contains("\"reason\":\"TooManyRequests\"")
+            && text.contains("1 requests held for approval"),
+        "{text}"
+    );
+    assert_eq!(apiserver.objects("accessrequests", NS).len(), 1);
 
     let name = ars[0]["metadata"]["name"]
         .as_str()

@@ -106,6 +106,7 @@ impl Harness {
             }),
             notify: Default::default(),
             max_pending_per_workload: 10,
+            max_waiting_per_workload: 32,
         });
         let app = app::build(cfg).await.unwrap();
         let admin = client_for(dir.path(), &apiserver.url(), GATEWAY_TOKEN).await;

@@ -1184,8 +1184,9 @@ async fn curl_in_pod(stack: &Stack, path: &str) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_pod_not_listed_yet_is_waited_for_never_decided_as_unknown() {
-    if !privileged("a_pod_not_listed_yet_is_waited_for_never_decided_as_unknown") {
+async fn a_pod_not_listed_yet_or_missed_by_a_failing_watch_is_never_decided_as_unknown() {
+    if !privileged("a_pod_not_listed_yet_or_missed_by_a_failing_watch_is_never_decided_as_unknown")
+    {
         return;
     }
     let stack = start().await;
@@ -1211,10 +1212,45 @@ async fn a_pod_not_listed_yet_is_waited_for_never_decided_as_unknown() {
     list.await.expect("the list task");
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("web-0"), "{body}");
-    // Both are recorded: the refusal with no pod named, the answer with the pod's name.
+    let admin = stack.app.admin_addr();
+    assert_eq!(chaperone_e2e::admin_get(admin, "/readyz").await.0, 200);
+
+    // Listed, then the watch fails: a pod it does not know may be one it has not
+    // delivered, so it is not decided as an unknown workload either.
+    pods.watch_failed("the watch of pods answered 500");
+    pods.delete(&stack.pod_object);
+    let (code, body) = curl_in_pod(&stack, path).await;
+    assert_eq!(code, "503", "{body}");
+    assert!(
+        body.contains("watch of this node's pods is failing (the watch of pods answered 500)"),
+        "{body}"
+    );
+    // The state shows in /readyz and /status (what `chaperone status` prints).
+    let (code, ready) = chaperone_e2e::admin_get(admin, "/readyz").await;
+    assert_eq!(code, 503, "{ready}");
+    assert!(ready.contains("answered 500"), "{ready}");
+    let (_, status) = chaperone_e2e::admin_get(admin, "/status").await;
+    let status: Value = serde_json::from_str(&status).expect("status JSON");
+    assert_eq!(status["pods"]["listed"], true, "{status}");
+    assert_eq!(
+        status["pods"]["watch_error"], "the watch of pods answered 500",
+        "{status}"
+    );
+    // The watch delivers the pod again: it is named and served.
+    pods.watch_ok();
+    pods.apply(&stack.pod_object);
+    let (code, body) = curl_in_pod(&stack, path).await;
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(chaperone_e2e::admin_get(admin, "/readyz").await.0, 200);
+
+    // Every request is recorded: the refusals with no pod named, the answers with it.
     let stopped = stack.stop().await.expect("stop the stack");
     let rows = recorder::read_dir(&stopped.recordings).expect("read recordings");
-    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    let failing = &rows[2];
+    assert_eq!(failing.response_code, 503, "{failing:#?}");
+    assert!(failing.workload.pod.is_none(), "{failing:#?}");
+    assert_eq!(rows[3].workload.pod.as_deref(), Some(SANDBOX_POD));
     let (refused, served) = (&rows[0], &rows[1]);
     assert_eq!(refused.response_code, 503, "{refused:#?}");
     assert!(

@@ -11,19 +11,11 @@ use chaperone_testkit::{
 };
 use gateway_userspace::recorder;
 
-/// A plain HTTP/1.1 GET against the admin endpoint, returning the body.
+/// A GET against the admin endpoint that must succeed: its body.
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut sock = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the admin endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    sock.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    sock.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    body.to_owned()
+    let (code, body) = chaperone_e2e::admin_get(addr, path).await;
+    assert_eq!(code, 200, "{path}: {body}");
+    body
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -35,10 +35,19 @@ pub struct ApprovalConfig {
     /// (503) instead of held.
     #[serde(default = "default_max_pending")]
     pub max_pending_per_workload: usize,
+    /// Most requests of one workload held on one gateway at once (identical requests
+    /// share an AccessRequest but each waits, its body in memory); a request over it is
+    /// refused (429, `Retry-After`) instead of held.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting_per_workload: usize,
 }
 
 fn default_max_pending() -> usize {
     super::holder::DEFAULT_MAX_PENDING_PER_WORKLOAD
+}
+
+fn default_max_waiting() -> usize {
+    super::holder::DEFAULT_MAX_WAITING_PER_WORKLOAD
 }
 
 fn default_namespace() -> String {
@@ -100,6 +109,12 @@ impl ApprovalConfig {
         if self.max_pending_per_workload == 0 {
             return Err((
                 "approval.maxPendingPerWorkload",
+                "must be at least 1 (0 would refuse every request needing approval)".to_owned(),
+            ));
+        }
+        if self.max_waiting_per_workload == 0 {
+            return Err((
+                "approval.maxWaitingPerWorkload",
                 "must be at least 1 (0 would refuse every request needing approval)".to_owned(),
             ));
         }

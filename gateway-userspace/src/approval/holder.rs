@@ -50,6 +50,8 @@ pub const WORKLOAD_LABEL: &str = "chaperone.dev/workload";
 pub const EXPIRY_DECIDER: &str = "chaperone";
 /// Default cap on pending AccessRequests per workload.
 pub const DEFAULT_MAX_PENDING_PER_WORKLOAD: usize = 10;
+/// Default cap on requests of one workload held at once on one gateway.
+pub const DEFAULT_MAX_WAITING_PER_WORKLOAD: usize = 32;
 /// The status condition that marks a `once` approval used.
 pub const CONSUMED: &str = "Consumed";
 /// How long one call to the API server may take before the request is refused.
@@ -66,6 +68,11 @@ pub struct HolderConfig {
     pub seal_key: SealKey,
     /// Most AccessRequests pending at once for one workload; more are refused.
     pub max_pending_per_workload: usize,
+    /// Most requests of one workload held on this gateway at once (waiting for a decision,
+    /// or for their turn to ask for one); more are refused with 429. Identical requests
+    /// share one AccessRequest, so the pending cap alone does not bound them, and each
+    /// keeps its body in memory while it waits.
+    pub max_waiting_per_workload: usize,
     /// This node's durable record of the `once` approvals it used (see
     /// [`super::used`]); `None` keeps only the status mark and memory.
     pub used: Option<Arc<super::used::UsedLog>>,
@@ -158,6 +165,12 @@ pub enum HoldOutcome {
         /// Why, for the client.
         why: String,
     },
+    /// The workload has `max_waiting_per_workload` requests held already: refuse this one
+    /// until some are decided (nothing was asked of the API server).
+    Busy {
+        /// Why, for the client.
+        why: String,
+    },
 }
 
 /// A verified decision on one AccessRequest.
@@ -196,6 +209,8 @@ struct State {
     /// that concurrent holds neither pass the pending cap together nor create duplicates
     /// of one request (and page approvers twice).
     creating: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Holds in progress per workload key (see `HolderConfig::max_waiting_per_workload`).
+    waiting: HashMap<String, usize>,
 }
 
 /// How long past its expiry an AccessRequest is remembered: longer than any `once`
@@ -238,6 +253,31 @@ pub struct Holder {
     state: Mutex<State>,
     tampering: AtomicU64,
     tampering_metric: Mutex<Option<prometheus_client::metrics::counter::Counter>>,
+    /// The gateway's `chaperone_approval_waiting` gauge, when counted.
+    waiting_metric: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
+}
+
+/// One hold in progress of a workload (see `HolderConfig::max_waiting_per_workload`);
+/// dropped when the hold ends, also when the client goes away mid-wait.
+struct WaitSlot<'a> {
+    holder: &'a Holder,
+    wkey: String,
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        let mut state = self.holder.lock();
+        if let Some(n) = state.waiting.get_mut(&self.wkey) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.waiting.remove(&self.wkey);
+            }
+        }
+        drop(state);
+        if let Some(g) = self.holder.waiting_metric.get() {
+            g.dec();
+        }
+    }
 }
 
 impl std::fmt::Debug for Holder {
@@ -406,6 +446,7 @@ impl Holder {
             state: Mutex::new(State::default()),
             tampering: AtomicU64::new(0),
             tampering_metric: Mutex::new(None),
+            waiting_metric: std::sync::OnceLock::new(),
         })
     }
 
@@ -416,6 +457,38 @@ impl Holder {
             .tampering_metric
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(counter);
+    }
+
+    /// Also counts the requests held right now in `gauge` (the gateway's
+    /// `chaperone_approval_waiting`).
+    pub fn count_waiting_in(&self, gauge: prometheus_client::metrics::gauge::Gauge) {
+        let _ = self.waiting_metric.set(gauge);
+    }
+
+    /// Requests held on this gateway right now (all workloads).
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.values().sum()
+    }
+
+    /// Takes one of `wkey`'s hold slots, or says why there is none.
+    fn wait_slot(&self, wkey: &str) -> Result<WaitSlot<'_>, String> {
+        let mut state = self.lock();
+        let n = state.waiting.entry(wkey.to_owned()).or_default();
+        if *n >= self.cfg.max_waiting_per_workload {
+            return Err(format!(
+                "workload {wkey} already has {n} requests held for approval on this node (the limit is {}); wait for them to be decided",
+                self.cfg.max_waiting_per_workload
+            ));
+        }
+        *n += 1;
+        drop(state);
+        if let Some(g) = self.waiting_metric.get() {
+            g.inc();
+        }
+        Ok(WaitSlot {
+            holder: self,
+            wkey: wkey.to_owned(),
+        })
     }
 
     /// The namespace AccessRequests live in.
@@ -590,6 +663,12 @@ impl Holder {
                 via_grant: true,
             };
         }
+        // Taken before anything else (a grant above needs no holding): a workload over
+        // its cap costs the API server nothing.
+        let _slot = match self.wait_slot(&wkey) {
+            Ok(slot) => slot,
+            Err(why) => return HoldOutcome::Busy { why },
+        };
         let wlabel = workload_label(&req.workload);
         let turn = self.turn(&wkey).await;
         let listed = tokio::time::timeout(

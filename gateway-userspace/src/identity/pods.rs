@@ -167,6 +167,10 @@ pub struct PodStore {
     watched: Arc<std::sync::atomic::AtomicBool>,
     // Woken on every change, for connections waiting to name their pod.
     changed: Arc<tokio::sync::Notify>,
+    // The watch's last error, from when it failed until its next event: meanwhile a pod
+    // missing from the store may just be one the watch has not delivered.
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    watch_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl PodStore {
@@ -283,6 +287,37 @@ impl PodStore {
         self.watched.load(std::sync::atomic::Ordering::Acquire) && !self.is_synced()
     }
 
+    /// Says that the watch feeding this store failed (it retries): until its next event,
+    /// [`PodStore::watch_error`] returns `error`.
+    pub fn watch_failed(&self, error: impl std::fmt::Display) {
+        *self.error_slot() = Some(error.to_string());
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Says that the watch delivered an event again: it is current.
+    pub fn watch_ok(&self) {
+        if self.failing.load(std::sync::atomic::Ordering::Acquire) {
+            self.failing
+                .store(false, std::sync::atomic::Ordering::Release);
+            *self.error_slot() = None;
+        }
+    }
+
+    /// The watch's error, while it fails (from its error to its next event).
+    pub fn watch_error(&self) -> Option<String> {
+        if !self.failing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.error_slot().clone()
+    }
+
+    fn error_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.watch_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether a watch feeds this store.
     pub fn is_watched(&self) -> bool {
         self.watched.load(std::sync::atomic::Ordering::Acquire)
@@ -369,6 +404,13 @@ impl PodSource for KubePodSource {
         store.expect_list();
         let mut relist: Option<Vec<Pod>> = None;
         while let Some(event) = events.next().await {
+            // Current again once an event arrives (a relist: once it is complete).
+            if matches!(
+                event,
+                Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))
+            ) {
+                store.watch_ok();
+            }
             match event {
                 Ok(watcher::Event::Init) => relist = Some(Vec::new()),
                 Ok(watcher::Event::InitApply(pod)) => {
@@ -385,9 +427,11 @@ impl PodSource for KubePodSource {
                 }
                 Ok(watcher::Event::Apply(pod)) => store.apply(&pod),
                 Ok(watcher::Event::Delete(pod)) => store.delete(&pod),
-                // The watcher retries with backoff; the store keeps serving what it has.
+                // The watcher retries with backoff; the store keeps serving what it has,
+                // and pods it does not know are not named until the watch is back.
                 Err(e) => {
                     self.errors.inc();
+                    store.watch_failed(&e);
                     tracing::warn!(node = %self.node, error = %e, "pod watch error");
                 }
             }
@@ -646,6 +690,24 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
         list.await.unwrap();
         assert!(!store.awaits_list());
+    }
+
+    #[test]
+    fn a_failing_watch_is_reported_until_its_next_event() {
+        let store = PodStore::new();
+        assert_eq!(store.watch_error(), None);
+        store.watch_failed("connection refused");
+        store.watch_failed("500 Internal Server Error");
+        assert_eq!(
+            store.watch_error().as_deref(),
+            Some("500 Internal Server Error"),
+            "the last error"
+        );
+        // Applying pods does not say the watch is back: only the source knows that.
+        store.apply(&pod("ns", "p", UID, "sa", &[]));
+        assert!(store.watch_error().is_some());
+        store.watch_ok();
+        assert_eq!(store.watch_error(), None);
     }
 
     #[test]

@@ -355,7 +355,7 @@
 //! Each held request is an `AccessRequest` (`accessrequests.chaperone.dev`) in the
 //! gateway's namespace, created with the gateway's credential; an identical request from
 //! the same workload reuses the pending one. A request that cannot be held (the
-//! AccessRequest cannot be created, too many pending for the workload, approvals not
+//! AccessRequest cannot be created, too many pending or held for the workload, approvals not
 //! configured on the gateway) is refused, never forwarded; so is one whose body is larger
 //! than the gateway reads whole (`limits.maxInspectedBodyBytes`: what was approved could not
 //! be told from what would be forwarded). Approvals and grants are tied to the calling pod

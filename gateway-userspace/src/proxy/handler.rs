@@ -201,13 +201,12 @@ impl Proxy {
         }
         // Fail closed: a pod that cannot be named yet is not decided as an unknown
         // workload (rules for its workload would not apply); it is asked to come back.
-        if let Some(close) = &conn.identity_pending {
-            close.notify_one();
-            let why = "chaperone: this node's pods are not listed yet (the gateway's pod \
-                       watch has not synced), so the workload behind this connection cannot \
-                       be named and no policy decision is possible; the connection closes, \
-                       retry"
-                .to_owned();
+        if let Some(pending) = &conn.identity_pending {
+            pending.close.notify_one();
+            let why = format!(
+                "chaperone: {}, so the workload behind this connection cannot be named and no policy decision is possible; the connection closes, retry",
+                pending.why
+            );
             record.decision = Some(Action::Deny);
             record.outcome = Outcome::Denied;
             record.reason = Some(why.clone());

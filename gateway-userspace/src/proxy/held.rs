@@ -272,6 +272,17 @@ impl Proxy {
                 record.reason = Some(why.clone());
                 Err(Status::service_unavailable(why, HOLD_RETRY_AFTER_SECONDS))
             }
+            HoldOutcome::Busy { why } => {
+                let why = format!(
+                    "chaperone: this request needs approval (Chaperone policy rule \"{rule}\") and is not held: {why}"
+                );
+                tracing::warn!(%why, "request needing approval refused: too many held");
+                self.metrics.approval_busy.inc();
+                note(record, "busy", None, None, None);
+                record.outcome = Outcome::Denied;
+                record.reason = Some(why.clone());
+                Err(Status::too_many_requests(why, HOLD_RETRY_AFTER_SECONDS))
+            }
         }
     }
 }

@@ -189,9 +189,18 @@ pub struct ConnectionInfo {
     /// The last token presented on the connection and its principal.
     tokens: crate::identity::principal::TokenMemo,
     /// Set when the workload could not be named because this node's pods are not listed
-    /// yet: every request is refused (503), and notifying it closes the connection, so the
-    /// client's next one is named afresh.
-    identity_pending: Option<Arc<tokio::sync::Notify>>,
+    /// yet, or the pod watch is failing: every request is refused (503), and notifying it
+    /// closes the connection, so the client's next one is named afresh.
+    identity_pending: Option<Arc<IdentityPending>>,
+}
+
+/// Why a connection's pod could not be named (see `ConnectionInfo::identity_pending`).
+#[derive(Debug, Default)]
+struct IdentityPending {
+    /// Closes the connection once notified.
+    close: tokio::sync::Notify,
+    /// For the client: why no decision is possible.
+    why: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -508,7 +517,7 @@ impl Proxy {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = pending_closed(pending.as_deref()), if !closing => {
+                () = pending_closed(pending.as_deref().map(|p| &p.close)), if !closing => {
                     // Its requests were refused: the client's next connection is named
                     // afresh.
                     closing = true;
@@ -532,7 +541,9 @@ impl Proxy {
 
 impl Proxy {
     /// Names the workload of a connection from a pod the pod store does not know yet,
-    /// waiting up to [`IDENTITY_WAIT`] for the store to be listed or to learn the pod.
+    /// waiting up to [`IDENTITY_WAIT`] for the store to be listed or to learn the pod;
+    /// when it does not (not listed yet, or the watch failing), every request of the
+    /// connection is refused.
     /// Returns `false` when the pod, once named, is out of scope (relay it untouched).
     async fn settle_identity(&self, conn: &mut ConnectionInfo) -> bool {
         let (Some(identity), Some(origin)) = (&self.identity, &conn.origin) else {
@@ -547,11 +558,23 @@ impl Proxy {
         }
         let named = || pods.is_synced() && identity.resolve(origin).is_known();
         if !pods.wait_until(named, IDENTITY_WAIT).await {
-            if pods.awaits_list() {
-                tracing::warn!(peer = %conn.peer, pod_uid = %uid, "this node's pods are not listed yet: the connection's requests are refused until it reconnects");
-                conn.identity_pending = Some(Arc::default());
-            }
-            // Listed, and the pod is not there: an unknown workload, as the policy says.
+            let why = if pods.awaits_list() {
+                "this node's pods are not listed yet (the gateway's pod watch has not synced)"
+                    .to_owned()
+            } else if let Some(error) = pods.watch_error() {
+                format!(
+                    "the gateway's watch of this node's pods is failing ({error}), and this pod is not among the pods it knows"
+                )
+            } else {
+                // Listed and current, and the pod is not there: an unknown workload, as
+                // the policy says.
+                return true;
+            };
+            tracing::warn!(peer = %conn.peer, pod_uid = %uid, %why, "the connection's pod cannot be named: its requests are refused until it reconnects");
+            conn.identity_pending = Some(Arc::new(IdentityPending {
+                close: tokio::sync::Notify::new(),
+                why,
+            }));
             return true;
         }
         let workload = identity.resolve(origin);
