@@ -78,6 +78,7 @@ async fn env() -> Env {
             seal_key: key.clone(),
             max_pending_per_workload: 1_000_000,
             max_waiting_per_workload: 1_000_000,
+            decision_poll: gateway_userspace::approval::holder::DEFAULT_DECISION_POLL,
             used: None,
         },
     );

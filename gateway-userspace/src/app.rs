@@ -401,6 +401,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 seal_key,
                 max_pending_per_workload: approval.max_pending_per_workload,
                 max_waiting_per_workload: approval.max_waiting_per_workload,
+                decision_poll: crate::approval::holder::DEFAULT_DECISION_POLL,
                 used: Some(used),
             },
             notifier.clone(),

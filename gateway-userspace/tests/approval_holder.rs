@@ -9,7 +9,8 @@ use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
 use gateway_userspace::{
     approval::{
         holder::{
-            DEFAULT_MAX_WAITING_PER_WORKLOAD, HoldOutcome, HoldRequest, Holder, HolderConfig,
+            DEFAULT_DECISION_POLL, DEFAULT_MAX_WAITING_PER_WORKLOAD, HoldOutcome, HoldRequest,
+            Holder, HolderConfig,
         },
         resource::{
             AccessRequest, AccessRequestStatus, Approvers, GrantScope, Phase, RequestedAction,
@@ -96,6 +97,7 @@ impl Env {
             seal_key: self.key.clone(),
             max_pending_per_workload: max_pending,
             max_waiting_per_workload: DEFAULT_MAX_WAITING_PER_WORKLOAD,
+            decision_poll: DEFAULT_DECISION_POLL,
             used,
         }
     }
@@ -657,6 +659,53 @@ async fn pending_requests_are_capped_per_workload_and_api_errors_fail_closed() {
         "{failed:?}"
     );
     drop(bare.apiserver);
+}
+
+/// The watcher that releases held requests is down (here: never started): a decision
+/// still reaches the held request, read by the request itself at its next poll, and a
+/// forged decision does not release it (nor is it counted at every poll).
+#[tokio::test]
+async fn a_decision_reaches_a_held_request_while_the_watcher_is_down() {
+    let e = env(true).await;
+    let holder = Holder::new(
+        e.client.clone(),
+        HolderConfig {
+            decision_poll: Duration::from_millis(200),
+            ..e.config("node-a", 10, None)
+        },
+    );
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
+    let held = {
+        let (holder, a) = (holder.clone(), a.clone());
+        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+    };
+    let name = e.access_requests(1).await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    e.decide(&name, Phase::Approved, "mallory", None, None, false)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !held.is_finished(),
+        "a forged approval released the request"
+    );
+    assert_eq!(
+        holder.tampering_attempts(),
+        0,
+        "counted by the watcher only"
+    );
+    e.decide(&name, Phase::Approved, "alice", None, None, true)
+        .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("released without the watcher")
+        .expect("task");
+    assert!(
+        matches!(&outcome, HoldOutcome::Approved { decided_by, .. } if decided_by.as_deref() == Some("alice")),
+        "{outcome:?}"
+    );
 }
 
 /// Identical requests share one AccessRequest, so the pending cap does not bound how many

@@ -56,6 +56,9 @@ pub const DEFAULT_MAX_WAITING_PER_WORKLOAD: usize = 32;
 pub const CONSUMED: &str = "Consumed";
 /// How long one call to the API server may take before the request is refused.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a held request reads its AccessRequest itself, besides the watch: a decision
+/// reaches it even while the watcher is failing.
+pub const DEFAULT_DECISION_POLL: Duration = Duration::from_secs(15);
 
 /// What the holder needs to know besides the API client.
 #[derive(Debug, Clone)]
@@ -73,6 +76,9 @@ pub struct HolderConfig {
     /// share one AccessRequest, so the pending cap alone does not bound them, and each
     /// keeps its body in memory while it waits.
     pub max_waiting_per_workload: usize,
+    /// How often a held request reads its AccessRequest itself, so a decision reaches it
+    /// while the watcher fails ([`DEFAULT_DECISION_POLL`]).
+    pub decision_poll: Duration,
     /// This node's durable record of the `once` approvals it used (see
     /// [`super::used`]); `None` keeps only the status mark and memory.
     pub used: Option<Arc<super::used::UsedLog>>,
@@ -520,9 +526,24 @@ impl Holder {
     /// The verified decision on `ar`, if it is decided and sealed; a decided status
     /// without a valid seal is counted as tampering and ignored.
     fn verified(&self, ar: &AccessRequest) -> Option<Verdict> {
-        let status = ar.status.as_ref()?;
+        match self.check(ar) {
+            Ok(verdict) => verdict,
+            Err(what) => {
+                self.tampered(ar, &what);
+                None
+            }
+        }
+    }
+
+    /// The verified decision on `ar` (`None`: undecided, or decided on a request from
+    /// before spec seals); the error says what is wrong with a decision without a valid
+    /// seal.
+    fn check(&self, ar: &AccessRequest) -> Result<Option<Verdict>, String> {
+        let Some(status) = ar.status.as_ref() else {
+            return Ok(None);
+        };
         if !status.phase.is_decided() {
-            return None;
+            return Ok(None);
         }
         let decision = self.cfg.seal_key.verify(ar, status);
         if decision.is_ok()
@@ -534,24 +555,20 @@ impl Holder {
                 access_request = ar.metadata.name.as_deref().unwrap_or(""),
                 "an AccessRequest from before spec seals is ignored"
             );
-            return None;
+            return Ok(None);
         }
         if let Err(e) = decision.and_then(|()| self.cfg.seal_key.verify_spec(ar)) {
-            self.tampered(
-                ar,
-                &format!(
-                    "a {} decision by {:?} without a valid seal is ignored ({e})",
-                    status.phase.as_str(),
-                    status.decided_by.as_deref().unwrap_or("")
-                ),
-            );
-            return None;
+            return Err(format!(
+                "a {} decision by {:?} without a valid seal is ignored ({e})",
+                status.phase.as_str(),
+                status.decided_by.as_deref().unwrap_or("")
+            ));
         }
-        Some(Verdict {
+        Ok(Some(Verdict {
             phase: status.phase,
             decided_by: status.decided_by.clone(),
             comment: status.comment.clone(),
-        })
+        }))
     }
 
     /// Takes note of an AccessRequest as it is now: a verified decision releases its
@@ -805,12 +822,11 @@ impl Holder {
             .entry(name.clone())
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
-        let decided = tokio::time::timeout(wait, rx.wait_for(Option::is_some))
+        let decided = tokio::time::timeout(wait, self.decision(&name, &mut rx))
             .await
-            .ok()
-            .and_then(|r| r.ok().map(|v| v.clone()));
+            .ok();
         let verdict = match decided {
-            Some(v) => v,
+            Some(v) => Some(v),
             // Timed out (or the sender went away, which the map prevents): expire it.
             None => self.expire(&name).await,
         };
@@ -1139,6 +1155,41 @@ impl Holder {
 
     /// Writes a sealed `Expired` unless a verified decision got there first, and returns
     /// the decision that stands.
+    /// Waits for the decision on `name`: from the watcher (through `rx`), or, should the
+    /// watcher be failing or its stream have gone quiet, from reading the AccessRequest
+    /// every `decision_poll`, so a decision reaches the held request anyway.
+    async fn decision(&self, name: &str, rx: &mut watch::Receiver<Option<Verdict>>) -> Verdict {
+        loop {
+            // The watch's answer, taken out of its lock before anything else is awaited.
+            let watched =
+                match tokio::time::timeout(self.cfg.decision_poll, rx.wait_for(Option::is_some))
+                    .await
+                {
+                    Ok(Ok(v)) => Ok(v.clone()),
+                    Ok(Err(_)) => Err(true),
+                    Err(_) => Err(false),
+                };
+            let closed = match watched {
+                Ok(Some(v)) => return v,
+                Ok(None) => continue,
+                Err(closed) => closed,
+            };
+            // The sender went away (the map keeps it while anyone waits), or the watch
+            // said nothing for a while: read it. A read that fails is retried at the next
+            // poll; the expiry bounds the wait. A decision without a valid seal is counted
+            // once, by the watcher, not at every poll.
+            if let Ok(Ok(ar)) = tokio::time::timeout(API_TIMEOUT, self.api.get(name)).await
+                && let Ok(Some(v)) = self.check(&ar)
+            {
+                self.observe(&ar);
+                return v;
+            }
+            if closed {
+                tokio::time::sleep(self.cfg.decision_poll).await;
+            }
+        }
+    }
+
     async fn expire(&self, name: &str) -> Option<Verdict> {
         for _ in 0..3 {
             let ar = match tokio::time::timeout(API_TIMEOUT, self.api.get(name)).await {
