@@ -580,6 +580,7 @@ fn approval_setup(
             notify: Default::default(),
             max_pending_per_workload: 10,
             max_waiting_per_workload: 32,
+            retention: gateway_userspace::approval::config::DEFAULT_RETENTION,
         },
         key,
     ))

@@ -38,6 +38,8 @@ const CREDENTIAL_REFRESH: Duration = Duration::from_secs(1);
 const CLASSIFY_EVERY: Duration = Duration::from_secs(2);
 /// How often the daemon tells the kernel side it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often each gateway deletes its node's AccessRequests past `approval.retention`.
+const ACCESS_REQUEST_SWEEP: Duration = Duration::from_secs(3600);
 /// How long a starting gateway waits for another one to let go of its recording directory
 /// (the pod it replaces, still draining) before it gives up: less than the liveness
 /// probe's three failed checks, so the kubelet restarts it with the reason in its log.
@@ -410,9 +412,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         holder.count_waiting_in(metrics.approval_waiting.clone());
         let watch_drain = proxy_watch.clone();
         let watcher = holder.clone();
+        let janitor = holder.clone();
+        let retention = approval.retention;
         tokio::spawn(async move {
             tokio::select! {
                 () = watcher.run_watcher() => {}
+                () = janitor.run_janitor(retention, ACCESS_REQUEST_SWEEP) => {}
                 _ = watch_drain.signaled() => {}
             }
         });

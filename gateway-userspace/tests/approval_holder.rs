@@ -708,6 +708,64 @@ async fn a_decision_reaches_a_held_request_while_the_watcher_is_down() {
     );
 }
 
+/// AccessRequests are deleted once their expiry is `retention` behind: by the gateway of
+/// the node that created them, or by any gateway once twice as long has passed (their node
+/// is gone); current ones stay.
+#[tokio::test]
+async fn access_requests_past_their_retention_are_deleted() {
+    let e = env(true).await;
+    let (node_a, node_b) = (e.holder("node-a", 10), e.holder("node-b", 10));
+    let a = approval(LONG, GrantSpec::Once, ApprovalMode::Async);
+    for (holder, pod) in [(&node_a, "old-a"), (&node_b, "old-b"), (&node_a, "new-a")] {
+        let outcome = holder.hold(&request(&a, pod, b"{}")).await;
+        assert!(matches!(outcome, HoldOutcome::Queued { .. }), "{outcome:?}");
+    }
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let expire = |pod: &'static str, ago_days: i64| {
+        let api = e.api();
+        async move {
+            let list = api.list(&Default::default()).await.expect("list");
+            let mut ar = list
+                .items
+                .into_iter()
+                .find(|ar| ar.spec.requester.workload.pod == pod)
+                .expect("the pod's AccessRequest");
+            ar.spec.expires_at = (jiff::Timestamp::now()
+                - jiff::SignedDuration::from_hours(24 * ago_days))
+            .to_string();
+            let name = ar.metadata.name.clone().expect("name");
+            api.replace(&name, &PostParams::default(), &ar)
+                .await
+                .expect("age it");
+        }
+    };
+    expire("old-a", 8).await;
+    expire("old-b", 8).await;
+    let pods = |e: &Env| {
+        let api = e.api();
+        async move {
+            let mut pods: Vec<String> = api
+                .list(&Default::default())
+                .await
+                .expect("list")
+                .items
+                .into_iter()
+                .map(|ar| ar.spec.requester.workload.pod)
+                .collect();
+            pods.sort();
+            pods
+        }
+    };
+    // node-a deletes its own old request; node-b's is not a week past twice yet.
+    assert_eq!(node_a.sweep(week).await, Ok(1));
+    assert_eq!(pods(&e).await, ["new-a", "old-b"]);
+    assert_eq!(node_a.sweep(week).await, Ok(0), "nothing more");
+    // Left two weeks and more: node-b is gone, and node-a deletes it.
+    expire("old-b", 15).await;
+    assert_eq!(node_a.sweep(week).await, Ok(1));
+    assert_eq!(pods(&e).await, ["new-a"]);
+}
+
 /// Identical requests share one AccessRequest, so the pending cap does not bound how many
 /// wait: the waiting cap does, per workload, without asking the API server; a slot comes
 /// back when its request is decided or its client goes away.
@@ -824,6 +882,7 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
         notify: Default::default(),
         max_pending_per_workload: 10,
         max_waiting_per_workload: 1,
+        retention: gateway_userspace::approval::config::DEFAULT_RETENTION,
     });
 
     let roots = tls::root_store_from_pem(&ca_pem, "test CA").expect("roots");

@@ -107,6 +107,7 @@ impl Harness {
             notify: Default::default(),
             max_pending_per_workload: 10,
             max_waiting_per_workload: 32,
+            retention: gateway_userspace::approval::config::DEFAULT_RETENTION,
         });
         let app = app::build(cfg).await.unwrap();
         let admin = client_for(dir.path(), &apiserver.url(), GATEWAY_TOKEN).await;

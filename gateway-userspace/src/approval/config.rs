@@ -40,6 +40,20 @@ pub struct ApprovalConfig {
     /// refused (429, `Retry-After`) instead of held.
     #[serde(default = "default_max_waiting")]
     pub max_waiting_per_workload: usize,
+    /// How long an AccessRequest is kept after its expiry (and its grant window) ended;
+    /// then the gateway of the node that created it deletes it. At least 25 hours (a
+    /// `once` approval stays usable for up to a day).
+    #[serde(default = "default_retention", with = "crate::config::duration")]
+    pub retention: Duration,
+}
+
+/// Default of `approval.retention`: a week.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Shortest `approval.retention`: longer than a `once` approval stays usable.
+pub const MIN_RETENTION: Duration = Duration::from_secs(25 * 3600);
+
+fn default_retention() -> Duration {
+    DEFAULT_RETENTION
 }
 
 fn default_max_pending() -> usize {
@@ -118,6 +132,12 @@ impl ApprovalConfig {
                 "must be at least 1 (0 would refuse every request needing approval)".to_owned(),
             ));
         }
+        if self.retention < MIN_RETENTION {
+            return Err((
+                "approval.retention",
+                "must be at least 25h (a once approval stays usable for up to a day after its decision)".to_owned(),
+            ));
+        }
         if let Err(e) = std::fs::metadata(&self.seal_key_file) {
             return Err((
                 "approval.sealKeyFile",
@@ -188,5 +208,31 @@ mod tests {
         let negative = parse("  idleTimeout: -1s\n", seal.path()).expect_err("-1s");
         assert!(negative.contains("must not be negative"), "{negative}");
         parse("  idleTimeout: soon\n", seal.path()).expect_err("not a duration");
+    }
+
+    #[test]
+    fn the_caps_and_the_retention_default_and_refuse_what_would_break_approvals() {
+        let seal = tempfile::NamedTempFile::new().expect("seal file");
+        let with = |top: &str| {
+            let text = format!("sealKeyFile: {}\n{top}", seal.path().display());
+            serde_norway::from_str::<ApprovalConfig>(&text).expect("parses")
+        };
+        let default = with("");
+        assert_eq!(default.max_waiting_per_workload, 32);
+        assert_eq!(default.retention, DEFAULT_RETENTION);
+        assert_eq!(with("retention: 48h\n").validate(), Ok(()));
+        for (top, key) in [
+            (
+                "maxPendingPerWorkload: 0\n",
+                "approval.maxPendingPerWorkload",
+            ),
+            (
+                "maxWaitingPerWorkload: 0\n",
+                "approval.maxWaitingPerWorkload",
+            ),
+            ("retention: 24h\n", "approval.retention"),
+        ] {
+            assert_eq!(with(top).validate().map_err(|(k, _)| k), Err(key), "{top}");
+        }
     }
 }

@@ -615,6 +615,94 @@ impl Holder {
         }
     }
 
+    /// Deletes AccessRequests nothing needs any more, so the namespace (and every hold's
+    /// lookup) does not grow with every request ever held: those whose expiry, and grant
+    /// window if any, ended more than `retention` ago. Each gateway deletes the ones its
+    /// node created; any gateway deletes those left twice as long (their node is gone).
+    /// Returns how many were deleted; an error when the list or a delete failed.
+    pub async fn sweep(&self, retention: Duration) -> Result<usize, String> {
+        let Ok(retention) = jiff::SignedDuration::try_from(retention) else {
+            return Ok(0);
+        };
+        let t = now();
+        let (Ok(own_cutoff), Ok(any_cutoff)) = (
+            t.checked_sub(retention),
+            t.checked_sub(retention.saturating_mul(2)),
+        ) else {
+            return Ok(0);
+        };
+        let mut params = ListParams::default().limit(500);
+        let mut deleted = 0;
+        loop {
+            let page = tokio::time::timeout(API_TIMEOUT, self.api.list(&params))
+                .await
+                .map_err(|_| "listing AccessRequests timed out".to_owned())?
+                .map_err(|e| format!("cannot list AccessRequests: {e}"))?;
+            for ar in &page.items {
+                // An object without a readable expiry is not judged: left alone.
+                let Some(expires) = parse_time(Some(ar.spec.expires_at.as_str())) else {
+                    continue;
+                };
+                let ended = grant_until(ar).map_or(expires, |g| g.max(expires));
+                let cutoff = if ar.spec.node == self.cfg.node {
+                    own_cutoff
+                } else {
+                    any_cutoff
+                };
+                if ended >= cutoff {
+                    continue;
+                }
+                let (Some(name), Some(uid)) = (&ar.metadata.name, &ar.metadata.uid) else {
+                    continue;
+                };
+                let params = kube::api::DeleteParams {
+                    preconditions: Some(kube::api::Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                match tokio::time::timeout(API_TIMEOUT, self.api.delete(name, &params)).await {
+                    Ok(Ok(_)) => deleted += 1,
+                    // Deleted meanwhile (by another gateway), or replaced: nothing to do.
+                    Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => {}
+                    Ok(Err(e)) => return Err(format!("cannot delete AccessRequest {name}: {e}")),
+                    Err(_) => return Err(format!("deleting AccessRequest {name} timed out")),
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(deleted),
+            }
+        }
+    }
+
+    /// Runs [`Holder::sweep`] every `every` (the first after a part of it drawn from the
+    /// node's name, so gateways started together do not list together) until the task is
+    /// dropped.
+    pub async fn run_janitor(self: Arc<Self>, retention: Duration, every: Duration) {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.cfg.node.hash(&mut hasher);
+        let first = every.mul_f64((hasher.finish() % 1000) as f64 / 1000.0);
+        tokio::time::sleep(first).await;
+        loop {
+            match self.sweep(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    deleted = n,
+                    namespace = %self.cfg.namespace,
+                    "deleted AccessRequests past their retention"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "AccessRequests past their retention are not deleted (the gateway needs delete on accessrequests)"
+                ),
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// Watches the namespace's AccessRequests until the stream ends (it retries with
     /// backoff on errors, so practically until the task is dropped).
     pub async fn run_watcher(self: Arc<Self>) {
