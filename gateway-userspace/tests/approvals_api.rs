@@ -793,6 +793,63 @@ async fn a_watch_ends_when_its_time_is_up() {
     }
 }
 
+/// The gateway's own watch of AccessRequests fails: the approver's watch does not go
+/// quiet, it ends with an `ERROR` event carrying a `Status`, as the API server's do.
+#[tokio::test]
+async fn a_watch_the_gateway_cannot_continue_ends_with_an_error_event() {
+    let h = Harness::start().await;
+    h.pending("ar-err", None).await;
+    let is_watch = |r: &chaperone_testkit::apiserver::SeenRequest| {
+        r.method == "GET"
+            && r.path_and_query.contains("/accessrequests?")
+            && r.path_and_query.contains("watch=true")
+    };
+    // The holder's own watch is up first, so the one refused below is the approver's.
+    for _ in 0..200 {
+        if h.apiserver.requests().iter().any(is_watch) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(
+        h.apiserver.requests().iter().any(is_watch),
+        "no holder watch"
+    );
+    h.apiserver.refuse_on(
+        is_watch,
+        gateway_userspace::status::Status::failure(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: request timed out",
+        ),
+    );
+    let alice = h.approver("alice").await;
+    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=60"))
+        .body(Vec::new())
+        .unwrap();
+    let text = tokio::time::timeout(std::time::Duration::from_secs(20), alice.request_text(req))
+        .await
+        .expect("the watch went quiet instead of ending")
+        .expect("watch");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events.first().is_some_and(|e| e["type"] == "ADDED"),
+        "{text}"
+    );
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "ERROR", "{text}");
+    assert_eq!(last["object"]["kind"], "Status", "{text}");
+    assert!(
+        last["object"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("etcdserver: request timed out")),
+        "{text}"
+    );
+}
+
 /// The signature checks the approver guide shows (Python and shell) accept what the
 /// notifier sends, and the Python one rejects another key.
 #[test]

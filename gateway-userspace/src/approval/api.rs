@@ -6,7 +6,8 @@
 //!
 //! * `GET /v1/accessrequests` lists the AccessRequests (`?watch=true` streams changes as
 //!   one JSON watch event per line: `{"type":"ADDED","object":{...}}`, until
-//!   `timeoutSeconds` or 30 to 60 minutes have passed);
+//!   `timeoutSeconds` or 30 to 60 minutes have passed, or until the gateway's own watch
+//!   fails: then an `ERROR` event with a `Status` ends it, as the API server's do);
 //! * `GET /v1/accessrequests/{name}` reads one;
 //! * `POST /v1/accessrequests/{name}/approve` with `{"for":"15m","comment":"..."}`;
 //! * `POST /v1/accessrequests/{name}/deny` with `{"comment":"..."}`;
@@ -546,6 +547,11 @@ fn decision_outcome(written: bool, result: &Status) -> (Outcome, &'static str) {
         (false, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => (Outcome::Denied, "refused"),
         (false, _) => (Outcome::Invalid, "refused"),
     }
+}
+
+/// An AccessRequest as a watch event's object.
+fn json(ar: &AccessRequest) -> serde_json::Value {
+    serde_json::to_value(ar).unwrap_or_default()
 }
 
 /// How long one watch runs: what the caller asked, at most a random time between
@@ -1157,16 +1163,28 @@ impl ApprovalApi {
                     () = &mut ends => return,
                     next = stream.try_next() => next,
                 };
-                let (kind, object) = match next {
-                    Ok(Some(watcher::Event::InitApply(o))) => ("ADDED", o),
-                    Ok(Some(watcher::Event::Apply(o))) => ("MODIFIED", o),
-                    Ok(Some(watcher::Event::Delete(o))) => ("DELETED", o),
+                let (kind, object, last) = match next {
+                    Ok(Some(watcher::Event::InitApply(o))) => ("ADDED", json(&o), false),
+                    Ok(Some(watcher::Event::Apply(o))) => ("MODIFIED", json(&o), false),
+                    Ok(Some(watcher::Event::Delete(o))) => ("DELETED", json(&o), false),
                     Ok(Some(_)) => continue,
                     Ok(None) => return,
+                    // As the API server ends a watch it cannot continue: an ERROR event with
+                    // a Status, then the end; the caller watches again (or says why not),
+                    // instead of waiting on a watch that has gone quiet.
                     Err(e) => {
-                        tracing::warn!(error = %e, "approvals API watch: the AccessRequest watch failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
+                        tracing::warn!(error = %e, "approvals API watch: the AccessRequest watch failed; ending it with an ERROR event");
+                        let status = Status::service_unavailable(
+                            format!(
+                                "the gateway's watch of AccessRequests failed ({e}); watch again"
+                            ),
+                            1,
+                        );
+                        (
+                            "ERROR",
+                            serde_json::from_slice(&status.to_json()).unwrap_or_default(),
+                            true,
+                        )
                     }
                 };
                 let mut line =
@@ -1179,7 +1197,7 @@ impl ApprovalApi {
                     () = &mut ends => return,
                     sent = tx.send(Bytes::from(line)) => sent,
                 };
-                if sent.is_err() {
+                if sent.is_err() || last {
                     return;
                 }
             }

@@ -378,6 +378,15 @@ pub async fn requests(
                     }
                     let event: serde_json::Value = serde_json::from_slice(&line)
                         .context("the watch sent something that is not JSON")?;
+                    // The watch could not go on (its Status says why); it ends, and is
+                    // opened again below.
+                    if event["type"] == "ERROR" {
+                        eprintln!(
+                            "the watch ended: {}; watching again",
+                            event["object"]["message"].as_str().unwrap_or("an error")
+                        );
+                        continue;
+                    }
                     if !changed(&mut printed, &event) {
                         continue;
                     }
