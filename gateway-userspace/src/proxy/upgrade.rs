@@ -155,6 +155,14 @@ pub enum StreamChannel {
 }
 
 impl StreamChannel {
+    /// Whether this is one of port-forward's streams (data or error).
+    pub fn is_portforward(&self) -> bool {
+        matches!(
+            self,
+            StreamChannel::PortForwardData(_) | StreamChannel::PortForwardError(_)
+        )
+    }
+
     /// A short name for logs and a later `exec_frames` table.
     pub fn name(&self) -> String {
         match self {
@@ -317,6 +325,10 @@ pub struct StreamTap {
     ws: [WsDecoder; 2],
     spdy: [SpdyDecoder; 2],
     spdy_streams: std::collections::HashMap<u32, StreamChannel>,
+    /// Port-forward streams one side has closed (FIN), with the sides' bits (by
+    /// [`index`]): a stream closed both ways, or reset, is forgotten, so a port-forward
+    /// that carries connection after connection does not grow the maps with each one.
+    spdy_half_closed: std::collections::HashMap<u32, u8>,
     /// The highest stream id each direction has opened (SYN_STREAM), by [`index`].
     spdy_last_opened: [u32; 2],
     stopped: bool,
@@ -363,6 +375,7 @@ impl StreamTap {
             ws: [client_decoder, WsDecoder::new()],
             spdy: [SpdyDecoder::new(), SpdyDecoder::new()],
             spdy_streams: std::collections::HashMap::new(),
+            spdy_half_closed: std::collections::HashMap::new(),
             spdy_last_opened: [0; 2],
             stopped: false,
             stats: StreamStats::default(),
@@ -676,10 +689,42 @@ impl StreamTap {
                     } else {
                         self.emit(dir, &channel, &payload);
                     }
+                    if flags & crate::proxy::frames::SPDY_FLAG_FIN != 0 && channel.is_portforward()
+                    {
+                        let sides = self.spdy_half_closed.entry(id).or_default();
+                        *sides |= 1 << index(dir);
+                        if *sides == 0b11 {
+                            self.forget_stream(id);
+                        }
+                    }
+                }
+                SpdyFrame::RstStream { id, .. } => {
+                    self.stats.control_frames += 1;
+                    // Both ends drop a reset stream (spdystream ignores data on it after).
+                    // Only port-forward's are forgotten: exec's few streams stay labelled
+                    // whatever a peer sends.
+                    if self
+                        .spdy_streams
+                        .get(&id)
+                        .is_some_and(StreamChannel::is_portforward)
+                    {
+                        self.forget_stream(id);
+                    }
                 }
                 _ => self.stats.control_frames += 1,
             }
         }
+    }
+
+    fn forget_stream(&mut self, id: u32) {
+        self.spdy_streams.remove(&id);
+        self.spdy_half_closed.remove(&id);
+    }
+
+    /// SPDY streams the tap holds labels for (tests: it must not grow without bound).
+    #[cfg(test)]
+    fn spdy_streams_held(&self) -> (usize, usize) {
+        (self.spdy_streams.len(), self.spdy_half_closed.len())
     }
 
     fn emit(&mut self, dir: Direction, channel: &StreamChannel, payload: &[u8]) {

@@ -307,6 +307,59 @@ fn spdy_streams_are_attributed_by_streamtype_across_directions() {
 }
 
 #[test]
+fn port_forward_streams_are_forgotten_once_reset_or_closed_both_ways() {
+    // kubectl port-forward opens an error and a data stream per connection it forwards,
+    // then closes the error stream both ways and resets the data stream.
+    let sink = Arc::new(Recording::default());
+    let mut tap = StreamTap::new("a3p", TapFraming::Spdy, Some(sink.clone()));
+    let mut client = SpdyEncoder::new().expect("encoder");
+    let mut server = SpdyEncoder::new().expect("encoder");
+    let headers = |kind: &'static str, n: u32| {
+        let id = n.to_string();
+        [
+            ("streamtype", kind.to_owned()),
+            ("port", "8080".to_owned()),
+            ("requestid", id),
+        ]
+    };
+    for n in 0..2_000u32 {
+        let (error, data) = (4 * n + 1, 4 * n + 3);
+        let mut up = Vec::new();
+        for (id, kind) in [(error, "error"), (data, "data")] {
+            let h = headers(kind, n);
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            up.extend(client.syn_stream(id, 0, &h).expect("syn"));
+        }
+        up.extend(SpdyEncoder::data(error, b"", true));
+        up.extend(SpdyEncoder::data(data, b"GET / HTTP/1.1\r\n\r\n", false));
+        tap.feed(Direction::ToServer, &up);
+        let mut down = server.syn_reply(error, 0, &[]).expect("reply");
+        down.extend(server.syn_reply(data, 0, &[]).expect("reply"));
+        down.extend(SpdyEncoder::data(data, b"HTTP/1.1 200 OK\r\n\r\n", false));
+        down.extend(SpdyEncoder::data(error, b"", true));
+        tap.feed(Direction::ToClient, &down);
+        tap.feed(Direction::ToServer, &SpdyEncoder::rst_stream(data, 5));
+    }
+    assert_eq!(tap.stats().decode_error, None);
+    assert_eq!(tap.spdy_streams_held(), (0, 0), "every stream was closed");
+    // Everything was still attributed while it was open.
+    assert_eq!(
+        tap.stats()
+            .payload("portforward-data:8080", Direction::ToClient),
+        2_000 * 19
+    );
+    assert_eq!(tap.stats().payload("unknown", Direction::ToServer), 0);
+    // Exec's streams keep their labels whatever is reset: stdout stays masked as stdout.
+    let mut up = client
+        .syn_stream(10_001, 0, &[("streamtype", "stdout")])
+        .expect("syn");
+    up.extend(SpdyEncoder::rst_stream(10_001, 5));
+    tap.feed(Direction::ToServer, &up);
+    assert_eq!(tap.spdy_streams_held(), (1, 0));
+    drop(sink);
+}
+
+#[test]
 fn data_on_streams_never_opened_share_one_total() {
     // Every DATA frame on a new id: the totals stay one entry, not one per id.
     let mut tap = StreamTap::new("a3u", TapFraming::Spdy, None);
