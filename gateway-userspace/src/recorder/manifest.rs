@@ -3,7 +3,10 @@
 //! key; [`verify_dir`] checks a recording tree against its manifests.
 //!
 //! The manifest of node `N` is `<dir>/_manifests/node=N.jsonl` (the leading underscore
-//! keeps dataset readers such as pyarrow out of it), one JSON object per line:
+//! keeps dataset readers such as pyarrow out of it), continued every [`SEGMENT_ENTRIES`]
+//! entries in `node=N+S.jsonl`, where `S` is the segment's first `seq` in 20 digits (`+`
+//! appears in no node name), so a closed segment never changes and the uploader ships
+//! only the open one. One JSON object per line:
 //!
 //! ```json
 //! {"version":1,"node":"N","seq":1,"file":"table=requests/date=2026-12-03/node=N/part-<id>.parquet",
@@ -35,6 +38,8 @@ use super::RecorderError;
 pub const MANIFEST_DIR: &str = "_manifests";
 /// What every entry hash starts with (the format version).
 const DOMAIN: &str = "chaperone-manifest-v1";
+/// Entries per manifest segment (about 1.7 MB): then the chain goes on in a new file.
+pub const SEGMENT_ENTRIES: u64 = 4096;
 /// `prev` of a manifest's first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -144,6 +149,30 @@ pub fn load_public_key(path: &Path) -> Result<VerifyingKey, String> {
     })
 }
 
+/// The node and first `seq` a manifest file name (`node=N.jsonl`, `node=N+S.jsonl`)
+/// stands for; `None` for any other name.
+pub fn segment_of(name: &str) -> Option<(&str, u64)> {
+    let stem = name.strip_prefix("node=")?.strip_suffix(".jsonl")?;
+    match stem.rsplit_once('+') {
+        Some((node, first)) => {
+            let first = (first.len() == 20 && first.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| first.parse().ok())
+                .flatten()?;
+            (!node.is_empty() && first > 1).then_some((node, first))
+        }
+        None => (!stem.is_empty()).then_some((stem, 1)),
+    }
+}
+
+/// The file name of `node`'s manifest segment starting at `first`.
+pub fn segment_name(node: &str, first: u64) -> String {
+    if first <= 1 {
+        format!("node={node}.jsonl")
+    } else {
+        format!("node={node}+{first:020}.jsonl")
+    }
+}
+
 /// The manifest of one node, appended as files are published.
 pub struct Manifest {
     root: PathBuf,
@@ -152,6 +181,10 @@ pub struct Manifest {
     key: Option<SigningKey>,
     seq: u64,
     prev: String,
+    /// Entries in the open segment (`path`).
+    in_segment: u64,
+    /// Entries per segment ([`SEGMENT_ENTRIES`]; fewer in tests).
+    segment_entries: u64,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -176,37 +209,63 @@ impl Manifest {
         let dir = root.join(MANIFEST_DIR);
         super::durable::create_dir_all(&dir)
             .map_err(|e| io_error("create manifest directory", &dir, e))?;
-        let path = dir.join(format!("node={node}.jsonl"));
+        // The node's segments, in chain order; the last is the open one.
+        let mut segments: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io_error("read manifests", &dir, e))? {
+            let entry = entry.map_err(|e| io_error("read manifests", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((n, first)) = segment_of(&name)
+                && n == node
+            {
+                segments.push((first, entry.path()));
+            }
+        }
+        segments.sort();
         let mut seq = 0;
         let mut prev = GENESIS.to_owned();
         let mut last = None;
-        if path.exists() {
-            drop_torn_line(&path)?;
-            let file = File::open(&path).map_err(|e| io_error("read manifest", &path, e))?;
+        let mut in_segment = 0;
+        if let Some((_, open)) = segments.last() {
+            drop_torn_line(open)?;
+        }
+        for (first, path) in &segments {
+            let broken = |why: String| RecorderError::Manifest {
+                path: path.clone(),
+                reason: why,
+            };
+            if *first != seq + 1 {
+                return Err(broken(format!(
+                    "the chain is broken: this segment starts at entry {first}, the one before ended at {seq} (a segment removed or renamed); move the manifests aside to start a new chain"
+                )));
+            }
+            in_segment = 0;
+            let file = File::open(path).map_err(|e| io_error("read manifest", path, e))?;
             for (n, line) in BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(|e| io_error("read manifest", &path, e))?;
+                let line = line.map_err(|e| io_error("read manifest", path, e))?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                let broken = |why: String| RecorderError::Manifest {
-                    path: path.clone(),
-                    reason: format!("line {}: {why}", n + 1),
-                };
+                let at = |why: String| broken(format!("line {}: {why}", n + 1));
                 let entry: Entry = serde_json::from_str(&line)
-                    .map_err(|e| broken(format!("not a manifest entry: {e}")))?;
+                    .map_err(|e| at(format!("not a manifest entry: {e}")))?;
                 if entry.seq != seq + 1 || entry.prev != prev {
-                    return Err(broken(
+                    return Err(at(
                         "the chain is broken (entries removed, inserted or reordered); move the manifest aside to start a new chain".into(),
                     ));
                 }
                 seq = entry.seq;
                 prev.clone_from(&entry.hash);
+                in_segment += 1;
                 last = Some(entry);
             }
         }
         if let Some(entry) = last {
             complete_rename(root, &entry)?;
         }
+        let path = match segments.pop() {
+            Some((_, path)) => path,
+            None => dir.join(segment_name(node, 1)),
+        };
         Ok(Manifest {
             root: root.to_path_buf(),
             path,
@@ -214,30 +273,47 @@ impl Manifest {
             key,
             seq,
             prev,
+            in_segment,
+            segment_entries: SEGMENT_ENTRIES,
         })
+    }
+
+    /// Starts a new segment every `n` entries instead of [`SEGMENT_ENTRIES`].
+    #[cfg(test)]
+    pub(crate) fn segment_every(mut self, n: u64) -> Self {
+        self.segment_entries = n;
+        self
     }
 
     /// Lists a finished file durably: `contents` is where it is now (its synced temporary),
     /// `file` where it is published.
     pub fn append(&mut self, contents: &Path, file: &Path, rows: u64) -> Result<(), RecorderError> {
         let entry = self.entry(contents, file, rows, self.seq + 1, &self.prev)?;
+        // The open segment is full: the chain goes on in a new file (its first entry
+        // chains the last of this one), and this one never changes again.
+        let (path, in_segment) = if self.in_segment >= self.segment_entries {
+            let dir = self.path.parent().unwrap_or(&self.root);
+            (dir.join(segment_name(&self.node, entry.seq)), 0)
+        } else {
+            (self.path.clone(), self.in_segment)
+        };
         let line = serde_json::to_string(&entry).map_err(|e| RecorderError::Manifest {
-            path: self.path.clone(),
+            path: path.clone(),
             reason: format!("cannot encode an entry: {e}"),
         })?;
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
-            .map_err(|e| io_error("append to manifest", &self.path, e))?;
+            .open(&path)
+            .map_err(|e| io_error("append to manifest", &path, e))?;
         let before = file
             .metadata()
-            .map_err(|e| io_error("append to manifest", &self.path, e))?
+            .map_err(|e| io_error("append to manifest", &path, e))?
             .len();
         let written = file
             .write_all(format!("{line}\n").as_bytes())
             .and_then(|()| file.sync_data())
-            .and_then(|()| match self.path.parent() {
+            .and_then(|()| match path.parent() {
                 // The chain's first entry must not vanish with the file's name after a
                 // crash; a failure here is a failed append like any other.
                 Some(dir) if before == 0 => super::durable::sync_dir(dir),
@@ -246,12 +322,14 @@ impl Manifest {
         if let Err(e) = written {
             // A partial line (disk full) must not stay in front of the next entry.
             if let Err(cut) = file.set_len(before).and_then(|()| file.sync_data()) {
-                tracing::warn!(path = %self.path.display(), error = %cut, "cannot cut a failed entry off the manifest; it is dropped at the next start");
+                tracing::warn!(path = %path.display(), error = %cut, "cannot cut a failed entry off the manifest; it is dropped at the next start");
             }
-            return Err(io_error("append to manifest", &self.path, e));
+            return Err(io_error("append to manifest", &path, e));
         }
         self.seq = entry.seq;
         self.prev = entry.hash;
+        self.path = path;
+        self.in_segment = in_segment + 1;
         Ok(())
     }
 
@@ -342,7 +420,7 @@ fn complete_rename(root: &Path, entry: &Entry) -> Result<(), RecorderError> {
 /// What [`verify_dir`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verification {
-    /// Manifests read.
+    /// Manifests read (nodes; a manifest may span several segment files).
     pub manifests: usize,
     /// Entries read.
     pub entries: usize,
@@ -365,8 +443,8 @@ impl Verification {
 /// with its digest. Files come from a directory or from object storage.
 #[derive(Debug, Default)]
 pub struct Tree {
-    /// Manifest text by node.
-    pub manifests: BTreeMap<String, String>,
+    /// Manifest text by node, segment by segment (by the `seq` each starts at).
+    pub manifests: BTreeMap<String, BTreeMap<u64, String>>,
     /// Finished files (relative path) with their hex SHA-256 and size.
     pub files: BTreeMap<String, (String, u64)>,
 }
@@ -381,13 +459,13 @@ pub fn read_tree(dir: &Path) -> Result<Tree, String> {
         {
             let entry = entry.map_err(|e| format!("{}: {e}", manifests.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(node) = name
-                .strip_prefix("node=")
-                .and_then(|n| n.strip_suffix(".jsonl"))
-            {
+            if let Some((node, first)) = segment_of(&name) {
                 let text = fs::read_to_string(entry.path())
                     .map_err(|e| format!("{}: {e}", entry.path().display()))?;
-                tree.manifests.insert(node.to_owned(), text);
+                tree.manifests
+                    .entry(node.to_owned())
+                    .or_default()
+                    .insert(first, text);
             }
         }
     }
@@ -438,15 +516,20 @@ pub fn verify_tree(tree: &Tree, key: Option<&VerifyingKey>) -> Verification {
     // sha256 -> (node, file) of every entry, to name a file's origin.
     let mut by_hash: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut listed: BTreeSet<String> = BTreeSet::new();
-    for (node, text) in &tree.manifests {
-        let name = format!("{MANIFEST_DIR}/node={node}.jsonl");
+    for (node, segments) in &tree.manifests {
         let mut expect_seq = 1;
         let mut prev = GENESIS.to_owned();
-        for (n, line) in text.lines().enumerate() {
+        let lines = segments.iter().flat_map(|(first, text)| {
+            let name = format!("{MANIFEST_DIR}/{}", segment_name(node, *first));
+            text.lines().enumerate().map(move |(n, line)| {
+                let starts = (n == 0).then_some(*first);
+                (format!("{name} line {}", n + 1), line, starts)
+            })
+        });
+        for (at, line, starts) in lines {
             if line.trim().is_empty() {
                 continue;
             }
-            let at = format!("{name} line {}", n + 1);
             let entry: Entry = match serde_json::from_str(line) {
                 Ok(entry) => entry,
                 Err(e) => {
@@ -457,6 +540,14 @@ pub fn verify_tree(tree: &Tree, key: Option<&VerifyingKey>) -> Verification {
                 }
             };
             report.entries += 1;
+            if let Some(first) = starts
+                && entry.seq != first
+            {
+                report.problems.push(format!(
+                    "{at}: the segment's name says it starts at entry {first}, but it starts at {} (a segment renamed)",
+                    entry.seq
+                ));
+            }
             if hex(&entry.computed_hash()) != entry.hash {
                 report.problems.push(format!(
                     "{at}: modified entry: its hash does not match its fields ({})",

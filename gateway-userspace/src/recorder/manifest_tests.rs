@@ -330,3 +330,115 @@ async fn a_torn_manifest_entry_is_cut_off_at_start() {
     assert!(report.ok(), "{:#?}", report.problems);
     assert_eq!(report.entries, 5);
 }
+
+/// Lists `n` files (numbered from `from`) in `manifest`, written under `root`.
+fn list_new_files(root: &Path, manifest: &mut manifest::Manifest, from: u32, n: u32) {
+    let dir = root.join("table=requests/date=2026-03-01/node=node-s");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    for i in from..from + n {
+        let file = dir.join(format!("part-{i:04}.parquet"));
+        std::fs::write(&file, format!("file {i}")).unwrap_or_else(|e| panic!("{e}"));
+        manifest
+            .append(&file, &file, 1)
+            .unwrap_or_else(|e| panic!("append: {e}"));
+    }
+}
+
+fn segments(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join(MANIFEST_DIR))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("{e}"))
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A long-lived node's manifest goes on in segments of a fixed number of entries, so a
+/// closed segment never changes (the uploader ships only the open one); the chain runs
+/// across them, a restart continues the open one, and a removed or renamed segment is
+/// reported.
+#[test]
+fn the_chain_runs_on_across_segments() {
+    let root = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let open = |root: &Path| {
+        manifest::Manifest::open(root, "node-s", Some(key(1)))
+            .unwrap_or_else(|e| panic!("open: {e}"))
+            .segment_every(3)
+    };
+    let mut m = open(root.path());
+    list_new_files(root.path(), &mut m, 1, 7);
+    let first = "node=node-s.jsonl";
+    let second = "node=node-s+00000000000000000004.jsonl";
+    let third = "node=node-s+00000000000000000007.jsonl";
+    fn sorted(mut names: Vec<&'static str>) -> Vec<&'static str> {
+        names.sort();
+        names
+    }
+    assert_eq!(segments(root.path()), sorted(vec![first, second, third]));
+    let report = verify(root.path(), Some(&key(1)));
+    assert!(report.ok(), "{:#?}", report.problems);
+    assert_eq!((report.manifests, report.entries), (1, 7));
+    // A restart continues the open segment, then starts the next.
+    drop(m);
+    let mut m = open(root.path());
+    list_new_files(root.path(), &mut m, 8, 3);
+    assert_eq!(
+        segments(root.path()),
+        sorted(vec![
+            first,
+            second,
+            third,
+            "node=node-s+00000000000000000010.jsonl"
+        ])
+    );
+    let report = verify(root.path(), Some(&key(1)));
+    assert!(report.ok(), "{:#?}", report.problems);
+    assert_eq!(report.entries, 10);
+    // A closed segment renamed: reported, and the gateway does not extend the chain.
+    let dir = root.path().join(MANIFEST_DIR);
+    let renamed = "node=node-s+00000000000000000005.jsonl";
+    std::fs::rename(dir.join(second), dir.join(renamed)).unwrap_or_else(|e| panic!("{e}"));
+    assert_reports(
+        &verify(root.path(), None),
+        "says it starts at entry 5, but it starts at 4",
+    );
+    // Removed: the chain breaks where it was.
+    std::fs::remove_file(dir.join(renamed)).unwrap_or_else(|e| panic!("{e}"));
+    let report = verify(root.path(), None);
+    assert_reports(&report, "chain broken: entry seq 7 where 4 was expected");
+    let refused = manifest::Manifest::open(root.path(), "node-s", None)
+        .err()
+        .unwrap_or_else(|| panic!("a manifest missing a segment was extended"));
+    assert!(
+        refused.to_string().contains("starts at entry 7"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn segment_names_stand_for_their_node_and_first_entry() {
+    use manifest::{segment_name, segment_of};
+    for (node, first) in [
+        ("ip-10-0-0-1.ec2.internal", 1),
+        ("n", 4097),
+        ("a.b", u64::MAX),
+    ] {
+        assert_eq!(segment_of(&segment_name(node, first)), Some((node, first)));
+    }
+    for bad in [
+        "node=.jsonl",
+        "node=n+12.jsonl",
+        "node=n+0000000000000000000x.jsonl",
+        "node=n+00000000000000000001.jsonl",
+        "node=+00000000000000000009.jsonl",
+        "other.jsonl",
+        "node=n.json",
+    ] {
+        assert_eq!(segment_of(bad), None, "{bad}");
+    }
+}

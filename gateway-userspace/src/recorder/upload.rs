@@ -32,7 +32,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutPayload, RetryConfig};
 use sha2::{Digest as _, Sha256};
 
-use super::manifest::{MANIFEST_DIR, Tree, file_digest};
+use super::manifest::{MANIFEST_DIR, Tree, file_digest, segment_of};
 use crate::drain::DrainWatcher;
 
 /// Longest wait between failed rounds.
@@ -526,14 +526,14 @@ pub async fn read_remote_tree(
             .bytes()
             .await
             .map_err(|e| format!("get {full}: {e}"))?;
-        if let Some(node) = relative
-            .strip_prefix(&format!("{MANIFEST_DIR}/node="))
-            .and_then(|n| n.strip_suffix(".jsonl"))
+        if let Some((node, first)) = relative
+            .strip_prefix(&format!("{MANIFEST_DIR}/"))
+            .and_then(segment_of)
         {
-            tree.manifests.insert(
-                node.to_owned(),
-                String::from_utf8_lossy(&bytes).into_owned(),
-            );
+            tree.manifests
+                .entry(node.to_owned())
+                .or_default()
+                .insert(first, String::from_utf8_lossy(&bytes).into_owned());
         } else if relative.ends_with(".parquet") {
             let digest: [u8; 32] = Sha256::digest(&bytes).into();
             let hex = digest
