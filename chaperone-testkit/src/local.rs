@@ -71,3 +71,23 @@ pub fn local_config(dir: &Path, upstream_url: &str) -> Result<Config, url::Parse
         approval: None,
     })
 }
+
+/// The gateway's view of `apiserver` with `token`: its CA and the token written into `dir`
+/// (`ca.crt`, `token`), ready for `kube::Client::try_from(upstream.config)`.
+pub fn upstream_for(
+    apiserver: &crate::apiserver::TestApiServer,
+    dir: &Path,
+    token: &str,
+) -> Result<gateway_userspace::upstream::Upstream, String> {
+    std::fs::write(dir.join(CA_CERT), apiserver.ca_pem()).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(TOKEN), token).map_err(|e| e.to_string())?;
+    let url: url::Url = apiserver.url().parse().map_err(|e| format!("{e}"))?;
+    gateway_userspace::upstream::Upstream::from_settings(gateway_userspace::upstream::Settings {
+        url: &url,
+        ca_file: &dir.join(CA_CERT),
+        token_file: Some(&dir.join(TOKEN)),
+        client_certificate: None,
+        tls_server_name: None,
+    })
+    .map_err(|e| e.to_string())
+}

@@ -5,7 +5,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
+use chaperone_testkit::{
+    apiserver::{ApiServerConfig, TestApiServer},
+    local::upstream_for,
+};
 use gateway_userspace::{
     approval::{
         holder::{
@@ -20,7 +23,6 @@ use gateway_userspace::{
         used::UsedLog,
     },
     policy::{Approval, ApprovalMode, GrantSpec},
-    upstream::{Settings, Upstream},
 };
 use kube::{Api, api::PostParams};
 
@@ -47,17 +49,7 @@ async fn env(with_crd: bool) -> Env {
             .expect("namespace");
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("ca.crt"), apiserver.ca_pem()).expect("ca");
-    std::fs::write(dir.path().join("token"), TOKEN).expect("token");
-    let url: url::Url = apiserver.url().parse().expect("url");
-    let upstream = Upstream::from_settings(Settings {
-        url: &url,
-        ca_file: &dir.path().join("ca.crt"),
-        token_file: Some(&dir.path().join("token")),
-        client_certificate: None,
-        tls_server_name: None,
-    })
-    .expect("upstream");
+    let upstream = upstream_for(&apiserver, dir.path(), TOKEN).expect("upstream");
     let client = kube::Client::try_from(upstream.config).expect("client");
     Env {
         apiserver,
@@ -980,15 +972,7 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
         .to_owned();
     let e = Env {
         client: {
-            let url: url::Url = apiserver.url().parse().expect("url");
-            let upstream = Upstream::from_settings(Settings {
-                url: &url,
-                ca_file: &dir.path().join("ca.crt"),
-                token_file: Some(&dir.path().join("token")),
-                client_certificate: None,
-                tls_server_name: None,
-            })
-            .expect("upstream");
+            let upstream = upstream_for(&apiserver, dir.path(), TOKEN).expect("upstream");
             kube::Client::try_from(upstream.config).expect("client")
         },
         key: SealKey::new(vec![5; 32]).expect("key"),

@@ -252,6 +252,43 @@ async fn a_file_changed_after_its_upload_is_not_uploaded_over_the_copy() {
     );
 }
 
+/// A restarted uploader finds its files and its manifest already in object storage and
+/// sends none of them again (a node's closed manifest segments are never re-sent).
+#[tokio::test]
+async fn a_restarted_uploader_sends_nothing_already_there() {
+    let port = free_port();
+    let _moto = start_moto(port).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    record_files(dir.path(), 2, 0).await;
+    let tls = upload::tls_for(None).unwrap_or_else(|e| panic!("tls: {e}"));
+    let mut first = Uploader::new(dir.path(), settings(port, None), tls.clone())
+        .unwrap_or_else(|e| panic!("uploader: {e}"));
+    first
+        .round()
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    assert_eq!(
+        first.stats().uploaded.load(Ordering::Relaxed),
+        3,
+        "two files, a manifest"
+    );
+    let mut restarted = Uploader::new(dir.path(), settings(port, None), tls.clone())
+        .unwrap_or_else(|e| panic!("uploader: {e}"));
+    restarted
+        .round()
+        .await
+        .unwrap_or_else(|e| panic!("upload after a restart: {e}"));
+    assert_eq!(restarted.stats().uploaded.load(Ordering::Relaxed), 0);
+    assert_eq!(restarted.stats().pending.load(Ordering::Relaxed), 0);
+    // A new file: it and the manifest that now lists it go up, nothing else.
+    record_files(dir.path(), 1, 2).await;
+    restarted
+        .round()
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    assert_eq!(restarted.stats().uploaded.load(Ordering::Relaxed), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_throughput() {
     let port = free_port();

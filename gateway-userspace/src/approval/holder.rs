@@ -259,6 +259,9 @@ pub struct Holder {
     state: Mutex<State>,
     tampering: AtomicU64,
     tampering_metric: Mutex<Option<prometheus_client::metrics::counter::Counter>>,
+    /// Whether the AccessRequest watcher is current: set by its events, cleared by its
+    /// errors (and false until it runs); while it is not, held requests poll.
+    watch_current: std::sync::atomic::AtomicBool,
     /// The gateway's `chaperone_approval_waiting` gauge, when counted.
     waiting_metric: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
 }
@@ -453,6 +456,7 @@ impl Holder {
             tampering: AtomicU64::new(0),
             tampering_metric: Mutex::new(None),
             waiting_metric: std::sync::OnceLock::new(),
+            watch_current: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -707,19 +711,25 @@ impl Holder {
     /// backoff on errors, so practically until the task is dropped).
     pub async fn run_watcher(self: Arc<Self>) {
         use kube::runtime::{WatchStreamExt as _, watcher};
-        let mut events = std::pin::pin!(
-            watcher(self.api.clone(), watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-        );
+        let mut events =
+            std::pin::pin!(watcher(self.api.clone(), watcher::Config::default()).default_backoff());
         while let Some(event) = events.next().await {
             match event {
-                Ok(ar) => self.observe(&ar),
+                Ok(watcher::Event::InitApply(ar) | watcher::Event::Apply(ar)) => {
+                    self.observe(&ar);
+                    self.watch_current.store(true, Ordering::Release);
+                }
+                Ok(watcher::Event::InitDone | watcher::Event::Delete(_)) => {
+                    self.watch_current.store(true, Ordering::Release);
+                }
+                Ok(watcher::Event::Init) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "watching AccessRequests failed; retrying")
+                    self.watch_current.store(false, Ordering::Release);
+                    tracing::warn!(error = %e, "watching AccessRequests failed; retrying (held requests read their AccessRequest meanwhile)")
                 }
             }
         }
+        self.watch_current.store(false, Ordering::Release);
     }
 
     fn grant_for(&self, grantee: &str, fingerprint: &str, rule: &str) -> Option<GrantEntry> {
@@ -1241,11 +1251,10 @@ impl Holder {
         }
     }
 
-    /// Writes a sealed `Expired` unless a verified decision got there first, and returns
-    /// the decision that stands.
-    /// Waits for the decision on `name`: from the watcher (through `rx`), or, should the
-    /// watcher be failing or its stream have gone quiet, from reading the AccessRequest
-    /// every `decision_poll`, so a decision reaches the held request anyway.
+    /// Waits for the decision on `name`: from the watcher (through `rx`), or, while the
+    /// watcher is not current (not started, or failing since its last event), from
+    /// reading the AccessRequest every `decision_poll`, so a decision reaches the held
+    /// request anyway.
     async fn decision(&self, name: &str, rx: &mut watch::Receiver<Option<Verdict>>) -> Verdict {
         loop {
             // The watch's answer, taken out of its lock before anything else is awaited.
@@ -1260,6 +1269,8 @@ impl Holder {
             let closed = match watched {
                 Ok(Some(v)) => return v,
                 Ok(None) => continue,
+                // The watcher is current: its events bring the decision.
+                Err(false) if self.watch_current.load(Ordering::Acquire) => continue,
                 Err(closed) => closed,
             };
             // The sender went away (the map keeps it while anyone waits), or the watch
@@ -1278,6 +1289,8 @@ impl Holder {
         }
     }
 
+    /// Writes a sealed `Expired` unless a verified decision got there first, and returns
+    /// the decision that stands.
     async fn expire(&self, name: &str) -> Option<Verdict> {
         for _ in 0..3 {
             let ar = match tokio::time::timeout(API_TIMEOUT, self.api.get(name)).await {

@@ -359,6 +359,7 @@ pub struct KubePodSource {
     client: kube::Client,
     node: String,
     errors: prometheus_client::metrics::counter::Counter,
+    watch_timeout: Option<u32>,
 }
 
 impl std::fmt::Debug for KubePodSource {
@@ -376,6 +377,7 @@ impl KubePodSource {
             client,
             node: node.into(),
             errors: Default::default(),
+            watch_timeout: None,
         }
     }
 
@@ -388,6 +390,13 @@ impl KubePodSource {
         self
     }
 
+    /// Asks the API server to end each watch after `seconds` (kube-rs's default is 290 s);
+    /// the watch is then opened again from where it was.
+    pub fn with_watch_timeout(mut self, seconds: u32) -> Self {
+        self.watch_timeout = Some(seconds);
+        self
+    }
+
     /// The watcher configuration (exposed for tests).
     pub fn watcher_config(node: &str) -> kube::runtime::watcher::Config {
         kube::runtime::watcher::Config::default().fields(&format!("spec.nodeName={node}"))
@@ -396,51 +405,69 @@ impl KubePodSource {
 
 impl PodSource for KubePodSource {
     async fn run(self, store: PodStore) -> Result<(), IdentityError> {
-        use kube::runtime::{WatchStreamExt as _, watcher};
+        use kube::runtime::watcher;
         let api: kube::Api<Pod> = kube::Api::all(self.client);
-        let mut events = watcher(api, Self::watcher_config(&self.node))
-            .default_backoff()
-            .boxed();
         store.expect_list();
-        let mut relist: Option<Vec<Pod>> = None;
-        while let Some(event) = events.next().await {
-            // Current again once an event arrives (a relist: once it is complete).
-            if matches!(
-                event,
-                Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))
-            ) {
-                store.watch_ok();
+        let mut backoff = POD_WATCH_BACKOFF_MIN;
+        // After an error the watch starts over with a fresh list: kube-rs would resume
+        // from where it stopped without a sign, and until the list is complete again a
+        // pod the store does not know may be one the watch missed (see `watch_error`).
+        loop {
+            let mut config = Self::watcher_config(&self.node);
+            if let Some(seconds) = self.watch_timeout {
+                config = config.timeout(seconds);
             }
-            match event {
-                Ok(watcher::Event::Init) => relist = Some(Vec::new()),
-                Ok(watcher::Event::InitApply(pod)) => {
-                    if let Some(buffer) = relist.as_mut() {
-                        buffer.push(pod);
-                    } else {
-                        store.apply(&pod);
+            let mut events = watcher(api.clone(), config).boxed();
+            let mut relist: Option<Vec<Pod>> = None;
+            let error = loop {
+                let Some(event) = events.next().await else {
+                    return Err(IdentityError::PodWatchEnded {
+                        node: self.node.clone(),
+                    });
+                };
+                // Current again once an event has been applied (a relist: once complete).
+                match event {
+                    Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+                    Ok(watcher::Event::InitApply(pod)) => {
+                        if let Some(buffer) = relist.as_mut() {
+                            buffer.push(pod);
+                        } else {
+                            store.apply(&pod);
+                        }
                     }
+                    Ok(watcher::Event::InitDone) => {
+                        let pods = relist.take().unwrap_or_default();
+                        tracing::info!(node = %self.node, pods = pods.len(), "pod list synced");
+                        store.resync(&pods);
+                        store.watch_ok();
+                        backoff = POD_WATCH_BACKOFF_MIN;
+                    }
+                    Ok(watcher::Event::Apply(pod)) => {
+                        store.apply(&pod);
+                        store.watch_ok();
+                    }
+                    Ok(watcher::Event::Delete(pod)) => {
+                        store.delete(&pod);
+                        store.watch_ok();
+                    }
+                    Err(e) => break e,
                 }
-                Ok(watcher::Event::InitDone) => {
-                    let pods = relist.take().unwrap_or_default();
-                    tracing::info!(node = %self.node, pods = pods.len(), "pod list synced");
-                    store.resync(&pods);
-                }
-                Ok(watcher::Event::Apply(pod)) => store.apply(&pod),
-                Ok(watcher::Event::Delete(pod)) => store.delete(&pod),
-                // The watcher retries with backoff; the store keeps serving what it has,
-                // and pods it does not know are not named until the watch is back.
-                Err(e) => {
-                    self.errors.inc();
-                    store.watch_failed(&e);
-                    tracing::warn!(node = %self.node, error = %e, "pod watch error");
-                }
-            }
+            };
+            // The store keeps serving what it has; pods it does not know are not named
+            // until the watch has listed again.
+            self.errors.inc();
+            store.watch_failed(&error);
+            tracing::warn!(node = %self.node, error = %error, retry_in = ?backoff, "pod watch error; listing again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(POD_WATCH_BACKOFF_MAX);
         }
-        Err(IdentityError::PodWatchEnded {
-            node: self.node.clone(),
-        })
     }
 }
+
+/// First wait before the pod watch lists again after an error; doubled per failure.
+const POD_WATCH_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest wait between the pod watch's attempts.
+const POD_WATCH_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A source fed through a channel (tests and the demo).
 #[derive(Debug)]

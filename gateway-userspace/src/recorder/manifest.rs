@@ -447,6 +447,24 @@ pub struct Tree {
     pub manifests: BTreeMap<String, BTreeMap<u64, String>>,
     /// Finished files (relative path) with their hex SHA-256 and size.
     pub files: BTreeMap<String, (String, u64)>,
+    /// Files under `_manifests/` whose names are no manifest's: reported, since entries
+    /// there would otherwise go unread.
+    pub unrecognised: Vec<String>,
+}
+
+impl Tree {
+    /// Takes in a file found under `_manifests/` (`name` without the directory).
+    pub fn add_manifest_file(&mut self, name: &str, text: String) {
+        match segment_of(name) {
+            Some((node, first)) => {
+                self.manifests
+                    .entry(node.to_owned())
+                    .or_default()
+                    .insert(first, text);
+            }
+            None => self.unrecognised.push(format!("{MANIFEST_DIR}/{name}")),
+        }
+    }
 }
 
 /// Reads a local recording tree.
@@ -459,14 +477,13 @@ pub fn read_tree(dir: &Path) -> Result<Tree, String> {
         {
             let entry = entry.map_err(|e| format!("{}: {e}", manifests.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some((node, first)) = segment_of(&name) {
-                let text = fs::read_to_string(entry.path())
-                    .map_err(|e| format!("{}: {e}", entry.path().display()))?;
-                tree.manifests
-                    .entry(node.to_owned())
-                    .or_default()
-                    .insert(first, text);
+            if entry.path().is_dir() {
+                tree.unrecognised.push(format!("{MANIFEST_DIR}/{name}/"));
+                continue;
             }
+            let text = fs::read_to_string(entry.path())
+                .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+            tree.add_manifest_file(&name, text);
         }
     }
     let mut stack = vec![dir.to_path_buf()];
@@ -513,6 +530,11 @@ pub fn verify_tree(tree: &Tree, key: Option<&VerifyingKey>) -> Verification {
         files: tree.files.len(),
         ..Verification::default()
     };
+    for name in &tree.unrecognised {
+        report.problems.push(format!(
+            "unrecognised: {name} is not a manifest name (node=N.jsonl or node=N+S.jsonl), so nothing in it is checked"
+        ));
+    }
     // sha256 -> (node, file) of every entry, to name a file's origin.
     let mut by_hash: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut listed: BTreeSet<String> = BTreeSet::new();

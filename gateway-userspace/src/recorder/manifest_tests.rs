@@ -399,8 +399,16 @@ fn the_chain_runs_on_across_segments() {
     let report = verify(root.path(), Some(&key(1)));
     assert!(report.ok(), "{:#?}", report.problems);
     assert_eq!(report.entries, 10);
-    // A closed segment renamed: reported, and the gateway does not extend the chain.
     let dir = root.path().join(MANIFEST_DIR);
+    // A name that is no segment's is reported, not skipped: its entries would go unread.
+    let stray = dir.join("node=node-s+10.jsonl");
+    std::fs::write(&stray, "").unwrap_or_else(|e| panic!("{e}"));
+    assert_reports(
+        &verify(root.path(), None),
+        "unrecognised: _manifests/node=node-s+10.jsonl is not a manifest name",
+    );
+    std::fs::remove_file(&stray).unwrap_or_else(|e| panic!("{e}"));
+    // A closed segment renamed: reported, and the gateway does not extend the chain.
     let renamed = "node=node-s+00000000000000000005.jsonl";
     std::fs::rename(dir.join(second), dir.join(renamed)).unwrap_or_else(|e| panic!("{e}"));
     assert_reports(

@@ -127,7 +127,8 @@ pub fn decision_str(decision: Option<Action>) -> &'static str {
 pub enum Outcome {
     /// Sent to the API server; its response (any status) was relayed.
     Forwarded,
-    /// Refused by the policy or an identity guard (403).
+    /// Refused by the policy or an identity guard (403), or held for approval no more
+    /// because its workload has too many held (429).
     Denied,
     /// Refused before a decision: a malformed request, or a body the gateway could not
     /// read or decode; or a write that could not be bound to the version of the object its

@@ -32,7 +32,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutPayload, RetryConfig};
 use sha2::{Digest as _, Sha256};
 
-use super::manifest::{MANIFEST_DIR, Tree, file_digest, segment_of};
+use super::manifest::{MANIFEST_DIR, Tree, file_digest};
 use crate::drain::DrainWatcher;
 
 /// Longest wait between failed rounds.
@@ -232,6 +232,14 @@ fn scan(root: &Path) -> std::io::Result<Vec<Local>> {
     Ok(found)
 }
 
+/// How the uploaded copy of a manifest stands to the local one.
+enum Remote {
+    /// Absent, or a beginning of the local copy: upload it.
+    Behind,
+    /// The same bytes: nothing to upload.
+    Same,
+}
+
 /// The background uploader.
 pub struct Uploader {
     root: PathBuf,
@@ -380,16 +388,27 @@ impl Uploader {
                 let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
                 bytes.truncate(complete);
             }
-            if file.manifest
-                && let Err(why) = self.check_extends(&key, &file.relative, &bytes).await
-            {
-                // The other files still go; the round fails, so the failure shows.
-                tracing::error!(path = %file.path.display(), %key, reason = %why, "manifest not uploaded");
-                result = Err(why);
-                continue;
-            }
             let size = bytes.len() as u64;
             let digest: Option<[u8; 32]> = file.manifest.then(|| Sha256::digest(&bytes).into());
+            if file.manifest {
+                match self.check_extends(&key, &file.relative, &bytes).await {
+                    Ok(Remote::Behind) => {}
+                    // Already there (a closed segment, after a restart): nothing to send.
+                    Ok(Remote::Same) => {
+                        self.confirmed.insert(file.relative.clone(), size);
+                        if let Some(digest) = digest {
+                            self.manifest_digests.insert(file.relative.clone(), digest);
+                        }
+                        continue;
+                    }
+                    Err(why) => {
+                        // The other files still go; the round fails, so the failure shows.
+                        tracing::error!(path = %file.path.display(), %key, reason = %why, "manifest not uploaded");
+                        result = Err(why);
+                        continue;
+                    }
+                }
+            }
             match self
                 .store
                 .put(&key, PutPayload::from(Bytes::from(bytes)))
@@ -426,14 +445,14 @@ impl Uploader {
         key: &ObjectPath,
         relative: &str,
         local: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<Remote, String> {
         if let (Some(&uploaded), Some(digest)) = (
             self.confirmed.get(relative),
             self.manifest_digests.get(relative),
         ) {
             // Uploaded by this process: what went up must still start the local copy.
             return if starts_with_uploaded(local, uploaded, digest) {
-                Ok(())
+                Ok(Remote::Behind)
             } else {
                 Err(format!(
                     "{key}: the local manifest ({} bytes) no longer starts with the {uploaded} bytes uploaded; it is not uploaded over them",
@@ -446,7 +465,7 @@ impl Uploader {
                 .bytes()
                 .await
                 .map_err(|e| format!("read {key} to compare: {e}"))?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(object_store::Error::NotFound { .. }) => return Ok(Remote::Behind),
             Err(
                 e @ (object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. }),
@@ -459,8 +478,10 @@ impl Uploader {
             }
             Err(e) => return Err(format!("read {key} to compare: {e}")),
         };
-        if manifest_extends(&remote, local) {
-            Ok(())
+        if remote.as_ref() == local {
+            Ok(Remote::Same)
+        } else if manifest_extends(&remote, local) {
+            Ok(Remote::Behind)
         } else {
             Err(format!(
                 "{key}: the local manifest does not extend the copy already uploaded ({} bytes), so it is not uploaded over it; keep both, compare them with `chaperone verify`, and move the uploaded one aside to start a new chain",
@@ -526,14 +547,8 @@ pub async fn read_remote_tree(
             .bytes()
             .await
             .map_err(|e| format!("get {full}: {e}"))?;
-        if let Some((node, first)) = relative
-            .strip_prefix(&format!("{MANIFEST_DIR}/"))
-            .and_then(segment_of)
-        {
-            tree.manifests
-                .entry(node.to_owned())
-                .or_default()
-                .insert(first, String::from_utf8_lossy(&bytes).into_owned());
+        if let Some(name) = relative.strip_prefix(&format!("{MANIFEST_DIR}/")) {
+            tree.add_manifest_file(name, String::from_utf8_lossy(&bytes).into_owned());
         } else if relative.ends_with(".parquet") {
             let digest: [u8; 32] = Sha256::digest(&bytes).into();
             let hex = digest
