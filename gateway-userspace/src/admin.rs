@@ -51,6 +51,13 @@ pub struct ApprovalDecisionLabels {
     pub result: &'static str,
 }
 
+/// Labels of `chaperone_tls_certificate_expiry_timestamp_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// serving (the certificate agents see) | ca (the CA it is minted from).
+    pub certificate: &'static str,
+}
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -99,6 +106,8 @@ pub struct Metrics {
     pub approval_busy: Counter,
     /// Requests held for approval on this gateway right now.
     pub approval_waiting: Gauge,
+    /// When the serving certificate and its CA expire (Unix seconds; set at each scrape).
+    pub tls_expiry: Family<CertificateLabels, Gauge>,
 }
 
 impl Metrics {
@@ -216,6 +225,12 @@ impl Metrics {
             "Requests held for approval on this node right now (waiting for a decision, or for their workload's turn to ask for one)",
             approval_waiting.clone(),
         );
+        let tls_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the serving certificate agents see, and the CA (tls.caCertFile) it is minted from, expire (Unix time); the serving certificate is renewed, the CA is not",
+            tls_expiry.clone(),
+        );
         let upstream_credential_up = Gauge::default();
         upstream_credential_up.set(1);
         registry.register(
@@ -250,6 +265,7 @@ impl Metrics {
             approval_hold_failures,
             approval_busy,
             approval_waiting,
+            tls_expiry,
         })
     }
 
@@ -520,6 +536,17 @@ pub struct StatusReport {
     pub interception: Option<InterceptionStatus>,
     /// This node's pods, when a watch names them (`identity.watchPods`).
     pub pods: Option<PodsReport>,
+    /// The serving certificate.
+    pub tls: Option<TlsReport>,
+}
+
+/// The serving certificate part of `/status`.
+#[derive(Debug, Serialize)]
+pub struct TlsReport {
+    /// When the serving certificate agents see expires (RFC 3339); renewed before then.
+    pub serving_expires: String,
+    /// When the CA it is minted from expires: it must be replaced before then.
+    pub ca_expires: String,
 }
 
 /// The pod watch part of `/status`.
@@ -613,6 +640,8 @@ pub struct Admin {
     pub credential: Option<Arc<crate::proxy::credential::UpstreamCredential>>,
     /// This node's pods (the identity's store).
     pub pods: Option<crate::identity::pods::PodStore>,
+    /// The serving certificate (renewed from the CA).
+    pub serving_cert: Option<Arc<crate::tls::ServingCert>>,
 }
 
 impl Admin {
@@ -639,6 +668,20 @@ impl Admin {
             "/metrics" => {
                 let up = self.credential_failure().is_none();
                 self.metrics.upstream_credential_up.set(i64::from(up));
+                if let Some(cert) = &self.serving_cert {
+                    let unix = |t: std::time::SystemTime| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                    };
+                    for (certificate, expires) in
+                        [("serving", cert.expires()), ("ca", cert.ca_expires())]
+                    {
+                        self.metrics
+                            .tls_expiry
+                            .get_or_create(&CertificateLabels { certificate })
+                            .set(unix(expires));
+                    }
+                }
                 text(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
@@ -684,6 +727,10 @@ impl Admin {
                     recording: self.recorder.health_report(),
                     interception: self.interceptor.as_ref().map(|i| i.status()),
                     pods: self.pods.as_ref().and_then(PodsReport::of),
+                    tls: self.serving_cert.as_ref().map(|c| TlsReport {
+                        serving_expires: crate::tls::rfc3339(c.expires()),
+                        ca_expires: crate::tls::rfc3339(c.ca_expires()),
+                    }),
                 };
                 let body = serde_json::to_string_pretty(&report).unwrap_or_default();
                 text(StatusCode::OK, "application/json", body)

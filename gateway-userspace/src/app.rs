@@ -325,6 +325,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         recorder: recorder_status,
         credential: Some(credential.clone()),
         pods: Some(identity.pods().clone()),
+        serving_cert: Some(serving_cert.clone()),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(reloader) = reloader {

@@ -829,6 +829,22 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     if let Some(error) = v["credential"]["error"].as_str() {
         println!("           CREDENTIAL UNAVAILABLE, requests are refused: {error}");
     }
+    if let (Some(serving), Some(ca)) = (
+        v["tls"]["serving_expires"].as_str(),
+        v["tls"]["ca_expires"].as_str(),
+    ) {
+        println!("tls:       serving certificate until {serving} (renewed), CA until {ca}");
+        let left = ca
+            .parse::<jiff::Timestamp>()
+            .ok()
+            .map(|t| t.duration_since(jiff::Timestamp::now()));
+        if let Some(left) = left.filter(|l| l.as_hours() < 30 * 24) {
+            println!(
+                "           CA EXPIRES in {} days: replace tls.caCertFile (and the bundle agents trust) before then",
+                left.as_hours().max(0) / 24
+            );
+        }
+    }
     let p = &v["policy"];
     println!(
         "policy:    {} ({} rules, default {})",

@@ -60,6 +60,16 @@ pub enum TlsError {
     /// rustls rejected the certificate/key combination.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The CA certificate is past its `notAfter`: nothing it signs is trusted.
+    #[error(
+        "{what}: the CA certificate expired at {expired}; replace it (and the CA bundle agents trust)"
+    )]
+    CaExpired {
+        /// Which input.
+        what: String,
+        /// When it expired (RFC 3339).
+        expired: String,
+    },
 }
 
 /// What `tls.caKeyFile` may hold, for error messages and docs.
@@ -156,6 +166,8 @@ pub struct CertificateAuthority {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate's `notAfter`: no certificate it mints outlives it.
+    not_after: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -200,10 +212,21 @@ impl CertificateAuthority {
             what: cert_name.to_owned(),
             message: e.to_string(),
         })?;
+        let not_after = not_after(&cert_der).ok_or_else(|| TlsError::Pem {
+            what: cert_name.to_owned(),
+            message: "the certificate's validity cannot be read".to_owned(),
+        })?;
+        if not_after <= std::time::SystemTime::now() {
+            return Err(TlsError::CaExpired {
+                what: cert_name.to_owned(),
+                expired: rfc3339(not_after),
+            });
+        }
         Ok(Self {
             cert_pem: cert_pem.to_owned(),
             cert_der,
             issuer,
+            not_after,
         })
     }
 
@@ -228,11 +251,13 @@ impl CertificateAuthority {
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let cert_der = cert.der().clone();
+        let not_after = std::time::SystemTime::from(params.not_after);
         Ok((
             Self {
                 cert_pem,
                 cert_der,
                 issuer: Issuer::new(params, key),
+                not_after,
             },
             key_pem,
         ))
@@ -246,6 +271,11 @@ impl CertificateAuthority {
     /// The CA certificate in DER form.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
+    }
+
+    /// When the CA certificate expires.
+    pub fn expires(&self) -> std::time::SystemTime {
+        self.not_after
     }
 
     /// Mints a serving certificate (chain: leaf, CA) and its key for the given DNS names and
@@ -282,12 +312,33 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after =
-            now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
+        // Never past the CA's own end: clients would refuse the chain from then on anyway.
+        params.not_after = (now
+            + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365)))
+        .min(time::OffsetDateTime::from(self.not_after));
+        if params.not_after <= now {
+            return Err(TlsError::CaExpired {
+                what: "the CA (tls.caCertFile)".to_owned(),
+                expired: rfc3339(self.not_after),
+            });
+        }
         let cert = params.signed_by(&key, &self.issuer)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
     }
+}
+
+/// A certificate's `notAfter`, from its DER.
+fn not_after(der: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let seconds = cert.validity().not_after.timestamp();
+    let seconds = u64::try_from(seconds).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(seconds))
+}
+
+/// A time as RFC 3339 (UTC), for messages.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    jiff::Timestamp::try_from(t).map_or_else(|_| format!("{t:?}"), |t| t.to_string())
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -296,6 +347,9 @@ fn read(path: &Path) -> Result<String, TlsError> {
         source,
     })
 }
+
+/// How long before the CA's expiry the renewal loop warns at every check.
+const CA_EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// The serving certificate, minted from the cluster CA and re-minted before it expires.
 ///
@@ -336,8 +390,11 @@ impl ServingCert {
         validity: std::time::Duration,
     ) -> Result<(rustls::sign::CertifiedKey, std::time::SystemTime), TlsError> {
         let (chain, key) = ca.issue_server_cert(dns_names, ips, validity)?;
+        let expires = not_after(&chain[0])
+            .unwrap_or_else(|| std::time::SystemTime::now() + validity)
+            .min(ca.expires());
         let key = rustls::sign::CertifiedKey::from_der(chain, key, &provider())?;
-        Ok((key, std::time::SystemTime::now() + validity))
+        Ok((key, expires))
     }
 
     /// When the current certificate expires.
@@ -345,16 +402,24 @@ impl ServingCert {
         self.current.load().1
     }
 
+    /// When the CA it is minted from expires: renewals stop there.
+    pub fn ca_expires(&self) -> std::time::SystemTime {
+        self.ca.expires()
+    }
+
     /// The DER of the current leaf certificate.
     pub fn leaf(&self) -> CertificateDer<'static> {
         self.current.load().0.cert[0].clone()
     }
 
-    /// Whether less than a third of the validity is left at `now`.
+    /// Whether less than a third of the validity is left at `now` (and a new certificate
+    /// would last longer: not once it ends with the CA).
     pub fn renewal_due(&self, now: std::time::SystemTime) -> bool {
-        self.expires()
-            .duration_since(now)
-            .map_or(true, |left| left < self.validity / 3)
+        self.expires() < self.ca_expires()
+            && self
+                .expires()
+                .duration_since(now)
+                .map_or(true, |left| left < self.validity / 3)
     }
 
     /// Mints a new certificate now; new handshakes get it at once.
@@ -376,7 +441,18 @@ impl ServingCert {
                 _ = drain.signaled() => return,
                 _ = tick.tick() => {}
             }
-            if self.renewal_due(std::time::SystemTime::now()) {
+            let now = std::time::SystemTime::now();
+            if self
+                .ca_expires()
+                .duration_since(now)
+                .map_or(true, |left| left < CA_EXPIRY_WARNING)
+            {
+                tracing::warn!(
+                    ca_expires = %rfc3339(self.ca_expires()),
+                    "the CA (tls.caCertFile) the serving certificate is minted from expires soon; after it, agents' clients refuse the gateway: replace it"
+                );
+            }
+            if self.renewal_due(now) {
                 match self.renew() {
                     Ok(()) => {
                         tracing::info!(expires = ?self.expires(), "serving certificate renewed")
@@ -742,6 +818,51 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A self-signed CA valid until `offset` from now (negative: expired), as PEM.
+    fn ca_until(offset: time::Duration) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(400);
+        params.not_after = now + offset;
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn an_expired_ca_is_refused_and_no_certificate_outlives_its_ca() {
+        let (cert, key) = ca_until(-time::Duration::days(1));
+        let err = CertificateAuthority::from_pem(&cert, &key, "ca.crt", "ca.key").unwrap_err();
+        assert!(
+            matches!(&err, TlsError::CaExpired { what, .. } if what == "ca.crt"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("expired at"), "{err}");
+
+        // A CA with an hour left: the 90-day serving certificate ends with it, and
+        // renewing would not help, so it is not due.
+        let (cert, key) = ca_until(time::Duration::hours(1));
+        let ca = CertificateAuthority::from_pem(&cert, &key, "ca.crt", "ca.key").unwrap();
+        let hour = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        let ca_end = ca.expires();
+        assert!(
+            ca_end <= hour && ca_end + std::time::Duration::from_secs(5) > hour,
+            "{ca_end:?}"
+        );
+        let serving = ServingCert::new(
+            ca,
+            vec!["kubernetes".to_owned()],
+            vec![],
+            std::time::Duration::from_secs(90 * 24 * 3600),
+        )
+        .unwrap();
+        assert_eq!(serving.expires(), ca_end);
+        assert_eq!(not_after(&serving.leaf()), Some(ca_end));
+        assert!(!serving.renewal_due(std::time::SystemTime::now()));
     }
 
     #[test]

@@ -1289,7 +1289,31 @@ async fn while_recording_is_down_requests_are_refused_and_it_recovers() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("recording: up"), "{stdout}");
+    // The serving certificate and its CA, with their ends (the test CA has a year).
+    assert!(
+        stdout.contains("tls:       serving certificate until") && !stdout.contains("CA EXPIRES"),
+        "{stdout}"
+    );
     let (_, metrics) = admin_get(&h, "/metrics").await;
+    let expiry = |certificate: &str| -> u64 {
+        let prefix = format!(
+            "chaperone_tls_certificate_expiry_timestamp_seconds{{certificate=\"{certificate}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(expiry("serving") > now + 80 * 24 * 3600, "{metrics}");
+    assert!(expiry("ca") >= expiry("serving"), "{metrics}");
+    let (_, status) = admin_get(&h, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert!(status["tls"]["ca_expires"].is_string(), "{status}");
     // The forwarded "lost-row" and the four refusals: each logged with its audit id.
     assert!(
         metrics.contains("chaperone_recording_rows_lost_total 5"),
