@@ -240,7 +240,10 @@ fn malformed_frames_end_the_stream_instead_of_passing_unmasked() {
     // RSV1 set: a compressed frame the gateway did not negotiate.
     let mut frame = ws_channel(1, b"hello\n");
     frame[0] |= 0x40;
+    assert!(!tap.masking_failed());
     assert!(tap.pass(Direction::ToClient, &frame).is_err());
+    // Said, so the stream's end is counted in chaperone_masking_failures_total.
+    assert!(tap.masking_failed());
     assert!(
         tap.pass(Direction::ToClient, &ws_channel(1, b"x\n"))
             .is_err()

@@ -332,6 +332,8 @@ pub struct StreamTap {
     /// The highest stream id each direction has opened (SYN_STREAM), by [`index`].
     spdy_last_opened: [u32; 2],
     stopped: bool,
+    /// Output to the client that had to be masked could not be (the stream ended).
+    unmaskable: bool,
     stats: StreamStats,
     sink: Option<Arc<dyn FrameSink>>,
     /// Rewrites stdout/stderr going to the client, when the output is masked.
@@ -378,6 +380,7 @@ impl StreamTap {
             spdy_half_closed: std::collections::HashMap::new(),
             spdy_last_opened: [0; 2],
             stopped: false,
+            unmaskable: false,
             stats: StreamStats::default(),
             sink,
             output: None,
@@ -462,6 +465,11 @@ impl StreamTap {
         self.output.is_some()
     }
 
+    /// Whether output that had to be masked could not be, which ended the stream.
+    pub fn masking_failed(&self) -> bool {
+        self.unmaskable
+    }
+
     /// Passes relayed bytes: rewrites them when they go to the client and are masked, and
     /// feeds the tap what will be sent. `Ok(None)`: send `data` as it is. An error means
     /// the output cannot be masked and the stream must end.
@@ -469,7 +477,10 @@ impl StreamTap {
         let rewritten = match (&mut self.output, dir) {
             (Some(output), Direction::ToClient) => {
                 let mut out = Vec::with_capacity(data.len() + 64);
-                output.feed(data, &self.spdy_streams, &mut out)?;
+                if let Err(e) = output.feed(data, &self.spdy_streams, &mut out) {
+                    self.unmaskable = true;
+                    return Err(e);
+                }
                 self.stats.masked_values = output.masked();
                 Some(out)
             }
@@ -1110,6 +1121,7 @@ impl Proxy {
             None => (self.draining.clone(), None),
         };
         let draining = self.draining.clone();
+        let metrics = self.metrics.clone();
         // Tracked so the drain waits for the stream to close and its row to be recorded.
         self.streams.spawn(async move {
             let _registered = live_guard;
@@ -1131,6 +1143,9 @@ impl Proxy {
             let mut tap = tap
                 .into_inner()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if tap.masking_failed() {
+                metrics.masking_failures.inc();
+            }
             if let Some(why) = tap.recording_failure() {
                 error.get_or_insert_with(|| why.to_owned());
             }
