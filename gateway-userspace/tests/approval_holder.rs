@@ -925,9 +925,24 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
         found
     };
     assert_eq!(ars.len(), 1, "the held request has its AccessRequest");
-    // The client gives up and the gateway restarts: nothing reached the API server.
-    held.abort();
-    first.shutdown().await.expect("stop the gateway");
+    // The gateway restarts: the held request is answered at once (not at the end of the
+    // drain), undecided and not sent; nothing reached the API server.
+    let stopped = tokio::spawn(first.shutdown());
+    let response = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("answered when the gateway stops")
+        .expect("task")
+        .expect("response");
+    let (status, text) = read(response).await;
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(
+        text.contains("the gateway is restarting") && text.contains("stays pending"),
+        "{text}"
+    );
+    stopped
+        .await
+        .expect("shutdown task")
+        .expect("stop the gateway");
     let patched = |apiserver: &TestApiServer| {
         apiserver
             .requests()

@@ -171,6 +171,14 @@ pub enum HoldOutcome {
         /// Why, for the client.
         why: String,
     },
+    /// The gateway is stopping: the request waited and is answered without a decision;
+    /// the AccessRequest stays pending for the client's retry.
+    Interrupted {
+        /// The AccessRequest.
+        name: String,
+        /// How long the request waited.
+        waited: Duration,
+    },
     /// The workload has `max_waiting_per_workload` requests held already: refuse this one
     /// until some are decided (nothing was asked of the API server).
     Busy {
@@ -262,6 +270,8 @@ pub struct Holder {
     /// Whether the AccessRequest watcher is current: set by its events, cleared by its
     /// errors (and false until it runs); while it is not, held requests poll.
     watch_current: std::sync::atomic::AtomicBool,
+    /// Cancelled when the gateway stops: held requests are answered at once.
+    stopping: tokio_util::sync::CancellationToken,
     /// The gateway's `chaperone_approval_waiting` gauge, when counted.
     waiting_metric: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
 }
@@ -457,6 +467,7 @@ impl Holder {
             tampering_metric: Mutex::new(None),
             waiting_metric: std::sync::OnceLock::new(),
             watch_current: std::sync::atomic::AtomicBool::new(false),
+            stopping: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -473,6 +484,12 @@ impl Holder {
     /// `chaperone_approval_waiting`).
     pub fn count_waiting_in(&self, gauge: prometheus_client::metrics::gauge::Gauge) {
         let _ = self.waiting_metric.set(gauge);
+    }
+
+    /// Answers every request waiting for a decision now (the gateway stops): each gets
+    /// [`HoldOutcome::Interrupted`], and holds that start later too.
+    pub fn stop_waiting(&self) {
+        self.stopping.cancel();
     }
 
     /// Requests held on this gateway right now (all workloads).
@@ -920,9 +937,15 @@ impl Holder {
             .entry(name.clone())
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
-        let decided = tokio::time::timeout(wait, self.decision(&name, &mut rx))
-            .await
-            .ok();
+        let decided = tokio::select! {
+            decided = tokio::time::timeout(wait, self.decision(&name, &mut rx)) => decided.ok(),
+            // The gateway stops: the request is answered now, not at the end of the drain;
+            // its AccessRequest stays pending, and the client's retry (through the next
+            // gateway) waits on it.
+            () = self.stopping.cancelled() => {
+                return HoldOutcome::Interrupted { name, waited: started.elapsed() };
+            }
+        };
         let verdict = match decided {
             Some(v) => Some(v),
             // Timed out (or the sender went away, which the map prevents): expire it.

@@ -272,6 +272,15 @@ impl Proxy {
                 record.reason = Some(why.clone());
                 Err(Status::service_unavailable(why, HOLD_RETRY_AFTER_SECONDS))
             }
+            HoldOutcome::Interrupted { name, waited } => {
+                let why = format!(
+                    "chaperone: the gateway is restarting; this request (Chaperone policy rule \"{rule}\") was not decided and not sent: AccessRequest {ns}/{name} stays pending, and sending the request again waits on it"
+                );
+                note(record, "interrupted", Some(&name), None, Some(ms(waited)));
+                record.outcome = Outcome::UpstreamFailed;
+                record.reason = Some(why.clone());
+                Err(Status::service_unavailable(why, 1))
+            }
             HoldOutcome::Busy { why } => {
                 let why = format!(
                     "chaperone: this request needs approval (Chaperone policy rule \"{rule}\") and is not held: {why}"

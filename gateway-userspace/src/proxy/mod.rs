@@ -404,8 +404,11 @@ impl Proxy {
         }
         drop(listener);
         // Connections finish their in-flight requests and watches end; the caller bounds
-        // this with the drain grace period.
+        // this with the drain grace period. Requests held for approval are answered now.
         self.draining.cancel();
+        if let Some(holder) = self.approvals() {
+            holder.stop_waiting();
+        }
         connections.close();
         connections.wait().await;
         // Upgraded streams saw the same cancellation and close both ends in order.
