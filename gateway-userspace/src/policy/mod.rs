@@ -348,7 +348,9 @@
 //!   from the same workload and principal. At most 7 days.
 //! * `mode`: `hold` (the default) keeps the agent's request open and sends **nothing**
 //!   upstream until the decision, then forwards it (approved) or answers 403 (denied, with
-//!   the approver's comment; expired). `async` answers at once with a 403 `Status` naming
+//!   the approver's comment; expired); 503 if the gateway stops meanwhile (the retry waits
+//!   on the same AccessRequest), 429 if the workload already has
+//!   `approval.maxWaitingPerWorkload` requests held. `async` answers at once with a 403 `Status` naming
 //!   the AccessRequest and the command that approves it (`kubectl chaperone approve
 //!   NAME`); a retry of the same request passes once it is approved.
 //!
