@@ -104,6 +104,15 @@ impl Env {
         Api::namespaced(self.client.clone(), NS)
     }
 
+    /// Waits until exactly one AccessRequest exists, returning its name.
+    async fn only_access_request(&self) -> String {
+        self.access_requests(1).await[0]
+            .metadata
+            .name
+            .clone()
+            .expect("name")
+    }
+
     /// Waits until exactly `n` AccessRequests exist, returning them.
     async fn access_requests(&self, n: usize) -> Vec<AccessRequest> {
         for _ in 0..200 {
@@ -188,16 +197,18 @@ fn request<'a>(approval: &'a Approval, pod: &str, body: &'a [u8]) -> HoldRequest
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// Holds `agent-0`'s request under `a` in the background.
+fn hold_in_background(holder: &Arc<Holder>, a: &Approval) -> tokio::task::JoinHandle<HoldOutcome> {
+    let (holder, a) = (holder.clone(), a.clone());
+    tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
+}
+
 #[tokio::test]
 async fn held_until_a_sealed_approval_then_released() {
     let e = env(true).await;
     let holder = e.holder("node-a", 10);
     let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
-    let held = {
-        let holder = holder.clone();
-        let a = a.clone();
-        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
-    };
+    let held = hold_in_background(&holder, &a);
     let ars = e.access_requests(1).await;
     let ar = &ars[0];
     let name = ar.metadata.name.clone().expect("name");
@@ -239,15 +250,8 @@ async fn denial_carries_the_comment_and_an_unsealed_approval_is_ignored() {
     let e = env(true).await;
     let holder = e.holder("node-a", 10);
     let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
-    let held = {
-        let (holder, a) = (holder.clone(), a.clone());
-        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
-    };
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let held = hold_in_background(&holder, &a);
+    let name = e.only_access_request().await;
     // Approved directly at the API server, without the seal: ignored, counted.
     e.decide(&name, Phase::Approved, "mallory", None, None, false)
         .await;
@@ -380,15 +384,8 @@ async fn a_grant_window_lets_identical_requests_through_until_it_ends() {
         },
         ApprovalMode::Hold,
     );
-    let held = {
-        let (holder, a) = (holder.clone(), a.clone());
-        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
-    };
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let held = hold_in_background(&holder, &a);
+    let name = e.only_access_request().await;
     let until = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(2);
     e.decide(
         &name,
@@ -427,10 +424,7 @@ async fn a_grant_window_lets_identical_requests_through_until_it_ends() {
     other.abort();
     // After the window, the identical request waits again.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let after = {
-        let (holder, a) = (holder.clone(), a.clone());
-        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
-    };
+    let after = hold_in_background(&holder, &a);
     e.access_requests(3).await;
     assert!(!after.is_finished());
     after.abort();
@@ -587,11 +581,7 @@ async fn a_restarted_gateway_reuses_the_pending_request_and_another_node_release
         let a = a.clone();
         tokio::spawn(async move { first.hold(&request(&a, "agent-0", b"{}")).await })
     };
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let name = e.only_access_request().await;
     // The gateway goes away while the request is pending: nothing was released.
     held.abort();
     let restarted = e.holder("node-a", 10);
@@ -667,15 +657,8 @@ async fn a_decision_reaches_a_held_request_while_the_watcher_is_down() {
         },
     );
     let a = approval(LONG, GrantSpec::Once, ApprovalMode::Hold);
-    let held = {
-        let (holder, a) = (holder.clone(), a.clone());
-        tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
-    };
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let held = hold_in_background(&holder, &a);
+    let name = e.only_access_request().await;
     e.decide(&name, Phase::Approved, "mallory", None, None, false)
         .await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -772,11 +755,7 @@ async fn held_requests_are_capped_per_workload_and_slots_come_back() {
     };
     let first = hold("agent-0");
     let second = hold("agent-0");
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let name = e.only_access_request().await;
     for _ in 0..200 {
         if holder.waiting() == 2 {
             break;
@@ -1130,11 +1109,7 @@ async fn a_status_written_back_to_pending_releases_nothing() {
         tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
     };
     let held = hold(holder.clone(), a.clone());
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let name = e.only_access_request().await;
     e.decide(&name, Phase::Approved, "alice", None, None, true)
         .await;
     let first = tokio::time::timeout(Duration::from_secs(10), held)
@@ -1183,11 +1158,7 @@ async fn an_approval_that_cannot_be_marked_used_stays_for_the_retry() {
         tokio::spawn(async move { holder.hold(&request(&a, "agent-0", b"{}")).await })
     };
     let first = hold(holder.clone(), a.clone());
-    let name = e.access_requests(1).await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("name");
+    let name = e.only_access_request().await;
     // The status writes: the approval first, then the gateway's `Consumed` mark, which fails.
     let writes = Arc::new(AtomicUsize::new(0));
     let status_path = format!("accessrequests/{name}/status");

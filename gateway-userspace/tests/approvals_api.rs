@@ -756,6 +756,31 @@ async fn requests_watch_streams_decisions() {
     child.kill().await.unwrap();
 }
 
+/// Watches AccessRequests through the approvals API (`timeoutSeconds=timeout`) until the
+/// watch ends, within `limit` seconds: its text and its events.
+async fn watch_to_its_end(
+    client: &kube::Client,
+    timeout: u32,
+    limit: u64,
+    what: &str,
+) -> (String, Vec<serde_json::Value>) {
+    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds={timeout}"))
+        .body(Vec::new())
+        .unwrap();
+    let text = tokio::time::timeout(
+        std::time::Duration::from_secs(limit),
+        client.request_text(req),
+    )
+    .await
+    .expect(what)
+    .expect("watch");
+    let events = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (text, events)
+}
+
 /// A watch ends when its time is up, as the API server's do (`timeoutSeconds`, or half an
 /// hour to an hour): the caller then watches again and is authorised again. Garbage in
 /// `timeoutSeconds` is a 400 naming it.
@@ -764,17 +789,7 @@ async fn a_watch_ends_when_its_time_is_up() {
     let h = Harness::start().await;
     h.pending("ar-timed", None).await;
     let alice = h.approver("alice").await;
-    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=3"))
-        .body(Vec::new())
-        .unwrap();
-    let text = tokio::time::timeout(std::time::Duration::from_secs(30), alice.request_text(req))
-        .await
-        .expect("the watch did not end")
-        .expect("watch");
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, events) = watch_to_its_end(&alice, 3, 30, "the watch did not end").await;
     assert!(
         events
             .iter()
@@ -824,17 +839,8 @@ async fn a_watch_the_gateway_cannot_continue_ends_with_an_error_event() {
         ),
     );
     let alice = h.approver("alice").await;
-    let req = http::Request::get(format!("{BASE_PATH}?watch=true&timeoutSeconds=60"))
-        .body(Vec::new())
-        .unwrap();
-    let text = tokio::time::timeout(std::time::Duration::from_secs(20), alice.request_text(req))
-        .await
-        .expect("the watch went quiet instead of ending")
-        .expect("watch");
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, events) =
+        watch_to_its_end(&alice, 60, 20, "the watch went quiet instead of ending").await;
     assert!(
         events.first().is_some_and(|e| e["type"] == "ADDED"),
         "{text}"
