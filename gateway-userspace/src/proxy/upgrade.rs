@@ -654,7 +654,9 @@ impl StreamTap {
     fn spdy_frames(&mut self, dir: Direction, frames: Vec<SpdyFrame>) {
         for frame in frames {
             match frame {
-                SpdyFrame::SynStream { id, headers, .. } => {
+                SpdyFrame::SynStream {
+                    id, headers, flags, ..
+                } => {
                     self.stats.control_frames += 1;
                     // spdystream refuses (RST_STREAM) a SYN_STREAM whose id is not above
                     // every id the peer opened before, and keeps the stream that id names:
@@ -678,6 +680,16 @@ impl StreamTap {
                         _ => StreamChannel::Unknown(id),
                     };
                     self.spdy_streams.insert(id, channel);
+                    // Opened already half-closed (SPDY's FLAG_FIN on SYN_STREAM).
+                    if flags & crate::proxy::frames::SPDY_FLAG_FIN != 0 {
+                        self.half_closed(id, dir);
+                    }
+                }
+                SpdyFrame::SynReply { id, flags, .. } => {
+                    self.stats.control_frames += 1;
+                    if flags & crate::proxy::frames::SPDY_FLAG_FIN != 0 {
+                        self.half_closed(id, dir);
+                    }
                 }
                 SpdyFrame::Data { id, payload, flags } => {
                     let channel = self
@@ -700,13 +712,8 @@ impl StreamTap {
                     } else {
                         self.emit(dir, &channel, &payload);
                     }
-                    if flags & crate::proxy::frames::SPDY_FLAG_FIN != 0 && channel.is_portforward()
-                    {
-                        let sides = self.spdy_half_closed.entry(id).or_default();
-                        *sides |= 1 << index(dir);
-                        if *sides == 0b11 {
-                            self.forget_stream(id);
-                        }
+                    if flags & crate::proxy::frames::SPDY_FLAG_FIN != 0 {
+                        self.half_closed(id, dir);
                     }
                 }
                 SpdyFrame::RstStream { id, .. } => {
@@ -724,6 +731,23 @@ impl StreamTap {
                 }
                 _ => self.stats.control_frames += 1,
             }
+        }
+    }
+
+    /// `dir`'s side of stream `id` is closed (FIN): a port-forward stream closed both ways
+    /// is forgotten.
+    fn half_closed(&mut self, id: u32, dir: Direction) {
+        if !self
+            .spdy_streams
+            .get(&id)
+            .is_some_and(StreamChannel::is_portforward)
+        {
+            return;
+        }
+        let sides = self.spdy_half_closed.entry(id).or_default();
+        *sides |= 1 << index(dir);
+        if *sides == 0b11 {
+            self.forget_stream(id);
         }
     }
 

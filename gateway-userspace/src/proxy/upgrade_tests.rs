@@ -340,6 +340,16 @@ fn port_forward_streams_are_forgotten_once_reset_or_closed_both_ways() {
         tap.feed(Direction::ToClient, &down);
         tap.feed(Direction::ToServer, &SpdyEncoder::rst_stream(data, 5));
     }
+    // A stream opened half-closed (FIN on SYN_STREAM) and answered so (FIN on SYN_REPLY).
+    let h = headers("error", 2_000);
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let syn = client.syn_stream(9_001, 0x01, &h).expect("syn");
+    tap.feed(Direction::ToServer, &syn);
+    assert_eq!(tap.spdy_streams_held(), (1, 1));
+    tap.feed(
+        Direction::ToClient,
+        &server.syn_reply(9_001, 0x01, &[]).expect("reply"),
+    );
     assert_eq!(tap.stats().decode_error, None);
     assert_eq!(tap.spdy_streams_held(), (0, 0), "every stream was closed");
     // Everything was still attributed while it was open.
