@@ -538,6 +538,18 @@ pub struct StatusReport {
     pub pods: Option<PodsReport>,
     /// The serving certificate.
     pub tls: Option<TlsReport>,
+    /// Requests held for approval, when approvals are configured.
+    pub approvals: Option<ApprovalsReport>,
+}
+
+/// The approvals part of `/status`.
+#[derive(Debug, Serialize)]
+pub struct ApprovalsReport {
+    /// Requests held on this gateway right now.
+    pub waiting: usize,
+    /// Whether the AccessRequest watch is current (false: failing since its last event,
+    /// and held requests read their AccessRequests every 15 s instead).
+    pub watch_current: bool,
 }
 
 /// The serving certificate part of `/status`.
@@ -642,6 +654,8 @@ pub struct Admin {
     pub pods: Option<crate::identity::pods::PodStore>,
     /// The serving certificate (renewed from the CA).
     pub serving_cert: Option<Arc<crate::tls::ServingCert>>,
+    /// The approval holder, once approvals are set up.
+    pub approvals: OnceLock<Arc<crate::approval::holder::Holder>>,
 }
 
 impl Admin {
@@ -727,6 +741,10 @@ impl Admin {
                     recording: self.recorder.health_report(),
                     interception: self.interceptor.as_ref().map(|i| i.status()),
                     pods: self.pods.as_ref().and_then(PodsReport::of),
+                    approvals: self.approvals.get().map(|h| ApprovalsReport {
+                        waiting: h.waiting(),
+                        watch_current: h.watch_is_current(),
+                    }),
                     tls: self.serving_cert.as_ref().map(|c| TlsReport {
                         serving_expires: crate::tls::rfc3339(c.expires()),
                         ca_expires: crate::tls::rfc3339(c.ca_expires()),

@@ -326,6 +326,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         credential: Some(credential.clone()),
         pods: Some(identity.pods().clone()),
         serving_cert: Some(serving_cert.clone()),
+        approvals: std::sync::OnceLock::new(),
     });
     let (proxy_drain, proxy_watch) = drain::channel();
     if let Some(reloader) = reloader {
@@ -375,7 +376,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             proxy_watch.clone(),
         ));
     }
-    tokio::spawn(admin.serve(admin_listener, proxy_watch.clone()));
+    tokio::spawn(admin.clone().serve(admin_listener, proxy_watch.clone()));
     let notifier = match &cfg.approval {
         Some(approval) => crate::approval::notify::Notifier::start_counting(
             &approval.notify,
@@ -422,6 +423,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 _ = watch_drain.signaled() => {}
             }
         });
+        let _ = admin.approvals.set(holder.clone());
         proxy.set_approvals(holder);
     }
     let approvals_addr = match (&cfg.approval, approvals_api, kube_client.clone()) {

@@ -889,6 +889,15 @@ async fn status(admin: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
             u["uploaded"], u["pending"], u["lag_seconds"], u["failures"]
         );
     }
+    let approvals = &v["approvals"];
+    if !approvals.is_null() {
+        let watch = if approvals["watch_current"].as_bool() == Some(true) {
+            "AccessRequest watch current"
+        } else {
+            "AccessRequest watch NOT CURRENT (held requests read their AccessRequests every 15 s)"
+        };
+        println!("approvals: {} requests held; {watch}", approvals["waiting"]);
+    }
     let pods = &v["pods"];
     let mut pods_degraded = false;
     if !pods.is_null() {

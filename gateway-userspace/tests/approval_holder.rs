@@ -904,6 +904,21 @@ async fn a_gateway_restart_while_pending_forwards_nothing_and_the_retry_reuses_t
         found
     };
     assert_eq!(ars.len(), 1, "the held request has its AccessRequest");
+    // `/status` (what `chaperone status` prints) shows the request held.
+    let mut approvals = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, text) = chaperone_testkit::local::admin_get(first.admin_addr(), "/status")
+            .await
+            .expect("status");
+        let status: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
+        approvals = status["approvals"].clone();
+        if approvals["watch_current"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(approvals["waiting"], 1, "{approvals}");
+    assert_eq!(approvals["watch_current"], true, "{approvals}");
     // The gateway restarts: the held request is answered at once (not at the end of the
     // drain), undecided and not sent; nothing reached the API server.
     let stopped = tokio::spawn(first.shutdown());

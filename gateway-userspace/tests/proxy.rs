@@ -1074,31 +1074,11 @@ fn streaming_client(
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// A plain HTTP/1.1 GET against the admin endpoint: (status code, body).
+/// A GET against the admin endpoint: (status code, body).
 async fn admin_get(h: &Harness, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut tcp = tokio::net::TcpStream::connect(h.app.admin_addr())
+    chaperone_testkit::local::admin_get(h.app.admin_addr(), path)
         .await
-        .expect("connect to the admin endpoint");
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("send admin request");
-    let mut response = String::new();
-    tcp.read_to_string(&mut response)
-        .await
-        .expect("read admin response");
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+        .unwrap_or_else(|| panic!("the admin endpoint did not answer {path}"))
 }
 
 fn configmap(name: &str) -> Bytes {

@@ -147,24 +147,7 @@ async fn setup_with(
     }
 }
 
-/// `GET path` on the admin endpoint: status code and body, or `None` if it is not up.
-async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(admin))
-        .await
-        .ok()?
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    Some((code, body))
-}
+use chaperone_testkit::local::admin_get;
 
 fn gateway_log(setup: &Setup) -> String {
     let bytes = std::fs::read(&setup.log).unwrap_or_default();

@@ -35,23 +35,11 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A plain HTTP/1.1 GET against the gateway's admin endpoint: the status code and body.
+/// A GET against the gateway's admin endpoint: the status code and body.
 pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut sock = tokio::net::TcpStream::connect(addr)
+    chaperone_testkit::local::admin_get(addr, path)
         .await
-        .expect("connect to the admin endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    sock.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    sock.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("{path}: no status code in {head:?}"));
-    (code, body.to_owned())
+        .unwrap_or_else(|| panic!("the admin endpoint did not answer {path}"))
 }
 
 /// The path of a command-line tool from the Python tools environment that `cargo xtask

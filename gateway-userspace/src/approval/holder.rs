@@ -492,6 +492,11 @@ impl Holder {
         self.stopping.cancel();
     }
 
+    /// Whether the AccessRequest watcher is current (see `watch_current`).
+    pub fn watch_is_current(&self) -> bool {
+        self.watch_current.load(Ordering::Acquire)
+    }
+
     /// Requests held on this gateway right now (all workloads).
     pub fn waiting(&self) -> usize {
         self.lock().waiting.values().sum()
