@@ -106,6 +106,10 @@ pub struct Metrics {
     pub approval_busy: Counter,
     /// Requests held for approval on this gateway right now.
     pub approval_waiting: Gauge,
+    /// AccessRequests deleted past `approval.retention`.
+    pub approval_requests_deleted: Counter,
+    /// Rounds of that clean-up that failed (listing or deleting refused).
+    pub approval_cleanup_failures: Counter,
     /// When the serving certificate and its CA expire (Unix seconds; set at each scrape).
     pub tls_expiry: Family<CertificateLabels, Gauge>,
 }
@@ -225,6 +229,18 @@ impl Metrics {
             "Requests held for approval on this node right now (waiting for a decision, or for their workload's turn to ask for one)",
             approval_waiting.clone(),
         );
+        let approval_requests_deleted = Counter::default();
+        registry.register(
+            "approval_requests_deleted",
+            "AccessRequests this gateway deleted past approval.retention",
+            approval_requests_deleted.clone(),
+        );
+        let approval_cleanup_failures = Counter::default();
+        registry.register(
+            "approval_cleanup_failures",
+            "Hourly rounds deleting AccessRequests past approval.retention that failed (the gateway needs list and delete on accessrequests)",
+            approval_cleanup_failures.clone(),
+        );
         let tls_expiry = Family::<CertificateLabels, Gauge>::default();
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",
@@ -265,6 +281,8 @@ impl Metrics {
             approval_hold_failures,
             approval_busy,
             approval_waiting,
+            approval_requests_deleted,
+            approval_cleanup_failures,
             tls_expiry,
         })
     }

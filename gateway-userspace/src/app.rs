@@ -412,6 +412,10 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         );
         holder.count_tampering_in(metrics.approval_tampering.clone());
         holder.count_waiting_in(metrics.approval_waiting.clone());
+        holder.count_cleanup_in(
+            metrics.approval_requests_deleted.clone(),
+            metrics.approval_cleanup_failures.clone(),
+        );
         let watch_drain = proxy_watch.clone();
         let watcher = holder.clone();
         let janitor = holder.clone();

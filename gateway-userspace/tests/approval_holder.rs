@@ -739,6 +739,36 @@ async fn access_requests_past_their_retention_are_deleted() {
     expire("old-b", 15).await;
     assert_eq!(node_a.sweep(week).await, Ok(1));
     assert_eq!(pods(&e).await, ["new-a"]);
+
+    // The hourly rounds count what they delete, and the rounds that fail.
+    use prometheus_client::metrics::counter::Counter;
+    let (deleted, failures) = (Counter::default(), Counter::default());
+    node_a.count_cleanup_in(deleted.clone(), failures.clone());
+    expire("new-a", 8).await;
+    // The janitor's first list is refused (it lists in pages of 500).
+    e.apiserver.refuse_on(
+        |r| {
+            r.method == "GET"
+                && r.path_and_query.contains("/accessrequests?")
+                && r.path_and_query.contains("limit=500")
+                && !r.path_and_query.contains("watch")
+        },
+        gateway_userspace::status::Status::failure(
+            http::StatusCode::FORBIDDEN,
+            "Forbidden",
+            "accessrequests is forbidden",
+        ),
+    );
+    let janitor = tokio::spawn(node_a.clone().run_janitor(week, Duration::from_millis(100)));
+    for _ in 0..200 {
+        if deleted.get() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    janitor.abort();
+    assert_eq!((deleted.get(), failures.get()), (1, 1));
+    assert!(pods(&e).await.is_empty());
 }
 
 /// Identical requests share one AccessRequest, so the pending cap does not bound how many

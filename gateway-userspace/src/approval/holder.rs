@@ -30,6 +30,7 @@ use kube::{
     Api,
     api::{ListParams, PostParams},
 };
+use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
@@ -272,6 +273,9 @@ pub struct Holder {
     watch_current: std::sync::atomic::AtomicBool,
     /// Cancelled when the gateway stops: held requests are answered at once.
     stopping: tokio_util::sync::CancellationToken,
+    /// The gateway's `chaperone_approval_requests_deleted_total` and
+    /// `chaperone_approval_cleanup_failures_total`, when counted.
+    cleanup_metrics: std::sync::OnceLock<(Counter, Counter)>,
     /// The gateway's `chaperone_approval_waiting` gauge, when counted.
     waiting_metric: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
 }
@@ -466,6 +470,7 @@ impl Holder {
             tampering: AtomicU64::new(0),
             tampering_metric: Mutex::new(None),
             waiting_metric: std::sync::OnceLock::new(),
+            cleanup_metrics: std::sync::OnceLock::new(),
             watch_current: std::sync::atomic::AtomicBool::new(false),
             stopping: tokio_util::sync::CancellationToken::new(),
         })
@@ -495,6 +500,12 @@ impl Holder {
     /// Whether the AccessRequest watcher is current (see `watch_current`).
     pub fn watch_is_current(&self) -> bool {
         self.watch_current.load(Ordering::Acquire)
+    }
+
+    /// Also counts the AccessRequests [`Holder::run_janitor`] deletes in `deleted`, and
+    /// its failed rounds in `failures`.
+    pub fn count_cleanup_in(&self, deleted: Counter, failures: Counter) {
+        let _ = self.cleanup_metrics.set((deleted, failures));
     }
 
     /// Requests held on this gateway right now (all workloads).
@@ -713,7 +724,8 @@ impl Holder {
         let first = every.mul_f64((hasher.finish() % 1000) as f64 / 1000.0);
         tokio::time::sleep(first).await;
         loop {
-            match self.sweep(retention).await {
+            let swept = self.sweep(retention).await;
+            match &swept {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     deleted = n,
@@ -724,6 +736,16 @@ impl Holder {
                     error = %e,
                     "AccessRequests past their retention are not deleted (the gateway needs delete on accessrequests)"
                 ),
+            }
+            if let Some((deleted, failures)) = self.cleanup_metrics.get() {
+                match swept {
+                    Ok(n) => {
+                        deleted.inc_by(n as u64);
+                    }
+                    Err(_) => {
+                        failures.inc();
+                    }
+                }
             }
             tokio::time::sleep(every).await;
         }
