@@ -5,8 +5,12 @@
 //! `h2load` on the PATH. Prints a table and writes `target/bench/summary.json`.
 //!
 //! Three processes so the gateway's RSS is its own: this one (orchestrator, runs `h2load`
-//! and `nginx` as children), `http_bench upstream <dir>` (the API test server) and
-//! `http_bench gateway <dir>` (the gateway). Both children stop when their stdin closes.
+//! and `nginx` as children), `http_bench upstream <dir>` (the API test server, stops when
+//! its stdin closes) and the gateway: the released `chaperone` binary itself
+//! (`target/release/chaperone` beside this one, from a root `cargo build --release`, or
+//! `$CHAPERONE_BIN`), run with a config written to the run's temporary directory and
+//! stopped with SIGTERM. What is measured is what ships, built with the features a release
+//! build enables, not the test kit's.
 //!
 //! A fourth figure is what masking adds: `GET` of two identical Secrets through the same
 //! gateway, one under a `mask` rule (its data is masked on the way back) and one only
@@ -32,14 +36,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The allocator the `chaperone` binary uses, so the in-process gateway costs what the
-/// product does.
+/// The allocator the `chaperone` binary uses; the API test server has run on it in every
+/// run since run F, so `direct`'s figures stay comparable.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context as _, bail, ensure};
 use chaperone_testkit::apiserver::{ApiServerConfig, TestApiServer};
-use gateway_userspace::{app, config::Config, tls::CertificateAuthority};
+use gateway_userspace::tls::CertificateAuthority;
 
 /// The token the API test server accepts; direct and nginx requests carry it, the gateway
 /// injects it from its token file.
@@ -143,16 +147,16 @@ rules:
 "#;
 
 fn main() -> anyhow::Result<()> {
-    // As the `chaperone` binary does, so the in-process gateway's memory behaves alike.
+    // As the `chaperone` binary does (see the allocator above).
     gateway_userspace::alloc::tune();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
         [role, dir] if role == "upstream" => serve(upstream(Path::new(dir))),
-        [role, dir] if role == "gateway" => serve(gateway(Path::new(dir))),
         [] => orchestrate(),
         [mode] if mode == "hold" => hold(),
         [mode] if mode == "masked" => masked_only(),
-        _ => bail!("usage: http_bench [hold | masked | upstream <dir> | gateway <dir>]"),
+        [mode] if mode == "train" => train(),
+        _ => bail!("usage: http_bench [hold | masked | train | upstream <dir>]"),
     }
 }
 
@@ -274,15 +278,16 @@ fn bench_pod(namespace: &str, i: usize) -> serde_json::Value {
     })
 }
 
-async fn gateway(dir: &Path) -> anyhow::Result<()> {
+/// The gateway's configuration: interception mode `none`, the policy, recording with the
+/// write-ahead log, the test server as its upstream.
+fn gateway_config(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<String> {
     let url = std::fs::read_to_string(dir.join("upstream.url"))?;
-    // YAML rather than a struct literal: the config grows fields with defaults.
     let d = dir.display();
-    let text = format!(
+    Ok(format!(
         "node: bench-node
 cluster: bench
 listen:
-  address: 127.0.0.1:0
+  address: {listen}
 interception:
   mode: none
 upstream:
@@ -301,24 +306,70 @@ recording:
   walDir: {d}/wal
   maxFileAge: 60s
 admin:
-  address: 127.0.0.1:0
+  address: {admin}
 shutdownGrace: 5s
 ",
         url = url.trim()
-    );
-    let config = Config::from_yaml(&text, "http_bench gateway config")?;
-    let app = app::build(config).await?;
-    publish(&dir.join("gateway.addr"), &app.local_addr().to_string())?;
-    stdin_closed().await;
-    let stats = app.shutdown().await?;
-    eprintln!("gateway: recorded {} rows", stats.rows);
-    Ok(())
+    ))
 }
 
-/// A child that is stopped (stdin closed, then killed if it lingers) when dropped.
+/// Starts the released `chaperone` binary as the gateway and waits until it accepts
+/// connections.
+fn spawn_gateway(dir: &Path) -> anyhow::Result<(Helper, SocketAddr)> {
+    let bin = match std::env::var_os("CHAPERONE_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => std::env::current_exe()?.with_file_name("chaperone"),
+    };
+    ensure!(
+        bin.is_file(),
+        "{} not found: build the product first (`cargo build --release` at the workspace \
+         root) or point $CHAPERONE_BIN at a chaperone binary",
+        bin.display()
+    );
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let config = dir.join("gateway.yaml");
+    let log = dir.join("gateway.log");
+    std::fs::write(&config, gateway_config(dir, listen, admin)?)?;
+    let child = Command::new(&bin)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("spawn {}", bin.display()))?;
+    let mut gateway = Helper {
+        name: "gateway",
+        child,
+        log: Some(log),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+        if let Some(status) = gateway.child.try_wait()? {
+            let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+            bail!(
+                "the gateway ({}) exited early with {status}:\n{log}",
+                bin.display()
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the gateway never listened on {listen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((gateway, listen))
+}
+
+/// A child that is stopped (stdin closed, or SIGTERM for the gateway, then killed if it
+/// lingers) when dropped.
 struct Helper {
     name: &'static str,
     child: Child,
+    /// The gateway's log (its stderr): set for the `chaperone` process, which stops on
+    /// SIGTERM rather than on a closed stdin.
+    log: Option<PathBuf>,
 }
 
 impl Helper {
@@ -329,19 +380,38 @@ impl Helper {
             .stdin(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawn the {role} process"))?;
-        Ok(Helper { name: role, child })
+        Ok(Helper {
+            name: role,
+            child,
+            log: None,
+        })
     }
 
     fn stop(mut self) -> anyhow::Result<()> {
         drop(self.child.stdin.take());
+        if self.log.is_some() {
+            let sent = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status()?;
+            ensure!(sent.success(), "kill -TERM {} failed", self.child.id());
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait()? {
+                let log = match &self.log {
+                    Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+                    None => String::new(),
+                };
                 ensure!(
                     status.success(),
-                    "{} process exited with {status}",
+                    "{} process exited with {status}\n{log}",
                     self.name
                 );
+                // The gateway's last words: how many rows it recorded.
+                if let Some(line) = log.lines().rfind(|l| l.contains("stopped")) {
+                    eprintln!("{}: {line}", self.name);
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -785,8 +855,7 @@ fn hold() -> anyhow::Result<()> {
     prepare(dir)?;
     let mut upstream = Helper::spawn("upstream", dir)?;
     let url = wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
-    let mut gateway = Helper::spawn("gateway", dir)?;
-    let gateway_addr = wait_for_file(&dir.join("gateway.addr"), &mut gateway)?;
+    let (gateway, gateway_addr) = spawn_gateway(dir)?;
     println!(
         "upstream {url} pid {}\ngateway https://{gateway_addr} pid {}\n\
          h2load -c1 -m1 -n20000 -H 'authorization: Bearer {POD_TOKEN}' -H 'accept: application/json' https://{gateway_addr}/api/v1/namespaces/default/pods/web-0\n\
@@ -1181,16 +1250,49 @@ fn idle_watch_kib(target: &Target) -> anyhow::Result<f64> {
 }
 
 /// Only the masked vs unmasked `get secret` figure (no nginx, no throughput runs).
+/// Drives the gateway once through the benchmark's mix, for a profile-guided build
+/// (`cargo xtask dist` runs it against an instrumented `chaperone` in `$CHAPERONE_BIN`):
+/// small gets at one and at 16 connections, a plain and a masked Secret, and what agents
+/// do (lists plain and masked, watches, exec with kubectl, creates through the log).
+fn train() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    prepare(dir)?;
+    let mut upstream = Helper::spawn("upstream", dir)?;
+    wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
+    let (gateway, addr) = spawn_gateway(dir)?;
+    let target = Target {
+        name: "chaperone",
+        addr,
+        token: POD_TOKEN,
+        pids: vec![gateway.child.id()],
+        path: PATH,
+    };
+    for (connections, requests) in [(1, 5000), (16, 30_000)] {
+        h2load(
+            &target,
+            &[
+                format!("-c{connections}"),
+                "-m1".into(),
+                format!("-n{requests}"),
+            ],
+        )?;
+    }
+    masked_secret_latency(dir, addr)?;
+    scenarios(&target, dir, 0)?;
+    gateway.stop()?;
+    upstream.stop()?;
+    eprintln!("http_bench: trained the gateway at {addr}");
+    Ok(())
+}
+
 fn masked_only() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     prepare(dir)?;
     let mut upstream = Helper::spawn("upstream", dir)?;
     wait_for_file(&dir.join("upstream.url"), &mut upstream)?;
-    let mut gateway = Helper::spawn("gateway", dir)?;
-    let gateway_addr: SocketAddr = wait_for_file(&dir.join("gateway.addr"), &mut gateway)?
-        .parse()
-        .context("gateway address")?;
+    let (gateway, gateway_addr) = spawn_gateway(dir)?;
     let masked = masked_secret_latency(dir, gateway_addr)?;
     gateway.stop()?;
     upstream.stop()?;
@@ -1210,10 +1312,7 @@ fn orchestrate() -> anyhow::Result<()> {
         .unwrap_or(&url)
         .parse()
         .with_context(|| format!("upstream url {url}"))?;
-    let mut gateway = Helper::spawn("gateway", dir)?;
-    let gateway_addr: SocketAddr = wait_for_file(&dir.join("gateway.addr"), &mut gateway)?
-        .parse()
-        .context("gateway address")?;
+    let (gateway, gateway_addr) = spawn_gateway(dir)?;
     let gateway_pid = gateway.child.id();
     let (idle_rss, _) = rss_kib(gateway_pid)?;
     // Let the gateway finish starting (its first recording file, the log's segment).
